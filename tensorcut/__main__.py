@@ -1,0 +1,6 @@
+"""`python -m tensorcut` entry point."""
+
+from tensorcut.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

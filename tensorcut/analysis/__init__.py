@@ -1,0 +1,1 @@
+"""Truncation study: metrics, sweeps, recovery."""

@@ -1,0 +1,1 @@
+"""Pure tensor decompositions on torch tensors (no nn.Module)."""

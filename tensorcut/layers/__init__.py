@@ -1,0 +1,1 @@
+"""Factorized layers: nn.Modules built from decomposed kernels."""

@@ -1,0 +1,244 @@
+"""Shared machinery for factorized convolutions: geometry, counting, the layer registry.
+
+Every factorized layer is a plain sequence of small convolutions built once at
+construction. Padding of any mode is applied explicitly (``F.pad``) before the first
+spatial convolution, which is exact because it commutes with the bias-free 1x1
+contractions that come before it; the spatial convolutions themselves run unpadded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Pair = tuple[int, int]
+
+
+def _pair(v: int | tuple[int, ...]) -> Pair:
+    if isinstance(v, int):
+        return (v, v)
+    t = tuple(int(x) for x in v)
+    if len(t) == 1:
+        return (t[0], t[0])
+    if len(t) != 2:
+        raise ValueError(f"expected an int or a pair, got {v!r}")
+    return (t[0], t[1])
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Everything about a Conv2d except its weights.
+
+    ``pad`` is the explicit (left, right, top, bottom) padding, resolved from int, tuple,
+    ``'same'`` or ``'valid'`` so that even kernels with ``'same'`` are exact.
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel_size: Pair
+    stride: Pair = (1, 1)
+    padding: Any = 0
+    dilation: Pair = (1, 1)
+    groups: int = 1
+    padding_mode: str = "zeros"
+    bias: bool = True
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "ConvGeometry":
+        """Read the geometry of an ``nn.Conv2d``."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"expected nn.Conv2d, got {type(conv).__name__}")
+        padding = conv.padding if isinstance(conv.padding, str) else _pair(conv.padding)
+        return cls(
+            in_channels=conv.in_channels,
+            out_channels=conv.out_channels,
+            kernel_size=_pair(conv.kernel_size),
+            stride=_pair(conv.stride),
+            padding=padding,
+            dilation=_pair(conv.dilation),
+            groups=conv.groups,
+            padding_mode=conv.padding_mode,
+            bias=conv.bias is not None,
+        )
+
+    @property
+    def pad(self) -> tuple[int, int, int, int]:
+        """Explicit (left, right, top, bottom) padding, as ``F.pad`` takes it."""
+        if self.padding == "valid":
+            return (0, 0, 0, 0)
+        if self.padding == "same":
+            out = []
+            for k, d in ((self.kernel_size[1], self.dilation[1]), (self.kernel_size[0], self.dilation[0])):
+                total = d * (k - 1)
+                left = total // 2
+                out += [left, total - left]
+            return (out[0], out[1], out[2], out[3])
+        ph, pw = _pair(self.padding)
+        return (pw, pw, ph, ph)
+
+    def output_size(self, hw: Pair) -> Pair:
+        """Spatial output size for an input of size ``hw``."""
+        l, r, t, b = self.pad
+        h = (hw[0] + t + b - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
+        w = (hw[1] + l + r - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
+        return (h, w)
+
+    def dense_params(self) -> int:
+        """Parameters of the dense convolution (weights + bias)."""
+        kh, kw = self.kernel_size
+        return self.out_channels * (self.in_channels // self.groups) * kh * kw + (self.out_channels if self.bias else 0)
+
+    def dense_macs(self, hw: Pair) -> int:
+        """Multiply-accumulates of the dense convolution per image."""
+        oh, ow = self.output_size(hw)
+        kh, kw = self.kernel_size
+        return self.out_channels * (self.in_channels // self.groups) * kh * kw * oh * ow
+
+    def make_conv(self) -> nn.Conv2d:
+        """A dense ``nn.Conv2d`` with this geometry (uninitialised weights)."""
+        return nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=self.bias,
+            padding_mode=self.padding_mode,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": list(self.kernel_size),
+            "stride": list(self.stride),
+            "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+            "dilation": list(self.dilation),
+            "groups": self.groups,
+            "padding_mode": self.padding_mode,
+            "bias": self.bias,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ConvGeometry":
+        """Inverse of :meth:`to_dict`."""
+        padding = d["padding"] if isinstance(d["padding"], str) else _pair(d["padding"])
+        return cls(
+            in_channels=int(d["in_channels"]),
+            out_channels=int(d["out_channels"]),
+            kernel_size=_pair(d["kernel_size"]),
+            stride=_pair(d["stride"]),
+            padding=padding,
+            dilation=_pair(d["dilation"]),
+            groups=int(d.get("groups", 1)),
+            padding_mode=str(d.get("padding_mode", "zeros")),
+            bias=bool(d.get("bias", True)),
+        )
+
+
+def explicit_pad(x: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
+    """Pad ``x`` as the dense convolution would, honouring ``padding_mode``."""
+    pad = geom.pad
+    if not any(pad):
+        return x
+    mode = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}[geom.padding_mode]
+    return F.pad(x, pad, mode=mode)
+
+
+def count_macs(module: nn.Module, hw: Pair, in_channels: int) -> int:
+    """Count multiply-accumulates of every Conv2d / Linear in ``module`` by tracing one input."""
+    macs = 0
+    handles = []
+
+    def conv_hook(m: nn.Conv2d, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal macs
+        kh, kw = m.kernel_size
+        macs += out.shape[1] * (m.in_channels // m.groups) * kh * kw * out.shape[2] * out.shape[3]
+
+    def lin_hook(m: nn.Linear, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal macs
+        macs += m.in_features * m.out_features * (out.numel() // out.shape[-1])
+
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(lin_hook))
+    try:
+        p = next(module.parameters())
+        x = torch.zeros(1, in_channels, hw[0], hw[1], dtype=p.dtype, device=p.device)
+        with torch.no_grad():
+            module(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return macs
+
+
+class FactorizedConv2d(nn.Module):
+    """Base class of factorized convolutions.
+
+    Subclasses set ``method`` (the registry name), build their sublayers in
+    ``__init__(geometry, ranks, ...)`` and implement ``from_conv``, ``to_conv``-style
+    reconstruction via :meth:`reconstruct_weight`, and ``forward``.
+    """
+
+    method: ClassVar[str] = ""
+    geometry: ConvGeometry
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """The ranks of this factorization."""
+        raise NotImplementedError
+
+    def reconstruct_weight(self) -> torch.Tensor:
+        """The dense (OUT, IN/groups, KH, KW) kernel this layer computes."""
+        raise NotImplementedError
+
+    def to_conv(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` computing the same function (dense reconstruction)."""
+        conv = self.geometry.make_conv()
+        w = self.reconstruct_weight()
+        conv = conv.to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            if conv.bias is not None:
+                conv.bias.copy_(self.bias)  # type: ignore[attr-defined]
+        return conv
+
+    def num_params(self) -> int:
+        """Stored parameters of this layer (bias included)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def macs(self, hw: Pair) -> int:
+        """Multiply-accumulates per image for an input of spatial size ``hw``."""
+        return count_macs(self, hw, self.geometry.in_channels)
+
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable constructor arguments (geometry + ranks + options)."""
+        return {"method": self.method, "geometry": self.geometry.to_dict(), "ranks": list(self.ranks)}
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        return (
+            f"{g.in_channels}, {g.out_channels}, kernel_size={g.kernel_size}, stride={g.stride}, "
+            f"padding={g.padding!r}, dilation={g.dilation}, ranks={self.ranks}"
+        )
+
+
+LAYER_REGISTRY: dict[str, type[FactorizedConv2d]] = {}
+
+
+def register_layer(cls: type[FactorizedConv2d]) -> type[FactorizedConv2d]:
+    """Class decorator: make a factorized layer available by its ``method`` name."""
+    if not cls.method:
+        raise ValueError(f"{cls.__name__} has no method name")
+    LAYER_REGISTRY[cls.method] = cls
+    return cls
