@@ -222,8 +222,16 @@ class FactorizedConv2d(nn.Module):
         return count_macs(self, hw, self.geometry.in_channels)
 
     def config(self) -> dict[str, Any]:
-        """JSON-serialisable constructor arguments (geometry + ranks + options)."""
+        """JSON-serialisable constructor arguments (geometry + ranks + options).
+
+        Subclasses with extra constructor options add them under ``"options"``.
+        """
         return {"method": self.method, "geometry": self.geometry.to_dict(), "ranks": list(self.ranks)}
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> "FactorizedConv2d":
+        """Rebuild the (uninitialised) layer described by :meth:`config`; load a state_dict next."""
+        return cls(ConvGeometry.from_dict(cfg["geometry"]), tuple(int(r) for r in cfg["ranks"]), **cfg.get("options", {}))
 
     def extra_repr(self) -> str:
         g = self.geometry
