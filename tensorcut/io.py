@@ -1,0 +1,219 @@
+"""Safe checkpoints: ``DIR/model.safetensors`` + ``DIR/meta.json``, written atomically.
+
+Nothing here unpickles a user's file. ``meta.json`` names the architecture (registry
+name and arguments) and, for compressed models, the configuration of every factorized
+layer, so :func:`load` rebuilds the exact module tree with no user code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tensorcut.errors import TensorcutError
+
+__all__ = ["Checkpoint", "atomic_write_bytes", "atomic_write_text", "load", "load_checkpoint", "save", "versions"]
+
+WEIGHTS = "model.safetensors"
+META = "meta.json"
+FORMAT = "tensorcut-checkpoint"
+FORMAT_VERSION = 1
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename: never half-written."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise TensorcutError(f"cannot write {path}: {e.strerror}; choose a writable output directory") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise TensorcutError(f"cannot write {path}: {e.strerror}; free disk space or choose another directory") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Text version of :func:`atomic_write_bytes` (UTF-8)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def versions() -> dict[str, str]:
+    """Versions of the software that produced a file, for reports and metadata."""
+    from tensorcut import __version__
+
+    return {"tensorcut": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the rebuilt model and its metadata."""
+
+    model: nn.Module
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _factorized_configs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Configurations of every registered factorized layer (any module with ``method`` and ``config()``)."""
+    out = {}
+    for name, m in model.named_modules():
+        if name and getattr(type(m), "method", "") and callable(getattr(m, "config", None)):
+            out[name] = m.config()
+    return out
+
+
+def save(model: nn.Module, directory: str | Path, meta: dict[str, Any]) -> Path:
+    """Save ``model`` to ``directory``; ``meta`` must hold ``model: {name, kwargs}``.
+
+    Factorized layers are recorded automatically under ``meta['layers']``. The weights
+    file is written before ``meta.json`` so a complete ``meta.json`` implies complete weights.
+    """
+    from safetensors.torch import save as st_save
+
+    directory = Path(directory)
+    if "model" not in meta or "name" not in meta["model"]:
+        raise TensorcutError("checkpoint metadata needs model.name (the registry name) and model.kwargs")
+    meta = dict(meta)
+    meta["format"] = FORMAT
+    meta["format_version"] = FORMAT_VERSION
+    meta["layers"] = _factorized_configs(model)
+    meta.setdefault("versions", versions())
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write_bytes(directory / WEIGHTS, st_save(state))
+    atomic_write_text(directory / META, json.dumps(meta, indent=2, sort_keys=True, default=_json_default))
+    return directory
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """Read and check ``DIR/meta.json``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise TensorcutError(f"{directory} is not a checkpoint directory (expected a folder with {WEIGHTS} and {META})")
+    p = directory / META
+    try:
+        meta = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TensorcutError(f"{directory} has no {META}; it is not a tensorcut checkpoint") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TensorcutError(f"{p} is corrupt ({e.__class__.__name__}: {e}); restore it or re-run the step that wrote it") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise TensorcutError(f"{p} is not tensorcut checkpoint metadata (missing format={FORMAT!r})")
+    if not isinstance(meta.get("model"), dict) or not isinstance(meta["model"].get("name"), str):
+        raise TensorcutError(f"{p} lacks model.name; it cannot be rebuilt")
+    return meta
+
+
+def build_model(meta: dict[str, Any]) -> nn.Module:
+    """Rebuild the (uninitialised) architecture described by ``meta``."""
+    from tensorcut import models
+    from tensorcut.layers.base import LAYER_REGISTRY
+
+    kwargs = meta["model"].get("kwargs", {}) or {}
+    try:
+        model = models.create(meta["model"]["name"], **kwargs)
+    except TypeError as e:
+        raise TensorcutError(f"meta.json model.kwargs do not fit model {meta['model']['name']!r}: {e}") from None
+    for name, cfg in (meta.get("layers") or {}).items():
+        method = cfg.get("method") if isinstance(cfg, dict) else None
+        cls = LAYER_REGISTRY.get(method) if method else None
+        if cls is None:
+            _ensure_layers_imported()
+            cls = LAYER_REGISTRY.get(method) if method else None
+        if cls is None:
+            raise TensorcutError(f"meta.json layer {name!r} has unknown method {method!r}; known: {', '.join(sorted(LAYER_REGISTRY))}")
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise TensorcutError(f"meta.json names layer {name!r}, which model {meta['model']['name']!r} does not have") from None
+        try:
+            layer = cls.from_config(cfg)
+        except (KeyError, TypeError, ValueError, TensorcutError) as e:
+            raise TensorcutError(f"meta.json layer {name!r} has an invalid configuration: {e}") from None
+        model.set_submodule(name, layer)
+    return model
+
+
+def _ensure_layers_imported() -> None:
+    import tensorcut.layers  # noqa: F401  (registers every layer class)
+
+
+def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild the model in ``directory`` and load its weights, checking they match ``meta.json``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    directory = Path(directory)
+    meta = read_meta(directory)
+    _ensure_layers_imported()
+    model = build_model(meta)
+    wpath = directory / WEIGHTS
+    try:
+        state = st_load(wpath.read_bytes())
+    except FileNotFoundError:
+        raise TensorcutError(f"{directory} has no {WEIGHTS}; the checkpoint is incomplete") from None
+    except (OSError, SafetensorError, ValueError, RuntimeError) as e:
+        raise TensorcutError(f"{wpath} is truncated or corrupt ({str(e).splitlines()[0][:120]}); restore it or re-run the step that wrote it") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    bad = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or bad:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if bad:
+            k = bad[0]
+            parts.append(f"{len(bad)} of wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)})")
+        raise TensorcutError(f"{directory}: weights do not match meta.json ({'; '.join(parts)}); the files come from different models")
+    model.load_state_dict(state, strict=True)
+    model.to(map_location)
+    model.eval()
+    return Checkpoint(model=model, meta=meta)
+
+
+def load(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild and return the model saved in ``directory`` (in eval mode)."""
+    return load_checkpoint(directory, map_location).model

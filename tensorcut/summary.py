@@ -1,0 +1,116 @@
+"""Per-layer inventory of a model: every conv and linear layer with its shape, parameters and MACs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["LayerRow", "ModelSummary", "summarize"]
+
+
+@dataclass
+class LayerRow:
+    """One conv / linear / factorized layer."""
+
+    name: str
+    kind: str
+    shape: str
+    params: int
+    macs: int
+    ranks: str = ""
+    dense_params: int = 0
+
+    @property
+    def ratio(self) -> float:
+        """Dense parameters / stored parameters (1.0 for a dense layer)."""
+        return self.dense_params / self.params if self.params else 1.0
+
+
+@dataclass
+class ModelSummary:
+    """The rows plus model totals. MACs are per image at ``input_shape``."""
+
+    rows: list[LayerRow]
+    total_params: int
+    total_macs: int
+    input_shape: tuple[int, int, int]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """A fixed-width text table for terminals."""
+        head = ("layer", "type", "weight shape", "ranks", "params", "MACs", "CR")
+        body = [(r.name, r.kind, r.shape, r.ranks, f"{r.params:,}", f"{r.macs:,}", f"{r.ratio:.2f}") for r in self.rows]
+        layer_p = sum(r.params for r in self.rows)
+        body.append(("total (listed layers)", "", "", "", f"{layer_p:,}", f"{sum(r.macs for r in self.rows):,}", ""))
+        body.append(("total (whole model)", "", "", "", f"{self.total_params:,}", f"{self.total_macs:,}", ""))
+        widths = [max(len(str(row[i])) for row in [head, *body]) for i in range(len(head))]
+        fmt = lambda row: "  ".join(str(c).rjust(w) if i >= 4 else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+        lines = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body]
+        c, h, w = self.input_shape
+        lines.append(f"MACs are multiply-accumulates per image at input {c}x{h}x{w}; CR = dense / stored parameters.")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return {"rows": [asdict(r) for r in self.rows], "total_params": self.total_params,
+                "total_macs": self.total_macs, "input_shape": list(self.input_shape)}
+
+
+def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSummary:
+    """Trace one input of shape ``input_shape`` (C, H, W) and list every conv / linear layer.
+
+    A factorized layer (any module with ``method`` and ``ranks``) is one row; its inner
+    convolutions are not listed separately.
+    """
+    rows: dict[str, LayerRow] = {}
+    macs: dict[str, int] = {}
+    handles = []
+    factorized = {n for n, m in model.named_modules() if n and getattr(type(m), "method", "") and hasattr(m, "ranks")}
+
+    def owner(name: str) -> str | None:
+        for f in factorized:
+            if name == f or name.startswith(f + "."):
+                return f
+        return None
+
+    def hook_for(name: str):
+        def hook(m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            if isinstance(m, nn.Conv2d):
+                kh, kw = m.kernel_size
+                v = out.shape[1] * (m.in_channels // m.groups) * kh * kw * out.shape[2] * out.shape[3]
+            else:
+                v = m.in_features * m.out_features * (out.numel() // out.shape[0] // out.shape[-1])
+            key = owner(name) or name
+            macs[key] = macs.get(key, 0) + int(v)
+        return hook
+
+    for name, m in model.named_modules():
+        if name in factorized:
+            g = getattr(m, "geometry", None)
+            dense = g.dense_params() if g is not None else int(getattr(m, "dense_params", lambda: 0)())
+            shape = (f"{g.out_channels}x{g.in_channels // g.groups}x{g.kernel_size[0]}x{g.kernel_size[1]}"
+                     if g is not None else "")
+            rows[name] = LayerRow(name, f"{type(m).__name__}", shape, sum(p.numel() for p in m.parameters()), 0,
+                                  "x".join(str(r) for r in m.ranks), dense)
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            handles.append(m.register_forward_hook(hook_for(name)))
+            if owner(name) is None:
+                p = sum(q.numel() for q in m.parameters(recurse=False))
+                rows[name] = LayerRow(name, type(m).__name__, "x".join(str(s) for s in m.weight.shape), p, 0, "", p)
+    was_training = model.training
+    model.eval()
+    try:
+        ref = next(model.parameters())
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, dtype=ref.dtype, device=ref.device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    for k, r in rows.items():
+        r.macs = macs.get(k, 0)
+    ordered = [rows[n] for n, _ in model.named_modules() if n in rows]
+    return ModelSummary(ordered, sum(p.numel() for p in model.parameters()), sum(r.macs for r in ordered), tuple(input_shape))

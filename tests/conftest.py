@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny data files in each on-disk format, and a small trained checkpoint."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def write_idx(path: Path, arr: np.ndarray, gz: bool = True) -> None:
+    """Write an unsigned-byte IDX file."""
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(struct.pack(">I", d) for d in arr.shape)
+    raw = header + arr.astype(np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        raw = gzip.compress(raw)
+    path.write_bytes(raw)
+
+
+@pytest.fixture
+def fashion_dir(tmp_path: Path) -> Path:
+    """A miniature Fashion-MNIST in IDX format (50 train, 20 test images)."""
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 50), ("t10k", 20)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n), gz=False)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A width-reduced vanilla-cnn trained for one epoch on a digits subset."""
+    from tensorcut.train.api import train
+    from tensorcut.train.loop import FitConfig
+
+    out = tmp_path_factory.mktemp("ck") / "dense"
+    train("vanilla-cnn", "digits", out, epochs=1, width=0.125, batch_size=64, config=FitConfig(epochs=1, lr=2e-3),
+          subset=256, device="cpu", progress=False)
+    return out
+
+
+def pickle_dump(obj: object, path: Path) -> None:
+    """Write a python-pickle file (as CIFAR's python version is)."""
+    with path.open("wb") as f:
+        pickle.dump(obj, f, protocol=2)
