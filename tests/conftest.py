@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import gzip
-import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from formats_util import write_idx
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
-
-
-def write_idx(path: Path, arr: np.ndarray, gz: bool = True) -> None:
-    """Write an unsigned-byte IDX file."""
-    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(struct.pack(">I", d) for d in arr.shape)
-    raw = header + arr.astype(np.uint8).tobytes()
-    if gz:
-        path = path.with_name(path.name + ".gz")
-        raw = gzip.compress(raw)
-    path.write_bytes(raw)
 
 
 @pytest.fixture
@@ -44,9 +33,3 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train("vanilla-cnn", "digits", out, epochs=1, width=0.125, batch_size=64, config=FitConfig(epochs=1, lr=2e-3),
           subset=256, device="cpu", progress=False)
     return out
-
-
-def pickle_dump(obj: object, path: Path) -> None:
-    """Write a python-pickle file (as CIFAR's python version is)."""
-    with path.open("wb") as f:
-        pickle.dump(obj, f, protocol=2)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import pickle_dump, write_idx
+from formats_util import pickle_dump, write_idx
 from tensorcut import data
 from tensorcut.errors import TensorcutError
 
