@@ -17,6 +17,7 @@ from tensorcut.errors import TensorcutError
 
 COMMAND_MODULES: tuple[str, ...] = (
     "tensorcut.train.cli",
+    "tensorcut.analysis.cli",
 )
 
 
