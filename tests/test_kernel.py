@@ -136,3 +136,19 @@ def test_reconstruction_metrics_match_svd_metrics() -> None:
     assert direct.rel_error == pytest.approx(spec.rel_error, abs=1e-9)
     assert direct.entropy_after == pytest.approx(spec.entropy_after, abs=1e-9)
     assert direct.compression_ratio == pytest.approx(spec.compression_ratio)
+
+
+def test_tucker_truncate_full_and_reduced() -> None:
+    from tensorcut.analysis.metrics import tucker_metrics
+    from tensorcut.kernel import tucker_truncate
+
+    K = _kernel(6).double()
+    assert torch.equal(tucker_truncate(K, SHAPE), K)
+    Kt = tucker_truncate(K, (3, 3, 2, 2))
+    m = tucker_metrics(K, Kt, (3, 3, 2, 2))
+    assert m.compression_ratio == pytest.approx(math.prod(SHAPE) / (3 * 3 * 2 * 2 + 6 * 3 + 5 * 3 + 3 * 2 + 2 * 2))
+    assert 0 < m.norm_loss_pct < 100
+    assert m.rel_error == pytest.approx(math.sqrt(m.norm_loss_pct / 100), rel=1e-6)  # HOSVD: orthogonal projection
+    with pytest.raises(TensorcutError) as e:
+        tucker_truncate(K, (7, 1, 1, 1))
+    assert str(e.value) == "Tucker rank 7 for mode OUT out of range: valid 1..6"
