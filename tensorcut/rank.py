@@ -1,0 +1,242 @@
+"""Rank rules: one grammar for every method, and a model-wide budget allocator.
+
+The grammar (DESIGN.md): ``rank=int | tuple`` explicit; ``ratio=float`` fraction of the
+layer's parameters to keep; ``eps=float`` bound on the relative Frobenius error;
+``energy=float`` fraction of squared norm kept; ``rank="vbmf"`` (Tucker-2 only); and a
+model-wide ``budget`` split across layers by :func:`allocate_budget`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from tensorcut.errors import TensorcutError
+
+__all__ = ["RankRule", "clamp_ranks", "ranks_for_ratio", "scaled_ranks", "evbmf_rank", "vbmf_tucker2_ranks",
+           "Candidate", "allocate_budget"]
+
+
+@dataclass(frozen=True)
+class RankRule:
+    """Exactly one way to choose ranks. Validated on construction."""
+
+    rank: int | tuple[int, ...] | str | None = None
+    ratio: float | None = None
+    eps: float | None = None
+    energy: float | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("rank", "ratio", "eps", "energy") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise TensorcutError(f"contradictory rank options: {', '.join(given)}; give exactly one of rank, ratio, eps, energy (or a budget)")
+        r = self.rank
+        if isinstance(r, str) and r != "vbmf":
+            raise TensorcutError(f"unknown rank rule {r!r}; use an int, a tuple of ints, or 'vbmf'")
+        if isinstance(r, bool):
+            raise TensorcutError("rank must be an int, a tuple of ints, or 'vbmf'")
+        if isinstance(r, int) and r < 1:
+            raise TensorcutError(f"rank must be >= 1, got {r}")
+        if isinstance(r, tuple) and (not r or any((not isinstance(v, int)) or v < 1 for v in r)):
+            raise TensorcutError(f"ranks must be positive ints, got {r}")
+        if self.ratio is not None and not 0 < self.ratio < 1:
+            raise TensorcutError(f"ratio is the fraction of parameters to keep and must be in (0, 1), got {self.ratio}")
+        if self.eps is not None and not 0 < self.eps < 1:
+            raise TensorcutError(f"eps is a relative error bound and must be in (0, 1), got {self.eps}")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise TensorcutError(f"energy is the fraction of squared norm kept and must be in (0, 1], got {self.energy}")
+
+    @property
+    def kind(self) -> str:
+        """'rank', 'vbmf', 'ratio', 'eps', 'energy' or 'none'."""
+        if self.rank == "vbmf":
+            return "vbmf"
+        for k in ("rank", "ratio", "eps", "energy"):
+            if getattr(self, k) is not None:
+                return k
+        return "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"kind": self.kind, "rank": list(self.rank) if isinstance(self.rank, tuple) else self.rank,
+                "ratio": self.ratio, "eps": self.eps, "energy": self.energy}
+
+
+def clamp_ranks(requested: Sequence[int], maximum: Sequence[int]) -> tuple[tuple[int, ...], str]:
+    """Clamp each rank to ``[1, maximum]``; return the ranks and a note ('' when nothing changed)."""
+    if len(requested) != len(maximum):
+        raise TensorcutError(f"expected {len(maximum)} ranks, got {len(requested)} ({tuple(requested)})")
+    out = tuple(max(1, min(int(r), int(m))) for r, m in zip(requested, maximum))
+    note = "" if out == tuple(int(r) for r in requested) else f"ranks {tuple(requested)} clamped to {out} (kernel admits at most {tuple(maximum)})"
+    return out, note
+
+
+def scaled_ranks(maximum: Sequence[int], s: float) -> tuple[int, ...]:
+    """Ranks at fraction ``s`` of each mode's maximum (at least 1)."""
+    return tuple(max(1, min(int(m), int(math.ceil(s * m)))) for m in maximum)
+
+
+def ranks_for_ratio(maximum: Sequence[int], params_of: Callable[[tuple[int, ...]], int], target: float) -> tuple[int, ...]:
+    """Largest uniformly scaled ranks whose parameter count is at most ``target``.
+
+    Works for any method given its closed-form parameter count: bisection on the scale.
+    Returns all-ones ranks when even those exceed the target (the planner then reports it).
+    """
+    lo, hi = 0.0, 1.0
+    best = scaled_ranks(maximum, 0.0)
+    if params_of(scaled_ranks(maximum, 1.0)) <= target:
+        return scaled_ranks(maximum, 1.0)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        r = scaled_ranks(maximum, mid)
+        if params_of(r) <= target:
+            best, lo = r, mid
+        else:
+            hi = mid
+    return best
+
+
+# ----------------------------------------------------------------------------- VBMF
+
+
+def _golden_min(f: Callable[[float], float], a: float, b: float, iters: int = 80) -> float:
+    g = (math.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = f(c), f(d)
+    for _ in range(iters):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = f(d)
+    return (a + b) / 2
+
+
+def evbmf_rank(Y: torch.Tensor) -> int:
+    """Rank chosen by empirical variational Bayesian matrix factorisation (Nakajima et al., 2013).
+
+    Global analytic solution with the noise variance estimated by minimising the free
+    energy; as used by Kim et al. (2016) to pick Tucker-2 ranks. Never returns 0.
+    """
+    Y = Y.detach().double().cpu()
+    if Y.shape[0] > Y.shape[1]:
+        Y = Y.T
+    L, M = Y.shape
+    s = torch.linalg.svdvals(Y)
+    H = L
+    alpha = L / M
+    tau_bar = 2.5129 * math.sqrt(alpha)
+    x_bar = (1 + tau_bar) * (1 + alpha / tau_bar)
+    total = float((Y**2).sum())
+    residual = max(total - float((s**2).sum()), 0.0)
+    s2 = (s**2).numpy()
+    if total == 0:
+        return 1
+    eh_ub = int(min(math.ceil(L / (1 + alpha)), H)) - 1
+    upper = (s2.sum() + residual) / (L * M)
+    tail = s2[eh_ub + 1:] if eh_ub + 1 < H else s2[-1:]
+    lower = max(s2[min(eh_ub + 1, H - 1)] / (M * x_bar), float(tail.mean()) / M, 1e-300)
+
+    def tau(x: Any) -> Any:
+        return 0.5 * (x - (1 + alpha) + ((x - (1 + alpha)) ** 2 - 4 * alpha) ** 0.5)
+
+    def free_energy(log_sigma2: float) -> float:
+        sigma2 = math.exp(log_sigma2)
+        x = s2 / (M * sigma2)
+        big, small = x[x > x_bar], x[x <= x_bar]
+        import numpy as np
+
+        t = tau(big)
+        val = float(np.sum(small - np.log(np.maximum(small, 1e-300))))
+        val += float(np.sum(big - t)) + float(np.sum(np.log((t + 1) / big))) + alpha * float(np.sum(np.log(t / alpha + 1)))
+        return val + residual / (M * sigma2) + (L - H) * log_sigma2
+
+    if upper <= lower:
+        sigma2 = upper
+    else:
+        sigma2 = math.exp(_golden_min(free_energy, math.log(lower), math.log(upper)))
+    threshold = math.sqrt(M * sigma2 * (1 + tau_bar) * (1 + alpha / tau_bar))
+    return max(1, int((s > threshold).sum()))
+
+
+def vbmf_tucker2_ranks(weight: torch.Tensor) -> tuple[int, int]:
+    """(r_out, r_in) for Tucker-2 by EVBMF on the OUT and IN unfoldings of a (OUT, IN, KH, KW) kernel."""
+    o, i = weight.shape[:2]
+    r_out = evbmf_rank(weight.reshape(o, -1))
+    r_in = evbmf_rank(weight.transpose(0, 1).reshape(i, -1))
+    return r_out, r_in
+
+
+# ----------------------------------------------------------------------------- budget
+
+
+@dataclass
+class Candidate:
+    """One way to factorize one layer: ranks, cost, and the error it introduces."""
+
+    ranks: tuple[int, ...]
+    params: int
+    macs: int
+    error: float
+
+
+@dataclass
+class LayerLadder:
+    """Candidates of one layer ordered from largest (least compressed) to smallest."""
+
+    name: str
+    dense_params: int
+    dense_macs: int
+    candidates: list[Candidate]
+    weight: float = 1.0
+    choice: int = -1  # -1 = dense
+    history: list[int] = field(default_factory=list)
+
+    def cost(self, kind: str) -> int:
+        if self.choice < 0:
+            return self.dense_params if kind == "params" else self.dense_macs
+        c = self.candidates[self.choice]
+        return c.params if kind == "params" else c.macs
+
+    def error(self) -> float:
+        return 0.0 if self.choice < 0 else self.candidates[self.choice].error
+
+
+def allocate_budget(ladders: list[LayerLadder], budget: float, kind: str = "params", fixed_cost: int = 0) -> bool:
+    """Greedy allocation: step down the layer with the least weighted error increase per unit saved.
+
+    ``budget`` is the total allowed cost (parameters or MACs) of the listed layers plus
+    ``fixed_cost`` (everything not listed). A layer's ``weight`` multiplies its squared
+    error, so sensitive layers (large weight) are compressed more mildly. Returns whether
+    the budget was met; ladders hold their choice either way (the smallest reached).
+    """
+    if kind not in ("params", "macs"):
+        raise TensorcutError(f"budget kind must be 'params' or 'macs', got {kind!r}")
+
+    def total() -> int:
+        return fixed_cost + sum(l.cost(kind) for l in ladders)
+
+    while total() > budget:
+        best, best_score = None, math.inf
+        for l in ladders:
+            nxt = l.choice + 1
+            while nxt < len(l.candidates) and (l.candidates[nxt].params if kind == "params" else l.candidates[nxt].macs) >= l.cost(kind):
+                nxt += 1
+            if nxt >= len(l.candidates):
+                continue
+            c = l.candidates[nxt]
+            saved = l.cost(kind) - (c.params if kind == "params" else c.macs)
+            added = l.weight * (c.error**2 - l.error() ** 2)
+            score = max(added, 0.0) / saved
+            if score < best_score:
+                best, best_score = (l, nxt), score
+        if best is None:
+            return False
+        best[0].choice = best[1]
+    return True
