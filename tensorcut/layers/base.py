@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tensorcut.errors import TensorcutError
+
 Pair = tuple[int, int]
 
 
@@ -182,6 +184,99 @@ def count_macs(module: nn.Module, hw: Pair, in_channels: int) -> int:
     return macs
 
 
+def early_stride(geom: ConvGeometry) -> Pair:
+    """Stride that may move into a leading 1x1 convolution without changing the result.
+
+    Along an axis whose kernel size is 1 and whose padding is 0, a strided convolution only
+    reads every ``stride``-th input row/column, so subsampling in the first 1x1 (before the
+    channel contraction) is exact and saves its MACs. Other axes return 1.
+    """
+    l, r, t, b = geom.pad
+    eh = geom.stride[0] if geom.kernel_size[0] == 1 and t == b == 0 else 1
+    ew = geom.stride[1] if geom.kernel_size[1] == 1 and l == r == 0 else 1
+    return (eh, ew)
+
+
+def stage_sizes(geom: ConvGeometry, hw: Pair) -> tuple[Pair, Pair, Pair]:
+    """Spatial sizes through a factorized layer: after the leading 1x1 (with :func:`early_stride`),
+    after explicit padding, and at the output. Used by the closed-form MAC counts."""
+    eh, ew = early_stride(geom)
+    h1, w1 = (hw[0] - 1) // eh + 1, (hw[1] - 1) // ew + 1
+    l, r, t, b = geom.pad
+    return (h1, w1), (h1 + t + b, w1 + l + r), geom.output_size(hw)
+
+
+def make_conv(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: Pair,
+    *,
+    stride: Pair = (1, 1),
+    dilation: Pair = (1, 1),
+    groups: int = 1,
+    bias: bool = False,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Conv2d:
+    """An unpadded sublayer convolution with zeroed (not randomly initialised) parameters.
+
+    Factorized layers are filled by ``from_conv`` or a checkpoint; zeros rather than random or
+    uninitialised memory make a forgotten fill visible instead of silently noisy.
+    """
+    conv = nn.utils.skip_init(
+        nn.Conv2d, in_channels, out_channels, kernel_size, stride=stride, dilation=dilation,
+        groups=groups, bias=bias, device=device, dtype=dtype,
+    )
+    with torch.no_grad():
+        for p in conv.parameters():
+            p.zero_()
+    return conv
+
+
+def check_groups(geom: ConvGeometry, method: str, *, grouped: bool = True) -> None:
+    """Refuse depthwise convolutions (always) and grouped ones when ``grouped`` is False."""
+    g = geom.groups
+    if g > 1 and g == geom.in_channels:
+        raise TensorcutError(
+            f"depthwise convolution (groups == in_channels == {g}) not supported by {method}: "
+            "each filter sees one channel, so there is nothing to factorize; leave the layer dense"
+        )
+    if g > 1 and not grouped:
+        raise TensorcutError(f"groups>1 not supported by {method}; leave the layer dense")
+
+
+def rank_tuple(ranks: Any, n: int, method: str) -> tuple[int, ...]:
+    """Validate a layer's ranks: an int (used for all ``n``) or ``n`` positive ints."""
+    seq = [ranks] * n if isinstance(ranks, int) and not isinstance(ranks, bool) else ranks
+    try:
+        out = tuple(int(r.__index__()) for r in seq)
+    except (TypeError, AttributeError):
+        raise TensorcutError(f"{method} ranks must be {n} positive integers; got {ranks!r}") from None
+    if len(out) != n or min(out) < 1:
+        raise TensorcutError(f"{method} ranks must be {n} integers >= 1; got {ranks!r}")
+    return out
+
+
+def clamp_ranks(ranks: Any, maxima: tuple[int, ...], method: str, labels: tuple[str, ...]) -> tuple[int, ...]:
+    """Requested ranks (an int for all, or one per entry) clamped to ``maxima`` with a warning each.
+
+    Ranks below 1 raise :class:`TensorcutError` naming the valid range.
+    """
+    from tensorcut.decompose.svd import clamp_rank
+
+    n = len(maxima)
+    seq = [ranks] * n if not isinstance(ranks, (tuple, list)) else list(ranks)
+    if len(seq) != n:
+        raise TensorcutError(f"{method} takes {n} rank(s) ({', '.join(labels)}); got {ranks!r}")
+    return tuple(clamp_rank(r, m, name=f"{method} rank {lab}") for r, m, lab in zip(seq, maxima, labels))
+
+
+def kernel_groups(conv: nn.Conv2d) -> list[torch.Tensor]:
+    """The per-group ``(OUT/g, IN/g, KH, KW)`` kernels of ``conv``, detached, in float64 for the math."""
+    W = conv.weight.detach().to(torch.float64)
+    return list(W.chunk(conv.groups, dim=0))
+
+
 class FactorizedConv2d(nn.Module):
     """Base class of factorized convolutions.
 
@@ -232,6 +327,12 @@ class FactorizedConv2d(nn.Module):
     def from_config(cls, cfg: dict[str, Any]) -> "FactorizedConv2d":
         """Rebuild the (uninitialised) layer described by :meth:`config`; load a state_dict next."""
         return cls(ConvGeometry.from_dict(cfg["geometry"]), tuple(int(r) for r in cfg["ranks"]), **cfg.get("options", {}))
+
+    def reset_parameters(self) -> None:
+        """Randomly (re)initialise every sublayer as ``nn.Conv2d`` does, e.g. to train from scratch."""
+        for m in self.modules():
+            if m is not self and isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.reset_parameters()
 
     def extra_repr(self) -> str:
         g = self.geometry
