@@ -134,3 +134,12 @@ def test_batch_store_order_and_cleanup() -> None:
     d = store._dir
     store.close()
     assert d is not None and not __import__("os").path.exists(d)
+
+
+def test_zoo_resnet_fast_path_exact() -> None:
+    from tensorcut import models
+
+    model = models.create("resnet20", num_classes=7, in_channels=2, width=0.25, input_size=8).eval()
+    for layer in ("layer1.0.conv1", "layer2.0.conv2"):  # inside residual blocks: skip tensors are cached too
+        runner = _check_exact(model, layer)
+        assert runner.fast, runner.reason
