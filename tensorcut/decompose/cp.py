@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tensorcut.decompose.svd import _as_float, clamp_rank, gaussian
+from tensorcut.decompose.svd import _as_float, clamp_rank, gaussian, small_lapack
 from tensorcut.errors import ConvergenceError, TensorcutError
 
 __all__ = ["CPResult", "cp_als", "cp_max_rank", "cp_to_tensor", "khatri_rao"]
@@ -149,10 +149,11 @@ def _contract(Y: torch.Tensor, mats: Sequence[torch.Tensor], n: int) -> torch.Te
 
 def _solve(V: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """``rhs @ inv(V)`` for a symmetric positive (semi)definite ``V``."""
-    L, info = torch.linalg.cholesky_ex(V)
-    if int(info) == 0:
-        return torch.cholesky_solve(rhs.mT, L).mT
-    return rhs @ torch.linalg.pinv(V, hermitian=True)
+    with small_lapack(V, limit=None):
+        L, info = torch.linalg.cholesky_ex(V)
+        if int(info) == 0:
+            return torch.cholesky_solve(rhs.mT, L).mT
+        return rhs @ torch.linalg.pinv(V, hermitian=True)
 
 
 def _init_factors(
@@ -163,7 +164,9 @@ def _init_factors(
     for m in range(T.ndim):
         G = gaussian((T.shape[m], rank), seed=seed * 1000 + m, like=T)
         if init == "svd" and m != skip:
-            U = torch.linalg.svd(torch.movedim(T, m, 0).reshape(T.shape[m], -1), full_matrices=False).U
+            Tm = torch.movedim(T, m, 0).reshape(T.shape[m], -1)
+            with small_lapack(Tm):
+                U = torch.linalg.svd(Tm, full_matrices=False).U
             k = min(rank, U.shape[1])
             G = torch.cat([U[:, :k], G[:, k:] / math.sqrt(T.shape[m])], dim=1)
         factors.append(G / torch.linalg.vector_norm(G, dim=0).clamp_min(torch.finfo(T.dtype).tiny))

@@ -12,9 +12,10 @@ above what the tensor admits is clamped with a :class:`RankClampWarning` naming 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -50,6 +51,25 @@ def clamp_rank(requested: int, maximum: int, *, name: str = "rank") -> int:
         )
         return int(maximum)
     return r
+
+
+@contextlib.contextmanager
+def small_lapack(t: torch.Tensor, limit: int | None = 1 << 16) -> Iterator[None]:
+    """Run a LAPACK call on a small CPU tensor (``numel <= limit``; ``None``: any size) on one thread.
+
+    Small factorizations gain nothing from threads, and a threaded LAPACK on a busy machine
+    can stall for a scheduler time slice (milliseconds) per call -- which adds up inside
+    iterative methods. The previous thread count is restored on exit.
+    """
+    if t.device.type != "cpu" or (limit is not None and t.numel() > limit):
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def check_tolerance(eps: float | None, energy: float | None) -> float | None:
@@ -143,16 +163,21 @@ def gaussian(shape: Sequence[int], *, seed: int, like: torch.Tensor) -> torch.Te
 
 def _range_finder(M: torch.Tensor, size: int, n_iter: int, seed: int) -> torch.Tensor:
     """Orthonormal basis of an approximate range of ``M`` (Halko et al., power iterations)."""
-    Q = torch.linalg.qr(M @ gaussian((M.shape[1], size), seed=seed, like=M)).Q
-    for _ in range(n_iter):
-        Q = torch.linalg.qr(M.mT @ Q).Q
-        Q = torch.linalg.qr(M @ Q).Q
+    Y = M @ gaussian((M.shape[1], size), seed=seed, like=M)
+    small = max(M.shape) * size <= 1 << 18  # every QR below is at most this big
+    with small_lapack(Y, limit=None) if small else contextlib.nullcontext():
+        Q = torch.linalg.qr(Y).Q
+        for _ in range(n_iter):
+            Q = torch.linalg.qr(M.mT @ Q).Q
+            Q = torch.linalg.qr(M @ Q).Q
     return Q
 
 
 def _sketch_svd(M: torch.Tensor, size: int, n_iter: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     Q = _range_finder(M, size, n_iter, seed)
-    Ub, S, Vh = torch.linalg.svd(Q.mT @ M, full_matrices=False)
+    B = Q.mT @ M
+    with small_lapack(B):
+        Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
     return Q @ Ub, S, Vh
 
 
@@ -207,7 +232,8 @@ def truncated_svd(
             U = S = Vh = None
             size *= 2
     if U is None:
-        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        with small_lapack(M):
+            U, S, Vh = torch.linalg.svd(M, full_matrices=False)
         if tol2 is not None:
             k = _rank_from_s(S, tol2)
     if k is None:

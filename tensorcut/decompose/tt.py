@@ -16,7 +16,14 @@ from collections.abc import Sequence
 
 import torch
 
-from tensorcut.decompose.svd import _as_float, _fix_signs, _rank_for_budget, check_tolerance, clamp_rank
+from tensorcut.decompose.svd import (
+    _as_float,
+    _fix_signs,
+    _rank_for_budget,
+    check_tolerance,
+    clamp_rank,
+    small_lapack,
+)
 from tensorcut.errors import TensorcutError
 
 __all__ = ["tt_max_ranks", "tt_svd", "tt_to_tensor"]
@@ -68,7 +75,8 @@ def tt_svd(
     C = T.reshape(1, -1)
     for k in range(d - 1):
         C = C.reshape(r_prev * shape[k], -1)
-        U, S, Vh = torch.linalg.svd(C, full_matrices=False)
+        with small_lapack(C):
+            U, S, Vh = torch.linalg.svd(C, full_matrices=False)
         r = min(caps[k], S.numel())
         if budget is not None:
             r = min(r, _rank_for_budget(S.double() ** 2, budget))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tensorcut.decompose.svd import _as_float, _rank_from_s, check_tolerance, clamp_rank
+from tensorcut.decompose.svd import _as_float, _rank_from_s, check_tolerance, clamp_rank, small_lapack
 from tensorcut.errors import TensorcutError
 
 __all__ = ["TuckerResult", "hooi", "hosvd", "mode_dot", "tucker2", "tucker_to_tensor"]
@@ -120,9 +120,8 @@ def _max_rank(shape: Sequence[int], n: int) -> int:
 
 def _leading(Y: torch.Tensor, r: int) -> torch.Tensor:
     """Orthonormal basis of the leading ``r`` left singular vectors of ``Y`` (padded if rank-deficient)."""
-    full = Y.shape[1] < r
-    U = torch.linalg.svd(Y, full_matrices=full).U[:, :r]
-    return U
+    with small_lapack(Y):
+        return torch.linalg.svd(Y, full_matrices=Y.shape[1] < r).U[:, :r]
 
 
 def hosvd(
@@ -146,7 +145,9 @@ def hosvd(
     modes, rank_of, tol2 = _resolve(T, ranks, modes, eps, energy)
     factors: list[torch.Tensor | None] = [None] * T.ndim
     for n in modes:
-        U, S, _ = torch.linalg.svd(_unfold(T, n), full_matrices=False)
+        Tn = _unfold(T, n)
+        with small_lapack(Tn):
+            U, S, _ = torch.linalg.svd(Tn, full_matrices=False)
         r = rank_of[n] if rank_of is not None else _rank_from_s(S, tol2 / len(modes))  # type: ignore[operator]
         factors[n] = U[:, :r]
     core = T
