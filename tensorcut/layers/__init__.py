@@ -3,6 +3,7 @@
 from tensorcut.layers.base import LAYER_REGISTRY, ConvGeometry, FactorizedConv2d, register_layer
 from tensorcut.layers.cp import CPConv2d
 from tensorcut.layers.linear import SVDLinear
+from tensorcut.layers.tr import TRConv2d
 from tensorcut.layers.tt import TTConv2d
 from tensorcut.layers.tucker import FullTuckerConv2d, TuckerConv2d
 

@@ -21,7 +21,16 @@ from tensorcut.decompose.tr import (
 )
 from tensorcut.errors import TensorcutError
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared 2-core box OpenMP spinning
+    makes them ~50x slower; restore the caller's setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 
 def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
