@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tensorcut.decompose.svd import small_lapack
 from tensorcut.errors import TensorcutError
 from tensorcut.layers.base import ConvGeometry, FactorizedConv2d
 from tensorcut.train.tdlrt_ops import (
@@ -45,17 +46,21 @@ __all__ = ["TDLRTOptimizer", "is_tucker_layer", "rank_report", "train_tdlrt", "t
 BASES = ("sgd", "adam")
 SCHEDULERS = ("none", "cosine", "plateau", "onecycle")
 ConvFilter = Callable[[str, nn.Conv2d], bool]
-RankArg = int | tuple[int, int] | None
+RankArg = int | tuple[int, int] | Mapping[str, int | tuple[int, int]] | None
 
 
 # --------------------------------------------------------------------------- layer access
 
 
 def is_tucker_layer(m: nn.Module) -> bool:
-    """True for a Tucker-2 layer of the contract ``first`` / ``core`` / ``last`` (method ``tucker2``)."""
-    return getattr(type(m), "method", None) == "tucker2" and all(
-        isinstance(getattr(m, a, None), nn.Conv2d) for a in ("first", "core", "last")
-    )
+    """True for an ungrouped Tucker-2 layer of the contract ``first`` / ``core`` / ``last`` (method ``tucker2``).
+
+    Grouped Tucker layers (block-diagonal factors) and full-Tucker layers are not trained by
+    the integrator; they stay ordinary parameters of the base optimiser.
+    """
+    return (getattr(type(m), "method", None) == "tucker2"
+            and getattr(getattr(m, "geometry", None), "groups", 1) == 1
+            and all(isinstance(getattr(m, a, None), nn.Conv2d) for a in ("first", "core", "last")))
 
 
 def _tucker_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -233,7 +238,7 @@ class TDLRTOptimizer:
             with torch.enable_grad():
                 loss = closure()
             _check_loss(loss, self.steps)
-            with torch.no_grad():
+            with torch.no_grad(), small_lapack(loss, limit=None):  # small factorizations: one thread
                 for layer in self.layers.values():
                     self._augment(layer)
             for p, f in zip(params, flags):  # pass 2: cores and the other trainable parameters
@@ -247,7 +252,7 @@ class TDLRTOptimizer:
                 for b, saved in buffers:
                     b.copy_(saved)
             self.base.step()
-            with torch.no_grad():
+            with torch.no_grad(), small_lapack(loss, limit=None):
                 for layer in self.layers.values():
                     self._truncate(layer)
         finally:
@@ -355,7 +360,16 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _target_ranks(sizes: tuple[int, int], init_rank: RankArg, rmin: int, rmax: int | None, default_half: bool) -> tuple[int, int]:
+def _layer_rank(init_rank: RankArg, name: str) -> int | tuple[int, int] | None:
+    """The ``init_rank`` entry for layer ``name`` (a mapping gives per-layer values; absent = default)."""
+    if isinstance(init_rank, Mapping):
+        r = init_rank.get(name)
+        return None if r is None else (r if isinstance(r, int) else (int(r[0]), int(r[1])))
+    return init_rank
+
+
+def _target_ranks(sizes: tuple[int, int], init_rank: int | tuple[int, int] | None, rmin: int, rmax: int | None,
+                  default_half: bool) -> tuple[int, int]:
     if init_rank is None:
         req: tuple[int | None, int | None] = (None, None)
     elif isinstance(init_rank, int):
@@ -386,8 +400,11 @@ def _tucker_class() -> type[nn.Module]:
 
 def _build_layer(conv: nn.Conv2d, U_out: torch.Tensor, C: torch.Tensor, U_in: torch.Tensor) -> nn.Module:
     geom = ConvGeometry.from_conv(conv)
-    layer = _tucker_class()(geom, ranks=(int(C.shape[0]), int(C.shape[1])))
-    layer = layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
+    cls, ranks = _tucker_class(), (int(C.shape[0]), int(C.shape[1]))
+    try:
+        layer = cls(geom, ranks, device=conv.weight.device, dtype=conv.weight.dtype)
+    except TypeError:  # a layer class without device / dtype arguments
+        layer = cls(geom, ranks).to(device=conv.weight.device, dtype=conv.weight.dtype)
     with torch.no_grad():
         _write_factors(layer, U_out, C, U_in)
         if conv.bias is not None:
@@ -445,7 +462,8 @@ def tuckerize(
     """Convert ``model``'s convolutions to Tucker-2 layers ready for TDLRT, in place; returns ``model``.
 
     ``from_pretrained=True``: each kernel is decomposed by HOSVD (channel modes), keeping its
-    function exactly at full rank; ``init_rank`` (int or ``(r_out, r_in)``) truncates, default
+    function exactly at full rank; ``init_rank`` (int, ``(r_out, r_in)``, or a mapping from
+    layer name to either, e.g. the final ranks of another run) truncates, default
     ``min(n_i, rmax)`` (lossless unless ``rmax`` is smaller). ``from_pretrained=False``: a fresh
     start, random orthonormal factors and a Gaussian core scaled to the norm of the layer's
     default initialisation, ranks ``init_rank`` or ``ceil(n_i / 2)`` by default (the reference
@@ -467,7 +485,7 @@ def tuckerize(
         if (skip_first and name == first) or conv.groups != 1 or (filter is not None and not filter(name, conv)):
             continue
         sizes = (conv.out_channels, conv.in_channels)
-        r_out, r_in = _target_ranks(sizes, init_rank, rmin, rmax, default_half=not from_pretrained)
+        r_out, r_in = _target_ranks(sizes, _layer_rank(init_rank, name), rmin, rmax, default_half=not from_pretrained)
         W = conv.weight.detach()
         if from_pretrained:
             from tensorcut.decompose.tucker import hosvd
@@ -489,11 +507,12 @@ def tuckerize(
         layer = model.get_submodule(name)
         U_out, C, U_in = _factors(layer)
         sizes = _layer_sizes(layer)
-        if init_rank is None:
+        wanted = _layer_rank(init_rank, name)
+        if wanted is None:
             targets = tuple(max(lo, min(r, hi)) for r, (lo, hi) in
                             zip(C.shape[:2], (_mode_bounds(n, rmin, rmax) for n in sizes)))
         else:
-            targets = _target_ranks(sizes, init_rank, rmin, rmax, default_half=False)
+            targets = _target_ranks(sizes, wanted, rmin, rmax, default_half=False)
         _normalise_tucker(layer, (int(targets[0]), int(targets[1])))
     return model
 

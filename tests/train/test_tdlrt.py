@@ -166,6 +166,8 @@ def test_tuckerize_scratch_ranks_filter_and_existing_layers() -> None:
     assert torch.allclose(layer(x), before, atol=1e-4)
     tuckerize(net, init_rank=3, rmin=2)
     assert layer.core.weight.shape[:2] == (3, 3)
+    other = tuckerize(_net(), init_rank={"3": (4, 2), "6": 5}, rmin=1)  # per-layer ranks, e.g. another run's
+    assert other[3].core.weight.shape[:2] == (4, 2) and other[6].core.weight.shape[:2] == (5, 5)
 
 
 def test_bad_input_is_reported() -> None:

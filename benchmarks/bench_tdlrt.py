@@ -1,0 +1,198 @@
+"""Benchmark rank-adaptive Tucker training (TDLRT) against dense and fixed-rank baselines.
+
+Per model and per ``tau``:
+
+* ``dense``       -- the uncompressed network, plain training;
+* ``tdlrt``       -- TDLRT from scratch (random orthonormal Tucker start, ``ceil(n/2)`` ranks);
+* ``fixed``       -- Tucker layers fixed at TDLRT's *final* ranks, random start, all factors
+                     trained by plain backprop with the same optimiser and schedule;
+* ``compress_ft`` -- the trained dense model compressed by HOSVD to the same ranks, then
+                     fine-tuned with the plain optimiser (compress-then-fine-tune);
+* ``tdlrt_pre``   -- the trained dense model, HOSVD at full rank, then TDLRT (the second entry point).
+
+Everything uses the same optimiser (SGD, momentum 0.9, no Nesterov), learning rate, cosine
+schedule and batch size. Accuracy is on a held-out test subset; compression counts conv
+layers only (all convolutions, biases included; the first conv stays dense), as
+``100 (1 - stored / dense)`` (the paper's "compression rate") and as the ratio dense / stored.
+Seconds per epoch are training time only (no evaluation), on whatever CPU is free -- on a
+shared machine they are noisy; the ratio to dense is what to read.
+
+The defaults are sized for 2 shared CPU cores: width-reduced models on a Fashion-MNIST
+subset for a few epochs. Results (JSON, rewritten after every run so an interrupted run
+keeps what it finished, and a markdown table) go to ``benchmarks/results/tdlrt.*``.
+
+    nice python benchmarks/bench_tdlrt.py --models vgg11,resnet20,vgg16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tensorcut import data as tdata
+from tensorcut import models
+from tensorcut.train.loop import evaluate
+from tensorcut.train.tdlrt import rank_report, train_tdlrt, tuckerize
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def plain_train(model: nn.Module, loader: Any, epochs: int, lr: float, momentum: float) -> list[float]:
+    """SGD (momentum, no Nesterov) with a per-step cosine schedule; returns seconds per epoch."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * len(loader)))
+    secs = []
+    for _ in range(epochs):
+        model.train()
+        t0 = time.perf_counter()
+        for x, y in loader:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            sched.step()
+        secs.append(time.perf_counter() - t0)
+    model.eval()
+    return secs
+
+
+def conv_stats(model: nn.Module) -> dict[str, Any]:
+    rep = rank_report(model)
+    return {"conv_params": rep["conv_params"], "conv_dense_params": rep["conv_dense_params"],
+            "conv_cr": round(rep["conv_cr"], 3), "conv_compression_pct": round(rep["conv_compression_pct"], 2),
+            "ranks": {k: v["ranks"] for k, v in rep["layers"].items()}}
+
+
+def record(results: dict[str, Any], row: dict[str, Any], out: Path) -> None:
+    results["runs"].append(row)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    out.with_suffix(".md").write_text(markdown(results))
+    acc = row.get("test_top1")
+    print(f"  {row['model']:>9} {row['method']:<12} tau={row.get('tau', '-')!s:<5} top1={acc:.4f} "
+          f"conv-compression={row['conv_compression_pct']:.1f}% s/epoch={row.get('sec_per_epoch', 0):.1f}", flush=True)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    lines = ["# TDLRT benchmark", "",
+             f"Command: `{results['command']}`", "",
+             f"Data: {cfg['dataset']}, {cfg['subset']} training images (seeded subset, 10% of the training split held out "
+             f"unused), {cfg['test_subset']} test images; width multipliers {cfg['widths']}; {cfg['epochs']} epochs; SGD "
+             f"lr {cfg['lr']} momentum {cfg['momentum']}, cosine schedule, batch {cfg['batch_size']}; "
+             f"compress-then-fine-tune and pretrained->TDLRT: {cfg['ft_epochs']} epochs at lr {cfg['ft_lr']}. "
+             f"rmin {cfg['rmin']}. CPU threads {cfg['threads']} ({results['machine']}).", "",
+             "Compression = 100 (1 - stored / dense) over all conv layers (biases included, first conv dense); "
+             "CR = dense / stored. Time = training seconds per epoch, and relative to dense.", ""]
+    for model in dict.fromkeys(r["model"] for r in results["runs"]):
+        runs = [r for r in results["runs"] if r["model"] == model]
+        dense = next((r for r in runs if r["method"] == "dense"), None)
+        lines += [f"## {model}", "",
+                  "| method | tau | test top-1 | conv compression % | conv CR | s/epoch | time vs dense | final ranks (r_out, r_in) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in runs:
+            rel = (f"{r['sec_per_epoch'] / dense['sec_per_epoch']:.2f}x"
+                   if dense and r.get("sec_per_epoch") and r["method"] != "compress_ft" else "-")
+            ranks = " ".join(f"{a}/{b}" for a, b in r.get("ranks", {}).values()) or "-"
+            lines.append(f"| {r['method']} | {r.get('tau', '-')} | {r['test_top1']:.4f} | {r['conv_compression_pct']:.1f} | "
+                         f"{r['conv_cr']:.2f} | {r.get('sec_per_epoch', 0):.1f} | {rel} | {ranks} |")
+        lines.append("")
+    lines += results.get("notes", [])
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="vgg11,resnet20,vgg16")
+    ap.add_argument("--widths", default="vgg11=0.25,vgg16=0.25,resnet20=0.5",
+                    help="channel width multiplier per model (others: 0.25)")
+    ap.add_argument("--dataset", default="fashion-mnist")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--subset", type=int, default=4000)
+    ap.add_argument("--test-subset", type=int, default=2000)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--ft-epochs", type=int, default=2)
+    ap.add_argument("--taus", default="0.08,0.15,0.25,0.4")
+    ap.add_argument("--rmin", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--ft-lr", type=float, default=0.01)
+    ap.add_argument("--momentum", type=float, default=0.9)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip", default="", help="comma list of methods to leave out (tdlrt_pre, compress_ft, fixed)")
+    ap.add_argument("--out", default=str(RESULTS / "tdlrt"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    skip = set(filter(None, args.skip.split(",")))
+    taus = [float(t) for t in args.taus.split(",")]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info = tdata.dataset_info(args.dataset)
+    tr = tdata.load_dataset(args.dataset, "train", data_dir=args.data_dir, seed=args.seed, subset=args.subset)
+    te = tdata.load_dataset(args.dataset, "test", data_dir=args.data_dir, seed=args.seed, subset=args.test_subset)
+    test_loader = tdata.make_loader(te, 500)
+
+    def loader() -> Any:
+        return tdata.make_loader(tr, args.batch_size, shuffle=True, seed=args.seed)
+
+    widths = {k: float(v) for k, v in (kv.split("=") for kv in args.widths.split(",") if kv)}
+
+    def fresh(name: str) -> nn.Module:
+        torch.manual_seed(args.seed)
+        return models.create(name, num_classes=info.num_classes, in_channels=info.in_channels,
+                             width=widths.get(name, 0.25), input_size=info.image_size)
+
+    def test(model: nn.Module) -> float:
+        return evaluate(model, test_loader, "cpu")["top1"]
+
+    cmd = "nice python benchmarks/bench_tdlrt.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v not in ("", None))
+    results: dict[str, Any] = {"command": cmd, "config": vars(args), "runs": [],
+                               "machine": f"{platform.machine()}, torch {torch.__version__}"}
+    for name in args.models.split(","):
+        print(f"== {name}", flush=True)
+        dense = fresh(name)
+        secs = plain_train(dense, loader(), args.epochs, args.lr, args.momentum)
+        record(results, {"model": name, "method": "dense", "test_top1": test(dense), "sec_per_epoch": sum(secs) / len(secs),
+                         **conv_stats(dense)}, out)
+        for tau in taus:
+            net = fresh(name)
+            hist = train_tdlrt(net, loader(), None, tau=tau, rmin=args.rmin, epochs=args.epochs, optimizer="sgd",
+                               lr=args.lr, momentum=args.momentum, scheduler="cosine", from_pretrained=False,
+                               device="cpu")
+            final = {k: tuple(v) for k, v in hist[-1]["ranks"].items()}
+            record(results, {"model": name, "method": "tdlrt", "tau": tau, "test_top1": test(net),
+                             "sec_per_epoch": sum(h["seconds"] for h in hist) / len(hist),
+                             "ranks_per_epoch": [h["ranks"] for h in hist], **conv_stats(net)}, out)
+            if "fixed" not in skip:
+                net = tuckerize(fresh(name), final, from_pretrained=False, rmin=1)
+                secs = plain_train(net, loader(), args.epochs, args.lr, args.momentum)
+                record(results, {"model": name, "method": "fixed", "tau": tau, "test_top1": test(net),
+                                 "sec_per_epoch": sum(secs) / len(secs), **conv_stats(net)}, out)
+            if "compress_ft" not in skip:
+                net = tuckerize(copy.deepcopy(dense), final, from_pretrained=True, rmin=1)
+                before = test(net)
+                secs = plain_train(net, loader(), args.ft_epochs, args.ft_lr, args.momentum)
+                record(results, {"model": name, "method": "compress_ft", "tau": tau, "test_top1": test(net),
+                                 "top1_before_ft": before, "sec_per_epoch": sum(secs) / max(len(secs), 1),
+                                 **conv_stats(net)}, out)
+            if "tdlrt_pre" not in skip:
+                net = copy.deepcopy(dense)
+                hist = train_tdlrt(net, loader(), None, tau=tau, rmin=args.rmin, epochs=args.ft_epochs, optimizer="sgd",
+                                   lr=args.ft_lr, momentum=args.momentum, scheduler="cosine", from_pretrained=True,
+                                   device="cpu")
+                record(results, {"model": name, "method": "tdlrt_pre", "tau": tau, "test_top1": test(net),
+                                 "sec_per_epoch": sum(h["seconds"] for h in hist) / len(hist), **conv_stats(net)}, out)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
