@@ -223,9 +223,9 @@ def make_conv(
     Factorized layers are filled by ``from_conv`` or a checkpoint; zeros rather than random or
     uninitialised memory make a forgotten fill visible instead of silently noisy.
     """
-    conv = nn.utils.skip_init(
+    conv = nn.utils.skip_init(  # skip_init needs a real device (None would leave it on "meta")
         nn.Conv2d, in_channels, out_channels, kernel_size, stride=stride, dilation=dilation,
-        groups=groups, bias=bias, device=device, dtype=dtype,
+        groups=groups, bias=bias, device="cpu" if device is None else device, dtype=dtype,
     )
     with torch.no_grad():
         for p in conv.parameters():

@@ -38,7 +38,7 @@ class SVDLinear(nn.Module):
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise TensorcutError(f"SVDLinear rank must be an integer >= 1; got {rank!r}")
         self.in_features, self.out_features = int(in_features), int(out_features)
-        k: dict[str, Any] = {"device": device, "dtype": dtype}
+        k: dict[str, Any] = {"device": "cpu" if device is None else device, "dtype": dtype}  # not "meta"
         self.first = nn.utils.skip_init(nn.Linear, self.in_features, rank, bias=False, **k)
         self.last = nn.utils.skip_init(nn.Linear, rank, self.out_features, bias=bias, **k)
         with torch.no_grad():  # filled by from_linear or a checkpoint; zeros, not garbage

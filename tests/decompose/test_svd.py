@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import math
 
 import pytest
@@ -11,6 +13,15 @@ from hypothesis import strategies as st
 
 from tensorcut.decompose import RankClampWarning, clamp_rank, rank_from_spectrum, truncated_svd
 from tensorcut.errors import TensorcutError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: threads only add scheduling stalls on a shared CPU. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _low_rank(m: int, n: int, r: int, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.Tensor:

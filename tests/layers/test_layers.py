@@ -1,0 +1,367 @@
+"""Factorized convolutions, parametrised over LAYER_REGISTRY (a new format is covered automatically).
+
+At full rank (each class's ``max_ranks``) every layer must compute exactly what the dense
+``nn.Conv2d`` computes across kernel sizes, strides, paddings, dilations, padding modes,
+bias and groups; its counts must match the closed forms; and it must survive ``to_conv`` and
+a ``config`` + ``state_dict`` round trip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import json
+import math
+import random
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import tensorcut.layers  # noqa: F401  (registers every layer class)
+from tensorcut.errors import TensorcutError
+from tensorcut.layers import CPConv2d, FullTuckerConv2d, TTConv2d, TuckerConv2d
+from tensorcut.layers.base import LAYER_REGISTRY, ConvGeometry, FactorizedConv2d
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: threads only add scheduling stalls on a shared CPU. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+METHODS = sorted(LAYER_REGISTRY)
+HW = (11, 10)
+
+AXES: dict[str, list[Any]] = {
+    "kernel_size": [1, 3, 5, (3, 1), (1, 3), (2, 3)],
+    "stride": [(1, 1), (2, 1), (2, 2)],
+    "padding": [0, 1, (1, 2), "same", "valid"],
+    "dilation": [1, 2],
+    "padding_mode": ["zeros", "reflect", "replicate", "circular"],
+    "bias": [True, False],
+    "groups": [1, 1, 2],
+}
+
+
+def _grid(n_random: int = 34, seed: int = 20240) -> list[dict[str, Any]]:
+    """Every axis value at least once (a diagonal sweep), plus a fixed pseudo-random sample."""
+    rng = random.Random(seed)
+    combos = []
+    longest = max(len(v) for v in AXES.values())
+    for i in range(longest):
+        combos.append({k: v[i % len(v)] for k, v in AXES.items()})
+    for _ in range(n_random):
+        combos.append({k: rng.choice(v) for k, v in AXES.items()})
+    out = []
+    for c in combos:
+        if c["padding"] == "same":  # PyTorch refuses 'same' with strides
+            c["stride"] = (1, 1)
+        out.append(c)
+    return out
+
+
+GRID = _grid()
+
+
+def _id(c: dict[str, Any]) -> str:
+    return "k{kernel_size}-s{stride}-p{padding}-d{dilation}-{padding_mode}-b{bias:d}-g{groups}".format(**c).replace(" ", "")
+
+
+def _conv(c: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.float64, cin: int = 4, cout: int = 6) -> nn.Conv2d:
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, **c).to(dtype)
+    with torch.no_grad():
+        if conv.bias is not None:
+            conv.bias.normal_()
+    return conv
+
+
+def _input(cin: int = 4, dtype: torch.dtype = torch.float64, seed: int = 1) -> torch.Tensor:
+    return torch.randn(2, cin, *HW, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
+def _from_conv_full(cls: type[FactorizedConv2d], conv: nn.Conv2d) -> FactorizedConv2d | None:
+    """``from_conv`` at ``max_ranks``; None when the class refuses grouped convs with a reason."""
+    try:
+        return cls.from_conv(conv, cls.max_ranks(ConvGeometry.from_conv(conv)))  # type: ignore[attr-defined]
+    except TensorcutError as e:
+        if conv.groups > 1 and "groups" in str(e):
+            return None
+        raise
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+def test_registry_has_the_core_methods() -> None:
+    assert {"cp", "tt", "tucker", "tucker2"} <= set(LAYER_REGISTRY)
+    assert LAYER_REGISTRY["tucker2"] is TuckerConv2d and LAYER_REGISTRY["tucker"] is FullTuckerConv2d
+    assert LAYER_REGISTRY["cp"] is CPConv2d and LAYER_REGISTRY["tt"] is TTConv2d
+
+
+def test_grid_covers_every_axis_value() -> None:
+    for k, values in AXES.items():
+        for v in values:
+            assert any(c[k] == v for c in GRID), (k, v)
+    assert 35 <= len(GRID) <= 45
+
+
+@pytest.mark.parametrize("combo", GRID, ids=_id)
+@pytest.mark.parametrize("method", METHODS)
+def test_full_rank_matches_dense(method: str, combo: dict[str, Any]) -> None:
+    cls = LAYER_REGISTRY[method]
+    conv = _conv(combo)
+    layer = _from_conv_full(cls, conv)
+    if layer is None:
+        return
+    geom = ConvGeometry.from_conv(conv)
+    x = _input()
+    ref = conv(x)
+    with torch.no_grad():
+        out = layer(x)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+    # counts: stored == predicted (closed form), traced MACs == predicted MACs
+    n_params = sum(p.numel() for p in layer.parameters())
+    assert layer.num_params() == n_params == cls.predicted_params(geom, layer.ranks)  # type: ignore[attr-defined]
+    assert layer.macs(HW) == cls.predicted_macs(geom, layer.ranks, HW)  # type: ignore[attr-defined]
+
+    # dense round trip
+    dense = layer.to_conv()
+    assert isinstance(dense, nn.Conv2d) and ConvGeometry.from_conv(dense) == geom
+    torch.testing.assert_close(dense(x), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.reconstruct_weight(), conv.weight, atol=1e-6, rtol=1e-6)
+
+    # checkpoint round trip: JSON config -> new instance -> state_dict -> identical outputs
+    cfg = json.loads(json.dumps(layer.config()))
+    assert cfg["method"] == method
+    rebuilt = cls.from_config(cfg).to(torch.float64)
+    rebuilt.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), out)
+    assert tuple(rebuilt.ranks) == tuple(layer.ranks)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_float32_full_rank(method: str) -> None:
+    cls = LAYER_REGISTRY[method]
+    combo = {"kernel_size": 3, "stride": (1, 1), "padding": 1, "dilation": 1, "padding_mode": "zeros", "bias": True,
+             "groups": 1}
+    conv = _conv(combo, dtype=torch.float32, cin=5, cout=7)
+    layer = _from_conv_full(cls, conv)
+    assert layer is not None
+    assert all(p.dtype == torch.float32 for p in layer.parameters())
+    x = _input(cin=5, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), conv(x), atol=1e-4, rtol=1e-4)
+
+
+GEOMS = [
+    ConvGeometry(8, 6, (3, 3), padding=(1, 1)),
+    ConvGeometry(6, 10, (1, 1), stride=(2, 2), bias=False),
+    ConvGeometry(4, 4, (2, 3), stride=(2, 1), padding="valid", dilation=(2, 1), padding_mode="reflect"),
+    ConvGeometry(8, 6, (3, 3), padding="same", groups=2, padding_mode="circular"),
+]
+
+
+@pytest.mark.parametrize("geom", GEOMS, ids=lambda g: f"{g.in_channels}-{g.out_channels}-{g.kernel_size}-g{g.groups}")
+@pytest.mark.parametrize("method", METHODS)
+def test_counts_match_closed_forms_at_partial_rank(method: str, geom: ConvGeometry) -> None:
+    cls = LAYER_REGISTRY[method]
+    try:
+        ranks = tuple(max(1, m // 2) for m in cls.max_ranks(geom))  # type: ignore[attr-defined]
+        layer = cls(geom, ranks).to(torch.float64)
+    except TensorcutError as e:
+        assert geom.groups > 1 and "groups" in str(e)
+        return
+    assert tuple(layer.ranks) == ranks
+    assert layer.num_params() == cls.predicted_params(geom, ranks)  # type: ignore[attr-defined]
+    assert layer.macs(HW) == cls.predicted_macs(geom, ranks, HW)  # type: ignore[attr-defined]
+    out = layer(torch.zeros(1, geom.in_channels, *HW, dtype=torch.float64))
+    assert out.shape[2:] == geom.output_size(HW)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_error_non_increasing_in_rank(method: str) -> None:
+    cls = LAYER_REGISTRY[method]
+    conv = nn.Conv2d(6, 8, 3, padding=1).double()
+    torch.manual_seed(3)
+    geom = ConvGeometry.from_conv(conv)
+    maxr = cls.max_ranks(geom)  # type: ignore[attr-defined]
+    errs = []
+    for f in (0.2, 0.45, 0.7, 1.0):
+        ranks = tuple(max(1, math.ceil(f * m)) for m in maxr)
+        layer = cls.from_conv(conv, ranks)  # type: ignore[attr-defined]
+        errs.append(_rel(layer.reconstruct_weight().detach(), conv.weight.detach()))
+    assert all(b <= a + 1e-9 for a, b in zip(errs, errs[1:])), errs
+    assert errs[-1] < 1e-10 and errs[0] > 1e-3
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_rank_zero_raises(method: str) -> None:
+    cls = LAYER_REGISTRY[method]
+    conv = nn.Conv2d(4, 6, 3)
+    n = len(cls.max_ranks(ConvGeometry.from_conv(conv)))  # type: ignore[attr-defined]
+    with pytest.raises(TensorcutError):
+        cls.from_conv(conv, (0,) * n)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("method", ["cp", "tt", "tucker", "tucker2"])
+def test_rank_zero_message_names_valid_range(method: str) -> None:
+    cls = LAYER_REGISTRY[method]
+    conv = nn.Conv2d(4, 6, 3)
+    maxr = cls.max_ranks(ConvGeometry.from_conv(conv))  # type: ignore[attr-defined]
+    with pytest.raises(TensorcutError, match=rf"\[1, {maxr[0]}\]"):
+        cls.from_conv(conv, (0,) + tuple(maxr[1:]))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_clamping_warns_and_reports(method: str) -> None:
+    cls = LAYER_REGISTRY[method]
+    conv = nn.Conv2d(4, 6, 3).double()
+    maxr = tuple(cls.max_ranks(ConvGeometry.from_conv(conv)))  # type: ignore[attr-defined]
+    asked = tuple(m + 5 for m in maxr)
+    with pytest.warns(UserWarning) as record:
+        layer = cls.from_conv(conv, asked)  # type: ignore[attr-defined]
+    text = " ".join(str(w.message) for w in record)
+    assert str(asked[0]) in text  # the warning names the requested value ...
+    got = tuple(layer.ranks)
+    assert all(g <= a for g, a in zip(got, asked)) and any(str(g) in text for g in got)  # ... and the clamped one
+    if method in ("cp", "tt", "tucker", "tucker2"):  # componentwise maxima
+        assert got == maxr
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_depthwise_is_refused_with_reason(method: str) -> None:
+    cls = LAYER_REGISTRY[method]
+    conv = nn.Conv2d(4, 4, 3, groups=4)
+    maxr = cls.max_ranks(ConvGeometry(4, 4, (3, 3)))  # type: ignore[attr-defined]
+    with pytest.raises(TensorcutError, match="depthwise|groups"):
+        cls.from_conv(conv, maxr)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("method", ["cp", "tt", "tucker", "tucker2"])
+def test_grouped_partial_rank_is_blockwise(method: str) -> None:
+    """Per-group decomposition equals decomposing each group's conv on its own."""
+    cls = LAYER_REGISTRY[method]
+    torch.manual_seed(4)
+    conv = nn.Conv2d(6, 4, 3, padding=1, groups=2).double()
+    maxr = cls.max_ranks(ConvGeometry.from_conv(conv))  # type: ignore[attr-defined]
+    ranks = tuple(max(1, m // 2) for m in maxr)
+    layer = cls.from_conv(conv, ranks)  # type: ignore[attr-defined]
+    W = layer.reconstruct_weight().detach()
+    for k in range(2):
+        part = nn.Conv2d(3, 2, 3, padding=1).double()
+        with torch.no_grad():
+            part.weight.copy_(conv.weight[2 * k : 2 * k + 2])
+        single = cls.from_conv(part, ranks)  # type: ignore[attr-defined]
+        torch.testing.assert_close(W[2 * k : 2 * k + 2], single.reconstruct_weight().detach())
+
+
+def _decaying_conv(cin: int = 12, cout: int = 10, k: int = 3, seed: int = 5) -> nn.Conv2d:
+    """A conv whose kernel has decaying spectra, so eps rules pick intermediate ranks."""
+    g = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, k, padding=1).double()
+    A = torch.randn(cout, 4, dtype=torch.float64, generator=g)
+    B = torch.randn(4, cin * k * k, dtype=torch.float64, generator=g)
+    with torch.no_grad():
+        conv.weight.copy_((A @ B).reshape(conv.weight.shape) + 0.05 * torch.randn(conv.weight.shape, generator=g, dtype=torch.float64))
+    return conv
+
+
+@pytest.mark.parametrize("method", ["tucker2", "tucker", "tt", "cp"])
+@pytest.mark.parametrize("eps", [0.1, 0.3])
+def test_eps_rule_meets_bound(method: str, eps: float) -> None:
+    cls = LAYER_REGISTRY[method]
+    conv = _decaying_conv()
+    layer = cls.from_conv(conv, eps=eps)  # type: ignore[attr-defined]
+    err = _rel(layer.reconstruct_weight().detach(), conv.weight.detach())
+    assert err <= eps + 1e-12
+    assert abs(layer.rel_error - err) < 1e-12  # type: ignore[attr-defined]
+    assert tuple(layer.ranks) != tuple(cls.max_ranks(layer.geometry))  # type: ignore[attr-defined]
+    same = cls.from_conv(conv, energy=1 - eps**2)  # type: ignore[attr-defined]
+    assert tuple(same.ranks) == tuple(layer.ranks)
+
+
+def test_eps_with_groups_uses_common_ranks() -> None:
+    conv = nn.Conv2d(8, 6, 3, padding=1, groups=2).double()
+    for cls in (TuckerConv2d, TTConv2d):
+        layer = cls.from_conv(conv, eps=0.4)
+        assert _rel(layer.reconstruct_weight().detach(), conv.weight.detach()) <= 0.4 + 1e-12
+
+
+def test_tucker2_sublayer_contract() -> None:
+    """first = U_in^T, core = C, last = U_out (orthonormal factors), bias on last."""
+    torch.manual_seed(6)
+    conv = nn.Conv2d(8, 6, 3, stride=2, padding=1).double()
+    layer = TuckerConv2d.from_conv(conv, (4, 3))
+    assert layer.first.weight.shape == (3, 8, 1, 1) and layer.first.bias is None
+    assert layer.core.weight.shape == (4, 3, 3, 3) and layer.core.stride == (2, 2) and layer.core.bias is None
+    assert layer.last.weight.shape == (6, 4, 1, 1) and torch.equal(layer.last.bias, conv.bias)
+    U_in_T = layer.first.weight[:, :, 0, 0].detach()
+    U_out = layer.last.weight[:, :, 0, 0].detach()
+    torch.testing.assert_close(U_in_T @ U_in_T.mT, torch.eye(3, dtype=torch.float64))
+    torch.testing.assert_close(U_out.mT @ U_out, torch.eye(4, dtype=torch.float64))
+    assert layer.ranks == (4, 3)
+
+
+def test_tucker2_ranks_follow_rewritten_sublayers() -> None:
+    """A rank-adaptive integrator swaps the three convs; ranks read the new shapes."""
+    geom = ConvGeometry(8, 6, (3, 3), padding=(1, 1))
+    layer = TuckerConv2d(geom, (4, 3))
+    layer.first = nn.Conv2d(8, 2, 1, bias=False)
+    layer.core = nn.Conv2d(2, 5, 3, bias=False)
+    layer.last = nn.Conv2d(5, 6, 1)
+    assert layer.ranks == (5, 2)
+
+
+def test_early_stride_saves_macs_and_stays_exact() -> None:
+    torch.manual_seed(7)
+    conv = nn.Conv2d(8, 12, 1, stride=2).double()
+    layer = TuckerConv2d.from_conv(conv)
+    assert layer.first.stride == (2, 2) and layer.core.stride == (1, 1)
+    x = _input(cin=8)
+    torch.testing.assert_close(layer(x), conv(x))
+    r_out, r_in = layer.ranks
+    assert layer.macs(HW) < r_in * 8 * HW[0] * HW[1] + 12 * r_out * 6 * 5 + r_out * r_in * HW[0] * HW[1]
+
+
+def test_constructor_is_zero_filled_and_reset_parameters_randomises() -> None:
+    layer = CPConv2d(ConvGeometry(4, 6, (3, 3)), 5)
+    assert all(bool((p == 0).all()) for p in layer.parameters())
+    layer.reset_parameters()
+    assert all(bool((p != 0).any()) for p in layer.parameters())
+
+
+def test_cp_failure_propagates_as_convergence_error() -> None:
+    from tensorcut.errors import ConvergenceError
+
+    conv = nn.Conv2d(4, 6, 3).double()
+    with pytest.raises(ConvergenceError):
+        CPConv2d.from_conv(conv, 4, max_norm_ratio=1e-6)
+    with torch.no_grad():
+        conv.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ConvergenceError):
+        CPConv2d.from_conv(conv, 4)
+
+
+def test_bad_arguments() -> None:
+    conv = nn.Conv2d(4, 6, 3)
+    with pytest.raises(TensorcutError):
+        TuckerConv2d.from_conv(conv, (2, 2), eps=0.1)
+    with pytest.raises(TensorcutError):
+        TuckerConv2d.from_conv(conv, (2, 2, 2))
+    with pytest.raises(TensorcutError):
+        TTConv2d.from_conv(conv, 2, bogus=1)
+    with pytest.raises(TensorcutError):
+        CPConv2d(ConvGeometry(4, 6, (3, 3)), (2, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TTConv2d.from_conv(conv, 2)  # an in-range rank warns about nothing
