@@ -417,8 +417,8 @@ def tr_svd(
     Give either ``eps`` (relative Frobenius error bound, split across the three SVDs by
     ``split``) with an optional ``divisor`` of the first rank (default 1: a tensor train), or
     explicit ``ranks=(a, b, c, d)`` (the divisor is then the ring-closing rank ``ranks[shift]``).
-    Requested ranks beyond what the kernel admits are clamped and the clamp is listed in
-    ``notes``; an eps-chosen first rank not divisible by ``divisor`` is raised to the next multiple
+    Requested ranks beyond what the kernel admits are clamped (the closing rank ``ranks[shift]``
+    first, then each later rank to its unfolding's size) and the clamp is listed in ``notes``; an eps-chosen first rank not divisible by ``divisor`` is raised to the next multiple
     (still within the bound) and noted. ``solver`` is ``"svd"`` (exact, default), ``"gram"``
     (Gram eigendecompositions, faster) or ``"auto"``. Computation is in float64; cores come back
     in the kernel's dtype, in mode order OUT, IN, KH, KW. ``rel_error`` is
@@ -457,8 +457,10 @@ def tr_svd(
     if ranks is not None:
         r0, r1 = int(target[0]), int(target[1])  # type: ignore[arg-type]
         if r0 * r1 > max0:
-            nr0 = min(r0, max0)
-            nr1 = max(1, max0 // nr0)
+            # the ring-closing rank gives way first (towards a tensor train), so a request
+            # above max_ranks in every position comes back as exactly max_ranks
+            nr1 = min(r1, max0)
+            nr0 = max(1, max0 // nr1)
             notes.append(f"first rank {r0}*{r1} exceeds {max0} (mode {MODES[s]}); clamped to {nr0}*{nr1}")
             r0, r1 = nr0, nr1
         big_r, d1 = f1.keep(None, r0 * r1)
