@@ -34,6 +34,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--method", choices=("dense", "tdlrt"), default="dense",
+                   help="tdlrt: train in Tucker format with rank-adaptive pruning (docs/tdlrt.md)")
+    p.add_argument("--tau", type=float, default=None, help="tdlrt: truncation tolerance relative to the core norm")
+    p.add_argument("--init-rank", type=int, default=None, help="tdlrt: starting rank per mode (default: half the mode)")
+    p.add_argument("--rmax", type=int, default=None, help="tdlrt: rank cap per mode")
+    p.add_argument("--init-from", default=None, help="tdlrt: start from this dense or Tucker checkpoint (HOSVD)")
     p.set_defaults(func=_train)
 
     e = sub.add_parser("evaluate", help="loss, top-1, top-5 of a checkpoint", description="Evaluate a checkpoint on a split.")
@@ -47,6 +53,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from tensorcut.train.api import train
+
+    if args.method == "tdlrt":
+        from tensorcut.train.tdlrt_verb import run_cli
+
+        return run_cli(args)
 
     cfg = FitConfig(epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
                     weight_decay=args.weight_decay, scheduler=args.scheduler, patience=args.patience, seed=args.seed)

@@ -393,3 +393,24 @@ def test_train_tdlrt_logs_ranks_and_compression() -> None:
     assert math.isfinite(row["val_loss"]) and 0 <= row["val_top1"] <= 1
     rep = rank_report(net)
     assert rep["layers"]["3"]["ranks"] == row["ranks"]["3"]
+
+
+@pytest.mark.skipif(not REAL_LAYER, reason="needs tensorcut.layers.tucker")
+def test_cli_train_method_tdlrt_from_scratch_and_from_checkpoint(tmp_path: Any, capsys: pytest.CaptureFixture) -> None:
+    from tensorcut import io as tio
+    from tensorcut.cli import main
+
+    common = ["--dataset", "digits", "--subset", "200", "--epochs", "1", "--width", "0.125", "--optimizer", "sgd",
+              "--lr", "0.05", "--device", "cpu"]
+    assert main(["train", "--model", "vanilla-cnn", *common, "--out", str(tmp_path / "d")]) == 0
+    assert main(["train", "--model", "vanilla-cnn", *common, "--method", "tdlrt", "--out", str(tmp_path / "x")]) == 2
+    assert "--tau" in capsys.readouterr().err
+    assert main(["train", "--model", "vanilla-cnn", *common, "--method", "tdlrt", "--tau", "0.2", "--init-rank", "4",
+                 "--rmax", "6", "--out", str(tmp_path / "s")]) == 0
+    ck = tio.load_checkpoint(tmp_path / "s")
+    assert ck.meta["tdlrt"]["tau"] == 0.2 and ck.meta["recipe"]["method"] == "tdlrt"
+    assert all(2 <= r <= 6 for rr in ck.meta["tdlrt"]["final_ranks"].values() for r in rr)
+    assert main(["train", "--model", "vanilla-cnn", *common, "--method", "tdlrt", "--tau", "0.1",
+                 "--init-from", str(tmp_path / "d"), "--out", str(tmp_path / "p")]) == 0
+    back = tio.load(tmp_path / "p")
+    assert any(tdlrt.is_tucker_layer(m) for m in back.modules())
