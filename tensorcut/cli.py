@@ -18,6 +18,7 @@ from tensorcut.errors import TensorcutError
 COMMAND_MODULES: tuple[str, ...] = (
     "tensorcut.train.cli",
     "tensorcut.analysis.cli",
+    "tensorcut.workflow_cli",
 )
 
 

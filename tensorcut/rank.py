@@ -9,7 +9,7 @@ model-wide ``budget`` split across layers by :func:`allocate_budget`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -183,7 +183,7 @@ class Candidate:
     ranks: tuple[int, ...]
     params: int
     macs: int
-    error: float
+    error: float | None = None  # None: computed on demand by the ladder's ``evaluate``
 
 
 @dataclass
@@ -196,7 +196,16 @@ class LayerLadder:
     candidates: list[Candidate]
     weight: float = 1.0
     choice: int = -1  # -1 = dense
-    history: list[int] = field(default_factory=list)
+    evaluate: Callable[[int], float] | None = None
+
+    def error_at(self, i: int) -> float:
+        """Error of candidate ``i``, computed once on demand (decompositions are costly)."""
+        c = self.candidates[i]
+        if c.error is None:
+            if self.evaluate is None:
+                raise TensorcutError(f"candidate {c.ranks} of {self.name} has no error and no way to compute it")
+            c.error = float(self.evaluate(i))
+        return c.error
 
     def cost(self, kind: str) -> int:
         if self.choice < 0:
@@ -205,7 +214,7 @@ class LayerLadder:
         return c.params if kind == "params" else c.macs
 
     def error(self) -> float:
-        return 0.0 if self.choice < 0 else self.candidates[self.choice].error
+        return 0.0 if self.choice < 0 else self.error_at(self.choice)
 
 
 def allocate_budget(ladders: list[LayerLadder], budget: float, kind: str = "params", fixed_cost: int = 0) -> bool:
@@ -232,7 +241,7 @@ def allocate_budget(ladders: list[LayerLadder], budget: float, kind: str = "para
                 continue
             c = l.candidates[nxt]
             saved = l.cost(kind) - (c.params if kind == "params" else c.macs)
-            added = l.weight * (c.error**2 - l.error() ** 2)
+            added = l.weight * (l.error_at(nxt) ** 2 - l.error() ** 2)
             score = max(added, 0.0) / saved
             if score < best_score:
                 best, best_score = (l, nxt), score

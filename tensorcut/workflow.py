@@ -1,0 +1,156 @@
+"""Checkpoint-level verbs: compress a checkpoint, fine-tune it, export it.
+
+These are the Python functions behind ``tensorcut compress``, ``finetune`` and ``export``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from tensorcut import data as tdata
+from tensorcut import io as tio
+from tensorcut.compress import CompressConfig, Plan, apply, plan
+from tensorcut.errors import TensorcutError
+from tensorcut.train.loop import FitConfig, evaluate as evaluate_loader, fit, resolve_device
+
+__all__ = ["FINETUNE_RECIPE", "compress_checkpoint", "export_checkpoint", "finetune_checkpoint", "input_shape_of",
+           "load_sensitivity"]
+
+#: The thesis's fine-tuning recipe: Adam, lr 1e-5, early stopping on validation loss (patience 3), <= 50 epochs.
+FINETUNE_RECIPE = FitConfig(epochs=50, optimizer="adam", lr=1e-5, scheduler="none", patience=3)
+
+
+def input_shape_of(meta: dict[str, Any]) -> tuple[int, int, int]:
+    """(C, H, W) of the model's input, from checkpoint metadata."""
+    kw = meta["model"].get("kwargs", {})
+    s = int(kw.get("input_size", 32))
+    return (int(kw.get("in_channels", 3)), s, s)
+
+
+_SENSITIVITY_SQL = """
+SELECT r.layer, r.norm_loss_pct, r.top1, b.top1 FROM results r
+JOIN results b ON b.fingerprint = r.fingerprint AND b.data = r.data AND b.split = r.split AND b.kind = 'baseline'
+WHERE r.kind = 'single' AND r.method = 'svd'
+"""
+
+
+def load_sensitivity(path: str | Path) -> dict[str, float]:
+    """Per-layer sensitivity from a truncation-study results file (SQLite) or a JSON ``{layer: weight}``.
+
+    From a sweep, a layer's sensitivity is its mean top-1 drop per unit of norm loss over
+    single-layer truncations (1 + 100 * drop / norm-loss fraction), so layers whose
+    truncation costs accuracy fastest weigh most. Every weight is >= 1.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise TensorcutError(f"sensitivity file {p} does not exist; run `tensorcut analyze` first")
+    if p.suffix == ".json":
+        try:
+            d = json.loads(p.read_text())
+            return {str(k): float(v) for k, v in d.items()}
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
+            raise TensorcutError(f"{p} is not a JSON object of layer -> sensitivity ({e})") from None
+    try:
+        con = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+        try:
+            rows = con.execute(_SENSITIVITY_SQL).fetchall()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:
+        raise TensorcutError(f"{p} is not a readable results database ({e})") from None
+    acc: dict[str, list[float]] = {}
+    for layer, norm_loss, top1, base in rows:
+        if norm_loss is None or top1 is None or base is None or norm_loss <= 0:
+            continue
+        acc.setdefault(layer, []).append(max(0.0, float(base) - float(top1)) / (float(norm_loss) / 100.0))
+    if not acc:
+        raise TensorcutError(f"{p} holds no single-layer truncation rows to derive sensitivity from")
+    return {k: 1.0 + 100.0 * sum(v) / len(v) for k, v in acc.items()}
+
+
+def compress_checkpoint(src: str | Path, out: str | Path, config: CompressConfig, *, layers: list[str] | None = None,
+                        sensitivity: str | Path | dict[str, float] | None = None, evaluate_split: str | None = None,
+                        progress: bool = True) -> tuple[nn.Module, Plan, dict[str, Any]]:
+    """Plan and apply ``config`` to checkpoint ``src``; save the compressed checkpoint and ``plan.json`` in ``out``."""
+    src, out = Path(src), Path(out)
+    if out.resolve() == src.resolve():
+        raise TensorcutError("--out must differ from the source checkpoint; the dense model is kept")
+    ck = tio.load_checkpoint(src)
+    shape = input_shape_of(ck.meta)
+    sens = load_sensitivity(sensitivity) if isinstance(sensitivity, (str, Path)) else sensitivity
+    p = plan(ck.model, config, input_shape=shape, sensitivity=sens, layers=layers, progress=progress)
+    if not any(l.status == "factorize" for l in p.layers):
+        reasons = "; ".join(f"{l.name}: {l.reason}" for l in p.layers[:3])
+        raise TensorcutError(f"the rank rule leaves nothing to compress ({reasons}); loosen it")
+    model = apply(ck.model, p)
+    meta = copy.deepcopy(ck.meta)
+    meta.pop("history", None)
+    meta["parent"] = {"path": str(src), "metrics": ck.meta.get("metrics")}
+    meta["plan"] = p.to_dict()
+    meta["metrics"] = {}
+    if evaluate_split:
+        ds = _dataset_from_meta(meta, evaluate_split)
+        meta["metrics"][evaluate_split] = evaluate_loader(model, tdata.make_loader(ds, 512), "cpu")
+    tio.save(model, out, meta)
+    p.save(out / "plan.json")
+    return model, p, meta
+
+
+def _dataset_from_meta(meta: dict[str, Any], split: str, dataset: str | None = None, subset: int | None = None) -> tdata.ImageDataset:
+    d = meta.get("dataset") or {}
+    name = dataset or d.get("name")
+    if not name:
+        raise TensorcutError("the checkpoint does not name its data set; pass --dataset")
+    return tdata.load_dataset(name, split, data_dir=d.get("data_dir") if name == d.get("name") else None,
+                              val_fraction=d.get("val_fraction", 0.1), seed=d.get("seed", 0), subset=subset)
+
+
+def finetune_checkpoint(src: str | Path, out: str | Path | None = None, *, dataset: str | None = None,
+                        config: FitConfig | None = None, distill_from: str | Path | None = None,
+                        batch_size: int = 128, subset: int | None = None, device: str = "auto",
+                        resume: bool = False, progress: bool = True) -> tio.Checkpoint:
+    """Fine-tune a (compressed) checkpoint; default recipe :data:`FINETUNE_RECIPE` (the thesis's).
+
+    Writes to ``out`` (default: ``src`` itself, updated atomically each epoch) and reports
+    test metrics. ``distill_from`` names a dense checkpoint used as teacher.
+    """
+    src = Path(src)
+    out = Path(out) if out else src
+    ck = tio.load_checkpoint(src)
+    cfg = config or copy.deepcopy(FINETUNE_RECIPE)
+    teacher = tio.load(distill_from) if distill_from else None
+    if teacher is not None and cfg.distill_alpha == 0:
+        cfg.distill_alpha = 0.5
+    tr = _dataset_from_meta(ck.meta, "train", dataset, subset)
+    va = _dataset_from_meta(ck.meta, "val", dataset)
+    te = _dataset_from_meta(ck.meta, "test", dataset)
+    dev = resolve_device(device)
+    meta = copy.deepcopy(ck.meta)
+    meta["finetune"] = {"epochs": cfg.epochs, "optimizer": cfg.optimizer, "lr": cfg.lr, "patience": cfg.patience,
+                        "distill_from": str(distill_from) if distill_from else None}
+    before = evaluate_loader(ck.model, tdata.make_loader(te, 512), dev)
+    hist = fit(ck.model, tdata.make_loader(tr, batch_size, shuffle=True, seed=cfg.seed), tdata.make_loader(va, 512), cfg,
+               device=dev, out_dir=out, meta=meta, resume=resume and out != src, teacher=teacher, progress=progress)
+    after = evaluate_loader(ck.model, tdata.make_loader(te, 512), dev)
+    meta["metrics"] = dict(meta.get("metrics") or {}, test_before_finetune=before, test=after)
+    meta["finetune_history"] = hist
+    meta.pop("history", None)
+    tio.save(ck.model, out, meta)
+    return tio.Checkpoint(ck.model, meta)
+
+
+def export_checkpoint(src: str | Path, fmt: str, out: str | Path | None = None) -> Path:
+    """Export checkpoint ``src`` to ``fmt``; default file name inside ``src``."""
+    from tensorcut.export import FORMATS, export_model
+
+    ck = tio.load_checkpoint(src)
+    if fmt not in FORMATS:
+        raise TensorcutError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    target = Path(out) if out else Path(src) / FORMATS[fmt]
+    return export_model(ck.model, input_shape_of(ck.meta), fmt, target)

@@ -1,0 +1,107 @@
+"""CLI verbs `compress`, `finetune`, `export`."""
+
+from __future__ import annotations
+
+import argparse
+
+from tensorcut.errors import TensorcutError
+
+
+def _rank_arg(text: str) -> int | tuple[int, ...]:
+    try:
+        parts = [int(p) for p in text.replace("x", ",").split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"rank must be an int or comma-separated ints, got {text!r}") from None
+    if not parts:
+        raise argparse.ArgumentTypeError("empty rank")
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    from tensorcut.train.loop import OPTIMIZERS, SCHEDULERS
+
+    c = sub.add_parser("compress", help="factorize a checkpoint's convolutions",
+                       description="Plan and apply a tensor decomposition to every selected conv layer.")
+    c.add_argument("checkpoint", help="dense (or compressed) checkpoint directory")
+    c.add_argument("--method", default="tucker2", help="cp | tucker | tucker2 | tt | tr | auto")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--rank", type=_rank_arg, help="explicit rank (int) or ranks (comma-separated)")
+    g.add_argument("--ratio", type=float, help="fraction of each layer's parameters to keep, in (0, 1)")
+    g.add_argument("--eps", type=float, help="bound on each kernel's relative Frobenius error, in (0, 1)")
+    g.add_argument("--energy", type=float, help="fraction of each kernel's squared norm to keep")
+    g.add_argument("--vbmf", action="store_true", help="Tucker-2 ranks by empirical VBMF")
+    g.add_argument("--budget", type=float, help="model-wide budget: < 1 is a fraction of the selected layers' cost, else a count")
+    c.add_argument("--budget-kind", choices=("params", "macs"), default="params")
+    c.add_argument("--sensitivity", default=None, help="results file of `tensorcut analyze` (or JSON layer->weight): "
+                   "sensitive layers are compressed more mildly under --budget")
+    c.add_argument("--layers", nargs="+", default=None, help="conv layer names (default: all with > 3 input channels)")
+    c.add_argument("--latency", action="store_true", help="keep a layer dense unless its factorized form is faster here")
+    c.add_argument("--evaluate", choices=("val", "test"), default=None, help="evaluate the compressed model on this split")
+    c.add_argument("--out", required=True, help="output checkpoint directory")
+    c.add_argument("--json", action="store_true", help="print the plan as JSON")
+    c.set_defaults(func=_compress)
+
+    f = sub.add_parser("finetune", help="fine-tune a compressed checkpoint (thesis recipe by default)",
+                       description="Fine-tune: Adam lr 1e-5, early stopping on validation loss (patience 3), at most 50 epochs.")
+    f.add_argument("checkpoint")
+    f.add_argument("--dataset", default=None, help="default: the checkpoint's")
+    f.add_argument("--subset", type=int, default=None)
+    f.add_argument("--epochs", type=int, default=50)
+    f.add_argument("--lr", type=float, default=1e-5)
+    f.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    f.add_argument("--scheduler", choices=SCHEDULERS, default="none")
+    f.add_argument("--patience", type=int, default=3)
+    f.add_argument("--batch-size", type=int, default=128)
+    f.add_argument("--distill-from", default=None, help="dense checkpoint to distil from (teacher)")
+    f.add_argument("--distill-alpha", type=float, default=0.5)
+    f.add_argument("--device", default="auto")
+    f.add_argument("--out", default=None, help="default: update the checkpoint in place")
+    f.set_defaults(func=_finetune)
+
+    e = sub.add_parser("export", help="export to ONNX, TorchScript or torch.export (checked against PyTorch)")
+    e.add_argument("checkpoint")
+    e.add_argument("--format", required=True, choices=("onnx", "torchscript", "exported"))
+    e.add_argument("--out", default=None, help="output file (default: inside the checkpoint directory)")
+    e.set_defaults(func=_export)
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from tensorcut.compress import CompressConfig
+    from tensorcut.workflow import compress_checkpoint
+
+    if args.sensitivity and args.budget is None:
+        raise TensorcutError("--sensitivity guides the --budget allocation; give --budget too")
+    cfg = CompressConfig(method=args.method, rank="vbmf" if args.vbmf else args.rank, ratio=args.ratio, eps=args.eps,
+                         energy=args.energy, budget=args.budget, budget_kind=args.budget_kind, latency=args.latency)
+    _, p, meta = compress_checkpoint(args.checkpoint, args.out, cfg, layers=args.layers, sensitivity=args.sensitivity,
+                                     evaluate_split=args.evaluate)
+    if args.json:
+        print(p.to_json())
+    else:
+        print(p.table())
+        for split, m in meta.get("metrics", {}).items():
+            print(f"{split} after compression (no fine-tuning): top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}")
+        print(f"compressed checkpoint: {args.out} (plan: {args.out}/plan.json)")
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from tensorcut.train.loop import FitConfig
+    from tensorcut.workflow import finetune_checkpoint
+
+    cfg = FitConfig(epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, scheduler=args.scheduler,
+                    patience=args.patience, distill_alpha=args.distill_alpha if args.distill_from else 0.0)
+    ck = finetune_checkpoint(args.checkpoint, args.out, dataset=args.dataset, config=cfg, distill_from=args.distill_from,
+                             batch_size=args.batch_size, subset=args.subset, device=args.device)
+    b, a = ck.meta["metrics"]["test_before_finetune"], ck.meta["metrics"]["test"]
+    print(f"test top-1: {b['top1']:.4f} before fine-tuning -> {a['top1']:.4f} after ({len(ck.meta['finetune_history'])} epochs)")
+    print(f"checkpoint: {args.out or args.checkpoint}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from tensorcut.workflow import export_checkpoint
+
+    path = export_checkpoint(args.checkpoint, args.format, args.out)
+    print(f"exported {args.format}: {path} (outputs checked against PyTorch)")
+    return 0

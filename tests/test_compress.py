@@ -1,0 +1,215 @@
+"""plan / apply / compress over every registered method; checkpoint-level compress, finetune, export."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import tensorcut.layers  # noqa: F401  (registers the layer classes)
+from tensorcut import io as tio
+from tensorcut import models
+from tensorcut.compress import CompressConfig, Plan, apply, compress, plan
+from tensorcut.errors import TensorcutError
+from tensorcut.layers.base import LAYER_REGISTRY, FactorizedConv2d
+
+METHODS = sorted(LAYER_REGISTRY)
+
+
+LAYERS = ["layer2.1.conv1", "layer3.0.conv1", "layer3.1.conv2", "layer3.2.conv2"]
+
+
+def _model():
+    torch.manual_seed(0)
+    return models.create("resnet20", width=0.5).eval()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ratio_rule_meets_target_per_layer(method):
+    m = _model()
+    p = plan(m, method=method, ratio=0.3, input_shape=(3, 32, 32), layers=LAYERS, progress=False)
+    fact = [l for l in p.layers if l.status == "factorize"]
+    assert fact, p.table()
+    for l in fact:
+        assert l.params_after <= 0.3 * l.params_before + 1e-9
+        assert 0 <= l.error < 1
+    # plan is pure: the model still has only dense convolutions
+    assert not any(isinstance(x, FactorizedConv2d) for x in m.modules())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_apply_swaps_modules_and_counts_match(method):
+    m = _model()
+    x = torch.randn(2, 3, 32, 32)
+    p = plan(m, method=method, ratio=0.5, input_shape=(3, 32, 32), layers=LAYERS, progress=False)
+    before = sum(q.numel() for q in m.parameters())
+    apply(m, p)
+    after = sum(q.numel() for q in m.parameters())
+    t = p.totals()
+    assert after == t["model_params_after"] and before == t["model_params_before"]
+    for l in p.layers:
+        mod = m.get_submodule(l.name)
+        assert isinstance(mod, FactorizedConv2d) == (l.status == "factorize")
+        if l.status == "factorize":
+            assert list(mod.ranks) == l.ranks and mod.num_params() == l.params_after
+            assert mod.macs(tuple(l.input_hw)) == l.macs_after
+    assert m(x).shape == (2, 10)
+
+
+def test_full_rank_plan_reproduces_dense_model():
+    m = _model().double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    ref = m(x)
+    cfg = CompressConfig(method="tucker2", rank=10_000)
+    p = plan(m, cfg, input_shape=(3, 32, 32), layers=LAYERS, progress=False)
+    assert all("clamped" in l.note for l in p.layers if l.status == "factorize") or all(l.status == "dense" for l in p.layers)
+    # a full-rank Tucker-2 is never smaller, so the size guard keeps every layer dense with a reason
+    assert all(l.status == "dense" and "would not be smaller" in l.reason for l in p.layers)
+    apply(m, p)
+    assert torch.allclose(m(x), ref)
+
+
+def test_eps_rule_bounds_error():
+    m = _model()
+    p = plan(m, method="tucker2", eps=0.3, input_shape=(3, 32, 32), layers=LAYERS, progress=False)
+    for l in p.layers:
+        if l.error is not None:
+            assert l.error <= 0.3 + 1e-6
+
+
+def test_vbmf_rule_never_gives_rank_zero():
+    p = plan(_model(), method="tucker2", rank="vbmf", input_shape=(3, 32, 32), layers=LAYERS, progress=False)
+    assert all(min(l.ranks) >= 1 for l in p.layers if l.status == "factorize")
+
+
+@pytest.mark.parametrize("kind", ["params", "macs"])
+def test_budget_is_met(kind):
+    m = _model()
+    p = plan(m, method="tucker2", budget=0.3, budget_kind=kind, input_shape=(3, 32, 32), layers=LAYERS, progress=False)
+    t = p.totals()
+    key = "conv_params" if kind == "params" else "conv_macs"
+    assert t[f"{key}_after"] <= 0.3 * t[f"{key}_before"]
+
+
+def test_budget_sensitivity_protects_layer():
+    m = _model()
+    target = LAYERS[-1]
+    plain = plan(m, method="tucker2", budget=0.3, input_shape=(3, 32, 32), layers=LAYERS, progress=False)
+    guided = plan(m, method="tucker2", budget=0.3, input_shape=(3, 32, 32), layers=LAYERS, sensitivity={target: 1000.0},
+                  progress=False)
+    pa = {l.name: l for l in plain.layers}[target]
+    ga = {l.name: l for l in guided.layers}[target]
+    size = lambda l: l.params_after if l.status == "factorize" else l.params_before  # noqa: E731
+    assert size(ga) > size(pa)
+
+
+def test_plan_json_round_trip_and_apply():
+    m = _model()
+    p = plan(m, method="tucker2", ratio=0.4, input_shape=(3, 32, 32), layers=LAYERS, progress=False)
+    q = Plan.from_dict(json.loads(p.to_json()))
+    assert q.totals() == p.totals()
+    m2 = _model()
+    apply(m2, q)
+    x = torch.randn(2, 3, 32, 32)
+    m3, _ = compress(_model(), method="tucker2", ratio=0.4, input_shape=(3, 32, 32), layers=LAYERS, progress=False)
+    assert torch.allclose(m2(x), m3(x), atol=1e-5)
+
+
+def test_table_mentions_every_layer_and_totals():
+    p = plan(_model(), method="tucker2", ratio=0.4, input_shape=(3, 32, 32), layers=LAYERS, progress=False)
+    t = p.table()
+    assert all(l.name in t for l in p.layers) and "whole model" in t and "rel.err" in t
+
+
+def test_grouped_and_depthwise_stay_dense_with_reason():
+    net = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                        nn.Conv2d(16, 32, 3, padding=1, groups=4))
+    p = plan(net, method="cp", ratio=0.3, input_shape=(8, 8, 8), progress=False)
+    by = {l.name: l for l in p.layers}
+    assert by["1"].status == "dense" and "depthwise" in by["1"].reason
+    assert by["0"].status == "factorize"
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"method": "svd3", "ratio": 0.5}, "unknown method 'svd3'; choose one of: auto, cp, tr, tt, tucker, tucker2"),
+    ({"method": "cp", "rank": 4, "ratio": 0.5}, "contradictory rank options"),
+    ({"method": "cp", "budget": 0.5, "eps": 0.1}, "contradictory rank options: budget and eps"),
+    ({"method": "cp"}, "no rank rule"),
+    ({"method": "cp", "rank": "vbmf"}, "rank='vbmf' applies to Tucker-2 only"),
+])
+def test_bad_configs(kw, msg):
+    with pytest.raises(TensorcutError, match=msg):
+        CompressConfig(**kw)
+
+
+def test_unknown_layer_lists_valid_ones():
+    with pytest.raises(TensorcutError, match="unknown layer 'conv9'; conv layers are: conv1, layer1.0.conv1"):
+        plan(_model(), method="cp", ratio=0.5, layers=["conv9"], progress=False)
+
+
+def test_plan_mismatch_is_refused():
+    p = plan(_model(), method="tucker2", ratio=0.4, input_shape=(3, 32, 32), layers=LAYERS, progress=False)
+    other = models.create("resnet20", width=0.25)
+    with pytest.raises(TensorcutError, match="plan does not match model at"):
+        apply(other, p)
+
+
+def test_latency_guard_records_timings():
+    p = plan(_model(), method="tucker2", ratio=0.2, latency=True, input_shape=(3, 32, 32),
+             layers=["layer3.0.conv2"], progress=False)
+    l = p.layers[0]
+    assert set(l.latency_ms) == {"dense", "factorized"}
+    assert (l.status == "factorize") == (l.latency_ms["factorized"] < l.latency_ms["dense"])
+
+
+# ----------------------------------------------------------------------------- checkpoint level
+
+
+def test_compress_finetune_export_checkpoint(tiny_checkpoint, tmp_path):
+    from tensorcut.train.loop import FitConfig
+    from tensorcut.workflow import compress_checkpoint, export_checkpoint, finetune_checkpoint
+
+    out = tmp_path / "c"
+    model, p, meta = compress_checkpoint(tiny_checkpoint, out, CompressConfig(method="tucker2", ratio=0.3),
+                                         evaluate_split="val", progress=False)
+    loaded = tio.load(out)
+    x = torch.randn(3, 1, 8, 8)
+    model.eval()
+    assert torch.allclose(loaded(x), model(x), atol=1e-6)
+    assert (out / "plan.json").exists() and json.loads((out / "meta.json").read_text())["plan"]["totals"]
+    ck = finetune_checkpoint(out, config=FitConfig(epochs=1, lr=1e-4, scheduler="none"), subset=128, progress=False)
+    assert "test_before_finetune" in ck.meta["metrics"] and len(ck.meta["finetune_history"]) == 1
+    reloaded = tio.load(out)
+    assert torch.allclose(reloaded(x), ck.model.eval()(x), atol=1e-6)
+    path = export_checkpoint(out, "onnx")
+    import numpy as np
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": x.numpy()})[0]
+    assert np.abs(got - reloaded(x).detach().numpy()).max() < 1e-4
+    for fmt in ("torchscript", "exported"):
+        assert export_checkpoint(out, fmt).exists()
+
+
+def test_compressed_checkpoint_with_wrong_plan_fails_clearly(tiny_checkpoint, tmp_path):
+    from tensorcut.workflow import compress_checkpoint
+
+    out = tmp_path / "c"
+    compress_checkpoint(tiny_checkpoint, out, CompressConfig(method="tucker2", ratio=0.3), progress=False)
+    meta = json.loads((out / "meta.json").read_text())
+    name = next(iter(meta["layers"]))
+    meta["layers"][name]["ranks"] = [r + 1 for r in meta["layers"][name]["ranks"]]
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(TensorcutError, match="weights do not match meta.json"):
+        tio.load(out)
+
+
+def test_cli_compress_bad_input(tiny_checkpoint, tmp_path, capsys):
+    from tensorcut.cli import main
+
+    assert main(["compress", str(tiny_checkpoint), "--method", "foo", "--ratio", "0.5", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown method 'foo'" in capsys.readouterr().err
+    assert main(["compress", str(tiny_checkpoint), "--method", "cp", "--out", str(tmp_path / "o")]) == 2
+    assert "no rank rule" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
