@@ -142,6 +142,8 @@ def _contract(Y: torch.Tensor, mats: Sequence[torch.Tensor], n: int) -> torch.Te
     k = len(mats)
     if k == 1:
         return Y
+    if k == 2:  # the common case (4-mode kernels): a broadcast product and a sum beat einsum's overhead
+        return (Y * mats[1]).sum(1) if n == 0 else (Y * mats[0][:, None, :]).sum(0)
     ins = [letters[:k] + "r"] + [letters[m] + "r" for m in range(k) if m != n]
     operands = [Y] + [mats[m] for m in range(k) if m != n]
     return torch.einsum(",".join(ins) + "->" + letters[n] + "r", *operands)
@@ -187,6 +189,8 @@ def _run(
     """ALS sweeps on the permuted matrix view ``Tm``; returns weights, factors, iterations, converged, message."""
     N, R = len(factors), factors[0].shape[1]
     eye = torch.eye(R, dtype=Tm.dtype, device=Tm.device)
+    reg_eye = reg * eye
+    f64 = Tm.dtype == torch.float64
     weights = torch.ones(R, dtype=Tm.dtype, device=Tm.device)
     grams = [F.mT @ F for F in factors]
     norm = math.sqrt(norm2)
@@ -209,7 +213,7 @@ def _run(
                 for G in others[1:]:
                     V = V * G
                 # unit-norm columns make diag(V) = 1, so mu = reg is already scale-free
-                A = _solve(V + reg * eye, M + reg * factors[n] * weights)
+                A = _solve(V + reg_eye, torch.addcmul(M, factors[n], weights, value=reg))
                 weights = torch.linalg.vector_norm(A, dim=0)
                 factors[n] = A / weights.clamp_min(tiny)
                 grams[n] = factors[n].mT @ factors[n]
@@ -222,11 +226,11 @@ def _run(
                 f"component norms diverging at iteration {it} (largest weight {wmax:.3g} > "
                 f"{max_norm_ratio:g} x ||T||; degenerate CP, try a lower rank)"
             )
-        inner = float((M.double() * A.double()).sum())
-        H = torch.ones_like(eye, dtype=torch.float64)
-        for G in grams:
-            H = H * G.double()
-        w = weights.double()
+        inner = float((M * A).sum() if f64 else (M.double() * A.double()).sum())
+        H = grams[0] if f64 else grams[0].double()
+        for G in grams[1:]:
+            H = H * (G if f64 else G.double())
+        w = weights if f64 else weights.double()
         err2 = norm2 - 2.0 * inner + float(w @ H @ w)
         rel = math.sqrt(max(err2, 0.0) / norm2)
         if rel < floor:  # below the estimate's rounding floor: measure the fit directly
@@ -292,9 +296,10 @@ def cp_als(
     for restart in range(n_restarts):
         how = init if restart == 0 else "random"
         start = _init_factors(T, R, how, seed + restart, skip=perm[0])
-        weights, fp, it, ok, msg = _run(
-            Tm, dims, h, [start[m] for m in perm], n_iter_max, tol, reg, max_norm_ratio, norm2
-        )
+        with small_lapack(Tm, limit=1 << 16):  # small problems: threads cost more than they give
+            weights, fp, it, ok, msg = _run(
+                Tm, dims, h, [start[m] for m in perm], n_iter_max, tol, reg, max_norm_ratio, norm2
+            )
         if not bool(torch.isfinite(weights).all()) or msg.startswith("component norms"):
             failures.append(f"restart {restart}: {msg}")
             continue

@@ -61,7 +61,7 @@ def small_lapack(t: torch.Tensor, limit: int | None = 1 << 16) -> Iterator[None]
     can stall for a scheduler time slice (milliseconds) per call -- which adds up inside
     iterative methods. The previous thread count is restored on exit.
     """
-    if t.device.type != "cpu" or (limit is not None and t.numel() > limit):
+    if t.device.type != "cpu" or (limit is not None and t.numel() > limit) or torch.get_num_threads() == 1:
         yield
         return
     n = torch.get_num_threads()

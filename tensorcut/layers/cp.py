@@ -80,7 +80,7 @@ class CPConv2d(FactorizedConv2d):
         self.horizontal = make_conv(g * R, g * R, (1, kw), stride=(1, sw // es[1]), dilation=(1, dw), groups=g * R, **k)
         self.last = make_conv(g * R, geometry.out_channels, (1, 1), groups=g, bias=geometry.bias, **k)
         self.rel_error: float | None = None  # set by from_conv
-        self.cp_results: list[CPResult] | None = None  # per-group decompositions, set by from_conv
+        self.fit_info: list[dict[str, Any]] | None = None  # per-group ALS summaries, set by from_conv
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -186,7 +186,10 @@ class CPConv2d(FactorizedConv2d):
         norm = float(torch.linalg.vector_norm(W))
         err = float(torch.linalg.vector_norm(W - layer.reconstruct_weight().detach().to(W)))
         layer.rel_error = err / norm if norm > 0 else 0.0
-        layer.cp_results = results
+        layer.fit_info = [
+            {"rank": r.rank, "rel_error": r.rel_error, "n_iter": r.n_iter, "converged": r.converged, "message": r.message}
+            for r in results
+        ]
         return layer
 
 
