@@ -239,7 +239,8 @@ def _run(
         if abs(prev - rel) < tol or rel < 100.0 * torch.finfo(Tm.dtype).eps:
             return weights, factors, it, True, f"converged in {it} iterations"
         prev = rel
-    return weights, factors, it, False, f"stopped at n_iter_max={n_iter_max} before the fit changed by less than tol={tol:g}"
+    msg = f"stopped at n_iter_max={n_iter_max} before the fit changed by less than tol={tol:g}"
+    return weights, factors, it, False, msg
 
 
 def cp_als(

@@ -94,7 +94,9 @@ def _resolve(
         raise TensorcutError("give ranks or eps/energy, not both")
     if isinstance(ranks, Sequence) and not isinstance(ranks, str):
         if len(ranks) != N:
-            raise TensorcutError(f"ranks needs one entry (int or None) per mode: tensor has {N} modes, got {len(ranks)}")
+            raise TensorcutError(
+                f"ranks needs one entry (int or None) per mode: tensor has {N} modes, got {len(ranks)}"
+            )
         if modes is not None:
             raise TensorcutError("with a per-mode ranks sequence, mark skipped modes with None instead of modes=")
         modes = [n for n, r in enumerate(ranks) if r is not None]

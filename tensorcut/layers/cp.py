@@ -187,7 +187,8 @@ class CPConv2d(FactorizedConv2d):
         err = float(torch.linalg.vector_norm(W - layer.reconstruct_weight().detach().to(W)))
         layer.rel_error = err / norm if norm > 0 else 0.0
         layer.fit_info = [
-            {"rank": r.rank, "rel_error": r.rel_error, "n_iter": r.n_iter, "converged": r.converged, "message": r.message}
+            {"rank": r.rank, "rel_error": r.rel_error, "n_iter": r.n_iter, "converged": r.converged,
+             "message": r.message}
             for r in results
         ]
         return layer

@@ -145,7 +145,9 @@ class SVDLinear(nn.Module):
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "SVDLinear":
         """Rebuild the (zero-filled) layer described by :meth:`config`; load a state_dict next."""
-        return cls(int(cfg["in_features"]), int(cfg["out_features"]), int(cfg["rank"]), bias=bool(cfg.get("bias", True)))
+        return cls(
+            int(cfg["in_features"]), int(cfg["out_features"]), int(cfg["rank"]), bias=bool(cfg.get("bias", True))
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last(self.first(x))

@@ -29,7 +29,8 @@ def _decaying(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     core = torch.randn(*shape, dtype=torch.float64, generator=g)
     for n, s in enumerate(shape):
-        scale = torch.exp(-0.6 * torch.arange(s, dtype=torch.float64)).reshape([-1 if m == n else 1 for m in range(len(shape))])
+        shape_n = [-1 if m == n else 1 for m in range(len(shape))]
+        scale = torch.exp(-0.6 * torch.arange(s, dtype=torch.float64)).reshape(shape_n)
         core = core * scale
     for n, s in enumerate(shape):
         Q = torch.linalg.qr(torch.randn(s, s, dtype=torch.float64, generator=g)).Q

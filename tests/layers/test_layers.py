@@ -69,10 +69,13 @@ GRID = _grid()
 
 
 def _id(c: dict[str, Any]) -> str:
-    return "k{kernel_size}-s{stride}-p{padding}-d{dilation}-{padding_mode}-b{bias:d}-g{groups}".format(**c).replace(" ", "")
+    fmt = "k{kernel_size}-s{stride}-p{padding}-d{dilation}-{padding_mode}-b{bias:d}-g{groups}"
+    return fmt.format(**c).replace(" ", "")
 
 
-def _conv(c: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.float64, cin: int = 4, cout: int = 6) -> nn.Conv2d:
+def _conv(
+    c: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.float64, cin: int = 4, cout: int = 6
+) -> nn.Conv2d:
     torch.manual_seed(seed)
     conv = nn.Conv2d(cin, cout, **c).to(dtype)
     with torch.no_grad():
@@ -272,7 +275,8 @@ def _decaying_conv(cin: int = 12, cout: int = 10, k: int = 3, seed: int = 5) -> 
     A = torch.randn(cout, 4, dtype=torch.float64, generator=g)
     B = torch.randn(4, cin * k * k, dtype=torch.float64, generator=g)
     with torch.no_grad():
-        conv.weight.copy_((A @ B).reshape(conv.weight.shape) + 0.05 * torch.randn(conv.weight.shape, generator=g, dtype=torch.float64))
+        noise = torch.randn(conv.weight.shape, generator=g, dtype=torch.float64)
+        conv.weight.copy_((A @ B).reshape(conv.weight.shape) + 0.05 * noise)
     return conv
 
 
