@@ -239,6 +239,9 @@ def plot_recovery(rows: Sequence[Mapping[str, Any]], out: Path, formats: Sequenc
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     if base:
         ax.axhline(float(base[0]["top1"]), color="gray", linestyle="--", label="before truncation")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("retraining epoch (0 = just truncated)")
     ax.set_ylabel("top-1 accuracy")
     ax.set_ylim(-0.02, 1.02)

@@ -25,7 +25,16 @@ from tensorcut.analysis.cache import DEFAULT_CACHE_BYTES, EvalResult, EvalSet, L
 from tensorcut.analysis.metrics import TruncationMetrics, cp_metrics, cp_truncate, svd_metrics
 from tensorcut.analysis.store import ResultsStore
 from tensorcut.errors import TensorcutError
-from tensorcut.kernel import BIPARTITIONS, ENTROPY_FORMS, entropy, n_singular, svd_bipartition
+from tensorcut.kernel import (
+    BIPARTITIONS,
+    ENTROPY_FORMS,
+    entropy,
+    n_singular,
+    numerical_rank_tol,
+    spectrum,
+    svd_bipartition,
+    unfold_shape,
+)
 
 Loaders = Any  # an iterable of (x, y) batches, or {split: iterable}
 
@@ -228,13 +237,16 @@ def analyze(
         store.set_meta(f"model:{fp}", {"name": name, "layers": chosen, "depth": {k: depth[k] for k in chosen},
                                        "shapes": {k: list(kernels[k].shape) for k in chosen},
                                        "all_convs": all_convs, "entropy_form": entropy_form})
+        have = {(s["layer"], s["bipartition"]) for s in store.spectra(fingerprint=fp)}
         for layer in chosen:
             for b in BIPARTITIONS:
-                svd = svd_bipartition(kernels[layer], b)
+                if (layer, b) in have:
+                    continue
+                S = spectrum(kernels[layer], b)
+                tol = numerical_rank_tol(S, unfold_shape(kernels[layer].shape, b), kernels[layer].dtype)
                 store.add_spectrum(fingerprint=fp, model=name, layer=layer, depth=depth[layer], bipartition=b,
-                                   shape=list(kernels[layer].shape), singular_values=svd.S.tolist(),
-                                   entropy_vn=entropy(svd.S, "vn", tol=svd.rank_tol),
-                                   entropy_literal=entropy(svd.S, "literal", tol=svd.rank_tol))
+                                   shape=list(kernels[layer].shape), singular_values=S.tolist(),
+                                   entropy_vn=entropy(S, "vn", tol=tol), entropy_literal=entropy(S, "literal", tol=tol))
         n_splits = len(evalsets)
         total = n_splits * (1 + (sum(len(v) for v in plan_svd.values()) + sum(len(v) for v in plan_cp.values())
                                  if single_layer else 0)
