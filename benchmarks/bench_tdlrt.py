@@ -30,6 +30,7 @@ import argparse
 import copy
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from torch import nn
 from tensorcut import data as tdata
 from tensorcut import models
 from tensorcut.train.loop import evaluate
-from tensorcut.train.tdlrt import rank_report, train_tdlrt, tuckerize
+from tensorcut.train.tdlrt import TDLRTOptimizer, rank_report, train_tdlrt, tuckerize
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -80,12 +81,57 @@ def record(results: dict[str, Any], row: dict[str, Any], out: Path) -> None:
           f"conv-compression={row['conv_compression_pct']:.1f}% s/epoch={row.get('sec_per_epoch', 0):.1f}", flush=True)
 
 
+def step_timing(fresh: Any, name: str, finals: dict[float, dict[str, tuple[int, int]]], batch: tuple[torch.Tensor, torch.Tensor],
+                reps: int, lr: float, momentum: float) -> dict[str, float]:
+    """Median seconds per training step, methods interleaved round-robin so CPU contention hits all alike.
+
+    ``dense``: plain SGD step; ``tdlrt@tau``: a full TDLRT step (2 forward + 2 backward, augmentation,
+    truncation) on Tucker layers started at that run's final ranks; ``fixed@tau``: plain SGD step on
+    Tucker layers fixed at those ranks.
+    """
+    x, y = batch
+    steps: dict[str, Any] = {}
+    dense = fresh(name)
+    dopt = torch.optim.SGD(dense.parameters(), lr=lr, momentum=momentum)
+
+    def plain_step(m: nn.Module, o: torch.optim.Optimizer) -> Any:
+        def run() -> None:
+            o.zero_grad(set_to_none=True)
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+        return run
+
+    steps["dense"] = plain_step(dense, dopt)
+    for tau, ranks in finals.items():
+        m = tuckerize(fresh(name), ranks, from_pretrained=False, rmin=1)
+        opt = TDLRTOptimizer(m, tau, lr=lr, momentum=momentum)
+
+        def tstep(m: nn.Module = m, opt: TDLRTOptimizer = opt) -> None:
+            def closure() -> torch.Tensor:
+                loss = F.cross_entropy(m(x), y)
+                loss.backward()
+                return loss
+            opt.step(closure)
+
+        steps[f"tdlrt@{tau}"] = tstep
+        f = tuckerize(fresh(name), ranks, from_pretrained=False, rmin=1)
+        steps[f"fixed@{tau}"] = plain_step(f, torch.optim.SGD(f.parameters(), lr=lr, momentum=momentum))
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for rep in range(reps + 2):
+        for k, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            if rep >= 2:  # two warm-up rounds
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def markdown(results: dict[str, Any]) -> str:
     cfg = results["config"]
     lines = ["# TDLRT benchmark", "",
              f"Command: `{results['command']}`", "",
              f"Data: {cfg['dataset']}, {cfg['subset']} training images (seeded subset, 10% of the training split held out "
-             f"unused), {cfg['test_subset']} test images; width multipliers {cfg['widths']}; {cfg['epochs']} epochs; SGD "
+             f"unused), {cfg['test_subset']} test images; width multipliers {cfg.get('widths', cfg.get('width'))}; {cfg['epochs']} epochs; SGD "
              f"lr {cfg['lr']} momentum {cfg['momentum']}, cosine schedule, batch {cfg['batch_size']}; "
              f"compress-then-fine-tune and pretrained->TDLRT: {cfg['ft_epochs']} epochs at lr {cfg['ft_lr']}. "
              f"rmin {cfg['rmin']}. CPU threads {cfg['threads']} ({results['machine']}).", "",
@@ -104,6 +150,14 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {r['method']} | {r.get('tau', '-')} | {r['test_top1']:.4f} | {r['conv_compression_pct']:.1f} | "
                          f"{r['conv_cr']:.2f} | {r.get('sec_per_epoch', 0):.1f} | {rel} | {ranks} |")
         lines.append("")
+        timing = results.get("step_timing", {}).get(model)
+        if timing:
+            base = timing["dense"]
+            lines += ["Median seconds per training step (batch of " f"{cfg['batch_size']}" ", methods interleaved; "
+                      "more robust than the per-epoch times on a shared CPU):", "",
+                      "| step | seconds | vs dense |", "|---|---|---|"]
+            lines += [f"| {k} | {v:.3f} | {v / base:.2f}x |" for k, v in timing.items()]
+            lines.append("")
     lines += results.get("notes", [])
     return "\n".join(lines) + "\n"
 
@@ -128,6 +182,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip", default="", help="comma list of methods to leave out (tdlrt_pre, compress_ft, fixed)")
+    ap.add_argument("--timing-reps", type=int, default=15, help="interleaved steps per method for the step timing (0: none)")
+    ap.add_argument("--timing-only", action="store_true",
+                    help="only (re)measure step times, for the final ranks already in the results JSON")
     ap.add_argument("--out", default=str(RESULTS / "tdlrt"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -153,10 +210,26 @@ def main() -> None:
     def test(model: nn.Module) -> float:
         return evaluate(model, test_loader, "cpu")["top1"]
 
-    cmd = "nice python benchmarks/bench_tdlrt.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v not in ("", None))
-    results: dict[str, Any] = {"command": cmd, "config": vars(args), "runs": [],
-                               "machine": f"{platform.machine()}, torch {torch.__version__}"}
+    def timing(name: str) -> None:
+        finals = {r["tau"]: {k: tuple(v) for k, v in r["ranks"].items()}
+                  for r in results["runs"] if r["model"] == name and r["method"] == "tdlrt"}
+        x, y = next(iter(loader()))
+        t = step_timing(fresh, name, finals, (x, y), args.timing_reps, args.lr, args.momentum)
+        results.setdefault("step_timing", {})[name] = t
+        out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+        out.with_suffix(".md").write_text(markdown(results))
+        print(f"  {name} step timing: " + ", ".join(f"{k} {v:.3f}s" for k, v in t.items()), flush=True)
+
+    if args.timing_only:
+        results = json.loads(out.with_suffix(".json").read_text())
+        results["config"]["timing_reps"] = args.timing_reps
+        for name in args.models.split(","):
+            timing(name)
+        return
+    flags = {k: v for k, v in vars(args).items() if k not in ("out", "timing_only") and v not in ("", None)}
+    cmd = "nice python benchmarks/bench_tdlrt.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items())
+    results = {"command": cmd, "config": vars(args), "runs": [],
+               "machine": f"{platform.machine()}, torch {torch.__version__}"}
     for name in args.models.split(","):
         print(f"== {name}", flush=True)
         dense = fresh(name)
@@ -191,6 +264,8 @@ def main() -> None:
                                    device="cpu")
                 record(results, {"model": name, "method": "tdlrt_pre", "tau": tau, "test_top1": test(net),
                                  "sec_per_epoch": sum(h["seconds"] for h in hist) / len(hist), **conv_stats(net)}, out)
+        if args.timing_reps > 0:
+            timing(name)
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
 
 

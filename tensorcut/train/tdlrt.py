@@ -132,10 +132,12 @@ class TDLRTOptimizer:
     **Cost against dense training.** Dense training takes 1 forward + 1 backward pass per
     batch. A TDLRT step takes 2 forward + 2 backward passes of the (smaller) factorised
     network -- one shared by the K-steps of all modes, one for the S-step -- which is the
-    count of the paper's Algorithm 1, plus per layer a QR of an ``n_i x 2 r_i`` matrix and an
-    eigendecomposition of a ``2 r_i x 2 r_i`` Gram matrix. The backward of the first pass
-    computes no parameter gradients besides the factors'; that of the second none for the
-    factors.
+    count of the paper's Algorithm 1 and of the authors' DLRT reference optimiser -- plus per
+    layer a QR of an ``n_i x 2 r_i`` matrix and an eigendecomposition of a ``2 r_i x 2 r_i``
+    Gram matrix. The first pass runs at ranks ``r``, the second at the augmented ranks
+    ``2 r`` (its core convolutions cost about 4x those at ``r``). The backward of the first
+    pass computes no parameter gradients besides the factors'; that of the second none for
+    the factors.
 
     **Optimiser state across basis changes.** As in the authors' reference implementation,
     the core's state is carried along with it: SGD's momentum buffer and Adam's first
