@@ -30,12 +30,14 @@ reused for all divisors), then recomputes the winner with exact SVDs.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from tensorcut.decompose.svd import small_lapack
 from tensorcut.errors import TensorcutError
 
 __all__ = [
@@ -56,6 +58,15 @@ __all__ = [
 MODES = ("OUT", "IN", "KH", "KW")
 SPLITS = ("uniform", "zhao")
 OBJECTIVES = ("params", "macs")
+
+# Work on kernels up to _SINGLE_THREAD_KERNEL entries (every conv of a ResNet-18/50, VGG) runs on
+# one thread, and so do LAPACK calls on matrices up to the other two limits. A search is many
+# small-to-medium GEMMs, eigendecompositions and elementwise ops that gain little from threads,
+# while threaded BLAS/OpenMP on a busy machine stalls: measured on a shared 2-core box, RSDTR over
+# a ResNet-18 took 26 s on one thread and 220 s on two. The caller's thread count is restored.
+_SINGLE_THREAD_KERNEL = 1 << 22
+_SINGLE_THREAD_GRAM = 512 * 512
+_SINGLE_THREAD_SVD = 1 << 16
 
 Ranks = tuple[int, int, int, int]
 IntPair = tuple[int, int]
@@ -335,18 +346,20 @@ class _Factor:
         self.q: Tensor | None = None
         self.vh: Tensor | None = None
         if self.kind == "svd":
-            if vectors:
-                self.q, sv, self.vh = torch.linalg.svd(m, full_matrices=False)
-            else:
-                sv = torch.linalg.svdvals(m)
+            with small_lapack(m, limit=_SINGLE_THREAD_SVD):
+                if vectors:
+                    self.q, sv, self.vh = torch.linalg.svd(m, full_matrices=False)
+                else:
+                    sv = torch.linalg.svdvals(m)
             self.s2 = sv * sv
             return
         g = m @ m.T if self.kind == "rows" else m.T @ m
-        if vectors:
-            w, q = torch.linalg.eigh(g)
-            self.q = torch.flip(q, [1])
-        else:
-            w = torch.linalg.eigvalsh(g)
+        with small_lapack(g, limit=_SINGLE_THREAD_GRAM):
+            if vectors:
+                w, q = torch.linalg.eigh(g)
+                self.q = torch.flip(q, [1])
+            else:
+                w = torch.linalg.eigvalsh(g)
         self.s2 = torch.flip(w, [0]).clamp_min(0.0)
 
     def keep(self, allowed: float | None, target: int | None = None) -> tuple[int, float]:
@@ -425,6 +438,20 @@ def tr_svd(
     ``sqrt(D1 + D2 + D3) / ||T||``, which equals the reconstruction error because every step's
     basis is orthonormal.
     """
+    with small_lapack(kernel, limit=_SINGLE_THREAD_KERNEL) if isinstance(kernel, Tensor) else nullcontext():
+        return _tr_svd(kernel, eps, ranks=ranks, shift=shift, divisor=divisor, split=split, solver=solver)
+
+
+def _tr_svd(
+    kernel: Tensor,
+    eps: float | None,
+    *,
+    ranks: Sequence[int] | None,
+    shift: int | str,
+    divisor: int | None,
+    split: str,
+    solver: str,
+) -> TRResult:
     kernel = _check_kernel(kernel)
     s = _check_shift(shift)
     if (eps is None) == (ranks is None):
@@ -539,6 +566,26 @@ def rsdtr(
     ``solver="auto"`` scores with Gram eigendecompositions (exact SVDs for eps < 1e-6). The
     winner is rebuilt by :func:`tr_svd` with the same solver; ``search`` holds every candidate.
     """
+    with small_lapack(kernel, limit=_SINGLE_THREAD_KERNEL) if isinstance(kernel, Tensor) else nullcontext():
+        return _rsdtr(
+            kernel, eps, objective=objective, input_size=input_size, stride=stride, padding=padding,
+            dilation=dilation, split=split, shifts=shifts, solver=solver,
+        )
+
+
+def _rsdtr(
+    kernel: Tensor,
+    eps: float,
+    *,
+    objective: str | Callable[[Ranks], int],
+    input_size: int | Sequence[int] | None,
+    stride: int | Sequence[int],
+    padding: int | Sequence[int],
+    dilation: int | Sequence[int],
+    split: str,
+    shifts: Sequence[int] | None,
+    solver: str,
+) -> TRResult:
     kernel = _check_kernel(kernel)
     e = _check_eps(eps)
     budgets = error_budgets(e, split)
