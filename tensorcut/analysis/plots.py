@@ -146,6 +146,7 @@ def plot_depth(rows: Sequence[Mapping[str, Any]], out: Path, formats: Sequence[s
     b1 = float(base[0]["top1"])
     fig, axes = _figure(1, 2, size=(11, 4))
     any_line = False
+    ticks: dict[int, str] = {}
     for bip in BIPARTITIONS:
         sub = [r for r in rows if r["bipartition"] == bip]
         c = findings.curves(sub, kind="single", method="svd", split=split, by=("layer",))
@@ -160,6 +161,7 @@ def plot_depth(rows: Sequence[Mapping[str, Any]], out: Path, formats: Sequence[s
         axes[0, 0].plot(xs, tol, marker="o", linestyle=style, label=bip)
         axes[0, 1].plot([x for x, a in zip(xs, at50) if a is not None], [b1 - a for a in at50 if a is not None],
                         marker="o", linestyle=style, label=bip)
+        ticks.update(zip(xs, layers))
         any_line = True
     if not any_line:
         return []
@@ -170,6 +172,7 @@ def plot_depth(rows: Sequence[Mapping[str, Any]], out: Path, formats: Sequence[s
     axes[0, 1].set_ylabel("top-1 drop at 50% norm loss (interpolated)", fontsize=8)
     axes[0, 1].set_title("Accuracy lost at 50% norm loss")
     for ax in axes.flat:
+        ax.set_xticks(sorted(ticks), labels=[f"{d}: {ticks[d]}" for d in sorted(ticks)])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Impact of truncation vs depth (paper Fig. 20); norm = ||K||_F^2")
