@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from tensorcut import data as tdata
+from tensorcut import distributed as tdist
 from tensorcut import io as tio
 from tensorcut import models
 from tensorcut.errors import TensorcutError
@@ -41,7 +42,10 @@ def train(
 ) -> tio.Checkpoint:
     """Train zoo model ``model`` on ``dataset``; checkpoint every epoch into ``out``; test at the end.
 
-    Refuses to overwrite an existing checkpoint unless ``resume`` is set.
+    Refuses to overwrite an existing checkpoint unless ``resume`` is set. Under
+    ``torchrun --nproc_per_node=N`` the run is data-parallel (DDP, gloo on CPU, nccl on
+    CUDA): ``batch_size`` stays the global batch, metrics are reduced over all ranks, and
+    rank 0 alone writes ``out``.
     """
     out = Path(out)
     if (out / tio.META).exists() and not resume:
@@ -62,12 +66,14 @@ def train(
         "recipe": {"epochs": cfg.epochs, "optimizer": cfg.optimizer, "lr": cfg.lr, "scheduler": cfg.scheduler,
                    "batch_size": batch_size, "augment": augment, "patience": cfg.patience},
     }
-    dev = resolve_device(device)
-    history = fit(net, tdata.make_loader(tr, batch_size, shuffle=True, seed=cfg.seed), tdata.make_loader(va, 512), cfg,
-                  device=dev, out_dir=out, meta=meta, resume=resume, progress=progress)
-    metrics = evaluate_loader(net, tdata.make_loader(te, 512), dev)
-    meta.update(history=history, epoch=len(history), metrics={"test": metrics})
-    tio.save(net, out, meta)
+    with tdist.session(resolve_device(device)) as ctx:
+        dev = ctx.device
+        history = fit(net, tdata.make_loader(tr, batch_size, shuffle=True, seed=cfg.seed), tdata.make_loader(va, 512),
+                      cfg, device=dev, out_dir=out, meta=meta, resume=resume, progress=progress)
+        metrics = evaluate_loader(net, tdata.make_loader(te, 512), dev)
+        meta.update(history=history, epoch=len(history), metrics={"test": metrics})
+        tdist.run_on_main(lambda: tio.save(net, out, meta))
+        tdist.barrier()
     return tio.Checkpoint(model=net.eval(), meta=meta)
 
 
@@ -85,7 +91,7 @@ def evaluate(
     """Loss, top-1 and top-5 of a checkpoint directory (or module) on ``split`` of ``dataset``.
 
     The data set defaults to the one the checkpoint was trained on, with the same
-    validation hold-out.
+    validation hold-out. Under ``torchrun`` each rank evaluates a share and the metrics are reduced.
     """
     if isinstance(checkpoint, nn.Module):
         net, meta = checkpoint, meta or {}
@@ -106,6 +112,6 @@ def evaluate(
         raise TensorcutError(f"{name} images have {c} channels but the model expects {kw['in_channels']}; evaluate on the data set it was trained for")
     if name != ds_meta.get("name", name) and kw.get("input_size", h) != h and (meta.get("model") or {}).get("name") == "vanilla-cnn":
         raise TensorcutError(f"{name} images are {h} px but this vanilla-cnn was built for {kw['input_size']} px")
-    dev = resolve_device(device)
-    net.to(dev)
-    return evaluate_loader(net, tdata.make_loader(ds, batch_size), dev)
+    with tdist.session(resolve_device(device)) as ctx:
+        net.to(ctx.device)
+        return evaluate_loader(net, tdata.make_loader(ds, batch_size), ctx.device)

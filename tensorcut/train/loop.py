@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from tensorcut import distributed as tdist
 from tensorcut.errors import TensorcutError
 
 __all__ = ["FitConfig", "evaluate", "fit", "resolve_device", "set_seed", "OPTIMIZERS", "SCHEDULERS"]
@@ -50,13 +51,21 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device = "cpu",
-             progress: bool = False, desc: str = "eval") -> dict[str, float]:
-    """Mean cross-entropy loss, top-1 and top-5 accuracy of ``model`` over ``loader``."""
+             progress: bool = False, desc: str = "eval", *, distributed: bool = True) -> dict[str, float]:
+    """Mean cross-entropy loss, top-1 and top-5 accuracy of ``model`` over ``loader``.
+
+    Inside an initialised process group (``torchrun``) every rank evaluates a strided share
+    of the loader and the sums are all-reduced, so all ranks return the exact metrics of the
+    whole set; every rank must call it. ``distributed=False`` evaluates locally.
+    """
     dev = resolve_device(device)
+    ctx = tdist.active() if distributed else tdist.DistContext(device=dev)
+    shard = tdist.shard_eval_loader(loader, ctx) if ctx.enabled else loader
+    reduce = ctx.enabled and shard is not None
     was_training = model.training
     model.eval()
     n, loss_sum, c1, c5 = 0, 0.0, 0, 0
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=None if progress else True):
+    for x, y in tqdm(loader if shard is None else shard, desc=desc, leave=False, disable=None if progress else True):
         x, y = x.to(dev), y.to(dev)
         logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
@@ -67,6 +76,9 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device = 
         c5 += hit.any(dim=1).sum().item()
         n += y.numel()
     model.train(was_training)
+    if reduce:
+        loss_sum, c1f, c5f, nf = tdist.all_reduce_sum([loss_sum, c1, c5, n], dev)
+        c1, c5, n = int(round(c1f)), int(round(c5f)), int(round(nf))
     if n == 0:
         raise TensorcutError("evaluation set is empty")
     return {"loss": loss_sum / n, "top1": c1 / n, "top5": c5 / n, "n": n}
@@ -87,6 +99,8 @@ class FitConfig:
     distill_temperature: float = 4.0
     seed: int = 0
     grad_clip: float | None = None
+    amp: bool = False
+    sync_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -133,6 +147,7 @@ def fit(
     teacher: nn.Module | None = None,
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    distributed: bool = True,
 ) -> list[dict[str, Any]]:
     """Train ``model`` and return one history row per epoch.
 
@@ -140,18 +155,34 @@ def fit(
     is written atomically after every epoch; ``resume=True`` continues from it. With
     ``patience`` training stops when validation loss has not improved for that many
     epochs, and the best weights are restored. ``teacher`` enables knowledge distillation
-    (``distill_alpha`` weight on the soft-target KL term).
+    (``distill_alpha`` weight on the soft-target KL term). ``amp`` trains under autocast
+    (float16 with a gradient scaler on CUDA, bfloat16 on CPU).
+
+    Under ``torchrun`` (or any initialised process group; ``distributed=False`` opts out)
+    the model is wrapped in DistributedDataParallel, the loader's batch size is the *global*
+    batch split evenly over the ranks by a DistributedSampler, metrics are all-reduced, and
+    only rank 0 writes the checkpoint. BatchNorm statistics are per rank unless
+    ``sync_batchnorm`` (CUDA only). A plain loader's shuffle order is a function of
+    ``(seed, epoch)``, so a resumed run sees the same batches as an uninterrupted one.
     """
     from tensorcut import io as tio
 
     cfg = config or FitConfig()
     dev = resolve_device(device)
-    set_seed(cfg.seed)
+    ctx = tdist.init(dev) if distributed else tdist.DistContext(device=dev)
+    if ctx.enabled:
+        dev = ctx.device
+    set_seed(cfg.seed + ctx.rank)
     model.to(dev)
     if teacher is not None:
         teacher.to(dev).eval()
+    net, swapped = _wrap(model, cfg, ctx, dev)
+    loader = tdist.shard_train_loader(train_loader, ctx, seed=cfg.seed)
     opt = _make_optimizer(model, cfg)
-    sched = _make_scheduler(opt, cfg, len(train_loader))
+    sched = _make_scheduler(opt, cfg, len(loader))
+    use_amp = cfg.amp
+    amp_dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler(dev.type, enabled=use_amp and dev.type == "cuda")
     history: list[dict[str, Any]] = []
     start_epoch = 0
     best_loss, best_state, bad_epochs = math.inf, None, 0
@@ -161,48 +192,74 @@ def fit(
             raise TensorcutError("--resume needs the output directory of the run to continue")
         state_path = out / TRAIN_STATE
         if state_path.exists():
-            st = torch.load(state_path, map_location=dev, weights_only=True)
-            ck = tio.load_checkpoint(out, map_location=dev)
-            model.load_state_dict(ck.model.state_dict())
-            opt.load_state_dict(st["optimizer"])
-            if sched is not None and st.get("scheduler") is not None:
-                sched.load_state_dict(st["scheduler"])
-            history = json.loads(st["history"])
-            start_epoch = int(st["epoch"])
+            st = _load_train_state(state_path, dev)
+            try:
+                if st.get("model") is not None:
+                    model.load_state_dict(st["model"])
+                else:  # states written before the weights were kept in train_state.pt
+                    model.load_state_dict(tio.load_checkpoint(out, map_location=dev).model.state_dict())
+                opt.load_state_dict(st["optimizer"])
+                if sched is not None and st.get("scheduler") is not None:
+                    sched.load_state_dict(st["scheduler"])
+                if st.get("scaler"):
+                    scaler.load_state_dict(st["scaler"])
+                history = json.loads(st["history"])
+                start_epoch = int(st["epoch"])
+            except (KeyError, TypeError, ValueError, RuntimeError, json.JSONDecodeError) as e:
+                raise TensorcutError(f"{state_path} does not fit this model and recipe ({type(e).__name__}: "
+                                     f"{str(e).splitlines()[0][:120]}); resume with the same settings, or delete it "
+                                     "to start over") from None
             best_loss = float(st.get("best_loss", math.inf))
-            torch.set_rng_state(st["rng"])
+            rngs = st.get("rng_ranks")
+            if isinstance(rngs, list) and len(rngs) == ctx.world_size:
+                rng = rngs[ctx.rank]
+            else:  # another world size: rank 0 continues the saved stream, the others keep their seeds
+                rng = st.get("rng") if ctx.rank == 0 else None
+            if isinstance(rng, torch.Tensor):
+                torch.set_rng_state(rng.cpu())
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
+        tdist.set_epoch(loader, epoch)
         t0 = time.perf_counter()
         tot, n, correct = 0.0, 0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if progress else True)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=None if progress and ctx.is_main else True)
         for x, y in bar:
             x, y = x.to(dev), y.to(dev)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            if teacher is not None and cfg.distill_alpha > 0:
-                with torch.no_grad():
-                    t_logits = teacher(x)
-                T = cfg.distill_temperature
-                kd = F.kl_div(F.log_softmax(logits / T, 1), F.softmax(t_logits / T, 1), reduction="batchmean") * T * T
-                loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
+            with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
+                logits = net(x)
+                if use_amp:
+                    logits = logits.float()
+                loss = F.cross_entropy(logits, y)
+                if teacher is not None and cfg.distill_alpha > 0:
+                    with torch.no_grad():
+                        t_logits = teacher(x)
+                    T = cfg.distill_temperature
+                    kd = F.kl_div(F.log_softmax(logits / T, 1), F.softmax(t_logits.to(logits.dtype) / T, 1),
+                                  reduction="batchmean") * T * T
+                    loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if cfg.grad_clip:
+                scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             if cfg.scheduler in ("cosine", "onecycle"):
                 sched.step()
-            if not torch.isfinite(loss):
-                raise TensorcutError(f"training diverged at epoch {epoch + 1} (loss is {loss.item()}); lower the learning rate")
-            tot += loss.item() * y.numel()
-            n += y.numel()
-            correct += (logits.argmax(1) == y).sum().item()
-            bar.set_postfix(loss=f"{tot / n:.3f}")
+            step = [loss.item() * y.numel(), y.numel(), (logits.argmax(1) == y).sum().item()]
+            if ctx.enabled:  # one small all-reduce per step: exact global metrics, and every rank sees divergence
+                step = tdist.all_reduce_sum(step, dev)
+            if not math.isfinite(step[0]):
+                raise TensorcutError(f"training diverged at epoch {epoch + 1} (loss is {step[0]}); lower the learning rate")
+            tot += step[0]
+            n += int(round(step[1]))
+            correct += int(round(step[2]))
+            bar.set_postfix(loss=f"{tot / max(n, 1):.3f}")
         row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": tot / max(n, 1), "train_top1": correct / max(n, 1),
                                "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
         if val_loader is not None:
-            v = evaluate(model, val_loader, dev)
+            v = evaluate(model, val_loader, dev, distributed=ctx.enabled)
             row.update(val_loss=v["loss"], val_top1=v["top1"], val_top5=v["top5"])
             if cfg.scheduler == "plateau":
                 sched.step(v["loss"])
@@ -217,27 +274,90 @@ def fit(
         history.append(row)
         if on_epoch is not None:
             on_epoch(row)
-        if progress:
+        if progress and ctx.is_main:
             tqdm.write(_fmt_row(row))
         stop = cfg.patience is not None and bad_epochs >= cfg.patience
         if stop and best_state is not None:
             model.load_state_dict(best_state)
         if out is not None:
+            rngs = tdist.all_gather_object(torch.get_rng_state())
+            state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
+                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                     "epoch": epoch + 1, "history": json.dumps(history), "best_loss": best_loss,
+                     "rng": rngs[0], "rng_ranks": rngs, "world_size": ctx.world_size}
             m = dict(meta or {})
             m["history"] = history
             m["epoch"] = epoch + 1
-            tio.save(model, out, m)
-            buf = io.BytesIO()
-            torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
-                        "epoch": epoch + 1, "history": json.dumps(history), "best_loss": best_loss,
-                        "rng": torch.get_rng_state()}, buf)
-            tio.atomic_write_bytes(out / TRAIN_STATE, buf.getvalue())
+            tdist.run_on_main(lambda: _write_checkpoint(model, out, m, state))
         if stop:
             break
     if cfg.patience is not None and best_state is not None:
         model.load_state_dict(best_state)
+    _revert_sync_batchnorm(model, swapped)
     model.eval()
     return history
+
+
+def _wrap(model: nn.Module, cfg: FitConfig, ctx: tdist.DistContext,
+          dev: torch.device) -> tuple[nn.Module, dict[str, type[nn.Module]]]:
+    """DistributedDataParallel around ``model`` for several processes (``model`` itself otherwise).
+
+    Returns the module to call and the BatchNorm layers swapped for SyncBatchNorm (name -> class).
+    """
+    if not ctx.enabled:
+        return model, {}
+    swapped: dict[str, type[nn.Module]] = {}
+    if cfg.sync_batchnorm:
+        if dev.type != "cuda":
+            raise TensorcutError("sync_batchnorm needs CUDA (PyTorch's SyncBatchNorm is GPU-only); on CPU each "
+                                 "process normalises its own share of the batch")
+        for name, m in list(model.named_modules()):
+            if name and isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm):
+                swapped[name] = type(m)
+                model.set_submodule(name, nn.SyncBatchNorm.convert_sync_batchnorm(m))
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    return ddp, swapped
+
+
+def _revert_sync_batchnorm(model: nn.Module, swapped: dict[str, type[nn.Module]]) -> None:
+    """Put back the original BatchNorm classes (same state dict), so the model runs without a process group."""
+    for name, cls in swapped.items():
+        m = model.get_submodule(name)
+        bn = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+        bn.load_state_dict(m.state_dict())
+        model.set_submodule(name, bn.to(next(m.buffers(), torch.empty(0)).device))
+
+
+def _write_checkpoint(model: nn.Module, out: Path, meta: dict[str, Any], state: dict[str, Any]) -> None:
+    """Weights + meta.json, then train_state.pt (which carries its own copy of the weights).
+
+    Each file is atomic. A kill between the two leaves a training state one epoch behind
+    meta.json; resuming from it redoes that epoch, with the weights that belong to it.
+    """
+    from tensorcut import io as tio
+
+    tio.save(model, out, meta)
+    buf = io.BytesIO()
+    torch.save(dict(state, model={k: v.detach().cpu() for k, v in model.state_dict().items()}), buf)
+    tio.atomic_write_bytes(out / TRAIN_STATE, buf.getvalue())
+
+
+def _load_train_state(path: Path, dev: torch.device) -> dict[str, Any]:
+    """Read ``train_state.pt`` with ``weights_only=True``; anything else is one clear error."""
+    import pickle
+    import zipfile
+
+    try:
+        st = torch.load(path, map_location=dev, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
+            AttributeError, TypeError, KeyError, IndexError, UnicodeDecodeError) as e:
+        raise TensorcutError(f"{path} is corrupt or not a tensorcut training state ({type(e).__name__}); it was not "
+                             "executed; delete it to restart training from scratch") from None
+    if not isinstance(st, dict) or "optimizer" not in st or "epoch" not in st:
+        raise TensorcutError(f"{path} is not a tensorcut training state; delete it to restart training from scratch")
+    return st
 
 
 def _fmt_row(row: dict[str, Any]) -> str:

@@ -1,0 +1,228 @@
+"""Data-parallel training on PyTorch's engine: 2 CPU processes (gloo on 127.0.0.1) against one process.
+
+The equivalence check uses a model without BatchNorm or dropout: under DDP each rank
+normalises only its own share of the batch (SyncBatchNorm is GPU-only in PyTorch), so
+a BatchNorm model is *not* expected to match a single process step for step. With a
+global batch of 16 split 8 + 8 by the DistributedSampler, DDP's averaged gradient is the
+gradient of the single-process batch of 16, so losses and weights agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from tensorcut import distributed as tdist
+from tensorcut.errors import TensorcutError
+from tensorcut.train.loop import FitConfig, _wrap, fit, resolve_device
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(123)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                         nn.Linear(24, 5))
+
+
+def _data() -> tuple[DataLoader, DataLoader]:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 3, 8, 8, generator=g)
+    y = torch.randint(0, 5, (64,), generator=g)
+    tr = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+    va = DataLoader(TensorDataset(x[:27], y[:27]), batch_size=10)  # 27: ranks hold 14 and 13 samples
+    return tr, va
+
+
+CFG = dict(epochs=2, optimizer="sgd", lr=0.2, momentum=0.9, scheduler="cosine", seed=3)
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    """One rank: join via the torchrun-style environment, fit, and report weights, history and file writes."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from tensorcut import io as tio
+
+    writes: list[str] = []
+    real = tio.atomic_write_bytes
+
+    def spy(path: Any, data: bytes) -> None:
+        writes.append(Path(path).name)
+        real(path, data)
+
+    tio.atomic_write_bytes = spy  # type: ignore[assignment]
+    net = _net()
+    tr, va = _data()
+    meta = {"model": {"name": "custom", "kwargs": {}}}
+    try:
+        hist = fit(net, tr, va, FitConfig(**CFG), device="cpu", out_dir=Path(out) / "ck", meta=meta, progress=False)
+        torch.save({k: v.clone() for k, v in net.state_dict().items()}, Path(out) / f"rank{rank}.pt")
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps({"history": hist, "writes": writes}))
+    finally:
+        tdist.cleanup()
+
+
+def test_two_cpu_ranks_match_one_process_on_the_same_global_batch(tmp_path: Path) -> None:
+    port = _free_port()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=150)
+    assert [p.exitcode for p in procs] == [0, 0]
+
+    w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0), "ranks disagree after DDP training"
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0["history"][-1]["val_loss"] == r1["history"][-1]["val_loss"]  # reduced metrics: identical on all ranks
+    assert r1["writes"] == [] and "train_state.pt" in r0["writes"]  # rank 0 alone writes, atomically
+
+    single = _net()
+    tr, va = _data()
+    hist = fit(single, tr, va, FitConfig(**CFG), device="cpu", progress=False, distributed=False)
+    for a, b in zip(hist, r0["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5, abs=1e-6)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5, abs=1e-6)
+        assert a["train_top1"] == b["train_top1"] and a["val_top1"] == b["val_top1"]
+    for k, v in single.state_dict().items():
+        assert torch.allclose(v, w0[k], rtol=1e-4, atol=1e-5), k
+    assert r0["history"][-1]["val_loss"] != pytest.approx(hist[0]["val_loss"])  # it did train
+
+
+def test_torchrun_cli_train_two_processes(tmp_path: Path) -> None:
+    """The documented command: `torchrun --nproc_per_node=2 -m tensorcut train ...` on CPU (gloo)."""
+    out = tmp_path / "ck"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [str(Path(PY).with_name("torchrun")), "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "-m", "tensorcut", "train", "--model", "vanilla-cnn", "--width", "0.125",
+           "--dataset", "synthetic", "--subset", "96", "--epochs", "1", "--batch-size", "32", "--device", "cpu",
+           "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=170)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("test: loss") == 2  # both ranks report the same reduced metrics
+    lines = {ln for ln in r.stdout.splitlines() if ln.startswith("test: loss")}
+    assert len(lines) == 1, lines
+    from tensorcut import io as tio
+
+    ck = tio.load_checkpoint(out)
+    assert ck.meta["epoch"] == 1 and ck.meta["metrics"]["test"]["n"] == 200
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "model.safetensors", "train_state.pt"]
+
+
+# ----------------------------------------------------------------------------- single-process checks
+
+
+def test_backend_is_gloo_on_cpu_and_nccl_on_cuda() -> None:
+    assert tdist.backend_for("cpu") == "gloo"
+    assert tdist.backend_for("cuda") == "nccl" and tdist.backend_for(torch.device("cuda", 1)) == "nccl"
+
+
+def test_cuda_under_torchrun_uses_nccl_and_the_local_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path, checked without a GPU: the right backend, device and rank reach PyTorch."""
+    calls: dict[str, Any] = {}
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.setdefault("set_device", i))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, **kw: calls.update(backend=backend, **kw))
+    assert resolve_device("cuda") == torch.device("cuda")
+    ctx = tdist.init(resolve_device("auto"))
+    monkeypatch.setitem(tdist._state, "owned", False)
+    assert calls["backend"] == "nccl" and calls["set_device"] == 1
+    assert calls["rank"] == 3 and calls["world_size"] == 4 and calls["init_method"] == "env://"
+    assert ctx.device == torch.device("cuda", 1) and ctx.rank == 3 and not ctx.is_main
+
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(TensorcutError, match="LOCAL_RANK=2 but this machine has 2 CUDA GPU"):
+        tdist.init("cuda")
+
+
+def test_cpu_under_torchrun_uses_gloo(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: dict[str, Any] = {}
+    for k, v in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: calls.update(backend=backend))
+    ctx = tdist.init("cpu")
+    monkeypatch.setitem(tdist._state, "owned", False)
+    assert calls["backend"] == "gloo" and ctx.device == torch.device("cpu") and ctx.is_main and ctx.enabled
+
+
+def test_plain_run_has_no_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    ctx = tdist.init("cpu")
+    assert not ctx.enabled and ctx.is_main and tdist.is_main_process()
+    assert tdist.all_reduce_sum([1.5, 2]) == [1.5, 2.0]
+    assert tdist.run_on_main(lambda: 7) == 7
+
+
+def test_world_without_master_address_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(TensorcutError, match="MASTER_ADDR, MASTER_PORT is not set; launch with `torchrun"):
+        tdist.init("cpu")
+    monkeypatch.setenv("RANK", "5")
+    with pytest.raises(TensorcutError, match="inconsistent torchrun environment"):
+        tdist.init("cpu")
+
+
+def test_global_batch_must_split_evenly() -> None:
+    tr, _ = _data()
+    with pytest.raises(TensorcutError, match="batch size 16 is the global batch and must be divisible by the 3"):
+        tdist.shard_train_loader(tr, tdist.DistContext(rank=0, world_size=3))
+    two = tdist.shard_train_loader(tr, tdist.DistContext(rank=1, world_size=2))
+    assert two.batch_size == 8 and len(two) == 4
+
+
+def test_shard_sampler_covers_every_sample_once() -> None:
+    for n in (0, 1, 7, 10):
+        for world in (1, 2, 3, 4):
+            got = sorted(i for r in range(world) for i in tdist.ShardSampler(n, r, world))
+            assert got == list(range(n))
+            assert sum(len(tdist.ShardSampler(n, r, world)) for r in range(world)) == n
+
+
+def test_sync_batchnorm_on_cpu_is_refused_with_a_reason() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(TensorcutError, match="sync_batchnorm needs CUDA"):
+        _wrap(net, FitConfig(sync_batchnorm=True), tdist.DistContext(world_size=2), torch.device("cpu"))
+
+
+def test_mixed_precision_option_trains_on_cpu() -> None:
+    net = _net()
+    tr, va = _data()
+    hist = fit(net, tr, va, FitConfig(epochs=1, lr=0.05, optimizer="sgd", scheduler="none", amp=True),
+               device="cpu", progress=False)
+    assert hist[0]["train_loss"] > 0 and hist[0]["val_loss"] == hist[0]["val_loss"]
+    assert next(net.parameters()).dtype == torch.float32
