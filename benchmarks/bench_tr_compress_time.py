@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorcut.decompose.tr import TRCandidate, rsdtr, tr_macs, tr_params, tr_svd
+from tensorcut.decompose.tr import TRCandidate, rsdtr, tr_macs, tr_params, tr_svd, tr_to_tensor
 from tensorcut.layers.base import ConvGeometry
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -140,12 +140,23 @@ def tensorly_at(kernel: torch.Tensor, ranks: tuple[int, ...], shift: int) -> tup
 
     tl.set_backend("numpy")
     x = kernel.detach().double().numpy()
-    t0 = time.perf_counter()
-    tr = tensor_ring(x, rank=[*ranks, ranks[0]], mode=shift)
-    dt = time.perf_counter() - t0
-    rec = tl.tr_to_tensor(tr)
-    err = float(((rec - x) ** 2).sum() ** 0.5 / (x**2).sum() ** 0.5)
-    return dt, err
+    try:  # one BLAS thread, like rsdtr on these kernels (see the report's note)
+        from threadpoolctl import threadpool_limits
+
+        limit: Any = threadpool_limits(limits=1)
+    except ImportError:
+        limit = None
+    try:
+        t0 = time.perf_counter()
+        tr = tensor_ring(x, rank=[*ranks, ranks[0]], mode=shift)
+        dt = time.perf_counter() - t0
+    finally:
+        if limit is not None:
+            limit.restore_original_limits()
+    # tensorly's own tr_to_tensor is far slower than the decomposition at these ranks
+    rec = tr_to_tensor([torch.from_numpy(f) for f in tr.factors])
+    xt = torch.from_numpy(x)
+    return dt, float((rec - xt).norm() / xt.norm())
 
 
 # ----------------------------------------------------------------------------- main
@@ -240,6 +251,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"tensorly {env['tensorly']}; load average {env['loadavg_start']} at start, {env['loadavg_end']} at end "
         "(the machine is shared; times are wall clock).",
         "",
+        env["threads_note"],
+        "",
         f"Command: `{env['command']}`",
         "",
         "Objective: fewest stored parameters. PCR = dense conv parameters / compressed; *all* replaces every conv, "
@@ -308,6 +321,10 @@ def main() -> None:
         "python": platform.python_version(),
         "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "command": "nice .venv/bin/python " + " ".join(sys.argv),
+        "threads_note": "tensorcut's TR-SVD/RSDTR run single-threaded on kernels of at most 2**22 entries (every "
+        "kernel here), whatever torch's thread count: threaded BLAS stalls on a busy shared CPU (ResNet-18 at eps "
+        "0.5 took 220 s with two threads vs 26 s with one while developing this). The naive baseline goes "
+        "through the same code path; tensorly's numpy/OpenBLAS is limited to one thread as well.",
     }
     models = [run_model(m, args.eps, args.baseline_eps, do_tly, args.seed) for m in args.models]
     env["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
