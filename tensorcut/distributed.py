@@ -255,16 +255,17 @@ def all_reduce_grads(model: nn.Module) -> None:
             p.grad.div_(ctx.world_size)
 
 
-def broadcast_module(model: nn.Module, src: int = 0) -> None:
-    """Copy rank ``src``'s parameters and buffers into ``model`` on every rank.
+def broadcast_module(model: nn.Module, src: int = 0, *, buffers_only: bool = False) -> None:
+    """Copy rank ``src``'s parameters and buffers (or only buffers) into ``model`` on every rank.
 
     Shapes must already agree (after a rank change, rebuild the layers from a broadcast
     configuration first).
     """
     if not active().enabled:
         return
+    tensors = list(model.buffers()) if buffers_only else list(model.parameters()) + list(model.buffers())
     with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
+        for t in tensors:
             torch.distributed.broadcast(t.data, src=src)
 
 

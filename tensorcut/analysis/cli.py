@@ -65,7 +65,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def _analyze(args: argparse.Namespace) -> int:
     from tensorcut import data as tdata
     from tensorcut import io as tio
-    from tensorcut.analysis.sweep import analyze
+    from tensorcut.analysis.shard import analyze_sharded as analyze  # plain analyze unless torchrun/RANK+WORLD_SIZE
     from tensorcut.train.loop import resolve_device
 
     if not Path(args.checkpoint).is_dir():
@@ -102,6 +102,9 @@ def _analyze(args: argparse.Namespace) -> int:
         data_name=f"{name}/{subset}", cache_bytes=int(args.cache_gib * (1 << 30)), spill_dir=args.spill_dir,
         use_cache=not args.no_cache, csv=args.csv or True, progress=not args.no_progress,
     )
+    if not getattr(report, "final", True):  # one shard of a sharded sweep (docs/scaling.md)
+        print(f"shard {report.rank + 1}/{report.world_size}: {report.evaluated} configurations evaluated into {args.out}")
+        return 0
     for split, b in report.baseline.items():
         print(f"baseline {split}: top-1 {b['top1']:.4f}  top-5 {b['top5']:.4f}  loss {b['loss']:.4f}  (n={b['n']})")
     for layer, why in report.fast_path.items():

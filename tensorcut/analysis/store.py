@@ -67,17 +67,29 @@ class ResultsStore:
         if self.path.exists() and self.path.is_dir():
             raise TensorcutError(f"results path {str(self.path)!r} is a directory; give a file name such as "
                                  f"{str(self.path / 'results.sqlite')!r}")
-        if create:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._check_existing()
-        self.conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
-        self.conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-        if create:
-            self.conn.execute("PRAGMA journal_mode = WAL")
-            self.conn.execute("PRAGMA synchronous = NORMAL")
-            self.conn.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
-            self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('app', ?)", (APP_ID,))
-            self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        try:
+            if create:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._check_existing()
+            self.conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
+            self.conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            if create:
+                self.conn.execute("PRAGMA journal_mode = WAL")
+                self.conn.execute("PRAGMA synchronous = NORMAL")
+                self.conn.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
+                self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('app', ?)", (APP_ID,))
+                self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        except (OSError, sqlite3.OperationalError) as exc:  # read-only folder or file, full disk
+            raise TensorcutError(f"cannot open results file {str(self.path)!r} for writing ({exc}); "
+                                 "choose a writable --out or free disk space") from None
+
+    def _write(self, sql: str, args: Sequence[Any]) -> sqlite3.Cursor:
+        """One committed write; a full disk or read-only file is one clear error and earlier rows stay."""
+        try:
+            return self.conn.execute(sql, args)
+        except sqlite3.OperationalError as exc:
+            raise TensorcutError(f"cannot write to results file {str(self.path)!r} ({exc}); free disk space or make "
+                                 "it writable, then re-run: rows already recorded are kept and skipped") from None
 
     def _check_existing(self) -> None:
         """Refuse (without writing) a file that is not an intact tensorcut results store."""
@@ -120,7 +132,7 @@ class ResultsStore:
         if isinstance(data.get("extra"), (dict, list)):
             data["extra"] = json.dumps(data["extra"], sort_keys=True)
         cols = list(data)
-        cur = self.conn.execute(
+        cur = self._write(
             f"INSERT OR IGNORE INTO results ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
             [data[c] for c in cols],
         )
@@ -130,7 +142,7 @@ class ResultsStore:
                      shape: Sequence[int], singular_values: Sequence[float], entropy_vn: float,
                      entropy_literal: float) -> bool:
         """Record one layer's spectrum along one bipartition."""
-        cur = self.conn.execute(
+        cur = self._write(
             "INSERT OR IGNORE INTO spectra VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (fingerprint, model, layer, depth, bipartition, json.dumps(list(shape)),
              json.dumps([float(s) for s in singular_values]), entropy_vn, entropy_literal),
@@ -139,7 +151,7 @@ class ResultsStore:
 
     def set_meta(self, key: str, value: Any) -> None:
         """Store a JSON value under ``key`` (last writer wins)."""
-        self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
+        self._write("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
 
     # -- reading -----------------------------------------------------------------------
 

@@ -256,6 +256,8 @@ def fit(
             n += int(round(step[1]))
             correct += int(round(step[2]))
             bar.set_postfix(loss=f"{tot / max(n, 1):.3f}")
+        if ctx.enabled:  # BatchNorm running statistics drift per rank within an epoch: take rank 0's
+            tdist.broadcast_module(model, buffers_only=True)
         row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": tot / max(n, 1), "train_top1": correct / max(n, 1),
                                "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
         if val_loader is not None:
