@@ -226,3 +226,89 @@ def test_mixed_precision_option_trains_on_cpu() -> None:
                device="cpu", progress=False)
     assert hist[0]["train_loss"] > 0 and hist[0]["val_loss"] == hist[0]["val_loss"]
     assert next(net.parameters()).dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- sharded sweeps
+
+
+SWEEP_ARGS = ["--subset", "40", "--bipartitions", "OUT", "IN", "--keep", "1,2", "--cp-ranks", "2", "--all-layers",
+              "--all-layer-fractions", "0.5", "--no-progress"]
+
+
+def _rows(path: Path) -> dict[tuple[Any, ...], tuple[Any, ...]]:
+    """Key -> measured values of every row; also checks that no key occurs twice."""
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    try:
+        cols = "fingerprint, data, split, kind, method, layer, bipartition, keep, epoch"
+        rows = con.execute(f"SELECT {cols}, top1, loss, norm_loss_pct FROM results").fetchall()
+    finally:
+        con.close()
+    keys = [r[:9] for r in rows]
+    assert len(keys) == len(set(keys)), "a configuration was recorded twice"
+    return {r[:9]: r[9:] for r in rows}
+
+
+def _same(a: dict[tuple[Any, ...], tuple[Any, ...]], b: dict[tuple[Any, ...], tuple[Any, ...]]) -> None:
+    assert set(a) == set(b)
+    for k in a:
+        for x, y in zip(a[k], b[k]):
+            assert (x is None and y is None) or x == pytest.approx(y, rel=1e-6, abs=1e-9), k
+
+
+def test_units_are_dealt_once_each_and_balanced(tiny_checkpoint: Path) -> None:
+    from tensorcut import io as tio
+    from tensorcut.analysis.shard import assign, plan_units
+
+    model = tio.load(tiny_checkpoint)
+    units = plan_units(model, bipartitions=["OUT", "IN", "OUT-IN"], cp_ranks=[2, 4], all_layers=True, world_size=4)
+    for world in (1, 2, 3, 4, 40):
+        shards = assign(units, world)
+        dealt = [u for s in shards for u in s]
+        assert sorted(map(id, dealt)) == sorted(map(id, units)) and len(shards) == world
+        assert shards == assign(units, world)  # every rank computes the same deal
+    loads = [sum(u.cost for u in s) for s in assign(units, 2)]
+    assert max(loads) <= sum(loads) / 2 + max(u.cost for u in units)
+
+
+def test_sharded_sweep_in_process_gives_the_rows_of_one_run(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Two shards (then the finishing pass) record exactly the rows, and values, of an unsharded sweep."""
+    from tensorcut import data as tdata
+    from tensorcut import io as tio
+    from tensorcut.analysis.shard import analyze_sharded
+    from tensorcut.analysis.store import ResultsStore
+    from tensorcut.analysis.sweep import analyze
+
+    model = tio.load(tiny_checkpoint)
+    loaders = {"val": tdata.make_loader(tdata.load_dataset("digits", "val", subset=40), 64)}
+    kw = dict(bipartitions=["OUT", "IN"], keep=["1,2", "conv3:OUT=3"], cp_ranks=[2], all_layers=True,
+              all_layer_fractions=[0.5], progress=False, csv=False)
+    ref = analyze(model, loaders, tmp_path / "one.sqlite", **kw)
+    parts = [analyze_sharded(model, loaders, tmp_path / "sharded.sqlite", rank=r, world_size=2, **kw) for r in (1, 0)]
+    assert not any(p.final for p in parts) and sum(p.evaluated for p in parts) >= ref.evaluated
+    fin = analyze(model, loaders, tmp_path / "sharded.sqlite", **kw)
+    assert fin.evaluated == 0 and fin.skipped == ref.evaluated  # the shards left nothing to do
+    _same(_rows(tmp_path / "one.sqlite"), _rows(tmp_path / "sharded.sqlite"))
+    with ResultsStore(tmp_path / "one.sqlite") as a, ResultsStore(tmp_path / "sharded.sqlite") as b:
+        key = f"model:{ref.fingerprint}"
+        assert a.get_meta(key) == b.get_meta(key)  # the finishing pass restores the whole-study metadata
+        assert len(a.spectra()) == len(b.spectra())
+
+
+def test_torchrun_analyze_two_ranks_with_recovery(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node=2 -m tensorcut analyze ...`: same rows as one process, recovery retrained by DDP."""
+    from tensorcut.cli import main
+
+    args = [str(tiny_checkpoint), *SWEEP_ARGS, "--recover", "1", "--recover-subset", "64"]
+    assert main(["analyze", *args, "--out", str(tmp_path / "one.sqlite")]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [str(Path(PY).with_name("torchrun")), "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "-m", "tensorcut", "analyze", *args, "--out", str(tmp_path / "two.sqlite")]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=170)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "shard 2/2:" in r.stdout and r.stdout.count("baseline val:") == 1  # rank 0 alone reports the study
+    one, two = _rows(tmp_path / "one.sqlite"), _rows(tmp_path / "two.sqlite")
+    assert set(one) == set(two) and any(k[3] == "recovery" for k in two)
+    _same({k: v for k, v in one.items() if k[3] != "recovery"}, {k: v for k, v in two.items() if k[3] != "recovery"})
+    assert (tmp_path / "two.csv").read_text().count("\n") == len(two) + 1
