@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "tensorcut.train.cli",
     "tensorcut.analysis.cli",
     "tensorcut.workflow_cli",
+    "tensorcut.run_cli",
 )
 
 

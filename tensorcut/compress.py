@@ -361,6 +361,26 @@ def _cp_fallback(name: str, b: _Builder, hw: tuple[int, int], rule: RankRule,
                   note=f"CP did not converge ({err}); fell back to Tucker-2"), layer
 
 
+def _smallest_within(name: str, b: _Builder, hw: tuple[int, int], entry: LayerPlan,
+                     layer: nn.Module) -> tuple[LayerPlan, nn.Module]:
+    """Among the auto methods, the fewest parameters with kernel error at most ``entry.error``."""
+    share = float(entry.error or 0.0)
+    if share <= 0:
+        return entry, layer
+    for method in AUTO_METHODS:
+        if method == entry.method:
+            continue
+        try:
+            ranks, _, kw = _ranks_for(b, method, RankRule(eps=min(share * 0.999, 0.999)))
+            cand = b.build(method, ranks, **kw)
+        except (TensorcutError, ConvergenceError):
+            continue
+        e = _entry(name, b, hw, method, "factorize", "", layer=cand)
+        if e.error is not None and e.error <= share + 1e-9 and e.params_after < entry.params_after:
+            entry, layer = e, cand
+    return entry, layer
+
+
 def _finalize(entry: LayerPlan, b: _Builder, layer: nn.Module | None, cfg: CompressConfig, hw: tuple[int, int]) -> LayerPlan:
     """Size and latency guards: a factorization that is not smaller (or not faster) stays dense."""
     if entry.status != "factorize" or layer is None:
@@ -506,6 +526,9 @@ def _plan_budget(chosen: list[str], builders: dict[str, _Builder], sizes: dict[s
         layer = layer_cache[l.name].get(c.ranks) or b.build(method, c.ranks)
         e = _entry(l.name, b, sizes[l.name], method, "factorize", "", layer=layer,
                    note="" if met else "budget not met: smallest candidates used")
+        if cfg.method == "auto" and e.error is not None:
+            # the allocation gave this layer an error share; keep the smallest method that meets it
+            e, layer = _smallest_within(l.name, b, sizes[l.name], e, layer)
         entries[l.name] = _finalize(e, b, layer, cfg, sizes[l.name])
         if entries[l.name].status == "factorize":
             built[l.name] = layer

@@ -5,35 +5,29 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tensorcut.train.loop import FitConfig
-
 DEMO_MODEL = "vanilla-cnn"
 DEMO_WIDTH = 0.25
 
 
 def run_demo(out: str | Path, fast: bool = False) -> int:
-    """Train a width-reduced vanilla-cnn on digits, evaluate and inspect it; print where outputs are."""
-    from tensorcut import io as tio
-    from tensorcut.summary import summarize
-    from tensorcut.train.api import train
+    """Train a width-reduced vanilla-cnn on digits, then `tensorcut run` it to 5x conv compression.
+
+    Stages: train, truncation study, accuracy-vs-compression curve, sensitivity-guided
+    Tucker-2 compression, fine-tuning, verification on the test split, ONNX export, report.
+    Re-running resumes (finished stages are skipped).
+    """
+    from tensorcut.run import RunConfig, run
+    from tensorcut.run_cli import print_summary
 
     out = Path(out)
     t0 = time.perf_counter()
-    dense_dir = out / "dense"
-    epochs = 2 if fast else 15
-    if (dense_dir / tio.META).exists() and tio.read_meta(dense_dir).get("metrics"):
-        print(f"[1/3] reusing trained model in {dense_dir}")
-        ck = tio.load_checkpoint(dense_dir)
-    else:
-        print(f"[1/3] training {DEMO_MODEL} (width {DEMO_WIDTH}) on digits for {epochs} epochs")
-        ck = train(DEMO_MODEL, "digits", dense_dir, epochs=epochs, width=DEMO_WIDTH, batch_size=64,
-                   config=FitConfig(epochs=epochs, lr=2e-3, scheduler="cosine"), device="cpu",
-                   resume=(dense_dir / tio.META).exists())
-    m = ck.meta["metrics"]["test"]
-    print(f"[2/3] test split of digits: top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}  loss {m['loss']:.4f}  (n={m['n']})")
-    kw = ck.meta["model"]["kwargs"]
-    s = summarize(ck.model, (kw["in_channels"], kw["input_size"], kw["input_size"]))
-    print("[3/3] layers:")
-    print(s.table())
-    print(f"\noutputs: {dense_dir} (model.safetensors + meta.json); {time.perf_counter() - t0:.0f} s in all")
+    cfg = RunConfig(target_ratio=5.0, method="tucker2", calib_subset=144, finetune_epochs=2 if fast else 8,
+                    finetune_lr=1e-3, curve_ratios=(2.0, 5.0) if fast else (1.5, 2.0, 3.0, 5.0, 10.0, 20.0),
+                    bipartitions=("OUT", "OUT-IN") if fast else ("OUT", "IN", "KH", "KW", "OUT-IN"))
+    s = run(out, cfg, model=DEMO_MODEL, dataset="digits", train_epochs=2 if fast else 15, width=DEMO_WIDTH,
+            command=["tensorcut", "demo", "--out", str(out)] + (["--fast"] if fast else []))
+    print()
+    print_summary(s)
+    print(f"outputs in {out}: dense/, compressed/, finetuned/ (checkpoints), study/ (truncation results + figures), "
+          f"export/model.onnx; {time.perf_counter() - t0:.0f} s")
     return 0

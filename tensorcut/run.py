@@ -1,0 +1,379 @@
+"""`tensorcut run`: one command from a trained model to a smaller, verified one, with a report.
+
+Stages, each resumable (a re-run skips stages whose outputs exist and are valid):
+
+1. ``dense``    — copy the given checkpoint into the run directory, or train one.
+2. ``study``    — truncation study on a calibration subset of the validation split
+                  (single-layer SVD truncations); gives each layer's sensitivity.
+3. ``curve``    — accuracy vs conv-layer compression on the calibration subset, before
+                  fine-tuning, for the sensitivity-guided allocation and for uniform ranks.
+4. ``compress`` — plan with the goal as a budget (guided by sensitivity) and apply.
+5. ``finetune`` — fine-tune from the factors.
+6. ``verify``   — test-split metrics, size, MACs and CPU latency of dense and final models.
+7. ``export``   — ONNX (checked against onnxruntime).
+8. ``report``   — ``report.html``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tensorcut import data as tdata
+from tensorcut import io as tio
+from tensorcut.compress import CompressConfig, apply, plan
+from tensorcut.errors import TensorcutError
+from tensorcut.train.loop import FitConfig, evaluate as evaluate_loader
+
+__all__ = ["RunConfig", "run", "STAGES"]
+
+STAGES = ("dense", "study", "curve", "compress", "finetune", "verify", "export", "report")
+RUN_FILE = "run.json"
+
+
+@dataclass
+class RunConfig:
+    """Goal and recipe of a run. Exactly one of ``target_ratio``, ``target_macs``, ``max_drop``.
+
+    ``target_ratio`` is the compression ratio of the selected conv layers' parameters;
+    ``target_macs`` a fraction (< 1) of their MACs to keep; ``max_drop`` the largest allowed
+    top-1 drop (absolute, e.g. 0.01), met on the calibration set before fine-tuning.
+    """
+
+    target_ratio: float | None = None
+    target_macs: float | None = None
+    max_drop: float | None = None
+    method: str = "tucker2"
+    calib_subset: int = 512
+    bipartitions: tuple[str, ...] = ("OUT", "IN", "OUT-IN")
+    curve_ratios: tuple[float, ...] = (1.5, 2.0, 3.0, 5.0, 10.0, 20.0)
+    finetune_epochs: int = 10
+    finetune_lr: float = 1e-4
+    finetune_patience: int = 3
+    distill: bool = False
+    batch_size: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        goals = [k for k in ("target_ratio", "target_macs", "max_drop") if getattr(self, k) is not None]
+        if len(goals) != 1:
+            raise TensorcutError("give exactly one goal: --target-ratio R, --target-macs F or --max-drop D"
+                                 + (f" (got {', '.join(goals)})" if goals else ""))
+        if self.target_ratio is not None and not self.target_ratio > 1:
+            raise TensorcutError(f"--target-ratio must be > 1 (dense / compressed parameters), got {self.target_ratio}")
+        if self.target_macs is not None and not 0 < self.target_macs < 1:
+            raise TensorcutError(f"--target-macs is the fraction of conv MACs to keep, in (0, 1); got {self.target_macs}")
+        if self.max_drop is not None and not 0 <= self.max_drop < 1:
+            raise TensorcutError(f"--max-drop is an absolute top-1 drop in [0, 1), got {self.max_drop}")
+        if self.calib_subset < 16:
+            raise TensorcutError(f"--calib-subset must be >= 16 images, got {self.calib_subset}")
+        CompressConfig(method=self.method, ratio=0.5)  # validates the method name
+        self.bipartitions = tuple(self.bipartitions)
+        self.curve_ratios = tuple(float(r) for r in self.curve_ratios)
+
+    @property
+    def goal(self) -> str:
+        """A one-line description of the goal."""
+        if self.target_ratio is not None:
+            return f"conv-layer compression ratio >= {self.target_ratio:g}"
+        if self.target_macs is not None:
+            return f"conv-layer MACs <= {self.target_macs:g} of dense"
+        return f"top-1 drop <= {self.max_drop:g}"
+
+
+class RunDir:
+    """The run directory and its ``run.json`` ledger of finished stages."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        f = path / RUN_FILE
+        if f.exists():
+            try:
+                self.state = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise TensorcutError(f"{f} is corrupt ({e}); remove the run directory or choose another --out") from None
+        else:
+            if path.exists() and any(path.iterdir()):
+                raise TensorcutError(f"{path} exists and is not a tensorcut run directory; choose another --out")
+            self.state = {"format": "tensorcut-run", "stages": {}}
+
+    def save(self) -> None:
+        tio.atomic_write_text(self.path / RUN_FILE, json.dumps(self.state, indent=2, default=str))
+
+    def done(self, stage: str) -> bool:
+        return stage in self.state["stages"]
+
+    def mark(self, stage: str, info: dict[str, Any], started: float | None = None) -> None:
+        extra = {"seconds": round(time.perf_counter() - started, 2)} if started is not None else {}
+        self.state["stages"][stage] = dict(info, finished=time.strftime("%Y-%m-%d %H:%M:%S"), **extra)
+        self.save()
+
+    def info(self, stage: str) -> dict[str, Any]:
+        return self.state["stages"][stage]
+
+
+def _fingerprint(directory: Path) -> str:
+    return hashlib.sha256((directory / tio.WEIGHTS).read_bytes()).hexdigest()[:16]
+
+
+def _say(msg: str, progress: bool) -> None:
+    if progress:
+        print(msg, flush=True)
+
+
+def _calibration(meta: dict[str, Any], subset: int) -> tdata.ImageDataset:
+    d = meta.get("dataset") or {}
+    if not d.get("name"):
+        raise TensorcutError("the checkpoint does not name its data set; `tensorcut run` needs it for calibration")
+    return tdata.load_dataset(d["name"], "val", data_dir=d.get("data_dir"), val_fraction=d.get("val_fraction", 0.1),
+                              seed=d.get("seed", 0), subset=subset)
+
+
+def _test_set(meta: dict[str, Any]) -> tdata.ImageDataset:
+    d = meta["dataset"]
+    return tdata.load_dataset(d["name"], "test", data_dir=d.get("data_dir"), val_fraction=d.get("val_fraction", 0.1),
+                              seed=d.get("seed", 0))
+
+
+#: Rank allocations compared on the calibration set: the sensitivity-guided budget, the same
+#: greedy budget without sensitivity (kernel error per parameter only), and uniform per-layer ranks.
+STRATEGIES = ("guided", "error", "uniform")
+
+
+def _strategy_config(cfg: RunConfig, kind: str, ratio: float | None) -> tuple[CompressConfig, bool]:
+    """(config, use sensitivity) of allocation ``kind`` at conv compression ``ratio`` (None: the MACs goal)."""
+    if kind == "uniform":
+        return CompressConfig(method=cfg.method, ratio=1.0 / float(ratio)), False  # type: ignore[arg-type]
+    if ratio is None:
+        return CompressConfig(method=cfg.method, budget=cfg.target_macs, budget_kind="macs"), kind == "guided"
+    return CompressConfig(method=cfg.method, budget=1.0 / ratio, budget_kind="params"), kind == "guided"
+
+
+def _try_strategy(model: nn.Module, cfg: RunConfig, kind: str, ratio: float | None, shape: tuple[int, int, int],
+                  sensitivity: dict[str, float], loader: Any) -> dict[str, float]:
+    """Compress a copy of ``model`` with one allocation and measure calibration top-1 (no fine-tuning)."""
+    m = copy.deepcopy(model)
+    cc, use_sens = _strategy_config(cfg, kind, ratio)
+    p = plan(m, cc, input_shape=shape, sensitivity=sensitivity if use_sens else None, progress=False)
+    apply(m, p)
+    return {"ratio": p.totals()["conv_ratio"], "top1": evaluate_loader(m, loader)["top1"]}
+
+
+def latency_ms(models: dict[str, nn.Module], shape: tuple[int, int, int], batch: int, reps: int = 15) -> dict[str, float]:
+    """Median CPU wall time (ms) of one forward pass at ``batch`` for each model, timed interleaved
+    (round-robin) so that background load affects every model alike."""
+    x = torch.randn(batch, *shape)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with torch.no_grad():
+        for m in models.values():
+            m.eval().cpu()
+            for _ in range(3):
+                m(x)
+        for _ in range(reps):
+            for k, m in models.items():
+                t = time.perf_counter()
+                m(x)
+                times[k].append(time.perf_counter() - t)
+    return {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def run(
+    out: str | Path,
+    config: RunConfig,
+    *,
+    checkpoint: str | Path | None = None,
+    model: str | None = None,
+    dataset: str | None = None,
+    train_epochs: int = 10,
+    width: float = 1.0,
+    data_dir: str | Path | None = None,
+    progress: bool = True,
+    command: list[str] | None = None,
+) -> dict[str, Any]:
+    """Run the main job into ``out``; returns the verification summary (also in ``out/verify.json``)."""
+    from tensorcut.workflow import compress_checkpoint, finetune_checkpoint, input_shape_of, load_sensitivity
+
+    out = Path(out)
+    if (checkpoint is None) == (model is None):
+        raise TensorcutError("give a trained checkpoint, or --model and --dataset to train one first (not both)")
+    if model is not None and dataset is None:
+        raise TensorcutError("--model needs --dataset to train on")
+    rd = RunDir(out)
+    settings = {"config": asdict(config), "checkpoint": str(checkpoint) if checkpoint else None, "model": model,
+                "dataset": dataset, "train_epochs": train_epochs, "width": width}
+    if checkpoint is not None:
+        tio.read_meta(checkpoint)
+        fp = _fingerprint(Path(checkpoint))
+        if rd.state.get("dense_fingerprint") not in (None, fp):
+            raise TensorcutError(f"{out} holds a run of another model (fingerprint {rd.state['dense_fingerprint']}, "
+                                 f"this checkpoint {fp}); choose another --out")
+    if "settings" in rd.state and json.loads(json.dumps(rd.state["settings"])) != json.loads(json.dumps(settings)):
+        raise TensorcutError(f"{out} was made with different settings; re-run with the same ones or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    rd.state["settings"] = settings
+    rd.state["command"] = command or sys.argv
+    rd.state["versions"] = tio.versions()
+    rd.save()
+    t0 = time.perf_counter()
+    dense_dir, comp_dir, ft_dir = out / "dense", out / "compressed", out / "finetuned"
+
+    # 1. dense -------------------------------------------------------------------------------
+    ts = time.perf_counter()
+    if not rd.done("dense"):
+        if checkpoint is not None:
+            _say(f"[dense] copying {checkpoint}", progress)
+            tio.load_checkpoint(checkpoint)  # validates before copying
+            tmp = out / ".dense.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            for name in (tio.WEIGHTS, tio.META):
+                shutil.copyfile(Path(checkpoint) / name, tmp / name)
+            shutil.rmtree(dense_dir, ignore_errors=True)
+            tmp.rename(dense_dir)
+        else:
+            from tensorcut.train.api import train
+
+            _say(f"[dense] training {model} on {dataset} for {train_epochs} epochs", progress)
+            train(model, dataset, dense_dir, epochs=train_epochs, width=width, data_dir=data_dir,
+                  config=FitConfig(epochs=train_epochs, lr=2e-3, scheduler="cosine", seed=config.seed), device="cpu",
+                  resume=(dense_dir / tio.META).exists(), progress=progress)
+        rd.state["dense_fingerprint"] = _fingerprint(dense_dir)
+        rd.mark("dense", {"path": "dense"}, ts)
+    else:
+        _say("[dense] done (skipped)", progress)
+    dense = tio.load_checkpoint(dense_dir)
+    shape = input_shape_of(dense.meta)
+    calib = _calibration(dense.meta, config.calib_subset)
+    calib_loader = tdata.make_loader(calib, 512)
+
+    # 2. study -------------------------------------------------------------------------------
+    study_db = out / "study" / "truncation.sqlite"
+    ts = time.perf_counter()
+    if not rd.done("study"):
+        from tensorcut.analysis.plots import plot
+        from tensorcut.analysis.sweep import analyze
+
+        _say(f"[study] truncation sweep on {len(calib)} calibration images ({', '.join(config.bipartitions)})", progress)
+        analyze(dense.model, {"val": calib_loader}, study_db, bipartitions=config.bipartitions,
+                model_name=dense.meta["model"]["name"], data_name=dense.meta["dataset"]["name"], progress=progress)
+        plot(study_db, out / "study" / "figures", formats=("png",))
+        rd.mark("study", {"results": "study/truncation.sqlite", "figures": "study/figures"}, ts)
+    else:
+        _say("[study] done (skipped)", progress)
+    sensitivity = load_sensitivity(study_db)
+
+    # 3. curve -------------------------------------------------------------------------------
+    ts = time.perf_counter()
+    if not rd.done("curve"):
+        _say(f"[curve] accuracy vs compression at ratios {', '.join(f'{r:g}' for r in config.curve_ratios)}", progress)
+        base = evaluate_loader(dense.model, calib_loader)["top1"]
+        points = [dict(_try_strategy(dense.model, config, kind, r, shape, sensitivity, calib_loader), kind=kind, target=r)
+                  for r in config.curve_ratios for kind in STRATEGIES]
+        rd.mark("curve", {"baseline_top1": base, "points": points}, ts)
+    else:
+        _say("[curve] done (skipped)", progress)
+    curve = rd.info("curve")
+
+    # 4. compress ----------------------------------------------------------------------------
+    ts = time.perf_counter()
+    if not rd.done("compress"):
+        if config.max_drop is not None:
+            ok = [p for p in curve["points"] if curve["baseline_top1"] - p["top1"] <= config.max_drop]
+            ratio: float | None = max((p["target"] for p in ok), default=min(config.curve_ratios))
+            _say(f"[compress] largest calibrated ratio within a top-1 drop of {config.max_drop:g}: {ratio:g}", progress)
+        else:
+            ratio = config.target_ratio
+        kinds = STRATEGIES if ratio is not None else ("guided", "error")
+        tried = {k: _try_strategy(dense.model, config, k, ratio, shape, sensitivity, calib_loader) for k in kinds}
+        best = max(kinds, key=lambda k: (tried[k]["top1"], k == "guided"))
+        cc, use_sens = _strategy_config(config, best, ratio)
+        _say("[compress] calibration top-1 by allocation: "
+             + ", ".join(f"{k} {v['top1']:.4f} (x{v['ratio']:.2f})" for k, v in tried.items()) + f"; using {best}", progress)
+        shutil.rmtree(comp_dir, ignore_errors=True)
+        _, p, _ = compress_checkpoint(dense_dir, comp_dir, cc, sensitivity=sensitivity, progress=progress)
+        rd.mark("compress", {"path": "compressed", "config": cc.to_dict(), "totals": p.totals()}, ts)
+    else:
+        _say("[compress] done (skipped)", progress)
+
+    # 5. finetune ----------------------------------------------------------------------------
+    ts = time.perf_counter()
+    if not rd.done("finetune"):
+        _say(f"[finetune] up to {config.finetune_epochs} epochs, Adam lr {config.finetune_lr:g}, early stopping", progress)
+        shutil.rmtree(ft_dir, ignore_errors=True)
+        fc = FitConfig(epochs=config.finetune_epochs, optimizer="adam", lr=config.finetune_lr, scheduler="none",
+                       patience=config.finetune_patience, seed=config.seed)
+        ck = finetune_checkpoint(comp_dir, ft_dir, config=fc, distill_from=dense_dir if config.distill else None,
+                                 batch_size=config.batch_size, device="cpu", progress=progress)
+        rd.mark("finetune", {"path": "finetuned", "history": ck.meta.get("finetune_history", [])}, ts)
+    else:
+        _say("[finetune] done (skipped)", progress)
+
+    # 6. verify ------------------------------------------------------------------------------
+    ts = time.perf_counter()
+    if not rd.done("verify"):
+        _say("[verify] test split, size, MACs and CPU latency", progress)
+        summary = verify(dense_dir, ft_dir, comp_dir, config)
+        tio.atomic_write_text(out / "verify.json", json.dumps(summary, indent=2))
+        rd.mark("verify", {"path": "verify.json"}, ts)
+    summary = json.loads((out / "verify.json").read_text())
+
+    # 7. export ------------------------------------------------------------------------------
+    ts = time.perf_counter()
+    if not rd.done("export"):
+        from tensorcut.export import export_model
+
+        _say("[export] ONNX", progress)
+        final = tio.load(ft_dir)
+        export_model(final, shape, "onnx", out / "export" / "model.onnx")
+        rd.mark("export", {"onnx": "export/model.onnx"}, ts)
+
+    # 8. report ------------------------------------------------------------------------------
+    from tensorcut.report import write_report
+
+    path = write_report(out)
+    rd.mark("report", {"path": "report.html"})
+    summary["report"] = str(path)
+    summary["seconds"] = time.perf_counter() - t0
+    return summary
+
+
+def verify(dense_dir: Path, final_dir: Path, comp_dir: Path, config: RunConfig) -> dict[str, Any]:
+    """Before / after metrics on the test split, and whether the goal was met."""
+    from tensorcut.compress import Plan
+    from tensorcut.summary import summarize
+    from tensorcut.workflow import input_shape_of
+
+    rows, models = {}, {}
+    for key, d in (("dense", dense_dir), ("compressed", comp_dir), ("final", final_dir)):
+        ck = tio.load_checkpoint(d)
+        shape = input_shape_of(ck.meta)
+        m = evaluate_loader(ck.model, tdata.make_loader(_test_set(ck.meta), 512))
+        s = summarize(ck.model, shape)
+        models[key] = ck.model
+        rows[key] = {"params": s.total_params, "size_mb": (d / tio.WEIGHTS).stat().st_size / 1e6, "macs": s.total_macs,
+                     "top1": m["top1"], "top5": m["top5"], "loss": m["loss"], "n": m["n"]}
+    for batch in (1, 32):
+        for key, ms in latency_ms(models, shape, batch).items():
+            rows[key][f"latency_ms_b{batch}"] = ms
+    p = Plan.load(comp_dir / "plan.json")
+    t = p.totals()
+    drop = rows["dense"]["top1"] - rows["final"]["top1"]
+    if config.target_ratio is not None:
+        met, got = t["conv_ratio"] >= config.target_ratio * 0.999, f"conv-layer ratio {t['conv_ratio']:.2f}"
+    elif config.target_macs is not None:
+        frac = t["conv_macs_after"] / t["conv_macs_before"]
+        met, got = frac <= config.target_macs * 1.001, f"conv MACs at {frac:.3f} of dense"
+    else:
+        met, got = drop <= config.max_drop, f"top-1 drop {drop:.4f}"  # type: ignore[operator]
+    return {"goal": config.goal, "goal_met": bool(met), "achieved": got, "top1_drop": drop, "plan_totals": t,
+            "rows": rows, "data": {"test": _test_set(tio.read_meta(dense_dir)).__len__()}}

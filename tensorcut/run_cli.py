@@ -1,0 +1,63 @@
+"""CLI verbs `run` and `report`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser("run", help="the main job: study, compress to a goal, fine-tune, verify, export, report",
+                       description="From a trained checkpoint (or --model/--dataset) to a smaller, verified model with a report. "
+                                   "Resumable: re-running skips finished stages.")
+    r.add_argument("checkpoint", nargs="?", default=None, help="trained checkpoint directory")
+    r.add_argument("--model", default=None, help="zoo model to train first (with --dataset)")
+    r.add_argument("--dataset", default=None)
+    r.add_argument("--data-dir", default=None)
+    r.add_argument("--epochs", type=int, default=10, help="training epochs when --model is given")
+    r.add_argument("--width", type=float, default=1.0)
+    g = r.add_mutually_exclusive_group(required=True)
+    g.add_argument("--target-ratio", type=float, help="conv-layer compression ratio to reach (e.g. 5)")
+    g.add_argument("--target-macs", type=float, help="fraction of conv-layer MACs to keep (e.g. 0.25)")
+    g.add_argument("--max-drop", type=float, help="largest allowed top-1 drop (e.g. 0.01)")
+    r.add_argument("--method", default="tucker2", help="cp | tucker | tucker2 | tt | tr | auto")
+    r.add_argument("--calib-subset", type=int, default=512, help="calibration images from the validation split")
+    r.add_argument("--finetune-epochs", type=int, default=10)
+    r.add_argument("--finetune-lr", type=float, default=1e-4)
+    r.add_argument("--distill", action="store_true", help="distil from the dense model while fine-tuning")
+    r.add_argument("--out", required=True, help="run directory")
+    r.set_defaults(func=_run)
+    p = sub.add_parser("report", help="(re)write RUN_DIR/report.html", description="Render the HTML report of a run.")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_report)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tensorcut.run import RunConfig, run
+
+    cfg = RunConfig(target_ratio=args.target_ratio, target_macs=args.target_macs, max_drop=args.max_drop,
+                    method=args.method, calib_subset=args.calib_subset, finetune_epochs=args.finetune_epochs,
+                    finetune_lr=args.finetune_lr, distill=args.distill)
+    s = run(args.out, cfg, checkpoint=args.checkpoint, model=args.model, dataset=args.dataset, train_epochs=args.epochs,
+            width=args.width, data_dir=args.data_dir, command=["tensorcut", *sys.argv[1:]])
+    print_summary(s)
+    return 0
+
+
+def print_summary(s: dict) -> None:
+    """The before / after table and the report path."""
+    head = f"{'':24s}{'params':>12s}{'size MB':>10s}{'MACs':>14s}{'CPU ms b=32':>13s}{'top-1':>8s}{'top-5':>8s}"
+    print(head)
+    for k, r in s["rows"].items():
+        label = "compressed (no FT)" if k == "compressed" else k
+        print(f"{label:24s}{r['params']:>12,}{r['size_mb']:>10.3f}{r['macs']:>14,}{r['latency_ms_b32']:>13.2f}"
+              f"{r['top1']:>8.4f}{r['top5']:>8.4f}")
+    print(f"goal: {s['goal']} — {'met' if s['goal_met'] else 'NOT met'} ({s['achieved']})")
+    print(f"report: {s['report']}")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from tensorcut.report import write_report
+
+    print(f"report: {write_report(args.run_dir)}")
+    return 0

@@ -1,0 +1,121 @@
+"""`tensorcut run`: the whole pipeline at tiny scale, resumability, refusals, and the report in Chromium."""
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tensorcut import io as tio
+from tensorcut.errors import TensorcutError
+from tensorcut.run import RunConfig, run
+
+TINY = dict(calib_subset=64, finetune_epochs=1, finetune_lr=1e-3, curve_ratios=(2.0, 4.0), bipartitions=("OUT",))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    summary = run(out, RunConfig(target_ratio=3.0, **TINY), checkpoint=tiny_checkpoint, progress=False)
+    return out, summary
+
+
+def test_run_meets_ratio_goal_and_writes_every_stage(run_dir):
+    out, s = run_dir
+    assert s["goal_met"] and s["plan_totals"]["conv_ratio"] >= 3.0
+    for p in ("dense/model.safetensors", "compressed/plan.json", "finetuned/meta.json", "verify.json",
+              "export/model.onnx", "report.html", "study/truncation.sqlite"):
+        assert (out / p).exists(), p
+    rows = s["rows"]
+    assert rows["final"]["params"] < rows["dense"]["params"]
+    assert rows["final"]["params"] == sum(p.numel() for p in tio.load(out / "finetuned").parameters())
+    state = json.loads((out / "run.json").read_text())
+    assert list(state["stages"]) == ["dense", "study", "curve", "compress", "finetune", "verify", "export", "report"]
+
+
+def test_rerun_skips_finished_stages(run_dir, tiny_checkpoint, capsys):
+    out, _ = run_dir
+    before = (out / "finetuned" / "model.safetensors").stat().st_mtime_ns
+    run(out, RunConfig(target_ratio=3.0, **TINY), checkpoint=tiny_checkpoint, progress=True)
+    text = capsys.readouterr().out
+    assert "[finetune] done (skipped)" in text and "[study] done (skipped)" in text
+    assert (out / "finetuned" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_interrupted_run_resumes_from_last_finished_stage(run_dir, tiny_checkpoint, tmp_path, capsys):
+    src, _ = run_dir
+    out = tmp_path / "r"
+    shutil.copytree(src, out)
+    state = json.loads((out / "run.json").read_text())
+    for s in ("finetune", "verify", "export", "report"):
+        del state["stages"][s]
+    (out / "run.json").write_text(json.dumps(state))
+    shutil.rmtree(out / "finetuned")
+    run(out, RunConfig(target_ratio=3.0, **TINY), checkpoint=tiny_checkpoint, progress=True)
+    text = capsys.readouterr().out
+    assert "[compress] done (skipped)" in text and "[finetune] up to" in text
+    assert (out / "finetuned" / "model.safetensors").exists()
+
+
+def test_run_dir_of_another_model_is_refused(run_dir, tmp_path):
+    out, _ = run_dir
+    other = tmp_path / "other"
+    shutil.copytree(out / "dense", other)
+    w = other / "model.safetensors"
+    model = tio.load(other)
+    with __import__("torch").no_grad():
+        next(model.parameters()).add_(1.0)
+    tio.save(model, other, json.loads((other / "meta.json").read_text()))
+    with pytest.raises(TensorcutError, match="holds a run of another model"):
+        run(out, RunConfig(target_ratio=3.0, **TINY), checkpoint=other, progress=False)
+    assert w.exists()
+
+
+def test_different_settings_are_refused(run_dir, tiny_checkpoint):
+    out, _ = run_dir
+    with pytest.raises(TensorcutError, match="was made with different settings"):
+        run(out, RunConfig(target_ratio=4.0, **TINY), checkpoint=tiny_checkpoint, progress=False)
+
+
+@pytest.mark.parametrize("kw,msg", [({}, "give exactly one goal"), ({"target_ratio": 2, "max_drop": 0.1}, "give exactly one goal"),
+                                    ({"target_ratio": 0.5}, "--target-ratio must be > 1"),
+                                    ({"target_macs": 2.0}, "--target-macs is the fraction")])
+def test_bad_goals(kw, msg):
+    with pytest.raises(TensorcutError, match=msg):
+        RunConfig(**kw)
+
+
+def test_unmet_goal_says_how_close(tiny_checkpoint, tmp_path):
+    s = run(tmp_path / "r", RunConfig(max_drop=0.0, **TINY), checkpoint=tiny_checkpoint, progress=False)
+    assert "top-1 drop" in s["achieved"]
+    assert s["goal_met"] == (s["top1_drop"] <= 0.0)
+
+
+def test_report_tables_and_embedded_figures(run_dir):
+    out, _ = run_dir
+    html = (out / "report.html").read_text()
+    for cls in ("before-after", "per-layer", "provenance"):
+        assert f'class="{cls}"' in html
+    imgs = re.findall(r'<img [^>]*src="data:image/png;base64,', html)
+    assert len(imgs) >= 3
+    assert "http://" not in html and "https://" not in html  # opens offline
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian package 'chromium'; .ci/run installs it)")
+def test_report_renders_in_headless_chromium(run_dir, tmp_path):
+    out, _ = run_dir
+    r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
+                        (out / "report.html").as_uri()], capture_output=True, text=True, timeout=120)
+    dom = r.stdout
+    total = re.search(r'data-figures="(\d+)"', dom)
+    loaded = re.search(r'data-figures-loaded="(\d+)"', dom)
+    assert total and loaded, r.stderr[-2000:]
+    assert int(total.group(1)) >= 3 and loaded.group(1) == total.group(1)
+    assert dom.count("<table") >= 3
