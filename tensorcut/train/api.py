@@ -12,7 +12,7 @@ from tensorcut import distributed as tdist
 from tensorcut import io as tio
 from tensorcut import models
 from tensorcut.errors import TensorcutError
-from tensorcut.train.loop import FitConfig, evaluate as evaluate_loader, fit, resolve_device
+from tensorcut.train.loop import FitConfig, evaluate as evaluate_loader, fit, resolve_device, set_seed
 
 __all__ = ["train", "evaluate", "model_kwargs_for"]
 
@@ -54,6 +54,7 @@ def train(
     if config is not None and epochs != cfg.epochs:
         cfg.epochs = epochs
     kwargs = model_kwargs_for(dataset, width)
+    set_seed(cfg.seed)  # initial weights follow --seed (and are the same on every rank)
     net = models.create(model, **kwargs)
     tr = tdata.load_dataset(dataset, "train", data_dir=data_dir, val_fraction=val_fraction, seed=cfg.seed,
                             subset=subset, augment=augment)
