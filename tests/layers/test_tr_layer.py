@@ -68,10 +68,10 @@ def test_forward_matches_reconstructed_conv(geo) -> None:
     k, stride, padding, dilation, mode, bias = geo
     conv = _conv(5, 7, k, stride=stride, padding=padding, dilation=dilation, padding_mode=mode, bias=bias)
     x = torch.randn(2, 5, 11, 13, dtype=torch.float64)
-    for layer in (
-        TRConv2d.from_conv(conv, eps=0.5),  # lossy: compare with its own reconstruction
-        TRConv2d.from_conv(conv, ranks=(2, 3, 2, 2), shift=1),
-    ):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RankClampWarning)  # 1x1 / thin kernels admit less than (2, 3, 2, 2)
+        fixed = TRConv2d.from_conv(conv, ranks=(2, 3, 2, 2), shift=1)
+    for layer in (TRConv2d.from_conv(conv, eps=0.5), fixed):  # lossy: compare with own reconstruction
         y = layer(x)
         ref = _dense_ref(layer, x)
         assert y.shape == ref.shape == conv(x).shape
@@ -133,7 +133,7 @@ def test_eps_and_energy_bound_the_kernel_error() -> None:
     w = conv.weight.detach()
     for kwargs, bound in [({"eps": 0.3}, 0.3), ({"energy": 0.96}, 0.2), ({"eps": 0.6, "split": "zhao"}, 0.6)]:
         layer = TRConv2d.from_conv(conv, **kwargs)
-        err = float((layer.reconstruct_weight() - w).norm() / w.norm())
+        err = float((layer.reconstruct_weight().detach() - w).norm() / w.norm())
         assert err <= bound + 1e-12
         assert layer.rel_error == pytest.approx(err, abs=1e-10)
         assert layer.num_params() == TRConv2d.predicted_params(layer.geometry, layer.ranks)
