@@ -150,11 +150,17 @@ def build_model(meta: dict[str, Any]) -> nn.Module:
     from tensorcut.layers.base import LAYER_REGISTRY
 
     kwargs = meta["model"].get("kwargs", {}) or {}
+    layers = meta.get("layers") or {}
+    if not isinstance(layers, dict):
+        raise TensorcutError("meta.json 'layers' must map layer names to configurations; the file was edited or is foreign")
     try:
         model = models.create(meta["model"]["name"], **kwargs)
     except TypeError as e:
         raise TensorcutError(f"meta.json model.kwargs do not fit model {meta['model']['name']!r}: {e}") from None
-    for name, cfg in (meta.get("layers") or {}).items():
+    except (RuntimeError, MemoryError) as e:  # e.g. a hand-edited width asking for terabytes
+        raise TensorcutError(f"meta.json describes a model that cannot be built here ({_first_line(e)}); "
+                             "it disagrees with the weights or was edited") from None
+    for name, cfg in layers.items():
         method = cfg.get("method") if isinstance(cfg, dict) else None
         cls = LAYER_REGISTRY.get(method) if method else None
         if cls is None:
@@ -170,8 +176,15 @@ def build_model(meta: dict[str, Any]) -> nn.Module:
             layer = cls.from_config(cfg)
         except (KeyError, TypeError, ValueError, TensorcutError) as e:
             raise TensorcutError(f"meta.json layer {name!r} has an invalid configuration: {e}") from None
+        except (RuntimeError, MemoryError) as e:
+            raise TensorcutError(f"meta.json layer {name!r} cannot be built here ({_first_line(e)}); "
+                                 "its ranks disagree with the weights or were edited") from None
         model.set_submodule(name, layer)
     return model
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:160]
 
 
 def _ensure_layers_imported() -> None:
@@ -194,6 +207,10 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
         raise TensorcutError(f"{directory} has no {WEIGHTS}; the checkpoint is incomplete") from None
     except (OSError, SafetensorError, ValueError, RuntimeError) as e:
         raise TensorcutError(f"{wpath} is truncated or corrupt ({str(e).splitlines()[0][:120]}); restore it or re-run the step that wrote it") from None
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise TensorcutError(f"{wpath}: {len(nonfinite)} tensor(s) hold NaN or Inf values (e.g. {nonfinite[0]}); "
+                             "the run that wrote it diverged or the file is corrupt — retrain or restore it")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -107,8 +107,12 @@ def _dataset_from_meta(meta: dict[str, Any], split: str, dataset: str | None = N
     name = dataset or d.get("name")
     if not name:
         raise TensorcutError("the checkpoint does not name its data set; pass --dataset")
-    return tdata.load_dataset(name, split, data_dir=d.get("data_dir") if name == d.get("name") else None,
-                              val_fraction=d.get("val_fraction", 0.1), seed=d.get("seed", 0), subset=subset)
+    from tensorcut.train.api import check_dataset_fits
+
+    ds = tdata.load_dataset(name, split, data_dir=d.get("data_dir") if name == d.get("name") else None,
+                            val_fraction=d.get("val_fraction", 0.1), seed=d.get("seed", 0), subset=subset)
+    check_dataset_fits(meta, ds, name)  # wrong channel count / input size: one line, not a conv traceback
+    return ds
 
 
 def finetune_checkpoint(src: str | Path, out: str | Path | None = None, *, dataset: str | None = None,

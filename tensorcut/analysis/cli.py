@@ -66,6 +66,7 @@ def _analyze(args: argparse.Namespace) -> int:
     from tensorcut import data as tdata
     from tensorcut import io as tio
     from tensorcut.analysis.shard import analyze_sharded as analyze  # plain analyze unless torchrun/RANK+WORLD_SIZE
+    from tensorcut.train.api import check_dataset_fits
     from tensorcut.train.loop import resolve_device
 
     if not Path(args.checkpoint).is_dir():
@@ -85,6 +86,7 @@ def _analyze(args: argparse.Namespace) -> int:
     loaders = {}
     for split in dict.fromkeys(args.split):
         ds = tdata.load_dataset(name, split, data_dir=data_dir, val_fraction=vf, seed=seed, subset=args.subset)
+        check_dataset_fits(meta, ds, name)  # wrong channel count: one line, not a conv traceback
         loaders[split] = tdata.make_loader(ds, args.batch_size)
     train_loader = None
     if args.recover:

@@ -14,13 +14,26 @@ from tensorcut import models
 from tensorcut.errors import TensorcutError
 from tensorcut.train.loop import FitConfig, evaluate as evaluate_loader, fit, resolve_device, set_seed
 
-__all__ = ["train", "evaluate", "model_kwargs_for"]
+__all__ = ["check_dataset_fits", "train", "evaluate", "model_kwargs_for"]
 
 
 def model_kwargs_for(dataset: str, width: float = 1.0) -> dict[str, Any]:
     """Model arguments that fit data set ``dataset`` (classes, channels, input size)."""
     info = tdata.dataset_info(dataset)
     return {"num_classes": info.num_classes, "in_channels": info.in_channels, "width": width, "input_size": info.image_size}
+
+
+def check_dataset_fits(meta: dict[str, Any], ds: tdata.ImageDataset, name: str) -> None:
+    """Refuse, in one line, images the checkpoint's model cannot take (channel count; vanilla-cnn's input size)."""
+    m = meta.get("model") or {}
+    kw = m.get("kwargs") or {}
+    c, h, _ = ds.info_shape
+    if kw.get("in_channels", c) != c:
+        raise TensorcutError(f"{name} images have {c} channels but the model expects {kw['in_channels']}; "
+                             "use the data set it was trained for")
+    if m.get("name") == "vanilla-cnn" and kw.get("input_size", h) != h:
+        raise TensorcutError(f"{name} images are {h} px but this vanilla-cnn was built for {kw['input_size']} px; "
+                             "use the data set it was trained for")
 
 
 def train(
@@ -107,12 +120,7 @@ def evaluate(
         data_dir = ds_meta.get("data_dir")
     ds = tdata.load_dataset(name, split, data_dir=data_dir, val_fraction=ds_meta.get("val_fraction", 0.1),
                             seed=ds_meta.get("seed", 0), subset=subset)
-    kw = (meta.get("model") or {}).get("kwargs") or {}
-    c, h, _ = ds.info_shape
-    if kw.get("in_channels", c) != c:
-        raise TensorcutError(f"{name} images have {c} channels but the model expects {kw['in_channels']}; evaluate on the data set it was trained for")
-    if name != ds_meta.get("name", name) and kw.get("input_size", h) != h and (meta.get("model") or {}).get("name") == "vanilla-cnn":
-        raise TensorcutError(f"{name} images are {h} px but this vanilla-cnn was built for {kw['input_size']} px")
+    check_dataset_fits(meta, ds, name)
     with tdist.session(resolve_device(device)) as ctx:
         net.to(ctx.device)
         return evaluate_loader(net, tdata.make_loader(ds, batch_size), ctx.device)
