@@ -148,6 +148,12 @@ def _load_fashion(data_dir: Path | None) -> dict[str, tuple[np.ndarray, np.ndarr
         x, y = read_idx(img), read_idx(lab)
         if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
             raise TensorcutError(f"fashion-mnist in {d}: {img.name} and {lab.name} disagree ({x.shape} vs {y.shape})")
+        if x.shape[1:] != (28, 28):
+            raise TensorcutError(f"fashion-mnist in {d}: {img.name} holds {x.shape[1]}x{x.shape[2]} images, expected "
+                                 "28x28; the files belong to another data set")
+        if y.size and y.max() >= 10:
+            raise TensorcutError(f"fashion-mnist in {d}: {lab.name} has labels outside 0..9; the files belong to "
+                                 "another data set")
         out[split] = (x[:, None].copy(), y.astype(np.int64))
     return out
 
@@ -181,15 +187,23 @@ def _read_cifar_pickle(path: Path) -> dict:
 def _cifar_arrays(batch: dict, label_key: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
     if "data" not in batch or label_key not in batch:
         raise TensorcutError(f"{path} lacks 'data' or '{label_key}'; it is not a CIFAR batch of this data set")
-    x = np.asarray(batch["data"], dtype=np.uint8)
-    y = np.asarray(batch[label_key], dtype=np.int64)
+    try:
+        xr, y = np.asarray(batch["data"]), np.asarray(batch[label_key], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise TensorcutError(f"{path}: 'data' or '{label_key}' is not numeric ({e}); it is not a CIFAR batch") from None
+    if xr.dtype.kind not in "iu" or (xr.size and (xr.min() < 0 or xr.max() > 255)):
+        raise TensorcutError(f"{path}: 'data' must hold byte pixel values 0..255 (got dtype {xr.dtype}); it is not a CIFAR batch")
+    x = xr.astype(np.uint8)
     if x.ndim != 2 or x.shape[1] != 3072 or x.shape[0] != y.shape[0]:
         raise TensorcutError(f"{path}: data has shape {x.shape}, expected (N, 3072) with N labels")
     return x.reshape(-1, 3, 32, 32), y
 
 
 def _read_cifar_bin(path: Path, label_bytes: int) -> tuple[np.ndarray, np.ndarray]:
-    raw = np.fromfile(path, dtype=np.uint8)
+    try:
+        raw = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise TensorcutError(f"cannot read {path}: {e.strerror}; check --data-dir") from None
     rec = label_bytes + 3072
     if raw.size == 0 or raw.size % rec:
         raise TensorcutError(f"{path}: size {raw.size} is not a multiple of the {rec}-byte CIFAR record; the file is truncated or corrupt")
