@@ -116,8 +116,13 @@ class LayerPlan:
 
     @property
     def ratio(self) -> float:
-        """Compression ratio of this layer (dense / stored parameters)."""
+        """Parameter compression ratio (PCR) of this layer: dense / stored parameters."""
         return self.params_before / self.params_after if self.params_after else 1.0
+
+    @property
+    def mac_ratio(self) -> float:
+        """FLOPs compression ratio (FCR) of this layer: dense / factorized MACs."""
+        return self.macs_before / self.macs_after if self.macs_after else 1.0
 
 
 @dataclass
@@ -144,29 +149,31 @@ class Plan:
             "model_params_before": self.model_params, "model_params_after": self.model_params - pb + pa,
             "model_ratio": self.model_params / (self.model_params - pb + pa),
             "model_macs_before": self.model_macs, "model_macs_after": self.model_macs - mb + ma,
+            "model_mac_ratio": self.model_macs / (self.model_macs - mb + ma) if (self.model_macs - mb + ma) else 1.0,
             "factorized_layers": sum(l.status == "factorize" for l in self.layers),
             "dense_layers": sum(l.status != "factorize" for l in self.layers),
         }
 
     def table(self) -> str:
         """Human-readable per-layer table (listed conv layers only) with totals."""
-        head = ("layer", "method", "ranks", "params", "->", "CR", "MACs ->", "rel.err", "decision")
+        head = ("layer", "method", "ranks", "params", "->", "PCR", "MACs ->", "FCR", "rel.err", "decision")
         rows = []
         for l in self.layers:
             fact = l.status == "factorize"
             rows.append((l.name, l.method if fact else "-", "x".join(map(str, l.ranks)) if fact else "-",
                          f"{l.params_before:,}", f"{l.params_after:,}" if fact else "=", f"{l.ratio:.2f}" if fact else "1.00",
-                         f"{l.macs_after:,}" if fact else "=", f"{l.error:.4f}" if (fact and l.error is not None) else "-",
+                         f"{l.macs_after:,}" if fact else "=", f"{l.mac_ratio:.2f}" if fact else "1.00",
+                         f"{l.error:.4f}" if (fact and l.error is not None) else "-",
                          "factorize" + (f" ({l.note})" if l.note else "") if fact else f"dense: {l.reason}"))
         t = self.totals()
         rows.append(("conv layers", "", "", f"{t['conv_params_before']:,}", f"{t['conv_params_after']:,}",
-                     f"{t['conv_ratio']:.2f}", f"{t['conv_macs_after']:,}", "", ""))
+                     f"{t['conv_ratio']:.2f}", f"{t['conv_macs_after']:,}", f"{t['conv_mac_ratio']:.2f}", "", ""))
         rows.append(("whole model", "", "", f"{t['model_params_before']:,}", f"{t['model_params_after']:,}",
-                     f"{t['model_ratio']:.2f}", f"{t['model_macs_after']:,}", "", ""))
+                     f"{t['model_ratio']:.2f}", f"{t['model_macs_after']:,}", f"{t['model_mac_ratio']:.2f}", "", ""))
         w = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
         lines = ["  ".join(str(c).ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in [head, *rows]]
         lines.insert(1, "  ".join("-" * x for x in w))
-        lines.append("CR = dense / stored parameters; rel.err = ||W - W~||_F / ||W||_F of the kernel; MACs per image at input "
+        lines.append("PCR = dense / stored parameters; FCR = dense / factorized MACs; rel.err = ||W - W~||_F / ||W||_F of the kernel; MACs per image at input "
                      + "x".join(map(str, self.input_shape)) + ".")
         return "\n".join(lines)
 
