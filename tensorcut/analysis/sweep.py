@@ -208,6 +208,9 @@ def analyze(
     spec = grid.parse_keep(keep)
     grid.check_keep_layers(spec, chosen, all_convs)
     kernels = {name: model.get_submodule(name).weight.detach().clone() for name in chosen}
+    bad = [name for name, K in kernels.items() if not bool(torch.isfinite(K).all())]
+    if bad:
+        raise TensorcutError(f"layer {bad[0]!r} has NaN or Inf weights; a truncation study needs finite kernels")
     plan_svd = {(layer, b): grid.keep_values(spec, layer, b, kernels[layer].shape) for layer in chosen for b in bips}
     cp_spec = grid.parse_cp_ranks(cp_ranks)
     plan_cp = {layer: (grid.default_cp_ranks(kernels[layer].shape) if cp_spec == "auto" else list(cp_spec or []))
