@@ -183,6 +183,48 @@ def build_model(meta: dict[str, Any]) -> nn.Module:
     return model
 
 
+def _header_numel(wpath: Path) -> int | None:
+    """Number of stored values according to a safetensors header (None when it cannot be read)."""
+    import math
+    import struct
+
+    try:
+        with open(wpath, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100 << 20:
+                return None
+            header = json.loads(f.read(n))
+        return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    except (OSError, ValueError, struct.error, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _check_size(meta: dict[str, Any], wpath: Path) -> None:
+    """Refuse, before allocating anything, a meta.json that describes far more weights than the file holds.
+
+    The dense architecture is built on the 'meta' device (no memory); the layers it keeps dense
+    are a lower bound on what ``model.safetensors`` must contain. A hand-edited width would
+    otherwise allocate (and zero) gigabytes before the exact shape check could speak; smaller
+    disagreements are left to that check, whose message is more precise.
+    """
+    from tensorcut import models
+
+    stored = _header_numel(wpath)
+    if stored is None:
+        return
+    replaced = tuple(meta.get("layers") or {}) if isinstance(meta.get("layers"), dict) else ()
+    try:
+        with torch.device("meta"):
+            probe = models.create(meta["model"]["name"], **(meta["model"].get("kwargs") or {}))
+        state = probe.state_dict()
+    except (TypeError, ValueError, RuntimeError, TensorcutError):
+        return  # build_model reports these
+    need = sum(t.numel() for k, t in state.items() if not any(k == r or k.startswith(r + ".") for r in replaced))
+    if need > stored + (1 << 28):  # > 1 GiB of float32 more than stored: refuse before allocating it
+        raise TensorcutError(f"{wpath.parent}: meta.json describes a model with at least {need:,} weights but "
+                             f"{WEIGHTS} holds {stored:,}; the files come from different models or meta.json was edited")
+
+
 def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0][:160]
 
@@ -199,8 +241,9 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     directory = Path(directory)
     meta = read_meta(directory)
     _ensure_layers_imported()
-    model = build_model(meta)
     wpath = directory / WEIGHTS
+    _check_size(meta, wpath)
+    model = build_model(meta)
     try:
         state = st_load(wpath.read_bytes())
     except FileNotFoundError:

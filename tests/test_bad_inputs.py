@@ -1,0 +1,587 @@
+"""THE catalogue of bad inputs: one test per entry, each read top to bottom.
+
+Contract for every entry: the command-line verb exits with status 2 and prints exactly
+one line, ``tensorcut VERB: error: ...``, that says what is wrong and how to fix it; no
+input file is modified, no output is left half-written, and nothing a user handed over is
+ever unpickled. (Entries marked *accepted* are inputs that are legal and must simply work.)
+
+Sections
+  A. checkpoint files: truncated, random, empty, foreign, missing
+  B. meta.json edited by hand so that it disagrees with the weights
+  C. pickles, which are never unpickled
+  D. non-finite and degenerate weights: NaN, Inf, zero kernels
+  E. kernel shapes: 1x1, one channel, huge (every registered layer class)
+  F. ranks: 0, negative, larger than the kernel, wrong count, not a number
+  G. data files: wrong magic numbers, sizes, counts, labels, formats
+  H. images with the wrong channel count
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import struct
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save_file
+from torch import nn
+
+import tensorcut.layers  # noqa: F401  (registers every layer class)
+from formats_util import pickle_dump, write_idx
+from tensorcut.cli import main
+from tensorcut.errors import TensorcutError
+from tensorcut.layers.base import LAYER_REGISTRY, ConvGeometry
+
+METHODS = sorted(LAYER_REGISTRY)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _digest(path: Path) -> dict[str, str]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def refused(capsys: pytest.CaptureFixture[str], argv: list[str], *needles: str, keep: tuple[Path, ...] = ()) -> str:
+    """Run the CLI; assert exit 2, one error line containing ``needles``, and ``keep`` paths unchanged."""
+    before = {str(p): _digest(p) for p in keep}
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            rc = main(argv)
+        except SystemExit as e:  # argparse's own refusals (usage line + error line)
+            rc = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, (rc, err)
+    errors = [ln for ln in err if ln.startswith(f"tensorcut {argv[0]}: error: ")]
+    assert len(errors) == 1, err
+    if not any(ln.startswith("usage:") for ln in err):
+        assert len(err) == 1, err
+    for n in needles:
+        assert n in errors[0], errors[0]
+    assert {str(p): _digest(p) for p in keep} == before, "an input was modified"
+    return errors[0]
+
+
+@pytest.fixture
+def ck(tiny_checkpoint: Path, tmp_path: Path) -> Path:
+    """A private copy of the small trained checkpoint (vanilla-cnn on digits: 1 channel, 8x8)."""
+    d = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoint, d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def compressed_src(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cmp") / "cmp"
+    assert main(["compress", str(tiny_checkpoint), "--method", "tucker2", "--ratio", "0.5", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def compressed(compressed_src: Path, tmp_path: Path) -> Path:
+    d = tmp_path / "cmp"
+    shutil.copytree(compressed_src, d)
+    return d
+
+
+def _edit_meta(d: Path, fn: Callable[[dict[str, Any]], Any]) -> Path:
+    meta = json.loads((d / "meta.json").read_text())
+    fn(meta)
+    (d / "meta.json").write_text(json.dumps(meta))
+    return d
+
+
+def load_file(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors read into memory (not memory-mapped: the tests overwrite the same file)."""
+    return st_load(path.read_bytes())
+
+
+def _edit_weights(d: Path, fn: Callable[[dict[str, torch.Tensor]], Any]) -> Path:
+    sd = load_file(d / "model.safetensors")
+    fn(sd)
+    save_file(sd, d / "model.safetensors")
+    return d
+
+
+class _Booby:
+    """Unpickling this would create ``target``: proof that nothing was unpickled if it stays absent."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.target,))
+
+
+# ============================================================================= A. checkpoint files
+
+
+def test_A1_truncated_weights_file(ck: Path, capsys: Any) -> None:
+    w = ck / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    refused(capsys, ["evaluate", str(ck)], "model.safetensors is truncated or corrupt", keep=(ck,))
+
+
+def test_A2_random_bytes_as_weights(ck: Path, capsys: Any) -> None:
+    (ck / "model.safetensors").write_bytes(os.urandom(4096))
+    refused(capsys, ["compress", str(ck), "--ratio", "0.5", "--out", str(ck.parent / "o")], "truncated or corrupt",
+            keep=(ck,))
+    assert not (ck.parent / "o").exists()
+
+
+def test_A3_empty_weights_file(ck: Path, capsys: Any) -> None:
+    (ck / "model.safetensors").write_bytes(b"")
+    refused(capsys, ["inspect", str(ck)], "truncated or corrupt", keep=(ck,))
+
+
+def test_A4_safetensors_of_another_model(ck: Path, capsys: Any) -> None:
+    save_file({"encoder.weight": torch.zeros(3, 3)}, ck / "model.safetensors")
+    refused(capsys, ["evaluate", str(ck)], "weights do not match meta.json", "come from different models", keep=(ck,))
+
+
+def test_A5_torch_save_file_in_place_of_safetensors(ck: Path, capsys: Any) -> None:
+    torch.save(load_file(ck / "model.safetensors"), ck / "model.safetensors")
+    refused(capsys, ["evaluate", str(ck)], "truncated or corrupt", keep=(ck,))
+
+
+def test_A6_folder_of_another_tool_without_meta_json(tmp_path: Path, capsys: Any) -> None:
+    d = tmp_path / "hf"
+    d.mkdir()
+    torch.save({"w": torch.zeros(2)}, d / "pytorch_model.bin")
+    refused(capsys, ["evaluate", str(d)], "has no meta.json; it is not a tensorcut checkpoint", keep=(d,))
+
+
+def test_A7_missing_weights_file(ck: Path, capsys: Any) -> None:
+    (ck / "model.safetensors").unlink()
+    refused(capsys, ["export", str(ck), "--format", "onnx"], "has no model.safetensors", keep=(ck,))
+
+
+def test_A8_checkpoint_path_is_a_file(ck: Path, capsys: Any) -> None:
+    refused(capsys, ["evaluate", str(ck / "meta.json")], "is not a checkpoint directory")
+
+
+# ============================================================================= B. meta.json vs weights
+
+
+def test_B1_meta_not_json(ck: Path, capsys: Any) -> None:
+    (ck / "meta.json").write_text("{model: vanilla")
+    refused(capsys, ["evaluate", str(ck)], "meta.json is corrupt", keep=(ck,))
+
+
+def test_B2_meta_binary_garbage(ck: Path, capsys: Any) -> None:
+    (ck / "meta.json").write_bytes(b"\xff\xfe\x00\x01" * 10)
+    refused(capsys, ["evaluate", str(ck)], "meta.json is corrupt", keep=(ck,))
+
+
+def test_B3_meta_json_of_another_format(ck: Path, capsys: Any) -> None:
+    (ck / "meta.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    refused(capsys, ["evaluate", str(ck)], "is not tensorcut checkpoint metadata", keep=(ck,))
+
+
+def test_B4_width_edited(ck: Path, capsys: Any) -> None:
+    _edit_meta(ck, lambda m: m["model"]["kwargs"].update(width=0.25))
+    refused(capsys, ["evaluate", str(ck)], "weights do not match meta.json", "of wrong shape", keep=(ck,))
+
+
+def test_B5_number_of_classes_edited(ck: Path, capsys: Any) -> None:
+    _edit_meta(ck, lambda m: m["model"]["kwargs"].update(num_classes=7))
+    refused(capsys, ["evaluate", str(ck)], "fc3.weight", keep=(ck,))
+
+
+def test_B6_model_name_edited_to_another_zoo_model(ck: Path, capsys: Any) -> None:
+    _edit_meta(ck, lambda m: m["model"].update(name="resnet20"))
+    refused(capsys, ["evaluate", str(ck)], "weights do not match meta.json", keep=(ck,))
+
+
+def test_B7_unknown_model_name(ck: Path, capsys: Any) -> None:
+    _edit_meta(ck, lambda m: m["model"].update(name="resnet9000"))
+    refused(capsys, ["evaluate", str(ck)], "unknown model 'resnet9000'", keep=(ck,))
+
+
+def test_B8_model_argument_of_the_wrong_type(ck: Path, capsys: Any) -> None:
+    _edit_meta(ck, lambda m: m["model"]["kwargs"].update(width="wide"))
+    refused(capsys, ["evaluate", str(ck)], "model.kwargs do not fit model 'vanilla-cnn'", keep=(ck,))
+
+
+def test_B9_model_too_large_to_build(ck: Path, capsys: Any) -> None:
+    _edit_meta(ck, lambda m: m["model"]["kwargs"].update(width=1e6))
+    refused(capsys, ["evaluate", str(ck)], "meta.json describes a model with at least", keep=(ck,))
+
+
+def test_B10_factorized_ranks_edited(compressed: Path, capsys: Any) -> None:
+    layer = next(iter(json.loads((compressed / "meta.json").read_text())["layers"]))
+    _edit_meta(compressed, lambda m: m["layers"][layer].update(ranks=[1, 1]))
+    refused(capsys, ["evaluate", str(compressed)], "weights do not match meta.json", keep=(compressed,))
+
+
+@pytest.mark.parametrize("ranks", [[0, 0], [-2, 3], "ab"])
+def test_B11_factorized_ranks_zero_negative_or_not_numbers(compressed: Path, capsys: Any, ranks: Any) -> None:
+    layer = next(iter(json.loads((compressed / "meta.json").read_text())["layers"]))
+    _edit_meta(compressed, lambda m: m["layers"][layer].update(ranks=ranks))
+    refused(capsys, ["evaluate", str(compressed)], f"meta.json layer {layer!r} has an invalid configuration",
+            keep=(compressed,))
+
+
+def test_B12_factorized_ranks_too_large_to_build(compressed: Path, capsys: Any) -> None:
+    layer = next(iter(json.loads((compressed / "meta.json").read_text())["layers"]))
+    _edit_meta(compressed, lambda m: m["layers"][layer].update(ranks=[10**6, 10**6]))
+    refused(capsys, ["evaluate", str(compressed)], "cannot be built here", keep=(compressed,))
+
+
+def test_B13_unknown_factorization_method(compressed: Path, capsys: Any) -> None:
+    layer = next(iter(json.loads((compressed / "meta.json").read_text())["layers"]))
+    _edit_meta(compressed, lambda m: m["layers"][layer].update(method="svd9"))
+    refused(capsys, ["evaluate", str(compressed)], "unknown method 'svd9'", keep=(compressed,))
+
+
+def test_B14_factorized_layer_dropped_from_meta(compressed: Path, capsys: Any) -> None:
+    layer = next(iter(json.loads((compressed / "meta.json").read_text())["layers"]))
+    _edit_meta(compressed, lambda m: m["layers"].pop(layer))
+    refused(capsys, ["evaluate", str(compressed)], "weights do not match meta.json", keep=(compressed,))
+
+
+def test_B15_layers_entry_not_an_object(compressed: Path, capsys: Any) -> None:
+    _edit_meta(compressed, lambda m: m.update(layers="conv2"))
+    refused(capsys, ["evaluate", str(compressed)], "'layers' must map layer names", keep=(compressed,))
+
+
+def test_B16_meta_names_a_layer_the_model_lacks(compressed: Path, capsys: Any) -> None:
+    def rename(m: dict[str, Any]) -> None:
+        name = next(iter(m["layers"]))
+        m["layers"]["conv99"] = m["layers"].pop(name)
+
+    _edit_meta(compressed, rename)
+    refused(capsys, ["evaluate", str(compressed)], "names layer 'conv99'", keep=(compressed,))
+
+
+# ============================================================================= C. pickles
+
+
+def test_C1_pickle_as_weights_is_never_unpickled(ck: Path, tmp_path: Path, capsys: Any) -> None:
+    sentinel = tmp_path / "UNPICKLED"
+    (ck / "model.safetensors").write_bytes(pickle.dumps(_Booby(sentinel)))
+    refused(capsys, ["evaluate", str(ck)], "truncated or corrupt", keep=(ck,))
+    assert not sentinel.exists()
+
+
+def test_C2_pickle_as_training_state_is_never_unpickled(ck: Path, tmp_path: Path, capsys: Any) -> None:
+    sentinel = tmp_path / "UNPICKLED"
+    (ck / "train_state.pt").write_bytes(pickle.dumps(_Booby(sentinel)))
+    argv = ["train", "--model", "vanilla-cnn", "--width", "0.125", "--dataset", "digits", "--subset", "32",
+            "--epochs", "2", "--device", "cpu", "--out", str(ck), "--resume"]
+    refused(capsys, argv, "train_state.pt is corrupt or not a tensorcut training state", "it was not executed",
+            keep=(ck,))
+    assert not sentinel.exists()
+
+
+def test_C3_torch_zip_with_code_as_training_state(ck: Path, tmp_path: Path, capsys: Any) -> None:
+    sentinel = tmp_path / "UNPICKLED"
+    torch.save({"optimizer": _Booby(sentinel), "epoch": 1}, ck / "train_state.pt")
+    argv = ["train", "--model", "vanilla-cnn", "--width", "0.125", "--dataset", "digits", "--subset", "32",
+            "--epochs", "2", "--device", "cpu", "--out", str(ck), "--resume"]
+    refused(capsys, argv, "train_state.pt is corrupt or not a tensorcut training state", keep=(ck,))
+    assert not sentinel.exists()
+
+
+def test_C4_cifar_batch_with_code_is_never_unpickled(tmp_path: Path, capsys: Any) -> None:
+    sentinel = tmp_path / "UNPICKLED"
+    d = _cifar_py(tmp_path / "c10")
+    pickle_dump({b"data": _Booby(sentinel), b"labels": [0]}, d / "data_batch_2")
+    refused(capsys, _train_on("cifar10", d, tmp_path), "is not a CIFAR python batch", "only arrays are accepted",
+            keep=(d,))
+    assert not sentinel.exists()
+
+
+# ============================================================================= D. non-finite and degenerate weights
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_D1_nan_or_inf_weights(ck: Path, tmp_path: Path, capsys: Any, value: float) -> None:
+    _edit_weights(ck, lambda sd: sd["conv2.weight"].view(-1)[3].fill_(value))
+    for argv in (["compress", str(ck), "--ratio", "0.5", "--out", str(tmp_path / "o")],
+                 ["analyze", str(ck), "--no-progress", "--out", str(tmp_path / "r.sqlite")],
+                 ["evaluate", str(ck)], ["export", str(ck), "--format", "onnx"],
+                 ["finetune", str(ck), "--epochs", "1", "--out", str(tmp_path / "ft")]):
+        refused(capsys, argv, "hold NaN or Inf values (e.g. conv2.weight)", keep=(ck,))
+    assert not (tmp_path / "o").exists() and not (tmp_path / "ft").exists()
+
+
+def test_D2_nan_kernel_through_the_python_api(tmp_path: Path) -> None:
+    from tensorcut.analysis.sweep import analyze
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    with torch.no_grad():
+        net[1].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(TensorcutError, match="'1' has NaN or Inf weights"):
+        analyze(net, [(torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long))], tmp_path / "r.sqlite",
+                progress=False)
+    for method, cls in LAYER_REGISTRY.items():
+        with pytest.raises(TensorcutError, match="NaN or Inf"):
+            cls.from_conv(net[1], cls.max_ranks(ConvGeometry.from_conv(net[1])))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_D3_zero_kernel_is_accepted(ck: Path, tmp_path: Path, capsys: Any, method: str) -> None:
+    """*accepted*: an all-zero kernel compresses to a layer that computes zeros (no 0/0 NaN)."""
+    from tensorcut import io as tio
+
+    _edit_weights(ck, lambda sd: sd["conv2.weight"].zero_())
+    out = tmp_path / "o"
+    assert main(["compress", str(ck), "--method", method, "--eps", "0.2", "--layers", "conv2", "--out", str(out)]) == 0
+    model = tio.load(out)
+    assert all(bool(torch.isfinite(t).all()) for t in model.state_dict().values())
+    conv2 = model.get_submodule("conv2")
+    w = conv2.reconstruct_weight() if hasattr(conv2, "reconstruct_weight") else conv2.weight
+    assert float(w.detach().abs().max()) == 0.0
+
+
+# ============================================================================= E. kernel shapes
+
+
+def _exact(conv: nn.Conv2d, method: str, hw: int = 17) -> float:
+    cls = LAYER_REGISTRY[method]
+    conv = conv.double()
+    layer = cls.from_conv(conv, cls.max_ranks(ConvGeometry.from_conv(conv)))  # type: ignore[attr-defined]
+    x = torch.randn(2, conv.in_channels, hw, hw, dtype=torch.float64)
+    with torch.no_grad():
+        return float((layer(x) - conv(x)).abs().max() / conv(x).abs().max().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_E1_1x1_kernels(method: str) -> None:
+    assert _exact(nn.Conv2d(24, 16, 1), method) < 1e-10
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_E2_one_channel_in_or_out(method: str) -> None:
+    for conv in (nn.Conv2d(1, 8, 3), nn.Conv2d(8, 1, 3), nn.Conv2d(1, 1, 1)):
+        assert _exact(conv, method) < 1e-10
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_E3_huge_kernels(method: str) -> None:
+    assert _exact(nn.Conv2d(2, 3, 11, padding=5), method, hw=14) < 1e-10
+
+
+def test_E4_kernel_larger_than_the_image_fails_like_the_dense_conv(tmp_path: Path) -> None:
+    """*accepted* at layer level: the factorized layer fails exactly where the dense conv fails."""
+    conv = nn.Conv2d(3, 4, 9).double()
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    for method, cls in LAYER_REGISTRY.items():
+        layer = cls.from_conv(conv, cls.max_ranks(ConvGeometry.from_conv(conv)))  # type: ignore[attr-defined]
+        with pytest.raises(RuntimeError):
+            conv(x)
+        with pytest.raises(RuntimeError):
+            layer(x)
+
+
+# ============================================================================= F. ranks
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_F1_rank_zero(ck: Path, tmp_path: Path, capsys: Any, method: str) -> None:
+    refused(capsys, ["compress", str(ck), "--method", method, "--rank", "0", "--out", str(tmp_path / "o")],
+            "rank must be >= 1, got 0", keep=(ck,))
+    assert not (tmp_path / "o").exists()
+
+
+def test_F2_negative_rank(ck: Path, tmp_path: Path, capsys: Any) -> None:
+    refused(capsys, ["compress", str(ck), "--rank", "-3", "--out", str(tmp_path / "o")], "rank must be >= 1, got -3",
+            keep=(ck,))
+
+
+def test_F3_rank_larger_than_the_kernel(ck: Path, tmp_path: Path, capsys: Any) -> None:
+    """The CLI refuses (the clamped full-rank form is not smaller); the layer API clamps and says so."""
+    refused(capsys, ["compress", str(ck), "--rank", "100000", "--out", str(tmp_path / "o")],
+            "leaves nothing to compress", "would not be smaller", keep=(ck,))
+    conv = nn.Conv2d(8, 6, 3)
+    for method, cls in LAYER_REGISTRY.items():
+        n = len(cls.max_ranks(ConvGeometry.from_conv(conv)))  # type: ignore[attr-defined]
+        with pytest.warns(UserWarning, match="clamped"):
+            layer = cls.from_conv(conv, (10**4,) * n)  # type: ignore[attr-defined]
+        assert layer.ranks == cls.max_ranks(ConvGeometry.from_conv(conv))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_F4_zero_negative_or_fractional_ranks_in_the_layer_api(method: str) -> None:
+    cls = LAYER_REGISTRY[method]
+    conv = nn.Conv2d(8, 6, 3)
+    n = len(cls.max_ranks(ConvGeometry.from_conv(conv)))  # type: ignore[attr-defined]
+    for ranks in ((0,) * n, (-1,) * n, 2.5, (2,) * (n + 3)):
+        with pytest.raises(TensorcutError):
+            cls.from_conv(conv, ranks)  # type: ignore[attr-defined]
+
+
+def test_F5_wrong_number_of_ranks(ck: Path, tmp_path: Path, capsys: Any) -> None:
+    refused(capsys, ["compress", str(ck), "--method", "tucker2", "--rank", "2,3,4,5,6", "--out", str(tmp_path / "o")],
+            "tucker2 takes 2 ranks", keep=(ck,))
+
+
+def test_F6_rank_that_is_not_a_number(ck: Path, tmp_path: Path, capsys: Any) -> None:
+    refused(capsys, ["compress", str(ck), "--rank", "abc", "--out", str(tmp_path / "o")],
+            "rank must be an int or comma-separated ints", keep=(ck,))
+
+
+@pytest.mark.parametrize("flag,value,msg", [("--ratio", "0", "must be in (0, 1)"), ("--ratio", "1.5", "must be in (0, 1)"),
+                                            ("--eps", "-1", "must be in (0, 1)")])
+def test_F7_rank_rule_out_of_range(ck: Path, tmp_path: Path, capsys: Any, flag: str, value: str, msg: str) -> None:
+    refused(capsys, ["compress", str(ck), flag, value, "--out", str(tmp_path / "o")], msg, keep=(ck,))
+
+
+# ============================================================================= G. data files
+
+
+def _fashion(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 50), ("t10k", 20)):
+        write_idx(d / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), gz=False)
+        write_idx(d / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n), gz=False)
+    return d
+
+
+def _cifar_py(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(2)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        pickle_dump({b"data": rng.integers(0, 256, (10, 3072)).astype(np.uint8),
+                     b"labels": [int(v) for v in rng.integers(0, 10, 10)]}, d / name)
+    return d
+
+
+def _cifar_bin(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        rec = np.concatenate([rng.integers(0, 10, (10, 1)), rng.integers(0, 256, (10, 3072))], 1)
+        (d / name).write_bytes(rec.astype(np.uint8).tobytes())
+    return d
+
+
+def _train_on(dataset: str, data_dir: Path, tmp: Path) -> list[str]:
+    return ["train", "--model", "vanilla-cnn", "--width", "0.125", "--dataset", dataset, "--data-dir", str(data_dir),
+            "--epochs", "1", "--device", "cpu", "--out", str(tmp / "never")]
+
+
+def test_G1_idx_wrong_magic_number(tmp_path: Path, capsys: Any) -> None:
+    d = _fashion(tmp_path / "fm")
+    p = d / "train-images-idx3-ubyte"
+    p.write_bytes(b"\x00\x00\x0d\x03" + p.read_bytes()[4:])
+    refused(capsys, _train_on("fashion-mnist", d, tmp_path), "bad magic number", keep=(d,))
+    assert not (tmp_path / "never").exists()
+
+
+def test_G2_idx_truncated(tmp_path: Path, capsys: Any) -> None:
+    d = _fashion(tmp_path / "fm")
+    p = d / "t10k-images-idx3-ubyte"
+    p.write_bytes(p.read_bytes()[:-100])
+    refused(capsys, _train_on("fashion-mnist", d, tmp_path), "does not match its header", "truncated", keep=(d,))
+
+
+def test_G3_idx_images_and_labels_disagree(tmp_path: Path, capsys: Any) -> None:
+    d = _fashion(tmp_path / "fm")
+    write_idx(d / "train-labels-idx1-ubyte", np.zeros(49), gz=False)
+    refused(capsys, _train_on("fashion-mnist", d, tmp_path), "disagree", keep=(d,))
+
+
+def test_G4_idx_corrupt_gzip(tmp_path: Path, capsys: Any) -> None:
+    d = _fashion(tmp_path / "fm")
+    (d / "train-images-idx3-ubyte").unlink()
+    (d / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"x" * 100)[:20])
+    refused(capsys, _train_on("fashion-mnist", d, tmp_path), "train-images-idx3-ubyte.gz", keep=(d,))
+
+
+def test_G5_idx_images_of_the_wrong_size(tmp_path: Path, capsys: Any) -> None:
+    d = _fashion(tmp_path / "fm")
+    write_idx(d / "train-images-idx3-ubyte", np.zeros((50, 32, 32)), gz=False)
+    refused(capsys, _train_on("fashion-mnist", d, tmp_path), "holds 32x32 images, expected 28x28", keep=(d,))
+
+
+def test_G6_idx_labels_out_of_range(tmp_path: Path, capsys: Any) -> None:
+    d = _fashion(tmp_path / "fm")
+    write_idx(d / "train-labels-idx1-ubyte", np.full(50, 200), gz=False)
+    refused(capsys, _train_on("fashion-mnist", d, tmp_path), "labels outside 0..9", keep=(d,))
+
+
+def test_G7_idx_of_unexpected_rank(tmp_path: Path, capsys: Any) -> None:
+    d = _fashion(tmp_path / "fm")
+    write_idx(d / "train-images-idx3-ubyte", np.zeros((5, 28, 28, 3)), gz=False)
+    refused(capsys, _train_on("fashion-mnist", d, tmp_path), "unexpected IDX rank 4", keep=(d,))
+
+
+def test_G8_cifar_binary_truncated(tmp_path: Path, capsys: Any) -> None:
+    d = _cifar_bin(tmp_path / "c10")
+    p = d / "data_batch_3.bin"
+    p.write_bytes(p.read_bytes()[:-7])
+    refused(capsys, _train_on("cifar10", d, tmp_path), "not a multiple of the 3073-byte CIFAR record", keep=(d,))
+
+
+def test_G9_cifar_labels_of_another_data_set(tmp_path: Path, capsys: Any) -> None:
+    d = _cifar_bin(tmp_path / "c10")
+    p = d / "test_batch.bin"
+    p.write_bytes(bytes([57]) + p.read_bytes()[1:])
+    refused(capsys, _train_on("cifar10", d, tmp_path), "labels outside 0..9", keep=(d,))
+
+
+@pytest.mark.parametrize("obj,msg", [([1, 2], "top level is list"), ({b"labels": [0]}, "lacks 'data'"),
+                                     ({b"data": "pixels", b"labels": [0]}, "byte pixel values"),
+                                     ({b"data": np.zeros((2, 3072)), b"labels": ["a", "b"]}, "not numeric")])
+def test_G10_cifar_python_batch_of_the_wrong_shape_or_type(tmp_path: Path, capsys: Any, obj: Any, msg: str) -> None:
+    d = _cifar_py(tmp_path / "c10")
+    pickle_dump(obj, d / "data_batch_4")
+    refused(capsys, _train_on("cifar10", d, tmp_path), msg, keep=(d,))
+
+
+def test_G11_cifar_python_batch_of_random_bytes(tmp_path: Path, capsys: Any) -> None:
+    d = _cifar_py(tmp_path / "c10")
+    (d / "test_batch").write_bytes(b"\x80\x02" + os.urandom(300))
+    refused(capsys, _train_on("cifar10", d, tmp_path), "is not a CIFAR python batch", keep=(d,))
+
+
+def test_G12_a_directory_where_a_data_file_should_be(tmp_path: Path, capsys: Any) -> None:
+    d = _cifar_bin(tmp_path / "c10")
+    (d / "test_batch.bin").unlink()
+    (d / "test_batch.bin").mkdir()
+    refused(capsys, _train_on("cifar10", d, tmp_path), "Is a directory", keep=(d,))
+
+
+def test_G13_data_set_missing(tmp_path: Path, capsys: Any) -> None:
+    refused(capsys, _train_on("cifar100", tmp_path / "nothing", tmp_path), "cifar100 not found", "--data-dir")
+
+
+# ============================================================================= H. wrong channel count
+
+
+def test_H1_evaluate_a_grey_model_on_colour_images(ck: Path, capsys: Any) -> None:
+    refused(capsys, ["evaluate", str(ck), "--dataset", "synthetic"], "synthetic images have 3 channels but the model "
+            "expects 1", keep=(ck,))
+
+
+def test_H2_finetune_on_a_data_set_with_other_channels(ck: Path, tmp_path: Path, capsys: Any) -> None:
+    refused(capsys, ["finetune", str(ck), "--dataset", "synthetic", "--epochs", "1", "--out", str(tmp_path / "ft")],
+            "3 channels but the model expects 1", keep=(ck,))
+    assert not (tmp_path / "ft").exists()
+
+
+def test_H3_analyze_on_a_data_set_with_other_channels(ck: Path, tmp_path: Path, capsys: Any) -> None:
+    refused(capsys, ["analyze", str(ck), "--dataset", "synthetic", "--no-progress", "--out", str(tmp_path / "r.sqlite")],
+            "3 channels but the model expects 1", keep=(ck,))
+
+
+def test_H4_cifar_batch_of_grey_images(tmp_path: Path, capsys: Any) -> None:
+    d = _cifar_py(tmp_path / "c10")
+    pickle_dump({b"data": np.zeros((10, 1024), np.uint8), b"labels": [0] * 10}, d / "data_batch_2")
+    refused(capsys, _train_on("cifar10", d, tmp_path), "expected (N, 3072)", keep=(d,))
