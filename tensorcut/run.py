@@ -300,8 +300,10 @@ def run(
         _say("[compress] calibration top-1 by allocation: "
              + ", ".join(f"{k} {v['top1']:.4f} (x{v['ratio']:.2f})" for k, v in tried.items()) + f"; using {best}", progress)
         shutil.rmtree(comp_dir, ignore_errors=True)
-        _, p, _ = compress_checkpoint(dense_dir, comp_dir, cc, sensitivity=sensitivity, progress=progress)
-        rd.mark("compress", {"path": "compressed", "config": cc.to_dict(), "totals": p.totals()}, ts)
+        _, p, _ = compress_checkpoint(dense_dir, comp_dir, cc, sensitivity=sensitivity if use_sens else None,
+                                      progress=progress)
+        rd.mark("compress", {"path": "compressed", "config": cc.to_dict(), "totals": p.totals(), "allocation": best,
+                             "calibration": tried}, ts)
     else:
         _say("[compress] done (skipped)", progress)
 
