@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from tensorcut.errors import TensorcutError
+
+if TYPE_CHECKING:
+    from tensorcut.train.loop import FitConfig
 
 
 def _rank_arg(text: str) -> int | tuple[int, ...]:
@@ -42,15 +46,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_compress)
 
     f = sub.add_parser("finetune", help="fine-tune a compressed checkpoint (thesis recipe by default)",
-                       description="Fine-tune: Adam lr 1e-5, early stopping on validation loss (patience 3), at most 50 epochs.")
+                       description="Fine-tune from the checkpoint's (decomposed) weights. Recipes: 'thesis' (default): "
+                       "Adam lr 1e-5, early stopping on validation loss (patience 3), at most 50 epochs; 'rsdtr' (the "
+                       "RSDTR paper's): SGD momentum 0.9, weight decay 1e-4, one-cycle learning rate peaking at 0.01, "
+                       "160 epochs, no early stopping. Explicit flags override the recipe's values.")
     f.add_argument("checkpoint")
+    f.add_argument("--recipe", choices=("thesis", "rsdtr"), default="thesis", help="starting recipe (default: thesis)")
     f.add_argument("--dataset", default=None, help="default: the checkpoint's")
     f.add_argument("--subset", type=int, default=None)
-    f.add_argument("--epochs", type=int, default=50)
-    f.add_argument("--lr", type=float, default=1e-5)
-    f.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
-    f.add_argument("--scheduler", choices=SCHEDULERS, default="none")
-    f.add_argument("--patience", type=int, default=3)
+    f.add_argument("--epochs", type=int, default=None, help="default: the recipe's (thesis 50, rsdtr 160)")
+    f.add_argument("--lr", type=float, default=None, help="learning rate (peak for onecycle); default: the recipe's "
+                   "(thesis 1e-5, rsdtr 0.01)")
+    f.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="default: the recipe's (thesis adam, rsdtr sgd)")
+    f.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="default: the recipe's (thesis none, rsdtr onecycle)")
+    f.add_argument("--momentum", type=float, default=None, help="SGD momentum; default: the recipe's (0.9)")
+    f.add_argument("--weight-decay", type=float, default=None, help="default: the recipe's (thesis 0, rsdtr 1e-4)")
+    f.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs, 0 for none; default: "
+                   "the recipe's (thesis 3, rsdtr none)")
     f.add_argument("--batch-size", type=int, default=128)
     f.add_argument("--distill-from", default=None, help="dense checkpoint to distil from (teacher)")
     f.add_argument("--distill-alpha", type=float, default=0.5)
@@ -85,12 +97,27 @@ def _compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def finetune_config(args: argparse.Namespace) -> "FitConfig":
+    """The FitConfig of ``tensorcut finetune``: the ``--recipe``'s, with every explicitly given flag applied."""
+    import dataclasses
+
+    from tensorcut.workflow import RECIPES
+
+    cfg = RECIPES[args.recipe]
+    changes = {k: getattr(args, k) for k in ("epochs", "lr", "optimizer", "scheduler", "momentum", "weight_decay")
+               if getattr(args, k) is not None}
+    if args.patience is not None:
+        if args.patience < 0:
+            raise TensorcutError(f"--patience must be >= 0 (0 turns early stopping off), got {args.patience}")
+        changes["patience"] = args.patience or None
+    changes["distill_alpha"] = args.distill_alpha if args.distill_from else 0.0
+    return dataclasses.replace(cfg, **changes)  # a fresh, re-validated copy; the recipe itself is untouched
+
+
 def _finetune(args: argparse.Namespace) -> int:
-    from tensorcut.train.loop import FitConfig
     from tensorcut.workflow import finetune_checkpoint
 
-    cfg = FitConfig(epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, scheduler=args.scheduler,
-                    patience=args.patience, distill_alpha=args.distill_alpha if args.distill_from else 0.0)
+    cfg = finetune_config(args)
     ck = finetune_checkpoint(args.checkpoint, args.out, dataset=args.dataset, config=cfg, distill_from=args.distill_from,
                              batch_size=args.batch_size, subset=args.subset, device=args.device)
     b, a = ck.meta["metrics"]["test_before_finetune"], ck.meta["metrics"]["test"]
