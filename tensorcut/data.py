@@ -177,8 +177,10 @@ def _read_cifar_pickle(path: Path) -> dict:
     try:
         with path.open("rb") as f:
             obj = _ArrayOnlyUnpickler(io.BufferedReader(f), encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
-        raise TensorcutError(f"{path} is not a CIFAR python batch ({e}); check --data-dir") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            LookupError, OverflowError, MemoryError, RecursionError) as e:  # what random bytes provoke
+        raise TensorcutError(f"{path} is not a CIFAR python batch ({type(e).__name__}: {str(e)[:80]}); "
+                             "check --data-dir") from None
     if not isinstance(obj, dict):
         raise TensorcutError(f"{path} is not a CIFAR python batch (top level is {type(obj).__name__}, expected dict)")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}

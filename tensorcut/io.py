@@ -162,6 +162,7 @@ def build_model(meta: dict[str, Any]) -> nn.Module:
                              "it disagrees with the weights or was edited") from None
     for name, cfg in layers.items():
         method = cfg.get("method") if isinstance(cfg, dict) else None
+        method = method if isinstance(method, str) else None
         cls = LAYER_REGISTRY.get(method) if method else None
         if cls is None:
             _ensure_layers_imported()

@@ -349,12 +349,16 @@ def _write_checkpoint(model: nn.Module, out: Path, meta: dict[str, Any], state: 
 def _load_train_state(path: Path, dev: torch.device) -> dict[str, Any]:
     """Read ``train_state.pt`` with ``weights_only=True``; anything else is one clear error."""
     import pickle
+    import struct
+    import warnings
     import zipfile
 
     try:
-        st = torch.load(path, map_location=dev, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
-            AttributeError, TypeError, KeyError, IndexError, UnicodeDecodeError) as e:
+        with warnings.catch_warnings():  # torch's own warnings about odd pickle protocols: the error says it all
+            warnings.simplefilter("ignore")
+            st = torch.load(path, map_location=dev, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, struct.error,
+            AttributeError, TypeError, KeyError, IndexError, LookupError, OverflowError, MemoryError) as e:
         raise TensorcutError(f"{path} is corrupt or not a tensorcut training state ({type(e).__name__}); it was not "
                              "executed; delete it to restart training from scratch") from None
     if not isinstance(st, dict) or "optimizer" not in st or "epoch" not in st:
