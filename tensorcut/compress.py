@@ -7,6 +7,7 @@ Shaped like torchao's ``quantize_``: one config object, one filter function.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -29,6 +30,9 @@ AUTO_METHODS = ("cp", "tucker2", "tt", "tr")
 BUDGET_SCALES = (1.0, 0.75, 0.55, 0.4, 0.3, 0.22, 0.16, 0.12, 0.08, 0.05, 0.03, 0.015)
 
 FilterFn = Callable[[str, nn.Module], bool]
+
+#: Cheaper decomposition settings for scoring budget candidates (the applied layers use the full ones).
+FAST_OPTIONS: dict[str, dict[str, Any]] = {"tucker2": {"hooi": False}, "tucker": {"hooi": False}, "cp": {"n_iter_max": 25}}
 
 
 def _methods() -> list[str]:
@@ -268,14 +272,19 @@ class _Builder:
     def cls(self, method: str) -> type[FactorizedConv2d]:
         return LAYER_REGISTRY[method]
 
-    def build(self, method: str, ranks: tuple[int, ...] | None = None, **rule: Any) -> nn.Module:
-        key = (method, ranks) if ranks is not None else None
+    def build(self, method: str, ranks: tuple[int, ...] | None = None, *, fast: bool = False, **rule: Any) -> nn.Module:
+        """The factorized layer; ``fast`` trades a little accuracy for speed (HOSVD without HOOI,
+        fewer ALS sweeps) — used only to rank budget candidates, never for the applied layer."""
+        key = (method, ranks, fast) if ranks is not None else None
         if key is not None and key in self.cache:
             return self.cache[key]
+        opts = dict(self.cfg.options.get(method, {}))
+        if fast:
+            opts.update(FAST_OPTIONS.get(method, {}))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            layer = self.cls(method).from_conv(self.conv, ranks=ranks, **rule, **self.cfg.options.get(method, {}))
-        self.cache[(method, tuple(layer.ranks))] = layer
+            layer = self.cls(method).from_conv(self.conv, ranks=ranks, **rule, **opts)
+        self.cache[(method, tuple(layer.ranks), fast)] = layer
         return layer
 
 
@@ -477,7 +486,6 @@ def _plan_budget(chosen: list[str], builders: dict[str, _Builder], sizes: dict[s
     kind = cfg.budget_kind
     method = "tucker2" if cfg.method == "auto" else cfg.method
     ladders: list[LayerLadder] = []
-    layer_cache: dict[str, dict[tuple[int, ...], nn.Module]] = {}
     entries: dict[str, LayerPlan] = {}
     for n in it:
         b = builders[n]
@@ -488,7 +496,6 @@ def _plan_budget(chosen: list[str], builders: dict[str, _Builder], sizes: dict[s
             entries[n] = _entry(n, b, sizes[n], method, "dense", str(e))
             continue
         cands, seen = [], set()
-        layer_cache[n] = {}
         for s in BUDGET_SCALES:
             r = scaled_ranks(mx, s)
             p = int(cls.predicted_params(b.geom, r))
@@ -499,10 +506,9 @@ def _plan_budget(chosen: list[str], builders: dict[str, _Builder], sizes: dict[s
 
         def evaluate(i: int, b: _Builder = b, cands: list[Candidate] = cands, n: str = n) -> float:
             try:
-                layer = b.build(method, cands[i].ranks)
+                layer = b.build(method, cands[i].ranks, fast=True)
             except (TensorcutError, ConvergenceError):
                 return math.inf
-            layer_cache[n][cands[i].ranks] = layer
             return _rel_error(b.conv.weight, layer)
 
         if not cands:
@@ -530,7 +536,11 @@ def _plan_budget(chosen: list[str], builders: dict[str, _Builder], sizes: dict[s
             entries[l.name] = _entry(l.name, b, sizes[l.name], method, "dense", "budget met without compressing this layer")
             continue
         c = l.candidates[l.choice]
-        layer = layer_cache[l.name].get(c.ranks) or b.build(method, c.ranks)
+        try:
+            layer = b.build(method, c.ranks)
+        except (TensorcutError, ConvergenceError) as err:
+            entries[l.name] = _entry(l.name, b, sizes[l.name], method, "dense", f"{method} failed at ranks {c.ranks}: {err}")
+            continue
         e = _entry(l.name, b, sizes[l.name], method, "factorize", "", layer=layer,
                    note="" if met else "budget not met: smallest candidates used")
         if cfg.method == "auto" and e.error is not None:
@@ -565,7 +575,9 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
         todo.append((e, conv))
     for e, conv in todo:
         layer = plan._built.get(e.name)
-        if layer is None or list(layer.ranks) != e.ranks:
+        if layer is not None and list(layer.ranks) == e.ranks:
+            layer = copy.deepcopy(layer)  # a plan may be applied to several models; never share modules
+        else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 layer = LAYER_REGISTRY[e.method].from_conv(conv, ranks=tuple(e.ranks))

@@ -160,12 +160,17 @@ def _strategy_config(cfg: RunConfig, kind: str, ratio: float | None) -> tuple[Co
 
 
 def _try_strategy(model: nn.Module, cfg: RunConfig, kind: str, ratio: float | None, shape: tuple[int, int, int],
-                  sensitivity: dict[str, float], loader: Any) -> dict[str, float]:
-    """Compress a copy of ``model`` with one allocation and measure calibration top-1 (no fine-tuning)."""
+                  sensitivity: dict[str, float], loader: Any, plans: dict[str, Any] | None = None) -> dict[str, float]:
+    """Compress a copy of ``model`` with one allocation and measure calibration top-1 (no fine-tuning).
+
+    The plan is kept in ``plans[kind]`` when given, so the chosen one need not be recomputed.
+    """
     m = copy.deepcopy(model)
     cc, use_sens = _strategy_config(cfg, kind, ratio)
-    p = plan(m, cc, input_shape=shape, sensitivity=sensitivity if use_sens else None, progress=False)
+    p = plan(model, cc, input_shape=shape, sensitivity=sensitivity if use_sens else None, progress=False)
     apply(m, p)
+    if plans is not None:
+        plans[kind] = p
     return {"ratio": p.totals()["conv_ratio"], "top1": evaluate_loader(m, loader)["top1"]}
 
 
@@ -294,14 +299,15 @@ def run(
         else:
             ratio = config.target_ratio
         kinds = STRATEGIES if ratio is not None else ("guided", "error")
-        tried = {k: _try_strategy(dense.model, config, k, ratio, shape, sensitivity, calib_loader) for k in kinds}
+        plans: dict[str, Any] = {}
+        tried = {k: _try_strategy(dense.model, config, k, ratio, shape, sensitivity, calib_loader, plans) for k in kinds}
         best = max(kinds, key=lambda k: (tried[k]["top1"], k == "guided"))
         cc, use_sens = _strategy_config(config, best, ratio)
         _say("[compress] calibration top-1 by allocation: "
              + ", ".join(f"{k} {v['top1']:.4f} (x{v['ratio']:.2f})" for k, v in tried.items()) + f"; using {best}", progress)
         shutil.rmtree(comp_dir, ignore_errors=True)
         _, p, _ = compress_checkpoint(dense_dir, comp_dir, cc, sensitivity=sensitivity if use_sens else None,
-                                      progress=progress)
+                                      progress=progress, precomputed=plans[best])
         rd.mark("compress", {"path": "compressed", "config": cc.to_dict(), "totals": p.totals(), "allocation": best,
                              "calibration": tried}, ts)
     else:

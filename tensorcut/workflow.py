@@ -87,15 +87,18 @@ def load_sensitivity(path: str | Path) -> dict[str, float]:
 
 def compress_checkpoint(src: str | Path, out: str | Path, config: CompressConfig, *, layers: list[str] | None = None,
                         sensitivity: str | Path | dict[str, float] | None = None, evaluate_split: str | None = None,
-                        progress: bool = True) -> tuple[nn.Module, Plan, dict[str, Any]]:
-    """Plan and apply ``config`` to checkpoint ``src``; save the compressed checkpoint and ``plan.json`` in ``out``."""
+                        progress: bool = True, precomputed: Plan | None = None) -> tuple[nn.Module, Plan, dict[str, Any]]:
+    """Plan and apply ``config`` to checkpoint ``src``; save the compressed checkpoint and ``plan.json`` in ``out``.
+
+    ``precomputed`` is a plan already made for this checkpoint's model (it is applied as is).
+    """
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve():
         raise TensorcutError("--out must differ from the source checkpoint; the dense model is kept")
     ck = tio.load_checkpoint(src)
     shape = input_shape_of(ck.meta)
     sens = load_sensitivity(sensitivity) if isinstance(sensitivity, (str, Path)) else sensitivity
-    p = plan(ck.model, config, input_shape=shape, sensitivity=sens, layers=layers, progress=progress)
+    p = precomputed or plan(ck.model, config, input_shape=shape, sensitivity=sens, layers=layers, progress=progress)
     if not any(l.status == "factorize" for l in p.layers):
         reasons = "; ".join(f"{l.name}: {l.reason}" for l in p.layers[:3])
         raise TensorcutError(f"the rank rule leaves nothing to compress ({reasons}); loosen it")

@@ -56,4 +56,6 @@ def test_corrupt_checkpoint_via_subprocess(tiny_checkpoint, tmp_path):
 def test_demo_fast(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "d"), "--fast"]) == 0
     out = capsys.readouterr().out
-    assert "test split of digits" in out and (tmp_path / "d" / "dense" / "model.safetensors").exists()
+    assert "goal: conv-layer compression ratio >= 5" in out and "report: " in out
+    for f in ("dense/model.safetensors", "finetuned/model.safetensors", "export/model.onnx", "report.html"):
+        assert (tmp_path / "d" / f).exists(), f

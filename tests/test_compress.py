@@ -213,3 +213,34 @@ def test_cli_compress_bad_input(tiny_checkpoint, tmp_path, capsys):
     assert main(["compress", str(tiny_checkpoint), "--method", "cp", "--out", str(tmp_path / "o")]) == 2
     assert "no rank rule" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_auto_keeps_the_smallest_method_within_the_error_bound():
+    m = _model()
+    layer = ["layer3.1.conv2"]
+    auto = plan(m, method="auto", eps=0.5, input_shape=(3, 32, 32), layers=layer, progress=False).layers[0]
+    assert auto.status == "factorize" and auto.error <= 0.5 + 1e-6
+    for method in ("tucker2", "tt", "tr"):
+        single = plan(m, method=method, eps=0.5, input_shape=(3, 32, 32), layers=layer, progress=False).layers[0]
+        if single.status == "factorize":
+            assert auto.params_after <= single.params_after
+
+
+def test_auto_under_a_budget_meets_it():
+    m = _model()
+    p = plan(m, method="auto", budget=0.3, input_shape=(3, 32, 32), layers=LAYERS, progress=False)
+    t = p.totals()
+    assert t["conv_params_after"] <= 0.3 * t["conv_params_before"]
+    assert {l.method for l in p.layers if l.status == "factorize"} <= {"cp", "tucker2", "tt", "tr"}
+
+
+def test_sensitivity_from_json_and_bad_file(tmp_path):
+    from tensorcut.workflow import load_sensitivity
+
+    (tmp_path / "s.json").write_text('{"conv2": 3.5}')
+    assert load_sensitivity(tmp_path / "s.json") == {"conv2": 3.5}
+    (tmp_path / "bad.sqlite").write_bytes(b"not a database at all" * 10)
+    with pytest.raises(TensorcutError, match="is not a readable results database"):
+        load_sensitivity(tmp_path / "bad.sqlite")
+    with pytest.raises(TensorcutError, match="does not exist; run `tensorcut analyze` first"):
+        load_sensitivity(tmp_path / "none.sqlite")
