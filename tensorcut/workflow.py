@@ -159,7 +159,9 @@ def finetune_checkpoint(src: str | Path, out: str | Path | None = None, *, datas
     meta["metrics"] = dict(meta.get("metrics") or {}, test_before_finetune=before, test=after)
     meta["finetune_history"] = hist
     meta.pop("history", None)
-    tio.save(ck.model, out, meta)
+    from tensorcut import distributed as tdist
+
+    tdist.run_on_main(lambda: tio.save(ck.model, out, meta))  # under torchrun: rank 0 writes
     return tio.Checkpoint(ck.model, meta)
 
 
