@@ -1,0 +1,607 @@
+"""Benchmark: the accuracy-vs-compression frontier of the main job (`tensorcut run`) vs uniform ranks.
+
+For ``vanilla-cnn`` and ``resnet20`` trained on Fashion-MNIST, at conv-layer compression
+ratios 2, 5, 10 and 20:
+
+- **run**: ``tensorcut.run(out, RunConfig(target_ratio=R, method="tucker2", ...), checkpoint=DENSE)``
+  — truncation study on a calibration subset, then the allocation with the best calibration
+  top-1 among "guided" (sensitivity-weighted greedy budget), "error" (greedy budget, no
+  sensitivity) and "uniform"; fine-tune; verify on the test split;
+- **uniform**: the thesis's protocol, ``compress_checkpoint(DENSE, ..., CompressConfig(method="tucker2",
+  ratio=1/R))`` (the same per-layer parameter ratio on every layer) and
+  ``finetune_checkpoint`` with exactly the recipe ``run`` uses (same optimiser, lr, epochs,
+  patience, batch size, seed, training data).
+
+Test top-1 before and after fine-tuning, the achieved conv-layer ratio, parameters and the
+allocation ``run`` chose are written to ``benchmarks/results/frontier.json`` (one entry per
+finished configuration, written as it completes: a re-run skips finished ones and resumes
+half-done ``run`` directories stage by stage), ``frontier.md`` and ``frontier.png``.
+
+To fit a 2-core shared CPU the benchmark is reduced (all stated in ``frontier.md``): narrow
+models (``--widths``), a seeded random subset of the Fashion-MNIST training images
+(``--train-subset``; 10 % of it is held out as the validation split that calibration and early
+stopping use), a seeded random half of the test images (``--test-subset``; 0 keeps all 10,000),
+few dense epochs and few fine-tuning epochs. ``run``'s dense/study/curve stages, which do not
+depend on the target ratio, are computed once per model and reused by the other ratios'
+run directories (``--no-reuse-study`` recomputes them).
+
+Usage (from the repository root)::
+
+    nice .venv/bin/python benchmarks/bench_frontier.py            # resumable; prints progress
+    nice .venv/bin/python benchmarks/bench_frontier.py --report   # rewrite .md/.png from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tensorcut import io as tio
+from tensorcut.compress import CompressConfig
+from tensorcut.data import FASHION_MNIST_DIR, read_idx
+from tensorcut.run import RunConfig, run
+from tensorcut.train.api import train
+from tensorcut.train.loop import FitConfig
+from tensorcut.workflow import compress_checkpoint, finetune_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+JSON_PATH, MD_PATH, PNG_PATH = RESULTS / "frontier.json", RESULTS / "frontier.md", RESULTS / "frontier.png"
+DEFAULT_WORK = ROOT / "runs" / "bench_frontier"
+GOAL_RATIO, GOAL_DROP = 10.0, 0.005
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def code_version() -> dict[str, Any]:
+    """The package's git commit and which of its files differ from it (others may be editing the checkout)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "modified": [l[3:] for l in git("status", "--porcelain", "--", "tensorcut").splitlines() if l[3:]]}
+
+
+def load_avg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+class Tee(io.TextIOBase):
+    """Write to the real stdout and keep a copy (to read the allocation line `run` prints)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real, self.buf = real, io.StringIO()
+
+    def write(self, s: str) -> int:
+        self.buf.write(s)
+        return self.real.write(s)
+
+    def flush(self) -> None:
+        self.real.flush()
+
+
+def _write_idx(path: Path, arr: np.ndarray) -> None:
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    head = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    tmp = path.with_suffix(".tmp")
+    with gzip.open(tmp, "wb", compresslevel=1) as f:
+        f.write(head + arr.tobytes())
+    tmp.replace(path)
+
+
+def make_data(dst: Path, train_subset: int | None, test_subset: int | None, seed: int) -> dict[str, int]:
+    """A reduced copy of Fashion-MNIST in IDX form: a seeded random subset of the training (and test) images.
+
+    Pointing the checkpoint's ``data_dir`` at it makes every stage of ``run`` (calibration,
+    fine-tuning, early stopping, verification) use the same reduced data as the uniform arm.
+    """
+    files = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", train_subset),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", test_subset)}
+    done = dst / "subset.json"
+    want = {"train_subset": train_subset, "test_subset": test_subset, "seed": seed}
+    if done.exists() and json.loads(done.read_text()).get("want") == want:
+        return json.loads(done.read_text())["sizes"]
+    dst.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for split, (img, lab, n) in files.items():
+        x, y = read_idx(FASHION_MNIST_DIR / (img + ".gz")), read_idx(FASHION_MNIST_DIR / (lab + ".gz"))
+        if n is not None and n < len(y):
+            pick = np.sort(np.random.default_rng(seed + (0 if split == "train" else 1)).permutation(len(y))[:n])
+            x, y = x[pick], y[pick]
+        _write_idx(dst / (img + ".gz"), x)
+        _write_idx(dst / (lab + ".gz"), y)
+        sizes[split] = int(len(y))
+    done.write_text(json.dumps({"want": want, "sizes": sizes}))
+    return sizes
+
+
+class Results:
+    """``frontier.json``: settings plus one entry per finished configuration, saved atomically."""
+
+    def __init__(self, path: Path, settings: dict[str, Any], fresh: bool) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {"settings": settings, "entries": {}}
+        if path.exists() and not fresh:
+            old = json.loads(path.read_text())
+            if old.get("settings") != settings:
+                raise SystemExit(f"{path} was made with other settings:\n  {old.get('settings')}\n"
+                                 f"now:\n  {settings}\nre-run with the same options, or pass --fresh "
+                                 "(and remove the work directory) to start over")
+            self.data = old
+
+    def has(self, key: str) -> bool:
+        return key in self.data["entries"]
+
+    def put(self, key: str, entry: dict[str, Any]) -> None:
+        self.data["entries"][key] = entry
+        self.data["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        tio.atomic_write_text(self.path, json.dumps(self.data, indent=2))
+
+
+def _fit_config(a: argparse.Namespace) -> FitConfig:
+    """The fine-tuning recipe `run` uses (tensorcut/run.py, stage 5), for the uniform arm."""
+    return FitConfig(epochs=a.finetune_epochs, optimizer="adam", lr=a.finetune_lr, scheduler="none",
+                     patience=a.finetune_patience, seed=0)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def dense_stage(model: str, width: float, a: argparse.Namespace, data_dir: Path, work: Path, res: Results) -> Path:
+    d = work / model / "dense"
+    key = f"{model}/dense"
+    if res.has(key) and (d / tio.META).exists():
+        log(f"{key}: done (skipped), test top-1 {res.data['entries'][key]['test_top1']:.4f}")
+        return d
+    log(f"{key}: training width {width} for {a.dense_epochs} epochs (Adam lr {a.dense_lr:g}, cosine)")
+    t = time.perf_counter()
+    ck = train(model, "fashion-mnist", d, epochs=a.dense_epochs, width=width, data_dir=data_dir,
+               config=FitConfig(epochs=a.dense_epochs, lr=a.dense_lr, scheduler="cosine", seed=0), device="cpu",
+               resume=(d / tio.META).exists(), progress=True)
+    m = ck.meta["metrics"]["test"]
+    params = sum(p.numel() for p in ck.model.parameters())
+    res.put(key, {"model": model, "width": width, "test_top1": m["top1"], "test_top5": m["top5"], "test_n": m["n"],
+                  "params": params, "epochs": a.dense_epochs, "history": ck.meta.get("history"),
+                  "seconds": round(time.perf_counter() - t, 1), "load_avg": load_avg(), "code": code_version()})
+    log(f"{key}: test top-1 {m['top1']:.4f} ({params:,} params) in {time.perf_counter() - t:.0f} s")
+    return d
+
+
+def run_arm(model: str, ratio: float, dense: Path, a: argparse.Namespace, work: Path, res: Results) -> None:
+    key = f"{model}/run/{ratio:g}"
+    if res.has(key):
+        e = res.data["entries"][key]
+        log(f"{key}: done (skipped), final top-1 {e['top1_after']:.4f} at x{e['conv_ratio']:.2f} ({e['allocation']})")
+        return
+    out = work / model / f"run_r{ratio:g}"
+    log(f"{key}: tensorcut run --target-ratio {ratio:g} -> {out}")
+    t = time.perf_counter()
+    cfg = RunConfig(target_ratio=ratio, method="tucker2", calib_subset=a.calib_subset, curve_ratios=tuple(a.ratios),
+                    finetune_epochs=a.finetune_epochs, finetune_lr=a.finetune_lr,
+                    finetune_patience=a.finetune_patience, bipartitions=tuple(a.bipartitions))
+    reused = None if a.no_reuse_study else _seed_from_sibling(out, cfg)
+    if reused:
+        log(f"{key}: dense/study/curve stages reused from {reused.name} (they do not depend on the target ratio)")
+    tee = Tee(sys.stdout)
+    with contextlib.redirect_stdout(tee):
+        summary = run(out, cfg, checkpoint=dense, progress=True,
+                      command=["benchmarks/bench_frontier.py", f"--target-ratio={ratio:g}"])
+    state = json.loads((out / "run.json").read_text())
+    comp = state["stages"]["compress"]
+    allocation, calib = _allocation(comp, tee.buf.getvalue(), out)
+    rows, t_ = summary["rows"], summary["plan_totals"]
+    entry = {
+        "model": model, "arm": "run", "target": ratio, "allocation": allocation, "calibration": calib,
+        "compress_config": comp.get("config"),
+        "conv_ratio": t_["conv_ratio"], "conv_params": t_["conv_params_after"], "conv_params_dense": t_["conv_params_before"],
+        "params": rows["final"]["params"], "params_dense": rows["dense"]["params"],
+        "model_ratio": t_["model_ratio"], "conv_mac_ratio": t_["conv_mac_ratio"],
+        "dense_top1": rows["dense"]["top1"], "top1_before": rows["compressed"]["top1"], "top1_after": rows["final"]["top1"],
+        "top5_after": rows["final"]["top5"], "test_n": rows["final"]["n"],
+        "finetune_epochs_run": len(state["stages"]["finetune"].get("history") or []),
+        "goal_met": summary["goal_met"], "stage_seconds": {k: v.get("seconds") for k, v in state["stages"].items()},
+        "study_reused_from": state.get("study_reused_from"),
+        "seconds": round(time.perf_counter() - t, 1), "load_avg": load_avg(), "code": code_version(),
+    }
+    res.put(key, entry)
+    log(f"{key}: x{entry['conv_ratio']:.2f} ({allocation}) top-1 {entry['top1_before']:.4f} -> {entry['top1_after']:.4f} "
+        f"(dense {entry['dense_top1']:.4f}) in {entry['seconds']:.0f} s")
+
+
+def _seed_from_sibling(out: Path, cfg: RunConfig) -> Path | None:
+    """Seed a new run directory with the dense, study and curve stages of a finished sibling run.
+
+    Those stages depend on the checkpoint and the study/curve settings, not on the target
+    ratio, so `run` at ratios 5, 10, 20 would recompute exactly what the ratio-2 run has
+    (deterministic). The seeded ``run.json`` lists only those three stages and no settings;
+    `run` records its own settings and does compress, finetune, verify, export and report.
+    """
+    if out.exists():
+        return None
+    want = {k: v for k, v in asdict(cfg).items() if k != "target_ratio"}
+    for sib in sorted(out.parent.glob("run_r*")):
+        f = sib / "run.json"
+        if not f.exists():
+            continue
+        st = json.loads(f.read_text())
+        have = dict((st.get("settings") or {}).get("config") or {})
+        have.pop("target_ratio", None)
+        if json.loads(json.dumps(have)) != json.loads(json.dumps(want)):
+            continue
+        if not all(k in st["stages"] for k in ("dense", "study", "curve")):
+            continue
+        tmp = out.with_name(out.name + ".seed")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        shutil.copytree(sib / "dense", tmp / "dense")
+        shutil.copytree(sib / "study", tmp / "study")
+        seeded = {"format": st["format"], "dense_fingerprint": st["dense_fingerprint"],
+                  "study_reused_from": sib.name,
+                  "stages": {k: st["stages"][k] for k in ("dense", "study", "curve")}}
+        (tmp / "run.json").write_text(json.dumps(seeded, indent=2))
+        tmp.rename(out)
+        return sib
+    return None
+
+
+def _allocation(comp: dict[str, Any], printed: str, out: Path) -> tuple[str, dict[str, Any] | None]:
+    """Which allocation `run` chose, and the calibration top-1 of each, from run.json or the printed line."""
+    if "allocation" in comp:
+        return comp["allocation"], comp.get("calibration")
+    m = re.search(r"\[compress\] calibration top-1 by allocation: (.*); using (\w+)", printed)
+    if m:
+        calib = {k: {"top1": float(t), "ratio": float(r)}
+                 for k, t, r in re.findall(r"(\w+) ([0-9.]+) \(x([0-9.]+)\)", m.group(1))}
+        (out / "allocation.json").write_text(json.dumps({"allocation": m.group(2), "calibration": calib}))
+        return m.group(2), calib
+    f = out / "allocation.json"  # written when the compress stage ran in an earlier, interrupted invocation
+    if f.exists():
+        d = json.loads(f.read_text())
+        return d["allocation"], d["calibration"]
+    cfg = comp.get("config") or {}
+    return ("uniform" if cfg.get("ratio") is not None else "guided or error (not recorded)"), None
+
+
+def uniform_arm(model: str, ratio: float, dense: Path, a: argparse.Namespace, work: Path, res: Results) -> None:
+    key = f"{model}/uniform/{ratio:g}"
+    if res.has(key):
+        e = res.data["entries"][key]
+        log(f"{key}: done (skipped), final top-1 {e['top1_after']:.4f} at x{e['conv_ratio']:.2f}")
+        return
+    base = work / model / f"uniform_r{ratio:g}"
+    comp, ft = base / "compressed", base / "finetuned"
+    log(f"{key}: CompressConfig(method='tucker2', ratio=1/{ratio:g}) + the same fine-tuning")
+    t = time.perf_counter()
+    if not (comp / "plan.json").exists() or not (comp / tio.META).exists():
+        shutil.rmtree(comp, ignore_errors=True)
+        compress_checkpoint(dense, comp, CompressConfig(method="tucker2", ratio=1.0 / ratio), progress=False)
+    from tensorcut.compress import Plan
+
+    tot = Plan.load(comp / "plan.json").totals()
+    ck = finetune_checkpoint(comp, ft, config=_fit_config(a), batch_size=128, device="cpu",
+                             resume=(ft / tio.META).exists(), progress=True)
+    before, after = ck.meta["metrics"]["test_before_finetune"], ck.meta["metrics"]["test"]
+    dense_top1 = res.data["entries"][f"{model}/dense"]["test_top1"]
+    entry = {
+        "model": model, "arm": "uniform", "target": ratio, "allocation": "uniform",
+        "conv_ratio": tot["conv_ratio"], "conv_params": tot["conv_params_after"], "conv_params_dense": tot["conv_params_before"],
+        "params": sum(p.numel() for p in ck.model.parameters()), "params_dense": tot["model_params_before"],
+        "model_ratio": tot["model_ratio"], "conv_mac_ratio": tot["conv_mac_ratio"],
+        "dense_top1": dense_top1, "top1_before": before["top1"], "top1_after": after["top1"], "top5_after": after["top5"],
+        "test_n": after["n"], "finetune_epochs_run": len(ck.meta.get("finetune_history") or []),
+        "goal_met": tot["conv_ratio"] >= ratio * 0.999,
+        "seconds": round(time.perf_counter() - t, 1), "load_avg": load_avg(), "code": code_version(),
+    }
+    res.put(key, entry)
+    log(f"{key}: x{entry['conv_ratio']:.2f} top-1 {entry['top1_before']:.4f} -> {entry['top1_after']:.4f} "
+        f"(dense {dense_top1:.4f}) in {entry['seconds']:.0f} s")
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def collect_curves(data: dict[str, Any], work: Path) -> None:
+    """Copy `run`'s calibration curve (top-1 before fine-tuning of guided / error / uniform at every ratio,
+    on the calibration subset) from a finished run directory of each model into the results."""
+    for m in data["settings"]["models"]:
+        for f in sorted((work / m).glob("run_r*/run.json")):
+            st = json.loads(f.read_text())
+            if "curve" in st.get("stages", {}):
+                c = st["stages"]["curve"]
+                data.setdefault("curves", {})[m] = {"baseline_top1": c["baseline_top1"], "points": c["points"]}
+                break
+
+
+
+def _se(p: float, n: int) -> float:
+    return (p * (1 - p) / max(n, 1)) ** 0.5
+
+
+def write_report(data: dict[str, Any]) -> None:
+    s, ents = data["settings"], data["entries"]
+    models = [m for m in s["models"] if f"{m}/dense" in ents]
+    L: list[str] = []
+    L.append("# Frontier of the main job: `tensorcut run` vs uniform-rank Tucker-2 (Fashion-MNIST)\n")
+    L.append("Reproduce (from the repository root; resumable, ~30–40 min on 2 busy CPU cores):\n")
+    L.append("```\n" + s["command"] + "\n```\n")
+    loads = [e["load_avg"][0] for e in ents.values() if e.get("load_avg")]
+    commits = sorted({e["code"]["commit"] for e in ents.values() if e.get("code")})
+    L.append(f"Results: `benchmarks/results/frontier.json`; plot: `frontier.png`. Generated {data.get('updated', '')} "
+             f"at package commit(s) {', '.join(commits) or '?'}; torch {s['torch']}, Python {s['python']}, {s['machine']}, "
+             f"{s['threads']} torch thread, run under `nice`; the machine was shared with other jobs "
+             + (f"(1-min load average {min(loads):.1f}–{max(loads):.1f} when configurations finished)" if loads else "")
+             + ", so the seconds in the JSON are wall times under contention, not speeds.\n")
+    L.append("## Reductions (to fit a 2-core CPU shared with other jobs)\n")
+    ds = s["data_sizes"]
+    L.append(f"- **Models are width-reduced**: " + ", ".join(f"`{m}` at width {w}" for m, w in zip(s["models"], s["widths"]))
+             + " (channel counts scaled; parameter counts below).")
+    L.append(f"- **Training data is a subset**: a seeded random {ds['train']:,} of the 60,000 Fashion-MNIST training "
+             f"images; 10 % of them ({round(ds['train'] * 0.1):,}) is the validation split (calibration subset of "
+             f"{s['calib_subset']} images for `run`'s study/allocation; early stopping of both arms).")
+    L.append(f"- **Test split**: {ds['test']:,} Fashion-MNIST test images"
+             + (" (the full test set)." if ds["test"] == 10000 else " (a seeded random subset of the 10,000).")
+             + f" One standard error of a top-1 near 0.9 is about {100 * _se(0.9, ds['test']):.2f} points.")
+    L.append(f"- **Few epochs**: dense models {s['dense_epochs']} epochs (Adam lr {s['dense_lr']:g}, cosine); fine-tuning "
+             f"at most {s['finetune_epochs']} epochs for both arms (Adam lr {s['finetune_lr']:g}, no schedule, early stopping "
+             f"patience {s['finetune_patience']}, batch 128, seed 0) — `run`'s own recipe, not the thesis's "
+             "(lr 1e-5, up to 50 epochs).")
+    L.append(f"- `run`'s truncation study uses bipartitions {', '.join(s['bipartitions'])}; its calibration curve the ratios "
+             f"{', '.join(f'{r:g}' for r in s['ratios'])}.")
+    L.append("- Compression ratio is that of the **eligible conv layers** (`Plan.totals()['conv_ratio']`: the stem "
+             "convolution with 1 input channel is left dense by the default filter and is not counted); whole-model "
+             "parameters are reported too (the FC layers are not compressed).\n")
+
+    L.append("## Dense models\n")
+    L.append("| model | width | params | conv params (eligible) | epochs | test top-1 | test top-5 |")
+    L.append("|---|---|---|---|---|---|---|")
+    for m in models:
+        d = ents[f"{m}/dense"]
+        cp = next((e["conv_params_dense"] for e in ents.values() if e.get("model") == m and "conv_params_dense" in e), None)
+        L.append(f"| `{m}` | {d['width']} | {d['params']:,} | {cp:,} | {d['epochs']} | {100 * d['test_top1']:.2f} % | "
+                 f"{100 * d['test_top5']:.2f} % |" if cp else
+                 f"| `{m}` | {d['width']} | {d['params']:,} | ? | {d['epochs']} | {100 * d['test_top1']:.2f} % | "
+                 f"{100 * d['test_top5']:.2f} % |")
+    L.append("")
+
+    L.append("## Frontier\n")
+    L.append("Top-1 on the test split; *before* = right after compression, *after* = after fine-tuning; "
+             "Δ = after − dense (points). `run` allocation: the one with the best calibration top-1 "
+             "(calibration top-1 of guided / error / uniform in brackets).\n")
+    verdicts: list[str] = []
+    goal_lines: list[str] = []
+    for m in models:
+        dense = ents[f"{m}/dense"]["test_top1"]
+        L.append(f"### `{m}` (dense {100 * dense:.2f} %)\n")
+        L.append("| target | arm | allocation | conv ratio | conv params | model params | top-1 before | top-1 after | Δ after | FT epochs |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|")
+        for r in s["ratios"]:
+            for arm in ("run", "uniform"):
+                e = ents.get(f"{m}/{arm}/{r:g}")
+                if e is None:
+                    L.append(f"| {r:g} | {arm} | *not run* | | | | | | | |")
+                    continue
+                alloc = e["allocation"]
+                if arm == "run" and e.get("calibration"):
+                    c = e["calibration"]
+                    alloc += " (" + " / ".join(f"{100 * c[k]['top1']:.1f}" for k in ("guided", "error", "uniform") if k in c) + ")"
+                L.append(f"| {r:g} | {arm} | {alloc} | {e['conv_ratio']:.2f} | {e['conv_params']:,} | {e['params']:,} | "
+                         f"{100 * e['top1_before']:.2f} | {100 * e['top1_after']:.2f} | {100 * (e['top1_after'] - dense):+.2f} | "
+                         f"{e['finetune_epochs_run']} |")
+        L.append("")
+        # dominance
+        pairs = [(r, ents.get(f"{m}/run/{r:g}"), ents.get(f"{m}/uniform/{r:g}")) for r in s["ratios"]]
+        pairs = [(r, a, b) for r, a, b in pairs if a and b]
+        if pairs:
+            wins_a = [r for r, a, b in pairs if a["top1_after"] > b["top1_after"]]
+            ties_a = [r for r, a, b in pairs if a["top1_after"] == b["top1_after"]]
+            wins_b = [r for r, a, b in pairs if a["top1_before"] > b["top1_before"]]
+            same = [r for r, a, b in pairs if a["allocation"] == "uniform"]
+            diff = [100 * (a["top1_after"] - b["top1_after"]) for _, a, b in pairs]
+            verdicts.append(
+                f"- `{m}`: after fine-tuning `run` is more accurate than uniform at {len(wins_a)} of {len(pairs)} targets"
+                + (f" ({', '.join(f'x{r:g}' for r in wins_a)})" if wins_a else "")
+                + (f", equal at {', '.join(f'x{r:g}' for r in ties_a)}" if ties_a else "")
+                + f"; run − uniform = {', '.join(f'{x:+.2f}' for x in diff)} points at targets "
+                f"{', '.join(f'{r:g}' for r, _, _ in pairs)}. Before fine-tuning (test) it is more accurate at "
+                f"{len(wins_b)} of {len(pairs)}"
+                + (f" ({', '.join(f'x{r:g}' for r in wins_b)})" if wins_b else "") + "."
+                + (f" At {', '.join(f'{r:g}' for r in same)} `run` itself chose the uniform allocation (same model as the "
+                   "uniform arm up to the achieved ratio)." if same else ""))
+        for arm in ("run", "uniform"):
+            ok = [e for r in s["ratios"] if (e := ents.get(f"{m}/{arm}/{r:g}")) and e["conv_ratio"] >= GOAL_RATIO * 0.999]
+            if not ok:
+                goal_lines.append(f"- `{m}` / {arm}: no finished configuration at >= {GOAL_RATIO:g}x.")
+                continue
+            best = max(ok, key=lambda e: e["top1_after"])
+            drop = dense - best["top1_after"]
+            met = drop <= GOAL_DROP
+            goal_lines.append(
+                f"- `{m}` / {arm}: best at >= {GOAL_RATIO:g}x is x{best['conv_ratio']:.2f} (target {best['target']:g}) with "
+                f"{100 * best['top1_after']:.2f} % vs dense {100 * dense:.2f} % — drop {100 * drop:.2f} points: "
+                f"**{'met' if met else 'not met'}**.")
+    if data.get("curves"):
+        L.append(f"### Before fine-tuning, on `run`'s calibration subset ({s['calib_subset']} validation images)\n")
+        L.append("`run`'s curve stage: top-1 right after compression of each allocation at each target (achieved conv "
+                 "ratio in brackets). This is what `run` chooses from.\n")
+        L.append("| model | dense | target | guided | error | uniform |")
+        L.append("|---|---|---|---|---|---|")
+        for m in models:
+            c = data["curves"].get(m)
+            if not c:
+                continue
+            for r in s["ratios"]:
+                pts = {p["kind"]: p for p in c["points"] if abs(p["target"] - r) < 1e-9}
+                cells = [f"{100 * pts[k]['top1']:.1f} (x{pts[k]['ratio']:.1f})" if k in pts else "" for k in
+                         ("guided", "error", "uniform")]
+                L.append(f"| `{m}` | {100 * c['baseline_top1']:.1f} | {r:g} | " + " | ".join(cells) + " |")
+        L.append("")
+    L.append("## Does the sensitivity-guided allocation dominate uniform?\n")
+    allp = [(m, r, a, b) for m in models for r in s["ratios"]
+            if (a := ents.get(f"{m}/run/{r:g}")) and (b := ents.get(f"{m}/uniform/{r:g}"))]
+    if allp:
+        dom = [(m, r) for m, r, a, b in allp if a["top1_after"] >= b["top1_after"] and a["conv_ratio"] >= b["conv_ratio"] * 0.999]
+        worse = [(m, r) for m, r, a, b in allp if a["top1_after"] < b["top1_after"]]
+        guided = [(m, r) for m, r, a, b in allp if a["allocation"] == "guided"]
+        L.append(f"**{'Yes' if len(dom) == len(allp) else 'No'}**: `run`'s result is at least as accurate after fine-tuning "
+                 f"*and* at least as compressed as uniform's in {len(dom)} of {len(allp)} (model, ratio) pairs; it is less "
+                 f"accurate in {len(worse)}. The sensitivity-weighted (\"guided\") allocation won `run`'s calibration in "
+                 f"{len(guided)} of {len(allp)} runs"
+                 + (f" ({', '.join(f'{m} x{r:g}' for m, r in guided)})" if guided else "")
+                 + f". Noise: on {s['data_sizes']['test']:,} test images the standard error of the difference of two "
+                 f"independent accuracies near 87 % is about {100 * 2 ** 0.5 * _se(0.87, s['data_sizes']['test']):.2f} "
+                 "points (less for these paired models, which share the test images and most errors), and one "
+                 "training seed was run per configuration — differences below about one point are not conclusive.\n")
+    L.extend(verdicts or ["- no finished pairs yet."])
+    L.append("")
+    L.append(f"## Goal: >= {GOAL_RATIO:g}x conv-layer compression within {100 * GOAL_DROP:.1f} points of dense top-1 after fine-tuning\n")
+    L.extend(goal_lines)
+    L.append("")
+    if s.get("notes"):
+        L.append("## Notes\n")
+        L.extend(f"- {n}" for n in s["notes"])
+        L.append("")
+    secs = sum(e.get("seconds", 0) for e in ents.values())
+    L.append(f"Total compute recorded: {secs / 60:.1f} min over {len(ents)} configurations.\n")
+    MD_PATH.write_text("\n".join(L))
+    plot(data)
+
+
+def plot(data: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s, ents = data["settings"], data["entries"]
+    models = [m for m in s["models"] if f"{m}/dense" in ents]
+    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(6.2 * max(1, len(models)), 4.6), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        dense = ents[f"{m}/dense"]["test_top1"]
+        ax.axhline(100 * dense, color="k", lw=1.2, label=f"dense ({100 * dense:.2f} %)")
+        ax.axhspan(100 * (dense - GOAL_DROP), 100 * dense, color="k", alpha=0.07, label="within 0.5 pt of dense")
+        for arm, color, label in (("run", "C0", "tensorcut run (calibrated allocation)"), ("uniform", "C3", "uniform ranks")):
+            es = [e for r in s["ratios"] if (e := ents.get(f"{m}/{arm}/{r:g}"))]
+            if not es:
+                continue
+            x = [e["conv_ratio"] for e in es]
+            ax.plot(x, [100 * e["top1_after"] for e in es], "o-", color=color, label=f"{label}, fine-tuned")
+            ax.plot(x, [100 * e["top1_before"] for e in es], "x--", color=color, alpha=0.6, label=f"{label}, before FT")
+            if arm == "run":
+                for e in es:
+                    ax.annotate(e["allocation"][:7], (e["conv_ratio"], 100 * e["top1_after"]), fontsize=7,
+                                xytext=(3, 5), textcoords="offset points", color=color)
+        ax.axvline(GOAL_RATIO, color="gray", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_xticks(s["ratios"], [f"{r:g}" for r in s["ratios"]])
+        ax.set_xlabel("conv-layer compression ratio (achieved)")
+        ax.set_ylabel("test top-1 (%)")
+        w = ents[f"{m}/dense"]["width"]
+        ax.set_title(f"{m} (width {w}), Fashion-MNIST")
+        lo = min([100 * e["top1_before"] for e in ents.values() if e.get("model") == m and "top1_before" in e] + [100 * dense])
+        ax.set_ylim(max(0, lo - 2), 100 * dense + 2)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(PNG_PATH, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["vanilla-cnn", "resnet20"])
+    ap.add_argument("--widths", nargs="+", type=float, default=[0.125, 0.5])
+    ap.add_argument("--ratios", nargs="+", type=float, default=[2.0, 5.0, 10.0, 20.0])
+    ap.add_argument("--train-subset", type=int, default=8000, help="training images kept (of 60,000); 10%% become val")
+    ap.add_argument("--test-subset", type=int, default=5000, help="test images kept of 10,000 (0: all)")
+    ap.add_argument("--dense-epochs", type=int, default=6)
+    ap.add_argument("--dense-lr", type=float, default=2e-3)
+    ap.add_argument("--finetune-epochs", type=int, default=3)
+    ap.add_argument("--finetune-lr", type=float, default=5e-4)
+    ap.add_argument("--finetune-patience", type=int, default=3)
+    ap.add_argument("--calib-subset", type=int, default=512)
+    ap.add_argument("--bipartitions", nargs="+", default=["OUT", "IN", "OUT-IN"])
+    ap.add_argument("--no-reuse-study", action="store_true",
+                    help="recompute run's study and curve at every ratio instead of reusing the first run's")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
+    ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help="run directories and the reduced data (git-ignored)")
+    ap.add_argument("--fresh", action="store_true", help="ignore an existing frontier.json (remove --work yourself)")
+    ap.add_argument("--report", action="store_true", help="only rewrite frontier.md / frontier.png from frontier.json")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where frontier.json/.md/.png go")
+    a = ap.parse_args()
+    global JSON_PATH, MD_PATH, PNG_PATH
+    JSON_PATH, MD_PATH, PNG_PATH = (a.results / f"frontier.{x}" for x in ("json", "md", "png"))
+    if a.report:
+        data = json.loads(JSON_PATH.read_text())
+        collect_curves(data, a.work)
+        tio.atomic_write_text(JSON_PATH, json.dumps(data, indent=2))
+        write_report(data)
+        log(f"wrote {MD_PATH} and {PNG_PATH}")
+        return 0
+    if len(a.widths) != len(a.models):
+        ap.error("give one --widths value per model")
+    torch.set_num_threads(a.threads)
+    a.results.mkdir(parents=True, exist_ok=True)
+    data_dir = a.work / "data"
+    a.test_subset = a.test_subset or None
+    sizes = make_data(data_dir, a.train_subset, a.test_subset, seed=0)
+    argv = " ".join(sys.argv[1:])
+    settings = {
+        "command": "nice .venv/bin/python benchmarks/bench_frontier.py" + (f" {argv}" if argv else ""),
+        "models": a.models, "widths": a.widths, "ratios": a.ratios, "train_subset": a.train_subset,
+        "test_subset": a.test_subset, "data_sizes": sizes, "dense_epochs": a.dense_epochs, "dense_lr": a.dense_lr,
+        "finetune_epochs": a.finetune_epochs, "finetune_lr": a.finetune_lr, "finetune_patience": a.finetune_patience,
+        "calib_subset": a.calib_subset, "bipartitions": a.bipartitions, "threads": a.threads,
+        "reuse_study": not a.no_reuse_study,
+        "torch": torch.__version__, "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+    }
+    res = Results(JSON_PATH, settings, a.fresh)
+    log(f"data: {sizes} in {data_dir}; load average {load_avg()}")
+    t0 = time.perf_counter()
+    for model, width in zip(a.models, a.widths):
+        dense = dense_stage(model, width, a, data_dir, a.work, res)
+        for r in a.ratios:
+            run_arm(model, r, dense, a, a.work, res)
+            uniform_arm(model, r, dense, a, a.work, res)
+            write_report(res.data)
+    collect_curves(res.data, a.work)
+    tio.atomic_write_text(JSON_PATH, json.dumps(res.data, indent=2))
+    write_report(res.data)
+    log(f"finished in {(time.perf_counter() - t0) / 60:.1f} min; wrote {JSON_PATH}, "
+        f"{MD_PATH}, {PNG_PATH}; load average {load_avg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
