@@ -587,8 +587,18 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
 
 
 def compress(model: nn.Module, config: CompressConfig | None = None, filter_fn: FilterFn | None = None,
-             **kwargs: Any) -> tuple[nn.Module, Plan]:
-    """``plan`` then ``apply``; returns the (modified) model and the plan."""
+             *, from_scratch: bool = False, **kwargs: Any) -> tuple[nn.Module, Plan]:
+    """``plan`` then ``apply``; returns the (modified) model and the plan.
+
+    The thesis's three strategies: ``from_scratch=True`` re-initialises the factorized layers
+    randomly (tensorize, then train from scratch); otherwise the factors come from the
+    pretrained kernels (use as is, or fine-tune with :func:`tensorcut.train.fit`).
+    """
     plan_kw = {k: kwargs.pop(k) for k in ("input_shape", "sensitivity", "layers", "progress") if k in kwargs}
     p = plan(model, config, filter_fn, **plan_kw, **kwargs)
-    return apply(model, p), p
+    apply(model, p)
+    if from_scratch:
+        for m in model.modules():
+            if isinstance(m, FactorizedConv2d):
+                m.reset_parameters()
+    return model, p

@@ -244,3 +244,14 @@ def test_sensitivity_from_json_and_bad_file(tmp_path):
         load_sensitivity(tmp_path / "bad.sqlite")
     with pytest.raises(TensorcutError, match="does not exist; run `tensorcut analyze` first"):
         load_sensitivity(tmp_path / "none.sqlite")
+
+
+def test_from_scratch_reinitialises_factorized_layers():
+    x = torch.randn(2, 3, 32, 32)
+    m1, p = compress(_model(), method="tucker2", ratio=0.3, input_shape=(3, 32, 32), layers=LAYERS, progress=False)
+    m2, _ = compress(_model(), method="tucker2", ratio=0.3, input_shape=(3, 32, 32), layers=LAYERS, progress=False,
+                     from_scratch=True)
+    name = next(l.name for l in p.layers if l.status == "factorize")
+    a, b = m1.get_submodule(name), m2.get_submodule(name)
+    assert a.ranks == b.ranks and not torch.allclose(a.reconstruct_weight(), b.reconstruct_weight())
+    assert m2(x).shape == (2, 10)
