@@ -324,3 +324,19 @@ def test_atomic_write_failure_mid_write_leaves_nothing_behind(tmp_path: Path, mo
     with pytest.raises(TensorcutError, match="No space left on device"):
         tio.atomic_write_bytes(target, b"new" * 1000)
     assert target.read_bytes() == b"old" and _finals(tmp_path) == ["f.bin"] and len(list(tmp_path.iterdir())) == 1
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def test_decomposition_memory_stays_within_the_stated_bound() -> None:
+    """Full Tucker (the hungriest method in benchmarks/results/memory.md) of a 256x256x3x3 kernel, in a fresh process."""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
+    spec = {"kind": "decompose", "layer": "test", "shape": [256, 256, 3, 3], "method": "tucker"}
+    r = subprocess.run([PY, str(bench), "--child", json.dumps(spec)], capture_output=True, text=True, timeout=170,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    assert r.returncode == 0, r.stderr[-1500:]
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert row["within_bound"], row
+    if row["peak_source"].startswith("VmHWM"):  # a resettable peak: the multiple of the kernel is meaningful
+        assert row["rss_peak_delta_mb"] < 24 * row["kernel_mb"] + 64
