@@ -312,3 +312,27 @@ def test_torchrun_analyze_two_ranks_with_recovery(tiny_checkpoint: Path, tmp_pat
     assert set(one) == set(two) and any(k[3] == "recovery" for k in two)
     _same({k: v for k, v in one.items() if k[3] != "recovery"}, {k: v for k, v in two.items() if k[3] != "recovery"})
     assert (tmp_path / "two.csv").read_text().count("\n") == len(two) + 1
+
+
+def test_independent_workers_run_recovery_locally(tiny_checkpoint: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """RANK/WORLD_SIZE without MASTER_ADDR: no process group; the worker that gets the recovery unit trains alone."""
+    from tensorcut import data as tdata
+    from tensorcut import io as tio
+    from tensorcut.analysis.shard import analyze_sharded
+    from tensorcut.analysis.store import ResultsStore
+
+    model = tio.load(tiny_checkpoint)
+    loaders = {"val": tdata.make_loader(tdata.load_dataset("digits", "val", subset=30), 64)}
+    train = tdata.make_loader(tdata.load_dataset("digits", "train", subset=64), 32, shuffle=True)
+    kw = dict(bipartitions=["OUT"], keep=["1"], recover_epochs=1, train_loader=train, progress=False, csv=False,
+              layers=["conv2", "conv3"])
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for r in (0, 1):
+        monkeypatch.setenv("RANK", str(r))
+        rep = analyze_sharded(model, loaders, tmp_path / "r.sqlite", **kw)
+        assert not rep.final and rep.world_size == 2
+    with ResultsStore(tmp_path / "r.sqlite") as s:
+        kinds = sorted({row["kind"] for row in s.rows()})
+        assert kinds == ["baseline", "recovery", "single"]

@@ -181,7 +181,8 @@ def analyze_sharded(model: nn.Module, loader: Any, out: str | Path, *, rank: int
         return _with_process_group(model, loader, out, granularity, kwargs)
     units = plan_units(model, world_size=world_size, granularity=granularity, **_study(kwargs))
     mine = assign(units, world_size)[rank]
-    report = _run(model, loader, out, mine, kwargs, rank, world_size)
+    with tdist.local_only():  # no process group: a recovery unit retrains in this process alone
+        report = _run(model, loader, out, mine, kwargs, rank, world_size)
     report.final = False
     return report
 
