@@ -210,6 +210,7 @@ def fit(
                                      f"{str(e).splitlines()[0][:120]}); resume with the same settings, or delete it "
                                      "to start over") from None
             best_loss = float(st.get("best_loss", math.inf))
+            bad_epochs = int(st.get("bad_epochs", 0))
             rngs = st.get("rng_ranks")
             if isinstance(rngs, list) and len(rngs) == ctx.world_size:
                 rng = rngs[ctx.rank]
@@ -286,7 +287,7 @@ def fit(
             state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
                      "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                      "epoch": epoch + 1, "history": json.dumps(history), "best_loss": best_loss,
-                     "rng": rngs[0], "rng_ranks": rngs, "world_size": ctx.world_size}
+                     "bad_epochs": bad_epochs, "rng": rngs[0], "rng_ranks": rngs, "world_size": ctx.world_size}
             m = dict(meta or {})
             m["history"] = history
             m["epoch"] = epoch + 1
