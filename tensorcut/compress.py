@@ -224,21 +224,12 @@ class Plan:
 
 def conv_input_sizes(model: nn.Module, input_shape: Sequence[int]) -> dict[str, tuple[int, int]]:
     """Spatial size of the input of every Conv2d, traced with one zero image."""
+    from tensorcut.summary import probe
+
     sizes: dict[str, tuple[int, int]] = {}
-    hooks = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_pre_hook(lambda mod, inp, n=name: sizes.__setitem__(n, tuple(inp[0].shape[-2:]))))
-    was = model.training
-    model.eval()
-    try:
-        ref = next(model.parameters())
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, dtype=ref.dtype, device=ref.device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, n=name: sizes.__setitem__(n, tuple(inp[0].shape[-2:])))
+             for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    probe(model, input_shape, hooks)
     return sizes
 
 

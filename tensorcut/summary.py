@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["LayerRow", "ModelSummary", "summarize"]
+__all__ = ["LayerRow", "ModelSummary", "probe", "summarize"]
+
+
+def probe(model: nn.Module, input_shape: Sequence[int], handles: list[Any]) -> None:
+    """Run one zero image of shape ``input_shape`` (C, H, W) through ``model`` in eval mode, without
+    gradients, so that the hooks in ``handles`` record what they need; removes them and restores
+    the training flag afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        ref = next(model.parameters())
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, dtype=ref.dtype, device=ref.device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
 
 
 @dataclass
@@ -100,16 +116,7 @@ def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSumma
             if owner(name) is None:
                 p = sum(q.numel() for q in m.parameters(recurse=False))
                 rows[name] = LayerRow(name, type(m).__name__, "x".join(str(s) for s in m.weight.shape), p, 0, "", p)
-    was_training = model.training
-    model.eval()
-    try:
-        ref = next(model.parameters())
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, dtype=ref.dtype, device=ref.device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    probe(model, input_shape, handles)
     for k, r in rows.items():
         r.macs = macs.get(k, 0)
     ordered = [rows[n] for n, _ in model.named_modules() if n in rows]

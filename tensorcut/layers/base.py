@@ -145,6 +145,13 @@ class ConvGeometry:
         )
 
 
+def per_group(geometry: ConvGeometry) -> tuple[int, int, int, int, int]:
+    """(groups, OUT per group, IN per group, KH, KW) of a convolution."""
+    g = geometry.groups
+    kh, kw = geometry.kernel_size
+    return g, geometry.out_channels // g, geometry.in_channels // g, kh, kw
+
+
 def explicit_pad(x: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
     """Pad ``x`` as the dense convolution would, honouring ``padding_mode``."""
     pad = geom.pad

@@ -34,6 +34,7 @@ from tensorcut.layers.base import (
     explicit_pad,
     kernel_groups,
     make_conv,
+    per_group,
     rank_tuple,
     register_layer,
     stage_sizes,
@@ -41,11 +42,6 @@ from tensorcut.layers.base import (
 
 __all__ = ["CPConv2d"]
 
-
-def _per_group(geometry: ConvGeometry) -> tuple[int, int, int, int, int]:
-    g = geometry.groups
-    kh, kw = geometry.kernel_size
-    return g, geometry.out_channels // g, geometry.in_channels // g, kh, kw
 
 
 @register_layer
@@ -97,7 +93,7 @@ class CPConv2d(FactorizedConv2d):
         return self.last(self.horizontal(self.vertical(y)))
 
     def reconstruct_weight(self) -> torch.Tensor:
-        g, o, i, kh, kw = _per_group(self.geometry)
+        g, o, i, kh, kw = per_group(self.geometry)
         (R,) = self.ranks
         F = self.first.weight.reshape(g, R, i)
         V = self.vertical.weight.reshape(g, R, kh)
@@ -120,19 +116,19 @@ class CPConv2d(FactorizedConv2d):
     @classmethod
     def max_ranks(cls, geometry: ConvGeometry) -> tuple[int, ...]:
         """``(R_max,)``: product of the per-group kernel sizes but the largest (an exact CP always exists)."""
-        _, o, i, kh, kw = _per_group(geometry)
+        _, o, i, kh, kw = per_group(geometry)
         return (cp_max_rank((o, i, kh, kw)),)
 
     @classmethod
     def predicted_params(cls, geometry: ConvGeometry, ranks: Sequence[int]) -> int:
-        g, _, _, kh, kw = _per_group(geometry)
+        g, _, _, kh, kw = per_group(geometry)
         R = int(ranks[0])
         bias = geometry.out_channels if geometry.bias else 0
         return R * (geometry.in_channels + geometry.out_channels) + g * R * (kh + kw) + bias
 
     @classmethod
     def predicted_macs(cls, geometry: ConvGeometry, ranks: Sequence[int], hw: Pair) -> int:
-        g, _, _, kh, kw = _per_group(geometry)
+        g, _, _, kh, kw = per_group(geometry)
         R = int(ranks[0])
         (h1, w1), (_, wp), (ho, wo) = stage_sizes(geometry, hw)
         return (R * geometry.in_channels * h1 * w1 + g * R * kh * ho * wp + g * R * kw * ho * wo

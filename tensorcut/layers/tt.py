@@ -38,6 +38,7 @@ from tensorcut.layers.base import (
     explicit_pad,
     kernel_groups,
     make_conv,
+    per_group,
     rank_tuple,
     register_layer,
     stage_sizes,
@@ -45,11 +46,6 @@ from tensorcut.layers.base import (
 
 __all__ = ["TTConv2d"]
 
-
-def _per_group(geometry: ConvGeometry) -> tuple[int, int, int, int, int]:
-    g = geometry.groups
-    kh, kw = geometry.kernel_size
-    return g, geometry.out_channels // g, geometry.in_channels // g, kh, kw
 
 
 def _pad_cores(cores: list[torch.Tensor], ranks: Sequence[int]) -> list[torch.Tensor]:
@@ -113,7 +109,7 @@ class TTConv2d(FactorizedConv2d):
 
     def cores(self) -> list[list[torch.Tensor]]:
         """Per-group TT cores ``[G1 (1, IN/g, r1), G2, G3, G4 (r3, OUT/g, 1)]`` read from the weights."""
-        g, o, i, kh, kw = _per_group(self.geometry)
+        g, o, i, kh, kw = per_group(self.geometry)
         r1, r2, r3 = self.ranks
         F = self.first.weight.reshape(g, r1, i)
         V = self.vertical.weight.reshape(g, r2, r1, kh)
@@ -124,7 +120,7 @@ class TTConv2d(FactorizedConv2d):
         ]
 
     def reconstruct_weight(self) -> torch.Tensor:
-        g, o, i, kh, kw = _per_group(self.geometry)
+        g, o, i, kh, kw = per_group(self.geometry)
         r1, r2, r3 = self.ranks
         F = self.first.weight.reshape(g, r1, i)
         V = self.vertical.weight.reshape(g, r2, r1, kh)
@@ -147,19 +143,19 @@ class TTConv2d(FactorizedConv2d):
     @classmethod
     def max_ranks(cls, geometry: ConvGeometry) -> tuple[int, ...]:
         """Largest useful TT ranks of the per-group ``(IN/g, KH, KW, OUT/g)`` tensor."""
-        _, o, i, kh, kw = _per_group(geometry)
+        _, o, i, kh, kw = per_group(geometry)
         return tt_max_ranks((i, kh, kw, o))
 
     @classmethod
     def predicted_params(cls, geometry: ConvGeometry, ranks: Sequence[int]) -> int:
-        g, _, _, kh, kw = _per_group(geometry)
+        g, _, _, kh, kw = per_group(geometry)
         r1, r2, r3 = (int(r) for r in ranks)
         bias = geometry.out_channels if geometry.bias else 0
         return r1 * geometry.in_channels + g * r1 * r2 * kh + g * r2 * r3 * kw + r3 * geometry.out_channels + bias
 
     @classmethod
     def predicted_macs(cls, geometry: ConvGeometry, ranks: Sequence[int], hw: Pair) -> int:
-        g, _, _, kh, kw = _per_group(geometry)
+        g, _, _, kh, kw = per_group(geometry)
         r1, r2, r3 = (int(r) for r in ranks)
         (h1, w1), (_, wp), (ho, wo) = stage_sizes(geometry, hw)
         return (r1 * geometry.in_channels * h1 * w1 + g * r1 * r2 * kh * ho * wp + g * r2 * r3 * kw * ho * wo

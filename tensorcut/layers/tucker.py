@@ -34,6 +34,7 @@ from tensorcut.layers.base import (
     explicit_pad,
     kernel_groups,
     make_conv,
+    per_group,
     rank_tuple,
     register_layer,
     stage_sizes,
@@ -41,11 +42,6 @@ from tensorcut.layers.base import (
 
 __all__ = ["FullTuckerConv2d", "TuckerConv2d"]
 
-
-def _per_group(geometry: ConvGeometry) -> tuple[int, int, int, int, int]:
-    g = geometry.groups
-    kh, kw = geometry.kernel_size
-    return g, geometry.out_channels // g, geometry.in_channels // g, kh, kw
 
 
 @register_layer
@@ -96,7 +92,7 @@ class TuckerConv2d(FactorizedConv2d):
         return self.last(self.core(explicit_pad(self.first(x), self.geometry)))
 
     def reconstruct_weight(self) -> torch.Tensor:
-        g, o, i, kh, kw = _per_group(self.geometry)
+        g, o, i, kh, kw = per_group(self.geometry)
         r_out, r_in = self.core.out_channels // g, self.first.out_channels // g
         F = self.first.weight.reshape(g, r_in, i)
         C = self.core.weight.reshape(g, r_out, r_in, kh, kw)
@@ -118,19 +114,19 @@ class TuckerConv2d(FactorizedConv2d):
     @classmethod
     def max_ranks(cls, geometry: ConvGeometry) -> tuple[int, ...]:
         """Largest useful ``(r_out, r_in)``: ``min(mode size, product of the other sizes)`` per group."""
-        _, o, i, kh, kw = _per_group(geometry)
+        _, o, i, kh, kw = per_group(geometry)
         return (min(o, i * kh * kw), min(i, o * kh * kw))
 
     @classmethod
     def predicted_params(cls, geometry: ConvGeometry, ranks: Sequence[int]) -> int:
-        g, _, _, kh, kw = _per_group(geometry)
+        g, _, _, kh, kw = per_group(geometry)
         r_out, r_in = int(ranks[0]), int(ranks[1])
         bias = geometry.out_channels if geometry.bias else 0
         return r_in * geometry.in_channels + g * r_out * r_in * kh * kw + geometry.out_channels * r_out + bias
 
     @classmethod
     def predicted_macs(cls, geometry: ConvGeometry, ranks: Sequence[int], hw: Pair) -> int:
-        g, _, _, kh, kw = _per_group(geometry)
+        g, _, _, kh, kw = per_group(geometry)
         r_out, r_in = int(ranks[0]), int(ranks[1])
         (h1, w1), _, (ho, wo) = stage_sizes(geometry, hw)
         return (r_in * geometry.in_channels * h1 * w1 + g * r_out * r_in * kh * kw * ho * wo
@@ -251,7 +247,7 @@ class FullTuckerConv2d(TuckerConv2d):
 
     @classmethod
     def max_ranks(cls, geometry: ConvGeometry) -> tuple[int, ...]:
-        _, o, i, kh, kw = _per_group(geometry)
+        _, o, i, kh, kw = per_group(geometry)
         return (min(o, i * kh * kw), min(i, o * kh * kw), min(kh, o * i * kw), min(kw, o * i * kh))
 
     @classmethod
