@@ -16,6 +16,11 @@ Entry points: :func:`tuckerize` (dense convs -> Tucker layers, by HOSVD of pretr
 kernels or a random orthonormal start), :class:`TDLRTOptimizer` (one integrator step per
 ``step(closure)``), :func:`train_tdlrt` (an epoch loop with logging of ranks and
 compression) and :func:`rank_report`.
+
+Under ``torchrun`` (any initialised process group of world size > 1) both the optimiser and
+the loop are data-parallel with DistributedDataParallel semantics, without DDP itself (whose
+gradient buckets cannot follow parameters that change shape every step): see
+:class:`TDLRTOptimizer` ("Several processes") and :func:`train_tdlrt`.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tensorcut import distributed as tdist
 from tensorcut.decompose.svd import small_lapack
 from tensorcut.errors import TensorcutError
 from tensorcut.layers.base import ConvGeometry, FactorizedConv2d
@@ -148,7 +154,27 @@ class TDLRTOptimizer:
 
     Use the base optimiser ``.base`` (a ``torch.optim`` instance) for learning-rate
     schedulers. Weight decay applies to cores and non-Tucker parameters, not to the
-    orthonormal factors.
+    orthonormal factors. ``grad_clip`` clips the gradient norm after each backward pass
+    (after the cross-rank average when there are several processes; clip here, not in the
+    closure, under ``torchrun``).
+
+    **Several processes** (``distributed=None``: whenever a process group of world size > 1
+    is initialised, e.g. under ``torchrun``; ``False`` opts out). Each rank's closure sees its
+    share of the global batch. After each of the two backward passes every gradient is
+    averaged over the ranks (one flat ``all_reduce`` per pass; the first also carries the
+    loss, so a divergence stops every rank, and the running statistics of BatchNorm layers
+    in training mode, which become the rank average: for the running mean exactly that of
+    the global batch; each rank still normalises by its own share's batch statistics, as
+    under DDP without SyncBatchNorm). Every rank then runs the same integrator on bitwise
+    identical inputs (the all-reduce hands every rank the same sums). QR and
+    eigendecompositions are deterministic for identical inputs with the same LAPACK build and
+    thread count, so ranks, factors and cores stay bitwise identical -- observed in the tests
+    -- but that is not guaranteed across machines or BLAS builds, and a rank that kept a
+    different rank would break the next all-reduce. So after truncation the optimiser checks: an exact integer hash of the
+    bits of every parameter and buffer plus the layer ranks is all-gathered (one tiny
+    collective); on any mismatch rank 0's layers, parameters, buffers and optimiser state are
+    broadcast to all ranks (counted in ``resyncs``). The same check runs at construction, so
+    ranks that start from different weights start from rank 0's, as under DDP.
     """
 
     def __init__(
@@ -164,6 +190,8 @@ class TDLRTOptimizer:
         weight_decay: float = 0.0,
         nesterov: bool = False,
         betas: tuple[float, float] = (0.9, 0.999),
+        grad_clip: float | None = None,
+        distributed: bool | None = None,
     ) -> None:
         _check_hparams(tau, rmin, rmax, lr)
         if base not in BASES:
@@ -191,6 +219,11 @@ class TDLRTOptimizer:
             self.base = torch.optim.SGD(others, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                         nesterov=nesterov and momentum > 0)
         self.steps = 0
+        self.grad_clip = float(grad_clip) if grad_clip else None
+        self.dist = tdist.active() if distributed is not False else tdist.DistContext()
+        self.resyncs = 0  # times rank 0's state had to be broadcast because the ranks disagreed
+        if self.dist.enabled:
+            self.check_sync()
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -225,7 +258,8 @@ class TDLRTOptimizer:
         """Run one integrator step; ``closure`` computes the batch loss, calls ``backward()`` and returns it.
 
         The closure is called twice (K-step pass, S-step pass) on the same batch; gradients
-        are cleared before each call. Returns the loss of the first call (before the update).
+        are cleared before each call. Returns the loss of the first call (before the update;
+        this rank's loss when there are several processes).
         """
         if closure is None:
             raise TensorcutError("TDLRTOptimizer.step needs a closure that computes the loss, calls backward() and returns the loss")
@@ -239,7 +273,8 @@ class TDLRTOptimizer:
             self.zero_grad()
             with torch.enable_grad():
                 loss = closure()
-            _check_loss(loss, self.steps)
+            _check_loss(loss, self.steps, local=self.dist.enabled)
+            _check_loss(self._after_backward(loss), self.steps)
             with torch.no_grad(), small_lapack(loss, limit=None):  # small factorizations: one thread
                 for layer in self.layers.values():
                     self._augment(layer)
@@ -250,6 +285,7 @@ class TDLRTOptimizer:
             _set_rng_state(rng)
             with torch.enable_grad():
                 closure()
+            self._after_backward(None)
             with torch.no_grad():
                 for b, saved in buffers:
                     b.copy_(saved)
@@ -257,6 +293,8 @@ class TDLRTOptimizer:
             with torch.no_grad(), small_lapack(loss, limit=None):
                 for layer in self.layers.values():
                     self._truncate(layer)
+            if self.dist.enabled:
+                self.check_sync()
         finally:
             for p, f in zip(params, flags):
                 p.requires_grad_(f)
@@ -265,6 +303,60 @@ class TDLRTOptimizer:
                 p.grad = None
         self.steps += 1
         return loss.detach()
+
+    def _after_backward(self, loss: torch.Tensor | None) -> torch.Tensor | None:
+        """Average gradients (pass 1: also the loss and BatchNorm running statistics) over the ranks, then clip.
+
+        Returns the rank-averaged loss (``loss`` itself for one process).
+        """
+        if self.dist.enabled:
+            tensors = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if loss is not None:  # pass 1 (the one that counts for BatchNorm: pass 2's buffers are restored)
+                loss = loss.detach().reshape(-1).clone()
+                tensors.append(loss)
+                tensors += _bn_statistics(self.model)
+            _all_reduce_mean(tensors, self.dist.world_size)
+        if self.grad_clip:
+            nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], self.grad_clip)
+        return loss
+
+    def check_sync(self) -> bool:
+        """Collective: True if every rank holds bitwise the same ranks, parameters and buffers.
+
+        Otherwise broadcast rank 0's Tucker layers (shapes first), parameters, buffers and base
+        optimiser state to every rank, count it in ``resyncs`` and return False. Every rank
+        must call it; with one process it returns True.
+        """
+        if not self.dist.enabled:
+            return True
+        mine = self._fingerprint()
+        every = [torch.empty_like(mine) for _ in range(self.dist.world_size)]
+        torch.distributed.all_gather(every, mine)
+        if all(torch.equal(every[0], f) for f in every[1:]):
+            return True
+        self._broadcast_from_main()
+        self.resyncs += 1
+        return False
+
+    def _fingerprint(self) -> torch.Tensor:
+        """Layer ranks and an exact hash of the bits of every parameter and buffer (int64)."""
+        vals = [torch.tensor([s for r in self.ranks().values() for s in r], dtype=torch.int64)]
+        vals += [_bits_hash(t).cpu().reshape(1) for t in [*self.model.parameters(), *self.model.buffers()]]
+        return torch.cat(vals).to(self.dist.device)
+
+    def _broadcast_from_main(self) -> None:
+        """Give every rank rank 0's layers (whose shapes may differ here), weights and optimiser state."""
+        payload = None
+        if self.dist.is_main:
+            payload = {name: [t.cpu() for t in _factors(layer)] for name, layer in self.layers.items()}
+        payload = tdist.broadcast_object(payload)
+        with torch.no_grad():
+            for name, (U_out, C, U_in) in payload.items():
+                dev = self.layers[name].core.weight.device
+                _write_factors(self.layers[name], U_out.to(dev), C.to(dev), U_in.to(dev))
+        tdist.broadcast_module(self.model)  # shapes agree now: every parameter and buffer
+        state = tdist.broadcast_object(self.base.state_dict() if self.dist.is_main else None)
+        self.base.load_state_dict(state)  # replaces this rank's state (the cores' moments included)
 
     def _augment(self, layer: nn.Module) -> None:
         """K-step of both channel modes, basis augmentation and Galerkin projection of the core."""
@@ -317,11 +409,54 @@ def _check_hparams(tau: float, rmin: int, rmax: int | None, lr: float) -> None:
         raise TensorcutError(f"learning rate must be > 0; got {lr}")
 
 
-def _check_loss(loss: Any, step: int) -> None:
+def _check_loss(loss: Any, step: int, *, local: bool = False) -> None:
+    """The closure returned a tensor, and (unless ``local``: the finiteness check waits for the rank average) a finite one."""
     if not isinstance(loss, torch.Tensor):
         raise TensorcutError("the closure must return the loss tensor (after calling loss.backward())")
-    if not bool(torch.isfinite(loss.detach()).all()):
+    if not local and not bool(torch.isfinite(loss.detach()).all()):
         raise TensorcutError(f"TDLRT training diverged at step {step} (loss {float(loss.detach().mean())}); lower the learning rate")
+
+
+def _all_reduce_mean(tensors: list[torch.Tensor], world_size: int) -> None:
+    """Average ``tensors`` over the ranks in place: one flat ``all_reduce`` per (dtype, device).
+
+    Every rank must pass tensors of the same shapes in the same order. gloo's and NCCL's
+    all-reduce hand every rank the same sum, so the averages agree bitwise
+    (:meth:`TDLRTOptimizer.check_sync` verifies the outcome every step).
+    """
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    with torch.no_grad():
+        for ts in groups.values():
+            flat = torch.cat([t.reshape(-1) for t in ts])
+            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+            flat.div_(world_size)
+            off = 0
+            for t in ts:
+                t.copy_(flat[off: off + t.numel()].view_as(t))
+                off += t.numel()
+
+
+def _bn_statistics(model: nn.Module) -> list[torch.Tensor]:
+    """Running mean and variance of the BatchNorm layers this pass updated (training mode)."""
+    out: list[torch.Tensor] = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.running_mean is not None:
+            out += [m.running_mean, m.running_var]
+    return out
+
+
+_INT_OF_SIZE = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
+def _bits_hash(t: torch.Tensor) -> torch.Tensor:
+    """An exact int64 hash of a tensor's bits: position-weighted sum of its words, in wrapping integer arithmetic."""
+    flat = t.detach().contiguous().reshape(-1)
+    ity = _INT_OF_SIZE.get(flat.element_size())
+    bits = (flat.view(ity) if ity is not None and not flat.is_complex() else flat.view(torch.uint8)).to(torch.int64)
+    weights = torch.arange(1, bits.numel() + 1, dtype=torch.int64, device=bits.device)
+    return (bits * weights).sum()
 
 
 def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -590,6 +725,8 @@ def train_tdlrt(
     grad_clip: float | None = None,
     device: str | torch.device = "auto",
     log: Callable[[dict[str, Any]], None] | None = None,
+    distributed: bool = True,
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Train ``model`` with TDLRT (converting its convolutions first) and return one row per epoch.
 
@@ -600,6 +737,14 @@ def train_tdlrt(
     validation loader ``val_loss`` / ``val_top1`` / ``val_top5``, and ``ranks``
     (``{layer: [r_out, r_in]}``), ``conv_params``, ``conv_dense_params``, ``conv_cr`` and
     ``conv_compression_pct``; ``log(row)`` is called after every epoch.
+
+    Under ``torchrun`` (or any initialised process group; ``distributed=False`` opts out) the
+    loader's batch size is the *global* batch: a plain DataLoader is split over the ranks by a
+    DistributedSampler (shuffle seeded by ``seed`` and the epoch), gradients are averaged by
+    :class:`TDLRTOptimizer`, and the history's metrics are reduced over all ranks, so every
+    rank returns the same rows (but for ``seconds``) and holds the same model. ``log`` runs on every rank (write
+    files through :func:`tensorcut.distributed.run_on_main`). Ranks other than 0 reseed their
+    RNG with ``initial_seed + rank`` after the model is set up, so dropout masks differ per rank.
     """
     from tensorcut.train.loop import evaluate, resolve_device
 
@@ -609,12 +754,19 @@ def train_tdlrt(
     if scheduler not in SCHEDULERS:
         raise TensorcutError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
     dev = resolve_device(device)
+    ctx = tdist.init(dev) if distributed else tdist.DistContext(device=dev)
+    if ctx.enabled:
+        dev = ctx.device
     model.to(dev)
     if convert:
         tuckerize(model, init_rank, from_pretrained=from_pretrained, rmin=rmin, rmax=rmax, filter=filter,
                   skip_first=skip_first)
     opt = TDLRTOptimizer(model, tau, rmin=rmin, rmax=rmax, base=optimizer, lr=lr, momentum=momentum,
-                         weight_decay=weight_decay)
+                         weight_decay=weight_decay, grad_clip=grad_clip, distributed=ctx.enabled)
+    if ctx.enabled:  # one process keeps its loader (and shuffle order) exactly as before
+        train_loader = tdist.shard_train_loader(train_loader, ctx, seed=seed)
+        if ctx.rank:
+            torch.manual_seed((torch.initial_seed() + ctx.rank) % 2**63)
     try:
         steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
     except TypeError:
@@ -623,6 +775,7 @@ def train_tdlrt(
     history: list[dict[str, Any]] = []
     for epoch in range(epochs):
         model.train()
+        tdist.set_epoch(train_loader, epoch)
         t0 = time.perf_counter()
         tot, n, correct = 0.0, 0, 0
         for x, y in train_loader:
@@ -633,8 +786,6 @@ def train_tdlrt(
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
                 loss.backward()
-                if grad_clip:
-                    nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
                 seen.setdefault("logits", logits.detach())
                 return loss
 
@@ -644,10 +795,13 @@ def train_tdlrt(
             tot += float(loss) * y.numel()
             n += y.numel()
             correct += int((seen["logits"].argmax(1) == y).sum())
+        if ctx.enabled:
+            tot, nf, cf = tdist.all_reduce_sum([tot, n, correct], dev)
+            n, correct = int(round(nf)), int(round(cf))
         row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": tot / max(n, 1), "train_top1": correct / max(n, 1),
                                "lr": opt.base.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
         if val_loader is not None:
-            v = evaluate(model, val_loader, dev)  # type: ignore[arg-type]
+            v = evaluate(model, val_loader, dev, distributed=ctx.enabled)  # type: ignore[arg-type]
             row.update(val_loss=v["loss"], val_top1=v["top1"], val_top5=v["top5"])
         if scheduler == "plateau":
             sched.step(row.get("val_loss", row["train_loss"]))

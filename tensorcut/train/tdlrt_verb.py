@@ -3,7 +3,10 @@
 The command-line verb is a thin wrapper over :func:`train_tdlrt_checkpoint`, which loads the
 data as the dense ``train`` verb does, trains with :func:`tensorcut.train.tdlrt.train_tdlrt`
 (from scratch, or from a dense / Tucker-compressed checkpoint) and writes an ordinary
-checkpoint after every epoch.
+checkpoint after every epoch. Under ``torchrun --nproc_per_node=N -m tensorcut train --method
+tdlrt ...`` the processes train data-parallel (``--batch-size`` is the global batch, see
+:func:`tensorcut.train.tdlrt.train_tdlrt`) and rank 0 alone prints progress and writes the
+checkpoint, atomically.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tensorcut import data as tdata
+from tensorcut import distributed as tdist
 from tensorcut import io as tio
 from tensorcut.errors import TensorcutError
 
@@ -53,15 +57,32 @@ def train_tdlrt_checkpoint(
     The test split is evaluated at the end; ``meta['tdlrt']`` records the settings and the
     final ranks.
     """
-    from tensorcut import models
-    from tensorcut.train.api import model_kwargs_for
-    from tensorcut.train.loop import evaluate, resolve_device, set_seed
-    from tensorcut.train.tdlrt import rank_report, train_tdlrt
+    from tensorcut.train.loop import resolve_device
 
     out = Path(out)
-    if (out / tio.META).exists():
-        raise TensorcutError(f"{out} already holds a checkpoint; TDLRT runs cannot be resumed, choose another --out")
-    set_seed(seed)
+    with tdist.session(resolve_device(device)) as ctx:
+        return _train(model, dataset, out, ctx, tau=tau, init_rank=init_rank, rmin=rmin, rmax=rmax, init_from=init_from,
+                      epochs=epochs, width=width, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
+                      weight_decay=weight_decay, scheduler=scheduler, data_dir=data_dir, val_fraction=val_fraction,
+                      subset=subset, augment=augment, seed=seed, progress=progress)
+
+
+def _train(model: str | None, dataset: str, out: Path, ctx: tdist.DistContext, *, tau: float, init_rank: int | None,
+           rmin: int, rmax: int | None, init_from: str | Path | None, epochs: int, width: float, batch_size: int,
+           optimizer: str, lr: float, momentum: float, weight_decay: float, scheduler: str,
+           data_dir: str | Path | None, val_fraction: float, subset: int | None, augment: bool, seed: int,
+           progress: bool) -> tio.Checkpoint:
+    from tensorcut import models
+    from tensorcut.train.api import model_kwargs_for
+    from tensorcut.train.loop import evaluate, set_seed
+    from tensorcut.train.tdlrt import rank_report, train_tdlrt
+
+    def fresh() -> None:
+        if (out / tio.META).exists():
+            raise TensorcutError(f"{out} already holds a checkpoint; TDLRT runs cannot be resumed, choose another --out")
+
+    tdist.run_on_main(fresh)  # rank 0 decides, every rank stops
+    set_seed(seed)  # the same initial model on every rank
     if init_from is not None:
         ck = tio.load_checkpoint(init_from)
         net, src = ck.model, ck.meta
@@ -91,24 +112,26 @@ def train_tdlrt_checkpoint(
 
     def on_epoch(row: dict[str, Any]) -> None:
         history.append(row)
-        if progress:
+        if progress and ctx.is_main:
             ranks = " ".join(f"{a}/{b}" for a, b in row["ranks"].values())
             print(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} | val loss {row.get('val_loss', float('nan')):.4f} "
                   f"top1 {row.get('val_top1', float('nan')):.4f} | conv compression {row['conv_compression_pct']:.1f}% "
                   f"| ranks {ranks} | {row['seconds']:.1f}s", flush=True)
-        tio.save(net, out, {**meta, "history": history, "epoch": row["epoch"]})
+        snapshot = {**meta, "history": history, "epoch": row["epoch"]}
+        tdist.run_on_main(lambda: tio.save(net, out, snapshot))
 
-    dev = resolve_device(device)
+    dev = ctx.device
     train_tdlrt(net, tdata.make_loader(tr, batch_size, shuffle=True, seed=seed), tdata.make_loader(va, 512),
                 tau=tau, init_rank=init_rank, rmin=rmin, rmax=rmax, epochs=epochs, optimizer=optimizer, lr=lr,
                 momentum=momentum, weight_decay=weight_decay, scheduler=scheduler,
-                from_pretrained=init_from is not None, device=dev, log=on_epoch)
-    metrics = evaluate(net, tdata.make_loader(te, 512), dev)
+                from_pretrained=init_from is not None, device=dev, log=on_epoch, seed=seed)
+    metrics = evaluate(net, tdata.make_loader(te, 512), dev)  # reduced over the ranks under torchrun
     rep = rank_report(net)
     settings.update(final_ranks={k: v["ranks"] for k, v in rep["layers"].items()}, conv_cr=rep["conv_cr"],
                     conv_compression_pct=rep["conv_compression_pct"])
     meta.update(history=history, epoch=len(history), metrics={"test": metrics})
-    tio.save(net, out, meta)
+    tdist.run_on_main(lambda: tio.save(net, out, meta))
+    tdist.barrier()
     return tio.Checkpoint(model=net.eval(), meta=meta)
 
 
