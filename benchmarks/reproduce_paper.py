@@ -36,6 +36,7 @@ OUT = ROOT / "benchmarks" / "results" / "paper_reproduction"
 WORK = ROOT / "runs" / "paper_reproduction"
 DROP = 0.02  # a top-1 drop larger than this is "significant"
 SVD_BIPS = ("OUT", "IN", "KH", "KW", "OUT-IN", "OUT-KH", "OUT-KW")
+_REPORT: dict[str, bool] = {"computed": False}  # whether this invocation trained or evaluated anything
 
 
 def _train(args: argparse.Namespace) -> Path:
@@ -48,6 +49,7 @@ def _train(args: argparse.Namespace) -> Path:
     if meta.exists() and tio.read_meta(ck).get("metrics"):
         print(f"[train] reusing {ck}")
         return ck
+    _REPORT["computed"] = True
     print(f"[train] vanilla-cnn width {args.width} on fashion-mnist ({args.train_subset or 'all'} images, "
           f"{args.epochs} epochs)", flush=True)
     train("vanilla-cnn", "fashion-mnist", ck, epochs=args.epochs, width=args.width, batch_size=128,
@@ -76,6 +78,7 @@ def _analyze(args: argparse.Namespace, ck: Path) -> Path:
                   cache_bytes=1 << 30,
                   model_name=f"vanilla-cnn-w{args.width}", data_name="fashion-mnist",
                   csv=WORK / "results.csv", progress=True)
+    _REPORT["computed"] = _REPORT["computed"] or rep.evaluated > 0
     print(f"[analyze] {rep.evaluated} evaluated, {rep.skipped} reused, {time.perf_counter() - t0:.0f} s; "
           f"fast path: {rep.fast_path}", flush=True)
     return db
@@ -124,7 +127,11 @@ def _claims(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], split: s
                 ref = [r for r in ref if r is not None]
                 if ref:
                     worse_at_equal.append(statistics.mean(ref) - p.top1)
+    by_mode = {b: [layer for layer in layers if (layer, b) in tol and
+                   tol[(layer, b)] < min(tol.get((layer, c), math.inf) for c in ("OUT", "IN"))]
+               for b in ("KW", "KH")}
     out["c2"] = {"per_layer": [{"layer": l, "max_tol_kw_kh": s, "min_tol_out_in": g} for l, s, g in pairs],
+                 "layers_where_less_robust_than_out_and_in": by_mode,
                  "layers_less_robust": sum(1 for _, s, g in pairs if s < g), "n_layers": len(pairs),
                  "mean_top1_gap_at_equal_norm_loss": statistics.mean(worse_at_equal) if worse_at_equal else None,
                  "n_points": len(worse_at_equal)}
@@ -183,8 +190,17 @@ def _claims(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], split: s
     fast = [s for s in scen.values() if s["after_1_epoch"] is not None and s["after_1_epoch"] >= 0.8 * b1]
     svd1 = [s["after_1_epoch"] for n, s in scen.items() if n.startswith("SVD") and s["after_1_epoch"] is not None]
     cp1 = [s["after_1_epoch"] for n, s in scen.items() if n.startswith("CP") and s["after_1_epoch"] is not None]
+    n_eval = int(base["n"])
+    se = math.sqrt(max(b1 * (1 - b1), 1e-12) / n_eval)  # binomial standard error of one top-1 value
+    margin = 2 * math.sqrt(2) * se  # two standard errors of a difference of two top-1 values
+    if svd1 and cp1:
+        gap = min(svd1) - max(cp1)
+        faster: bool | str | None = True if gap > margin else ("inconclusive" if max(svd1) - min(cp1) > -margin
+                                                               else False)
+    else:
+        gap, faster = None, None
     out["c5"] = {"scenarios": scen, "verdict": (len(fast) == len(scen)) if scen else None,
-                 "svd_faster_than_cp": (min(svd1) > max(cp1)) if svd1 and cp1 else None}
+                 "svd_faster_than_cp": faster, "svd_minus_cp_after_1_epoch": gap, "noise_margin": margin}
 
     # all-layer truncation (Figs. 12-13)
     al = fd.curves(rows, kind="all-layers", method="svd", split=split, by=("bipartition",))
@@ -202,7 +218,9 @@ def _claims(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], split: s
     return out
 
 
-def _yes(v: bool | None) -> str:
+def _yes(v: bool | str | None) -> str:
+    if v == "inconclusive":
+        return "**inconclusive** (the difference is within measurement noise)"
     return "**reproduces**" if v else ("**does not reproduce**" if v is not None else "**not measured**")
 
 
@@ -219,7 +237,8 @@ def _markdown(c: Mapping[str, Any], ctx: Mapping[str, Any]) -> str:
           f"Entropy: {ctx['entropy']}. \"Robust\" = top-1 within {100 * DROP:g} points of the unmodified model; "
           "the *tolerated norm loss* is the largest norm loss before top-1 first falls further (linear interpolation "
           "between measured points; the largest measured loss if it never does).",
-          f"Command: `{ctx['command']}` ({ctx['minutes']:.0f} min on 2 shared CPU cores). "
+          f"Command: `{ctx['command']}` ({ctx['minutes'] or 0:.0f} min wall-clock on 2 CPU cores shared with other jobs"
+          + (f", {ctx['cpu_minutes']:.0f} min of CPU time" if ctx.get("cpu_minutes") else "") + "). "
           "Figures in `figures/`, rows in `results.csv`, spectra in `spectra.csv`, numbers in `summary.json`.", ""]
     tol = c["tolerated"]
     L += ["## Tolerated norm loss % per layer and bipartition (top-1 drop <= 2 points)", "",
@@ -244,8 +263,10 @@ def _markdown(c: Mapping[str, Any], ctx: Mapping[str, Any]) -> str:
           f"{c2['layers_less_robust']} of {c2['n_layers']} layers tolerate less norm loss along KW/KH than along "
           f"OUT/IN ({per}). At equal norm loss, the KW/KH points are on average "
           f"{_fmt(None if gap is None else 100 * gap)} points of top-1 below the OUT/IN curves "
-          f"({c2['n_points']} points; positive = KW/KH worse). The first KW/KH step (keep n-1 of 3-5 values) "
-          "already discards a large share of the norm, which is the paper's explanation.", ""]
+          f"({c2['n_points']} points; positive = KW/KH worse). Layers where the cut tolerates less than both OUT "
+          f"and IN: KW {', '.join(c2['layers_where_less_robust_than_out_and_in']['KW']) or 'none'}; KH "
+          f"{', '.join(c2['layers_where_less_robust_than_out_and_in']['KH']) or 'none'}. The first KW/KH step "
+          "(keep n-1 of 3-5 values) already discards a large share of the norm, which is the paper's explanation.", ""]
     c3 = c["c3"]
     rows3 = "; ".join(f"{b}: " + " -> ".join(_fmt(v) for v in t["tolerated_by_depth"])
                       for b, t in c3["per_bipartition"].items())
@@ -260,9 +281,14 @@ def _markdown(c: Mapping[str, Any], ctx: Mapping[str, Any]) -> str:
           f"of them (best bipartition: {_fmt(None if c4['mean_best_svd_minus_cp'] is None else 100 * c4['mean_best_svd_minus_cp'])} "
           "points). CP points outside the measured SVD norm-loss range are not compared.", ""]
     c5 = c["c5"]
+    gap = c5.get("svd_minus_cp_after_1_epoch")
     L += [f"5. **Fast recovery after aggressive truncation** — {_yes(c5['verdict'])} (criterion: every scenario "
-          "back to >= 80% of the unmodified top-1 after one epoch); SVD scenarios recover faster than CP: "
-          f"{_yes(c5['svd_faster_than_cp'])}.", "",
+          "back to >= 80% of the unmodified top-1 after one epoch). Each scenario truncates all three layers at once, "
+          "as mildly as still drops top-1 to at most 2x chance; retraining is Adam (lr 1e-3), one epoch = one pass "
+          f"over {ctx['recover_subset']} training images. SVD scenarios recover faster than CP (paper): "
+          f"{_yes(c5['svd_faster_than_cp'])}; after one epoch the slowest SVD scenario minus the fastest CP scenario "
+          f"is {_fmt(None if gap is None else 100 * gap)} points, noise margin (2 standard errors of a difference) "
+          f"{_fmt(100 * c5['noise_margin'])} points.", "",
           "| scenario | truncation (all layers) | avg norm loss % | top-1 by epoch (0 = truncated) |",
           "|---|---|---:|---|"]
     for name, s in c5["scenarios"].items():
@@ -299,7 +325,7 @@ def main() -> int:
     args = ap.parse_args()
     WORK, OUT = Path(args.work), Path(args.out)
     torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if args.fresh and WORK.exists():
         shutil.rmtree(WORK)
     WORK.mkdir(parents=True, exist_ok=True)
@@ -330,8 +356,14 @@ def main() -> int:
         "test_top1": ckmeta["metrics"]["test"]["top1"], "n_eval": args.val_subset,
         "entropy": ENTROPY_LABELS[meta.get("entropy_form", "vn")],
         "command": "nice .venv/bin/python benchmarks/reproduce_paper.py", "minutes": (time.perf_counter() - t0) / 60,
+        "cpu_minutes": (time.process_time() - c0) / 60, "recover_subset": args.recover_subset,
         "figures": sorted(p.name for p in files if p.suffix == ".png"),
     }
+    previous = OUT / "summary.json"
+    if not _REPORT["computed"] and previous.exists():  # a re-render: keep the timing of the run that computed it
+        old_ctx = json.loads(previous.read_text()).get("context", {})
+        for k in ("minutes", "cpu_minutes"):
+            ctx[k] = old_ctx.get(k)
     (OUT / "summary.json").write_text(json.dumps({"context": ctx, "claims": claims}, indent=2, default=str) + "\n")
     (OUT / "README.md").write_text(_markdown(claims["val"], ctx))
     print((OUT / "README.md").read_text())
