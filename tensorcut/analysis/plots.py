@@ -41,11 +41,16 @@ def _figure(nrows: int = 1, ncols: int = 1, *, size: tuple[float, float] | None 
 
 
 def _save(fig: Any, out: Path, name: str, formats: Sequence[str]) -> list[Path]:
+    from matplotlib import rc_context
+
     paths = []
-    for fmt in formats:
-        p = out / f"{name}.{fmt}"
-        fig.savefig(p, dpi=130 if fmt == "png" else None)
-        paths.append(p)
+    # fixed SVG ids and no creation date: re-rendering the same results gives the same files
+    with rc_context({"svg.hashsalt": "tensorcut"}):
+        for fmt in formats:
+            p = out / f"{name}.{fmt}"
+            fig.savefig(p, dpi=130 if fmt == "png" else None,
+                        metadata={"Date": None} if fmt in ("svg", "pdf") else None)
+            paths.append(p)
     return paths
 
 
