@@ -117,6 +117,7 @@ class LayerPlan:
     note: str = ""
     sensitivity: float | None = None
     latency_ms: dict[str, float] | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # rebuild options beyond the ranks (TR: the RSDTR shift)
 
     @property
     def ratio(self) -> float:
@@ -255,8 +256,8 @@ def _time_ms(mod: nn.Module, x: torch.Tensor, reps: int = 10) -> float:
 class _Builder:
     """Builds (and caches) factorized layers for one conv; turns failures into reasons."""
 
-    def __init__(self, name: str, conv: nn.Conv2d, cfg: CompressConfig) -> None:
-        self.name, self.conv, self.cfg = name, conv, cfg
+    def __init__(self, name: str, conv: nn.Conv2d, cfg: CompressConfig, hw: tuple[int, int] | None = None) -> None:
+        self.name, self.conv, self.cfg, self.hw = name, conv, cfg, hw
         self.geom = ConvGeometry.from_conv(conv)
         self.cache: dict[tuple[str, tuple[int, ...]], nn.Module] = {}
 
@@ -270,6 +271,10 @@ class _Builder:
         if key is not None and key in self.cache:
             return self.cache[key]
         opts = dict(self.cfg.options.get(method, {}))
+        if method == "tr" and opts.get("objective") == "macs" and "input_size" not in opts and self.hw is not None:
+            opts["input_size"] = tuple(self.hw)  # each layer's own input size
+        if ranks is not None and method == "tr":
+            opts = {k: v for k, v in opts.items() if k == "shift"}  # explicit ranks fix the ring; search options do not apply
         if fast:
             opts.update(FAST_OPTIONS.get(method, {}))
         with warnings.catch_warnings():
@@ -307,7 +312,11 @@ def _entry(name: str, b: _Builder, hw: tuple[int, int], method: str, status: str
     g = b.geom
     pa = ma = 0
     err = None
+    options: dict[str, Any] = {}
     if layer is not None:
+        res = getattr(layer, "tr_result", None)
+        if res is not None:
+            options = {"shift": int(res.shift)}
         cls = b.cls(method)
         pa = int(cls.predicted_params(g, tuple(layer.ranks)))
         ma = int(cls.predicted_macs(g, tuple(layer.ranks), hw))
@@ -315,7 +324,7 @@ def _entry(name: str, b: _Builder, hw: tuple[int, int], method: str, status: str
         ranks = tuple(layer.ranks)
     return LayerPlan(name=name, method=method, status=status, reason=reason, ranks=[int(r) for r in ranks],
                      params_before=g.dense_params(), params_after=pa, macs_before=g.dense_macs(hw), macs_after=ma,
-                     error=err, geometry=g.to_dict(), input_hw=list(hw), note=note)
+                     error=err, geometry=g.to_dict(), input_hw=list(hw), note=note, options=options)
 
 
 def _decide_one(name: str, b: _Builder, hw: tuple[int, int], cfg: CompressConfig, rule: RankRule) -> tuple[LayerPlan, nn.Module | None]:
@@ -450,7 +459,7 @@ def plan(
     from tensorcut.summary import summarize
 
     summ = summarize(model, tuple(input_shape))
-    builders = {n: _Builder(n, convs[n], cfg) for n in chosen}
+    builders = {n: _Builder(n, convs[n], cfg, sizes[n]) for n in chosen}
     entries: dict[str, LayerPlan] = {}
     built: dict[str, nn.Module] = {}
     rule = cfg.rule
@@ -571,7 +580,7 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                layer = LAYER_REGISTRY[e.method].from_conv(conv, ranks=tuple(e.ranks))
+                layer = LAYER_REGISTRY[e.method].from_conv(conv, ranks=tuple(e.ranks), **e.options)
         layer = layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
         model.set_submodule(e.name, layer)
     return model

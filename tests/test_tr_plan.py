@@ -171,8 +171,6 @@ def test_tr_options_reach_rsdtr_through_config():
     assert bad.layers[0].status == "dense" and "unknown options" in bad.layers[0].reason
 
 
-@pytest.mark.xfail(strict=True, reason="compress._Builder passes CompressConfig.options as given: objective='macs' "
-                   "needs an explicit input_size (one size for every layer) instead of each layer's own input size")
 def test_macs_objective_uses_each_layers_input_size():
     m = _model()
     p = plan(m, method="tr", eps=0.5, options={"tr": {"objective": "macs"}}, input_shape=SHAPE, layers=PLANTED,
@@ -184,8 +182,6 @@ def test_macs_objective_uses_each_layers_input_size():
         assert l.status == "factorize" and tuple(l.ranks) == want.ranks
 
 
-@pytest.mark.xfail(strict=True, reason="a TR LayerPlan does not record the RSDTR shift: apply() of a plan read from "
-                   "JSON rebuilds every ring at shift 0 (other cores, sometimes clamped ranks, other outputs)")
 def test_tr_plan_json_round_trip_applies_the_same_rings():
     p = plan(_model(), method="tr", eps=0.5, input_shape=SHAPE, progress=False)
     q = Plan.from_dict(json.loads(p.to_json()))
