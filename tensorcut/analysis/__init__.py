@@ -1,1 +1,10 @@
-"""Truncation study: metrics, sweeps, recovery."""
+"""Truncation study: metrics, sweeps, recovery, figures.
+
+``analyze(model, loader, out, ...)`` runs the sweeps into an SQLite results file;
+``plot(results, out)`` draws the figures.
+"""
+
+from tensorcut.analysis.plots import plot
+from tensorcut.analysis.sweep import AnalysisReport, analyze
+
+__all__ = ["AnalysisReport", "analyze", "plot"]
