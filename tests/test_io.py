@@ -92,3 +92,14 @@ def test_missing_directory_and_unknown_model(tmp_path):
     (d / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(TensorcutError, match="unknown model 'resnet9000'"):
         tio.load(d)
+
+
+def test_atomic_write_gives_the_usual_file_mode(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        tio.atomic_write_text(tmp_path / "m.txt", "x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "m.txt").stat().st_mode & 0o777 == 0o644
