@@ -67,6 +67,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--distill-from", default=None, help="dense checkpoint to distil from (teacher)")
     f.add_argument("--distill-alpha", type=float, default=0.5)
     f.add_argument("--device", default="auto")
+    f.add_argument("--amp", action="store_true", help="mixed precision (float16 + loss scaling on CUDA, bfloat16 on CPU)")
+    f.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun ranks (CUDA only)")
     f.add_argument("--out", default=None, help="default: update the checkpoint in place")
     f.set_defaults(func=_finetune)
 
@@ -111,6 +113,8 @@ def finetune_config(args: argparse.Namespace) -> "FitConfig":
             raise TensorcutError(f"--patience must be >= 0 (0 turns early stopping off), got {args.patience}")
         changes["patience"] = args.patience or None
     changes["distill_alpha"] = args.distill_alpha if args.distill_from else 0.0
+    changes["amp"] = bool(getattr(args, "amp", False))
+    changes["sync_batchnorm"] = bool(getattr(args, "sync_bn", False))
     return dataclasses.replace(cfg, **changes)  # a fresh, re-validated copy; the recipe itself is untouched
 
 

@@ -59,3 +59,15 @@ def test_demo_fast(tmp_path, capsys):
     assert "goal: conv-layer compression ratio >= 5" in out and "report: " in out
     for f in ("dense/model.safetensors", "finetuned/model.safetensors", "export/model.onnx", "report.html"):
         assert (tmp_path / "d" / f).exists(), f
+
+
+def test_train_amp_flag_reaches_the_recipe(tmp_path, capsys):
+    assert main(["train", "--model", "vanilla-cnn", "--dataset", "synthetic", "--width", "0.125", "--epochs", "1",
+                 "--subset", "64", "--amp", "--device", "cpu", "--out", str(tmp_path / "a")]) == 0
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert meta["metrics"]["test"]["n"] > 0
+    from tensorcut.workflow_cli import finetune_config
+    from tensorcut.cli import build_parser
+
+    cfg = finetune_config(build_parser().parse_args(["finetune", "CK", "--amp"]))
+    assert cfg.amp and not cfg.sync_batchnorm and cfg.lr == 1e-5

@@ -34,6 +34,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--amp", action="store_true", help="mixed precision (float16 + loss scaling on CUDA, bfloat16 on CPU)")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun ranks (CUDA only)")
     p.add_argument("--method", choices=("dense", "tdlrt"), default="dense",
                    help="tdlrt: train in Tucker format with rank-adaptive pruning (docs/tdlrt.md)")
     p.add_argument("--tau", type=float, default=None, help="tdlrt: truncation tolerance relative to the core norm")
@@ -60,7 +62,8 @@ def _train(args: argparse.Namespace) -> int:
         return run_cli(args)
 
     cfg = FitConfig(epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
-                    weight_decay=args.weight_decay, scheduler=args.scheduler, patience=args.patience, seed=args.seed)
+                    weight_decay=args.weight_decay, scheduler=args.scheduler, patience=args.patience, seed=args.seed,
+                    amp=args.amp, sync_batchnorm=args.sync_bn)
     ck = train(args.model, args.dataset, args.out, epochs=args.epochs, width=args.width, batch_size=args.batch_size,
                config=cfg, data_dir=args.data_dir, val_fraction=args.val_fraction, subset=args.subset,
                augment=args.augment, device=args.device, resume=args.resume)
