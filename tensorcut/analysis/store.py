@@ -53,6 +53,20 @@ CREATE TABLE IF NOT EXISTS spectra (
 """
 
 
+def _retry_locked(fn: Any, timeout: float) -> None:
+    """Call ``fn`` until it does not fail with SQLite's 'locked' / 'busy', for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fn()
+            return
+        except sqlite3.OperationalError as exc:
+            msg = str(exc).lower()
+            if ("locked" not in msg and "busy" not in msg) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _key(row: Mapping[str, Any]) -> tuple[Any, ...]:
     return tuple(row[c] for c in KEY_COLUMNS)
 
@@ -74,11 +88,7 @@ class ResultsStore:
             self.conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
             self.conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
             if create:
-                self.conn.execute("PRAGMA journal_mode = WAL")
-                self.conn.execute("PRAGMA synchronous = NORMAL")
-                self.conn.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
-                self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('app', ?)", (APP_ID,))
-                self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+                _retry_locked(lambda: self._create_schema(), timeout)
         except (OSError, sqlite3.OperationalError) as exc:  # read-only folder or file, full disk
             raise TensorcutError(f"cannot open results file {str(self.path)!r} for writing ({exc}); "
                                  "choose a writable --out or free disk space") from None
@@ -90,6 +100,20 @@ class ResultsStore:
         except sqlite3.OperationalError as exc:
             raise TensorcutError(f"cannot write to results file {str(self.path)!r} ({exc}); free disk space or make "
                                  "it writable, then re-run: rows already recorded are kept and skipped") from None
+
+    def _create_schema(self) -> None:
+        """WAL mode and the tables; BEGIN IMMEDIATE takes the write lock up front (several workers may
+        create the same file at once, and a deferred transaction's lock upgrade fails without waiting)."""
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute("PRAGMA synchronous = NORMAL")
+        try:
+            self.conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+        except sqlite3.OperationalError:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('app', ?)", (APP_ID,))
+        self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
 
     def _check_existing(self) -> None:
         """Refuse (without writing) a file that is not an intact tensorcut results store."""
