@@ -175,7 +175,7 @@ def hooi(
     energy: float | None = None,
     modes: Sequence[int] | None = None,
     n_iter: int = 25,
-    tol: float = 1e-7,
+    tol: float = 1e-4,
 ) -> TuckerResult:
     """Higher-order orthogonal iteration (alternating least squares for Tucker), HOSVD-initialised.
 
@@ -230,7 +230,7 @@ def tucker2(
     energy: float | None = None,
     hooi: bool = True,
     n_iter: int = 25,
-    tol: float = 1e-7,
+    tol: float = 1e-4,
 ) -> TuckerResult:
     """Tucker-2 of a ``(OUT, IN, KH, KW)`` kernel: decompose only the two channel modes.
 

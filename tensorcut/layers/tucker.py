@@ -143,7 +143,7 @@ class TuckerConv2d(FactorizedConv2d):
         energy: float | None = None,
         hooi: bool = True,
         n_iter: int = 25,
-        tol: float = 1e-7,
+        tol: float = 1e-4,
         **opts: Any,
     ) -> "TuckerConv2d":
         """Tucker-2 of ``conv``'s kernel (per group): explicit ``ranks=(r_out, r_in)`` (clamped to
