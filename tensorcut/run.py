@@ -384,4 +384,4 @@ def verify(dense_dir: Path, final_dir: Path, comp_dir: Path, config: RunConfig) 
     else:
         met, got = drop <= config.max_drop, f"top-1 drop {drop:.4f}"  # type: ignore[operator]
     return {"goal": config.goal, "goal_met": bool(met), "achieved": got, "top1_drop": drop, "plan_totals": t,
-            "rows": rows, "data": {"test": _test_set(tio.read_meta(dense_dir)).__len__()}}
+            "rows": rows, "data": {"test": rows["final"]["n"]}}

@@ -62,7 +62,6 @@ def test_full_rank_plan_reproduces_dense_model():
     ref = m(x)
     cfg = CompressConfig(method="tucker2", rank=10_000)
     p = plan(m, cfg, input_shape=(3, 32, 32), layers=LAYERS, progress=False)
-    assert all("clamped" in l.note for l in p.layers if l.status == "factorize") or all(l.status == "dense" for l in p.layers)
     # a full-rank Tucker-2 is never smaller, so the size guard keeps every layer dense with a reason
     assert all(l.status == "dense" and "would not be smaller" in l.reason for l in p.layers)
     apply(m, p)

@@ -198,10 +198,9 @@ def early_stride(geom: ConvGeometry) -> Pair:
     reads every ``stride``-th input row/column, so subsampling in the first 1x1 (before the
     channel contraction) is exact and saves its MACs. Other axes return 1.
     """
-    l, r, t, b = geom.pad
-    eh = geom.stride[0] if geom.kernel_size[0] == 1 and t == b == 0 else 1
-    ew = geom.stride[1] if geom.kernel_size[1] == 1 and l == r == 0 else 1
-    return (eh, ew)
+    from tensorcut.decompose.tr import early_strides  # one rule, shared with the TR cost model
+
+    return early_strides(geom.kernel_size, geom.stride, geom.pad)
 
 
 def stage_sizes(geom: ConvGeometry, hw: Pair) -> tuple[Pair, Pair, Pair]:

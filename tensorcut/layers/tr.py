@@ -34,7 +34,6 @@ from torch import Tensor, nn
 
 from tensorcut.decompose.tr import (
     TRResult,
-    early_strides,
     rsdtr,
     tr_macs,
     tr_max_ranks,
@@ -44,7 +43,15 @@ from tensorcut.decompose.tr import (
 )
 from tensorcut.decompose.svd import RankClampWarning
 from tensorcut.errors import TensorcutError
-from tensorcut.layers.base import ConvGeometry, FactorizedConv2d, Pair, explicit_pad, make_conv, register_layer
+from tensorcut.layers.base import (
+    ConvGeometry,
+    FactorizedConv2d,
+    Pair,
+    early_stride,
+    explicit_pad,
+    make_conv,
+    register_layer,
+)
 
 __all__ = ["TRConv2d"]
 
@@ -92,7 +99,7 @@ class TRConv2d(FactorizedConv2d):
         kh, kw = geometry.kernel_size
         sh, sw = geometry.stride
         dh, dw = geometry.dilation
-        eh, ew = early_strides(geometry.kernel_size, geometry.stride, geometry.pad)
+        eh, ew = early_stride(geometry)
         # an explicit device: skip_init-based make_conv would leave device=None tensors on "meta"
         dev = torch.device(device) if device is not None else torch.empty(0).device
         kw_: dict[str, Any] = {"device": dev, "dtype": dtype}
