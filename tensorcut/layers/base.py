@@ -1,9 +1,15 @@
 """Shared machinery for factorized convolutions: geometry, counting, the layer registry.
 
 Every factorized layer is a plain sequence of small convolutions built once at
-construction. Padding of any mode is applied explicitly (``F.pad``) before the first
-spatial convolution, which is exact because it commutes with the bias-free 1x1
-contractions that come before it; the spatial convolutions themselves run unpadded.
+construction. Padding is exact anywhere after the bias-free leading 1x1 contraction:
+zero padding that is symmetric per axis is done by the spatial convolutions themselves
+(no copy); other modes and asymmetric padding are applied explicitly (``F.pad``) before
+the first spatial convolution, which then runs unpadded (see :func:`split_padding`).
+
+Speed (CPU): the 1x1 convolutions are :class:`PointwiseConv2d`, which run as one GEMM
+and write their output in the memory layout the next convolution is fastest in: the
+internal activations are channels-last, and the layer's output takes the memory format
+of its input, as ``nn.Conv2d``'s does. The arithmetic is that of ``nn.Conv2d``.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -161,6 +168,76 @@ def explicit_pad(x: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
     return F.pad(x, pad, mode=mode)
 
 
+def split_padding(geom: ConvGeometry) -> tuple[Pair, tuple[int, int, int, int] | None]:
+    """Where a factorized layer pads: ``((pad_h, pad_w) for the spatial convs, None)`` when the
+    padding is zeros and symmetric per axis (done inside the convolutions, no copy), else
+    ``((0, 0), (left, right, top, bottom))`` for :func:`explicit_pad`."""
+    l, r, t, b = geom.pad
+    if geom.padding_mode == "zeros" and l == r and t == b:
+        return (t, l), None
+    return (0, 0), (l, r, t, b)
+
+
+Layout = "torch.Tensor | torch.memory_format | None"
+
+
+def _pointwise(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Pair, groups: int, like: Layout
+) -> torch.Tensor:
+    """Unpadded 1x1 convolution of a 4-D ``x`` (groups 1) as one GEMM; other calls use ``F.conv2d``.
+
+    The output's memory layout: channels-last when ``like`` is None; ``like`` itself when it
+    is a ``torch.memory_format``; else ``like``'s memory format (channels-last or contiguous).
+    GEMM operands are views of ``x`` whenever ``x`` is contiguous in either format; otherwise
+    ``x`` is copied once.
+    """
+    if groups != 1 or x.dim() != 4:
+        return F.conv2d(x, weight, bias, stride, 0, 1, groups)
+    if stride != (1, 1):
+        x = x[:, :, :: stride[0], :: stride[1]]
+    n, c, h, w = x.shape
+    o = weight.shape[0]
+    W = weight.reshape(o, c)
+    if like is None:
+        cl_out = True
+    elif isinstance(like, torch.memory_format):
+        cl_out = like == torch.channels_last
+    else:
+        cl_out = like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)
+    if x.is_contiguous():
+        rows = x.reshape(n, c, h * w).transpose(1, 2)  # (n, hw, c), a view
+    else:
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)
+        rows = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view
+    if cl_out:
+        y = torch.matmul(rows, W.t()) if bias is None else torch.addmm(bias, rows.reshape(n * h * w, c), W.t())
+        return y.reshape(n, h, w, o).permute(0, 3, 1, 2)
+    y = torch.matmul(W, rows.transpose(1, 2))  # (n, o, hw), contiguous
+    if bias is not None:
+        y = y + bias[:, None]
+    return y.reshape(n, o, h, w)
+
+
+torch.fx.wrap("_pointwise")  # layout decisions read tensor properties: keep them out of fx graphs
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """A 1x1 ``nn.Conv2d`` that runs as a GEMM and chooses its output memory layout.
+
+    ``forward(x, like=None)``: the output is channels-last in memory (the layout the next
+    spatial convolution of a factorized layer is fastest in) or, given ``like`` (a tensor or a
+    ``torch.memory_format``), in ``like``'s memory format. On CPU a contiguous (NCHW) 1x1 ``nn.Conv2d`` over a few channels is
+    several times slower than the same GEMM. Same parameters and state-dict keys as
+    ``nn.Conv2d``; strided, grouped or non-4-D calls fall back to it.
+    """
+
+    def forward(self, x: torch.Tensor, like: Layout = None) -> torch.Tensor:  # type: ignore[override]
+        if self.padding != (0, 0) or self.padding_mode != "zeros":
+            return super().forward(x)
+        return _pointwise(x, self.weight, self.bias, self.stride, self.groups, like)  # type: ignore[arg-type]
+
+
 def count_macs(module: nn.Module, hw: Pair, in_channels: int) -> int:
     """Count multiply-accumulates of every Conv2d / Linear in ``module`` by tracing one input."""
     macs = 0
@@ -205,9 +282,12 @@ def early_stride(geom: ConvGeometry) -> Pair:
 
 def stage_sizes(geom: ConvGeometry, hw: Pair) -> tuple[Pair, Pair, Pair]:
     """Spatial sizes through a factorized layer: after the leading 1x1 (with :func:`early_stride`),
-    after explicit padding, and at the output. Used by the closed-form MAC counts."""
+    after explicit padding (:func:`split_padding`; unchanged when the convolutions pad), and at
+    the output. Used by the closed-form MAC counts."""
     eh, ew = early_stride(geom)
     h1, w1 = (hw[0] - 1) // eh + 1, (hw[1] - 1) // ew + 1
+    if split_padding(geom)[1] is None:
+        return (h1, w1), (h1, w1), geom.output_size(hw)
     l, r, t, b = geom.pad
     return (h1, w1), (h1 + t + b, w1 + l + r), geom.output_size(hw)
 
@@ -218,19 +298,22 @@ def make_conv(
     kernel_size: Pair,
     *,
     stride: Pair = (1, 1),
+    padding: Pair = (0, 0),
     dilation: Pair = (1, 1),
     groups: int = 1,
     bias: bool = False,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> nn.Conv2d:
-    """An unpadded sublayer convolution with zeroed (not randomly initialised) parameters.
+    """A sublayer convolution (zero-padded by ``padding``) with zeroed parameters; 1x1 kernels
+    are :class:`PointwiseConv2d`.
 
     Factorized layers are filled by ``from_conv`` or a checkpoint; zeros rather than random or
     uninitialised memory make a forgotten fill visible instead of silently noisy.
     """
+    cls = PointwiseConv2d if tuple(kernel_size) == (1, 1) and tuple(padding) == (0, 0) else nn.Conv2d
     conv = nn.utils.skip_init(  # skip_init needs a real device (None would leave it on "meta")
-        nn.Conv2d, in_channels, out_channels, kernel_size, stride=stride, dilation=dilation,
+        cls, in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
         groups=groups, bias=bias, device="cpu" if device is None else device, dtype=dtype,
     )
     with torch.no_grad():

@@ -3,7 +3,7 @@
 The forward pass is four convolutions (Lebedev et al. 2015; thesis Eq. 6.4)::
 
     first       1x1            IN   -> R    weight F = A_in^T             (no bias)
-    (explicit padding, any padding_mode)
+    (padding, any padding_mode: exact after a bias-free 1x1; see base.split_padding)
     vertical    KHx1 depthwise R    -> R    weight A_kh^T, stride (sh, 1), dilation (dh, 1)
     horizontal  1xKW depthwise R    -> R    weight A_kw^T, stride (1, sw), dilation (1, dw)
     last        1x1            R    -> OUT  weight A_out * lambda         (the layer's bias)
@@ -37,6 +37,7 @@ from tensorcut.layers.base import (
     per_group,
     rank_tuple,
     register_layer,
+    split_padding,
     stage_sizes,
 )
 
@@ -71,9 +72,10 @@ class CPConv2d(FactorizedConv2d):
         (sh, sw), (dh, dw) = geometry.stride, geometry.dilation
         kh, kw = geometry.kernel_size
         k: dict[str, Any] = {"device": device, "dtype": dtype}
+        (ph, pw), self._explicit_pad = split_padding(geometry)
         self.first = make_conv(geometry.in_channels, g * R, (1, 1), stride=es, groups=g, **k)
-        self.vertical = make_conv(g * R, g * R, (kh, 1), stride=(sh // es[0], 1), dilation=(dh, 1), groups=g * R, **k)
-        self.horizontal = make_conv(g * R, g * R, (1, kw), stride=(1, sw // es[1]), dilation=(1, dw), groups=g * R, **k)
+        self.vertical = make_conv(g * R, g * R, (kh, 1), stride=(sh // es[0], 1), padding=(ph, 0), dilation=(dh, 1), groups=g * R, **k)
+        self.horizontal = make_conv(g * R, g * R, (1, kw), stride=(1, sw // es[1]), padding=(0, pw), dilation=(1, dw), groups=g * R, **k)
         self.last = make_conv(g * R, geometry.out_channels, (1, 1), groups=g, bias=geometry.bias, **k)
         self.rel_error: float | None = None  # set by from_conv
         self.fit_info: list[dict[str, Any]] | None = None  # per-group ALS summaries, set by from_conv
@@ -89,8 +91,10 @@ class CPConv2d(FactorizedConv2d):
         return self.last.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = explicit_pad(self.first(x), self.geometry)
-        return self.last(self.horizontal(self.vertical(y)))
+        y = self.first(x)
+        if self._explicit_pad is not None:
+            y = explicit_pad(y, self.geometry)
+        return self.last(self.horizontal(self.vertical(y)), x)
 
     def reconstruct_weight(self) -> torch.Tensor:
         g, o, i, kh, kw = per_group(self.geometry)

@@ -268,13 +268,12 @@ class TRConv2d(FactorizedConv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         """Four sublayers; see the module docstring for the shapes."""
-        unbatched = x.dim() == 3
-        if unbatched:
-            x = x.unsqueeze(0)
+        lead = x.shape[:-3]  # () for an unbatched (C, H, W) input; no branching, so torch.fx can trace it
+        x4 = x.reshape((-1,) + x.shape[-3:])
         a, b, c, _ = self._ranks
-        n = x.shape[0]
-        y = explicit_pad(self.in_proj(x), self.geometry)
+        n = x4.shape[0]
+        y = explicit_pad(self.in_proj(x4, torch.contiguous_format), self.geometry)  # (b, c) split: a view
         y = y.reshape(n * b, c, y.shape[-2], y.shape[-1])
         y = self.hconv(self.vconv(y))
-        y = self.out_proj(y.reshape(n, b * a, y.shape[-2], y.shape[-1]))
-        return y.squeeze(0) if unbatched else y
+        y = self.out_proj(y.reshape(n, b * a, y.shape[-2], y.shape[-1]), x4)
+        return y.reshape(lead + y.shape[-3:])

@@ -8,7 +8,7 @@ The kernel, permuted to ``(IN, KH, KW, OUT)``, is a TT with cores ``G1 (1, IN, r
 so the forward pass is four plain convolutions, each contracting one core::
 
     first       1x1   IN -> r1    weight[a, i, 0, 0] = G1[0, i, a]                   (no bias)
-    (explicit padding, any padding_mode)
+    (padding, any padding_mode: exact after a bias-free 1x1; see base.split_padding)
     vertical    KHx1  r1 -> r2    weight[b, a, h, 0] = G2[a, h, b], stride (sh, 1), dilation (dh, 1)
     horizontal  1xKW  r2 -> r3    weight[c, b, 0, w] = G3[b, w, c], stride (1, sw), dilation (1, dw)
     last        1x1   r3 -> OUT   weight[o, c, 0, 0] = G4[c, o, 0]                   (the layer's bias)
@@ -41,6 +41,7 @@ from tensorcut.layers.base import (
     per_group,
     rank_tuple,
     register_layer,
+    split_padding,
     stage_sizes,
 )
 
@@ -86,9 +87,10 @@ class TTConv2d(FactorizedConv2d):
         (sh, sw), (dh, dw) = geometry.stride, geometry.dilation
         kh, kw = geometry.kernel_size
         k: dict[str, Any] = {"device": device, "dtype": dtype}
+        (ph, pw), self._explicit_pad = split_padding(geometry)
         self.first = make_conv(geometry.in_channels, g * r1, (1, 1), stride=es, groups=g, **k)
-        self.vertical = make_conv(g * r1, g * r2, (kh, 1), stride=(sh // es[0], 1), dilation=(dh, 1), groups=g, **k)
-        self.horizontal = make_conv(g * r2, g * r3, (1, kw), stride=(1, sw // es[1]), dilation=(1, dw), groups=g, **k)
+        self.vertical = make_conv(g * r1, g * r2, (kh, 1), stride=(sh // es[0], 1), padding=(ph, 0), dilation=(dh, 1), groups=g, **k)
+        self.horizontal = make_conv(g * r2, g * r3, (1, kw), stride=(1, sw // es[1]), padding=(0, pw), dilation=(1, dw), groups=g, **k)
         self.last = make_conv(g * r3, geometry.out_channels, (1, 1), groups=g, bias=geometry.bias, **k)
         self.rel_error: float | None = None  # set by from_conv
 
@@ -104,8 +106,10 @@ class TTConv2d(FactorizedConv2d):
         return self.last.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = explicit_pad(self.first(x), self.geometry)
-        return self.last(self.horizontal(self.vertical(y)))
+        y = self.first(x)
+        if self._explicit_pad is not None:
+            y = explicit_pad(y, self.geometry)
+        return self.last(self.horizontal(self.vertical(y)), x)
 
     def cores(self) -> list[list[torch.Tensor]]:
         """Per-group TT cores ``[G1 (1, IN/g, r1), G2, G3, G4 (r3, OUT/g, 1)]`` read from the weights."""

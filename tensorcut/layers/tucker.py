@@ -3,8 +3,8 @@
 ``W[o, i, h, w] = sum_{a, b} U_out[o, a] * C[a, b, h, w] * U_in[i, b]`` becomes three convs::
 
     first  1x1      IN    -> r_in    weight U_in^T      (no bias)
-    (explicit padding, any padding_mode: exact after a bias-free 1x1)
-    core   KHxKW    r_in  -> r_out   weight C           (stride, dilation; unpadded)
+    (padding, any padding_mode: exact after a bias-free 1x1; see base.split_padding)
+    core   KHxKW    r_in  -> r_out   weight C           (stride, dilation)
     last   1x1      r_out -> OUT     weight U_out       (the layer's bias)
 
 Grouped convolutions are decomposed per group (block-diagonal factors): every sublayer
@@ -37,6 +37,7 @@ from tensorcut.layers.base import (
     per_group,
     rank_tuple,
     register_layer,
+    split_padding,
     stage_sizes,
 )
 
@@ -70,8 +71,9 @@ class TuckerConv2d(FactorizedConv2d):
         es = early_stride(geometry)
         stride = (geometry.stride[0] // es[0], geometry.stride[1] // es[1])
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
+        conv_pad, self._explicit_pad = split_padding(geometry)
         self.first = make_conv(geometry.in_channels, g * r_in, (1, 1), stride=es, groups=g, **kw)
-        self.core = make_conv(g * r_in, g * r_out, geometry.kernel_size, stride=stride,
+        self.core = make_conv(g * r_in, g * r_out, geometry.kernel_size, stride=stride, padding=conv_pad,
                               dilation=geometry.dilation, groups=g, **kw)
         self.last = make_conv(g * r_out, geometry.out_channels, (1, 1), groups=g, bias=geometry.bias, **kw)
         self.rel_error: float | None = None  # set by from_conv: ||W - W_hat|| / ||W||
@@ -89,7 +91,10 @@ class TuckerConv2d(FactorizedConv2d):
         return self.last.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last(self.core(explicit_pad(self.first(x), self.geometry)))
+        y = self.first(x)
+        if self._explicit_pad is not None:
+            y = explicit_pad(y, self.geometry)
+        return self.last(self.core(y), x)
 
     def reconstruct_weight(self) -> torch.Tensor:
         g, o, i, kh, kw = per_group(self.geometry)

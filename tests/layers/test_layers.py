@@ -369,3 +369,77 @@ def test_bad_arguments() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         TTConv2d.from_conv(conv, 2)  # an in-range rank warns about nothing
+
+
+# ---------------------------------------------------------------- memory layout (GEMM 1x1s)
+LAYOUT_COMBOS = [
+    {"kernel_size": 3, "stride": (1, 1), "padding": 1, "dilation": 1, "padding_mode": "zeros", "bias": True, "groups": 1},
+    {"kernel_size": (2, 3), "stride": (2, 1), "padding": "valid", "dilation": 1, "padding_mode": "reflect",
+     "bias": False, "groups": 1},
+    {"kernel_size": 1, "stride": (2, 2), "padding": 0, "dilation": 1, "padding_mode": "zeros", "bias": True,
+     "groups": 2},
+]
+
+
+@pytest.mark.parametrize("combo", LAYOUT_COMBOS, ids=_id)
+@pytest.mark.parametrize("method", METHODS)
+def test_output_follows_input_memory_format(method: str, combo: dict[str, Any]) -> None:
+    """Contiguous in -> contiguous out, channels-last in -> channels-last out, same values as the
+    dense conv either way (the 1x1s run as GEMMs on views of the input)."""
+    conv = _conv(combo)
+    layer = _from_conv_full(LAYER_REGISTRY[method], conv)
+    if layer is None:
+        return
+    x = _input()
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out, out_cl = layer(x), layer(xcl)
+        out_strided = layer(x[:, :, :, 1:])  # neither layout
+    torch.testing.assert_close(out, conv(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_cl, out, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(out_strided, conv(x[:, :, :, 1:]), atol=1e-5, rtol=1e-5)
+    assert out.is_contiguous()
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("like", [None, "contiguous", "channels_last", torch.contiguous_format])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_conv_equals_conv2d(layout: str, like: Any, bias: bool) -> None:
+    from tensorcut.layers.base import PointwiseConv2d
+
+    torch.manual_seed(0)
+    ref = nn.Conv2d(5, 7, 1, bias=bias).double()
+    pw = PointwiseConv2d(5, 7, 1, bias=bias).double()
+    pw.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 5, 6, 9, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = x[:, :, ::2, 1:]
+    like_t = like if not isinstance(like, str) else torch.zeros(1, 2, 3, 4).contiguous(
+        memory_format=torch.channels_last if like == "channels_last" else torch.contiguous_format)
+    out = pw(x, like_t)
+    torch.testing.assert_close(out, ref(x), atol=1e-12, rtol=1e-12)
+    if like in ("contiguous", torch.contiguous_format):
+        assert out.is_contiguous()
+    else:
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    out.sum().backward()  # gradients flow to the same parameters as nn.Conv2d's
+    ref(x).sum().backward()
+    torch.testing.assert_close(pw.weight.grad, ref.weight.grad)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fx_traceable(method: str) -> None:
+    """The analysis cache traces models with torch.fx: a compressed model must stay traceable."""
+    import torch.fx
+
+    conv = _conv(LAYOUT_COMBOS[0])
+    layer = _from_conv_full(LAYER_REGISTRY[method], conv)
+    assert layer is not None
+    model = nn.Sequential(layer, nn.ReLU())
+    gm = torch.fx.symbolic_trace(model)
+    x = _input()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), atol=0, rtol=0)
