@@ -8,7 +8,8 @@ Two layers, batch 32, 3x3 kernels, padding 1, stride 1, no bias:
 Variants: the dense ``nn.Conv2d``; every tensorcut layer class in ``LAYER_REGISTRY`` (CP,
 Tucker-2, full Tucker, TT, TR) with ranks picked by the same bisection the planner uses
 (uniform scaling of the maximal ranks) so that its closed-form ``predicted_macs`` is at most
-``--mac-ratio`` (0.25) of the dense MACs; and, when tensorly-torch is installed, its
+``--mac-ratio`` (0.25) of the dense MACs; Tucker-2 and TT again with ranks aligned to
+multiples of 16 (the planner's ``align=16``, same MAC cap); and, when tensorly-torch is installed, its
 ``FactorizedConv`` (``implementation='factorized'``) at the *same* ranks for CP, Tucker
 (spatial ranks full, i.e. Tucker-2) and TT. The MACs actually executed are counted for every
 variant with ``torch.utils.flop_counter.FlopCounterMode`` (convolution FLOPs / 2) and reported as
@@ -47,6 +48,8 @@ from common import (RESULTS, LoadMonitor, command_line, fmt, interleaved_times, 
                     pin_threads, stats, uptime_line, write_json, write_markdown)
 
 CONFIGS = [(64, 32), (512, 8)]
+ALIGN = 16  # AVX-512 holds 16 floats
+ALIGNED_METHODS = ("tucker2", "tt")
 
 
 def count_macs(mod: nn.Module, x: torch.Tensor) -> int:
@@ -56,11 +59,11 @@ def count_macs(mod: nn.Module, x: torch.Tensor) -> int:
     return fc.get_total_flops() // 2
 
 
-def pick_ranks(cls: Any, geom: Any, hw: tuple[int, int], target_macs: float) -> tuple[int, ...]:
+def pick_ranks(cls: Any, geom: Any, hw: tuple[int, int], target_macs: float, align: int = 1) -> tuple[int, ...]:
     from tensorcut.rank import ranks_for_ratio
 
     mx = tuple(cls.max_ranks(geom))
-    return tuple(ranks_for_ratio(mx, lambda r: cls.predicted_macs(geom, r, hw), target_macs))
+    return tuple(ranks_for_ratio(mx, lambda r: cls.predicted_macs(geom, r, hw), target_macs, align))
 
 
 def build_variants(c: int, hw: int, mac_ratio: float, with_tltorch: bool, seed: int) -> dict[str, dict[str, Any]]:
@@ -83,6 +86,16 @@ def build_variants(c: int, hw: int, mac_ratio: float, with_tltorch: bool, seed: 
                 p.normal_(0.0, 0.05)
         out[f"tensorcut {method}"] = {"module": layer, "ranks": list(r), "lib": "tensorcut", "method": method,
                                       "predicted_mac_ratio": cls.predicted_macs(geom, r, (hw, hw)) / dense_macs}
+    for method in ALIGNED_METHODS:  # the planner's ratio rule with align=ALIGN, MACs as the cost
+        cls = LAYER_REGISTRY[method]
+        r = pick_ranks(cls, geom, (hw, hw), mac_ratio * dense_macs, ALIGN)
+        layer = cls(geom, r).eval()
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.normal_(0.0, 0.05)
+        out[f"tensorcut {method} align{ALIGN}"] = {
+            "module": layer, "ranks": list(r), "lib": "tensorcut", "method": method, "align": ALIGN,
+            "predicted_mac_ratio": cls.predicted_macs(geom, r, (hw, hw)) / dense_macs}
     if with_tltorch:
         import tltorch
 
@@ -161,8 +174,8 @@ def stage_breakdown(variants: dict[str, dict[str, Any]], inputs: dict[str, torch
     """Milliseconds of each sublayer of the Tucker-2 and TT layers (and the dense conv), interleaved.
 
     Inputs of every sublayer are captured with forward pre-hooks on one real forward, then each
-    sublayer is called alone on its captured input; the explicit padding (applied to the first
-    sublayer's output) is timed as its own stage.
+    sublayer is called alone on its captured arguments; an explicit padding (only for padding
+    modes the convolutions cannot do themselves) is timed as its own stage.
     """
     from tensorcut.layers.base import explicit_pad
 
@@ -172,10 +185,10 @@ def stage_breakdown(variants: dict[str, dict[str, Any]], inputs: dict[str, torch
             continue
         m, xin = v["module"], inputs[v["memory_format"]]
         if v["lib"] == "torch":
-            fns[f"{name} :: conv3x3"] = (m, xin)
+            fns[f"{name} :: conv3x3"] = (m, (xin,))
             continue
-        captured: dict[str, torch.Tensor] = {}
-        hooks = [child.register_forward_pre_hook(lambda mod, inp, n=cn: captured.__setitem__(n, inp[0]))
+        captured: dict[str, tuple[torch.Tensor, ...]] = {}
+        hooks = [child.register_forward_pre_hook(lambda mod, inp, n=cn: captured.__setitem__(n, inp))
                  for cn, child in m.named_children()]
         with torch.inference_mode():
             m(xin)
@@ -183,14 +196,15 @@ def stage_breakdown(variants: dict[str, dict[str, Any]], inputs: dict[str, torch
             h.remove()
         for cn, child in m.named_children():
             fns[f"{name} :: {cn} {tuple(child.weight.shape)}"] = (child, captured[cn])
-        with torch.inference_mode():
-            y1 = m.first(xin)
-        fns[f"{name} :: explicit pad"] = (lambda t, g=m.geometry: explicit_pad(t, g), y1)
+        if getattr(m, "_explicit_pad", None) is not None:  # zero padding runs inside the spatial convs
+            with torch.inference_mode():
+                y1 = m.first(xin)
+            fns[f"{name} :: explicit pad"] = (lambda t, g=m.geometry: explicit_pad(t, g), (y1,))
 
-    def caller(f: Any, t: torch.Tensor):  # noqa: ANN202
+    def caller(f: Any, args: tuple[torch.Tensor, ...]):  # noqa: ANN202
         def g() -> None:
             with torch.inference_mode():
-                f(t)
+                f(*args)
         return g
 
     times = interleaved_times({k: caller(f, t) for k, (f, t) in fns.items()}, rounds=rounds, warmup=1)
@@ -250,7 +264,9 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         for r in cfg["rows"]:
             if r["lib"] == "tensorcut" and r["method"] in ("tucker2", "tt"):
                 out.append({"config": f"C={cfg['channels']} {cfg['hw']}x{cfg['hw']} threads={cfg['threads']}",
-                            "method": r["method"], "memory_format": r["memory_format"], "mac_ratio": round(r["mac_ratio"], 3),
+                            "method": r["method"], "variant": r["variant"].split(" [")[0].replace("tensorcut ", ""),
+                            "ranks": "x".join(map(str, r["ranks"])),
+                            "memory_format": r["memory_format"], "mac_ratio": round(r["mac_ratio"], 3),
                             "latency_ratio": round(r["latency_ratio"], 3),
                             "latency_ratio_vs_fastest_dense": round(r["latency_ratio_vs_fastest_dense"], 3),
                             "met": bool(r["latency_ratio"] <= 0.4 and r["latency_ratio_vs_fastest_dense"] <= 0.4)})
@@ -263,15 +279,21 @@ def render(result: dict[str, Any]) -> str:
         "float32, `torch.inference_mode`. Ranks chosen so the closed-form MACs are <= 0.25x dense; `MACs x` is the "
         "ratio actually executed (FlopCounterMode). `latency x` = median over rounds of (variant time / dense time in "
         "the same round). tltorch layers use the same ranks as tensorcut's (CP: R; Tucker: (r_out, r_in, 3, 3), the "
-        "Tucker-2 structure; TT: (1, r1, r2, r3, 1)).",
+        "Tucker-2 structure; TT: (1, r1, r2, r3, 1)). `alignN` variants: ranks from the planner's ratio rule with "
+        "`align=N` and MACs as the cost (`tensorcut.rank.ranks_for_ratio`: multiples of N, grown greedily under "
+        "the same MAC cap), because convolutions over channel counts that are multiples of the SIMD width run "
+        "markedly faster. tensorcut's 1x1 sublayers run as GEMMs with channels-last intermediates "
+        "(`PointwiseConv2d`); a layer's output has its input's memory format.",
     ]
     if result.get("targets"):
-        rows = [(t["config"], t["method"], t["memory_format"], t["mac_ratio"], t["latency_ratio"],
-                 t["latency_ratio_vs_fastest_dense"], "met" if t["met"] else "**missed**") for t in result["targets"]]
+        rows = [(t["config"], t.get("variant", t["method"]), t.get("ranks", ""), t["memory_format"], t["mac_ratio"],
+                 t["latency_ratio"], t["latency_ratio_vs_fastest_dense"], "met" if t["met"] else "**missed**")
+                for t in result["targets"]]
         parts.append("## Target: Tucker-2 and TT at <= 0.4x dense latency (MACs ~0.25x)\n\n"
                      "`latency x`: vs the dense conv in the same memory format (paired per round); `vs fastest dense`: "
                      "median vs the faster of the two dense formats. Met = both <= 0.4.\n\n"
-                     + md_table(["configuration", "method", "memory format", "MACs x", "latency x", "vs fastest dense", ""], rows))
+                     + md_table(["configuration", "variant", "ranks", "memory format", "MACs x", "latency x", "vs fastest dense", ""],
+                              rows))
     for cfg in result["configs"]:
         head = ["variant", "ranks", "params", "MACs x", "median ms", "min ms", "IQR ms", "latency x",
                 "vs fastest dense", "rounds"]

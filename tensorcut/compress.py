@@ -22,7 +22,17 @@ from tqdm.auto import tqdm
 
 from tensorcut.errors import ConvergenceError, TensorcutError
 from tensorcut.layers.base import LAYER_REGISTRY, ConvGeometry, FactorizedConv2d
-from tensorcut.rank import Candidate, LayerLadder, RankRule, allocate_budget, clamp_ranks, ranks_for_ratio, scaled_ranks, vbmf_tucker2_ranks
+from tensorcut.rank import (
+    Candidate,
+    LayerLadder,
+    RankRule,
+    align_ranks,
+    allocate_budget,
+    clamp_ranks,
+    ranks_for_ratio,
+    scaled_ranks,
+    vbmf_tucker2_ranks,
+)
 
 __all__ = ["CompressConfig", "LayerPlan", "Plan", "apply", "compress", "default_filter", "plan", "conv_input_sizes"]
 
@@ -52,7 +62,9 @@ class CompressConfig:
 
     ``budget`` below 1 is a fraction of the eligible layers' dense cost, otherwise an
     absolute count of ``budget_kind`` ('params' or 'macs'). ``latency=True`` keeps a layer
-    dense when its factorized form is not faster on the current device.
+    dense when its factorized form is not faster on the current device. ``align`` > 1 rounds
+    every rank to a multiple of ``align`` (8 or 16 suit SIMD units): down for the size rules
+    (rank, ratio, vbmf, budget), up for the error rules (eps, energy), within each mode's maximum.
     """
 
     method: str = "tucker2"
@@ -63,6 +75,7 @@ class CompressConfig:
     budget: float | None = None
     budget_kind: str = "params"
     latency: bool = False
+    align: int = 1
     cp_fallback: bool = True
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -82,6 +95,8 @@ class CompressConfig:
                 raise TensorcutError(f"budget kind must be 'params' or 'macs', got {self.budget_kind!r}")
         elif self.rule.kind == "none":
             raise TensorcutError("no rank rule: give one of rank, ratio, eps, energy, rank='vbmf', or a budget")
+        if isinstance(self.align, bool) or not isinstance(self.align, int) or self.align < 1:
+            raise TensorcutError(f"align must be a positive integer (e.g. 8 or 16), got {self.align!r}")
         if self.rule.kind == "vbmf" and self.method != "tucker2":
             raise TensorcutError(f"rank='vbmf' applies to Tucker-2 only; use method='tucker2' (got {self.method!r})")
 
@@ -267,6 +282,9 @@ class _Builder:
     def build(self, method: str, ranks: tuple[int, ...] | None = None, *, fast: bool = False, **rule: Any) -> nn.Module:
         """The factorized layer; ``fast`` trades a little accuracy for speed (HOSVD without HOOI,
         fewer ALS sweeps) — used only to rank budget candidates, never for the applied layer."""
+        align = self.cfg.align
+        if align > 1 and ranks is not None:
+            ranks = align_ranks(ranks, self.cls(method).max_ranks(self.geom), align)
         key = (method, ranks, fast) if ranks is not None else None
         if key is not None and key in self.cache:
             return self.cache[key]
@@ -280,6 +298,10 @@ class _Builder:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             layer = self.cls(method).from_conv(self.conv, ranks=ranks, **rule, **opts)
+        if align > 1 and ranks is None:  # an error rule chose the ranks: round up, so the bound still holds
+            up = align_ranks(layer.ranks, self.cls(method).max_ranks(self.geom), align, up=True)
+            if up != tuple(layer.ranks):
+                return self.build(method, up, fast=fast)
         self.cache[(method, tuple(layer.ranks), fast)] = layer
         return layer
 
@@ -299,7 +321,11 @@ def _ranks_for(b: _Builder, method: str, rule: RankRule) -> tuple[tuple[int, ...
         return r, note, {}
     if rule.kind == "ratio":
         target = rule.ratio * b.geom.dense_params()  # type: ignore[operator]
-        return ranks_for_ratio(mx, lambda r: cls.predicted_params(b.geom, r), target), "", {}
+        r = ranks_for_ratio(mx, lambda r: cls.predicted_params(b.geom, r), target, b.cfg.align)
+        p = cls.predicted_params(b.geom, r)
+        note = f"align={b.cfg.align} needs ranks >= {b.cfg.align}: {p:,} params > target {target:,.0f}" if (
+            b.cfg.align > 1 and p > target) else ""
+        return r, note, {}
     if rule.kind == "eps":
         return None, "", {"eps": rule.eps}
     if rule.kind == "energy":
@@ -498,6 +524,8 @@ def _plan_budget(chosen: list[str], builders: dict[str, _Builder], sizes: dict[s
         cands, seen = [], set()
         for s in BUDGET_SCALES:
             r = scaled_ranks(mx, s)
+            if cfg.align > 1:
+                r = align_ranks(r, mx, cfg.align)
             p = int(cls.predicted_params(b.geom, r))
             if r in seen or p >= b.geom.dense_params():
                 continue

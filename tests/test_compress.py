@@ -135,6 +135,7 @@ def test_grouped_and_depthwise_stay_dense_with_reason():
     ({"method": "cp", "budget": 0.5, "eps": 0.1}, "contradictory rank options: budget and eps"),
     ({"method": "cp"}, "no rank rule"),
     ({"method": "cp", "rank": "vbmf"}, "rank='vbmf' applies to Tucker-2 only"),
+    ({"method": "cp", "ratio": 0.5, "align": 0}, r"align must be a positive integer \(e.g. 8 or 16\), got 0"),
 ])
 def test_bad_configs(kw, msg):
     with pytest.raises(TensorcutError, match=msg):
@@ -254,3 +255,50 @@ def test_from_scratch_reinitialises_factorized_layers():
     a, b = m1.get_submodule(name), m2.get_submodule(name)
     assert a.ranks == b.ranks and not torch.allclose(a.reconstruct_weight(), b.reconstruct_weight())
     assert m2(x).shape == (2, 10)
+
+
+def _aligned(ranks, maximum, a):
+    return all(r % a == 0 or r == m for r, m in zip(ranks, maximum))
+
+
+@pytest.mark.parametrize("method", ["tucker2", "tt", "cp"])
+def test_align_keeps_size_rules_within_their_target(method):
+    m = _model()
+    plain = plan(m, method=method, ratio=0.3, input_shape=(3, 32, 32), layers=LAYERS, progress=False)
+    p = plan(m, method=method, ratio=0.3, align=8, input_shape=(3, 32, 32), layers=LAYERS, progress=False)
+    cls = LAYER_REGISTRY[method]
+    for a, b in zip(plain.layers, p.layers):
+        if b.status != "factorize":
+            continue
+        from tensorcut.layers.base import ConvGeometry
+
+        mx = cls.max_ranks(ConvGeometry.from_dict(b.geometry))
+        assert _aligned(b.ranks, mx, 8), (b.ranks, mx)
+        if b.params_after > 0.3 * b.params_before:  # only when the smallest aligned ranks are too big, and said
+            assert all(r == min(8, m) for r, m in zip(b.ranks, mx)) and "align=8 needs ranks >= 8" in b.note
+        assert b.params_after >= 0.5 * a.params_after  # the greedy fill uses the budget, not just rounding down
+    assert p.config["align"] == 8
+
+
+def test_align_rounds_up_for_error_rules():
+    m = _model()
+    p = plan(m, method="tucker2", eps=0.5, align=16, input_shape=(3, 32, 32), layers=LAYERS, progress=False)
+    plain = plan(m, method="tucker2", eps=0.5, input_shape=(3, 32, 32), layers=LAYERS, progress=False)
+    for a, b in zip(plain.layers, p.layers):
+        assert b.status == "factorize" or "not be smaller" in b.reason
+        if b.status == "factorize":
+            assert b.error <= 0.5 + 1e-6
+            assert all(rb >= ra for ra, rb in zip(a.ranks, b.ranks))
+            from tensorcut.layers.base import ConvGeometry
+
+            assert _aligned(b.ranks, LAYER_REGISTRY["tucker2"].max_ranks(ConvGeometry.from_dict(b.geometry)), 16)
+
+
+def test_align_under_a_budget_meets_it():
+    m = _model()
+    p = plan(m, method="tucker2", budget=0.4, align=8, input_shape=(3, 32, 32), layers=LAYERS, progress=False)
+    fact = [l for l in p.layers if l.status == "factorize"]
+    assert fact
+    assert sum(l.params_after if l.status == "factorize" else l.params_before for l in p.layers) <= 0.4 * sum(
+        l.params_before for l in p.layers) + 1
+    assert all(r % 8 == 0 for l in fact for r in l.ranks)

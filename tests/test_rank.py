@@ -4,7 +4,16 @@ import pytest
 import torch
 
 from tensorcut.errors import TensorcutError
-from tensorcut.rank import Candidate, LayerLadder, RankRule, allocate_budget, clamp_ranks, evbmf_rank, ranks_for_ratio
+from tensorcut.rank import (
+    Candidate,
+    LayerLadder,
+    RankRule,
+    align_ranks,
+    allocate_budget,
+    clamp_ranks,
+    evbmf_rank,
+    ranks_for_ratio,
+)
 
 
 @pytest.mark.parametrize("kw,msg", [
@@ -76,3 +85,28 @@ def test_budget_that_cannot_be_met_reports_false():
     a = _ladder("a", 1000, [(500, 0.1)])
     assert not allocate_budget([a], 10)
     assert a.choice == 0
+
+
+def test_align_ranks_down_up_and_bounds():
+    assert align_ranks((25, 31, 7), (64, 64, 64), 8) == (24, 24, 8)  # down, never below align
+    assert align_ranks((25, 31, 7), (64, 64, 64), 8, up=True) == (32, 32, 8)
+    assert align_ranks((25, 60), (30, 60), 16, up=True) == (30, 60)  # the mode maximum caps
+    assert align_ranks((3,), (5,), 8) == (5,)  # maximum below align: the maximum
+    assert align_ranks((17, 33), (64, 64), 1) == (17, 33)
+    with pytest.raises(TensorcutError, match="align must be a positive integer, got 0"):
+        align_ranks((4,), (8,), 0)
+
+
+def test_ratio_search_with_align_fills_the_budget():
+    from tensorcut.layers import TuckerConv2d
+    from tensorcut.layers.base import ConvGeometry
+
+    g = ConvGeometry(64, 64, (3, 3), padding=(1, 1), bias=False)
+    cost = lambda r: TuckerConv2d.predicted_macs(g, r, (32, 32))  # noqa: E731
+    target = 0.25 * g.dense_macs((32, 32))
+    assert ranks_for_ratio(TuckerConv2d.max_ranks(g), cost, target) == (25, 25)
+    r = ranks_for_ratio(TuckerConv2d.max_ranks(g), cost, target, align=16)
+    assert all(x % 16 == 0 for x in r) and cost(r) <= target
+    # maximal: no single mode can grow by 16 within the target
+    assert all(cost(r[:k] + (r[k] + 16,) + r[k + 1:]) > target for k in range(2))
+    assert cost(r) > cost((16, 16))

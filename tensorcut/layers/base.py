@@ -210,12 +210,18 @@ def _pointwise(
         if not x.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
         rows = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view
+    # bmm takes the strided operands as they are (matmul would copy a transposed batch operand)
     if cl_out:
-        y = torch.matmul(rows, W.t()) if bias is None else torch.addmm(bias, rows.reshape(n * h * w, c), W.t())
+        if rows.is_contiguous():  # channels-last in: one (n*hw, c) x (c, o) GEMM
+            flat = rows.reshape(n * h * w, c)
+            y = flat @ W.t() if bias is None else torch.addmm(bias, flat, W.t())
+        else:
+            Wt = W.t().expand(n, c, o)
+            y = torch.bmm(rows, Wt) if bias is None else torch.baddbmm(bias.view(1, 1, o), rows, Wt)
         return y.reshape(n, h, w, o).permute(0, 3, 1, 2)
-    y = torch.matmul(W, rows.transpose(1, 2))  # (n, o, hw), contiguous
-    if bias is not None:
-        y = y + bias[:, None]
+    Wb = W.expand(n, o, c)
+    cols = rows.transpose(1, 2)  # (n, c, hw)
+    y = torch.bmm(Wb, cols) if bias is None else torch.baddbmm(bias.view(1, o, 1), Wb, cols)
     return y.reshape(n, o, h, w)
 
 
