@@ -294,19 +294,24 @@ def _allocation(comp: dict[str, Any], printed: str, out: Path) -> tuple[str, dic
     return ("uniform" if cfg.get("ratio") is not None else "guided or error (not recorded)"), None
 
 
-def uniform_arm(model: str, ratio: float, dense: Path, a: argparse.Namespace, work: Path, res: Results) -> None:
-    key = f"{model}/uniform/{ratio:g}"
+def uniform_arm(model: str, ratio: float, dense: Path, a: argparse.Namespace, work: Path, res: Results,
+                bn: bool = False) -> None:
+    """Uniform ranks + the same fine-tuning; ``bn`` also re-estimates BatchNorm statistics after compressing
+    (on ``--calib-subset`` training images), the one step `run` adds besides choosing the allocation."""
+    arm = "uniform-bn" if bn else "uniform"
+    key = f"{model}/{arm}/{ratio:g}"
     if res.has(key):
         e = res.data["entries"][key]
         log(f"{key}: done (skipped), final top-1 {e['top1_after']:.4f} at x{e['conv_ratio']:.2f}")
         return
-    base = work / model / f"uniform_r{ratio:g}"
+    base = work / model / f"{arm.replace('-', '_')}_r{ratio:g}"
     comp, ft = base / "compressed", base / "finetuned"
     log(f"{key}: CompressConfig(method='tucker2', ratio=1/{ratio:g}) + the same fine-tuning")
     t = time.perf_counter()
     if not (comp / "plan.json").exists() or not (comp / tio.META).exists():
         shutil.rmtree(comp, ignore_errors=True)
-        compress_checkpoint(dense, comp, CompressConfig(method="tucker2", ratio=1.0 / ratio), progress=False)
+        compress_checkpoint(dense, comp, CompressConfig(method="tucker2", ratio=1.0 / ratio), progress=False,
+                            bn_images=a.calib_subset if bn else 0)
     from tensorcut.compress import Plan
 
     tot = Plan.load(comp / "plan.json").totals()
@@ -315,7 +320,7 @@ def uniform_arm(model: str, ratio: float, dense: Path, a: argparse.Namespace, wo
     before, after = ck.meta["metrics"]["test_before_finetune"], ck.meta["metrics"]["test"]
     dense_top1 = res.data["entries"][f"{model}/dense"]["test_top1"]
     entry = {
-        "model": model, "arm": "uniform", "target": ratio, "allocation": "uniform",
+        "model": model, "arm": arm, "target": ratio, "allocation": "uniform",
         "conv_ratio": tot["conv_ratio"], "conv_params": tot["conv_params_after"], "conv_params_dense": tot["conv_params_before"],
         "params": sum(p.numel() for p in ck.model.parameters()), "params_dense": tot["model_params_before"],
         "model_ratio": tot["model_ratio"], "conv_mac_ratio": tot["conv_mac_ratio"],
@@ -332,24 +337,18 @@ def uniform_arm(model: str, ratio: float, dense: Path, a: argparse.Namespace, wo
 # ----------------------------------------------------------------------------- report
 
 NOTES = [
-    "`run` picks the allocation by calibration top-1 *before* fine-tuning. Where every candidate is near chance "
-    "(10 %) on the calibration subset (resnet20 from x5 up, vanilla-cnn at x20) the pick is decided by noise of a "
-    "few images out of 512, and it does not predict which allocation fine-tunes best.",
+    "`run` picks the allocation by calibration top-1 (then loss) right after compression, with BatchNorm statistics "
+    "re-estimated on the calibration images (`RunConfig.bn_recalibrate`, default on). Without that step the "
+    "calibration top-1 of resnet20 was at chance (10 %) from x5 up for every allocation (previous run of this "
+    "benchmark), so the choice was noise.",
+    "Arms: `uniform` is the thesis's protocol (uniform ranks, then the same fine-tuning); `uniform-bn` adds the "
+    "BatchNorm re-estimation `run` does, so `run` vs `uniform-bn` isolates the allocation choice and `run` vs "
+    "`uniform` is the whole main job vs the thesis's protocol.",
     "Uniform and budget allocations do not land exactly on the target: the achieved conv ratio is reported and the "
     "comparison is also made against the uniform frontier interpolated at `run`'s achieved ratio.",
-    "The fine-tuning budget is identical for both arms (same `FitConfig`, data, batch, seed, epochs); with at most "
-    "3 epochs the heavily compressed resnet20 models are far from converged, so the frontier at x5+ is mostly a "
+    "The fine-tuning budget is identical for all arms (same `FitConfig`, data, batch, seed, epochs); with at most "
+    "a few epochs the heavily compressed resnet20 models are far from converged, so the frontier at x5+ is mostly a "
     "statement about how much accuracy survives compression plus a short fine-tune.",
-    "A bug found and fixed while building this benchmark (commit d38368c, `tensorcut/run.py`, with "
-    "`tests/test_run_allocation.py`): when the \"error\" allocation won `run`'s calibration, the compress stage still "
-    "passed the sensitivity weights to `compress_checkpoint`, so the applied plan was the sensitivity-weighted one "
-    "(different ranks, e.g. x11.5 instead of x10.4 on a resnet20). `run.json` now also records the chosen "
-    "allocation and the calibration top-1 of each candidate.",
-    "The results were produced by three invocations (the first two interrupted and resumed) while other engineers "
-    "were committing to the package; each entry's `code` field in the JSON gives the commit its process imported. "
-    "None of those commits changes dense training, uniform compression or fine-tuning; the budget allocation changed "
-    "at 039a95c, before every `run` entry here. Re-planning four configurations (vanilla-cnn run x10, resnet20 run x2 "
-    "and x5, resnet20 uniform x2) at a6b7dfa gave identical ranks.",
     "`run`'s dense, study and curve stages do not depend on the target ratio; the benchmark computes them in the first "
     "ratio's run directory and seeds the other ratios' directories with them (`--no-reuse-study` recomputes them).",
 ]
@@ -388,16 +387,17 @@ def write_report(data: dict[str, Any]) -> None:
     models = [m for m in s["models"] if f"{m}/dense" in ents]
     L: list[str] = []
     L.append("# Frontier of the main job: `tensorcut run` vs uniform-rank Tucker-2 (Fashion-MNIST)\n")
-    L.append("Reproduce (from the repository root; resumable — a re-run skips finished configurations; about 40 min "
-             "of wall time on 2 CPU cores shared with other jobs at load ~10):\n")
+    secs_all = sum(e.get("seconds", 0) for e in ents.values())
+    L.append("Reproduce (from the repository root; resumable — a re-run skips finished configurations; "
+             f"{secs_all / 60:.0f} min of recorded compute in this run):\n")
     L.append("```\n" + s["command"] + "\n```\n")
     loads = [e["load_avg"][0] for e in ents.values() if e.get("load_avg")]
     commits = sorted({e["code"]["commit"] for e in ents.values() if e.get("code")})  # as imported at process start
     L.append(f"Results: `benchmarks/results/frontier.json`; plot: `frontier.png`. Generated {data.get('updated', '')} "
              f"at package commit(s) {', '.join(commits) or '?'}; torch {s['torch']}, Python {s['python']}, {s['machine']}, "
-             f"{s['threads']} torch thread, run under `nice`; the machine was shared with other jobs "
-             + (f"(1-min load average {min(loads):.1f}–{max(loads):.1f} when configurations finished)" if loads else "")
-             + ", so the seconds in the JSON are wall times under contention, not speeds.\n")
+             f"{s['threads']} torch thread, run under `nice`"
+             + (f"; 1-min load average {min(loads):.1f}–{max(loads):.1f} when configurations finished" if loads else "")
+             + " (the seconds in the JSON are wall times, not speed measurements).\n")
     L.append("## Reductions (to fit a 2-core CPU shared with other jobs)\n")
     ds = s["data_sizes"]
     L.append(f"- **Models are width-reduced**: " + ", ".join(f"`{m}` at width {w}" for m, w in zip(s["models"], s["widths"]))
@@ -443,8 +443,10 @@ def write_report(data: dict[str, Any]) -> None:
         L.append("| target | arm | allocation | conv ratio | conv params | model params | top-1 before | top-1 after | Δ after | FT epochs |")
         L.append("|---|---|---|---|---|---|---|---|---|---|")
         for r in s["ratios"]:
-            for arm in ("run", "uniform"):
+            for arm in ("run", "uniform", "uniform-bn"):
                 e = ents.get(f"{m}/{arm}/{r:g}")
+                if e is None and arm == "uniform-bn":
+                    continue
                 if e is None:
                     L.append(f"| {r:g} | {arm} | *not run* | | | | | | | |")
                     continue
@@ -483,10 +485,20 @@ def write_report(data: dict[str, Any]) -> None:
                    "is not exactly the target: run − uniform = " + "; ".join(interp) + " points." if interp else "")
                 + (f" At {', '.join(f'{r:g}' for r in same)} `run` itself chose the uniform allocation (same model as the "
                    "uniform arm up to the achieved ratio)." if same else ""))
-        for arm in ("run", "uniform"):
+        bn_pairs = [(r, a, b) for r in s["ratios"]
+                    if (a := ents.get(f"{m}/run/{r:g}")) and (b := ents.get(f"{m}/uniform-bn/{r:g}"))]
+        if bn_pairs:
+            verdicts.append(
+                f"- `{m}` vs uniform ranks *with* the same BatchNorm re-estimation (`uniform-bn`, isolates the allocation "
+                "choice): run − uniform-bn = "
+                + ", ".join(f"{100 * (a['top1_after'] - b['top1_after']):+.2f} (x{a['conv_ratio']:.2f} vs "
+                            f"x{b['conv_ratio']:.2f})" for _, a, b in bn_pairs)
+                + f" points at targets {', '.join(f'{r:g}' for r, _, _ in bn_pairs)}.")
+        for arm in ("run", "uniform", "uniform-bn"):
             ok = [e for r in s["ratios"] if (e := ents.get(f"{m}/{arm}/{r:g}")) and e["conv_ratio"] >= GOAL_RATIO * 0.999]
             if not ok:
-                goal_lines.append(f"- `{m}` / {arm}: no finished configuration at >= {GOAL_RATIO:g}x.")
+                if arm != "uniform-bn":
+                    goal_lines.append(f"- `{m}` / {arm}: no finished configuration at >= {GOAL_RATIO:g}x.")
                 continue
             best = max(ok, key=lambda e: e["top1_after"])
             drop = dense - best["top1_after"]
@@ -500,7 +512,8 @@ def write_report(data: dict[str, Any]) -> None:
     if data.get("curves"):
         L.append(f"### Before fine-tuning, on `run`'s calibration subset ({s['calib_subset']} validation images)\n")
         L.append("`run`'s curve stage: top-1 right after compression of each allocation at each target (achieved conv "
-                 "ratio in brackets). This is what `run` chooses from.\n")
+                 "ratio in brackets), with BatchNorm statistics re-estimated on the same calibration images. This is what "
+                 "`run` chooses from.\n")
         L.append("| model | dense | target | guided | error | uniform |")
         L.append("|---|---|---|---|---|---|")
         for m in models:
@@ -634,6 +647,8 @@ def main() -> int:
                     help="recompute run's study and curve at every ratio instead of reusing the first run's")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help="run directories and the reduced data (git-ignored)")
+    ap.add_argument("--no-uniform-bn", action="store_true",
+                    help="skip the third arm (uniform ranks + BatchNorm re-estimation + the same fine-tuning)")
     ap.add_argument("--fresh", action="store_true", help="ignore an existing frontier.json (remove --work yourself)")
     ap.add_argument("--report", action="store_true", help="only rewrite frontier.md / frontier.png from frontier.json")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where frontier.json/.md/.png go")
@@ -674,6 +689,8 @@ def main() -> int:
         for r in a.ratios:
             run_arm(model, r, dense, a, a.work, res)
             uniform_arm(model, r, dense, a, a.work, res)
+            if not a.no_uniform_bn:
+                uniform_arm(model, r, dense, a, a.work, res, bn=True)
             write_report(res.data)
     collect_curves(res.data, a.work)
     tio.atomic_write_text(JSON_PATH, json.dumps(res.data, indent=2))

@@ -6,8 +6,11 @@ Stages, each resumable (a re-run skips stages whose outputs exist and are valid)
 2. ``study``    — truncation study on a calibration subset of the validation split
                   (single-layer SVD truncations); gives each layer's sensitivity.
 3. ``curve``    — accuracy vs conv-layer compression on the calibration subset, before
-                  fine-tuning, for the sensitivity-guided allocation and for uniform ranks.
-4. ``compress`` — plan with the goal as a budget (guided by sensitivity) and apply.
+                  fine-tuning, for the sensitivity-guided allocation and for uniform ranks
+                  (BatchNorm statistics re-estimated on the calibration subset after each
+                  compression unless ``bn_recalibrate=False``).
+4. ``compress`` — the allocation (guided / error / uniform) with the best calibration top-1
+                  (then loss) at the goal; apply, re-estimate BatchNorm statistics.
 5. ``finetune`` — fine-tune from the factors.
 6. ``verify``   — test-split metrics, size, MACs and CPU latency of dense and final models.
 7. ``export``   — ONNX (checked against onnxruntime).
@@ -33,7 +36,7 @@ from tensorcut import data as tdata
 from tensorcut import io as tio
 from tensorcut.compress import CompressConfig, apply, plan
 from tensorcut.errors import TensorcutError
-from tensorcut.train.loop import FitConfig, evaluate as evaluate_loader
+from tensorcut.train.loop import FitConfig, evaluate as evaluate_loader, recalibrate_bn
 
 __all__ = ["RunConfig", "run", "STAGES"]
 
@@ -61,6 +64,7 @@ class RunConfig:
     finetune_lr: float = 1e-4
     finetune_patience: int = 3
     distill: bool = False
+    bn_recalibrate: bool = True
     batch_size: int = 128
     seed: int = 0
 
@@ -169,9 +173,12 @@ def _try_strategy(model: nn.Module, cfg: RunConfig, kind: str, ratio: float | No
     cc, use_sens = _strategy_config(cfg, kind, ratio)
     p = plan(model, cc, input_shape=shape, sensitivity=sensitivity if use_sens else None, progress=False)
     apply(m, p)
+    if cfg.bn_recalibrate:
+        recalibrate_bn(m, loader)
     if plans is not None:
         plans[kind] = p
-    return {"ratio": p.totals()["conv_ratio"], "top1": evaluate_loader(m, loader)["top1"]}
+    ev = evaluate_loader(m, loader)
+    return {"ratio": p.totals()["conv_ratio"], "top1": ev["top1"], "loss": ev["loss"]}
 
 
 def latency_ms(models: dict[str, nn.Module], shape: tuple[int, int, int], batch: int, reps: int = 15) -> dict[str, float]:
@@ -301,13 +308,14 @@ def run(
         kinds = STRATEGIES if ratio is not None else ("guided", "error")
         plans: dict[str, Any] = {}
         tried = {k: _try_strategy(dense.model, config, k, ratio, shape, sensitivity, calib_loader, plans) for k in kinds}
-        best = max(kinds, key=lambda k: (tried[k]["top1"], k == "guided"))
+        best = max(kinds, key=lambda k: (tried[k]["top1"], -tried[k].get("loss", 0.0), k == "guided"))
         cc, use_sens = _strategy_config(config, best, ratio)
         _say("[compress] calibration top-1 by allocation: "
              + ", ".join(f"{k} {v['top1']:.4f} (x{v['ratio']:.2f})" for k, v in tried.items()) + f"; using {best}", progress)
         shutil.rmtree(comp_dir, ignore_errors=True)
         _, p, _ = compress_checkpoint(dense_dir, comp_dir, cc, sensitivity=sensitivity if use_sens else None,
-                                      progress=progress, precomputed=plans[best])
+                                      progress=progress, precomputed=plans[best],
+                                      bn_loader=calib_loader if config.bn_recalibrate else None)
         rd.mark("compress", {"path": "compressed", "config": cc.to_dict(), "totals": p.totals(), "allocation": best,
                              "calibration": tried}, ts)
     else:

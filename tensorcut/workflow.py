@@ -87,11 +87,16 @@ def load_sensitivity(path: str | Path) -> dict[str, float]:
 
 def compress_checkpoint(src: str | Path, out: str | Path, config: CompressConfig, *, layers: list[str] | None = None,
                         sensitivity: str | Path | dict[str, float] | None = None, evaluate_split: str | None = None,
-                        progress: bool = True, precomputed: Plan | None = None) -> tuple[nn.Module, Plan, dict[str, Any]]:
+                        progress: bool = True, precomputed: Plan | None = None, bn_images: int = 0,
+                        bn_loader: Any = None) -> tuple[nn.Module, Plan, dict[str, Any]]:
     """Plan and apply ``config`` to checkpoint ``src``; save the compressed checkpoint and ``plan.json`` in ``out``.
 
     ``precomputed`` is a plan already made for this checkpoint's model (it is applied as is).
+    ``bn_images`` > 0 re-estimates BatchNorm statistics of the compressed model on that many
+    training images (seeded subset, no augmentation); ``bn_loader`` does it on the given batches.
     """
+    if bn_images < 0:
+        raise TensorcutError(f"--bn-images must be >= 0, got {bn_images}")
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve():
         raise TensorcutError("--out must differ from the source checkpoint; the dense model is kept")
@@ -108,6 +113,15 @@ def compress_checkpoint(src: str | Path, out: str | Path, config: CompressConfig
     meta["parent"] = {"path": str(src), "metrics": ck.meta.get("metrics")}
     meta["plan"] = p.to_dict()
     meta["metrics"] = {}
+    if bn_images or bn_loader is not None:
+        from tensorcut.train.loop import recalibrate_bn
+
+        if bn_loader is None:
+            bn_loader = tdata.make_loader(_dataset_from_meta(meta, "train", subset=bn_images), 128)
+        n_bn = recalibrate_bn(model, bn_loader)
+        n_img = len(bn_loader.dataset) if hasattr(bn_loader, "dataset") else None
+        meta["bn_recalibration"] = {"batchnorm_layers": n_bn, "images": n_img,
+                                    "data": "train split" if bn_images else "given batches"}
     if evaluate_split:
         ds = _dataset_from_meta(meta, evaluate_split)
         meta["metrics"][evaluate_split] = evaluate_loader(model, tdata.make_loader(ds, 512), "cpu")

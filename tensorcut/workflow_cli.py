@@ -40,6 +40,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "sensitive layers are compressed more mildly under --budget")
     c.add_argument("--layers", nargs="+", default=None, help="conv layer names (default: all with > 3 input channels)")
     c.add_argument("--latency", action="store_true", help="keep a layer dense unless its factorized form is faster here")
+    c.add_argument("--bn-images", type=int, default=0, metavar="N",
+                   help="re-estimate BatchNorm statistics on N training images after compressing (0: off)")
     c.add_argument("--align", type=int, default=1, metavar="N",
                    help="round every rank to a multiple of N (8 or 16 run faster on SIMD units); default 1")
     c.add_argument("--evaluate", choices=("val", "test"), default=None, help="evaluate the compressed model on this split")
@@ -91,7 +93,7 @@ def _compress(args: argparse.Namespace) -> int:
                          energy=args.energy, budget=args.budget, budget_kind=args.budget_kind, latency=args.latency,
                          align=args.align)
     _, p, meta = compress_checkpoint(args.checkpoint, args.out, cfg, layers=args.layers, sensitivity=args.sensitivity,
-                                     evaluate_split=args.evaluate)
+                                     evaluate_split=args.evaluate, bn_images=args.bn_images)
     if args.json:
         print(p.to_json())
     else:

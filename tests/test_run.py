@@ -33,6 +33,11 @@ def test_run_meets_ratio_goal_and_writes_every_stage(run_dir):
     assert rows["final"]["params"] == sum(p.numel() for p in tio.load(out / "finetuned").parameters())
     state = json.loads((out / "run.json").read_text())
     assert list(state["stages"]) == list(STAGES)
+    # BatchNorm statistics were re-estimated on the calibration subset after compressing
+    bn = tio.load_checkpoint(out / "compressed").meta["bn_recalibration"]
+    assert bn["batchnorm_layers"] > 0 and bn["images"] == TINY["calib_subset"]
+    calib = state["stages"]["compress"]["calibration"]
+    assert {"guided", "error", "uniform"} <= set(calib) and all("loss" in v for v in calib.values())
 
 
 def test_rerun_skips_finished_stages(run_dir, tiny_checkpoint, capsys):

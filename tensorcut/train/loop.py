@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from tensorcut import distributed as tdist
 from tensorcut.errors import TensorcutError
 
-__all__ = ["FitConfig", "evaluate", "fit", "resolve_device", "set_seed", "OPTIMIZERS", "SCHEDULERS"]
+__all__ = ["FitConfig", "evaluate", "fit", "recalibrate_bn", "resolve_device", "set_seed", "OPTIMIZERS", "SCHEDULERS"]
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("plateau", "cosine", "onecycle", "none")
@@ -50,6 +50,45 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: Any, device: str | torch.device = "cpu",
+                   max_batches: int | None = None) -> int:
+    """Re-estimate every BatchNorm layer's running mean and variance on ``loader``'s inputs.
+
+    Why: replacing a convolution by a factorized one shifts the distribution of its outputs,
+    so the BatchNorm after it normalises with stale statistics; before any fine-tuning that
+    alone can drop a ResNet to chance. Statistics are reset and re-accumulated as an exact
+    average over the batches (``momentum=None``) with the rest of the model in eval mode (no
+    dropout); no parameter changes. Returns the number of BatchNorm layers recalibrated.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    dev = resolve_device(device)
+    was_training = model.training
+    saved = [(m, m.momentum) for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    seen = 0
+    try:
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(x.to(dev))
+            seen += 1
+    finally:
+        for m, mom in saved:
+            m.momentum = mom
+        model.train(was_training)
+    if seen == 0:
+        raise TensorcutError("BatchNorm recalibration got no batches; give a non-empty data set")
+    return len(bns)
+
+
 def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device = "cpu",
              progress: bool = False, desc: str = "eval", *, distributed: bool = True) -> dict[str, float]:
     """Mean cross-entropy loss, top-1 and top-5 accuracy of ``model`` over ``loader``.
