@@ -156,9 +156,15 @@ def session(device: str | torch.device = "cpu", *, timeout: datetime.timedelta |
     ctx = init(device, timeout=timeout)
     try:
         yield ctx
-    finally:
+    except BaseException:
         if fresh and ctx.enabled:
             cleanup()
+        raise
+    if fresh and ctx.enabled:
+        # leave together: a rank that tears down its gloo pairs while a peer is still finishing
+        # (e.g. rank 0's final pass) sometimes aborted with "terminate called without an active exception"
+        torch.distributed.barrier()
+        cleanup()
 
 
 def cleanup() -> None:

@@ -127,8 +127,8 @@ def test_torchrun_cli_train_two_processes(tmp_path: Path) -> None:
            "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=170)
     assert r.returncode == 0, r.stderr[-2000:]
-    reports = re.findall(r"test: loss [^(]*\(n=\d+\)", r.stdout)  # the two ranks' lines may interleave
-    assert len(reports) == 2 and len(set(reports)) == 1, r.stdout  # both ranks report the same reduced metrics
+    reports = re.findall(r"test: loss [^(]*\(n=\d+\)", r.stdout)
+    assert len(reports) == 1, r.stdout  # rank 0 alone prints the (all-reduced) metrics
     from tensorcut import io as tio
 
     ck = tio.load_checkpoint(out)

@@ -67,9 +67,12 @@ def _train(args: argparse.Namespace) -> int:
     ck = train(args.model, args.dataset, args.out, epochs=args.epochs, width=args.width, batch_size=args.batch_size,
                config=cfg, data_dir=args.data_dir, val_fraction=args.val_fraction, subset=args.subset,
                augment=args.augment, device=args.device, resume=args.resume)
-    m = ck.meta["metrics"]["test"]
-    print(f"test: loss {m['loss']:.4f}  top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}  (n={m['n']})")
-    print(f"checkpoint: {args.out}")
+    from tensorcut import distributed as tdist
+
+    if tdist.env_world()[0] == 0:  # under torchrun every rank holds the same reduced metrics: rank 0 prints them
+        m = ck.meta["metrics"]["test"]
+        print(f"test: loss {m['loss']:.4f}  top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}  (n={m['n']})")
+        print(f"checkpoint: {args.out}")
     return 0
 
 

@@ -147,6 +147,8 @@ def run_cli(args: argparse.Namespace) -> int:
         optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         scheduler=args.scheduler, data_dir=args.data_dir, val_fraction=args.val_fraction, subset=args.subset,
         augment=args.augment, seed=args.seed, device=args.device)
+    if tdist.env_world()[0] != 0:  # every rank holds the same reduced metrics: rank 0 prints them
+        return 0
     m = ck.meta["metrics"]["test"]
     t = ck.meta["tdlrt"]
     print(f"test: loss {m['loss']:.4f}  top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}  (n={m['n']})")
