@@ -438,8 +438,9 @@ def write_report(data: dict[str, Any]) -> None:
 
     L.append("## Frontier\n")
     L.append("Top-1 on the test split; *before* = right after compression, *after* = after fine-tuning; "
-             "Δ = after − dense (points). `run` allocation: the one with the best calibration top-1 "
-             "(calibration top-1 of guided / error / uniform in brackets).\n")
+             "Δ = after − dense (points). `run` allocation: the one with the best calibration top-1 after its "
+             "probe fine-tune (calibration top-1 of guided / error / uniform in brackets: right after compression "
+             "→ after the probe).\n")
     verdicts: list[str] = []
     goal_lines: list[str] = []
     goal_met: list[str] = []
@@ -459,7 +460,9 @@ def write_report(data: dict[str, Any]) -> None:
                 alloc = e["allocation"]
                 if arm == "run" and e.get("calibration"):
                     c = e["calibration"]
-                    alloc += " (" + " / ".join(f"{100 * c[k]['top1']:.1f}" for k in ("guided", "error", "uniform") if k in c) + ")"
+                    alloc += " (" + " / ".join(
+                        f"{100 * c[k]['top1']:.1f}" + (f"→{100 * c[k]['probe']['top1']:.1f}" if c[k].get("probe") else "")
+                        for k in ("guided", "error", "uniform") if k in c) + ")"
                 L.append(f"| {r:g} | {arm} | {alloc} | {e['conv_ratio']:.2f} | {e['conv_params']:,} | {e['params']:,} | "
                          f"{100 * e['top1_before']:.2f} | {100 * e['top1_after']:.2f} | {100 * (e['top1_after'] - dense):+.2f} | "
                          f"{e['finetune_epochs_run']} |")

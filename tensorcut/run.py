@@ -10,7 +10,9 @@ Stages, each resumable (a re-run skips stages whose outputs exist and are valid)
                   (BatchNorm statistics re-estimated on the calibration subset after each
                   compression unless ``bn_recalibrate=False``).
 4. ``compress`` — the allocation (guided / error / uniform) with the best calibration top-1
-                  (then loss) at the goal; apply, re-estimate BatchNorm statistics.
+                  (then loss) at the goal after a short probe fine-tune of each (``probe_epochs``
+                  on ``probe_images`` training images; 0 epochs: right after compression);
+                  apply, re-estimate BatchNorm statistics.
 5. ``finetune`` — fine-tune from the factors.
 6. ``verify``   — test-split metrics, size, MACs and CPU latency of dense and final models.
 7. ``export``   — ONNX (checked against onnxruntime).
@@ -36,7 +38,7 @@ from tensorcut import data as tdata
 from tensorcut import io as tio
 from tensorcut.compress import CompressConfig, apply, plan
 from tensorcut.errors import TensorcutError
-from tensorcut.train.loop import FitConfig, evaluate as evaluate_loader, recalibrate_bn
+from tensorcut.train.loop import FitConfig, evaluate as evaluate_loader, fit, recalibrate_bn
 
 __all__ = ["RunConfig", "run", "STAGES"]
 
@@ -65,6 +67,8 @@ class RunConfig:
     finetune_patience: int = 3
     distill: bool = False
     bn_recalibrate: bool = True
+    probe_epochs: int = 1
+    probe_images: int = 2048
     batch_size: int = 128
     seed: int = 0
 
@@ -79,6 +83,9 @@ class RunConfig:
             raise TensorcutError(f"--target-macs is the fraction of conv MACs to keep, in (0, 1); got {self.target_macs}")
         if self.max_drop is not None and not 0 <= self.max_drop < 1:
             raise TensorcutError(f"--max-drop is an absolute top-1 drop in [0, 1), got {self.max_drop}")
+        if self.probe_epochs < 0 or self.probe_images < 1:
+            raise TensorcutError(f"--probe-epochs must be >= 0 and --probe-images >= 1; got {self.probe_epochs} and "
+                                 f"{self.probe_images}")
         if self.calib_subset < 16:
             raise TensorcutError(f"--calib-subset must be >= 16 images, got {self.calib_subset}")
         CompressConfig(method=self.method, ratio=0.5)  # validates the method name
@@ -179,6 +186,24 @@ def _try_strategy(model: nn.Module, cfg: RunConfig, kind: str, ratio: float | No
         plans[kind] = p
     ev = evaluate_loader(m, loader)
     return {"ratio": p.totals()["conv_ratio"], "top1": ev["top1"], "loss": ev["loss"]}
+
+
+def _probe(model: nn.Module, p: Any, cfg: RunConfig, train_loader: Any, calib_loader: Any) -> dict[str, float]:
+    """Calibration metrics of ``model`` compressed by plan ``p`` after a short fine-tune (the probe).
+
+    Right after compression at x10 and beyond every allocation is near chance on the
+    calibration set, so its accuracy there does not say which one fine-tunes best; a probe of
+    ``cfg.probe_epochs`` epochs on ``cfg.probe_images`` training images (the run's fine-tuning
+    optimiser and lr) does. The compressed checkpoint itself is made from the factors, not from
+    the probed copy.
+    """
+    m = apply(copy.deepcopy(model), p)
+    if cfg.bn_recalibrate:
+        recalibrate_bn(m, calib_loader)
+    fc = FitConfig(epochs=cfg.probe_epochs, optimizer="adam", lr=cfg.finetune_lr, scheduler="none", seed=cfg.seed)
+    fit(m, train_loader, None, fc, device="cpu", progress=False)
+    ev = evaluate_loader(m, calib_loader)
+    return {"top1": ev["top1"], "loss": ev["loss"]}
 
 
 def latency_ms(models: dict[str, nn.Module], shape: tuple[int, int, int], batch: int, reps: int = 15) -> dict[str, float]:
@@ -308,10 +333,24 @@ def run(
         kinds = STRATEGIES if ratio is not None else ("guided", "error")
         plans: dict[str, Any] = {}
         tried = {k: _try_strategy(dense.model, config, k, ratio, shape, sensitivity, calib_loader, plans) for k in kinds}
-        best = max(kinds, key=lambda k: (tried[k]["top1"], -tried[k].get("loss", 0.0), k == "guided"))
+        if config.probe_epochs > 0:
+            d = dense.meta["dataset"]
+            tr = tdata.load_dataset(d["name"], "train", data_dir=d.get("data_dir"),
+                                    val_fraction=d.get("val_fraction", 0.1), seed=d.get("seed", 0),
+                                    subset=config.probe_images)
+            probe_loader = tdata.make_loader(tr, config.batch_size, shuffle=True, seed=config.seed)
+            _say(f"[compress] probing each allocation: {config.probe_epochs} epoch(s) on {len(tr)} training images",
+                 progress)
+            for k in kinds:
+                tried[k]["probe"] = _probe(dense.model, plans[k], config, probe_loader, calib_loader)
+            score = {k: (tried[k]["probe"]["top1"], -tried[k]["probe"]["loss"]) for k in kinds}
+        else:
+            score = {k: (tried[k]["top1"], -tried[k].get("loss", 0.0)) for k in kinds}
+        best = max(kinds, key=lambda k: (*score[k], k == "guided"))
         cc, use_sens = _strategy_config(config, best, ratio)
         _say("[compress] calibration top-1 by allocation: "
-             + ", ".join(f"{k} {v['top1']:.4f} (x{v['ratio']:.2f})" for k, v in tried.items()) + f"; using {best}", progress)
+             + ", ".join(f"{k} {v['top1']:.4f}" + (f" -> {v['probe']['top1']:.4f} after the probe" if "probe" in v else "")
+                         + f" (x{v['ratio']:.2f})" for k, v in tried.items()) + f"; using {best}", progress)
         shutil.rmtree(comp_dir, ignore_errors=True)
         _, p, _ = compress_checkpoint(dense_dir, comp_dir, cc, sensitivity=sensitivity if use_sens else None,
                                       progress=progress, precomputed=plans[best],

@@ -28,6 +28,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--no-bn-recalibrate", action="store_true",
                    help="keep the dense model's BatchNorm statistics after compressing (default: re-estimate them on "
                         "the calibration subset before comparing allocations and before fine-tuning)")
+    r.add_argument("--probe-epochs", type=int, default=1,
+                   help="fine-tune each candidate allocation this long before choosing (0: choose right after compression)")
+    r.add_argument("--probe-images", type=int, default=2048, help="training images of the probe fine-tune")
     r.add_argument("--out", required=True, help="run directory")
     r.set_defaults(func=_run)
     p = sub.add_parser("report", help="(re)write RUN_DIR/report.html", description="Render the HTML report of a run.")
@@ -40,7 +43,8 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = RunConfig(target_ratio=args.target_ratio, target_macs=args.target_macs, max_drop=args.max_drop,
                     method=args.method, calib_subset=args.calib_subset, finetune_epochs=args.finetune_epochs,
-                    finetune_lr=args.finetune_lr, distill=args.distill, bn_recalibrate=not args.no_bn_recalibrate)
+                    finetune_lr=args.finetune_lr, distill=args.distill, bn_recalibrate=not args.no_bn_recalibrate,
+                    probe_epochs=args.probe_epochs, probe_images=args.probe_images)
     s = run(args.out, cfg, checkpoint=args.checkpoint, model=args.model, dataset=args.dataset, train_epochs=args.epochs,
             width=args.width, data_dir=args.data_dir, command=["tensorcut", *sys.argv[1:]])
     print_summary(s)

@@ -12,7 +12,8 @@ from tensorcut import io as tio
 from tensorcut.errors import TensorcutError
 from tensorcut.run import STAGES, RunConfig, run
 
-TINY = dict(calib_subset=64, finetune_epochs=1, finetune_lr=1e-3, curve_ratios=(2.0, 4.0), bipartitions=("OUT",))
+TINY = dict(calib_subset=64, finetune_epochs=1, finetune_lr=1e-3, curve_ratios=(2.0, 4.0), bipartitions=("OUT",),
+            probe_images=64)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,10 @@ def test_run_meets_ratio_goal_and_writes_every_stage(run_dir):
     assert bn["batchnorm_layers"] > 0 and bn["images"] == TINY["calib_subset"]
     calib = state["stages"]["compress"]["calibration"]
     assert {"guided", "error", "uniform"} <= set(calib) and all("loss" in v for v in calib.values())
+    # each allocation was probed (a short fine-tune) and the best probed one was applied
+    assert all(0 <= v["probe"]["top1"] <= 1 for v in calib.values())
+    chosen = state["stages"]["compress"]["allocation"]
+    assert calib[chosen]["probe"]["top1"] == max(v["probe"]["top1"] for v in calib.values())
 
 
 def test_rerun_skips_finished_stages(run_dir, tiny_checkpoint, capsys):
@@ -86,7 +91,9 @@ def test_different_settings_are_refused(run_dir, tiny_checkpoint):
 
 @pytest.mark.parametrize("kw,msg", [({}, "give exactly one goal"), ({"target_ratio": 2, "max_drop": 0.1}, "give exactly one goal"),
                                     ({"target_ratio": 0.5}, "--target-ratio must be > 1"),
-                                    ({"target_macs": 2.0}, "--target-macs is the fraction")])
+                                    ({"target_macs": 2.0}, "--target-macs is the fraction"),
+                                    ({"target_ratio": 2, "probe_epochs": -1},
+                                     "--probe-epochs must be >= 0 and --probe-images >= 1; got -1 and 2048")])
 def test_bad_goals(kw, msg):
     with pytest.raises(TensorcutError, match=msg):
         RunConfig(**kw)
