@@ -155,11 +155,14 @@ class Results:
         self.data: dict[str, Any] = {"settings": settings, "entries": {}}
         if path.exists() and not fresh:
             old = json.loads(path.read_text())
-            if old.get("settings") != settings:
+            same = {k: v for k, v in (old.get("settings") or {}).items() if k != "command"} == {
+                k: v for k, v in settings.items() if k != "command"}
+            if not same:
                 raise SystemExit(f"{path} was made with other settings:\n  {old.get('settings')}\n"
                                  f"now:\n  {settings}\nre-run with the same options, or pass --fresh "
                                  "(and remove the work directory) to start over")
             self.data = old
+            self.data["settings"]["command"] = settings["command"]
 
     def has(self, key: str) -> bool:
         return key in self.data["entries"]
@@ -197,6 +200,25 @@ def dense_stage(model: str, width: float, a: argparse.Namespace, data_dir: Path,
                   "seconds": round(time.perf_counter() - t, 1), "load_avg": load_avg(), "code": CODE})
     log(f"{key}: test top-1 {m['top1']:.4f} ({params:,} params) in {time.perf_counter() - t:.0f} s")
     return d
+
+
+def dense_ft_stage(model: str, dense: Path, a: argparse.Namespace, work: Path, res: Results) -> None:
+    """Control: the *dense* model fine-tuned with exactly the arms' recipe. The compressed models get
+    that much extra training, so the goal is also judged against this (the dense models are short-trained)."""
+    key = f"{model}/dense-ft"
+    if res.has(key):
+        log(f"{key}: done (skipped), test top-1 {res.data['entries'][key]['top1_after']:.4f}")
+        return
+    out = work / model / "dense_ft"
+    log(f"{key}: the dense model + the same fine-tuning")
+    t = time.perf_counter()
+    ck = finetune_checkpoint(dense, out, config=_fit_config(a), batch_size=128, device="cpu",
+                             resume=(out / tio.META).exists(), progress=True)
+    after = ck.meta["metrics"]["test"]
+    res.put(key, {"model": model, "arm": "dense-ft", "top1_after": after["top1"], "top5_after": after["top5"],
+                  "test_n": after["n"], "finetune_epochs_run": len(ck.meta.get("finetune_history") or []),
+                  "seconds": round(time.perf_counter() - t, 1), "load_avg": load_avg(), "code": CODE})
+    log(f"{key}: test top-1 {after['top1']:.4f}")
 
 
 def run_arm(model: str, ratio: float, dense: Path, a: argparse.Namespace, work: Path, res: Results) -> None:
@@ -337,11 +359,15 @@ def uniform_arm(model: str, ratio: float, dense: Path, a: argparse.Namespace, wo
 # ----------------------------------------------------------------------------- report
 
 NOTES = [
-    "`run` picks the allocation by calibration top-1 (then loss) right after compression, with BatchNorm statistics "
-    "re-estimated on the calibration images (`RunConfig.bn_recalibrate`, default on). Without that step the "
-    "calibration top-1 of resnet20 was at chance (10 %) from x5 up for every allocation (previous run of this "
-    "benchmark, commit cdc08cb), so the choice was noise; with it the candidates separate at x2-x5 (e.g. resnet20 x2: "
-    "guided 78.3 / error 84.2 / uniform 34.8) but are again within a few points of chance at x10-x20.",
+    "`run` picks the allocation by calibration top-1 (then loss) after a probe fine-tune of each candidate (1 epoch "
+    "on 2,048 training images, the arms' optimiser and lr), BatchNorm statistics re-estimated on the calibration "
+    "images first (`RunConfig.probe_epochs`, `bn_recalibrate`). Right after compression the candidates are within a "
+    "few points of chance for resnet20 from x5 up (table below), so that alone cannot choose; the probe separates "
+    "them, but one epoch is not always predictive of ten: at resnet20 x20 it preferred \"guided\" (19.3 % vs "
+    "uniform 15.2 % on calibration) and that model ended 6 points below uniform after fine-tuning.",
+    "The dense models are short-trained (6 epochs), so the compressed models' extra fine-tuning lifts vanilla-cnn "
+    "above its dense baseline; the control row (the dense model given the same fine-tuning) is the stricter "
+    "reference, and against it no arm meets the 0.5-point goal at >= 10x.",
     "Arms: `uniform` is the thesis's protocol (uniform ranks, then the same fine-tuning); `uniform-bn` adds the "
     "BatchNorm re-estimation `run` does, so `run` vs `uniform-bn` isolates the allocation choice and `run` vs "
     "`uniform` is the whole main job vs the thesis's protocol.",
@@ -425,15 +451,18 @@ def write_report(data: dict[str, Any]) -> None:
              "parameters are reported too (the FC layers are not compressed).\n")
 
     L.append("## Dense models\n")
-    L.append("| model | width | params | conv params (eligible) | epochs | test top-1 | test top-5 |")
-    L.append("|---|---|---|---|---|---|---|")
+    L.append("| model | width | params | conv params (eligible) | epochs | test top-1 | test top-5 | "
+             "top-1 after the arms' fine-tuning (control) |")
+    L.append("|---|---|---|---|---|---|---|---|")
     for m in models:
         d = ents[f"{m}/dense"]
         cp = next((e["conv_params_dense"] for e in ents.values() if e.get("model") == m and "conv_params_dense" in e), None)
+        dft = ents.get(f"{m}/dense-ft")
+        ctl = f"{100 * dft['top1_after']:.2f} %" if dft else "not run"
         L.append(f"| `{m}` | {d['width']} | {d['params']:,} | {cp:,} | {d['epochs']} | {100 * d['test_top1']:.2f} % | "
-                 f"{100 * d['test_top5']:.2f} % |" if cp else
+                 f"{100 * d['test_top5']:.2f} % | {ctl} |" if cp else
                  f"| `{m}` | {d['width']} | {d['params']:,} | ? | {d['epochs']} | {100 * d['test_top1']:.2f} % | "
-                 f"{100 * d['test_top5']:.2f} % |")
+                 f"{100 * d['test_top5']:.2f} % | {ctl} |")
     L.append("")
 
     L.append("## Frontier\n")
@@ -512,12 +541,18 @@ def write_report(data: dict[str, Any]) -> None:
             best = max(ok, key=lambda e: e["top1_after"])
             drop = dense - best["top1_after"]
             met = drop <= GOAL_DROP
+            dft = ents.get(f"{m}/dense-ft")
+            drop_ft = None if dft is None else dft["top1_after"] - best["top1_after"]
             if met:
-                goal_met.append(f"`{m}` / {arm} (x{best['conv_ratio']:.2f}, drop {100 * drop:.2f} pt)")
+                goal_met.append(f"`{m}` / {arm} (x{best['conv_ratio']:.2f}, drop {100 * drop:.2f} pt"
+                                + (f"; {100 * drop_ft:.2f} pt vs the equally fine-tuned dense model" if dft else "") + ")")
             goal_lines.append(
                 f"- `{m}` / {arm}: best at >= {GOAL_RATIO:g}x is x{best['conv_ratio']:.2f} (target {best['target']:g}) with "
                 f"{100 * best['top1_after']:.2f} % vs dense {100 * dense:.2f} % — drop {100 * drop:.2f} points: "
-                f"**{'met' if met else 'not met'}**.")
+                f"**{'met' if met else 'not met'}**"
+                + (f"; vs the dense model given the same fine-tuning ({100 * dft['top1_after']:.2f} %): drop "
+                   f"{100 * drop_ft:.2f} points, **{'met' if drop_ft <= GOAL_DROP else 'not met'}**" if dft else "")
+                + ".")
     if data.get("curves"):
         L.append(f"### Before fine-tuning, on `run`'s calibration subset ({s['calib_subset']} validation images)\n")
         L.append("`run`'s curve stage: top-1 right after compression of each allocation at each target (achieved conv "
@@ -604,8 +639,12 @@ def plot(data: dict[str, Any]) -> None:
         for row, (field, when) in enumerate((("top1_after", "after fine-tuning"), ("top1_before", "before fine-tuning"))):
             ax = axes[row][col]
             ax.axhline(100 * dense, color="k", lw=1.2, label=f"dense ({100 * dense:.2f} %)")
+            dft = ents.get(f"{m}/dense-ft")
+            if dft and field == "top1_after":
+                ax.axhline(100 * dft["top1_after"], color="k", lw=1, ls="--",
+                           label=f"dense + the same fine-tuning ({100 * dft['top1_after']:.2f} %)")
             ax.axhspan(100 * (dense - GOAL_DROP), 100 * dense, color="g", alpha=0.15, label="within 0.5 pt of dense")
-            ys = [100 * dense]
+            ys = [100 * dense] + ([100 * dft["top1_after"]] if dft and field == "top1_after" else [])
             for arm, color, label in arms:
                 es = [e for r in s["ratios"] if (e := ents.get(f"{m}/{arm}/{r:g}"))]
                 if not es:
@@ -679,7 +718,7 @@ def main() -> int:
     data_dir = a.work / "data"
     a.test_subset = a.test_subset or None
     sizes = make_data(data_dir, a.train_subset, a.test_subset, seed=0)
-    argv = " ".join(sys.argv[1:])
+    argv = " ".join(x for x in sys.argv[1:] if x != "--fresh")  # the command that reproduces the results
     settings = {
         "command": "nice .venv/bin/python benchmarks/bench_frontier.py" + (f" {argv}" if argv else ""),
         "models": a.models, "widths": a.widths, "ratios": a.ratios, "train_subset": a.train_subset,
@@ -701,6 +740,7 @@ def main() -> int:
             if not a.no_uniform_bn:
                 uniform_arm(model, r, dense, a, a.work, res, bn=True)
             write_report(res.data)
+        dense_ft_stage(model, dense, a, a.work, res)
     collect_curves(res.data, a.work)
     tio.atomic_write_text(JSON_PATH, json.dumps(res.data, indent=2))
     write_report(res.data)
