@@ -225,7 +225,9 @@ def test_sweep_worker_killed_mid_sweep_then_resumed_has_every_row_exactly_once(t
         except sqlite3.OperationalError:  # the store is being created
             pass
         time.sleep(0.1)
-    assert victim.poll() is None, "worker 1 finished before it could be killed"
+    if victim.poll() is not None:
+        out1, err1 = victim.communicate()
+        raise AssertionError(f"worker 1 finished before it could be killed (exit {victim.returncode}): {err1[-800:]}")
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
     assert victim.returncode == -signal.SIGKILL

@@ -106,14 +106,18 @@ class ResultsStore:
         create the same file at once, and a deferred transaction's lock upgrade fails without waiting)."""
         self.conn.execute("PRAGMA journal_mode = WAL")
         self.conn.execute("PRAGMA synchronous = NORMAL")
-        try:
-            self.conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+        try:  # tables and identity rows in one transaction: another worker never sees a store half-made
+            self.conn.execute("BEGIN IMMEDIATE")
+            for stmt in (x.strip() for x in _SCHEMA.split(";")):
+                if stmt:
+                    self.conn.execute(stmt)
+            self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('app', ?)", (APP_ID,))
+            self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            self.conn.execute("COMMIT")
         except sqlite3.OperationalError:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
             raise
-        self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('app', ?)", (APP_ID,))
-        self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
 
     def _check_existing(self) -> None:
         """Refuse (without writing) a file that is not an intact tensorcut results store."""
@@ -131,6 +135,8 @@ class ResultsStore:
         except sqlite3.DatabaseError as exc:
             raise TensorcutError(f"results file {where!r} is corrupt or not an SQLite database ({exc}); "
                                  "it was left untouched: move it away or choose another --out") from exc
+        if not tables:  # an empty database (another worker is creating the store right now): fill it in
+            return
         if check is None or check[0] != "ok":
             raise TensorcutError(f"results file {where!r} failed its integrity check ({check[0] if check else '?'}); "
                                  "it was left untouched: move it away or choose another --out")

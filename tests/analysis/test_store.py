@@ -92,3 +92,21 @@ def test_truncated_store_reported(tmp_path: Path) -> None:
         ResultsStore(path)
     assert "left untouched" in str(e.value)
     assert path.read_bytes() == data[: len(data) // 2]
+
+
+def test_store_being_created_by_another_worker_is_joined_not_refused(tmp_path: Path) -> None:
+    """A second worker that opens the file between its creation and the first worker's schema commit
+    sees an SQLite file with no tables yet: it must wait and join, not refuse it as a foreign file."""
+    p = tmp_path / "r.sqlite"
+    first = sqlite3.connect(str(p), isolation_level=None)
+    first.execute("PRAGMA journal_mode = WAL")  # the file exists (non-empty), no tables yet
+    assert p.stat().st_size > 0
+    s = ResultsStore(p)  # the second worker
+    s.close()
+    first.close()
+    s2 = ResultsStore(p, create=False)  # a complete store: tables and identity rows, committed together
+    s2.close()
+    con = sqlite3.connect(str(p))
+    meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+    con.close()
+    assert meta["app"] and meta["schema_version"]
