@@ -53,6 +53,12 @@ CREATE TABLE IF NOT EXISTS spectra (
 """
 
 
+def _sqlite_header(path: Path) -> bool:
+    """True when the file starts with SQLite's 16-byte magic string."""
+    with open(path, "rb") as f:
+        return f.read(16) == b"SQLite format 3\x00"
+
+
 def _retry_locked(fn: Any, timeout: float) -> None:
     """Call ``fn`` until it does not fail with SQLite's 'locked' / 'busy', for at most ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -135,8 +141,8 @@ class ResultsStore:
         except sqlite3.DatabaseError as exc:
             raise TensorcutError(f"results file {where!r} is corrupt or not an SQLite database ({exc}); "
                                  "it was left untouched: move it away or choose another --out") from exc
-        if not tables:  # an empty database (another worker is creating the store right now): fill it in
-            return
+        if not tables and _sqlite_header(self.path):
+            return  # a valid, empty SQLite database (another worker is creating the store right now): join it
         if check is None or check[0] != "ok":
             raise TensorcutError(f"results file {where!r} failed its integrity check ({check[0] if check else '?'}); "
                                  "it was left untouched: move it away or choose another --out")
