@@ -25,13 +25,7 @@ PLANTED = [f"layer3.{b}.conv{c}" for b in range(3) for c in (1, 2)]
 GROWS = [f"layer1.{b}.conv{c}" for b in range(3) for c in (1, 2)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads; on a shared 2-core box OpenMP spinning slows them down."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
 def _model() -> torch.nn.Module:

@@ -8,7 +8,6 @@ a ``config`` + ``state_dict`` round trip.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import json
 import math
@@ -26,13 +25,7 @@ from tensorcut.layers import CPConv2d, FullTuckerConv2d, TTConv2d, TuckerConv2d
 from tensorcut.layers.base import LAYER_REGISTRY, ConvGeometry, FactorizedConv2d
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: threads only add scheduling stalls on a shared CPU. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 METHODS = sorted(LAYER_REGISTRY)
 HW = (11, 10)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,13 +13,7 @@ from tensorcut.errors import TensorcutError
 from tensorcut.layers import SVDLinear
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: threads only add scheduling stalls on a shared CPU. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
 def _linear(i: int = 12, o: int = 9, bias: bool = True, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Linear:

@@ -15,14 +15,7 @@ from tensorcut.layers.base import LAYER_REGISTRY, ConvGeometry
 from tensorcut.layers.tr import TRConv2d
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core box OpenMP spinning
-    makes them ~50x slower; restore the caller's setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
 def _conv(cin: int, cout: int, k, seed: int = 0, **kw) -> nn.Conv2d:
