@@ -10,12 +10,7 @@ gradient of the single-process batch of 16, so losses and weights agree to float
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
-import os
 import re
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +19,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ddp_util import join_as_rank, spawn_ranks, spy_writes, torchrun
 from tensorcut import distributed as tdist
 from tensorcut.errors import TensorcutError
 from tensorcut.train.loop import FitConfig, _wrap, fit, resolve_device
 
-ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _net() -> nn.Module:
@@ -58,19 +46,8 @@ CFG = dict(epochs=2, optimizer="sgd", lr=0.2, momentum=0.9, scheduler="cosine", 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     """One rank: join via the torchrun-style environment, fit, and report weights, history and file writes."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from tensorcut import io as tio
-
-    writes: list[str] = []
-    real = tio.atomic_write_bytes
-
-    def spy(path: Any, data: bytes) -> None:
-        writes.append(Path(path).name)
-        real(path, data)
-
-    tio.atomic_write_bytes = spy  # type: ignore[assignment]
+    join_as_rank(rank, world, port)
+    writes = spy_writes()
     net = _net()
     tr, va = _data()
     meta = {"model": {"name": "custom", "kwargs": {}}}
@@ -82,15 +59,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         tdist.cleanup()
 
 
-def test_two_cpu_ranks_match_one_process_on_the_same_global_batch(tmp_path: Path) -> None:
-    port = _free_port()
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=150)
-    assert [p.exitcode for p in procs] == [0, 0]
+def test_two_cpu_ranks_match_one_process_on_the_same_global_batch(tmp_path: Path, one_thread: None) -> None:
+    """``one_thread``: the single-process reference runs with the ranks' thread count (same reduction order)."""
+    assert spawn_ranks(_worker, tmp_path) == [0, 0]
 
     w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
@@ -102,12 +73,7 @@ def test_two_cpu_ranks_match_one_process_on_the_same_global_batch(tmp_path: Path
 
     single = _net()
     tr, va = _data()
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the ranks' thread count: the same reduction order (other tests change it)
-    try:
-        hist = fit(single, tr, va, FitConfig(**CFG), device="cpu", progress=False, distributed=False)
-    finally:
-        torch.set_num_threads(n_threads)
+    hist = fit(single, tr, va, FitConfig(**CFG), device="cpu", progress=False, distributed=False)
     for a, b in zip(hist, r0["history"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5, abs=1e-6)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5, abs=1e-6)
@@ -120,12 +86,9 @@ def test_two_cpu_ranks_match_one_process_on_the_same_global_batch(tmp_path: Path
 def test_torchrun_cli_train_two_processes(tmp_path: Path) -> None:
     """The documented command: `torchrun --nproc_per_node=2 -m tensorcut train ...` on CPU (gloo)."""
     out = tmp_path / "ck"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [str(Path(PY).with_name("torchrun")), "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "tensorcut", "train", "--model", "vanilla-cnn", "--width", "0.125",
+    r = torchrun(["train", "--model", "vanilla-cnn", "--width", "0.125",
            "--dataset", "synthetic", "--subset", "96", "--epochs", "1", "--batch-size", "32", "--device", "cpu",
-           "--out", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=170)
+           "--out", str(out)], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     reports = re.findall(r"test: loss [^(]*\(n=\d+\)", r.stdout)
     assert len(reports) == 1, r.stdout  # rank 0 alone prints the (all-reduced) metrics
@@ -307,10 +270,7 @@ def test_torchrun_analyze_two_ranks_with_recovery(tiny_checkpoint: Path, tmp_pat
 
     args = [str(tiny_checkpoint), *SWEEP_ARGS, "--recover", "1", "--recover-subset", "64"]
     assert main(["analyze", *args, "--out", str(tmp_path / "one.sqlite")]) == 0
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [str(Path(PY).with_name("torchrun")), "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "tensorcut", "analyze", *args, "--out", str(tmp_path / "two.sqlite")]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=170)
+    r = torchrun(["analyze", *args, "--out", str(tmp_path / "two.sqlite")], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "shard 2/2:" in r.stdout and r.stdout.count("baseline val:") == 1  # rank 0 alone reports the study
     one, two = _rows(tmp_path / "one.sqlite"), _rows(tmp_path / "two.sqlite")

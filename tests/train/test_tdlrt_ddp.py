@@ -13,11 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import multiprocessing as mp
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +21,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ddp_util import join_as_rank, spawn_ranks, spy_writes, torchrun
 from tensorcut import distributed as tdist
 from tensorcut.train import tdlrt
 from tensorcut.train.tdlrt import TDLRTOptimizer, train_tdlrt, tuckerize
 
-PY = sys.executable
 # HOSVD start at full rank 8 / 12; tau prunes the first Tucker layer to rank 2 within the first epoch
 RUN = dict(tau=0.2, rmin=2, epochs=2, optimizer="adam", lr=0.02, scheduler="cosine", from_pretrained=True,
            grad_clip=5.0, device="cpu", seed=3)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _net(bn: bool = False) -> nn.Module:
@@ -72,10 +61,7 @@ def _ce(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from tensorcut import io as tio
+    join_as_rank(rank, world, port)
     from tensorcut.train.tdlrt_verb import train_tdlrt_checkpoint
 
     checks: list[bool] = []
@@ -86,14 +72,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         return checks[-1]
 
     TDLRTOptimizer.check_sync = spy_check  # type: ignore[method-assign]
-    writes: list[str] = []
-    real_write = tio.atomic_write_bytes
-
-    def spy_write(path: Any, data: bytes) -> None:
-        writes.append(Path(path).name)
-        real_write(path, data)
-
-    tio.atomic_write_bytes = spy_write  # type: ignore[assignment]
+    writes = spy_writes()
     report: dict[str, Any] = {}
     try:
         tdist.init("cpu")
@@ -135,17 +114,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_two_ranks_stay_identical_and_match_one_process(tmp_path: Path) -> None:
-    port = _free_port()
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=150)
-    for p in procs:
-        if p.exitcode is None:
-            p.kill()
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert spawn_ranks(_worker, tmp_path) == [0, 0]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
 
     # A: identical on both ranks, bitwise, without any repair; the same as one process
@@ -192,12 +161,9 @@ def test_two_ranks_stay_identical_and_match_one_process(tmp_path: Path) -> None:
 def test_torchrun_cli_train_method_tdlrt(tmp_path: Path) -> None:
     """The documented command: `torchrun --nproc_per_node=2 -m tensorcut train --method tdlrt ...` on CPU."""
     out = tmp_path / "ck"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [str(Path(PY).with_name("torchrun")), "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "tensorcut", "train", "--model", "vanilla-cnn", "--width", "0.125",
+    r = torchrun(["train", "--model", "vanilla-cnn", "--width", "0.125",
            "--dataset", "synthetic", "--subset", "64", "--epochs", "1", "--batch-size", "32", "--method", "tdlrt",
-           "--tau", "0.2", "--init-rank", "3", "--device", "cpu", "--out", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=170)
+           "--tau", "0.2", "--init-rank", "3", "--device", "cpu", "--out", str(out)], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("epoch 1:") == 1  # progress from rank 0 only
     assert r.stdout.count("test: loss") == 1 and r.stdout.count("checkpoint:") == 1  # rank 0 alone prints

@@ -1,0 +1,69 @@
+"""Helpers for the multi-process tests: free ports, spawned ranks, the torchrun CLI, write spies."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+PY = sys.executable
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def join_as_rank(rank: int, world: int, port: int) -> None:
+    """Inside a spawned worker: the environment torchrun would set, and one torch thread."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+
+
+def spawn_ranks(worker: Callable[..., None], out: Path, world: int = 2, timeout: float = 150) -> list[int | None]:
+    """Run ``worker(rank, world, port, str(out))`` in ``world`` spawned processes; their exit codes
+    (a process still running after ``timeout`` is killed and reports None)."""
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=worker, args=(r, world, port, str(out))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.exitcode is None:
+            p.kill()
+    return codes
+
+
+def torchrun(args: list[str], cwd: Path, nproc: int = 2, timeout: float = 170) -> subprocess.CompletedProcess[str]:
+    """``torchrun --nproc_per_node=N -m tensorcut ARGS`` on this machine, one thread per process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [str(Path(PY).with_name("torchrun")), "--nnodes=1", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "tensorcut", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+def spy_writes() -> list[str]:
+    """Record the file names passed to ``tensorcut.io.atomic_write_bytes`` in this process (still writing them)."""
+    from tensorcut import io as tio
+
+    writes: list[str] = []
+    real = tio.atomic_write_bytes
+
+    def spy(path: Any, data: bytes) -> None:
+        writes.append(Path(path).name)
+        real(path, data)
+
+    tio.atomic_write_bytes = spy  # type: ignore[assignment]
+    return writes
