@@ -204,6 +204,34 @@ def _overshoot(report: dict[str, Any]) -> float:
     return worst
 
 
+def _matched_rows(report: dict[str, Any], cfg: dict[str, Any]) -> Any:
+    """(model, eps, RSDTR row, baseline method, baseline row) for every RSDTR row that factorized
+    something and each baseline at that eps; then once more with method and baseline None."""
+    for name, m in report["models"].items():
+        for eps in cfg["eps"]:
+            rs = m["rows"].get(f"rsdtr@{eps}")
+            if not rs or rs["factorized"] == 0:
+                continue
+            for meth in BASELINES:
+                if b := m["rows"].get(f"{meth}@{eps}"):
+                    yield name, eps, rs, meth, b
+            yield name, eps, rs, None, None
+
+
+def _advantages(w: dict[str, Any], l: dict[str, Any]) -> list[str]:
+    """Where row ``w`` beats row ``l`` by more than the report's margins."""
+    notes = []
+    if w["top1_compressed"] >= l["top1_compressed"] + TOP1_MARGIN:
+        notes.append(f"top-1 after compression {w['top1_compressed']:.4f} vs {l['top1_compressed']:.4f}")
+    if w.get("top1_ft") is not None and l.get("top1_ft") is not None and w["top1_ft"] >= l["top1_ft"] + TOP1_MARGIN:
+        notes.append(f"top-1 after fine-tuning {w['top1_ft']:.4f} vs {l['top1_ft']:.4f}")
+    if w["err_total"] < l["err_total"] - ERR_MARGIN:
+        notes.append(f"kernel error (all layers) {w['err_total']:.3f} vs {l['err_total']:.3f}")
+    if w["fcr_conv"] > l["fcr_conv"] * (1 + FCR_MARGIN):
+        notes.append(f"conv FCR {w['fcr_conv']:.2f} vs {l['fcr_conv']:.2f}")
+    return notes
+
+
 def write_report(report: dict[str, Any], out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     env, cfg = report["environment"], report["config"]
@@ -277,60 +305,21 @@ def write_report(report: dict[str, Any], out: Path) -> None:
               f"less noisy), FCR {FCR_MARGIN:.0%}, kernel error {ERR_MARGIN}. Baselines sit at equal or *higher* PCR "
               f"than RSDTR (their ranks are rounded down; up to {_overshoot(report):.0%} higher here), which "
               "favours RSDTR slightly.", ""]
-    found = False
-    for name, m in report["models"].items():
-        for eps in cfg["eps"]:
-            rs = m["rows"].get(f"rsdtr@{eps}")
-            if not rs or rs["factorized"] == 0:
-                continue
-            for meth in BASELINES:
-                b = m["rows"].get(f"{meth}@{eps}")
-                if not b:
-                    continue
-                notes = []
-                if b["top1_compressed"] >= rs["top1_compressed"] + TOP1_MARGIN:
-                    notes.append(f"top-1 after compression {b['top1_compressed']:.4f} vs {rs['top1_compressed']:.4f}")
-                if b.get("top1_ft") is not None and rs.get("top1_ft") is not None and b["top1_ft"] >= rs["top1_ft"] + TOP1_MARGIN:
-                    notes.append(f"top-1 after fine-tuning {b['top1_ft']:.4f} vs {rs['top1_ft']:.4f}")
-                if b["err_total"] < rs["err_total"] - ERR_MARGIN:
-                    notes.append(f"kernel error (all layers) {b['err_total']:.3f} vs {rs['err_total']:.3f}")
-                if b["fcr_conv"] > rs["fcr_conv"] * (1 + FCR_MARGIN):
-                    notes.append(f"conv FCR {b['fcr_conv']:.2f} vs {rs['fcr_conv']:.2f}")
-                if notes:
-                    found = True
-                    lines.append(f"- {name} eps {eps}: {meth} (conv PCR {b['pcr_conv']:.2f} vs {rs['pcr_conv']:.2f}): "
-                                 + "; ".join(notes))
+    losses: list[str] = []
+    wins: list[str] = []
+    for name, eps, rs, meth, b in _matched_rows(report, cfg):
+        if meth is None:
             if rs["fcr_conv"] < 1:
-                found = True
-                lines.append(f"- {name} eps {eps}: RSDTR's conv FCR is {rs['fcr_conv']:.2f} (< 1: more MACs than dense)")
-    if not found:
-        lines.append("- nowhere in these rows")
+                losses.append(f"- {name} eps {eps}: RSDTR's conv FCR is {rs['fcr_conv']:.2f} (< 1: more MACs than dense)")
+            continue
+        pcr = f"(conv PCR {b['pcr_conv']:.2f} vs {rs['pcr_conv']:.2f})"
+        if notes := _advantages(b, rs):
+            losses.append(f"- {name} eps {eps}: {meth} {pcr}: " + "; ".join(notes))
+        if notes := _advantages(rs, b):
+            wins.append(f"- {name} eps {eps}: over {meth} {pcr}: " + "; ".join(notes))
+    lines += losses or ["- nowhere in these rows"]
     lines += ["", "## Where RSDTR wins (same margins)", ""]
-    found = False
-    for name, m in report["models"].items():
-        for eps in cfg["eps"]:
-            rs = m["rows"].get(f"rsdtr@{eps}")
-            if not rs or rs["factorized"] == 0:
-                continue
-            for meth in BASELINES:
-                b = m["rows"].get(f"{meth}@{eps}")
-                if not b:
-                    continue
-                notes = []
-                if rs["top1_compressed"] >= b["top1_compressed"] + TOP1_MARGIN:
-                    notes.append(f"top-1 after compression {rs['top1_compressed']:.4f} vs {b['top1_compressed']:.4f}")
-                if b.get("top1_ft") is not None and rs.get("top1_ft") is not None and rs["top1_ft"] >= b["top1_ft"] + TOP1_MARGIN:
-                    notes.append(f"top-1 after fine-tuning {rs['top1_ft']:.4f} vs {b['top1_ft']:.4f}")
-                if rs["err_total"] < b["err_total"] - ERR_MARGIN:
-                    notes.append(f"kernel error (all layers) {rs['err_total']:.3f} vs {b['err_total']:.3f}")
-                if rs["fcr_conv"] > b["fcr_conv"] * (1 + FCR_MARGIN):
-                    notes.append(f"conv FCR {rs['fcr_conv']:.2f} vs {b['fcr_conv']:.2f}")
-                if notes:
-                    found = True
-                    lines.append(f"- {name} eps {eps}: over {meth} (conv PCR {b['pcr_conv']:.2f} vs {rs['pcr_conv']:.2f}): "
-                                 + "; ".join(notes))
-    if not found:
-        lines.append("- nowhere in these rows")
+    lines += wins or ["- nowhere in these rows"]
     lines.append("")
     out.with_suffix(".md").write_text("\n".join(lines))
 
