@@ -50,6 +50,7 @@ from tensorcut import io as tio
 from tensorcut import models
 from tensorcut.compress import CompressConfig, LayerPlan, Plan, apply, plan
 from tensorcut.decompose.tr import tr_params, tr_to_tensor
+from common import cpu_model  # benchmarks/common.py (the script's own folder)
 from tensorcut.layers.base import ConvGeometry
 from tensorcut.layers.tr import TRConv2d
 from tensorcut.train.loop import FitConfig, evaluate, fit, set_seed
@@ -371,7 +372,7 @@ def main() -> None:
         tly = tensorly.__version__
     except ImportError:
         tly = None
-    env = {"cpu": _cpu(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    env = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
            "tensorly": tly or "not installed", "python": platform.python_version(), "loadavg_start": _load(),
            "command": "nice .venv/bin/python " + " ".join(["benchmarks/bench_rsdtr.py", *sys.argv[1:]])}
     report: dict[str, Any] = {"config": cfg, "environment": env, "models": {}}
@@ -463,16 +464,6 @@ def main() -> None:
                       + f"  load {_load()}", flush=True)
     save()
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

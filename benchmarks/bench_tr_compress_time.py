@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from tensorcut.decompose.tr import TRCandidate, rsdtr, tr_macs, tr_params, tr_svd, tr_to_tensor
+from common import cpu_model  # benchmarks/common.py (the script's own folder)
 from tensorcut.layers.base import ConvGeometry
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -232,16 +233,6 @@ def run_model(name: str, eps_list: list[float], baseline_eps: list[float], do_te
     return out
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def write_markdown(report: dict[str, Any], path: Path) -> None:
     env = report["environment"]
     lines = [
@@ -313,7 +304,7 @@ def main() -> None:
         tly_version = "not installed"
     do_tly = not args.no_tensorly and tly_version != "not installed"
     env = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

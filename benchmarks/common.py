@@ -81,7 +81,8 @@ class LoadMonitor:
                 "load1_max": round(max(s), 2), "samples": len(s), "cpus": os.cpu_count()}
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -119,7 +120,7 @@ def uptime_line() -> str:
 def machine_info(threads: int) -> dict[str, Any]:
     """Where and with what the benchmark ran."""
     return {
-        "cpu": _cpu_model(), "cpus": os.cpu_count(), "threads": threads, "nice": os.nice(0),
+        "cpu": cpu_model(), "cpus": os.cpu_count(), "threads": threads, "nice": os.nice(0),
         "python": platform.python_version(), "torch": torch.__version__,
         "tensorly": _version("tensorly"), "tltorch": _version("tltorch"), "numpy": _version("numpy"),
         "git_commit": _git_commit(), "uptime_at_start": uptime_line(),

@@ -25,7 +25,6 @@ from tensorcut.errors import TensorcutError
 from tensorcut.train.loop import FitConfig, _wrap, fit, resolve_device
 
 
-
 def _net() -> nn.Module:
     torch.manual_seed(123)
     return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
