@@ -57,7 +57,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from common import (RESULTS, LoadMonitor, command_line, fmt, interleaved_times, machine_info, md_table,  # noqa: E402
-                    pin_threads, stats, uptime_line, write_json, write_markdown)
+                    finish_report, pin_threads, stats, write_json, write_markdown)
 
 SHAPES = {64: (64, 64, 3, 3), 256: (256, 256, 3, 3), 512: (512, 512, 3, 3)}
 
@@ -433,7 +433,7 @@ def main() -> None:
         result["targets"] = evaluate_targets(result)
         result["rendered_by"] = command_line()
         write_json(args.out.with_suffix(".json"), result)
-        write_markdown(args.out.with_suffix(".md"), "Decomposition time and error: tensorcut vs tensorly / tensorly-torch",
+        write_markdown(args.out.with_suffix(".md"), TITLE,
                        result["command"], render(result), result["machine"], result["load"])
         return
 
@@ -501,15 +501,10 @@ def main() -> None:
                     result["load"] = mon.summary()
                     write_json(args.out.with_suffix(".json"), result)
         result["load"] = mon.summary()
-    result["uptime_at_end"] = uptime_line()
-    result["total_seconds"] = round(time.perf_counter() - t_all, 1)
-    result["targets"] = evaluate_targets(result)
-    write_json(args.out.with_suffix(".json"), result)
-    write_markdown(args.out.with_suffix(".md"), "Decomposition time and error: tensorcut vs tensorly / tensorly-torch",
-                   result["command"], render(result), machine, result["load"])
-    print(f"wrote {args.out.with_suffix('.json')} and .md in {result['total_seconds']} s")
+    finish_report(result, args.out, TITLE, t_all, machine, evaluate_targets, render)
 
 
+TITLE = "Decomposition time and error: tensorcut vs tensorly / tensorly-torch"
 PARITY = 1.15  # time ratios up to this are within this machine's run-to-run noise (see the TT pairs)
 
 

@@ -31,6 +31,7 @@ Run (writes benchmarks/results/layer_latency.{json,md})::
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -45,7 +46,7 @@ from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from common import (RESULTS, LoadMonitor, command_line, fmt, interleaved_times, machine_info, md_table,  # noqa: E402
-                    pin_threads, stats, uptime_line, write_json, write_markdown)
+                    finish_report, pin_threads, stats, write_json)
 
 CONFIGS = [(64, 32), (512, 8)]
 ALIGN = 16  # AVX-512 holds 16 floats
@@ -241,7 +242,7 @@ def main() -> None:
             for c, hw in CONFIGS:
                 r = run_config(c, hw, args.batch, threads, args.rounds, args.mac_ratio, with_tltorch, args.seed,
                                args.max_seconds, not args.no_channels_last)
-                r["load1_after"] = round(__import__("os").getloadavg()[0], 2)
+                r["load1_after"] = round(os.getloadavg()[0], 2)
                 result["configs"].append(r)
                 print(f"threads {threads} C={c} {hw}x{hw}: " + "; ".join(
                     f"{x['variant']} {x['ms_median']:.1f} ms (x{x['latency_ratio']:.2f}, MACs x{x['mac_ratio']:.3f})"
@@ -249,13 +250,8 @@ def main() -> None:
                 result["load"] = mon.summary()
                 write_json(args.out.with_suffix(".json"), result)
         result["load"] = mon.summary()
-    result["uptime_at_end"] = uptime_line()
-    result["total_seconds"] = round(time.perf_counter() - t_all, 1)
-    result["targets"] = targets(result)
-    write_json(args.out.with_suffix(".json"), result)
-    write_markdown(args.out.with_suffix(".md"), "Factorized conv layers: CPU forward latency vs dense nn.Conv2d",
-                   result["command"], render(result), machine, result["load"])
-    print(f"wrote {args.out.with_suffix('.json')} and .md in {result['total_seconds']} s")
+    finish_report(result, args.out, "Factorized conv layers: CPU forward latency vs dense nn.Conv2d", t_all, machine,
+                  targets, render)
 
 
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:

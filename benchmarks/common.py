@@ -228,6 +228,18 @@ def write_markdown(path: Path, title: str, command: str, body: str, machine: dic
     os.replace(tmp, path)
 
 
+def finish_report(result: dict[str, Any], out: Path, title: str, t_start: float, machine: dict[str, Any],
+                  targets: Callable[[dict[str, Any]], Any], render: Callable[[dict[str, Any]], str]) -> None:
+    """The end of a benchmark run: uptime, wall time and targets into ``result``, then
+    ``out``.json and ``out``.md (``render(result)`` as the body)."""
+    result["uptime_at_end"] = uptime_line()
+    result["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    result["targets"] = targets(result)
+    write_json(out.with_suffix(".json"), result)
+    write_markdown(out.with_suffix(".md"), title, result["command"], render(result), machine, result["load"])
+    print(f"wrote {out.with_suffix('.json')} and .md in {result['total_seconds']} s")
+
+
 def fmt(x: float | None, digits: int = 4) -> str:
     """Compact number for tables ('-' for None)."""
     if x is None:
