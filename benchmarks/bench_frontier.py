@@ -34,13 +34,10 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
-import io
 import json
 import os
 import platform
-import re
 import shutil
 import sys
 import time
@@ -96,20 +93,6 @@ def load_avg() -> list[float]:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return []
-
-
-class Tee(io.TextIOBase):
-    """Write to the real stdout and keep a copy (to read the allocation line `run` prints)."""
-
-    def __init__(self, real: Any) -> None:
-        self.real, self.buf = real, io.StringIO()
-
-    def write(self, s: str) -> int:
-        self.buf.write(s)
-        return self.real.write(s)
-
-    def flush(self) -> None:
-        self.real.flush()
 
 
 def _write_idx(path: Path, arr: np.ndarray) -> None:
@@ -236,13 +219,11 @@ def run_arm(model: str, ratio: float, dense: Path, a: argparse.Namespace, work: 
     reused = None if a.no_reuse_study else _seed_from_sibling(out, cfg)
     if reused:
         log(f"{key}: dense/study/curve stages reused from {reused.name} (they do not depend on the target ratio)")
-    tee = Tee(sys.stdout)
-    with contextlib.redirect_stdout(tee):
-        summary = run(out, cfg, checkpoint=dense, progress=True,
-                      command=["benchmarks/bench_frontier.py", f"--target-ratio={ratio:g}"])
+    summary = run(out, cfg, checkpoint=dense, progress=True,
+                  command=["benchmarks/bench_frontier.py", f"--target-ratio={ratio:g}"])
     state = json.loads((out / "run.json").read_text())
     comp = state["stages"]["compress"]
-    allocation, calib = _allocation(comp, tee.buf.getvalue(), out)
+    allocation, calib = comp["allocation"], comp.get("calibration")  # run.json records both
     rows, t_ = summary["rows"], summary["plan_totals"]
     entry = {
         "model": model, "arm": "run", "target": ratio, "allocation": allocation, "calibration": calib,
@@ -296,24 +277,6 @@ def _seed_from_sibling(out: Path, cfg: RunConfig) -> Path | None:
         tmp.rename(out)
         return sib
     return None
-
-
-def _allocation(comp: dict[str, Any], printed: str, out: Path) -> tuple[str, dict[str, Any] | None]:
-    """Which allocation `run` chose, and the calibration top-1 of each, from run.json or the printed line."""
-    if "allocation" in comp:
-        return comp["allocation"], comp.get("calibration")
-    m = re.search(r"\[compress\] calibration top-1 by allocation: (.*); using (\w+)", printed)
-    if m:
-        calib = {k: {"top1": float(t), "ratio": float(r)}
-                 for k, t, r in re.findall(r"(\w+) ([0-9.]+) \(x([0-9.]+)\)", m.group(1))}
-        (out / "allocation.json").write_text(json.dumps({"allocation": m.group(2), "calibration": calib}))
-        return m.group(2), calib
-    f = out / "allocation.json"  # written when the compress stage ran in an earlier, interrupted invocation
-    if f.exists():
-        d = json.loads(f.read_text())
-        return d["allocation"], d["calibration"]
-    cfg = comp.get("config") or {}
-    return ("uniform" if cfg.get("ratio") is not None else "guided or error (not recorded)"), None
 
 
 def uniform_arm(model: str, ratio: float, dense: Path, a: argparse.Namespace, work: Path, res: Results,
@@ -432,7 +395,7 @@ def write_report(data: dict[str, Any]) -> None:
              + " (the seconds in the JSON are wall times, not speed measurements).\n")
     L.append("## Reductions (to fit a 2-core CPU shared with other jobs)\n")
     ds = s["data_sizes"]
-    L.append(f"- **Models are width-reduced**: " + ", ".join(f"`{m}` at width {w}" for m, w in zip(s["models"], s["widths"]))
+    L.append("- **Models are width-reduced**: " + ", ".join(f"`{m}` at width {w}" for m, w in zip(s["models"], s["widths"]))
              + " (channel counts scaled; parameter counts below).")
     L.append(f"- **Training data is a subset**: a seeded random {ds['train']:,} of the 60,000 Fashion-MNIST training "
              f"images; 10 % of them ({round(ds['train'] * 0.1):,}) is the validation split (calibration subset of "
