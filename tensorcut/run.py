@@ -27,7 +27,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -171,10 +171,12 @@ def _strategy_config(cfg: RunConfig, kind: str, ratio: float | None) -> tuple[Co
 
 
 def _try_strategy(model: nn.Module, cfg: RunConfig, kind: str, ratio: float | None, shape: tuple[int, int, int],
-                  sensitivity: dict[str, float], loader: Any, plans: dict[str, Any] | None = None) -> dict[str, float]:
+                  sensitivity: dict[str, float], loader: Any, plans: dict[str, Any] | None = None,
+                  models: dict[str, nn.Module] | None = None) -> dict[str, float]:
     """Compress a copy of ``model`` with one allocation and measure calibration top-1 (no fine-tuning).
 
-    The plan is kept in ``plans[kind]`` when given, so the chosen one need not be recomputed.
+    The plan is kept in ``plans[kind]`` when given, so the chosen one need not be recomputed, and
+    the compressed (BatchNorm-recalibrated) copy in ``models[kind]``, so a probe can start from it.
     """
     m = copy.deepcopy(model)
     cc, use_sens = _strategy_config(cfg, kind, ratio)
@@ -184,12 +186,15 @@ def _try_strategy(model: nn.Module, cfg: RunConfig, kind: str, ratio: float | No
         recalibrate_bn(m, loader)
     if plans is not None:
         plans[kind] = p
+    if models is not None:
+        models[kind] = m
     ev = evaluate_loader(m, loader)
     return {"ratio": p.totals()["conv_ratio"], "top1": ev["top1"], "loss": ev["loss"]}
 
 
-def _probe(model: nn.Module, p: Any, cfg: RunConfig, train_loader: Any, calib_loader: Any) -> dict[str, float]:
-    """Calibration metrics of ``model`` compressed by plan ``p`` after a short fine-tune (the probe).
+def _probe(kind: str, m: nn.Module, cfg: RunConfig, train_loader: Any, calib_loader: Any) -> dict[str, float]:
+    """Calibration metrics of allocation ``kind``'s compressed model ``m`` (trained in place) after a
+    short fine-tune (the probe).
 
     Right after compression at x10 and beyond every allocation is near chance on the
     calibration set, so its accuracy there does not say which one fine-tunes best; a probe of
@@ -197,9 +202,6 @@ def _probe(model: nn.Module, p: Any, cfg: RunConfig, train_loader: Any, calib_lo
     optimiser and lr) does. The compressed checkpoint itself is made from the factors, not from
     the probed copy.
     """
-    m = apply(copy.deepcopy(model), p)
-    if cfg.bn_recalibrate:
-        recalibrate_bn(m, calib_loader)
     fc = FitConfig(epochs=cfg.probe_epochs, optimizer="adam", lr=cfg.finetune_lr, scheduler="none", seed=cfg.seed)
     fit(m, train_loader, None, fc, device="cpu", progress=False)
     ev = evaluate_loader(m, calib_loader)
@@ -332,7 +334,9 @@ def run(
             ratio = config.target_ratio
         kinds = STRATEGIES if ratio is not None else ("guided", "error")
         plans: dict[str, Any] = {}
-        tried = {k: _try_strategy(dense.model, config, k, ratio, shape, sensitivity, calib_loader, plans) for k in kinds}
+        trial: dict[str, nn.Module] = {}  # the compressed copies, for the probe
+        tried = {k: _try_strategy(dense.model, config, k, ratio, shape, sensitivity, calib_loader, plans,
+                                  trial if config.probe_epochs > 0 else None) for k in kinds}
         if config.probe_epochs > 0:
             d = dense.meta["dataset"]
             tr = tdata.load_dataset(d["name"], "train", data_dir=d.get("data_dir"),
@@ -342,7 +346,7 @@ def run(
             _say(f"[compress] probing each allocation: {config.probe_epochs} epoch(s) on {len(tr)} training images",
                  progress)
             for k in kinds:
-                tried[k]["probe"] = _probe(dense.model, plans[k], config, probe_loader, calib_loader)
+                tried[k]["probe"] = _probe(k, trial.pop(k), config, probe_loader, calib_loader)
             score = {k: (tried[k]["probe"]["top1"], -tried[k]["probe"]["loss"]) for k in kinds}
         else:
             score = {k: (tried[k]["top1"], -tried[k].get("loss", 0.0)) for k in kinds}
