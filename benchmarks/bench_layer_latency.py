@@ -197,7 +197,7 @@ def stage_breakdown(variants: dict[str, dict[str, Any]], inputs: dict[str, torch
             h.remove()
         for cn, child in m.named_children():
             fns[f"{name} :: {cn} {tuple(child.weight.shape)}"] = (child, captured[cn])
-        if getattr(m, "_explicit_pad", None) is not None:  # zero padding runs inside the spatial convs
+        if m._pad_explicitly:  # otherwise zero padding runs inside the spatial convs
             with torch.inference_mode():
                 y1 = m.first(xin)
             fns[f"{name} :: explicit pad"] = (lambda t, g=m.geometry: explicit_pad(t, g), (y1,))

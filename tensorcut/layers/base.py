@@ -15,7 +15,7 @@ of its input, as ``nn.Conv2d``'s does. The arithmetic is that of ``nn.Conv2d``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Union
 
 import torch
 import torch.fx
@@ -168,17 +168,17 @@ def explicit_pad(x: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
     return F.pad(x, pad, mode=mode)
 
 
-def split_padding(geom: ConvGeometry) -> tuple[Pair, tuple[int, int, int, int] | None]:
-    """Where a factorized layer pads: ``((pad_h, pad_w) for the spatial convs, None)`` when the
-    padding is zeros and symmetric per axis (done inside the convolutions, no copy), else
-    ``((0, 0), (left, right, top, bottom))`` for :func:`explicit_pad`."""
+def split_padding(geom: ConvGeometry) -> tuple[Pair, bool]:
+    """Where a factorized layer pads: ``((pad_h, pad_w), False)`` when the padding is zeros and
+    symmetric per axis (the spatial convolutions pad, no copy), else ``((0, 0), True)``: the
+    leading 1x1's output goes through :func:`explicit_pad`."""
     l, r, t, b = geom.pad
     if geom.padding_mode == "zeros" and l == r and t == b:
-        return (t, l), None
-    return (0, 0), (l, r, t, b)
+        return (t, l), False
+    return (0, 0), True
 
 
-Layout = "torch.Tensor | torch.memory_format | None"
+Layout = Union[torch.Tensor, torch.memory_format, None]  # a tensor to match, a memory format, or None
 
 
 def _pointwise(
@@ -292,7 +292,7 @@ def stage_sizes(geom: ConvGeometry, hw: Pair) -> tuple[Pair, Pair, Pair]:
     the output. Used by the closed-form MAC counts."""
     eh, ew = early_stride(geom)
     h1, w1 = (hw[0] - 1) // eh + 1, (hw[1] - 1) // ew + 1
-    if split_padding(geom)[1] is None:
+    if not split_padding(geom)[1]:
         return (h1, w1), (h1, w1), geom.output_size(hw)
     l, r, t, b = geom.pad
     return (h1, w1), (h1 + t + b, w1 + l + r), geom.output_size(hw)
@@ -382,6 +382,7 @@ class FactorizedConv2d(nn.Module):
 
     method: ClassVar[str] = ""
     geometry: ConvGeometry
+    _pad_explicitly: bool = True  # layers whose spatial convs can pad set it from split_padding
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -391,6 +392,11 @@ class FactorizedConv2d(nn.Module):
     def reconstruct_weight(self) -> torch.Tensor:
         """The dense (OUT, IN/groups, KH, KW) kernel this layer computes."""
         raise NotImplementedError
+
+    def _padded(self, y: torch.Tensor) -> torch.Tensor:
+        """The leading 1x1's output, padded here when the spatial convolutions cannot pad it
+        themselves (``self._pad_explicitly``, from :func:`split_padding` at construction)."""
+        return explicit_pad(y, self.geometry) if self._pad_explicitly else y
 
     def to_conv(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` computing the same function (dense reconstruction)."""

@@ -31,7 +31,6 @@ from tensorcut.layers.base import (
     check_groups,
     clamp_ranks,
     early_stride,
-    explicit_pad,
     kernel_groups,
     make_conv,
     per_group,
@@ -72,7 +71,7 @@ class CPConv2d(FactorizedConv2d):
         (sh, sw), (dh, dw) = geometry.stride, geometry.dilation
         kh, kw = geometry.kernel_size
         k: dict[str, Any] = {"device": device, "dtype": dtype}
-        (ph, pw), self._explicit_pad = split_padding(geometry)
+        (ph, pw), self._pad_explicitly = split_padding(geometry)
         self.first = make_conv(geometry.in_channels, g * R, (1, 1), stride=es, groups=g, **k)
         self.vertical = make_conv(g * R, g * R, (kh, 1), stride=(sh // es[0], 1), padding=(ph, 0), dilation=(dh, 1), groups=g * R, **k)
         self.horizontal = make_conv(g * R, g * R, (1, kw), stride=(1, sw // es[1]), padding=(0, pw), dilation=(1, dw), groups=g * R, **k)
@@ -91,9 +90,7 @@ class CPConv2d(FactorizedConv2d):
         return self.last.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.first(x)
-        if self._explicit_pad is not None:
-            y = explicit_pad(y, self.geometry)
+        y = self._padded(self.first(x))
         return self.last(self.horizontal(self.vertical(y)), x)
 
     def reconstruct_weight(self) -> torch.Tensor:

@@ -35,7 +35,6 @@ from tensorcut.layers.base import (
     check_groups,
     clamp_ranks,
     early_stride,
-    explicit_pad,
     kernel_groups,
     make_conv,
     per_group,
@@ -87,7 +86,7 @@ class TTConv2d(FactorizedConv2d):
         (sh, sw), (dh, dw) = geometry.stride, geometry.dilation
         kh, kw = geometry.kernel_size
         k: dict[str, Any] = {"device": device, "dtype": dtype}
-        (ph, pw), self._explicit_pad = split_padding(geometry)
+        (ph, pw), self._pad_explicitly = split_padding(geometry)
         self.first = make_conv(geometry.in_channels, g * r1, (1, 1), stride=es, groups=g, **k)
         self.vertical = make_conv(g * r1, g * r2, (kh, 1), stride=(sh // es[0], 1), padding=(ph, 0), dilation=(dh, 1), groups=g, **k)
         self.horizontal = make_conv(g * r2, g * r3, (1, kw), stride=(1, sw // es[1]), padding=(0, pw), dilation=(1, dw), groups=g, **k)
@@ -106,9 +105,7 @@ class TTConv2d(FactorizedConv2d):
         return self.last.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.first(x)
-        if self._explicit_pad is not None:
-            y = explicit_pad(y, self.geometry)
+        y = self._padded(self.first(x))
         return self.last(self.horizontal(self.vertical(y)), x)
 
     def cores(self) -> list[list[torch.Tensor]]:

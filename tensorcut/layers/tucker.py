@@ -31,7 +31,6 @@ from tensorcut.layers.base import (
     check_groups,
     clamp_ranks,
     early_stride,
-    explicit_pad,
     kernel_groups,
     make_conv,
     per_group,
@@ -71,7 +70,7 @@ class TuckerConv2d(FactorizedConv2d):
         es = early_stride(geometry)
         stride = (geometry.stride[0] // es[0], geometry.stride[1] // es[1])
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
-        conv_pad, self._explicit_pad = split_padding(geometry)
+        conv_pad, self._pad_explicitly = split_padding(geometry)
         self.first = make_conv(geometry.in_channels, g * r_in, (1, 1), stride=es, groups=g, **kw)
         self.core = make_conv(g * r_in, g * r_out, geometry.kernel_size, stride=stride, padding=conv_pad,
                               dilation=geometry.dilation, groups=g, **kw)
@@ -91,9 +90,7 @@ class TuckerConv2d(FactorizedConv2d):
         return self.last.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.first(x)
-        if self._explicit_pad is not None:
-            y = explicit_pad(y, self.geometry)
+        y = self._padded(self.first(x))
         return self.last(self.core(y), x)
 
     def reconstruct_weight(self) -> torch.Tensor:
