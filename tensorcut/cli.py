@@ -8,9 +8,12 @@ exits with status 2.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from tensorcut.errors import TensorcutError
@@ -90,13 +93,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None, *, verb: str = "") -> str:
+    return f"tensorcut{' ' + verb if verb else ''}: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one verb; returns the exit status."""
+    """Run one verb; returns the exit status.
+
+    No verb: the usage line and "choose a verb" on stderr, status 2 (argparse's convention).
+    A closed output pipe (``tensorcut inspect resnet20 | head``) ends quietly.
+    """
+    from tensorcut.console import ensure_console
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help()
+        parser.print_usage(sys.stderr)
+        print("tensorcut: error: choose a verb (tensorcut --help lists them)", file=sys.stderr)
         return 2
+    ensure_console()
+    old_format = warnings.formatwarning
+    warnings.formatwarning = functools.partial(_one_line_warning, verb=args.command)
     try:
         return int(args.func(args) or 0)
     except TensorcutError as e:
@@ -105,6 +123,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"tensorcut {args.command}: interrupted; finished outputs are kept, re-run to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141  # 128 + SIGPIPE, as a shell reports a reader that stopped early
+    finally:
+        warnings.formatwarning = old_format
+
+
+def _quiet_stdout() -> None:
+    """After the reader of stdout went away: point stdout at /dev/null so the exit flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (a test's capture)
+        pass
 
 
 if __name__ == "__main__":

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import io
+import logging
 import tempfile
 import warnings
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,26 +17,78 @@ from torch import nn
 from tensorcut.errors import TensorcutError
 from tensorcut.io import atomic_write_bytes
 
-__all__ = ["FORMATS", "export_model"]
+__all__ = ["CHECK_BATCHES", "FORMATS", "ONNX_FIX", "Export", "export_model", "export_with_check", "is_export_of",
+           "require_onnx"]
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "exported": "model.pt2"}
+
+#: Batch sizes every export is checked at (the batch dimension is dynamic in every format).
+CHECK_BATCHES = (1, 7)
+
+#: The one-line fix for a missing ONNX dependency.
+ONNX_FIX = "pip install 'tensorcut[onnx]'"
+
+log = logging.getLogger("tensorcut.export")
+
+
+@dataclass(frozen=True)
+class Export:
+    """An export: the file written, whether it was run and compared with PyTorch, and how."""
+
+    path: Path
+    checked: bool
+    note: str  # 'outputs checked against PyTorch at batch 1 and 7' or 'not checked: <why>'
+
+
+def require_onnx() -> None:
+    """Refuse at once, in one line, when the ``onnx`` package (needed to write ONNX) is missing."""
+    if not _importable("onnx"):
+        raise TensorcutError(f"ONNX export needs the onnx package, which is not installed; {ONNX_FIX}")
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
 
 
 def export_model(model: nn.Module, input_shape: tuple[int, int, int], fmt: str, out: str | Path,
                  check: bool = True, atol: float = 1e-4) -> Path:
     """Write ``model`` in format ``fmt`` ('onnx', 'torchscript', 'exported') to file ``out`` (atomically).
 
-    With ``check``, the exported artefact is run on random inputs and compared with the
-    PyTorch output (ONNX through onnxruntime when it is installed); a mismatch above
-    ``atol`` is an error. ONNX uses the TorchScript-based exporter with a dynamic batch axis.
+    See :func:`export_with_check`; an export that could not be checked is logged as a warning.
+    """
+    e = export_with_check(model, input_shape, fmt, out, check=check, atol=atol)
+    if check and not e.checked:
+        log.warning("%s: %s", e.path, e.note)
+    return e.path
+
+
+def export_with_check(model: nn.Module, input_shape: tuple[int, int, int], fmt: str, out: str | Path,
+                      check: bool = True, atol: float = 1e-4) -> Export:
+    """Write ``model`` in format ``fmt`` to ``out`` atomically, with a dynamic batch dimension.
+
+    With ``check``, the exported artefact is run at batch sizes :data:`CHECK_BATCHES` and
+    compared with the PyTorch output; a mismatch above ``atol`` is an error. ONNX is run
+    through onnxruntime when it is installed, and otherwise reported as *not checked* (never
+    claimed). ONNX uses the TorchScript-based exporter with a dynamic batch axis; ``torch.export``
+    marks the batch dimension dynamic; a TorchScript trace of these models is batch-agnostic
+    (the check at two batch sizes verifies it).
     """
     if fmt not in FORMATS:
         raise TensorcutError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        require_onnx()
     out = Path(out)
     model = model.eval().cpu().float()
     x = torch.randn(2, *input_shape)
+    checks = [torch.randn(b, *input_shape) for b in CHECK_BATCHES]
     with torch.no_grad():
-        ref = model(x)
+        refs = [model(xb) for xb in checks]
+    done = f"outputs checked against PyTorch at batch {' and '.join(map(str, CHECK_BATCHES))}"
+    note = done if check else "not checked: check=False"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if fmt == "onnx":
@@ -42,38 +98,70 @@ def export_model(model: nn.Module, input_shape: tuple[int, int, int], fmt: str, 
             data = buf.getvalue()
             atomic_write_bytes(out, data)
             if check:
-                _check_onnx(data, x, ref, atol)
+                if _importable("onnxruntime"):
+                    _check_onnx(data, checks, refs, atol)
+                else:
+                    note = f"not checked: onnxruntime not installed ({ONNX_FIX})"
         elif fmt == "torchscript":
             scripted = torch.jit.trace(model, (x,))
             buf = io.BytesIO()
             torch.jit.save(scripted, buf)
             atomic_write_bytes(out, buf.getvalue())
             if check:
-                got = torch.jit.load(io.BytesIO(buf.getvalue()))(x)
-                _compare(got, ref, atol, "TorchScript")
+                loaded = torch.jit.load(io.BytesIO(buf.getvalue()))
+                with torch.no_grad():
+                    for xb, ref in zip(checks, refs):
+                        _compare(loaded(xb), ref, atol, f"TorchScript (batch {len(xb)})")
         else:
-            prog = torch.export.export(model, (x,))
+            batch = torch.export.Dim("batch", min=1, max=1 << 16)
+            prog = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
             with tempfile.TemporaryDirectory() as td:
                 p = Path(td) / "m.pt2"
                 torch.export.save(prog, p)
                 atomic_write_bytes(out, p.read_bytes())
                 if check:
-                    got = torch.export.load(p).module()(x)
-                    _compare(got, ref, atol, "torch.export")
-    return out
+                    loaded = torch.export.load(p).module()
+                    with torch.no_grad():
+                        for xb, ref in zip(checks, refs):
+                            _compare(loaded(xb), ref, atol, f"torch.export (batch {len(xb)})")
+    return Export(out, check and note == done, note)
+
+
+def is_export_of(path: str | Path, fmt: str) -> bool:
+    """Whether file ``path`` is an earlier export in format ``fmt`` (so re-exporting may replace it)."""
+    p = Path(path)
+    try:
+        if fmt == "onnx":
+            if not _importable("onnx"):
+                return False
+            import onnx
+
+            m = onnx.load(str(p), load_external_data=False)
+            return bool(m.graph.node) and [i.name for i in m.graph.input][:1] == ["input"]
+        if not zipfile.is_zipfile(p):
+            return False
+        with zipfile.ZipFile(p) as z:
+            names = z.namelist()
+        if fmt == "torchscript":
+            return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+        return any(n.endswith("archive_format") for n in names)
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not an earlier export
+        return False
 
 
 def _compare(got: torch.Tensor, ref: torch.Tensor, atol: float, what: str) -> None:
+    if got.shape != ref.shape:
+        raise TensorcutError(f"{what} output has shape {tuple(got.shape)}, PyTorch {tuple(ref.shape)}; "
+                             "please report this model")
     err = float((got - ref).abs().max())
     if err > atol:
         raise TensorcutError(f"{what} output differs from PyTorch by {err:.2e} (> {atol}); please report this model")
 
 
-def _check_onnx(data: bytes, x: torch.Tensor, ref: torch.Tensor, atol: float) -> None:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return
+def _check_onnx(data: bytes, checks: list[torch.Tensor], refs: list[torch.Tensor], atol: float) -> None:
+    import onnxruntime as ort
+
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    got = sess.run(None, {"input": x.numpy()})[0]
-    _compare(torch.from_numpy(got), ref, atol, "ONNX (onnxruntime)")
+    for xb, ref in zip(checks, refs):
+        got = sess.run(None, {"input": xb.numpy()})[0]
+        _compare(torch.from_numpy(got), ref, atol, f"ONNX (onnxruntime, batch {len(xb)})")

@@ -242,7 +242,10 @@ def run(
     """Run the main job into ``out``; returns the verification summary (also in ``out/verify.json``)."""
     from tensorcut.workflow import compress_checkpoint, finetune_checkpoint, input_shape_of, load_sensitivity
 
+    from tensorcut.export import require_onnx
+
     out = Path(out)
+    require_onnx()  # the export stage needs it: stop now, not after training
     if (checkpoint is None) == (model is None):
         raise TensorcutError("give a trained checkpoint, or --model and --dataset to train one first (not both)")
     if model is not None and dataset is None:
@@ -388,13 +391,17 @@ def run(
 
     # 7. export ------------------------------------------------------------------------------
     ts = time.perf_counter()
+    if rd.done("export") and not (out / "export" / "model.onnx").is_file():
+        _say("[export] export/model.onnx is missing; exporting again", progress)
+        del rd.state["stages"]["export"]
     if not rd.done("export"):
-        from tensorcut.export import export_model
+        from tensorcut.export import export_with_check
 
         _say("[export] ONNX", progress)
         final = tio.load(ft_dir)
-        export_model(final, shape, "onnx", out / "export" / "model.onnx")
-        rd.mark("export", {"onnx": "export/model.onnx"}, ts)
+        e = export_with_check(final, shape, "onnx", out / "export" / "model.onnx")
+        _say(f"[export] export/model.onnx: {e.note}", progress)
+        rd.mark("export", {"onnx": "export/model.onnx", "checked": e.checked, "check": e.note}, ts)
 
     # 8. report ------------------------------------------------------------------------------
     from tensorcut.report import write_report

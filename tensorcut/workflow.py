@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -19,7 +21,11 @@ from tensorcut.compress import CompressConfig, Plan, apply, plan
 from tensorcut.errors import TensorcutError
 from tensorcut.train.loop import FitConfig, evaluate as evaluate_loader, fit, resolve_device
 
-__all__ = ["FINETUNE_RECIPE", "RECIPES", "RSDTR_RECIPE", "compress_checkpoint", "export_checkpoint", "finetune_checkpoint",
+if TYPE_CHECKING:
+    from tensorcut.export import Export
+
+__all__ = ["FINETUNE_RECIPE", "RECIPES", "RSDTR_RECIPE", "check_output_dir", "compress_checkpoint", "export_checkpoint", "export_checkpoint_checked",
+           "finetune_checkpoint",
            "input_shape_of", "load_sensitivity"]
 
 #: The thesis's fine-tuning recipe: Adam, lr 1e-5, early stopping on validation loss (patience 3), <= 50 epochs.
@@ -85,21 +91,48 @@ def load_sensitivity(path: str | Path) -> dict[str, float]:
     return {k: 1.0 + 100.0 * sum(v) / len(v) for k, v in acc.items()}
 
 
+#: Files a compressed or fine-tuned checkpoint directory is made of (``check_output_dir`` protects them).
+CHECKPOINT_FILES = (tio.WEIGHTS, tio.META, "plan.json")
+
+
+def check_output_dir(out: str | Path, *, force: bool = False, unfinished_from: str | Path | None = None) -> None:
+    """Refuse, in one line, an output directory that already holds a checkpoint (unless ``force``) or is a file.
+
+    ``unfinished_from``: a checkpoint left by a killed ``compress`` of this same source (its
+    ``plan.json``, written last, missing) is no finished output, so writing it again is allowed.
+    """
+    out = Path(out)
+    if out.is_file():
+        raise TensorcutError(f"{out} is a file; give a directory path")
+    if force or not any((out / n).exists() for n in CHECKPOINT_FILES):
+        return
+    if unfinished_from is not None and not (out / "plan.json").exists():
+        try:
+            parent = (json.loads((out / tio.META).read_text()).get("parent") or {}).get("path")
+        except (OSError, ValueError, AttributeError):
+            parent = None
+        if parent is not None and Path(parent).resolve() == Path(unfinished_from).resolve():
+            return
+    raise TensorcutError(f"{out} already holds a checkpoint; pass --force to replace it or choose another --out")
+
+
 def compress_checkpoint(src: str | Path, out: str | Path, config: CompressConfig, *, layers: list[str] | None = None,
                         sensitivity: str | Path | dict[str, float] | None = None, evaluate_split: str | None = None,
                         progress: bool = True, precomputed: Plan | None = None, bn_images: int = 0,
-                        bn_loader: Any = None) -> tuple[nn.Module, Plan, dict[str, Any]]:
+                        bn_loader: Any = None, force: bool = False) -> tuple[nn.Module, Plan, dict[str, Any]]:
     """Plan and apply ``config`` to checkpoint ``src``; save the compressed checkpoint and ``plan.json`` in ``out``.
 
     ``precomputed`` is a plan already made for this checkpoint's model (it is applied as is).
     ``bn_images`` > 0 re-estimates BatchNorm statistics of the compressed model on that many
     training images (seeded subset, no augmentation); ``bn_loader`` does it on the given batches.
+    An ``out`` that already holds a checkpoint is refused unless ``force``.
     """
     if bn_images < 0:
         raise TensorcutError(f"--bn-images must be >= 0, got {bn_images}")
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve():
         raise TensorcutError("--out must differ from the source checkpoint; the dense model is kept")
+    check_output_dir(out, force=force, unfinished_from=src)
     ck = tio.load_checkpoint(src)
     shape = input_shape_of(ck.meta)
     sens = load_sensitivity(sensitivity) if isinstance(sensitivity, (str, Path)) else sensitivity
@@ -146,15 +179,24 @@ def _dataset_from_meta(meta: dict[str, Any], split: str, dataset: str | None = N
 def finetune_checkpoint(src: str | Path, out: str | Path | None = None, *, dataset: str | None = None,
                         config: FitConfig | None = None, distill_from: str | Path | None = None,
                         batch_size: int = 128, subset: int | None = None, device: str = "auto",
-                        resume: bool = False, progress: bool = True) -> tio.Checkpoint:
+                        resume: bool = False, progress: bool = True, force: bool = False) -> tio.Checkpoint:
     """Fine-tune a (compressed) checkpoint; default recipe :data:`FINETUNE_RECIPE` (the thesis's).
 
-    Writes to ``out`` (default: ``src`` itself, updated atomically each epoch) and reports
-    test metrics. ``distill_from`` names a dense checkpoint used as teacher.
+    Writes to ``out`` (refused when it already holds a checkpoint, unless ``force``) and
+    reports test metrics. Without ``out`` (or with ``out == src``) ``src`` is replaced, but
+    only once the fine-tuned checkpoint is completely written: training checkpoints go to the
+    sibling folder ``.<name>.finetune.tmp``, which then takes ``src``'s place, so an interrupted
+    run leaves ``src`` as it was (``resume`` continues from that folder). ``distill_from``
+    names a dense checkpoint used as teacher.
     """
     src = Path(src)
-    out = Path(out) if out else src
+    in_place = out is None or Path(out).resolve() == src.resolve()
     ck = tio.load_checkpoint(src)
+    if in_place:
+        out = src.parent / f".{src.name}.finetune.tmp"
+    else:
+        out = Path(out)
+        check_output_dir(out, force=force)
     cfg = config or copy.deepcopy(FINETUNE_RECIPE)
     teacher = tio.load(distill_from) if distill_from else None
     if teacher is not None and cfg.distill_alpha == 0:
@@ -166,25 +208,74 @@ def finetune_checkpoint(src: str | Path, out: str | Path | None = None, *, datas
     meta = copy.deepcopy(ck.meta)
     meta["finetune"] = {"epochs": cfg.epochs, "optimizer": cfg.optimizer, "lr": cfg.lr, "patience": cfg.patience,
                         "distill_from": str(distill_from) if distill_from else None}
+    from tensorcut import distributed as tdist
+
+    resume = resume and (out / tio.META).exists()
+    if in_place and not resume:
+        tdist.run_on_main(lambda: _fresh_copy(src, out))  # plan.json and other side files travel with the weights
     before = evaluate_loader(ck.model, tdata.make_loader(te, 512), dev)
     hist = fit(ck.model, tdata.make_loader(tr, batch_size, shuffle=True, seed=cfg.seed), tdata.make_loader(va, 512), cfg,
-               device=dev, out_dir=out, meta=meta, resume=resume and out != src, teacher=teacher, progress=progress)
+               device=dev, out_dir=out, meta=meta, resume=resume, teacher=teacher, progress=progress)
     after = evaluate_loader(ck.model, tdata.make_loader(te, 512), dev)
     meta["metrics"] = dict(meta.get("metrics") or {}, test_before_finetune=before, test=after)
     meta["finetune_history"] = hist
     meta.pop("history", None)
-    from tensorcut import distributed as tdist
 
-    tdist.run_on_main(lambda: tio.save(ck.model, out, meta))  # under torchrun: rank 0 writes
+    def finish() -> None:
+        tio.save(ck.model, out, meta)
+        if in_place:
+            _swap_in(out, src)
+
+    tdist.run_on_main(finish)  # under torchrun: rank 0 writes
+    tdist.barrier()
     return tio.Checkpoint(ck.model, meta)
 
 
-def export_checkpoint(src: str | Path, fmt: str, out: str | Path | None = None) -> Path:
-    """Export checkpoint ``src`` to ``fmt``; default file name inside ``src``."""
-    from tensorcut.export import FORMATS, export_model
+def _fresh_copy(src: Path, work: Path) -> None:
+    """``work`` := a copy of checkpoint ``src`` without its exports (they describe the old weights)."""
+    from tensorcut.export import FORMATS
 
-    ck = tio.load_checkpoint(src)
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(src, work, ignore=shutil.ignore_patterns(*FORMATS.values(), "train_state.pt", ".*.tmp"))
+
+
+def _swap_in(work: Path, src: Path) -> None:
+    """Put the completely written checkpoint ``work`` in ``src``'s place; the old one goes only afterwards."""
+    (work / "train_state.pt").unlink(missing_ok=True)
+    old = src.parent / f".{src.name}.previous.tmp"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(src, old)
+    os.replace(work, src)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_checkpoint(src: str | Path, fmt: str, out: str | Path | None = None, *, force: bool = False) -> Path:
+    """Export checkpoint ``src`` to ``fmt``; default file name inside ``src``. See :func:`export_checkpoint_checked`."""
+    return export_checkpoint_checked(src, fmt, out, force=force).path
+
+
+def export_checkpoint_checked(src: str | Path, fmt: str, out: str | Path | None = None, *,
+                              force: bool = False) -> "Export":
+    """Export checkpoint ``src`` to ``fmt`` and say whether the export was checked against PyTorch.
+
+    The target (default: the format's file name inside ``src``) may replace an earlier export
+    in the same format; any other existing file needs ``force``, and the checkpoint's own
+    files are never replaced.
+    """
+    from tensorcut.export import FORMATS, export_with_check, is_export_of, require_onnx
+
     if fmt not in FORMATS:
         raise TensorcutError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        require_onnx()  # before loading anything
+    ck = tio.load_checkpoint(src)
     target = Path(out) if out else Path(src) / FORMATS[fmt]
-    return export_model(ck.model, input_shape_of(ck.meta), fmt, target)
+    if target.is_dir():
+        raise TensorcutError(f"{target} is a directory; give a file path for --out")
+    own = {(Path(src) / n).resolve() for n in (tio.WEIGHTS, tio.META, "plan.json", "train_state.pt")}
+    if target.resolve() in own:
+        raise TensorcutError(f"--out {target} is a file of the checkpoint itself; give another file path")
+    if target.exists() and not force and not is_export_of(target, fmt):
+        raise TensorcutError(f"{target} exists and is not an earlier {fmt} export; pass --force to replace it "
+                             "or give another --out")
+    return export_with_check(ck.model, input_shape_of(ck.meta), fmt, target)

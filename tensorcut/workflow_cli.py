@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import warnings
 from typing import TYPE_CHECKING
 
 from tensorcut.errors import TensorcutError
@@ -30,7 +32,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--method", default="tucker2", help="cp | tucker | tucker2 | tt | tr | auto")
     g = c.add_mutually_exclusive_group()
     g.add_argument("--rank", type=_rank_arg, help="explicit rank (int) or ranks (comma-separated)")
-    g.add_argument("--ratio", type=float, help="fraction of each layer's parameters to keep, in (0, 1)")
+    g.add_argument("--keep", type=float, metavar="FRACTION",
+                   help="fraction of each layer's parameters to keep, in (0, 1) (0.3 keeps 30%%)")
+    g.add_argument("--ratio", type=float, dest="ratio_deprecated", metavar="FRACTION",
+                   help="deprecated name of --keep (same meaning: the fraction kept, not a compression factor)")
     g.add_argument("--eps", type=float, help="bound on each kernel's relative Frobenius error, in (0, 1)")
     g.add_argument("--energy", type=float, help="fraction of each kernel's squared norm to keep")
     g.add_argument("--vbmf", action="store_true", help="Tucker-2 ranks by empirical VBMF")
@@ -45,7 +50,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--align", type=int, default=1, metavar="N",
                    help="round every rank to a multiple of N (8 or 16 run faster on SIMD units); default 1")
     c.add_argument("--evaluate", choices=("val", "test"), default=None, help="evaluate the compressed model on this split")
-    c.add_argument("--out", required=True, help="output checkpoint directory")
+    c.add_argument("--out", required=True, help="output checkpoint directory (refused if it holds one, unless --force)")
+    c.add_argument("--force", action="store_true", help="replace a checkpoint already in --out")
     c.add_argument("--json", action="store_true", help="print the plan as JSON")
     c.set_defaults(func=_compress)
 
@@ -73,13 +79,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--device", default="auto")
     f.add_argument("--amp", action="store_true", help="mixed precision (float16 + loss scaling on CUDA, bfloat16 on CPU)")
     f.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun ranks (CUDA only)")
-    f.add_argument("--out", default=None, help="default: update the checkpoint in place")
+    o = f.add_mutually_exclusive_group()
+    o.add_argument("--out", default=None, help="directory for the fine-tuned checkpoint (refused if it holds one, "
+                   "unless --force); one of --out and --in-place is required")
+    o.add_argument("--in-place", action="store_true", help="replace CHECKPOINT by the fine-tuned model; its weights are "
+                   "kept until the new ones are completely written")
+    f.add_argument("--force", action="store_true", help="replace a checkpoint already in --out")
     f.set_defaults(func=_finetune)
 
     e = sub.add_parser("export", help="export to ONNX, TorchScript or torch.export (checked against PyTorch)")
-    e.add_argument("checkpoint")
-    e.add_argument("--format", required=True, choices=("onnx", "torchscript", "exported"))
-    e.add_argument("--out", default=None, help="output file (default: inside the checkpoint directory)")
+    e.add_argument("checkpoint", help="checkpoint directory")
+    e.add_argument("--format", required=True, choices=("onnx", "torchscript", "exported"),
+                   help="onnx (needs the onnx extra), torchscript or exported (torch.export); the batch dimension is "
+                        "dynamic in every format")
+    e.add_argument("--out", default=None, help="output file (default: inside the checkpoint directory); an earlier "
+                   "export in the same format is replaced, any other existing file needs --force")
+    e.add_argument("--force", action="store_true", help="replace an existing --out file that is not an earlier export")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=_export)
 
 
@@ -87,13 +103,17 @@ def _compress(args: argparse.Namespace) -> int:
     from tensorcut.compress import CompressConfig
     from tensorcut.workflow import compress_checkpoint
 
+    if args.ratio_deprecated is not None:
+        warnings.warn(f"--ratio is deprecated; use --keep {args.ratio_deprecated:g} (the fraction of each layer's "
+                      "parameters kept)", FutureWarning, stacklevel=2)
+        args.keep = args.ratio_deprecated
     if args.sensitivity and args.budget is None:
         raise TensorcutError("--sensitivity guides the --budget allocation; give --budget too")
-    cfg = CompressConfig(method=args.method, rank="vbmf" if args.vbmf else args.rank, ratio=args.ratio, eps=args.eps,
+    cfg = CompressConfig(method=args.method, rank="vbmf" if args.vbmf else args.rank, ratio=args.keep, eps=args.eps,
                          energy=args.energy, budget=args.budget, budget_kind=args.budget_kind, latency=args.latency,
                          align=args.align)
     _, p, meta = compress_checkpoint(args.checkpoint, args.out, cfg, layers=args.layers, sensitivity=args.sensitivity,
-                                     evaluate_split=args.evaluate, bn_images=args.bn_images)
+                                     evaluate_split=args.evaluate, bn_images=args.bn_images, force=args.force)
     if args.json:
         print(p.to_json())
     else:
@@ -126,9 +146,12 @@ def finetune_config(args: argparse.Namespace) -> "FitConfig":
 def _finetune(args: argparse.Namespace) -> int:
     from tensorcut.workflow import finetune_checkpoint
 
+    if args.out is None and not args.in_place:
+        raise TensorcutError(f"say where the fine-tuned model goes: --out NEW_DIR, or --in-place to replace "
+                             f"{args.checkpoint} (its weights are kept until the new ones are written)")
     cfg = finetune_config(args)
     ck = finetune_checkpoint(args.checkpoint, args.out, dataset=args.dataset, config=cfg, distill_from=args.distill_from,
-                             batch_size=args.batch_size, subset=args.subset, device=args.device)
+                             batch_size=args.batch_size, subset=args.subset, device=args.device, force=args.force)
     b, a = ck.meta["metrics"]["test_before_finetune"], ck.meta["metrics"]["test"]
     print(f"test top-1: {b['top1']:.4f} before fine-tuning -> {a['top1']:.4f} after ({len(ck.meta['finetune_history'])} epochs)")
     print(f"checkpoint: {args.out or args.checkpoint}")
@@ -136,8 +159,11 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from tensorcut.workflow import export_checkpoint
+    from tensorcut.workflow import export_checkpoint_checked
 
-    path = export_checkpoint(args.checkpoint, args.format, args.out)
-    print(f"exported {args.format}: {path} (outputs checked against PyTorch)")
+    e = export_checkpoint_checked(args.checkpoint, args.format, args.out, force=args.force)
+    if args.json:
+        print(json.dumps({"format": args.format, "path": str(e.path), "checked": e.checked, "check": e.note}))
+    else:
+        print(f"exported {args.format}: {e.path} ({e.note})")
     return 0

@@ -46,7 +46,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--spill-dir", default=None, help="where spilled cache files go (default: system temp)")
     a.add_argument("--no-cache", action="store_true", help="evaluate the full model for every configuration")
     a.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    a.add_argument("--csv", default=None, help="CSV export path (default: RESULTS with .csv)")
+    a.add_argument("--csv", default=None, help="CSV export path (default: RESULTS with .csv); an existing file that is "
+                   "not an earlier export of this verb is refused unless --force")
+    a.add_argument("--force", action="store_true", help="replace an existing --csv file that is not an earlier CSV export")
     a.add_argument("--plots", default=None, metavar="FIGDIR", help="also write the figures into FIGDIR")
     a.add_argument("--no-progress", action="store_true", help="no progress bars")
     a.add_argument("--out", required=True, metavar="RESULTS", help="SQLite results file (created or resumed)")
@@ -75,6 +77,7 @@ def _analyze(args: argparse.Namespace) -> int:
         raise TensorcutError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.cache_gib < 0:
         raise TensorcutError(f"--cache-gib must be >= 0, got {args.cache_gib}")
+    _check_outputs(args)
     ck = tio.load_checkpoint(args.checkpoint)
     meta: dict[str, Any] = ck.meta
     ds_meta = meta.get("dataset") or {}
@@ -122,11 +125,41 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _not_a_file(path: str | None, flag: str) -> None:
+    if path and Path(path).is_file():
+        raise TensorcutError(f"{path} is a file; give a directory path for {flag}")
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse outputs that would replace something that is not this verb's own earlier output (before any work)."""
+    from tensorcut.analysis.store import COLUMNS
+
+    _not_a_file(args.plots, "--plots")
+    _not_a_file(args.spill_dir, "--spill-dir")
+    if Path(args.out).is_dir():
+        raise TensorcutError(f"{args.out} is a directory; give a file path for the results (--out RESULTS)")
+    csv_path = Path(args.csv) if args.csv else Path(args.out).with_suffix(".csv")
+    spectra = csv_path.with_name(csv_path.stem + "-spectra.csv")
+    for path, head in ((csv_path, ",".join(COLUMNS)), (spectra, "fingerprint,model,layer,depth,bipartition")):
+        if path.is_dir():
+            raise TensorcutError(f"{path} is a directory; give a file path for --csv")
+        if path.exists() and not args.force:
+            try:
+                with path.open(encoding="utf-8") as fh:
+                    first = fh.readline().strip()
+            except (OSError, UnicodeDecodeError):
+                first = ""
+            if not first.startswith(head):
+                raise TensorcutError(f"{path} exists and is not a CSV export of `tensorcut analyze`; pass --force to "
+                                     "replace it or give another --csv")
+
+
 def _plot(args: argparse.Namespace) -> int:
     from tensorcut.analysis.plots import plot
 
     if not 0 <= args.max_drop <= 1:
         raise TensorcutError(f"--max-drop is a fraction of accuracy in [0, 1], got {args.max_drop}")
+    _not_a_file(args.out, "--out")
     files = plot(args.results, args.out, formats=tuple(args.format), max_drop=args.max_drop)
     print(f"{len(files)} figure files in {args.out}")
     return 0
