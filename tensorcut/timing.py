@@ -83,6 +83,7 @@ class LatencyStats:
         """JSON-serialisable form (raw times included)."""
         d = asdict(self)
         d["times_ms"] = list(self.times_ms)
+        d["reps"] = self.reps
         return d
 
 

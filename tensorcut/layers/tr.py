@@ -25,6 +25,7 @@ Parameters: ``a*O*b + b*I*c + c*KH*d + d*KW*a`` (+ O bias). MACs per image:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Any, Sequence
@@ -216,6 +217,14 @@ class TRConv2d(FactorizedConv2d):
     def bias(self) -> Tensor | None:
         """The output bias (held by ``out_proj``)."""
         return self.out_proj.bias
+
+    def fold_output_affine(self, scale: Tensor, shift: Tensor) -> None:
+        """Fold ``y -> scale[c] * y + shift[c]`` (e.g. a following BatchNorm in evaluation mode) into
+        the last factor, in place: its weights are scaled and it gains a bias."""
+        from tensorcut.inference import fold_affine_
+
+        fold_affine_(self.out_proj, scale, shift)
+        self.geometry = dataclasses.replace(self.geometry, bias=True)
 
     def reconstruct_weight(self) -> Tensor:
         """The dense (OUT, IN, KH, KW) kernel of the ring."""

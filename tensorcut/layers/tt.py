@@ -20,6 +20,7 @@ Depthwise convolutions are refused.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -107,6 +108,14 @@ class TTConv2d(FactorizedConv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._padded(self.first(x))
         return self.last(self.horizontal(self.vertical(y)), x)
+
+    def fold_output_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """Fold ``y -> scale[c] * y + shift[c]`` (e.g. a following BatchNorm in evaluation mode) into
+        the last factor, in place: its weights are scaled and it gains a bias."""
+        from tensorcut.inference import fold_affine_
+
+        fold_affine_(self.last, scale, shift)
+        self.geometry = dataclasses.replace(self.geometry, bias=True)
 
     def cores(self) -> list[list[torch.Tensor]]:
         """Per-group TT cores ``[G1 (1, IN/g, r1), G2, G3, G4 (r3, OUT/g, 1)]`` read from the weights."""
