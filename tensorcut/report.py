@@ -99,14 +99,18 @@ def verdict(summary: dict[str, Any]) -> str:
     size = f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
     pts = 100.0 * (final["top1"] - dense["top1"])
     acc = f"{pts:+.2f} pt top-1"
-    speeds, where = [], "this CPU"
+    judged, unjudged, where = [], [], "this CPU"
     for b in _batches(rows):
         ld, lf = latency_of(dense, b), latency_of(final, b)
         if ld is not None and lf is not None:
-            speeds.append(_speed(ld, lf, b)[0])
+            phrase, sign = _speed(ld, lf, b)
+            (unjudged.append(str(b)) if sign == 2 else judged.append(phrase))
             where = str(ld["device"]) if ld.get("device") else where
-    speed = (", ".join(speeds) + f" on {where}") if speeds else "latency not measured"
-    return f"{size} (parameters), {acc} (test split), {speed}."
+    speed = ", ".join(judged) + (f" on {where}" if judged else "")
+    if unjudged:
+        speed += (", " if judged else "") + (f"speed at batch {' and '.join(unjudged)} not judged "
+                                             "(timing spread not recorded; medians under Latency)")
+    return f"{size} (parameters), {acc} (test split), {speed or 'latency not measured'}."
 
 
 def report_warnings(summary: dict[str, Any], layers: list[dict[str, Any]]) -> list[str]:
