@@ -202,6 +202,9 @@ def _finetune_figure(history: list[dict[str, Any]], test_before: float) -> str:
     ep = [h["epoch"] for h in history]
     ax.plot(ep, [h.get("val_top1", float("nan")) for h in history], "o-", label="validation top-1")
     ax.plot([0], [test_before], "kD", ms=8, ls="none", label="test top-1 right after compression (epoch 0)")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("fine-tuning epoch (0 = right after compression)")
     ax.set_ylabel("top-1 accuracy")
     ax2 = ax.twinx()
@@ -267,7 +270,7 @@ def _latency_section(rows: dict[str, Any]) -> str:
 
 _STYLE = ("<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
           "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;"
-          "text-align:right}td:first-child,th:first-child{text-align:left}.met{color:#065}.unmet{color:#a00}"
+          "text-align:right}td:first-child,th:first-child,.provenance td{text-align:left}.met{color:#065}.unmet{color:#a00}"
           ".verdict{font-size:1.15em;font-weight:bold}.warnings{background:#fff3cd;border:2px solid #c90;"
           "padding:.5em 1em;margin:1em 0}.warnings h2{margin:.2em 0;color:#850}"
           "figure{display:block;margin:1.5em 0}img.zoom{width:100%;height:auto;cursor:zoom-in}"
