@@ -34,7 +34,7 @@ __all__ = [
     "unfold",
 ]
 
-# Optimiser-state entries that hold second moments (carried as sqrt, transported, squared).
+# Optimiser-state entries that hold second moments (carried as sqrt, transported by |M|, squared).
 SECOND_MOMENTS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg"})
 
 
@@ -146,8 +146,16 @@ def transport_state(
     """Carry an optimiser's per-parameter state along the core's change of basis, in place.
 
     First moments (SGD ``momentum_buffer``, Adam ``exp_avg``) are transported like the core,
-    ``m x_i M_i``; second moments (Adam ``exp_avg_sq``) as ``(sqrt(v) x_i M_i)^2`` so they stay
-    non-negative, as the authors' reference code does. Scalars (Adam ``step``) are kept.
+    ``m x_i M_i``. Second moments (Adam ``exp_avg_sq``) go as ``(sqrt(v) x_i |M_i|)^2`` (entrywise
+    absolute values of ``M_i``). The authors' reference code uses ``(sqrt(v) x_i M_i)^2``, whose
+    signed sums can cancel: after a rotation (the truncation's ``P_i^T``) an entry can get a
+    first moment hundreds of times its ``sqrt(v)``, i.e. an Adam step of hundreds of learning
+    rates, set by a ratio of two cancelling sums -- float rounding (a different summation order,
+    another CPU) then changes the trajectory at once (:data:`SECOND_MOMENTS`). With ``|M_i|``,
+    ``|m x_i M_i| <= c sqrt(v) x_i |M_i|`` whenever ``|m| <= c sqrt(v)`` entrywise (triangle
+    inequality), so Adam's bound on its step survives every change of basis, and the sum has no
+    cancellation. For permutations and sign flips (and the zero-padding of an augmentation) both
+    rules agree. Scalars (Adam ``step``) are kept.
     """
     old_shape = tuple(old_shape)
     for key in list(state.keys()):
@@ -155,6 +163,6 @@ def transport_state(
         if not isinstance(val, torch.Tensor) or tuple(val.shape) != old_shape or val.ndim == 0:
             continue
         if key in SECOND_MOMENTS:
-            state[key] = galerkin_core(val.clamp_min(0).sqrt(), maps).pow(2).contiguous()
+            state[key] = galerkin_core(val.clamp_min(0).sqrt(), [(m, M.abs()) for m, M in maps]).pow(2).contiguous()
         else:
             state[key] = galerkin_core(val, maps).contiguous()
