@@ -4,6 +4,11 @@ Every data set is read from its standard on-disk format without unpickling arbit
 objects: IDX files for Fashion-MNIST; for CIFAR the binary version, or the python
 version through a restricted reader that accepts only numpy arrays, lists, dicts and
 strings. A seeded validation split is held out of the training set.
+
+``digits`` ships with the package (``tensorcut/_data/digits.npz``, 48 kB: the UCI "Optical
+Recognition of Handwritten Digits" test set as scikit-learn distributes it, CC BY 4.0,
+E. Alpaydin and C. Kaynak; see ``tensorcut/_data/README.md``), so it needs no download and no
+scikit-learn.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import gzip
 import io
 import pickle
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -21,9 +27,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from tensorcut.errors import TensorcutError
 
-__all__ = ["DatasetInfo", "ImageDataset", "dataset_info", "list_datasets", "load_dataset", "make_loader", "read_idx"]
+__all__ = ["DatasetInfo", "ImageDataset", "dataset_info", "digits_arrays", "list_datasets", "load_dataset", "make_loader",
+           "read_idx"]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+DIGITS_FILE = "digits.npz"  # in tensorcut/_data
 SPLITS = ("train", "val", "test")
 
 
@@ -252,15 +260,28 @@ def _load_cifar(name: str, data_dir: Path | None) -> dict[str, tuple[np.ndarray,
     return out
 
 
-def _load_digits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from sklearn.datasets import load_digits
+def digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The embedded digits: images ``(1797, 8, 8)`` uint8 with values 0..16 (exactly scikit-learn's
+    ``load_digits().images``), labels ``(1797,)`` int64, and ``order``, the fixed permutation whose
+    first fifth is the test split (``numpy.random.default_rng(20240321).permutation(1797)``, stored
+    so that the split never depends on numpy's generator version)."""
+    from importlib import resources
 
-    d = load_digits()
-    x = (d.images * (255.0 / 16.0)).round().astype(np.uint8)[:, None]
-    y = d.target.astype(np.int64)
-    perm = np.random.default_rng(20240321).permutation(len(y))
+    try:
+        with resources.files("tensorcut").joinpath("_data").joinpath(DIGITS_FILE).open("rb") as f:
+            with np.load(f, allow_pickle=False) as z:
+                images, labels, order = z["images"], z["labels"].astype(np.int64), z["order"].astype(np.int64)
+    except (OSError, KeyError, ValueError) as e:
+        raise TensorcutError(f"the embedded digits data (tensorcut/_data/{DIGITS_FILE}) is missing or damaged "
+                             f"({type(e).__name__}); reinstall tensorcut") from None
+    return images, labels, order
+
+
+def _load_digits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    images, y, order = digits_arrays()
+    x = (images.astype(np.float64) * (255.0 / 16.0)).round().astype(np.uint8)[:, None]
     n_test = len(y) // 5
-    te, tr = perm[:n_test], perm[n_test:]
+    te, tr = order[:n_test], order[n_test:]
     return {"train": (x[tr], y[tr]), "test": (x[te], y[te])}
 
 
@@ -307,7 +328,9 @@ def load_dataset(
 
     'val' is a seeded ``val_fraction`` of the training set, held out of 'train'.
     Normalisation uses the per-channel mean and std of the training split (after the
-    hold-out). ``subset`` keeps a seeded random ``subset`` of the split.
+    hold-out). ``subset`` keeps a seeded random ``subset`` images of the split; a split that
+    holds fewer is used whole, with a warning that gives both numbers (digits' validation split
+    has 144 images, so ``subset=200`` there means 144).
     """
     info = dataset_info(name)
     if split not in SPLITS:
@@ -335,6 +358,9 @@ def load_dataset(
     if subset is not None:
         if subset < 1:
             raise TensorcutError(f"subset must be >= 1, got {subset}")
+        if subset > len(y):
+            warnings.warn(f"{name} {split} split has {len(y)} images, fewer than the requested subset of {subset}; "
+                          f"using all {len(y)}", stacklevel=2)
         pick = np.sort(np.random.default_rng(seed + 1).permutation(len(y))[:subset])
         x, y = x[pick], y[pick]
     xt = torch.from_numpy((x.astype(np.float32) / 255.0 - mean[None, :, None, None]) / std[None, :, None, None])

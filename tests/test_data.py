@@ -1,5 +1,8 @@
 """Data sets: each on-disk format read from small generated files; splits; bad files."""
 
+import hashlib
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,61 @@ def test_digits_splits_are_disjoint_and_seeded():
     other = data.load_dataset("digits", "val", seed=1)
     assert not torch.equal(va.images, other.images)
     assert abs(float(tr.images.mean())) < 0.05 and abs(float(tr.images.std()) - 1) < 0.1
+
+
+# Content hashes of the fixed digits splits (integer pixel values and labels: exact, the same on every machine),
+# taken from the scikit-learn-based loader the embedded file replaced.
+DIGITS_SPLIT_SHA256 = {
+    "train": "edfc9935dd17f576d96a07100aae2ecbaa1b307ed719f941ec70874594f7593a",
+    "test": "ee5a44f4706a68dfb9f1a0447c50e198de21989f36839b4dd3c145f26cc83dfe",
+}
+
+
+def _sha(x: np.ndarray, y: np.ndarray) -> str:
+    return hashlib.sha256(x.tobytes() + y.astype(np.int64).tobytes()).hexdigest()
+
+
+def test_embedded_digits_equal_scikit_learns_and_keep_the_old_split():
+    """The shipped arrays are scikit-learn's; the splits are those the scikit-learn-based loader made."""
+    sk = pytest.importorskip("sklearn.datasets")
+    d = sk.load_digits()
+    images, labels, order = data.digits_arrays()
+    assert images.dtype == np.uint8 and np.array_equal(images.astype(np.float64), d.images)
+    assert np.array_equal(labels, d.target)
+    # the loader before the file was embedded, verbatim
+    x = (d.images * (255.0 / 16.0)).round().astype(np.uint8)[:, None]
+    y = d.target.astype(np.int64)
+    perm = np.random.default_rng(20240321).permutation(len(y))
+    n_test = len(y) // 5
+    old = {"train": (x[perm[n_test:]], y[perm[n_test:]]), "test": (x[perm[:n_test]], y[perm[:n_test]])}
+    new = data._raw("digits", None)
+    for split in ("train", "test"):
+        assert np.array_equal(new[split][0], old[split][0]) and np.array_equal(new[split][1], old[split][1]), split
+
+
+def test_digits_need_no_scikit_learn_and_the_split_is_fixed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # `import sklearn...` now fails
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    data._raw.cache_clear()
+    try:
+        raw = data._raw("digits", None)
+        assert {s: _sha(*raw[s]) for s in ("train", "test")} == DIGITS_SPLIT_SHA256
+        _, _, order = data.digits_arrays()
+        assert sorted(order.tolist()) == list(range(1797))  # a permutation: every image in exactly one split
+        assert len(data.load_dataset("digits", "test")) == 359
+    finally:
+        data._raw.cache_clear()
+
+
+def test_subset_larger_than_the_split_warns_with_both_numbers():
+    """digits' validation split holds 144 images: ``subset=200`` cannot mean 200 there, and says so."""
+    with pytest.warns(UserWarning, match=r"digits val split has 144 images, fewer than the requested subset of 200; using all 144"):
+        va = data.load_dataset("digits", "val", subset=200)
+    assert len(va) == 144
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a subset the split can hold: exactly that many, silently
+        assert len(data.load_dataset("digits", "train", subset=200)) == 200
+        assert len(data.load_dataset("digits", "val", subset=144)) == 144
 
 
 def test_val_split_is_held_out_of_train():
