@@ -46,23 +46,31 @@ def _read_json(rd: Path, rel: str, expect: type = dict) -> Any:
 
 
 def latency_of(row: dict[str, Any], batch: int) -> dict[str, Any] | None:
-    """The latency record of one model at ``batch``: ``{"median_ms", "iqr_ms", "threads", "batch", "device"}``.
+    """The latency record of one model at ``batch``: ``median_ms``, ``iqr_ms``, ``q1_ms``, ``q3_ms``,
+    ``threads``, ``batch``, ``device``, ``times_ms``, ``session`` (None where not recorded).
 
-    Reads ``row["latency"]["b<batch>"]`` (a dict with ``median_ms`` and optionally ``iqr_ms`` or
-    ``q1_ms``/``q3_ms``, ``threads``, ``batch``, ``device``) when present, else the bare median
-    ``row["latency_ms_b<batch>"]``. Fields that were not recorded are None; None when nothing is.
+    Reads ``row["latency"]["b<batch>"]`` (:meth:`tensorcut.timing.LatencyStats.to_dict`, or any dict
+    with ``median_ms`` and optionally ``q1_ms``/``q3_ms`` or ``iqr_ms``) when present, else the bare
+    median ``row["latency_ms_b<batch>"]``; None when neither is.
     """
     rec = (row.get("latency") or {}).get(f"b{batch}")
     if isinstance(rec, dict) and rec.get("median_ms") is not None:
+        med = float(rec["median_ms"])
+        q1, q3 = rec.get("q1_ms"), rec.get("q3_ms")
         iqr = rec.get("iqr_ms")
-        if iqr is None and rec.get("q1_ms") is not None and rec.get("q3_ms") is not None:
-            iqr = float(rec["q3_ms"]) - float(rec["q1_ms"])
-        return {"median_ms": float(rec["median_ms"]), "iqr_ms": None if iqr is None else float(iqr),
-                "threads": rec.get("threads"), "batch": rec.get("batch", batch), "device": rec.get("device")}
+        if q1 is not None and q3 is not None:
+            q1, q3 = float(q1), float(q3)
+            iqr = q3 - q1
+        elif iqr is not None:  # quartiles not kept: centre the IQR on the median
+            q1, q3 = med - float(iqr) / 2, med + float(iqr) / 2
+        return {"median_ms": med, "iqr_ms": None if iqr is None else float(iqr), "q1_ms": q1, "q3_ms": q3,
+                "threads": rec.get("threads"), "batch": rec.get("batch", batch), "device": rec.get("device"),
+                "times_ms": rec.get("times_ms"), "session": rec.get("session", 0)}
     ms = row.get(f"latency_ms_b{batch}")
     if ms is None:
         return None
-    return {"median_ms": float(ms), "iqr_ms": None, "threads": None, "batch": batch, "device": None}
+    return {"median_ms": float(ms), "iqr_ms": None, "q1_ms": None, "q3_ms": None, "threads": None, "batch": batch,
+            "device": None, "times_ms": None, "session": 0}
 
 
 def _batches(rows: dict[str, Any]) -> list[int]:
@@ -73,25 +81,44 @@ def _batches(rows: dict[str, Any]) -> list[int]:
     return sorted(found)
 
 
+def _comparison(dense: dict[str, Any], final: dict[str, Any]) -> Any:
+    """:class:`tensorcut.timing.Comparison` of final / dense, or None when a spread is missing.
+
+    With raw times on both sides :func:`tensorcut.timing.compare` decides (paired when both come
+    from one interleaved measurement); with quartiles only, its unpaired rule (IQRs overlap)."""
+    from tensorcut.timing import Comparison, compare, latency_stats
+
+    if dense["times_ms"] and final["times_ms"]:
+        def stats(name: str, r: dict[str, Any]) -> Any:
+            return latency_stats(name, r["times_ms"], batch=int(r["batch"] or 1), threads=int(r["threads"] or 0),
+                                 device=str(r["device"]), session=int(r["session"] or 0))
+
+        return compare(stats("compressed", final), stats("dense", dense))
+    if dense["q1_ms"] is None or final["q1_ms"] is None:
+        return None
+    return Comparison("compressed", "dense", final["median_ms"] / dense["median_ms"], final["q1_ms"] / dense["q3_ms"],
+                      final["q3_ms"] / dense["q1_ms"], False)
+
+
 def _speed(dense: dict[str, Any], final: dict[str, Any], batch: int) -> tuple[str, int]:
     """(phrase, sign) comparing the final model's latency record with dense: sign -1 faster,
-    +1 slower, 0 no measurable difference (medians within the larger IQR), 2 spread unknown."""
-    d, f = dense["median_ms"], final["median_ms"]
-    if dense["iqr_ms"] is None or final["iqr_ms"] is None:
-        return (f"speed at batch {batch} not judged (timing spread not recorded; median {d:.2f} ms dense, "
-                f"{f:.2f} ms compressed)"), 2
-    if abs(d - f) <= max(dense["iqr_ms"], final["iqr_ms"]):
+    +1 slower, 0 no measurable difference (the ratio's spread contains 1), 2 spread unknown."""
+    c = _comparison(dense, final)
+    if c is None:
+        return (f"speed at batch {batch} not judged (timing spread not recorded; median {dense['median_ms']:.2f} ms "
+                f"dense, {final['median_ms']:.2f} ms compressed)"), 2
+    if not c.measurable:
         return f"no measurable speed difference at batch {batch}", 0
-    if f < d:
-        return f"{d / f:.2f}x faster at batch {batch}", -1
-    return f"{f / d:.2f}x slower at batch {batch}", 1
+    if c.ratio < 1:
+        return f"{1 / c.ratio:.2f}x faster at batch {batch}", -1
+    return f"{c.ratio:.2f}x slower at batch {batch}", 1
 
 
 def verdict(summary: dict[str, Any]) -> str:
     """One sentence: size ratio, top-1 change and speed of the final model against dense.
 
-    A speed-up or slow-down is stated only when the medians differ by more than the larger
-    interquartile range; without a recorded spread no speed claim is made.
+    A speed-up or slow-down is stated only when the latency ratio's spread excludes 1 (the rule of
+    :func:`tensorcut.timing.compare`); without a recorded spread no speed claim is made.
     """
     rows = summary["rows"]
     dense, final = rows["dense"], rows["final"]
@@ -263,8 +290,9 @@ def _latency_section(rows: dict[str, Any]) -> str:
     if not body:
         return "<h2>Latency</h2><p>Latency was not measured in this run.</p>"
     note = ("<p>Forward-pass wall time of one batch of random inputs, models timed interleaved. A speed-up or "
-            "slow-down is claimed only when the medians differ by more than the larger interquartile range (IQR); "
-            "where the IQR was not recorded no speed claim is made.</p>")
+            "slow-down is claimed only when the spread of the latency ratio excludes 1 (tensorcut.timing.compare: paired "
+            "per-round ratios when raw times were kept, else non-overlapping interquartile ranges, IQR); where no "
+            "spread was recorded no speed claim is made.</p>")
     return "<h2>Latency</h2>" + _table(head, body, "latency") + note
 
 

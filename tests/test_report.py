@@ -193,3 +193,29 @@ def test_broken_run_dir_is_one_line(tmp_path: Path, rel: str, content: bytes | N
     with pytest.raises(TensorcutError, match=re.escape(msg)):
         write_report(rd)
     assert not (rd / "report.html").exists()
+
+
+def _with_stats(summary: dict[str, Any], dense_ms: list[float], final_ms: list[float], session: int) -> dict[str, Any]:
+    """``summary`` with :meth:`LatencyStats.to_dict` records at batch 32 (raw times kept)."""
+    from tensorcut.timing import latency_stats
+
+    s = copy.deepcopy(summary)
+    for key, times in (("dense", dense_ms), ("compressed", final_ms), ("final", final_ms)):
+        r = s["rows"][key]
+        del r["latency_ms_b1"], r["latency_ms_b32"]
+        r["latency"] = {"b32": latency_stats(key, times, batch=32, threads=2, device="cpu", warmup=3,
+                                             session=session).to_dict()}
+    return s
+
+
+def test_timing_records_are_compared_by_the_timing_module(tmp_path: Path) -> None:
+    # paired rounds (one session): every round the compressed model takes half the time
+    dense = [10.0, 14.0, 11.0, 13.0, 12.0]
+    s = _with_stats(SUMMARY, dense, [t / 2 for t in dense], session=7)
+    assert verdict(s).endswith(", 2.00x faster at batch 32 on cpu.")
+    # paired ratios straddling 1 (0.8 .. 1.25): no measurable difference
+    s = _with_stats(SUMMARY, dense, [8.0, 17.5, 11.0, 10.4, 15.0], session=7)
+    assert "no measurable speed difference at batch 32" in verdict(s)
+    html = write_report(make_run_dir(tmp_path, summary=s)).read_text()
+    table = re.search(r'<table class="latency">.*?</table>', html)
+    assert table and "<td>32</td>" in table.group(0) and "<td>2</td>" in table.group(0) and "not recorded" not in table.group(0)
