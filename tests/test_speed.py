@@ -1,0 +1,148 @@
+"""Latency-targeted plans, on a deterministic fake timer (no timed assertions): candidates that are
+not faster stay dense, the greedy allocation meets the target, a verified plan is never slower."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import tensorcut.speed as speed
+from tensorcut.compress import apply
+from tensorcut.errors import TensorcutError
+from tensorcut.layers.base import FactorizedConv2d
+from tensorcut.timing import latency_stats
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+OVERHEAD_MS = 0.4  # fake cost of one extra kernel call
+
+
+def fake_ms(m: Any) -> float:
+    """Deterministic 'latency': 1 ms per 10k parameters plus a fixed cost per convolution call."""
+    if not isinstance(m, nn.Module):
+        return 1.0
+    params = sum(p.numel() for p in m.parameters())
+    calls = sum(1 for s in m.modules() if isinstance(s, nn.Conv2d))
+    return params / 1e4 + OVERHEAD_MS * calls
+
+
+class FakeTimer:
+    def __init__(self, whole_model_penalty: float = 0.0) -> None:
+        self.calls = 0
+        self.penalty = whole_model_penalty
+
+    def __call__(self, models: dict[str, Any], example: torch.Tensor, *, threads: int | None = None,
+                 warmup: int = 0, reps: int = 5, **kw: Any) -> dict[str, Any]:
+        self.calls += 1
+        out = {}
+        for n, m in models.items():
+            ms = fake_ms(m)
+            whole = isinstance(m, nn.Module) and any(isinstance(s, nn.Linear) for s in m.modules())
+            if whole and any(isinstance(s, FactorizedConv2d) for s in m.modules()):
+                ms += self.penalty
+            out[n] = latency_stats(n, [ms] * reps, batch=int(example.shape[0]), threads=1, device="cpu",
+                                   warmup=warmup, session=1000 + self.calls)
+        return out
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.tiny = nn.Conv2d(8, 16, 3, padding=1)  # factorizing it only adds kernel calls: never faster
+        self.big1 = nn.Conv2d(16, 64, 3, padding=1)
+        self.big2 = nn.Conv2d(64, 64, 3, padding=1)
+        self.big3 = nn.Conv2d(64, 64, 3, padding=1)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.tiny(torch.relu(self.stem(x))))
+        x = torch.relu(self.big3(torch.relu(self.big2(torch.relu(self.big1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.fixture
+def net() -> Net:
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def _plan(net: nn.Module, target: float, monkeypatch: pytest.MonkeyPatch, timer: FakeTimer | None = None,
+          **kw: Any) -> Any:
+    t = timer or FakeTimer()
+    monkeypatch.setattr(speed, "measure_latency", t)
+    return speed.plan_for_speedup(net, target, (3, 8, 8), threads=1, reps=3, warmup=0, **kw)
+
+
+def test_target_met_and_not_faster_layers_stay_dense(net, monkeypatch):
+    p = _plan(net, 1.5, monkeypatch)
+    sp = p.config["speed"]
+    assert sp["met"] and sp["predicted_ms"] <= sp["dense_ms"] / 1.5 + 1e-9
+    by = {e.name: e for e in p.layers}
+    assert by["tiny"].status == "dense" and by["tiny"].reason == speed.NOT_FASTER
+    assert "stem" not in by  # 3 input channels: not a candidate (default filter)
+    fact = [e for e in p.layers if e.status == "factorize"]
+    assert fact and all(e.latency_ms["factorized"] < e.latency_ms["dense"] for e in fact)
+    saved = sum(e.latency_ms["dense"] - e.latency_ms["factorized"] for e in fact)
+    assert sp["predicted_ms"] == pytest.approx(sp["dense_ms"] - saved)
+    out = apply(_copy(net), p)
+    assert sum(isinstance(m, FactorizedConv2d) for m in out.modules()) == len(fact)
+
+
+def _copy(m: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(m)
+
+
+def test_mild_target_compresses_less(net, monkeypatch):
+    mild = _plan(net, 1.05, monkeypatch)
+    strong = _plan(net, 2.0, monkeypatch)
+    err = lambda p: sum((e.error or 0.0) ** 2 for e in p.layers if e.status == "factorize")  # noqa: E731
+    assert mild.config["speed"]["predicted_ms"] >= strong.config["speed"]["predicted_ms"]
+    assert err(mild) <= err(strong)
+
+
+def test_unreachable_target_says_so(net, monkeypatch):
+    p = _plan(net, 1000.0, monkeypatch)
+    assert not p.config["speed"]["met"] and p.config["speed"]["predicted_speedup"] < 1000
+
+
+def test_verify_falls_back_to_dense_when_whole_model_is_slower(net, monkeypatch):
+    p = _plan(net, 1.5, monkeypatch, FakeTimer(whole_model_penalty=1e6), verify=True)
+    assert p.config["speed"]["fell_back_to_dense"]
+    assert all(e.status == "dense" for e in p.layers)
+    assert apply(_copy(net), p).big2 is not None and not any(
+        isinstance(m, FactorizedConv2d) for m in apply(_copy(net), p).modules())
+
+
+def test_verify_keeps_a_faster_plan(net, monkeypatch):
+    p = _plan(net, 1.5, monkeypatch, verify=True)
+    assert "fell_back_to_dense" not in p.config["speed"]
+    assert p.config["speed"]["measured_speedup"] > 1
+
+
+def test_cache_skips_remeasuring_layers(net, monkeypatch, tmp_path):
+    path = tmp_path / "lat.json"
+    t1 = FakeTimer()
+    a = _plan(net, 1.5, monkeypatch, t1, cache=path)
+    assert path.exists()
+    t2 = FakeTimer()
+    b = _plan(net, 1.5, monkeypatch, t2, cache=path)
+    assert t2.calls == 1 < t1.calls  # only the whole dense model is timed again
+    assert [e.ranks for e in a.layers] == [e.ranks for e in b.layers]
+    path.write_text("{}")
+    with pytest.raises(TensorcutError):
+        _plan(net, 1.5, monkeypatch, cache=path)
+
+
+def test_bad_arguments_refused(net, monkeypatch):
+    with pytest.raises(TensorcutError):
+        _plan(net, 0.5, monkeypatch)
+    with pytest.raises(TensorcutError):
+        _plan(net, 1.5, monkeypatch, method="nope")
+    with pytest.raises(TensorcutError):
+        _plan(net, 1.5, monkeypatch, layers=["missing"])
