@@ -259,6 +259,7 @@ def plan_for_speedup(
     reps: int = 9,
     cache: str | Path | LatencyCache | None = None,
     verify: bool = False,
+    decompose_options: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> Any:
     """A :class:`~tensorcut.compress.Plan` whose predicted whole-model latency is ``dense / target_speedup``.
@@ -274,7 +275,8 @@ def plan_for_speedup(
     plan to a copy, measures both whole models (:func:`check_speedup`) and returns an all-dense plan
     when the compressed model is not measurably faster. The plan's ``config["speed"]`` holds
     ``target_speedup``, ``dense_ms``, ``predicted_ms``, ``predicted_speedup``, ``met`` and, with
-    ``verify``, ``measured_ms`` / ``measured_speedup`` / ``measured``.
+    ``verify``, ``measured_ms`` / ``measured_speedup`` / ``measured``. ``decompose_options`` go to the
+    final per-layer decompositions (as ``CompressConfig.options[method]``, e.g. ``{"hooi": False}``).
     """
     from tensorcut.compress import LayerPlan, Plan, default_filter
     from tensorcut.compress import plan as make_plan
@@ -355,7 +357,7 @@ def plan_for_speedup(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 sub = make_plan(model, method=method, rank=tuple(ranks), layers=[L.name], input_shape=tuple(input_shape),
-                                progress=False)
+                                options={method: dict(decompose_options)} if decompose_options else {}, progress=False)
             e = sub.layers[0]
             e.latency_ms = {"dense": L.dense_ms, "factorized": L.cands[L.choice].ms}
             entries[L.name] = e
