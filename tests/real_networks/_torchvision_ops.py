@@ -107,11 +107,18 @@ def import_model_libraries() -> tuple[ModuleType, ModuleType]:
     package skips the calling test with the install command; elsewhere it raises ImportError."""
     missing = [n for n in ("timm", "torchvision") if importlib.util.find_spec(n) is None]
     if missing:
-        msg = f"{' and '.join(missing)} not installed; {INSTALL_HINT}"
-        if "pytest" in sys.modules:
-            import pytest
-
-            pytest.skip(msg)
-        raise ImportError(msg)
+        _unavailable(f"{' and '.join(missing)} not installed; {INSTALL_HINT}")
     ensure_torchvision_ops()
-    return importlib.import_module("timm"), importlib.import_module("torchvision")
+    try:
+        return importlib.import_module("timm"), importlib.import_module("torchvision")
+    except ImportError as e:
+        _unavailable(f"timm / torchvision do not import ({e}); {INSTALL_HINT}")
+        raise  # not reached: _unavailable raises
+
+
+def _unavailable(msg: str) -> None:
+    if "pytest" in sys.modules:
+        import pytest
+
+        pytest.skip(msg)
+    raise ImportError(msg)

@@ -133,8 +133,16 @@ def test_tucker2_full_rank_is_exact(arch: Arch) -> None:
     for l in plan.layers:
         if l.status == "factorize" and getattr(l, "output_error", None) is not None:
             assert l.output_error <= EXACT, f"{l.name}: output_error {l.output_error:.2e} at full rank"
+    if any(type(m).__name__.endswith("Same") for m in ref.modules()):
+        # TF-same padding depends on the input size: an odd size pads asymmetrically where 64 did not
+        x2 = torch.randn(2, 3, arch.size + 3, arch.size + 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            err2 = rel_err(model(x2), ref(x2))
+        assert err2 <= EXACT, f"{arch.id}: at {arch.size + 3}px (not the planned size) output differs by {err2:.3e}"
 
 
+@pytest.mark.real_tier1
+@pytest.mark.real_full
 def test_shared_conv_swapped_once() -> None:
     arch = by_id("shared_conv_net")
     model, _, x, y_ref = _reference(arch)
@@ -148,6 +156,28 @@ def test_shared_conv_swapped_once() -> None:
         assert param_count(model) < n_before
     with torch.no_grad():
         model(x)
+
+
+@pytest.mark.real_tier1
+@pytest.mark.real_full
+def test_calibration_batch() -> None:
+    """A user's calibration batch is what the per-layer output errors are measured on; a batch of the wrong
+    image shape is refused with one line."""
+    import warnings
+
+    from tensorcut.compress import plan as make_plan
+    from tensorcut.errors import TensorcutError
+
+    arch = by_id("timm_test_efficientnet_same")
+    model, _, x, _ = _reference(arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = make_plan(model, method="tucker2", ratio=0.7, filter_fn=lambda n, m: True, calibration=x, progress=False)
+        errs = [l.output_error for l in p.layers if l.status == "factorize"]
+        assert errs and all(e is not None and math.isfinite(e) for e in errs)
+        with pytest.raises(TensorcutError) as info:
+            make_plan(model, method="tucker2", ratio=0.7, input_shape=(3, 64, 64), calibration=x[:, :2], progress=False)
+    assert "\n" not in str(info.value)
 
 
 # ============================================================================ (b) ratio 0.7: counts and export
@@ -240,3 +270,17 @@ def test_other_methods(arch_id: str, method: str, rule: object) -> None:
                 oe = getattr(l, "output_error", None)
                 assert oe is not None and math.isfinite(oe), f"{l.name}: {method} output_error {oe!r} not recorded"
     assert plan.totals()["model_params_after"] == param_count(model)
+
+
+# ============================================================================ the fixture itself
+
+
+def test_missing_model_zoo_skips_with_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    import _torchvision_ops
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "timm" else real(name, *a))
+    with pytest.raises(pytest.skip.Exception, match="pip install --no-deps timm torchvision"):
+        _torchvision_ops.import_model_libraries()
