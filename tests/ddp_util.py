@@ -67,3 +67,34 @@ def spy_writes() -> list[str]:
 
     tio.atomic_write_bytes = spy  # type: ignore[assignment]
     return writes
+
+
+# ----------------------------------------------------------------------------- tolerances for "several processes vs one"
+
+U32 = torch.finfo(torch.float32).eps / 2  # float32 unit roundoff, 2**-24
+
+
+def sum_order_tolerance(n_terms: int, steps: int, u: float = U32) -> float:
+    """Relative drift allowed between a data-parallel run and one process after ``steps`` steps.
+
+    The ranks sum their shares and the all-reduce adds the rank means; one process sums the whole
+    batch: the same gradient summed in another order. A sum of ``n_terms`` terms carries relative
+    error at most ``gamma_n = n u / (1 - n u)``; ``steps`` such perturbations add up to first order
+    when training does not amplify them (a step that does is a defect the comparison should catch).
+    ``n_terms`` is the longest reduction whose order differs (e.g. batch x output positions of the
+    first convolution's weight gradient).
+    """
+    gamma = n_terms * u / (1 - n_terms * u)
+    return steps * gamma
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||a||`` (Frobenius)."""
+    return float((a.detach() - b.detach()).norm() / a.detach().norm().clamp_min(1e-30))
+
+
+def clear_winners(logits: torch.Tensor, tol: float) -> torch.Tensor:
+    """Rows whose top logit leads the runner-up by more than ``2 tol max|logits|``: their argmax cannot
+    flip under a relative perturbation ``tol`` (the others are near-ties, which may)."""
+    top2 = logits.topk(2, dim=1).values
+    return (top2[:, 0] - top2[:, 1]) > 2 * tol * float(logits.abs().max())

@@ -4,7 +4,11 @@ The equivalence check uses a model without BatchNorm or dropout: under DDP each 
 normalises only its own share of the batch (SyncBatchNorm is GPU-only in PyTorch), so
 a BatchNorm model is *not* expected to match a single process step for step. With a
 global batch of 16 split 8 + 8 by the DistributedSampler, DDP's averaged gradient is the
-gradient of the single-process batch of 16, so losses and weights agree to float rounding.
+gradient of the single-process batch of 16, summed in another order, so losses and weights
+agree to float rounding: within ``TOL``, derived from float32 summation (ddp_util.sum_order_tolerance),
+never a figure recorded on one CPU. Top-1 counts are argmaxes, which may flip on a near-tie of
+two logits; they are compared on the final model wherever no near-tie exists. The activation is
+smooth (SiLU): a ReLU's kink is such a tie at every position (see tests/train/test_tdlrt_ddp.py).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ddp_util import join_as_rank, spawn_ranks, spy_writes, torchrun
+from ddp_util import clear_winners, join_as_rank, rel_diff, spawn_ranks, spy_writes, sum_order_tolerance, torchrun
 from tensorcut import distributed as tdist
 from tensorcut.errors import TensorcutError
 from tensorcut.train.loop import FitConfig, _wrap, fit, resolve_device
@@ -27,7 +31,7 @@ from tensorcut.train.loop import FitConfig, _wrap, fit, resolve_device
 
 def _net() -> nn.Module:
     torch.manual_seed(123)
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
                          nn.Linear(24, 5))
 
 
@@ -41,6 +45,8 @@ def _data() -> tuple[DataLoader, DataLoader]:
 
 
 CFG = dict(epochs=2, optimizer="sgd", lr=0.2, momentum=0.9, scheduler="cosine", seed=3)
+# 4.9e-4; the longest reduction whose order differs: the conv's weight gradient, batch 16 x 8 x 8 positions
+TOL = sum_order_tolerance(16 * 8 * 8, CFG["epochs"] * 64 // 16)
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -74,11 +80,19 @@ def test_two_cpu_ranks_match_one_process_on_the_same_global_batch(tmp_path: Path
     tr, va = _data()
     hist = fit(single, tr, va, FitConfig(**CFG), device="cpu", progress=False, distributed=False)
     for a, b in zip(hist, r0["history"]):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5, abs=1e-6)
-        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5, abs=1e-6)
-        assert a["train_top1"] == b["train_top1"] and a["val_top1"] == b["val_top1"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=TOL)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=TOL)
     for k, v in single.state_dict().items():
-        assert torch.allclose(v, w0[k], rtol=1e-4, atol=1e-5), k
+        assert rel_diff(v, w0[k]) <= TOL, k
+    twin = _net()
+    twin.load_state_dict(w0)
+    x = va.dataset.tensors[0]
+    with torch.no_grad():
+        out, out_ddp = single.eval()(x), twin.eval()(x)
+    clear = clear_winners(out, TOL)
+    assert torch.equal(out.argmax(1)[clear], out_ddp.argmax(1)[clear])
+    if bool(clear.all()):
+        assert hist[-1]["val_top1"] == r0["history"][-1]["val_top1"]
     assert r0["history"][-1]["val_loss"] != pytest.approx(hist[0]["val_loss"])  # it did train
 
 
