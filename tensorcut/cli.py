@@ -8,9 +8,9 @@ exits with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
-import json
 import os
 import sys
 import warnings
@@ -26,13 +26,44 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default after its help, unless the help already speaks of it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if (d is None or d is False or d is argparse.SUPPRESS or "default" in text.lower() or "%(default)" in text
+                or not (action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE))):
+            return text
+        shown = " ".join(map(str, d)) if isinstance(d, (list, tuple)) else "%(default)s"
+        return f"{text} (default: {shown})"
+
+
+def set_formatter(parser: argparse.ArgumentParser, width: int | None = None) -> None:
+    """Use :class:`HelpFormatter` (optionally at a fixed ``width``) on ``parser`` and every verb's parser."""
+    fmt = HelpFormatter if width is None else functools.partial(HelpFormatter, width=width)
+    parser.formatter_class = fmt  # type: ignore[assignment]
+    for p in verb_parsers(parser).values():
+        p.formatter_class = fmt  # type: ignore[assignment]
+
+
+def verb_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The parser of each verb, by name."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from tensorcut import data as tdata
     from tensorcut import io as tio
     from tensorcut import models
+    from tensorcut.console import print_json
     from tensorcut.summary import summarize
 
     if args.list:
+        if args.json:
+            print_json({n: models.model_entry(n).description for n in models.list_models()})
+            return 0
         for name in models.list_models():
             print(f"{name:12s} {models.model_entry(name).description}")
         return 0
@@ -43,17 +74,24 @@ def _inspect(args: argparse.Namespace) -> int:
         model, kw = ck.model, ck.meta["model"].get("kwargs", {})
         title = f"{args.target} ({ck.meta['model']['name']})"
     else:
+        from tensorcut.train.api import check_model_size
+
         kw = {"num_classes": args.num_classes, "in_channels": args.in_channels, "width": args.width,
               "input_size": args.input_size}
         if args.dataset:
             info = tdata.dataset_info(args.dataset)
             kw.update(num_classes=info.num_classes, in_channels=info.in_channels, input_size=info.image_size)
+        check_model_size(args.target, kw)
         model = models.create(args.target, **kw)
         title = args.target
+    from tensorcut.train.api import check_input_size
+
     size = int(kw.get("input_size", args.input_size))
-    s = summarize(model, (int(kw.get("in_channels", 3)), size, size))
+    shape = (int(kw.get("in_channels", 3)), size, size)
+    check_input_size(model, shape)
+    s = summarize(model, shape)
     if args.json:
-        print(json.dumps(s.to_dict(), indent=2))
+        print_json(s.to_dict())
     else:
         print(title)
         print(s.table())
@@ -63,7 +101,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from tensorcut.demo import run_demo
 
-    return run_demo(args.out, fast=args.fast)
+    return run_demo(args.out, fast=args.fast, as_json=args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,17 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List every conv and linear layer of a checkpoint or a zoo model.")
     i.add_argument("target", nargs="?", help="checkpoint directory or zoo model name")
     i.add_argument("--list", action="store_true", help="list zoo models")
-    i.add_argument("--dataset", default=None, help="size the zoo model for this data set")
-    i.add_argument("--num-classes", type=int, default=10)
-    i.add_argument("--in-channels", type=int, default=3)
-    i.add_argument("--input-size", type=int, default=32)
-    i.add_argument("--width", type=float, default=1.0)
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--dataset", default=None, help="size the zoo model for this data set (classes, channels, input size)")
+    i.add_argument("--num-classes", type=int, default=10, help="classes of a zoo model (without --dataset)")
+    i.add_argument("--in-channels", type=int, default=3, help="input channels of a zoo model (without --dataset)")
+    i.add_argument("--input-size", type=int, default=32, help="input height = width of a zoo model, pixels (without --dataset)")
+    i.add_argument("--width", type=float, default=1.0, help="channel width multiplier of a zoo model")
+    i.add_argument("--json", action="store_true", help="print the table as JSON")
     i.set_defaults(func=_inspect)
     d = sub.add_parser("demo", help="the main job on the embedded digits data", description="Run the demo pipeline.")
-    d.add_argument("--out", default="demo-out")
+    d.add_argument("--out", default="demo-out", help="run directory (re-running resumes it)")
     d.add_argument("--fast", action="store_true", help="tiny settings (for tests)")
+    d.add_argument("--json", action="store_true", help="print the verification summary as JSON (progress goes to stderr)")
     d.set_defaults(func=_demo)
+    set_formatter(parser)
     return parser
 
 
@@ -112,11 +152,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print("tensorcut: error: choose a verb (tensorcut --help lists them)", file=sys.stderr)
         return 2
+    from tensorcut import console
+
     ensure_console()
     old_format = warnings.formatwarning
     warnings.formatwarning = functools.partial(_one_line_warning, verb=args.command)
     try:
-        return int(args.func(args) or 0)
+        if getattr(args, "json", False):  # stdout holds the JSON result alone; progress and tables go to stderr
+            console.JSON_STREAM = sys.stdout
+            with contextlib.redirect_stdout(sys.stderr):
+                rc = int(args.func(args) or 0)
+        else:
+            rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at interpreter exit
+        return rc
     except TensorcutError as e:
         print(f"tensorcut {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -128,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # 128 + SIGPIPE, as a shell reports a reader that stopped early
     finally:
         warnings.formatwarning = old_format
+        console.JSON_STREAM = None
 
 
 def _quiet_stdout() -> None:

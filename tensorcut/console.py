@@ -7,12 +7,18 @@ handler to ``logging.getLogger("tensorcut")`` first; then no console handler is 
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from typing import Any, TextIO
 
-__all__ = ["ConsoleHandler", "ensure_console", "say"]
+__all__ = ["ConsoleHandler", "ensure_console", "print_json", "say"]
 
 LOGGER = logging.getLogger("tensorcut")
+
+#: Where :func:`print_json` writes; the CLI points it at the real stdout while ``--json`` sends
+#: everything else (progress, tables) to stderr, so stdout holds exactly one JSON document.
+JSON_STREAM: TextIO | None = None
 
 
 class ConsoleHandler(logging.Handler):
@@ -25,7 +31,7 @@ class ConsoleHandler(logging.Handler):
             stream.flush()
         except BrokenPipeError:  # the reader went away: the CLI ends quietly
             raise
-        except Exception:  # noqa: BLE001 - logging must never raise into the caller (a closed pipe, say)
+        except Exception:  # noqa: BLE001 - logging must never raise into the caller
             self.handleError(record)
 
 
@@ -45,3 +51,10 @@ def say(msg: str, progress: bool = True, name: str = "tensorcut") -> None:
     if progress:
         ensure_console()
         logging.getLogger(name).info(msg)
+
+
+def print_json(obj: Any) -> None:
+    """Write ``obj`` as one JSON document (the result of a ``--json`` verb) to stdout."""
+    stream = JSON_STREAM or sys.stdout
+    stream.write(json.dumps(obj, indent=2, default=str) + "\n")
+    stream.flush()

@@ -9,12 +9,12 @@ DEMO_MODEL = "vanilla-cnn"
 DEMO_WIDTH = 0.25
 
 
-def run_demo(out: str | Path, fast: bool = False) -> int:
+def run_demo(out: str | Path, fast: bool = False, as_json: bool = False) -> int:
     """Train a width-reduced vanilla-cnn on digits, then `tensorcut run` it to 5x conv compression.
 
     Stages: train, truncation study, accuracy-vs-compression curve, sensitivity-guided
     Tucker-2 compression, fine-tuning, verification on the test split, ONNX export, report.
-    Re-running resumes (finished stages are skipped).
+    Re-running resumes (finished stages are skipped). ``as_json`` prints the summary as JSON.
     """
     from tensorcut.run import RunConfig, run
     from tensorcut.run_cli import print_summary
@@ -26,6 +26,11 @@ def run_demo(out: str | Path, fast: bool = False) -> int:
                     bipartitions=("OUT",) if fast else ("OUT", "IN", "KH", "KW", "OUT-IN"))
     s = run(out, cfg, model=DEMO_MODEL, dataset="digits", train_epochs=1 if fast else 15, width=DEMO_WIDTH,
             command=["tensorcut", "demo", "--out", str(out)] + (["--fast"] if fast else []))
+    if as_json:
+        from tensorcut.console import print_json
+
+        print_json(dict(s, out=str(out)))
+        return 0
     print()
     print_summary(s)
     print(f"outputs in {out}: dense/, compressed/, finetuned/ (checkpoints), study/ (truncation results + figures), "

@@ -24,10 +24,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from torch import nn
 from tensorcut import data as tdata
 from tensorcut import io as tio
 from tensorcut.compress import CompressConfig, apply, plan
+from tensorcut.console import say
 from tensorcut.errors import TensorcutError
 from tensorcut.train.loop import FitConfig, evaluate as evaluate_loader, fit, recalibrate_bn
 
@@ -71,6 +73,7 @@ class RunConfig:
     probe_images: int = 2048
     batch_size: int = 128
     seed: int = 0
+    train_subset: int | None = None
 
     def __post_init__(self) -> None:
         goals = [k for k in ("target_ratio", "target_macs", "max_drop") if getattr(self, k) is not None]
@@ -88,6 +91,17 @@ class RunConfig:
                                  f"{self.probe_images}")
         if self.calib_subset < 16:
             raise TensorcutError(f"--calib-subset must be >= 16 images, got {self.calib_subset}")
+        if not (self.finetune_lr > 0 and math.isfinite(self.finetune_lr)):
+            raise TensorcutError(f"--finetune-lr must be > 0, got {self.finetune_lr:g}")
+        if self.finetune_epochs < 0 or self.finetune_patience < 1:
+            raise TensorcutError(f"--finetune-epochs must be >= 0 and the patience >= 1; got {self.finetune_epochs} and "
+                                 f"{self.finetune_patience}")
+        if self.batch_size < 1 or not 0 <= self.seed < 2**32:
+            raise TensorcutError(f"batch size must be >= 1 and seed in [0, 2**32); got {self.batch_size} and {self.seed}")
+        if self.train_subset is not None and self.train_subset < 1:
+            raise TensorcutError(f"--subset must be >= 1 images, got {self.train_subset}")
+        if not self.curve_ratios or any(not float(r) > 1 for r in self.curve_ratios):
+            raise TensorcutError(f"curve ratios are compression factors > 1; got {tuple(self.curve_ratios)}")
         CompressConfig(method=self.method, ratio=0.5)  # validates the method name
         self.bipartitions = tuple(self.bipartitions)
         self.curve_ratios = tuple(float(r) for r in self.curve_ratios)
@@ -110,9 +124,14 @@ class RunDir:
         f = path / RUN_FILE
         if f.exists():
             try:
-                self.state = json.loads(f.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise TensorcutError(f"{f} is corrupt ({e}); remove the run directory or choose another --out") from None
+                self.state = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
+                raise TensorcutError(f"{f} is corrupt ({str(e).splitlines()[0][:100]}); remove the run directory or "
+                                     "choose another --out") from None
+            if not isinstance(self.state, dict) or not isinstance(self.state.get("stages", {}), dict):
+                raise TensorcutError(f"{f} is corrupt (not a run ledger: {type(self.state).__name__}); remove the run "
+                                     "directory or choose another --out")
+            self.state.setdefault("stages", {})
         else:
             if path.exists() and any(path.iterdir()):
                 raise TensorcutError(f"{path} exists and is not a tensorcut run directory; choose another --out")
@@ -138,8 +157,64 @@ def _fingerprint(directory: Path) -> str:
 
 
 def _say(msg: str, progress: bool) -> None:
-    if progress:
-        print(msg, flush=True)
+    say(msg, progress, name="tensorcut.run")
+
+
+def _json_ok(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def _checkpoint_ok(d: Path) -> bool:
+    try:
+        tio.read_meta(d)
+    except TensorcutError:
+        return False
+    return (d / tio.WEIGHTS).is_file()
+
+
+def _stage_outputs_ok(out: Path, stage: str) -> bool:
+    """Whether a finished stage's files are still there and readable (a resumed run trusts only those)."""
+    if stage == "dense":
+        return _checkpoint_ok(out / "dense")
+    if stage == "study":
+        return (out / "study" / "truncation.sqlite").is_file()
+    if stage == "compress":
+        return _checkpoint_ok(out / "compressed") and _json_ok(out / "compressed" / "plan.json")
+    if stage == "finetune":
+        return _checkpoint_ok(out / "finetuned")
+    if stage == "verify":
+        return _json_ok(out / "verify.json")
+    if stage == "export":
+        return (out / "export" / "model.onnx").is_file()
+    return True
+
+
+def _drop_broken_stages(rd: "RunDir", progress: bool) -> None:
+    """Forget the first finished stage whose outputs are missing or corrupt, and every stage after it."""
+    for i, stage in enumerate(STAGES):
+        if rd.done(stage) and not _stage_outputs_ok(rd.path, stage):
+            later = [s for s in STAGES[i:] if rd.done(s)]
+            _say(f"[{stage}] its outputs are missing or corrupt; redoing {', '.join(later)}", progress)
+            for s in later:
+                del rd.state["stages"][s]
+            rd.save()
+            return
+
+
+def _check_out_path(out: Path) -> None:
+    """Refuse an --out that is a file or cannot be written as UTF-8, before any work."""
+    try:
+        str(out).encode("utf-8")
+    except UnicodeEncodeError:
+        raise TensorcutError(f"--out {str(out)!r} is not a valid UTF-8 path; give a UTF-8 directory name") from None
+    if out.is_file():
+        raise TensorcutError(f"{out} is a file; give a directory path")
+    for parent in out.parents:
+        if parent.is_file():
+            raise TensorcutError(f"{parent} is a file; give a directory path for --out")
 
 
 def _calibration(meta: dict[str, Any], subset: int) -> tdata.ImageDataset:
@@ -246,13 +321,23 @@ def run(
 
     out = Path(out)
     require_onnx()  # the export stage needs it: stop now, not after training
+    _check_out_path(out)
     if (checkpoint is None) == (model is None):
         raise TensorcutError("give a trained checkpoint, or --model and --dataset to train one first (not both)")
-    if model is not None and dataset is None:
-        raise TensorcutError("--model needs --dataset to train on")
+    if model is not None:
+        from tensorcut.train.api import check_model_size, check_numbers, model_kwargs_for
+
+        if dataset is None:
+            raise TensorcutError("--model needs --dataset to train on")
+        check_numbers(epochs=train_epochs, width=width)
+        check_model_size(model, model_kwargs_for(dataset, width), factor=4.0)
     rd = RunDir(out)
     settings = {"config": asdict(config), "checkpoint": str(checkpoint) if checkpoint else None, "model": model,
                 "dataset": dataset, "train_epochs": train_epochs, "width": width}
+    if isinstance(rd.state.get("settings"), dict) and isinstance(rd.state["settings"].get("config"), dict):
+        defaults = {f.name: f.default for f in fields(RunConfig)}  # settings added since the run was made
+        rd.state["settings"]["config"] = {**{k: v for k, v in defaults.items() if k not in rd.state["settings"]["config"]},
+                                          **rd.state["settings"]["config"]}
     if checkpoint is not None:
         tio.read_meta(checkpoint)
         fp = _fingerprint(Path(checkpoint))
@@ -262,6 +347,7 @@ def run(
     if "settings" in rd.state and json.loads(json.dumps(rd.state["settings"])) != json.loads(json.dumps(settings)):
         raise TensorcutError(f"{out} was made with different settings; re-run with the same ones or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    _drop_broken_stages(rd, progress)
     rd.state["settings"] = settings
     rd.state["command"] = command or sys.argv
     rd.state["versions"] = tio.versions()
@@ -288,7 +374,7 @@ def run(
             _say(f"[dense] training {model} on {dataset} for {train_epochs} epochs", progress)
             train(model, dataset, dense_dir, epochs=train_epochs, width=width, data_dir=data_dir,
                   config=FitConfig(epochs=train_epochs, lr=2e-3, scheduler="cosine", seed=config.seed), device="cpu",
-                  resume=(dense_dir / tio.META).exists(), progress=progress)
+                  resume=(dense_dir / tio.META).exists(), progress=progress, subset=config.train_subset)
         rd.state["dense_fingerprint"] = _fingerprint(dense_dir)
         rd.mark("dense", {"path": "dense"}, ts)
     else:
@@ -375,7 +461,8 @@ def run(
         fc = FitConfig(epochs=config.finetune_epochs, optimizer="adam", lr=config.finetune_lr, scheduler="none",
                        patience=config.finetune_patience, seed=config.seed)
         ck = finetune_checkpoint(comp_dir, ft_dir, config=fc, distill_from=dense_dir if config.distill else None,
-                                 batch_size=config.batch_size, device="cpu", progress=progress)
+                                 batch_size=config.batch_size, device="cpu", progress=progress,
+                                 subset=config.train_subset)
         rd.mark("finetune", {"path": "finetuned", "history": ck.meta.get("finetune_history", [])}, ts)
     else:
         _say("[finetune] done (skipped)", progress)
@@ -391,9 +478,6 @@ def run(
 
     # 7. export ------------------------------------------------------------------------------
     ts = time.perf_counter()
-    if rd.done("export") and not (out / "export" / "model.onnx").is_file():
-        _say("[export] export/model.onnx is missing; exporting again", progress)
-        del rd.state["stages"]["export"]
     if not rd.done("export"):
         from tensorcut.export import export_with_check
 

@@ -69,10 +69,15 @@ def load_sensitivity(path: str | Path) -> dict[str, float]:
         raise TensorcutError(f"sensitivity file {p} does not exist; run `tensorcut analyze` first")
     if p.suffix == ".json":
         try:
-            d = json.loads(p.read_text())
-            return {str(k): float(v) for k, v in d.items()}
-        except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
-            raise TensorcutError(f"{p} is not a JSON object of layer -> sensitivity ({e})") from None
+            d = json.loads(p.read_text(encoding="utf-8"))
+            sens = {str(k): float(v) for k, v in d.items()}
+        except (AttributeError, TypeError, ValueError) as e:  # ValueError: bad JSON, not UTF-8, not a number
+            raise TensorcutError(f"{p} is not a JSON object of layer -> sensitivity ({str(e).splitlines()[0][:100]})") from None
+        bad = {k: v for k, v in sens.items() if not (v >= 0 and v < float("inf"))}
+        if bad:
+            k, v = next(iter(bad.items()))
+            raise TensorcutError(f"{p}: sensitivities must be finite and >= 0, got {k}: {v:g}")
+        return sens
     try:
         con = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
         try:
@@ -136,6 +141,12 @@ def compress_checkpoint(src: str | Path, out: str | Path, config: CompressConfig
     ck = tio.load_checkpoint(src)
     shape = input_shape_of(ck.meta)
     sens = load_sensitivity(sensitivity) if isinstance(sensitivity, (str, Path)) else sensitivity
+    if sens:
+        convs = {n for n, m in ck.model.named_modules() if isinstance(m, nn.Conv2d)}
+        foreign = sorted(set(sens) - convs)
+        if foreign:
+            raise TensorcutError(f"the sensitivity file names {len(foreign)} layer(s) this model lacks (e.g. "
+                                 f"{foreign[0]!r}); it was made for another model, re-run `tensorcut analyze` on this one")
     p = precomputed or plan(ck.model, config, input_shape=shape, sensitivity=sens, layers=layers, progress=progress)
     if not any(l.status == "factorize" for l in p.layers):
         reasons = "; ".join(f"{l.name}: {l.reason}" for l in p.layers[:3])
@@ -207,7 +218,8 @@ def finetune_checkpoint(src: str | Path, out: str | Path | None = None, *, datas
     dev = resolve_device(device)
     meta = copy.deepcopy(ck.meta)
     meta["finetune"] = {"epochs": cfg.epochs, "optimizer": cfg.optimizer, "lr": cfg.lr, "patience": cfg.patience,
-                        "distill_from": str(distill_from) if distill_from else None}
+                        "distill_from": str(distill_from) if distill_from else None, "subset": subset,
+                        "train_images": len(tr)}
     from tensorcut import distributed as tdist
 
     resume = resume and (out / tio.META).exists()

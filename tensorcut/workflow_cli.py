@@ -40,7 +40,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--energy", type=float, help="fraction of each kernel's squared norm to keep")
     g.add_argument("--vbmf", action="store_true", help="Tucker-2 ranks by empirical VBMF")
     g.add_argument("--budget", type=float, help="model-wide budget: < 1 is a fraction of the selected layers' cost, else a count")
-    c.add_argument("--budget-kind", choices=("params", "macs"), default="params")
+    c.add_argument("--budget-kind", choices=("params", "macs"), default="params", help="what --budget counts")
     c.add_argument("--sensitivity", default=None, help="results file of `tensorcut analyze` (or JSON layer->weight): "
                    "sensitive layers are compressed more mildly under --budget")
     c.add_argument("--layers", nargs="+", default=None, help="conv layer names (default: all with > 3 input channels)")
@@ -60,10 +60,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        "Adam lr 1e-5, early stopping on validation loss (patience 3), at most 50 epochs; 'rsdtr' (the "
                        "RSDTR paper's): SGD momentum 0.9, weight decay 1e-4, one-cycle learning rate peaking at 0.01, "
                        "160 epochs, no early stopping. Explicit flags override the recipe's values.")
-    f.add_argument("checkpoint")
+    f.add_argument("checkpoint", help="compressed (or dense) checkpoint directory")
     f.add_argument("--recipe", choices=("thesis", "rsdtr"), default="thesis", help="starting recipe (default: thesis)")
     f.add_argument("--dataset", default=None, help="default: the checkpoint's")
-    f.add_argument("--subset", type=int, default=None)
+    f.add_argument("--subset", type=int, default=None, help="fine-tune on a seeded random subset of N training images "
+                   "(default: all)")
     f.add_argument("--epochs", type=int, default=None, help="default: the recipe's (thesis 50, rsdtr 160)")
     f.add_argument("--lr", type=float, default=None, help="learning rate (peak for onecycle); default: the recipe's "
                    "(thesis 1e-5, rsdtr 0.01)")
@@ -73,10 +74,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--weight-decay", type=float, default=None, help="default: the recipe's (thesis 0, rsdtr 1e-4)")
     f.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs, 0 for none; default: "
                    "the recipe's (thesis 3, rsdtr none)")
-    f.add_argument("--batch-size", type=int, default=128)
+    f.add_argument("--batch-size", type=int, default=128, help="images per optimisation step")
     f.add_argument("--distill-from", default=None, help="dense checkpoint to distil from (teacher)")
-    f.add_argument("--distill-alpha", type=float, default=0.5)
-    f.add_argument("--device", default="auto")
+    f.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the teacher's soft targets in the loss "
+                   "(with --distill-from), in [0, 1]")
+    f.add_argument("--device", default="auto", help="auto | cpu | cuda")
     f.add_argument("--amp", action="store_true", help="mixed precision (float16 + loss scaling on CUDA, bfloat16 on CPU)")
     f.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun ranks (CUDA only)")
     o = f.add_mutually_exclusive_group()
@@ -85,6 +87,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--in-place", action="store_true", help="replace CHECKPOINT by the fine-tuned model; its weights are "
                    "kept until the new ones are completely written")
     f.add_argument("--force", action="store_true", help="replace a checkpoint already in --out")
+    f.add_argument("--json", action="store_true", help="print test metrics before / after as JSON (progress goes to stderr)")
     f.set_defaults(func=_finetune)
 
     e = sub.add_parser("export", help="export to ONNX, TorchScript or torch.export (checked against PyTorch)")
@@ -115,7 +118,9 @@ def _compress(args: argparse.Namespace) -> int:
     _, p, meta = compress_checkpoint(args.checkpoint, args.out, cfg, layers=args.layers, sensitivity=args.sensitivity,
                                      evaluate_split=args.evaluate, bn_images=args.bn_images, force=args.force)
     if args.json:
-        print(p.to_json())
+        from tensorcut.console import print_json
+
+        print_json(json.loads(p.to_json()))
     else:
         print(p.table())
         for split, m in meta.get("metrics", {}).items():
@@ -149,10 +154,20 @@ def _finetune(args: argparse.Namespace) -> int:
     if args.out is None and not args.in_place:
         raise TensorcutError(f"say where the fine-tuned model goes: --out NEW_DIR, or --in-place to replace "
                              f"{args.checkpoint} (its weights are kept until the new ones are written)")
+    from tensorcut.train.api import check_numbers
+
+    check_numbers(batch_size=args.batch_size, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
+                  weight_decay=args.weight_decay, subset=args.subset, distill_alpha=args.distill_alpha)
     cfg = finetune_config(args)
     ck = finetune_checkpoint(args.checkpoint, args.out, dataset=args.dataset, config=cfg, distill_from=args.distill_from,
                              batch_size=args.batch_size, subset=args.subset, device=args.device, force=args.force)
     b, a = ck.meta["metrics"]["test_before_finetune"], ck.meta["metrics"]["test"]
+    if args.json:
+        from tensorcut.console import print_json
+
+        print_json({"checkpoint": str(args.out or args.checkpoint), "test_before_finetune": b, "test": a,
+                    "epochs": len(ck.meta["finetune_history"])})
+        return 0
     print(f"test top-1: {b['top1']:.4f} before fine-tuning -> {a['top1']:.4f} after ({len(ck.meta['finetune_history'])} epochs)")
     print(f"checkpoint: {args.out or args.checkpoint}")
     return 0
@@ -163,7 +178,9 @@ def _export(args: argparse.Namespace) -> int:
 
     e = export_checkpoint_checked(args.checkpoint, args.format, args.out, force=args.force)
     if args.json:
-        print(json.dumps({"format": args.format, "path": str(e.path), "checked": e.checked, "check": e.note}))
+        from tensorcut.console import print_json
+
+        print_json({"format": args.format, "path": str(e.path), "checked": e.checked, "check": e.note})
     else:
         print(f"exported {args.format}: {e.path} ({e.note})")
     return 0

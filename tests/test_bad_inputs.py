@@ -14,6 +14,8 @@ Sections
   F. ranks: 0, negative, larger than the kernel, wrong count, not a number
   G. data files: wrong magic numbers, sizes, counts, labels, formats
   H. images with the wrong channel count
+  I. command-line options and output paths (issue 18): numbers out of range, a resume with
+     another recipe, outputs that are files, damaged run directories, late validation
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def ck(tiny_checkpoint: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def compressed_src(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cmp") / "cmp"
-    assert main(["compress", str(tiny_checkpoint), "--method", "tucker2", "--ratio", "0.5", "--out", str(out)]) == 0
+    assert main(["compress", str(tiny_checkpoint), "--method", "tucker2", "--keep", "0.5", "--out", str(out)]) == 0
     return out
 
 
@@ -208,7 +210,7 @@ def test_B6_model_name_edited_to_another_zoo_model(ck: Path, capsys: Any) -> Non
 
 def test_B7_unknown_model_name(ck: Path, capsys: Any) -> None:
     _edit_meta(ck, lambda m: m["model"].update(name="resnet9000"))
-    refused(capsys, ["evaluate", str(ck)], "unknown model 'resnet9000'", keep=(ck,))
+    refused(capsys, ["evaluate", str(ck)], "model 'resnet9000'", keep=(ck,))  # unknown / not in the registry
 
 
 def test_B8_model_argument_of_the_wrong_type(ck: Path, capsys: Any) -> None:
@@ -585,3 +587,144 @@ def test_H4_cifar_batch_of_grey_images(tmp_path: Path, capsys: Any) -> None:
     d = _cifar_py(tmp_path / "c10")
     pickle_dump({b"data": np.zeros((10, 1024), np.uint8), b"labels": [0] * 10}, d / "data_batch_2")
     refused(capsys, _train_on("cifar10", d, tmp_path), "expected (N, 3072)", keep=(d,))
+
+
+# ============================================================================= I. options and output paths
+
+
+TRAIN_CK = ["train", "--model", "vanilla-cnn", "--dataset", "digits", "--width", "0.125", "--subset", "256",
+            "--batch-size", "64", "--lr", "0.002", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("flag,value,msg", [
+    ("--batch-size", "0", "--batch-size must be >= 1, got 0"),
+    ("--weight-decay", "-0.1", "--weight-decay must be >= 0, got -0.1"),
+    ("--momentum", "-0.5", "--momentum must be in [0, 1), got -0.5"),
+    ("--momentum", "1.5", "--momentum must be in [0, 1), got 1.5"),
+    ("--seed", "-1", "--seed must be in [0, 2**32), got -1"),
+    ("--width", "0", "--width must be > 0, got 0"),
+    ("--width", "5000", "more than this machine's memory"),
+    ("--lr", "0", "--lr must be > 0, got 0"),
+    ("--val-fraction", "1", "--val-fraction must be in (0, 1), got 1"),
+])
+def test_I1_train_numbers_out_of_range(tmp_path: Path, capsys: Any, flag: str, value: str, msg: str) -> None:
+    out = tmp_path / "t"
+    refused(capsys, [*TRAIN_CK, flag, value, "--out", str(out)], msg)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--batch-size", "0"], "--batch-size must be >= 1"), (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    (["--momentum", "-1"], "--momentum must be in [0, 1)"), (["--distill-alpha", "2"], "--distill-alpha must be in [0, 1]"),
+])
+def test_I2_finetune_numbers_out_of_range(compressed: Path, tmp_path: Path, capsys: Any, argv: list[str], msg: str) -> None:
+    refused(capsys, ["finetune", str(compressed), *argv, "--out", str(tmp_path / "ft")], msg, keep=(compressed,))
+    assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--width", "1e9"], "cannot build vgg11"), (["--width", "-1"], "--width must be > 0"),
+    (["--input-size", "200000"], "use a smaller --input-size"), (["--input-size", "0"], "--input-size must be >= 1"),
+])
+def test_I3_inspect_a_model_that_cannot_be_allocated(capsys: Any, argv: list[str], msg: str) -> None:
+    refused(capsys, ["inspect", "vgg11", *argv], msg)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--optimizer", "sgd"], "--optimizer adam -> sgd"),
+    (["--optimizer", "adam", "--lr", "0.1"], "--lr 0.002 -> 0.1"),
+])
+def test_I4_train_resume_with_another_recipe(ck: Path, capsys: Any, argv: list[str], msg: str) -> None:
+    # was: KeyError 'momentum' (another optimizer), or training silently on at the old rate (another --lr)
+    refused(capsys, [*TRAIN_CK, *argv, "--resume", "--out", str(ck)], "--resume continues", msg,
+            "drop those options to resume", keep=(ck,))
+
+
+def _a_file(tmp_path: Path) -> Path:
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    return f
+
+
+def test_I5_analyze_plots_or_spill_dir_is_a_file(ck: Path, tmp_path: Path, capsys: Any) -> None:
+    f = _a_file(tmp_path)
+    for flag in ("--plots", "--spill-dir"):
+        refused(capsys, ["analyze", str(ck), flag, str(f), "--no-progress", "--out", str(tmp_path / "r.sqlite")],
+                f"{f} is a file; give a directory path", keep=(f, ck))
+    assert not (tmp_path / "r.sqlite").exists()
+
+
+def test_I6_plot_out_is_a_file(ck: Path, tmp_path: Path, capsys: Any) -> None:
+    db = tmp_path / "r.sqlite"
+    assert main(["analyze", str(ck), "--subset", "40", "--bipartitions", "OUT", "--keep", "1", "--layers", "conv2",
+                 "--no-progress", "--out", str(db)]) == 0
+    f = _a_file(tmp_path)
+    refused(capsys, ["plot", str(db), "--out", str(f)], f"{f} is a file; give a directory path", keep=(f,))
+
+
+@pytest.mark.parametrize("verb", ["run", "demo"])
+def test_I7_run_or_demo_out_is_a_file(ck: Path, tmp_path: Path, capsys: Any, verb: str) -> None:
+    f = _a_file(tmp_path)
+    argv = ["run", str(ck), "--target-ratio", "3", "--out", str(f)] if verb == "run" else ["demo", "--out", str(f)]
+    refused(capsys, argv, f"{f} is a file; give a directory path", keep=(f,))
+
+
+@pytest.mark.parametrize("content,msg", [(b"[1, 2, 3]", "not a run ledger: list"), (b"\xff\xfe\x00{", "is corrupt"),
+                                         (b'{"stages": [1]}', "not a run ledger")])
+def test_I8_run_json_that_is_not_a_ledger(ck: Path, tmp_path: Path, capsys: Any, content: bytes, msg: str) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_bytes(content)
+    refused(capsys, ["run", str(ck), "--target-ratio", "3", "--out", str(out)], "run.json", msg, keep=(out,))
+
+
+def test_I9_run_out_that_is_not_utf8(ck: Path, tmp_path: Path, capsys: Any) -> None:
+    out = Path(os.fsdecode(bytes(tmp_path) + b"/r\xff"))
+    refused(capsys, ["run", str(ck), "--target-ratio", "3", "--out", str(out)], "is not a valid UTF-8 path")
+    assert os.listdir(tmp_path) == ["ck"]  # refused at the start: nothing written
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--finetune-lr", "0"], "--finetune-lr must be > 0, got 0"),
+    (["--finetune-epochs", "-1"], "--finetune-epochs must be >= 0"),
+    (["--subset", "0"], "--subset must be >= 1"),
+])
+def test_I10_run_options_are_checked_before_any_stage(ck: Path, tmp_path: Path, capsys: Any, argv: list[str],
+                                                      msg: str) -> None:
+    out = tmp_path / "run"
+    refused(capsys, ["run", str(ck), "--target-ratio", "3", *argv, "--out", str(out)], msg, keep=(ck,))
+    assert not out.exists()
+
+
+def test_I11_run_training_options_are_checked_before_any_stage(tmp_path: Path, capsys: Any) -> None:
+    out = tmp_path / "run"
+    refused(capsys, ["run", "--model", "vgg11", "--dataset", "digits", "--width", "5000", "--target-ratio", "3",
+                     "--out", str(out)], "more than this machine's memory")
+    refused(capsys, ["run", "--model", "vgg11", "--dataset", "digits", "--epochs", "-1", "--target-ratio", "3",
+                     "--out", str(out)], "--epochs must be >= 0")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("keep", [",", "OUT=", "5:1"])
+def test_I12_analyze_with_an_empty_keep_list(ck: Path, tmp_path: Path, capsys: Any, keep: str) -> None:
+    refused(capsys, ["analyze", str(ck), "--keep", keep, "--no-progress", "--out", str(tmp_path / "r.sqlite")],
+            "gives no keep values", keep=(ck,))
+    assert not (tmp_path / "r.sqlite").exists()
+
+
+def test_I13_analyze_csv_over_another_file(ck: Path, tmp_path: Path, capsys: Any) -> None:
+    refused(capsys, ["analyze", str(ck), "--csv", str(ck / "meta.json"), "--no-progress",
+                     "--out", str(tmp_path / "r.sqlite")], "is not a CSV export of `tensorcut analyze`", "--force",
+            keep=(ck,))
+
+
+@pytest.mark.parametrize("sens,msg", [({"conv2": -3.0}, "sensitivities must be finite and >= 0, got conv2: -3"),
+                                      ({"layer1.0.conv1": 2.0}, "names 1 layer(s) this model lacks (e.g. 'layer1.0.conv1')")])
+def test_I14_negative_or_foreign_sensitivity_file(ck: Path, tmp_path: Path, capsys: Any, sens: dict[str, float],
+                                                  msg: str) -> None:
+    f = tmp_path / "sens.json"
+    f.write_text(json.dumps(sens))
+    out = tmp_path / "o"
+    refused(capsys, ["compress", str(ck), "--budget", "0.5", "--sensitivity", str(f), "--out", str(out)], msg,
+            keep=(ck, f))
+    assert not out.exists()

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +72,105 @@ def test_train_amp_flag_reaches_the_recipe(tmp_path, capsys):
 
     cfg = finetune_config(build_parser().parse_args(["finetune", "CK", "--amp"]))
     assert cfg.amp and not cfg.sync_batchnorm and cfg.lr == 1e-5
+
+
+# ----------------------------------------------------------------------------- manners (issue 18, item 7)
+
+
+def _verb_parsers():
+    from tensorcut.cli import build_parser, verb_parsers
+
+    return verb_parsers(build_parser())
+
+
+def test_every_option_of_every_verb_has_help():
+    missing = [f"{verb} {a.option_strings or a.dest}" for verb, p in _verb_parsers().items() for a in p._actions
+               if not (a.help or "").strip()]
+    assert missing == []
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 128)" in out and "(default: 10)" in out and "(default: None)" not in out
+
+
+def test_every_verb_has_json():
+    assert [v for v, p in _verb_parsers().items() if not any("--json" in a.option_strings for a in p._actions)] == []
+
+
+def test_bare_tensorcut_is_usage_and_choose_a_verb_on_stderr(capsys):
+    assert main([]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == ""
+    assert cap.err.startswith("usage: tensorcut") and "tensorcut: error: choose a verb" in cap.err
+
+
+def test_closed_pipe_ends_quietly():
+    # the reader closes the pipe before tensorcut writes a byte: every write meets EPIPE
+    p = subprocess.Popen([sys.executable, "-m", "tensorcut", "inspect", "resnet20"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    p.wait(timeout=300)
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err, err
+    assert p.returncode == 141
+
+
+def test_compress_keep_and_deprecated_ratio(tiny_checkpoint, tmp_path, capsys):
+    assert main(["compress", str(tiny_checkpoint), "--keep", "0.5", "--out", str(tmp_path / "a"), "--json"]) == 0
+    a = json.loads(capsys.readouterr().out)
+    with pytest.warns(FutureWarning, match="--ratio is deprecated; use --keep 0.5"):
+        assert main(["compress", str(tiny_checkpoint), "--ratio", "0.5", "--out", str(tmp_path / "b"), "--json"]) == 0
+    b = json.loads(capsys.readouterr().out)
+    assert a["config"]["ratio"] == b["config"]["ratio"] == 0.5 and a["layers"] == b["layers"]
+
+
+def test_deprecation_warning_is_one_line_at_the_console(tiny_checkpoint, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tensorcut", "compress", str(tiny_checkpoint), "--ratio", "0.5",
+                        "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert [ln for ln in r.stderr.splitlines() if "deprecated" in ln] == [
+        "tensorcut compress: warning: --ratio is deprecated; use --keep 0.5 (the fraction of each layer's parameters kept)"]
+
+
+def test_target_ratio_is_documented_as_a_compression_factor(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "compression factor to reach: dense / compressed" in out and "--subset N" in out
+
+
+@pytest.mark.parametrize("argv,keys", [
+    (["inspect", "--list", "--json"], {"resnet20", "vanilla-cnn"}),
+    (["inspect", "vanilla-cnn", "--dataset", "digits", "--width", "0.125", "--json"], {"rows", "total_params"}),
+    (["evaluate", "{ck}", "--split", "val", "--json"], {"top1", "top5", "loss", "n"}),
+    (["export", "{ck}", "--format", "torchscript", "--out", "{tmp}/m.pt", "--json"], {"path", "checked", "check"}),
+    (["train", "--model", "vanilla-cnn", "--dataset", "digits", "--width", "0.125", "--epochs", "1", "--subset", "64",
+      "--device", "cpu", "--out", "{tmp}/t", "--json"], {"checkpoint", "test", "epochs"}),
+    (["compress", "{ck}", "--keep", "0.5", "--out", "{tmp}/c", "--json"], {"config", "layers"}),
+    (["analyze", "{ck}", "--subset", "40", "--bipartitions", "OUT", "--keep", "1,2", "--layers", "conv2",
+      "--out", "{tmp}/r.sqlite", "--plots", "{tmp}/figs", "--json"], {"evaluated", "csv", "baseline", "figures"}),
+])
+def test_json_result_alone_on_stdout(argv, keys, tiny_checkpoint, tmp_path, capsys):
+    argv = [a.format(ck=tiny_checkpoint, tmp=tmp_path) for a in argv]
+    assert main(argv) == 0
+    r = json.loads(capsys.readouterr().out)  # nothing but the JSON document on stdout
+    assert keys <= set(r)
+
+
+def test_finetune_and_plot_json(tiny_checkpoint, tmp_path, capsys):
+    c = tmp_path / "c"
+    assert main(["compress", str(tiny_checkpoint), "--keep", "0.5", "--out", str(c)]) == 0
+    capsys.readouterr()
+    assert main(["finetune", str(c), "--out", str(tmp_path / "ft"), "--epochs", "1", "--subset", "64",
+                 "--device", "cpu", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["epochs"] == 1 and 0 <= r["test"]["top1"] <= 1 and r["checkpoint"] == str(tmp_path / "ft")
+    assert main(["analyze", str(tiny_checkpoint), "--subset", "40", "--bipartitions", "OUT", "--keep", "1",
+                 "--layers", "conv2", "--out", str(tmp_path / "r.sqlite"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["plot", str(tmp_path / "r.sqlite"), "--out", str(tmp_path / "f"), "--format", "png", "--json"]) == 0
+    files = json.loads(capsys.readouterr().out)["figures"]
+    assert files and all(Path(f).exists() for f in files)

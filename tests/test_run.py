@@ -13,7 +13,7 @@ from tensorcut.errors import TensorcutError
 from tensorcut.run import STAGES, RunConfig, run
 
 TINY = dict(calib_subset=64, finetune_epochs=1, finetune_lr=1e-3, curve_ratios=(2.0, 4.0), bipartitions=("OUT",),
-            probe_images=64)
+            probe_images=64, train_subset=96)
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,8 @@ def test_run_meets_ratio_goal_and_writes_every_stage(run_dir):
     assert rows["final"]["params"] == sum(p.numel() for p in tio.load(out / "finetuned").parameters())
     state = json.loads((out / "run.json").read_text())
     assert list(state["stages"]) == list(STAGES)
+    assert tio.load_checkpoint(out / "finetuned").meta["finetune"]["train_images"] == 96  # RunConfig.train_subset
+    assert state["stages"]["export"]["checked"] and "batch 1 and 7" in state["stages"]["export"]["check"]
     # BatchNorm statistics were re-estimated on the calibration subset after compressing
     bn = tio.load_checkpoint(out / "compressed").meta["bn_recalibration"]
     assert bn["batchnorm_layers"] > 0 and bn["images"] == TINY["calib_subset"]
@@ -132,3 +134,42 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     assert total and loaded, r.stderr[-2000:]
     assert int(total.group(1)) >= 3 and loaded.group(1) == total.group(1)
     assert dom.count("<table") >= 3
+
+
+# ----------------------------------------------------------------------------- a run directory edited or damaged
+
+
+def _stage_damage(out: Path, what: str) -> None:
+    if what == "verify.json missing":
+        (out / "verify.json").unlink()
+    elif what == "verify.json corrupt":
+        (out / "verify.json").write_text("{not json")
+    elif what == "export/model.onnx missing":
+        (out / "export" / "model.onnx").unlink()
+    elif what == "finetuned/meta.json corrupt":
+        (out / "finetuned" / "meta.json").write_text("[1, 2")
+    elif what == "finetuned/meta.json missing":
+        (out / "finetuned" / "meta.json").unlink()
+    elif what == "plan.json not UTF-8":
+        (out / "compressed" / "plan.json").write_bytes(b"\xff\xfe{\x00")
+
+
+@pytest.mark.parametrize("what,redone", [
+    ("verify.json missing", "verify"), ("verify.json corrupt", "verify"), ("export/model.onnx missing", "export"),
+    ("finetuned/meta.json corrupt", "finetune"), ("finetuned/meta.json missing", "finetune"),
+    ("plan.json not UTF-8", "compress"),
+])
+def test_damaged_stage_files_are_redone_not_trusted(run_dir, tiny_checkpoint, tmp_path, capsys, what, redone):
+    src, _ = run_dir
+    out = tmp_path / "r"
+    shutil.copytree(src, out)
+    _stage_damage(out, what)
+    s = run(out, RunConfig(target_ratio=3.0, **TINY), checkpoint=tiny_checkpoint, progress=True)
+    text = capsys.readouterr().out
+    assert f"[{redone}] its outputs are missing or corrupt" in text
+    for p in ("finetuned/meta.json", "verify.json", "export/model.onnx", "compressed/plan.json"):
+        assert (out / p).is_file(), p
+    json.loads((out / "verify.json").read_text())
+    tio.load_checkpoint(out / "finetuned")
+    state = json.loads((out / "run.json").read_text())
+    assert list(state["stages"]) == list(STAGES) and s["goal_met"]

@@ -40,7 +40,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--recover-lr", type=float, default=1e-3, help="learning rate (Adam) for --recover")
     a.add_argument("--entropy", choices=("vn", "literal"), default="vn",
                    help="vn: -sum p ln p with p = S^2/sum S^2 (default); literal: paper Eq. 14 as printed")
-    a.add_argument("--batch-size", type=int, default=500)
+    a.add_argument("--batch-size", type=int, default=500, help="images per evaluation batch")
     a.add_argument("--cache-gib", type=float, default=1.0,
                    help="activation cache held in memory before spilling to disk (GiB, default 1)")
     a.add_argument("--spill-dir", default=None, help="where spilled cache files go (default: system temp)")
@@ -50,7 +50,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "not an earlier export of this verb is refused unless --force")
     a.add_argument("--force", action="store_true", help="replace an existing --csv file that is not an earlier CSV export")
     a.add_argument("--plots", default=None, metavar="FIGDIR", help="also write the figures into FIGDIR")
-    a.add_argument("--no-progress", action="store_true", help="no progress bars")
+    a.add_argument("--no-progress", action="store_true", help="no progress bars (they are off anyway when stderr is "
+                   "not a terminal)")
+    a.add_argument("--json", action="store_true", help="print the sweep's summary as JSON")
     a.add_argument("--out", required=True, metavar="RESULTS", help="SQLite results file (created or resumed)")
     a.set_defaults(func=_analyze)
 
@@ -58,9 +60,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        description="Draw spectra, accuracy-vs-norm-loss, depth, all-layer, CP and recovery figures.")
     p.add_argument("results", metavar="RESULTS", help="SQLite results file written by `tensorcut analyze`")
     p.add_argument("--out", required=True, metavar="FIGDIR", help="output folder")
-    p.add_argument("--format", nargs="+", default=["png", "svg"], choices=("png", "svg", "pdf"))
+    p.add_argument("--format", nargs="+", default=["png", "svg"], choices=("png", "svg", "pdf"), help="figure file formats")
     p.add_argument("--max-drop", type=float, default=0.01,
                    help="top-1 drop (fraction) defining the tolerated norm loss in the depth figure")
+    p.add_argument("--json", action="store_true", help="print the figure files as JSON")
     p.set_defaults(func=_plot)
 
 
@@ -77,6 +80,20 @@ def _analyze(args: argparse.Namespace) -> int:
         raise TensorcutError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.cache_gib < 0:
         raise TensorcutError(f"--cache-gib must be >= 0, got {args.cache_gib}")
+    from tensorcut.train.api import check_numbers
+
+    check_numbers(subset=args.subset)
+    if args.recover_subset is not None and args.recover_subset < 1:
+        raise TensorcutError(f"--recover-subset must be >= 1, got {args.recover_subset}")
+    if args.recover < 0 or not args.recover_lr > 0:
+        raise TensorcutError(f"--recover must be >= 0 epochs and --recover-lr > 0; got {args.recover} and {args.recover_lr:g}")
+    if args.keep is not None:
+        from tensorcut.analysis.grid import parse_keep
+
+        spec = parse_keep(args.keep)
+        if not spec or any(not v for v in spec.values()):
+            raise TensorcutError(f"--keep {' '.join(args.keep)!r} gives no keep values; give integers like 10,20 or "
+                                 "1:8, or leave --keep out for the shape-derived grid")
     _check_outputs(args)
     ck = tio.load_checkpoint(args.checkpoint)
     meta: dict[str, Any] = ck.meta
@@ -107,6 +124,23 @@ def _analyze(args: argparse.Namespace) -> int:
         data_name=f"{name}/{subset}", cache_bytes=int(args.cache_gib * (1 << 30)), spill_dir=args.spill_dir,
         use_cache=not args.no_cache, csv=args.csv or True, progress=not args.no_progress,
     )
+    csv_path = Path(args.csv) if args.csv else Path(args.out).with_suffix(".csv")
+    if args.json:
+        from tensorcut.console import print_json
+
+        res: dict[str, Any] = {"results": str(args.out), "evaluated": report.evaluated}
+        if getattr(report, "final", True):
+            files = []
+            if args.plots:
+                from tensorcut.analysis.plots import plot
+
+                files = [str(f) for f in plot(args.out, args.plots)]
+            res.update(skipped=report.skipped, seconds=report.seconds, csv=str(csv_path), baseline=report.baseline,
+                       fast_path=report.fast_path, figures=files)
+        else:
+            res.update(shard=report.rank, world_size=report.world_size)
+        print_json(res)
+        return 0
     if not getattr(report, "final", True):  # one shard of a sharded sweep (docs/scaling.md)
         print(f"shard {report.rank + 1}/{report.world_size}: {report.evaluated} configurations evaluated into {args.out}")
         return 0
@@ -114,7 +148,6 @@ def _analyze(args: argparse.Namespace) -> int:
         print(f"baseline {split}: top-1 {b['top1']:.4f}  top-5 {b['top5']:.4f}  loss {b['loss']:.4f}  (n={b['n']})")
     for layer, why in report.fast_path.items():
         print(f"{layer}: " + ("cached rest-of-network evaluation" if not why else f"full evaluation ({why})"))
-    csv_path = Path(args.csv) if args.csv else Path(args.out).with_suffix(".csv")
     print(f"{report.evaluated} configurations evaluated, {report.skipped} already in {args.out} "
           f"({report.seconds:.1f} s); CSV: {csv_path}")
     if args.plots:
@@ -161,6 +194,11 @@ def _plot(args: argparse.Namespace) -> int:
         raise TensorcutError(f"--max-drop is a fraction of accuracy in [0, 1], got {args.max_drop}")
     _not_a_file(args.out, "--out")
     files = plot(args.results, args.out, formats=tuple(args.format), max_drop=args.max_drop)
+    if args.json:
+        from tensorcut.console import print_json
+
+        print_json({"figures": [str(f) for f in files]})
+        return 0
     print(f"{len(files)} figure files in {args.out}")
     return 0
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,8 @@ from tensorcut import models
 from tensorcut.errors import TensorcutError
 from tensorcut.train.loop import FitConfig, evaluate as evaluate_loader, fit, resolve_device, set_seed
 
-__all__ = ["check_dataset_fits", "train", "evaluate", "model_kwargs_for"]
+__all__ = ["check_dataset_fits", "check_input_size", "check_model_size", "check_numbers", "check_resume_recipe", "evaluate",
+           "model_kwargs_for", "recorded_recipe", "train"]
 
 
 def model_kwargs_for(dataset: str, width: float = 1.0) -> dict[str, Any]:
@@ -34,6 +38,128 @@ def check_dataset_fits(meta: dict[str, Any], ds: tdata.ImageDataset, name: str) 
     if m.get("name") == "vanilla-cnn" and kw.get("input_size", h) != h:
         raise TensorcutError(f"{name} images are {h} px but this vanilla-cnn was built for {kw['input_size']} px; "
                              "use the data set it was trained for")
+
+
+#: Bounds of numeric options: name -> (test, what it must be). One table for every verb.
+_NUMBER_RULES: dict[str, tuple[Any, str]] = {
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "epochs": (lambda v: v >= 0, ">= 0"),
+    "lr": (lambda v: v > 0 and math.isfinite(v), "> 0"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": (lambda v: v >= 0 and math.isfinite(v), ">= 0"),
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    "width": (lambda v: v > 0 and math.isfinite(v), "> 0"),
+    "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "subset": (lambda v: v >= 1, ">= 1"),
+    "distill_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "input_size": (lambda v: v >= 1, ">= 1"),
+    "in_channels": (lambda v: v >= 1, ">= 1"),
+    "num_classes": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def check_numbers(**values: float | int | None) -> None:
+    """Refuse, in one line naming the option, a numeric option out of its range (``None``: not given)."""
+    for name, v in values.items():
+        if v is None:
+            continue
+        test, what = _NUMBER_RULES[name]
+        if not test(v):
+            raise TensorcutError(f"--{name.replace('_', '-')} must be {what}, got {v:g}")
+
+
+def check_model_size(name: str, kwargs: dict[str, Any], *, factor: float = 1.0) -> int:
+    """Parameter count of zoo model ``name`` with ``kwargs``, refused in one line if it cannot fit in memory.
+
+    The model is built on the ``meta`` device (no memory); ``factor`` is how many float32
+    copies of the weights the job holds (weights, gradients, optimiser state).
+    """
+    check_numbers(**{k: kwargs.get(k) for k in ("width", "input_size", "in_channels", "num_classes")})
+    import torch
+
+    try:
+        with torch.device("meta"):
+            net = models.create(name, **kwargs)
+    except TensorcutError:
+        raise
+    except (RuntimeError, ValueError) as e:
+        raise TensorcutError(f"cannot build {name} with {kwargs}: {str(e).splitlines()[0][:160]}") from None
+    n = sum(p.numel() for p in net.parameters())
+    need = 4 * n * factor
+    have = _memory_bytes()
+    if have is not None and need > have:
+        raise TensorcutError(f"{name} at width {kwargs.get('width', 1.0):g} and input {kwargs.get('input_size')} px has "
+                             f"{n:,} parameters ({need / 2**30:,.1f} GiB), more than this machine's memory "
+                             f"({have / 2**30:,.1f} GiB); use a smaller --width")
+    return n
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_input_size(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
+    """Refuse, in one line, an input so large that one image's activations cannot be held in memory.
+
+    The forward pass runs on a ``meta``-device copy (shapes only, no memory).
+    """
+    import copy
+
+    import torch
+
+    c, h, w = input_shape
+    check_numbers(input_size=min(h, w), in_channels=c)
+    total = 0
+
+    def hook(_m: nn.Module, _i: Any, o: Any) -> None:
+        nonlocal total
+        if isinstance(o, torch.Tensor):
+            total += o.numel()
+
+    try:
+        meta_model = copy.deepcopy(model).to("meta").eval()
+    except (RuntimeError, NotImplementedError):
+        return  # cannot be moved to meta: let the real run speak
+    handles = [m.register_forward_hook(hook) for m in meta_model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            meta_model(torch.empty(1, c, h, w, device="meta"))
+    except (RuntimeError, ValueError, NotImplementedError) as e:
+        raise TensorcutError(f"the model cannot take a {c}x{h}x{w} input: {str(e).splitlines()[0][:160]}") from None
+    finally:
+        for hd in handles:
+            hd.remove()
+    have = _memory_bytes()
+    if have is not None and 4 * total > have:
+        raise TensorcutError(f"a {c}x{h}x{w} input needs {4 * total / 2**30:,.1f} GiB of activations per image, more than "
+                             f"this machine's memory ({have / 2**30:,.1f} GiB); use a smaller --input-size")
+
+
+#: Recipe entries a resumed run must keep (its optimiser and scheduler state are made for them).
+RESUME_KEYS = ("optimizer", "lr", "momentum", "weight_decay", "scheduler")
+
+
+def recorded_recipe(out: str | Path) -> dict[str, Any]:
+    """The recipe recorded in checkpoint ``out`` (empty when there is none or it cannot be read)."""
+    try:
+        r = json.loads((Path(out) / tio.META).read_text(encoding="utf-8")).get("recipe")
+    except (OSError, ValueError, AttributeError):
+        return {}  # the loader reports an unreadable checkpoint in its own words
+    return r if isinstance(r, dict) else {}
+
+
+def check_resume_recipe(out: Path, recipe: dict[str, Any]) -> None:
+    """Refuse ``--resume`` with a recipe other than the recorded one: the restored optimiser state would
+    silently keep training at the old rate (or not fit another optimiser at all)."""
+    old = recorded_recipe(out)
+    changed = [f"--{k.replace('_', '-')} {old[k]} -> {recipe[k]}" for k in RESUME_KEYS
+               if k in old and k in recipe and old[k] != recipe[k]]
+    if changed:
+        raise TensorcutError(f"--resume continues {out} with its recorded recipe, but {', '.join(changed)}; "
+                             "drop those options to resume, or train into a new --out")
 
 
 def train(
@@ -61,12 +187,22 @@ def train(
     rank 0 alone writes ``out``.
     """
     out = Path(out)
+    if out.is_file():
+        raise TensorcutError(f"{out} is a file; give a directory path")
     if (out / tio.META).exists() and not resume:
         raise TensorcutError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
     cfg = config or FitConfig(epochs=epochs)
     if config is not None and epochs != cfg.epochs:
         cfg.epochs = epochs
+    check_numbers(batch_size=batch_size, epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.momentum,
+                  weight_decay=cfg.weight_decay, seed=cfg.seed, width=width, val_fraction=val_fraction, subset=subset)
     kwargs = model_kwargs_for(dataset, width)
+    check_model_size(model, kwargs, factor=4.0)  # weights, gradients and two Adam moments
+    recipe = {"epochs": cfg.epochs, "optimizer": cfg.optimizer, "lr": cfg.lr, "momentum": cfg.momentum,
+              "weight_decay": cfg.weight_decay, "scheduler": cfg.scheduler, "batch_size": batch_size,
+              "augment": augment, "patience": cfg.patience}
+    if resume and (out / tio.META).exists():
+        check_resume_recipe(out, recipe)
     set_seed(cfg.seed)  # initial weights follow --seed (and are the same on every rank)
     net = models.create(model, **kwargs)
     tr = tdata.load_dataset(dataset, "train", data_dir=data_dir, val_fraction=val_fraction, seed=cfg.seed,
@@ -77,8 +213,7 @@ def train(
         "model": {"name": model, "kwargs": kwargs},
         "dataset": {"name": dataset, "val_fraction": val_fraction, "seed": cfg.seed,
                     "data_dir": str(data_dir) if data_dir else None, "subset": subset},
-        "recipe": {"epochs": cfg.epochs, "optimizer": cfg.optimizer, "lr": cfg.lr, "scheduler": cfg.scheduler,
-                   "batch_size": batch_size, "augment": augment, "patience": cfg.patience},
+        "recipe": recipe,
     }
     with tdist.session(resolve_device(device)) as ctx:
         dev = ctx.device

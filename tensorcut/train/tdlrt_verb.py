@@ -18,6 +18,7 @@ from typing import Any
 from tensorcut import data as tdata
 from tensorcut import distributed as tdist
 from tensorcut import io as tio
+from tensorcut.console import say
 from tensorcut.errors import TensorcutError
 
 __all__ = ["run_cli", "train_tdlrt_checkpoint"]
@@ -114,9 +115,9 @@ def _train(model: str | None, dataset: str, out: Path, ctx: tdist.DistContext, *
         history.append(row)
         if progress and ctx.is_main:
             ranks = " ".join(f"{a}/{b}" for a, b in row["ranks"].values())
-            print(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} | val loss {row.get('val_loss', float('nan')):.4f} "
-                  f"top1 {row.get('val_top1', float('nan')):.4f} | conv compression {row['conv_compression_pct']:.1f}% "
-                  f"| ranks {ranks} | {row['seconds']:.1f}s", flush=True)
+            say(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} | val loss {row.get('val_loss', float('nan')):.4f} "
+                f"top1 {row.get('val_top1', float('nan')):.4f} | conv compression {row['conv_compression_pct']:.1f}% "
+                f"| ranks {ranks} | {row['seconds']:.1f}s")
         snapshot = {**meta, "history": history, "epoch": row["epoch"]}
         tdist.run_on_main(lambda: tio.save(net, out, snapshot))
 
@@ -151,6 +152,12 @@ def run_cli(args: argparse.Namespace) -> int:
         return 0
     m = ck.meta["metrics"]["test"]
     t = ck.meta["tdlrt"]
+    if getattr(args, "json", False):
+        from tensorcut.console import print_json
+
+        print_json({"checkpoint": str(args.out), "test": m, "epochs": ck.meta.get("epoch"),
+                    "conv_cr": t["conv_cr"], "conv_compression_pct": t["conv_compression_pct"]})
+        return 0
     print(f"test: loss {m['loss']:.4f}  top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}  (n={m['n']})")
     print(f"conv compression {t['conv_compression_pct']:.1f}% (CR {t['conv_cr']:.2f})")
     print(f"checkpoint: {args.out}")
