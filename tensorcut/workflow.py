@@ -194,7 +194,7 @@ def finetune_checkpoint(src: str | Path, out: str | Path | None = None, *, datas
     """Fine-tune a (compressed) checkpoint; default recipe :data:`FINETUNE_RECIPE` (the thesis's).
 
     Writes to ``out`` (refused when it already holds a checkpoint, unless ``force``) and
-    reports test metrics. Without ``out`` (or with ``out == src``) ``src`` is replaced, but
+    reports test metrics (``resume`` continues a run interrupted in ``out``). Without ``out`` (or with ``out == src``) ``src`` is replaced, but
     only once the fine-tuned checkpoint is completely written: training checkpoints go to the
     sibling folder ``.<name>.finetune.tmp``, which then takes ``src``'s place, so an interrupted
     run leaves ``src`` as it was (``resume`` continues from that folder). ``distill_from``
@@ -207,7 +207,8 @@ def finetune_checkpoint(src: str | Path, out: str | Path | None = None, *, datas
         out = src.parent / f".{src.name}.finetune.tmp"
     else:
         out = Path(out)
-        check_output_dir(out, force=force)
+        if not (resume and (out / tio.META).exists()):  # resuming into out is asked for
+            check_output_dir(out, force=force)
     cfg = config or copy.deepcopy(FINETUNE_RECIPE)
     teacher = tio.load(distill_from) if distill_from else None
     if teacher is not None and cfg.distill_alpha == 0:

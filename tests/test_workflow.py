@@ -112,3 +112,14 @@ def test_out_that_is_a_file(compressed: Path, tmp_path: Path, capsys: Any, verb:
     assert main(argv) == 2
     _one_line(capsys, verb, f"{f} is a file; give a directory path")
     assert f.read_text() == "keep me"
+
+
+def test_finetune_resume_into_its_own_out_is_allowed(compressed: Path, tmp_path: Path) -> None:
+    from tensorcut.train.loop import FitConfig
+    from tensorcut.workflow import finetune_checkpoint
+
+    out = tmp_path / "ft"
+    kw = dict(subset=64, batch_size=32, device="cpu", progress=False)
+    finetune_checkpoint(compressed, out, config=FitConfig(epochs=1, lr=1e-4, scheduler="none"), **kw)
+    ck = finetune_checkpoint(compressed, out, config=FitConfig(epochs=2, lr=1e-4, scheduler="none"), resume=True, **kw)
+    assert [h["epoch"] for h in ck.meta["finetune_history"]] == [1, 2]
