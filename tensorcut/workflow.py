@@ -170,6 +170,7 @@ def compress_checkpoint(src: str | Path, out: str | Path, config: CompressConfig
         ds = _dataset_from_meta(meta, evaluate_split)
         meta["metrics"][evaluate_split] = evaluate_loader(model, tdata.make_loader(ds, 512), "cpu")
     tio.save(model, out, meta)
+    (out / "train_state.pt").unlink(missing_ok=True)  # a replaced (--force) checkpoint's training state is not ours
     p.save(out / "plan.json")
     return model, p, meta
 

@@ -82,6 +82,7 @@ def test_compress_out_onto_another_checkpoint_needs_force(tiny_checkpoint: Path,
     assert _digest(other) == before
     assert main([*argv, "--force"]) == 0
     assert (other / "plan.json").exists() and _digest(other)["model.safetensors"] != before["model.safetensors"]
+    assert not (other / "train_state.pt").exists()  # the replaced checkpoint's training state went with it
 
 
 def test_compress_again_into_its_own_output_needs_force(tiny_checkpoint: Path, compressed: Path, capsys: Any) -> None:
