@@ -58,7 +58,7 @@ OUT = RESULTS / "pruning_frontier"
 STATE = RESULTS / "pruning_frontier.json"
 WORK = ROOT / "runs" / "bench_pruning_frontier"
 INPUT = (1, 28, 28)
-ARMS = ("tucker2", "pruning", "uniform")
+ARMS = ("tucker2", "pruning", "uniform", "minmax")
 
 
 def log(msg: str) -> None:
@@ -79,12 +79,17 @@ class State:
     def __init__(self, path: Path, settings: dict[str, Any]) -> None:
         self.path = path
         old = json.loads(path.read_text()) if path.exists() else {}
-        keep = {k: v for k, v in settings.items() if k not in ("command", "machine", "started")}
-        prev = {k: v for k, v in (old.get("settings") or {}).items() if k not in ("command", "machine", "started")}
+        free = ("command", "machine", "started", "arms", "budgets", "latency_rounds", "runs")  # do not change finished arms
+        keep = {k: v for k, v in settings.items() if k not in free}
+        prev = {k: v for k, v in (old.get("settings") or {}).items() if k not in free}
         if old and prev != keep:
             diff = sorted(k for k in set(keep) | set(prev) if keep.get(k) != prev.get(k))
             raise SystemExit(f"{path} was written with other settings ({', '.join(diff)}); move it away or pass the same options")
         self.data: dict[str, Any] = old or {"settings": settings, "entries": {}}
+        if old:  # later runs may add arms or budgets
+            s = self.data["settings"]
+            s["budgets"] = s["budgets"] + [b for b in settings["budgets"] if b not in s["budgets"]]
+            s["arms"] = s["arms"] + [x for x in settings["arms"] if x not in s["arms"]]
         self.data["settings"].setdefault("runs", [])
         self.data["settings"]["runs"].append({"command": settings["command"], "started": settings["started"],
                                               "uptime": settings["machine"]["uptime_at_start"]})
@@ -284,6 +289,40 @@ def build_uniform(dense: nn.Module, x: float, dense_tc: int, tol: float) -> tupl
                "dense_layers": tot["dense_layers"], "bisection_tries": len(cache)}
 
 
+def build_minmax(dense: nn.Module, x: float, dense_tc: int, tol: float) -> tuple[nn.Module, dict[str, Any]]:
+    """Arm (c): one relative-error bound ``eps`` for every layer (the ``eps`` rank rule), the smallest
+    that fits the MAC budget — i.e. the allocation that minimises the largest per-layer relative error."""
+    from tensorcut.compress import CompressConfig, apply, plan
+
+    target = dense_tc / x
+    cache: dict[float, Any] = {}
+
+    def macs_at(e: float) -> float:
+        if e not in cache:
+            cache[e] = plan(dense, CompressConfig(method="tucker2", eps=e), input_shape=INPUT, progress=False)
+        return float(cache[e].totals()["model_macs_after"])
+
+    lo, hi = 0.01, 0.95
+    for _ in range(16):  # smallest eps whose MACs are within the budget (+ tol)
+        mid = 0.5 * (lo + hi)
+        if macs_at(mid) > target * (1 + tol):
+            lo = mid
+        else:
+            hi = mid
+    e = hi
+    macs_at(e)
+    m = copy.deepcopy(dense)
+    p = cache[e]
+    apply(m, p)
+    tot = p.totals()
+    ranks = {l.name: l.ranks if l.status == "factorize" else "dense" for l in p.layers}
+    errs = [l.error for l in p.layers if l.status == "factorize" and l.error is not None]
+    return m, {"config": f"CompressConfig(method='tucker2', eps={e:.4f})", "eps": e,
+               "max_layer_error": max(errs) if errs else None,
+               "plan_macs": tot["model_macs_after"], "plan_params": tot["model_params_after"], "ranks": ranks,
+               "dense_layers": tot["dense_layers"], "bisection_tries": len(cache)}
+
+
 def _prune(dense: nn.Module, ratio: float) -> nn.Module:
     import torch_pruning as tp
 
@@ -333,6 +372,8 @@ def arm_stage(arm: str, x: float | None, dense: nn.Module, a: argparse.Namespace
         m, info = build_uniform(dense, x, d["macs_tc"], a.mac_tol)
     elif arm == "pruning":
         m, info = build_pruning(dense, x, d["macs_tp"], a.mac_tol)
+    elif arm == "minmax":
+        m, info = build_minmax(dense, x, d["macs_tc"], a.mac_tol)
     else:
         raise SystemExit(f"unknown arm {arm!r}")
     t_build = time.perf_counter() - t
@@ -370,7 +411,8 @@ def arm_stage(arm: str, x: float | None, dense: nn.Module, a: argparse.Namespace
 # ----------------------------------------------------------------------------- report
 
 LABEL = {"tucker2": "tensorcut tucker2, MAC-budget allocation", "uniform": "tensorcut tucker2, uniform ranks",
-         "pruning": "Torch-Pruning L1 channel pruning", "dense-ft": "dense + same fine-tuning (control)"}
+         "pruning": "Torch-Pruning L1 channel pruning", "minmax": "tensorcut tucker2, min-max error (one eps)",
+         "dense-ft": "dense + same fine-tuning (control)"}
 
 
 def render(data: dict[str, Any]) -> str:
@@ -448,7 +490,7 @@ def render(data: dict[str, Any]) -> str:
         rows.append(["-", "dense", f"{d['macs_tc']:,}", "1.00", f"{d['macs_tp']:,}", "1.00", f"{d['params']:,}", "-",
                      f"{d['top1']:.4f} ± {d['se']:.4f}", f"{ctl['top1_after']:.4f} ± {ctl['se_after']:.4f}", "0",
                      "1.00", "dense + same FT (control)"])
-    for x in s["budgets"]:
+    for x in sorted(s["budgets"]):
         for arm in ARMS:
             e = E.get(f"{arm}/x{x:g}")
             if not e:
@@ -463,7 +505,7 @@ def render(data: dict[str, Any]) -> str:
     L.append("## Results\n")
     L.append(common.md_table(head, rows) + "\n")
     L.append("## Who wins at each budget\n")
-    for x in s["budgets"]:
+    for x in sorted(s["budgets"]):
         got = {arm: E[f"{arm}/x{x:g}"] for arm in ARMS if f"{arm}/x{x:g}" in E}
         if not got:
             L.append(f"- x{x:g}: no arm finished (the run ran out of time before this budget).")
@@ -501,7 +543,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
     d = E["dense"]
     has_lat = any((e.get("latency") for k, e in E.items() if k != "dense"))
     fig, axes = plt.subplots(1, 2 if has_lat else 1, figsize=(11 if has_lat else 6, 4.2), squeeze=False)
-    style = {"tucker2": ("o", "C0"), "uniform": ("s", "C2"), "pruning": ("^", "C3")}
+    style = {"tucker2": ("o", "C0"), "uniform": ("s", "C2"), "pruning": ("^", "C3"), "minmax": ("D", "C1")}
     for j, ax in enumerate(axes[0]):
         for arm in ARMS:
             es = sorted((e for k, e in E.items() if k.startswith(arm + "/")), key=lambda e: e["macs_tc"])
@@ -554,19 +596,20 @@ def report(st: State) -> None:
 def main(argv: list[str] | None = None) -> int:
     global WORK, OUT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dense-epochs", type=int, default=4)
+    ap.add_argument("--dense-epochs", type=int, default=3)
     ap.add_argument("--dense-lr", type=float, default=0.1)
     ap.add_argument("--dense-patience", type=int, default=3)
     ap.add_argument("--ft-epochs", type=int, default=1)
     ap.add_argument("--ft-lr", type=float, default=0.01)
-    ap.add_argument("--ft-subset", type=int, default=15000,
+    ap.add_argument("--ft-subset", type=int, default=10000,
                     help="fine-tune every arm on this seeded subset of the training split (0: all of it)")
     ap.add_argument("--raw-eval", action="store_true", help="also test top-1 right after compression, before BN re-estimation")
     ap.add_argument("--weight-decay", type=float, default=5e-4)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--pad", type=int, default=2)
     ap.add_argument("--budgets", type=float, nargs="+", default=[2.0, 4.0, 3.0])
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--arms", nargs="+", default=list(ARMS[:3]), choices=list(ARMS),
+                    help="minmax (arm c) was added after the first run: pass it explicitly")
     ap.add_argument("--mac-tol", type=float, default=0.02)
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--calib-images", type=int, default=2048)
