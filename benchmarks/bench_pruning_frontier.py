@@ -421,10 +421,14 @@ def render(data: dict[str, Any]) -> str:
     L.append("# tensorcut vs structured channel pruning at matched MACs (resnet20, Fashion-MNIST)\n")
     L.append("Reproduce (from the repository root; resumable: a re-run skips finished arms, the dense model resumes "
              "epoch by epoch; `--report` rewrites this file and the plot from the JSON):\n")
-    L.append("```\n" + s["command"] + "\n```\n")
+    cmds = [r["command"] for r in s.get("runs", [])] or [s["command"]]
+    L.append("```\n" + "\n".join(dict.fromkeys(cmds)) + "\n```\n")
+    if len(set(cmds)) > 1:
+        L.append("(one line per run that added arms to the state file; each run skips what is already there)\n")
     m = s["machine"]
     L.append(f"Machine: {m['cpu']}, {m['cpus']} CPUs shared with other jobs, {m['threads']} torch thread, nice "
-             f"{m['nice']}; torch {m['torch']}, torch-pruning {s.get('torch_pruning')}; package commit {m['git_commit']}; "
+             f"{m['nice']}; torch {m['torch']}, torch-pruning {s.get('torch_pruning')}; checkout HEAD {m['git_commit']} "
+             f"(package code: see below); "
              f"started {m['started']}; `uptime` at start: `{m['uptime_at_start']}`. Results: "
              "`benchmarks/results/pruning_frontier.json`, plot `pruning_frontier.png`.\n")
     z = s["sizes"]
@@ -450,8 +454,12 @@ def render(data: dict[str, Any]) -> str:
     if s.get("package"):
         L.append(f"- Package code: {s['package']} (other engineers were editing the shared checkout during the run, "
                  "so the run imported a frozen copy of the committed package).")
-    L.append(f"- MAC budgets tried, in this order: {', '.join('x' + format(b, 'g') for b in s['budgets'])}; arm "
-             "(c) of the issue (ALDS-style min-max error allocation) is not run. resnet56 and CIFAR-10 are not run.")
+    L.append(f"- MAC budgets tried, in this order: {', '.join('x' + format(b, 'g') for b in s['budgets'])}. "
+             + ("Arm (c) of the issue is run as `minmax`: one relative-error bound `eps` for every layer (the `eps` "
+                "rank rule), bisected to the smallest that fits the MAC budget — the allocation that minimises the "
+                "largest per-layer relative kernel error (ALDS-style; no per-layer method choice). "
+                if "minmax" in s.get("arms", []) else "Arm (c) of the issue (min-max error allocation) is not run. ")
+             + "resnet56 and CIFAR-10 are not run.")
     L.append("- Pruning: Torch-Pruning cannot trace option-A shortcuts (strided subsample + zero-padding of "
              "channels) as a channel coupling — pruning the residual stream produced a model whose classifier input "
              "no longer matched — so the pruning arm prunes each residual block's *inner* convolution (conv1's "
