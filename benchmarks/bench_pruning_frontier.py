@@ -79,7 +79,7 @@ class State:
     def __init__(self, path: Path, settings: dict[str, Any]) -> None:
         self.path = path
         old = json.loads(path.read_text()) if path.exists() else {}
-        free = ("command", "machine", "started", "arms", "budgets", "latency_rounds", "runs")  # do not change finished arms
+        free = ("command", "machine", "started", "arms", "budgets", "latency_rounds", "runs", "package")  # do not change finished arms
         keep = {k: v for k, v in settings.items() if k not in free}
         prev = {k: v for k, v in (old.get("settings") or {}).items() if k not in free}
         if old and prev != keep:
