@@ -209,12 +209,21 @@ def compressed_copy(model: nn.Module, method: str, target: float, align: int) ->
         else:
             hi = mid
     chosen, total = best
+    note = ""
+    if total > target * dense:  # unreachable (e.g. most MACs in depthwise convs): the smallest ranks everywhere
+        chosen, total = {}, dense
+        for n, g in geoms.items():
+            r = _ranks_at(method, g, 0.0, align)
+            if cls.predicted_macs(g, r, sizes[n]) < g.dense_macs(sizes[n]):
+                chosen[n] = r
+                total += cls.predicted_macs(g, r, sizes[n]) - g.dense_macs(sizes[n])
+        note = f"target {target} unreachable: smallest ranks (multiples of {align}) in every eligible layer"
     out = copy.deepcopy(model)
     for n, r in chosen.items():
         layer = cls(geoms[n], r, dtype=next(model.parameters()).dtype)
         layer.reset_parameters()
         out.set_submodule(n, layer)
-    info = {"mac_ratio": total / dense, "dense_macs": dense, "macs": total, "factorized_layers": len(chosen),
+    info = {"mac_ratio": total / dense, "dense_macs": dense, "macs": total, "factorized_layers": len(chosen), "note": note,
             "eligible_layers": len(geoms), "ranks": {n: list(r) for n, r in chosen.items()}}
     return out.eval(), info
 
