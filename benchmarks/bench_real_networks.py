@@ -180,14 +180,19 @@ def render(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archs", default="", help="comma-separated registry ids (default: all)")
+    ap.add_argument("--methods", default="", help="comma-separated methods to run (default: all)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--resume", action="store_true", help="skip cases already in the JSON")
     ap.add_argument("--deadline", type=float, default=0.0, help="stop starting new cases after this many seconds")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the markdown from the JSON (e.g. of a run stopped early); cases not in it are listed as not run")
     args = ap.parse_args(argv)
     pin_threads(args.threads)
     archs = [by_id(a) for a in args.archs.split(",")] if args.archs else list(ARCHS)
-    todo = cases(archs)
+    todo = [c for c in cases(archs) if not args.methods or c[1] in args.methods.split(",")]
+    if args.report_only:
+        return _report_only(args.out, todo)
     machine = machine_info(args.threads)
     result: dict[str, Any] = {"command": command_line(), "machine": machine, "cases": [], "not_run": []}
     json_path = args.out.with_suffix(".json")
@@ -225,6 +230,19 @@ def main(argv: list[str] | None = None) -> int:
     write_markdown(args.out.with_suffix(".md"), "tensorcut on real timm / torchvision architectures", result["command"],
                    render(result), machine, result["load"])
     print(f"wrote {json_path} and .md in {result['total_seconds']} s")
+    return 0
+
+
+def _report_only(out: Path, todo: list[tuple[str, str, str]]) -> int:
+    result = json.loads(out.with_suffix(".json").read_text())
+    done = {(c["arch"], c["method"], c["rule"]) for c in result["cases"]}
+    result["not_run"] = [f"{a}/{m} {r}" for a, m, r in todo if (a, m, r) not in done]
+    order = {c: i for i, c in enumerate(todo)}
+    result["cases"].sort(key=lambda c: order.get((c["arch"], c["method"], c["rule"]), len(order)))
+    load = result.get("load")
+    write_markdown(out.with_suffix(".md"), "tensorcut on real timm / torchvision architectures", result["command"],
+                   render(result), result["machine"], load)
+    print(f"wrote {out.with_suffix('.md')} ({len(result['cases'])} cases, {len(result['not_run'])} not run)")
     return 0
 
 
