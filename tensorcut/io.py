@@ -2,7 +2,11 @@
 
 Nothing here unpickles a user's file. ``meta.json`` names the architecture (registry
 name and arguments) and, for compressed models, the configuration of every factorized
-layer, so :func:`load` rebuilds the exact module tree with no user code.
+layer, so :func:`load` rebuilds the exact module tree with no user code — for models in
+tensorcut's registry (the zoo, or any architecture added with
+``tensorcut.models.register_model``). A checkpoint of another architecture (a timm or
+torchvision network, your own class) reloads with ``load(DIR, model=fresh_instance)``: the
+recorded factorized layers are re-applied to that instance and the weights loaded into it.
 """
 
 from __future__ import annotations
@@ -92,23 +96,58 @@ class Checkpoint:
 
 
 def _factorized_configs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Configurations of every registered factorized layer (any module with ``method`` and ``config()``)."""
-    out = {}
-    for name, m in model.named_modules():
+    """Configurations of every registered factorized layer (any module with ``method`` and ``config()``);
+    a layer reachable under several names is recorded once, its other names as ``{"alias_of": first}``."""
+    out: dict[str, dict[str, Any]] = {}
+    first: dict[int, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
         if name and getattr(type(m), "method", "") and callable(getattr(m, "config", None)):
-            out[name] = m.config()
+            if any(name.startswith(f + ".") for f in first.values()):
+                continue  # inside a factorized layer reached under another name
+            if id(m) in first:
+                out[name] = {"alias_of": first[id(m)]}
+            else:
+                first[id(m)] = name
+                out[name] = m.config()
     return out
 
 
-def save(model: nn.Module, directory: str | Path, meta: dict[str, Any]) -> Path:
-    """Save ``model`` to ``directory``; ``meta`` must hold ``model: {name, kwargs}``.
+def _unshared_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict on the CPU with tensors that share memory (shared modules) copied apart,
+    as safetensors requires; loading writes the same values through every name."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for k, v in model.state_dict().items():
+        t = v.detach().contiguous().cpu()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (id(t), 0)
+        if key in seen:
+            t = t.clone()
+        seen.add(key)
+        out[k] = t
+    return out
 
-    Factorized layers are recorded automatically under ``meta['layers']``. The weights
-    file is written before ``meta.json`` so a complete ``meta.json`` implies complete weights.
+
+def save(model: nn.Module, directory: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """Save ``model`` to ``directory`` (weights as safetensors, architecture and metadata as JSON).
+
+    Args:
+        model: any module; factorized layers are recorded under ``meta['layers']`` automatically.
+        directory: the checkpoint folder (created; files written atomically, the weights first so
+            that a complete ``meta.json`` implies complete weights).
+        meta: metadata with ``model: {name, kwargs}`` (the registry name that rebuilds it); default:
+            the class name, which reloads with ``load(directory, model=YourClass(...))``.
+
+    Returns:
+        ``directory`` as a Path.
+
+    Example:
+        >>> tensorcut.save(compressed, "runs/mine-tucker2")
     """
     from safetensors.torch import save as st_save
 
     directory = Path(directory)
+    if meta is None:
+        meta = {"model": {"name": type(model).__name__, "kwargs": {}}}
     if "model" not in meta or "name" not in meta["model"]:
         raise TensorcutError("checkpoint metadata needs model.name (the registry name) and model.kwargs")
     meta = dict(meta)
@@ -116,7 +155,7 @@ def save(model: nn.Module, directory: str | Path, meta: dict[str, Any]) -> Path:
     meta["format_version"] = FORMAT_VERSION
     meta["layers"] = _factorized_configs(model)
     meta.setdefault("versions", versions())
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = _unshared_state(model)
     atomic_write_bytes(directory / WEIGHTS, st_save(state))
     atomic_write_text(directory / META, json.dumps(meta, indent=2, sort_keys=True, default=_json_default))
     return directory
@@ -151,8 +190,21 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def build_model(meta: dict[str, Any]) -> nn.Module:
-    """Rebuild the (uninitialised) architecture described by ``meta``."""
+def _layer_class(method: str | None) -> Any:
+    """The registered class that rebuilds a recorded layer (conv methods and ``SVDLinear``)."""
+    from tensorcut.layers.base import LAYER_REGISTRY
+
+    _ensure_layers_imported()
+    from tensorcut.layers.linear import SVDLinear
+
+    if not method:
+        return None
+    return LAYER_REGISTRY.get(method) or ({"svd": SVDLinear}.get(method))
+
+
+def build_model(meta: dict[str, Any], model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the (uninitialised) architecture described by ``meta``; with ``model`` (a fresh
+    instance of the user's architecture), re-apply the recorded factorized layers to it instead."""
     from tensorcut import models
     from tensorcut.layers.base import LAYER_REGISTRY
 
@@ -160,26 +212,34 @@ def build_model(meta: dict[str, Any]) -> nn.Module:
     layers = meta.get("layers") or {}
     if not isinstance(layers, dict):
         raise TensorcutError("meta.json 'layers' must map layer names to configurations; the file was edited or is foreign")
+    name = meta["model"]["name"]
+    if model is None and name not in models.list_models():
+        raise TensorcutError(f"checkpoint of model {name!r}, which is not in tensorcut's model registry: pass a fresh "
+                             f"instance of the architecture, tensorcut.load(path, model={name}(...)), or register a "
+                             "builder with tensorcut.models.register_model first")
     try:
-        model = models.create(meta["model"]["name"], **kwargs)
+        if model is None:
+            model = models.create(name, **kwargs)
     except TypeError as e:
         raise TensorcutError(f"meta.json model.kwargs do not fit model {meta['model']['name']!r}: {e}") from None
     except (RuntimeError, MemoryError) as e:  # e.g. a hand-edited width asking for terabytes
         raise TensorcutError(f"meta.json describes a model that cannot be built here ({_first_line(e)}); "
                              "it disagrees with the weights or was edited") from None
+    aliases = {}
     for name, cfg in layers.items():
+        if isinstance(cfg, dict) and set(cfg) == {"alias_of"}:
+            aliases[name] = cfg["alias_of"]
+            continue
         method = cfg.get("method") if isinstance(cfg, dict) else None
         method = method if isinstance(method, str) else None
-        cls = LAYER_REGISTRY.get(method) if method else None
-        if cls is None:
-            _ensure_layers_imported()
-            cls = LAYER_REGISTRY.get(method) if method else None
+        cls = _layer_class(method)
         if cls is None:
             raise TensorcutError(f"meta.json layer {name!r} has unknown method {method!r}; known: {', '.join(sorted(LAYER_REGISTRY))}")
         try:
             model.get_submodule(name)
         except AttributeError:
-            raise TensorcutError(f"meta.json names layer {name!r}, which model {meta['model']['name']!r} does not have") from None
+            raise TensorcutError(f"meta.json names layer {name!r}, which model {meta['model']['name']!r} does not have; "
+                                 "the checkpoint is of another architecture") from None
         try:
             layer = cls.from_config(cfg)
         except (KeyError, TypeError, ValueError, TensorcutError) as e:
@@ -188,6 +248,11 @@ def build_model(meta: dict[str, Any]) -> nn.Module:
             raise TensorcutError(f"meta.json layer {name!r} cannot be built here ({_first_line(e)}); "
                                  "its ranks disagree with the weights or were edited") from None
         model.set_submodule(name, layer)
+    for name, target in aliases.items():
+        try:
+            model.set_submodule(name, model.get_submodule(target))
+        except AttributeError:
+            raise TensorcutError(f"meta.json names layer {name!r} as a second name of {target!r}, which the model does not have") from None
     return model
 
 
@@ -241,8 +306,14 @@ def _ensure_layers_imported() -> None:
     import tensorcut.layers  # noqa: F401  (registers every layer class)
 
 
-def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Rebuild the model in ``directory`` and load its weights, checking they match ``meta.json``."""
+def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu", *,
+                    model: nn.Module | None = None) -> Checkpoint:
+    """Rebuild the model in ``directory`` and load its weights, checking they match ``meta.json``.
+
+    ``model``: a fresh instance of the saved architecture, needed when it is not in tensorcut's
+    registry (a timm / torchvision network or your own class); its recorded factorized layers are
+    re-applied to it and the weights loaded into it.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load as st_load
 
@@ -250,8 +321,9 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     meta = read_meta(directory)
     _ensure_layers_imported()
     wpath = directory / WEIGHTS
-    _check_size(meta, wpath)
-    model = build_model(meta)
+    if model is None:
+        _check_size(meta, wpath)
+    model = build_model(meta, model)
     try:
         state = st_load(wpath.read_bytes())
     except FileNotFoundError:
@@ -266,6 +338,11 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     bad = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    wrong_type = [k for k in expected if k in state and expected[k].is_floating_point() and not state[k].is_floating_point()]
+    if wrong_type:
+        k = wrong_type[0]
+        raise TensorcutError(f"{wpath}: {len(wrong_type)} tensor(s) hold {state[k].dtype} values where the model has "
+                             f"floating-point weights (e.g. {k}); the file was not written by tensorcut or was edited")
     if missing or unexpected or bad:
         parts = []
         if missing:
@@ -282,6 +359,24 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     return Checkpoint(model=model, meta=meta)
 
 
-def load(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild and return the model saved in ``directory`` (in eval mode)."""
-    return load_checkpoint(directory, map_location).model
+def load(directory: str | Path, map_location: str | torch.device = "cpu", *, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild and return the model saved in ``directory`` (in eval mode).
+
+    Args:
+        directory: a checkpoint folder (``model.safetensors`` + ``meta.json``).
+        map_location: device to put the model on.
+        model: a fresh instance of the saved architecture when it is not in tensorcut's
+            registry (timm / torchvision networks, your own classes); otherwise omit it.
+
+    Returns:
+        The model with its factorized layers and weights, in eval mode.
+
+    Raises:
+        TensorcutError: the folder is not a complete tensorcut checkpoint, its files disagree, or
+            the architecture is not registered and no ``model`` was given (the message says so).
+
+    Example:
+        >>> net = tensorcut.load("runs/r20-tucker2")                      # a zoo model
+        >>> net = tensorcut.load("runs/mine-tucker2", model=MyNet())     # your own architecture
+    """
+    return load_checkpoint(directory, map_location, model=model).model

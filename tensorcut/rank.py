@@ -34,8 +34,8 @@ class RankRule:
         if len(given) > 1:
             raise TensorcutError(f"contradictory rank options: {', '.join(given)}; give exactly one of rank, ratio, eps, energy (or a budget)")
         r = self.rank
-        if isinstance(r, str) and r != "vbmf":
-            raise TensorcutError(f"unknown rank rule {r!r}; use an int, a tuple of ints, or 'vbmf'")
+        if isinstance(r, str) and r not in ("vbmf", "full"):
+            raise TensorcutError(f"unknown rank rule {r!r}; use an int, a tuple of ints, 'full' or 'vbmf'")
         if isinstance(r, bool):
             raise TensorcutError("rank must be an int, a tuple of ints, or 'vbmf'")
         if isinstance(r, int) and r < 1:
@@ -51,9 +51,9 @@ class RankRule:
 
     @property
     def kind(self) -> str:
-        """'rank', 'vbmf', 'ratio', 'eps', 'energy' or 'none'."""
-        if self.rank == "vbmf":
-            return "vbmf"
+        """'rank', 'full', 'vbmf', 'ratio', 'eps', 'energy' or 'none'."""
+        if self.rank in ("vbmf", "full"):
+            return str(self.rank)
         for k in ("rank", "ratio", "eps", "energy"):
             if getattr(self, k) is not None:
                 return k

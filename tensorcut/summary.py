@@ -75,49 +75,31 @@ class ModelSummary:
                 "total_macs": self.total_macs, "input_shape": list(self.input_shape)}
 
 
-def summarize(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelSummary:
+def summarize(model: nn.Module, input_shape: Sequence[int]) -> ModelSummary:
     """Trace one input of shape ``input_shape`` (C, H, W) and list every conv / linear layer.
 
-    A factorized layer (any module with ``method`` and ``ranks``) is one row; its inner
-    convolutions are not listed separately.
+    A factorized layer (CP, Tucker, TT, TR, SVDLinear) is one row, counted by its method's
+    closed form (:mod:`tensorcut.cost`, the one cost model); its inner convolutions are not
+    listed separately. Rows are counted per call; a module shared under several names is one row.
     """
-    rows: dict[str, LayerRow] = {}
-    macs: dict[str, int] = {}
-    handles = []
-    factorized = {n for n, m in model.named_modules() if n and getattr(type(m), "method", "") and hasattr(m, "ranks")}
+    from tensorcut.cost import model_cost
 
-    def owner(name: str) -> str | None:
-        for f in factorized:
-            if name == f or name.startswith(f + "."):
-                return f
-        return None
-
-    def hook_for(name: str):
-        def hook(m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            if isinstance(m, nn.Conv2d):
-                kh, kw = m.kernel_size
-                v = out.shape[1] * (m.in_channels // m.groups) * kh * kw * out.shape[2] * out.shape[3]
-            else:
-                v = m.in_features * m.out_features * (out.numel() // out.shape[0] // out.shape[-1])
-            key = owner(name) or name
-            macs[key] = macs.get(key, 0) + int(v)
-        return hook
-
-    for name, m in model.named_modules():
-        if name in factorized:
-            g = getattr(m, "geometry", None)
-            dense = g.dense_params() if g is not None else int(getattr(m, "dense_params", lambda: 0)())
-            shape = (f"{g.out_channels}x{g.in_channels // g.groups}x{g.kernel_size[0]}x{g.kernel_size[1]}"
-                     if g is not None else "")
-            rows[name] = LayerRow(name, f"{type(m).__name__}", shape, sum(p.numel() for p in m.parameters()), 0,
-                                  "x".join(str(r) for r in m.ranks), dense)
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            handles.append(m.register_forward_hook(hook_for(name)))
-            if owner(name) is None:
-                p = sum(q.numel() for q in m.parameters(recurse=False))
-                rows[name] = LayerRow(name, type(m).__name__, "x".join(str(s) for s in m.weight.shape), p, 0, "", p)
-    probe(model, input_shape, handles)
-    for k, r in rows.items():
-        r.macs = macs.get(k, 0)
-    ordered = [rows[n] for n, _ in model.named_modules() if n in rows]
-    return ModelSummary(ordered, sum(p.numel() for p in model.parameters()), sum(r.macs for r in ordered), tuple(input_shape))
+    cost = model_cost(model, input_shape)
+    rows = []
+    for u in cost.units:
+        m = u.module
+        g = getattr(m, "geometry", None)
+        if hasattr(m, "ranks") and getattr(type(m), "method", ""):
+            if g is not None:
+                dense = g.dense_params()
+                shape = f"{g.out_channels}x{g.in_channels // g.groups}x{g.kernel_size[0]}x{g.kernel_size[1]}"
+            else:  # SVDLinear
+                dense = m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
+                shape = f"{m.out_features}x{m.in_features}"
+            rows.append(LayerRow(u.name, type(m).__name__, shape, u.params, u.macs,
+                                 "x".join(str(r) for r in m.ranks), dense))
+        else:
+            rows.append(LayerRow(u.name, type(m).__name__, "x".join(str(s) for s in m.weight.shape),
+                                 u.params, u.macs, "", u.params))
+    c, h, w = (tuple(input_shape) + (1, 1, 1))[:3]
+    return ModelSummary(rows, cost.total_params, cost.total_macs, (int(c), int(h), int(w)))

@@ -302,3 +302,162 @@ def test_align_under_a_budget_meets_it():
     assert sum(l.params_after if l.status == "factorize" else l.params_before for l in p.layers) <= 0.4 * sum(
         l.params_before for l in p.layers) + 1
     assert all(r % 8 == 0 for l in fact for r in l.ranks)
+
+
+# ----------------------------------------------------------------------------- real-network semantics
+
+
+class _Shared(nn.Module):
+    """One conv reachable under two names, called twice; a parent that reads the conv's attributes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.body = nn.Conv2d(16, 16, 3, padding=1)
+        self.alias = self.body
+        self.proj = nn.Conv2d(16, 16, 1)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.alias(torch.relu(self.body(x))))
+        pos = torch.ones(1, self.proj.in_channels, 1, 1, dtype=self.proj.weight.dtype, device=self.proj.weight.device)
+        x = self.proj(x + pos)
+        return self.head(x.mean((2, 3)))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_shared_conv_is_swapped_once_under_every_name():
+    torch.manual_seed(0)
+    m = _Shared().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    y = m(x)
+    m, p = compress(m, method="tucker2", rank="full", input_shape=(3, 8, 8), progress=False)
+    e = next(l for l in p.layers if l.name == "body")
+    assert e.aliases == ["alias"] and e.calls == 2 and e.status == "factorize"
+    assert m.body is m.alias and isinstance(m.body, FactorizedConv2d)
+    assert _rel(m(x), y) < 1e-12
+    assert p.totals()["model_params_after"] == sum(q.numel() for q in m.parameters())
+
+
+def test_parent_reading_conv_attributes_still_works():
+    torch.manual_seed(0)
+    m = _Shared().eval()
+    m, p = compress(m, method="tucker2", ratio=0.6, layers=["proj"], input_shape=(3, 8, 8), progress=False)
+    layer = m.proj
+    assert isinstance(layer, FactorizedConv2d)
+    assert (layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.groups) == (16, 16, (1, 1), (1, 1), 1)
+    assert layer.weight.shape == (16, 16, 1, 1) and layer.weight.dtype == torch.float32
+    with pytest.raises((AttributeError, KeyError)):
+        layer.weight = nn.Parameter(torch.zeros(16, 16, 1, 1))  # read-only
+    assert m(torch.randn(1, 3, 8, 8)).shape == (1, 4)
+
+
+def test_rank_full_reproduces_and_is_recorded():
+    torch.manual_seed(0)
+    m = _model().double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    y = m(x)
+    m, p = compress(m, method="tucker2", rank="full", input_shape=(3, 32, 32), progress=False)
+    assert all(l.status == "factorize" for l in p.layers), p.table()
+    assert _rel(m(x), y) < 1e-10 and p.model_output_error < 1e-10
+    assert all(l.output_error is not None and l.output_error < 1e-10 for l in p.layers)
+
+
+def test_frozen_convs_stay_frozen():
+    m = _model()
+    for q in m.parameters():
+        q.requires_grad_(False)
+    m, p = compress(m, method="tucker2", ratio=0.5, layers=LAYERS, input_shape=(3, 32, 32), progress=False)
+    assert not any(q.requires_grad for q in m.parameters())
+
+
+def test_decompress_is_the_inverse_of_apply():
+    from tensorcut.compress import decompress
+
+    torch.manual_seed(0)
+    m = _Shared().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    m, _ = compress(m, method="tucker2", ratio=0.6, input_shape=(3, 8, 8), progress=False)
+    y = m(x)
+    decompress(m)
+    assert not any(isinstance(s, FactorizedConv2d) for s in m.modules())
+    assert type(m.body) is nn.Conv2d and m.body is m.alias
+    assert _rel(m(x), y) < 1e-12
+
+
+def test_conv_never_called_is_left_dense_with_reason():
+    class _Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Conv2d(8, 8, 3, padding=1)
+            self.unused = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    p = plan(_Unused(), method="tucker2", ratio=0.5, input_shape=(8, 6, 6), progress=False)
+    e = next(l for l in p.layers if l.name == "unused")
+    assert e.status == "dense" and e.reason == "not called by forward on the calibration input; left dense"
+
+
+def test_custom_forward_subclass_is_left_dense():
+    class Odd(nn.Conv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x).flip(-1)
+
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Odd(8, 8, 3, padding=1))
+    p = plan(m, method="tucker2", ratio=0.5, input_shape=(3, 6, 6), progress=False)
+    assert p.layers[0].status == "dense" and p.layers[0].reason == "custom forward (Odd)"
+    # opting in still verifies: the flip makes the module differ from its kernel, so it stays dense
+    p = plan(m, method="tucker2", ratio=0.5, input_shape=(3, 6, 6), progress=False, allow_custom_forward=True)
+    assert p.layers[0].status == "dense"
+    assert p.layers[0].reason.startswith("the module's output differs from a convolution with the kernel")
+
+
+def test_bad_calibration_and_input_shape_are_one_line_errors():
+    m = _model()
+    with pytest.raises(TensorcutError, match=r"^input_shape must be \(C, H, W\) of one image, three positive ints; got \(32, 32\)$"):
+        plan(m, ratio=0.5, input_shape=(32, 32))
+    with pytest.raises(TensorcutError, match=r"^calibration batch has shape \(2, 3, 16, 16\) but input_shape is \(3, 32, 32\)"):
+        plan(m, ratio=0.5, input_shape=(3, 32, 32), calibration=torch.randn(2, 3, 16, 16))
+    with pytest.raises(TensorcutError, match=r"^the model's forward failed on an input of shape \(2, 5, 32, 32\)"):
+        plan(m, ratio=0.5, input_shape=(5, 32, 32))
+
+
+def test_no_input_shape_warns_about_the_assumption():
+    with pytest.warns(UserWarning, match="no input_shape or calibration batch given: assuming one 3x32x32 image"):
+        plan(_model(), ratio=0.5, layers=LAYERS, progress=False)
+
+
+def test_calibration_batch_sets_the_input_shape():
+    p = plan(_model(), ratio=0.5, layers=LAYERS, calibration=torch.randn(3, 3, 24, 24), progress=False)
+    assert p.input_shape == [3, 24, 24]
+
+
+def test_compressing_a_compressed_model_is_refused():
+    m, p = compress(_model(), method="tucker2", rank="full", filter_fn=lambda n, mod: True, input_shape=(3, 32, 32),
+                    progress=False)
+    assert all(l.status == "factorize" for l in p.layers)
+    with pytest.raises(TensorcutError, match=r"^the model is already compressed \(19 factorized layers, no dense Conv2d left\)"):
+        plan(m, method="tucker2", ratio=0.5, input_shape=(3, 32, 32))
+
+
+def test_poor_results_are_flagged():
+    with pytest.warns(UserWarning, match=r"keep almost nothing of their kernel \(relative error > 0.9"):
+        p = plan(_model(), method="tucker2", rank=1, layers=LAYERS, input_shape=(3, 32, 32), progress=False)
+    assert any("almost nothing of the kernel is kept" in l.note for l in p.layers)
+
+
+def test_plan_with_out_of_range_ranks_is_refused_by_apply():
+    m = _model()
+    p = plan(m, method="tucker2", ratio=0.5, layers=LAYERS, input_shape=(3, 32, 32), progress=False)
+    d = p.to_dict()
+    d["layers"][0]["ranks"] = [10_000, 10_000]
+    with pytest.raises(TensorcutError, match="records .* parameters at ranks \\(10000, 10000\\)") as e:
+        apply(m, Plan.from_dict(d))
+    assert not any(isinstance(s, FactorizedConv2d) for s in m.modules())
+    assert "plan was edited" in str(e.value)

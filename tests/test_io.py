@@ -90,7 +90,7 @@ def test_missing_directory_and_unknown_model(tmp_path):
     meta = json.loads((d / "meta.json").read_text())
     meta["model"]["name"] = "resnet9000"
     (d / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(TensorcutError, match="unknown model 'resnet9000'"):
+    with pytest.raises(TensorcutError, match="checkpoint of model 'resnet9000', which is not in tensorcut's model registry"):
         tio.load(d)
 
 
@@ -103,3 +103,69 @@ def test_atomic_write_gives_the_usual_file_mode(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "m.txt").stat().st_mode & 0o777 == 0o644
+
+
+# ----------------------------------------------------------------------------- every layer type, user models
+
+
+class _UserNet(torch.nn.Module):
+    """An architecture tensorcut's registry does not know, with a shared conv and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 12, 3, padding=1)
+        self.body = torch.nn.Conv2d(12, 12, 3, padding=1)
+        self.again = self.body
+        self.head = torch.nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.again(torch.relu(self.body(torch.relu(self.stem(x))))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_user_model_reloads_with_a_fresh_instance(tmp_path):
+    from tensorcut.compress import compress
+    from tensorcut.layers.base import FactorizedConv2d
+
+    torch.manual_seed(0)
+    m, _ = compress(_UserNet().eval(), method="tucker2", ratio=0.6, input_shape=(3, 8, 8), progress=False)
+    assert isinstance(m.body, FactorizedConv2d)
+    tio.save(m, tmp_path / "mine")
+    with pytest.raises(TensorcutError, match=r"^checkpoint of model '_UserNet', which is not in tensorcut's model registry: "
+                       r"pass a fresh instance of the architecture, tensorcut.load\(path, model=_UserNet\(...\)\)"):
+        tio.load(tmp_path / "mine")
+    back = tio.load(tmp_path / "mine", model=_UserNet())
+    assert isinstance(back.body, FactorizedConv2d) and back.body is back.again
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(back(x), m(x))
+
+
+@pytest.mark.parametrize("method", ["cp", "tr", "tt", "tucker", "tucker2", "svd"])
+def test_every_layer_type_round_trips(tmp_path, method):
+    from tensorcut.compress import compress
+    from tensorcut.layers.linear import SVDLinear
+
+    torch.manual_seed(0)
+    m = models.create("resnet20", width=0.25).eval()
+    if method == "svd":
+        m.linear = SVDLinear.from_linear(m.linear, rank=3)
+    else:
+        compress(m, method=method, ratio=0.5, input_shape=(3, 32, 32), layers=["layer3.0.conv2"], progress=False)
+    tio.save(m, tmp_path / "ck", {"model": {"name": "resnet20", "kwargs": {"width": 0.25}}})
+    back = tio.load(tmp_path / "ck")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(back(x), m(x))
+    assert [type(s).__name__ for s in back.modules()] == [type(s).__name__ for s in m.modules()]
+
+
+def test_integer_weights_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, d = _save_tiny(tmp_path)
+    state = load_file(d / "model.safetensors")
+    state = {k: (v.to(torch.int32) if v.is_floating_point() else v) for k, v in state.items()}
+    save_file(state, d / "model.safetensors")
+    with pytest.raises(TensorcutError, match=r"tensor\(s\) hold torch.int32 values where the model has floating-point weights"):
+        tio.load(d)

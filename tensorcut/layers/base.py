@@ -38,6 +38,31 @@ def _pair(v: int | tuple[int, ...]) -> Pair:
     return (t[0], t[1])
 
 
+TF_SAME = "tf_same"
+
+
+class SameConv2d(nn.Conv2d):
+    """A convolution with TensorFlow-style "SAME" padding computed from each input's size
+    (what timm's ``Conv2dSame`` computes): output size ``ceil(input / stride)``.
+
+    ``padding`` reads ``'tf_same'``; the padding actually applied comes from
+    :meth:`ConvGeometry.pad_at`. tensorcut builds it when it decompresses a factorized layer of
+    such a convolution, so the dense form computes exactly what the original did.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Pair, *, stride: int | Pair = 1,
+                 dilation: int | Pair = 1, groups: int = 1, bias: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0, dilation=dilation,
+                         groups=groups, bias=bias, device=device, dtype=dtype)
+        self.padding = TF_SAME  # type: ignore[assignment]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        geom = ConvGeometry.from_conv(self)
+        x = F.pad(x, geom.pad_at((x.shape[-2], x.shape[-1])))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
 @dataclass(frozen=True)
 class ConvGeometry:
     """Everything about a Conv2d except its weights.
@@ -58,10 +83,11 @@ class ConvGeometry:
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "ConvGeometry":
-        """Read the geometry of an ``nn.Conv2d``."""
+        """Read the geometry of an ``nn.Conv2d`` (a :class:`SameConv2d` has ``padding='tf_same'``)."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"expected nn.Conv2d, got {type(conv).__name__}")
-        padding = conv.padding if isinstance(conv.padding, str) else _pair(conv.padding)
+        padding = TF_SAME if isinstance(conv, SameConv2d) else (
+            conv.padding if isinstance(conv.padding, str) else _pair(conv.padding))
         return cls(
             in_channels=conv.in_channels,
             out_channels=conv.out_channels,
@@ -75,8 +101,32 @@ class ConvGeometry:
         )
 
     @property
+    def dynamic(self) -> bool:
+        """True for TF-style "same" padding (``padding='tf_same'``), which depends on the input size."""
+        return self.padding == TF_SAME
+
+    def pad_at(self, hw: Pair) -> tuple[int, int, int, int]:
+        """Explicit (left, right, top, bottom) padding for an input of spatial size ``hw``.
+
+        Static paddings ignore ``hw``; ``'tf_same'`` pads as TensorFlow's "SAME" (and timm's
+        ``Conv2dSame``): total ``max((ceil(i/s) - 1) * s + (k - 1) * d + 1 - i, 0)`` per axis, the odd
+        unit after (right / bottom).
+        """
+        if not self.dynamic:
+            return self.pad
+        out = []
+        for i, k, s, d in ((hw[1], self.kernel_size[1], self.stride[1], self.dilation[1]),
+                           (hw[0], self.kernel_size[0], self.stride[0], self.dilation[0])):
+            total = max((-(-int(i) // s) - 1) * s + (k - 1) * d + 1 - int(i), 0)
+            out += [total // 2, total - total // 2]
+        return (out[0], out[1], out[2], out[3])
+
+    @property
     def pad(self) -> tuple[int, int, int, int]:
-        """Explicit (left, right, top, bottom) padding, as ``F.pad`` takes it."""
+        """Explicit (left, right, top, bottom) padding, as ``F.pad`` takes it (static paddings only;
+        ``'tf_same'`` depends on the input size: use :meth:`pad_at`)."""
+        if self.dynamic:
+            raise TensorcutError("TF-same padding depends on the input size; use ConvGeometry.pad_at(hw)")
         if self.padding == "valid":
             return (0, 0, 0, 0)
         if self.padding == "same":
@@ -91,7 +141,7 @@ class ConvGeometry:
 
     def output_size(self, hw: Pair) -> Pair:
         """Spatial output size for an input of size ``hw``."""
-        l, r, t, b = self.pad
+        l, r, t, b = self.pad_at(hw)
         h = (hw[0] + t + b - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
         w = (hw[1] + l + r - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
         return (h, w)
@@ -108,7 +158,11 @@ class ConvGeometry:
         return self.out_channels * (self.in_channels // self.groups) * kh * kw * oh * ow
 
     def make_conv(self) -> nn.Conv2d:
-        """A dense ``nn.Conv2d`` with this geometry (uninitialised weights)."""
+        """A dense ``nn.Conv2d`` with this geometry (uninitialised weights); ``'tf_same'``
+        padding gives a :class:`SameConv2d`."""
+        if self.dynamic:
+            return SameConv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                              dilation=self.dilation, groups=self.groups, bias=self.bias)
         return nn.Conv2d(
             self.in_channels,
             self.out_channels,
@@ -160,8 +214,9 @@ def per_group(geometry: ConvGeometry) -> tuple[int, int, int, int, int]:
 
 
 def explicit_pad(x: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
-    """Pad ``x`` as the dense convolution would, honouring ``padding_mode``."""
-    pad = geom.pad
+    """Pad ``x`` as the dense convolution would, honouring ``padding_mode`` (and, for
+    ``'tf_same'``, the size of ``x``)."""
+    pad = geom.pad_at((x.shape[-2], x.shape[-1])) if geom.dynamic else geom.pad
     if not any(pad):
         return x
     mode = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}[geom.padding_mode]
@@ -171,7 +226,9 @@ def explicit_pad(x: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
 def split_padding(geom: ConvGeometry) -> tuple[Pair, bool]:
     """Where a factorized layer pads: ``((pad_h, pad_w), False)`` when the padding is zeros and
     symmetric per axis (the spatial convolutions pad, no copy), else ``((0, 0), True)``: the
-    leading 1x1's output goes through :func:`explicit_pad`."""
+    leading 1x1's output goes through :func:`explicit_pad` (always for ``'tf_same'``)."""
+    if geom.dynamic:
+        return (0, 0), True
     l, r, t, b = geom.pad
     if geom.padding_mode == "zeros" and l == r and t == b:
         return (t, l), False
@@ -244,36 +301,6 @@ class PointwiseConv2d(nn.Conv2d):
         return _pointwise(x, self.weight, self.bias, self.stride, self.groups, like)  # type: ignore[arg-type]
 
 
-def count_macs(module: nn.Module, hw: Pair, in_channels: int) -> int:
-    """Count multiply-accumulates of every Conv2d / Linear in ``module`` by tracing one input."""
-    macs = 0
-    handles = []
-
-    def conv_hook(m: nn.Conv2d, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        nonlocal macs
-        kh, kw = m.kernel_size
-        macs += out.shape[1] * (m.in_channels // m.groups) * kh * kw * out.shape[2] * out.shape[3]
-
-    def lin_hook(m: nn.Linear, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        nonlocal macs
-        macs += m.in_features * m.out_features * (out.numel() // out.shape[-1])
-
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(lin_hook))
-    try:
-        p = next(module.parameters())
-        x = torch.zeros(1, in_channels, hw[0], hw[1], dtype=p.dtype, device=p.device)
-        with torch.no_grad():
-            module(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return macs
-
-
 def early_stride(geom: ConvGeometry) -> Pair:
     """Stride that may move into a leading 1x1 convolution without changing the result.
 
@@ -283,6 +310,8 @@ def early_stride(geom: ConvGeometry) -> Pair:
     """
     from tensorcut.decompose.tr import early_strides  # one rule, shared with the TR cost model
 
+    if geom.dynamic:  # the padding is computed from the input size: subsample only after padding
+        return (1, 1)
     return early_strides(geom.kernel_size, geom.stride, geom.pad)
 
 
@@ -294,7 +323,7 @@ def stage_sizes(geom: ConvGeometry, hw: Pair) -> tuple[Pair, Pair, Pair]:
     h1, w1 = (hw[0] - 1) // eh + 1, (hw[1] - 1) // ew + 1
     if not split_padding(geom)[1]:
         return (h1, w1), (h1, w1), geom.output_size(hw)
-    l, r, t, b = geom.pad
+    l, r, t, b = geom.pad_at(hw)
     return (h1, w1), (h1 + t + b, w1 + l + r), geom.output_size(hw)
 
 
@@ -389,6 +418,73 @@ class FactorizedConv2d(nn.Module):
         """The ranks of this factorization."""
         raise NotImplementedError
 
+    # ---- what a parent module may read from the convolution it replaced (timm's EdgeNeXt and XCiT
+    # read ``.weight.dtype``; others read channel counts or strides): the dense conv's attributes.
+    @property
+    def in_channels(self) -> int:
+        """Input channels of the replaced convolution."""
+        return self.geometry.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        """Output channels of the replaced convolution."""
+        return self.geometry.out_channels
+
+    @property
+    def kernel_size(self) -> Pair:
+        """Kernel size of the replaced convolution."""
+        return self.geometry.kernel_size
+
+    @property
+    def stride(self) -> Pair:
+        """Stride of the replaced convolution."""
+        return self.geometry.stride
+
+    @property
+    def padding(self) -> Any:
+        """Padding of the replaced convolution (a pair, ``'same'``, ``'valid'`` or ``'tf_same'``)."""
+        return self.geometry.padding
+
+    @property
+    def dilation(self) -> Pair:
+        """Dilation of the replaced convolution."""
+        return self.geometry.dilation
+
+    @property
+    def groups(self) -> int:
+        """Groups of the replaced convolution."""
+        return self.geometry.groups
+
+    @property
+    def padding_mode(self) -> str:
+        """Padding mode of the replaced convolution."""
+        return self.geometry.padding_mode
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense kernel this layer computes (read-only; reconstructed on each access)."""
+        return self.reconstruct_weight()
+
+    @classmethod
+    def max_ranks(cls, geometry: ConvGeometry) -> tuple[int, ...]:
+        """The largest useful ranks for a convolution of this geometry (exact reconstruction)."""
+        raise NotImplementedError
+
+    @classmethod
+    def predicted_params(cls, geometry: ConvGeometry, ranks: Any) -> int:
+        """Stored parameters (bias included) at ``ranks``, in closed form."""
+        raise NotImplementedError
+
+    @classmethod
+    def predicted_macs(cls, geometry: ConvGeometry, ranks: Any, hw: Pair) -> int:
+        """Multiply-accumulates per image at ``ranks`` for an input of size ``hw``, in closed form."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, ranks: Any = None, **options: Any) -> "FactorizedConv2d":
+        """Factorize ``conv``'s kernel (explicit ``ranks``, or the method's rank options)."""
+        raise NotImplementedError
+
     def reconstruct_weight(self) -> torch.Tensor:
         """The dense (OUT, IN/groups, KH, KW) kernel this layer computes."""
         raise NotImplementedError
@@ -414,8 +510,9 @@ class FactorizedConv2d(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def macs(self, hw: Pair) -> int:
-        """Multiply-accumulates per image for an input of spatial size ``hw``."""
-        return count_macs(self, hw, self.geometry.in_channels)
+        """Multiply-accumulates per image for an input of spatial size ``hw`` (the closed form of
+        :meth:`predicted_macs`, which the cost model uses everywhere)."""
+        return int(type(self).predicted_macs(self.geometry, tuple(self.ranks), hw))
 
     def config(self) -> dict[str, Any]:
         """JSON-serialisable constructor arguments (geometry + ranks + options).

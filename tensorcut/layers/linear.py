@@ -7,7 +7,7 @@ same scale, which behaves better when fine-tuning than putting ``S`` on one side
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -23,6 +23,8 @@ class SVDLinear(nn.Module):
 
     Parameters ``k * (in + out)`` (+ out bias); MACs per sample the same count.
     """
+
+    method: ClassVar[str] = "svd"  # the name checkpoints record (tensorcut.io rebuilds it by this name)
 
     def __init__(
         self,
@@ -135,7 +137,7 @@ class SVDLinear(nn.Module):
     def config(self) -> dict[str, Any]:
         """JSON-serialisable constructor arguments."""
         return {
-            "method": "svd",
+            "method": self.method,
             "in_features": self.in_features,
             "out_features": self.out_features,
             "rank": self.rank,
