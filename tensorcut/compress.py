@@ -254,8 +254,8 @@ class Plan:
         """Read a plan written by :meth:`save`."""
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise TensorcutError(f"cannot read plan {path}: {e}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TensorcutError(f"cannot read plan {path}: {type(e).__name__}: {str(e)[:160]}") from None
 
 
 # ----------------------------------------------------------------------------- helpers

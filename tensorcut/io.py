@@ -155,9 +155,14 @@ def save(model: nn.Module, directory: str | Path, meta: dict[str, Any] | None = 
     meta["format_version"] = FORMAT_VERSION
     meta["layers"] = _factorized_configs(model)
     meta.setdefault("versions", versions())
+    try:  # serialise the metadata first: a bad value must not leave weights without meta.json
+        meta_text = json.dumps(meta, indent=2, sort_keys=True, default=_json_default)
+    except (TypeError, ValueError) as e:
+        raise TensorcutError(f"checkpoint metadata is not JSON-serialisable ({e}); pass plain numbers, strings, "
+                             "lists and dicts") from None
     state = _unshared_state(model)
     atomic_write_bytes(directory / WEIGHTS, st_save(state))
-    atomic_write_text(directory / META, json.dumps(meta, indent=2, sort_keys=True, default=_json_default))
+    atomic_write_text(directory / META, meta_text)
     return directory
 
 

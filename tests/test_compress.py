@@ -461,3 +461,10 @@ def test_plan_with_out_of_range_ranks_is_refused_by_apply():
         apply(m, Plan.from_dict(d))
     assert not any(isinstance(s, FactorizedConv2d) for s in m.modules())
     assert "plan was edited" in str(e.value)
+
+
+def test_plan_file_that_is_not_utf8_is_one_line(tmp_path):
+    f = tmp_path / "plan.json"
+    f.write_bytes(b"\xff\xfe{not utf-8")
+    with pytest.raises(TensorcutError, match=r"^cannot read plan .*UnicodeDecodeError"):
+        Plan.load(f)

@@ -169,3 +169,10 @@ def test_integer_weights_are_refused(tmp_path):
     save_file(state, d / "model.safetensors")
     with pytest.raises(TensorcutError, match=r"tensor\(s\) hold torch.int32 values where the model has floating-point weights"):
         tio.load(d)
+
+
+def test_unserialisable_meta_leaves_nothing_half_written(tmp_path):
+    m = models.create("resnet20", width=0.25)
+    with pytest.raises(TensorcutError, match="^checkpoint metadata is not JSON-serialisable"):
+        tio.save(m, tmp_path / "ck", {"model": {"name": "resnet20", "kwargs": {"width": ...}}})
+    assert not (tmp_path / "ck").exists() or not any((tmp_path / "ck").iterdir())

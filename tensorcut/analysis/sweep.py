@@ -81,7 +81,7 @@ class _Sweep:
         self._traced_ready = False
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc="truncation sweep", unit="eval", disable=not progress, leave=False)
+        self.bar = tqdm(total=total, desc="truncation sweep", unit="eval", disable=None if progress else True, leave=False)
 
     def key(self, split: str, kind: str, method: str, layer: str, bip: str, keep: str, epoch: int = -1) -> dict[str, Any]:
         return {"fingerprint": self.fp, "data": self.data[split], "split": split, "kind": kind, "method": method,

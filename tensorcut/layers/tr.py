@@ -252,27 +252,6 @@ class TRConv2d(FactorizedConv2d):
         _refuse_groups(geometry)
         return tr_max_ranks((geometry.out_channels, geometry.in_channels, *geometry.kernel_size))
 
-    def macs(self, hw: Pair) -> int:
-        """MACs per image, counted by tracing the sublayers (the folded ring index included)."""
-        total = 0
-
-        def hook(m: nn.Conv2d, inp: tuple[Tensor, ...], out: Tensor) -> None:
-            nonlocal total
-            kh, kw = m.kernel_size
-            total += out.numel() * (m.in_channels // m.groups) * kh * kw
-
-        convs = (self.in_proj, self.vconv, self.hconv, self.out_proj)
-        handles = [m.register_forward_hook(hook) for m in convs]
-        try:
-            w = self.in_proj.weight
-            x = torch.zeros(1, self.geometry.in_channels, hw[0], hw[1], dtype=w.dtype, device=w.device)
-            with torch.no_grad():
-                self(x)
-        finally:
-            for h in handles:
-                h.remove()
-        return total
-
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: Tensor) -> Tensor:
