@@ -73,52 +73,13 @@ def import_torchvision() -> Any:
     """Import torchvision beside a CPU-only torch wheel whose torchvision C++ extension does not load.
 
     The model definitions only need the ``torchvision::`` operator *schemas* (detection ops such
-    as NMS, never run here); they are defined with ``torch.library`` when no extension did it.
+    as NMS, never run here); the real-architecture tests' helper defines them (one copy of that list).
     """
-    schemas = (
-        "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-        "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-        "roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width, "
-        "int sampling_ratio, bool aligned) -> Tensor",
-        "_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width, "
-        "SymInt batch_size, SymInt channels, SymInt height, SymInt width, int sampling_ratio, bool aligned) -> Tensor",
-        "ps_roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width, "
-        "int sampling_ratio) -> (Tensor, Tensor)",
-        "_ps_roi_align_backward(Tensor grad, Tensor rois, Tensor channel_mapping, float spatial_scale, "
-        "SymInt pooled_height, SymInt pooled_width, int sampling_ratio, SymInt batch_size, SymInt channels, "
-        "SymInt height, SymInt width) -> Tensor",
-        "roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width) "
-        "-> (Tensor, Tensor)",
-        "_roi_pool_backward(Tensor grad, Tensor rois, Tensor argmax, float spatial_scale, SymInt pooled_height, "
-        "SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width) -> Tensor",
-        "ps_roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width) "
-        "-> (Tensor, Tensor)",
-        "_ps_roi_pool_backward(Tensor grad, Tensor rois, Tensor channel_mapping, float spatial_scale, "
-        "SymInt pooled_height, SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, "
-        "SymInt width) -> Tensor",
-        "qroi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width, "
-        "int sampling_ratio, bool aligned) -> Tensor",
-        "deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor mask, Tensor bias, SymInt stride_h, "
-        "SymInt stride_w, SymInt pad_h, SymInt pad_w, SymInt dilation_h, SymInt dilation_w, SymInt groups, "
-        "SymInt offset_groups, bool use_mask) -> Tensor",
-        "_deform_conv2d_backward(Tensor grad, Tensor input, Tensor weight, Tensor offset, Tensor mask, Tensor bias, "
-        "SymInt stride_h, SymInt stride_w, SymInt pad_h, SymInt pad_w, SymInt dilation_h, SymInt dilation_w, "
-        "SymInt groups, SymInt offset_groups, bool use_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-        "_cuda_version() -> int",
-    )
-    try:
-        return importlib.import_module("torchvision")
-    except (RuntimeError, ImportError):
-        for mod in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[mod]
-    global _TV_LIB
-    _TV_LIB = torch.library.Library("torchvision", "DEF")  # kept alive: dropping it removes the schemas
-    for s in schemas:
-        _TV_LIB.define(s)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "real_networks"))
+    from _torchvision_ops import ensure_torchvision_ops
+
+    ensure_torchvision_ops()
     return importlib.import_module("torchvision")
-
-
-_TV_LIB: Any = None
 
 
 # ----------------------------------------------------------------------------- models
