@@ -173,6 +173,8 @@ class Plan:
     model_macs: int
     model_output_error: float | None = None  # set by compress: ||y~ - y|| / ||y|| of the whole model on the calibration batch
     _built: dict[str, nn.Module] = field(default_factory=dict, repr=False, compare=False)
+    # the capture pass's input and the dense model's output on it, reused by compress's whole-model check
+    _reference: tuple[tuple[Any, ...], Any] | None = field(default=None, repr=False, compare=False)
 
     # ---------------------------------------------------------------- totals
     def totals(self) -> dict[str, Any]:
@@ -509,8 +511,12 @@ def _calibration_args(model: nn.Module, input_shape: Sequence[int] | None,
     if input_shape is not None and tuple(first_t.shape[1:]) != tuple(input_shape):
         raise TensorcutError(f"calibration batch has shape {tuple(first_t.shape)} but input_shape is {tuple(input_shape)}; "
                              f"give a batch of shape (N, {', '.join(map(str, input_shape))}) or drop input_shape")
-    moved = tuple(a.to(**kw) if isinstance(a, torch.Tensor) and a.is_floating_point() and kw else
-                  (a.to(kw["device"]) if isinstance(a, torch.Tensor) and kw else a) for a in args)
+    def move(a: Any) -> Any:  # floating tensors take the model's dtype too; other tensors only its device
+        if not isinstance(a, torch.Tensor) or not kw:
+            return a
+        return a.to(**kw) if a.is_floating_point() else a.to(kw["device"])
+
+    moved = tuple(move(a) for a in args)
     return moved, [int(v) for v in first_t.shape[1:]]
 
 
@@ -696,6 +702,7 @@ def plan(
     p = Plan(config=cfg.to_dict(), layers=[entries[n] for n in chosen], input_shape=shape,
              model_params=mc.total_params, model_macs=mc.total_macs)
     p._built = built
+    p._reference = (args, cap.model_output)
     return p
 
 
@@ -879,12 +886,11 @@ def compress(model: nn.Module, config: CompressConfig | None = None, filter_fn: 
     plan_kw = {k: kwargs.pop(k) for k in ("input_shape", "calibration", "sensitivity", "layers", "progress") if k in kwargs}
     p = plan(model, config, filter_fn, **plan_kw, **kwargs)
     originals = {n: model.get_submodule(n) for e in p.layers if e.status == "factorize" for n in (e.name, *e.aliases)}
-    args, _ = _calibration_args(model, p.input_shape, plan_kw.get("calibration"))
+    assert p._reference is not None  # set by plan
+    args, ref = p._reference
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            ref = model(*args)
         apply(model, p)
         with torch.no_grad():
             out = model(*args)
