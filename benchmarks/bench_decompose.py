@@ -48,16 +48,28 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from common import (
+    RESULTS,
+    LoadMonitor,
+    command_line,
+    finish_report,
+    fmt,
+    interleaved_times,
+    machine_info,
+    md_table,  # noqa: E402
+    pin_threads,
+    stats,
+    write_json,
+    write_markdown,
+)
 from torch import nn  # noqa: E402
-
-from common import (RESULTS, LoadMonitor, command_line, fmt, interleaved_times, machine_info, md_table,  # noqa: E402
-                    finish_report, pin_threads, stats, write_json, write_markdown)
 
 SHAPES = {64: (64, 64, 3, 3), 256: (256, 256, 3, 3), 512: (512, 512, 3, 3)}
 
@@ -78,24 +90,44 @@ def _probe_net() -> nn.Sequential:
     def blk(i: int, o: int) -> list[nn.Module]:
         return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
 
-    return nn.Sequential(*blk(1, 64), nn.MaxPool2d(2), *blk(64, 64), nn.MaxPool2d(2), *blk(64, 256), *blk(256, 256),
-                         nn.MaxPool2d(2, ceil_mode=True), *blk(256, 512), *blk(512, 512), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(512, 10))
+    return nn.Sequential(
+        *blk(1, 64),
+        nn.MaxPool2d(2),
+        *blk(64, 64),
+        nn.MaxPool2d(2),
+        *blk(64, 256),
+        *blk(256, 256),
+        nn.MaxPool2d(2, ceil_mode=True),
+        *blk(256, 512),
+        *blk(512, 512),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(512, 10),
+    )
 
 
-def trained_kernels(steps: int, batch: int, seed: int, cache_dir: Path) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+def trained_kernels(
+    steps: int, batch: int, seed: int, cache_dir: Path
+) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
     """Kernels of the probe CNN after ``steps`` Adam steps on Fashion-MNIST (cached in ``cache_dir``)."""
     cache = cache_dir / f"probe_kernels_s{steps}_b{batch}_seed{seed}.pt"
     if cache.exists():
         d = torch.load(cache, weights_only=True)
-        info = {k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v) for k, v in d["info"].items()}
+        info = {
+            k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v)
+            for k, v in d["info"].items()
+        }
         info["cached"] = str(cache)
         return {int(k): v for k, v in d["kernels"].items()}, info
     from tensorcut import data
 
     torch.manual_seed(seed)
     net = _probe_net()
-    convs = {m.weight.shape[0]: m for m in net if isinstance(m, nn.Conv2d) and tuple(m.weight.shape) in SHAPES.values()}
+    convs = {
+        m.weight.shape[0]: m
+        for m in net
+        if isinstance(m, nn.Conv2d) and tuple(m.weight.shape) in SHAPES.values()
+    }
     assert sorted(convs) == sorted(SHAPES), sorted(convs)
     init = {c: m.weight.detach().clone() for c, m in convs.items()}
     ds = data.load_dataset("fashion-mnist", "train", subset=steps * batch, seed=seed)
@@ -119,9 +151,15 @@ def trained_kernels(steps: int, batch: int, seed: int, cache_dir: Path) -> tuple
             if step >= steps:
                 break
     kernels = {c: m.weight.detach().clone() for c, m in convs.items()}
-    info = {"steps": steps, "batch": batch, "seconds": round(time.perf_counter() - t0, 1),
-            "train_top1_last50_steps": round(hits / max(seen, 1), 4),
-            "rel_change_from_init": {str(c): round(float((kernels[c] - init[c]).norm() / init[c].norm()), 3) for c in kernels}}
+    info = {
+        "steps": steps,
+        "batch": batch,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "train_top1_last50_steps": round(hits / max(seen, 1), 4),
+        "rel_change_from_init": {
+            str(c): round(float((kernels[c] - init[c]).norm() / init[c].norm()), 3) for c in kernels
+        },
+    }
     cache_dir.mkdir(parents=True, exist_ok=True)
     torch.save({"kernels": {str(c): k for c, k in kernels.items()}, "info": info}, cache)
     return kernels, info
@@ -130,7 +168,10 @@ def trained_kernels(steps: int, batch: int, seed: int, cache_dir: Path) -> tuple
 def spectrum_summary(W: torch.Tensor) -> dict[str, float]:
     """Share of squared norm in the top 10% singular values of the OUT and IN unfoldings."""
     out = {}
-    for name, M in (("OUT", W.reshape(W.shape[0], -1)), ("IN", W.transpose(0, 1).reshape(W.shape[1], -1))):
+    for name, M in (
+        ("OUT", W.reshape(W.shape[0], -1)),
+        ("IN", W.transpose(0, 1).reshape(W.shape[1], -1)),
+    ):
         s2 = torch.linalg.svdvals(M.double()) ** 2
         k = max(1, len(s2) // 10)
         out[f"energy_top10pct_{name}"] = round(float(s2[:k].sum() / s2.sum()), 4)
@@ -157,7 +198,10 @@ def tucker_full_rank(shape: tuple[int, ...], retention: float, spatial: int = 2)
     o, i, kh, kw = shape
     budget = retention * math.prod(shape)
     r = 1
-    while r < min(o, i) and (r + 1) ** 2 * spatial ** 2 + (r + 1) * (o + i) + spatial * (kh + kw) <= budget:
+    while (
+        r < min(o, i)
+        and (r + 1) ** 2 * spatial**2 + (r + 1) * (o + i) + spatial * (kh + kw) <= budget
+    ):
         r += 1
     return r
 
@@ -201,7 +245,9 @@ def rel_err(W: torch.Tensor, approx: Any) -> float:
 class Runner:
     """A named decomposition: ``run()`` returns (reconstruction, iterations or None, extra info)."""
 
-    def __init__(self, lib: str, algo: str, fn: Callable[[], tuple[Any, int | None, dict[str, Any]]]) -> None:
+    def __init__(
+        self, lib: str, algo: str, fn: Callable[[], tuple[Any, int | None, dict[str, Any]]]
+    ) -> None:
         self.lib, self.algo, self.fn = lib, algo, fn
         self.last: tuple[Any, int | None, dict[str, Any]] | None = None
 
@@ -253,9 +299,12 @@ def cp_runners(W: torch.Tensor, R: int, iters: int, numpy_ok: bool) -> list[Runn
         cp = parafac(W, R, n_iter_max=0, tol=0, init="svd")
         return tl.cp_to_tensor(cp), 0, {}
 
-    runners = [Runner("tensorcut", f"cp_als ({iters} it)", ours), Runner("tensorly[pytorch]", f"parafac ({iters} it)", tl_torch),
-               Runner("tensorcut", "cp_als init only (0 it)", ours_init),
-               Runner("tensorly[pytorch]", "parafac init only (0 it)", tl_init)]
+    runners = [
+        Runner("tensorcut", f"cp_als ({iters} it)", ours),
+        Runner("tensorly[pytorch]", f"parafac ({iters} it)", tl_torch),
+        Runner("tensorcut", "cp_als init only (0 it)", ours_init),
+        Runner("tensorly[pytorch]", "parafac init only (0 it)", tl_init),
+    ]
     if numpy_ok:
         runners.append(Runner("tensorly[numpy]", f"parafac ({iters} it)", tl_numpy))
     runners.append(Runner("tensorcut", "cp_als (defaults: <=100 it, tol 1e-7)", ours_default))
@@ -271,13 +320,17 @@ def tucker_runners(W: torch.Tensor, r2: int, rf: int) -> list[Runner]:
         def f() -> tuple[Any, int | None, dict[str, Any]]:
             res = tucker2(W, (r2, r2), **kw)
             return res.to_tensor(), res.n_iter, {}
+
         return f
 
     def t2_tl(n_iter_max: int = 100) -> Callable[[], tuple[Any, int | None, dict[str, Any]]]:
         def f() -> tuple[Any, int | None, dict[str, Any]]:
             tl = _tl("pytorch")
-            (core, factors), errs = partial_tucker(W, rank=[r2, r2], modes=[0, 1], n_iter_max=n_iter_max)
+            (core, factors), errs = partial_tucker(
+                W, rank=[r2, r2], modes=[0, 1], n_iter_max=n_iter_max
+            )
             return tl.tenalg.multi_mode_dot(core, factors, modes=[0, 1]), len(errs), {}
+
         return f
 
     full = [rf, rf, 2, 2]
@@ -286,6 +339,7 @@ def tucker_runners(W: torch.Tensor, r2: int, rf: int) -> list[Runner]:
         def f() -> tuple[Any, int | None, dict[str, Any]]:
             res = hooi(W, full, **kw)
             return res.to_tensor(), res.n_iter, {}
+
         return f
 
     def tf_hosvd() -> tuple[Any, int | None, dict[str, Any]]:
@@ -297,6 +351,7 @@ def tucker_runners(W: torch.Tensor, r2: int, rf: int) -> list[Runner]:
             tl = _tl("pytorch")
             t, errs = tucker(W, rank=full, n_iter_max=n_iter_max, return_errors=True)
             return tl.tucker_to_tensor(t), len(errs), {}
+
         return f
 
     return [
@@ -304,7 +359,9 @@ def tucker_runners(W: torch.Tensor, r2: int, rf: int) -> list[Runner]:
         Runner("tensorcut", f"tucker2 HOOI (tol 1e-4) r=({r2},{r2})", t2(tol=1e-4)),
         Runner("tensorly[pytorch]", f"partial_tucker (defaults) r=({r2},{r2})", t2_tl()),
         Runner("tensorcut", f"tucker2 HOSVD only r=({r2},{r2})", t2(hooi=False)),
-        Runner("tensorly[pytorch]", f"partial_tucker HOSVD only (n_iter_max=0) r=({r2},{r2})", t2_tl(0)),
+        Runner(
+            "tensorly[pytorch]", f"partial_tucker HOSVD only (n_iter_max=0) r=({r2},{r2})", t2_tl(0)
+        ),
         Runner("tensorcut", f"hooi (defaults) r={tuple(full)}", tf()),
         Runner("tensorcut", f"hooi (tol 1e-4) r={tuple(full)}", tf(tol=1e-4)),
         Runner("tensorly[pytorch]", f"tucker (defaults) r={tuple(full)}", tf_tl()),
@@ -328,10 +385,15 @@ def tt_runners(W: torch.Tensor, ranks: tuple[int, ...]) -> list[Runner]:
         tt = tensor_train(Wp, [1, *ranks, 1])
         return tl.tt_to_tensor(tt).permute(3, 0, 1, 2), None, {}
 
-    return [Runner("tensorcut", f"tt_svd r={ranks}", ours), Runner("tensorly[pytorch]", f"tensor_train r={ranks}", theirs)]
+    return [
+        Runner("tensorcut", f"tt_svd r={ranks}", ours),
+        Runner("tensorly[pytorch]", f"tensor_train r={ranks}", theirs),
+    ]
 
 
-def layer_runners(W: torch.Tensor, R: int, r2: int, rf: int, tt_r: tuple[int, ...], cp_iters: int) -> list[Runner]:
+def layer_runners(
+    W: torch.Tensor, R: int, r2: int, rf: int, tt_r: tuple[int, ...], cp_iters: int
+) -> list[Runner]:
     import tltorch
 
     from tensorcut.layers import CPConv2d, TTConv2d, TuckerConv2d
@@ -341,31 +403,63 @@ def layer_runners(W: torch.Tensor, R: int, r2: int, rf: int, tt_r: tuple[int, ..
     with torch.no_grad():
         conv.weight.copy_(W)
 
-    def ours(cls: Any, ranks: Any, **kw: Any) -> Callable[[], tuple[Any, int | None, dict[str, Any]]]:
+    def ours(
+        cls: Any, ranks: Any, **kw: Any
+    ) -> Callable[[], tuple[Any, int | None, dict[str, Any]]]:
         def f() -> tuple[Any, int | None, dict[str, Any]]:
             layer = cls.from_conv(conv, ranks=ranks, **kw)
             p = sum(q.numel() for q in layer.parameters())
             return layer.reconstruct_weight().detach(), None, {"params": p}
+
         return f
 
-    def theirs(fact: str, rank: Any, **dkw: Any) -> Callable[[], tuple[Any, int | None, dict[str, Any]]]:
+    def theirs(
+        fact: str, rank: Any, **dkw: Any
+    ) -> Callable[[], tuple[Any, int | None, dict[str, Any]]]:
         def f() -> tuple[Any, int | None, dict[str, Any]]:
-            layer = tltorch.FactorizedConv.from_conv(conv, rank=rank, factorization=fact, implementation="factorized",
-                                                     decompose_weights=True, decomposition_kwargs=dkw)
+            layer = tltorch.FactorizedConv.from_conv(
+                conv,
+                rank=rank,
+                factorization=fact,
+                implementation="factorized",
+                decompose_weights=True,
+                decomposition_kwargs=dkw,
+            )
             K = layer.weight.to_tensor().detach()
             if fact == "tt":
                 K = K.movedim(-1, 0)
             p = sum(q.numel() for q in layer.parameters())
             return K, None, {"params": p}
+
         return f
 
     return [
-        Runner("tensorcut layer", f"CPConv2d.from_conv R={R} (<= {cp_iters} it)", ours(CPConv2d, R, n_iter_max=cp_iters)),
-        Runner("tltorch layer", f"FactorizedConv cp R={R} (<= {cp_iters} it)", theirs("cp", R, n_iter_max=cp_iters)),
-        Runner("tensorcut layer", f"TuckerConv2d (tucker2).from_conv r=({r2},{r2})", ours(TuckerConv2d, (r2, r2))),
-        Runner("tltorch layer", f"FactorizedConv tucker r=({r2},{r2},3,3)", theirs("tucker", (r2, r2, kh, kw))),
+        Runner(
+            "tensorcut layer",
+            f"CPConv2d.from_conv R={R} (<= {cp_iters} it)",
+            ours(CPConv2d, R, n_iter_max=cp_iters),
+        ),
+        Runner(
+            "tltorch layer",
+            f"FactorizedConv cp R={R} (<= {cp_iters} it)",
+            theirs("cp", R, n_iter_max=cp_iters),
+        ),
+        Runner(
+            "tensorcut layer",
+            f"TuckerConv2d (tucker2).from_conv r=({r2},{r2})",
+            ours(TuckerConv2d, (r2, r2)),
+        ),
+        Runner(
+            "tltorch layer",
+            f"FactorizedConv tucker r=({r2},{r2},3,3)",
+            theirs("tucker", (r2, r2, kh, kw)),
+        ),
         Runner("tensorcut layer", f"TTConv2d.from_conv r={tt_r}", ours(TTConv2d, tt_r)),
-        Runner("tltorch layer", f"FactorizedConv tt r=(1,{','.join(map(str, tt_r))},1)", theirs("tt", (1, *tt_r, 1))),
+        Runner(
+            "tltorch layer",
+            f"FactorizedConv tt r=(1,{','.join(map(str, tt_r))},1)",
+            theirs("tt", (1, *tt_r, 1)),
+        ),
     ]
 
 
@@ -380,8 +474,15 @@ def run_group(W: torch.Tensor, runners: list[Runner], rounds: int) -> list[dict[
         approx, iters, extra = r.last  # type: ignore[misc]
         ts = times[f"{r.lib}|{r.algo}"]
         st = stats(ts)
-        row = {"lib": r.lib, "algo": r.algo, "seconds": st["median"], "seconds_min": st["min"], "runs": st["n"],
-               "iterations": iters, "rel_error": rel_err(W, approx)}
+        row = {
+            "lib": r.lib,
+            "algo": r.algo,
+            "seconds": st["median"],
+            "seconds_min": st["min"],
+            "runs": st["n"],
+            "iterations": iters,
+            "rel_error": rel_err(W, approx),
+        }
         if iters:
             row["seconds_per_iteration"] = st["median"] / iters
         row.update(extra)
@@ -407,34 +508,70 @@ def warm_up(layers: bool) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=1, help="threads for torch and BLAS, both libraries (default 1)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads for torch and BLAS, both libraries (default 1)",
+    )
     ap.add_argument("--sizes", default="64,256,512", help="channel sizes of the (C,C,3,3) kernels")
     ap.add_argument("--sources", default="random,trained")
-    ap.add_argument("--retention", type=float, default=0.1, help="decomposition parameters / kernel entries")
-    ap.add_argument("--cp-iters", default="64:100,256:25,512:20",
-                    help="ALS iterations for the matched CP comparison: one int, or size:iters pairs (default: as many "
-                         "as tensorly's parafac finishes in about half a minute; tensorly's own default is 100)")
-    ap.add_argument("--layer-cp-iters", type=int, default=10, help="ALS iteration cap for the layer comparison")
-    ap.add_argument("--numpy-max", type=int, default=64, help="largest kernel also run on tensorly's numpy backend "
-                    "(slower than its pytorch backend here: ~0.96 vs ~0.56 s per parafac iteration at 256 channels)")
-    ap.add_argument("--rounds", type=int, default=2, help="timing rounds for kernels of 65-511 channels")
-    ap.add_argument("--rounds-small", type=int, default=5, help="timing rounds for kernels of <= 64 channels")
+    ap.add_argument(
+        "--retention", type=float, default=0.1, help="decomposition parameters / kernel entries"
+    )
+    ap.add_argument(
+        "--cp-iters",
+        default="64:100,256:25,512:20",
+        help="ALS iterations for the matched CP comparison: one int, or size:iters pairs (default: as many "
+        "as tensorly's parafac finishes in about half a minute; tensorly's own default is 100)",
+    )
+    ap.add_argument(
+        "--layer-cp-iters", type=int, default=10, help="ALS iteration cap for the layer comparison"
+    )
+    ap.add_argument(
+        "--numpy-max",
+        type=int,
+        default=64,
+        help="largest kernel also run on tensorly's numpy backend "
+        "(slower than its pytorch backend here: ~0.96 vs ~0.56 s per parafac iteration at 256 channels)",
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=2, help="timing rounds for kernels of 65-511 channels"
+    )
+    ap.add_argument(
+        "--rounds-small", type=int, default=5, help="timing rounds for kernels of <= 64 channels"
+    )
     ap.add_argument("--train-steps", type=int, default=200)
     ap.add_argument("--train-batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-layers", action="store_true", help="skip the tensorly-torch layer comparison")
-    ap.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "tensorcut_bench_cache")
+    ap.add_argument(
+        "--no-layers", action="store_true", help="skip the tensorly-torch layer comparison"
+    )
+    ap.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(os.environ.get("TMPDIR", "/tmp")) / "tensorcut_bench_cache",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "decompose")
-    ap.add_argument("--render-only", action="store_true",
-                    help="measure nothing: re-evaluate the targets and rewrite the markdown from the stored JSON")
+    ap.add_argument(
+        "--render-only",
+        action="store_true",
+        help="measure nothing: re-evaluate the targets and rewrite the markdown from the stored JSON",
+    )
     args = ap.parse_args()
     if args.render_only:
         result = json.loads(args.out.with_suffix(".json").read_text())
         result["targets"] = evaluate_targets(result)
         result["rendered_by"] = command_line()
         write_json(args.out.with_suffix(".json"), result)
-        write_markdown(args.out.with_suffix(".md"), TITLE,
-                       result["command"], render(result), result["machine"], result["load"])
+        write_markdown(
+            args.out.with_suffix(".md"),
+            TITLE,
+            result["command"],
+            render(result),
+            result["machine"],
+            result["load"],
+        )
         return
 
     pin_threads(args.threads)
@@ -455,8 +592,14 @@ def main() -> None:
         cp_iters = {c: int(args.cp_iters) for c in sizes}
     sources = args.sources.split(",")
     machine = machine_info(args.threads)
-    result: dict[str, Any] = {"command": command_line(), "machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
-                              "tltorch_available": have_tltorch, "kernels": {}, "groups": []}
+    result: dict[str, Any] = {
+        "command": command_line(),
+        "machine": machine,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "tltorch_available": have_tltorch,
+        "kernels": {},
+        "groups": [],
+    }
     t_all = time.perf_counter()
     with LoadMonitor() as mon:
         kernels: dict[str, dict[int, torch.Tensor]] = {}
@@ -481,23 +624,50 @@ def main() -> None:
                 rf = tucker_full_rank(shape, args.retention)
                 tt_r = tt_ranks((shape[1], shape[2], shape[3], shape[0]), args.retention)
                 numel = math.prod(shape)
-                params = {"cp": R * sum(shape), "tucker2": r2 * shape[1] + r2 * r2 * 9 + shape[0] * r2,
-                          "tucker": rf * rf * 4 + rf * (shape[0] + shape[1]) + 2 * 6,
-                          "tt": tt_params((shape[1], shape[2], shape[3], shape[0]), tt_r)}
-                groups = [("cp", cp_runners(W, R, cp_iters.get(c, 10), c <= args.numpy_max)),
-                          ("tucker", tucker_runners(W, r2, rf)), ("tt", tt_runners(W, tt_r))]
+                params = {
+                    "cp": R * sum(shape),
+                    "tucker2": r2 * shape[1] + r2 * r2 * 9 + shape[0] * r2,
+                    "tucker": rf * rf * 4 + rf * (shape[0] + shape[1]) + 2 * 6,
+                    "tt": tt_params((shape[1], shape[2], shape[3], shape[0]), tt_r),
+                }
+                groups = [
+                    ("cp", cp_runners(W, R, cp_iters.get(c, 10), c <= args.numpy_max)),
+                    ("tucker", tucker_runners(W, r2, rf)),
+                    ("tt", tt_runners(W, tt_r)),
+                ]
                 if have_tltorch:
-                    groups.append(("layers", layer_runners(W, R, r2, rf, tt_r, args.layer_cp_iters)))
+                    groups.append(
+                        ("layers", layer_runners(W, R, r2, rf, tt_r, args.layer_cp_iters))
+                    )
                 for gname, runners in groups:
                     t0 = time.perf_counter()
                     rows = run_group(W, runners, rounds)
-                    g = {"source": src, "shape": list(shape), "group": gname, "retention": args.retention,
-                         "ranks": {"cp": R, "tucker2": [r2, r2], "tucker": [rf, rf, 2, 2], "tt": list(tt_r)},
-                         "params": params, "kernel_numel": numel, "rows": rows,
-                         "wall_seconds": round(time.perf_counter() - t0, 1), "load1": os.getloadavg()[0]}
+                    g = {
+                        "source": src,
+                        "shape": list(shape),
+                        "group": gname,
+                        "retention": args.retention,
+                        "ranks": {
+                            "cp": R,
+                            "tucker2": [r2, r2],
+                            "tucker": [rf, rf, 2, 2],
+                            "tt": list(tt_r),
+                        },
+                        "params": params,
+                        "kernel_numel": numel,
+                        "rows": rows,
+                        "wall_seconds": round(time.perf_counter() - t0, 1),
+                        "load1": os.getloadavg()[0],
+                    }
                     result["groups"].append(g)
-                    print(f"{src} {shape} {gname}: " + "; ".join(
-                        f"{r['lib']} {r['algo']}: {r['seconds']:.3g}s err {r['rel_error']:.4f}" for r in rows), flush=True)
+                    print(
+                        f"{src} {shape} {gname}: "
+                        + "; ".join(
+                            f"{r['lib']} {r['algo']}: {r['seconds']:.3g}s err {r['rel_error']:.4f}"
+                            for r in rows
+                        ),
+                        flush=True,
+                    )
                     result["load"] = mon.summary()
                     write_json(args.out.with_suffix(".json"), result)
         result["load"] = mon.summary()
@@ -505,7 +675,9 @@ def main() -> None:
 
 
 TITLE = "Decomposition time and error: tensorcut vs tensorly / tensorly-torch"
-PARITY = 1.15  # time ratios up to this are within this machine's run-to-run noise (see the TT pairs)
+PARITY = (
+    1.15  # time ratios up to this are within this machine's run-to-run noise (see the TT pairs)
+)
 
 
 def _find(rows: list[dict[str, Any]], lib: str, prefix: str) -> dict[str, Any] | None:
@@ -519,43 +691,73 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         key = f"{g['source']} {tuple(g['shape'])}"
         rows = g["rows"]
         if g["group"] == "cp":
-            ours, tl = _find(rows, "tensorcut", "cp_als ("), _find(rows, "tensorly[pytorch]", "parafac")
+            ours, tl = (
+                _find(rows, "tensorcut", "cp_als ("),
+                _find(rows, "tensorly[pytorch]", "parafac"),
+            )
             tln = _find(rows, "tensorly[numpy]", "parafac")
             if ours and tl:
                 fastest = min([x for x in (tl, tln) if x], key=lambda x: x["seconds_per_iteration"])
                 sp = fastest["seconds_per_iteration"] / ours["seconds_per_iteration"]
                 ok_err = ours["rel_error"] <= fastest["rel_error"] + 1e-6
-                t = {"kernel": key, "target": "CP-ALS per iteration >= 20x faster than parafac, error <= parafac's",
-                     "speedup": round(sp, 1), "ours_error": round(ours["rel_error"], 5),
-                     "tensorly_error": round(fastest["rel_error"], 5), "vs": fastest["lib"],
-                     "met": bool(sp >= 20 and ok_err)}
+                t = {
+                    "kernel": key,
+                    "target": "CP-ALS per iteration >= 20x faster than parafac, error <= parafac's",
+                    "speedup": round(sp, 1),
+                    "ours_error": round(ours["rel_error"], 5),
+                    "tensorly_error": round(fastest["rel_error"], 5),
+                    "vs": fastest["lib"],
+                    "met": bool(sp >= 20 and ok_err),
+                }
                 od = _find(rows, "tensorcut", "cp_als (defaults")
                 if od and od["iterations"]:
                     t["cross_check_speedup_vs_ours_defaults_run"] = round(
-                        fastest["seconds_per_iteration"] / (od["seconds"] / od["iterations"]), 1)
-                oi, ti = _find(rows, "tensorcut", "cp_als init only"), _find(rows, "tensorly[pytorch]", "parafac init only")
+                        fastest["seconds_per_iteration"] / (od["seconds"] / od["iterations"]), 1
+                    )
+                oi, ti = (
+                    _find(rows, "tensorcut", "cp_als init only"),
+                    _find(rows, "tensorly[pytorch]", "parafac init only"),
+                )
                 if oi and ti and ours["iterations"] and tl["iterations"]:
                     mo = (ours["seconds"] - oi["seconds"]) / ours["iterations"]
                     mt = (tl["seconds"] - ti["seconds"]) / tl["iterations"]
-                    t.update(marginal_s_per_it_ours=mo, marginal_s_per_it_tensorly=mt,
-                             marginal_speedup=round(mt / mo, 1) if mo > 0 else None,
-                             init_seconds_ours=oi["seconds"], init_seconds_tensorly=ti["seconds"])
+                    t.update(
+                        marginal_s_per_it_ours=mo,
+                        marginal_s_per_it_tensorly=mt,
+                        marginal_speedup=round(mt / mo, 1) if mo > 0 else None,
+                        init_seconds_ours=oi["seconds"],
+                        init_seconds_tensorly=ti["seconds"],
+                    )
                 out.append(t)
                 g["marginal"] = {k: v for k, v in t.items() if k.startswith(("marginal", "init"))}
         elif g["group"] in ("tucker", "tt"):
-            pairs = ([("tucker2 HOOI (defaults)", "partial_tucker (defaults)"),
-                      ("tucker2 HOOI (tol 1e-4)", "partial_tucker (defaults)"), ("tucker2 HOSVD only", "partial_tucker HOSVD"),
-                      ("hooi (defaults)", "tucker (defaults)"), ("hooi (tol 1e-4)", "tucker (defaults)"),
-                      ("hosvd", "tucker HOSVD")]
-                     if g["group"] == "tucker" else [("tt_svd", "tensor_train")])
+            pairs = (
+                [
+                    ("tucker2 HOOI (defaults)", "partial_tucker (defaults)"),
+                    ("tucker2 HOOI (tol 1e-4)", "partial_tucker (defaults)"),
+                    ("tucker2 HOSVD only", "partial_tucker HOSVD"),
+                    ("hooi (defaults)", "tucker (defaults)"),
+                    ("hooi (tol 1e-4)", "tucker (defaults)"),
+                    ("hosvd", "tucker HOSVD"),
+                ]
+                if g["group"] == "tucker"
+                else [("tt_svd", "tensor_train")]
+            )
             for a, b in pairs:
                 ours, tl = _find(rows, "tensorcut", a), _find(rows, "tensorly[pytorch]", b)
                 if ours and tl:
                     ratio = ours["seconds"] / tl["seconds"]
-                    out.append({"kernel": key, "target": f"{a} no slower than tensorly {b}",
-                                "time_ratio": round(ratio, 3), "ours_error": round(ours["rel_error"], 5),
-                                "tensorly_error": round(tl["rel_error"], 5), "met": bool(ratio <= 1.0),
-                                "parity": bool(ratio <= PARITY)})
+                    out.append(
+                        {
+                            "kernel": key,
+                            "target": f"{a} no slower than tensorly {b}",
+                            "time_ratio": round(ratio, 3),
+                            "ours_error": round(ours["rel_error"], 5),
+                            "tensorly_error": round(tl["rel_error"], 5),
+                            "met": bool(ratio <= 1.0),
+                            "parity": bool(ratio <= PARITY),
+                        }
+                    )
     return out
 
 
@@ -571,30 +773,57 @@ def render(result: dict[str, Any]) -> str:
         parts.append(
             f"Trained kernels: probe CNN trained {p['steps']} Adam steps (lr 1e-3, batch {p['batch']}) on Fashion-MNIST; "
             f"train top-1 over the last 50 steps {p['train_top1_last50_steps']}; relative change from init "
-            f"||W - W0|| / ||W0|| per kernel size: {p['rel_change_from_init']}.")
-    kt = [(k, v["shape"], v["energy_top10pct_OUT"], v["energy_top10pct_IN"]) for k, v in result["kernels"].items()]
-    parts.append("Kernels (share of squared norm in the top 10% singular values of the OUT / IN unfoldings; "
-                 "0.1 would be a flat spectrum):\n\n" + md_table(["kernel", "shape", "top-10% energy OUT", "IN"], kt))
+            f"||W - W0|| / ||W0|| per kernel size: {p['rel_change_from_init']}."
+        )
+    kt = [
+        (k, v["shape"], v["energy_top10pct_OUT"], v["energy_top10pct_IN"])
+        for k, v in result["kernels"].items()
+    ]
+    parts.append(
+        "Kernels (share of squared norm in the top 10% singular values of the OUT / IN unfoldings; "
+        "0.1 would be a flat spectrum):\n\n"
+        + md_table(["kernel", "shape", "top-10% energy OUT", "IN"], kt)
+    )
     if result.get("targets"):
         rows = []
         for t in result["targets"]:
-            fig = f"{t['speedup']}x vs {t['vs']}" if "speedup" in t else f"time ratio {t['time_ratio']}"
+            fig = (
+                f"{t['speedup']}x vs {t['vs']}"
+                if "speedup" in t
+                else f"time ratio {t['time_ratio']}"
+            )
             if t.get("marginal_speedup") is not None:
                 fig += f" (init excluded: {t['marginal_speedup']}x)"
             if t.get("cross_check_speedup_vs_ours_defaults_run") is not None:
                 fig += f"; vs tensorcut's 100-iteration run: {t['cross_check_speedup_vs_ours_defaults_run']}x"
-            verdict = "met" if t["met"] else ("parity (within noise)" if t.get("parity") else "**missed**")
-            rows.append((t["kernel"], t["target"], fig, t["ours_error"], t["tensorly_error"], verdict))
-        parts.append("## Targets\n\nCP figure: speed-up of time per iteration = total time / iterations "
-                     "(initialisation included, the target's definition), against the faster tensorly backend; in "
-                     "brackets the speed-up of the marginal cost of an iteration, (total - init-only run) / iterations, "
-                     "which does not depend on how many iterations amortise the SVD initialisation; and, as a cross-check "
-                     "against load noise in single-round timings, tensorly's time per iteration over tensorcut's from its "
-                     "own 100-iteration run. Tucker / TT: wall time tensorcut / tensorly (<= 1 is no slower; <= "
-                     f"{PARITY} is reported as parity: the TT pairs run the same SVDs in both libraries and their ratios "
-                     "scatter that much on this loaded machine). `tol 1e-4` rows run tensorcut at tensorly's default "
-                     "tolerance.\n\n" + md_table(["kernel", "target", "figure", "tensorcut error", "tensorly error", ""], rows))
-    titles = {"cp": "CP", "tucker": "Tucker-2 and Tucker", "tt": "Tensor train", "layers": "Layers: tensorly-torch from_conv vs tensorcut from_conv"}
+            verdict = (
+                "met"
+                if t["met"]
+                else ("parity (within noise)" if t.get("parity") else "**missed**")
+            )
+            rows.append(
+                (t["kernel"], t["target"], fig, t["ours_error"], t["tensorly_error"], verdict)
+            )
+        parts.append(
+            "## Targets\n\nCP figure: speed-up of time per iteration = total time / iterations "
+            "(initialisation included, the target's definition), against the faster tensorly backend; in "
+            "brackets the speed-up of the marginal cost of an iteration, (total - init-only run) / iterations, "
+            "which does not depend on how many iterations amortise the SVD initialisation; and, as a cross-check "
+            "against load noise in single-round timings, tensorly's time per iteration over tensorcut's from its "
+            "own 100-iteration run. Tucker / TT: wall time tensorcut / tensorly (<= 1 is no slower; <= "
+            f"{PARITY} is reported as parity: the TT pairs run the same SVDs in both libraries and their ratios "
+            "scatter that much on this loaded machine). `tol 1e-4` rows run tensorcut at tensorly's default "
+            "tolerance.\n\n"
+            + md_table(
+                ["kernel", "target", "figure", "tensorcut error", "tensorly error", ""], rows
+            )
+        )
+    titles = {
+        "cp": "CP",
+        "tucker": "Tucker-2 and Tucker",
+        "tt": "Tensor train",
+        "layers": "Layers: tensorly-torch from_conv vs tensorcut from_conv",
+    }
     for gname in ("cp", "tucker", "tt", "layers"):
         gs = [g for g in result["groups"] if g["group"] == gname]
         if not gs:
@@ -602,15 +831,38 @@ def render(result: dict[str, Any]) -> str:
         rows = []
         for g in gs:
             for r in g["rows"]:
-                rows.append((f"{g['source']} {g['shape'][0]}", r["lib"], r["algo"],
-                             r.get("params", g["params"].get(gname, "")) if gname != "layers" else r.get("params", ""),
-                             fmt(r["seconds"], 3), r["runs"], r["iterations"] if r["iterations"] is not None else "-",
-                             fmt(r.get("seconds_per_iteration"), 3), f"{r['rel_error']:.5f}"))
-        head = ["kernel", "library", "algorithm", "params", "seconds", "runs", "iterations", "s / iteration", "rel. error"]
+                rows.append(
+                    (
+                        f"{g['source']} {g['shape'][0]}",
+                        r["lib"],
+                        r["algo"],
+                        r.get("params", g["params"].get(gname, ""))
+                        if gname != "layers"
+                        else r.get("params", ""),
+                        fmt(r["seconds"], 3),
+                        r["runs"],
+                        r["iterations"] if r["iterations"] is not None else "-",
+                        fmt(r.get("seconds_per_iteration"), 3),
+                        f"{r['rel_error']:.5f}",
+                    )
+                )
+        head = [
+            "kernel",
+            "library",
+            "algorithm",
+            "params",
+            "seconds",
+            "runs",
+            "iterations",
+            "s / iteration",
+            "rel. error",
+        ]
         parts.append(f"## {titles[gname]}\n\n" + md_table(head, rows))
     if not result.get("tltorch_available"):
         parts.append("tensorly-torch was not available (or --no-layers): no layer comparison.")
-    parts.append(f"Total wall time {result.get('total_seconds')} s; `uptime` at the end: `{result.get('uptime_at_end')}`.")
+    parts.append(
+        f"Total wall time {result.get('total_seconds')} s; `uptime` at the end: `{result.get('uptime_at_end')}`."
+    )
     return "\n\n".join(parts)
 
 

@@ -42,7 +42,16 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, LoadMonitor, command_line, machine_info, md_table, uptime_line, write_json, write_markdown  # noqa: E402
+from common import (
+    RESULTS,
+    LoadMonitor,
+    command_line,
+    machine_info,
+    md_table,
+    uptime_line,
+    write_json,
+    write_markdown,
+)  # noqa: E402
 
 from tensorcut.layers.base import LAYER_REGISTRY, ConvGeometry  # noqa: E402
 from tensorcut.timing import compare, measure_latency  # noqa: E402
@@ -92,13 +101,20 @@ def conv_inputs(model: nn.Module, shape: tuple[int, ...]) -> tuple[dict[str, tup
     hooks = []
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
+
             def hook(mod: nn.Module, inp: Any, out: torch.Tensor, name: str = name) -> None:
                 sizes[name] = (inp[0].shape[-2], inp[0].shape[-1])
                 macs[0] += ConvGeometry.from_conv(mod).dense_macs(sizes[name])  # type: ignore[arg-type]
+
             hooks.append(m.register_forward_hook(hook))
         elif isinstance(m, nn.Linear):
-            hooks.append(m.register_forward_hook(
-                lambda mod, inp, out: macs.__setitem__(0, macs[0] + mod.in_features * mod.out_features)))
+            hooks.append(
+                m.register_forward_hook(
+                    lambda mod, inp, out: macs.__setitem__(
+                        0, macs[0] + mod.in_features * mod.out_features
+                    )
+                )
+            )
     with torch.no_grad():
         model(torch.zeros(1, *shape, dtype=next(model.parameters()).dtype))
     for h in hooks:
@@ -117,8 +133,11 @@ def _ranks_at(method: str, geom: ConvGeometry, t: float, align: int) -> tuple[in
     mx = tuple(cls.max_ranks(geom))
     o, i = geom.out_channels, geom.in_channels
     kh, kw = geom.kernel_size
-    ref = {"tucker2": (o, i), "cp": (max(1, o * i * kh * kw // (o + i + kh + kw)),),
-           "tt": (i, min(i * kh, o * kw), o)}[method]
+    ref = {
+        "tucker2": (o, i),
+        "cp": (max(1, o * i * kh * kw // (o + i + kh + kw)),),
+        "tt": (i, min(i * kh, o * kw), o),
+    }[method]
     out = []
     for r, m in zip(ref, mx):
         v = max(1, math.ceil(t * r))
@@ -127,7 +146,9 @@ def _ranks_at(method: str, geom: ConvGeometry, t: float, align: int) -> tuple[in
     return tuple(out)
 
 
-def layer_ranks(method: str, geom: ConvGeometry, hw: tuple[int, int], frac: float, align: int) -> tuple[int, ...] | None:
+def layer_ranks(
+    method: str, geom: ConvGeometry, hw: tuple[int, int], frac: float, align: int
+) -> tuple[int, ...] | None:
     """Largest ranks (by bisection on the scale) whose MACs are <= ``frac`` x dense; None if none are."""
     cls = LAYER_REGISTRY[method]
     budget = frac * geom.dense_macs(hw)
@@ -143,7 +164,9 @@ def layer_ranks(method: str, geom: ConvGeometry, hw: tuple[int, int], frac: floa
     return best
 
 
-def compressed_copy(model: nn.Module, method: str, target: float, align: int) -> tuple[nn.Module, dict[str, Any]]:
+def compressed_copy(
+    model: nn.Module, method: str, target: float, align: int
+) -> tuple[nn.Module, dict[str, Any]]:
     """A copy of ``model`` whose eligible convs are factorized (random factors) to hit ``target`` x MACs."""
     sizes, dense = conv_inputs(model, INPUT)
     convs = {n: m for n, m in model.named_modules() if n in sizes and eligible(m)}
@@ -171,7 +194,9 @@ def compressed_copy(model: nn.Module, method: str, target: float, align: int) ->
             hi = mid
     chosen, total = best
     note = ""
-    if total > target * dense:  # unreachable (e.g. most MACs in depthwise convs): the smallest ranks everywhere
+    if (
+        total > target * dense
+    ):  # unreachable (e.g. most MACs in depthwise convs): the smallest ranks everywhere
         chosen, total = {}, dense
         for n, g in geoms.items():
             r = _ranks_at(method, g, 0.0, align)
@@ -184,8 +209,15 @@ def compressed_copy(model: nn.Module, method: str, target: float, align: int) ->
         layer = cls(geoms[n], r, dtype=next(model.parameters()).dtype)
         layer.reset_parameters()
         out.set_submodule(n, layer)
-    info = {"mac_ratio": total / dense, "dense_macs": dense, "macs": total, "factorized_layers": len(chosen), "note": note,
-            "eligible_layers": len(geoms), "ranks": {n: list(r) for n, r in chosen.items()}}
+    info = {
+        "mac_ratio": total / dense,
+        "dense_macs": dense,
+        "macs": total,
+        "factorized_layers": len(chosen),
+        "note": note,
+        "eligible_layers": len(geoms),
+        "ranks": {n: list(r) for n, r in chosen.items()},
+    }
     return out.eval(), info
 
 
@@ -208,7 +240,9 @@ def prepared(m: nn.Module, **kw: Any) -> nn.Module:
     return prepare_for_inference(m, **kw)
 
 
-def ort_runner(model: nn.Module, threads: int, tmp: Path, tag: str) -> Callable[[torch.Tensor], Any]:
+def ort_runner(
+    model: nn.Module, threads: int, tmp: Path, tag: str
+) -> Callable[[torch.Tensor], Any]:
     """An ONNX Runtime session on the exported ``prepare_for_inference(pointwise='conv')`` model."""
     import onnxruntime as ort
 
@@ -221,7 +255,9 @@ def ort_runner(model: nn.Module, threads: int, tmp: Path, tag: str) -> Callable[
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # shared machine: no busy-waiting
+    so.add_session_config_entry(
+        "session.intra_op.allow_spinning", "0"
+    )  # shared machine: no busy-waiting
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     x = torch.randn(2, *INPUT)
     with torch.no_grad():
@@ -237,9 +273,18 @@ def ort_runner(model: nn.Module, threads: int, tmp: Path, tag: str) -> Callable[
 # ----------------------------------------------------------------------------- one group
 
 
-def time_group(result: dict[str, Any], *, model_name: str, runtime: str, batch: int, threads: int,
-               models: dict[str, Callable[[torch.Tensor], Any]], infos: dict[str, dict[str, Any]],
-               warmup: int, reps: int) -> None:
+def time_group(
+    result: dict[str, Any],
+    *,
+    model_name: str,
+    runtime: str,
+    batch: int,
+    threads: int,
+    models: dict[str, Callable[[torch.Tensor], Any]],
+    infos: dict[str, dict[str, Any]],
+    warmup: int,
+    reps: int,
+) -> None:
     """Time ``models`` (first is dense) interleaved and append one row per compressed variant."""
     torch.manual_seed(1)
     x = torch.randn(batch, *INPUT)
@@ -252,20 +297,47 @@ def time_group(result: dict[str, Any], *, model_name: str, runtime: str, batch: 
         c = compare(s, dense)
         mac = infos[name]["mac_ratio"]
         method, target = name.rsplit("@", 1)
-        result["rows"].append({
-            "model": model_name, "runtime": runtime, "batch": batch, "threads": threads, "method": method,
-            "target": float(target), "mac_ratio": mac, "latency_ratio": c.ratio, "ratio_q1": c.low,
-            "ratio_q3": c.high, "quotient": c.ratio / mac, "measurable": c.measurable,
-            "dense": dense.to_dict(), "compressed": s.to_dict(), "describe": c.describe(),
-        })
-    result["groups"].append({"model": model_name, "runtime": runtime, "batch": batch, "threads": threads,
-                             "seconds": round(time.perf_counter() - t0, 1), "dense": dense.describe(),
-                             "load1": os.getloadavg()[0]})
-    print(f"{model_name:16s} {runtime:16s} b{batch:<3d} t{threads}  dense {dense.describe()}  "
-          f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    for r in result["rows"][-(len(models) - 1):]:
-        print(f"    {r['method']:8s}@{r['target']:<4} MAC {r['mac_ratio']:.3f}  latency {r['latency_ratio']:.3f} "
-              f"(IQR {r['ratio_q1']:.3f}-{r['ratio_q3']:.3f})  quotient {r['quotient']:.2f}", flush=True)
+        result["rows"].append(
+            {
+                "model": model_name,
+                "runtime": runtime,
+                "batch": batch,
+                "threads": threads,
+                "method": method,
+                "target": float(target),
+                "mac_ratio": mac,
+                "latency_ratio": c.ratio,
+                "ratio_q1": c.low,
+                "ratio_q3": c.high,
+                "quotient": c.ratio / mac,
+                "measurable": c.measurable,
+                "dense": dense.to_dict(),
+                "compressed": s.to_dict(),
+                "describe": c.describe(),
+            }
+        )
+    result["groups"].append(
+        {
+            "model": model_name,
+            "runtime": runtime,
+            "batch": batch,
+            "threads": threads,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "dense": dense.describe(),
+            "load1": os.getloadavg()[0],
+        }
+    )
+    print(
+        f"{model_name:16s} {runtime:16s} b{batch:<3d} t{threads}  dense {dense.describe()}  "
+        f"({time.perf_counter() - t0:.0f} s)",
+        flush=True,
+    )
+    for r in result["rows"][-(len(models) - 1) :]:
+        print(
+            f"    {r['method']:8s}@{r['target']:<4} MAC {r['mac_ratio']:.3f}  latency {r['latency_ratio']:.3f} "
+            f"(IQR {r['ratio_q1']:.3f}-{r['ratio_q3']:.3f})  quotient {r['quotient']:.2f}",
+            flush=True,
+        )
 
 
 def skip(result: dict[str, Any], what: str, err: BaseException) -> None:
@@ -294,41 +366,70 @@ def profile_top(model: nn.Module, x: torch.Tensor, n: int = 10) -> list[dict[str
         torch.set_num_threads(before)
     ev = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in ev) or 1
-    return [{"op": e.key, "calls_per_run": e.count // 5, "self_ms_per_run": e.self_cpu_time_total / 5e3,
-             "share": e.self_cpu_time_total / total} for e in ev[:n]]
+    return [
+        {
+            "op": e.key,
+            "calls_per_run": e.count // 5,
+            "self_ms_per_run": e.self_cpu_time_total / 5e3,
+            "share": e.self_cpu_time_total / total,
+        }
+        for e in ev[:n]
+    ]
 
 
 # ----------------------------------------------------------------------------- speed plans
 
 
-def speed_plan(result: dict[str, Any], name: str, dense: nn.Module, tmp: Path, args: argparse.Namespace) -> None:
+def speed_plan(
+    result: dict[str, Any], name: str, dense: nn.Module, tmp: Path, args: argparse.Namespace
+) -> None:
     """``plan_for_speedup`` at each target (1 thread, batch 1, verified): predicted vs measured speed-up."""
     from tensorcut.speed import plan_for_speedup
 
     for target in args.speed_targets:
         t0 = time.perf_counter()
         try:
-            p = plan_for_speedup(copy.deepcopy(dense), target, INPUT, "tucker2", threads=1, batch=1, verify=True,
-                                 cache=tmp / "latency_cache.json", reps=args.reps,
-                                 decompose_options={"hooi": False})  # random weights: HOSVD suffices for timing
+            p = plan_for_speedup(
+                copy.deepcopy(dense),
+                target,
+                INPUT,
+                "tucker2",
+                threads=1,
+                batch=1,
+                verify=True,
+                cache=tmp / "latency_cache.json",
+                reps=args.reps,
+                decompose_options={"hooi": False},
+            )  # random weights: HOSVD suffices for timing
         except Exception as e:  # noqa: BLE001 - reported, not fatal
             traceback.print_exc()
             skip(result, f"{name} speed plan x{target}", e)
             continue
         sp = p.config["speed"]
         t = p.totals()
-        row = {"model": name, "target_speedup": target, "dense_ms": sp["dense_ms"], "predicted_ms": sp["predicted_ms"],
-               "predicted_speedup": sp["predicted_speedup"], "met": sp["met"],
-               "measured_speedup": sp.get("measured_speedup"), "measured": sp.get("measured", "no layer factorized"),
-               "fell_back_to_dense": bool(sp.get("fell_back_to_dense", False)),
-               "mac_ratio": 1.0 / t["model_mac_ratio"], "factorized_layers": t["factorized_layers"],
-               "not_faster_layers": sum(e.reason == "not faster" for e in p.layers),
-               "seconds": round(time.perf_counter() - t0, 1)}
+        row = {
+            "model": name,
+            "target_speedup": target,
+            "dense_ms": sp["dense_ms"],
+            "predicted_ms": sp["predicted_ms"],
+            "predicted_speedup": sp["predicted_speedup"],
+            "met": sp["met"],
+            "measured_speedup": sp.get("measured_speedup"),
+            "measured": sp.get("measured", "no layer factorized"),
+            "fell_back_to_dense": bool(sp.get("fell_back_to_dense", False)),
+            "mac_ratio": 1.0 / t["model_mac_ratio"],
+            "factorized_layers": t["factorized_layers"],
+            "not_faster_layers": sum(e.reason == "not faster" for e in p.layers),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         result["speed_plans"].append(row)
-        print(f"{name} speed plan x{target}: predicted x{row['predicted_speedup']:.2f}, measured "
-              f"x{row['measured_speedup'] or 1.0:.2f}, MAC ratio {row['mac_ratio']:.3f}, "
-              f"{row['factorized_layers']} factorized, {row['not_faster_layers']} not faster "
-              f"({row['seconds']} s)", flush=True)
+        print(
+            f"{name} speed plan x{target}: predicted x{row['predicted_speedup']:.2f}, measured "
+            f"x{row['measured_speedup'] or 1.0:.2f}, MAC ratio {row['mac_ratio']:.3f}, "
+            f"{row['factorized_layers']} factorized, {row['not_faster_layers']} not faster "
+            f"({row['seconds']} s)",
+            flush=True,
+        )
 
 
 # ----------------------------------------------------------------------------- main
@@ -338,9 +439,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tv = import_torchvision()
     machine = machine_info(1)
     machine["threads"] = "1 or 2 (see each row)"
-    result: dict[str, Any] = {"command": command_line(), "machine": machine, "reductions": REDUCTIONS,
-                              "align": args.align, "rows": [], "groups": [], "skipped": [], "profiles": {}, "speed_plans": [],
-                              "models": {}}
+    result: dict[str, Any] = {
+        "command": command_line(),
+        "machine": machine,
+        "reductions": REDUCTIONS,
+        "align": args.align,
+        "rows": [],
+        "groups": [],
+        "skipped": [],
+        "profiles": {},
+        "speed_plans": [],
+        "models": {},
+    }
     if args.quick:
         result["reductions"] = REDUCTIONS + ["--quick: smoke run, ResNet-18 only, 3 timed rounds"]
     out = Path(args.out)
@@ -360,13 +470,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     key = f"{method}@{target}"
                     t = time.perf_counter()
                     try:
-                        variants[key], infos[key] = compressed_copy(dense, method, target, args.align)
+                        variants[key], infos[key] = compressed_copy(
+                            dense, method, target, args.align
+                        )
                     except Exception as e:  # noqa: BLE001
                         skip(result, f"{name} {key}", e)
                         continue
-                    print(f"{name} {key}: MAC ratio {infos[key]['mac_ratio']:.3f}, {infos[key]['factorized_layers']}/"
-                          f"{infos[key]['eligible_layers']} layers ({time.perf_counter() - t:.1f} s)", flush=True)
-            result["models"][name] = {k: {kk: v for kk, v in i.items() if kk != "ranks"} for k, i in infos.items()}
+                    print(
+                        f"{name} {key}: MAC ratio {infos[key]['mac_ratio']:.3f}, {infos[key]['factorized_layers']}/"
+                        f"{infos[key]['eligible_layers']} layers ({time.perf_counter() - t:.1f} s)",
+                        flush=True,
+                    )
+            result["models"][name] = {
+                k: {kk: v for kk, v in i.items() if kk != "ranks"} for k, i in infos.items()
+            }
             big = name in ("resnet18", "resnet50")
             heavy = name == "vgg16"
             w1, r1 = (1, 5) if heavy else (2, args.reps)
@@ -379,23 +496,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     continue
                 warm, reps = (1, args.reps_b32) if batch > 1 else (w1, r1)
                 sel = {k: variants[k] for k in keys}
-                runtimes = ["eager", "eager+prepared", "onnxruntime"] if (batch, threads) == (1, 1) else \
-                    ["eager+prepared", "onnxruntime"]
+                runtimes = (
+                    ["eager", "eager+prepared", "onnxruntime"]
+                    if (batch, threads) == (1, 1)
+                    else ["eager+prepared", "onnxruntime"]
+                )
                 if name == "resnet18" and batch == 1 and threads == 1 and args.compile:
                     runtimes.append("compile")
                 for rt in runtimes:
                     if time.perf_counter() - t_start > 60 * args.limit_min:
-                        skip(result, f"{name} {rt} batch {batch} threads {threads}",
-                             TimeoutError(f"not started: past the {args.limit_min:g}-minute limit"))
+                        skip(
+                            result,
+                            f"{name} {rt} batch {batch} threads {threads}",
+                            TimeoutError(f"not started: past the {args.limit_min:g}-minute limit"),
+                        )
                         continue
                     try:
                         if rt == "eager":
                             fns = {"dense": dense, **sel}
                         elif rt == "eager+prepared":
-                            fns = {"dense": prepared(dense), **{k: prepared(m) for k, m in sel.items()}}
+                            fns = {
+                                "dense": prepared(dense),
+                                **{k: prepared(m) for k, m in sel.items()},
+                            }
                         elif rt == "onnxruntime":
                             fns = {"dense": ort_runner(dense, threads, tmp, f"{name}_dense")}
-                            fns.update({k: ort_runner(m, threads, tmp, f"{name}_{k}") for k, m in sel.items()})
+                            fns.update(
+                                {
+                                    k: ort_runner(m, threads, tmp, f"{name}_{k}")
+                                    for k, m in sel.items()
+                                }
+                            )
                         else:
                             t2k = [k for k in sel if k.startswith("tucker2@")]
                             fns = {"dense": torch.compile(prepared(dense))}
@@ -403,13 +534,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             with torch.inference_mode():
                                 for f in fns.values():
                                     f(torch.randn(batch, *INPUT))
-                        time_group(result, model_name=name, runtime=rt, batch=batch, threads=threads, models=fns,
-                                   infos=infos, warmup=warm, reps=reps)
+                        time_group(
+                            result,
+                            model_name=name,
+                            runtime=rt,
+                            batch=batch,
+                            threads=threads,
+                            models=fns,
+                            infos=infos,
+                            warmup=warm,
+                            reps=reps,
+                        )
                     except Exception as e:  # noqa: BLE001 - a runtime that fails on this CPU is skipped with its reason
                         traceback.print_exc()
                         skip(result, f"{name} {rt} batch {batch} threads {threads}", e)
                     write_json(out.with_suffix(".json"), result)
-            if name in args.speed_plan_models and time.perf_counter() - t_start < 60 * args.limit_min:
+            if (
+                name in args.speed_plan_models
+                and time.perf_counter() - t_start < 60 * args.limit_min
+            ):
                 speed_plan(result, name, dense, tmp, args)
                 write_json(out.with_suffix(".json"), result)
             if name in ("resnet18", "resnet50") and "tucker2@0.25" in variants:
@@ -426,44 +569,120 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def render(result: dict[str, Any]) -> str:
-    lines = ["Latency ratio = compressed / dense latency (median of per-round ratios of interleaved runs, "
-             "IQR in brackets); MAC ratio = compressed / dense conv+linear MACs; quotient = latency ratio / MAC ratio "
-             "(1.0: the compressed model runs its MACs as efficiently as dense; the goal is <= 1.15). "
-             "'eager' compares the models as built, 'eager+prepared' both after `prepare_for_inference` "
-             "(BatchNorm folded), 'onnxruntime' both exported after `prepare_for_inference(pointwise='conv')`.", "",
-             "Reductions (2 shared cores, ~30 min budget):", ""]
+    lines = [
+        "Latency ratio = compressed / dense latency (median of per-round ratios of interleaved runs, "
+        "IQR in brackets); MAC ratio = compressed / dense conv+linear MACs; quotient = latency ratio / MAC ratio "
+        "(1.0: the compressed model runs its MACs as efficiently as dense; the goal is <= 1.15). "
+        "'eager' compares the models as built, 'eager+prepared' both after `prepare_for_inference` "
+        "(BatchNorm folded), 'onnxruntime' both exported after `prepare_for_inference(pointwise='conv')`.",
+        "",
+        "Reductions (2 shared cores, ~30 min budget):",
+        "",
+    ]
     lines += [f"- {r}" for r in result["reductions"]]
     lines += ["", f"Ranks rounded up to multiples of {result['align']}.", ""]
-    head = ("model", "runtime", "batch", "threads", "method", "target", "MAC ratio", "latency ratio (IQR)",
-            "quotient", "dense latency")
+    head = (
+        "model",
+        "runtime",
+        "batch",
+        "threads",
+        "method",
+        "target",
+        "MAC ratio",
+        "latency ratio (IQR)",
+        "quotient",
+        "dense latency",
+    )
     rows = []
     for r in result["rows"]:
         d = r["dense"]
-        rows.append((r["model"], r["runtime"], r["batch"], r["threads"], r["method"], r["target"],
-                     f"{r['mac_ratio']:.3f}", f"{r['latency_ratio']:.3f} ({r['ratio_q1']:.3f}–{r['ratio_q3']:.3f})"
-                     + ("" if r["measurable"] else " n.m.d."), f"{r['quotient']:.2f}",
-                     f"{d['median_ms']:.1f} ms (IQR {d['q1_ms']:.1f}–{d['q3_ms']:.1f}), {d['reps']} reps"))
-    lines += [md_table(head, rows), "", "n.m.d. = no measurable difference from dense (the ratio's IQR contains 1).", ""]
+        rows.append(
+            (
+                r["model"],
+                r["runtime"],
+                r["batch"],
+                r["threads"],
+                r["method"],
+                r["target"],
+                f"{r['mac_ratio']:.3f}",
+                f"{r['latency_ratio']:.3f} ({r['ratio_q1']:.3f}–{r['ratio_q3']:.3f})"
+                + ("" if r["measurable"] else " n.m.d."),
+                f"{r['quotient']:.2f}",
+                f"{d['median_ms']:.1f} ms (IQR {d['q1_ms']:.1f}–{d['q3_ms']:.1f}), {d['reps']} reps",
+            )
+        )
+    lines += [
+        md_table(head, rows),
+        "",
+        "n.m.d. = no measurable difference from dense (the ratio's IQR contains 1).",
+        "",
+    ]
     if result["skipped"]:
-        lines += ["Skipped:", ""] + [f"- {s['what']}: {s['reason']}" for s in result["skipped"]] + [""]
+        lines += (
+            ["Skipped:", ""] + [f"- {s['what']}: {s['reason']}" for s in result["skipped"]] + [""]
+        )
     if result.get("speed_plans"):
-        lines += ["Plans made for speed (`tensorcut.speed.plan_for_speedup`, Tucker-2, 1 thread, batch 1, eager, "
-                  "channels-last; `verify=True`: measured on the whole model, all-dense if not measurably faster):", ""]
-        lines.append(md_table(
-            ("model", "target", "predicted speed-up", "measured speed-up", "MAC ratio", "factorized", "not faster",
-             "fell back to dense", "measured"),
-            [(r["model"], f"x{r['target_speedup']}", f"x{r['predicted_speedup']:.2f}",
-              "-" if r["measured_speedup"] is None else f"x{r['measured_speedup']:.2f}", f"{r['mac_ratio']:.3f}",
-              r["factorized_layers"], r["not_faster_layers"], "yes" if r["fell_back_to_dense"] else "no",
-              r["measured"].replace("\n", "; ")) for r in result["speed_plans"]]))
+        lines += [
+            "Plans made for speed (`tensorcut.speed.plan_for_speedup`, Tucker-2, 1 thread, batch 1, eager, "
+            "channels-last; `verify=True`: measured on the whole model, all-dense if not measurably faster):",
+            "",
+        ]
+        lines.append(
+            md_table(
+                (
+                    "model",
+                    "target",
+                    "predicted speed-up",
+                    "measured speed-up",
+                    "MAC ratio",
+                    "factorized",
+                    "not faster",
+                    "fell back to dense",
+                    "measured",
+                ),
+                [
+                    (
+                        r["model"],
+                        f"x{r['target_speedup']}",
+                        f"x{r['predicted_speedup']:.2f}",
+                        "-" if r["measured_speedup"] is None else f"x{r['measured_speedup']:.2f}",
+                        f"{r['mac_ratio']:.3f}",
+                        r["factorized_layers"],
+                        r["not_faster_layers"],
+                        "yes" if r["fell_back_to_dense"] else "no",
+                        r["measured"].replace("\n", "; "),
+                    )
+                    for r in result["speed_plans"]
+                ],
+            )
+        )
         lines.append("")
     for model, profs in result.get("profiles", {}).items():
-        lines += [f"Profile, {model}, batch 1, 1 thread (torch.profiler, self CPU time per forward):", ""]
+        lines += [
+            f"Profile, {model}, batch 1, 1 thread (torch.profiler, self CPU time per forward):",
+            "",
+        ]
         for tag, top in profs.items():
-            lines += [f"{tag}:", "", md_table(("op", "calls", "self ms", "share"),
-                                               [(t["op"], t["calls_per_run"], f"{t['self_ms_per_run']:.2f}",
-                                                 f"{100 * t['share']:.0f}%") for t in top]), ""]
-    lines.append(f"Wall time {result['total_seconds']} s; `uptime` at end: `{result['uptime_at_end']}`.")
+            lines += [
+                f"{tag}:",
+                "",
+                md_table(
+                    ("op", "calls", "self ms", "share"),
+                    [
+                        (
+                            t["op"],
+                            t["calls_per_run"],
+                            f"{t['self_ms_per_run']:.2f}",
+                            f"{100 * t['share']:.0f}%",
+                        )
+                        for t in top
+                    ],
+                ),
+                "",
+            ]
+    lines.append(
+        f"Wall time {result['total_seconds']} s; `uptime` at end: `{result['uptime_at_end']}`."
+    )
     return "\n".join(lines)
 
 
@@ -479,9 +698,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
     marks = {"eager": "o", "eager+prepared": "s", "onnxruntime": "^", "compile": "D"}
     colors = {"tucker2": "C0", "cp": "C1", "tt": "C2"}
     for r in result["rows"]:
-        ax.errorbar(r["mac_ratio"], r["latency_ratio"],
-                    yerr=[[r["latency_ratio"] - r["ratio_q1"]], [r["ratio_q3"] - r["latency_ratio"]]],
-                    fmt=marks.get(r["runtime"], "x"), color=colors.get(r["method"], "k"), ms=5, alpha=0.75)
+        ax.errorbar(
+            r["mac_ratio"],
+            r["latency_ratio"],
+            yerr=[[r["latency_ratio"] - r["ratio_q1"]], [r["ratio_q3"] - r["latency_ratio"]]],
+            fmt=marks.get(r["runtime"], "x"),
+            color=colors.get(r["method"], "k"),
+            ms=5,
+            alpha=0.75,
+        )
     xs = [0, 0.7]
     ax.plot(xs, xs, "k-", lw=0.8, label="latency ratio = MAC ratio")
     ax.plot(xs, [1.15 * v for v in xs], "k--", lw=0.8, label="1.15 x MAC ratio (goal)")
@@ -506,12 +731,25 @@ def main() -> None:
     ap.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
     ap.add_argument("--reps", type=int, default=9, help="timed rounds at batch 1")
     ap.add_argument("--reps-b32", type=int, default=4, help="timed rounds at batch 32")
-    ap.add_argument("--limit-min", type=float, default=45.0, help="start no new group after this many minutes")
+    ap.add_argument(
+        "--limit-min", type=float, default=45.0, help="start no new group after this many minutes"
+    )
     ap.add_argument("--align", type=int, default=8, help="round ranks up to a multiple of this")
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile (ResNet-18, batch 1, 1 thread)")
-    ap.add_argument("--speed-plan-models", nargs="*", default=["resnet18"], help="models to make speed plans for")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time torch.compile (ResNet-18, batch 1, 1 thread)",
+    )
+    ap.add_argument(
+        "--speed-plan-models",
+        nargs="*",
+        default=["resnet18"],
+        help="models to make speed plans for",
+    )
     ap.add_argument("--speed-targets", nargs="*", type=float, default=[1.5, 3.0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: ResNet-18, 3 rounds, batch 1, 1 thread")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: ResNet-18, 3 rounds, batch 1, 1 thread"
+    )
     ap.add_argument("--out", default=str(OUT), help="results path without suffix")
     args = ap.parse_args()
     if args.quick:
@@ -520,8 +758,14 @@ def main() -> None:
     result = run(args)
     out = Path(args.out)
     write_json(out.with_suffix(".json"), result)
-    write_markdown(out.with_suffix(".md"), "End-to-end latency: compressed vs dense real architectures",
-                   result["command"], render(result), result["machine"], result["load"])
+    write_markdown(
+        out.with_suffix(".md"),
+        "End-to-end latency: compressed vs dense real architectures",
+        result["command"],
+        render(result),
+        result["machine"],
+        result["load"],
+    )
     plot(result, out.with_suffix(".png"))
     print(f"wrote {out}.json, .md, .png in {result['total_seconds']} s")
 

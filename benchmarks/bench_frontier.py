@@ -58,7 +58,11 @@ from tensorcut.workflow import compress_checkpoint, finetune_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-JSON_PATH, MD_PATH, PNG_PATH = RESULTS / "frontier.json", RESULTS / "frontier.md", RESULTS / "frontier.png"
+JSON_PATH, MD_PATH, PNG_PATH = (
+    RESULTS / "frontier.json",
+    RESULTS / "frontier.md",
+    RESULTS / "frontier.png",
+)
 DEFAULT_WORK = ROOT / "runs" / "bench_frontier"
 GOAL_RATIO, GOAL_DROP = 10.0, 0.005
 
@@ -76,12 +80,18 @@ def code_version() -> dict[str, Any]:
 
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+            return subprocess.run(
+                ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    return {"commit": git("rev-parse", "--short", "HEAD"),
-            "modified": [l[3:] for l in git("status", "--porcelain", "--", "tensorcut").splitlines() if l[3:]]}
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "modified": [
+            l[3:] for l in git("status", "--porcelain", "--", "tensorcut").splitlines() if l[3:]
+        ],
+    }
 
 
 #: the package code this process imported (captured at start: later commits by others do not affect it)
@@ -104,14 +114,18 @@ def _write_idx(path: Path, arr: np.ndarray) -> None:
     tmp.replace(path)
 
 
-def make_data(dst: Path, train_subset: int | None, test_subset: int | None, seed: int) -> dict[str, int]:
+def make_data(
+    dst: Path, train_subset: int | None, test_subset: int | None, seed: int
+) -> dict[str, int]:
     """A reduced copy of Fashion-MNIST in IDX form: a seeded random subset of the training (and test) images.
 
     Pointing the checkpoint's ``data_dir`` at it makes every stage of ``run`` (calibration,
     fine-tuning, early stopping, verification) use the same reduced data as the uniform arm.
     """
-    files = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", train_subset),
-             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", test_subset)}
+    files = {
+        "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", train_subset),
+        "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", test_subset),
+    }
     done = dst / "subset.json"
     want = {"train_subset": train_subset, "test_subset": test_subset, "seed": seed}
     if done.exists() and json.loads(done.read_text()).get("want") == want:
@@ -119,9 +133,14 @@ def make_data(dst: Path, train_subset: int | None, test_subset: int | None, seed
     dst.mkdir(parents=True, exist_ok=True)
     sizes = {}
     for split, (img, lab, n) in files.items():
-        x, y = read_idx(FASHION_MNIST_DIR / (img + ".gz")), read_idx(FASHION_MNIST_DIR / (lab + ".gz"))
+        x, y = (
+            read_idx(FASHION_MNIST_DIR / (img + ".gz")),
+            read_idx(FASHION_MNIST_DIR / (lab + ".gz")),
+        )
         if n is not None and n < len(y):
-            pick = np.sort(np.random.default_rng(seed + (0 if split == "train" else 1)).permutation(len(y))[:n])
+            pick = np.sort(
+                np.random.default_rng(seed + (0 if split == "train" else 1)).permutation(len(y))[:n]
+            )
             x, y = x[pick], y[pick]
         _write_idx(dst / (img + ".gz"), x)
         _write_idx(dst / (lab + ".gz"), y)
@@ -139,11 +158,14 @@ class Results:
         if path.exists() and not fresh:
             old = json.loads(path.read_text())
             same = {k: v for k, v in (old.get("settings") or {}).items() if k != "command"} == {
-                k: v for k, v in settings.items() if k != "command"}
+                k: v for k, v in settings.items() if k != "command"
+            }
             if not same:
-                raise SystemExit(f"{path} was made with other settings:\n  {old.get('settings')}\n"
-                                 f"now:\n  {settings}\nre-run with the same options, or pass --fresh "
-                                 "(and remove the work directory) to start over")
+                raise SystemExit(
+                    f"{path} was made with other settings:\n  {old.get('settings')}\n"
+                    f"now:\n  {settings}\nre-run with the same options, or pass --fresh "
+                    "(and remove the work directory) to start over"
+                )
             self.data = old
             self.data["settings"]["command"] = settings["command"]
 
@@ -158,34 +180,68 @@ class Results:
 
 def _fit_config(a: argparse.Namespace) -> FitConfig:
     """The fine-tuning recipe `run` uses (tensorcut/run.py, stage 5), for the uniform arm."""
-    return FitConfig(epochs=a.finetune_epochs, optimizer="adam", lr=a.finetune_lr, scheduler="none",
-                     patience=a.finetune_patience, seed=0)
+    return FitConfig(
+        epochs=a.finetune_epochs,
+        optimizer="adam",
+        lr=a.finetune_lr,
+        scheduler="none",
+        patience=a.finetune_patience,
+        seed=0,
+    )
 
 
 # ----------------------------------------------------------------------------- stages
 
 
-def dense_stage(model: str, width: float, a: argparse.Namespace, data_dir: Path, work: Path, res: Results) -> Path:
+def dense_stage(
+    model: str, width: float, a: argparse.Namespace, data_dir: Path, work: Path, res: Results
+) -> Path:
     d = work / model / "dense"
     key = f"{model}/dense"
     if res.has(key) and (d / tio.META).exists():
         log(f"{key}: done (skipped), test top-1 {res.data['entries'][key]['test_top1']:.4f}")
         return d
-    log(f"{key}: training width {width} for {a.dense_epochs} epochs (Adam lr {a.dense_lr:g}, cosine)")
+    log(
+        f"{key}: training width {width} for {a.dense_epochs} epochs (Adam lr {a.dense_lr:g}, cosine)"
+    )
     t = time.perf_counter()
-    ck = train(model, "fashion-mnist", d, epochs=a.dense_epochs, width=width, data_dir=data_dir,
-               config=FitConfig(epochs=a.dense_epochs, lr=a.dense_lr, scheduler="cosine", seed=0), device="cpu",
-               resume=(d / tio.META).exists(), progress=True)
+    ck = train(
+        model,
+        "fashion-mnist",
+        d,
+        epochs=a.dense_epochs,
+        width=width,
+        data_dir=data_dir,
+        config=FitConfig(epochs=a.dense_epochs, lr=a.dense_lr, scheduler="cosine", seed=0),
+        device="cpu",
+        resume=(d / tio.META).exists(),
+        progress=True,
+    )
     m = ck.meta["metrics"]["test"]
     params = sum(p.numel() for p in ck.model.parameters())
-    res.put(key, {"model": model, "width": width, "test_top1": m["top1"], "test_top5": m["top5"], "test_n": m["n"],
-                  "params": params, "epochs": a.dense_epochs, "history": ck.meta.get("history"),
-                  "seconds": round(time.perf_counter() - t, 1), "load_avg": load_avg(), "code": CODE})
+    res.put(
+        key,
+        {
+            "model": model,
+            "width": width,
+            "test_top1": m["top1"],
+            "test_top5": m["top5"],
+            "test_n": m["n"],
+            "params": params,
+            "epochs": a.dense_epochs,
+            "history": ck.meta.get("history"),
+            "seconds": round(time.perf_counter() - t, 1),
+            "load_avg": load_avg(),
+            "code": CODE,
+        },
+    )
     log(f"{key}: test top-1 {m['top1']:.4f} ({params:,} params) in {time.perf_counter() - t:.0f} s")
     return d
 
 
-def dense_ft_stage(model: str, dense: Path, a: argparse.Namespace, work: Path, res: Results) -> None:
+def dense_ft_stage(
+    model: str, dense: Path, a: argparse.Namespace, work: Path, res: Results
+) -> None:
     """Control: the *dense* model fine-tuned with exactly the arms' recipe. The compressed models get
     that much extra training, so the goal is also judged against this (the dense models are short-trained)."""
     key = f"{model}/dense-ft"
@@ -195,52 +251,104 @@ def dense_ft_stage(model: str, dense: Path, a: argparse.Namespace, work: Path, r
     out = work / model / "dense_ft"
     log(f"{key}: the dense model + the same fine-tuning")
     t = time.perf_counter()
-    ck = finetune_checkpoint(dense, out, config=_fit_config(a), batch_size=128, device="cpu",
-                             resume=(out / tio.META).exists(), progress=True)
+    ck = finetune_checkpoint(
+        dense,
+        out,
+        config=_fit_config(a),
+        batch_size=128,
+        device="cpu",
+        resume=(out / tio.META).exists(),
+        progress=True,
+    )
     after = ck.meta["metrics"]["test"]
-    res.put(key, {"model": model, "arm": "dense-ft", "top1_after": after["top1"], "top5_after": after["top5"],
-                  "test_n": after["n"], "finetune_epochs_run": len(ck.meta.get("finetune_history") or []),
-                  "seconds": round(time.perf_counter() - t, 1), "load_avg": load_avg(), "code": CODE})
+    res.put(
+        key,
+        {
+            "model": model,
+            "arm": "dense-ft",
+            "top1_after": after["top1"],
+            "top5_after": after["top5"],
+            "test_n": after["n"],
+            "finetune_epochs_run": len(ck.meta.get("finetune_history") or []),
+            "seconds": round(time.perf_counter() - t, 1),
+            "load_avg": load_avg(),
+            "code": CODE,
+        },
+    )
     log(f"{key}: test top-1 {after['top1']:.4f}")
 
 
-def run_arm(model: str, ratio: float, dense: Path, a: argparse.Namespace, work: Path, res: Results) -> None:
+def run_arm(
+    model: str, ratio: float, dense: Path, a: argparse.Namespace, work: Path, res: Results
+) -> None:
     key = f"{model}/run/{ratio:g}"
     if res.has(key):
         e = res.data["entries"][key]
-        log(f"{key}: done (skipped), final top-1 {e['top1_after']:.4f} at x{e['conv_ratio']:.2f} ({e['allocation']})")
+        log(
+            f"{key}: done (skipped), final top-1 {e['top1_after']:.4f} at x{e['conv_ratio']:.2f} ({e['allocation']})"
+        )
         return
     out = work / model / f"run_r{ratio:g}"
     log(f"{key}: tensorcut run --target-ratio {ratio:g} -> {out}")
     t = time.perf_counter()
-    cfg = RunConfig(target_ratio=ratio, method="tucker2", calib_subset=a.calib_subset, curve_ratios=tuple(a.ratios),
-                    finetune_epochs=a.finetune_epochs, finetune_lr=a.finetune_lr,
-                    finetune_patience=a.finetune_patience, bipartitions=tuple(a.bipartitions))
+    cfg = RunConfig(
+        target_ratio=ratio,
+        method="tucker2",
+        calib_subset=a.calib_subset,
+        curve_ratios=tuple(a.ratios),
+        finetune_epochs=a.finetune_epochs,
+        finetune_lr=a.finetune_lr,
+        finetune_patience=a.finetune_patience,
+        bipartitions=tuple(a.bipartitions),
+    )
     reused = None if a.no_reuse_study else _seed_from_sibling(out, cfg)
     if reused:
-        log(f"{key}: dense/study/curve stages reused from {reused.name} (they do not depend on the target ratio)")
-    summary = run(out, cfg, checkpoint=dense, progress=True,
-                  command=["benchmarks/bench_frontier.py", f"--target-ratio={ratio:g}"])
+        log(
+            f"{key}: dense/study/curve stages reused from {reused.name} (they do not depend on the target ratio)"
+        )
+    summary = run(
+        out,
+        cfg,
+        checkpoint=dense,
+        progress=True,
+        command=["benchmarks/bench_frontier.py", f"--target-ratio={ratio:g}"],
+    )
     state = json.loads((out / "run.json").read_text())
     comp = state["stages"]["compress"]
     allocation, calib = comp["allocation"], comp.get("calibration")  # run.json records both
     rows, t_ = summary["rows"], summary["plan_totals"]
     entry = {
-        "model": model, "arm": "run", "target": ratio, "allocation": allocation, "calibration": calib,
+        "model": model,
+        "arm": "run",
+        "target": ratio,
+        "allocation": allocation,
+        "calibration": calib,
         "compress_config": comp.get("config"),
-        "conv_ratio": t_["conv_ratio"], "conv_params": t_["conv_params_after"], "conv_params_dense": t_["conv_params_before"],
-        "params": rows["final"]["params"], "params_dense": rows["dense"]["params"],
-        "model_ratio": t_["model_ratio"], "conv_mac_ratio": t_["conv_mac_ratio"],
-        "dense_top1": rows["dense"]["top1"], "top1_before": rows["compressed"]["top1"], "top1_after": rows["final"]["top1"],
-        "top5_after": rows["final"]["top5"], "test_n": rows["final"]["n"],
+        "conv_ratio": t_["conv_ratio"],
+        "conv_params": t_["conv_params_after"],
+        "conv_params_dense": t_["conv_params_before"],
+        "params": rows["final"]["params"],
+        "params_dense": rows["dense"]["params"],
+        "model_ratio": t_["model_ratio"],
+        "conv_mac_ratio": t_["conv_mac_ratio"],
+        "dense_top1": rows["dense"]["top1"],
+        "top1_before": rows["compressed"]["top1"],
+        "top1_after": rows["final"]["top1"],
+        "top5_after": rows["final"]["top5"],
+        "test_n": rows["final"]["n"],
         "finetune_epochs_run": len(state["stages"]["finetune"].get("history") or []),
-        "goal_met": summary["goal_met"], "stage_seconds": {k: v.get("seconds") for k, v in state["stages"].items()},
+        "goal_met": summary["goal_met"],
+        "stage_seconds": {k: v.get("seconds") for k, v in state["stages"].items()},
         "study_reused_from": state.get("study_reused_from"),
-        "seconds": round(time.perf_counter() - t, 1), "load_avg": load_avg(), "code": CODE,
+        "seconds": round(time.perf_counter() - t, 1),
+        "load_avg": load_avg(),
+        "code": CODE,
     }
     res.put(key, entry)
-    log(f"{key}: x{entry['conv_ratio']:.2f} ({allocation}) top-1 {entry['top1_before']:.4f} -> {entry['top1_after']:.4f} "
-        f"(dense {entry['dense_top1']:.4f}) in {entry['seconds']:.0f} s")
+    log(
+        f"{key}: x{entry['conv_ratio']:.2f} ({allocation}) top-1 {entry['top1_before']:.4f} -> {entry['top1_after']:.4f} "
+        f"(dense {entry['dense_top1']:.4f}) in {entry['seconds']:.0f} s"
+    )
 
 
 def _seed_from_sibling(out: Path, cfg: RunConfig) -> Path | None:
@@ -270,17 +378,27 @@ def _seed_from_sibling(out: Path, cfg: RunConfig) -> Path | None:
         tmp.mkdir(parents=True)
         shutil.copytree(sib / "dense", tmp / "dense")
         shutil.copytree(sib / "study", tmp / "study")
-        seeded = {"format": st["format"], "dense_fingerprint": st["dense_fingerprint"],
-                  "study_reused_from": sib.name,
-                  "stages": {k: st["stages"][k] for k in ("dense", "study", "curve")}}
+        seeded = {
+            "format": st["format"],
+            "dense_fingerprint": st["dense_fingerprint"],
+            "study_reused_from": sib.name,
+            "stages": {k: st["stages"][k] for k in ("dense", "study", "curve")},
+        }
         (tmp / "run.json").write_text(json.dumps(seeded, indent=2))
         tmp.rename(out)
         return sib
     return None
 
 
-def uniform_arm(model: str, ratio: float, dense: Path, a: argparse.Namespace, work: Path, res: Results,
-                bn: bool = False) -> None:
+def uniform_arm(
+    model: str,
+    ratio: float,
+    dense: Path,
+    a: argparse.Namespace,
+    work: Path,
+    res: Results,
+    bn: bool = False,
+) -> None:
     """Uniform ranks + the same fine-tuning; ``bn`` also re-estimates BatchNorm statistics after compressing
     (on ``--calib-subset`` training images), the one step `run` adds besides choosing the allocation."""
     arm = "uniform-bn" if bn else "uniform"
@@ -295,28 +413,55 @@ def uniform_arm(model: str, ratio: float, dense: Path, a: argparse.Namespace, wo
     t = time.perf_counter()
     if not (comp / "plan.json").exists() or not (comp / tio.META).exists():
         shutil.rmtree(comp, ignore_errors=True)
-        compress_checkpoint(dense, comp, CompressConfig(method="tucker2", ratio=1.0 / ratio), progress=False,
-                            bn_images=a.calib_subset if bn else 0)
+        compress_checkpoint(
+            dense,
+            comp,
+            CompressConfig(method="tucker2", ratio=1.0 / ratio),
+            progress=False,
+            bn_images=a.calib_subset if bn else 0,
+        )
     from tensorcut.compress import Plan
 
     tot = Plan.load(comp / "plan.json").totals()
-    ck = finetune_checkpoint(comp, ft, config=_fit_config(a), batch_size=128, device="cpu",
-                             resume=(ft / tio.META).exists(), progress=True)
+    ck = finetune_checkpoint(
+        comp,
+        ft,
+        config=_fit_config(a),
+        batch_size=128,
+        device="cpu",
+        resume=(ft / tio.META).exists(),
+        progress=True,
+    )
     before, after = ck.meta["metrics"]["test_before_finetune"], ck.meta["metrics"]["test"]
     dense_top1 = res.data["entries"][f"{model}/dense"]["test_top1"]
     entry = {
-        "model": model, "arm": arm, "target": ratio, "allocation": "uniform",
-        "conv_ratio": tot["conv_ratio"], "conv_params": tot["conv_params_after"], "conv_params_dense": tot["conv_params_before"],
-        "params": sum(p.numel() for p in ck.model.parameters()), "params_dense": tot["model_params_before"],
-        "model_ratio": tot["model_ratio"], "conv_mac_ratio": tot["conv_mac_ratio"],
-        "dense_top1": dense_top1, "top1_before": before["top1"], "top1_after": after["top1"], "top5_after": after["top5"],
-        "test_n": after["n"], "finetune_epochs_run": len(ck.meta.get("finetune_history") or []),
+        "model": model,
+        "arm": arm,
+        "target": ratio,
+        "allocation": "uniform",
+        "conv_ratio": tot["conv_ratio"],
+        "conv_params": tot["conv_params_after"],
+        "conv_params_dense": tot["conv_params_before"],
+        "params": sum(p.numel() for p in ck.model.parameters()),
+        "params_dense": tot["model_params_before"],
+        "model_ratio": tot["model_ratio"],
+        "conv_mac_ratio": tot["conv_mac_ratio"],
+        "dense_top1": dense_top1,
+        "top1_before": before["top1"],
+        "top1_after": after["top1"],
+        "top5_after": after["top5"],
+        "test_n": after["n"],
+        "finetune_epochs_run": len(ck.meta.get("finetune_history") or []),
         "goal_met": tot["conv_ratio"] >= ratio * 0.999,
-        "seconds": round(time.perf_counter() - t, 1), "load_avg": load_avg(), "code": CODE,
+        "seconds": round(time.perf_counter() - t, 1),
+        "load_avg": load_avg(),
+        "code": CODE,
     }
     res.put(key, entry)
-    log(f"{key}: x{entry['conv_ratio']:.2f} top-1 {entry['top1_before']:.4f} -> {entry['top1_after']:.4f} "
-        f"(dense {dense_top1:.4f}) in {entry['seconds']:.0f} s")
+    log(
+        f"{key}: x{entry['conv_ratio']:.2f} top-1 {entry['top1_before']:.4f} -> {entry['top1_after']:.4f} "
+        f"(dense {dense_top1:.4f}) in {entry['seconds']:.0f} s"
+    )
 
 
 # ----------------------------------------------------------------------------- report
@@ -326,7 +471,7 @@ NOTES = [
     "on 2,048 training images, the arms' optimiser and lr), BatchNorm statistics re-estimated on the calibration "
     "images first (`RunConfig.probe_epochs`, `bn_recalibrate`). Right after compression the candidates are within a "
     "few points of chance for resnet20 from x5 up (table below), so that alone cannot choose; the probe separates "
-    "them, but one epoch is not always predictive of ten: at resnet20 x20 it preferred \"guided\" (19.3 % vs "
+    'them, but one epoch is not always predictive of ten: at resnet20 x20 it preferred "guided" (19.3 % vs '
     "uniform 15.2 % on calibration) and that model ended 6 points below uniform after fine-tuning.",
     "The dense models are short-trained (6 epochs), so the compressed models' extra fine-tuning lifts vanilla-cnn "
     "above its dense baseline; the control row (the dense model given the same fine-tuning) is the stricter "
@@ -357,9 +502,11 @@ def collect_curves(data: dict[str, Any], work: Path) -> None:
             st = json.loads(f.read_text())
             if "curve" in st.get("stages", {}):
                 c = st["stages"]["curve"]
-                data.setdefault("curves", {})[m] = {"baseline_top1": c["baseline_top1"], "points": c["points"]}
+                data.setdefault("curves", {})[m] = {
+                    "baseline_top1": c["baseline_top1"],
+                    "points": c["points"],
+                }
                 break
-
 
 
 def _interp_log(front: list[tuple[float, float]], x: float) -> float | None:
@@ -381,65 +528,110 @@ def write_report(data: dict[str, Any]) -> None:
     s, ents = data["settings"], data["entries"]
     models = [m for m in s["models"] if f"{m}/dense" in ents]
     L: list[str] = []
-    L.append("# Frontier of the main job: `tensorcut run` vs uniform-rank Tucker-2 (Fashion-MNIST)\n")
+    L.append(
+        "# Frontier of the main job: `tensorcut run` vs uniform-rank Tucker-2 (Fashion-MNIST)\n"
+    )
     secs_all = sum(e.get("seconds", 0) for e in ents.values())
-    L.append("Reproduce (from the repository root; resumable — a re-run skips finished configurations; "
-             f"{secs_all / 60:.0f} min of recorded compute in this run):\n")
+    L.append(
+        "Reproduce (from the repository root; resumable — a re-run skips finished configurations; "
+        f"{secs_all / 60:.0f} min of recorded compute in this run):\n"
+    )
     L.append("```\n" + s["command"] + "\n```\n")
     loads = [e["load_avg"][0] for e in ents.values() if e.get("load_avg")]
-    commits = sorted({e["code"]["commit"] for e in ents.values() if e.get("code")})  # as imported at process start
-    L.append(f"Results: `benchmarks/results/frontier.json`; plot: `frontier.png`. Generated {data.get('updated', '')} "
-             f"at package commit(s) {', '.join(commits) or '?'}; torch {s['torch']}, Python {s['python']}, {s['machine']}, "
-             f"{s['threads']} torch thread, run under `nice`"
-             + (f"; 1-min load average {min(loads):.1f}–{max(loads):.1f} when configurations finished" if loads else "")
-             + " (the seconds in the JSON are wall times, not speed measurements).\n")
+    commits = sorted(
+        {e["code"]["commit"] for e in ents.values() if e.get("code")}
+    )  # as imported at process start
+    L.append(
+        f"Results: `benchmarks/results/frontier.json`; plot: `frontier.png`. Generated {data.get('updated', '')} "
+        f"at package commit(s) {', '.join(commits) or '?'}; torch {s['torch']}, Python {s['python']}, {s['machine']}, "
+        f"{s['threads']} torch thread, run under `nice`"
+        + (
+            f"; 1-min load average {min(loads):.1f}–{max(loads):.1f} when configurations finished"
+            if loads
+            else ""
+        )
+        + " (the seconds in the JSON are wall times, not speed measurements).\n"
+    )
     L.append("## Reductions (to fit a 2-core CPU shared with other jobs)\n")
     ds = s["data_sizes"]
-    L.append("- **Models are width-reduced**: " + ", ".join(f"`{m}` at width {w}" for m, w in zip(s["models"], s["widths"]))
-             + " (channel counts scaled; parameter counts below).")
-    L.append(f"- **Training data is a subset**: a seeded random {ds['train']:,} of the 60,000 Fashion-MNIST training "
-             f"images; 10 % of them ({round(ds['train'] * 0.1):,}) is the validation split (calibration subset of "
-             f"{s['calib_subset']} images for `run`'s study/allocation; early stopping of both arms).")
-    L.append(f"- **Test split**: {ds['test']:,} Fashion-MNIST test images"
-             + (" (the full test set)." if ds["test"] == 10000 else " (a seeded random subset of the 10,000).")
-             + f" One standard error of a top-1 near 0.9 is about {100 * _se(0.9, ds['test']):.2f} points.")
-    L.append(f"- **Few epochs**: dense models {s['dense_epochs']} epochs (Adam lr {s['dense_lr']:g}, cosine); fine-tuning "
-             f"at most {s['finetune_epochs']} epochs for both arms (Adam lr {s['finetune_lr']:g}, no schedule, early stopping "
-             f"patience {s['finetune_patience']}, batch 128, seed 0) — `run`'s own recipe, not the thesis's "
-             "(lr 1e-5, up to 50 epochs).")
-    L.append(f"- `run`'s truncation study uses bipartitions {', '.join(s['bipartitions'])}; its calibration curve the ratios "
-             f"{', '.join(f'{r:g}' for r in s['ratios'])}.")
-    L.append("- Compression ratio is that of the **eligible conv layers** (`Plan.totals()['conv_ratio']`: the stem "
-             "convolution with 1 input channel is left dense by the default filter and is not counted); whole-model "
-             "parameters are reported too (the FC layers are not compressed).\n")
+    L.append(
+        "- **Models are width-reduced**: "
+        + ", ".join(f"`{m}` at width {w}" for m, w in zip(s["models"], s["widths"]))
+        + " (channel counts scaled; parameter counts below)."
+    )
+    L.append(
+        f"- **Training data is a subset**: a seeded random {ds['train']:,} of the 60,000 Fashion-MNIST training "
+        f"images; 10 % of them ({round(ds['train'] * 0.1):,}) is the validation split (calibration subset of "
+        f"{s['calib_subset']} images for `run`'s study/allocation; early stopping of both arms)."
+    )
+    L.append(
+        f"- **Test split**: {ds['test']:,} Fashion-MNIST test images"
+        + (
+            " (the full test set)."
+            if ds["test"] == 10000
+            else " (a seeded random subset of the 10,000)."
+        )
+        + f" One standard error of a top-1 near 0.9 is about {100 * _se(0.9, ds['test']):.2f} points."
+    )
+    L.append(
+        f"- **Few epochs**: dense models {s['dense_epochs']} epochs (Adam lr {s['dense_lr']:g}, cosine); fine-tuning "
+        f"at most {s['finetune_epochs']} epochs for both arms (Adam lr {s['finetune_lr']:g}, no schedule, early stopping "
+        f"patience {s['finetune_patience']}, batch 128, seed 0) — `run`'s own recipe, not the thesis's "
+        "(lr 1e-5, up to 50 epochs)."
+    )
+    L.append(
+        f"- `run`'s truncation study uses bipartitions {', '.join(s['bipartitions'])}; its calibration curve the ratios "
+        f"{', '.join(f'{r:g}' for r in s['ratios'])}."
+    )
+    L.append(
+        "- Compression ratio is that of the **eligible conv layers** (`Plan.totals()['conv_ratio']`: the stem "
+        "convolution with 1 input channel is left dense by the default filter and is not counted); whole-model "
+        "parameters are reported too (the FC layers are not compressed).\n"
+    )
 
     L.append("## Dense models\n")
-    L.append("| model | width | params | conv params (eligible) | epochs | test top-1 | test top-5 | "
-             "top-1 after the arms' fine-tuning (control) |")
+    L.append(
+        "| model | width | params | conv params (eligible) | epochs | test top-1 | test top-5 | "
+        "top-1 after the arms' fine-tuning (control) |"
+    )
     L.append("|---|---|---|---|---|---|---|---|")
     for m in models:
         d = ents[f"{m}/dense"]
-        cp = next((e["conv_params_dense"] for e in ents.values() if e.get("model") == m and "conv_params_dense" in e), None)
+        cp = next(
+            (
+                e["conv_params_dense"]
+                for e in ents.values()
+                if e.get("model") == m and "conv_params_dense" in e
+            ),
+            None,
+        )
         dft = ents.get(f"{m}/dense-ft")
         ctl = f"{100 * dft['top1_after']:.2f} %" if dft else "not run"
-        L.append(f"| `{m}` | {d['width']} | {d['params']:,} | {cp:,} | {d['epochs']} | {100 * d['test_top1']:.2f} % | "
-                 f"{100 * d['test_top5']:.2f} % | {ctl} |" if cp else
-                 f"| `{m}` | {d['width']} | {d['params']:,} | ? | {d['epochs']} | {100 * d['test_top1']:.2f} % | "
-                 f"{100 * d['test_top5']:.2f} % | {ctl} |")
+        L.append(
+            f"| `{m}` | {d['width']} | {d['params']:,} | {cp:,} | {d['epochs']} | {100 * d['test_top1']:.2f} % | "
+            f"{100 * d['test_top5']:.2f} % | {ctl} |"
+            if cp
+            else f"| `{m}` | {d['width']} | {d['params']:,} | ? | {d['epochs']} | {100 * d['test_top1']:.2f} % | "
+            f"{100 * d['test_top5']:.2f} % | {ctl} |"
+        )
     L.append("")
 
     L.append("## Frontier\n")
-    L.append("Top-1 on the test split; *before* = right after compression, *after* = after fine-tuning; "
-             "Δ = after − dense (points). `run` allocation: the one with the best calibration top-1 after its "
-             "probe fine-tune (calibration top-1 of guided / error / uniform in brackets: right after compression "
-             "→ after the probe).\n")
+    L.append(
+        "Top-1 on the test split; *before* = right after compression, *after* = after fine-tuning; "
+        "Δ = after − dense (points). `run` allocation: the one with the best calibration top-1 after its "
+        "probe fine-tune (calibration top-1 of guided / error / uniform in brackets: right after compression "
+        "→ after the probe).\n"
+    )
     verdicts: list[str] = []
     goal_lines: list[str] = []
     goal_met: list[str] = []
     for m in models:
         dense = ents[f"{m}/dense"]["test_top1"]
         L.append(f"### `{m}` (dense {100 * dense:.2f} %)\n")
-        L.append("| target | arm | allocation | conv ratio | conv params | model params | top-1 before | top-1 after | Δ after | FT epochs |")
+        L.append(
+            "| target | arm | allocation | conv ratio | conv params | model params | top-1 before | top-1 after | Δ after | FT epochs |"
+        )
         L.append("|---|---|---|---|---|---|---|---|---|---|")
         for r in s["ratios"]:
             for arm in ("run", "uniform", "uniform-bn"):
@@ -452,15 +644,26 @@ def write_report(data: dict[str, Any]) -> None:
                 alloc = e["allocation"]
                 if arm == "run" and e.get("calibration"):
                     c = e["calibration"]
-                    alloc += " (" + " / ".join(
-                        f"{100 * c[k]['top1']:.1f}" + (f"→{100 * c[k]['probe']['top1']:.1f}" if c[k].get("probe") else "")
-                        for k in ("guided", "error", "uniform") if k in c) + ")"
-                L.append(f"| {r:g} | {arm} | {alloc} | {e['conv_ratio']:.2f} | {e['conv_params']:,} | {e['params']:,} | "
-                         f"{100 * e['top1_before']:.2f} | {100 * e['top1_after']:.2f} | {100 * (e['top1_after'] - dense):+.2f} | "
-                         f"{e['finetune_epochs_run']} |")
+                    alloc += (
+                        " ("
+                        + " / ".join(
+                            f"{100 * c[k]['top1']:.1f}"
+                            + (f"→{100 * c[k]['probe']['top1']:.1f}" if c[k].get("probe") else "")
+                            for k in ("guided", "error", "uniform")
+                            if k in c
+                        )
+                        + ")"
+                    )
+                L.append(
+                    f"| {r:g} | {arm} | {alloc} | {e['conv_ratio']:.2f} | {e['conv_params']:,} | {e['params']:,} | "
+                    f"{100 * e['top1_before']:.2f} | {100 * e['top1_after']:.2f} | {100 * (e['top1_after'] - dense):+.2f} | "
+                    f"{e['finetune_epochs_run']} |"
+                )
         L.append("")
         # dominance
-        pairs = [(r, ents.get(f"{m}/run/{r:g}"), ents.get(f"{m}/uniform/{r:g}")) for r in s["ratios"]]
+        pairs = [
+            (r, ents.get(f"{m}/run/{r:g}"), ents.get(f"{m}/uniform/{r:g}")) for r in s["ratios"]
+        ]
         pairs = [(r, a, b) for r, a, b in pairs if a and b]
         if pairs:
             wins_a = [r for r, a, b in pairs if a["top1_after"] > b["top1_after"]]
@@ -468,7 +671,11 @@ def write_report(data: dict[str, Any]) -> None:
             wins_b = [r for r, a, b in pairs if a["top1_before"] > b["top1_before"]]
             same = [r for r, a, b in pairs if a["allocation"] == "uniform"]
             diff = [100 * (a["top1_after"] - b["top1_after"]) for _, a, b in pairs]
-            ufront = sorted((e["conv_ratio"], e["top1_after"]) for r in s["ratios"] if (e := ents.get(f"{m}/uniform/{r:g}")))
+            ufront = sorted(
+                (e["conv_ratio"], e["top1_after"])
+                for r in s["ratios"]
+                if (e := ents.get(f"{m}/uniform/{r:g}"))
+            )
             interp = []
             for r, a, _ in pairs:
                 u = _interp_log(ufront, a["conv_ratio"])
@@ -481,25 +688,48 @@ def write_report(data: dict[str, Any]) -> None:
                 + f"; run − uniform = {', '.join(f'{x:+.2f}' for x in diff)} points at targets "
                 f"{', '.join(f'{r:g}' for r, _, _ in pairs)}. Before fine-tuning (test) it is more accurate at "
                 f"{len(wins_b)} of {len(pairs)}"
-                + (f" ({', '.join(f'x{r:g}' for r in wins_b)})" if wins_b else "") + "."
-                + (" Against the uniform frontier interpolated (linearly in log ratio) at `run`'s achieved ratio, which "
-                   "is not exactly the target: run − uniform = " + "; ".join(interp) + " points." if interp else "")
-                + (f" At {', '.join(f'{r:g}' for r in same)} `run` itself chose the uniform allocation (same model as the "
-                   "uniform arm up to the achieved ratio)." if same else ""))
-        bn_pairs = [(r, a, b) for r in s["ratios"]
-                    if (a := ents.get(f"{m}/run/{r:g}")) and (b := ents.get(f"{m}/uniform-bn/{r:g}"))]
+                + (f" ({', '.join(f'x{r:g}' for r in wins_b)})" if wins_b else "")
+                + "."
+                + (
+                    " Against the uniform frontier interpolated (linearly in log ratio) at `run`'s achieved ratio, which "
+                    "is not exactly the target: run − uniform = " + "; ".join(interp) + " points."
+                    if interp
+                    else ""
+                )
+                + (
+                    f" At {', '.join(f'{r:g}' for r in same)} `run` itself chose the uniform allocation (same model as the "
+                    "uniform arm up to the achieved ratio)."
+                    if same
+                    else ""
+                )
+            )
+        bn_pairs = [
+            (r, a, b)
+            for r in s["ratios"]
+            if (a := ents.get(f"{m}/run/{r:g}")) and (b := ents.get(f"{m}/uniform-bn/{r:g}"))
+        ]
         if bn_pairs:
             verdicts.append(
                 f"- `{m}` vs uniform ranks *with* the same BatchNorm re-estimation (`uniform-bn`, isolates the allocation "
                 "choice): run − uniform-bn = "
-                + ", ".join(f"{100 * (a['top1_after'] - b['top1_after']):+.2f} (x{a['conv_ratio']:.2f} vs "
-                            f"x{b['conv_ratio']:.2f})" for _, a, b in bn_pairs)
-                + f" points at targets {', '.join(f'{r:g}' for r, _, _ in bn_pairs)}.")
+                + ", ".join(
+                    f"{100 * (a['top1_after'] - b['top1_after']):+.2f} (x{a['conv_ratio']:.2f} vs "
+                    f"x{b['conv_ratio']:.2f})"
+                    for _, a, b in bn_pairs
+                )
+                + f" points at targets {', '.join(f'{r:g}' for r, _, _ in bn_pairs)}."
+            )
         for arm in ("run", "uniform", "uniform-bn"):
-            ok = [e for r in s["ratios"] if (e := ents.get(f"{m}/{arm}/{r:g}")) and e["conv_ratio"] >= GOAL_RATIO * 0.999]
+            ok = [
+                e
+                for r in s["ratios"]
+                if (e := ents.get(f"{m}/{arm}/{r:g}")) and e["conv_ratio"] >= GOAL_RATIO * 0.999
+            ]
             if not ok:
                 if arm != "uniform-bn":
-                    goal_lines.append(f"- `{m}` / {arm}: no finished configuration at >= {GOAL_RATIO:g}x.")
+                    goal_lines.append(
+                        f"- `{m}` / {arm}: no finished configuration at >= {GOAL_RATIO:g}x."
+                    )
                 continue
             best = max(ok, key=lambda e: e["top1_after"])
             drop = dense - best["top1_after"]
@@ -507,20 +737,36 @@ def write_report(data: dict[str, Any]) -> None:
             dft = ents.get(f"{m}/dense-ft")
             drop_ft = None if dft is None else dft["top1_after"] - best["top1_after"]
             if met:
-                goal_met.append(f"`{m}` / {arm} (x{best['conv_ratio']:.2f}, drop {100 * drop:.2f} pt"
-                                + (f"; {100 * drop_ft:.2f} pt vs the equally fine-tuned dense model" if dft else "") + ")")
+                goal_met.append(
+                    f"`{m}` / {arm} (x{best['conv_ratio']:.2f}, drop {100 * drop:.2f} pt"
+                    + (
+                        f"; {100 * drop_ft:.2f} pt vs the equally fine-tuned dense model"
+                        if dft
+                        else ""
+                    )
+                    + ")"
+                )
             goal_lines.append(
                 f"- `{m}` / {arm}: best at >= {GOAL_RATIO:g}x is x{best['conv_ratio']:.2f} (target {best['target']:g}) with "
                 f"{100 * best['top1_after']:.2f} % vs dense {100 * dense:.2f} % — drop {100 * drop:.2f} points: "
                 f"**{'met' if met else 'not met'}**"
-                + (f"; vs the dense model given the same fine-tuning ({100 * dft['top1_after']:.2f} %): drop "
-                   f"{100 * drop_ft:.2f} points, **{'met' if drop_ft <= GOAL_DROP else 'not met'}**" if dft else "")
-                + ".")
+                + (
+                    f"; vs the dense model given the same fine-tuning ({100 * dft['top1_after']:.2f} %): drop "
+                    f"{100 * drop_ft:.2f} points, **{'met' if drop_ft <= GOAL_DROP else 'not met'}**"
+                    if dft
+                    else ""
+                )
+                + "."
+            )
     if data.get("curves"):
-        L.append(f"### Before fine-tuning, on `run`'s calibration subset ({s['calib_subset']} validation images)\n")
-        L.append("`run`'s curve stage: top-1 right after compression of each allocation at each target (achieved conv "
-                 "ratio in brackets), with BatchNorm statistics re-estimated on the same calibration images. This is what "
-                 "`run` chooses from.\n")
+        L.append(
+            f"### Before fine-tuning, on `run`'s calibration subset ({s['calib_subset']} validation images)\n"
+        )
+        L.append(
+            "`run`'s curve stage: top-1 right after compression of each allocation at each target (achieved conv "
+            "ratio in brackets), with BatchNorm statistics re-estimated on the same calibration images. This is what "
+            "`run` chooses from.\n"
+        )
         L.append("| model | dense | target | guided | error | uniform |")
         L.append("|---|---|---|---|---|---|")
         for m in models:
@@ -529,49 +775,78 @@ def write_report(data: dict[str, Any]) -> None:
                 continue
             for r in s["ratios"]:
                 pts = {p["kind"]: p for p in c["points"] if abs(p["target"] - r) < 1e-9}
-                cells = [f"{100 * pts[k]['top1']:.1f} (x{pts[k]['ratio']:.1f})" if k in pts else "" for k in
-                         ("guided", "error", "uniform")]
-                L.append(f"| `{m}` | {100 * c['baseline_top1']:.1f} | {r:g} | " + " | ".join(cells) + " |")
+                cells = [
+                    f"{100 * pts[k]['top1']:.1f} (x{pts[k]['ratio']:.1f})" if k in pts else ""
+                    for k in ("guided", "error", "uniform")
+                ]
+                L.append(
+                    f"| `{m}` | {100 * c['baseline_top1']:.1f} | {r:g} | "
+                    + " | ".join(cells)
+                    + " |"
+                )
         L.append("")
     L.append("## Does the sensitivity-guided allocation dominate uniform?\n")
     dom: list[Any] = []
     worse: list[Any] = []
-    allp = [(m, r, a, b) for m in models for r in s["ratios"]
-            if (a := ents.get(f"{m}/run/{r:g}")) and (b := ents.get(f"{m}/uniform/{r:g}"))]
+    allp = [
+        (m, r, a, b)
+        for m in models
+        for r in s["ratios"]
+        if (a := ents.get(f"{m}/run/{r:g}")) and (b := ents.get(f"{m}/uniform/{r:g}"))
+    ]
     if allp:
-        dom = [(m, r) for m, r, a, b in allp if a["top1_after"] >= b["top1_after"] and a["conv_ratio"] >= b["conv_ratio"] * 0.999]
+        dom = [
+            (m, r)
+            for m, r, a, b in allp
+            if a["top1_after"] >= b["top1_after"] and a["conv_ratio"] >= b["conv_ratio"] * 0.999
+        ]
         worse = [(m, r) for m, r, a, b in allp if a["top1_after"] < b["top1_after"]]
         guided = [(m, r) for m, r, a, b in allp if a["allocation"] == "guided"]
-        L.append(f"**{'Yes' if len(dom) == len(allp) else 'No'}**: `run`'s result is at least as accurate after fine-tuning "
-                 f"*and* at least as compressed as uniform's in {len(dom)} of {len(allp)} (model, ratio) pairs; it is less "
-                 f"accurate in {len(worse)}. The sensitivity-weighted (\"guided\") allocation won `run`'s calibration in "
-                 f"{len(guided)} of {len(allp)} runs"
-                 + (f" ({', '.join(f'{m} x{r:g}' for m, r in guided)})" if guided else "")
-                 + f". Noise: on {s['data_sizes']['test']:,} test images the standard error of the difference of two "
-                 f"independent accuracies near 87 % is about {100 * 2 ** 0.5 * _se(0.87, s['data_sizes']['test']):.2f} "
-                 "points (less for these paired models, which share the test images and most errors), and one "
-                 "training seed was run per configuration — differences below about one point are not conclusive.\n")
+        L.append(
+            f"**{'Yes' if len(dom) == len(allp) else 'No'}**: `run`'s result is at least as accurate after fine-tuning "
+            f"*and* at least as compressed as uniform's in {len(dom)} of {len(allp)} (model, ratio) pairs; it is less "
+            f'accurate in {len(worse)}. The sensitivity-weighted ("guided") allocation won `run`\'s calibration in '
+            f"{len(guided)} of {len(allp)} runs"
+            + (f" ({', '.join(f'{m} x{r:g}' for m, r in guided)})" if guided else "")
+            + f". Noise: on {s['data_sizes']['test']:,} test images the standard error of the difference of two "
+            f"independent accuracies near 87 % is about {100 * 2**0.5 * _se(0.87, s['data_sizes']['test']):.2f} "
+            "points (less for these paired models, which share the test images and most errors), and one "
+            "training seed was run per configuration — differences below about one point are not conclusive.\n"
+        )
     L.extend(verdicts or ["- no finished pairs yet."])
     L.append("")
-    L.append(f"## Goal: >= {GOAL_RATIO:g}x conv-layer compression within {100 * GOAL_DROP:.1f} points of dense top-1 after fine-tuning\n")
+    L.append(
+        f"## Goal: >= {GOAL_RATIO:g}x conv-layer compression within {100 * GOAL_DROP:.1f} points of dense top-1 after fine-tuning\n"
+    )
     L.extend(goal_lines)
     L.append("")
     # headline summary, placed right after the reproduce block
     summ = ["## Summary\n"]
-    summ.append("- Dense test top-1: " + ", ".join(f"`{m}` {100 * ents[f'{m}/dense']['test_top1']:.2f} %" for m in models) + ".")
+    summ.append(
+        "- Dense test top-1: "
+        + ", ".join(f"`{m}` {100 * ents[f'{m}/dense']['test_top1']:.2f} %" for m in models)
+        + "."
+    )
     if allp:
-        summ.append(f"- Sensitivity-guided / calibrated allocation (`tensorcut run`) dominates uniform: "
-                    f"**{'yes' if len(dom) == len(allp) else 'no'}** — at least as accurate and as compressed in "
-                    f"{len(dom)} of {len(allp)} (model, target) pairs, less accurate after fine-tuning in {len(worse)}.")
+        summ.append(
+            f"- Sensitivity-guided / calibrated allocation (`tensorcut run`) dominates uniform: "
+            f"**{'yes' if len(dom) == len(allp) else 'no'}** — at least as accurate and as compressed in "
+            f"{len(dom)} of {len(allp)} (model, target) pairs, less accurate after fine-tuning in {len(worse)}."
+        )
     for m in models:
         a, b = ents.get(f"{m}/run/{GOAL_RATIO:g}"), ents.get(f"{m}/uniform/{GOAL_RATIO:g}")
         if a and b:
-            summ.append(f"- `{m}` at target {GOAL_RATIO:g}: `run` ({a['allocation']}) {100 * a['top1_after']:.2f} % at "
-                        f"x{a['conv_ratio']:.2f}, uniform {100 * b['top1_after']:.2f} % at x{b['conv_ratio']:.2f}, dense "
-                        f"{100 * a['dense_top1']:.2f} % (after fine-tuning).")
-    summ.append(f"- Goal (>= {GOAL_RATIO:g}x conv compression within {100 * GOAL_DROP:.1f} points of dense after "
-                f"fine-tuning): " + ("**met** by " + ", ".join(goal_met) if goal_met else "**not met** by any model or arm")
-                + "; details below.")
+            summ.append(
+                f"- `{m}` at target {GOAL_RATIO:g}: `run` ({a['allocation']}) {100 * a['top1_after']:.2f} % at "
+                f"x{a['conv_ratio']:.2f}, uniform {100 * b['top1_after']:.2f} % at x{b['conv_ratio']:.2f}, dense "
+                f"{100 * a['dense_top1']:.2f} % (after fine-tuning)."
+            )
+    summ.append(
+        f"- Goal (>= {GOAL_RATIO:g}x conv compression within {100 * GOAL_DROP:.1f} points of dense after "
+        f"fine-tuning): "
+        + ("**met** by " + ", ".join(goal_met) if goal_met else "**not met** by any model or arm")
+        + "; details below."
+    )
     i = L.index("## Reductions (to fit a 2-core CPU shared with other jobs)\n")
     L[i:i] = summ + [""]
     L.append("## Notes\n")
@@ -595,30 +870,61 @@ def plot(data: dict[str, Any]) -> None:
     models = [m for m in s["models"] if f"{m}/dense" in ents]
     ncol = max(1, len(models))
     fig, axes = plt.subplots(2, ncol, figsize=(6.2 * ncol, 8.4), squeeze=False)
-    arms = (("run", "C0", "tensorcut run (calibrated allocation)"), ("uniform", "C3", "uniform ranks (thesis protocol)"))
+    arms = (
+        ("run", "C0", "tensorcut run (calibrated allocation)"),
+        ("uniform", "C3", "uniform ranks (thesis protocol)"),
+    )
     for col, m in enumerate(models):
         dense = ents[f"{m}/dense"]["test_top1"]
         w = ents[f"{m}/dense"]["width"]
-        for row, (field, when) in enumerate((("top1_after", "after fine-tuning"), ("top1_before", "before fine-tuning"))):
+        for row, (field, when) in enumerate(
+            (("top1_after", "after fine-tuning"), ("top1_before", "before fine-tuning"))
+        ):
             ax = axes[row][col]
             ax.axhline(100 * dense, color="k", lw=1.2, label=f"dense ({100 * dense:.2f} %)")
             dft = ents.get(f"{m}/dense-ft")
             if dft and field == "top1_after":
-                ax.axhline(100 * dft["top1_after"], color="k", lw=1, ls="--",
-                           label=f"dense + the same fine-tuning ({100 * dft['top1_after']:.2f} %)")
-            ax.axhspan(100 * (dense - GOAL_DROP), 100 * dense, color="g", alpha=0.15, label="within 0.5 pt of dense")
-            ys = [100 * dense] + ([100 * dft["top1_after"]] if dft and field == "top1_after" else [])
+                ax.axhline(
+                    100 * dft["top1_after"],
+                    color="k",
+                    lw=1,
+                    ls="--",
+                    label=f"dense + the same fine-tuning ({100 * dft['top1_after']:.2f} %)",
+                )
+            ax.axhspan(
+                100 * (dense - GOAL_DROP),
+                100 * dense,
+                color="g",
+                alpha=0.15,
+                label="within 0.5 pt of dense",
+            )
+            ys = [100 * dense] + (
+                [100 * dft["top1_after"]] if dft and field == "top1_after" else []
+            )
             for arm, color, label in arms:
                 es = [e for r in s["ratios"] if (e := ents.get(f"{m}/{arm}/{r:g}"))]
                 if not es:
                     continue
                 x, y = [e["conv_ratio"] for e in es], [100 * e[field] for e in es]
                 ys += y
-                ax.plot(x, y, "o-" if arm == "run" else "s--", color=color, label=label, ms=6 if arm == "run" else 5)
+                ax.plot(
+                    x,
+                    y,
+                    "o-" if arm == "run" else "s--",
+                    color=color,
+                    label=label,
+                    ms=6 if arm == "run" else 5,
+                )
                 if arm == "run":
                     for e, xi, yi in zip(es, x, y):
-                        ax.annotate(e["allocation"], (xi, yi), fontsize=7, xytext=(4, -11), textcoords="offset points",
-                                    color=color)
+                        ax.annotate(
+                            e["allocation"],
+                            (xi, yi),
+                            fontsize=7,
+                            xytext=(4, -11),
+                            textcoords="offset points",
+                            color=color,
+                        )
             ax.axvline(GOAL_RATIO, color="gray", ls=":", lw=1)
             ax.set_xscale("log")
             ax.xaxis.set_minor_locator(NullLocator())
@@ -641,12 +947,21 @@ def plot(data: dict[str, Any]) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--models", nargs="+", default=["vanilla-cnn", "resnet20"])
     ap.add_argument("--widths", nargs="+", type=float, default=[0.125, 0.5])
     ap.add_argument("--ratios", nargs="+", type=float, default=[2.0, 5.0, 10.0, 20.0])
-    ap.add_argument("--train-subset", type=int, default=8000, help="training images kept (of 60,000); 10%% become val")
-    ap.add_argument("--test-subset", type=int, default=5000, help="test images kept of 10,000 (0: all)")
+    ap.add_argument(
+        "--train-subset",
+        type=int,
+        default=8000,
+        help="training images kept (of 60,000); 10%% become val",
+    )
+    ap.add_argument(
+        "--test-subset", type=int, default=5000, help="test images kept of 10,000 (0: all)"
+    )
     ap.add_argument("--dense-epochs", type=int, default=6)
     ap.add_argument("--dense-lr", type=float, default=2e-3)
     ap.add_argument("--finetune-epochs", type=int, default=3)
@@ -654,14 +969,38 @@ def main() -> int:
     ap.add_argument("--finetune-patience", type=int, default=3)
     ap.add_argument("--calib-subset", type=int, default=512)
     ap.add_argument("--bipartitions", nargs="+", default=["OUT", "IN", "OUT-IN"])
-    ap.add_argument("--no-reuse-study", action="store_true",
-                    help="recompute run's study and curve at every ratio instead of reusing the first run's")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
-    ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help="run directories and the reduced data (git-ignored)")
-    ap.add_argument("--no-uniform-bn", action="store_true",
-                    help="skip the third arm (uniform ranks + BatchNorm re-estimation + the same fine-tuning)")
-    ap.add_argument("--fresh", action="store_true", help="ignore an existing frontier.json (remove --work yourself)")
-    ap.add_argument("--report", action="store_true", help="only rewrite frontier.md / frontier.png from frontier.json")
+    ap.add_argument(
+        "--no-reuse-study",
+        action="store_true",
+        help="recompute run's study and curve at every ratio instead of reusing the first run's",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1 is fastest on a busy 2-core machine)",
+    )
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=DEFAULT_WORK,
+        help="run directories and the reduced data (git-ignored)",
+    )
+    ap.add_argument(
+        "--no-uniform-bn",
+        action="store_true",
+        help="skip the third arm (uniform ranks + BatchNorm re-estimation + the same fine-tuning)",
+    )
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="ignore an existing frontier.json (remove --work yourself)",
+    )
+    ap.add_argument(
+        "--report",
+        action="store_true",
+        help="only rewrite frontier.md / frontier.png from frontier.json",
+    )
     ap.add_argument("--results", type=Path, default=RESULTS, help="where frontier.json/.md/.png go")
     a = ap.parse_args()
     global JSON_PATH, MD_PATH, PNG_PATH
@@ -681,15 +1020,29 @@ def main() -> int:
     data_dir = a.work / "data"
     a.test_subset = a.test_subset or None
     sizes = make_data(data_dir, a.train_subset, a.test_subset, seed=0)
-    argv = " ".join(x for x in sys.argv[1:] if x != "--fresh")  # the command that reproduces the results
+    argv = " ".join(
+        x for x in sys.argv[1:] if x != "--fresh"
+    )  # the command that reproduces the results
     settings = {
-        "command": "nice .venv/bin/python benchmarks/bench_frontier.py" + (f" {argv}" if argv else ""),
-        "models": a.models, "widths": a.widths, "ratios": a.ratios, "train_subset": a.train_subset,
-        "test_subset": a.test_subset, "data_sizes": sizes, "dense_epochs": a.dense_epochs, "dense_lr": a.dense_lr,
-        "finetune_epochs": a.finetune_epochs, "finetune_lr": a.finetune_lr, "finetune_patience": a.finetune_patience,
-        "calib_subset": a.calib_subset, "bipartitions": a.bipartitions, "threads": a.threads,
+        "command": "nice .venv/bin/python benchmarks/bench_frontier.py"
+        + (f" {argv}" if argv else ""),
+        "models": a.models,
+        "widths": a.widths,
+        "ratios": a.ratios,
+        "train_subset": a.train_subset,
+        "test_subset": a.test_subset,
+        "data_sizes": sizes,
+        "dense_epochs": a.dense_epochs,
+        "dense_lr": a.dense_lr,
+        "finetune_epochs": a.finetune_epochs,
+        "finetune_lr": a.finetune_lr,
+        "finetune_patience": a.finetune_patience,
+        "calib_subset": a.calib_subset,
+        "bipartitions": a.bipartitions,
+        "threads": a.threads,
         "reuse_study": not a.no_reuse_study,
-        "torch": torch.__version__, "python": platform.python_version(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
     }
     res = Results(JSON_PATH, settings, a.fresh)
@@ -707,8 +1060,10 @@ def main() -> int:
     collect_curves(res.data, a.work)
     tio.atomic_write_text(JSON_PATH, json.dumps(res.data, indent=2))
     write_report(res.data)
-    log(f"finished in {(time.perf_counter() - t0) / 60:.1f} min; wrote {JSON_PATH}, "
-        f"{MD_PATH}, {PNG_PATH}; load average {load_avg()}")
+    log(
+        f"finished in {(time.perf_counter() - t0) / 60:.1f} min; wrote {JSON_PATH}, "
+        f"{MD_PATH}, {PNG_PATH}; load average {load_avg()}"
+    )
     return 0
 
 

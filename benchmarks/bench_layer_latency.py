@@ -42,11 +42,21 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from common import (
+    RESULTS,
+    LoadMonitor,
+    command_line,
+    finish_report,
+    fmt,
+    interleaved_times,
+    machine_info,
+    md_table,  # noqa: E402
+    pin_threads,
+    stats,
+    write_json,
+)
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from common import (RESULTS, LoadMonitor, command_line, fmt, interleaved_times, machine_info, md_table,  # noqa: E402
-                    finish_report, pin_threads, stats, write_json)
 
 CONFIGS = [(64, 32), (512, 8)]
 ALIGN = 16  # AVX-512 holds 16 floats
@@ -60,14 +70,18 @@ def count_macs(mod: nn.Module, x: torch.Tensor) -> int:
     return fc.get_total_flops() // 2
 
 
-def pick_ranks(cls: Any, geom: Any, hw: tuple[int, int], target_macs: float, align: int = 1) -> tuple[int, ...]:
+def pick_ranks(
+    cls: Any, geom: Any, hw: tuple[int, int], target_macs: float, align: int = 1
+) -> tuple[int, ...]:
     from tensorcut.rank import ranks_for_ratio
 
     mx = tuple(cls.max_ranks(geom))
     return tuple(ranks_for_ratio(mx, lambda r: cls.predicted_macs(geom, r, hw), target_macs, align))
 
 
-def build_variants(c: int, hw: int, mac_ratio: float, with_tltorch: bool, seed: int) -> dict[str, dict[str, Any]]:
+def build_variants(
+    c: int, hw: int, mac_ratio: float, with_tltorch: bool, seed: int
+) -> dict[str, dict[str, Any]]:
     """name -> {module, ranks, predicted MAC ratio}; modules in eval mode with random weights."""
     from tensorcut.layers import LAYER_REGISTRY, ConvGeometry
 
@@ -75,7 +89,9 @@ def build_variants(c: int, hw: int, mac_ratio: float, with_tltorch: bool, seed: 
     dense = nn.Conv2d(c, c, 3, padding=1, bias=False).eval()
     geom = ConvGeometry.from_conv(dense)
     dense_macs = geom.dense_macs((hw, hw))
-    out: dict[str, dict[str, Any]] = {"dense nn.Conv2d": {"module": dense, "ranks": None, "lib": "torch", "method": "dense"}}
+    out: dict[str, dict[str, Any]] = {
+        "dense nn.Conv2d": {"module": dense, "ranks": None, "lib": "torch", "method": "dense"}
+    }
     ranks_of: dict[str, tuple[int, ...]] = {}
     for method in sorted(LAYER_REGISTRY):
         cls = LAYER_REGISTRY[method]
@@ -85,8 +101,13 @@ def build_variants(c: int, hw: int, mac_ratio: float, with_tltorch: bool, seed: 
         with torch.no_grad():
             for p in layer.parameters():
                 p.normal_(0.0, 0.05)
-        out[f"tensorcut {method}"] = {"module": layer, "ranks": list(r), "lib": "tensorcut", "method": method,
-                                      "predicted_mac_ratio": cls.predicted_macs(geom, r, (hw, hw)) / dense_macs}
+        out[f"tensorcut {method}"] = {
+            "module": layer,
+            "ranks": list(r),
+            "lib": "tensorcut",
+            "method": method,
+            "predicted_mac_ratio": cls.predicted_macs(geom, r, (hw, hw)) / dense_macs,
+        }
     for method in ALIGNED_METHODS:  # the planner's ratio rule with align=ALIGN, MACs as the cost
         cls = LAYER_REGISTRY[method]
         r = pick_ranks(cls, geom, (hw, hw), mac_ratio * dense_macs, ALIGN)
@@ -95,19 +116,32 @@ def build_variants(c: int, hw: int, mac_ratio: float, with_tltorch: bool, seed: 
             for p in layer.parameters():
                 p.normal_(0.0, 0.05)
         out[f"tensorcut {method} align{ALIGN}"] = {
-            "module": layer, "ranks": list(r), "lib": "tensorcut", "method": method, "align": ALIGN,
-            "predicted_mac_ratio": cls.predicted_macs(geom, r, (hw, hw)) / dense_macs}
+            "module": layer,
+            "ranks": list(r),
+            "lib": "tensorcut",
+            "method": method,
+            "align": ALIGN,
+            "predicted_mac_ratio": cls.predicted_macs(geom, r, (hw, hw)) / dense_macs,
+        }
     if with_tltorch:
         import tltorch
 
-        tl_ranks = {"cp": ranks_of["cp"][0], "tucker": (ranks_of["tucker2"][0], ranks_of["tucker2"][1], 3, 3),
-                    "tt": (1, *ranks_of["tt"], 1)}
+        tl_ranks = {
+            "cp": ranks_of["cp"][0],
+            "tucker": (ranks_of["tucker2"][0], ranks_of["tucker2"][1], 3, 3),
+            "tt": (1, *ranks_of["tt"], 1),
+        }
         for fact, rank in tl_ranks.items():
-            layer = tltorch.FactorizedConv(c, c, (3, 3), padding=1, factorization=fact, rank=rank,
-                                           implementation="factorized").eval()
+            layer = tltorch.FactorizedConv(
+                c, c, (3, 3), padding=1, factorization=fact, rank=rank, implementation="factorized"
+            ).eval()
             layer.weight.normal_(0.0, 0.05)
-            out[f"tltorch {fact}"] = {"module": layer, "ranks": list(rank) if isinstance(rank, tuple) else [rank],
-                                      "lib": "tltorch", "method": "tucker2" if fact == "tucker" else fact}
+            out[f"tltorch {fact}"] = {
+                "module": layer,
+                "ranks": list(rank) if isinstance(rank, tuple) else [rank],
+                "lib": "tltorch",
+                "method": "tucker2" if fact == "tucker" else fact,
+            }
     return out
 
 
@@ -117,12 +151,26 @@ def add_channels_last(variants: dict[str, dict[str, Any]]) -> None:
 
     for name in [n for n, v in variants.items() if v["lib"] in ("torch", "tensorcut")]:
         v = variants[name]
-        cl = dict(v, module=copy.deepcopy(v["module"]).to(memory_format=torch.channels_last), memory_format="channels_last")
+        cl = dict(
+            v,
+            module=copy.deepcopy(v["module"]).to(memory_format=torch.channels_last),
+            memory_format="channels_last",
+        )
         variants[f"{name} [channels_last]"] = cl
 
 
-def run_config(c: int, hw: int, batch: int, threads: int, rounds: int, mac_ratio: float, with_tltorch: bool,
-               seed: int, max_seconds: float, channels_last: bool) -> dict[str, Any]:
+def run_config(
+    c: int,
+    hw: int,
+    batch: int,
+    threads: int,
+    rounds: int,
+    mac_ratio: float,
+    with_tltorch: bool,
+    seed: int,
+    max_seconds: float,
+    channels_last: bool,
+) -> dict[str, Any]:
     pin_threads(threads)
     variants = build_variants(c, hw, mac_ratio, with_tltorch, seed)
     if channels_last:
@@ -147,31 +195,63 @@ def run_config(c: int, hw: int, batch: int, threads: int, rounds: int, mac_ratio
         def f() -> None:
             with torch.inference_mode():
                 m(xin)
+
         return f
 
     t0 = time.perf_counter()
-    times = interleaved_times({n: caller(v["module"], inputs[v["memory_format"]]) for n, v in variants.items()},
-                              rounds=rounds, warmup=3, max_seconds=max_seconds)
+    times = interleaved_times(
+        {n: caller(v["module"], inputs[v["memory_format"]]) for n, v in variants.items()},
+        rounds=rounds,
+        warmup=3,
+        max_seconds=max_seconds,
+    )
     dense_t = times["dense nn.Conv2d"]
     dense_best = min(stats(times[n])["median"] for n in times if n.startswith("dense"))
     rows = []
     for name, v in variants.items():
         st = stats(times[name])
-        same_fmt_dense = times["dense nn.Conv2d" + (" [channels_last]" if v["memory_format"] == "channels_last" else "")]
+        same_fmt_dense = times[
+            "dense nn.Conv2d"
+            + (" [channels_last]" if v["memory_format"] == "channels_last" else "")
+        ]
         paired = [a / b for a, b in zip(times[name], same_fmt_dense)]
-        rows.append({"variant": name, "lib": v["lib"], "method": v["method"], "memory_format": v["memory_format"],
-                     "latency_ratio_vs_fastest_dense": st["median"] / dense_best,
-                     "ranks": v["ranks"], "params": v["params"],
-                     "macs": v["macs"], "mac_ratio": v["mac_ratio"], "predicted_mac_ratio": v.get("predicted_mac_ratio"),
-                     "ms_median": st["median"] * 1e3, "ms_min": st["min"] * 1e3, "ms_q1": st["q1"] * 1e3,
-                     "ms_q3": st["q3"] * 1e3, "rounds": st["n"],
-                     "latency_ratio": statistics.median(paired), "latency_ratio_of_medians": st["median"] / stats(dense_t)["median"]})
+        rows.append(
+            {
+                "variant": name,
+                "lib": v["lib"],
+                "method": v["method"],
+                "memory_format": v["memory_format"],
+                "latency_ratio_vs_fastest_dense": st["median"] / dense_best,
+                "ranks": v["ranks"],
+                "params": v["params"],
+                "macs": v["macs"],
+                "mac_ratio": v["mac_ratio"],
+                "predicted_mac_ratio": v.get("predicted_mac_ratio"),
+                "ms_median": st["median"] * 1e3,
+                "ms_min": st["min"] * 1e3,
+                "ms_q1": st["q1"] * 1e3,
+                "ms_q3": st["q3"] * 1e3,
+                "rounds": st["n"],
+                "latency_ratio": statistics.median(paired),
+                "latency_ratio_of_medians": st["median"] / stats(dense_t)["median"],
+            }
+        )
     breakdown = stage_breakdown(variants, inputs, rounds=max(5, rounds // 4))
-    return {"channels": c, "hw": hw, "batch": batch, "threads": threads, "dense_macs": dense_macs, "rows": rows,
-            "stages": breakdown, "seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "channels": c,
+        "hw": hw,
+        "batch": batch,
+        "threads": threads,
+        "dense_macs": dense_macs,
+        "rows": rows,
+        "stages": breakdown,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
-def stage_breakdown(variants: dict[str, dict[str, Any]], inputs: dict[str, torch.Tensor], rounds: int) -> dict[str, Any]:
+def stage_breakdown(
+    variants: dict[str, dict[str, Any]], inputs: dict[str, torch.Tensor], rounds: int
+) -> dict[str, Any]:
     """Milliseconds of each sublayer of the Tucker-2 and TT layers (and the dense conv), interleaved.
 
     Inputs of every sublayer are captured with forward pre-hooks on one real forward, then each
@@ -182,15 +262,19 @@ def stage_breakdown(variants: dict[str, dict[str, Any]], inputs: dict[str, torch
 
     fns: dict[str, Any] = {}
     for name, v in variants.items():
-        if not (v["lib"] == "torch" or (v["lib"] == "tensorcut" and v["method"] in ("tucker2", "tt"))):
+        if not (
+            v["lib"] == "torch" or (v["lib"] == "tensorcut" and v["method"] in ("tucker2", "tt"))
+        ):
             continue
         m, xin = v["module"], inputs[v["memory_format"]]
         if v["lib"] == "torch":
             fns[f"{name} :: conv3x3"] = (m, (xin,))
             continue
         captured: dict[str, tuple[torch.Tensor, ...]] = {}
-        hooks = [child.register_forward_pre_hook(lambda mod, inp, n=cn: captured.__setitem__(n, inp))
-                 for cn, child in m.named_children()]
+        hooks = [
+            child.register_forward_pre_hook(lambda mod, inp, n=cn: captured.__setitem__(n, inp))
+            for cn, child in m.named_children()
+        ]
         with torch.inference_mode():
             m(xin)
         for h in hooks:
@@ -206,22 +290,38 @@ def stage_breakdown(variants: dict[str, dict[str, Any]], inputs: dict[str, torch
         def g() -> None:
             with torch.inference_mode():
                 f(*args)
+
         return g
 
-    times = interleaved_times({k: caller(f, t) for k, (f, t) in fns.items()}, rounds=rounds, warmup=1)
+    times = interleaved_times(
+        {k: caller(f, t) for k, (f, t) in fns.items()}, rounds=rounds, warmup=1
+    )
     return {k: round(stats(v)["median"] * 1e3, 3) for k, v in times.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts to measure (each a separate pass)")
+    ap.add_argument(
+        "--threads",
+        default="1,2",
+        help="comma-separated thread counts to measure (each a separate pass)",
+    )
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=40)
-    ap.add_argument("--max-seconds", type=float, default=120.0, help="time budget of one configuration's timing loop")
+    ap.add_argument(
+        "--max-seconds",
+        type=float,
+        default=120.0,
+        help="time budget of one configuration's timing loop",
+    )
     ap.add_argument("--mac-ratio", type=float, default=0.25)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-tltorch", action="store_true")
-    ap.add_argument("--no-channels-last", action="store_true", help="skip the channels_last copies of the variants")
+    ap.add_argument(
+        "--no-channels-last",
+        action="store_true",
+        help="skip the channels_last copies of the variants",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "layer_latency")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -234,24 +334,51 @@ def main() -> None:
         with_tltorch = False
     machine = machine_info(thread_list[0])
     machine["threads"] = args.threads
-    result: dict[str, Any] = {"command": command_line(), "machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
-                              "tltorch_available": with_tltorch, "configs": []}
+    result: dict[str, Any] = {
+        "command": command_line(),
+        "machine": machine,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "tltorch_available": with_tltorch,
+        "configs": [],
+    }
     t_all = time.perf_counter()
     with LoadMonitor() as mon:
         for threads in thread_list:
             for c, hw in CONFIGS:
-                r = run_config(c, hw, args.batch, threads, args.rounds, args.mac_ratio, with_tltorch, args.seed,
-                               args.max_seconds, not args.no_channels_last)
+                r = run_config(
+                    c,
+                    hw,
+                    args.batch,
+                    threads,
+                    args.rounds,
+                    args.mac_ratio,
+                    with_tltorch,
+                    args.seed,
+                    args.max_seconds,
+                    not args.no_channels_last,
+                )
                 r["load1_after"] = round(os.getloadavg()[0], 2)
                 result["configs"].append(r)
-                print(f"threads {threads} C={c} {hw}x{hw}: " + "; ".join(
-                    f"{x['variant']} {x['ms_median']:.1f} ms (x{x['latency_ratio']:.2f}, MACs x{x['mac_ratio']:.3f})"
-                    for x in r["rows"]), flush=True)
+                print(
+                    f"threads {threads} C={c} {hw}x{hw}: "
+                    + "; ".join(
+                        f"{x['variant']} {x['ms_median']:.1f} ms (x{x['latency_ratio']:.2f}, MACs x{x['mac_ratio']:.3f})"
+                        for x in r["rows"]
+                    ),
+                    flush=True,
+                )
                 result["load"] = mon.summary()
                 write_json(args.out.with_suffix(".json"), result)
         result["load"] = mon.summary()
-    finish_report(result, args.out, "Factorized conv layers: CPU forward latency vs dense nn.Conv2d", t_all, machine,
-                  targets, render)
+    finish_report(
+        result,
+        args.out,
+        "Factorized conv layers: CPU forward latency vs dense nn.Conv2d",
+        t_all,
+        machine,
+        targets,
+        render,
+    )
 
 
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -259,13 +386,23 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     for cfg in result["configs"]:
         for r in cfg["rows"]:
             if r["lib"] == "tensorcut" and r["method"] in ("tucker2", "tt"):
-                out.append({"config": f"C={cfg['channels']} {cfg['hw']}x{cfg['hw']} threads={cfg['threads']}",
-                            "method": r["method"], "variant": r["variant"].split(" [")[0].replace("tensorcut ", ""),
-                            "ranks": "x".join(map(str, r["ranks"])),
-                            "memory_format": r["memory_format"], "mac_ratio": round(r["mac_ratio"], 3),
-                            "latency_ratio": round(r["latency_ratio"], 3),
-                            "latency_ratio_vs_fastest_dense": round(r["latency_ratio_vs_fastest_dense"], 3),
-                            "met": bool(r["latency_ratio"] <= 0.4 and r["latency_ratio_vs_fastest_dense"] <= 0.4)})
+                out.append(
+                    {
+                        "config": f"C={cfg['channels']} {cfg['hw']}x{cfg['hw']} threads={cfg['threads']}",
+                        "method": r["method"],
+                        "variant": r["variant"].split(" [")[0].replace("tensorcut ", ""),
+                        "ranks": "x".join(map(str, r["ranks"])),
+                        "memory_format": r["memory_format"],
+                        "mac_ratio": round(r["mac_ratio"], 3),
+                        "latency_ratio": round(r["latency_ratio"], 3),
+                        "latency_ratio_vs_fastest_dense": round(
+                            r["latency_ratio_vs_fastest_dense"], 3
+                        ),
+                        "met": bool(
+                            r["latency_ratio"] <= 0.4 and r["latency_ratio_vs_fastest_dense"] <= 0.4
+                        ),
+                    }
+                )
     return out
 
 
@@ -282,29 +419,79 @@ def render(result: dict[str, Any]) -> str:
         "(`PointwiseConv2d`); a layer's output has its input's memory format.",
     ]
     if result.get("targets"):
-        rows = [(t["config"], t.get("variant", t["method"]), t.get("ranks", ""), t["memory_format"], t["mac_ratio"],
-                 t["latency_ratio"], t["latency_ratio_vs_fastest_dense"], "met" if t["met"] else "**missed**")
-                for t in result["targets"]]
-        parts.append("## Target: Tucker-2 and TT at <= 0.4x dense latency (MACs ~0.25x)\n\n"
-                     "`latency x`: vs the dense conv in the same memory format (paired per round); `vs fastest dense`: "
-                     "median vs the faster of the two dense formats. Met = both <= 0.4.\n\n"
-                     + md_table(["configuration", "variant", "ranks", "memory format", "MACs x", "latency x", "vs fastest dense", ""],
-                              rows))
+        rows = [
+            (
+                t["config"],
+                t.get("variant", t["method"]),
+                t.get("ranks", ""),
+                t["memory_format"],
+                t["mac_ratio"],
+                t["latency_ratio"],
+                t["latency_ratio_vs_fastest_dense"],
+                "met" if t["met"] else "**missed**",
+            )
+            for t in result["targets"]
+        ]
+        parts.append(
+            "## Target: Tucker-2 and TT at <= 0.4x dense latency (MACs ~0.25x)\n\n"
+            "`latency x`: vs the dense conv in the same memory format (paired per round); `vs fastest dense`: "
+            "median vs the faster of the two dense formats. Met = both <= 0.4.\n\n"
+            + md_table(
+                [
+                    "configuration",
+                    "variant",
+                    "ranks",
+                    "memory format",
+                    "MACs x",
+                    "latency x",
+                    "vs fastest dense",
+                    "",
+                ],
+                rows,
+            )
+        )
     for cfg in result["configs"]:
-        head = ["variant", "ranks", "params", "MACs x", "median ms", "min ms", "IQR ms", "latency x",
-                "vs fastest dense", "rounds"]
-        rows = [(r["variant"], "x".join(map(str, r["ranks"])) if r["ranks"] else "-", f"{r['params']:,}",
-                 f"{r['mac_ratio']:.3f}", fmt(r["ms_median"], 4), fmt(r["ms_min"], 4),
-                 f"{r['ms_q1']:.1f}-{r['ms_q3']:.1f}", f"{r['latency_ratio']:.3f}",
-                 f"{r['latency_ratio_vs_fastest_dense']:.3f}", r["rounds"]) for r in cfg["rows"]]
-        parts.append(f"## {cfg['channels']} channels at {cfg['hw']}x{cfg['hw']}, batch {cfg['batch']}, "
-                     f"{cfg['threads']} thread(s) (dense {cfg['dense_macs'] / 1e9:.2f} GMAC per call; 1-min load after: "
-                     f"{cfg.get('load1_after')})\n\n" + md_table(head, rows))
+        head = [
+            "variant",
+            "ranks",
+            "params",
+            "MACs x",
+            "median ms",
+            "min ms",
+            "IQR ms",
+            "latency x",
+            "vs fastest dense",
+            "rounds",
+        ]
+        rows = [
+            (
+                r["variant"],
+                "x".join(map(str, r["ranks"])) if r["ranks"] else "-",
+                f"{r['params']:,}",
+                f"{r['mac_ratio']:.3f}",
+                fmt(r["ms_median"], 4),
+                fmt(r["ms_min"], 4),
+                f"{r['ms_q1']:.1f}-{r['ms_q3']:.1f}",
+                f"{r['latency_ratio']:.3f}",
+                f"{r['latency_ratio_vs_fastest_dense']:.3f}",
+                r["rounds"],
+            )
+            for r in cfg["rows"]
+        ]
+        parts.append(
+            f"## {cfg['channels']} channels at {cfg['hw']}x{cfg['hw']}, batch {cfg['batch']}, "
+            f"{cfg['threads']} thread(s) (dense {cfg['dense_macs'] / 1e9:.2f} GMAC per call; 1-min load after: "
+            f"{cfg.get('load1_after')})\n\n" + md_table(head, rows)
+        )
         if cfg.get("stages"):
             st = [(k.split(" :: ")[0], k.split(" :: ")[1], v) for k, v in cfg["stages"].items()]
-            parts.append("Per-stage median ms (each sublayer alone on its captured input):\n\n"
-                         + md_table(["variant", "stage", "ms"], st))
-    parts.append(f"Total wall time {result.get('total_seconds')} s; `uptime` at the end: `{result.get('uptime_at_end')}`.")
+            parts.append(
+                "Per-stage median ms (each sublayer alone on its captured input):\n\n"
+                + md_table(["variant", "stage", "ms"], st)
+            )
+    parts.append(
+        f"Total wall time {result.get('total_seconds')} s; `uptime` at the end: `{result.get('uptime_at_end')}`."
+    )
     return "\n\n".join(parts)
 
 

@@ -67,7 +67,11 @@ def _largest_convs() -> dict[str, tuple[str, tuple[int, int, int, int]]]:
     for model, want in (("vgg19", (3, 3)), ("resnet50", (1, 1)), ("resnet50", (3, 3))):
         with torch.device("meta"):
             net = models.create(model, num_classes=100)
-        convs = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == want]
+        convs = [
+            (n, m)
+            for n, m in net.named_modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size == want
+        ]
         name, conv = max(convs, key=lambda nm: nm[1].weight.numel())
         out[f"{model}:{name}"] = (name, tuple(conv.weight.shape))
     return out
@@ -106,7 +110,9 @@ def child_decompose(spec: dict[str, Any]) -> dict[str, Any]:
     cls = LAYER_REGISTRY[spec["method"]]
     import warnings
 
-    with warnings.catch_warnings():  # warm-up: lazy imports and LAPACK/BLAS library loads happen here, not below
+    with (
+        warnings.catch_warnings()
+    ):  # warm-up: lazy imports and LAPACK/BLAS library loads happen here, not below
         warnings.simplefilter("ignore")
         small = nn.Conv2d(8, 8, (kh, kw), bias=False)
         cls.from_conv(small, _case_ranks(spec["method"], (8, 8, kh, kw))[0], **opts)
@@ -122,16 +128,27 @@ def child_decompose(spec: dict[str, Any]) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     _, py_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    peak = _rss_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak = (
+        _rss_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    )
     kernel_mb = conv.weight.numel() * 4 / 2**20
     delta = max(0.0, peak - before)
-    return {"kind": "decompose", "layer": spec["layer"], "shape": list(spec["shape"]), "method": spec["method"],
-            "ranks": list(layer.ranks), "seconds": round(seconds, 2), "kernel_mb": round(kernel_mb, 2),
-            "rss_before_mb": round(before, 1), "rss_peak_delta_mb": round(delta, 1),
-            "tracemalloc_peak_mb": round(py_peak / 2**20, 2), "x_kernel": round(delta / kernel_mb, 2),
-            "bound_mb": round(BOUND_X_KERNEL * kernel_mb + BOUND_FIXED_MB, 1),
-            "within_bound": delta <= BOUND_X_KERNEL * kernel_mb + BOUND_FIXED_MB,
-            "peak_source": "VmHWM after clear_refs" if reset else "ru_maxrss"}
+    return {
+        "kind": "decompose",
+        "layer": spec["layer"],
+        "shape": list(spec["shape"]),
+        "method": spec["method"],
+        "ranks": list(layer.ranks),
+        "seconds": round(seconds, 2),
+        "kernel_mb": round(kernel_mb, 2),
+        "rss_before_mb": round(before, 1),
+        "rss_peak_delta_mb": round(delta, 1),
+        "tracemalloc_peak_mb": round(py_peak / 2**20, 2),
+        "x_kernel": round(delta / kernel_mb, 2),
+        "bound_mb": round(BOUND_X_KERNEL * kernel_mb + BOUND_FIXED_MB, 1),
+        "within_bound": delta <= BOUND_X_KERNEL * kernel_mb + BOUND_FIXED_MB,
+        "peak_source": "VmHWM after clear_refs" if reset else "ru_maxrss",
+    }
 
 
 def child_sweep(spec: dict[str, Any]) -> dict[str, Any]:
@@ -146,7 +163,9 @@ def child_sweep(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(int(spec.get("threads", 1)))
     torch.manual_seed(0)
-    net = models.create(spec["model"], width=spec["width"], num_classes=10, in_channels=3, input_size=16).eval()
+    net = models.create(
+        spec["model"], width=spec["width"], num_classes=10, in_channels=3, input_size=16
+    ).eval()
     ds = tdata.load_dataset("synthetic", "val", subset=spec["images"])
     loader = tdata.make_loader(ds, 100)
     gc.collect()
@@ -155,58 +174,101 @@ def child_sweep(spec: dict[str, Any]) -> dict[str, Any]:
         reset = _reset_peak()
         tracemalloc.start()
         t0 = time.perf_counter()
-        rep = analyze(net, loader, Path(td) / "r.sqlite", bipartitions=["OUT", "OUT-IN"], keep=["1,2,4"],
-                      cache_bytes=int(spec["cache_mb"] * 2**20), csv=False, progress=False)
+        rep = analyze(
+            net,
+            loader,
+            Path(td) / "r.sqlite",
+            bipartitions=["OUT", "OUT-IN"],
+            keep=["1,2,4"],
+            cache_bytes=int(spec["cache_mb"] * 2**20),
+            csv=False,
+            progress=False,
+        )
         seconds = time.perf_counter() - t0
         _, py_peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        peak = _rss_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        peak = (
+            _rss_mb("VmHWM")
+            if reset
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        )
     params_mb = sum(p.numel() for p in net.parameters()) * 4 / 2**20
-    return {"kind": "sweep", "model": spec["model"], "width": spec["width"], "images": spec["images"],
-            "configurations": rep.evaluated, "layers": len(rep.layers), "cache_budget_mb": spec["cache_mb"],
-            "model_mb": round(params_mb, 2), "seconds": round(seconds, 1), "rss_before_mb": round(before, 1),
-            "rss_peak_delta_mb": round(max(0.0, peak - before), 1), "tracemalloc_peak_mb": round(py_peak / 2**20, 2),
-            "peak_source": "VmHWM after clear_refs" if reset else "ru_maxrss"}
+    return {
+        "kind": "sweep",
+        "model": spec["model"],
+        "width": spec["width"],
+        "images": spec["images"],
+        "configurations": rep.evaluated,
+        "layers": len(rep.layers),
+        "cache_budget_mb": spec["cache_mb"],
+        "model_mb": round(params_mb, 2),
+        "seconds": round(seconds, 1),
+        "rss_before_mb": round(before, 1),
+        "rss_peak_delta_mb": round(max(0.0, peak - before), 1),
+        "tracemalloc_peak_mb": round(py_peak / 2**20, 2),
+        "peak_source": "VmHWM after clear_refs" if reset else "ru_maxrss",
+    }
 
 
 def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
     env = dict(os.environ, OMP_NUM_THREADS=str(spec.get("threads", 1)), PYTHONWARNINGS="ignore")
-    r = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                       env=env, timeout=3600)
+    r = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=3600,
+    )
     if r.returncode != 0:
         return {**spec, "error": (r.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def _markdown(rows: list[dict[str, Any]], command: str, machine: dict[str, Any]) -> str:
-    lines = ["# Peak memory: decomposing the largest layers, and a truncation sweep", "",
-             f"Command: `{command}`", "",
-             f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, Python {machine['python']}, "
-             f"device cpu, {machine['threads']} thread(s). Each row ran in a fresh process; the RSS delta is the "
-             "peak resident memory during the step minus resident memory just before it.", "",
-             f"Bound checked: RSS delta <= {BOUND_X_KERNEL:g} x (float32 kernel size) + {BOUND_FIXED_MB:g} MB.", "",
-             "| layer | shape | method | ranks | kernel MB | RSS peak delta MB | x kernel | tracemalloc MB | s | within bound |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|:---:|"]
+    lines = [
+        "# Peak memory: decomposing the largest layers, and a truncation sweep",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, Python {machine['python']}, "
+        f"device cpu, {machine['threads']} thread(s). Each row ran in a fresh process; the RSS delta is the "
+        "peak resident memory during the step minus resident memory just before it.",
+        "",
+        f"Bound checked: RSS delta <= {BOUND_X_KERNEL:g} x (float32 kernel size) + {BOUND_FIXED_MB:g} MB.",
+        "",
+        "| layer | shape | method | ranks | kernel MB | RSS peak delta MB | x kernel | tracemalloc MB | s | within bound |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|:---:|",
+    ]
     for r in rows:
         if r.get("kind") != "decompose":
             continue
         if "error" in r:
-            lines.append(f"| {r['layer']} | {r['shape']} | {r['method']} | error: {r['error']} | | | | | | |")
+            lines.append(
+                f"| {r['layer']} | {r['shape']} | {r['method']} | error: {r['error']} | | | | | | |"
+            )
             continue
-        lines.append(f"| {r['layer']} | {'x'.join(map(str, r['shape']))} | {r['method']} | {tuple(r['ranks'])} | "
-                     f"{r['kernel_mb']} | {r['rss_peak_delta_mb']} | {r['x_kernel']} | {r['tracemalloc_peak_mb']} | "
-                     f"{r['seconds']} | {'yes' if r['within_bound'] else '**no**'} |")
+        lines.append(
+            f"| {r['layer']} | {'x'.join(map(str, r['shape']))} | {r['method']} | {tuple(r['ranks'])} | "
+            f"{r['kernel_mb']} | {r['rss_peak_delta_mb']} | {r['x_kernel']} | {r['tracemalloc_peak_mb']} | "
+            f"{r['seconds']} | {'yes' if r['within_bound'] else '**no**'} |"
+        )
     sweeps = [r for r in rows if r.get("kind") == "sweep"]
     if sweeps:
-        lines += ["", "| sweep | layers | configurations | images | cache budget MB | model MB | RSS peak delta MB | "
-                      "tracemalloc MB | s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "| sweep | layers | configurations | images | cache budget MB | model MB | RSS peak delta MB | "
+            "tracemalloc MB | s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in sweeps:
             if "error" in r:
                 lines.append(f"| {r.get('model')} | error: {r['error']} | | | | | | | |")
                 continue
-            lines.append(f"| {r['model']} width {r['width']} | {r['layers']} | {r['configurations']} | {r['images']} | "
-                         f"{r['cache_budget_mb']} | {r['model_mb']} | {r['rss_peak_delta_mb']} | "
-                         f"{r['tracemalloc_peak_mb']} | {r['seconds']} |")
+            lines.append(
+                f"| {r['model']} width {r['width']} | {r['layers']} | {r['configurations']} | {r['images']} | "
+                f"{r['cache_budget_mb']} | {r['model_mb']} | {r['rss_peak_delta_mb']} | "
+                f"{r['tracemalloc_peak_mb']} | {r['seconds']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -233,29 +295,58 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for key, (_, shape) in layers.items():
         for method in args.methods.split(","):
-            row = _run_child({"kind": "decompose", "layer": key, "shape": list(shape), "method": method,
-                              "threads": args.threads})
+            row = _run_child(
+                {
+                    "kind": "decompose",
+                    "layer": key,
+                    "shape": list(shape),
+                    "method": method,
+                    "threads": args.threads,
+                }
+            )
             print(json.dumps(row), flush=True)
             rows.append(row)
     if not args.quick:
         for model, width in (("resnet20", 1.0), ("vgg11", 0.5)):
-            row = _run_child({"kind": "sweep", "model": model, "width": width, "images": 500, "cache_mb": 256,
-                              "threads": args.threads})
+            row = _run_child(
+                {
+                    "kind": "sweep",
+                    "model": model,
+                    "width": width,
+                    "images": 500,
+                    "cache_mb": 256,
+                    "threads": args.threads,
+                }
+            )
             print(json.dumps(row), flush=True)
             rows.append(row)
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
-               "python": platform.python_version(), "threads": args.threads,
-               "bound": {"x_kernel": BOUND_X_KERNEL, "fixed_mb": BOUND_FIXED_MB}}
-    command = "nice python benchmarks/bench_memory.py" + (" --quick" if args.quick else "") + \
-              (f" --methods {args.methods}" if args.methods != "tucker2,tucker,cp,tt,tr" else "")
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": args.threads,
+        "bound": {"x_kernel": BOUND_X_KERNEL, "fixed_mb": BOUND_FIXED_MB},
+    }
+    command = (
+        "nice python benchmarks/bench_memory.py"
+        + (" --quick" if args.quick else "")
+        + (f" --methods {args.methods}" if args.methods != "tucker2,tucker,cp,tt,tr" else "")
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     from tensorcut.io import atomic_write_text
 
-    atomic_write_text(out.with_suffix(".json"), json.dumps({"command": command, "machine": machine, "rows": rows},
-                                                           indent=2))
+    atomic_write_text(
+        out.with_suffix(".json"),
+        json.dumps({"command": command, "machine": machine, "rows": rows}, indent=2),
+    )
     atomic_write_text(out.with_suffix(".md"), _markdown(rows, command, machine))
-    bad = [r for r in rows if r.get("kind") == "decompose" and (("error" in r) or not r["within_bound"])]
+    bad = [
+        r
+        for r in rows
+        if r.get("kind") == "decompose" and (("error" in r) or not r["within_bound"])
+    ]
     return 1 if bad else 0
 
 

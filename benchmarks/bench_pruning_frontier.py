@@ -42,8 +42,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,20 +80,36 @@ class State:
     def __init__(self, path: Path, settings: dict[str, Any]) -> None:
         self.path = path
         old = json.loads(path.read_text()) if path.exists() else {}
-        free = ("command", "machine", "started", "arms", "budgets", "latency_rounds", "runs", "package")  # do not change finished arms
+        free = (
+            "command",
+            "machine",
+            "started",
+            "arms",
+            "budgets",
+            "latency_rounds",
+            "runs",
+            "package",
+        )  # do not change finished arms
         keep = {k: v for k, v in settings.items() if k not in free}
         prev = {k: v for k, v in (old.get("settings") or {}).items() if k not in free}
         if old and prev != keep:
             diff = sorted(k for k in set(keep) | set(prev) if keep.get(k) != prev.get(k))
-            raise SystemExit(f"{path} was written with other settings ({', '.join(diff)}); move it away or pass the same options")
+            raise SystemExit(
+                f"{path} was written with other settings ({', '.join(diff)}); move it away or pass the same options"
+            )
         self.data: dict[str, Any] = old or {"settings": settings, "entries": {}}
         if old:  # later runs may add arms or budgets
             s = self.data["settings"]
             s["budgets"] = s["budgets"] + [b for b in settings["budgets"] if b not in s["budgets"]]
             s["arms"] = s["arms"] + [x for x in settings["arms"] if x not in s["arms"]]
         self.data["settings"].setdefault("runs", [])
-        self.data["settings"]["runs"].append({"command": settings["command"], "started": settings["started"],
-                                              "uptime": settings["machine"]["uptime_at_start"]})
+        self.data["settings"]["runs"].append(
+            {
+                "command": settings["command"],
+                "started": settings["started"],
+                "uptime": settings["machine"]["uptime_at_start"],
+            }
+        )
 
     def has(self, key: str) -> bool:
         return key in self.data["entries"]
@@ -125,9 +142,17 @@ def make_data(a: argparse.Namespace) -> dict[str, Any]:
     cal = ImageDataset(va.images[: a.calib_images], va.labels[: a.calib_images])
     n_ft = min(a.ft_subset or len(tr), len(tr))
     pick = torch.from_numpy(np.sort(np.random.default_rng(a.seed + 2).permutation(len(tr))[:n_ft]))
-    ft = ImageDataset(tr.images[pick], tr.labels[pick], augment=True, pad=a.pad, flip=True, seed=a.seed)
+    ft = ImageDataset(
+        tr.images[pick], tr.labels[pick], augment=True, pad=a.pad, flip=True, seed=a.seed
+    )
     return {
-        "sizes": {"train": len(tr), "val": len(va), "test": len(te), "calib": len(cal), "finetune": len(ft)},
+        "sizes": {
+            "train": len(tr),
+            "val": len(va),
+            "test": len(te),
+            "calib": len(cal),
+            "finetune": len(ft),
+        },
         "train": make_loader(aug, a.batch_size, shuffle=True, seed=a.seed, drop_last=False),
         "ft": make_loader(ft, a.batch_size, shuffle=True, seed=a.seed, drop_last=False),
         "val": make_loader(va, 500),
@@ -145,8 +170,16 @@ def new_model() -> nn.Module:
 def fit_config(a: argparse.Namespace, epochs: int, lr: float, patience: int | None) -> Any:
     from tensorcut.train import FitConfig
 
-    return FitConfig(epochs=epochs, optimizer="sgd", lr=lr, momentum=0.9, weight_decay=a.weight_decay,
-                     scheduler="cosine", patience=patience, seed=a.seed)
+    return FitConfig(
+        epochs=epochs,
+        optimizer="sgd",
+        lr=lr,
+        momentum=0.9,
+        weight_decay=a.weight_decay,
+        scheduler="cosine",
+        patience=patience,
+        seed=a.seed,
+    )
 
 
 def macs_tc(model: nn.Module) -> tuple[int, int]:
@@ -185,12 +218,20 @@ def latency(dense: nn.Module, model: nn.Module, a: argparse.Namespace) -> dict[s
         def f() -> Any:
             with torch.no_grad():
                 return m(x)
+
         return f
 
-    t = common.interleaved_times({"dense": run(dense), "arm": run(model)}, rounds=a.latency_rounds, warmup=2)
+    t = common.interleaved_times(
+        {"dense": run(dense), "arm": run(model)}, rounds=a.latency_rounds, warmup=2
+    )
     d, m = common.stats(t["dense"]), common.stats(t["arm"])
-    return {"batch": 32, "dense_ms": d["median"] * 1e3, "arm_ms": m["median"] * 1e3,
-            "speedup": d["median"] / m["median"], "rounds": d["n"]}
+    return {
+        "batch": 32,
+        "dense_ms": d["median"] * 1e3,
+        "arm_ms": m["median"] * 1e3,
+        "speedup": d["median"] / m["median"],
+        "rounds": d["n"],
+    }
 
 
 # ----------------------------------------------------------------------------- dense
@@ -210,22 +251,54 @@ def dense_stage(a: argparse.Namespace, data: dict[str, Any], st: State) -> nn.Mo
         log(f"dense: done (skipped), test top-1 {st.get('dense')['top1']:.4f}")
         return model.eval()
     cfg = fit_config(a, a.dense_epochs, a.dense_lr, patience=a.dense_patience)
-    log(f"dense: training {a.dense_epochs} epochs on {data['sizes']['train']:,} images (SGD lr {a.dense_lr:g}, cosine)")
+    log(
+        f"dense: training {a.dense_epochs} epochs on {data['sizes']['train']:,} images (SGD lr {a.dense_lr:g}, cosine)"
+    )
     t = time.perf_counter()
     ddir = WORK / "dense"
-    hist = fit(model, data["train"], data["val"], cfg, device="cpu", out_dir=ddir, resume=(ddir / "train_state.pt").exists(),
-               meta={"model": {"name": "resnet20", "kwargs": {"num_classes": 10, "in_channels": 1, "width": 1.0,
-                                                              "input_size": 28}}},
-               progress=False, distributed=False,
-               on_epoch=lambda r: log(f"dense epoch {r['epoch']}: train {r['train_top1']:.4f} val {r.get('val_top1', 0):.4f} "
-                                      f"({r['seconds']:.0f} s)"))
-    tio.atomic_write_bytes(final, st_save({k: v.contiguous() for k, v in model.state_dict().items()}))
+    hist = fit(
+        model,
+        data["train"],
+        data["val"],
+        cfg,
+        device="cpu",
+        out_dir=ddir,
+        resume=(ddir / "train_state.pt").exists(),
+        meta={
+            "model": {
+                "name": "resnet20",
+                "kwargs": {"num_classes": 10, "in_channels": 1, "width": 1.0, "input_size": 28},
+            }
+        },
+        progress=False,
+        distributed=False,
+        on_epoch=lambda r: log(
+            f"dense epoch {r['epoch']}: train {r['train_top1']:.4f} val {r.get('val_top1', 0):.4f} "
+            f"({r['seconds']:.0f} s)"
+        ),
+    )
+    tio.atomic_write_bytes(
+        final, st_save({k: v.contiguous() for k, v in model.state_dict().items()})
+    )
     r = test_top1(model, data["test"])
     mt, pt = macs_tc(model)
     mp, _ = macs_tp(model)
-    st.put("dense", {"arm": "dense", "top1": r["top1"], "se": se(r["top1"], r["n"]), "n": r["n"], "loss": r["loss"],
-                     "params": pt, "macs_tc": mt, "macs_tp": mp, "epochs": a.dense_epochs, "history": hist,
-                     "seconds": round(time.perf_counter() - t, 1)})
+    st.put(
+        "dense",
+        {
+            "arm": "dense",
+            "top1": r["top1"],
+            "se": se(r["top1"], r["n"]),
+            "n": r["n"],
+            "loss": r["loss"],
+            "params": pt,
+            "macs_tc": mt,
+            "macs_tp": mp,
+            "epochs": a.dense_epochs,
+            "history": hist,
+            "seconds": round(time.perf_counter() - t, 1),
+        },
+    )
     log(f"dense: test top-1 {r['top1']:.4f} in {time.perf_counter() - t:.0f} s")
     return model.eval()
 
@@ -233,8 +306,15 @@ def dense_stage(a: argparse.Namespace, data: dict[str, Any], st: State) -> nn.Mo
 # ----------------------------------------------------------------------------- arms
 
 
-def bisect(f: Callable[[float], float], target: float, lo: float, hi: float, tol: float, iters: int = 14,
-           increasing: bool = True) -> tuple[float, float]:
+def bisect(
+    f: Callable[[float], float],
+    target: float,
+    lo: float,
+    hi: float,
+    tol: float,
+    iters: int = 14,
+    increasing: bool = True,
+) -> tuple[float, float]:
     """Find x in [lo, hi] with f(x) close to ``target`` (f monotone); returns (x, f(x)) of the closest try."""
     best = (lo, f(lo))
     for _ in range(iters):
@@ -256,16 +336,26 @@ def build_tucker2(dense: nn.Module, x: float, dense_tc: int) -> tuple[nn.Module,
 
     m = copy.deepcopy(dense)
     target = int(dense_tc / x)
-    m, p = compress(m, CompressConfig(method="tucker2", budget=target, budget_kind="macs"), input_shape=INPUT,
-                    progress=False)
+    m, p = compress(
+        m,
+        CompressConfig(method="tucker2", budget=target, budget_kind="macs"),
+        input_shape=INPUT,
+        progress=False,
+    )
     tot = p.totals()
     ranks = {l.name: l.ranks if l.status == "factorize" else "dense" for l in p.layers}
-    return m, {"config": f"CompressConfig(method='tucker2', budget={target}, budget_kind='macs')",
-               "plan_macs": tot["model_macs_after"], "plan_params": tot["model_params_after"], "ranks": ranks,
-               "dense_layers": tot["dense_layers"]}
+    return m, {
+        "config": f"CompressConfig(method='tucker2', budget={target}, budget_kind='macs')",
+        "plan_macs": tot["model_macs_after"],
+        "plan_params": tot["model_params_after"],
+        "ranks": ranks,
+        "dense_layers": tot["dense_layers"],
+    }
 
 
-def build_uniform(dense: nn.Module, x: float, dense_tc: int, tol: float) -> tuple[nn.Module, dict[str, Any]]:
+def build_uniform(
+    dense: nn.Module, x: float, dense_tc: int, tol: float
+) -> tuple[nn.Module, dict[str, Any]]:
     from tensorcut.compress import CompressConfig, plan
 
     target = dense_tc / x
@@ -273,7 +363,9 @@ def build_uniform(dense: nn.Module, x: float, dense_tc: int, tol: float) -> tupl
 
     def macs_at(r: float) -> float:
         if r not in cache:
-            cache[r] = plan(dense, CompressConfig(method="tucker2", ratio=r), input_shape=INPUT, progress=False)
+            cache[r] = plan(
+                dense, CompressConfig(method="tucker2", ratio=r), input_shape=INPUT, progress=False
+            )
         return float(cache[r].totals()["model_macs_after"])
 
     r, _ = bisect(macs_at, target, 0.02, 0.95, tol)
@@ -284,12 +376,20 @@ def build_uniform(dense: nn.Module, x: float, dense_tc: int, tol: float) -> tupl
     apply(m, p)
     tot = p.totals()
     ranks = {l.name: l.ranks if l.status == "factorize" else "dense" for l in p.layers}
-    return m, {"config": f"CompressConfig(method='tucker2', ratio={r:.5f})", "ratio_rule": r,
-               "plan_macs": tot["model_macs_after"], "plan_params": tot["model_params_after"], "ranks": ranks,
-               "dense_layers": tot["dense_layers"], "bisection_tries": len(cache)}
+    return m, {
+        "config": f"CompressConfig(method='tucker2', ratio={r:.5f})",
+        "ratio_rule": r,
+        "plan_macs": tot["model_macs_after"],
+        "plan_params": tot["model_params_after"],
+        "ranks": ranks,
+        "dense_layers": tot["dense_layers"],
+        "bisection_tries": len(cache),
+    }
 
 
-def build_minmax(dense: nn.Module, x: float, dense_tc: int, tol: float) -> tuple[nn.Module, dict[str, Any]]:
+def build_minmax(
+    dense: nn.Module, x: float, dense_tc: int, tol: float
+) -> tuple[nn.Module, dict[str, Any]]:
     """Arm (c): one relative-error bound ``eps`` for every layer (the ``eps`` rank rule), the smallest
     that fits the MAC budget — i.e. the allocation that minimises the largest per-layer relative error."""
     from tensorcut.compress import CompressConfig, apply, plan
@@ -299,7 +399,9 @@ def build_minmax(dense: nn.Module, x: float, dense_tc: int, tol: float) -> tuple
 
     def macs_at(e: float) -> float:
         if e not in cache:
-            cache[e] = plan(dense, CompressConfig(method="tucker2", eps=e), input_shape=INPUT, progress=False)
+            cache[e] = plan(
+                dense, CompressConfig(method="tucker2", eps=e), input_shape=INPUT, progress=False
+            )
         return float(cache[e].totals()["model_macs_after"])
 
     lo, hi = 0.01, 0.95
@@ -317,10 +419,16 @@ def build_minmax(dense: nn.Module, x: float, dense_tc: int, tol: float) -> tuple
     tot = p.totals()
     ranks = {l.name: l.ranks if l.status == "factorize" else "dense" for l in p.layers}
     errs = [l.error for l in p.layers if l.status == "factorize" and l.error is not None]
-    return m, {"config": f"CompressConfig(method='tucker2', eps={e:.4f})", "eps": e,
-               "max_layer_error": max(errs) if errs else None,
-               "plan_macs": tot["model_macs_after"], "plan_params": tot["model_params_after"], "ranks": ranks,
-               "dense_layers": tot["dense_layers"], "bisection_tries": len(cache)}
+    return m, {
+        "config": f"CompressConfig(method='tucker2', eps={e:.4f})",
+        "eps": e,
+        "max_layer_error": max(errs) if errs else None,
+        "plan_macs": tot["model_macs_after"],
+        "plan_params": tot["model_params_after"],
+        "ranks": ranks,
+        "dense_layers": tot["dense_layers"],
+        "bisection_tries": len(cache),
+    }
 
 
 def _prune(dense: nn.Module, ratio: float) -> nn.Module:
@@ -330,14 +438,24 @@ def _prune(dense: nn.Module, ratio: float) -> nn.Module:
     # Option-A shortcuts (subsample + zero-pad channels) are not traceable as channel couplings by
     # Torch-Pruning: pruning the residual stream breaks the model, so each block's inner conv is pruned
     # (its output channels feed only bn1 and conv2) — the stem, every block's conv2 and the classifier stay.
-    ignored = [m.conv1, m.linear] + [b.conv2 for layer in (m.layer1, m.layer2, m.layer3) for b in layer]
-    pr = tp.pruner.MetaPruner(m, torch.zeros(1, *INPUT), importance=tp.importance.MagnitudeImportance(p=1),
-                              pruning_ratio=ratio, ignored_layers=ignored, global_pruning=False)
+    ignored = [m.conv1, m.linear] + [
+        b.conv2 for layer in (m.layer1, m.layer2, m.layer3) for b in layer
+    ]
+    pr = tp.pruner.MetaPruner(
+        m,
+        torch.zeros(1, *INPUT),
+        importance=tp.importance.MagnitudeImportance(p=1),
+        pruning_ratio=ratio,
+        ignored_layers=ignored,
+        global_pruning=False,
+    )
     pr.step()
     return m
 
 
-def build_pruning(dense: nn.Module, x: float, dense_tp: int, tol: float) -> tuple[nn.Module, dict[str, Any]]:
+def build_pruning(
+    dense: nn.Module, x: float, dense_tp: int, tol: float
+) -> tuple[nn.Module, dict[str, Any]]:
     target = dense_tp / x
     cache: dict[float, int] = {}
 
@@ -348,12 +466,27 @@ def build_pruning(dense: nn.Module, x: float, dense_tp: int, tol: float) -> tupl
 
     r, v = bisect(macs_at, target, 0.0, 0.95, tol, increasing=False)
     m = _prune(dense, r)
-    chans = {n: mod.out_channels for n, mod in m.named_modules() if isinstance(mod, nn.Conv2d) and n.endswith(".conv1")}
-    return m, {"config": f"MetaPruner(MagnitudeImportance(p=1), pruning_ratio={r:.5f}, inner convs only)",
-               "pruning_ratio": r, "channels": chans, "bisection_tries": len(cache)}
+    chans = {
+        n: mod.out_channels
+        for n, mod in m.named_modules()
+        if isinstance(mod, nn.Conv2d) and n.endswith(".conv1")
+    }
+    return m, {
+        "config": f"MetaPruner(MagnitudeImportance(p=1), pruning_ratio={r:.5f}, inner convs only)",
+        "pruning_ratio": r,
+        "channels": chans,
+        "bisection_tries": len(cache),
+    }
 
 
-def arm_stage(arm: str, x: float | None, dense: nn.Module, a: argparse.Namespace, data: dict[str, Any], st: State) -> None:
+def arm_stage(
+    arm: str,
+    x: float | None,
+    dense: nn.Module,
+    a: argparse.Namespace,
+    data: dict[str, Any],
+    st: State,
+) -> None:
     from tensorcut.train import fit, recalibrate_bn
 
     key = "dense-ft" if arm == "dense-ft" else f"{arm}/x{x:g}"
@@ -379,137 +512,268 @@ def arm_stage(arm: str, x: float | None, dense: nn.Module, a: argparse.Namespace
     t_build = time.perf_counter() - t
     mt, pt = macs_tc(m)
     mp, pp = macs_tp(m)
-    log(f"{key}: built in {t_build:.0f} s; MACs x{d['macs_tc'] / mt:.3f} (tensorcut count), x{d['macs_tp'] / mp:.3f} "
-        f"(Torch-Pruning count); params {pt:,}")
+    log(
+        f"{key}: built in {t_build:.0f} s; MACs x{d['macs_tc'] / mt:.3f} (tensorcut count), x{d['macs_tp'] / mp:.3f} "
+        f"(Torch-Pruning count); params {pt:,}"
+    )
     raw = test_top1(m, data["test"]) if (a.raw_eval or arm == "dense-ft") else None
     if arm != "dense-ft":
         recalibrate_bn(m, data["calib"], "cpu")
         before = test_top1(m, data["test"])
     else:
         before = raw
-    log(f"{key}: test top-1 before fine-tuning " + (f"{raw['top1']:.4f}, " if raw else "")
-        + f"BN re-estimated: {before['top1']:.4f}")
+    log(
+        f"{key}: test top-1 before fine-tuning "
+        + (f"{raw['top1']:.4f}, " if raw else "")
+        + f"BN re-estimated: {before['top1']:.4f}"
+    )
     t_ft = time.perf_counter()
-    hist = fit(m, data["ft"], None, fit_config(a, a.ft_epochs, a.ft_lr, patience=None), device="cpu",
-               progress=False, distributed=False)
+    hist = fit(
+        m,
+        data["ft"],
+        None,
+        fit_config(a, a.ft_epochs, a.ft_lr, patience=None),
+        device="cpu",
+        progress=False,
+        distributed=False,
+    )
     t_ft = time.perf_counter() - t_ft
     after = test_top1(m, data["test"])
     lat = latency(dense, m, a) if a.latency_rounds > 0 else None
     n = after["n"]
-    st.put(key, {
-        "arm": arm, "x": x, **info, "macs_tc": mt, "macs_tp": mp, "params": pt, "params_tp": pp,
-        "mac_ratio_tc": d["macs_tc"] / mt, "mac_ratio_tp": d["macs_tp"] / mp, "param_ratio": d["params"] / pt,
-        "top1_raw": raw["top1"] if raw else None, "top1_before": before["top1"], "se_before": se(before["top1"], n),
-        "top1_after": after["top1"], "se_after": se(after["top1"], n), "loss_after": after["loss"], "n": n,
-        "history": hist, "latency": lat, "build_seconds": round(t_build, 1), "finetune_seconds": round(t_ft, 1),
-        "seconds": round(time.perf_counter() - t, 1),
-    })
-    log(f"{key}: top-1 {before['top1']:.4f} -> {after['top1']:.4f} (dense {d['top1']:.4f}) in "
-        f"{time.perf_counter() - t:.0f} s" + (f"; batch-32 latency x{lat['speedup']:.2f} vs dense" if lat else ""))
+    st.put(
+        key,
+        {
+            "arm": arm,
+            "x": x,
+            **info,
+            "macs_tc": mt,
+            "macs_tp": mp,
+            "params": pt,
+            "params_tp": pp,
+            "mac_ratio_tc": d["macs_tc"] / mt,
+            "mac_ratio_tp": d["macs_tp"] / mp,
+            "param_ratio": d["params"] / pt,
+            "top1_raw": raw["top1"] if raw else None,
+            "top1_before": before["top1"],
+            "se_before": se(before["top1"], n),
+            "top1_after": after["top1"],
+            "se_after": se(after["top1"], n),
+            "loss_after": after["loss"],
+            "n": n,
+            "history": hist,
+            "latency": lat,
+            "build_seconds": round(t_build, 1),
+            "finetune_seconds": round(t_ft, 1),
+            "seconds": round(time.perf_counter() - t, 1),
+        },
+    )
+    log(
+        f"{key}: top-1 {before['top1']:.4f} -> {after['top1']:.4f} (dense {d['top1']:.4f}) in "
+        f"{time.perf_counter() - t:.0f} s"
+        + (f"; batch-32 latency x{lat['speedup']:.2f} vs dense" if lat else "")
+    )
 
 
 # ----------------------------------------------------------------------------- report
 
-LABEL = {"tucker2": "tensorcut tucker2, MAC-budget allocation", "uniform": "tensorcut tucker2, uniform ranks",
-         "pruning": "Torch-Pruning L1 channel pruning", "minmax": "tensorcut tucker2, min-max error (one eps)",
-         "dense-ft": "dense + same fine-tuning (control)"}
+LABEL = {
+    "tucker2": "tensorcut tucker2, MAC-budget allocation",
+    "uniform": "tensorcut tucker2, uniform ranks",
+    "pruning": "Torch-Pruning L1 channel pruning",
+    "minmax": "tensorcut tucker2, min-max error (one eps)",
+    "dense-ft": "dense + same fine-tuning (control)",
+}
 
 
 def render(data: dict[str, Any]) -> str:
     s, E = data["settings"], data["entries"]
     L: list[str] = []
-    L.append("# tensorcut vs structured channel pruning at matched MACs (resnet20, Fashion-MNIST)\n")
-    L.append("Reproduce (from the repository root; resumable: a re-run skips finished arms, the dense model resumes "
-             "epoch by epoch; `--report` rewrites this file and the plot from the JSON):\n")
+    L.append(
+        "# tensorcut vs structured channel pruning at matched MACs (resnet20, Fashion-MNIST)\n"
+    )
+    L.append(
+        "Reproduce (from the repository root; resumable: a re-run skips finished arms, the dense model resumes "
+        "epoch by epoch; `--report` rewrites this file and the plot from the JSON):\n"
+    )
     cmds = [r["command"] for r in s.get("runs", [])] or [s["command"]]
     L.append("```\n" + "\n".join(dict.fromkeys(cmds)) + "\n```\n")
     if len(set(cmds)) > 1:
-        L.append("(one line per run that added arms to the state file; each run skips what is already there)\n")
+        L.append(
+            "(one line per run that added arms to the state file; each run skips what is already there)\n"
+        )
     m = s["machine"]
-    L.append(f"Machine: {m['cpu']}, {m['cpus']} CPUs shared with other jobs, {m['threads']} torch thread, nice "
-             f"{m['nice']}; torch {m['torch']}, torch-pruning {s.get('torch_pruning')}; checkout HEAD {m['git_commit']} "
-             f"(package code: see below); "
-             f"started {m['started']}; `uptime` at start: `{m['uptime_at_start']}`. Results: "
-             "`benchmarks/results/pruning_frontier.json`, plot `pruning_frontier.png`.\n")
+    L.append(
+        f"Machine: {m['cpu']}, {m['cpus']} CPUs shared with other jobs, {m['threads']} torch thread, nice "
+        f"{m['nice']}; torch {m['torch']}, torch-pruning {s.get('torch_pruning')}; checkout HEAD {m['git_commit']} "
+        f"(package code: see below); "
+        f"started {m['started']}; `uptime` at start: `{m['uptime_at_start']}`. Results: "
+        "`benchmarks/results/pruning_frontier.json`, plot `pruning_frontier.png`.\n"
+    )
     z = s["sizes"]
     L.append("## Setting and every reduction\n")
-    L.append(f"- Model: full-width `resnet20` (option-A shortcuts), 1-channel 28x28 input. Data: Fashion-MNIST, "
-             f"{z['train']:,} training images (the 60,000 minus a seeded {s['val_fraction']:.0%} validation split of "
-             f"{z['val']:,}), test on {z['test']:,} test images; BatchNorm re-estimation uses the first "
-             f"{z['calib']:,} validation images (never the test split).")
-    L.append(f"- Augmentation (training only, `tensorcut.data.ImageDataset`): random crop after reflect-padding by "
-             f"{s['pad']} pixels + horizontal flip, seeded.")
-    L.append(f"- **Dense training is short (the main reduction)**: {s['dense_epochs']} epochs of SGD (nesterov, momentum "
-             f"0.9, weight decay {s['weight_decay']:g}), lr {s['dense_lr']:g} with a cosine schedule to 0, batch "
-             f"{s['batch_size']}, best validation loss kept (patience {s['dense_patience']}). The issue asks for "
-             "convergence (a ResNet-20 reaches about 93-95 % on Fashion-MNIST after tens of epochs); the machine has 2 "
-             "CPU cores shared by ~6 engineers, 1 torch thread under `nice -n 19`, one epoch took the seconds listed "
-             "below, so the epoch count was chosen to let the whole benchmark finish in one working session.")
-    L.append(f"- **Fine-tuning is short**: every arm gets the same {s['ft_epochs']} epoch(s) over the same seeded "
-             f"subset of {z['finetune']:,} of the training images (same augmentation), the same recipe (SGD "
-             f"nesterov, momentum 0.9, weight decay {s['weight_decay']:g}, lr {s['ft_lr']:g} cosine to 0, batch "
-             f"{s['batch_size']}, same seed and data order); no early stopping at this length. The compressed arms "
-             "start from BatchNorm statistics re-estimated on the calibration images (all three, so the comparison "
-             "is like for like); the control starts from the dense weights.")
+    L.append(
+        f"- Model: full-width `resnet20` (option-A shortcuts), 1-channel 28x28 input. Data: Fashion-MNIST, "
+        f"{z['train']:,} training images (the 60,000 minus a seeded {s['val_fraction']:.0%} validation split of "
+        f"{z['val']:,}), test on {z['test']:,} test images; BatchNorm re-estimation uses the first "
+        f"{z['calib']:,} validation images (never the test split)."
+    )
+    L.append(
+        f"- Augmentation (training only, `tensorcut.data.ImageDataset`): random crop after reflect-padding by "
+        f"{s['pad']} pixels + horizontal flip, seeded."
+    )
+    L.append(
+        f"- **Dense training is short (the main reduction)**: {s['dense_epochs']} epochs of SGD (nesterov, momentum "
+        f"0.9, weight decay {s['weight_decay']:g}), lr {s['dense_lr']:g} with a cosine schedule to 0, batch "
+        f"{s['batch_size']}, best validation loss kept (patience {s['dense_patience']}). The issue asks for "
+        "convergence (a ResNet-20 reaches about 93-95 % on Fashion-MNIST after tens of epochs); the machine has 2 "
+        "CPU cores shared by ~6 engineers, 1 torch thread under `nice -n 19`, one epoch took the seconds listed "
+        "below, so the epoch count was chosen to let the whole benchmark finish in one working session."
+    )
+    L.append(
+        f"- **Fine-tuning is short**: every arm gets the same {s['ft_epochs']} epoch(s) over the same seeded "
+        f"subset of {z['finetune']:,} of the training images (same augmentation), the same recipe (SGD "
+        f"nesterov, momentum 0.9, weight decay {s['weight_decay']:g}, lr {s['ft_lr']:g} cosine to 0, batch "
+        f"{s['batch_size']}, same seed and data order); no early stopping at this length. The compressed arms "
+        "start from BatchNorm statistics re-estimated on the calibration images (all three, so the comparison "
+        "is like for like); the control starts from the dense weights."
+    )
     if s.get("package"):
-        L.append(f"- Package code: {s['package']} (other engineers were editing the shared checkout during the run, "
-                 "so the run imported a frozen copy of the committed package).")
-    L.append(f"- MAC budgets tried, in this order: {', '.join('x' + format(b, 'g') for b in s['budgets'])}. "
-             + ("Arm (c) of the issue is run as `minmax`: one relative-error bound `eps` for every layer (the `eps` "
-                "rank rule), bisected to the smallest that fits the MAC budget — the allocation that minimises the "
-                "largest per-layer relative kernel error (ALDS-style; no per-layer method choice). "
-                if "minmax" in s.get("arms", []) else "Arm (c) of the issue (min-max error allocation) is not run. ")
-             + "resnet56 and CIFAR-10 are not run.")
-    L.append("- Pruning: Torch-Pruning cannot trace option-A shortcuts (strided subsample + zero-padding of "
-             "channels) as a channel coupling — pruning the residual stream produced a model whose classifier input "
-             "no longer matched — so the pruning arm prunes each residual block's *inner* convolution (conv1's "
-             "output channels, with bn1 and conv2's inputs), uniform ratio across blocks, L1 norm of the filters "
-             "(`MagnitudeImportance(p=1)`); stem, conv2s and classifier are kept. This is the standard way to prune "
-             "option-A CIFAR ResNets (Li et al., \"Pruning Filters for Efficient ConvNets\").")
-    L.append("- MAC matching: the tensorcut arms are matched on tensorcut's count of the whole model (conv + linear "
-             "MACs, `Plan.totals()['model_macs_after']` = `summarize`): the tucker2 arm gets the absolute whole-model "
-             "budget `M/x` (a budget >= 1 is an absolute count, so the kept-dense stem is accounted for; `budget=1/x` "
-             "would be 1/x of the selected layers only); the uniform arm's ratio rule is bisected. The pruning arm "
-             f"is matched on Torch-Pruning's count (`count_ops_and_params`, within {s['mac_tol']:.0%}). Both counts are "
-             "reported for every arm; the ratio columns are dense / arm by the same counter. **The tensorcut count "
-             "(`ratio (tc)`) is the one to compare arms by**: it agrees with Torch-Pruning's within about 1 % on the "
-             "pruned models (which hold only plain convolutions), while Torch-Pruning's hooks miss the 1x1 factor "
-             "convolutions that tensorcut runs as one matrix product (GEMM), not as an `nn.Conv2d` call, and so "
-             "over-state the factorized models' reduction (`ratio (tp)` of the tucker2/uniform rows).")
-    L.append("- The standard error is sqrt(p(1-p)/n) over the n test images; differences within about 2 SE of each "
-             "other are not distinguishable by this single-seed run.")
-    L.append("- Latency: median batch-32 forward time on 1 CPU thread, timed round-robin with the dense model in the "
-             "same process right after the arm finished (so both see the same background load); "
-             "speed-up = dense / arm. Measured on a loaded shared CPU: indicative only.\n")
+        L.append(
+            f"- Package code: {s['package']} (other engineers were editing the shared checkout during the run, "
+            "so the run imported a frozen copy of the committed package)."
+        )
+    L.append(
+        f"- MAC budgets tried, in this order: {', '.join('x' + format(b, 'g') for b in s['budgets'])}. "
+        + (
+            "Arm (c) of the issue is run as `minmax`: one relative-error bound `eps` for every layer (the `eps` "
+            "rank rule), bisected to the smallest that fits the MAC budget — the allocation that minimises the "
+            "largest per-layer relative kernel error (ALDS-style; no per-layer method choice). "
+            if "minmax" in s.get("arms", [])
+            else "Arm (c) of the issue (min-max error allocation) is not run. "
+        )
+        + "resnet56 and CIFAR-10 are not run."
+    )
+    L.append(
+        "- Pruning: Torch-Pruning cannot trace option-A shortcuts (strided subsample + zero-padding of "
+        "channels) as a channel coupling — pruning the residual stream produced a model whose classifier input "
+        "no longer matched — so the pruning arm prunes each residual block's *inner* convolution (conv1's "
+        "output channels, with bn1 and conv2's inputs), uniform ratio across blocks, L1 norm of the filters "
+        "(`MagnitudeImportance(p=1)`); stem, conv2s and classifier are kept. This is the standard way to prune "
+        'option-A CIFAR ResNets (Li et al., "Pruning Filters for Efficient ConvNets").'
+    )
+    L.append(
+        "- MAC matching: the tensorcut arms are matched on tensorcut's count of the whole model (conv + linear "
+        "MACs, `Plan.totals()['model_macs_after']` = `summarize`): the tucker2 arm gets the absolute whole-model "
+        "budget `M/x` (a budget >= 1 is an absolute count, so the kept-dense stem is accounted for; `budget=1/x` "
+        "would be 1/x of the selected layers only); the uniform arm's ratio rule is bisected. The pruning arm "
+        f"is matched on Torch-Pruning's count (`count_ops_and_params`, within {s['mac_tol']:.0%}). Both counts are "
+        "reported for every arm; the ratio columns are dense / arm by the same counter. **The tensorcut count "
+        "(`ratio (tc)`) is the one to compare arms by**: it agrees with Torch-Pruning's within about 1 % on the "
+        "pruned models (which hold only plain convolutions), while Torch-Pruning's hooks miss the 1x1 factor "
+        "convolutions that tensorcut runs as one matrix product (GEMM), not as an `nn.Conv2d` call, and so "
+        "over-state the factorized models' reduction (`ratio (tp)` of the tucker2/uniform rows)."
+    )
+    L.append(
+        "- The standard error is sqrt(p(1-p)/n) over the n test images; differences within about 2 SE of each "
+        "other are not distinguishable by this single-seed run."
+    )
+    L.append(
+        "- Latency: median batch-32 forward time on 1 CPU thread, timed round-robin with the dense model in the "
+        "same process right after the arm finished (so both see the same background load); "
+        "speed-up = dense / arm. Measured on a loaded shared CPU: indicative only.\n"
+    )
     if "dense" not in E:
         L.append("_The dense model has not finished yet._\n")
         return "\n".join(L)
     d = E["dense"]
     ep = [h["seconds"] for h in d.get("history") or []]
-    L.append(f"Dense: test top-1 **{d['top1']:.4f}** ± {d['se']:.4f} after {d['epochs']} epochs "
-             + (f"({sum(ep) / len(ep):.0f} s per epoch on average, {d['seconds'] / 60:.0f} min in all), " if ep else "")
-             + f"{d['params']:,} parameters, {d['macs_tc']:,} MACs (tensorcut count), {d['macs_tp']:,} (Torch-Pruning "
-             "count).\n")
-    head = ["budget", "arm", "MACs (tc)", "ratio (tc)", "MACs (tp)", "ratio (tp)", "params", "top-1 raw",
-            "top-1 before FT (BN re-est.)", "top-1 after FT", "vs control", "batch-32 speed-up", "how"]
+    L.append(
+        f"Dense: test top-1 **{d['top1']:.4f}** ± {d['se']:.4f} after {d['epochs']} epochs "
+        + (
+            f"({sum(ep) / len(ep):.0f} s per epoch on average, {d['seconds'] / 60:.0f} min in all), "
+            if ep
+            else ""
+        )
+        + f"{d['params']:,} parameters, {d['macs_tc']:,} MACs (tensorcut count), {d['macs_tp']:,} (Torch-Pruning "
+        "count).\n"
+    )
+    head = [
+        "budget",
+        "arm",
+        "MACs (tc)",
+        "ratio (tc)",
+        "MACs (tp)",
+        "ratio (tp)",
+        "params",
+        "top-1 raw",
+        "top-1 before FT (BN re-est.)",
+        "top-1 after FT",
+        "vs control",
+        "batch-32 speed-up",
+        "how",
+    ]
     rows = []
     ctl = E.get("dense-ft")
     if ctl:
-        rows.append(["-", "dense", f"{d['macs_tc']:,}", "1.00", f"{d['macs_tp']:,}", "1.00", f"{d['params']:,}", "-",
-                     f"{d['top1']:.4f} ± {d['se']:.4f}", f"{ctl['top1_after']:.4f} ± {ctl['se_after']:.4f}", "0",
-                     "1.00", "dense + same FT (control)"])
+        rows.append(
+            [
+                "-",
+                "dense",
+                f"{d['macs_tc']:,}",
+                "1.00",
+                f"{d['macs_tp']:,}",
+                "1.00",
+                f"{d['params']:,}",
+                "-",
+                f"{d['top1']:.4f} ± {d['se']:.4f}",
+                f"{ctl['top1_after']:.4f} ± {ctl['se_after']:.4f}",
+                "0",
+                "1.00",
+                "dense + same FT (control)",
+            ]
+        )
     for x in sorted(s["budgets"]):
         for arm in ARMS:
             e = E.get(f"{arm}/x{x:g}")
             if not e:
-                rows.append([f"x{x:g}", arm, "-", "-", "-", "-", "-", "-", "-", "not run (time)", "-", "-", LABEL[arm]])
+                rows.append(
+                    [
+                        f"x{x:g}",
+                        arm,
+                        "-",
+                        "-",
+                        "-",
+                        "-",
+                        "-",
+                        "-",
+                        "-",
+                        "not run (time)",
+                        "-",
+                        "-",
+                        LABEL[arm],
+                    ]
+                )
                 continue
             vs = f"{(e['top1_after'] - ctl['top1_after']) * 100:+.2f} pt" if ctl else "-"
             lat = e.get("latency")
-            rows.append([f"x{x:g}", arm, f"{e['macs_tc']:,}", f"{e['mac_ratio_tc']:.2f}", f"{e['macs_tp']:,}",
-                         f"{e['mac_ratio_tp']:.2f}", f"{e['params']:,}", f"{e['top1_raw']:.4f}" if e.get("top1_raw") is not None else "-",
-                         f"{e['top1_before']:.4f} ± {e['se_before']:.4f}", f"**{e['top1_after']:.4f}** ± {e['se_after']:.4f}",
-                         vs, f"{lat['speedup']:.2f}" if lat else "-", e["config"]])
+            rows.append(
+                [
+                    f"x{x:g}",
+                    arm,
+                    f"{e['macs_tc']:,}",
+                    f"{e['mac_ratio_tc']:.2f}",
+                    f"{e['macs_tp']:,}",
+                    f"{e['mac_ratio_tp']:.2f}",
+                    f"{e['params']:,}",
+                    f"{e['top1_raw']:.4f}" if e.get("top1_raw") is not None else "-",
+                    f"{e['top1_before']:.4f} ± {e['se_before']:.4f}",
+                    f"**{e['top1_after']:.4f}** ± {e['se_after']:.4f}",
+                    vs,
+                    f"{lat['speedup']:.2f}" if lat else "-",
+                    e["config"],
+                ]
+            )
     L.append("## Results\n")
     L.append(common.md_table(head, rows) + "\n")
     L.append("## Who wins at each budget\n")
@@ -523,19 +787,27 @@ def render(data: dict[str, Any]) -> str:
         for arm, e in got.items():
             diff = (e["top1_after"] - best["top1_after"]) * 100
             z2 = math.hypot(e["se_after"], best["se_after"]) * 100
-            parts.append(f"{arm} {e['top1_after']:.4f}" + ("" if e is best else f" ({diff:+.2f} pt, SE of the "
-                                                                                f"difference {z2:.2f} pt)"))
+            parts.append(
+                f"{arm} {e['top1_after']:.4f}"
+                + ("" if e is best else f" ({diff:+.2f} pt, SE of the difference {z2:.2f} pt)")
+            )
         missing = [arm for arm in ARMS if arm not in got]
-        L.append(f"- x{x:g}: best after fine-tuning **{best['arm']}**; " + "; ".join(parts)
-                 + (f"; not run: {', '.join(missing)} (time)" if missing else "") + ".")
+        L.append(
+            f"- x{x:g}: best after fine-tuning **{best['arm']}**; "
+            + "; ".join(parts)
+            + (f"; not run: {', '.join(missing)} (time)" if missing else "")
+            + "."
+        )
     L.append("")
     notes = data.get("notes")
     if notes:
         L.append("## Notes\n")
         L += [f"- {n}" for n in notes]
         L.append("")
-    L.append("Per-arm details (ranks chosen per layer, pruned channel counts, fine-tuning history, seconds) are in "
-             "the JSON.\n")
+    L.append(
+        "Per-arm details (ranks chosen per layer, pruned channel counts, fine-tuning history, seconds) are in "
+        "the JSON.\n"
+    )
     return "\n".join(L)
 
 
@@ -550,33 +822,77 @@ def plot(data: dict[str, Any], path: Path) -> None:
         return
     d = E["dense"]
     has_lat = any((e.get("latency") for k, e in E.items() if k != "dense"))
-    fig, axes = plt.subplots(1, 2 if has_lat else 1, figsize=(11 if has_lat else 6, 4.2), squeeze=False)
-    style = {"tucker2": ("o", "C0"), "uniform": ("s", "C2"), "pruning": ("^", "C3"), "minmax": ("D", "C1")}
+    fig, axes = plt.subplots(
+        1, 2 if has_lat else 1, figsize=(11 if has_lat else 6, 4.2), squeeze=False
+    )
+    style = {
+        "tucker2": ("o", "C0"),
+        "uniform": ("s", "C2"),
+        "pruning": ("^", "C3"),
+        "minmax": ("D", "C1"),
+    }
     for j, ax in enumerate(axes[0]):
         for arm in ARMS:
-            es = sorted((e for k, e in E.items() if k.startswith(arm + "/")), key=lambda e: e["macs_tc"])
+            es = sorted(
+                (e for k, e in E.items() if k.startswith(arm + "/")), key=lambda e: e["macs_tc"]
+            )
             if j == 1:
                 es = [e for e in es if e.get("latency")]
             if not es:
                 continue
-            xs = [e["macs_tc"] / 1e6 for e in es] if j == 0 else [1.0 / e["latency"]["speedup"] for e in es]
+            xs = (
+                [e["macs_tc"] / 1e6 for e in es]
+                if j == 0
+                else [1.0 / e["latency"]["speedup"] for e in es]
+            )
             mk, c = style[arm]
-            ax.errorbar(xs, [e["top1_after"] * 100 for e in es], yerr=[e["se_after"] * 100 for e in es], marker=mk,
-                        color=c, capsize=3, label=LABEL[arm] + " (after FT)")
-            ax.scatter(xs, [e["top1_before"] * 100 for e in es], marker=mk, facecolors="none", edgecolors=c, alpha=0.6)
+            ax.errorbar(
+                xs,
+                [e["top1_after"] * 100 for e in es],
+                yerr=[e["se_after"] * 100 for e in es],
+                marker=mk,
+                color=c,
+                capsize=3,
+                label=LABEL[arm] + " (after FT)",
+            )
+            ax.scatter(
+                xs,
+                [e["top1_before"] * 100 for e in es],
+                marker=mk,
+                facecolors="none",
+                edgecolors=c,
+                alpha=0.6,
+            )
         xd = d["macs_tc"] / 1e6 if j == 0 else 1.0
-        ax.errorbar([xd], [d["top1"] * 100], yerr=[d["se"] * 100], marker="*", color="k", ms=10, capsize=3,
-                    label="dense", linestyle="none")
+        ax.errorbar(
+            [xd],
+            [d["top1"] * 100],
+            yerr=[d["se"] * 100],
+            marker="*",
+            color="k",
+            ms=10,
+            capsize=3,
+            label="dense",
+            linestyle="none",
+        )
         if "dense-ft" in E:
             c = E["dense-ft"]
-            ax.axhline(c["top1_after"] * 100, color="k", ls=":", lw=1, label="dense + same FT (control)")
-        ax.set_xlabel("MACs per image (millions, tensorcut count)" if j == 0 else "batch-32 CPU latency / dense latency")
+            ax.axhline(
+                c["top1_after"] * 100, color="k", ls=":", lw=1, label="dense + same FT (control)"
+            )
+        ax.set_xlabel(
+            "MACs per image (millions, tensorcut count)"
+            if j == 0
+            else "batch-32 CPU latency / dense latency"
+        )
         ax.set_ylabel("test top-1 (%)")
         lo = min([e["top1_after"] for k, e in E.items() if "top1_after" in e] + [d["top1"]]) * 100
         ax.set_ylim(max(0, lo - 3), min(100, d["top1"] * 100 + 2))
         ax.grid(alpha=0.3)
-    axes[0][0].set_title("resnet20 / Fashion-MNIST: accuracy vs MACs\n(hollow: before fine-tuning, off-scale when low)",
-                         fontsize=9)
+    axes[0][0].set_title(
+        "resnet20 / Fashion-MNIST: accuracy vs MACs\n(hollow: before fine-tuning, off-scale when low)",
+        fontsize=9,
+    )
     axes[0][0].legend(fontsize=7, loc="lower right")
     if has_lat:
         axes[0][1].set_title("accuracy vs measured latency (1 thread, shared CPU)", fontsize=9)
@@ -609,27 +925,58 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dense-patience", type=int, default=3)
     ap.add_argument("--ft-epochs", type=int, default=1)
     ap.add_argument("--ft-lr", type=float, default=0.01)
-    ap.add_argument("--ft-subset", type=int, default=10000,
-                    help="fine-tune every arm on this seeded subset of the training split (0: all of it)")
-    ap.add_argument("--raw-eval", action="store_true", help="also test top-1 right after compression, before BN re-estimation")
+    ap.add_argument(
+        "--ft-subset",
+        type=int,
+        default=10000,
+        help="fine-tune every arm on this seeded subset of the training split (0: all of it)",
+    )
+    ap.add_argument(
+        "--raw-eval",
+        action="store_true",
+        help="also test top-1 right after compression, before BN re-estimation",
+    )
     ap.add_argument("--weight-decay", type=float, default=5e-4)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--pad", type=int, default=2)
     ap.add_argument("--budgets", type=float, nargs="+", default=[2.0, 4.0, 3.0])
-    ap.add_argument("--arms", nargs="+", default=list(ARMS[:3]), choices=list(ARMS),
-                    help="minmax (arm c) was added after the first run: pass it explicitly")
+    ap.add_argument(
+        "--arms",
+        nargs="+",
+        default=list(ARMS[:3]),
+        choices=list(ARMS),
+        help="minmax (arm c) was added after the first run: pass it explicitly",
+    )
     ap.add_argument("--mac-tol", type=float, default=0.02)
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--calib-images", type=int, default=2048)
-    ap.add_argument("--train-subset", type=int, default=None, help="a seeded subset of the training split (smoke tests)")
-    ap.add_argument("--test-subset", type=int, default=None, help="a seeded subset of the test split (smoke tests)")
+    ap.add_argument(
+        "--train-subset",
+        type=int,
+        default=None,
+        help="a seeded subset of the training split (smoke tests)",
+    )
+    ap.add_argument(
+        "--test-subset",
+        type=int,
+        default=None,
+        help="a seeded subset of the test split (smoke tests)",
+    )
     ap.add_argument("--latency-rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--state", type=Path, default=STATE, help="results/state JSON (default %(default)s)")
-    ap.add_argument("--work", type=Path, default=WORK, help="dense checkpoint folder (default %(default)s)")
-    ap.add_argument("--report", action="store_true", help="only rewrite the markdown and plot from the state file")
+    ap.add_argument(
+        "--state", type=Path, default=STATE, help="results/state JSON (default %(default)s)"
+    )
+    ap.add_argument(
+        "--work", type=Path, default=WORK, help="dense checkpoint folder (default %(default)s)"
+    )
+    ap.add_argument(
+        "--report",
+        action="store_true",
+        help="only rewrite the markdown and plot from the state file",
+    )
     a = ap.parse_args(argv)
     WORK = a.work
     OUT = a.state.with_suffix("")
@@ -645,10 +992,19 @@ def main(argv: list[str] | None = None) -> int:
     import tensorcut
 
     data = make_data(a)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k not in ("report", "state", "work")}
-    settings.update(command=common.command_line(), machine=common.machine_info(a.threads), started=time.strftime("%H:%M:%S"),
-                    sizes=data["sizes"], torch_pruning=tp.__version__,
-                    package=os.environ.get("PF_CODE_NOTE") or str(Path(tensorcut.__file__).parent))
+    settings = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in vars(a).items()
+        if k not in ("report", "state", "work")
+    }
+    settings.update(
+        command=common.command_line(),
+        machine=common.machine_info(a.threads),
+        started=time.strftime("%H:%M:%S"),
+        sizes=data["sizes"],
+        torch_pruning=tp.__version__,
+        package=os.environ.get("PF_CODE_NOTE") or str(Path(tensorcut.__file__).parent),
+    )
     st = State(a.state, settings)
     st.save()
     log(f"data {data['sizes']}; state {a.state}")

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import cpu_model  # benchmarks/common.py (the script's own folder)
 from torch import nn
 
 from tensorcut import data as tdata
@@ -50,7 +51,6 @@ from tensorcut import io as tio
 from tensorcut import models
 from tensorcut.compress import CompressConfig, LayerPlan, Plan, apply, plan
 from tensorcut.decompose.tr import tr_params, tr_to_tensor
-from common import cpu_model  # benchmarks/common.py (the script's own folder)
 from tensorcut.layers.base import ConvGeometry
 from tensorcut.layers.tr import TRConv2d
 from tensorcut.train.loop import FitConfig, evaluate, fit, set_seed
@@ -59,7 +59,11 @@ from tensorcut.workflow import RSDTR_RECIPE
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 BASELINES = ("tensorly", "cp", "tucker2", "tt")
-TOP1_MARGIN, FCR_MARGIN, ERR_MARGIN = 0.01, 0.02, 0.01  # differences below these are reported as noise
+TOP1_MARGIN, FCR_MARGIN, ERR_MARGIN = (
+    0.01,
+    0.02,
+    0.01,
+)  # differences below these are reported as noise
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -73,28 +77,64 @@ def _eval(model: nn.Module, loader: Any) -> float:
     return float(evaluate(model, loader, "cpu", distributed=False)["top1"])
 
 
-def _dense_checkpoint(args: argparse.Namespace, name: str, width: float, train_ds: Any, test_loader: Any) -> tuple[nn.Module, dict[str, Any]]:
+def _dense_checkpoint(
+    args: argparse.Namespace, name: str, width: float, train_ds: Any, test_loader: Any
+) -> tuple[nn.Module, dict[str, Any]]:
     """Train (or reuse) the dense model; returns it and its row."""
-    d = ROOT / "runs" / "bench_rsdtr" / (f"{name}_w{width}_n{args.train_subset}_e{args.epochs}_b{args.batch_size}"
-                                         f"_lr{args.lr}_wd{args.weight_decay}_s{args.seed}")
+    d = (
+        ROOT
+        / "runs"
+        / "bench_rsdtr"
+        / (
+            f"{name}_w{width}_n{args.train_subset}_e{args.epochs}_b{args.batch_size}"
+            f"_lr{args.lr}_wd{args.weight_decay}_s{args.seed}"
+        )
+    )
     info = tdata.dataset_info(args.dataset)
-    kwargs = {"num_classes": info.num_classes, "in_channels": info.in_channels, "width": width, "input_size": info.image_size}
+    kwargs = {
+        "num_classes": info.num_classes,
+        "in_channels": info.in_channels,
+        "width": width,
+        "input_size": info.image_size,
+    }
     if (d / tio.META).exists() and json.loads((d / tio.META).read_text()).get("bench_done"):
         ck = tio.load_checkpoint(d)
         return ck.model, ck.meta["bench_row"]
-    cfg = FitConfig(epochs=args.epochs, optimizer="sgd", lr=args.lr, momentum=0.9, weight_decay=args.weight_decay,
-                    scheduler="onecycle", seed=args.seed)
+    cfg = FitConfig(
+        epochs=args.epochs,
+        optimizer="sgd",
+        lr=args.lr,
+        momentum=0.9,
+        weight_decay=args.weight_decay,
+        scheduler="onecycle",
+        seed=args.seed,
+    )
     set_seed(args.seed)
     model = models.create(name, **kwargs)
     t0 = time.perf_counter()
-    fit(model, tdata.make_loader(train_ds, args.batch_size, shuffle=True, seed=args.seed), None, cfg, device="cpu",
-        progress=False, distributed=False)
+    fit(
+        model,
+        tdata.make_loader(train_ds, args.batch_size, shuffle=True, seed=args.seed),
+        None,
+        cfg,
+        device="cpu",
+        progress=False,
+        distributed=False,
+    )
     secs = time.perf_counter() - t0
     model.eval()
-    row = {"top1": _eval(model, test_loader), "train_seconds": secs,
-           "params": sum(p.numel() for p in model.parameters())}
-    meta = {"model": {"name": name, "kwargs": kwargs}, "dataset": {"name": args.dataset, "seed": args.seed},
-            "recipe": dataclasses.asdict(cfg), "bench_row": row, "bench_done": True}
+    row = {
+        "top1": _eval(model, test_loader),
+        "train_seconds": secs,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    meta = {
+        "model": {"name": name, "kwargs": kwargs},
+        "dataset": {"name": args.dataset, "seed": args.seed},
+        "recipe": dataclasses.asdict(cfg),
+        "bench_row": row,
+        "bench_done": True,
+    }
     tio.save(model, d, meta)
     return model, row
 
@@ -103,17 +143,23 @@ def _totals_row(p: Plan, dense: nn.Module) -> dict[str, Any]:
     t = p.totals()
     errs = [l.error for l in p.layers if l.status == "factorize" and l.error is not None]
     # relative error of all the selected kernels together (a layer kept dense contributes 0)
-    norms = {l.name: float(dense.get_submodule(l.name).weight.detach().double().norm()) for l in p.layers}
+    norms = {
+        l.name: float(dense.get_submodule(l.name).weight.detach().double().norm()) for l in p.layers
+    }
     num = sum(((l.error or 0.0) * norms[l.name]) ** 2 for l in p.layers if l.status == "factorize")
     den = sum(v * v for v in norms.values())
     return {
         "err_total": math.sqrt(num / den) if den else 0.0,
-        "pcr_conv": t["conv_ratio"], "fcr_conv": t["conv_mac_ratio"],
-        "pcr_model": t["model_ratio"], "fcr_model": t["model_mac_ratio"],
+        "pcr_conv": t["conv_ratio"],
+        "fcr_conv": t["conv_mac_ratio"],
+        "pcr_model": t["model_ratio"],
+        "fcr_model": t["model_mac_ratio"],
         "conv_params": [t["conv_params_before"], t["conv_params_after"]],
         "conv_macs": [t["conv_macs_before"], t["conv_macs_after"]],
-        "factorized": t["factorized_layers"], "dense": t["dense_layers"],
-        "err_mean": sum(errs) / len(errs) if errs else 0.0, "err_max": max(errs) if errs else 0.0,
+        "factorized": t["factorized_layers"],
+        "dense": t["dense_layers"],
+        "err_mean": sum(errs) / len(errs) if errs else 0.0,
+        "err_max": max(errs) if errs else 0.0,
     }
 
 
@@ -148,7 +194,9 @@ def _tensorly_model(dense: nn.Module, rs_plan: Plan) -> tuple[nn.Module, Plan, f
         if e.status == "factorize":
             conv = model.get_submodule(e.name)
             shape = tuple(conv.weight.shape)
-            ranks = _tensorly_ranks(shape, e.params_after - (shape[0] if conv.bias is not None else 0))
+            ranks = _tensorly_ranks(
+                shape, e.params_after - (shape[0] if conv.bias is not None else 0)
+            )
             if ranks is None:
                 e.status, e.reason = "dense", "no tensorly ring fits RSDTR's size"
             else:
@@ -170,18 +218,32 @@ def _tensorly_model(dense: nn.Module, rs_plan: Plan) -> tuple[nn.Module, Plan, f
                 e.macs_after = TRConv2d.predicted_macs(geom, got, tuple(e.input_hw))
                 e.error = float((tr_to_tensor(cores) - w).norm() / w.norm())
         layers.append(e)
-    p = Plan(config={"method": "tensorly-tr"}, layers=layers, input_shape=rs_plan.input_shape,
-             model_params=rs_plan.model_params, model_macs=rs_plan.model_macs)
+    p = Plan(
+        config={"method": "tensorly-tr"},
+        layers=layers,
+        input_shape=rs_plan.input_shape,
+        model_params=rs_plan.model_params,
+        model_macs=rs_plan.model_macs,
+    )
     return model, p, secs
 
 
-def _finetune(model: nn.Module, ft_ds: Any, test_loader: Any, args: argparse.Namespace) -> dict[str, Any]:
+def _finetune(
+    model: nn.Module, ft_ds: Any, test_loader: Any, args: argparse.Namespace
+) -> dict[str, Any]:
     cfg = dataclasses.replace(RSDTR_RECIPE, epochs=args.ft_epochs, seed=args.seed)
     if args.ft_lr is not None:
         cfg = dataclasses.replace(cfg, lr=args.ft_lr)
     t0 = time.perf_counter()
-    fit(model, tdata.make_loader(ft_ds, args.ft_batch_size, shuffle=True, seed=args.seed), None, cfg, device="cpu",
-        progress=False, distributed=False)
+    fit(
+        model,
+        tdata.make_loader(ft_ds, args.ft_batch_size, shuffle=True, seed=args.seed),
+        None,
+        cfg,
+        device="cpu",
+        progress=False,
+        distributed=False,
+    )
     secs = time.perf_counter() - t0
     model.eval()
     return {"top1_ft": _eval(model, test_loader), "ft_seconds": secs}
@@ -223,8 +285,14 @@ def _advantages(w: dict[str, Any], l: dict[str, Any]) -> list[str]:
     """Where row ``w`` beats row ``l`` by more than the report's margins."""
     notes = []
     if w["top1_compressed"] >= l["top1_compressed"] + TOP1_MARGIN:
-        notes.append(f"top-1 after compression {w['top1_compressed']:.4f} vs {l['top1_compressed']:.4f}")
-    if w.get("top1_ft") is not None and l.get("top1_ft") is not None and w["top1_ft"] >= l["top1_ft"] + TOP1_MARGIN:
+        notes.append(
+            f"top-1 after compression {w['top1_compressed']:.4f} vs {l['top1_compressed']:.4f}"
+        )
+    if (
+        w.get("top1_ft") is not None
+        and l.get("top1_ft") is not None
+        and w["top1_ft"] >= l["top1_ft"] + TOP1_MARGIN
+    ):
         notes.append(f"top-1 after fine-tuning {w['top1_ft']:.4f} vs {l['top1_ft']:.4f}")
     if w["err_total"] < l["err_total"] - ERR_MARGIN:
         notes.append(f"kernel error (all layers) {w['err_total']:.3f} vs {l['err_total']:.3f}")
@@ -274,44 +342,58 @@ def write_report(report: dict[str, Any], out: Path) -> None:
         dense = m.get("dense")
         if not dense:
             continue
-        lines += [f"## {name} (width x{cfg['widths'][name]}): dense top-1 {dense['top1']:.4f}, "
-                  f"{dense['params']:,} parameters, trained in {dense['train_seconds']:.0f} s", "",
-                  "| eps | method | conv PCR | conv FCR | model PCR | model FCR | layers fact./dense | err all | err mean / max | "
-                  "top-1 dense | top-1 compressed | top-1 fine-tuned | compress s | fine-tune s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {name} (width x{cfg['widths'][name]}): dense top-1 {dense['top1']:.4f}, "
+            f"{dense['params']:,} parameters, trained in {dense['train_seconds']:.0f} s",
+            "",
+            "| eps | method | conv PCR | conv FCR | model PCR | model FCR | layers fact./dense | err all | err mean / max | "
+            "top-1 dense | top-1 compressed | top-1 fine-tuned | compress s | fine-tune s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for eps in cfg["eps"]:
             for meth in ("rsdtr", *BASELINES):
                 r = m["rows"].get(f"{meth}@{eps}")
                 if not r:
                     continue
                 if meth == "rsdtr" and r["factorized"] == 0:
-                    lines.append(f"| {eps} | rsdtr | 1.00 | 1.00 | 1.00 | 1.00 | 0/{r['dense']} | — | — | {dense['top1']:.4f} | "
-                                 f"{r['top1_compressed']:.4f} | {_fmt(r.get('top1_ft'))} | {r['compress_seconds']:.1f} | "
-                                 f"{_fmt(r.get('ft_seconds'), '.0f')} |")
-                    lines.append(f"| {eps} | (baselines) | every ring would be larger than its kernel: all layers stay "
-                                 "dense, nothing to match | | | | | | | | | | | |")
+                    lines.append(
+                        f"| {eps} | rsdtr | 1.00 | 1.00 | 1.00 | 1.00 | 0/{r['dense']} | — | — | {dense['top1']:.4f} | "
+                        f"{r['top1_compressed']:.4f} | {_fmt(r.get('top1_ft'))} | {r['compress_seconds']:.1f} | "
+                        f"{_fmt(r.get('ft_seconds'), '.0f')} |"
+                    )
+                    lines.append(
+                        f"| {eps} | (baselines) | every ring would be larger than its kernel: all layers stay "
+                        "dense, nothing to match | | | | | | | | | | | |"
+                    )
                     continue
                 lines.append(
                     f"| {eps} | {meth} | {r['pcr_conv']:.2f} | {r['fcr_conv']:.2f} | {r['pcr_model']:.2f} | "
                     f"{r['fcr_model']:.2f} | {r['factorized']}/{r['dense']} | {r['err_total']:.3f} | "
                     f"{r['err_mean']:.3f} / {r['err_max']:.3f} | "
                     f"{dense['top1']:.4f} | {r['top1_compressed']:.4f} | {_fmt(r.get('top1_ft'))} | "
-                    f"{r['compress_seconds']:.1f} | {_fmt(r.get('ft_seconds'), '.0f')} |")
+                    f"{r['compress_seconds']:.1f} | {_fmt(r.get('ft_seconds'), '.0f')} |"
+                )
         lines.append("")
     n_test = cfg["test_subset"]
-    lines += ["## Where RSDTR loses (computed from the rows above)", "",
-              f"Listed when a baseline beats RSDTR by at least: top-1 {TOP1_MARGIN:.0%} (binomial standard error on "
-              f"{n_test} test images: {math.sqrt(0.85 * 0.15 / n_test):.1%} at 85% accuracy, "
-              f"{math.sqrt(0.25 / n_test):.1%} at 50%; all methods share the test images, so paired differences are "
-              f"less noisy), FCR {FCR_MARGIN:.0%}, kernel error {ERR_MARGIN}. Baselines sit at equal or *higher* PCR "
-              f"than RSDTR (their ranks are rounded down; up to {_overshoot(report):.0%} higher here), which "
-              "favours RSDTR slightly.", ""]
+    lines += [
+        "## Where RSDTR loses (computed from the rows above)",
+        "",
+        f"Listed when a baseline beats RSDTR by at least: top-1 {TOP1_MARGIN:.0%} (binomial standard error on "
+        f"{n_test} test images: {math.sqrt(0.85 * 0.15 / n_test):.1%} at 85% accuracy, "
+        f"{math.sqrt(0.25 / n_test):.1%} at 50%; all methods share the test images, so paired differences are "
+        f"less noisy), FCR {FCR_MARGIN:.0%}, kernel error {ERR_MARGIN}. Baselines sit at equal or *higher* PCR "
+        f"than RSDTR (their ranks are rounded down; up to {_overshoot(report):.0%} higher here), which "
+        "favours RSDTR slightly.",
+        "",
+    ]
     losses: list[str] = []
     wins: list[str] = []
     for name, eps, rs, meth, b in _matched_rows(report, cfg):
         if meth is None:
             if rs["fcr_conv"] < 1:
-                losses.append(f"- {name} eps {eps}: RSDTR's conv FCR is {rs['fcr_conv']:.2f} (< 1: more MACs than dense)")
+                losses.append(
+                    f"- {name} eps {eps}: RSDTR's conv FCR is {rs['fcr_conv']:.2f} (< 1: more MACs than dense)"
+                )
             continue
         pcr = f"(conv PCR {b['pcr_conv']:.2f} vs {rs['pcr_conv']:.2f})"
         if notes := _advantages(b, rs):
@@ -337,19 +419,27 @@ def main() -> None:
     ap.add_argument("--train-subset", type=int, default=8000)
     ap.add_argument("--test-subset", type=int, default=2000)
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--lr", type=float, default=0.05, help="peak one-cycle lr of the dense training")
+    ap.add_argument(
+        "--lr", type=float, default=0.05, help="peak one-cycle lr of the dense training"
+    )
     ap.add_argument("--weight-decay", type=float, default=5e-3, help="dense training")
     ap.add_argument("--batch-size", type=int, default=32, help="dense training")
     ap.add_argument("--ft-batch-size", type=int, default=128, help="fine-tuning (the recipe's 128)")
     ap.add_argument("--ft-subset", type=int, default=3000)
     ap.add_argument("--ft-epochs", type=int, default=1)
     ap.add_argument("--ft-lr", type=float, default=None, help="default: RSDTR_RECIPE's (0.01)")
-    ap.add_argument("--ft-baselines", default="", help="models whose baselines are fine-tuned too (comma-separated)")
+    ap.add_argument(
+        "--ft-baselines",
+        default="",
+        help="models whose baselines are fine-tuned too (comma-separated)",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fresh", action="store_true", help="ignore finished rows")
     ap.add_argument("--out", type=Path, default=RESULTS / "rsdtr")
-    ap.add_argument("--report-only", action="store_true", help="rewrite the markdown from the JSON and stop")
+    ap.add_argument(
+        "--report-only", action="store_true", help="rewrite the markdown from the JSON and stop"
+    )
     args = ap.parse_args()
     if args.report_only:
         write_report(json.loads(args.out.with_suffix(".json").read_text()), args.out)
@@ -360,29 +450,56 @@ def main() -> None:
     widths = {k: float(v) for k, v in (s.split("=") for s in args.widths.split(",") if s)}
     eps_list = [float(e) for e in args.eps.split(",")]
     ft_base = {s for s in args.ft_baselines.split(",") if s}
-    cfg = {"models": names, "widths": {n: widths.get(n, 1.0) for n in names}, "dataset": args.dataset, "eps": eps_list,
-           "train_subset": args.train_subset, "test_subset": args.test_subset, "epochs": args.epochs, "lr": args.lr,
-           "weight_decay": args.weight_decay, "batch_size": args.batch_size, "ft_subset": args.ft_subset,
-           "ft_batch_size": args.ft_batch_size,
-           "ft_epochs": args.ft_epochs, "ft_lr": args.ft_lr, "seed": args.seed,
-           "ft_recipe": dataclasses.asdict(RSDTR_RECIPE)}
+    cfg = {
+        "models": names,
+        "widths": {n: widths.get(n, 1.0) for n in names},
+        "dataset": args.dataset,
+        "eps": eps_list,
+        "train_subset": args.train_subset,
+        "test_subset": args.test_subset,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "batch_size": args.batch_size,
+        "ft_subset": args.ft_subset,
+        "ft_batch_size": args.ft_batch_size,
+        "ft_epochs": args.ft_epochs,
+        "ft_lr": args.ft_lr,
+        "seed": args.seed,
+        "ft_recipe": dataclasses.asdict(RSDTR_RECIPE),
+    }
     try:
         import tensorly
 
         tly = tensorly.__version__
     except ImportError:
         tly = None
-    env = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "tensorly": tly or "not installed", "python": platform.python_version(), "loadavg_start": _load(),
-           "command": "nice .venv/bin/python " + " ".join(["benchmarks/bench_rsdtr.py", *sys.argv[1:]])}
+    env = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "tensorly": tly or "not installed",
+        "python": platform.python_version(),
+        "loadavg_start": _load(),
+        "command": "nice .venv/bin/python "
+        + " ".join(["benchmarks/bench_rsdtr.py", *sys.argv[1:]]),
+    }
     report: dict[str, Any] = {"config": cfg, "environment": env, "models": {}}
     old = args.out.with_suffix(".json")
     if old.exists() and not args.fresh:
         prev = json.loads(old.read_text())
-        same = {k: v for k, v in prev.get("config", {}).items() if k not in ("models", "widths", "ft_baselines")}
+        same = {
+            k: v
+            for k, v in prev.get("config", {}).items()
+            if k not in ("models", "widths", "ft_baselines")
+        }
         if same == {k: v for k, v in cfg.items() if k not in ("models", "widths")}:
             report["models"] = prev.get("models", {})
-            env["loadavg_start"] = prev["environment"].get("loadavg_start", env["loadavg_start"]) + f" (resumed at {_load()})"
+            env["loadavg_start"] = (
+                prev["environment"].get("loadavg_start", env["loadavg_start"])
+                + f" (resumed at {_load()})"
+            )
     cfg["ft_baselines"] = sorted(ft_base)
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -406,7 +523,10 @@ def main() -> None:
         t0 = time.perf_counter()
         dense, drow = _dense_checkpoint(args, name, w, train, test_loader)
         entry["dense"] = drow
-        print(f"{name} x{w}: dense top-1 {drow['top1']:.4f} ({time.perf_counter() - t0:.0f} s)  load {_load()}", flush=True)
+        print(
+            f"{name} x{w}: dense top-1 {drow['top1']:.4f} ({time.perf_counter() - t0:.0f} s)  load {_load()}",
+            flush=True,
+        )
         save()
         rows = entry["rows"]
         for eps in eps_list:
@@ -414,20 +534,35 @@ def main() -> None:
             if key not in rows or "top1_ft" not in rows[key]:
                 model = copy.deepcopy(dense)
                 t0 = time.perf_counter()
-                p = plan(model, CompressConfig(method="tr", eps=eps), input_shape=shape, progress=False)
+                p = plan(
+                    model, CompressConfig(method="tr", eps=eps), input_shape=shape, progress=False
+                )
                 apply(model, p)
-                row = {**_totals_row(p, dense), "compress_seconds": time.perf_counter() - t0,
-                       "layers": [{"name": l.name, "status": l.status, "ranks": l.ranks, "error": l.error,
-                                   "params": [l.params_before, l.params_after], "macs": [l.macs_before, l.macs_after]}
-                                  for l in p.layers]}
+                row = {
+                    **_totals_row(p, dense),
+                    "compress_seconds": time.perf_counter() - t0,
+                    "layers": [
+                        {
+                            "name": l.name,
+                            "status": l.status,
+                            "ranks": l.ranks,
+                            "error": l.error,
+                            "params": [l.params_before, l.params_after],
+                            "macs": [l.macs_before, l.macs_after],
+                        }
+                        for l in p.layers
+                    ],
+                }
                 row["top1_compressed"] = _eval(model, test_loader)
                 rows[key] = row
                 save()
                 row.update(_finetune(model, ft_ds, test_loader, args))
                 save()
-                print(f"  eps {eps} rsdtr: PCR {row['pcr_conv']:.2f} FCR {row['fcr_conv']:.2f} top-1 "
-                      f"{row['top1_compressed']:.4f} -> {row['top1_ft']:.4f} ({row['ft_seconds']:.0f} s ft)  load {_load()}",
-                      flush=True)
+                print(
+                    f"  eps {eps} rsdtr: PCR {row['pcr_conv']:.2f} FCR {row['fcr_conv']:.2f} top-1 "
+                    f"{row['top1_compressed']:.4f} -> {row['top1_ft']:.4f} ({row['ft_seconds']:.0f} s ft)  load {_load()}",
+                    flush=True,
+                )
             rs = rows[key]
             rs_plan = None
             for meth in BASELINES:
@@ -443,25 +578,43 @@ def main() -> None:
                 t0 = time.perf_counter()
                 if meth == "tensorly":
                     if rs_plan is None:
-                        rs_plan = plan(dense, CompressConfig(method="tr", eps=eps), input_shape=shape, progress=False)
+                        rs_plan = plan(
+                            dense,
+                            CompressConfig(method="tr", eps=eps),
+                            input_shape=shape,
+                            progress=False,
+                        )
                     model, p, secs = _tensorly_model(dense, rs_plan)
                     extra = {"decompose_seconds": secs}
                 else:
                     model = copy.deepcopy(dense)
                     ratio = 1.0 / rs["pcr_conv"]
-                    p = plan(model, CompressConfig(method=meth, ratio=ratio), input_shape=shape, progress=False)
+                    p = plan(
+                        model,
+                        CompressConfig(method=meth, ratio=ratio),
+                        input_shape=shape,
+                        progress=False,
+                    )
                     apply(model, p)
                     extra = {"ratio": ratio, "notes": sorted({l.note for l in p.layers if l.note})}
-                row = {**_totals_row(p, dense), **extra, "compress_seconds": time.perf_counter() - t0,
-                       "top1_compressed": _eval(model, test_loader)}
+                row = {
+                    **_totals_row(p, dense),
+                    **extra,
+                    "compress_seconds": time.perf_counter() - t0,
+                    "top1_compressed": _eval(model, test_loader),
+                }
                 rows[bkey] = row
                 save()
                 if want_ft:
                     row.update(_finetune(model, ft_ds, test_loader, args))
                     save()
-                print(f"  eps {eps} {meth}: PCR {row['pcr_conv']:.2f} FCR {row['fcr_conv']:.2f} err {row['err_total']:.3f} "
-                      f"top-1 {row['top1_compressed']:.4f}" + (f" -> {row['top1_ft']:.4f}" if "top1_ft" in row else "")
-                      + f"  load {_load()}", flush=True)
+                print(
+                    f"  eps {eps} {meth}: PCR {row['pcr_conv']:.2f} FCR {row['fcr_conv']:.2f} err {row['err_total']:.3f} "
+                    f"top-1 {row['top1_compressed']:.4f}"
+                    + (f" -> {row['top1_ft']:.4f}" if "top1_ft" in row else "")
+                    + f"  load {_load()}",
+                    flush=True,
+                )
     save()
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
 

@@ -45,7 +45,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 class _Clock:
     """Wall time and this process's CPU time (the fair measure on a shared, oversubscribed machine)."""
 
-    def __enter__(self) -> "_Clock":
+    def __enter__(self) -> _Clock:
         self.w0, self.c0 = time.perf_counter(), time.process_time()
         return self
 
@@ -54,7 +54,9 @@ class _Clock:
         self.cpu = time.process_time() - self.c0
 
 
-def _naive(model: torch.nn.Module, layer: str, configs: list[tuple[str, int]], loader: object) -> tuple[_Clock, dict]:
+def _naive(
+    model: torch.nn.Module, layer: str, configs: list[tuple[str, int]], loader: object
+) -> tuple[_Clock, dict]:
     conv = model.get_submodule(layer)
     K = conv.weight.detach().clone()
     out = {}
@@ -80,17 +82,26 @@ def _floor(model: torch.nn.Module, layer: str, n_configs: int, es: EvalSet) -> _
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--width", type=float, default=0.25)
-    ap.add_argument("--subset", type=int, default=1000, help="Fashion-MNIST test images (0 = all 10000)")
+    ap.add_argument(
+        "--subset", type=int, default=1000, help="Fashion-MNIST test images (0 = all 10000)"
+    )
     ap.add_argument("--batch-size", type=int, default=500)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is stable on a shared machine)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is stable on a shared machine)"
+    )
     ap.add_argument("--layers", nargs="+", default=None)
     ap.add_argument("--out", default=str(RESULTS / "sweep_cache"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     info = tdata.dataset_info("fashion-mnist")
-    model = models.create("vanilla-cnn", num_classes=info.num_classes, in_channels=info.in_channels,
-                          width=args.width, input_size=info.image_size).eval()
+    model = models.create(
+        "vanilla-cnn",
+        num_classes=info.num_classes,
+        in_channels=info.in_channels,
+        width=args.width,
+        input_size=info.image_size,
+    ).eval()
     ds = tdata.load_dataset("fashion-mnist", "test", subset=args.subset or None)
     loader = tdata.make_loader(ds, args.batch_size)
     es = EvalSet(loader)
@@ -103,13 +114,27 @@ def main() -> int:
         db = Path(tmp) / "sweep.sqlite"
         # the baseline row is a one-off per analysis, not per configuration: record it before timing
         t0 = time.perf_counter()
-        analyze(model, {"test": loader}, db, layers=layers, single_layer=False, progress=False, csv=False)
+        analyze(
+            model,
+            {"test": loader},
+            db,
+            layers=layers,
+            single_layer=False,
+            progress=False,
+            csv=False,
+        )
         t_baseline = time.perf_counter() - t0
         for layer in layers:
             shape = model.get_submodule(layer).weight.shape
-            configs = [(b, k) for b in BIPARTITIONS for k in grid.default_keep_grid(grid.n_singular(shape, b))]
+            configs = [
+                (b, k)
+                for b in BIPARTITIONS
+                for k in grid.default_keep_grid(grid.n_singular(shape, b))
+            ]
             with _Clock() as c_cached:
-                rep = analyze(model, {"test": loader}, db, layers=[layer], progress=False, csv=False)
+                rep = analyze(
+                    model, {"test": loader}, db, layers=[layer], progress=False, csv=False
+                )
             c_naive, naive = _naive(model, layer, configs, loader)
             c_floor = _floor(model, layer, len(configs), es)
             with ResultsStore(db) as st:
@@ -117,29 +142,54 @@ def main() -> int:
                     n = naive[(r["bipartition"], int(r["keep"]))]
                     if (r["loss"], r["top1"], r["top5"]) != (n["loss"], n["top1"], n["top5"]):
                         mismatches += 1
-            per_layer.append({"layer": layer, "shape": list(shape), "configs": len(configs),
-                              "fast_path": rep.fast_path.get(layer, "") == "",
-                              "cached_s": c_cached.cpu, "naive_s": c_naive.cpu, "floor_s": c_floor.cpu,
-                              "cached_wall_s": c_cached.wall, "naive_wall_s": c_naive.wall,
-                              "floor_wall_s": c_floor.wall,
-                              "speedup_vs_naive": c_naive.cpu / c_cached.cpu, "ratio_to_floor": c_cached.cpu / c_floor.cpu})
-            print(f"{layer} {tuple(shape)}: {len(configs)} configs  CPU s: cached {c_cached.cpu:.1f}  "
-                  f"naive {c_naive.cpu:.1f}  floor {c_floor.cpu:.1f}  (wall {c_cached.wall:.1f} / {c_naive.wall:.1f} / "
-                  f"{c_floor.wall:.1f})", flush=True)
-    keys = ("configs", "cached_s", "naive_s", "floor_s", "cached_wall_s", "naive_wall_s", "floor_wall_s")
+            per_layer.append(
+                {
+                    "layer": layer,
+                    "shape": list(shape),
+                    "configs": len(configs),
+                    "fast_path": rep.fast_path.get(layer, "") == "",
+                    "cached_s": c_cached.cpu,
+                    "naive_s": c_naive.cpu,
+                    "floor_s": c_floor.cpu,
+                    "cached_wall_s": c_cached.wall,
+                    "naive_wall_s": c_naive.wall,
+                    "floor_wall_s": c_floor.wall,
+                    "speedup_vs_naive": c_naive.cpu / c_cached.cpu,
+                    "ratio_to_floor": c_cached.cpu / c_floor.cpu,
+                }
+            )
+            print(
+                f"{layer} {tuple(shape)}: {len(configs)} configs  CPU s: cached {c_cached.cpu:.1f}  "
+                f"naive {c_naive.cpu:.1f}  floor {c_floor.cpu:.1f}  (wall {c_cached.wall:.1f} / {c_naive.wall:.1f} / "
+                f"{c_floor.wall:.1f})",
+                flush=True,
+            )
+    keys = (
+        "configs",
+        "cached_s",
+        "naive_s",
+        "floor_s",
+        "cached_wall_s",
+        "naive_wall_s",
+        "floor_wall_s",
+    )
     tot = {k: sum(p[k] for p in per_layer) for k in keys}
     res = {
         "model": f"vanilla-cnn width {args.width} (random init, eval mode)",
         "data": f"fashion-mnist test, {len(ds)} images, batch {args.batch_size}",
-        "threads": args.threads, "torch": torch.__version__, "machine": platform.machine(),
-        "layers": per_layer, "total": tot,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "layers": per_layer,
+        "total": tot,
         "time_measure": "process CPU time (single-threaded torch); wall times under *_wall_s",
         "speedup_vs_naive": tot["naive_s"] / tot["cached_s"],
         "ratio_to_floor": tot["cached_s"] / tot["floor_s"],
         "amdahl_bound": tot["naive_s"] / tot["floor_s"],
         "speedup_vs_naive_wall": tot["naive_wall_s"] / tot["cached_wall_s"],
         "ratio_to_floor_wall": tot["cached_wall_s"] / tot["floor_wall_s"],
-        "results_identical": mismatches == 0, "mismatches": mismatches,
+        "results_identical": mismatches == 0,
+        "mismatches": mismatches,
         "baseline_and_spectra_s": t_baseline,
     }
     out = Path(args.out)
@@ -158,9 +208,11 @@ def main() -> int:
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for p in per_layer:
-        lines.append(f"| {p['layer']} | {'x'.join(map(str, p['shape']))} | {p['configs']} | {p['cached_s']:.1f} | "
-                     f"{p['naive_s']:.1f} | {p['floor_s']:.1f} | {p['speedup_vs_naive']:.2f}x | "
-                     f"{p['ratio_to_floor']:.2f} |")
+        lines.append(
+            f"| {p['layer']} | {'x'.join(map(str, p['shape']))} | {p['configs']} | {p['cached_s']:.1f} | "
+            f"{p['naive_s']:.1f} | {p['floor_s']:.1f} | {p['speedup_vs_naive']:.2f}x | "
+            f"{p['ratio_to_floor']:.2f} |"
+        )
     lines += [
         f"| **all** | | {tot['configs']} | {tot['cached_s']:.1f} | {tot['naive_s']:.1f} | {tot['floor_s']:.1f} | "
         f"**{res['speedup_vs_naive']:.2f}x** | **{res['ratio_to_floor']:.2f}** |",

@@ -47,9 +47,13 @@ from tensorcut.train.tdlrt import TDLRTOptimizer, rank_report, train_tdlrt, tuck
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def plain_train(model: nn.Module, loader: Any, epochs: int, lr: float, momentum: float) -> list[float]:
+def plain_train(
+    model: nn.Module, loader: Any, epochs: int, lr: float, momentum: float
+) -> list[float]:
     """SGD (momentum, no Nesterov) with a per-step cosine schedule; returns seconds per epoch."""
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum)
+    opt = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum
+    )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * len(loader)))
     secs = []
     for _ in range(epochs):
@@ -67,9 +71,13 @@ def plain_train(model: nn.Module, loader: Any, epochs: int, lr: float, momentum:
 
 def conv_stats(model: nn.Module) -> dict[str, Any]:
     rep = rank_report(model)
-    return {"conv_params": rep["conv_params"], "conv_dense_params": rep["conv_dense_params"],
-            "conv_cr": round(rep["conv_cr"], 3), "conv_compression_pct": round(rep["conv_compression_pct"], 2),
-            "ranks": {k: v["ranks"] for k, v in rep["layers"].items()}}
+    return {
+        "conv_params": rep["conv_params"],
+        "conv_dense_params": rep["conv_dense_params"],
+        "conv_cr": round(rep["conv_cr"], 3),
+        "conv_compression_pct": round(rep["conv_compression_pct"], 2),
+        "ranks": {k: v["ranks"] for k, v in rep["layers"].items()},
+    }
 
 
 def record(results: dict[str, Any], row: dict[str, Any], out: Path) -> None:
@@ -77,12 +85,22 @@ def record(results: dict[str, Any], row: dict[str, Any], out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     out.with_suffix(".md").write_text(markdown(results))
     acc = row.get("test_top1")
-    print(f"  {row['model']:>9} {row['method']:<12} tau={row.get('tau', '-')!s:<5} top1={acc:.4f} "
-          f"conv-compression={row['conv_compression_pct']:.1f}% s/epoch={row.get('sec_per_epoch', 0):.1f}", flush=True)
+    print(
+        f"  {row['model']:>9} {row['method']:<12} tau={row.get('tau', '-')!s:<5} top1={acc:.4f} "
+        f"conv-compression={row['conv_compression_pct']:.1f}% s/epoch={row.get('sec_per_epoch', 0):.1f}",
+        flush=True,
+    )
 
 
-def step_timing(fresh: Any, name: str, finals: dict[float, dict[str, tuple[int, int]]], batch: tuple[torch.Tensor, torch.Tensor],
-                reps: int, lr: float, momentum: float) -> dict[str, float]:
+def step_timing(
+    fresh: Any,
+    name: str,
+    finals: dict[float, dict[str, tuple[int, int]]],
+    batch: tuple[torch.Tensor, torch.Tensor],
+    reps: int,
+    lr: float,
+    momentum: float,
+) -> dict[str, float]:
     """Median seconds per training step, methods interleaved round-robin so CPU contention hits all alike.
 
     ``dense``: plain SGD step; ``tdlrt@tau``: a full TDLRT step (2 forward + 2 backward, augmentation,
@@ -99,6 +117,7 @@ def step_timing(fresh: Any, name: str, finals: dict[float, dict[str, tuple[int, 
             o.zero_grad(set_to_none=True)
             F.cross_entropy(m(x), y).backward()
             o.step()
+
         return run
 
     steps["dense"] = plain_step(dense, dopt)
@@ -111,11 +130,14 @@ def step_timing(fresh: Any, name: str, finals: dict[float, dict[str, tuple[int, 
                 loss = F.cross_entropy(m(x), y)
                 loss.backward()
                 return loss
+
             opt.step(closure)
 
         steps[f"tdlrt@{tau}"] = tstep
         f = tuckerize(fresh(name), ranks, from_pretrained=False, rmin=1)
-        steps[f"fixed@{tau}"] = plain_step(f, torch.optim.SGD(f.parameters(), lr=lr, momentum=momentum))
+        steps[f"fixed@{tau}"] = plain_step(
+            f, torch.optim.SGD(f.parameters(), lr=lr, momentum=momentum)
+        )
     times: dict[str, list[float]] = {k: [] for k in steps}
     for rep in range(reps + 2):
         for k, fn in steps.items():
@@ -128,34 +150,54 @@ def step_timing(fresh: Any, name: str, finals: dict[float, dict[str, tuple[int, 
 
 def markdown(results: dict[str, Any]) -> str:
     cfg = results["config"]
-    lines = ["# TDLRT benchmark", "",
-             f"Command: `{results['command']}`", "",
-             f"Data: {cfg['dataset']}, {cfg['subset']} training images (seeded subset, 10% of the training split held out "
-             f"unused), {cfg['test_subset']} test images; width multipliers {cfg.get('widths', cfg.get('width'))}; {cfg['epochs']} epochs; SGD "
-             f"lr {cfg['lr']} momentum {cfg['momentum']}, cosine schedule, batch {cfg['batch_size']}; "
-             f"compress-then-fine-tune and pretrained->TDLRT: {cfg['ft_epochs']} epochs at lr {cfg['ft_lr']}. "
-             f"rmin {cfg['rmin']}. CPU threads {cfg['threads']} ({results['machine']}).", "",
-             "Compression = 100 (1 - stored / dense) over all conv layers (biases included, first conv dense); "
-             "CR = dense / stored. Time = training seconds per epoch, and relative to dense.", ""]
+    lines = [
+        "# TDLRT benchmark",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        f"Data: {cfg['dataset']}, {cfg['subset']} training images (seeded subset, 10% of the training split held out "
+        f"unused), {cfg['test_subset']} test images; width multipliers {cfg.get('widths', cfg.get('width'))}; {cfg['epochs']} epochs; SGD "
+        f"lr {cfg['lr']} momentum {cfg['momentum']}, cosine schedule, batch {cfg['batch_size']}; "
+        f"compress-then-fine-tune and pretrained->TDLRT: {cfg['ft_epochs']} epochs at lr {cfg['ft_lr']}. "
+        f"rmin {cfg['rmin']}. CPU threads {cfg['threads']} ({results['machine']}).",
+        "",
+        "Compression = 100 (1 - stored / dense) over all conv layers (biases included, first conv dense); "
+        "CR = dense / stored. Time = training seconds per epoch, and relative to dense.",
+        "",
+    ]
     for model in dict.fromkeys(r["model"] for r in results["runs"]):
         runs = [r for r in results["runs"] if r["model"] == model]
         dense = next((r for r in runs if r["method"] == "dense"), None)
-        lines += [f"## {model}", "",
-                  "| method | tau | test top-1 | conv compression % | conv CR | s/epoch | time vs dense | final ranks (r_out, r_in) |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {model}",
+            "",
+            "| method | tau | test top-1 | conv compression % | conv CR | s/epoch | time vs dense | final ranks (r_out, r_in) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in runs:
-            rel = (f"{r['sec_per_epoch'] / dense['sec_per_epoch']:.2f}x"
-                   if dense and r.get("sec_per_epoch") and r["method"] != "compress_ft" else "-")
+            rel = (
+                f"{r['sec_per_epoch'] / dense['sec_per_epoch']:.2f}x"
+                if dense and r.get("sec_per_epoch") and r["method"] != "compress_ft"
+                else "-"
+            )
             ranks = " ".join(f"{a}/{b}" for a, b in r.get("ranks", {}).values()) or "-"
-            lines.append(f"| {r['method']} | {r.get('tau', '-')} | {r['test_top1']:.4f} | {r['conv_compression_pct']:.1f} | "
-                         f"{r['conv_cr']:.2f} | {r.get('sec_per_epoch', 0):.1f} | {rel} | {ranks} |")
+            lines.append(
+                f"| {r['method']} | {r.get('tau', '-')} | {r['test_top1']:.4f} | {r['conv_compression_pct']:.1f} | "
+                f"{r['conv_cr']:.2f} | {r.get('sec_per_epoch', 0):.1f} | {rel} | {ranks} |"
+            )
         lines.append("")
         timing = results.get("step_timing", {}).get(model)
         if timing:
             base = timing["dense"]
-            lines += ["Median seconds per training step (batch of " f"{cfg['batch_size']}" ", methods interleaved; "
-                      "more robust than the per-epoch times on a shared CPU):", "",
-                      "| step | seconds | vs dense |", "|---|---|---|"]
+            lines += [
+                "Median seconds per training step (batch of "
+                f"{cfg['batch_size']}"
+                ", methods interleaved; "
+                "more robust than the per-epoch times on a shared CPU):",
+                "",
+                "| step | seconds | vs dense |",
+                "|---|---|---|",
+            ]
             lines += [f"| {k} | {v:.3f} | {v / base:.2f}x |" for k, v in timing.items()]
             lines.append("")
     lines += results.get("notes", [])
@@ -163,10 +205,15 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--models", default="vgg11,resnet20,vgg16")
-    ap.add_argument("--widths", default="vgg11=0.25,vgg16=0.25,resnet20=0.5",
-                    help="channel width multiplier per model (others: 0.25)")
+    ap.add_argument(
+        "--widths",
+        default="vgg11=0.25,vgg16=0.25,resnet20=0.5",
+        help="channel width multiplier per model (others: 0.25)",
+    )
     ap.add_argument("--dataset", default="fashion-mnist")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--subset", type=int, default=4000)
@@ -181,10 +228,22 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--skip", default="", help="comma list of methods to leave out (tdlrt_pre, compress_ft, fixed)")
-    ap.add_argument("--timing-reps", type=int, default=15, help="interleaved steps per method for the step timing (0: none)")
-    ap.add_argument("--timing-only", action="store_true",
-                    help="only (re)measure step times, for the final ranks already in the results JSON")
+    ap.add_argument(
+        "--skip",
+        default="",
+        help="comma list of methods to leave out (tdlrt_pre, compress_ft, fixed)",
+    )
+    ap.add_argument(
+        "--timing-reps",
+        type=int,
+        default=15,
+        help="interleaved steps per method for the step timing (0: none)",
+    )
+    ap.add_argument(
+        "--timing-only",
+        action="store_true",
+        help="only (re)measure step times, for the final ranks already in the results JSON",
+    )
     ap.add_argument("--out", default=str(RESULTS / "tdlrt"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -193,8 +252,12 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     info = tdata.dataset_info(args.dataset)
-    tr = tdata.load_dataset(args.dataset, "train", data_dir=args.data_dir, seed=args.seed, subset=args.subset)
-    te = tdata.load_dataset(args.dataset, "test", data_dir=args.data_dir, seed=args.seed, subset=args.test_subset)
+    tr = tdata.load_dataset(
+        args.dataset, "train", data_dir=args.data_dir, seed=args.seed, subset=args.subset
+    )
+    te = tdata.load_dataset(
+        args.dataset, "test", data_dir=args.data_dir, seed=args.seed, subset=args.test_subset
+    )
     test_loader = tdata.make_loader(te, 500)
 
     def loader() -> Any:
@@ -204,21 +267,31 @@ def main() -> None:
 
     def fresh(name: str) -> nn.Module:
         torch.manual_seed(args.seed)
-        return models.create(name, num_classes=info.num_classes, in_channels=info.in_channels,
-                             width=widths.get(name, 0.25), input_size=info.image_size)
+        return models.create(
+            name,
+            num_classes=info.num_classes,
+            in_channels=info.in_channels,
+            width=widths.get(name, 0.25),
+            input_size=info.image_size,
+        )
 
     def test(model: nn.Module) -> float:
         return evaluate(model, test_loader, "cpu")["top1"]
 
     def timing(name: str) -> None:
-        finals = {r["tau"]: {k: tuple(v) for k, v in r["ranks"].items()}
-                  for r in results["runs"] if r["model"] == name and r["method"] == "tdlrt"}
+        finals = {
+            r["tau"]: {k: tuple(v) for k, v in r["ranks"].items()}
+            for r in results["runs"]
+            if r["model"] == name and r["method"] == "tdlrt"
+        }
         x, y = next(iter(loader()))
         t = step_timing(fresh, name, finals, (x, y), args.timing_reps, args.lr, args.momentum)
         results.setdefault("step_timing", {})[name] = t
         out.with_suffix(".json").write_text(json.dumps(results, indent=1))
         out.with_suffix(".md").write_text(markdown(results))
-        print(f"  {name} step timing: " + ", ".join(f"{k} {v:.3f}s" for k, v in t.items()), flush=True)
+        print(
+            f"  {name} step timing: " + ", ".join(f"{k} {v:.3f}s" for k, v in t.items()), flush=True
+        )
 
     if args.timing_only:
         results = json.loads(out.with_suffix(".json").read_text())
@@ -226,44 +299,125 @@ def main() -> None:
         for name in args.models.split(","):
             timing(name)
         return
-    flags = {k: v for k, v in vars(args).items() if k not in ("out", "timing_only") and v not in ("", None)}
-    cmd = "nice python benchmarks/bench_tdlrt.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items())
-    results = {"command": cmd, "config": vars(args), "runs": [],
-               "machine": f"{platform.machine()}, torch {torch.__version__}"}
+    flags = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("out", "timing_only") and v not in ("", None)
+    }
+    cmd = "nice python benchmarks/bench_tdlrt.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in flags.items()
+    )
+    results = {
+        "command": cmd,
+        "config": vars(args),
+        "runs": [],
+        "machine": f"{platform.machine()}, torch {torch.__version__}",
+    }
     for name in args.models.split(","):
         print(f"== {name}", flush=True)
         dense = fresh(name)
         secs = plain_train(dense, loader(), args.epochs, args.lr, args.momentum)
-        record(results, {"model": name, "method": "dense", "test_top1": test(dense), "sec_per_epoch": sum(secs) / len(secs),
-                         **conv_stats(dense)}, out)
+        record(
+            results,
+            {
+                "model": name,
+                "method": "dense",
+                "test_top1": test(dense),
+                "sec_per_epoch": sum(secs) / len(secs),
+                **conv_stats(dense),
+            },
+            out,
+        )
         for tau in taus:
             net = fresh(name)
-            hist = train_tdlrt(net, loader(), None, tau=tau, rmin=args.rmin, epochs=args.epochs, optimizer="sgd",
-                               lr=args.lr, momentum=args.momentum, scheduler="cosine", from_pretrained=False,
-                               device="cpu")
+            hist = train_tdlrt(
+                net,
+                loader(),
+                None,
+                tau=tau,
+                rmin=args.rmin,
+                epochs=args.epochs,
+                optimizer="sgd",
+                lr=args.lr,
+                momentum=args.momentum,
+                scheduler="cosine",
+                from_pretrained=False,
+                device="cpu",
+            )
             final = {k: tuple(v) for k, v in hist[-1]["ranks"].items()}
-            record(results, {"model": name, "method": "tdlrt", "tau": tau, "test_top1": test(net),
-                             "sec_per_epoch": sum(h["seconds"] for h in hist) / len(hist),
-                             "ranks_per_epoch": [h["ranks"] for h in hist], **conv_stats(net)}, out)
+            record(
+                results,
+                {
+                    "model": name,
+                    "method": "tdlrt",
+                    "tau": tau,
+                    "test_top1": test(net),
+                    "sec_per_epoch": sum(h["seconds"] for h in hist) / len(hist),
+                    "ranks_per_epoch": [h["ranks"] for h in hist],
+                    **conv_stats(net),
+                },
+                out,
+            )
             if "fixed" not in skip:
                 net = tuckerize(fresh(name), final, from_pretrained=False, rmin=1)
                 secs = plain_train(net, loader(), args.epochs, args.lr, args.momentum)
-                record(results, {"model": name, "method": "fixed", "tau": tau, "test_top1": test(net),
-                                 "sec_per_epoch": sum(secs) / len(secs), **conv_stats(net)}, out)
+                record(
+                    results,
+                    {
+                        "model": name,
+                        "method": "fixed",
+                        "tau": tau,
+                        "test_top1": test(net),
+                        "sec_per_epoch": sum(secs) / len(secs),
+                        **conv_stats(net),
+                    },
+                    out,
+                )
             if "compress_ft" not in skip:
                 net = tuckerize(copy.deepcopy(dense), final, from_pretrained=True, rmin=1)
                 before = test(net)
                 secs = plain_train(net, loader(), args.ft_epochs, args.ft_lr, args.momentum)
-                record(results, {"model": name, "method": "compress_ft", "tau": tau, "test_top1": test(net),
-                                 "top1_before_ft": before, "sec_per_epoch": sum(secs) / max(len(secs), 1),
-                                 **conv_stats(net)}, out)
+                record(
+                    results,
+                    {
+                        "model": name,
+                        "method": "compress_ft",
+                        "tau": tau,
+                        "test_top1": test(net),
+                        "top1_before_ft": before,
+                        "sec_per_epoch": sum(secs) / max(len(secs), 1),
+                        **conv_stats(net),
+                    },
+                    out,
+                )
             if "tdlrt_pre" not in skip:
                 net = copy.deepcopy(dense)
-                hist = train_tdlrt(net, loader(), None, tau=tau, rmin=args.rmin, epochs=args.ft_epochs, optimizer="sgd",
-                                   lr=args.ft_lr, momentum=args.momentum, scheduler="cosine", from_pretrained=True,
-                                   device="cpu")
-                record(results, {"model": name, "method": "tdlrt_pre", "tau": tau, "test_top1": test(net),
-                                 "sec_per_epoch": sum(h["seconds"] for h in hist) / len(hist), **conv_stats(net)}, out)
+                hist = train_tdlrt(
+                    net,
+                    loader(),
+                    None,
+                    tau=tau,
+                    rmin=args.rmin,
+                    epochs=args.ft_epochs,
+                    optimizer="sgd",
+                    lr=args.ft_lr,
+                    momentum=args.momentum,
+                    scheduler="cosine",
+                    from_pretrained=True,
+                    device="cpu",
+                )
+                record(
+                    results,
+                    {
+                        "model": name,
+                        "method": "tdlrt_pre",
+                        "tau": tau,
+                        "test_top1": test(net),
+                        "sec_per_epoch": sum(h["seconds"] for h in hist) / len(hist),
+                        **conv_stats(net),
+                    },
+                    out,
+                )
         if args.timing_reps > 0:
             timing(name)
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")

@@ -60,30 +60,87 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from common import (
+    RESULTS,
+    LoadMonitor,
+    command_line,
+    machine_info,
+    md_table,
+    pin_threads,
+    uptime_line,  # noqa: E402
+    write_json,
+    write_markdown,
+)
 from torch import nn  # noqa: E402
-
-from common import (RESULTS, LoadMonitor, command_line, machine_info, md_table, pin_threads, uptime_line,  # noqa: E402
-                    write_json, write_markdown)
 
 # ----------------------------------------------------------------------------- the thesis's numbers (CIFAR-10)
 # (params, size MB, compression ratio, accuracy) per (model, strategy, method, retention), copied from
 # Tables 7.2 / 7.6 / 7.10 (ResNet18) and 7.4 / 7.8 / 7.12 (VGG11) of the thesis (shared/seeds/004_*).
 
-THESIS_UNCOMPRESSED = {"resnet18": (11173962, 44.695, 1.0, 0.9043), "vgg11": (9231114, 36.924, 1.0, 0.8803)}
-THESIS_TABLE_NO = {("resnet18", "scratch"): "7.2", ("resnet18", "pretrained"): "7.6", ("resnet18", "finetune"): "7.10",
-                   ("vgg11", "scratch"): "7.4", ("vgg11", "pretrained"): "7.8", ("vgg11", "finetune"): "7.12"}
+THESIS_UNCOMPRESSED = {
+    "resnet18": (11173962, 44.695, 1.0, 0.9043),
+    "vgg11": (9231114, 36.924, 1.0, 0.8803),
+}
+THESIS_TABLE_NO = {
+    ("resnet18", "scratch"): "7.2",
+    ("resnet18", "pretrained"): "7.6",
+    ("resnet18", "finetune"): "7.10",
+    ("vgg11", "scratch"): "7.4",
+    ("vgg11", "pretrained"): "7.8",
+    ("vgg11", "finetune"): "7.12",
+}
 _R18_SIZE = {  # params, MB, CR per method and retention (scratch; CP/Tucker the same after pretraining)
-    "cp": {0.1: (1288468, 5.153, 8.672), 0.2: (2389079, 9.556, 4.677), 0.5: (5687499, 22.749, 1.965), 0.8: (8987725, 35.951, 1.243)},
-    "tucker": {0.1: (1288513, 5.154, 8.672), 0.2: (2387722, 9.551, 4.68), 0.5: (5690166, 22.761, 1.964), 0.8: (8983194, 35.932, 1.244)},
-    "tt": {0.1: (1288398, 5.153, 8.673), 0.2: (2384384, 9.556, 4.686), 0.5: (5691839, 22.767, 1.963), 0.8: (8965400, 35.861, 1.246)},
+    "cp": {
+        0.1: (1288468, 5.153, 8.672),
+        0.2: (2389079, 9.556, 4.677),
+        0.5: (5687499, 22.749, 1.965),
+        0.8: (8987725, 35.951, 1.243),
+    },
+    "tucker": {
+        0.1: (1288513, 5.154, 8.672),
+        0.2: (2387722, 9.551, 4.68),
+        0.5: (5690166, 22.761, 1.964),
+        0.8: (8983194, 35.932, 1.244),
+    },
+    "tt": {
+        0.1: (1288398, 5.153, 8.673),
+        0.2: (2384384, 9.556, 4.686),
+        0.5: (5691839, 22.767, 1.963),
+        0.8: (8965400, 35.861, 1.246),
+    },
 }
-_R18_TT_PRE = {0.1: (723529, 2.894, 15.444), 0.2: (1252568, 5.010, 8.921), 0.5: (1592209, 6.369, 7.018), 0.8: (1728997, 6.916, 6.463)}
+_R18_TT_PRE = {
+    0.1: (723529, 2.894, 15.444),
+    0.2: (1252568, 5.010, 8.921),
+    0.5: (1592209, 6.369, 7.018),
+    0.8: (1728997, 6.916, 6.463),
+}
 _V11_SIZE = {
-    "cp": {0.1: (937456, 3.750, 9.847), 0.2: (1860182, 7.441, 4.962), 0.5: (4627272, 18.509, 1.995), 0.8: (7394881, 29.580, 1.248)},
-    "tucker": {0.1: (938922, 3.756, 9.832), 0.2: (1858301, 7.433, 4.968), 0.5: (4631515, 18.526, 1.993), 0.8: (7395593, 29.582, 1.248)},
-    "tt": {0.1: (938326, 3.753, 9.838), 0.2: (1856280, 7.425, 4.973), 0.5: (4630781, 18.523, 1.993), 0.8: (7376404, 29.50, 1.251)},
+    "cp": {
+        0.1: (937456, 3.750, 9.847),
+        0.2: (1860182, 7.441, 4.962),
+        0.5: (4627272, 18.509, 1.995),
+        0.8: (7394881, 29.580, 1.248),
+    },
+    "tucker": {
+        0.1: (938922, 3.756, 9.832),
+        0.2: (1858301, 7.433, 4.968),
+        0.5: (4631515, 18.526, 1.993),
+        0.8: (7395593, 29.582, 1.248),
+    },
+    "tt": {
+        0.1: (938326, 3.753, 9.838),
+        0.2: (1856280, 7.425, 4.973),
+        0.5: (4630781, 18.523, 1.993),
+        0.8: (7376404, 29.50, 1.251),
+    },
 }
-_V11_TT_PRE = {0.1: (452943, 1.812, 20.380), 0.2: (883615, 3.534, 10.447), 0.5: (1137418, 4.550, 8.116), 0.8: (1231198, 4.925, 7.498)}
+_V11_TT_PRE = {
+    0.1: (452943, 1.812, 20.380),
+    0.2: (883615, 3.534, 10.447),
+    0.5: (1137418, 4.550, 8.116),
+    0.8: (1231198, 4.925, 7.498),
+}
 _ACC = {  # accuracy per retention 0.1, 0.2, 0.5, 0.8
     ("resnet18", "scratch", "cp"): (0.88, 0.8888, 0.8991, 0.8997),
     ("resnet18", "scratch", "tucker"): (0.8875, 0.8871, 0.9007, 0.9036),
@@ -114,9 +171,16 @@ def thesis_ref(model: str, strategy: str, method: str, retention: float) -> dict
         return None
     size = _R18_SIZE if model == "resnet18" else _V11_SIZE
     tt_pre = _R18_TT_PRE if model == "resnet18" else _V11_TT_PRE
-    p, mb, cr = tt_pre[retention] if (method == "tt" and strategy != "scratch") else size[method][retention]
-    return {"params": p, "size_mb": mb, "compression_ratio": cr, "accuracy": _ACC[key][_RETS.index(retention)],
-            "table": THESIS_TABLE_NO[(model, strategy)]}
+    p, mb, cr = (
+        tt_pre[retention] if (method == "tt" and strategy != "scratch") else size[method][retention]
+    )
+    return {
+        "params": p,
+        "size_mb": mb,
+        "compression_ratio": cr,
+        "accuracy": _ACC[key][_RETS.index(retention)],
+        "table": THESIS_TABLE_NO[(model, strategy)],
+    }
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -124,7 +188,11 @@ def thesis_ref(model: str, strategy: str, method: str, retention: float) -> dict
 
 def thesis_filter(name: str, module: nn.Module) -> bool:
     """Every 3x3 convolution except the stem (the thesis kept the first conv dense; 1x1 shortcuts stay dense)."""
-    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (3, 3) and module.in_channels > 3
+    return (
+        isinstance(module, nn.Conv2d)
+        and tuple(module.kernel_size) == (3, 3)
+        and module.in_channels > 3
+    )
 
 
 def n_params(model: nn.Module) -> int:
@@ -156,9 +224,13 @@ class Data:
         from tensorcut import data
 
         self.data = data
-        self.train = data.load_dataset("fashion-mnist", "train", subset=args.train_subset, seed=args.seed)
+        self.train = data.load_dataset(
+            "fashion-mnist", "train", subset=args.train_subset, seed=args.seed
+        )
         self.val = data.load_dataset("fashion-mnist", "val", subset=args.val_subset, seed=args.seed)
-        self.test = data.load_dataset("fashion-mnist", "test", subset=args.test_subset, seed=args.seed)
+        self.test = data.load_dataset(
+            "fashion-mnist", "test", subset=args.test_subset, seed=args.seed
+        )
         self.batch, self.seed = args.batch, args.seed
 
     def train_loader(self) -> Any:
@@ -196,15 +268,31 @@ def reestimate_bn(model: nn.Module, d: Data) -> None:
     model.eval()
 
 
-def train(model: nn.Module, d: Data, epochs: int, lr: float, seed: int, val: bool = False,
-          patience: int | None = None) -> tuple[list[dict[str, Any]], float]:
+def train(
+    model: nn.Module,
+    d: Data,
+    epochs: int,
+    lr: float,
+    seed: int,
+    val: bool = False,
+    patience: int | None = None,
+) -> tuple[list[dict[str, Any]], float]:
     """``tensorcut.train.fit`` with the recipe, then the BatchNorm statistics re-estimated (:func:`reestimate_bn`)."""
     from tensorcut.train import FitConfig, fit
 
-    cfg = FitConfig(epochs=epochs, optimizer="adam", lr=lr, scheduler="none", patience=patience, seed=seed)
+    cfg = FitConfig(
+        epochs=epochs, optimizer="adam", lr=lr, scheduler="none", patience=patience, seed=seed
+    )
     t0 = time.perf_counter()
-    hist = fit(model, d.train_loader(), d.val_loader() if val else None, cfg, device="cpu", progress=False,
-               distributed=False)
+    hist = fit(
+        model,
+        d.train_loader(),
+        d.val_loader() if val else None,
+        cfg,
+        device="cpu",
+        progress=False,
+        distributed=False,
+    )
     reestimate_bn(model, d)
     return hist, time.perf_counter() - t0
 
@@ -215,7 +303,9 @@ def test_top1(model: nn.Module, d: Data) -> float:
     return float(evaluate(model, d.test_loader(), "cpu", distributed=False)["top1"])
 
 
-def scratch_model(name: str, args: argparse.Namespace, method: str, retention: float) -> tuple[nn.Module, list[str]]:
+def scratch_model(
+    name: str, args: argparse.Namespace, method: str, retention: float
+) -> tuple[nn.Module, list[str]]:
     """A fresh network whose selected convs are factorized layers at the ranks ``retention`` gives, randomly initialised."""
     from tensorcut import models
     from tensorcut.layers import LAYER_REGISTRY, ConvGeometry
@@ -223,12 +313,18 @@ def scratch_model(name: str, args: argparse.Namespace, method: str, retention: f
     from tensorcut.train.loop import set_seed
 
     set_seed(args.seed)
-    model = models.create(name, num_classes=10, in_channels=1, width=args.width_of[name], input_size=28)
+    model = models.create(
+        name, num_classes=10, in_channels=1, width=args.width_of[name], input_size=28
+    )
     cls = LAYER_REGISTRY[method]
     notes = []
     for lname, conv in [(n, m) for n, m in model.named_modules() if thesis_filter(n, m)]:
         geom = ConvGeometry.from_conv(conv)
-        r = ranks_for_ratio(tuple(cls.max_ranks(geom)), lambda rr: cls.predicted_params(geom, rr), retention * geom.dense_params())
+        r = ranks_for_ratio(
+            tuple(cls.max_ranks(geom)),
+            lambda rr: cls.predicted_params(geom, rr),
+            retention * geom.dense_params(),
+        )
         if cls.predicted_params(geom, r) >= geom.dense_params():
             notes.append(f"{lname}: {method} form not smaller, kept dense")
             continue
@@ -238,17 +334,31 @@ def scratch_model(name: str, args: argparse.Namespace, method: str, retention: f
     return model, notes
 
 
-def make_dense(name: str, args: argparse.Namespace, d: Data, epochs: int) -> tuple[nn.Module, dict[str, Any]]:
+def make_dense(
+    name: str, args: argparse.Namespace, d: Data, epochs: int
+) -> tuple[nn.Module, dict[str, Any]]:
     """An uncompressed network trained ``epochs`` epochs with the recipe (cached by its settings)."""
     from tensorcut import models
     from tensorcut.train.loop import set_seed
 
-    key = cache_key({"model": name, "width": args.width_of[name], "epochs": epochs, "lr": args.lr, "batch": args.batch,
-                     "train_subset": args.train_subset, "seed": args.seed, "torch": torch.__version__,
-                     "bn": "re-estimated"})
+    key = cache_key(
+        {
+            "model": name,
+            "width": args.width_of[name],
+            "epochs": epochs,
+            "lr": args.lr,
+            "batch": args.batch,
+            "train_subset": args.train_subset,
+            "seed": args.seed,
+            "torch": torch.__version__,
+            "bn": "re-estimated",
+        }
+    )
     path = args.cache_dir / f"dense_{name}_{key}.pt"
     set_seed(args.seed)
-    model = models.create(name, num_classes=10, in_channels=1, width=args.width_of[name], input_size=28)
+    model = models.create(
+        name, num_classes=10, in_channels=1, width=args.width_of[name], input_size=28
+    )
     if path.exists():
         blob = torch.load(path, weights_only=True)
         model.load_state_dict(blob["state"])
@@ -262,60 +372,122 @@ def make_dense(name: str, args: argparse.Namespace, d: Data, epochs: int) -> tup
     return model.eval(), info
 
 
-def compress_pretrained(dense: nn.Module, method: str, retention: float) -> tuple[nn.Module, Any, float]:
+def compress_pretrained(
+    dense: nn.Module, method: str, retention: float
+) -> tuple[nn.Module, Any, float]:
     from tensorcut.compress import compress
 
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, plan = compress(copy.deepcopy(dense), method=method, ratio=retention, filter_fn=thesis_filter,
-                               input_shape=(1, 28, 28), progress=False)
+        model, plan = compress(
+            copy.deepcopy(dense),
+            method=method,
+            ratio=retention,
+            filter_fn=thesis_filter,
+            input_shape=(1, 28, 28),
+            progress=False,
+        )
     return model.eval(), plan, time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- rows
 
 
-def row_for(model_name: str, strategy: str, method_label: str, retention: float | None, model: nn.Module,
-            dense_params: int, dense_conv: int, top1: float, n_test: int, extra: dict[str, Any]) -> dict[str, Any]:
+def row_for(
+    model_name: str,
+    strategy: str,
+    method_label: str,
+    retention: float | None,
+    model: nn.Module,
+    dense_params: int,
+    dense_conv: int,
+    top1: float,
+    n_test: int,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
     p = n_params(model)
     cp = conv_params(model)
-    row = {"model": model_name, "strategy": strategy, "method": method_label, "retention": retention, "params": p,
-           "size_mb": round(p * 4 / 1e6, 4), "compression_ratio": round(dense_params / p, 4),
-           "conv_params": cp, "conv_retention": round(cp / dense_conv, 4), "top1": round(top1, 4), "test_n": n_test,
-           "top1_stderr": round(math.sqrt(max(top1 * (1 - top1), 1e-12) / n_test), 4)}
+    row = {
+        "model": model_name,
+        "strategy": strategy,
+        "method": method_label,
+        "retention": retention,
+        "params": p,
+        "size_mb": round(p * 4 / 1e6, 4),
+        "compression_ratio": round(dense_params / p, 4),
+        "conv_params": cp,
+        "conv_retention": round(cp / dense_conv, 4),
+        "top1": round(top1, 4),
+        "test_n": n_test,
+        "top1_stderr": round(math.sqrt(max(top1 * (1 - top1), 1e-12) / n_test), 4),
+    }
     row.update(extra)
     if retention is not None:
         row["thesis"] = thesis_ref(model_name, strategy, method_label, retention)
     else:
         t = THESIS_UNCOMPRESSED[model_name]
-        row["thesis"] = {"params": t[0], "size_mb": t[1], "compression_ratio": t[2], "accuracy": t[3]}
+        row["thesis"] = {
+            "params": t[0],
+            "size_mb": t[1],
+            "compression_ratio": t[2],
+            "accuracy": t[3],
+        }
     return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="vgg11,resnet18")
-    ap.add_argument("--methods", default="cp,tucker,tt", help="thesis names; tucker -> --tucker-method")
+    ap.add_argument(
+        "--methods", default="cp,tucker,tt", help="thesis names; tucker -> --tucker-method"
+    )
     ap.add_argument("--tucker-method", default="tucker2", choices=["tucker2", "tucker"])
     ap.add_argument("--retentions", default="0.1,0.2,0.5,0.8")
     ap.add_argument("--strategies", default="pretrained,finetune,scratch")
-    ap.add_argument("--widths", default="vgg11:0.25,resnet18:0.125",
-                    help="width multiplier per model (model:width, comma-separated)")
-    ap.add_argument("--epochs", type=int, default=2,
-                    help="training epochs of the from-scratch models and of the uncompressed row of their table")
-    ap.add_argument("--pretrain-epochs", type=int, default=6,
-                    help="training epochs of the pretrained baseline that strategies 2 and 3 decompose")
+    ap.add_argument(
+        "--widths",
+        default="vgg11:0.25,resnet18:0.125",
+        help="width multiplier per model (model:width, comma-separated)",
+    )
+    ap.add_argument(
+        "--epochs",
+        type=int,
+        default=2,
+        help="training epochs of the from-scratch models and of the uncompressed row of their table",
+    )
+    ap.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=6,
+        help="training epochs of the pretrained baseline that strategies 2 and 3 decompose",
+    )
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--batch", type=int, default=64, help="batch size (thesis: 128; smaller gives more steps here)")
-    ap.add_argument("--ft-epochs", type=int, default=1, help="cap on the thesis's fine-tuning epochs (thesis: 50)")
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=64,
+        help="batch size (thesis: 128; smaller gives more steps here)",
+    )
+    ap.add_argument(
+        "--ft-epochs",
+        type=int,
+        default=1,
+        help="cap on the thesis's fine-tuning epochs (thesis: 50)",
+    )
     ap.add_argument("--train-subset", type=int, default=1500)
     ap.add_argument("--val-subset", type=int, default=500)
     ap.add_argument("--test-subset", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "tensorcut_bench_cache")
-    ap.add_argument("--fresh", action="store_true", help="ignore finished rows in an existing results file")
+    ap.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(os.environ.get("TMPDIR", "/tmp")) / "tensorcut_bench_cache",
+    )
+    ap.add_argument(
+        "--fresh", action="store_true", help="ignore finished rows in an existing results file"
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "thesis_tables")
     args = ap.parse_args()
     args.width_of = {k: float(v) for k, v in (kv.split(":") for kv in args.widths.split(","))}
@@ -323,22 +495,48 @@ def main() -> None:
     warnings.simplefilter("ignore")
     from tensorcut.workflow import FINETUNE_RECIPE
 
-    setting_keys = ("models", "methods", "tucker_method", "widths", "epochs", "pretrain_epochs", "lr", "batch", "ft_epochs", "train_subset",
-                    "val_subset", "test_subset", "seed")
+    setting_keys = (
+        "models",
+        "methods",
+        "tucker_method",
+        "widths",
+        "epochs",
+        "pretrain_epochs",
+        "lr",
+        "batch",
+        "ft_epochs",
+        "train_subset",
+        "val_subset",
+        "test_subset",
+        "seed",
+    )
     settings = {k: getattr(args, k) for k in setting_keys}
     out_json = args.out.with_suffix(".json")
     machine = machine_info(args.threads)
-    result: dict[str, Any] = {"command": command_line(), "machine": machine, "settings": settings, "rows": [],
-                              "runs": []}
+    result: dict[str, Any] = {
+        "command": command_line(),
+        "machine": machine,
+        "settings": settings,
+        "rows": [],
+        "runs": [],
+    }
     if out_json.exists() and not args.fresh:
         old = json.loads(out_json.read_text())
-        if {k: old.get("settings", {}).get(k) for k in setting_keys if k not in ("models", "methods")} == \
-                {k: v for k, v in settings.items() if k not in ("models", "methods")}:
+        if {
+            k: old.get("settings", {}).get(k)
+            for k in setting_keys
+            if k not in ("models", "methods")
+        } == {k: v for k, v in settings.items() if k not in ("models", "methods")}:
             result["rows"] = old.get("rows", [])
             result["runs"] = old.get("runs", [])
             print(f"resuming: {len(result['rows'])} finished rows in {out_json}", flush=True)
-    result["runs"].append({"command": result["command"], "started": machine["started"],
-                           "uptime_at_start": machine["uptime_at_start"]})
+    result["runs"].append(
+        {
+            "command": result["command"],
+            "started": machine["started"],
+            "uptime_at_start": machine["uptime_at_start"],
+        }
+    )
     done = {(r["model"], r["strategy"], r["method"], r["retention"]) for r in result["rows"]}
     d = Data(args)
     n_test = len(d.test)
@@ -350,8 +548,11 @@ def main() -> None:
         if row is not None:
             result["rows"].append(row)
             done.add((row["model"], row["strategy"], row["method"], row["retention"]))
-            print(f"  {row['model']} {row['strategy']:>10} {row['method']:>6} {row['retention']}: params {row['params']:,} "
-                  f"CR {row['compression_ratio']:.2f} top1 {row['top1']:.4f}", flush=True)
+            print(
+                f"  {row['model']} {row['strategy']:>10} {row['method']:>6} {row['retention']}: params {row['params']:,} "
+                f"CR {row['compression_ratio']:.2f} top1 {row['top1']:.4f}",
+                flush=True,
+            )
         result["runs"][-1]["load"] = mon.summary()
         result["runs"][-1]["seconds"] = round(time.perf_counter() - t_all, 1)
         result["runs"][-1]["uptime_last"] = uptime_line()
@@ -360,7 +561,10 @@ def main() -> None:
     with LoadMonitor() as mon:
         for mname in args.models.split(","):
             print(f"{mname}: baselines", flush=True)
-            for strat, ep in (("uncompressed-scratch", args.epochs), ("uncompressed", args.pretrain_epochs)):
+            for strat, ep in (
+                ("uncompressed-scratch", args.epochs),
+                ("uncompressed", args.pretrain_epochs),
+            ):
                 if strat == "uncompressed-scratch" and "scratch" not in strategies:
                     continue
                 dense, dinfo = make_dense(mname, args, d, ep)
@@ -368,54 +572,160 @@ def main() -> None:
                 if (mname, strat, "uncompressed", None) not in done:
                     top1 = test_top1(dense, d)
                     hist = dinfo.get("history", [])
-                    save(row_for(mname, strat, "uncompressed", None, dense, dp, dc, top1, n_test,
-                                 {"train_seconds": dinfo.get("train_seconds"), "epochs": len(hist),
-                                  "final_train_top1": hist[-1]["train_top1"] if hist else None}))
+                    save(
+                        row_for(
+                            mname,
+                            strat,
+                            "uncompressed",
+                            None,
+                            dense,
+                            dp,
+                            dc,
+                            top1,
+                            n_test,
+                            {
+                                "train_seconds": dinfo.get("train_seconds"),
+                                "epochs": len(hist),
+                                "final_train_top1": hist[-1]["train_top1"] if hist else None,
+                            },
+                        )
+                    )
             for label in args.methods.split(","):
                 method = args.tucker_method if label == "tucker" else label
                 for ret in retentions:
-                    need_pre = [s for s in ("pretrained", "finetune") if s in strategies and (mname, s, label, ret) not in done]
+                    need_pre = [
+                        s
+                        for s in ("pretrained", "finetune")
+                        if s in strategies and (mname, s, label, ret) not in done
+                    ]
                     if need_pre:
                         comp, plan, csecs = compress_pretrained(dense, method, ret)
                         tot = plan.totals()
-                        errs = [l.error for l in plan.layers if l.status == "factorize" and l.error is not None]
-                        notes = [f"{l.name}: {l.note}" for l in plan.layers if l.note] + \
-                                [f"{l.name}: dense ({l.reason})" for l in plan.layers if l.status != "factorize"]
-                        extra = {"tensorcut_method": method, "decompose_seconds": round(csecs, 1),
-                                 "factorized_layers": tot["factorized_layers"],
-                                 "mean_kernel_rel_error": round(sum(errs) / len(errs), 4) if errs else None,
-                                 "factorized_layer_retention": round(
-                                     sum(l.params_after for l in plan.layers if l.status == "factorize")
-                                     / max(1, sum(l.params_before for l in plan.layers if l.status == "factorize")), 4),
-                                 "notes": notes}
-                        if (mname, "pretrained", label, ret) not in done and "pretrained" in strategies:
+                        errs = [
+                            l.error
+                            for l in plan.layers
+                            if l.status == "factorize" and l.error is not None
+                        ]
+                        notes = [f"{l.name}: {l.note}" for l in plan.layers if l.note] + [
+                            f"{l.name}: dense ({l.reason})"
+                            for l in plan.layers
+                            if l.status != "factorize"
+                        ]
+                        extra = {
+                            "tensorcut_method": method,
+                            "decompose_seconds": round(csecs, 1),
+                            "factorized_layers": tot["factorized_layers"],
+                            "mean_kernel_rel_error": round(sum(errs) / len(errs), 4)
+                            if errs
+                            else None,
+                            "factorized_layer_retention": round(
+                                sum(l.params_after for l in plan.layers if l.status == "factorize")
+                                / max(
+                                    1,
+                                    sum(
+                                        l.params_before
+                                        for l in plan.layers
+                                        if l.status == "factorize"
+                                    ),
+                                ),
+                                4,
+                            ),
+                            "notes": notes,
+                        }
+                        if (
+                            mname,
+                            "pretrained",
+                            label,
+                            ret,
+                        ) not in done and "pretrained" in strategies:
                             recal = copy.deepcopy(comp)
                             reestimate_bn(recal, d)
-                            save(row_for(mname, "pretrained", label, ret, comp, dp, dc, test_top1(comp, d), n_test,
-                                         dict(extra, top1_bn_reestimated=round(test_top1(recal, d), 4))))
+                            save(
+                                row_for(
+                                    mname,
+                                    "pretrained",
+                                    label,
+                                    ret,
+                                    comp,
+                                    dp,
+                                    dc,
+                                    test_top1(comp, d),
+                                    n_test,
+                                    dict(extra, top1_bn_reestimated=round(test_top1(recal, d), 4)),
+                                )
+                            )
                         if (mname, "finetune", label, ret) not in done and "finetune" in strategies:
-                            hist, secs = train(comp, d, args.ft_epochs, FINETUNE_RECIPE.lr, args.seed, val=True,
-                                               patience=FINETUNE_RECIPE.patience)
-                            save(row_for(mname, "finetune", label, ret, comp, dp, dc, test_top1(comp, d), n_test,
-                                         dict(extra, ft_seconds=round(secs, 1), ft_epochs_run=len(hist),
-                                              ft_lr=FINETUNE_RECIPE.lr, ft_val_loss=[round(h["val_loss"], 4) for h in hist])))
+                            hist, secs = train(
+                                comp,
+                                d,
+                                args.ft_epochs,
+                                FINETUNE_RECIPE.lr,
+                                args.seed,
+                                val=True,
+                                patience=FINETUNE_RECIPE.patience,
+                            )
+                            save(
+                                row_for(
+                                    mname,
+                                    "finetune",
+                                    label,
+                                    ret,
+                                    comp,
+                                    dp,
+                                    dc,
+                                    test_top1(comp, d),
+                                    n_test,
+                                    dict(
+                                        extra,
+                                        ft_seconds=round(secs, 1),
+                                        ft_epochs_run=len(hist),
+                                        ft_lr=FINETUNE_RECIPE.lr,
+                                        ft_val_loss=[round(h["val_loss"], 4) for h in hist],
+                                    ),
+                                )
+                            )
                     if "scratch" in strategies and (mname, "scratch", label, ret) not in done:
                         model, notes = scratch_model(mname, args, method, ret)
                         hist, secs = train(model, d, args.epochs, args.lr, args.seed)
-                        save(row_for(mname, "scratch", label, ret, model, dp, dc, test_top1(model, d), n_test,
-                                     {"tensorcut_method": method, "train_seconds": round(secs, 1), "epochs": len(hist),
-                                      "final_train_top1": hist[-1]["train_top1"], "notes": notes}))
+                        save(
+                            row_for(
+                                mname,
+                                "scratch",
+                                label,
+                                ret,
+                                model,
+                                dp,
+                                dc,
+                                test_top1(model, d),
+                                n_test,
+                                {
+                                    "tensorcut_method": method,
+                                    "train_seconds": round(secs, 1),
+                                    "epochs": len(hist),
+                                    "final_train_top1": hist[-1]["train_top1"],
+                                    "notes": notes,
+                                },
+                            )
+                        )
         save()
     result["runs"][-1]["uptime_at_end"] = uptime_line()
     write_json(out_json, result)
-    write_markdown(args.out.with_suffix(".md"), "The thesis's tables on Fashion-MNIST (width-reduced, CPU)",
-                   result["command"], render(result), machine, result["runs"][-1].get("load"))
+    write_markdown(
+        args.out.with_suffix(".md"),
+        "The thesis's tables on Fashion-MNIST (width-reduced, CPU)",
+        result["command"],
+        render(result),
+        machine,
+        result["runs"][-1].get("load"),
+    )
     print(f"wrote {out_json} and .md in {round(time.perf_counter() - t_all, 1)} s")
 
 
-STRATEGY_TITLES = {"scratch": "tensorized from scratch (thesis 7.2.1)",
-                   "pretrained": "tensorized from a pretrained model, without fine-tuning (thesis 7.2.2)",
-                   "finetune": "after fine-tuning the tensorized pretrained model (thesis 7.2.3)"}
+STRATEGY_TITLES = {
+    "scratch": "tensorized from scratch (thesis 7.2.1)",
+    "pretrained": "tensorized from a pretrained model, without fine-tuning (thesis 7.2.2)",
+    "finetune": "after fine-tuning the tensorized pretrained model (thesis 7.2.3)",
+}
 METHOD_NAMES = {"uncompressed": "Uncompressed", "cp": "CP", "tucker": "Tucker", "tt": "TT"}
 
 
@@ -453,38 +763,84 @@ def render(result: dict[str, Any]) -> str:
                 continue
             order = {"cp": 0, "tucker": 1, "tt": 2}
             rows.sort(key=lambda r: (order.get(r["method"], 9), r["retention"]))
-            head = ["Method", "% Parameters", "#Parameters", "Model size (MB)", "Compression ratio", "Accuracy",
-                    "conv ret.", "thesis #Parameters", "thesis CR", "thesis Accuracy"]
+            head = [
+                "Method",
+                "% Parameters",
+                "#Parameters",
+                "Model size (MB)",
+                "Compression ratio",
+                "Accuracy",
+                "conv ret.",
+                "thesis #Parameters",
+                "thesis CR",
+                "thesis Accuracy",
+            ]
             if strat == "pretrained":
                 head.insert(6, "Accuracy, BN re-estimated")
             table = []
             for r in ([unc] if unc else []) + rows:
                 t = r.get("thesis") or {}
-                cells = [METHOD_NAMES.get(r["method"], r["method"]), r["retention"] if r["retention"] else 1.0,
-                         f"{r['params']:,}", f"{r['size_mb']:.3f}", f"{r['compression_ratio']:.3f}x",
-                         f"{r['top1']:.4f}", f"{r['conv_retention']:.3f}",
-                         f"{t['params']:,}" if t else "-", f"{t['compression_ratio']}x" if t else "-",
-                         t.get("accuracy", "-") if t else "-"]
+                cells = [
+                    METHOD_NAMES.get(r["method"], r["method"]),
+                    r["retention"] if r["retention"] else 1.0,
+                    f"{r['params']:,}",
+                    f"{r['size_mb']:.3f}",
+                    f"{r['compression_ratio']:.3f}x",
+                    f"{r['top1']:.4f}",
+                    f"{r['conv_retention']:.3f}",
+                    f"{t['params']:,}" if t else "-",
+                    f"{t['compression_ratio']}x" if t else "-",
+                    t.get("accuracy", "-") if t else "-",
+                ]
                 if strat == "pretrained":
-                    cells.insert(6, f"{r['top1_bn_reestimated']:.4f}" if "top1_bn_reestimated" in r else "-")
+                    cells.insert(
+                        6, f"{r['top1_bn_reestimated']:.4f}" if "top1_bn_reestimated" in r else "-"
+                    )
                 table.append(tuple(cells))
             tno = THESIS_TABLE_NO.get((m, strat), "?")
-            parts.append(f"## {m}, {STRATEGY_TITLES[strat]} (cf. thesis Table {tno})\n\n" + md_table(head, table))
+            parts.append(
+                f"## {m}, {STRATEGY_TITLES[strat]} (cf. thesis Table {tno})\n\n"
+                + md_table(head, table)
+            )
     notes = sorted({n for r in rows_all for n in r.get("notes", []) or []})
     if notes:
         parts.append("Notes from the planner:\n\n" + "\n".join(f"- {n}" for n in notes[:40]))
-    timing = [(r["model"], r["strategy"], METHOD_NAMES.get(r["method"], r["method"]), r["retention"],
-               r.get("train_seconds") or r.get("ft_seconds") or "-", r.get("decompose_seconds", "-"),
-               r.get("mean_kernel_rel_error", "-")) for r in rows_all]
-    parts.append("Costs and kernel errors (train/fine-tune seconds; decomposition seconds; mean relative kernel error "
-                 "of the factorized layers):\n\n" + md_table(["model", "strategy", "method", "retention", "train s",
-                                                              "decompose s", "mean kernel error"], timing))
+    timing = [
+        (
+            r["model"],
+            r["strategy"],
+            METHOD_NAMES.get(r["method"], r["method"]),
+            r["retention"],
+            r.get("train_seconds") or r.get("ft_seconds") or "-",
+            r.get("decompose_seconds", "-"),
+            r.get("mean_kernel_rel_error", "-"),
+        )
+        for r in rows_all
+    ]
+    parts.append(
+        "Costs and kernel errors (train/fine-tune seconds; decomposition seconds; mean relative kernel error "
+        "of the factorized layers):\n\n"
+        + md_table(
+            [
+                "model",
+                "strategy",
+                "method",
+                "retention",
+                "train s",
+                "decompose s",
+                "mean kernel error",
+            ],
+            timing,
+        )
+    )
     runs = result.get("runs", [])
     for i, r in enumerate(runs):
         ld = r.get("load") or {}
-        parts.append(f"Run {i + 1}: `{r['command']}` started {r['started']}, {r.get('seconds', '?')} s, 1-min load "
-                     f"mean {ld.get('load1_mean', '?')} (min {ld.get('load1_min', '?')}, max {ld.get('load1_max', '?')}); "
-                     f"`uptime` at start `{r['uptime_at_start']}`, at the end `{r.get('uptime_at_end', r.get('uptime_last', '?'))}`.")
+        parts.append(
+            f"Run {i + 1}: `{r['command']}` started {r['started']}, {r.get('seconds', '?')} s, 1-min load "
+            f"mean {ld.get('load1_mean', '?')} (min {ld.get('load1_min', '?')}, max {ld.get('load1_max', '?')}); "
+            f"`uptime` at start `{r['uptime_at_start']}`, at the end `{r.get('uptime_at_end', r.get('uptime_last', '?'))}`."
+        )
     return "\n\n".join(parts)
 
 

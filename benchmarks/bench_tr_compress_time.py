@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import cpu_model  # benchmarks/common.py (the script's own folder)
 from torch import nn
 
 from tensorcut.decompose.tr import TRCandidate, rsdtr, tr_macs, tr_params, tr_svd, tr_to_tensor
-from common import cpu_model  # benchmarks/common.py (the script's own folder)
 from tensorcut.layers.base import ConvGeometry
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,7 +56,9 @@ def _fallback_resnet(name: str) -> nn.Module:
             self.sc: nn.Module = nn.Identity()
             if stride != 1 or cin != cout:
                 if proj:
-                    self.sc = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                    self.sc = nn.Sequential(
+                        nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+                    )
                 else:
                     pad = cout - cin
                     self.sc = _PadShortcut(stride, pad)
@@ -80,7 +82,11 @@ def _fallback_resnet(name: str) -> nn.Module:
         widths, blocks, proj, stem = (16, 32, 64), (3, 3, 3), False, 16
     else:
         raise SystemExit(f"no fallback builder for {name}")
-    layers: list[nn.Module] = [nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU()]
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, stem, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(stem),
+        nn.ReLU(),
+    ]
     cin = stem
     for i, (w, n) in enumerate(zip(widths, blocks)):
         for j in range(n):
@@ -105,7 +111,11 @@ def conv_inputs(model: nn.Module, hw: int = 32) -> list[tuple[str, nn.Conv2d, tu
     handles = []
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(lambda mod, i, o, n=name: sizes.__setitem__(n, tuple(i[0].shape[-2:]))))
+            handles.append(
+                m.register_forward_hook(
+                    lambda mod, i, o, n=name: sizes.__setitem__(n, tuple(i[0].shape[-2:]))
+                )
+            )
     model.eval()
     with torch.no_grad():
         model(torch.zeros(1, 3, hw, hw))
@@ -130,7 +140,9 @@ def naive_search(kernel: torch.Tensor, eps: float) -> TRCandidate:
         big_r = first.ranks[s] * first.ranks[(s + 1) % 4]
         for dv in [d for d in range(1, big_r + 1) if big_r % d == 0]:
             res = first if dv == 1 else tr_svd(kernel, eps, shift=s, divisor=dv, solver="svd")
-            cands.append(TRCandidate(s, dv, res.ranks, tr_params(shape, res.ranks), None, res.rel_error))
+            cands.append(
+                TRCandidate(s, dv, res.ranks, tr_params(shape, res.ranks), None, res.rel_error)
+            )
     return min(cands, key=_key)
 
 
@@ -163,12 +175,20 @@ def tensorly_at(kernel: torch.Tensor, ranks: tuple[int, ...], shift: int) -> tup
 # ----------------------------------------------------------------------------- main
 
 
-def run_model(name: str, eps_list: list[float], baseline_eps: list[float], do_tensorly: bool, seed: int) -> dict[str, Any]:
+def run_model(
+    name: str, eps_list: list[float], baseline_eps: list[float], do_tensorly: bool, seed: int
+) -> dict[str, Any]:
     torch.manual_seed(seed)
     model, source = build(name)
     convs = conv_inputs(model)
     total_params = sum(p.numel() for p in model.parameters())
-    out: dict[str, Any] = {"model": name, "builder": source, "model_params": total_params, "n_convs": len(convs), "runs": []}
+    out: dict[str, Any] = {
+        "model": name,
+        "builder": source,
+        "model_params": total_params,
+        "n_convs": len(convs),
+        "runs": [],
+    }
     for eps in eps_list:
         layers = []
         for lname, conv, hw in convs:
@@ -191,7 +211,14 @@ def run_model(name: str, eps_list: list[float], baseline_eps: list[float], do_te
                 "dense_params": dense,
                 "tr_params": res.params,
                 "dense_macs": geom.dense_macs(hw),
-                "tr_macs": tr_macs(tuple(w.shape), res.ranks, hw, stride=geom.stride, padding=geom.pad, dilation=geom.dilation),
+                "tr_macs": tr_macs(
+                    tuple(w.shape),
+                    res.ranks,
+                    hw,
+                    stride=geom.stride,
+                    padding=geom.pad,
+                    dilation=geom.dilation,
+                ),
             }
             if eps in baseline_eps:
                 t0 = time.perf_counter()
@@ -199,17 +226,24 @@ def run_model(name: str, eps_list: list[float], baseline_eps: list[float], do_te
                 row["naive_seconds"] = time.perf_counter() - t0
                 row["naive_params"] = nv.params
             if do_tensorly and eps in baseline_eps:
-                row["tensorly_seconds"], row["tensorly_rel_error"] = tensorly_at(w, res.ranks, res.shift)
+                row["tensorly_seconds"], row["tensorly_rel_error"] = tensorly_at(
+                    w, res.ranks, res.shift
+                )
             layers.append(row)
-            print(f"  {name} eps={eps} {lname:24s} {str(tuple(w.shape)):18s} {dt:7.2f}s ranks={res.ranks} "
-                  f"P {dense}->{res.params}" + (f" naive {row['naive_seconds']:.2f}s" if "naive_seconds" in row else ""),
-                  flush=True)
+            print(
+                f"  {name} eps={eps} {lname:24s} {str(tuple(w.shape)):18s} {dt:7.2f}s ranks={res.ranks} "
+                f"P {dense}->{res.params}"
+                + (f" naive {row['naive_seconds']:.2f}s" if "naive_seconds" in row else ""),
+                flush=True,
+            )
         total = sum(r["seconds"] for r in layers)
         dense_p = sum(r["dense_params"] for r in layers)
         tr_all = sum(r["tr_params"] for r in layers)
         guarded = sum(min(r["tr_params"], r["dense_params"]) for r in layers)
         dense_m = sum(r["dense_macs"] for r in layers)
-        guarded_m = sum(r["tr_macs"] if r["tr_params"] < r["dense_params"] else r["dense_macs"] for r in layers)
+        guarded_m = sum(
+            r["tr_macs"] if r["tr_params"] < r["dense_params"] else r["dense_macs"] for r in layers
+        )
         run: dict[str, Any] = {
             "eps": eps,
             "rsdtr_seconds": total,
@@ -256,7 +290,9 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     for m in report["models"]:
         for r in m["runs"]:
             naive = f"{r['naive_seconds']:.1f}" if "naive_seconds" in r else "—"
-            speed = f"{r['naive_seconds'] / r['rsdtr_seconds']:.1f}x" if "naive_seconds" in r else "—"
+            speed = (
+                f"{r['naive_seconds'] / r['rsdtr_seconds']:.1f}x" if "naive_seconds" in r else "—"
+            )
             tly = f"{r['tensorly_seconds']:.1f}" if "tensorly_seconds" in r else "—"
             lines.append(
                 f"| {m['model']} | {r['eps']} | {r['rsdtr_seconds']:.1f} | {naive} | {speed} | {tly} | {m['n_convs']} | "
@@ -267,13 +303,19 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     for m in report["models"]:
         for r in m["runs"]:
             if "naive_same_params" in r:
-                lines.append(f"- {m['model']} eps {r['eps']}: {r['naive_same_params']}/{m['n_convs']} layers")
+                lines.append(
+                    f"- {m['model']} eps {r['eps']}: {r['naive_same_params']}/{m['n_convs']} layers"
+                )
     big = next((m for m in report["models"] if m["model"] == "resnet18"), None)
     if big is not None:
         r = next((x for x in big["runs"] if "naive_seconds" in x), big["runs"][0])
-        lines += ["", f"## Per layer: resnet18, eps {r['eps']}", "",
-                  "| layer | kernel | s | naive s | ranks (a,b,c,d) | shift | divisor | candidates | dense P | TR P | rel. err |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Per layer: resnet18, eps {r['eps']}",
+            "",
+            "| layer | kernel | s | naive s | ranks (a,b,c,d) | shift | divisor | candidates | dense P | TR P | rel. err |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for row in r["layers"]:
             nv = f"{row['naive_seconds']:.2f}" if "naive_seconds" in row else "—"
             lines.append(
@@ -288,7 +330,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["resnet18", "resnet20"])
     ap.add_argument("--eps", nargs="+", type=float, default=[0.5, 0.3, 0.7])
-    ap.add_argument("--baseline-eps", nargs="*", type=float, default=[0.5], help="eps values that also run naive + tensorly")
+    ap.add_argument(
+        "--baseline-eps",
+        nargs="*",
+        type=float,
+        default=[0.5],
+        help="eps values that also run naive + tensorly",
+    )
     ap.add_argument("--no-tensorly", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -328,8 +376,10 @@ def main() -> None:
     for m in models:
         for r in m["runs"]:
             extra = f", naive {r['naive_seconds']:.1f}s" if "naive_seconds" in r else ""
-            print(f"{m['model']} eps={r['eps']}: rsdtr {r['rsdtr_seconds']:.1f}s{extra}; PCR all {r['pcr_conv_all']:.3f}, "
-                  f"guarded {r['pcr_conv_guarded']:.3f}; {r['layers_larger_than_dense']}/{m['n_convs']} layers larger than dense")
+            print(
+                f"{m['model']} eps={r['eps']}: rsdtr {r['rsdtr_seconds']:.1f}s{extra}; PCR all {r['pcr_conv_all']:.3f}, "
+                f"guarded {r['pcr_conv_guarded']:.3f}; {r['layers_larger_than_dense']}/{m['n_convs']} layers larger than dense"
+            )
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ class LoadMonitor:
             self.samples.append(os.getloadavg()[0])
             self._stop.wait(self.every)
 
-    def __enter__(self) -> "LoadMonitor":
+    def __enter__(self) -> LoadMonitor:
         self._thread.start()
         return self
 
@@ -77,8 +77,13 @@ class LoadMonitor:
 
     def summary(self) -> dict[str, Any]:
         s = self.samples or [os.getloadavg()[0]]
-        return {"load1_min": round(min(s), 2), "load1_mean": round(statistics.fmean(s), 2),
-                "load1_max": round(max(s), 2), "samples": len(s), "cpus": os.cpu_count()}
+        return {
+            "load1_min": round(min(s), 2),
+            "load1_mean": round(statistics.fmean(s), 2),
+            "load1_max": round(max(s), 2),
+            "samples": len(s),
+            "cpus": os.cpu_count(),
+        }
 
 
 def cpu_model() -> str:
@@ -94,8 +99,13 @@ def cpu_model() -> str:
 
 def _git_commit() -> str:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return rev or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -120,10 +130,17 @@ def uptime_line() -> str:
 def machine_info(threads: int) -> dict[str, Any]:
     """Where and with what the benchmark ran."""
     return {
-        "cpu": cpu_model(), "cpus": os.cpu_count(), "threads": threads, "nice": os.nice(0),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "tensorly": _version("tensorly"), "tltorch": _version("tltorch"), "numpy": _version("numpy"),
-        "git_commit": _git_commit(), "uptime_at_start": uptime_line(),
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "threads": threads,
+        "nice": os.nice(0),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "tensorly": _version("tensorly"),
+        "tltorch": _version("tltorch"),
+        "numpy": _version("numpy"),
+        "git_commit": _git_commit(),
+        "uptime_at_start": uptime_line(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
@@ -144,8 +161,12 @@ def command_line() -> str:
 # ----------------------------------------------------------------------------- timing
 
 
-def interleaved_times(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 2,
-                      max_seconds: float | None = None) -> dict[str, list[float]]:
+def interleaved_times(
+    fns: dict[str, Callable[[], Any]],
+    rounds: int,
+    warmup: int = 2,
+    max_seconds: float | None = None,
+) -> dict[str, list[float]]:
     """Time every callable once per round, round-robin (the order rotates each round).
 
     Background load then hits all variants alike. Returns seconds per call, per name.
@@ -158,7 +179,7 @@ def interleaved_times(fns: dict[str, Callable[[], Any]], rounds: int, warmup: in
     out: dict[str, list[float]] = {n: [] for n in names}
     t_start = time.perf_counter()
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             t = time.perf_counter()
             fns[n]()
@@ -204,39 +225,61 @@ def _jsonable(o: Any) -> Any:
 
 def md_table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub markdown table."""
-    lines = ["| " + " | ".join(str(h) for h in head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines = [
+        "| " + " | ".join(str(h) for h in head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
+    ]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, title: str, command: str, body: str, machine: dict[str, Any],
-                   load: dict[str, Any] | None) -> None:
+def write_markdown(
+    path: Path,
+    title: str,
+    command: str,
+    body: str,
+    machine: dict[str, Any],
+    load: dict[str, Any] | None,
+) -> None:
     """Markdown report: title, the exact command, the machine and its load, then ``body``."""
     lines = [f"# {title}", "", "Command (from the repository root):", "", "```", command, "```", ""]
     m = machine
-    lines.append(f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['threads']} thread(s) for torch and BLAS, nice {m['nice']}; "
-                 f"python {m['python']}, torch {m['torch']}, tensorly {m['tensorly']}, tensorly-torch {m['tltorch']}; "
-                 f"commit {m['git_commit']}; started {m['started']}.")
+    lines.append(
+        f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['threads']} thread(s) for torch and BLAS, nice {m['nice']}; "
+        f"python {m['python']}, torch {m['torch']}, tensorly {m['tensorly']}, tensorly-torch {m['tltorch']}; "
+        f"commit {m['git_commit']}; started {m['started']}."
+    )
     lines.append("")
     lines.append(f"`uptime` at start: `{m['uptime_at_start']}`")
     if load:
-        lines.append(f"1-minute load average during the run: min {load['load1_min']}, mean {load['load1_mean']}, "
-                     f"max {load['load1_max']} ({load['samples']} samples) on {load['cpus']} CPUs.")
+        lines.append(
+            f"1-minute load average during the run: min {load['load1_min']}, mean {load['load1_mean']}, "
+            f"max {load['load1_max']} ({load['samples']} samples) on {load['cpus']} CPUs."
+        )
     lines += ["", body.rstrip(), ""]
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text("\n".join(lines))
     os.replace(tmp, path)
 
 
-def finish_report(result: dict[str, Any], out: Path, title: str, t_start: float, machine: dict[str, Any],
-                  targets: Callable[[dict[str, Any]], Any], render: Callable[[dict[str, Any]], str]) -> None:
+def finish_report(
+    result: dict[str, Any],
+    out: Path,
+    title: str,
+    t_start: float,
+    machine: dict[str, Any],
+    targets: Callable[[dict[str, Any]], Any],
+    render: Callable[[dict[str, Any]], str],
+) -> None:
     """The end of a benchmark run: uptime, wall time and targets into ``result``, then
     ``out``.json and ``out``.md (``render(result)`` as the body)."""
     result["uptime_at_end"] = uptime_line()
     result["total_seconds"] = round(time.perf_counter() - t_start, 1)
     result["targets"] = targets(result)
     write_json(out.with_suffix(".json"), result)
-    write_markdown(out.with_suffix(".md"), title, result["command"], render(result), machine, result["load"])
+    write_markdown(
+        out.with_suffix(".md"), title, result["command"], render(result), machine, result["load"]
+    )
     print(f"wrote {out.with_suffix('.json')} and .md in {result['total_seconds']} s")
 
 

@@ -26,8 +26,9 @@ import math
 import shutil
 import statistics
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -36,7 +37,9 @@ OUT = ROOT / "benchmarks" / "results" / "paper_reproduction"
 WORK = ROOT / "runs" / "paper_reproduction"
 DROP = 0.02  # a top-1 drop larger than this is "significant"
 SVD_BIPS = ("OUT", "IN", "KH", "KW", "OUT-IN", "OUT-KH", "OUT-KW")
-_REPORT: dict[str, bool] = {"computed": False}  # whether this invocation trained or evaluated anything
+_REPORT: dict[str, bool] = {
+    "computed": False
+}  # whether this invocation trained or evaluated anything
 
 
 def _train(args: argparse.Namespace) -> Path:
@@ -50,11 +53,24 @@ def _train(args: argparse.Namespace) -> Path:
         print(f"[train] reusing {ck}")
         return ck
     _REPORT["computed"] = True
-    print(f"[train] vanilla-cnn width {args.width} on fashion-mnist ({args.train_subset or 'all'} images, "
-          f"{args.epochs} epochs)", flush=True)
-    train("vanilla-cnn", "fashion-mnist", ck, epochs=args.epochs, width=args.width, batch_size=128,
-          config=FitConfig(epochs=args.epochs, lr=2e-3, scheduler="cosine", seed=0), subset=args.train_subset,
-          device="cpu", resume=meta.exists(), progress=False)
+    print(
+        f"[train] vanilla-cnn width {args.width} on fashion-mnist ({args.train_subset or 'all'} images, "
+        f"{args.epochs} epochs)",
+        flush=True,
+    )
+    train(
+        "vanilla-cnn",
+        "fashion-mnist",
+        ck,
+        epochs=args.epochs,
+        width=args.width,
+        batch_size=128,
+        config=FitConfig(epochs=args.epochs, lr=2e-3, scheduler="cosine", seed=0),
+        subset=args.train_subset,
+        device="cpu",
+        resume=meta.exists(),
+        progress=False,
+    )
     return ck
 
 
@@ -65,22 +81,39 @@ def _analyze(args: argparse.Namespace, ck: Path) -> Path:
 
     c = tio.load_checkpoint(ck)
     model = c.model.eval()
-    loaders = {"val": tdata.make_loader(tdata.load_dataset("fashion-mnist", "val", subset=args.val_subset), 500)}
+    loaders = {
+        "val": tdata.make_loader(
+            tdata.load_dataset("fashion-mnist", "val", subset=args.val_subset), 500
+        )
+    }
     if args.train_eval_subset:
         loaders["train"] = tdata.make_loader(
-            tdata.load_dataset("fashion-mnist", "train", subset=args.train_eval_subset), 500)
+            tdata.load_dataset("fashion-mnist", "train", subset=args.train_eval_subset), 500
+        )
     tr = tdata.load_dataset("fashion-mnist", "train", subset=args.recover_subset, seed=0)
     db = WORK / "results.sqlite"
     t0 = time.perf_counter()
-    rep = analyze(model, loaders, db, cp_ranks=args.cp_ranks, all_layers=True, recover_epochs=args.recover_epochs,
-                  train_loader=tdata.make_loader(tr, 128, shuffle=True, seed=0),
-                  recover_kwargs={"lr": 1e-3, "cp_ranks": (40, 20, 10, 5, 2, 1)},
-                  cache_bytes=1 << 30,
-                  model_name=f"vanilla-cnn-w{args.width}", data_name="fashion-mnist",
-                  csv=WORK / "results.csv", progress=True)
+    rep = analyze(
+        model,
+        loaders,
+        db,
+        cp_ranks=args.cp_ranks,
+        all_layers=True,
+        recover_epochs=args.recover_epochs,
+        train_loader=tdata.make_loader(tr, 128, shuffle=True, seed=0),
+        recover_kwargs={"lr": 1e-3, "cp_ranks": (40, 20, 10, 5, 2, 1)},
+        cache_bytes=1 << 30,
+        model_name=f"vanilla-cnn-w{args.width}",
+        data_name="fashion-mnist",
+        csv=WORK / "results.csv",
+        progress=True,
+    )
     _REPORT["computed"] = _REPORT["computed"] or rep.evaluated > 0
-    print(f"[analyze] {rep.evaluated} evaluated, {rep.skipped} reused, {time.perf_counter() - t0:.0f} s; "
-          f"fast path: {rep.fast_path}", flush=True)
+    print(
+        f"[analyze] {rep.evaluated} evaluated, {rep.skipped} reused, {time.perf_counter() - t0:.0f} s; "
+        f"fast path: {rep.fast_path}",
+        flush=True,
+    )
     return db
 
 
@@ -91,26 +124,38 @@ def _fmt(x: float | None, nd: int = 1) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
-def _claims(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], split: str) -> dict[str, Any]:
+def _claims(
+    rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], split: str
+) -> dict[str, Any]:
     from tensorcut.analysis import findings as fd
 
     base = next(r for r in rows if r["kind"] == "baseline" and r["split"] == split)
     b1 = float(base["top1"])
     layers = list(meta["layers"])
     single = fd.curves(rows, kind="single", method="svd", split=split)
-    tol = {(layer, b): fd.tolerated_norm_loss(single[(layer, b)], b1, max_drop=DROP)
-           for (layer, b) in single}
+    tol = {
+        (layer, b): fd.tolerated_norm_loss(single[(layer, b)], b1, max_drop=DROP)
+        for (layer, b) in single
+    }
     drop50 = {}
     for key, pts in single.items():
         a = fd.accuracy_at(pts, 50.0)
         drop50[key] = None if a is None else b1 - a
-    out: dict[str, Any] = {"split": split, "baseline_top1": b1, "tolerated": {f"{k[0]}/{k[1]}": v for k, v in tol.items()},
-                           "drop_at_50": {f"{k[0]}/{k[1]}": v for k, v in drop50.items()}}
+    out: dict[str, Any] = {
+        "split": split,
+        "baseline_top1": b1,
+        "tolerated": {f"{k[0]}/{k[1]}": v for k, v in tol.items()},
+        "drop_at_50": {f"{k[0]}/{k[1]}": v for k, v in drop50.items()},
+    }
 
     # C1: robust to large norm loss along OUT / IN
     oi = [tol[(layer, b)] for layer in layers for b in ("OUT", "IN") if (layer, b) in tol]
-    out["c1"] = {"median_tolerated_out_in": statistics.median(oi), "min": min(oi), "max": max(oi),
-                 "verdict": statistics.median(oi) >= 40.0}
+    out["c1"] = {
+        "median_tolerated_out_in": statistics.median(oi),
+        "min": min(oi),
+        "max": max(oi),
+        "verdict": statistics.median(oi) >= 40.0,
+    }
 
     # C2: KW / KH less robust than OUT / IN (tolerated norm loss, and accuracy at equal norm loss)
     pairs, worse_at_equal = [], []
@@ -123,18 +168,33 @@ def _claims(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], split: s
             for p in single.get((layer, b), []):
                 if p.keep == "full":
                     continue
-                ref = [fd.accuracy_at(single[(layer, c)], p.norm_loss) for c in ("OUT", "IN") if (layer, c) in single]
+                ref = [
+                    fd.accuracy_at(single[(layer, c)], p.norm_loss)
+                    for c in ("OUT", "IN")
+                    if (layer, c) in single
+                ]
                 ref = [r for r in ref if r is not None]
                 if ref:
                     worse_at_equal.append(statistics.mean(ref) - p.top1)
-    by_mode = {b: [layer for layer in layers if (layer, b) in tol and
-                   tol[(layer, b)] < min(tol.get((layer, c), math.inf) for c in ("OUT", "IN"))]
-               for b in ("KW", "KH")}
-    out["c2"] = {"per_layer": [{"layer": l, "max_tol_kw_kh": s, "min_tol_out_in": g} for l, s, g in pairs],
-                 "layers_where_less_robust_than_out_and_in": by_mode,
-                 "layers_less_robust": sum(1 for _, s, g in pairs if s < g), "n_layers": len(pairs),
-                 "mean_top1_gap_at_equal_norm_loss": statistics.mean(worse_at_equal) if worse_at_equal else None,
-                 "n_points": len(worse_at_equal)}
+    by_mode = {
+        b: [
+            layer
+            for layer in layers
+            if (layer, b) in tol
+            and tol[(layer, b)] < min(tol.get((layer, c), math.inf) for c in ("OUT", "IN"))
+        ]
+        for b in ("KW", "KH")
+    }
+    out["c2"] = {
+        "per_layer": [{"layer": l, "max_tol_kw_kh": s, "min_tol_out_in": g} for l, s, g in pairs],
+        "layers_where_less_robust_than_out_and_in": by_mode,
+        "layers_less_robust": sum(1 for _, s, g in pairs if s < g),
+        "n_layers": len(pairs),
+        "mean_top1_gap_at_equal_norm_loss": statistics.mean(worse_at_equal)
+        if worse_at_equal
+        else None,
+        "n_points": len(worse_at_equal),
+    }
     out["c2"]["verdict"] = bool(pairs) and out["c2"]["layers_less_robust"] > len(pairs) / 2
 
     # C3: deeper layers more robust
@@ -144,11 +204,18 @@ def _claims(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], split: s
         d50 = [drop50.get((layer, b)) for layer in layers]
         if None in vals:
             continue
-        trend[b] = {"tolerated_by_depth": vals, "drop_at_50_by_depth": d50,
-                    "deepest_more_robust": vals[-1] > vals[0]}
+        trend[b] = {
+            "tolerated_by_depth": vals,
+            "drop_at_50_by_depth": d50,
+            "deepest_more_robust": vals[-1] > vals[0],
+        }
     n_up = sum(1 for v in trend.values() if v["deepest_more_robust"])
-    out["c3"] = {"per_bipartition": trend, "bipartitions_deeper_more_robust": n_up, "n": len(trend),
-                 "verdict": n_up > len(trend) / 2}
+    out["c3"] = {
+        "per_bipartition": trend,
+        "bipartitions_deeper_more_robust": n_up,
+        "n": len(trend),
+        "verdict": n_up > len(trend) / 2,
+    }
 
     # C4: SVD truncation beats CP at equal norm loss
     cp = fd.curves(rows, kind="cp", method="cp", split=split, by=("layer",), with_baseline=False)
@@ -156,58 +223,106 @@ def _claims(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], split: s
     for (layer,), pts in cp.items():
         for p in pts:
             svd_out = fd.accuracy_at(single.get((layer, "OUT"), []), p.norm_loss)
-            cands = [fd.accuracy_at(single[(layer, b)], p.norm_loss) for b in SVD_BIPS if (layer, b) in single]
+            cands = [
+                fd.accuracy_at(single[(layer, b)], p.norm_loss)
+                for b in SVD_BIPS
+                if (layer, b) in single
+            ]
             cands = [c for c in cands if c is not None]
             if svd_out is not None:
                 diffs.append(svd_out - p.top1)
             if cands:
                 diffs_best.append(max(cands) - p.top1)
-            comps.append({"layer": layer, "rank": p.keep, "norm_loss": p.norm_loss, "cp_top1": p.top1,
-                          "svd_out_top1": svd_out})
-    out["c4"] = {"points": comps, "mean_svd_out_minus_cp": statistics.mean(diffs) if diffs else None,
-                 "share_svd_out_better": (sum(d > 0 for d in diffs) / len(diffs)) if diffs else None,
-                 "mean_best_svd_minus_cp": statistics.mean(diffs_best) if diffs_best else None,
-                 "n": len(diffs)}
-    out["c4"]["verdict"] = None if not diffs else (out["c4"]["mean_svd_out_minus_cp"] > 0
-                                                   and out["c4"]["share_svd_out_better"] > 0.5)
+            comps.append(
+                {
+                    "layer": layer,
+                    "rank": p.keep,
+                    "norm_loss": p.norm_loss,
+                    "cp_top1": p.top1,
+                    "svd_out_top1": svd_out,
+                }
+            )
+    out["c4"] = {
+        "points": comps,
+        "mean_svd_out_minus_cp": statistics.mean(diffs) if diffs else None,
+        "share_svd_out_better": (sum(d > 0 for d in diffs) / len(diffs)) if diffs else None,
+        "mean_best_svd_minus_cp": statistics.mean(diffs_best) if diffs_best else None,
+        "n": len(diffs),
+    }
+    out["c4"]["verdict"] = (
+        None
+        if not diffs
+        else (out["c4"]["mean_svd_out_minus_cp"] > 0 and out["c4"]["share_svd_out_better"] > 0.5)
+    )
 
     # C5: fast recovery (and SVD faster than CP)
     rec = fd.recovery_curves(rows, split=split)
-    rec_rows = [r for r in rows if r["kind"] == "recovery" and r["split"] == split and r["epoch"] == 0]
+    rec_rows = [
+        r for r in rows if r["kind"] == "recovery" and r["split"] == split and r["epoch"] == 0
+    ]
     scen = {}
     for name, pts in rec.items():
         e0 = pts[0][1]
         e1 = pts[1][1] if len(pts) > 1 else None
         within = next((e for e, t1, _ in pts if t1 >= b1 - 0.03), None)
-        scen[name] = {"top1_by_epoch": [t for _, t, _ in pts], "after_truncation": e0, "after_1_epoch": e1,
-                      "best": max(t for _, t, _ in pts), "first_epoch_within_3pt": within}
+        scen[name] = {
+            "top1_by_epoch": [t for _, t, _ in pts],
+            "after_truncation": e0,
+            "after_1_epoch": e1,
+            "best": max(t for _, t, _ in pts),
+            "first_epoch_within_3pt": within,
+        }
     for r in rec_rows:
         name = f"CP rank {r['keep_int']}" if r["method"] == "cp" else f"SVD {r['bipartition']}"
         if name in scen:
             scen[name]["avg_norm_loss"] = r["norm_loss_pct"]
             scen[name]["truncation"] = (r.get("extra") or {}).get("truncation")
             scen[name]["near_chance_reached"] = (r.get("extra") or {}).get("near_chance_reached")
-    fast = [s for s in scen.values() if s["after_1_epoch"] is not None and s["after_1_epoch"] >= 0.8 * b1]
-    svd1 = [s["after_1_epoch"] for n, s in scen.items() if n.startswith("SVD") and s["after_1_epoch"] is not None]
-    cp1 = [s["after_1_epoch"] for n, s in scen.items() if n.startswith("CP") and s["after_1_epoch"] is not None]
+    fast = [
+        s
+        for s in scen.values()
+        if s["after_1_epoch"] is not None and s["after_1_epoch"] >= 0.8 * b1
+    ]
+    svd1 = [
+        s["after_1_epoch"]
+        for n, s in scen.items()
+        if n.startswith("SVD") and s["after_1_epoch"] is not None
+    ]
+    cp1 = [
+        s["after_1_epoch"]
+        for n, s in scen.items()
+        if n.startswith("CP") and s["after_1_epoch"] is not None
+    ]
     n_eval = int(base["n"])
     se = math.sqrt(max(b1 * (1 - b1), 1e-12) / n_eval)  # binomial standard error of one top-1 value
     margin = 2 * math.sqrt(2) * se  # two standard errors of a difference of two top-1 values
     if svd1 and cp1:
         gap = min(svd1) - max(cp1)
-        faster: bool | str | None = True if gap > margin else ("inconclusive" if max(svd1) - min(cp1) > -margin
-                                                               else False)
+        faster: bool | str | None = (
+            True if gap > margin else ("inconclusive" if max(svd1) - min(cp1) > -margin else False)
+        )
     else:
         gap, faster = None, None
-    out["c5"] = {"scenarios": scen, "verdict": (len(fast) == len(scen)) if scen else None,
-                 "svd_faster_than_cp": faster, "svd_minus_cp_after_1_epoch": gap, "noise_margin": margin}
+    out["c5"] = {
+        "scenarios": scen,
+        "verdict": (len(fast) == len(scen)) if scen else None,
+        "svd_faster_than_cp": faster,
+        "svd_minus_cp_after_1_epoch": gap,
+        "noise_margin": margin,
+    }
 
     # all-layer truncation (Figs. 12-13)
     al = fd.curves(rows, kind="all-layers", method="svd", split=split, by=("bipartition",))
-    out["all_layers"] = {b: fd.tolerated_norm_loss(pts, b1, max_drop=DROP) for (b,), pts in al.items()}
+    out["all_layers"] = {
+        b: fd.tolerated_norm_loss(pts, b1, max_drop=DROP) for (b,), pts in al.items()
+    }
 
     # norm loss vs correlation loss (Sec. III E)
-    sv = [r for r in rows if r["kind"] == "single" and r["split"] == split and r["corr_loss_pct"] is not None]
+    sv = [
+        r
+        for r in rows
+        if r["kind"] == "single" and r["split"] == split and r["corr_loss_pct"] is not None
+    ]
     if len(sv) > 2:
         xs = [r["norm_loss_pct"] for r in sv]
         ys = [r["corr_loss_pct"] for r in sv]
@@ -221,85 +336,135 @@ def _claims(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], split: s
 def _yes(v: bool | str | None) -> str:
     if v == "inconclusive":
         return "**inconclusive** (the difference is within measurement noise)"
-    return "**reproduces**" if v else ("**does not reproduce**" if v is not None else "**not measured**")
+    return (
+        "**reproduces**"
+        if v
+        else ("**does not reproduce**" if v is not None else "**not measured**")
+    )
 
 
 def _markdown(c: Mapping[str, Any], ctx: Mapping[str, Any]) -> str:
     layers = ctx["layers"]
     L: list[str] = []
-    L += ["# Paper reproduction: truncation study on vanilla-cnn / Fashion-MNIST", "",
-          f"Model: `vanilla-cnn` width {ctx['width']} (conv kernels {ctx['shapes']}), trained {ctx['epochs']} epochs "
-          f"on {ctx['train_subset'] or 'all'} Fashion-MNIST training images (Adam, cosine LR); test top-1 "
-          f"{ctx['test_top1']:.4f}.",
-          f"Evaluation: {c['split']} split, {ctx['n_eval']} images; unmodified top-1 {c['baseline_top1']:.4f}. "
-          f"Truncated layers: {', '.join(layers)} (every conv with more than one input channel; conv1 has one).",
-          "Norm = squared Frobenius norm (sum of squared singular values); norm loss % = discarded share. "
-          f"Entropy: {ctx['entropy']}. \"Robust\" = top-1 within {100 * DROP:g} points of the unmodified model; "
-          "the *tolerated norm loss* is the largest norm loss before top-1 first falls further (linear interpolation "
-          "between measured points; the largest measured loss if it never does).",
-          f"Command: `{ctx['command']}` ({ctx['minutes'] or 0:.0f} min wall-clock on 2 CPU cores shared with other jobs"
-          + (f", {ctx['cpu_minutes']:.0f} min of CPU time" if ctx.get("cpu_minutes") else "") + "). "
-          "Figures in `figures/`, rows in `results.csv`, spectra in `spectra.csv`, numbers in `summary.json`.", ""]
+    L += [
+        "# Paper reproduction: truncation study on vanilla-cnn / Fashion-MNIST",
+        "",
+        f"Model: `vanilla-cnn` width {ctx['width']} (conv kernels {ctx['shapes']}), trained {ctx['epochs']} epochs "
+        f"on {ctx['train_subset'] or 'all'} Fashion-MNIST training images (Adam, cosine LR); test top-1 "
+        f"{ctx['test_top1']:.4f}.",
+        f"Evaluation: {c['split']} split, {ctx['n_eval']} images; unmodified top-1 {c['baseline_top1']:.4f}. "
+        f"Truncated layers: {', '.join(layers)} (every conv with more than one input channel; conv1 has one).",
+        "Norm = squared Frobenius norm (sum of squared singular values); norm loss % = discarded share. "
+        f'Entropy: {ctx["entropy"]}. "Robust" = top-1 within {100 * DROP:g} points of the unmodified model; '
+        "the *tolerated norm loss* is the largest norm loss before top-1 first falls further (linear interpolation "
+        "between measured points; the largest measured loss if it never does).",
+        f"Command: `{ctx['command']}` ({ctx['minutes'] or 0:.0f} min wall-clock on 2 CPU cores shared with other jobs"
+        + (f", {ctx['cpu_minutes']:.0f} min of CPU time" if ctx.get("cpu_minutes") else "")
+        + "). "
+        "Figures in `figures/`, rows in `results.csv`, spectra in `spectra.csv`, numbers in `summary.json`.",
+        "",
+    ]
     tol = c["tolerated"]
-    L += ["## Tolerated norm loss % per layer and bipartition (top-1 drop <= 2 points)", "",
-          "| layer | " + " | ".join(SVD_BIPS) + " |", "|---|" + "---:|" * len(SVD_BIPS)]
+    L += [
+        "## Tolerated norm loss % per layer and bipartition (top-1 drop <= 2 points)",
+        "",
+        "| layer | " + " | ".join(SVD_BIPS) + " |",
+        "|---|" + "---:|" * len(SVD_BIPS),
+    ]
     for layer in layers:
-        L.append(f"| {layer} | " + " | ".join(_fmt(tol.get(f"{layer}/{b}")) for b in SVD_BIPS) + " |")
-    L += ["", "Top-1 drop (points) at 50% norm loss, interpolated (n/a: 50% not inside the measured range):", "",
-          "| layer | " + " | ".join(SVD_BIPS) + " |", "|---|" + "---:|" * len(SVD_BIPS)]
+        L.append(
+            f"| {layer} | " + " | ".join(_fmt(tol.get(f"{layer}/{b}")) for b in SVD_BIPS) + " |"
+        )
+    L += [
+        "",
+        "Top-1 drop (points) at 50% norm loss, interpolated (n/a: 50% not inside the measured range):",
+        "",
+        "| layer | " + " | ".join(SVD_BIPS) + " |",
+        "|---|" + "---:|" * len(SVD_BIPS),
+    ]
     for layer in layers:
         vals = [c["drop_at_50"].get(f"{layer}/{b}") for b in SVD_BIPS]
-        L.append(f"| {layer} | " + " | ".join(_fmt(None if v is None else 100 * v) for v in vals) + " |")
+        L.append(
+            f"| {layer} | " + " | ".join(_fmt(None if v is None else 100 * v) for v in vals) + " |"
+        )
     L += ["", "## Claims", ""]
     c1 = c["c1"]
-    L += [f"1. **Accuracy is robust to large norm loss along OUT / IN** — {_yes(c1['verdict'])}. "
-          f"Median tolerated norm loss over layers along OUT and IN: {c1['median_tolerated_out_in']:.1f}% "
-          f"(range {c1['min']:.1f}-{c1['max']:.1f}%); criterion: median >= 40% (the paper: up to ~50%).", ""]
+    L += [
+        f"1. **Accuracy is robust to large norm loss along OUT / IN** — {_yes(c1['verdict'])}. "
+        f"Median tolerated norm loss over layers along OUT and IN: {c1['median_tolerated_out_in']:.1f}% "
+        f"(range {c1['min']:.1f}-{c1['max']:.1f}%); criterion: median >= 40% (the paper: up to ~50%).",
+        "",
+    ]
     c2 = c["c2"]
-    per = "; ".join(f"{p['layer']}: KW/KH at most {p['max_tol_kw_kh']:.1f}% vs OUT/IN at least {p['min_tol_out_in']:.1f}%"
-                    for p in c2["per_layer"])
+    per = "; ".join(
+        f"{p['layer']}: KW/KH at most {p['max_tol_kw_kh']:.1f}% vs OUT/IN at least {p['min_tol_out_in']:.1f}%"
+        for p in c2["per_layer"]
+    )
     gap = c2["mean_top1_gap_at_equal_norm_loss"]
-    L += [f"2. **KW and KH truncations are less robust** — {_yes(c2['verdict'])}. "
-          f"{c2['layers_less_robust']} of {c2['n_layers']} layers tolerate less norm loss along KW/KH than along "
-          f"OUT/IN ({per}). At equal norm loss, the KW/KH points are on average "
-          f"{_fmt(None if gap is None else 100 * gap)} points of top-1 below the OUT/IN curves "
-          f"({c2['n_points']} points; positive = KW/KH worse). Layers where the cut tolerates less than both OUT "
-          f"and IN: KW {', '.join(c2['layers_where_less_robust_than_out_and_in']['KW']) or 'none'}; KH "
-          f"{', '.join(c2['layers_where_less_robust_than_out_and_in']['KH']) or 'none'}. The first KW/KH step "
-          "(keep n-1 of 3-5 values) already discards a large share of the norm, which is the paper's explanation.", ""]
+    L += [
+        f"2. **KW and KH truncations are less robust** — {_yes(c2['verdict'])}. "
+        f"{c2['layers_less_robust']} of {c2['n_layers']} layers tolerate less norm loss along KW/KH than along "
+        f"OUT/IN ({per}). At equal norm loss, the KW/KH points are on average "
+        f"{_fmt(None if gap is None else 100 * gap)} points of top-1 below the OUT/IN curves "
+        f"({c2['n_points']} points; positive = KW/KH worse). Layers where the cut tolerates less than both OUT "
+        f"and IN: KW {', '.join(c2['layers_where_less_robust_than_out_and_in']['KW']) or 'none'}; KH "
+        f"{', '.join(c2['layers_where_less_robust_than_out_and_in']['KH']) or 'none'}. The first KW/KH step "
+        "(keep n-1 of 3-5 values) already discards a large share of the norm, which is the paper's explanation.",
+        "",
+    ]
     c3 = c["c3"]
-    rows3 = "; ".join(f"{b}: " + " -> ".join(_fmt(v) for v in t["tolerated_by_depth"])
-                      for b, t in c3["per_bipartition"].items())
-    L += [f"3. **Deeper layers are more robust** — {_yes(c3['verdict'])}. The deepest truncated layer tolerates "
-          f"more norm loss than the shallowest for {c3['bipartitions_deeper_more_robust']} of {c3['n']} bipartitions "
-          f"(tolerated %, shallow -> deep: {rows3}).", ""]
+    rows3 = "; ".join(
+        f"{b}: " + " -> ".join(_fmt(v) for v in t["tolerated_by_depth"])
+        for b, t in c3["per_bipartition"].items()
+    )
+    L += [
+        f"3. **Deeper layers are more robust** — {_yes(c3['verdict'])}. The deepest truncated layer tolerates "
+        f"more norm loss than the shallowest for {c3['bipartitions_deeper_more_robust']} of {c3['n']} bipartitions "
+        f"(tolerated %, shallow -> deep: {rows3}).",
+        "",
+    ]
     c4 = c["c4"]
-    L += [f"4. **SVD truncation beats CP at equal norm loss** — {_yes(c4['verdict'])}. Over {c4['n']} CP points, "
-          f"SVD-OUT top-1 at the same norm loss minus CP top-1: mean "
-          f"{_fmt(None if c4['mean_svd_out_minus_cp'] is None else 100 * c4['mean_svd_out_minus_cp'])} points; "
-          f"SVD-OUT better at {_fmt(None if c4['share_svd_out_better'] is None else 100 * c4['share_svd_out_better'], 0)}% "
-          f"of them (best bipartition: {_fmt(None if c4['mean_best_svd_minus_cp'] is None else 100 * c4['mean_best_svd_minus_cp'])} "
-          "points). CP points outside the measured SVD norm-loss range are not compared.", ""]
+    L += [
+        f"4. **SVD truncation beats CP at equal norm loss** — {_yes(c4['verdict'])}. Over {c4['n']} CP points, "
+        f"SVD-OUT top-1 at the same norm loss minus CP top-1: mean "
+        f"{_fmt(None if c4['mean_svd_out_minus_cp'] is None else 100 * c4['mean_svd_out_minus_cp'])} points; "
+        f"SVD-OUT better at {_fmt(None if c4['share_svd_out_better'] is None else 100 * c4['share_svd_out_better'], 0)}% "
+        f"of them (best bipartition: {_fmt(None if c4['mean_best_svd_minus_cp'] is None else 100 * c4['mean_best_svd_minus_cp'])} "
+        "points). CP points outside the measured SVD norm-loss range are not compared.",
+        "",
+    ]
     c5 = c["c5"]
     gap = c5.get("svd_minus_cp_after_1_epoch")
-    L += [f"5. **Fast recovery after aggressive truncation** — {_yes(c5['verdict'])} (criterion: every scenario "
-          "back to >= 80% of the unmodified top-1 after one epoch). Each scenario truncates all three layers at once, "
-          "as mildly as still drops top-1 to at most 2x chance; retraining is Adam (lr 1e-3), one epoch = one pass "
-          f"over {ctx['recover_subset']} training images. SVD scenarios recover faster than CP (paper): "
-          f"{_yes(c5['svd_faster_than_cp'])}; after one epoch the slowest SVD scenario minus the fastest CP scenario "
-          f"is {_fmt(None if gap is None else 100 * gap)} points, noise margin (2 standard errors of a difference) "
-          f"{_fmt(100 * c5['noise_margin'])} points.", "",
-          "| scenario | truncation (all layers) | avg norm loss % | top-1 by epoch (0 = truncated) |",
-          "|---|---|---:|---|"]
+    L += [
+        f"5. **Fast recovery after aggressive truncation** — {_yes(c5['verdict'])} (criterion: every scenario "
+        "back to >= 80% of the unmodified top-1 after one epoch). Each scenario truncates all three layers at once, "
+        "as mildly as still drops top-1 to at most 2x chance; retraining is Adam (lr 1e-3), one epoch = one pass "
+        f"over {ctx['recover_subset']} training images. SVD scenarios recover faster than CP (paper): "
+        f"{_yes(c5['svd_faster_than_cp'])}; after one epoch the slowest SVD scenario minus the fastest CP scenario "
+        f"is {_fmt(None if gap is None else 100 * gap)} points, noise margin (2 standard errors of a difference) "
+        f"{_fmt(100 * c5['noise_margin'])} points.",
+        "",
+        "| scenario | truncation (all layers) | avg norm loss % | top-1 by epoch (0 = truncated) |",
+        "|---|---|---:|---|",
+    ]
     for name, s in c5["scenarios"].items():
         tr = s.get("truncation")
-        L.append(f"| {name} | {json.dumps(tr) if tr is not None else ''} | {_fmt(s.get('avg_norm_loss'))} | "
-                 + ", ".join(f"{t:.3f}" for t in s["top1_by_epoch"]) + " |")
-    L += ["", "## Also measured", "",
-          "- Simultaneous truncation of all layers (Figs. 12-13), tolerated *average* norm loss %: "
-          + ", ".join(f"{b} {_fmt(v)}" for b, v in c["all_layers"].items()) + ".",
-          f"- Norm loss vs correlation (entropy) loss, Pearson r over the single-layer SVD points: "
-          f"{_fmt(c.get('norm_vs_corr_pearson'), 2)} (Sec. III E says they are often proportional).", ""]
+        L.append(
+            f"| {name} | {json.dumps(tr) if tr is not None else ''} | {_fmt(s.get('avg_norm_loss'))} | "
+            + ", ".join(f"{t:.3f}" for t in s["top1_by_epoch"])
+            + " |"
+        )
+    L += [
+        "",
+        "## Also measured",
+        "",
+        "- Simultaneous truncation of all layers (Figs. 12-13), tolerated *average* norm loss %: "
+        + ", ".join(f"{b} {_fmt(v)}" for b, v in c["all_layers"].items())
+        + ".",
+        f"- Norm loss vs correlation (entropy) loss, Pearson r over the single-layer SVD points: "
+        f"{_fmt(c.get('norm_vs_corr_pearson'), 2)} (Sec. III E says they are often proportional).",
+        "",
+    ]
     L += ["## Figures", ""]
     for f in ctx["figures"]:
         L.append(f"- [`{f}`](figures/{f})")
@@ -309,12 +474,16 @@ def _markdown(c: Mapping[str, Any], ctx: Mapping[str, Any]) -> str:
 
 def main() -> int:
     global WORK, OUT
-    ap = argparse.ArgumentParser(description="Reproduce the paper's truncation study on vanilla-cnn / Fashion-MNIST.")
+    ap = argparse.ArgumentParser(
+        description="Reproduce the paper's truncation study on vanilla-cnn / Fashion-MNIST."
+    )
     ap.add_argument("--width", type=float, default=0.25)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--train-subset", type=int, default=20000)
     ap.add_argument("--val-subset", type=int, default=2000)
-    ap.add_argument("--train-eval-subset", type=int, default=0, help="also evaluate on N training images")
+    ap.add_argument(
+        "--train-eval-subset", type=int, default=0, help="also evaluate on N training images"
+    )
     ap.add_argument("--cp-ranks", nargs="+", default=["5,10,20,40,80"])
     ap.add_argument("--recover-epochs", type=int, default=3)
     ap.add_argument("--recover-subset", type=int, default=10000)
@@ -349,22 +518,34 @@ def main() -> int:
         (OUT / "results.csv").write_text(st.results_csv())
         (OUT / "spectra.csv").write_text(st.spectra_csv())
     ckmeta = tio.read_meta(ck)
-    claims = {s: _claims(rows, meta, s) for s in ("val", "train") if any(r["split"] == s for r in rows)}
+    claims = {
+        s: _claims(rows, meta, s) for s in ("val", "train") if any(r["split"] == s for r in rows)
+    }
     ctx = {
-        "width": args.width, "epochs": args.epochs, "train_subset": args.train_subset, "layers": meta["layers"],
+        "width": args.width,
+        "epochs": args.epochs,
+        "train_subset": args.train_subset,
+        "layers": meta["layers"],
         "shapes": ", ".join(f"{k} {tuple(v)}" for k, v in meta["shapes"].items()),
-        "test_top1": ckmeta["metrics"]["test"]["top1"], "n_eval": args.val_subset,
+        "test_top1": ckmeta["metrics"]["test"]["top1"],
+        "n_eval": args.val_subset,
         "entropy": ENTROPY_LABELS[meta.get("entropy_form", "vn")],
-        "command": "nice .venv/bin/python benchmarks/reproduce_paper.py", "minutes": (time.perf_counter() - t0) / 60,
-        "cpu_minutes": (time.process_time() - c0) / 60, "recover_subset": args.recover_subset,
+        "command": "nice .venv/bin/python benchmarks/reproduce_paper.py",
+        "minutes": (time.perf_counter() - t0) / 60,
+        "cpu_minutes": (time.process_time() - c0) / 60,
+        "recover_subset": args.recover_subset,
         "figures": sorted(p.name for p in files if p.suffix == ".png"),
     }
     previous = OUT / "summary.json"
-    if not _REPORT["computed"] and previous.exists():  # a re-render: keep the timing of the run that computed it
+    if (
+        not _REPORT["computed"] and previous.exists()
+    ):  # a re-render: keep the timing of the run that computed it
         old_ctx = json.loads(previous.read_text()).get("context", {})
         for k in ("minutes", "cpu_minutes"):
             ctx[k] = old_ctx.get(k)
-    (OUT / "summary.json").write_text(json.dumps({"context": ctx, "claims": claims}, indent=2, default=str) + "\n")
+    (OUT / "summary.json").write_text(
+        json.dumps({"context": ctx, "claims": claims}, indent=2, default=str) + "\n"
+    )
     (OUT / "README.md").write_text(_markdown(claims["val"], ctx))
     print((OUT / "README.md").read_text())
     return 0

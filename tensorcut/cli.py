@@ -32,8 +32,16 @@ class HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         d = action.default
-        if (d is None or d is False or d is argparse.SUPPRESS or "default" in text.lower() or "%(default)" in text
-                or not (action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE))):
+        if (
+            d is None
+            or d is False
+            or d is argparse.SUPPRESS
+            or "default" in text.lower()
+            or "%(default)" in text
+            or not (
+                action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+            )
+        ):
             return text
         shown = " ".join(map(str, d)) if isinstance(d, (list, tuple)) else "%(default)s"
         return f"{text} (default: {shown})"
@@ -76,11 +84,19 @@ def _inspect(args: argparse.Namespace) -> int:
     else:
         from tensorcut.train.api import check_model_size
 
-        kw = {"num_classes": args.num_classes, "in_channels": args.in_channels, "width": args.width,
-              "input_size": args.input_size}
+        kw = {
+            "num_classes": args.num_classes,
+            "in_channels": args.in_channels,
+            "width": args.width,
+            "input_size": args.input_size,
+        }
         if args.dataset:
             info = tdata.dataset_info(args.dataset)
-            kw.update(num_classes=info.num_classes, in_channels=info.in_channels, input_size=info.image_size)
+            kw.update(
+                num_classes=info.num_classes,
+                in_channels=info.in_channels,
+                input_size=info.image_size,
+            )
         check_model_size(args.target, kw)
         model = models.create(args.target, **kw)
         title = args.target
@@ -108,33 +124,72 @@ def build_parser() -> argparse.ArgumentParser:
     """The full parser (also used to generate the CLI reference)."""
     from tensorcut import __version__
 
-    parser = argparse.ArgumentParser(prog="tensorcut", description="Compress CNNs with tensor-network decompositions of their kernels.")
+    parser = argparse.ArgumentParser(
+        prog="tensorcut",
+        description="Compress CNNs with tensor-network decompositions of their kernels.",
+    )
     parser.add_argument("--version", action="version", version=f"tensorcut {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="VERB")
     for mod in COMMAND_MODULES:
         importlib.import_module(mod).add_commands(sub)
-    i = sub.add_parser("inspect", help="table of conv / linear layers: shapes, params, MACs, ranks",
-                       description="List every conv and linear layer of a checkpoint or a zoo model.")
+    i = sub.add_parser(
+        "inspect",
+        help="table of conv / linear layers: shapes, params, MACs, ranks",
+        description="List every conv and linear layer of a checkpoint or a zoo model.",
+    )
     i.add_argument("target", nargs="?", help="checkpoint directory or zoo model name")
     i.add_argument("--list", action="store_true", help="list zoo models")
-    i.add_argument("--dataset", default=None, help="size the zoo model for this data set (classes, channels, input size)")
-    i.add_argument("--num-classes", type=int, default=10, help="classes of a zoo model (without --dataset)")
-    i.add_argument("--in-channels", type=int, default=3, help="input channels of a zoo model (without --dataset)")
-    i.add_argument("--input-size", type=int, default=32, help="input height = width of a zoo model, pixels (without --dataset)")
-    i.add_argument("--width", type=float, default=1.0, help="channel width multiplier of a zoo model")
+    i.add_argument(
+        "--dataset",
+        default=None,
+        help="size the zoo model for this data set (classes, channels, input size)",
+    )
+    i.add_argument(
+        "--num-classes", type=int, default=10, help="classes of a zoo model (without --dataset)"
+    )
+    i.add_argument(
+        "--in-channels",
+        type=int,
+        default=3,
+        help="input channels of a zoo model (without --dataset)",
+    )
+    i.add_argument(
+        "--input-size",
+        type=int,
+        default=32,
+        help="input height = width of a zoo model, pixels (without --dataset)",
+    )
+    i.add_argument(
+        "--width", type=float, default=1.0, help="channel width multiplier of a zoo model"
+    )
     i.add_argument("--json", action="store_true", help="print the table as JSON")
     i.set_defaults(func=_inspect)
-    d = sub.add_parser("demo", help="the main job on the embedded digits data", description="Run the demo pipeline.")
+    d = sub.add_parser(
+        "demo",
+        help="the main job on the embedded digits data",
+        description="Run the demo pipeline.",
+    )
     d.add_argument("--out", default="demo-out", help="run directory (re-running resumes it)")
     d.add_argument("--fast", action="store_true", help="tiny settings (for tests)")
-    d.add_argument("--json", action="store_true", help="print the verification summary as JSON (progress goes to stderr)")
+    d.add_argument(
+        "--json",
+        action="store_true",
+        help="print the verification summary as JSON (progress goes to stderr)",
+    )
     d.set_defaults(func=_demo)
     set_formatter(parser)
     return parser
 
 
-def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                      line: str | None = None, *, verb: str = "") -> str:
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    line: str | None = None,
+    *,
+    verb: str = "",
+) -> str:
     return f"tensorcut{' ' + verb if verb else ''}: warning: {message}\n"
 
 
@@ -158,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     old_format = warnings.formatwarning
     warnings.formatwarning = functools.partial(_one_line_warning, verb=args.command)
     try:
-        if getattr(args, "json", False):  # stdout holds the JSON result alone; progress and tables go to stderr
+        if getattr(
+            args, "json", False
+        ):  # stdout holds the JSON result alone; progress and tables go to stderr
             console.JSON_STREAM = sys.stdout
             with contextlib.redirect_stdout(sys.stderr):
                 rc = int(args.func(args) or 0)
@@ -170,7 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tensorcut {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"tensorcut {args.command}: interrupted; finished outputs are kept, re-run to resume", file=sys.stderr)
+        print(
+            f"tensorcut {args.command}: interrupted; finished outputs are kept, re-run to resume",
+            file=sys.stderr,
+        )
         return 130
     except BrokenPipeError:
         _quiet_stdout()

@@ -15,9 +15,14 @@ def cli_reference() -> str:
     parser = build_parser()
     set_formatter(parser, width=100)  # a fixed width: the file does not depend on the terminal
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    out = ["# tensorcut command-line reference", "",
-           "Generated from the parser by `python -m tensorcut.cli_reference > docs/cli.md`; do not edit by hand.", "",
-           "Bad input prints one line `tensorcut VERB: error: ...` and exits with status 2.", ""]
+    out = [
+        "# tensorcut command-line reference",
+        "",
+        "Generated from the parser by `python -m tensorcut.cli_reference > docs/cli.md`; do not edit by hand.",
+        "",
+        "Bad input prints one line `tensorcut VERB: error: ...` and exits with status 2.",
+        "",
+    ]
     for name, p in sub.choices.items():
         out += [f"## `tensorcut {name}`", "", "```text", p.format_help().rstrip(), "```", ""]
     return "\n".join(out)

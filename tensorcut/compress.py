@@ -12,9 +12,10 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +25,6 @@ from tensorcut import cost
 from tensorcut.effective import Resolved, resolve
 from tensorcut.errors import ConvergenceError, TensorcutError
 from tensorcut.layers.base import LAYER_REGISTRY, ConvGeometry, FactorizedConv2d
-from tensorcut.verify import Capture, capture, check_swap, relative_difference
 from tensorcut.rank import (
     Candidate,
     LayerLadder,
@@ -36,8 +36,18 @@ from tensorcut.rank import (
     scaled_ranks,
     vbmf_tucker2_ranks,
 )
+from tensorcut.verify import Capture, capture, check_swap, relative_difference
 
-__all__ = ["CompressConfig", "LayerPlan", "Plan", "apply", "compress", "decompress", "default_filter", "plan"]
+__all__ = [
+    "CompressConfig",
+    "LayerPlan",
+    "Plan",
+    "apply",
+    "compress",
+    "decompress",
+    "default_filter",
+    "plan",
+]
 
 AUTO_METHODS = ("cp", "tucker2", "tt", "tr")
 BUDGET_SCALES = (1.0, 0.75, 0.55, 0.4, 0.3, 0.22, 0.16, 0.12, 0.08, 0.05, 0.03, 0.015)
@@ -45,7 +55,11 @@ BUDGET_SCALES = (1.0, 0.75, 0.55, 0.4, 0.3, 0.22, 0.16, 0.12, 0.08, 0.05, 0.03, 
 FilterFn = Callable[[str, nn.Module], bool]
 
 #: Cheaper decomposition settings for scoring budget candidates (the applied layers use the full ones).
-FAST_OPTIONS: dict[str, dict[str, Any]] = {"tucker2": {"hooi": False}, "tucker": {"hooi": False}, "cp": {"n_iter_max": 25}}
+FAST_OPTIONS: dict[str, dict[str, Any]] = {
+    "tucker2": {"hooi": False},
+    "tucker": {"hooi": False},
+    "cp": {"n_iter_max": 25},
+}
 
 
 def _methods() -> list[str]:
@@ -93,25 +107,39 @@ class CompressConfig:
     def __post_init__(self) -> None:
         methods = sorted(_methods() + ["auto"])
         if self.method not in methods:
-            raise TensorcutError(f"unknown method {self.method!r}; choose one of: {', '.join(methods)}")
+            raise TensorcutError(
+                f"unknown method {self.method!r}; choose one of: {', '.join(methods)}"
+            )
         if isinstance(self.rank, list):
             self.rank = tuple(self.rank)
         self.rule  # validates the rank options
         if self.budget is not None:
             if self.rule.kind != "none":
-                raise TensorcutError(f"contradictory rank options: budget and {self.rule.kind}; give one of them")
+                raise TensorcutError(
+                    f"contradictory rank options: budget and {self.rule.kind}; give one of them"
+                )
             if not self.budget > 0:
                 raise TensorcutError(f"budget must be > 0, got {self.budget}")
             if self.budget_kind not in ("params", "macs"):
-                raise TensorcutError(f"budget kind must be 'params' or 'macs', got {self.budget_kind!r}")
+                raise TensorcutError(
+                    f"budget kind must be 'params' or 'macs', got {self.budget_kind!r}"
+                )
         elif self.rule.kind == "none":
-            raise TensorcutError("no rank rule: give one of rank, ratio, eps, energy, rank='vbmf', or a budget")
+            raise TensorcutError(
+                "no rank rule: give one of rank, ratio, eps, energy, rank='vbmf', or a budget"
+            )
         if isinstance(self.align, bool) or not isinstance(self.align, int) or self.align < 1:
-            raise TensorcutError(f"align must be a positive integer (e.g. 8 or 16), got {self.align!r}")
+            raise TensorcutError(
+                f"align must be a positive integer (e.g. 8 or 16), got {self.align!r}"
+            )
         if not isinstance(self.allow_custom_forward, bool):
-            raise TensorcutError(f"allow_custom_forward must be True or False, got {self.allow_custom_forward!r}")
+            raise TensorcutError(
+                f"allow_custom_forward must be True or False, got {self.allow_custom_forward!r}"
+            )
         if self.rule.kind == "vbmf" and self.method != "tucker2":
-            raise TensorcutError(f"rank='vbmf' applies to Tucker-2 only; use method='tucker2' (got {self.method!r})")
+            raise TensorcutError(
+                f"rank='vbmf' applies to Tucker-2 only; use method='tucker2' (got {self.method!r})"
+            )
 
     @property
     def rule(self) -> RankRule:
@@ -145,10 +173,14 @@ class LayerPlan:
     note: str = ""
     sensitivity: float | None = None
     latency_ms: dict[str, float] | None = None
-    options: dict[str, Any] = field(default_factory=dict)  # rebuild options beyond the ranks (TR: the RSDTR shift)
+    options: dict[str, Any] = field(
+        default_factory=dict
+    )  # rebuild options beyond the ranks (TR: the RSDTR shift)
     output_error: float | None = None  # measured ||y~ - y|| / ||y|| on the layer's captured input
     kind: str = ""  # what the module computes (tensorcut.effective), e.g. "timm StdConv2d (standardised kernel)"
-    aliases: list[str] = field(default_factory=list)  # further names of the same module (shared convs)
+    aliases: list[str] = field(
+        default_factory=list
+    )  # further names of the same module (shared convs)
     calls: int = 1  # calls per forward pass (MACs count every call)
 
     @property
@@ -171,7 +203,9 @@ class Plan:
     input_shape: list[int]
     model_params: int
     model_macs: int
-    model_output_error: float | None = None  # set by compress: ||y~ - y|| / ||y|| of the whole model on the calibration batch
+    model_output_error: float | None = (
+        None  # set by compress: ||y~ - y|| / ||y|| of the whole model on the calibration batch
+    )
     _built: dict[str, nn.Module] = field(default_factory=dict, repr=False, compare=False)
     # the capture pass's input and the dense model's output on it, reused by compress's whole-model check
     _reference: tuple[tuple[Any, ...], Any] | None = field(default=None, repr=False, compare=False)
@@ -180,68 +214,144 @@ class Plan:
     def totals(self) -> dict[str, Any]:
         """Conv-layer and whole-model parameter / MAC totals before and after."""
         pb = sum(l.params_before for l in self.layers)
-        pa = sum(l.params_after if l.status == "factorize" else l.params_before for l in self.layers)
+        pa = sum(
+            l.params_after if l.status == "factorize" else l.params_before for l in self.layers
+        )
         mb = sum(l.macs_before for l in self.layers)
         ma = sum(l.macs_after if l.status == "factorize" else l.macs_before for l in self.layers)
         return {
-            "conv_params_before": pb, "conv_params_after": pa, "conv_ratio": pb / pa if pa else 1.0,
-            "conv_macs_before": mb, "conv_macs_after": ma, "conv_mac_ratio": mb / ma if ma else 1.0,
-            "model_params_before": self.model_params, "model_params_after": self.model_params - pb + pa,
+            "conv_params_before": pb,
+            "conv_params_after": pa,
+            "conv_ratio": pb / pa if pa else 1.0,
+            "conv_macs_before": mb,
+            "conv_macs_after": ma,
+            "conv_mac_ratio": mb / ma if ma else 1.0,
+            "model_params_before": self.model_params,
+            "model_params_after": self.model_params - pb + pa,
             "model_ratio": self.model_params / (self.model_params - pb + pa),
-            "model_macs_before": self.model_macs, "model_macs_after": self.model_macs - mb + ma,
-            "model_mac_ratio": self.model_macs / (self.model_macs - mb + ma) if (self.model_macs - mb + ma) else 1.0,
+            "model_macs_before": self.model_macs,
+            "model_macs_after": self.model_macs - mb + ma,
+            "model_mac_ratio": self.model_macs / (self.model_macs - mb + ma)
+            if (self.model_macs - mb + ma)
+            else 1.0,
             "factorized_layers": sum(l.status == "factorize" for l in self.layers),
             "dense_layers": sum(l.status != "factorize" for l in self.layers),
         }
 
     def table(self) -> str:
         """Human-readable per-layer table (listed conv layers only) with totals."""
-        head = ("layer", "method", "ranks", "params", "->", "PCR", "MACs ->", "FCR", "rel.err", "out.err", "decision")
+        head = (
+            "layer",
+            "method",
+            "ranks",
+            "params",
+            "->",
+            "PCR",
+            "MACs ->",
+            "FCR",
+            "rel.err",
+            "out.err",
+            "decision",
+        )
         rows = []
         for l in self.layers:
             fact = l.status == "factorize"
-            rows.append((l.name, l.method if fact else "-", "x".join(map(str, l.ranks)) if fact else "-",
-                         f"{l.params_before:,}", f"{l.params_after:,}" if fact else "=", f"{l.ratio:.2f}" if fact else "1.00",
-                         f"{l.macs_after:,}" if fact else "=", f"{l.mac_ratio:.2f}" if fact else "1.00",
-                         f"{l.error:.4f}" if (fact and l.error is not None) else "-",
-                         f"{l.output_error:.4f}" if (fact and l.output_error is not None) else "-",
-                         "factorize" + (f" ({l.note})" if l.note else "") if fact else f"dense: {l.reason}"))
+            rows.append(
+                (
+                    l.name,
+                    l.method if fact else "-",
+                    "x".join(map(str, l.ranks)) if fact else "-",
+                    f"{l.params_before:,}",
+                    f"{l.params_after:,}" if fact else "=",
+                    f"{l.ratio:.2f}" if fact else "1.00",
+                    f"{l.macs_after:,}" if fact else "=",
+                    f"{l.mac_ratio:.2f}" if fact else "1.00",
+                    f"{l.error:.4f}" if (fact and l.error is not None) else "-",
+                    f"{l.output_error:.4f}" if (fact and l.output_error is not None) else "-",
+                    "factorize" + (f" ({l.note})" if l.note else "")
+                    if fact
+                    else f"dense: {l.reason}",
+                )
+            )
         t = self.totals()
-        rows.append(("conv layers", "", "", f"{t['conv_params_before']:,}", f"{t['conv_params_after']:,}",
-                     f"{t['conv_ratio']:.2f}", f"{t['conv_macs_after']:,}", f"{t['conv_mac_ratio']:.2f}", "", "", ""))
-        rows.append(("whole model", "", "", f"{t['model_params_before']:,}", f"{t['model_params_after']:,}",
-                     f"{t['model_ratio']:.2f}", f"{t['model_macs_after']:,}", f"{t['model_mac_ratio']:.2f}", "", "", ""))
+        rows.append(
+            (
+                "conv layers",
+                "",
+                "",
+                f"{t['conv_params_before']:,}",
+                f"{t['conv_params_after']:,}",
+                f"{t['conv_ratio']:.2f}",
+                f"{t['conv_macs_after']:,}",
+                f"{t['conv_mac_ratio']:.2f}",
+                "",
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "whole model",
+                "",
+                "",
+                f"{t['model_params_before']:,}",
+                f"{t['model_params_after']:,}",
+                f"{t['model_ratio']:.2f}",
+                f"{t['model_macs_after']:,}",
+                f"{t['model_mac_ratio']:.2f}",
+                "",
+                "",
+                "",
+            )
+        )
         w = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-        lines = ["  ".join(str(c).ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in [head, *rows]]
+        lines = [
+            "  ".join(str(c).ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in [head, *rows]
+        ]
         lines.insert(1, "  ".join("-" * x for x in w))
-        lines.append("PCR = dense / stored parameters; FCR = dense / factorized MACs; rel.err = ||W - W~||_F / ||W||_F of the kernel; "
-                     "out.err = ||y~ - y|| / ||y|| of the layer's output on its captured calibration input; MACs per image at input "
-                     + "x".join(map(str, self.input_shape)) + ".")
+        lines.append(
+            "PCR = dense / stored parameters; FCR = dense / factorized MACs; rel.err = ||W - W~||_F / ||W||_F of the kernel; "
+            "out.err = ||y~ - y|| / ||y|| of the layer's output on its captured calibration input; MACs per image at input "
+            + "x".join(map(str, self.input_shape))
+            + "."
+        )
         return "\n".join(lines)
 
     # ---------------------------------------------------------------- JSON
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
-        return {"format": "tensorcut-plan", "version": 1, "config": self.config, "input_shape": self.input_shape,
-                "model_params": self.model_params, "model_macs": self.model_macs,
-                "model_output_error": self.model_output_error,
-                "layers": [asdict(l) for l in self.layers], "totals": self.totals()}
+        return {
+            "format": "tensorcut-plan",
+            "version": 1,
+            "config": self.config,
+            "input_shape": self.input_shape,
+            "model_params": self.model_params,
+            "model_macs": self.model_macs,
+            "model_output_error": self.model_output_error,
+            "layers": [asdict(l) for l in self.layers],
+            "totals": self.totals(),
+        }
 
     def to_json(self) -> str:
         """Pretty JSON."""
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
         """Inverse of :meth:`to_dict`; a malformed plan raises TensorcutError."""
         if not isinstance(d, dict) or d.get("format") != "tensorcut-plan":
             raise TensorcutError("not a tensorcut plan (missing format='tensorcut-plan')")
         try:
             layers = [LayerPlan(**l) for l in d["layers"]]
             err = d.get("model_output_error")
-            return cls(config=d["config"], layers=layers, input_shape=list(d["input_shape"]),
-                       model_params=int(d["model_params"]), model_macs=int(d["model_macs"]),
-                       model_output_error=None if err is None else float(err))
+            return cls(
+                config=d["config"],
+                layers=layers,
+                input_shape=list(d["input_shape"]),
+                model_params=int(d["model_params"]),
+                model_macs=int(d["model_macs"]),
+                model_output_error=None if err is None else float(err),
+            )
         except (KeyError, TypeError) as e:
             raise TensorcutError(f"malformed plan: {e}") from None
 
@@ -252,12 +362,14 @@ class Plan:
         atomic_write_text(path, self.to_json())
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plan":
+    def load(cls, path: str | Path) -> Plan:
         """Read a plan written by :meth:`save`."""
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TensorcutError(f"cannot read plan {path}: {type(e).__name__}: {str(e)[:160]}") from None
+            raise TensorcutError(
+                f"cannot read plan {path}: {type(e).__name__}: {str(e)[:160]}"
+            ) from None
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -285,7 +397,9 @@ def _time_ms(mod: nn.Module, x: torch.Tensor, reps: int = 10) -> float:
 class _Builder:
     """Builds (and caches) factorized layers for one conv; turns failures into reasons."""
 
-    def __init__(self, name: str, conv: nn.Conv2d, cfg: CompressConfig, hws: Sequence[tuple[int, int]] = ()) -> None:
+    def __init__(
+        self, name: str, conv: nn.Conv2d, cfg: CompressConfig, hws: Sequence[tuple[int, int]] = ()
+    ) -> None:
         self.name, self.conv, self.cfg = name, conv, cfg
         self.hws = list(hws) or [(32, 32)]
         self.hw = self.hws[0]
@@ -308,12 +422,16 @@ class _Builder:
     def cls(self, method: str) -> type[FactorizedConv2d]:
         return LAYER_REGISTRY[method]
 
-    def build(self, method: str, ranks: tuple[int, ...] | None = None, *, fast: bool = False, **rule: Any) -> nn.Module:
+    def build(
+        self, method: str, ranks: tuple[int, ...] | None = None, *, fast: bool = False, **rule: Any
+    ) -> nn.Module:
         """The factorized layer; ``fast`` trades a little accuracy for speed (HOSVD without HOOI,
         fewer ALS sweeps) — used only to rank budget candidates, never for the applied layer."""
         if self.geom.dynamic and method == "tr":
-            raise TensorcutError("TR does not support TF-same padding at stride > 1 (padding computed from the "
-                                 "input size); use tucker2, tucker, cp or tt for this layer")
+            raise TensorcutError(
+                "TR does not support TF-same padding at stride > 1 (padding computed from the "
+                "input size); use tucker2, tucker, cp or tt for this layer"
+            )
         align = self.cfg.align
         if align > 1 and ranks is not None:
             ranks = align_ranks(ranks, self.cls(method).max_ranks(self.geom), align)
@@ -321,16 +439,25 @@ class _Builder:
         if key is not None and key in self.cache:
             return self.cache[key]
         opts = dict(self.cfg.options.get(method, {}))
-        if method == "tr" and opts.get("objective") == "macs" and "input_size" not in opts and self.hw is not None:
+        if (
+            method == "tr"
+            and opts.get("objective") == "macs"
+            and "input_size" not in opts
+            and self.hw is not None
+        ):
             opts["input_size"] = tuple(self.hw)  # each layer's own input size
         if ranks is not None and method == "tr":
-            opts = {k: v for k, v in opts.items() if k == "shift"}  # explicit ranks fix the ring; search options do not apply
+            opts = {
+                k: v for k, v in opts.items() if k == "shift"
+            }  # explicit ranks fix the ring; search options do not apply
         if fast:
             opts.update(FAST_OPTIONS.get(method, {}))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             layer = self.cls(method).from_conv(self.conv, ranks=ranks, **rule, **opts)
-        if align > 1 and ranks is None:  # an error rule chose the ranks: round up, so the bound still holds
+        if (
+            align > 1 and ranks is None
+        ):  # an error rule chose the ranks: round up, so the bound still holds
             up = align_ranks(layer.ranks, self.cls(method).max_ranks(self.geom), align, up=True)
             if up != tuple(layer.ranks):
                 return self.build(method, up, fast=fast)
@@ -338,14 +465,18 @@ class _Builder:
         return layer
 
 
-def _ranks_for(b: _Builder, method: str, rule: RankRule) -> tuple[tuple[int, ...] | None, str, dict[str, Any]]:
+def _ranks_for(
+    b: _Builder, method: str, rule: RankRule
+) -> tuple[tuple[int, ...] | None, str, dict[str, Any]]:
     """Ranks for ``method`` under ``rule``: (ranks or None to let from_conv decide, clamp note, from_conv kwargs)."""
     cls = b.cls(method)
     mx = tuple(cls.max_ranks(b.geom))
     if rule.kind == "rank":
         req = (rule.rank,) * len(mx) if isinstance(rule.rank, int) else tuple(rule.rank)  # type: ignore[arg-type]
         if len(req) != len(mx):
-            raise TensorcutError(f"{method} takes {len(mx)} ranks {'(' + ', '.join('r' + str(i) for i in range(len(mx))) + ')'}, got {len(req)}: {req}")
+            raise TensorcutError(
+                f"{method} takes {len(mx)} ranks {'(' + ', '.join('r' + str(i) for i in range(len(mx))) + ')'}, got {len(req)}: {req}"
+            )
         r, note = clamp_ranks(req, mx)
         return r, note, {}
     if rule.kind == "full":
@@ -357,8 +488,11 @@ def _ranks_for(b: _Builder, method: str, rule: RankRule) -> tuple[tuple[int, ...
         target = rule.ratio * b.geom.dense_params()  # type: ignore[operator]
         r = ranks_for_ratio(mx, lambda r: b.params(method, r), target, b.cfg.align)
         p = b.params(method, r)
-        note = f"align={b.cfg.align} needs ranks >= {b.cfg.align}: {p:,} params > target {target:,.0f}" if (
-            b.cfg.align > 1 and p > target) else ""
+        note = (
+            f"align={b.cfg.align} needs ranks >= {b.cfg.align}: {p:,} params > target {target:,.0f}"
+            if (b.cfg.align > 1 and p > target)
+            else ""
+        )
         return r, note, {}
     if rule.kind == "eps":
         return None, "", {"eps": rule.eps}
@@ -367,8 +501,17 @@ def _ranks_for(b: _Builder, method: str, rule: RankRule) -> tuple[tuple[int, ...
     raise TensorcutError(f"rank rule {rule.kind!r} cannot pick ranks for one layer")
 
 
-def _entry(name: str, b: _Builder, hw: tuple[int, int], method: str, status: str, reason: str,
-           ranks: Sequence[int] = (), layer: nn.Module | None = None, note: str = "") -> LayerPlan:
+def _entry(
+    name: str,
+    b: _Builder,
+    hw: tuple[int, int],
+    method: str,
+    status: str,
+    reason: str,
+    ranks: Sequence[int] = (),
+    layer: nn.Module | None = None,
+    note: str = "",
+) -> LayerPlan:
     g = b.geom
     pa = ma = 0
     err = None
@@ -381,13 +524,28 @@ def _entry(name: str, b: _Builder, hw: tuple[int, int], method: str, status: str
         ma = b.macs(method, tuple(layer.ranks))
         err = _rel_error(b.conv.weight, layer)
         ranks = tuple(layer.ranks)
-    return LayerPlan(name=name, method=method, status=status, reason=reason, ranks=[int(r) for r in ranks],
-                     params_before=g.dense_params(), params_after=pa, macs_before=b.dense_macs(), macs_after=ma,
-                     error=err, geometry=g.to_dict(), input_hw=list(hw), note=note, options=options,
-                     calls=len(b.hws))
+    return LayerPlan(
+        name=name,
+        method=method,
+        status=status,
+        reason=reason,
+        ranks=[int(r) for r in ranks],
+        params_before=g.dense_params(),
+        params_after=pa,
+        macs_before=b.dense_macs(),
+        macs_after=ma,
+        error=err,
+        geometry=g.to_dict(),
+        input_hw=list(hw),
+        note=note,
+        options=options,
+        calls=len(b.hws),
+    )
 
 
-def _decide_one(name: str, b: _Builder, hw: tuple[int, int], cfg: CompressConfig, rule: RankRule) -> tuple[LayerPlan, nn.Module | None]:
+def _decide_one(
+    name: str, b: _Builder, hw: tuple[int, int], cfg: CompressConfig, rule: RankRule
+) -> tuple[LayerPlan, nn.Module | None]:
     """Plan one layer under a per-layer rule (not a budget)."""
     methods = AUTO_METHODS if cfg.method == "auto" else (cfg.method,)
     best: tuple[LayerPlan, nn.Module] | None = None
@@ -417,12 +575,15 @@ def _decide_one(name: str, b: _Builder, hw: tuple[int, int], cfg: CompressConfig
         if better:
             best = (entry, layer)
     if best is None:
-        return _entry(name, b, hw, cfg.method, "dense", "; ".join(reasons) or "no method applies"), None
+        return _entry(
+            name, b, hw, cfg.method, "dense", "; ".join(reasons) or "no method applies"
+        ), None
     return best
 
 
-def _cp_fallback(name: str, b: _Builder, hw: tuple[int, int], rule: RankRule,
-                 err: Exception) -> tuple[LayerPlan, nn.Module] | str:
+def _cp_fallback(
+    name: str, b: _Builder, hw: tuple[int, int], rule: RankRule, err: Exception
+) -> tuple[LayerPlan, nn.Module] | str:
     """Tucker-2 in place of a CP decomposition that failed, at the same parameter share for explicit ranks."""
     try:
         if rule.kind == "rank":
@@ -433,12 +594,21 @@ def _cp_fallback(name: str, b: _Builder, hw: tuple[int, int], rule: RankRule,
         layer = b.build("tucker2", ranks, **kw)
     except (TensorcutError, ConvergenceError) as e2:
         return f"cp: did not converge ({err}); Tucker-2 fallback failed ({e2})"
-    return _entry(name, b, hw, "tucker2", "factorize", "", layer=layer,
-                  note=f"CP did not converge ({err}); fell back to Tucker-2"), layer
+    return _entry(
+        name,
+        b,
+        hw,
+        "tucker2",
+        "factorize",
+        "",
+        layer=layer,
+        note=f"CP did not converge ({err}); fell back to Tucker-2",
+    ), layer
 
 
-def _smallest_within(name: str, b: _Builder, hw: tuple[int, int], entry: LayerPlan,
-                     layer: nn.Module) -> tuple[LayerPlan, nn.Module]:
+def _smallest_within(
+    name: str, b: _Builder, hw: tuple[int, int], entry: LayerPlan, layer: nn.Module
+) -> tuple[LayerPlan, nn.Module]:
     """Among the auto methods, the fewest parameters with kernel error at most ``entry.error``."""
     share = float(entry.error or 0.0)
     if share <= 0:
@@ -457,13 +627,17 @@ def _smallest_within(name: str, b: _Builder, hw: tuple[int, int], entry: LayerPl
     return entry, layer
 
 
-def _finalize(entry: LayerPlan, b: _Builder, layer: nn.Module | None, cfg: CompressConfig, hw: tuple[int, int]) -> LayerPlan:
+def _finalize(
+    entry: LayerPlan, b: _Builder, layer: nn.Module | None, cfg: CompressConfig, hw: tuple[int, int]
+) -> LayerPlan:
     """Size and latency guards: a factorization that is not smaller (or not faster) stays dense."""
     if entry.status != "factorize" or layer is None:
         return entry
     if cfg.rule.kind == "full":
         if entry.params_after >= entry.params_before:
-            entry.note = (entry.note + "; " if entry.note else "") + "rank='full': exact but not smaller (for verification)"
+            entry.note = (
+                entry.note + "; " if entry.note else ""
+            ) + "rank='full': exact but not smaller (for verification)"
     elif entry.params_after >= entry.params_before:
         entry.status = "dense"
         entry.reason = f"{entry.method} form would not be smaller ({entry.params_after:,} >= {entry.params_before:,} params)"
@@ -480,38 +654,57 @@ def _finalize(entry: LayerPlan, b: _Builder, layer: nn.Module | None, cfg: Compr
     return entry
 
 
-def _calibration_args(model: nn.Module, input_shape: Sequence[int] | None,
-                      calibration: torch.Tensor | tuple[Any, ...] | None) -> tuple[tuple[Any, ...], list[int]]:
+def _calibration_args(
+    model: nn.Module,
+    input_shape: Sequence[int] | None,
+    calibration: torch.Tensor | tuple[Any, ...] | None,
+) -> tuple[tuple[Any, ...], list[int]]:
     """The positional arguments of the capture forward pass and the per-image input shape."""
     ref = next(iter(model.parameters()), None)
     kw: dict[str, Any] = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
     if ref is not None and ref.device.type == "meta":
-        raise TensorcutError("the model's parameters are on the 'meta' device (no values); load or materialise "
-                             "its weights (e.g. model.to_empty(device='cpu') then load a state_dict) before compressing")
+        raise TensorcutError(
+            "the model's parameters are on the 'meta' device (no values); load or materialise "
+            "its weights (e.g. model.to_empty(device='cpu') then load a state_dict) before compressing"
+        )
     if input_shape is not None:
         shape = tuple(input_shape)
-        if len(shape) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in shape):
-            raise TensorcutError(f"input_shape must be (C, H, W) of one image, three positive ints; got {tuple(input_shape)!r}")
+        if len(shape) != 3 or any(
+            isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in shape
+        ):
+            raise TensorcutError(
+                f"input_shape must be (C, H, W) of one image, three positive ints; got {tuple(input_shape)!r}"
+            )
     if calibration is None:
         if input_shape is None:
             first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
             c = first.in_channels if first is not None else 3
             input_shape = (c, 32, 32)
-            warnings.warn(f"no input_shape or calibration batch given: assuming one {c}x32x32 image per sample; "
-                          "MAC counts and the checks of each swap depend on it, so pass input_shape=(C, H, W)",
-                          UserWarning, stacklevel=3)
+            warnings.warn(
+                f"no input_shape or calibration batch given: assuming one {c}x32x32 image per sample; "
+                "MAC counts and the checks of each swap depend on it, so pass input_shape=(C, H, W)",
+                UserWarning,
+                stacklevel=3,
+            )
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(2, *input_shape, generator=gen)
         return (x.to(**kw) if kw else x,), [int(v) for v in input_shape]
     args = calibration if isinstance(calibration, tuple) else (calibration,)
     if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2:
-        raise TensorcutError("calibration must be an input batch (a tensor of shape (N, C, H, W), or a tuple of the "
-                             "forward's positional arguments whose first is such a tensor)")
+        raise TensorcutError(
+            "calibration must be an input batch (a tensor of shape (N, C, H, W), or a tuple of the "
+            "forward's positional arguments whose first is such a tensor)"
+        )
     first_t: torch.Tensor = args[0]
     if input_shape is not None and tuple(first_t.shape[1:]) != tuple(input_shape):
-        raise TensorcutError(f"calibration batch has shape {tuple(first_t.shape)} but input_shape is {tuple(input_shape)}; "
-                             f"give a batch of shape (N, {', '.join(map(str, input_shape))}) or drop input_shape")
-    def move(a: Any) -> Any:  # floating tensors take the model's dtype too; other tensors only its device
+        raise TensorcutError(
+            f"calibration batch has shape {tuple(first_t.shape)} but input_shape is {tuple(input_shape)}; "
+            f"give a batch of shape (N, {', '.join(map(str, input_shape))}) or drop input_shape"
+        )
+
+    def move(
+        a: Any,
+    ) -> Any:  # floating tensors take the model's dtype too; other tensors only its device
         if not isinstance(a, torch.Tensor) or not kw:
             return a
         return a.to(**kw) if a.is_floating_point() else a.to(kw["device"])
@@ -526,7 +719,9 @@ def _conv_modules(model: nn.Module) -> tuple[dict[str, nn.Conv2d], dict[str, lis
     inside: set[int] = set()
     factorized = 0
     for m in model.modules():
-        if isinstance(m, FactorizedConv2d) or (getattr(type(m), "method", "") and hasattr(m, "ranks")):
+        if isinstance(m, FactorizedConv2d) or (
+            getattr(type(m), "method", "") and hasattr(m, "ranks")
+        ):
             factorized += 1
             inside.update(id(s) for s in m.modules() if s is not m)
     first: dict[int, str] = {}
@@ -544,19 +739,38 @@ def _conv_modules(model: nn.Module) -> tuple[dict[str, nn.Conv2d], dict[str, lis
     return convs, aliases, factorized
 
 
-def _dense_entry(name: str, module: nn.Module, reason: str, kind: str, unit: cost.UnitCost | None) -> LayerPlan:
+def _dense_entry(
+    name: str, module: nn.Module, reason: str, kind: str, unit: cost.UnitCost | None
+) -> LayerPlan:
     g = ConvGeometry.from_conv(module)  # type: ignore[arg-type]
-    return LayerPlan(name=name, method="-", status="dense", reason=reason, ranks=[],
-                     params_before=cost.unit_params(module), params_after=0,
-                     macs_before=unit.macs if unit else 0, macs_after=0, error=None, geometry=g.to_dict(),
-                     input_hw=[], kind=kind, calls=unit.calls if unit else 0)
+    return LayerPlan(
+        name=name,
+        method="-",
+        status="dense",
+        reason=reason,
+        ranks=[],
+        params_before=cost.unit_params(module),
+        params_after=0,
+        macs_before=unit.macs if unit else 0,
+        macs_after=0,
+        error=None,
+        geometry=g.to_dict(),
+        input_hw=[],
+        kind=kind,
+        calls=unit.calls if unit else 0,
+    )
 
 
-def _verify_entry(e: LayerPlan, b: _Builder, layer: nn.Module, cap: Capture, module: nn.Module) -> None:
+def _verify_entry(
+    e: LayerPlan, b: _Builder, layer: nn.Module, cap: Capture, module: nn.Module
+) -> None:
     """Check the swap on the module's captured input; a failed check leaves the layer dense."""
     x, y = cap.inputs.get(id(module)), cap.outputs.get(id(module))
     if x is None or y is None:
-        e.status, e.reason = "dense", "its input or output could not be captured (not a single tensor); left dense"
+        e.status, e.reason = (
+            "dense",
+            "its input or output could not be captured (not a single tensor); left dense",
+        )
         return
     kh, kw = b.geom.kernel_size
     chk = check_swap(b.conv, layer, x, y, chain=sum(int(r) for r in e.ranks) * kh * kw)
@@ -573,18 +787,28 @@ def _warn_poor(entries: Sequence[LayerPlan], rule_kind: str) -> None:
     fact = [e for e in entries if e.status == "factorize"]
     bad = [e for e in fact if e.error is not None and e.error > 0.9]
     for e in bad:
-        e.note = (e.note + "; " if e.note else "") + f"kernel error {e.error:.3f}: almost nothing of the kernel is kept"
+        e.note = (
+            e.note + "; " if e.note else ""
+        ) + f"kernel error {e.error:.3f}: almost nothing of the kernel is kept"
     more = [e for e in fact if e.macs_after > e.macs_before]
     for e in more:
-        e.note = (e.note + "; " if e.note else "") + f"more MACs than dense ({e.macs_after:,} > {e.macs_before:,})"
+        e.note = (
+            e.note + "; " if e.note else ""
+        ) + f"more MACs than dense ({e.macs_after:,} > {e.macs_before:,})"
     if bad:
-        warnings.warn(f"{len(bad)} layer(s) keep almost nothing of their kernel (relative error > 0.9, e.g. {bad[0].name}: "
-                      f"{bad[0].error:.3f}); expect accuracy near chance before fine-tuning — use a milder rank rule",
-                      UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{len(bad)} layer(s) keep almost nothing of their kernel (relative error > 0.9, e.g. {bad[0].name}: "
+            f"{bad[0].error:.3f}); expect accuracy near chance before fine-tuning — use a milder rank rule",
+            UserWarning,
+            stacklevel=3,
+        )
     if more:
-        warnings.warn(f"{len(more)} factorized layer(s) need more MACs than the dense layer (e.g. {more[0].name}: "
-                      f"{more[0].macs_after:,} > {more[0].macs_before:,}); use smaller ranks or budget_kind='macs'",
-                      UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{len(more)} factorized layer(s) need more MACs than the dense layer (e.g. {more[0].name}: "
+            f"{more[0].macs_after:,} > {more[0].macs_before:,}); use smaller ranks or budget_kind='macs'",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def plan(
@@ -636,20 +860,26 @@ def plan(
     convs, aliases, factorized = _conv_modules(model)
     if not convs:
         if factorized:
-            raise TensorcutError(f"the model is already compressed ({factorized} factorized layers, no dense Conv2d left); "
-                                 "compress the dense original, or tensorcut.decompress(model) first")
+            raise TensorcutError(
+                f"the model is already compressed ({factorized} factorized layers, no dense Conv2d left); "
+                "compress the dense original, or tensorcut.decompress(model) first"
+            )
         raise TensorcutError("the model has no Conv2d layers to compress")
     primary = {a: n for n, al in aliases.items() for a in (n, *al)}
     if layers is not None:
         unknown = [n for n in layers if n not in primary]
         if unknown:
-            raise TensorcutError(f"unknown layer {unknown[0]!r}; conv layers are: {', '.join(convs)}")
+            raise TensorcutError(
+                f"unknown layer {unknown[0]!r}; conv layers are: {', '.join(convs)}"
+            )
         chosen = list(dict.fromkeys(primary[n] for n in layers))
     else:
         f = filter_fn or default_filter
         chosen = [n for n, m in convs.items() if f(n, m) or any(f(a, m) for a in aliases[n])]
     if not chosen:
-        raise TensorcutError("the filter selected no conv layer; nothing to compress (the default skips stems with <= 3 input channels)")
+        raise TensorcutError(
+            "the filter selected no conv layer; nothing to compress (the default skips stems with <= 3 input channels)"
+        )
     args, shape = _calibration_args(model, input_shape, calibration)
     cap = capture(model, [convs[n] for n in chosen], args)
     mc = cost.model_cost(model, example=args)
@@ -663,7 +893,9 @@ def plan(
         if isinstance(r, str):
             entries[n] = _dense_entry(n, m, r, kind, units.get(id(m)))
         elif id(m) not in cap.sizes:
-            entries[n] = _dense_entry(n, m, "not called by forward on the calibration input; left dense", kind, None)
+            entries[n] = _dense_entry(
+                n, m, "not called by forward on the calibration input; left dense", kind, None
+            )
         else:
             builders[n] = _Builder(n, r.conv, cfg, cap.sizes[id(m)])
             builders[n].kind = kind
@@ -699,15 +931,27 @@ def plan(
         if sensitivity and n in sensitivity:
             e.sensitivity = float(sensitivity[n])
     _warn_poor([entries[n] for n in chosen], rule.kind)
-    p = Plan(config=cfg.to_dict(), layers=[entries[n] for n in chosen], input_shape=shape,
-             model_params=mc.total_params, model_macs=mc.total_macs)
+    p = Plan(
+        config=cfg.to_dict(),
+        layers=[entries[n] for n in chosen],
+        input_shape=shape,
+        model_params=mc.total_params,
+        model_macs=mc.total_macs,
+    )
     p._built = built
     p._reference = (args, cap.model_output)
     return p
 
 
-def _plan_budget(chosen: list[str], builders: dict[str, _Builder], cfg: CompressConfig, sensitivity: dict[str, float],
-                 mc: cost.ModelCost, it: Any, fixed: dict[str, LayerPlan]) -> tuple[dict[str, LayerPlan], dict[str, nn.Module]]:
+def _plan_budget(
+    chosen: list[str],
+    builders: dict[str, _Builder],
+    cfg: CompressConfig,
+    sensitivity: dict[str, float],
+    mc: cost.ModelCost,
+    it: Any,
+    fixed: dict[str, LayerPlan],
+) -> tuple[dict[str, LayerPlan], dict[str, nn.Module]]:
     """Split a model-wide budget over the ``chosen`` layers; ``fixed`` are selected layers that stay
     dense whatever the budget (their cost counts against it)."""
     sizes = {n: builders[n].hw for n in chosen}
@@ -742,10 +986,26 @@ def _plan_budget(chosen: list[str], builders: dict[str, _Builder], cfg: Compress
             return _rel_error(b.conv.weight, layer)
 
         if not cands:
-            entries[n] = _entry(n, b, sizes[n], method, "dense", f"no {method} factorization is smaller than the dense layer")
+            entries[n] = _entry(
+                n,
+                b,
+                sizes[n],
+                method,
+                "dense",
+                f"no {method} factorization is smaller than the dense layer",
+            )
             continue
-        ladders.append(LayerLadder(n, b.geom.dense_params(), b.dense_macs(), cands,
-                                   weight=float(sensitivity.get(n, 1.0)) * b.geom.dense_params(), evaluate=evaluate))
+        ladders.append(
+            LayerLadder(
+                n,
+                b.geom.dense_params(),
+                b.dense_macs(),
+                cands,
+                weight=float(sensitivity.get(n, 1.0)) * b.geom.dense_params(),
+                evaluate=evaluate,
+            )
+        )
+
     def cost_of(n: str) -> int:
         g = builders[n].geom
         return g.dense_params() if kind == "params" else builders[n].dense_macs()
@@ -764,16 +1024,38 @@ def _plan_budget(chosen: list[str], builders: dict[str, _Builder], cfg: Compress
     for l in ladders:
         b = builders[l.name]
         if l.choice < 0:
-            entries[l.name] = _entry(l.name, b, sizes[l.name], method, "dense", "budget met without compressing this layer")
+            entries[l.name] = _entry(
+                l.name,
+                b,
+                sizes[l.name],
+                method,
+                "dense",
+                "budget met without compressing this layer",
+            )
             continue
         c = l.candidates[l.choice]
         try:
             layer = b.build(method, c.ranks)
         except (TensorcutError, ConvergenceError) as err:
-            entries[l.name] = _entry(l.name, b, sizes[l.name], method, "dense", f"{method} failed at ranks {c.ranks}: {err}")
+            entries[l.name] = _entry(
+                l.name,
+                b,
+                sizes[l.name],
+                method,
+                "dense",
+                f"{method} failed at ranks {c.ranks}: {err}",
+            )
             continue
-        e = _entry(l.name, b, sizes[l.name], method, "factorize", "", layer=layer,
-                   note="" if met else "budget not met: smallest candidates used")
+        e = _entry(
+            l.name,
+            b,
+            sizes[l.name],
+            method,
+            "factorize",
+            "",
+            layer=layer,
+            note="" if met else "budget not met: smallest candidates used",
+        )
         if cfg.method == "auto" and e.error is not None:
             # the allocation gave this layer an error share; keep the smallest method that meets it
             e, layer = _smallest_within(l.name, b, sizes[l.name], e, layer)
@@ -822,7 +1104,11 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
         >>> p = plan(model, ratio=0.5, input_shape=(3, 32, 32))
         >>> apply(model, p)
     """
-    allow_custom = bool(plan.config.get("allow_custom_forward", False)) if isinstance(plan.config, dict) else False
+    allow_custom = (
+        bool(plan.config.get("allow_custom_forward", False))
+        if isinstance(plan.config, dict)
+        else False
+    )
     todo = []
     for e in plan.layers:
         if e.status != "factorize":
@@ -830,28 +1116,46 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
         try:
             conv = model.get_submodule(e.name)
         except AttributeError:
-            raise TensorcutError(f"plan names layer {e.name!r}, which this model does not have; make the plan for this model") from None
+            raise TensorcutError(
+                f"plan names layer {e.name!r}, which this model does not have; make the plan for this model"
+            ) from None
         if not isinstance(conv, nn.Conv2d):
-            raise TensorcutError(f"plan layer {e.name!r} is a {type(conv).__name__} in this model, not a Conv2d (already compressed?)")
+            raise TensorcutError(
+                f"plan layer {e.name!r} is a {type(conv).__name__} in this model, not a Conv2d (already compressed?)"
+            )
         r = resolve(conv, allow_custom_forward=allow_custom)
-        geom = ConvGeometry.from_conv(r.conv) if not isinstance(r, str) else ConvGeometry.from_conv(conv)
+        geom = (
+            ConvGeometry.from_conv(r.conv)
+            if not isinstance(r, str)
+            else ConvGeometry.from_conv(conv)
+        )
         if geom.to_dict() != e.geometry:
-            raise TensorcutError(f"plan does not match model at {e.name!r}: planned geometry {e.geometry} differs from the layer's")
+            raise TensorcutError(
+                f"plan does not match model at {e.name!r}: planned geometry {e.geometry} differs from the layer's"
+            )
         if e.method not in LAYER_REGISTRY:
-            raise TensorcutError(f"plan layer {e.name!r} uses unknown method {e.method!r}; known: {', '.join(_methods())}")
+            raise TensorcutError(
+                f"plan layer {e.name!r} uses unknown method {e.method!r}; known: {', '.join(_methods())}"
+            )
         for a in e.aliases:
             try:
                 other = model.get_submodule(a)
             except AttributeError:
-                raise TensorcutError(f"plan names layer {a!r} (a second name of {e.name!r}), which this model does not have") from None
+                raise TensorcutError(
+                    f"plan names layer {a!r} (a second name of {e.name!r}), which this model does not have"
+                ) from None
             if other is not conv:
-                raise TensorcutError(f"plan says {a!r} and {e.name!r} are one shared module, but in this model they are not")
+                raise TensorcutError(
+                    f"plan says {a!r} and {e.name!r} are one shared module, but in this model they are not"
+                )
         layer = _layer_for(e, conv, plan, allow_custom)
         got = sum(q.numel() for q in layer.parameters())
         if got != e.params_after:
-            raise TensorcutError(f"plan layer {e.name!r} records {e.params_after:,} parameters at ranks {tuple(e.ranks)} but a "
-                                 f"{e.method} layer with those ranks holds {got:,} (ranks beyond what the kernel admits "
-                                 "are clamped); the plan was edited or made for another model")
+            raise TensorcutError(
+                f"plan layer {e.name!r} records {e.params_after:,} parameters at ranks {tuple(e.ranks)} but a "
+                f"{e.method} layer with those ranks holds {got:,} (ranks beyond what the kernel admits "
+                "are clamped); the plan was edited or made for another model"
+            )
         todo.append((e, layer))
     for e, layer in todo:
         for n in (e.name, *e.aliases):
@@ -859,8 +1163,14 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
     return model
 
 
-def compress(model: nn.Module, config: CompressConfig | None = None, filter_fn: FilterFn | None = None,
-             *, from_scratch: bool = False, **kwargs: Any) -> tuple[nn.Module, Plan]:
+def compress(
+    model: nn.Module,
+    config: CompressConfig | None = None,
+    filter_fn: FilterFn | None = None,
+    *,
+    from_scratch: bool = False,
+    **kwargs: Any,
+) -> tuple[nn.Module, Plan]:
     """``plan`` then ``apply``, then one check of the whole compressed model.
 
     Args:
@@ -883,9 +1193,18 @@ def compress(model: nn.Module, config: CompressConfig | None = None, filter_fn: 
     Example:
         >>> model, p = compress(model, method="tucker2", ratio=0.3, input_shape=(3, 32, 32))
     """
-    plan_kw = {k: kwargs.pop(k) for k in ("input_shape", "calibration", "sensitivity", "layers", "progress") if k in kwargs}
+    plan_kw = {
+        k: kwargs.pop(k)
+        for k in ("input_shape", "calibration", "sensitivity", "layers", "progress")
+        if k in kwargs
+    }
     p = plan(model, config, filter_fn, **plan_kw, **kwargs)
-    originals = {n: model.get_submodule(n) for e in p.layers if e.status == "factorize" for n in (e.name, *e.aliases)}
+    originals = {
+        n: model.get_submodule(n)
+        for e in p.layers
+        if e.status == "factorize"
+        for n in (e.name, *e.aliases)
+    }
     assert p._reference is not None  # set by plan
     args, ref = p._reference
     was_training = model.training
@@ -894,15 +1213,19 @@ def compress(model: nn.Module, config: CompressConfig | None = None, filter_fn: 
         apply(model, p)
         with torch.no_grad():
             out = model(*args)
-    except Exception as e:  # the user's forward on the swapped model: restore, then report in one line
+    except (
+        Exception
+    ) as e:  # the user's forward on the swapped model: restore, then report in one line
         for n, m in originals.items():
             model.set_submodule(n, m)
         model.train(was_training)
         if isinstance(e, TensorcutError):
             raise
         first = (str(e).splitlines() or [""])[0][:200]
-        raise TensorcutError(f"the compressed model's forward failed ({type(e).__name__}: {first}); the original modules "
-                             "were restored. Please report this model; compress fewer layers (layers=... or filter_fn) meanwhile") from None
+        raise TensorcutError(
+            f"the compressed model's forward failed ({type(e).__name__}: {first}); the original modules "
+            "were restored. Please report this model; compress fewer layers (layers=... or filter_fn) meanwhile"
+        ) from None
     model.train(was_training)
     if isinstance(ref, torch.Tensor) and isinstance(out, torch.Tensor) and ref.shape == out.shape:
         p.model_output_error = relative_difference(out, ref)

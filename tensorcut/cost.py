@@ -15,29 +15,50 @@ for its ranks and input size (equal to the convolutions it executes; tested with
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from tensorcut.layers.base import ConvGeometry, FactorizedConv2d, Pair
 
-__all__ = ["UnitCost", "ModelCost", "conv_macs", "dense_conv_macs", "factorized_macs", "factorized_params",
-           "is_unit", "model_cost", "unit_params"]
+__all__ = [
+    "UnitCost",
+    "ModelCost",
+    "conv_macs",
+    "dense_conv_macs",
+    "factorized_macs",
+    "factorized_params",
+    "is_unit",
+    "model_cost",
+    "unit_params",
+]
 
 
 def conv_macs(out_channels: int, in_per_group: int, kernel: Pair, out_hw: Pair) -> int:
     """MACs of one dense convolution per image: ``OUT * IN/groups * KH * KW * OH * OW``."""
-    return int(out_channels) * int(in_per_group) * int(kernel[0]) * int(kernel[1]) * int(out_hw[0]) * int(out_hw[1])
+    return (
+        int(out_channels)
+        * int(in_per_group)
+        * int(kernel[0])
+        * int(kernel[1])
+        * int(out_hw[0])
+        * int(out_hw[1])
+    )
 
 
 def dense_conv_macs(geom: ConvGeometry, hw: Pair) -> int:
     """MACs of the dense convolution with geometry ``geom`` for an input of size ``hw``."""
-    return conv_macs(geom.out_channels, geom.in_channels // geom.groups, geom.kernel_size, geom.output_size(hw))
+    return conv_macs(
+        geom.out_channels, geom.in_channels // geom.groups, geom.kernel_size, geom.output_size(hw)
+    )
 
 
-def factorized_macs(cls: type[FactorizedConv2d], geom: ConvGeometry, ranks: Sequence[int], hw: Pair) -> int:
+def factorized_macs(
+    cls: type[FactorizedConv2d], geom: ConvGeometry, ranks: Sequence[int], hw: Pair
+) -> int:
     """MACs of a factorized layer of class ``cls`` at ``ranks`` (its closed form)."""
     return int(cls.predicted_macs(geom, tuple(int(r) for r in ranks), hw))
 
@@ -67,10 +88,17 @@ def _call_macs(m: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
     """MACs of one call of cost unit ``m`` per image, from its input and output."""
     batch = max(int(inp.shape[0]), 1) if inp.dim() > 1 else 1
     if isinstance(m, FactorizedConv2d):
-        return factorized_macs(type(m), m.geometry, m.ranks, (int(inp.shape[-2]), int(inp.shape[-1])))
+        return factorized_macs(
+            type(m), m.geometry, m.ranks, (int(inp.shape[-2]), int(inp.shape[-1]))
+        )
     if isinstance(m, nn.Conv2d):
         kh, kw = m.kernel_size
-        return conv_macs(m.out_channels, m.in_channels // m.groups, (kh, kw), (int(out.shape[-2]), int(out.shape[-1])))
+        return conv_macs(
+            m.out_channels,
+            m.in_channels // m.groups,
+            (kh, kw),
+            (int(out.shape[-2]), int(out.shape[-1])),
+        )
     if isinstance(m, nn.Linear):
         tokens = out.numel() // max(int(out.shape[-1]), 1) // batch
         return int(m.in_features) * int(m.out_features) * tokens
@@ -105,8 +133,12 @@ class ModelCost:
         return sum(u.macs for u in self.units)
 
 
-def model_cost(model: nn.Module, input_shape: Sequence[int] | None = None, *,
-               example: torch.Tensor | tuple[Any, ...] | None = None) -> ModelCost:
+def model_cost(
+    model: nn.Module,
+    input_shape: Sequence[int] | None = None,
+    *,
+    example: torch.Tensor | tuple[Any, ...] | None = None,
+) -> ModelCost:
     """Count parameters and per-image MACs of every cost unit by running one forward pass.
 
     Args:
@@ -142,7 +174,12 @@ def model_cost(model: nn.Module, input_shape: Sequence[int] | None = None, *,
 
     def hook(m: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
         u = units.get(id(m))
-        if u is None or not inp or not isinstance(inp[0], torch.Tensor) or not isinstance(out, torch.Tensor):
+        if (
+            u is None
+            or not inp
+            or not isinstance(inp[0], torch.Tensor)
+            or not isinstance(out, torch.Tensor)
+        ):
             return
         u.macs += _call_macs(m, inp[0], out)
         u.calls += 1
@@ -164,6 +201,10 @@ def model_cost(model: nn.Module, input_shape: Sequence[int] | None = None, *,
             h.remove()
         model.train(was_training)
     first = args[0]
-    shape = tuple(int(s) for s in first.shape[1:]) if isinstance(first, torch.Tensor) else tuple(input_shape or ())
+    shape = (
+        tuple(int(s) for s in first.shape[1:])
+        if isinstance(first, torch.Tensor)
+        else tuple(input_shape or ())
+    )
     total = sum(p.numel() for p in model.parameters())
     return ModelCost([units[i] for i in order], total, shape)

@@ -27,8 +27,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from tensorcut.errors import TensorcutError
 
-__all__ = ["DatasetInfo", "ImageDataset", "dataset_info", "digits_arrays", "list_datasets", "load_dataset", "make_loader",
-           "read_idx"]
+__all__ = [
+    "DatasetInfo",
+    "ImageDataset",
+    "dataset_info",
+    "digits_arrays",
+    "list_datasets",
+    "load_dataset",
+    "make_loader",
+    "read_idx",
+]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 DIGITS_FILE = "digits.npz"  # in tensorcut/_data
@@ -62,7 +70,9 @@ def list_datasets() -> list[str]:
 def dataset_info(name: str) -> DatasetInfo:
     """Facts about data set ``name``; unknown names list the valid ones."""
     if name not in _INFO:
-        raise TensorcutError(f"unknown dataset {name!r}; choose one of: {', '.join(list_datasets())}")
+        raise TensorcutError(
+            f"unknown dataset {name!r}; choose one of: {', '.join(list_datasets())}"
+        )
     return _INFO[name]
 
 
@@ -73,10 +83,20 @@ class ImageDataset(Dataset):
     horizontal flip when ``flip`` is set. Draws come from a seeded generator.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, augment: bool = False,
-                 pad: int = 2, flip: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        augment: bool = False,
+        pad: int = 2,
+        flip: bool = False,
+        seed: int = 0,
+    ) -> None:
         if images.ndim != 4 or images.shape[0] != labels.shape[0]:
-            raise TensorcutError(f"images must be (N, C, H, W) with one label each; got {tuple(images.shape)} and {tuple(labels.shape)}")
+            raise TensorcutError(
+                f"images must be (N, C, H, W) with one label each; got {tuple(images.shape)} and {tuple(labels.shape)}"
+            )
         self.images = images
         self.labels = labels
         self.augment = augment
@@ -98,7 +118,7 @@ class ImageDataset(Dataset):
         if self.pad:
             xp = torch.nn.functional.pad(x[None], (self.pad,) * 4, mode="reflect")[0]
             dy, dx = torch.randint(0, 2 * self.pad + 1, (2,), generator=self._gen).tolist()
-            x = xp[:, dy:dy + h, dx:dx + w]
+            x = xp[:, dy : dy + h, dx : dx + w]
         if self.flip and torch.rand((), generator=self._gen).item() < 0.5:
             x = x.flip(-1)
         return x
@@ -123,16 +143,24 @@ def read_idx(path: Path) -> np.ndarray:
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, gzip.BadGzipFile) as e:
-            raise TensorcutError(f"{path} is not a valid gzip file ({e}); re-install the data set") from None
+            raise TensorcutError(
+                f"{path} is not a valid gzip file ({e}); re-install the data set"
+            ) from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise TensorcutError(f"{path} is not an unsigned-byte IDX file (bad magic number); check --data-dir")
+        raise TensorcutError(
+            f"{path} is not an unsigned-byte IDX file (bad magic number); check --data-dir"
+        )
     ndim = raw[3]
     if ndim not in (1, 3) or len(raw) < 4 + 4 * ndim:
-        raise TensorcutError(f"{path}: unexpected IDX rank {ndim}; expected labels (1) or images (3)")
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+        raise TensorcutError(
+            f"{path}: unexpected IDX rank {ndim}; expected labels (1) or images (3)"
+        )
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     expected = 4 + 4 * ndim + int(np.prod(dims))
     if len(raw) != expected:
-        raise TensorcutError(f"{path}: size {len(raw)} bytes does not match its header {dims} ({expected} bytes); the file is truncated or corrupt")
+        raise TensorcutError(
+            f"{path}: size {len(raw)} bytes does not match its header {dims} ({expected} bytes); the file is truncated or corrupt"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -152,16 +180,23 @@ def _load_fashion(data_dir: Path | None) -> dict[str, tuple[np.ndarray, np.ndarr
         if img is None or lab is None:
             raise TensorcutError(
                 f"fashion-mnist not found in {d}: install it with `apt-get install -y dataset-fashion-mnist` "
-                f"(files land in {FASHION_MNIST_DIR}) or pass --data-dir holding the four IDX files")
+                f"(files land in {FASHION_MNIST_DIR}) or pass --data-dir holding the four IDX files"
+            )
         x, y = read_idx(img), read_idx(lab)
         if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
-            raise TensorcutError(f"fashion-mnist in {d}: {img.name} and {lab.name} disagree ({x.shape} vs {y.shape})")
+            raise TensorcutError(
+                f"fashion-mnist in {d}: {img.name} and {lab.name} disagree ({x.shape} vs {y.shape})"
+            )
         if x.shape[1:] != (28, 28):
-            raise TensorcutError(f"fashion-mnist in {d}: {img.name} holds {x.shape[1]}x{x.shape[2]} images, expected "
-                                 "28x28; the files belong to another data set")
+            raise TensorcutError(
+                f"fashion-mnist in {d}: {img.name} holds {x.shape[1]}x{x.shape[2]} images, expected "
+                "28x28; the files belong to another data set"
+            )
         if y.size and y.max() >= 10:
-            raise TensorcutError(f"fashion-mnist in {d}: {lab.name} has labels outside 0..9; the files belong to "
-                                 "another data set")
+            raise TensorcutError(
+                f"fashion-mnist in {d}: {lab.name} has labels outside 0..9; the files belong to "
+                "another data set"
+            )
         out[split] = (x[:, None].copy(), y.astype(np.int64))
     return out
 
@@ -170,9 +205,13 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
     """Restricted unpickler: only numpy array reconstruction is allowed (CIFAR python batches)."""
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str) -> object:
@@ -185,24 +224,45 @@ def _read_cifar_pickle(path: Path) -> dict:
     try:
         with path.open("rb") as f:
             obj = _ArrayOnlyUnpickler(io.BufferedReader(f), encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            LookupError, OverflowError, MemoryError, RecursionError) as e:  # what random bytes provoke
-        raise TensorcutError(f"{path} is not a CIFAR python batch ({type(e).__name__}: {str(e)[:80]}); "
-                             "check --data-dir") from None
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        LookupError,
+        OverflowError,
+        MemoryError,
+        RecursionError,
+    ) as e:  # what random bytes provoke
+        raise TensorcutError(
+            f"{path} is not a CIFAR python batch ({type(e).__name__}: {str(e)[:80]}); "
+            "check --data-dir"
+        ) from None
     if not isinstance(obj, dict):
-        raise TensorcutError(f"{path} is not a CIFAR python batch (top level is {type(obj).__name__}, expected dict)")
+        raise TensorcutError(
+            f"{path} is not a CIFAR python batch (top level is {type(obj).__name__}, expected dict)"
+        )
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
 
 def _cifar_arrays(batch: dict, label_key: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
     if "data" not in batch or label_key not in batch:
-        raise TensorcutError(f"{path} lacks 'data' or '{label_key}'; it is not a CIFAR batch of this data set")
+        raise TensorcutError(
+            f"{path} lacks 'data' or '{label_key}'; it is not a CIFAR batch of this data set"
+        )
     try:
         xr, y = np.asarray(batch["data"]), np.asarray(batch[label_key], dtype=np.int64)
     except (TypeError, ValueError, OverflowError) as e:
-        raise TensorcutError(f"{path}: 'data' or '{label_key}' is not numeric ({e}); it is not a CIFAR batch") from None
+        raise TensorcutError(
+            f"{path}: 'data' or '{label_key}' is not numeric ({e}); it is not a CIFAR batch"
+        ) from None
     if xr.dtype.kind not in "iu" or (xr.size and (xr.min() < 0 or xr.max() > 255)):
-        raise TensorcutError(f"{path}: 'data' must hold byte pixel values 0..255 (got dtype {xr.dtype}); it is not a CIFAR batch")
+        raise TensorcutError(
+            f"{path}: 'data' must hold byte pixel values 0..255 (got dtype {xr.dtype}); it is not a CIFAR batch"
+        )
     x = xr.astype(np.uint8)
     if x.ndim != 2 or x.shape[1] != 3072 or x.shape[0] != y.shape[0]:
         raise TensorcutError(f"{path}: data has shape {x.shape}, expected (N, 3072) with N labels")
@@ -216,20 +276,29 @@ def _read_cifar_bin(path: Path, label_bytes: int) -> tuple[np.ndarray, np.ndarra
         raise TensorcutError(f"cannot read {path}: {e.strerror}; check --data-dir") from None
     rec = label_bytes + 3072
     if raw.size == 0 or raw.size % rec:
-        raise TensorcutError(f"{path}: size {raw.size} is not a multiple of the {rec}-byte CIFAR record; the file is truncated or corrupt")
+        raise TensorcutError(
+            f"{path}: size {raw.size} is not a multiple of the {rec}-byte CIFAR record; the file is truncated or corrupt"
+        )
     raw = raw.reshape(-1, rec)
-    return raw[:, label_bytes:].reshape(-1, 3, 32, 32).copy(), raw[:, label_bytes - 1].astype(np.int64)
+    return raw[:, label_bytes:].reshape(-1, 3, 32, 32).copy(), raw[:, label_bytes - 1].astype(
+        np.int64
+    )
 
 
 def _load_cifar(name: str, data_dir: Path | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    hint = (f"{name} not found: download the python or binary version from the CIFAR page, unpack it, "
-            f"and pass --data-dir pointing at the folder (or its parent)")
+    hint = (
+        f"{name} not found: download the python or binary version from the CIFAR page, unpack it, "
+        f"and pass --data-dir pointing at the folder (or its parent)"
+    )
     if data_dir is None:
         raise TensorcutError(hint)
     root = Path(data_dir)
     is10 = name == "cifar10"
-    cands = [root, root / ("cifar-10-batches-py" if is10 else "cifar-100-python"),
-             root / ("cifar-10-batches-bin" if is10 else "cifar-100-binary")]
+    cands = [
+        root,
+        root / ("cifar-10-batches-py" if is10 else "cifar-100-python"),
+        root / ("cifar-10-batches-bin" if is10 else "cifar-100-binary"),
+    ]
     nclass = 10 if is10 else 100
     for d in cands:
         if is10:
@@ -237,17 +306,31 @@ def _load_cifar(name: str, data_dir: Path | None) -> dict[str, tuple[np.ndarray,
             if all(p.exists() for p in py) and (d / "test_batch").exists():
                 tr = [_cifar_arrays(_read_cifar_pickle(p), "labels", p) for p in py]
                 te = _cifar_arrays(_read_cifar_pickle(d / "test_batch"), "labels", d / "test_batch")
-                out = {"train": (np.concatenate([a for a, _ in tr]), np.concatenate([b for _, b in tr])), "test": te}
+                out = {
+                    "train": (
+                        np.concatenate([a for a, _ in tr]),
+                        np.concatenate([b for _, b in tr]),
+                    ),
+                    "test": te,
+                }
                 break
             bn = [d / f"data_batch_{i}.bin" for i in range(1, 6)]
             if all(p.exists() for p in bn) and (d / "test_batch.bin").exists():
                 tr = [_read_cifar_bin(p, 1) for p in bn]
-                out = {"train": (np.concatenate([a for a, _ in tr]), np.concatenate([b for _, b in tr])),
-                       "test": _read_cifar_bin(d / "test_batch.bin", 1)}
+                out = {
+                    "train": (
+                        np.concatenate([a for a, _ in tr]),
+                        np.concatenate([b for _, b in tr]),
+                    ),
+                    "test": _read_cifar_bin(d / "test_batch.bin", 1),
+                }
                 break
         else:
             if (d / "train").exists() and (d / "test").exists() and not (d / "train").is_dir():
-                out = {s: _cifar_arrays(_read_cifar_pickle(d / s), "fine_labels", d / s) for s in ("train", "test")}
+                out = {
+                    s: _cifar_arrays(_read_cifar_pickle(d / s), "fine_labels", d / s)
+                    for s in ("train", "test")
+                }
                 break
             if (d / "train.bin").exists() and (d / "test.bin").exists():
                 out = {s: _read_cifar_bin(d / f"{s}.bin", 2) for s in ("train", "test")}
@@ -256,7 +339,9 @@ def _load_cifar(name: str, data_dir: Path | None) -> dict[str, tuple[np.ndarray,
         raise TensorcutError(hint.replace("not found", f"not found in {root}"))
     for split, (_, y) in out.items():
         if y.size and (y.min() < 0 or y.max() >= nclass):
-            raise TensorcutError(f"{name} {split} labels outside 0..{nclass - 1}; these files belong to another data set")
+            raise TensorcutError(
+                f"{name} {split} labels outside 0..{nclass - 1}; these files belong to another data set"
+            )
     return out
 
 
@@ -270,10 +355,16 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     try:
         with resources.files("tensorcut").joinpath("_data").joinpath(DIGITS_FILE).open("rb") as f:
             with np.load(f, allow_pickle=False) as z:
-                images, labels, order = z["images"], z["labels"].astype(np.int64), z["order"].astype(np.int64)
+                images, labels, order = (
+                    z["images"],
+                    z["labels"].astype(np.int64),
+                    z["order"].astype(np.int64),
+                )
     except (OSError, KeyError, ValueError) as e:
-        raise TensorcutError(f"the embedded digits data (tensorcut/_data/{DIGITS_FILE}) is missing or damaged "
-                             f"({type(e).__name__}); reinstall tensorcut") from None
+        raise TensorcutError(
+            f"the embedded digits data (tensorcut/_data/{DIGITS_FILE}) is missing or damaged "
+            f"({type(e).__name__}); reinstall tensorcut"
+        ) from None
     return images, labels, order
 
 
@@ -285,8 +376,9 @@ def _load_digits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {"train": (x[tr], y[tr]), "test": (x[te], y[te])}
 
 
-def _load_synthetic(n_train: int = 600, n_test: int = 200, channels: int = 3, size: int = 16,
-                    classes: int = 10) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _load_synthetic(
+    n_train: int = 600, n_test: int = 200, channels: int = 3, size: int = 16, classes: int = 10
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Learnable toy images: one smooth random template per class plus noise."""
     rng = np.random.default_rng(7)
     coarse = rng.normal(size=(classes, channels, 4, 4))
@@ -351,7 +443,9 @@ def load_dataset(
     else:
         x, y = x_tr[tr_idx], y_tr[tr_idx]
     if x.shape[1] != info.in_channels:
-        raise TensorcutError(f"{name}: images have {x.shape[1]} channels, expected {info.in_channels}; the files belong to another data set")
+        raise TensorcutError(
+            f"{name}: images have {x.shape[1]} channels, expected {info.in_channels}; the files belong to another data set"
+        )
     stats_src = x_tr[tr_idx].astype(np.float32) / 255.0
     mean = stats_src.mean(axis=(0, 2, 3))
     std = stats_src.std(axis=(0, 2, 3)) + 1e-6
@@ -359,18 +453,37 @@ def load_dataset(
         if subset < 1:
             raise TensorcutError(f"subset must be >= 1, got {subset}")
         if subset > len(y):
-            warnings.warn(f"{name} {split} split has {len(y)} images, fewer than the requested subset of {subset}; "
-                          f"using all {len(y)}", stacklevel=2)
+            warnings.warn(
+                f"{name} {split} split has {len(y)} images, fewer than the requested subset of {subset}; "
+                f"using all {len(y)}",
+                stacklevel=2,
+            )
         pick = np.sort(np.random.default_rng(seed + 1).permutation(len(y))[:subset])
         x, y = x[pick], y[pick]
-    xt = torch.from_numpy((x.astype(np.float32) / 255.0 - mean[None, :, None, None]) / std[None, :, None, None])
+    xt = torch.from_numpy(
+        (x.astype(np.float32) / 255.0 - mean[None, :, None, None]) / std[None, :, None, None]
+    )
     flip = name in ("cifar10", "cifar100", "fashion-mnist")
-    return ImageDataset(xt.contiguous(), torch.from_numpy(np.ascontiguousarray(y)), augment=augment and split == "train",
-                        pad=max(1, info.image_size // 16), flip=flip, seed=seed)
+    return ImageDataset(
+        xt.contiguous(),
+        torch.from_numpy(np.ascontiguousarray(y)),
+        augment=augment and split == "train",
+        pad=max(1, info.image_size // 16),
+        flip=flip,
+        seed=seed,
+    )
 
 
-def make_loader(ds: Dataset, batch_size: int = 128, *, shuffle: bool = False, seed: int = 0,
-                drop_last: bool = False) -> DataLoader:
+def make_loader(
+    ds: Dataset,
+    batch_size: int = 128,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
     """A single-process DataLoader with a seeded shuffle (data are already in memory)."""
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=drop_last)
+    return DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=drop_last
+    )

@@ -21,11 +21,24 @@ def run_demo(out: str | Path, fast: bool = False, as_json: bool = False) -> int:
 
     out = Path(out)
     t0 = time.perf_counter()
-    cfg = RunConfig(target_ratio=5.0, method="tucker2", calib_subset=64 if fast else 144, finetune_epochs=1 if fast else 8,
-                    finetune_lr=1e-3, curve_ratios=(5.0,) if fast else (1.5, 2.0, 3.0, 5.0, 10.0, 20.0),
-                    bipartitions=("OUT",) if fast else ("OUT", "IN", "KH", "KW", "OUT-IN"))
-    s = run(out, cfg, model=DEMO_MODEL, dataset="digits", train_epochs=1 if fast else 15, width=DEMO_WIDTH,
-            command=["tensorcut", "demo", "--out", str(out)] + (["--fast"] if fast else []))
+    cfg = RunConfig(
+        target_ratio=5.0,
+        method="tucker2",
+        calib_subset=64 if fast else 144,
+        finetune_epochs=1 if fast else 8,
+        finetune_lr=1e-3,
+        curve_ratios=(5.0,) if fast else (1.5, 2.0, 3.0, 5.0, 10.0, 20.0),
+        bipartitions=("OUT",) if fast else ("OUT", "IN", "KH", "KW", "OUT-IN"),
+    )
+    s = run(
+        out,
+        cfg,
+        model=DEMO_MODEL,
+        dataset="digits",
+        train_epochs=1 if fast else 15,
+        width=DEMO_WIDTH,
+        command=["tensorcut", "demo", "--out", str(out)] + (["--fast"] if fast else []),
+    )
     if as_json:
         from tensorcut.console import print_json
 
@@ -33,6 +46,8 @@ def run_demo(out: str | Path, fast: bool = False, as_json: bool = False) -> int:
         return 0
     print()
     print_summary(s)
-    print(f"outputs in {out}: dense/, compressed/, finetuned/ (checkpoints), study/ (truncation results + figures), "
-          f"export/model.onnx; {time.perf_counter() - t0:.0f} s")
+    print(
+        f"outputs in {out}: dense/, compressed/, finetuned/ (checkpoints), study/ (truncation results + figures), "
+        f"export/model.onnx; {time.perf_counter() - t0:.0f} s"
+    )
     return 0

@@ -24,14 +24,37 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import (
+    DataLoader,
+    DistributedSampler,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 
 from tensorcut.errors import TensorcutError
 
 __all__ = [
-    "DistContext", "ShardSampler", "active", "all_gather_object", "all_reduce_grads", "all_reduce_sum", "backend_for", "barrier",
-    "broadcast_module", "broadcast_object", "cleanup", "env_world", "init", "is_main_process", "local_only",
-    "run_on_main", "session", "set_epoch", "shard_eval_loader", "shard_train_loader",
+    "DistContext",
+    "ShardSampler",
+    "active",
+    "all_gather_object",
+    "all_reduce_grads",
+    "all_reduce_sum",
+    "backend_for",
+    "barrier",
+    "broadcast_module",
+    "broadcast_object",
+    "cleanup",
+    "env_world",
+    "init",
+    "is_main_process",
+    "local_only",
+    "run_on_main",
+    "session",
+    "set_epoch",
+    "shard_eval_loader",
+    "shard_train_loader",
 ]
 
 T = TypeVar("T")
@@ -69,7 +92,9 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise TensorcutError(f"environment variable {name}={raw!r} is not an integer; launch with torchrun") from None
+        raise TensorcutError(
+            f"environment variable {name}={raw!r} is not an integer; launch with torchrun"
+        ) from None
 
 
 def env_world() -> tuple[int, int, int]:
@@ -98,7 +123,11 @@ def active() -> DistContext:
     dist = torch.distributed
     rank, world = dist.get_rank(), dist.get_world_size()
     local = _env_int("LOCAL_RANK", rank)
-    dev = torch.device("cuda", torch.cuda.current_device()) if backend_for_group() == "nccl" else torch.device("cpu")
+    dev = (
+        torch.device("cuda", torch.cuda.current_device())
+        if backend_for_group() == "nccl"
+        else torch.device("cpu")
+    )
     return DistContext(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
@@ -109,7 +138,9 @@ def backend_for_group() -> str:
     return str(torch.distributed.get_backend())
 
 
-def init(device: str | torch.device = "cpu", *, timeout: datetime.timedelta | None = None) -> DistContext:
+def init(
+    device: str | torch.device = "cpu", *, timeout: datetime.timedelta | None = None
+) -> DistContext:
     """Join the torchrun process group when the environment describes one (idempotent).
 
     ``device`` is the device the caller resolved ('cpu' or 'cuda'); under torchrun a CUDA
@@ -129,28 +160,41 @@ def init(device: str | torch.device = "cpu", *, timeout: datetime.timedelta | No
         raise TensorcutError("this PyTorch build has no torch.distributed; run a single process")
     missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
     if missing:
-        raise TensorcutError(f"WORLD_SIZE={world} but {', '.join(missing)} is not set; launch with "
-                             "`torchrun --nproc_per_node=N -m tensorcut ...`")
+        raise TensorcutError(
+            f"WORLD_SIZE={world} but {', '.join(missing)} is not set; launch with "
+            "`torchrun --nproc_per_node=N -m tensorcut ...`"
+        )
     backend = backend_for(dev)
     if backend == "nccl":
         n = torch.cuda.device_count()
         if local >= n:
-            raise TensorcutError(f"LOCAL_RANK={local} but this machine has {n} CUDA GPU(s); "
-                                 f"use --nproc_per_node={n} or fewer")
+            raise TensorcutError(
+                f"LOCAL_RANK={local} but this machine has {n} CUDA GPU(s); "
+                f"use --nproc_per_node={n} or fewer"
+            )
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
     try:
-        torch.distributed.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
-                                             timeout=timeout or TRAIN_TIMEOUT)
+        torch.distributed.init_process_group(
+            backend,
+            init_method="env://",
+            rank=rank,
+            world_size=world,
+            timeout=timeout or TRAIN_TIMEOUT,
+        )
     except (RuntimeError, ValueError) as e:
-        raise TensorcutError(f"cannot join the process group ({backend}, rank {rank}/{world}): "
-                             f"{str(e).splitlines()[0][:160]}") from None
+        raise TensorcutError(
+            f"cannot join the process group ({backend}, rank {rank}/{world}): "
+            f"{str(e).splitlines()[0][:160]}"
+        ) from None
     _state["owned"] = True
     return DistContext(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
 @contextlib.contextmanager
-def session(device: str | torch.device = "cpu", *, timeout: datetime.timedelta | None = None) -> Iterator[DistContext]:
+def session(
+    device: str | torch.device = "cpu", *, timeout: datetime.timedelta | None = None
+) -> Iterator[DistContext]:
     """:func:`init` for the length of a block; leaves the group afterwards only if this block joined it."""
     fresh = not _dist_ready()
     ctx = init(device, timeout=timeout)
@@ -269,7 +313,9 @@ def broadcast_module(model: nn.Module, src: int = 0, *, buffers_only: bool = Fal
     """
     if not active().enabled:
         return
-    tensors = list(model.buffers()) if buffers_only else list(model.parameters()) + list(model.buffers())
+    tensors = (
+        list(model.buffers()) if buffers_only else list(model.parameters()) + list(model.buffers())
+    )
     with torch.no_grad():
         for t in tensors:
             torch.distributed.broadcast(t.data, src=src)
@@ -296,15 +342,26 @@ class ShardSampler(Sampler[int]):
 
 def _plain(loader: Any) -> bool:
     """A DataLoader over a map-style dataset with the default random or sequential sampler."""
-    return (isinstance(loader, DataLoader) and hasattr(loader.dataset, "__len__")
-            and isinstance(loader.sampler, (RandomSampler, SequentialSampler))
-            and loader.batch_size is not None)
+    return (
+        isinstance(loader, DataLoader)
+        and hasattr(loader.dataset, "__len__")
+        and isinstance(loader.sampler, (RandomSampler, SequentialSampler))
+        and loader.batch_size is not None
+    )
 
 
 def _rebuild(loader: DataLoader, sampler: Sampler[int], batch_size: int) -> DataLoader:
-    return DataLoader(loader.dataset, batch_size=batch_size, sampler=sampler, drop_last=loader.drop_last,
-                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
-                      worker_init_fn=loader.worker_init_fn, persistent_workers=loader.persistent_workers)
+    return DataLoader(
+        loader.dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=loader.drop_last,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        worker_init_fn=loader.worker_init_fn,
+        persistent_workers=loader.persistent_workers,
+    )
 
 
 def shard_train_loader(loader: Any, ctx: DistContext, *, seed: int = 0) -> Any:
@@ -321,20 +378,32 @@ def shard_train_loader(loader: Any, ctx: DistContext, *, seed: int = 0) -> Any:
     if _plain(loader):
         shuffle = isinstance(loader.sampler, RandomSampler)
         if ctx.world_size > 1 and loader.batch_size % ctx.world_size:
-            raise TensorcutError(f"batch size {loader.batch_size} is the global batch and must be divisible by the "
-                                 f"{ctx.world_size} processes; choose e.g. {loader.batch_size // ctx.world_size * ctx.world_size or ctx.world_size}")
-        sampler = DistributedSampler(loader.dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle,
-                                     seed=seed, drop_last=False)
+            raise TensorcutError(
+                f"batch size {loader.batch_size} is the global batch and must be divisible by the "
+                f"{ctx.world_size} processes; choose e.g. {loader.batch_size // ctx.world_size * ctx.world_size or ctx.world_size}"
+            )
+        sampler = DistributedSampler(
+            loader.dataset,
+            num_replicas=ctx.world_size,
+            rank=ctx.rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=False,
+        )
         return _rebuild(loader, sampler, loader.batch_size // ctx.world_size)
     if not ctx.enabled:
         return loader
     if isinstance(loader, (list, tuple)):
         per = len(loader) // ctx.world_size
         if per == 0:
-            raise TensorcutError(f"{len(loader)} batches cannot be shared by {ctx.world_size} processes")
-        return list(loader[ctx.rank: per * ctx.world_size: ctx.world_size])
-    raise TensorcutError("distributed training needs a torch DataLoader over a map-style dataset "
-                         f"(got {type(loader).__name__}); run a single process or pass a DataLoader")
+            raise TensorcutError(
+                f"{len(loader)} batches cannot be shared by {ctx.world_size} processes"
+            )
+        return list(loader[ctx.rank : per * ctx.world_size : ctx.world_size])
+    raise TensorcutError(
+        "distributed training needs a torch DataLoader over a map-style dataset "
+        f"(got {type(loader).__name__}); run a single process or pass a DataLoader"
+    )
 
 
 def shard_eval_loader(loader: Any, ctx: DistContext) -> Any:
@@ -342,9 +411,11 @@ def shard_eval_loader(loader: Any, ctx: DistContext) -> Any:
     if not ctx.enabled:
         return loader
     if _plain(loader) and isinstance(loader.sampler, SequentialSampler):
-        return _rebuild(loader, ShardSampler(len(loader.dataset), ctx.rank, ctx.world_size), loader.batch_size)
+        return _rebuild(
+            loader, ShardSampler(len(loader.dataset), ctx.rank, ctx.world_size), loader.batch_size
+        )
     if isinstance(loader, (list, tuple)):
-        return list(loader[ctx.rank:: ctx.world_size])
+        return list(loader[ctx.rank :: ctx.world_size])
     return None  # not shardable: the caller evaluates everything on every rank without reducing
 
 

@@ -21,8 +21,8 @@ that overrides ``forward`` (reason ``custom forward (<class>)``) unless the call
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -65,8 +65,8 @@ def _std_kernel(module: nn.Conv2d) -> torch.Tensor:
 
 
 def _scaled_std_kernel(module: nn.Conv2d) -> torch.Tensor:
-    gain = getattr(module, "gain")
-    scale = float(getattr(module, "scale"))
+    gain = module.gain
+    scale = float(module.scale)
     return _standardised(module, gain.reshape(-1) * scale)
 
 
@@ -92,9 +92,16 @@ _TIMM: dict[str, tuple[Callable[[nn.Conv2d], torch.Tensor], Callable[[nn.Conv2d]
     "Conv2dSameExport": (_plain_kernel, _always_same, "timm Conv2dSameExport (TF-same padding)"),
     "StdConv2d": (_std_kernel, _never_same, "timm StdConv2d (standardised kernel)"),
     "StdConv2dSame": (_std_kernel, _same_if_flagged, "timm StdConv2dSame (standardised kernel)"),
-    "ScaledStdConv2d": (_scaled_std_kernel, _never_same, "timm ScaledStdConv2d (scaled standardised kernel, gain folded)"),
-    "ScaledStdConv2dSame": (_scaled_std_kernel, _same_if_flagged,
-                            "timm ScaledStdConv2dSame (scaled standardised kernel, gain folded)"),
+    "ScaledStdConv2d": (
+        _scaled_std_kernel,
+        _never_same,
+        "timm ScaledStdConv2d (scaled standardised kernel, gain folded)",
+    ),
+    "ScaledStdConv2dSame": (
+        _scaled_std_kernel,
+        _same_if_flagged,
+        "timm ScaledStdConv2dSame (scaled standardised kernel, gain folded)",
+    ),
 }
 
 
@@ -107,15 +114,31 @@ def _copy_conv(module: nn.Conv2d, weight: torch.Tensor, same: bool) -> nn.Conv2d
     kw = {"device": weight.device, "dtype": weight.dtype}
     stride, dilation = _pair(module.stride), _pair(module.dilation)  # type: ignore[arg-type]
     if same and stride != (1, 1):
-        conv: nn.Conv2d = SameConv2d(module.in_channels, module.out_channels, module.kernel_size,  # type: ignore[arg-type]
-                                     stride=stride, dilation=dilation, groups=module.groups,
-                                     bias=module.bias is not None, **kw)
+        conv: nn.Conv2d = SameConv2d(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,  # type: ignore[arg-type]
+            stride=stride,
+            dilation=dilation,
+            groups=module.groups,
+            bias=module.bias is not None,
+            **kw,
+        )
     else:
         # TF-same at stride 1 pads (k - 1) * d in total, the odd unit after: exactly PyTorch's 'same'
         padding = "same" if same else module.padding
-        conv = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size,  # type: ignore[arg-type]
-                         stride=stride, padding=padding, dilation=dilation, groups=module.groups,  # type: ignore[arg-type]
-                         bias=module.bias is not None, padding_mode=module.padding_mode, **kw)
+        conv = nn.Conv2d(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,  # type: ignore[arg-type]
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=module.groups,  # type: ignore[arg-type]
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+            **kw,
+        )
     with torch.no_grad():
         conv.weight.copy_(weight)
         if module.bias is not None:
@@ -148,24 +171,36 @@ def resolve(module: nn.Module, *, allow_custom_forward: bool = False) -> Resolve
     name = cls.__name__
     path = cls.__module__
     if path.startswith(("torch.ao.nn", "torch.nn.qat", "torch.nn.intrinsic", "torch.nn.quantized")):
-        return (f"quantization-aware {name}: its kernel is fake-quantized (and BatchNorm folded) in forward, "
-                "so it has no fixed kernel to factorize")
+        return (
+            f"quantization-aware {name}: its kernel is fake-quantized (and BatchNorm folded) in forward, "
+            "so it has no fixed kernel to factorize"
+        )
     if module._forward_hooks or module._forward_pre_hooks:
         return f"forward hooks attached to {name} (they may change what it computes)"
     if module.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        return f"weight dtype {module.weight.dtype} is not a floating point type tensorcut factorizes"
+        return (
+            f"weight dtype {module.weight.dtype} is not a floating point type tensorcut factorizes"
+        )
     if module.padding_mode != "zeros" and not isinstance(module.padding, (tuple, list, int)):
-        return f"padding {module.padding!r} with padding_mode {module.padding_mode!r} is not supported"
+        return (
+            f"padding {module.padding!r} with padding_mode {module.padding_mode!r} is not supported"
+        )
     if path.startswith("timm.") and name in _TIMM:
         kernel, same, kind = _TIMM[name]
         return Resolved(_copy_conv(module, kernel(module), same(module)), kind)
     if isinstance(module, SameConv2d):
-        return Resolved(_copy_conv(module, module.weight.detach(), True), "tensorcut SameConv2d (TF-same padding)")
+        return Resolved(
+            _copy_conv(module, module.weight.detach(), True),
+            "tensorcut SameConv2d (TF-same padding)",
+        )
     if _is_plain(module):
         kind = "nn.Conv2d" if cls is nn.Conv2d else f"{name} (nn.Conv2d forward)"
         if torch.nn.utils.parametrize.is_parametrized(module, "weight"):
             kind += ", parametrized weight folded"
         return Resolved(_copy_conv(module, module.weight.detach(), False), kind)
     if allow_custom_forward:
-        return Resolved(_copy_conv(module, module.weight.detach(), False), f"{name} (custom forward, read as plain: opted in)")
+        return Resolved(
+            _copy_conv(module, module.weight.detach(), False),
+            f"{name} (custom forward, read as plain: opted in)",
+        )
     return f"custom forward ({name})"

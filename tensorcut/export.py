@@ -17,8 +17,16 @@ from torch import nn
 from tensorcut.errors import TensorcutError
 from tensorcut.io import atomic_write_bytes
 
-__all__ = ["CHECK_BATCHES", "FORMATS", "ONNX_FIX", "Export", "export_model", "export_with_check", "is_export_of",
-           "require_onnx"]
+__all__ = [
+    "CHECK_BATCHES",
+    "FORMATS",
+    "ONNX_FIX",
+    "Export",
+    "export_model",
+    "export_with_check",
+    "is_export_of",
+    "require_onnx",
+]
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "exported": "model.pt2"}
 
@@ -43,7 +51,9 @@ class Export:
 def require_onnx() -> None:
     """Refuse at once, in one line, when the ``onnx`` package (needed to write ONNX) is missing."""
     if not _importable("onnx"):
-        raise TensorcutError(f"ONNX export needs the onnx package, which is not installed; {ONNX_FIX}")
+        raise TensorcutError(
+            f"ONNX export needs the onnx package, which is not installed; {ONNX_FIX}"
+        )
 
 
 def _importable(name: str) -> bool:
@@ -54,8 +64,14 @@ def _importable(name: str) -> bool:
     return True
 
 
-def export_model(model: nn.Module, input_shape: tuple[int, int, int], fmt: str, out: str | Path,
-                 check: bool = True, atol: float = 1e-4) -> Path:
+def export_model(
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    fmt: str,
+    out: str | Path,
+    check: bool = True,
+    atol: float = 1e-4,
+) -> Path:
     """Write ``model`` in format ``fmt`` ('onnx', 'torchscript', 'exported') to file ``out`` (atomically).
 
     See :func:`export_with_check`; an export that could not be checked is logged as a warning.
@@ -66,8 +82,14 @@ def export_model(model: nn.Module, input_shape: tuple[int, int, int], fmt: str, 
     return e.path
 
 
-def export_with_check(model: nn.Module, input_shape: tuple[int, int, int], fmt: str, out: str | Path,
-                      check: bool = True, atol: float = 1e-4) -> Export:
+def export_with_check(
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    fmt: str,
+    out: str | Path,
+    check: bool = True,
+    atol: float = 1e-4,
+) -> Export:
     """Write ``model`` in format ``fmt`` to ``out`` atomically, with a dynamic batch dimension.
 
     With ``check``, the exported artefact is run at batch sizes :data:`CHECK_BATCHES` and
@@ -93,8 +115,16 @@ def export_with_check(model: nn.Module, input_shape: tuple[int, int, int], fmt: 
         warnings.simplefilter("ignore")
         if fmt == "onnx":
             buf = io.BytesIO()
-            torch.onnx.export(model, (x,), buf, dynamo=False, input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
+            torch.onnx.export(
+                model,
+                (x,),
+                buf,
+                dynamo=False,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=17,
+            )
             data = buf.getvalue()
             atomic_write_bytes(out, data)
             if check:
@@ -143,7 +173,9 @@ def is_export_of(path: str | Path, fmt: str) -> bool:
         with zipfile.ZipFile(p) as z:
             names = z.namelist()
         if fmt == "torchscript":
-            return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+            return any(n.endswith("/constants.pkl") for n in names) and any(
+                "/code/" in n for n in names
+            )
         return any(n.endswith("archive_format") for n in names)
     except Exception:  # noqa: BLE001 - any unreadable file is simply not an earlier export
         return False
@@ -151,14 +183,20 @@ def is_export_of(path: str | Path, fmt: str) -> bool:
 
 def _compare(got: torch.Tensor, ref: torch.Tensor, atol: float, what: str) -> None:
     if got.shape != ref.shape:
-        raise TensorcutError(f"{what} output has shape {tuple(got.shape)}, PyTorch {tuple(ref.shape)}; "
-                             "please report this model")
+        raise TensorcutError(
+            f"{what} output has shape {tuple(got.shape)}, PyTorch {tuple(ref.shape)}; "
+            "please report this model"
+        )
     err = float((got - ref).abs().max())
     if err > atol:
-        raise TensorcutError(f"{what} output differs from PyTorch by {err:.2e} (> {atol}); please report this model")
+        raise TensorcutError(
+            f"{what} output differs from PyTorch by {err:.2e} (> {atol}); please report this model"
+        )
 
 
-def _check_onnx(data: bytes, checks: list[torch.Tensor], refs: list[torch.Tensor], atol: float) -> None:
+def _check_onnx(
+    data: bytes, checks: list[torch.Tensor], refs: list[torch.Tensor], atol: float
+) -> None:
     import onnxruntime as ort
 
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])

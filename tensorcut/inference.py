@@ -34,13 +34,24 @@ from tensorcut.errors import TensorcutError
 from tensorcut.layers import base as _base
 from tensorcut.layers.base import FactorizedConv2d, PointwiseConv2d
 
-__all__ = ["ConvPointwise2d", "MergedCPConv2d", "PointwiseChain", "cheapest_chain", "bn_affine", "conv_bn_pairs", "fold_affine_", "prepare_for_inference"]
+__all__ = [
+    "ConvPointwise2d",
+    "MergedCPConv2d",
+    "PointwiseChain",
+    "cheapest_chain",
+    "bn_affine",
+    "conv_bn_pairs",
+    "fold_affine_",
+    "prepare_for_inference",
+]
 
 
 def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale, shift)`` with ``bn(y) == scale[c] * y + shift[c]`` in evaluation mode (float64)."""
     if bn.running_mean is None or bn.running_var is None:
-        raise TensorcutError("a BatchNorm without running statistics cannot be folded; leave it unfolded")
+        raise TensorcutError(
+            "a BatchNorm without running statistics cannot be folded; leave it unfolded"
+        )
     var = bn.running_var.detach().to(torch.float64)
     mean = bn.running_mean.detach().to(torch.float64)
     scale = torch.rsqrt(var + bn.eps)
@@ -60,8 +71,10 @@ def fold_affine_(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> N
     """
     w = conv.weight
     if scale.shape != (w.shape[0],) or shift.shape != (w.shape[0],):
-        raise TensorcutError(f"an output affine needs {w.shape[0]} scales and shifts; got {tuple(scale.shape)}, "
-                             f"{tuple(shift.shape)}")
+        raise TensorcutError(
+            f"an output affine needs {w.shape[0]} scales and shifts; got {tuple(scale.shape)}, "
+            f"{tuple(shift.shape)}"
+        )
     s = scale.to(torch.float64).to(w.device)
     b = shift.to(torch.float64).to(w.device)
     with torch.no_grad():
@@ -92,11 +105,23 @@ class MergedCPConv2d(nn.Module):
         ch = v.out_channels
         self.first = cp.first
         self.last = cp.last
-        self.spatial = nn.Conv2d(ch, ch, (v.kernel_size[0], h.kernel_size[1]), stride=(v.stride[0], h.stride[1]),
-                                 padding=(v.padding[0], h.padding[1]), dilation=(v.dilation[0], h.dilation[1]),
-                                 groups=ch, bias=False, device=v.weight.device, dtype=v.weight.dtype)
+        self.spatial = nn.Conv2d(
+            ch,
+            ch,
+            (v.kernel_size[0], h.kernel_size[1]),
+            stride=(v.stride[0], h.stride[1]),
+            padding=(v.padding[0], h.padding[1]),
+            dilation=(v.dilation[0], h.dilation[1]),
+            groups=ch,
+            bias=False,
+            device=v.weight.device,
+            dtype=v.weight.dtype,
+        )
         with torch.no_grad():
-            k = v.weight.detach().to(torch.float64)[:, :, :, :1] * h.weight.detach().to(torch.float64)[:, :, :1, :]
+            k = (
+                v.weight.detach().to(torch.float64)[:, :, :, :1]
+                * h.weight.detach().to(torch.float64)[:, :, :1, :]
+            )
             self.spatial.weight.copy_(k.to(v.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,19 +149,31 @@ def _pointwise_factors(layer: nn.Module) -> list[nn.Conv2d] | None:
     Only layers whose every factor is an unpadded 1x1 convolution, the first carrying the stride
     and the others stride 1, with groups 1 (depthwise in between allowed) and no explicit padding.
     """
-    if not isinstance(layer, FactorizedConv2d) or layer.geometry.kernel_size != (1, 1) or layer.geometry.groups != 1:
+    if (
+        not isinstance(layer, FactorizedConv2d)
+        or layer.geometry.kernel_size != (1, 1)
+        or layer.geometry.groups != 1
+    ):
         return None
-    if getattr(layer, "_pad_explicitly", True) and (getattr(layer.geometry, "dynamic", False)
-                                                          or any(layer.geometry.pad)):
+    if getattr(layer, "_pad_explicitly", True) and (
+        getattr(layer.geometry, "dynamic", False) or any(layer.geometry.pad)
+    ):
         return None
     order = [n for n in ("first", "core", "vertical", "horizontal", "last") if hasattr(layer, n)]
     if not order or order[0] != "first" or order[-1] != "last":
         return None
     convs = [getattr(layer, n) for n in order]
-    if not all(isinstance(c, nn.Conv2d) and tuple(c.kernel_size) == (1, 1) and tuple(c.padding) == (0, 0)
-               and tuple(c.dilation) == (1, 1) for c in convs):
+    if not all(
+        isinstance(c, nn.Conv2d)
+        and tuple(c.kernel_size) == (1, 1)
+        and tuple(c.padding) == (0, 0)
+        and tuple(c.dilation) == (1, 1)
+        for c in convs
+    ):
         return None
-    if any(tuple(c.stride) != (1, 1) for c in convs[1:]) or any(c.bias is not None for c in convs[:-1]):
+    if any(tuple(c.stride) != (1, 1) for c in convs[1:]) or any(
+        c.bias is not None for c in convs[:-1]
+    ):
         return None
     if any(c.groups != 1 and not (c.groups == c.in_channels == c.out_channels) for c in convs):
         return None
@@ -180,8 +217,15 @@ class PointwiseChain(nn.Module):
             for j in range(a + 1, b):
                 m = mats[j] @ m
             last = b == len(dims) - 1
-            conv = make_conv(dims[a], dims[b], (1, 1), stride=tuple(convs[0].stride) if k == 0 else (1, 1),
-                             bias=last and convs[-1].bias is not None, device=w0.device, dtype=w0.dtype)
+            conv = make_conv(
+                dims[a],
+                dims[b],
+                (1, 1),
+                stride=tuple(convs[0].stride) if k == 0 else (1, 1),
+                bias=last and convs[-1].bias is not None,
+                device=w0.device,
+                dtype=w0.dtype,
+            )
             with torch.no_grad():
                 conv.weight.copy_(m.reshape(dims[b], dims[a], 1, 1).to(w0.dtype))
                 if conv.bias is not None:
@@ -201,7 +245,9 @@ class _LeafTracer(torch.fx.Tracer):
     """fx tracer that keeps factorized layers (and torch.nn modules) as single call_module nodes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (FactorizedConv2d, PointwiseChain, MergedCPConv2d)) or super().is_leaf_module(m, qualname)
+        return isinstance(
+            m, (FactorizedConv2d, PointwiseChain, MergedCPConv2d)
+        ) or super().is_leaf_module(m, qualname)
 
 
 def _plain_conv(m: nn.Module) -> bool:
@@ -228,7 +274,11 @@ def _fx_pairs(model: nn.Module) -> list[tuple[str, str]]:
         if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], torch.fx.Node):
             continue
         src = node.args[0]
-        if src.op != "call_module" or len(src.users) != 1 or not _foldable(model.get_submodule(src.target)):
+        if (
+            src.op != "call_module"
+            or len(src.users) != 1
+            or not _foldable(model.get_submodule(src.target))
+        ):
             continue
         if calls[node.target] == 1 and calls[src.target] == 1:
             pairs.append((str(src.target), str(node.target)))
@@ -269,8 +319,16 @@ def _fold(conv: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
 def _swap_pointwise(model: nn.Module) -> None:
     for name, m in list(model.named_modules()):
         if type(m) is PointwiseConv2d:
-            c = ConvPointwise2d(m.in_channels, m.out_channels, 1, stride=m.stride, groups=m.groups,
-                                bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
+            c = ConvPointwise2d(
+                m.in_channels,
+                m.out_channels,
+                1,
+                stride=m.stride,
+                groups=m.groups,
+                bias=m.bias is not None,
+                device=m.weight.device,
+                dtype=m.weight.dtype,
+            )
             c.load_state_dict(m.state_dict())
             model.set_submodule(name, c)
 
@@ -290,9 +348,15 @@ def _merge_chains(model: nn.Module) -> None:
             model.set_submodule(name, PointwiseChain(m, convs))
 
 
-def prepare_for_inference(model: nn.Module, *, fold_bn: bool = True, merge_pointwise: bool = True,
-                          channels_last: bool = True, pointwise: str = "gemm",
-                          cp_spatial: str = "separable") -> nn.Module:
+def prepare_for_inference(
+    model: nn.Module,
+    *,
+    fold_bn: bool = True,
+    merge_pointwise: bool = True,
+    channels_last: bool = True,
+    pointwise: str = "gemm",
+    cp_spatial: str = "separable",
+) -> nn.Module:
     """An evaluation-mode copy of ``model`` that computes the same function faster.
 
     ``fold_bn``: fold BatchNorms into the convolutions that feed them (see the module docstring).

@@ -24,7 +24,15 @@ from torch import nn
 
 from tensorcut.errors import TensorcutError
 
-__all__ = ["Checkpoint", "atomic_write_bytes", "atomic_write_text", "load", "load_checkpoint", "save", "versions"]
+__all__ = [
+    "Checkpoint",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "load",
+    "load_checkpoint",
+    "save",
+    "versions",
+]
 
 WEIGHTS = "model.safetensors"
 META = "meta.json"
@@ -58,7 +66,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
-        raise TensorcutError(f"cannot write {path}: {e.strerror}; choose a writable output directory") from None
+        raise TensorcutError(
+            f"cannot write {path}: {e.strerror}; choose a writable output directory"
+        ) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -68,7 +78,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise TensorcutError(f"cannot write {path}: {e.strerror}; free disk space or choose another directory") from None
+        raise TensorcutError(
+            f"cannot write {path}: {e.strerror}; free disk space or choose another directory"
+        ) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -84,7 +96,11 @@ def versions() -> dict[str, str]:
     """Versions of the software that produced a file, for reports and metadata."""
     from tensorcut import __version__
 
-    return {"tensorcut": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "tensorcut": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 @dataclass
@@ -149,7 +165,9 @@ def save(model: nn.Module, directory: str | Path, meta: dict[str, Any] | None = 
     if meta is None:
         meta = {"model": {"name": type(model).__name__, "kwargs": {}}}
     if "model" not in meta or "name" not in meta["model"]:
-        raise TensorcutError("checkpoint metadata needs model.name (the registry name) and model.kwargs")
+        raise TensorcutError(
+            "checkpoint metadata needs model.name (the registry name) and model.kwargs"
+        )
     meta = dict(meta)
     meta["format"] = FORMAT
     meta["format_version"] = FORMAT_VERSION
@@ -158,8 +176,10 @@ def save(model: nn.Module, directory: str | Path, meta: dict[str, Any] | None = 
     try:  # serialise the metadata first: a bad value must not leave weights without meta.json
         meta_text = json.dumps(meta, indent=2, sort_keys=True, default=_json_default)
     except (TypeError, ValueError) as e:
-        raise TensorcutError(f"checkpoint metadata is not JSON-serialisable ({e}); pass plain numbers, strings, "
-                             "lists and dicts") from None
+        raise TensorcutError(
+            f"checkpoint metadata is not JSON-serialisable ({e}); pass plain numbers, strings, "
+            "lists and dicts"
+        ) from None
     state = _unshared_state(model)
     atomic_write_bytes(directory / WEIGHTS, st_save(state))
     atomic_write_text(directory / META, meta_text)
@@ -180,16 +200,24 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     """Read and check ``DIR/meta.json``."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise TensorcutError(f"{directory} is not a checkpoint directory (expected a folder with {WEIGHTS} and {META})")
+        raise TensorcutError(
+            f"{directory} is not a checkpoint directory (expected a folder with {WEIGHTS} and {META})"
+        )
     p = directory / META
     try:
         meta = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise TensorcutError(f"{directory} has no {META}; it is not a tensorcut checkpoint") from None
+        raise TensorcutError(
+            f"{directory} has no {META}; it is not a tensorcut checkpoint"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TensorcutError(f"{p} is corrupt ({e.__class__.__name__}: {e}); restore it or re-run the step that wrote it") from None
+        raise TensorcutError(
+            f"{p} is corrupt ({e.__class__.__name__}: {e}); restore it or re-run the step that wrote it"
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise TensorcutError(f"{p} is not tensorcut checkpoint metadata (missing format={FORMAT!r})")
+        raise TensorcutError(
+            f"{p} is not tensorcut checkpoint metadata (missing format={FORMAT!r})"
+        )
     if not isinstance(meta.get("model"), dict) or not isinstance(meta["model"].get("name"), str):
         raise TensorcutError(f"{p} lacks model.name; it cannot be rebuilt")
     return meta
@@ -216,20 +244,28 @@ def build_model(meta: dict[str, Any], model: nn.Module | None = None) -> nn.Modu
     kwargs = meta["model"].get("kwargs", {}) or {}
     layers = meta.get("layers") or {}
     if not isinstance(layers, dict):
-        raise TensorcutError("meta.json 'layers' must map layer names to configurations; the file was edited or is foreign")
+        raise TensorcutError(
+            "meta.json 'layers' must map layer names to configurations; the file was edited or is foreign"
+        )
     name = meta["model"]["name"]
     if model is None and name not in models.list_models():
-        raise TensorcutError(f"checkpoint of model {name!r}, which is not in tensorcut's model registry: pass a fresh "
-                             f"instance of the architecture, tensorcut.load(path, model={name}(...)), or register a "
-                             "builder with tensorcut.models.register_model first")
+        raise TensorcutError(
+            f"checkpoint of model {name!r}, which is not in tensorcut's model registry: pass a fresh "
+            f"instance of the architecture, tensorcut.load(path, model={name}(...)), or register a "
+            "builder with tensorcut.models.register_model first"
+        )
     try:
         if model is None:
             model = models.create(name, **kwargs)
     except TypeError as e:
-        raise TensorcutError(f"meta.json model.kwargs do not fit model {meta['model']['name']!r}: {e}") from None
+        raise TensorcutError(
+            f"meta.json model.kwargs do not fit model {meta['model']['name']!r}: {e}"
+        ) from None
     except (RuntimeError, MemoryError) as e:  # e.g. a hand-edited width asking for terabytes
-        raise TensorcutError(f"meta.json describes a model that cannot be built here ({_first_line(e)}); "
-                             "it disagrees with the weights or was edited") from None
+        raise TensorcutError(
+            f"meta.json describes a model that cannot be built here ({_first_line(e)}); "
+            "it disagrees with the weights or was edited"
+        ) from None
     aliases = {}
     for name, cfg in layers.items():
         if isinstance(cfg, dict) and set(cfg) == {"alias_of"}:
@@ -239,25 +275,35 @@ def build_model(meta: dict[str, Any], model: nn.Module | None = None) -> nn.Modu
         method = method if isinstance(method, str) else None
         cls = _layer_class(method)
         if cls is None:
-            raise TensorcutError(f"meta.json layer {name!r} has unknown method {method!r}; known: {', '.join(sorted(LAYER_REGISTRY))}")
+            raise TensorcutError(
+                f"meta.json layer {name!r} has unknown method {method!r}; known: {', '.join(sorted(LAYER_REGISTRY))}"
+            )
         try:
             model.get_submodule(name)
         except AttributeError:
-            raise TensorcutError(f"meta.json names layer {name!r}, which model {meta['model']['name']!r} does not have; "
-                                 "the checkpoint is of another architecture") from None
+            raise TensorcutError(
+                f"meta.json names layer {name!r}, which model {meta['model']['name']!r} does not have; "
+                "the checkpoint is of another architecture"
+            ) from None
         try:
             layer = cls.from_config(cfg)
         except (KeyError, TypeError, ValueError, TensorcutError) as e:
-            raise TensorcutError(f"meta.json layer {name!r} has an invalid configuration: {e}") from None
+            raise TensorcutError(
+                f"meta.json layer {name!r} has an invalid configuration: {e}"
+            ) from None
         except (RuntimeError, MemoryError) as e:
-            raise TensorcutError(f"meta.json layer {name!r} cannot be built here ({_first_line(e)}); "
-                                 "its ranks disagree with the weights or were edited") from None
+            raise TensorcutError(
+                f"meta.json layer {name!r} cannot be built here ({_first_line(e)}); "
+                "its ranks disagree with the weights or were edited"
+            ) from None
         model.set_submodule(name, layer)
     for name, target in aliases.items():
         try:
             model.set_submodule(name, model.get_submodule(target))
         except AttributeError:
-            raise TensorcutError(f"meta.json names layer {name!r} as a second name of {target!r}, which the model does not have") from None
+            raise TensorcutError(
+                f"meta.json names layer {name!r} as a second name of {target!r}, which the model does not have"
+            ) from None
     return model
 
 
@@ -297,10 +343,18 @@ def _check_size(meta: dict[str, Any], wpath: Path) -> None:
         state = probe.state_dict()
     except (TypeError, ValueError, RuntimeError, TensorcutError):
         return  # build_model reports these
-    need = sum(t.numel() for k, t in state.items() if not any(k == r or k.startswith(r + ".") for r in replaced))
-    if need > stored + (1 << 28):  # > 1 GiB of float32 more than stored: refuse before allocating it
-        raise TensorcutError(f"{wpath.parent}: meta.json describes a model with at least {need:,} weights but "
-                             f"{WEIGHTS} holds {stored:,}; the files come from different models or meta.json was edited")
+    need = sum(
+        t.numel()
+        for k, t in state.items()
+        if not any(k == r or k.startswith(r + ".") for r in replaced)
+    )
+    if need > stored + (
+        1 << 28
+    ):  # > 1 GiB of float32 more than stored: refuse before allocating it
+        raise TensorcutError(
+            f"{wpath.parent}: meta.json describes a model with at least {need:,} weights but "
+            f"{WEIGHTS} holds {stored:,}; the files come from different models or meta.json was edited"
+        )
 
 
 def _first_line(e: BaseException) -> str:
@@ -311,8 +365,12 @@ def _ensure_layers_imported() -> None:
     import tensorcut.layers  # noqa: F401  (registers every layer class)
 
 
-def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu", *,
-                    model: nn.Module | None = None) -> Checkpoint:
+def load_checkpoint(
+    directory: str | Path,
+    map_location: str | torch.device = "cpu",
+    *,
+    model: nn.Module | None = None,
+) -> Checkpoint:
     """Rebuild the model in ``directory`` and load its weights, checking they match ``meta.json``.
 
     ``model``: a fresh instance of the saved architecture, needed when it is not in tensorcut's
@@ -332,22 +390,36 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     try:
         state = st_load(wpath.read_bytes())
     except FileNotFoundError:
-        raise TensorcutError(f"{directory} has no {WEIGHTS}; the checkpoint is incomplete") from None
+        raise TensorcutError(
+            f"{directory} has no {WEIGHTS}; the checkpoint is incomplete"
+        ) from None
     except (OSError, SafetensorError, ValueError, RuntimeError) as e:
-        raise TensorcutError(f"{wpath} is truncated or corrupt ({str(e).splitlines()[0][:120]}); restore it or re-run the step that wrote it") from None
-    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        raise TensorcutError(
+            f"{wpath} is truncated or corrupt ({str(e).splitlines()[0][:120]}); restore it or re-run the step that wrote it"
+        ) from None
+    nonfinite = [
+        k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
     if nonfinite:
-        raise TensorcutError(f"{wpath}: {len(nonfinite)} tensor(s) hold NaN or Inf values (e.g. {nonfinite[0]}); "
-                             "the run that wrote it diverged or the file is corrupt — retrain or restore it")
+        raise TensorcutError(
+            f"{wpath}: {len(nonfinite)} tensor(s) hold NaN or Inf values (e.g. {nonfinite[0]}); "
+            "the run that wrote it diverged or the file is corrupt — retrain or restore it"
+        )
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     bad = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    wrong_type = [k for k in expected if k in state and expected[k].is_floating_point() and not state[k].is_floating_point()]
+    wrong_type = [
+        k
+        for k in expected
+        if k in state and expected[k].is_floating_point() and not state[k].is_floating_point()
+    ]
     if wrong_type:
         k = wrong_type[0]
-        raise TensorcutError(f"{wpath}: {len(wrong_type)} tensor(s) hold {state[k].dtype} values where the model has "
-                             f"floating-point weights (e.g. {k}); the file was not written by tensorcut or was edited")
+        raise TensorcutError(
+            f"{wpath}: {len(wrong_type)} tensor(s) hold {state[k].dtype} values where the model has "
+            f"floating-point weights (e.g. {k}); the file was not written by tensorcut or was edited"
+        )
     if missing or unexpected or bad:
         parts = []
         if missing:
@@ -356,15 +428,24 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         if bad:
             k = bad[0]
-            parts.append(f"{len(bad)} of wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)})")
-        raise TensorcutError(f"{directory}: weights do not match meta.json ({'; '.join(parts)}); the files come from different models")
+            parts.append(
+                f"{len(bad)} of wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)})"
+            )
+        raise TensorcutError(
+            f"{directory}: weights do not match meta.json ({'; '.join(parts)}); the files come from different models"
+        )
     model.load_state_dict(state, strict=True)
     model.to(map_location)
     model.eval()
     return Checkpoint(model=model, meta=meta)
 
 
-def load(directory: str | Path, map_location: str | torch.device = "cpu", *, model: nn.Module | None = None) -> nn.Module:
+def load(
+    directory: str | Path,
+    map_location: str | torch.device = "cpu",
+    *,
+    model: nn.Module | None = None,
+) -> nn.Module:
     """Rebuild and return the model saved in ``directory`` (in eval mode).
 
     Args:

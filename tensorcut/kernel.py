@@ -14,10 +14,9 @@ or the paper's literal Eq. 14, ``-sum s ln s`` with ``s = S / sqrt(sum S^2)``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
-
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -56,8 +55,12 @@ def canonical_bipartition(name: str) -> str:
     Raises ``TensorcutError`` listing the valid names for anything else.
     """
     if not isinstance(name, str):
-        raise TensorcutError(f"bipartition must be a string, got {name!r}; valid: {', '.join(BIPARTITIONS)}")
-    parts = [p for p in name.replace(",", "-").replace("+", "-").replace(" ", "").upper().split("-") if p]
+        raise TensorcutError(
+            f"bipartition must be a string, got {name!r}; valid: {', '.join(BIPARTITIONS)}"
+        )
+    parts = [
+        p for p in name.replace(",", "-").replace("+", "-").replace(" ", "").upper().split("-") if p
+    ]
     try:
         side = frozenset(_MODE_INDEX[p] for p in parts)
     except KeyError:
@@ -108,15 +111,19 @@ def fold(M: torch.Tensor, bipartition: str, shape: Sequence[int]) -> torch.Tenso
     rows, cols = bipartition_modes(bipartition)
     expect = unfold_shape(shape, bipartition)
     if tuple(M.shape) != expect:
-        raise TensorcutError(f"matrix of shape {tuple(M.shape)} cannot fold to {shape} along "
-                             f"{canonical_bipartition(bipartition)}; expected {expect}")
+        raise TensorcutError(
+            f"matrix of shape {tuple(M.shape)} cannot fold to {shape} along "
+            f"{canonical_bipartition(bipartition)}; expected {expect}"
+        )
     order = rows + cols
     T = M.reshape(*(shape[i] for i in order))
     inverse = [order.index(i) for i in range(4)]
     return T.permute(*inverse).contiguous()
 
 
-def numerical_rank_tol(S: torch.Tensor, shape: Sequence[int], dtype: torch.dtype | None = None) -> float:
+def numerical_rank_tol(
+    S: torch.Tensor, shape: Sequence[int], dtype: torch.dtype | None = None
+) -> float:
     """Singular values at or below this are treated as exact zeros (LAPACK-style rank rule
     ``S_max * max(rows, cols) * eps``, with ``eps`` of the kernel's own ``dtype``)."""
     if S.numel() == 0:
@@ -172,7 +179,9 @@ class BipartitionSVD:
     @property
     def rank_tol(self) -> float:
         """Threshold below which singular values are exact zeros for the entropy."""
-        return numerical_rank_tol(self.S, unfold_shape(self.shape, self.bipartition), self.kernel.dtype)
+        return numerical_rank_tol(
+            self.S, unfold_shape(self.shape, self.bipartition), self.kernel.dtype
+        )
 
     def check_keep(self, keep: int, *, layer: str | None = None) -> int:
         """Validate ``1 <= keep <= n``; the error names the valid range."""
@@ -180,8 +189,10 @@ class BipartitionSVD:
         if isinstance(keep, bool) or not isinstance(keep, int):
             raise TensorcutError(f"keep must be an integer, got {keep!r}")
         if not 1 <= keep <= self.n:
-            raise TensorcutError(f"keep={keep} out of range{where} along {self.bipartition} "
-                                 f"(kernel {tuple(self.shape)}): valid 1..{self.n}")
+            raise TensorcutError(
+                f"keep={keep} out of range{where} along {self.bipartition} "
+                f"(kernel {tuple(self.shape)}): valid 1..{self.n}"
+            )
         return keep
 
     def truncate(self, keep: int, *, layer: str | None = None) -> torch.Tensor:
@@ -190,7 +201,9 @@ class BipartitionSVD:
         if keep == self.n:
             return self.kernel.clone()
         M = (self.U[:, :keep] * self.S[:keep]) @ self.Vh[:keep]
-        return fold(M, self.bipartition, self.shape).to(dtype=self.kernel.dtype, device=self.kernel.device)
+        return fold(M, self.bipartition, self.shape).to(
+            dtype=self.kernel.dtype, device=self.kernel.device
+        )
 
 
 def svd_bipartition(K: torch.Tensor, bipartition: str) -> BipartitionSVD:
@@ -255,8 +268,26 @@ def tucker_truncate(K: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
 
 
 __all__ = [
-    "MODES", "BIPARTITIONS", "SINGLE_MODE", "TWO_MODE", "ENTROPY_FORMS", "ENTROPY_LABELS",
-    "canonical_bipartition", "bipartition_modes", "unfold_shape", "n_singular", "unfold", "fold",
-    "numerical_rank_tol", "entropy", "BipartitionSVD", "svd_bipartition", "spectrum", "truncate",
-    "svd_factor_params", "cp_params", "tucker_params", "tucker_truncate",
+    "MODES",
+    "BIPARTITIONS",
+    "SINGLE_MODE",
+    "TWO_MODE",
+    "ENTROPY_FORMS",
+    "ENTROPY_LABELS",
+    "canonical_bipartition",
+    "bipartition_modes",
+    "unfold_shape",
+    "n_singular",
+    "unfold",
+    "fold",
+    "numerical_rank_tol",
+    "entropy",
+    "BipartitionSVD",
+    "svd_bipartition",
+    "spectrum",
+    "truncate",
+    "svd_factor_params",
+    "cp_params",
+    "tucker_params",
+    "tucker_truncate",
 ]

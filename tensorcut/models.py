@@ -15,8 +15,9 @@ Architectures follow the source documents exactly at ``width=1``:
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,9 @@ class ModelEntry:
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, description: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+def register_model(
+    name: str, description: str
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator: register a builder ``f(num_classes, in_channels, width, input_size) -> nn.Module``."""
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -72,12 +75,20 @@ def create(
     """Build model ``name``. ``input_size`` matters only for vanilla-cnn's first linear layer."""
     entry = model_entry(name)
     if num_classes < 1 or in_channels < 1:
-        raise TensorcutError(f"num_classes and in_channels must be >= 1, got {num_classes} and {in_channels}")
+        raise TensorcutError(
+            f"num_classes and in_channels must be >= 1, got {num_classes} and {in_channels}"
+        )
     if not width > 0:
         raise TensorcutError(f"width must be > 0, got {width}")
     if input_size < 4:
         raise TensorcutError(f"input_size must be >= 4 pixels, got {input_size}")
-    return entry.builder(num_classes=num_classes, in_channels=in_channels, width=width, input_size=input_size, **kwargs)
+    return entry.builder(
+        num_classes=num_classes,
+        in_channels=in_channels,
+        width=width,
+        input_size=input_size,
+        **kwargs,
+    )
 
 
 def _w(c: int, width: float) -> int:
@@ -95,30 +106,51 @@ class VanillaCNN(nn.Sequential):
     the paper; 0.25 after the conv blocks and 0.5 in the classifier are used.
     """
 
-    def __init__(self, num_classes: int, in_channels: int, width: float, input_size: int,
-                 conv_dropout: float = 0.25, fc_dropout: float = 0.5) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int,
+        width: float,
+        input_size: int,
+        conv_dropout: float = 0.25,
+        fc_dropout: float = 0.5,
+    ) -> None:
         c1, c2, c3, c4 = (_w(c, width) for c in (128, 128, 256, 256))
         h1, h2 = _w(1024, width), _w(512, width)
         spatial = input_size // 2 // 2
         layers: list[tuple[str, nn.Module]] = []
         cin = in_channels
         for i, (c, k, p) in enumerate(((c1, 5, 2), (c2, 5, 2), (c3, 3, 1), (c4, 3, 1)), start=1):
-            layers += [(f"conv{i}", nn.Conv2d(cin, c, k, padding=p)), (f"bn{i}", nn.BatchNorm2d(c)),
-                       (f"relu{i}", nn.ReLU(inplace=True))]
+            layers += [
+                (f"conv{i}", nn.Conv2d(cin, c, k, padding=p)),
+                (f"bn{i}", nn.BatchNorm2d(c)),
+                (f"relu{i}", nn.ReLU(inplace=True)),
+            ]
             if i in (2, 4):
-                layers += [(f"pool{i // 2}", nn.MaxPool2d(2)), (f"drop{i // 2}", nn.Dropout(conv_dropout))]
+                layers += [
+                    (f"pool{i // 2}", nn.MaxPool2d(2)),
+                    (f"drop{i // 2}", nn.Dropout(conv_dropout)),
+                ]
             cin = c
-        layers += [("flatten", nn.Flatten()),
-                   ("fc1", nn.Linear(c4 * spatial * spatial, h1)), ("bn_fc1", nn.BatchNorm1d(h1)),
-                   ("relu_fc1", nn.ReLU(inplace=True)), ("drop_fc1", nn.Dropout(fc_dropout)),
-                   ("fc2", nn.Linear(h1, h2)), ("bn_fc2", nn.BatchNorm1d(h2)),
-                   ("relu_fc2", nn.ReLU(inplace=True)), ("drop_fc2", nn.Dropout(fc_dropout)),
-                   ("fc3", nn.Linear(h2, num_classes))]
+        layers += [
+            ("flatten", nn.Flatten()),
+            ("fc1", nn.Linear(c4 * spatial * spatial, h1)),
+            ("bn_fc1", nn.BatchNorm1d(h1)),
+            ("relu_fc1", nn.ReLU(inplace=True)),
+            ("drop_fc1", nn.Dropout(fc_dropout)),
+            ("fc2", nn.Linear(h1, h2)),
+            ("bn_fc2", nn.BatchNorm1d(h2)),
+            ("relu_fc2", nn.ReLU(inplace=True)),
+            ("drop_fc2", nn.Dropout(fc_dropout)),
+            ("fc3", nn.Linear(h2, num_classes)),
+        ]
         super().__init__(OrderedDict(layers))
 
 
 @register_model("vanilla-cnn", "4-conv CNN of Singh et al. Appendix C (18.6M params at width 1)")
-def _vanilla(num_classes: int, in_channels: int, width: float, input_size: int, **kw: Any) -> nn.Module:
+def _vanilla(
+    num_classes: int, in_channels: int, width: float, input_size: int, **kw: Any
+) -> nn.Module:
     return VanillaCNN(num_classes, in_channels, width, input_size, **kw)
 
 
@@ -205,7 +237,9 @@ class _Basic(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut: nn.Module = nn.Sequential()
         if stride != 1 or cin != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -227,7 +261,9 @@ class _Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(cout)
         self.shortcut: nn.Module = nn.Sequential()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -239,8 +275,14 @@ class _Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """ResNet-18/34/50 with a 3x3 stride-1 stem and no max-pool (CIFAR form)."""
 
-    def __init__(self, block: type[_Basic] | type[_Bottleneck], counts: list[int], num_classes: int,
-                 in_channels: int, width: float) -> None:
+    def __init__(
+        self,
+        block: type[_Basic] | type[_Bottleneck],
+        counts: list[int],
+        num_classes: int,
+        in_channels: int,
+        width: float,
+    ) -> None:
         super().__init__()
         planes = [_w(c, width) for c in (64, 128, 256, 512)]
         self.conv1 = nn.Conv2d(in_channels, planes[0], 3, padding=1, bias=False)
@@ -281,8 +323,49 @@ def _resnet50(num_classes: int, in_channels: int, width: float, input_size: int)
 
 _VGG_CFG: dict[str, list[int | str]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
-    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+    "vgg16": [
+        64,
+        64,
+        "M",
+        128,
+        128,
+        "M",
+        256,
+        256,
+        256,
+        "M",
+        512,
+        512,
+        512,
+        "M",
+        512,
+        512,
+        512,
+        "M",
+    ],
+    "vgg19": [
+        64,
+        64,
+        "M",
+        128,
+        128,
+        "M",
+        256,
+        256,
+        256,
+        256,
+        "M",
+        512,
+        512,
+        512,
+        512,
+        "M",
+        512,
+        512,
+        512,
+        512,
+        "M",
+    ],
 }
 
 
@@ -293,7 +376,9 @@ class VGG(nn.Module):
     standard network.
     """
 
-    def __init__(self, cfg: list[int | str], num_classes: int, in_channels: int, width: float) -> None:
+    def __init__(
+        self, cfg: list[int | str], num_classes: int, in_channels: int, width: float
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         cin = in_channels
@@ -302,7 +387,11 @@ class VGG(nn.Module):
                 layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
             else:
                 c = _w(int(v), width)
-                layers += [nn.Conv2d(cin, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(cin, c, 3, padding=1),
+                    nn.BatchNorm2d(c),
+                    nn.ReLU(inplace=True),
+                ]
                 cin = c
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(cin, num_classes)

@@ -9,15 +9,24 @@ model-wide ``budget`` split across layers by :func:`allocate_budget`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from tensorcut.errors import TensorcutError
 
-__all__ = ["RankRule", "clamp_ranks", "ranks_for_ratio", "scaled_ranks", "evbmf_rank", "vbmf_tucker2_ranks",
-           "Candidate", "allocate_budget"]
+__all__ = [
+    "RankRule",
+    "clamp_ranks",
+    "ranks_for_ratio",
+    "scaled_ranks",
+    "evbmf_rank",
+    "vbmf_tucker2_ranks",
+    "Candidate",
+    "allocate_budget",
+]
 
 
 @dataclass(frozen=True)
@@ -32,10 +41,14 @@ class RankRule:
     def __post_init__(self) -> None:
         given = [k for k in ("rank", "ratio", "eps", "energy") if getattr(self, k) is not None]
         if len(given) > 1:
-            raise TensorcutError(f"contradictory rank options: {', '.join(given)}; give exactly one of rank, ratio, eps, energy (or a budget)")
+            raise TensorcutError(
+                f"contradictory rank options: {', '.join(given)}; give exactly one of rank, ratio, eps, energy (or a budget)"
+            )
         r = self.rank
         if isinstance(r, str) and r not in ("vbmf", "full"):
-            raise TensorcutError(f"unknown rank rule {r!r}; use an int, a tuple of ints, 'full' or 'vbmf'")
+            raise TensorcutError(
+                f"unknown rank rule {r!r}; use an int, a tuple of ints, 'full' or 'vbmf'"
+            )
         if isinstance(r, bool):
             raise TensorcutError("rank must be an int, a tuple of ints, or 'vbmf'")
         if isinstance(r, int) and r < 1:
@@ -43,11 +56,17 @@ class RankRule:
         if isinstance(r, tuple) and (not r or any((not isinstance(v, int)) or v < 1 for v in r)):
             raise TensorcutError(f"ranks must be positive ints, got {r}")
         if self.ratio is not None and not 0 < self.ratio < 1:
-            raise TensorcutError(f"ratio is the fraction of parameters to keep and must be in (0, 1), got {self.ratio}")
+            raise TensorcutError(
+                f"ratio is the fraction of parameters to keep and must be in (0, 1), got {self.ratio}"
+            )
         if self.eps is not None and not 0 < self.eps < 1:
-            raise TensorcutError(f"eps is a relative error bound and must be in (0, 1), got {self.eps}")
+            raise TensorcutError(
+                f"eps is a relative error bound and must be in (0, 1), got {self.eps}"
+            )
         if self.energy is not None and not 0 < self.energy <= 1:
-            raise TensorcutError(f"energy is the fraction of squared norm kept and must be in (0, 1], got {self.energy}")
+            raise TensorcutError(
+                f"energy is the fraction of squared norm kept and must be in (0, 1], got {self.energy}"
+            )
 
     @property
     def kind(self) -> str:
@@ -61,16 +80,27 @@ class RankRule:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
-        return {"kind": self.kind, "rank": list(self.rank) if isinstance(self.rank, tuple) else self.rank,
-                "ratio": self.ratio, "eps": self.eps, "energy": self.energy}
+        return {
+            "kind": self.kind,
+            "rank": list(self.rank) if isinstance(self.rank, tuple) else self.rank,
+            "ratio": self.ratio,
+            "eps": self.eps,
+            "energy": self.energy,
+        }
 
 
 def clamp_ranks(requested: Sequence[int], maximum: Sequence[int]) -> tuple[tuple[int, ...], str]:
     """Clamp each rank to ``[1, maximum]``; return the ranks and a note ('' when nothing changed)."""
     if len(requested) != len(maximum):
-        raise TensorcutError(f"expected {len(maximum)} ranks, got {len(requested)} ({tuple(requested)})")
+        raise TensorcutError(
+            f"expected {len(maximum)} ranks, got {len(requested)} ({tuple(requested)})"
+        )
     out = tuple(max(1, min(int(r), int(m))) for r, m in zip(requested, maximum))
-    note = "" if out == tuple(int(r) for r in requested) else f"ranks {tuple(requested)} clamped to {out} (kernel admits at most {tuple(maximum)})"
+    note = (
+        ""
+        if out == tuple(int(r) for r in requested)
+        else f"ranks {tuple(requested)} clamped to {out} (kernel admits at most {tuple(maximum)})"
+    )
     return out, note
 
 
@@ -79,7 +109,9 @@ def scaled_ranks(maximum: Sequence[int], s: float) -> tuple[int, ...]:
     return tuple(max(1, min(int(m), int(math.ceil(s * m)))) for m in maximum)
 
 
-def align_ranks(ranks: Sequence[int], maximum: Sequence[int], align: int, *, up: bool = False) -> tuple[int, ...]:
+def align_ranks(
+    ranks: Sequence[int], maximum: Sequence[int], align: int, *, up: bool = False
+) -> tuple[int, ...]:
     """Each rank rounded to a multiple of ``align`` (down by default, ``up`` for error-bound rules),
     at least ``align`` and at most the mode's maximum (which wins when it is below ``align``).
 
@@ -97,7 +129,10 @@ def align_ranks(ranks: Sequence[int], maximum: Sequence[int], align: int, *, up:
 
 
 def ranks_for_ratio(
-    maximum: Sequence[int], params_of: Callable[[tuple[int, ...]], int], target: float, align: int = 1
+    maximum: Sequence[int],
+    params_of: Callable[[tuple[int, ...]], int],
+    target: float,
+    align: int = 1,
 ) -> tuple[int, ...]:
     """Largest uniformly scaled ranks whose parameter count is at most ``target``.
 
@@ -114,7 +149,7 @@ def ranks_for_ratio(
             steps = []
             for k, m in enumerate(maximum):
                 if r[k] < m:
-                    cand = r[:k] + (min(int(m), r[k] + align),) + r[k + 1:]
+                    cand = r[:k] + (min(int(m), r[k] + align),) + r[k + 1 :]
                     c = params_of(cand)
                     if c <= target:
                         steps.append((c, -k, cand))
@@ -176,7 +211,7 @@ def evbmf_rank(Y: torch.Tensor) -> int:
         return 1
     eh_ub = int(min(math.ceil(L / (1 + alpha)), H)) - 1
     upper = (s2.sum() + residual) / (L * M)
-    tail = s2[eh_ub + 1:] if eh_ub + 1 < H else s2[-1:]
+    tail = s2[eh_ub + 1 :] if eh_ub + 1 < H else s2[-1:]
     lower = max(s2[min(eh_ub + 1, H - 1)] / (M * x_bar), float(tail.mean()) / M, 1e-300)
 
     def tau(x: Any) -> Any:
@@ -190,7 +225,11 @@ def evbmf_rank(Y: torch.Tensor) -> int:
 
         t = tau(big)
         val = float(np.sum(small - np.log(np.maximum(small, 1e-300))))
-        val += float(np.sum(big - t)) + float(np.sum(np.log((t + 1) / big))) + alpha * float(np.sum(np.log(t / alpha + 1)))
+        val += (
+            float(np.sum(big - t))
+            + float(np.sum(np.log((t + 1) / big)))
+            + alpha * float(np.sum(np.log(t / alpha + 1)))
+        )
         return val + residual / (M * sigma2) + (L - H) * log_sigma2
 
     if upper <= lower:
@@ -239,7 +278,9 @@ class LayerLadder:
         c = self.candidates[i]
         if c.error is None:
             if self.evaluate is None:
-                raise TensorcutError(f"candidate {c.ranks} of {self.name} has no error and no way to compute it")
+                raise TensorcutError(
+                    f"candidate {c.ranks} of {self.name} has no error and no way to compute it"
+                )
             c.error = float(self.evaluate(i))
         return c.error
 
@@ -253,7 +294,9 @@ class LayerLadder:
         return 0.0 if self.choice < 0 else self.error_at(self.choice)
 
 
-def allocate_budget(ladders: list[LayerLadder], budget: float, kind: str = "params", fixed_cost: int = 0) -> bool:
+def allocate_budget(
+    ladders: list[LayerLadder], budget: float, kind: str = "params", fixed_cost: int = 0
+) -> bool:
     """Greedy allocation: step down the layer with the least weighted error increase per unit saved.
 
     ``budget`` is the total allowed cost (parameters or MACs) of the listed layers plus
@@ -271,7 +314,9 @@ def allocate_budget(ladders: list[LayerLadder], budget: float, kind: str = "para
         best, best_score = None, math.inf
         for l in ladders:
             nxt = l.choice + 1
-            while nxt < len(l.candidates) and (l.candidates[nxt].params if kind == "params" else l.candidates[nxt].macs) >= l.cost(kind):
+            while nxt < len(l.candidates) and (
+                l.candidates[nxt].params if kind == "params" else l.candidates[nxt].macs
+            ) >= l.cost(kind):
                 nxt += 1
             if nxt >= len(l.candidates):
                 continue

@@ -33,12 +33,18 @@ def _read_json(rd: Path, rel: str, expect: type = dict) -> Any:
     try:
         value = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise TensorcutError(f"{p} is missing; re-run `tensorcut run` with the same --out to redo that stage") from None
+        raise TensorcutError(
+            f"{p} is missing; re-run `tensorcut run` with the same --out to redo that stage"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TensorcutError(f"{p} is unreadable ({type(e).__name__}); re-run `tensorcut run` into a new --out") from None
+        raise TensorcutError(
+            f"{p} is unreadable ({type(e).__name__}); re-run `tensorcut run` into a new --out"
+        ) from None
     if not isinstance(value, expect):
-        raise TensorcutError(f"{p} holds a JSON {type(value).__name__}, not a {expect.__name__}; "
-                             f"re-run `tensorcut run` into a new --out")
+        raise TensorcutError(
+            f"{p} holds a JSON {type(value).__name__}, not a {expect.__name__}; "
+            f"re-run `tensorcut run` into a new --out"
+        )
     return value
 
 
@@ -63,21 +69,44 @@ def latency_of(row: dict[str, Any], batch: int) -> dict[str, Any] | None:
             iqr = q3 - q1
         elif iqr is not None:  # quartiles not kept: centre the IQR on the median
             q1, q3 = med - float(iqr) / 2, med + float(iqr) / 2
-        return {"median_ms": med, "iqr_ms": None if iqr is None else float(iqr), "q1_ms": q1, "q3_ms": q3,
-                "threads": rec.get("threads"), "batch": rec.get("batch", batch), "device": rec.get("device"),
-                "times_ms": rec.get("times_ms"), "session": rec.get("session", 0)}
+        return {
+            "median_ms": med,
+            "iqr_ms": None if iqr is None else float(iqr),
+            "q1_ms": q1,
+            "q3_ms": q3,
+            "threads": rec.get("threads"),
+            "batch": rec.get("batch", batch),
+            "device": rec.get("device"),
+            "times_ms": rec.get("times_ms"),
+            "session": rec.get("session", 0),
+        }
     ms = row.get(f"latency_ms_b{batch}")
     if ms is None:
         return None
-    return {"median_ms": float(ms), "iqr_ms": None, "q1_ms": None, "q3_ms": None, "threads": None, "batch": batch,
-            "device": None, "times_ms": None, "session": 0}
+    return {
+        "median_ms": float(ms),
+        "iqr_ms": None,
+        "q1_ms": None,
+        "q3_ms": None,
+        "threads": None,
+        "batch": batch,
+        "device": None,
+        "times_ms": None,
+        "session": 0,
+    }
 
 
 def _batches(rows: dict[str, Any]) -> list[int]:
     found: set[int] = set()
     for r in rows.values():
-        found.update(int(k[1:]) for k in (r.get("latency") or {}) if k[:1] == "b" and k[1:].isdigit())
-        found.update(int(k.rsplit("_b", 1)[1]) for k in r if k.startswith("latency_ms_b") and k.rsplit("_b", 1)[1].isdigit())
+        found.update(
+            int(k[1:]) for k in (r.get("latency") or {}) if k[:1] == "b" and k[1:].isdigit()
+        )
+        found.update(
+            int(k.rsplit("_b", 1)[1])
+            for k in r
+            if k.startswith("latency_ms_b") and k.rsplit("_b", 1)[1].isdigit()
+        )
     return sorted(found)
 
 
@@ -89,15 +118,28 @@ def _comparison(dense: dict[str, Any], final: dict[str, Any]) -> Any:
     from tensorcut.timing import Comparison, compare, latency_stats
 
     if dense["times_ms"] and final["times_ms"]:
+
         def stats(name: str, r: dict[str, Any]) -> Any:
-            return latency_stats(name, r["times_ms"], batch=int(r["batch"] or 1), threads=int(r["threads"] or 0),
-                                 device=str(r["device"]), session=int(r["session"] or 0))
+            return latency_stats(
+                name,
+                r["times_ms"],
+                batch=int(r["batch"] or 1),
+                threads=int(r["threads"] or 0),
+                device=str(r["device"]),
+                session=int(r["session"] or 0),
+            )
 
         return compare(stats("compressed", final), stats("dense", dense))
     if dense["q1_ms"] is None or final["q1_ms"] is None:
         return None
-    return Comparison("compressed", "dense", final["median_ms"] / dense["median_ms"], final["q1_ms"] / dense["q3_ms"],
-                      final["q3_ms"] / dense["q1_ms"], False)
+    return Comparison(
+        "compressed",
+        "dense",
+        final["median_ms"] / dense["median_ms"],
+        final["q1_ms"] / dense["q3_ms"],
+        final["q3_ms"] / dense["q1_ms"],
+        False,
+    )
 
 
 def _speed(dense: dict[str, Any], final: dict[str, Any], batch: int) -> tuple[str, int]:
@@ -105,8 +147,10 @@ def _speed(dense: dict[str, Any], final: dict[str, Any], batch: int) -> tuple[st
     +1 slower, 0 no measurable difference (the ratio's spread contains 1), 2 spread unknown."""
     c = _comparison(dense, final)
     if c is None:
-        return (f"speed at batch {batch} not judged (timing spread not recorded; median {dense['median_ms']:.2f} ms "
-                f"dense, {final['median_ms']:.2f} ms compressed)"), 2
+        return (
+            f"speed at batch {batch} not judged (timing spread not recorded; median {dense['median_ms']:.2f} ms "
+            f"dense, {final['median_ms']:.2f} ms compressed)"
+        ), 2
     if not c.measurable:
         return f"no measurable speed difference at batch {batch}", 0
     if c.ratio < 1:
@@ -135,8 +179,10 @@ def verdict(summary: dict[str, Any]) -> str:
             where = str(ld["device"]) if ld.get("device") else where
     speed = ", ".join(judged) + (f" on {where}" if judged else "")
     if unjudged:
-        speed += (", " if judged else "") + (f"speed at batch {' and '.join(unjudged)} not judged "
-                                             "(timing spread not recorded; medians under Latency)")
+        speed += (", " if judged else "") + (
+            f"speed at batch {' and '.join(unjudged)} not judged "
+            "(timing spread not recorded; medians under Latency)"
+        )
     return f"{size} (parameters), {acc} (test split), {speed or 'latency not measured'}."
 
 
@@ -147,28 +193,45 @@ def report_warnings(summary: dict[str, Any], layers: list[dict[str, Any]]) -> li
     dense, final = rows["dense"], rows["final"]
     out: list[str] = []
     if final["macs"] > dense["macs"]:
-        out.append(f"FCR {dense['macs'] / final['macs']:.2f} < 1: the compressed model needs more MACs per image than "
-                   f"dense ({final['macs']:,} vs {dense['macs']:,}); choose a stronger goal or another method.")
+        out.append(
+            f"FCR {dense['macs'] / final['macs']:.2f} < 1: the compressed model needs more MACs per image than "
+            f"dense ({final['macs']:,} vs {dense['macs']:,}); choose a stronger goal or another method."
+        )
     conv_fcr = (summary.get("plan_totals") or {}).get("conv_mac_ratio")
     if conv_fcr is not None and conv_fcr < 1 and not final["macs"] > dense["macs"]:
-        out.append(f"Conv-layer FCR {conv_fcr:.2f} < 1: the factorized conv layers need more MACs than the dense ones.")
+        out.append(
+            f"Conv-layer FCR {conv_fcr:.2f} < 1: the factorized conv layers need more MACs than the dense ones."
+        )
     for b in _batches(rows):
         ld, lf = latency_of(dense, b), latency_of(final, b)
         if ld is None or lf is None:
             continue
         phrase, sign = _speed(ld, lf, b)
         if sign == 1:
-            out.append(f"The compressed model is slower: {phrase} (median {lf['median_ms']:.2f} ms vs "
-                       f"{ld['median_ms']:.2f} ms dense, beyond the timing spread).")
+            out.append(
+                f"The compressed model is slower: {phrase} (median {lf['median_ms']:.2f} ms vs "
+                f"{ld['median_ms']:.2f} ms dense, beyond the timing spread)."
+            )
         elif sign == 2 and lf["median_ms"] > ld["median_ms"]:
-            out.append(f"The compressed model's median latency at batch {b} is higher than dense "
-                       f"({lf['median_ms']:.2f} ms vs {ld['median_ms']:.2f} ms); the timing spread was not recorded, "
-                       f"so this may be noise.")
-    bad = [l for l in layers if l.get("status") == "factorize" and l.get("error") is not None
-           and float(l["error"]) > LAYER_ERROR_WARN]
+            out.append(
+                f"The compressed model's median latency at batch {b} is higher than dense "
+                f"({lf['median_ms']:.2f} ms vs {ld['median_ms']:.2f} ms); the timing spread was not recorded, "
+                f"so this may be noise."
+            )
+    bad = [
+        l
+        for l in layers
+        if l.get("status") == "factorize"
+        and l.get("error") is not None
+        and float(l["error"]) > LAYER_ERROR_WARN
+    ]
     if bad:
-        out.append(f"{len(bad)} layer(s) with kernel relative error > {LAYER_ERROR_WARN:g} (the factorization kept almost "
-                   "nothing of the kernel): " + ", ".join(f"{l['name']} ({float(l['error']):.3f})" for l in bad) + ".")
+        out.append(
+            f"{len(bad)} layer(s) with kernel relative error > {LAYER_ERROR_WARN:g} (the factorization kept almost "
+            "nothing of the kernel): "
+            + ", ".join(f"{l['name']} ({float(l['error']):.3f})" for l in bad)
+            + "."
+        )
     return out
 
 
@@ -193,24 +256,37 @@ def _png(fig: Any) -> str:
 
 def _img(b64: str, alt: str) -> str:
     a = html.escape(alt)
-    return (f'<figure><img class="zoom" alt="{a}" title="click to enlarge" src="data:image/png;base64,{b64}">'
-            f"<figcaption>{a} (click to enlarge)</figcaption></figure>")
+    return (
+        f'<figure><img class="zoom" alt="{a}" title="click to enlarge" src="data:image/png;base64,{b64}">'
+        f"<figcaption>{a} (click to enlarge)</figcaption></figure>"
+    )
 
 
 def _table(head: list[str], rows: list[list[Any]], cls: str) -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows
+    )
     return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
 
 
 def _curve_figure(curve: dict[str, Any], chosen: float, final_top1: float, comp_top1: float) -> str:
     fig = _figure(9, 5)
     ax = fig.add_subplot()
-    labels = {"guided": "sensitivity-guided budget", "error": "error-per-parameter budget", "uniform": "uniform ranks"}
+    labels = {
+        "guided": "sensitivity-guided budget",
+        "error": "error-per-parameter budget",
+        "uniform": "uniform ranks",
+    }
     for kind, style in (("guided", "o-"), ("error", "^-."), ("uniform", "s--")):
         pts = sorted((p["ratio"], p["top1"]) for p in curve["points"] if p["kind"] == kind)
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{labels[kind]} (calibration, before fine-tuning)")
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                style,
+                label=f"{labels[kind]} (calibration, before fine-tuning)",
+            )
     ax.axhline(curve["baseline_top1"], color="gray", lw=1, ls=":", label="dense (calibration)")
     ax.plot([chosen], [comp_top1], "kx", ms=10, ls="none", label="chosen: test, before fine-tuning")
     ax.plot([chosen], [final_top1], "r*", ms=14, ls="none", label="chosen: test, after fine-tuning")
@@ -228,14 +304,27 @@ def _finetune_figure(history: list[dict[str, Any]], test_before: float) -> str:
     ax = fig.add_subplot()
     ep = [h["epoch"] for h in history]
     ax.plot(ep, [h.get("val_top1", float("nan")) for h in history], "o-", label="validation top-1")
-    ax.plot([0], [test_before], "kD", ms=8, ls="none", label="test top-1 right after compression (epoch 0)")
+    ax.plot(
+        [0],
+        [test_before],
+        "kD",
+        ms=8,
+        ls="none",
+        label="test top-1 right after compression (epoch 0)",
+    )
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("fine-tuning epoch (0 = right after compression)")
     ax.set_ylabel("top-1 accuracy")
     ax2 = ax.twinx()
-    ax2.plot(ep, [h.get("val_loss", float("nan")) for h in history], "s--", color="tab:orange", label="validation loss")
+    ax2.plot(
+        ep,
+        [h.get("val_loss", float("nan")) for h in history],
+        "s--",
+        color="tab:orange",
+        label="validation loss",
+    )
     ax2.set_ylabel("validation loss")
     ax.legend(loc="lower left", fontsize=9)
     ax2.legend(loc="lower right", fontsize=9)
@@ -247,7 +336,12 @@ def _layers_figure(layers: list[dict[str, Any]]) -> str:
     fig = _figure(9, max(2.5, 0.3 * len(layers)))
     ax = fig.add_subplot()
     names = [l["name"] for l in layers]
-    ratios = [l["params_before"] / l["params_after"] if l["status"] == "factorize" and l["params_after"] else 1.0 for l in layers]
+    ratios = [
+        l["params_before"] / l["params_after"]
+        if l["status"] == "factorize" and l["params_after"]
+        else 1.0
+        for l in layers
+    ]
     colors = ["tab:blue" if l["status"] == "factorize" else "tab:gray" for l in layers]
     ax.barh(range(len(names)), ratios, color=colors)
     ax.set_yticks(range(len(names)), names, fontsize=8)
@@ -264,15 +358,27 @@ def _files_section(rd: Path, stages: dict[str, Any]) -> str:
     """Relative links to the files the run wrote (those that exist)."""
     exp = stages.get("export") or {}
     items = [
-        (exp.get("onnx", "export/model.onnx"), "ONNX export" + (f" ({exp['check']})" if exp.get("check") else "")),
-        ("finetuned/model.safetensors", "final (fine-tuned) weights"), ("finetuned/meta.json", "final checkpoint metadata"),
-        ("compressed/model.safetensors", "compressed weights before fine-tuning"), ("compressed/plan.json", "compression plan"),
-        ("dense/model.safetensors", "dense weights"), ("verify.json", "verification numbers"),
-        ("study/truncation.sqlite", "truncation study results (SQLite)"), ("run.json", "run ledger"),
+        (
+            exp.get("onnx", "export/model.onnx"),
+            "ONNX export" + (f" ({exp['check']})" if exp.get("check") else ""),
+        ),
+        ("finetuned/model.safetensors", "final (fine-tuned) weights"),
+        ("finetuned/meta.json", "final checkpoint metadata"),
+        ("compressed/model.safetensors", "compressed weights before fine-tuning"),
+        ("compressed/plan.json", "compression plan"),
+        ("dense/model.safetensors", "dense weights"),
+        ("verify.json", "verification numbers"),
+        ("study/truncation.sqlite", "truncation study results (SQLite)"),
+        ("run.json", "run ledger"),
     ]
-    lis = [f'<li><a href="{html.escape(p)}">{html.escape(p)}</a> — {html.escape(what)}</li>'
-           for p, what in items if (rd / p).is_file()]
-    return "<h2>Files</h2>" + (f"<ul class='files'>{''.join(lis)}</ul>" if lis else "<p>No output files found.</p>")
+    lis = [
+        f'<li><a href="{html.escape(p)}">{html.escape(p)}</a> — {html.escape(what)}</li>'
+        for p, what in items
+        if (rd / p).is_file()
+    ]
+    return "<h2>Files</h2>" + (
+        f"<ul class='files'>{''.join(lis)}</ul>" if lis else "<p>No output files found.</p>"
+    )
 
 
 def _latency_section(rows: dict[str, Any]) -> str:
@@ -283,39 +389,51 @@ def _latency_section(rows: dict[str, Any]) -> str:
             rec = latency_of(r, b)
             if rec is None:
                 continue
-            body.append([k, rec["batch"], f"{rec['median_ms']:.3f}",
-                         "not recorded" if rec["iqr_ms"] is None else f"{rec['iqr_ms']:.3f}",
-                         "not recorded" if rec["threads"] is None else rec["threads"],
-                         "not recorded" if rec["device"] is None else rec["device"]])
+            body.append(
+                [
+                    k,
+                    rec["batch"],
+                    f"{rec['median_ms']:.3f}",
+                    "not recorded" if rec["iqr_ms"] is None else f"{rec['iqr_ms']:.3f}",
+                    "not recorded" if rec["threads"] is None else rec["threads"],
+                    "not recorded" if rec["device"] is None else rec["device"],
+                ]
+            )
     if not body:
         return "<h2>Latency</h2><p>Latency was not measured in this run.</p>"
-    note = ("<p>Forward-pass wall time of one batch of random inputs, models timed interleaved. A speed-up or "
-            "slow-down is claimed only when the spread of the latency ratio excludes 1 (tensorcut.timing.compare: paired "
-            "per-round ratios when raw times were kept, else non-overlapping interquartile ranges, IQR); where no "
-            "spread was recorded no speed claim is made.</p>")
+    note = (
+        "<p>Forward-pass wall time of one batch of random inputs, models timed interleaved. A speed-up or "
+        "slow-down is claimed only when the spread of the latency ratio excludes 1 (tensorcut.timing.compare: paired "
+        "per-round ratios when raw times were kept, else non-overlapping interquartile ranges, IQR); where no "
+        "spread was recorded no speed claim is made.</p>"
+    )
     return "<h2>Latency</h2>" + _table(head, body, "latency") + note
 
 
-_STYLE = ("<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-          "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;"
-          "text-align:right}td:first-child,th:first-child,.provenance td{text-align:left}.met{color:#065}.unmet{color:#a00}"
-          ".verdict{font-size:1.15em;font-weight:bold}.warnings{background:#fff3cd;border:2px solid #c90;"
-          "padding:.5em 1em;margin:1em 0}.warnings h2{margin:.2em 0;color:#850}"
-          "figure{display:block;margin:1.5em 0}img.zoom{width:100%;height:auto;cursor:zoom-in}"
-          "figcaption{font-size:13px;color:#555}#lightbox{position:fixed;inset:0;background:rgba(0,0,0,.85);"
-          "overflow:auto;cursor:zoom-out;z-index:10;text-align:center}#lightbox img{max-width:none;margin:1em}</style>")
+_STYLE = (
+    "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;"
+    "text-align:right}td:first-child,th:first-child,.provenance td{text-align:left}.met{color:#065}.unmet{color:#a00}"
+    ".verdict{font-size:1.15em;font-weight:bold}.warnings{background:#fff3cd;border:2px solid #c90;"
+    "padding:.5em 1em;margin:1em 0}.warnings h2{margin:.2em 0;color:#850}"
+    "figure{display:block;margin:1.5em 0}img.zoom{width:100%;height:auto;cursor:zoom-in}"
+    "figcaption{font-size:13px;color:#555}#lightbox{position:fixed;inset:0;background:rgba(0,0,0,.85);"
+    "overflow:auto;cursor:zoom-out;z-index:10;text-align:center}#lightbox img{max-width:none;margin:1em}</style>"
+)
 
 # Click a figure: an overlay shows it at its natural (full) resolution; click or Escape closes it.
 # The overlay image is created on demand, so document.images holds the figures only.
-_SCRIPT = ("<script>window.addEventListener('load',function(){var im=document.images,ok=0;"
-           "for(var i=0;i<im.length;i++){if(im[i].complete&&im[i].naturalWidth>0)ok++;}"
-           "document.body.setAttribute('data-figures',im.length);document.body.setAttribute('data-figures-loaded',ok);});"
-           "function tcClose(){var b=document.getElementById('lightbox');if(b)b.remove();}"
-           "document.addEventListener('click',function(e){var t=e.target;"
-           "if(t.classList&&t.classList.contains('zoom')){tcClose();var b=document.createElement('div');b.id='lightbox';"
-           "var i=document.createElement('img');i.src=t.src;i.alt=t.alt;b.appendChild(i);b.onclick=tcClose;"
-           "document.body.appendChild(b);}});"
-           "document.addEventListener('keydown',function(e){if(e.key==='Escape')tcClose();});</script>")
+_SCRIPT = (
+    "<script>window.addEventListener('load',function(){var im=document.images,ok=0;"
+    "for(var i=0;i<im.length;i++){if(im[i].complete&&im[i].naturalWidth>0)ok++;}"
+    "document.body.setAttribute('data-figures',im.length);document.body.setAttribute('data-figures-loaded',ok);});"
+    "function tcClose(){var b=document.getElementById('lightbox');if(b)b.remove();}"
+    "document.addEventListener('click',function(e){var t=e.target;"
+    "if(t.classList&&t.classList.contains('zoom')){tcClose();var b=document.createElement('div');b.id='lightbox';"
+    "var i=document.createElement('img');i.src=t.src;i.alt=t.alt;b.appendChild(i);b.onclick=tcClose;"
+    "document.body.appendChild(b);}});"
+    "document.addEventListener('keydown',function(e){if(e.key==='Escape')tcClose();});</script>"
+)
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -324,13 +442,19 @@ def write_report(run_dir: str | Path) -> Path:
     try:
         state = json.loads((rd / "run.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise TensorcutError(f"{rd} is not a tensorcut run directory (no readable run.json); run `tensorcut run` first") from None
+        raise TensorcutError(
+            f"{rd} is not a tensorcut run directory (no readable run.json); run `tensorcut run` first"
+        ) from None
     if not isinstance(state, dict) or not isinstance(state.get("stages", {}), dict):
-        raise TensorcutError(f"{rd / 'run.json'} is not a tensorcut run ledger; re-run `tensorcut run` into a new --out")
+        raise TensorcutError(
+            f"{rd / 'run.json'} is not a tensorcut run ledger; re-run `tensorcut run` into a new --out"
+        )
     stages = state.get("stages", {})
     missing = [s for s in ("dense", "curve", "compress", "finetune", "verify") if s not in stages]
     if missing:
-        raise TensorcutError(f"{rd}: stages {', '.join(missing)} have not finished; re-run `tensorcut run` to complete them")
+        raise TensorcutError(
+            f"{rd}: stages {', '.join(missing)} have not finished; re-run `tensorcut run` to complete them"
+        )
     summary = _read_json(rd, "verify.json")
     meta = _read_json(rd, "finetuned/meta.json")
     planj = _read_json(rd, "compressed/plan.json")
@@ -340,82 +464,179 @@ def write_report(run_dir: str | Path) -> Path:
         layers = planj["layers"]
         _ = (rows["dense"], rows["final"], rows["compressed"])
     except (KeyError, TypeError):
-        raise TensorcutError(f"{rd}: verify.json or compressed/plan.json lacks its rows / totals / layers; "
-                             f"re-run `tensorcut run` into a new --out") from None
+        raise TensorcutError(
+            f"{rd}: verify.json or compressed/plan.json lacks its rows / totals / layers; "
+            f"re-run `tensorcut run` into a new --out"
+        ) from None
     ds = meta.get("dataset") or {}
 
-    parts: list[str] = [f"<h1>tensorcut run report</h1><p class='verdict'>{html.escape(verdict(summary))}</p>"]
+    parts: list[str] = [
+        f"<h1>tensorcut run report</h1><p class='verdict'>{html.escape(verdict(summary))}</p>"
+    ]
     warns = report_warnings(summary, layers)
     if warns:
-        parts.append("<div class='warnings' role='alert'><h2>Warnings</h2><ul>"
-                     + "".join(f"<li>{html.escape(w)}</li>" for w in warns) + "</ul></div>")
+        parts.append(
+            "<div class='warnings' role='alert'><h2>Warnings</h2><ul>"
+            + "".join(f"<li>{html.escape(w)}</li>" for w in warns)
+            + "</ul></div>"
+        )
     goal_cls = "met" if summary["goal_met"] else "unmet"
-    parts.append(f"<p class='{goal_cls}'>Goal: <b>{html.escape(summary['goal'])}</b> — "
-                 f"{'met' if summary['goal_met'] else 'NOT met'}; achieved {html.escape(summary['achieved'])}. "
-                 f"Model <code>{html.escape(str((meta.get('model') or {}).get('name')))}</code> on "
-                 f"<code>{html.escape(str(ds.get('name')))}</code>.</p>")
+    parts.append(
+        f"<p class='{goal_cls}'>Goal: <b>{html.escape(summary['goal'])}</b> — "
+        f"{'met' if summary['goal_met'] else 'NOT met'}; achieved {html.escape(summary['achieved'])}. "
+        f"Model <code>{html.escape(str((meta.get('model') or {}).get('name')))}</code> on "
+        f"<code>{html.escape(str(ds.get('name')))}</code>.</p>"
+    )
 
     def lat(r: dict[str, Any], b: int) -> str:
         rec = latency_of(r, b)
         return "-" if rec is None else f"{rec['median_ms']:.2f}"
 
-    head = ["model", "parameters", "size (MB)", "MACs / image", "median latency b=1 (ms)", "median latency b=32 (ms)",
-            "top-1", "top-5"]
-    body = [[k + (" (before fine-tuning)" if k == "compressed" else ""), f"{r['params']:,}", f"{r['size_mb']:.3f}",
-             f"{r['macs']:,}", lat(r, 1), lat(r, 32), f"{r['top1']:.4f}", f"{r['top5']:.4f}"]
-            for k, r in rows.items()]
+    head = [
+        "model",
+        "parameters",
+        "size (MB)",
+        "MACs / image",
+        "median latency b=1 (ms)",
+        "median latency b=32 (ms)",
+        "top-1",
+        "top-5",
+    ]
+    body = [
+        [
+            k + (" (before fine-tuning)" if k == "compressed" else ""),
+            f"{r['params']:,}",
+            f"{r['size_mb']:.3f}",
+            f"{r['macs']:,}",
+            lat(r, 1),
+            lat(r, 32),
+            f"{r['top1']:.4f}",
+            f"{r['top5']:.4f}",
+        ]
+        for k, r in rows.items()
+    ]
     parts.append("<h2>Before / after</h2>" + _table(head, body, "before-after"))
     fcr = rows["dense"]["macs"] / rows["final"]["macs"] if rows["final"]["macs"] else math.inf
-    parts.append(f"<p>Test split of <code>{html.escape(str(ds.get('name')))}</code> ({rows['final']['n']} images). Whole-model "
-                 f"compression {rows['dense']['params'] / rows['final']['params']:.2f}x in parameters, FCR "
-                 f"{fcr:.2f} (dense / compressed MACs); conv layers (those planned) {t['conv_ratio']:.2f}x in parameters, "
-                 f"{t['conv_mac_ratio']:.2f}x in MACs. CR = dense / compressed parameters.</p>")
+    parts.append(
+        f"<p>Test split of <code>{html.escape(str(ds.get('name')))}</code> ({rows['final']['n']} images). Whole-model "
+        f"compression {rows['dense']['params'] / rows['final']['params']:.2f}x in parameters, FCR "
+        f"{fcr:.2f} (dense / compressed MACs); conv layers (those planned) {t['conv_ratio']:.2f}x in parameters, "
+        f"{t['conv_mac_ratio']:.2f}x in MACs. CR = dense / compressed parameters.</p>"
+    )
     parts.append(_latency_section(rows))
     parts.append(_files_section(rd, stages))
-    lh = ["layer", "method", "ranks", "params before", "params after", "CR", "kernel rel. error", "sensitivity", "decision"]
+    lh = [
+        "layer",
+        "method",
+        "ranks",
+        "params before",
+        "params after",
+        "CR",
+        "kernel rel. error",
+        "sensitivity",
+        "decision",
+    ]
     lb = []
     for l in layers:
         f = l["status"] == "factorize"
-        lb.append([l["name"], l["method"] if f else "-", "x".join(map(str, l["ranks"])) if f else "-", f"{l['params_before']:,}",
-                   f"{l['params_after']:,}" if f else "-", f"{l['params_before'] / l['params_after']:.2f}" if f else "1.00",
-                   f"{l['error']:.4f}" if (f and l.get("error") is not None) else "-",
-                   f"{l['sensitivity']:.2f}" if l.get("sensitivity") is not None else "-",
-                   "factorized" if f else "dense"])
+        lb.append(
+            [
+                l["name"],
+                l["method"] if f else "-",
+                "x".join(map(str, l["ranks"])) if f else "-",
+                f"{l['params_before']:,}",
+                f"{l['params_after']:,}" if f else "-",
+                f"{l['params_before'] / l['params_after']:.2f}" if f else "1.00",
+                f"{l['error']:.4f}" if (f and l.get("error") is not None) else "-",
+                f"{l['sensitivity']:.2f}" if l.get("sensitivity") is not None else "-",
+                "factorized" if f else "dense",
+            ]
+        )
     parts.append("<h2>Per layer</h2>" + _table(lh, lb, "per-layer"))
-    parts.append("<p>Kernel rel. error = ||W − W̃||<sub>F</sub> / ||W||<sub>F</sub>. Sensitivity = 1 + 100 × mean top-1 drop per "
-                 "unit of discarded squared norm (norm loss, Singh et al. Eq. 13) over single-layer SVD truncations on the "
-                 "calibration set; larger means the layer was compressed more mildly.</p>")
+    parts.append(
+        "<p>Kernel rel. error = ||W − W̃||<sub>F</sub> / ||W||<sub>F</sub>. Sensitivity = 1 + 100 × mean top-1 drop per "
+        "unit of discarded squared norm (norm loss, Singh et al. Eq. 13) over single-layer SVD truncations on the "
+        "calibration set; larger means the layer was compressed more mildly.</p>"
+    )
     comp = stages["compress"]
     if comp.get("calibration"):
-        parts.append("<p>Allocation chosen on the calibration set (top-1 before fine-tuning): "
-                     + html.escape(", ".join(f"{k} {v['top1']:.4f} at x{v['ratio']:.2f}" for k, v in comp["calibration"].items()))
-                     + f"; used <b>{html.escape(str(comp.get('allocation', '?')))}</b>.</p>")
+        parts.append(
+            "<p>Allocation chosen on the calibration set (top-1 before fine-tuning): "
+            + html.escape(
+                ", ".join(
+                    f"{k} {v['top1']:.4f} at x{v['ratio']:.2f}"
+                    for k, v in comp["calibration"].items()
+                )
+            )
+            + f"; used <b>{html.escape(str(comp.get('allocation', '?')))}</b>.</p>"
+        )
     dense_left = [[l["name"], l.get("reason", "")] for l in layers if l["status"] != "factorize"]
-    parts.append("<h2>Left dense, and why</h2>" + (_table(["layer", "reason"], dense_left, "left-dense") if dense_left
-                                                      else "<p>Every planned layer was factorized.</p>")
-                 + "<p>Layers not planned at all (stems with ≤ 3 input channels, linear layers) stay dense by default.</p>")
+    parts.append(
+        "<h2>Left dense, and why</h2>"
+        + (
+            _table(["layer", "reason"], dense_left, "left-dense")
+            if dense_left
+            else "<p>Every planned layer was factorized.</p>"
+        )
+        + "<p>Layers not planned at all (stems with ≤ 3 input channels, linear layers) stay dense by default.</p>"
+    )
     curve = stages["curve"]
-    figs = [_img(_curve_figure(curve, t["conv_ratio"], rows["final"]["top1"], rows["compressed"]["top1"]),
-                 "Accuracy vs conv-layer compression: sensitivity-guided vs uniform ranks, with the chosen point")]
+    figs = [
+        _img(
+            _curve_figure(
+                curve, t["conv_ratio"], rows["final"]["top1"], rows["compressed"]["top1"]
+            ),
+            "Accuracy vs conv-layer compression: sensitivity-guided vs uniform ranks, with the chosen point",
+        )
+    ]
     hist = stages["finetune"].get("history") or []
     if hist:
-        figs.append(_img(_finetune_figure(hist, rows["compressed"]["top1"]),
-                         "Fine-tuning curve (validation split per epoch; the diamond is the test split before fine-tuning)"))
+        figs.append(
+            _img(
+                _finetune_figure(hist, rows["compressed"]["top1"]),
+                "Fine-tuning curve (validation split per epoch; the diamond is the test split before fine-tuning)",
+            )
+        )
     figs.append(_img(_layers_figure(layers), "Per-layer compression ratio"))
     parts.append("<h2>Figures</h2>" + "".join(figs))
-    study_figs = sorted((rd / "study" / "figures").glob("*.png")) if (rd / "study" / "figures").is_dir() else []
+    study_figs = (
+        sorted((rd / "study" / "figures").glob("*.png"))
+        if (rd / "study" / "figures").is_dir()
+        else []
+    )
     if study_figs:
-        parts.append("<h2>Truncation study (calibration subset)</h2><p>Spectra and accuracy vs norm loss per bipartition. "
-                     "Norm = squared Frobenius norm; entropy = von Neumann entropy of the normalised spectrum.</p>")
-        parts.append("".join(_img(base64.b64encode(p.read_bytes()).decode(), p.stem.replace("_", " ")) for p in study_figs))
+        parts.append(
+            "<h2>Truncation study (calibration subset)</h2><p>Spectra and accuracy vs norm loss per bipartition. "
+            "Norm = squared Frobenius norm; entropy = von Neumann entropy of the normalised spectrum.</p>"
+        )
+        parts.append(
+            "".join(
+                _img(base64.b64encode(p.read_bytes()).decode(), p.stem.replace("_", " "))
+                for p in study_figs
+            )
+        )
     cmd = " ".join(map(str, state.get("command") or []))
-    parts.append("<h2>Provenance</h2>" + _table(["what", "value"], [
-        ["command", cmd], ["versions", json.dumps(state.get("versions", {}))],
-        ["run settings", json.dumps(state.get("settings", {}))],
-        ["calibration data", f"{ds.get('name')} validation split, seeded subset (see settings.calib_subset)"],
-        ["verification data", f"{ds.get('name')} test split"]], "provenance"))
-    doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>tensorcut report</title>{_STYLE}</head>"
-           f"<body>{''.join(parts)}{_SCRIPT}</body></html>")
+    parts.append(
+        "<h2>Provenance</h2>"
+        + _table(
+            ["what", "value"],
+            [
+                ["command", cmd],
+                ["versions", json.dumps(state.get("versions", {}))],
+                ["run settings", json.dumps(state.get("settings", {}))],
+                [
+                    "calibration data",
+                    f"{ds.get('name')} validation split, seeded subset (see settings.calib_subset)",
+                ],
+                ["verification data", f"{ds.get('name')} test split"],
+            ],
+            "provenance",
+        )
+    )
+    doc = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>tensorcut report</title>{_STYLE}</head>"
+        f"<body>{''.join(parts)}{_SCRIPT}</body></html>"
+    )
     out = rd / "report.html"
     atomic_write_text(out, doc)
     return out

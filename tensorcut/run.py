@@ -40,7 +40,8 @@ from tensorcut import io as tio
 from tensorcut.compress import CompressConfig, apply, plan
 from tensorcut.console import say
 from tensorcut.errors import TensorcutError
-from tensorcut.train.loop import FitConfig, evaluate as evaluate_loader, fit, recalibrate_bn
+from tensorcut.train.loop import FitConfig, fit, recalibrate_bn
+from tensorcut.train.loop import evaluate as evaluate_loader
 
 __all__ = ["RunConfig", "run", "STAGES"]
 
@@ -76,32 +77,50 @@ class RunConfig:
     train_subset: int | None = None
 
     def __post_init__(self) -> None:
-        goals = [k for k in ("target_ratio", "target_macs", "max_drop") if getattr(self, k) is not None]
+        goals = [
+            k for k in ("target_ratio", "target_macs", "max_drop") if getattr(self, k) is not None
+        ]
         if len(goals) != 1:
-            raise TensorcutError("give exactly one goal: --target-ratio R, --target-macs F or --max-drop D"
-                                 + (f" (got {', '.join(goals)})" if goals else ""))
+            raise TensorcutError(
+                "give exactly one goal: --target-ratio R, --target-macs F or --max-drop D"
+                + (f" (got {', '.join(goals)})" if goals else "")
+            )
         if self.target_ratio is not None and not self.target_ratio > 1:
-            raise TensorcutError(f"--target-ratio must be > 1 (dense / compressed parameters), got {self.target_ratio}")
+            raise TensorcutError(
+                f"--target-ratio must be > 1 (dense / compressed parameters), got {self.target_ratio}"
+            )
         if self.target_macs is not None and not 0 < self.target_macs < 1:
-            raise TensorcutError(f"--target-macs is the fraction of conv MACs to keep, in (0, 1); got {self.target_macs}")
+            raise TensorcutError(
+                f"--target-macs is the fraction of conv MACs to keep, in (0, 1); got {self.target_macs}"
+            )
         if self.max_drop is not None and not 0 <= self.max_drop < 1:
-            raise TensorcutError(f"--max-drop is an absolute top-1 drop in [0, 1), got {self.max_drop}")
+            raise TensorcutError(
+                f"--max-drop is an absolute top-1 drop in [0, 1), got {self.max_drop}"
+            )
         if self.probe_epochs < 0 or self.probe_images < 1:
-            raise TensorcutError(f"--probe-epochs must be >= 0 and --probe-images >= 1; got {self.probe_epochs} and "
-                                 f"{self.probe_images}")
+            raise TensorcutError(
+                f"--probe-epochs must be >= 0 and --probe-images >= 1; got {self.probe_epochs} and "
+                f"{self.probe_images}"
+            )
         if self.calib_subset < 16:
             raise TensorcutError(f"--calib-subset must be >= 16 images, got {self.calib_subset}")
         if not (self.finetune_lr > 0 and math.isfinite(self.finetune_lr)):
             raise TensorcutError(f"--finetune-lr must be > 0, got {self.finetune_lr:g}")
         if self.finetune_epochs < 0 or self.finetune_patience < 1:
-            raise TensorcutError(f"--finetune-epochs must be >= 0 and the patience >= 1; got {self.finetune_epochs} and "
-                                 f"{self.finetune_patience}")
+            raise TensorcutError(
+                f"--finetune-epochs must be >= 0 and the patience >= 1; got {self.finetune_epochs} and "
+                f"{self.finetune_patience}"
+            )
         if self.batch_size < 1 or not 0 <= self.seed < 2**32:
-            raise TensorcutError(f"batch size must be >= 1 and seed in [0, 2**32); got {self.batch_size} and {self.seed}")
+            raise TensorcutError(
+                f"batch size must be >= 1 and seed in [0, 2**32); got {self.batch_size} and {self.seed}"
+            )
         if self.train_subset is not None and self.train_subset < 1:
             raise TensorcutError(f"--subset must be >= 1 images, got {self.train_subset}")
         if not self.curve_ratios or any(not float(r) > 1 for r in self.curve_ratios):
-            raise TensorcutError(f"curve ratios are compression factors > 1; got {tuple(self.curve_ratios)}")
+            raise TensorcutError(
+                f"curve ratios are compression factors > 1; got {tuple(self.curve_ratios)}"
+            )
         CompressConfig(method=self.method, ratio=0.5)  # validates the method name
         self.bipartitions = tuple(self.bipartitions)
         self.curve_ratios = tuple(float(r) for r in self.curve_ratios)
@@ -126,15 +145,23 @@ class RunDir:
             try:
                 self.state = json.loads(f.read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
-                raise TensorcutError(f"{f} is corrupt ({str(e).splitlines()[0][:100]}); remove the run directory or "
-                                     "choose another --out") from None
-            if not isinstance(self.state, dict) or not isinstance(self.state.get("stages", {}), dict):
-                raise TensorcutError(f"{f} is corrupt (not a run ledger: {type(self.state).__name__}); remove the run "
-                                     "directory or choose another --out")
+                raise TensorcutError(
+                    f"{f} is corrupt ({str(e).splitlines()[0][:100]}); remove the run directory or "
+                    "choose another --out"
+                ) from None
+            if not isinstance(self.state, dict) or not isinstance(
+                self.state.get("stages", {}), dict
+            ):
+                raise TensorcutError(
+                    f"{f} is corrupt (not a run ledger: {type(self.state).__name__}); remove the run "
+                    "directory or choose another --out"
+                )
             self.state.setdefault("stages", {})
         else:
             if path.exists() and any(path.iterdir()):
-                raise TensorcutError(f"{path} exists and is not a tensorcut run directory; choose another --out")
+                raise TensorcutError(
+                    f"{path} exists and is not a tensorcut run directory; choose another --out"
+                )
             self.state = {"format": "tensorcut-run", "stages": {}}
 
     def save(self) -> None:
@@ -145,7 +172,9 @@ class RunDir:
 
     def mark(self, stage: str, info: dict[str, Any], started: float | None = None) -> None:
         extra = {"seconds": round(time.perf_counter() - started, 2)} if started is not None else {}
-        self.state["stages"][stage] = dict(info, finished=time.strftime("%Y-%m-%d %H:%M:%S"), **extra)
+        self.state["stages"][stage] = dict(
+            info, finished=time.strftime("%Y-%m-%d %H:%M:%S"), **extra
+        )
         self.save()
 
     def info(self, stage: str) -> dict[str, Any]:
@@ -192,12 +221,15 @@ def _stage_outputs_ok(out: Path, stage: str) -> bool:
     return True
 
 
-def _drop_broken_stages(rd: "RunDir", progress: bool) -> None:
+def _drop_broken_stages(rd: RunDir, progress: bool) -> None:
     """Forget the first finished stage whose outputs are missing or corrupt, and every stage after it."""
     for i, stage in enumerate(STAGES):
         if rd.done(stage) and not _stage_outputs_ok(rd.path, stage):
             later = [s for s in STAGES[i:] if rd.done(s)]
-            _say(f"[{stage}] its outputs are missing or corrupt; redoing {', '.join(later)}", progress)
+            _say(
+                f"[{stage}] its outputs are missing or corrupt; redoing {', '.join(later)}",
+                progress,
+            )
             for s in later:
                 del rd.state["stages"][s]
             rd.save()
@@ -209,7 +241,9 @@ def _check_out_path(out: Path) -> None:
     try:
         str(out).encode("utf-8")
     except UnicodeEncodeError:
-        raise TensorcutError(f"--out {str(out)!r} is not a valid UTF-8 path; give a UTF-8 directory name") from None
+        raise TensorcutError(
+            f"--out {str(out)!r} is not a valid UTF-8 path; give a UTF-8 directory name"
+        ) from None
     if out.is_file():
         raise TensorcutError(f"{out} is a file; give a directory path")
     for parent in out.parents:
@@ -220,15 +254,28 @@ def _check_out_path(out: Path) -> None:
 def _calibration(meta: dict[str, Any], subset: int) -> tdata.ImageDataset:
     d = meta.get("dataset") or {}
     if not d.get("name"):
-        raise TensorcutError("the checkpoint does not name its data set; `tensorcut run` needs it for calibration")
-    return tdata.load_dataset(d["name"], "val", data_dir=d.get("data_dir"), val_fraction=d.get("val_fraction", 0.1),
-                              seed=d.get("seed", 0), subset=subset)
+        raise TensorcutError(
+            "the checkpoint does not name its data set; `tensorcut run` needs it for calibration"
+        )
+    return tdata.load_dataset(
+        d["name"],
+        "val",
+        data_dir=d.get("data_dir"),
+        val_fraction=d.get("val_fraction", 0.1),
+        seed=d.get("seed", 0),
+        subset=subset,
+    )
 
 
 def _test_set(meta: dict[str, Any]) -> tdata.ImageDataset:
     d = meta["dataset"]
-    return tdata.load_dataset(d["name"], "test", data_dir=d.get("data_dir"), val_fraction=d.get("val_fraction", 0.1),
-                              seed=d.get("seed", 0))
+    return tdata.load_dataset(
+        d["name"],
+        "test",
+        data_dir=d.get("data_dir"),
+        val_fraction=d.get("val_fraction", 0.1),
+        seed=d.get("seed", 0),
+    )
 
 
 #: Rank allocations compared on the calibration set: the sensitivity-guided budget, the same
@@ -241,13 +288,25 @@ def _strategy_config(cfg: RunConfig, kind: str, ratio: float | None) -> tuple[Co
     if kind == "uniform":
         return CompressConfig(method=cfg.method, ratio=1.0 / float(ratio)), False  # type: ignore[arg-type]
     if ratio is None:
-        return CompressConfig(method=cfg.method, budget=cfg.target_macs, budget_kind="macs"), kind == "guided"
-    return CompressConfig(method=cfg.method, budget=1.0 / ratio, budget_kind="params"), kind == "guided"
+        return CompressConfig(
+            method=cfg.method, budget=cfg.target_macs, budget_kind="macs"
+        ), kind == "guided"
+    return CompressConfig(
+        method=cfg.method, budget=1.0 / ratio, budget_kind="params"
+    ), kind == "guided"
 
 
-def _try_strategy(model: nn.Module, cfg: RunConfig, kind: str, ratio: float | None, shape: tuple[int, int, int],
-                  sensitivity: dict[str, float], loader: Any, plans: dict[str, Any] | None = None,
-                  models: dict[str, nn.Module] | None = None) -> dict[str, float]:
+def _try_strategy(
+    model: nn.Module,
+    cfg: RunConfig,
+    kind: str,
+    ratio: float | None,
+    shape: tuple[int, int, int],
+    sensitivity: dict[str, float],
+    loader: Any,
+    plans: dict[str, Any] | None = None,
+    models: dict[str, nn.Module] | None = None,
+) -> dict[str, float]:
     """Compress a copy of ``model`` with one allocation and measure calibration top-1 (no fine-tuning).
 
     The plan is kept in ``plans[kind]`` when given, so the chosen one need not be recomputed, and
@@ -255,7 +314,9 @@ def _try_strategy(model: nn.Module, cfg: RunConfig, kind: str, ratio: float | No
     """
     m = copy.deepcopy(model)
     cc, use_sens = _strategy_config(cfg, kind, ratio)
-    p = plan(model, cc, input_shape=shape, sensitivity=sensitivity if use_sens else None, progress=False)
+    p = plan(
+        model, cc, input_shape=shape, sensitivity=sensitivity if use_sens else None, progress=False
+    )
     apply(m, p)
     if cfg.bn_recalibrate:
         recalibrate_bn(m, loader)
@@ -267,7 +328,9 @@ def _try_strategy(model: nn.Module, cfg: RunConfig, kind: str, ratio: float | No
     return {"ratio": p.totals()["conv_ratio"], "top1": ev["top1"], "loss": ev["loss"]}
 
 
-def _probe(kind: str, m: nn.Module, cfg: RunConfig, train_loader: Any, calib_loader: Any) -> dict[str, float]:
+def _probe(
+    kind: str, m: nn.Module, cfg: RunConfig, train_loader: Any, calib_loader: Any
+) -> dict[str, float]:
     """Calibration metrics of allocation ``kind``'s compressed model ``m`` (trained in place) after a
     short fine-tune (the probe).
 
@@ -277,13 +340,21 @@ def _probe(kind: str, m: nn.Module, cfg: RunConfig, train_loader: Any, calib_loa
     optimiser and lr) does. The compressed checkpoint itself is made from the factors, not from
     the probed copy.
     """
-    fc = FitConfig(epochs=cfg.probe_epochs, optimizer="adam", lr=cfg.finetune_lr, scheduler="none", seed=cfg.seed)
+    fc = FitConfig(
+        epochs=cfg.probe_epochs,
+        optimizer="adam",
+        lr=cfg.finetune_lr,
+        scheduler="none",
+        seed=cfg.seed,
+    )
     fit(m, train_loader, None, fc, device="cpu", progress=False)
     ev = evaluate_loader(m, calib_loader)
     return {"top1": ev["top1"], "loss": ev["loss"]}
 
 
-def latency_ms(models: dict[str, nn.Module], shape: tuple[int, int, int], batch: int, reps: int = 15) -> dict[str, float]:
+def latency_ms(
+    models: dict[str, nn.Module], shape: tuple[int, int, int], batch: int, reps: int = 15
+) -> dict[str, float]:
     """Median CPU wall time (ms) of one forward pass at ``batch`` for each model, timed interleaved
     (round-robin) so that background load affects every model alike."""
     x = torch.randn(batch, *shape)
@@ -315,15 +386,21 @@ def run(
     command: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run the main job into ``out``; returns the verification summary (also in ``out/verify.json``)."""
-    from tensorcut.workflow import compress_checkpoint, finetune_checkpoint, input_shape_of, load_sensitivity
-
     from tensorcut.export import require_onnx
+    from tensorcut.workflow import (
+        compress_checkpoint,
+        finetune_checkpoint,
+        input_shape_of,
+        load_sensitivity,
+    )
 
     out = Path(out)
     require_onnx()  # the export stage needs it: stop now, not after training
     _check_out_path(out)
     if (checkpoint is None) == (model is None):
-        raise TensorcutError("give a trained checkpoint, or --model and --dataset to train one first (not both)")
+        raise TensorcutError(
+            "give a trained checkpoint, or --model and --dataset to train one first (not both)"
+        )
     if model is not None:
         from tensorcut.train.api import check_model_size, check_numbers, model_kwargs_for
 
@@ -332,20 +409,38 @@ def run(
         check_numbers(epochs=train_epochs, width=width)
         check_model_size(model, model_kwargs_for(dataset, width), factor=4.0)
     rd = RunDir(out)
-    settings = {"config": asdict(config), "checkpoint": str(checkpoint) if checkpoint else None, "model": model,
-                "dataset": dataset, "train_epochs": train_epochs, "width": width}
-    if isinstance(rd.state.get("settings"), dict) and isinstance(rd.state["settings"].get("config"), dict):
-        defaults = {f.name: f.default for f in fields(RunConfig)}  # settings added since the run was made
-        rd.state["settings"]["config"] = {**{k: v for k, v in defaults.items() if k not in rd.state["settings"]["config"]},
-                                          **rd.state["settings"]["config"]}
+    settings = {
+        "config": asdict(config),
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "model": model,
+        "dataset": dataset,
+        "train_epochs": train_epochs,
+        "width": width,
+    }
+    if isinstance(rd.state.get("settings"), dict) and isinstance(
+        rd.state["settings"].get("config"), dict
+    ):
+        defaults = {
+            f.name: f.default for f in fields(RunConfig)
+        }  # settings added since the run was made
+        rd.state["settings"]["config"] = {
+            **{k: v for k, v in defaults.items() if k not in rd.state["settings"]["config"]},
+            **rd.state["settings"]["config"],
+        }
     if checkpoint is not None:
         tio.read_meta(checkpoint)
         fp = _fingerprint(Path(checkpoint))
         if rd.state.get("dense_fingerprint") not in (None, fp):
-            raise TensorcutError(f"{out} holds a run of another model (fingerprint {rd.state['dense_fingerprint']}, "
-                                 f"this checkpoint {fp}); choose another --out")
-    if "settings" in rd.state and json.loads(json.dumps(rd.state["settings"])) != json.loads(json.dumps(settings)):
-        raise TensorcutError(f"{out} was made with different settings; re-run with the same ones or choose another --out")
+            raise TensorcutError(
+                f"{out} holds a run of another model (fingerprint {rd.state['dense_fingerprint']}, "
+                f"this checkpoint {fp}); choose another --out"
+            )
+    if "settings" in rd.state and json.loads(json.dumps(rd.state["settings"])) != json.loads(
+        json.dumps(settings)
+    ):
+        raise TensorcutError(
+            f"{out} was made with different settings; re-run with the same ones or choose another --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
     _drop_broken_stages(rd, progress)
     rd.state["settings"] = settings
@@ -372,9 +467,21 @@ def run(
             from tensorcut.train.api import train
 
             _say(f"[dense] training {model} on {dataset} for {train_epochs} epochs", progress)
-            train(model, dataset, dense_dir, epochs=train_epochs, width=width, data_dir=data_dir,
-                  config=FitConfig(epochs=train_epochs, lr=2e-3, scheduler="cosine", seed=config.seed), device="cpu",
-                  resume=(dense_dir / tio.META).exists(), progress=progress, subset=config.train_subset)
+            train(
+                model,
+                dataset,
+                dense_dir,
+                epochs=train_epochs,
+                width=width,
+                data_dir=data_dir,
+                config=FitConfig(
+                    epochs=train_epochs, lr=2e-3, scheduler="cosine", seed=config.seed
+                ),
+                device="cpu",
+                resume=(dense_dir / tio.META).exists(),
+                progress=progress,
+                subset=config.train_subset,
+            )
         rd.state["dense_fingerprint"] = _fingerprint(dense_dir)
         rd.mark("dense", {"path": "dense"}, ts)
     else:
@@ -391,9 +498,19 @@ def run(
         from tensorcut.analysis.plots import plot
         from tensorcut.analysis.sweep import analyze
 
-        _say(f"[study] truncation sweep on {len(calib)} calibration images ({', '.join(config.bipartitions)})", progress)
-        analyze(dense.model, {"val": calib_loader}, study_db, bipartitions=config.bipartitions,
-                model_name=dense.meta["model"]["name"], data_name=dense.meta["dataset"]["name"], progress=progress)
+        _say(
+            f"[study] truncation sweep on {len(calib)} calibration images ({', '.join(config.bipartitions)})",
+            progress,
+        )
+        analyze(
+            dense.model,
+            {"val": calib_loader},
+            study_db,
+            bipartitions=config.bipartitions,
+            model_name=dense.meta["model"]["name"],
+            data_name=dense.meta["dataset"]["name"],
+            progress=progress,
+        )
         plot(study_db, out / "study" / "figures", formats=("png",))
         rd.mark("study", {"results": "study/truncation.sqlite", "figures": "study/figures"}, ts)
     else:
@@ -403,10 +520,20 @@ def run(
     # 3. curve -------------------------------------------------------------------------------
     ts = time.perf_counter()
     if not rd.done("curve"):
-        _say(f"[curve] accuracy vs compression at ratios {', '.join(f'{r:g}' for r in config.curve_ratios)}", progress)
+        _say(
+            f"[curve] accuracy vs compression at ratios {', '.join(f'{r:g}' for r in config.curve_ratios)}",
+            progress,
+        )
         base = evaluate_loader(dense.model, calib_loader)["top1"]
-        points = [dict(_try_strategy(dense.model, config, kind, r, shape, sensitivity, calib_loader), kind=kind, target=r)
-                  for r in config.curve_ratios for kind in STRATEGIES]
+        points = [
+            dict(
+                _try_strategy(dense.model, config, kind, r, shape, sensitivity, calib_loader),
+                kind=kind,
+                target=r,
+            )
+            for r in config.curve_ratios
+            for kind in STRATEGIES
+        ]
         rd.mark("curve", {"baseline_top1": base, "points": points}, ts)
     else:
         _say("[curve] done (skipped)", progress)
@@ -416,24 +543,48 @@ def run(
     ts = time.perf_counter()
     if not rd.done("compress"):
         if config.max_drop is not None:
-            ok = [p for p in curve["points"] if curve["baseline_top1"] - p["top1"] <= config.max_drop]
+            ok = [
+                p for p in curve["points"] if curve["baseline_top1"] - p["top1"] <= config.max_drop
+            ]
             ratio: float | None = max((p["target"] for p in ok), default=min(config.curve_ratios))
-            _say(f"[compress] largest calibrated ratio within a top-1 drop of {config.max_drop:g}: {ratio:g}", progress)
+            _say(
+                f"[compress] largest calibrated ratio within a top-1 drop of {config.max_drop:g}: {ratio:g}",
+                progress,
+            )
         else:
             ratio = config.target_ratio
         kinds = STRATEGIES if ratio is not None else ("guided", "error")
         plans: dict[str, Any] = {}
         trial: dict[str, nn.Module] = {}  # the compressed copies, for the probe
-        tried = {k: _try_strategy(dense.model, config, k, ratio, shape, sensitivity, calib_loader, plans,
-                                  trial if config.probe_epochs > 0 else None) for k in kinds}
+        tried = {
+            k: _try_strategy(
+                dense.model,
+                config,
+                k,
+                ratio,
+                shape,
+                sensitivity,
+                calib_loader,
+                plans,
+                trial if config.probe_epochs > 0 else None,
+            )
+            for k in kinds
+        }
         if config.probe_epochs > 0:
             d = dense.meta["dataset"]
-            tr = tdata.load_dataset(d["name"], "train", data_dir=d.get("data_dir"),
-                                    val_fraction=d.get("val_fraction", 0.1), seed=d.get("seed", 0),
-                                    subset=config.probe_images)
+            tr = tdata.load_dataset(
+                d["name"],
+                "train",
+                data_dir=d.get("data_dir"),
+                val_fraction=d.get("val_fraction", 0.1),
+                seed=d.get("seed", 0),
+                subset=config.probe_images,
+            )
             probe_loader = tdata.make_loader(tr, config.batch_size, shuffle=True, seed=config.seed)
-            _say(f"[compress] probing each allocation: {config.probe_epochs} epoch(s) on {len(tr)} training images",
-                 progress)
+            _say(
+                f"[compress] probing each allocation: {config.probe_epochs} epoch(s) on {len(tr)} training images",
+                progress,
+            )
             for k in kinds:
                 tried[k]["probe"] = _probe(k, trial.pop(k), config, probe_loader, calib_loader)
             score = {k: (tried[k]["probe"]["top1"], -tried[k]["probe"]["loss"]) for k in kinds}
@@ -441,29 +592,70 @@ def run(
             score = {k: (tried[k]["top1"], -tried[k].get("loss", 0.0)) for k in kinds}
         best = max(kinds, key=lambda k: (*score[k], k == "guided"))
         cc, use_sens = _strategy_config(config, best, ratio)
-        _say("[compress] calibration top-1 by allocation: "
-             + ", ".join(f"{k} {v['top1']:.4f}" + (f" -> {v['probe']['top1']:.4f} after the probe" if "probe" in v else "")
-                         + f" (x{v['ratio']:.2f})" for k, v in tried.items()) + f"; using {best}", progress)
+        _say(
+            "[compress] calibration top-1 by allocation: "
+            + ", ".join(
+                f"{k} {v['top1']:.4f}"
+                + (f" -> {v['probe']['top1']:.4f} after the probe" if "probe" in v else "")
+                + f" (x{v['ratio']:.2f})"
+                for k, v in tried.items()
+            )
+            + f"; using {best}",
+            progress,
+        )
         shutil.rmtree(comp_dir, ignore_errors=True)
-        _, p, _ = compress_checkpoint(dense_dir, comp_dir, cc, sensitivity=sensitivity if use_sens else None,
-                                      progress=progress, precomputed=plans[best],
-                                      bn_loader=calib_loader if config.bn_recalibrate else None)
-        rd.mark("compress", {"path": "compressed", "config": cc.to_dict(), "totals": p.totals(), "allocation": best,
-                             "calibration": tried}, ts)
+        _, p, _ = compress_checkpoint(
+            dense_dir,
+            comp_dir,
+            cc,
+            sensitivity=sensitivity if use_sens else None,
+            progress=progress,
+            precomputed=plans[best],
+            bn_loader=calib_loader if config.bn_recalibrate else None,
+        )
+        rd.mark(
+            "compress",
+            {
+                "path": "compressed",
+                "config": cc.to_dict(),
+                "totals": p.totals(),
+                "allocation": best,
+                "calibration": tried,
+            },
+            ts,
+        )
     else:
         _say("[compress] done (skipped)", progress)
 
     # 5. finetune ----------------------------------------------------------------------------
     ts = time.perf_counter()
     if not rd.done("finetune"):
-        _say(f"[finetune] up to {config.finetune_epochs} epochs, Adam lr {config.finetune_lr:g}, early stopping", progress)
+        _say(
+            f"[finetune] up to {config.finetune_epochs} epochs, Adam lr {config.finetune_lr:g}, early stopping",
+            progress,
+        )
         shutil.rmtree(ft_dir, ignore_errors=True)
-        fc = FitConfig(epochs=config.finetune_epochs, optimizer="adam", lr=config.finetune_lr, scheduler="none",
-                       patience=config.finetune_patience, seed=config.seed)
-        ck = finetune_checkpoint(comp_dir, ft_dir, config=fc, distill_from=dense_dir if config.distill else None,
-                                 batch_size=config.batch_size, device="cpu", progress=progress,
-                                 subset=config.train_subset)
-        rd.mark("finetune", {"path": "finetuned", "history": ck.meta.get("finetune_history", [])}, ts)
+        fc = FitConfig(
+            epochs=config.finetune_epochs,
+            optimizer="adam",
+            lr=config.finetune_lr,
+            scheduler="none",
+            patience=config.finetune_patience,
+            seed=config.seed,
+        )
+        ck = finetune_checkpoint(
+            comp_dir,
+            ft_dir,
+            config=fc,
+            distill_from=dense_dir if config.distill else None,
+            batch_size=config.batch_size,
+            device="cpu",
+            progress=progress,
+            subset=config.train_subset,
+        )
+        rd.mark(
+            "finetune", {"path": "finetuned", "history": ck.meta.get("finetune_history", [])}, ts
+        )
     else:
         _say("[finetune] done (skipped)", progress)
 
@@ -510,8 +702,15 @@ def verify(dense_dir: Path, final_dir: Path, comp_dir: Path, config: RunConfig) 
         m = evaluate_loader(ck.model, tdata.make_loader(_test_set(ck.meta), 512))
         s = summarize(ck.model, shape)
         models[key] = ck.model
-        rows[key] = {"params": s.total_params, "size_mb": (d / tio.WEIGHTS).stat().st_size / 1e6, "macs": s.total_macs,
-                     "top1": m["top1"], "top5": m["top5"], "loss": m["loss"], "n": m["n"]}
+        rows[key] = {
+            "params": s.total_params,
+            "size_mb": (d / tio.WEIGHTS).stat().st_size / 1e6,
+            "macs": s.total_macs,
+            "top1": m["top1"],
+            "top5": m["top5"],
+            "loss": m["loss"],
+            "n": m["n"],
+        }
     for batch in (1, 32):
         for key, ms in latency_ms(models, shape, batch).items():
             rows[key][f"latency_ms_b{batch}"] = ms
@@ -519,11 +718,21 @@ def verify(dense_dir: Path, final_dir: Path, comp_dir: Path, config: RunConfig) 
     t = p.totals()
     drop = rows["dense"]["top1"] - rows["final"]["top1"]
     if config.target_ratio is not None:
-        met, got = t["conv_ratio"] >= config.target_ratio * 0.999, f"conv-layer ratio {t['conv_ratio']:.2f}"
+        met, got = (
+            t["conv_ratio"] >= config.target_ratio * 0.999,
+            f"conv-layer ratio {t['conv_ratio']:.2f}",
+        )
     elif config.target_macs is not None:
         frac = t["conv_macs_after"] / t["conv_macs_before"]
         met, got = frac <= config.target_macs * 1.001, f"conv MACs at {frac:.3f} of dense"
     else:
         met, got = drop <= config.max_drop, f"top-1 drop {drop:.4f}"  # type: ignore[operator]
-    return {"goal": config.goal, "goal_met": bool(met), "achieved": got, "top1_drop": drop, "plan_totals": t,
-            "rows": rows, "data": {"test": rows["final"]["n"]}}
+    return {
+        "goal": config.goal,
+        "goal_met": bool(met),
+        "achieved": got,
+        "top1_drop": drop,
+        "plan_totals": t,
+        "rows": rows,
+        "data": {"test": rows["final"]["n"]},
+    }

@@ -55,17 +55,40 @@ class LatencyCache:
             try:
                 raw = json.loads(self.path.read_text())
             except (OSError, json.JSONDecodeError) as e:
-                raise TensorcutError(f"cannot read latency cache {self.path}: {e}; delete it to start afresh") from None
+                raise TensorcutError(
+                    f"cannot read latency cache {self.path}: {e}; delete it to start afresh"
+                ) from None
             if not isinstance(raw, dict) or raw.get("format") != "tensorcut-latency-cache":
-                raise TensorcutError(f"{self.path} is not a tensorcut latency cache; delete it or pick another path")
+                raise TensorcutError(
+                    f"{self.path} is not a tensorcut latency cache; delete it or pick another path"
+                )
             self.data = {str(k): float(v) for k, v in raw.get("entries", {}).items()}
 
     @staticmethod
-    def key(device: str, threads: int, batch: int, geom: ConvGeometry, method: str, ranks: Sequence[int] | None,
-            hw: tuple[int, int], channels_last: bool) -> str:
+    def key(
+        device: str,
+        threads: int,
+        batch: int,
+        geom: ConvGeometry,
+        method: str,
+        ranks: Sequence[int] | None,
+        hw: tuple[int, int],
+        channels_last: bool,
+    ) -> str:
         """The cache key (``ranks`` None: the dense layer)."""
-        return json.dumps([device, threads, batch, geom.to_dict(), method if ranks is not None else "dense",
-                           list(ranks) if ranks is not None else None, list(hw), channels_last], sort_keys=True)
+        return json.dumps(
+            [
+                device,
+                threads,
+                batch,
+                geom.to_dict(),
+                method if ranks is not None else "dense",
+                list(ranks) if ranks is not None else None,
+                list(hw),
+                channels_last,
+            ],
+            sort_keys=True,
+        )
 
     def get(self, key: str) -> float | None:
         return self.data.get(key)
@@ -79,7 +102,9 @@ class LatencyCache:
             return
         from tensorcut.io import atomic_write_text
 
-        atomic_write_text(self.path, json.dumps({"format": "tensorcut-latency-cache", "entries": self.data}))
+        atomic_write_text(
+            self.path, json.dumps({"format": "tensorcut-latency-cache", "entries": self.data})
+        )
 
 
 @dataclass
@@ -97,7 +122,9 @@ class _Layer:
     geom: ConvGeometry
     hw: tuple[int, int]
     dense_ms: float
-    cands: list[_Candidate] = field(default_factory=list)  # faster candidates, by decreasing latency
+    cands: list[_Candidate] = field(
+        default_factory=list
+    )  # faster candidates, by decreasing latency
     choice: int = -1  # -1: dense
     reason: str = ""
 
@@ -122,8 +149,9 @@ def _reference(method: str, geom: ConvGeometry) -> tuple[int, ...]:
     return mx
 
 
-def _candidate_ranks(method: str, geom: ConvGeometry, hw: tuple[int, int], scales: Sequence[float],
-                     align: int) -> list[tuple[int, ...]]:
+def _candidate_ranks(
+    method: str, geom: ConvGeometry, hw: tuple[int, int], scales: Sequence[float], align: int
+) -> list[tuple[int, ...]]:
     from tensorcut.rank import align_ranks, scaled_ranks
 
     cls = LAYER_REGISTRY[method]
@@ -145,6 +173,7 @@ def _conv_inputs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, tupl
     hooks = []
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
+
             def hook(mod: nn.Module, inp: Any, out: Any, name: str = name) -> None:
                 sizes.setdefault(name, (int(inp[0].shape[-2]), int(inp[0].shape[-1])))
 
@@ -175,7 +204,7 @@ def _error(conv: nn.Conv2d, method: str, ranks: tuple[int, ...], spectra: dict[s
             o, i = W.shape[0], W.shape[1]
             spectra["out"] = torch.linalg.svdvals(W.reshape(o, -1)) ** 2
             spectra["in"] = torch.linalg.svdvals(W.transpose(0, 1).reshape(i, -1)) ** 2
-        tail = float(spectra["out"][ranks[0]:].sum() + spectra["in"][ranks[1]:].sum())
+        tail = float(spectra["out"][ranks[0] :].sum() + spectra["in"][ranks[1] :].sum())
         return min(1.0, math.sqrt(tail) / norm)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -186,20 +215,38 @@ def _error(conv: nn.Conv2d, method: str, ranks: tuple[int, ...], spectra: dict[s
     return float(err)
 
 
-def _time_layer(conv: nn.Conv2d, geom: ConvGeometry, hw: tuple[int, int], method: str,
-                cands: list[tuple[int, ...]], *, batch: int, threads: int | None, warmup: int, reps: int,
-                channels_last: bool, cache: LatencyCache) -> tuple[float, dict[tuple[int, ...], LatencyStats | float]]:
+def _time_layer(
+    conv: nn.Conv2d,
+    geom: ConvGeometry,
+    hw: tuple[int, int],
+    method: str,
+    cands: list[tuple[int, ...]],
+    *,
+    batch: int,
+    threads: int | None,
+    warmup: int,
+    reps: int,
+    channels_last: bool,
+    cache: LatencyCache,
+) -> tuple[float, dict[tuple[int, ...], LatencyStats | float]]:
     """Dense and candidate latencies of one layer (ms), measured together unless all are cached."""
     p = conv.weight
     device = p.device.type
     n_threads = threads if threads is not None else torch.get_num_threads()
     keys = {None: LatencyCache.key(device, n_threads, batch, geom, method, None, hw, channels_last)}
-    keys.update({r: LatencyCache.key(device, n_threads, batch, geom, method, r, hw, channels_last) for r in cands})
+    keys.update(
+        {
+            r: LatencyCache.key(device, n_threads, batch, geom, method, r, hw, channels_last)
+            for r in cands
+        }
+    )
     if all(cache.get(k) is not None for k in keys.values()):
         dense_ms = cache.get(keys[None])
         return float(dense_ms), {r: float(cache.get(keys[r])) for r in cands}  # type: ignore[arg-type]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(batch, geom.in_channels, *hw, dtype=p.dtype, device=p.device).contiguous(memory_format=fmt)
+    x = torch.randn(batch, geom.in_channels, *hw, dtype=p.dtype, device=p.device).contiguous(
+        memory_format=fmt
+    )
     models: dict[str, nn.Module] = {"dense": copy.deepcopy(conv).eval().to(memory_format=fmt)}
     cls = LAYER_REGISTRY[method]
     for r in cands:
@@ -232,7 +279,7 @@ def _allocate(layers: list[_Layer], goal_ms: float, dense_total: float) -> float
                 saved = L.ms - L.cands[j].ms
                 if saved <= 0:
                     continue
-                cost = (L.cands[j].error ** 2 - L.error ** 2) / saved
+                cost = (L.cands[j].error ** 2 - L.error**2) / saved
                 if best is None or cost < best[0]:
                     best = (cost, li, j)
         if best is None:
@@ -282,9 +329,13 @@ def plan_for_speedup(
     from tensorcut.compress import plan as make_plan
 
     if not target_speedup >= 1.0:
-        raise TensorcutError(f"target_speedup must be >= 1 (e.g. 1.5 for 1.5x faster), got {target_speedup}")
+        raise TensorcutError(
+            f"target_speedup must be >= 1 (e.g. 1.5 for 1.5x faster), got {target_speedup}"
+        )
     if method not in LAYER_REGISTRY:
-        raise TensorcutError(f"unknown method {method!r}; choose one of: {', '.join(sorted(LAYER_REGISTRY))}")
+        raise TensorcutError(
+            f"unknown method {method!r}; choose one of: {', '.join(sorted(LAYER_REGISTRY))}"
+        )
     if len(tuple(input_shape)) != 3:
         raise TensorcutError(f"input_shape is (C, H, W), got {tuple(input_shape)}")
     lc = cache if isinstance(cache, LatencyCache) else LatencyCache(cache)
@@ -295,19 +346,25 @@ def plan_for_speedup(
         if layers is not None:
             unknown = [n for n in layers if n not in convs]
             if unknown:
-                raise TensorcutError(f"unknown layer {unknown[0]!r}; conv layers are: {', '.join(convs)}")
+                raise TensorcutError(
+                    f"unknown layer {unknown[0]!r}; conv layers are: {', '.join(convs)}"
+                )
             chosen = list(layers)
         else:
             chosen = [n for n, m in convs.items() if default_filter(n, m)]
         if not chosen:
-            raise TensorcutError("no convolution to plan for (the default skips stems with <= 3 input channels)")
+            raise TensorcutError(
+                "no convolution to plan for (the default skips stems with <= 3 input channels)"
+            )
         sizes = _conv_inputs(model, input_shape)
         p = next(model.parameters())
         x = torch.randn(batch, *input_shape, dtype=p.dtype, device=p.device)
         dense_model = copy.deepcopy(model).eval()
         if channels_last:
             dense_model = dense_model.to(memory_format=torch.channels_last)
-        dense_stats = measure_latency({"dense": dense_model}, x, threads=threads, warmup=warmup, reps=reps)["dense"]
+        dense_stats = measure_latency(
+            {"dense": dense_model}, x, threads=threads, warmup=warmup, reps=reps
+        )["dense"]
         records: list[_Layer] = []
         skipped: dict[str, str] = {}
         for i, name in enumerate(chosen):
@@ -318,7 +375,9 @@ def plan_for_speedup(
                 skipped[name] = "not called in the forward pass"
                 continue
             try:
-                LAYER_REGISTRY[method](geom, tuple(1 for _ in LAYER_REGISTRY[method].max_ranks(geom)))
+                LAYER_REGISTRY[method](
+                    geom, tuple(1 for _ in LAYER_REGISTRY[method].max_ranks(geom))
+                )
             except TensorcutError as e:
                 skipped[name] = str(e)
                 continue
@@ -326,8 +385,19 @@ def plan_for_speedup(
             if not cands:
                 skipped[name] = f"no {method} ranks have fewer MACs than the dense layer"
                 continue
-            dense_ms, timed = _time_layer(conv, geom, hw, method, cands, batch=batch, threads=threads, warmup=warmup,
-                                          reps=reps, channels_last=channels_last, cache=lc)
+            dense_ms, timed = _time_layer(
+                conv,
+                geom,
+                hw,
+                method,
+                cands,
+                batch=batch,
+                threads=threads,
+                warmup=warmup,
+                reps=reps,
+                channels_last=channels_last,
+                cache=lc,
+            )
             dense_s = timed.pop(None, None)  # type: ignore[call-overload]
             L = _Layer(name, conv, geom, hw, dense_ms)
             spectra: dict[str, Any] = {}
@@ -341,8 +411,11 @@ def plan_for_speedup(
                 L.reason = NOT_FASTER
             records.append(L)
             if progress:
-                print(f"[{i + 1}/{len(chosen)}] {name}: dense {dense_ms:.3f} ms, "
-                      f"{len(L.cands)}/{len(cands)} faster forms", flush=True)
+                print(
+                    f"[{i + 1}/{len(chosen)}] {name}: dense {dense_ms:.3f} ms, "
+                    f"{len(L.cands)}/{len(cands)} faster forms",
+                    flush=True,
+                )
         lc.save()
         dense_total = dense_stats.median_ms
         goal = dense_total / target_speedup
@@ -356,8 +429,15 @@ def plan_for_speedup(
             ranks = L.cands[L.choice].ranks
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                sub = make_plan(model, method=method, rank=tuple(ranks), layers=[L.name], input_shape=tuple(input_shape),
-                                options={method: dict(decompose_options)} if decompose_options else {}, progress=False)
+                sub = make_plan(
+                    model,
+                    method=method,
+                    rank=tuple(ranks),
+                    layers=[L.name],
+                    input_shape=tuple(input_shape),
+                    options={method: dict(decompose_options)} if decompose_options else {},
+                    progress=False,
+                )
             e = sub.layers[0]
             e.latency_ms = {"dense": L.dense_ms, "factorized": L.cands[L.choice].ms}
             entries[L.name] = e
@@ -365,54 +445,120 @@ def plan_for_speedup(
             model_params, model_macs = sub.model_params, sub.model_macs
         for L in records:
             if L.name not in entries:
-                entries[L.name] = _dense_entry(LayerPlan, L.name, method, L.geom, L.hw,
-                                               L.reason or "target met without compressing this layer",
-                                               {"dense": L.dense_ms, **({"fastest_factorized": L.cands[-1].ms}
-                                                                        if L.cands else {})})
+                entries[L.name] = _dense_entry(
+                    LayerPlan,
+                    L.name,
+                    method,
+                    L.geom,
+                    L.hw,
+                    L.reason or "target met without compressing this layer",
+                    {
+                        "dense": L.dense_ms,
+                        **({"fastest_factorized": L.cands[-1].ms} if L.cands else {}),
+                    },
+                )
         for name, why in skipped.items():
             g = ConvGeometry.from_conv(convs[name])
-            entries[name] = _dense_entry(LayerPlan, name, method, g, sizes.get(name, (0, 0)), why, None)
+            entries[name] = _dense_entry(
+                LayerPlan, name, method, g, sizes.get(name, (0, 0)), why, None
+            )
         if model_params is None:
             from tensorcut.summary import summarize
 
             s = summarize(model, tuple(input_shape))
             model_params, model_macs = s.total_params, s.total_macs
         n_threads = dense_stats.threads
-        config = {"method": method, "rank": None, "align": align, "latency": True,
-                  "speed": {"target_speedup": target_speedup, "dense_ms": dense_total, "predicted_ms": predicted,
-                            "predicted_speedup": dense_total / predicted if predicted > 0 else math.inf,
-                            "met": predicted <= goal * (1 + 1e-9), "threads": n_threads, "batch": batch,
-                            "device": dense_stats.device, "channels_last": channels_last,
-                            "dense": dense_stats.describe(), "scales": list(scales)}}
-        plan = Plan(config=config, layers=[entries[n] for n in chosen if n in entries], input_shape=list(input_shape),
-                    model_params=int(model_params), model_macs=int(model_macs))  # type: ignore[arg-type]
+        config = {
+            "method": method,
+            "rank": None,
+            "align": align,
+            "latency": True,
+            "speed": {
+                "target_speedup": target_speedup,
+                "dense_ms": dense_total,
+                "predicted_ms": predicted,
+                "predicted_speedup": dense_total / predicted if predicted > 0 else math.inf,
+                "met": predicted <= goal * (1 + 1e-9),
+                "threads": n_threads,
+                "batch": batch,
+                "device": dense_stats.device,
+                "channels_last": channels_last,
+                "dense": dense_stats.describe(),
+                "scales": list(scales),
+            },
+        }
+        plan = Plan(
+            config=config,
+            layers=[entries[n] for n in chosen if n in entries],
+            input_shape=list(input_shape),
+            model_params=int(model_params),
+            model_macs=int(model_macs),
+        )  # type: ignore[arg-type]
         plan._built = built
     finally:
         model.train(was_training)
     if verify and any(e.status == "factorize" for e in plan.layers):
-        check = check_speedup(model, plan, threads=threads, batch=batch, warmup=warmup, reps=reps,
-                              channels_last=channels_last)
+        check = check_speedup(
+            model,
+            plan,
+            threads=threads,
+            batch=batch,
+            warmup=warmup,
+            reps=reps,
+            channels_last=channels_last,
+        )
         sp = plan.config["speed"]
-        sp.update({"measured_ms": check.compressed.median_ms, "measured_dense_ms": check.dense.median_ms,
-                   "measured_speedup": 1.0 / check.comparison.ratio, "measured": check.describe()})
+        sp.update(
+            {
+                "measured_ms": check.compressed.median_ms,
+                "measured_dense_ms": check.dense.median_ms,
+                "measured_speedup": 1.0 / check.comparison.ratio,
+                "measured": check.describe(),
+            }
+        )
         if not (check.comparison.measurable and check.comparison.ratio < 1):
             for i, e in enumerate(plan.layers):
                 if e.status == "factorize":
-                    plan.layers[i] = _dense_entry(LayerPlan, e.name, method, ConvGeometry.from_dict(e.geometry),
-                                                  tuple(e.input_hw), "whole model not faster when measured", e.latency_ms)
+                    plan.layers[i] = _dense_entry(
+                        LayerPlan,
+                        e.name,
+                        method,
+                        ConvGeometry.from_dict(e.geometry),
+                        tuple(e.input_hw),
+                        "whole model not faster when measured",
+                        e.latency_ms,
+                    )
             plan._built = {}
             sp["fell_back_to_dense"] = True
     return plan
 
 
-def _dense_entry(LayerPlan: Any, name: str, method: str, geom: ConvGeometry, hw: Sequence[int], reason: str,
-                 latency: dict[str, float] | None) -> Any:
+def _dense_entry(
+    LayerPlan: Any,
+    name: str,
+    method: str,
+    geom: ConvGeometry,
+    hw: Sequence[int],
+    reason: str,
+    latency: dict[str, float] | None,
+) -> Any:
     hw2 = (int(hw[0]), int(hw[1]))
     macs = geom.dense_macs(hw2) if hw2 != (0, 0) else 0
-    return LayerPlan(name=name, method=method, status="dense", reason=reason, ranks=[],
-                     params_before=geom.dense_params(), params_after=geom.dense_params(),
-                     macs_before=macs, macs_after=macs, error=None, geometry=geom.to_dict(), input_hw=list(hw2),
-                     latency_ms=latency)
+    return LayerPlan(
+        name=name,
+        method=method,
+        status="dense",
+        reason=reason,
+        ranks=[],
+        params_before=geom.dense_params(),
+        params_after=geom.dense_params(),
+        macs_before=macs,
+        macs_after=macs,
+        error=None,
+        geometry=geom.to_dict(),
+        input_hw=list(hw2),
+        latency_ms=latency,
+    )
 
 
 @dataclass(frozen=True)
@@ -430,12 +576,22 @@ class SpeedCheck:
 
     def describe(self) -> str:
         """Both latencies and the verdict, one line each."""
-        return (f"dense: {self.dense.describe()}\ncompressed: {self.compressed.describe()}\n"
-                f"{self.comparison.describe()}")
+        return (
+            f"dense: {self.dense.describe()}\ncompressed: {self.compressed.describe()}\n"
+            f"{self.comparison.describe()}"
+        )
 
 
-def check_speedup(model: nn.Module, plan: Any, *, threads: int | None = None, batch: int = 1, warmup: int = 2,
-                  reps: int = 9, channels_last: bool = True) -> SpeedCheck:
+def check_speedup(
+    model: nn.Module,
+    plan: Any,
+    *,
+    threads: int | None = None,
+    batch: int = 1,
+    warmup: int = 2,
+    reps: int = 9,
+    channels_last: bool = True,
+) -> SpeedCheck:
     """Apply ``plan`` to a copy of ``model`` and time dense vs compressed whole models, interleaved."""
     from tensorcut.compress import apply
 
@@ -446,5 +602,7 @@ def check_speedup(model: nn.Module, plan: Any, *, threads: int | None = None, ba
         comp = comp.to(memory_format=torch.channels_last)
     p = next(model.parameters())
     x = torch.randn(batch, *plan.input_shape, dtype=p.dtype, device=p.device)
-    st = measure_latency({"dense": dense, "compressed": comp}, x, threads=threads, warmup=warmup, reps=reps)
+    st = measure_latency(
+        {"dense": dense, "compressed": comp}, x, threads=threads, warmup=warmup, reps=reps
+    )
     return SpeedCheck(st["dense"], st["compressed"], compare(st["compressed"], st["dense"]))

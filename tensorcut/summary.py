@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,21 +59,53 @@ class ModelSummary:
     def table(self) -> str:
         """A fixed-width text table for terminals."""
         head = ("layer", "type", "weight shape", "ranks", "params", "MACs", "CR")
-        body = [(r.name, r.kind, r.shape, r.ranks, f"{r.params:,}", f"{r.macs:,}", f"{r.ratio:.2f}") for r in self.rows]
+        body = [
+            (r.name, r.kind, r.shape, r.ranks, f"{r.params:,}", f"{r.macs:,}", f"{r.ratio:.2f}")
+            for r in self.rows
+        ]
         layer_p = sum(r.params for r in self.rows)
-        body.append(("total (listed layers)", "", "", "", f"{layer_p:,}", f"{sum(r.macs for r in self.rows):,}", ""))
-        body.append(("total (whole model)", "", "", "", f"{self.total_params:,}", f"{self.total_macs:,}", ""))
+        body.append(
+            (
+                "total (listed layers)",
+                "",
+                "",
+                "",
+                f"{layer_p:,}",
+                f"{sum(r.macs for r in self.rows):,}",
+                "",
+            )
+        )
+        body.append(
+            (
+                "total (whole model)",
+                "",
+                "",
+                "",
+                f"{self.total_params:,}",
+                f"{self.total_macs:,}",
+                "",
+            )
+        )
         widths = [max(len(str(row[i])) for row in [head, *body]) for i in range(len(head))]
-        fmt = lambda row: "  ".join(str(c).rjust(w) if i >= 4 else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+        fmt = lambda row: "  ".join(
+            str(c).rjust(w) if i >= 4 else str(c).ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths))
+        )  # noqa: E731
         lines = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body]
         c, h, w = self.input_shape
-        lines.append(f"MACs are multiply-accumulates per image at input {c}x{h}x{w}; CR = dense / stored parameters.")
+        lines.append(
+            f"MACs are multiply-accumulates per image at input {c}x{h}x{w}; CR = dense / stored parameters."
+        )
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
-        return {"rows": [asdict(r) for r in self.rows], "total_params": self.total_params,
-                "total_macs": self.total_macs, "input_shape": list(self.input_shape)}
+        return {
+            "rows": [asdict(r) for r in self.rows],
+            "total_params": self.total_params,
+            "total_macs": self.total_macs,
+            "input_shape": list(self.input_shape),
+        }
 
 
 def summarize(model: nn.Module, input_shape: Sequence[int]) -> ModelSummary:
@@ -94,12 +127,32 @@ def summarize(model: nn.Module, input_shape: Sequence[int]) -> ModelSummary:
                 dense = g.dense_params()
                 shape = f"{g.out_channels}x{g.in_channels // g.groups}x{g.kernel_size[0]}x{g.kernel_size[1]}"
             else:  # SVDLinear
-                dense = m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
+                dense = m.in_features * m.out_features + (
+                    m.out_features if m.bias is not None else 0
+                )
                 shape = f"{m.out_features}x{m.in_features}"
-            rows.append(LayerRow(u.name, type(m).__name__, shape, u.params, u.macs,
-                                 "x".join(str(r) for r in m.ranks), dense))
+            rows.append(
+                LayerRow(
+                    u.name,
+                    type(m).__name__,
+                    shape,
+                    u.params,
+                    u.macs,
+                    "x".join(str(r) for r in m.ranks),
+                    dense,
+                )
+            )
         else:
-            rows.append(LayerRow(u.name, type(m).__name__, "x".join(str(s) for s in m.weight.shape),
-                                 u.params, u.macs, "", u.params))
+            rows.append(
+                LayerRow(
+                    u.name,
+                    type(m).__name__,
+                    "x".join(str(s) for s in m.weight.shape),
+                    u.params,
+                    u.macs,
+                    "",
+                    u.params,
+                )
+            )
     c, h, w = (tuple(input_shape) + (1, 1, 1))[:3]
     return ModelSummary(rows, cost.total_params, cost.total_macs, (int(c), int(h), int(w)))

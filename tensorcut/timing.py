@@ -52,7 +52,9 @@ class LatencyStats:
     threads: int
     device: str
     warmup: int
-    session: int = 0  # measurements from one measure_latency call share it (their rounds are paired)
+    session: int = (
+        0  # measurements from one measure_latency call share it (their rounds are paired)
+    )
     median_ms: float = field(init=False)
     q1_ms: float = field(init=False)
     q3_ms: float = field(init=False)
@@ -76,8 +78,10 @@ class LatencyStats:
     def describe(self) -> str:
         """One line, e.g. ``median 12.3 ms (IQR 12.1–12.6), batch 1, 1 thread, cpu, 15 reps after 3 warm-up``."""
         th = f"{self.threads} thread" + ("" if self.threads == 1 else "s")
-        return (f"median {_ms(self.median_ms)} ms (IQR {_ms(self.q1_ms)}–{_ms(self.q3_ms)}), batch {self.batch}, "
-                f"{th}, {self.device}, {self.reps} reps after {self.warmup} warm-up")
+        return (
+            f"median {_ms(self.median_ms)} ms (IQR {_ms(self.q1_ms)}–{_ms(self.q3_ms)}), batch {self.batch}, "
+            f"{th}, {self.device}, {self.reps} reps after {self.warmup} warm-up"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form (raw times included)."""
@@ -98,10 +102,20 @@ def _ms(x: float) -> str:
     return f"{x:.3f}"
 
 
-def latency_stats(name: str, times_ms: Sequence[float], *, batch: int, threads: int, device: str,
-                  warmup: int = 0, session: int = 0) -> LatencyStats:
+def latency_stats(
+    name: str,
+    times_ms: Sequence[float],
+    *,
+    batch: int,
+    threads: int,
+    device: str,
+    warmup: int = 0,
+    session: int = 0,
+) -> LatencyStats:
     """A :class:`LatencyStats` from raw per-call times (e.g. from another runtime's own timer)."""
-    return LatencyStats(name, tuple(float(t) for t in times_ms), batch, threads, device, warmup, session)
+    return LatencyStats(
+        name, tuple(float(t) for t in times_ms), batch, threads, device, warmup, session
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -157,7 +171,10 @@ def measure_latency(
     finally:
         torch.set_num_threads(before)
     session = next(_session_counter)
-    return {n: LatencyStats(n, tuple(times[n]), batch, used, device.type, warmup, session) for n in names}
+    return {
+        n: LatencyStats(n, tuple(times[n]), batch, used, device.type, warmup, session)
+        for n in names
+    }
 
 
 @dataclass(frozen=True)
@@ -204,4 +221,6 @@ def compare(a: LatencyStats, b: LatencyStats) -> Comparison:
         rs = [x / y for x, y in zip(a.times_ms, b.times_ms)]
         lo, med, hi = quartiles(rs)
         return Comparison(a.name, b.name, med, lo, hi, True)
-    return Comparison(a.name, b.name, a.median_ms / b.median_ms, a.q1_ms / b.q3_ms, a.q3_ms / b.q1_ms, False)
+    return Comparison(
+        a.name, b.name, a.median_ms / b.median_ms, a.q1_ms / b.q3_ms, a.q3_ms / b.q1_ms, False
+    )

@@ -22,8 +22,9 @@ products along the longest accumulation chain (dense kernel fan-in plus the fact
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,8 +79,10 @@ def capture(model: nn.Module, modules: Sequence[nn.Module], args: tuple[Any, ...
     except Exception as e:  # the user's forward: any error is reported, with its type, in one line
         shapes = ", ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor))
         first = (str(e).splitlines() or [""])[0][:200]
-        raise TensorcutError(f"the model's forward failed on an input of shape {shapes} ({type(e).__name__}: {first}); "
-                             "give the input_shape (C, H, W) or calibration batch the model expects") from None
+        raise TensorcutError(
+            f"the model's forward failed on an input of shape {shapes} ({type(e).__name__}: {first}); "
+            "give the input_shape (C, H, W) or calibration batch the model expects"
+        ) from None
     finally:
         for h in handles:
             h.remove()
@@ -97,7 +100,9 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return d / n
 
 
-def _conv_with(conv: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+def _conv_with(
+    conv: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
+) -> torch.Tensor:
     """``conv``'s forward (its padding and geometry) with another weight and bias."""
     params = {"weight": weight}
     if getattr(conv, "bias", None) is not None:
@@ -119,8 +124,9 @@ class SwapCheck:
     reason: str = ""
 
 
-def check_swap(effective: nn.Conv2d, layer: nn.Module, x: torch.Tensor, y_ref: torch.Tensor,
-               chain: int = 0) -> SwapCheck:
+def check_swap(
+    effective: nn.Conv2d, layer: nn.Module, x: torch.Tensor, y_ref: torch.Tensor, chain: int = 0
+) -> SwapCheck:
     """Check a planned swap on the captured input ``x`` and original output ``y_ref``.
 
     Args:
@@ -139,21 +145,41 @@ def check_swap(effective: nn.Conv2d, layer: nn.Module, x: torch.Tensor, y_ref: t
         k = w.shape[1] * w.shape[2] * w.shape[3]
         eps = max(_eps(x), _eps(w))
         y_eff = effective(x)
-        scale = float(torch.linalg.vector_norm(
-            _conv_with(effective, w.abs(), None if b is None else b.abs(), x.abs()).to(torch.float64)))
+        scale = float(
+            torch.linalg.vector_norm(
+                _conv_with(effective, w.abs(), None if b is None else b.abs(), x.abs()).to(
+                    torch.float64
+                )
+            )
+        )
         d1 = float(torch.linalg.vector_norm((y_eff - y_ref).to(torch.float64)))
         if y_eff.shape != y_ref.shape or d1 > SAFETY * math.sqrt(k) * eps * scale:
             rel = relative_difference(y_eff, y_ref) if y_eff.shape == y_ref.shape else math.inf
-            return SwapCheck(False, math.inf, "the module's output differs from a convolution with the kernel "
-                             f"tensorcut read from it (relative difference {rel:.2e}); not reproducible, left dense")
+            return SwapCheck(
+                False,
+                math.inf,
+                "the module's output differs from a convolution with the kernel "
+                f"tensorcut read from it (relative difference {rel:.2e}); not reproducible, left dense",
+            )
         w_rec = layer.reconstruct_weight().to(w)  # type: ignore[operator]
         y_fac = layer(x)
         y_rec = _conv_with(effective, w_rec, b, x)
-        scale2 = float(torch.linalg.vector_norm(
-            _conv_with(effective, w_rec.abs(), None if b is None else b.abs(), x.abs()).to(torch.float64)))
+        scale2 = float(
+            torch.linalg.vector_norm(
+                _conv_with(effective, w_rec.abs(), None if b is None else b.abs(), x.abs()).to(
+                    torch.float64
+                )
+            )
+        )
         d2 = float(torch.linalg.vector_norm((y_fac - y_rec).to(torch.float64)))
-        if y_fac.shape != y_rec.shape or d2 > SAFETY * math.sqrt(k + chain) * eps * max(scale2, scale):
+        if y_fac.shape != y_rec.shape or d2 > SAFETY * math.sqrt(k + chain) * eps * max(
+            scale2, scale
+        ):
             rel = relative_difference(y_fac, y_rec) if y_fac.shape == y_rec.shape else math.inf
-            return SwapCheck(False, math.inf, "the factorized layer's output deviates from a convolution with its own "
-                             f"kernel (relative difference {rel:.2e}; ill-conditioned factors); left dense")
+            return SwapCheck(
+                False,
+                math.inf,
+                "the factorized layer's output deviates from a convolution with its own "
+                f"kernel (relative difference {rel:.2e}; ill-conditioned factors); left dense",
+            )
         return SwapCheck(True, relative_difference(y_fac, y_ref))

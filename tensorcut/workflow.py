@@ -19,14 +19,24 @@ from tensorcut import data as tdata
 from tensorcut import io as tio
 from tensorcut.compress import CompressConfig, Plan, apply, plan
 from tensorcut.errors import TensorcutError
-from tensorcut.train.loop import FitConfig, evaluate as evaluate_loader, fit, resolve_device
+from tensorcut.train.loop import FitConfig, fit, resolve_device
+from tensorcut.train.loop import evaluate as evaluate_loader
 
 if TYPE_CHECKING:
     from tensorcut.export import Export
 
-__all__ = ["FINETUNE_RECIPE", "RECIPES", "RSDTR_RECIPE", "check_output_dir", "compress_checkpoint", "export_checkpoint", "export_checkpoint_checked",
-           "finetune_checkpoint",
-           "input_shape_of", "load_sensitivity"]
+__all__ = [
+    "FINETUNE_RECIPE",
+    "RECIPES",
+    "RSDTR_RECIPE",
+    "check_output_dir",
+    "compress_checkpoint",
+    "export_checkpoint",
+    "export_checkpoint_checked",
+    "finetune_checkpoint",
+    "input_shape_of",
+    "load_sensitivity",
+]
 
 #: The thesis's fine-tuning recipe: Adam, lr 1e-5, early stopping on validation loss (patience 3), <= 50 epochs.
 FINETUNE_RECIPE = FitConfig(epochs=50, optimizer="adam", lr=1e-5, scheduler="none", patience=3)
@@ -36,8 +46,15 @@ FINETUNE_RECIPE = FitConfig(epochs=50, optimizer="adam", lr=1e-5, scheduler="non
 #: a one-cycle learning rate peaking at 0.01, 160 epochs (batch 128, the CLI's default), no early stopping.
 #: The one-cycle schedule also cycles momentum (0.95 -> 0.85 -> 0.95), as ``OneCycleLR`` does for the authors;
 #: unlike theirs, our SGD uses Nesterov momentum. Fine-tuning starts from the decomposed factors.
-RSDTR_RECIPE = FitConfig(epochs=160, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4, scheduler="onecycle",
-                         patience=None)
+RSDTR_RECIPE = FitConfig(
+    epochs=160,
+    optimizer="sgd",
+    lr=0.01,
+    momentum=0.9,
+    weight_decay=1e-4,
+    scheduler="onecycle",
+    patience=None,
+)
 
 #: Named fine-tuning recipes (``tensorcut finetune --recipe NAME``).
 RECIPES = {"thesis": FINETUNE_RECIPE, "rsdtr": RSDTR_RECIPE}
@@ -71,8 +88,14 @@ def load_sensitivity(path: str | Path) -> dict[str, float]:
         try:
             d = json.loads(p.read_text(encoding="utf-8"))
             sens = {str(k): float(v) for k, v in d.items()}
-        except (AttributeError, TypeError, ValueError) as e:  # ValueError: bad JSON, not UTF-8, not a number
-            raise TensorcutError(f"{p} is not a JSON object of layer -> sensitivity ({str(e).splitlines()[0][:100]})") from None
+        except (
+            AttributeError,
+            TypeError,
+            ValueError,
+        ) as e:  # ValueError: bad JSON, not UTF-8, not a number
+            raise TensorcutError(
+                f"{p} is not a JSON object of layer -> sensitivity ({str(e).splitlines()[0][:100]})"
+            ) from None
         bad = {k: v for k, v in sens.items() if not (v >= 0 and v < float("inf"))}
         if bad:
             k, v = next(iter(bad.items()))
@@ -90,9 +113,13 @@ def load_sensitivity(path: str | Path) -> dict[str, float]:
     for layer, norm_loss, top1, base in rows:
         if norm_loss is None or top1 is None or base is None or norm_loss <= 0:
             continue
-        acc.setdefault(layer, []).append(max(0.0, float(base) - float(top1)) / (float(norm_loss) / 100.0))
+        acc.setdefault(layer, []).append(
+            max(0.0, float(base) - float(top1)) / (float(norm_loss) / 100.0)
+        )
     if not acc:
-        raise TensorcutError(f"{p} holds no single-layer truncation rows to derive sensitivity from")
+        raise TensorcutError(
+            f"{p} holds no single-layer truncation rows to derive sensitivity from"
+        )
     return {k: 1.0 + 100.0 * sum(v) / len(v) for k, v in acc.items()}
 
 
@@ -100,7 +127,9 @@ def load_sensitivity(path: str | Path) -> dict[str, float]:
 CHECKPOINT_FILES = (tio.WEIGHTS, tio.META, "plan.json")
 
 
-def check_output_dir(out: str | Path, *, force: bool = False, unfinished_from: str | Path | None = None) -> None:
+def check_output_dir(
+    out: str | Path, *, force: bool = False, unfinished_from: str | Path | None = None
+) -> None:
     """Refuse, in one line, an output directory that already holds a checkpoint (unless ``force``) or is a file.
 
     ``unfinished_from``: a checkpoint left by a killed ``compress`` of this same source (its
@@ -118,13 +147,25 @@ def check_output_dir(out: str | Path, *, force: bool = False, unfinished_from: s
             parent = None
         if parent is not None and Path(parent).resolve() == Path(unfinished_from).resolve():
             return
-    raise TensorcutError(f"{out} already holds a checkpoint; pass --force to replace it or choose another --out")
+    raise TensorcutError(
+        f"{out} already holds a checkpoint; pass --force to replace it or choose another --out"
+    )
 
 
-def compress_checkpoint(src: str | Path, out: str | Path, config: CompressConfig, *, layers: list[str] | None = None,
-                        sensitivity: str | Path | dict[str, float] | None = None, evaluate_split: str | None = None,
-                        progress: bool = True, precomputed: Plan | None = None, bn_images: int = 0,
-                        bn_loader: Any = None, force: bool = False) -> tuple[nn.Module, Plan, dict[str, Any]]:
+def compress_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    config: CompressConfig,
+    *,
+    layers: list[str] | None = None,
+    sensitivity: str | Path | dict[str, float] | None = None,
+    evaluate_split: str | None = None,
+    progress: bool = True,
+    precomputed: Plan | None = None,
+    bn_images: int = 0,
+    bn_loader: Any = None,
+    force: bool = False,
+) -> tuple[nn.Module, Plan, dict[str, Any]]:
     """Plan and apply ``config`` to checkpoint ``src``; save the compressed checkpoint and ``plan.json`` in ``out``.
 
     ``precomputed`` is a plan already made for this checkpoint's model (it is applied as is).
@@ -136,7 +177,9 @@ def compress_checkpoint(src: str | Path, out: str | Path, config: CompressConfig
         raise TensorcutError(f"--bn-images must be >= 0, got {bn_images}")
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve():
-        raise TensorcutError("--out must differ from the source checkpoint; the dense model is kept")
+        raise TensorcutError(
+            "--out must differ from the source checkpoint; the dense model is kept"
+        )
     check_output_dir(out, force=force, unfinished_from=src)
     ck = tio.load_checkpoint(src)
     shape = input_shape_of(ck.meta)
@@ -145,9 +188,13 @@ def compress_checkpoint(src: str | Path, out: str | Path, config: CompressConfig
         convs = {n for n, m in ck.model.named_modules() if isinstance(m, nn.Conv2d)}
         foreign = sorted(set(sens) - convs)
         if foreign:
-            raise TensorcutError(f"the sensitivity file names {len(foreign)} layer(s) this model lacks (e.g. "
-                                 f"{foreign[0]!r}); it was made for another model, re-run `tensorcut analyze` on this one")
-    p = precomputed or plan(ck.model, config, input_shape=shape, sensitivity=sens, layers=layers, progress=progress)
+            raise TensorcutError(
+                f"the sensitivity file names {len(foreign)} layer(s) this model lacks (e.g. "
+                f"{foreign[0]!r}); it was made for another model, re-run `tensorcut analyze` on this one"
+            )
+    p = precomputed or plan(
+        ck.model, config, input_shape=shape, sensitivity=sens, layers=layers, progress=progress
+    )
     if not any(l.status == "factorize" for l in p.layers):
         reasons = "; ".join(f"{l.name}: {l.reason}" for l in p.layers[:3])
         raise TensorcutError(f"the rank rule leaves nothing to compress ({reasons}); loosen it")
@@ -164,34 +211,59 @@ def compress_checkpoint(src: str | Path, out: str | Path, config: CompressConfig
             bn_loader = tdata.make_loader(_dataset_from_meta(meta, "train", subset=bn_images), 128)
         n_bn = recalibrate_bn(model, bn_loader)
         n_img = len(bn_loader.dataset) if hasattr(bn_loader, "dataset") else None
-        meta["bn_recalibration"] = {"batchnorm_layers": n_bn, "images": n_img,
-                                    "data": "train split" if bn_images else "given batches"}
+        meta["bn_recalibration"] = {
+            "batchnorm_layers": n_bn,
+            "images": n_img,
+            "data": "train split" if bn_images else "given batches",
+        }
     if evaluate_split:
         ds = _dataset_from_meta(meta, evaluate_split)
         meta["metrics"][evaluate_split] = evaluate_loader(model, tdata.make_loader(ds, 512), "cpu")
     tio.save(model, out, meta)
-    (out / "train_state.pt").unlink(missing_ok=True)  # a replaced (--force) checkpoint's training state is not ours
+    (out / "train_state.pt").unlink(
+        missing_ok=True
+    )  # a replaced (--force) checkpoint's training state is not ours
     p.save(out / "plan.json")
     return model, p, meta
 
 
-def _dataset_from_meta(meta: dict[str, Any], split: str, dataset: str | None = None, subset: int | None = None) -> tdata.ImageDataset:
+def _dataset_from_meta(
+    meta: dict[str, Any], split: str, dataset: str | None = None, subset: int | None = None
+) -> tdata.ImageDataset:
     d = meta.get("dataset") or {}
     name = dataset or d.get("name")
     if not name:
         raise TensorcutError("the checkpoint does not name its data set; pass --dataset")
     from tensorcut.train.api import check_dataset_fits
 
-    ds = tdata.load_dataset(name, split, data_dir=d.get("data_dir") if name == d.get("name") else None,
-                            val_fraction=d.get("val_fraction", 0.1), seed=d.get("seed", 0), subset=subset)
-    check_dataset_fits(meta, ds, name)  # wrong channel count / input size: one line, not a conv traceback
+    ds = tdata.load_dataset(
+        name,
+        split,
+        data_dir=d.get("data_dir") if name == d.get("name") else None,
+        val_fraction=d.get("val_fraction", 0.1),
+        seed=d.get("seed", 0),
+        subset=subset,
+    )
+    check_dataset_fits(
+        meta, ds, name
+    )  # wrong channel count / input size: one line, not a conv traceback
     return ds
 
 
-def finetune_checkpoint(src: str | Path, out: str | Path | None = None, *, dataset: str | None = None,
-                        config: FitConfig | None = None, distill_from: str | Path | None = None,
-                        batch_size: int = 128, subset: int | None = None, device: str = "auto",
-                        resume: bool = False, progress: bool = True, force: bool = False) -> tio.Checkpoint:
+def finetune_checkpoint(
+    src: str | Path,
+    out: str | Path | None = None,
+    *,
+    dataset: str | None = None,
+    config: FitConfig | None = None,
+    distill_from: str | Path | None = None,
+    batch_size: int = 128,
+    subset: int | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    progress: bool = True,
+    force: bool = False,
+) -> tio.Checkpoint:
     """Fine-tune a (compressed) checkpoint; default recipe :data:`FINETUNE_RECIPE` (the thesis's).
 
     Writes to ``out`` (refused when it already holds a checkpoint, unless ``force``) and
@@ -219,17 +291,35 @@ def finetune_checkpoint(src: str | Path, out: str | Path | None = None, *, datas
     te = _dataset_from_meta(ck.meta, "test", dataset)
     dev = resolve_device(device)
     meta = copy.deepcopy(ck.meta)
-    meta["finetune"] = {"epochs": cfg.epochs, "optimizer": cfg.optimizer, "lr": cfg.lr, "patience": cfg.patience,
-                        "distill_from": str(distill_from) if distill_from else None, "subset": subset,
-                        "train_images": len(tr)}
+    meta["finetune"] = {
+        "epochs": cfg.epochs,
+        "optimizer": cfg.optimizer,
+        "lr": cfg.lr,
+        "patience": cfg.patience,
+        "distill_from": str(distill_from) if distill_from else None,
+        "subset": subset,
+        "train_images": len(tr),
+    }
     from tensorcut import distributed as tdist
 
     resume = resume and (out / tio.META).exists()
     if in_place and not resume:
-        tdist.run_on_main(lambda: _fresh_copy(src, out))  # plan.json and other side files travel with the weights
+        tdist.run_on_main(
+            lambda: _fresh_copy(src, out)
+        )  # plan.json and other side files travel with the weights
     before = evaluate_loader(ck.model, tdata.make_loader(te, 512), dev)
-    hist = fit(ck.model, tdata.make_loader(tr, batch_size, shuffle=True, seed=cfg.seed), tdata.make_loader(va, 512), cfg,
-               device=dev, out_dir=out, meta=meta, resume=resume, teacher=teacher, progress=progress)
+    hist = fit(
+        ck.model,
+        tdata.make_loader(tr, batch_size, shuffle=True, seed=cfg.seed),
+        tdata.make_loader(va, 512),
+        cfg,
+        device=dev,
+        out_dir=out,
+        meta=meta,
+        resume=resume,
+        teacher=teacher,
+        progress=progress,
+    )
     after = evaluate_loader(ck.model, tdata.make_loader(te, 512), dev)
     meta["metrics"] = dict(meta.get("metrics") or {}, test_before_finetune=before, test=after)
     meta["finetune_history"] = hist
@@ -250,7 +340,9 @@ def _fresh_copy(src: Path, work: Path) -> None:
     from tensorcut.export import FORMATS
 
     shutil.rmtree(work, ignore_errors=True)
-    shutil.copytree(src, work, ignore=shutil.ignore_patterns(*FORMATS.values(), "train_state.pt", ".*.tmp"))
+    shutil.copytree(
+        src, work, ignore=shutil.ignore_patterns(*FORMATS.values(), "train_state.pt", ".*.tmp")
+    )
 
 
 def _swap_in(work: Path, src: Path) -> None:
@@ -263,13 +355,16 @@ def _swap_in(work: Path, src: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def export_checkpoint(src: str | Path, fmt: str, out: str | Path | None = None, *, force: bool = False) -> Path:
+def export_checkpoint(
+    src: str | Path, fmt: str, out: str | Path | None = None, *, force: bool = False
+) -> Path:
     """Export checkpoint ``src`` to ``fmt``; default file name inside ``src``. See :func:`export_checkpoint_checked`."""
     return export_checkpoint_checked(src, fmt, out, force=force).path
 
 
-def export_checkpoint_checked(src: str | Path, fmt: str, out: str | Path | None = None, *,
-                              force: bool = False) -> "Export":
+def export_checkpoint_checked(
+    src: str | Path, fmt: str, out: str | Path | None = None, *, force: bool = False
+) -> Export:
     """Export checkpoint ``src`` to ``fmt`` and say whether the export was checked against PyTorch.
 
     The target (default: the format's file name inside ``src``) may replace an earlier export
@@ -286,10 +381,16 @@ def export_checkpoint_checked(src: str | Path, fmt: str, out: str | Path | None 
     target = Path(out) if out else Path(src) / FORMATS[fmt]
     if target.is_dir():
         raise TensorcutError(f"{target} is a directory; give a file path for --out")
-    own = {(Path(src) / n).resolve() for n in (tio.WEIGHTS, tio.META, "plan.json", "train_state.pt")}
+    own = {
+        (Path(src) / n).resolve() for n in (tio.WEIGHTS, tio.META, "plan.json", "train_state.pt")
+    }
     if target.resolve() in own:
-        raise TensorcutError(f"--out {target} is a file of the checkpoint itself; give another file path")
+        raise TensorcutError(
+            f"--out {target} is a file of the checkpoint itself; give another file path"
+        )
     if target.exists() and not force and not is_export_of(target, fmt):
-        raise TensorcutError(f"{target} exists and is not an earlier {fmt} export; pass --force to replace it "
-                             "or give another --out")
+        raise TensorcutError(
+            f"{target} exists and is not an earlier {fmt} export; pass --force to replace it "
+            "or give another --out"
+        )
     return export_with_check(ck.model, input_shape_of(ck.meta), fmt, target)

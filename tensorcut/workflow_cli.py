@@ -17,7 +17,9 @@ def _rank_arg(text: str) -> int | tuple[int, ...]:
     try:
         parts = [int(p) for p in text.replace("x", ",").split(",") if p.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"rank must be an int or comma-separated ints, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"rank must be an int or comma-separated ints, got {text!r}"
+        ) from None
     if not parts:
         raise argparse.ArgumentTypeError("empty rank")
     return parts[0] if len(parts) == 1 else tuple(parts)
@@ -26,78 +28,206 @@ def _rank_arg(text: str) -> int | tuple[int, ...]:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     from tensorcut.train.loop import OPTIMIZERS, SCHEDULERS
 
-    c = sub.add_parser("compress", help="factorize a checkpoint's convolutions",
-                       description="Plan and apply a tensor decomposition to every selected conv layer.")
+    c = sub.add_parser(
+        "compress",
+        help="factorize a checkpoint's convolutions",
+        description="Plan and apply a tensor decomposition to every selected conv layer.",
+    )
     c.add_argument("checkpoint", help="dense (or compressed) checkpoint directory")
     c.add_argument("--method", default="tucker2", help="cp | tucker | tucker2 | tt | tr | auto")
     g = c.add_mutually_exclusive_group()
     g.add_argument("--rank", type=_rank_arg, help="explicit rank (int) or ranks (comma-separated)")
-    g.add_argument("--keep", type=float, metavar="FRACTION",
-                   help="fraction of each layer's parameters to keep, in (0, 1) (0.3 keeps 30%%)")
-    g.add_argument("--ratio", type=float, dest="ratio_deprecated", metavar="FRACTION",
-                   help="deprecated name of --keep (same meaning: the fraction kept, not a compression factor)")
-    g.add_argument("--eps", type=float, help="bound on each kernel's relative Frobenius error, in (0, 1)")
+    g.add_argument(
+        "--keep",
+        type=float,
+        metavar="FRACTION",
+        help="fraction of each layer's parameters to keep, in (0, 1) (0.3 keeps 30%%)",
+    )
+    g.add_argument(
+        "--ratio",
+        type=float,
+        dest="ratio_deprecated",
+        metavar="FRACTION",
+        help="deprecated name of --keep (same meaning: the fraction kept, not a compression factor)",
+    )
+    g.add_argument(
+        "--eps", type=float, help="bound on each kernel's relative Frobenius error, in (0, 1)"
+    )
     g.add_argument("--energy", type=float, help="fraction of each kernel's squared norm to keep")
     g.add_argument("--vbmf", action="store_true", help="Tucker-2 ranks by empirical VBMF")
-    g.add_argument("--budget", type=float, help="model-wide budget: < 1 is a fraction of the selected layers' cost, else a count")
-    c.add_argument("--budget-kind", choices=("params", "macs"), default="params", help="what --budget counts")
-    c.add_argument("--sensitivity", default=None, help="results file of `tensorcut analyze` (or JSON layer->weight): "
-                   "sensitive layers are compressed more mildly under --budget")
-    c.add_argument("--layers", nargs="+", default=None, help="conv layer names (default: all with > 3 input channels)")
-    c.add_argument("--latency", action="store_true", help="keep a layer dense unless its factorized form is faster here")
-    c.add_argument("--bn-images", type=int, default=0, metavar="N",
-                   help="re-estimate BatchNorm statistics on N training images after compressing (0: off)")
-    c.add_argument("--align", type=int, default=1, metavar="N",
-                   help="round every rank to a multiple of N (8 or 16 run faster on SIMD units); default 1")
-    c.add_argument("--evaluate", choices=("val", "test"), default=None, help="evaluate the compressed model on this split")
-    c.add_argument("--out", required=True, help="output checkpoint directory (refused if it holds one, unless --force)")
+    g.add_argument(
+        "--budget",
+        type=float,
+        help="model-wide budget: < 1 is a fraction of the selected layers' cost, else a count",
+    )
+    c.add_argument(
+        "--budget-kind", choices=("params", "macs"), default="params", help="what --budget counts"
+    )
+    c.add_argument(
+        "--sensitivity",
+        default=None,
+        help="results file of `tensorcut analyze` (or JSON layer->weight): "
+        "sensitive layers are compressed more mildly under --budget",
+    )
+    c.add_argument(
+        "--layers",
+        nargs="+",
+        default=None,
+        help="conv layer names (default: all with > 3 input channels)",
+    )
+    c.add_argument(
+        "--latency",
+        action="store_true",
+        help="keep a layer dense unless its factorized form is faster here",
+    )
+    c.add_argument(
+        "--bn-images",
+        type=int,
+        default=0,
+        metavar="N",
+        help="re-estimate BatchNorm statistics on N training images after compressing (0: off)",
+    )
+    c.add_argument(
+        "--align",
+        type=int,
+        default=1,
+        metavar="N",
+        help="round every rank to a multiple of N (8 or 16 run faster on SIMD units); default 1",
+    )
+    c.add_argument(
+        "--evaluate",
+        choices=("val", "test"),
+        default=None,
+        help="evaluate the compressed model on this split",
+    )
+    c.add_argument(
+        "--out",
+        required=True,
+        help="output checkpoint directory (refused if it holds one, unless --force)",
+    )
     c.add_argument("--force", action="store_true", help="replace a checkpoint already in --out")
     c.add_argument("--json", action="store_true", help="print the plan as JSON")
     c.set_defaults(func=_compress)
 
-    f = sub.add_parser("finetune", help="fine-tune a compressed checkpoint (thesis recipe by default)",
-                       description="Fine-tune from the checkpoint's (decomposed) weights. Recipes: 'thesis' (default): "
-                       "Adam lr 1e-5, early stopping on validation loss (patience 3), at most 50 epochs; 'rsdtr' (the "
-                       "RSDTR paper's): SGD momentum 0.9, weight decay 1e-4, one-cycle learning rate peaking at 0.01, "
-                       "160 epochs, no early stopping. Explicit flags override the recipe's values.")
+    f = sub.add_parser(
+        "finetune",
+        help="fine-tune a compressed checkpoint (thesis recipe by default)",
+        description="Fine-tune from the checkpoint's (decomposed) weights. Recipes: 'thesis' (default): "
+        "Adam lr 1e-5, early stopping on validation loss (patience 3), at most 50 epochs; 'rsdtr' (the "
+        "RSDTR paper's): SGD momentum 0.9, weight decay 1e-4, one-cycle learning rate peaking at 0.01, "
+        "160 epochs, no early stopping. Explicit flags override the recipe's values.",
+    )
     f.add_argument("checkpoint", help="compressed (or dense) checkpoint directory")
-    f.add_argument("--recipe", choices=("thesis", "rsdtr"), default="thesis", help="starting recipe (default: thesis)")
+    f.add_argument(
+        "--recipe",
+        choices=("thesis", "rsdtr"),
+        default="thesis",
+        help="starting recipe (default: thesis)",
+    )
     f.add_argument("--dataset", default=None, help="default: the checkpoint's")
-    f.add_argument("--subset", type=int, default=None, help="fine-tune on a seeded random subset of N training images "
-                   "(default: all)")
-    f.add_argument("--epochs", type=int, default=None, help="default: the recipe's (thesis 50, rsdtr 160)")
-    f.add_argument("--lr", type=float, default=None, help="learning rate (peak for onecycle); default: the recipe's "
-                   "(thesis 1e-5, rsdtr 0.01)")
-    f.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="default: the recipe's (thesis adam, rsdtr sgd)")
-    f.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="default: the recipe's (thesis none, rsdtr onecycle)")
-    f.add_argument("--momentum", type=float, default=None, help="SGD momentum; default: the recipe's (0.9)")
-    f.add_argument("--weight-decay", type=float, default=None, help="default: the recipe's (thesis 0, rsdtr 1e-4)")
-    f.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs, 0 for none; default: "
-                   "the recipe's (thesis 3, rsdtr none)")
+    f.add_argument(
+        "--subset",
+        type=int,
+        default=None,
+        help="fine-tune on a seeded random subset of N training images (default: all)",
+    )
+    f.add_argument(
+        "--epochs", type=int, default=None, help="default: the recipe's (thesis 50, rsdtr 160)"
+    )
+    f.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate (peak for onecycle); default: the recipe's (thesis 1e-5, rsdtr 0.01)",
+    )
+    f.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=None,
+        help="default: the recipe's (thesis adam, rsdtr sgd)",
+    )
+    f.add_argument(
+        "--scheduler",
+        choices=SCHEDULERS,
+        default=None,
+        help="default: the recipe's (thesis none, rsdtr onecycle)",
+    )
+    f.add_argument(
+        "--momentum", type=float, default=None, help="SGD momentum; default: the recipe's (0.9)"
+    )
+    f.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help="default: the recipe's (thesis 0, rsdtr 1e-4)",
+    )
+    f.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help="early-stopping patience in epochs, 0 for none; default: "
+        "the recipe's (thesis 3, rsdtr none)",
+    )
     f.add_argument("--batch-size", type=int, default=128, help="images per optimisation step")
     f.add_argument("--distill-from", default=None, help="dense checkpoint to distil from (teacher)")
-    f.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the teacher's soft targets in the loss "
-                   "(with --distill-from), in [0, 1]")
+    f.add_argument(
+        "--distill-alpha",
+        type=float,
+        default=0.5,
+        help="weight of the teacher's soft targets in the loss (with --distill-from), in [0, 1]",
+    )
     f.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    f.add_argument("--amp", action="store_true", help="mixed precision (float16 + loss scaling on CUDA, bfloat16 on CPU)")
-    f.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun ranks (CUDA only)")
+    f.add_argument(
+        "--amp",
+        action="store_true",
+        help="mixed precision (float16 + loss scaling on CUDA, bfloat16 on CPU)",
+    )
+    f.add_argument(
+        "--sync-bn", action="store_true", help="SyncBatchNorm across torchrun ranks (CUDA only)"
+    )
     o = f.add_mutually_exclusive_group()
-    o.add_argument("--out", default=None, help="directory for the fine-tuned checkpoint (refused if it holds one, "
-                   "unless --force); one of --out and --in-place is required")
-    o.add_argument("--in-place", action="store_true", help="replace CHECKPOINT by the fine-tuned model; its weights are "
-                   "kept until the new ones are completely written")
+    o.add_argument(
+        "--out",
+        default=None,
+        help="directory for the fine-tuned checkpoint (refused if it holds one, "
+        "unless --force); one of --out and --in-place is required",
+    )
+    o.add_argument(
+        "--in-place",
+        action="store_true",
+        help="replace CHECKPOINT by the fine-tuned model; its weights are "
+        "kept until the new ones are completely written",
+    )
     f.add_argument("--force", action="store_true", help="replace a checkpoint already in --out")
-    f.add_argument("--json", action="store_true", help="print test metrics before / after as JSON (progress goes to stderr)")
+    f.add_argument(
+        "--json",
+        action="store_true",
+        help="print test metrics before / after as JSON (progress goes to stderr)",
+    )
     f.set_defaults(func=_finetune)
 
-    e = sub.add_parser("export", help="export to ONNX, TorchScript or torch.export (checked against PyTorch)")
+    e = sub.add_parser(
+        "export", help="export to ONNX, TorchScript or torch.export (checked against PyTorch)"
+    )
     e.add_argument("checkpoint", help="checkpoint directory")
-    e.add_argument("--format", required=True, choices=("onnx", "torchscript", "exported"),
-                   help="onnx (needs the onnx extra), torchscript or exported (torch.export); the batch dimension is "
-                        "dynamic in every format")
-    e.add_argument("--out", default=None, help="output file (default: inside the checkpoint directory); an earlier "
-                   "export in the same format is replaced, any other existing file needs --force")
-    e.add_argument("--force", action="store_true", help="replace an existing --out file that is not an earlier export")
+    e.add_argument(
+        "--format",
+        required=True,
+        choices=("onnx", "torchscript", "exported"),
+        help="onnx (needs the onnx extra), torchscript or exported (torch.export); the batch dimension is "
+        "dynamic in every format",
+    )
+    e.add_argument(
+        "--out",
+        default=None,
+        help="output file (default: inside the checkpoint directory); an earlier "
+        "export in the same format is replaced, any other existing file needs --force",
+    )
+    e.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --out file that is not an earlier export",
+    )
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=_export)
 
@@ -107,16 +237,36 @@ def _compress(args: argparse.Namespace) -> int:
     from tensorcut.workflow import compress_checkpoint
 
     if args.ratio_deprecated is not None:
-        warnings.warn(f"--ratio is deprecated; use --keep {args.ratio_deprecated:g} (the fraction of each layer's "
-                      "parameters kept)", FutureWarning, stacklevel=2)
+        warnings.warn(
+            f"--ratio is deprecated; use --keep {args.ratio_deprecated:g} (the fraction of each layer's "
+            "parameters kept)",
+            FutureWarning,
+            stacklevel=2,
+        )
         args.keep = args.ratio_deprecated
     if args.sensitivity and args.budget is None:
         raise TensorcutError("--sensitivity guides the --budget allocation; give --budget too")
-    cfg = CompressConfig(method=args.method, rank="vbmf" if args.vbmf else args.rank, ratio=args.keep, eps=args.eps,
-                         energy=args.energy, budget=args.budget, budget_kind=args.budget_kind, latency=args.latency,
-                         align=args.align)
-    _, p, meta = compress_checkpoint(args.checkpoint, args.out, cfg, layers=args.layers, sensitivity=args.sensitivity,
-                                     evaluate_split=args.evaluate, bn_images=args.bn_images, force=args.force)
+    cfg = CompressConfig(
+        method=args.method,
+        rank="vbmf" if args.vbmf else args.rank,
+        ratio=args.keep,
+        eps=args.eps,
+        energy=args.energy,
+        budget=args.budget,
+        budget_kind=args.budget_kind,
+        latency=args.latency,
+        align=args.align,
+    )
+    _, p, meta = compress_checkpoint(
+        args.checkpoint,
+        args.out,
+        cfg,
+        layers=args.layers,
+        sensitivity=args.sensitivity,
+        evaluate_split=args.evaluate,
+        bn_images=args.bn_images,
+        force=args.force,
+    )
     if args.json:
         from tensorcut.console import print_json
 
@@ -124,51 +274,86 @@ def _compress(args: argparse.Namespace) -> int:
     else:
         print(p.table())
         for split, m in meta.get("metrics", {}).items():
-            print(f"{split} after compression (no fine-tuning): top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}")
+            print(
+                f"{split} after compression (no fine-tuning): top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}"
+            )
         print(f"compressed checkpoint: {args.out} (plan: {args.out}/plan.json)")
     return 0
 
 
-def finetune_config(args: argparse.Namespace) -> "FitConfig":
+def finetune_config(args: argparse.Namespace) -> FitConfig:
     """The FitConfig of ``tensorcut finetune``: the ``--recipe``'s, with every explicitly given flag applied."""
     import dataclasses
 
     from tensorcut.workflow import RECIPES
 
     cfg = RECIPES[args.recipe]
-    changes = {k: getattr(args, k) for k in ("epochs", "lr", "optimizer", "scheduler", "momentum", "weight_decay")
-               if getattr(args, k) is not None}
+    changes = {
+        k: getattr(args, k)
+        for k in ("epochs", "lr", "optimizer", "scheduler", "momentum", "weight_decay")
+        if getattr(args, k) is not None
+    }
     if args.patience is not None:
         if args.patience < 0:
-            raise TensorcutError(f"--patience must be >= 0 (0 turns early stopping off), got {args.patience}")
+            raise TensorcutError(
+                f"--patience must be >= 0 (0 turns early stopping off), got {args.patience}"
+            )
         changes["patience"] = args.patience or None
     changes["distill_alpha"] = args.distill_alpha if args.distill_from else 0.0
     changes["amp"] = bool(getattr(args, "amp", False))
     changes["sync_batchnorm"] = bool(getattr(args, "sync_bn", False))
-    return dataclasses.replace(cfg, **changes)  # a fresh, re-validated copy; the recipe itself is untouched
+    return dataclasses.replace(
+        cfg, **changes
+    )  # a fresh, re-validated copy; the recipe itself is untouched
 
 
 def _finetune(args: argparse.Namespace) -> int:
     from tensorcut.workflow import finetune_checkpoint
 
     if args.out is None and not args.in_place:
-        raise TensorcutError(f"say where the fine-tuned model goes: --out NEW_DIR, or --in-place to replace "
-                             f"{args.checkpoint} (its weights are kept until the new ones are written)")
+        raise TensorcutError(
+            f"say where the fine-tuned model goes: --out NEW_DIR, or --in-place to replace "
+            f"{args.checkpoint} (its weights are kept until the new ones are written)"
+        )
     from tensorcut.train.api import check_numbers
 
-    check_numbers(batch_size=args.batch_size, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
-                  weight_decay=args.weight_decay, subset=args.subset, distill_alpha=args.distill_alpha)
+    check_numbers(
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        subset=args.subset,
+        distill_alpha=args.distill_alpha,
+    )
     cfg = finetune_config(args)
-    ck = finetune_checkpoint(args.checkpoint, args.out, dataset=args.dataset, config=cfg, distill_from=args.distill_from,
-                             batch_size=args.batch_size, subset=args.subset, device=args.device, force=args.force)
+    ck = finetune_checkpoint(
+        args.checkpoint,
+        args.out,
+        dataset=args.dataset,
+        config=cfg,
+        distill_from=args.distill_from,
+        batch_size=args.batch_size,
+        subset=args.subset,
+        device=args.device,
+        force=args.force,
+    )
     b, a = ck.meta["metrics"]["test_before_finetune"], ck.meta["metrics"]["test"]
     if args.json:
         from tensorcut.console import print_json
 
-        print_json({"checkpoint": str(args.out or args.checkpoint), "test_before_finetune": b, "test": a,
-                    "epochs": len(ck.meta["finetune_history"])})
+        print_json(
+            {
+                "checkpoint": str(args.out or args.checkpoint),
+                "test_before_finetune": b,
+                "test": a,
+                "epochs": len(ck.meta["finetune_history"]),
+            }
+        )
         return 0
-    print(f"test top-1: {b['top1']:.4f} before fine-tuning -> {a['top1']:.4f} after ({len(ck.meta['finetune_history'])} epochs)")
+    print(
+        f"test top-1: {b['top1']:.4f} before fine-tuning -> {a['top1']:.4f} after ({len(ck.meta['finetune_history'])} epochs)"
+    )
     print(f"checkpoint: {args.out or args.checkpoint}")
     return 0
 
@@ -180,7 +365,9 @@ def _export(args: argparse.Namespace) -> int:
     if args.json:
         from tensorcut.console import print_json
 
-        print_json({"format": args.format, "path": str(e.path), "checked": e.checked, "check": e.note})
+        print_json(
+            {"format": args.format, "path": str(e.path), "checked": e.checked, "check": e.note}
+        )
     else:
         print(f"exported {args.format}: {e.path} ({e.note})")
     return 0

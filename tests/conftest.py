@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from formats_util import write_idx
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -42,6 +41,16 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tensorcut.train.loop import FitConfig
 
     out = tmp_path_factory.mktemp("ck") / "dense"
-    train("vanilla-cnn", "digits", out, epochs=1, width=0.125, batch_size=64, config=FitConfig(epochs=1, lr=2e-3),
-          subset=256, device="cpu", progress=False)
+    train(
+        "vanilla-cnn",
+        "digits",
+        out,
+        epochs=1,
+        width=0.125,
+        batch_size=64,
+        config=FitConfig(epochs=1, lr=2e-3),
+        subset=256,
+        device="cpu",
+        progress=False,
+    )
     return out

@@ -7,8 +7,9 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -24,12 +25,19 @@ def free_port() -> int:
 
 def join_as_rank(rank: int, world: int, port: int) -> None:
     """Inside a spawned worker: the environment torchrun would set, and one torch thread."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
 
 
-def spawn_ranks(worker: Callable[..., None], out: Path, world: int = 2, timeout: float = 150) -> list[int | None]:
+def spawn_ranks(
+    worker: Callable[..., None], out: Path, world: int = 2, timeout: float = 150
+) -> list[int | None]:
     """Run ``worker(rank, world, port, str(out))`` in ``world`` spawned processes; their exit codes
     (a process still running after ``timeout`` is killed and reports None)."""
     port = free_port()
@@ -46,11 +54,21 @@ def spawn_ranks(worker: Callable[..., None], out: Path, world: int = 2, timeout:
     return codes
 
 
-def torchrun(args: list[str], cwd: Path, nproc: int = 2, timeout: float = 170) -> subprocess.CompletedProcess[str]:
+def torchrun(
+    args: list[str], cwd: Path, nproc: int = 2, timeout: float = 170
+) -> subprocess.CompletedProcess[str]:
     """``torchrun --nproc_per_node=N -m tensorcut ARGS`` on this machine, one thread per process."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [str(Path(PY).with_name("torchrun")), "--nnodes=1", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "tensorcut", *args]
+    cmd = [
+        str(Path(PY).with_name("torchrun")),
+        "--nnodes=1",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "tensorcut",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 

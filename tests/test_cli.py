@@ -13,7 +13,11 @@ from tensorcut.cli import main
 def test_inspect_model_name_table(capsys):
     assert main(["inspect", "resnet20", "--dataset", "digits", "--width", "0.25"]) == 0
     out = capsys.readouterr().out
-    assert "layer1.0.conv1" in out and "total (whole model)" in out and "MACs are multiply-accumulates per image at input 1x8x8" in out
+    assert (
+        "layer1.0.conv1" in out
+        and "total (whole model)" in out
+        and "MACs are multiply-accumulates per image at input 1x8x8" in out
+    )
 
 
 def test_inspect_checkpoint_json(tiny_checkpoint, capsys):
@@ -21,7 +25,9 @@ def test_inspect_checkpoint_json(tiny_checkpoint, capsys):
     s = json.loads(capsys.readouterr().out)
     names = [r["name"] for r in s["rows"]]
     assert names[:4] == ["conv1", "conv2", "conv3", "conv4"]
-    assert s["total_params"] > sum(r["params"] for r in s["rows"])  # BatchNorm parameters are not in conv/linear rows
+    assert s["total_params"] > sum(
+        r["params"] for r in s["rows"]
+    )  # BatchNorm parameters are not in conv/linear rows
     conv1 = s["rows"][0]
     # conv1 of width-0.125 vanilla-cnn on digits: 16 filters 1x5x5 on 8x8 output
     assert conv1["params"] == 16 * 25 + 16 and conv1["macs"] == 16 * 25 * 64
@@ -33,11 +39,17 @@ def test_evaluate_checkpoint(tiny_checkpoint, capsys):
     assert 0 <= m["top1"] <= m["top5"] <= 1
 
 
-@pytest.mark.parametrize("argv,msg", [
-    (["inspect", "resnet9"], "unknown model 'resnet9'; choose one of"),
-    (["train", "--model", "vgg11", "--dataset", "mnist", "--out", "x"], "unknown dataset 'mnist'"),
-    (["evaluate", "/nonexistent"], "is not a checkpoint directory"),
-])
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["inspect", "resnet9"], "unknown model 'resnet9'; choose one of"),
+        (
+            ["train", "--model", "vgg11", "--dataset", "mnist", "--out", "x"],
+            "unknown dataset 'mnist'",
+        ),
+        (["evaluate", "/nonexistent"], "is not a checkpoint directory"),
+    ],
+)
 def test_bad_input_one_line_exit_2(argv, msg, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -48,8 +60,12 @@ def test_corrupt_checkpoint_via_subprocess(tiny_checkpoint, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "meta.json").write_text((tiny_checkpoint / "meta.json").read_text())
-    (bad / "model.safetensors").write_bytes((tiny_checkpoint / "model.safetensors").read_bytes()[:500])
-    r = subprocess.run([sys.executable, "-m", "tensorcut", "evaluate", str(bad)], capture_output=True, text=True)
+    (bad / "model.safetensors").write_bytes(
+        (tiny_checkpoint / "model.safetensors").read_bytes()[:500]
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "tensorcut", "evaluate", str(bad)], capture_output=True, text=True
+    )
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "truncated or corrupt" in r.stderr
 
@@ -58,17 +74,43 @@ def test_demo_fast(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "d"), "--fast"]) == 0
     out = capsys.readouterr().out
     assert "goal: conv-layer compression ratio >= 5" in out and "report: " in out
-    for f in ("dense/model.safetensors", "finetuned/model.safetensors", "export/model.onnx", "report.html"):
+    for f in (
+        "dense/model.safetensors",
+        "finetuned/model.safetensors",
+        "export/model.onnx",
+        "report.html",
+    ):
         assert (tmp_path / "d" / f).exists(), f
 
 
 def test_train_amp_flag_reaches_the_recipe(tmp_path, capsys):
-    assert main(["train", "--model", "vanilla-cnn", "--dataset", "synthetic", "--width", "0.125", "--epochs", "1",
-                 "--subset", "64", "--amp", "--device", "cpu", "--out", str(tmp_path / "a")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "vanilla-cnn",
+                "--dataset",
+                "synthetic",
+                "--width",
+                "0.125",
+                "--epochs",
+                "1",
+                "--subset",
+                "64",
+                "--amp",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())
     assert meta["metrics"]["test"]["n"] > 0
-    from tensorcut.workflow_cli import finetune_config
     from tensorcut.cli import build_parser
+    from tensorcut.workflow_cli import finetune_config
 
     cfg = finetune_config(build_parser().parse_args(["finetune", "CK", "--amp"]))
     assert cfg.amp and not cfg.sync_batchnorm and cfg.lr == 1e-5
@@ -84,8 +126,12 @@ def _verb_parsers():
 
 
 def test_every_option_of_every_verb_has_help():
-    missing = [f"{verb} {a.option_strings or a.dest}" for verb, p in _verb_parsers().items() for a in p._actions
-               if not (a.help or "").strip()]
+    missing = [
+        f"{verb} {a.option_strings or a.dest}"
+        for verb, p in _verb_parsers().items()
+        for a in p._actions
+        if not (a.help or "").strip()
+    ]
     assert missing == []
 
 
@@ -97,7 +143,11 @@ def test_help_shows_defaults(capsys):
 
 
 def test_every_verb_has_json():
-    assert [v for v, p in _verb_parsers().items() if not any("--json" in a.option_strings for a in p._actions)] == []
+    assert [
+        v
+        for v, p in _verb_parsers().items()
+        if not any("--json" in a.option_strings for a in p._actions)
+    ] == []
 
 
 def test_bare_tensorcut_is_usage_and_choose_a_verb_on_stderr(capsys):
@@ -109,30 +159,76 @@ def test_bare_tensorcut_is_usage_and_choose_a_verb_on_stderr(capsys):
 
 def test_closed_pipe_ends_quietly():
     # the reader closes the pipe before tensorcut writes a byte: every write meets EPIPE
-    p = subprocess.Popen([sys.executable, "-m", "tensorcut", "inspect", "resnet20"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "tensorcut", "inspect", "resnet20"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     p.stdout.close()
     err = p.stderr.read().decode()
     p.wait(timeout=300)
-    assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err, err
+    assert (
+        "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err
+    ), err
     assert p.returncode == 141
 
 
 def test_compress_keep_and_deprecated_ratio(tiny_checkpoint, tmp_path, capsys):
-    assert main(["compress", str(tiny_checkpoint), "--keep", "0.5", "--out", str(tmp_path / "a"), "--json"]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                str(tiny_checkpoint),
+                "--keep",
+                "0.5",
+                "--out",
+                str(tmp_path / "a"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     a = json.loads(capsys.readouterr().out)
     with pytest.warns(FutureWarning, match="--ratio is deprecated; use --keep 0.5"):
-        assert main(["compress", str(tiny_checkpoint), "--ratio", "0.5", "--out", str(tmp_path / "b"), "--json"]) == 0
+        assert (
+            main(
+                [
+                    "compress",
+                    str(tiny_checkpoint),
+                    "--ratio",
+                    "0.5",
+                    "--out",
+                    str(tmp_path / "b"),
+                    "--json",
+                ]
+            )
+            == 0
+        )
     b = json.loads(capsys.readouterr().out)
     assert a["config"]["ratio"] == b["config"]["ratio"] == 0.5 and a["layers"] == b["layers"]
 
 
 def test_deprecation_warning_is_one_line_at_the_console(tiny_checkpoint, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "tensorcut", "compress", str(tiny_checkpoint), "--ratio", "0.5",
-                        "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tensorcut",
+            "compress",
+            str(tiny_checkpoint),
+            "--ratio",
+            "0.5",
+            "--out",
+            str(tmp_path / "b"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert [ln for ln in r.stderr.splitlines() if "deprecated" in ln] == [
-        "tensorcut compress: warning: --ratio is deprecated; use --keep 0.5 (the fraction of each layer's parameters kept)"]
+        "tensorcut compress: warning: --ratio is deprecated; use --keep 0.5 (the fraction of each layer's parameters kept)"
+    ]
 
 
 def test_target_ratio_is_documented_as_a_compression_factor(capsys):
@@ -142,17 +238,63 @@ def test_target_ratio_is_documented_as_a_compression_factor(capsys):
     assert "compression factor to reach: dense / compressed" in out and "--subset N" in out
 
 
-@pytest.mark.parametrize("argv,keys", [
-    (["inspect", "--list", "--json"], {"resnet20", "vanilla-cnn"}),
-    (["inspect", "vanilla-cnn", "--dataset", "digits", "--width", "0.125", "--json"], {"rows", "total_params"}),
-    (["evaluate", "{ck}", "--split", "val", "--json"], {"top1", "top5", "loss", "n"}),
-    (["export", "{ck}", "--format", "torchscript", "--out", "{tmp}/m.pt", "--json"], {"path", "checked", "check"}),
-    (["train", "--model", "vanilla-cnn", "--dataset", "digits", "--width", "0.125", "--epochs", "1", "--subset", "64",
-      "--device", "cpu", "--out", "{tmp}/t", "--json"], {"checkpoint", "test", "epochs"}),
-    (["compress", "{ck}", "--keep", "0.5", "--out", "{tmp}/c", "--json"], {"config", "layers"}),
-    (["analyze", "{ck}", "--subset", "40", "--bipartitions", "OUT", "--keep", "1,2", "--layers", "conv2",
-      "--out", "{tmp}/r.sqlite", "--plots", "{tmp}/figs", "--json"], {"evaluated", "csv", "baseline", "figures"}),
-])
+@pytest.mark.parametrize(
+    "argv,keys",
+    [
+        (["inspect", "--list", "--json"], {"resnet20", "vanilla-cnn"}),
+        (
+            ["inspect", "vanilla-cnn", "--dataset", "digits", "--width", "0.125", "--json"],
+            {"rows", "total_params"},
+        ),
+        (["evaluate", "{ck}", "--split", "val", "--json"], {"top1", "top5", "loss", "n"}),
+        (
+            ["export", "{ck}", "--format", "torchscript", "--out", "{tmp}/m.pt", "--json"],
+            {"path", "checked", "check"},
+        ),
+        (
+            [
+                "train",
+                "--model",
+                "vanilla-cnn",
+                "--dataset",
+                "digits",
+                "--width",
+                "0.125",
+                "--epochs",
+                "1",
+                "--subset",
+                "64",
+                "--device",
+                "cpu",
+                "--out",
+                "{tmp}/t",
+                "--json",
+            ],
+            {"checkpoint", "test", "epochs"},
+        ),
+        (["compress", "{ck}", "--keep", "0.5", "--out", "{tmp}/c", "--json"], {"config", "layers"}),
+        (
+            [
+                "analyze",
+                "{ck}",
+                "--subset",
+                "40",
+                "--bipartitions",
+                "OUT",
+                "--keep",
+                "1,2",
+                "--layers",
+                "conv2",
+                "--out",
+                "{tmp}/r.sqlite",
+                "--plots",
+                "{tmp}/figs",
+                "--json",
+            ],
+            {"evaluated", "csv", "baseline", "figures"},
+        ),
+    ],
+)
 def test_json_result_alone_on_stdout(argv, keys, tiny_checkpoint, tmp_path, capsys):
     argv = [a.format(ck=tiny_checkpoint, tmp=tmp_path) for a in argv]
     assert main(argv) == 0
@@ -164,13 +306,62 @@ def test_finetune_and_plot_json(tiny_checkpoint, tmp_path, capsys):
     c = tmp_path / "c"
     assert main(["compress", str(tiny_checkpoint), "--keep", "0.5", "--out", str(c)]) == 0
     capsys.readouterr()
-    assert main(["finetune", str(c), "--out", str(tmp_path / "ft"), "--epochs", "1", "--subset", "64",
-                 "--device", "cpu", "--json"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                str(c),
+                "--out",
+                str(tmp_path / "ft"),
+                "--epochs",
+                "1",
+                "--subset",
+                "64",
+                "--device",
+                "cpu",
+                "--json",
+            ]
+        )
+        == 0
+    )
     r = json.loads(capsys.readouterr().out)
-    assert r["epochs"] == 1 and 0 <= r["test"]["top1"] <= 1 and r["checkpoint"] == str(tmp_path / "ft")
-    assert main(["analyze", str(tiny_checkpoint), "--subset", "40", "--bipartitions", "OUT", "--keep", "1",
-                 "--layers", "conv2", "--out", str(tmp_path / "r.sqlite"), "--no-progress"]) == 0
+    assert (
+        r["epochs"] == 1 and 0 <= r["test"]["top1"] <= 1 and r["checkpoint"] == str(tmp_path / "ft")
+    )
+    assert (
+        main(
+            [
+                "analyze",
+                str(tiny_checkpoint),
+                "--subset",
+                "40",
+                "--bipartitions",
+                "OUT",
+                "--keep",
+                "1",
+                "--layers",
+                "conv2",
+                "--out",
+                str(tmp_path / "r.sqlite"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["plot", str(tmp_path / "r.sqlite"), "--out", str(tmp_path / "f"), "--format", "png", "--json"]) == 0
+    assert (
+        main(
+            [
+                "plot",
+                str(tmp_path / "r.sqlite"),
+                "--out",
+                str(tmp_path / "f"),
+                "--format",
+                "png",
+                "--json",
+            ]
+        )
+        == 0
+    )
     files = json.loads(capsys.readouterr().out)["figures"]
     assert files and all(Path(f).exists() for f in files)

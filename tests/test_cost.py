@@ -47,7 +47,11 @@ def _executed_macs(model: nn.Module, x: torch.Tensor) -> int:
         with torch.no_grad():
             model(x)
     counts = fc.get_flop_counts()["Global"]
-    total = sum(v for k, v in counts.items() if str(k).split(".")[-1] in ops or getattr(k, "__name__", "") in ops)
+    total = sum(
+        v
+        for k, v in counts.items()
+        if str(k).split(".")[-1] in ops or getattr(k, "__name__", "") in ops
+    )
     assert total % (2 * x.shape[0]) == 0
     return total // (2 * x.shape[0])
 
@@ -71,7 +75,14 @@ def test_dense_model_cost_equals_executed_macs():
 def test_plan_totals_equal_summary_and_executed_macs(method):
     torch.manual_seed(0)
     m = _Net().eval()
-    p = plan(m, method=method, ratio=0.5, input_shape=SHAPE, progress=False, filter_fn=lambda n, mod: True)
+    p = plan(
+        m,
+        method=method,
+        ratio=0.5,
+        input_shape=SHAPE,
+        progress=False,
+        filter_fn=lambda n, mod: True,
+    )
     assert any(e.status == "factorize" for e in p.layers), p.table()
     apply(m, p)
     assert any(isinstance(x, FactorizedConv2d) for x in m.modules())

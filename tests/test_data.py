@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from formats_util import pickle_dump, write_idx
+
 from tensorcut import data
 from tensorcut.errors import TensorcutError
 
@@ -52,10 +52,15 @@ def test_embedded_digits_equal_scikit_learns_and_keep_the_old_split():
     y = d.target.astype(np.int64)
     perm = np.random.default_rng(20240321).permutation(len(y))
     n_test = len(y) // 5
-    old = {"train": (x[perm[n_test:]], y[perm[n_test:]]), "test": (x[perm[:n_test]], y[perm[:n_test]])}
+    old = {
+        "train": (x[perm[n_test:]], y[perm[n_test:]]),
+        "test": (x[perm[:n_test]], y[perm[:n_test]]),
+    }
     new = data._raw("digits", None)
     for split in ("train", "test"):
-        assert np.array_equal(new[split][0], old[split][0]) and np.array_equal(new[split][1], old[split][1]), split
+        assert np.array_equal(new[split][0], old[split][0]) and np.array_equal(
+            new[split][1], old[split][1]
+        ), split
 
 
 def test_digits_need_no_scikit_learn_and_the_split_is_fixed(monkeypatch):
@@ -66,7 +71,9 @@ def test_digits_need_no_scikit_learn_and_the_split_is_fixed(monkeypatch):
         raw = data._raw("digits", None)
         assert {s: _sha(*raw[s]) for s in ("train", "test")} == DIGITS_SPLIT_SHA256
         _, _, order = data.digits_arrays()
-        assert sorted(order.tolist()) == list(range(1797))  # a permutation: every image in exactly one split
+        assert sorted(order.tolist()) == list(
+            range(1797)
+        )  # a permutation: every image in exactly one split
         assert len(data.load_dataset("digits", "test")) == 359
     finally:
         data._raw.cache_clear()
@@ -74,7 +81,10 @@ def test_digits_need_no_scikit_learn_and_the_split_is_fixed(monkeypatch):
 
 def test_subset_larger_than_the_split_warns_with_both_numbers():
     """digits' validation split holds 144 images: ``subset=200`` cannot mean 200 there, and says so."""
-    with pytest.warns(UserWarning, match=r"digits val split has 144 images, fewer than the requested subset of 200; using all 144"):
+    with pytest.warns(
+        UserWarning,
+        match=r"digits val split has 144 images, fewer than the requested subset of 200; using all 144",
+    ):
         va = data.load_dataset("digits", "val", subset=200)
     assert len(va) == 144
     with warnings.catch_warnings():
@@ -106,7 +116,9 @@ def test_fashion_mnist_idx(fashion_dir):
 
 
 def test_fashion_mnist_missing_says_how_to_get_it(tmp_path):
-    with pytest.raises(TensorcutError, match=r"apt-get install -y dataset-fashion-mnist.*--data-dir"):
+    with pytest.raises(
+        TensorcutError, match=r"apt-get install -y dataset-fashion-mnist.*--data-dir"
+    ):
         data.load_dataset("fashion-mnist", data_dir=tmp_path / "empty")
 
 
@@ -128,14 +140,26 @@ def _cifar_py(root: Path, n: int = 4, hundred: bool = False) -> Path:
         d = root / "cifar-100-python"
         d.mkdir()
         for s in ("train", "test"):
-            pickle_dump({b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8),
-                         b"fine_labels": rng.integers(0, 100, n).tolist(), b"coarse_labels": [0] * n}, d / s)
+            pickle_dump(
+                {
+                    b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8),
+                    b"fine_labels": rng.integers(0, 100, n).tolist(),
+                    b"coarse_labels": [0] * n,
+                },
+                d / s,
+            )
         return root
     d = root / "cifar-10-batches-py"
     d.mkdir()
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        pickle_dump({b"batch_label": b"x", b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8),
-                     b"labels": rng.integers(0, 10, n).tolist()}, d / name)
+        pickle_dump(
+            {
+                b"batch_label": b"x",
+                b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8),
+                b"labels": rng.integers(0, 10, n).tolist(),
+            },
+            d / name,
+        )
     return root
 
 
@@ -156,15 +180,23 @@ def test_cifar_binary_versions(tmp_path):
     d10 = tmp_path / "cifar-10-batches-bin"
     d10.mkdir()
     for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
-        rec = np.concatenate([rng.integers(0, 10, (3, 1)), rng.integers(0, 256, (3, 3072))], 1).astype(np.uint8)
+        rec = np.concatenate(
+            [rng.integers(0, 10, (3, 1)), rng.integers(0, 256, (3, 3072))], 1
+        ).astype(np.uint8)
         rec.tofile(d10 / name)
     te = data.load_dataset("cifar10", "test", data_dir=tmp_path)
     assert te.images.shape == (3, 3, 32, 32)
     d100 = tmp_path / "c100" / "cifar-100-binary"
     d100.mkdir(parents=True)
     for name in ("train.bin", "test.bin"):
-        rec = np.concatenate([rng.integers(0, 20, (5, 1)), rng.integers(0, 100, (5, 1)),
-                              rng.integers(0, 256, (5, 3072))], 1).astype(np.uint8)
+        rec = np.concatenate(
+            [
+                rng.integers(0, 20, (5, 1)),
+                rng.integers(0, 100, (5, 1)),
+                rng.integers(0, 256, (5, 3072)),
+            ],
+            1,
+        ).astype(np.uint8)
         rec.tofile(d100 / name)
     te = data.load_dataset("cifar100", "test", data_dir=tmp_path / "c100")
     assert len(te) == 5 and int(te.labels.max()) < 100
@@ -179,7 +211,10 @@ def test_cifar_pickle_with_foreign_object_is_refused(tmp_path):
 
     pickle_dump(Evil(), root / "cifar-10-batches-py" / "test_batch")
     data._raw.cache_clear()
-    with pytest.raises(TensorcutError, match=r"refusing to load (__builtin__|builtins)\.print: only arrays are accepted"):
+    with pytest.raises(
+        TensorcutError,
+        match=r"refusing to load (__builtin__|builtins)\.print: only arrays are accepted",
+    ):
         data.load_dataset("cifar10", "test", data_dir=root)
 
 
@@ -198,7 +233,10 @@ def test_cifar_absent(tmp_path):
 
 
 def test_unknown_dataset_and_split():
-    with pytest.raises(TensorcutError, match="unknown dataset 'mnist'; choose one of: cifar10, cifar100, digits, fashion-mnist, synthetic"):
+    with pytest.raises(
+        TensorcutError,
+        match="unknown dataset 'mnist'; choose one of: cifar10, cifar100, digits, fashion-mnist, synthetic",
+    ):
         data.load_dataset("mnist")
     with pytest.raises(TensorcutError, match="unknown split 'dev'"):
         data.load_dataset("digits", "dev")

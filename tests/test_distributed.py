@@ -20,10 +20,18 @@ from typing import Any
 
 import pytest
 import torch
+from ddp_util import (
+    clear_winners,
+    join_as_rank,
+    rel_diff,
+    spawn_ranks,
+    spy_writes,
+    sum_order_tolerance,
+    torchrun,
+)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ddp_util import clear_winners, join_as_rank, rel_diff, spawn_ranks, spy_writes, sum_order_tolerance, torchrun
 from tensorcut import distributed as tdist
 from tensorcut.errors import TensorcutError
 from tensorcut.train.loop import FitConfig, _wrap, fit, resolve_device
@@ -31,8 +39,13 @@ from tensorcut.train.loop import FitConfig, _wrap, fit, resolve_device
 
 def _net() -> nn.Module:
     torch.manual_seed(123)
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                         nn.Linear(24, 5))
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.SiLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(24, 5),
+    )
 
 
 def _data() -> tuple[DataLoader, DataLoader]:
@@ -40,7 +53,9 @@ def _data() -> tuple[DataLoader, DataLoader]:
     x = torch.randn(64, 3, 8, 8, generator=g)
     y = torch.randint(0, 5, (64,), generator=g)
     tr = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
-    va = DataLoader(TensorDataset(x[:27], y[:27]), batch_size=10)  # 27: ranks hold 14 and 13 samples
+    va = DataLoader(
+        TensorDataset(x[:27], y[:27]), batch_size=10
+    )  # 27: ranks hold 14 and 13 samples
     return tr, va
 
 
@@ -57,14 +72,27 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     tr, va = _data()
     meta = {"model": {"name": "custom", "kwargs": {}}}
     try:
-        hist = fit(net, tr, va, FitConfig(**CFG), device="cpu", out_dir=Path(out) / "ck", meta=meta, progress=False)
-        torch.save({k: v.clone() for k, v in net.state_dict().items()}, Path(out) / f"rank{rank}.pt")
+        hist = fit(
+            net,
+            tr,
+            va,
+            FitConfig(**CFG),
+            device="cpu",
+            out_dir=Path(out) / "ck",
+            meta=meta,
+            progress=False,
+        )
+        torch.save(
+            {k: v.clone() for k, v in net.state_dict().items()}, Path(out) / f"rank{rank}.pt"
+        )
         (Path(out) / f"rank{rank}.json").write_text(json.dumps({"history": hist, "writes": writes}))
     finally:
         tdist.cleanup()
 
 
-def test_two_cpu_ranks_match_one_process_on_the_same_global_batch(tmp_path: Path, one_thread: None) -> None:
+def test_two_cpu_ranks_match_one_process_on_the_same_global_batch(
+    tmp_path: Path, one_thread: None
+) -> None:
     """``one_thread``: the single-process reference runs with the ranks' thread count (same reduction order)."""
     assert spawn_ranks(_worker, tmp_path) == [0, 0]
 
@@ -73,8 +101,12 @@ def test_two_cpu_ranks_match_one_process_on_the_same_global_batch(tmp_path: Path
     assert all(torch.equal(w0[k], w1[k]) for k in w0), "ranks disagree after DDP training"
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
-    assert r0["history"][-1]["val_loss"] == r1["history"][-1]["val_loss"]  # reduced metrics: identical on all ranks
-    assert r1["writes"] == [] and "train_state.pt" in r0["writes"]  # rank 0 alone writes, atomically
+    assert (
+        r0["history"][-1]["val_loss"] == r1["history"][-1]["val_loss"]
+    )  # reduced metrics: identical on all ranks
+    assert (
+        r1["writes"] == [] and "train_state.pt" in r0["writes"]
+    )  # rank 0 alone writes, atomically
 
     single = _net()
     tr, va = _data()
@@ -99,9 +131,28 @@ def test_two_cpu_ranks_match_one_process_on_the_same_global_batch(tmp_path: Path
 def test_torchrun_cli_train_two_processes(tmp_path: Path) -> None:
     """The documented command: `torchrun --nproc_per_node=2 -m tensorcut train ...` on CPU (gloo)."""
     out = tmp_path / "ck"
-    r = torchrun(["train", "--model", "vanilla-cnn", "--width", "0.125",
-           "--dataset", "synthetic", "--subset", "96", "--epochs", "1", "--batch-size", "32", "--device", "cpu",
-           "--out", str(out)], tmp_path)
+    r = torchrun(
+        [
+            "train",
+            "--model",
+            "vanilla-cnn",
+            "--width",
+            "0.125",
+            "--dataset",
+            "synthetic",
+            "--subset",
+            "96",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     reports = re.findall(r"test: loss [^(]*\(n=\d+\)", r.stdout)
     assert len(reports) == 1, r.stdout  # rank 0 alone prints the (all-reduced) metrics
@@ -109,7 +160,11 @@ def test_torchrun_cli_train_two_processes(tmp_path: Path) -> None:
 
     ck = tio.load_checkpoint(out)
     assert ck.meta["epoch"] == 1 and ck.meta["metrics"]["test"]["n"] == 200
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "model.safetensors", "train_state.pt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "meta.json",
+        "model.safetensors",
+        "train_state.pt",
+    ]
 
 
 # ----------------------------------------------------------------------------- single-process checks
@@ -117,7 +172,9 @@ def test_torchrun_cli_train_two_processes(tmp_path: Path) -> None:
 
 def test_backend_is_gloo_on_cpu_and_nccl_on_cuda() -> None:
     assert tdist.backend_for("cpu") == "gloo"
-    assert tdist.backend_for("cuda") == "nccl" and tdist.backend_for(torch.device("cuda", 1)) == "nccl"
+    assert (
+        tdist.backend_for("cuda") == "nccl" and tdist.backend_for(torch.device("cuda", 1)) == "nccl"
+    )
 
 
 def test_cuda_under_torchrun_uses_nccl_and_the_local_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -132,8 +189,11 @@ def test_cuda_under_torchrun_uses_nccl_and_the_local_gpu(monkeypatch: pytest.Mon
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.setdefault("set_device", i))
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
-    monkeypatch.setattr(torch.distributed, "init_process_group",
-                        lambda backend, **kw: calls.update(backend=backend, **kw))
+    monkeypatch.setattr(
+        torch.distributed,
+        "init_process_group",
+        lambda backend, **kw: calls.update(backend=backend, **kw),
+    )
     assert resolve_device("cuda") == torch.device("cuda")
     ctx = tdist.init(resolve_device("auto"))
     monkeypatch.setitem(tdist._state, "owned", False)
@@ -148,13 +208,22 @@ def test_cuda_under_torchrun_uses_nccl_and_the_local_gpu(monkeypatch: pytest.Mon
 
 def test_cpu_under_torchrun_uses_gloo(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: dict[str, Any] = {}
-    for k, v in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+    for k, v in dict(
+        WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"
+    ).items():
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
-    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: calls.update(backend=backend))
+    monkeypatch.setattr(
+        torch.distributed, "init_process_group", lambda backend, **kw: calls.update(backend=backend)
+    )
     ctx = tdist.init("cpu")
     monkeypatch.setitem(tdist._state, "owned", False)
-    assert calls["backend"] == "gloo" and ctx.device == torch.device("cpu") and ctx.is_main and ctx.enabled
+    assert (
+        calls["backend"] == "gloo"
+        and ctx.device == torch.device("cpu")
+        and ctx.is_main
+        and ctx.enabled
+    )
 
 
 def test_plain_run_has_no_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -171,7 +240,9 @@ def test_world_without_master_address_is_one_clear_line(monkeypatch: pytest.Monk
     monkeypatch.setenv("RANK", "1")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.delenv("MASTER_PORT", raising=False)
-    with pytest.raises(TensorcutError, match="MASTER_ADDR, MASTER_PORT is not set; launch with `torchrun"):
+    with pytest.raises(
+        TensorcutError, match="MASTER_ADDR, MASTER_PORT is not set; launch with `torchrun"
+    ):
         tdist.init("cpu")
     monkeypatch.setenv("RANK", "5")
     with pytest.raises(TensorcutError, match="inconsistent torchrun environment"):
@@ -180,7 +251,9 @@ def test_world_without_master_address_is_one_clear_line(monkeypatch: pytest.Monk
 
 def test_global_batch_must_split_evenly() -> None:
     tr, _ = _data()
-    with pytest.raises(TensorcutError, match="batch size 16 is the global batch and must be divisible by the 3"):
+    with pytest.raises(
+        TensorcutError, match="batch size 16 is the global batch and must be divisible by the 3"
+    ):
         tdist.shard_train_loader(tr, tdist.DistContext(rank=0, world_size=3))
     two = tdist.shard_train_loader(tr, tdist.DistContext(rank=1, world_size=2))
     assert two.batch_size == 8 and len(two) == 4
@@ -197,14 +270,25 @@ def test_shard_sampler_covers_every_sample_once() -> None:
 def test_sync_batchnorm_on_cpu_is_refused_with_a_reason() -> None:
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     with pytest.raises(TensorcutError, match="sync_batchnorm needs CUDA"):
-        _wrap(net, FitConfig(sync_batchnorm=True), tdist.DistContext(world_size=2), torch.device("cpu"))
+        _wrap(
+            net,
+            FitConfig(sync_batchnorm=True),
+            tdist.DistContext(world_size=2),
+            torch.device("cpu"),
+        )
 
 
 def test_mixed_precision_option_trains_on_cpu() -> None:
     net = _net()
     tr, va = _data()
-    hist = fit(net, tr, va, FitConfig(epochs=1, lr=0.05, optimizer="sgd", scheduler="none", amp=True),
-               device="cpu", progress=False)
+    hist = fit(
+        net,
+        tr,
+        va,
+        FitConfig(epochs=1, lr=0.05, optimizer="sgd", scheduler="none", amp=True),
+        device="cpu",
+        progress=False,
+    )
     assert hist[0]["train_loss"] > 0 and hist[0]["val_loss"] == hist[0]["val_loss"]
     assert next(net.parameters()).dtype == torch.float32
 
@@ -212,8 +296,21 @@ def test_mixed_precision_option_trains_on_cpu() -> None:
 # ----------------------------------------------------------------------------- sharded sweeps
 
 
-SWEEP_ARGS = ["--subset", "40", "--bipartitions", "OUT", "IN", "--keep", "1,2", "--cp-ranks", "2", "--all-layers",
-              "--all-layer-fractions", "0.5", "--no-progress"]
+SWEEP_ARGS = [
+    "--subset",
+    "40",
+    "--bipartitions",
+    "OUT",
+    "IN",
+    "--keep",
+    "1,2",
+    "--cp-ranks",
+    "2",
+    "--all-layers",
+    "--all-layer-fractions",
+    "0.5",
+    "--no-progress",
+]
 
 
 def _rows(path: Path) -> dict[tuple[Any, ...], tuple[Any, ...]]:
@@ -231,7 +328,9 @@ def _rows(path: Path) -> dict[tuple[Any, ...], tuple[Any, ...]]:
     return {r[:9]: r[9:] for r in rows}
 
 
-def _same(a: dict[tuple[Any, ...], tuple[Any, ...]], b: dict[tuple[Any, ...], tuple[Any, ...]]) -> None:
+def _same(
+    a: dict[tuple[Any, ...], tuple[Any, ...]], b: dict[tuple[Any, ...], tuple[Any, ...]]
+) -> None:
     assert set(a) == set(b)
     for k in a:
         for x, y in zip(a[k], b[k]):
@@ -243,7 +342,9 @@ def test_units_are_dealt_once_each_and_balanced(tiny_checkpoint: Path) -> None:
     from tensorcut.analysis.shard import assign, plan_units
 
     model = tio.load(tiny_checkpoint)
-    units = plan_units(model, bipartitions=["OUT", "IN", "OUT-IN"], cp_ranks=[2, 4], all_layers=True, world_size=4)
+    units = plan_units(
+        model, bipartitions=["OUT", "IN", "OUT-IN"], cp_ranks=[2, 4], all_layers=True, world_size=4
+    )
     for world in (1, 2, 3, 4, 40):
         shards = assign(units, world)
         dealt = [u for s in shards for u in s]
@@ -253,7 +354,9 @@ def test_units_are_dealt_once_each_and_balanced(tiny_checkpoint: Path) -> None:
     assert max(loads) <= sum(loads) / 2 + max(u.cost for u in units)
 
 
-def test_sharded_sweep_in_process_gives_the_rows_of_one_run(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_sharded_sweep_in_process_gives_the_rows_of_one_run(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     """Two shards (then the finishing pass) record exactly the rows, and values, of an unsharded sweep."""
     from tensorcut import data as tdata
     from tensorcut import io as tio
@@ -263,17 +366,29 @@ def test_sharded_sweep_in_process_gives_the_rows_of_one_run(tiny_checkpoint: Pat
 
     model = tio.load(tiny_checkpoint)
     loaders = {"val": tdata.make_loader(tdata.load_dataset("digits", "val", subset=40), 64)}
-    kw = dict(bipartitions=["OUT", "IN"], keep=["1,2", "conv3:OUT=3"], cp_ranks=[2], all_layers=True,
-              all_layer_fractions=[0.5], progress=False, csv=False)
+    kw = dict(
+        bipartitions=["OUT", "IN"],
+        keep=["1,2", "conv3:OUT=3"],
+        cp_ranks=[2],
+        all_layers=True,
+        all_layer_fractions=[0.5],
+        progress=False,
+        csv=False,
+    )
     ref = analyze(model, loaders, tmp_path / "one.sqlite", **kw)
-    parts = [analyze_sharded(model, loaders, tmp_path / "sharded.sqlite", rank=r, world_size=2, **kw) for r in (1, 0)]
+    parts = [
+        analyze_sharded(model, loaders, tmp_path / "sharded.sqlite", rank=r, world_size=2, **kw)
+        for r in (1, 0)
+    ]
     assert not any(p.final for p in parts) and sum(p.evaluated for p in parts) >= ref.evaluated
     fin = analyze(model, loaders, tmp_path / "sharded.sqlite", **kw)
     assert fin.evaluated == 0 and fin.skipped == ref.evaluated  # the shards left nothing to do
     _same(_rows(tmp_path / "one.sqlite"), _rows(tmp_path / "sharded.sqlite"))
     with ResultsStore(tmp_path / "one.sqlite") as a, ResultsStore(tmp_path / "sharded.sqlite") as b:
         key = f"model:{ref.fingerprint}"
-        assert a.get_meta(key) == b.get_meta(key)  # the finishing pass restores the whole-study metadata
+        assert a.get_meta(key) == b.get_meta(
+            key
+        )  # the finishing pass restores the whole-study metadata
         assert len(a.spectra()) == len(b.spectra())
 
 
@@ -285,15 +400,21 @@ def test_torchrun_analyze_two_ranks_with_recovery(tiny_checkpoint: Path, tmp_pat
     assert main(["analyze", *args, "--out", str(tmp_path / "one.sqlite")]) == 0
     r = torchrun(["analyze", *args, "--out", str(tmp_path / "two.sqlite")], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "shard 2/2:" in r.stdout and r.stdout.count("baseline val:") == 1  # rank 0 alone reports the study
+    assert (
+        "shard 2/2:" in r.stdout and r.stdout.count("baseline val:") == 1
+    )  # rank 0 alone reports the study
     one, two = _rows(tmp_path / "one.sqlite"), _rows(tmp_path / "two.sqlite")
     assert set(one) == set(two) and any(k[3] == "recovery" for k in two)
-    _same({k: v for k, v in one.items() if k[3] != "recovery"}, {k: v for k, v in two.items() if k[3] != "recovery"})
+    _same(
+        {k: v for k, v in one.items() if k[3] != "recovery"},
+        {k: v for k, v in two.items() if k[3] != "recovery"},
+    )
     assert (tmp_path / "two.csv").read_text().count("\n") == len(two) + 1
 
 
-def test_independent_workers_run_recovery_locally(tiny_checkpoint: Path, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_independent_workers_run_recovery_locally(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """RANK/WORLD_SIZE without MASTER_ADDR: no process group; the worker that gets the recovery unit trains alone."""
     from tensorcut import data as tdata
     from tensorcut import io as tio
@@ -303,8 +424,15 @@ def test_independent_workers_run_recovery_locally(tiny_checkpoint: Path, tmp_pat
     model = tio.load(tiny_checkpoint)
     loaders = {"val": tdata.make_loader(tdata.load_dataset("digits", "val", subset=30), 64)}
     train = tdata.make_loader(tdata.load_dataset("digits", "train", subset=64), 32, shuffle=True)
-    kw = dict(bipartitions=["OUT"], keep=["1"], recover_epochs=1, train_loader=train, progress=False, csv=False,
-              layers=["conv2", "conv3"])
+    kw = dict(
+        bipartitions=["OUT"],
+        keep=["1"],
+        recover_epochs=1,
+        train_loader=train,
+        progress=False,
+        csv=False,
+        layers=["conv2", "conv3"],
+    )
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     for r in (0, 1):

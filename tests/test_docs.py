@@ -51,7 +51,11 @@ TEXT_LANGS = {"text"}
 SH_SUBSTITUTIONS: list[tuple[str, str, str]] = [
     (r"--epochs[ =]\d+", "--epochs 1", "one epoch"),
     (r"--finetune-epochs[ =]\d+", "--finetune-epochs 1", "one fine-tuning epoch"),
-    (r"--dataset[ =](?:fashion-mnist|cifar100|cifar10)\b", "--dataset digits", "the embedded 8x8 data, no files"),
+    (
+        r"--dataset[ =](?:fashion-mnist|cifar100|cifar10)\b",
+        "--dataset digits",
+        "the embedded 8x8 data, no files",
+    ),
     (r"[ \t]+--data-dir[ =]\S+", "", "no data files"),
     (r"--width[ =][\d.]+", "--width 0.125", "a narrow model"),
     (r"--model[ =]resnet56\b", "--model resnet20", "a shallower ResNet"),
@@ -65,8 +69,13 @@ SH_SUBSTITUTIONS: list[tuple[str, str, str]] = [
 #: Options added to a verb's command line when the block does not give them (tiny scale).
 SH_APPENDED: dict[str, list[tuple[str, str]]] = {
     "train": [("--width", "0.125"), ("--epochs", "1")],
-    "run": [("--calib-subset", "32"), ("--finetune-epochs", "1"), ("--probe-epochs", "0"), ("--epochs", "1"),
-            ("--width", "0.125")],
+    "run": [
+        ("--calib-subset", "32"),
+        ("--finetune-epochs", "1"),
+        ("--probe-epochs", "0"),
+        ("--epochs", "1"),
+        ("--width", "0.125"),
+    ],
     "finetune": [("--epochs", "1")],
     "analyze": [("--subset", "64")],
 }
@@ -82,17 +91,19 @@ PY_SUBSTITUTIONS: list[tuple[str, str, str]] = [
 #: Names a Python block may use without defining them (the page says what they stand for).
 GIVEN: dict[str, str] = {
     "model": "from tensorcut import models as _m\n"
-             "model = _m.create('resnet20', num_classes=10, in_channels=3, width=0.25, input_size=32)",
+    "model = _m.create('resnet20', num_classes=10, in_channels=3, width=0.25, input_size=32)",
     "conv": "import torch.nn as _nn\nconv = _nn.Conv2d(16, 32, 3, padding=1)",
     "train_loader": "train_loader = _loader(0, shuffle=True)",
     "val_loader": "val_loader = _loader(1)",
     "test_loader": "test_loader = _loader(2)",
     "loader": "loader = _loader(3)",
 }
-_LOADER = ("import torch as _t\nfrom torch.utils.data import DataLoader as _DL, TensorDataset as _TD\n"
-           "def _loader(seed, shuffle=False):\n    g = _t.Generator().manual_seed(seed)\n"
-           "    return _DL(_TD(_t.randn(64, 3, 32, 32, generator=g), _t.randint(0, 10, (64,), generator=g)), "
-           "batch_size=32, shuffle=shuffle)\n")
+_LOADER = (
+    "import torch as _t\nfrom torch.utils.data import DataLoader as _DL, TensorDataset as _TD\n"
+    "def _loader(seed, shuffle=False):\n    g = _t.Generator().manual_seed(seed)\n"
+    "    return _DL(_TD(_t.randn(64, 3, 32, 32, generator=g), _t.randint(0, 10, (64,), generator=g)), "
+    "batch_size=32, shuffle=shuffle)\n"
+)
 
 #: Commands in shell blocks that are not run (they set up machines, not tensorcut).
 NOT_RUN = ("make", "pip", "apt-get", "sudo", "git")
@@ -127,7 +138,10 @@ def blocks(page: Path) -> list[Block]:
         j = i + 1
         while j < len(lines) and not lines[j].strip().startswith(fence):
             j += 1
-        code = "\n".join(l[len(indent):] if l.startswith(indent) else l for l in lines[i + 1:j]) + "\n"
+        code = (
+            "\n".join(l[len(indent) :] if l.startswith(indent) else l for l in lines[i + 1 : j])
+            + "\n"
+        )
         prev = next((lines[k] for k in range(i - 1, -1, -1) if lines[k].strip()), "")
         d = DIRECTIVE.search(prev)
         out.append(Block(page, i + 1, lang, code, d.group(1) if d else ""))
@@ -146,7 +160,9 @@ SLOW_SHELL = re.compile(r"\btorchrun\b|&\s*(done|$)|\btensorcut (run|demo)\b|--r
 
 def is_slow(b: Block) -> bool:
     """Marked ``slow``, or a shell block matching :data:`SLOW_SHELL`."""
-    return b.directive.startswith("slow") or (b.lang != "python" and bool(SLOW_SHELL.search(b.code)))
+    return b.directive.startswith("slow") or (
+        b.lang != "python" and bool(SLOW_SHELL.search(b.code))
+    )
 
 
 def _param(b: Block) -> object:
@@ -155,15 +171,21 @@ def _param(b: Block) -> object:
 
 
 def test_every_block_names_its_language() -> None:
-    bad = [f"{b.id} ({b.lang or 'no language'})" for b in ALL if b.lang not in RUN_LANGS | TEXT_LANGS]
-    assert not bad, ("fenced blocks must say what they are (python / sh / bash / console to run, text for diagrams "
-                     "and formulas): " + ", ".join(bad))
+    bad = [
+        f"{b.id} ({b.lang or 'no language'})" for b in ALL if b.lang not in RUN_LANGS | TEXT_LANGS
+    ]
+    assert not bad, (
+        "fenced blocks must say what they are (python / sh / bash / console to run, text for diagrams "
+        "and formulas): " + ", ".join(bad)
+    )
 
 
 def test_skips_are_few_and_say_why() -> None:
     skips = [b for b in RUNNABLE if b.directive.startswith("skip")]
     for b in skips:
-        assert re.fullmatch(r"skip \(.+\)", b.directive), f"{b.id}: write the reason: <!-- docs-test: skip (why) -->"
+        assert re.fullmatch(r"skip \(.+\)", b.directive), (
+            f"{b.id}: write the reason: <!-- docs-test: skip (why) -->"
+        )
     assert len(skips) <= max(3, len(RUNNABLE) // 4), [b.id for b in skips]
 
 
@@ -191,10 +213,19 @@ def shell_script(code: str, console: bool = False) -> str:
         m = re.search(r"(?:tensorcut|-m tensorcut)\s+(\w+)", line)
         if m and m.group(1) in SH_APPENDED:
             verb_end = m.end()
-            cmd_end = min([i for i in (line.find(c, verb_end) for c in ("&", ";", "#", "|")) if i >= 0] or [len(line)])
+            cmd_end = min(
+                [i for i in (line.find(c, verb_end) for c in ("&", ";", "#", "|")) if i >= 0]
+                or [len(line)]
+            )
             cmd = line[:cmd_end].rstrip()
-            extra = [f"{opt} {val}" for opt, val in SH_APPENDED[m.group(1)]
-                     if opt not in cmd and not (opt in ("--epochs", "--width") and m.group(1) == "run" and "--model" not in cmd)]
+            extra = [
+                f"{opt} {val}"
+                for opt, val in SH_APPENDED[m.group(1)]
+                if opt not in cmd
+                and not (
+                    opt in ("--epochs", "--width") and m.group(1) == "run" and "--model" not in cmd
+                )
+            ]
             line = " ".join([cmd, *extra]) + (" " + line[cmd_end:] if cmd_end < len(line) else "")
         out.append(line)
     return "\n".join(out) + "\n"
@@ -267,8 +298,12 @@ def python_script(code: str) -> str:
     v = _Free()
     v.visit(ast.parse(code))
     missing = [n for n in v.free if n not in GIVEN]
-    assert not missing, f"the block uses {missing} without defining them; define them or add them to GIVEN"
-    prelude = (_LOADER if any(n.endswith("loader") for n in v.free) else "") + "\n".join(GIVEN[n] for n in v.free)
+    assert not missing, (
+        f"the block uses {missing} without defining them; define them or add them to GIVEN"
+    )
+    prelude = (_LOADER if any(n.endswith("loader") for n in v.free) else "") + "\n".join(
+        GIVEN[n] for n in v.free
+    )
     return prelude + "\n" + code
 
 
@@ -306,25 +341,40 @@ def test_block_runs(block: Block, workspaces: dict[Path, Path]) -> None:
     else:
         text = shell_script(block.code, console=block.lang == "console")
         if not any(l.strip() and not l.startswith("#") for l in text.splitlines()):
-            pytest.skip("no tensorcut / python command in this block (only " + ", ".join(NOT_RUN) + ")")
+            pytest.skip(
+                "no tensorcut / python command in this block (only " + ", ".join(NOT_RUN) + ")"
+            )
         script = ws / f"block_{block.line}.sh"
         script.write_text("set -euo pipefail\n" + text)
         cmd = ["bash", str(script)]
     r = subprocess.run(cmd, cwd=ws, env=_env(), capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, f"{block.id} failed (exit {r.returncode}) running:\n{script.read_text()}\n" \
-                              f"--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-4000:]}"
+    assert r.returncode == 0, (
+        f"{block.id} failed (exit {r.returncode}) running:\n{script.read_text()}\n"
+        f"--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-4000:]}"
+    )
 
 
 def test_substitutions_make_commands_tiny() -> None:
-    s = shell_script("torchrun --nproc_per_node=4 -m tensorcut train --model resnet56 --dataset cifar10 \\\n"
-                     "    --data-dir ~/data/cifar10 --batch-size 512 --epochs 100 --device cpu --out runs/r56\n"
-                     "make demo\n")
-    assert s.splitlines()[0] == ("torchrun --nproc_per_node=2 -m tensorcut train --model resnet20 --dataset digits "
-                                 "--batch-size 64 --epochs 1 --device cpu --out runs/r56 --width 0.125")
+    s = shell_script(
+        "torchrun --nproc_per_node=4 -m tensorcut train --model resnet56 --dataset cifar10 \\\n"
+        "    --data-dir ~/data/cifar10 --batch-size 512 --epochs 100 --device cpu --out runs/r56\n"
+        "make demo\n"
+    )
+    assert s.splitlines()[0] == (
+        "torchrun --nproc_per_node=2 -m tensorcut train --model resnet20 --dataset digits "
+        "--batch-size 64 --epochs 1 --device cpu --out runs/r56 --width 0.125"
+    )
     assert s.splitlines()[1] == "# not run: make demo"
-    s = shell_script("for i in 0 1 2 3; do RANK=$i WORLD_SIZE=4 tensorcut analyze runs/r56 --out s.sqlite & done; wait")
-    assert s.strip() == "for i in 0 1; do RANK=$i WORLD_SIZE=2 tensorcut analyze runs/r56 --out s.sqlite --subset 64 & done; wait"
-    py = python_script('from tensorcut.data import load_dataset\nload_dataset("fashion-mnist", "val")\ndict(epochs=10)')
+    s = shell_script(
+        "for i in 0 1 2 3; do RANK=$i WORLD_SIZE=4 tensorcut analyze runs/r56 --out s.sqlite & done; wait"
+    )
+    assert (
+        s.strip()
+        == "for i in 0 1; do RANK=$i WORLD_SIZE=2 tensorcut analyze runs/r56 --out s.sqlite --subset 64 & done; wait"
+    )
+    py = python_script(
+        'from tensorcut.data import load_dataset\nload_dataset("fashion-mnist", "val")\ndict(epochs=10)'
+    )
     assert 'load_dataset("digits", "val")' in py and "dict(epochs=1)" in py
 
 
@@ -333,4 +383,4 @@ def test_undefined_names_come_from_the_given_table() -> None:
     assert "model = " in s and "train_loader = _loader(0" in s and "loader = _loader(3)" in s
     with pytest.raises(AssertionError, match="without defining them"):
         python_script("print(undefined_thing)")
-    assert python_script("x = [i for i in range(3)]\nprint(x)") .startswith("\n")
+    assert python_script("x = [i for i in range(3)]\nprint(x)").startswith("\n")

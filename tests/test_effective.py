@@ -28,7 +28,11 @@ def test_plain_conv_resolves_to_a_copy_with_the_same_output():
     conv = nn.Conv2d(4, 6, 3, stride=2, padding=1).double()
     r = resolve(conv)
     assert isinstance(r, Resolved) and r.kind == "nn.Conv2d"
-    assert r.conv is not conv and torch.equal(r.conv.weight, conv.weight) and torch.equal(r.conv.bias, conv.bias)
+    assert (
+        r.conv is not conv
+        and torch.equal(r.conv.weight, conv.weight)
+        and torch.equal(r.conv.bias, conv.bias)
+    )
     x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
     assert torch.equal(r.conv(x), conv(x))
 
@@ -81,14 +85,23 @@ def test_same_conv_pads_like_tensorflow(size, stride):
         total = max((-(-i // stride) - 1) * stride + (k - 1) * d + 1 - i, 0)
         pads += [total // 2, total - total // 2]
     assert geom.pad_at((size, size + 1)) == tuple(pads)
-    ref = nn.functional.conv2d(nn.functional.pad(x, pads), conv.weight, conv.bias, stride, 0, (1, 2))
+    ref = nn.functional.conv2d(
+        nn.functional.pad(x, pads), conv.weight, conv.bias, stride, 0, (1, 2)
+    )
     y = conv(x)
-    assert y.shape[-2:] == (-(-size // stride), -(-(size + 1) // stride)) == geom.output_size((size, size + 1))
+    assert (
+        y.shape[-2:]
+        == (-(-size // stride), -(-(size + 1) // stride))
+        == geom.output_size((size, size + 1))
+    )
     assert torch.equal(y, ref)
 
 
 def test_known_kinds_lists_the_timm_classes():
-    assert "timm.layers.ScaledStdConv2dSame" in known_kinds() and "timm.layers.Conv2dSame" in known_kinds()
+    assert (
+        "timm.layers.ScaledStdConv2dSame" in known_kinds()
+        and "timm.layers.Conv2dSame" in known_kinds()
+    )
 
 
 TIMM_CASES = [
@@ -104,7 +117,9 @@ TIMM_CASES = [
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("size", [15, 16])
 def test_timm_subclasses_resolve_exactly(cls_name, kw, stride, size):
-    from real_networks._torchvision_ops import import_model_libraries  # defines torchvision's op schemas first
+    from real_networks._torchvision_ops import (
+        import_model_libraries,
+    )  # defines torchvision's op schemas first
 
     timm, _ = import_model_libraries()
     layers = timm.layers

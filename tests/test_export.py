@@ -32,8 +32,12 @@ def _tol(ref: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def zoo_models() -> dict[str, nn.Module]:
     torch.manual_seed(0)
-    dense = models.create("resnet20", num_classes=10, in_channels=3, input_size=16, width=0.25).eval()
-    small, _ = compress(copy.deepcopy(dense), method="tucker2", ratio=0.5, input_shape=SHAPE, progress=False)
+    dense = models.create(
+        "resnet20", num_classes=10, in_channels=3, input_size=16, width=0.25
+    ).eval()
+    small, _ = compress(
+        copy.deepcopy(dense), method="tucker2", ratio=0.5, input_shape=SHAPE, progress=False
+    )
     return {"dense": dense, "tucker2": small.eval()}
 
 
@@ -51,7 +55,9 @@ def _run_export(path: Path, fmt: str, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("which", ["dense", "tucker2"])
-def test_every_format_takes_batch_1_and_7(zoo_models: dict[str, nn.Module], tmp_path: Path, fmt: str, which: str) -> None:
+def test_every_format_takes_batch_1_and_7(
+    zoo_models: dict[str, nn.Module], tmp_path: Path, fmt: str, which: str
+) -> None:
     model = zoo_models[which]
     e = export_with_check(model, SHAPE, fmt, tmp_path / FORMATS[fmt])
     assert e.checked and e.note == "outputs checked against PyTorch at batch 1 and 7"
@@ -66,8 +72,9 @@ def test_every_format_takes_batch_1_and_7(zoo_models: dict[str, nn.Module], tmp_
         assert float((got - ref).abs().max()) <= _tol(ref)
 
 
-def test_onnx_without_onnxruntime_says_not_checked(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: Any,
-                                                   capsys: Any) -> None:
+def test_onnx_without_onnxruntime_says_not_checked(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: Any, capsys: Any
+) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now fails
     out = tmp_path / "m.onnx"
     assert main(["export", str(tiny_checkpoint), "--format", "onnx", "--out", str(out)]) == 0
@@ -84,53 +91,99 @@ def _one_line(capsys: Any, verb: str, *needles: str) -> None:
 
 
 @pytest.mark.parametrize("verb", ["export", "demo", "run", "run-train"])
-def test_missing_onnx_stops_at_once(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: Any, capsys: Any,
-                                    verb: str) -> None:
+def test_missing_onnx_stops_at_once(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: Any, capsys: Any, verb: str
+) -> None:
     monkeypatch.setitem(sys.modules, "onnx", None)
     out = tmp_path / "o"
-    argv = {"export": ["export", str(tiny_checkpoint), "--format", "onnx", "--out", str(out)],
-            "demo": ["demo", "--out", str(out), "--fast"],
-            "run": ["run", str(tiny_checkpoint), "--target-ratio", "3", "--out", str(out)],
-            "run-train": ["run", "--model", "vanilla-cnn", "--dataset", "digits", "--target-ratio", "3",
-                          "--out", str(out)]}[verb]
+    argv = {
+        "export": ["export", str(tiny_checkpoint), "--format", "onnx", "--out", str(out)],
+        "demo": ["demo", "--out", str(out), "--fast"],
+        "run": ["run", str(tiny_checkpoint), "--target-ratio", "3", "--out", str(out)],
+        "run-train": [
+            "run",
+            "--model",
+            "vanilla-cnn",
+            "--dataset",
+            "digits",
+            "--target-ratio",
+            "3",
+            "--out",
+            str(out),
+        ],
+    }[verb]
     assert main(argv) == 2
     _one_line(capsys, argv[0], "onnx package", ONNX_FIX)
     assert not out.exists()  # stopped before any training or writing
 
 
-def test_out_onto_the_checkpoints_own_files_is_refused(tiny_checkpoint: Path, tmp_path: Path, capsys: Any) -> None:
+def test_out_onto_the_checkpoints_own_files_is_refused(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: Any
+) -> None:
     ck = tmp_path / "ck"
     ck.mkdir()
     for f in tiny_checkpoint.iterdir():
         (ck / f.name).write_bytes(f.read_bytes())
     before = {f.name: f.read_bytes() for f in ck.iterdir()}
     for name in ("model.safetensors", "meta.json"):
-        assert main(["export", str(ck), "--format", "torchscript", "--out", str(ck / name), "--force"]) == 2
+        assert (
+            main(["export", str(ck), "--format", "torchscript", "--out", str(ck / name), "--force"])
+            == 2
+        )
         _one_line(capsys, "export", "is a file of the checkpoint itself")
     assert {f.name: f.read_bytes() for f in ck.iterdir()} == before
 
 
-def test_existing_file_needs_force_but_an_earlier_export_is_replaced(tiny_checkpoint: Path, tmp_path: Path,
-                                                                     capsys: Any) -> None:
+def test_existing_file_needs_force_but_an_earlier_export_is_replaced(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: Any
+) -> None:
     notes = tmp_path / "notes.pt"
     notes.write_text("my notes")
-    assert main(["export", str(tiny_checkpoint), "--format", "torchscript", "--out", str(notes)]) == 2
+    assert (
+        main(["export", str(tiny_checkpoint), "--format", "torchscript", "--out", str(notes)]) == 2
+    )
     _one_line(capsys, "export", "is not an earlier torchscript export", "--force")
     assert notes.read_text() == "my notes"
-    assert main(["export", str(tiny_checkpoint), "--format", "torchscript", "--out", str(notes), "--force"]) == 0
-    assert main(["export", str(tiny_checkpoint), "--format", "torchscript", "--out", str(notes)]) == 0  # re-export
+    assert (
+        main(
+            [
+                "export",
+                str(tiny_checkpoint),
+                "--format",
+                "torchscript",
+                "--out",
+                str(notes),
+                "--force",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["export", str(tiny_checkpoint), "--format", "torchscript", "--out", str(notes)]) == 0
+    )  # re-export
     torch.jit.load(str(notes))
     ex = tmp_path / "m.pt2"
     assert main(["export", str(tiny_checkpoint), "--format", "exported", "--out", str(ex)]) == 0
     assert not is_export_of(ex, "torchscript") and is_export_of(ex, "exported")
-    assert main(["export", str(tiny_checkpoint), "--format", "torchscript", "--out", str(ex)]) == 2  # other format
+    assert (
+        main(["export", str(tiny_checkpoint), "--format", "torchscript", "--out", str(ex)]) == 2
+    )  # other format
     capsys.readouterr()
 
 
 def test_export_json(tiny_checkpoint: Path, tmp_path: Path, capsys: Any) -> None:
     out = tmp_path / "m.pt"
-    assert main(["export", str(tiny_checkpoint), "--format", "torchscript", "--out", str(out), "--json"]) == 0
+    assert (
+        main(
+            ["export", str(tiny_checkpoint), "--format", "torchscript", "--out", str(out), "--json"]
+        )
+        == 0
+    )
     r = json.loads(capsys.readouterr().out)
-    assert r == {"format": "torchscript", "path": str(out), "checked": True,
-                 "check": "outputs checked against PyTorch at batch 1 and 7"}
+    assert r == {
+        "format": "torchscript",
+        "path": str(out),
+        "checked": True,
+        "check": "outputs checked against PyTorch at batch 1 and 7",
+    }
     assert torch.jit.load(io.BytesIO(out.read_bytes()))(torch.randn(3, 1, 8, 8)).shape == (3, 10)

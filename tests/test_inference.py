@@ -75,8 +75,15 @@ def test_zoo_resnet_same_function_all_bn_folded(name):
 
 
 @pytest.mark.parametrize("method", sorted(LAYER_REGISTRY))
-@pytest.mark.parametrize("options", [{}, {"pointwise": "conv"}, {"channels_last": False, "merge_pointwise": False},
-                                     {"cp_spatial": "merged"}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"pointwise": "conv"},
+        {"channels_last": False, "merge_pointwise": False},
+        {"cp_spatial": "merged"},
+    ],
+)
 def test_compressed_model_same_function(method, options):
     model = _randomize_bn(_factorize(create("resnet50", width=0.25).double().eval(), method))
     assert any(isinstance(m, FactorizedConv2d) for m in model.modules())
@@ -86,7 +93,9 @@ def test_compressed_model_same_function(method, options):
         assert _rel(prep(x), model(x)) < RTOL
     assert not any(isinstance(m, nn.BatchNorm2d) for m in prep.modules())
     if options.get("merge_pointwise", True) and method in ("tucker2", "tucker", "cp", "tt"):
-        assert any(isinstance(m, PointwiseChain) for m in prep.modules())  # the bottlenecks' 1x1 convs
+        assert any(
+            isinstance(m, PointwiseChain) for m in prep.modules()
+        )  # the bottlenecks' 1x1 convs
     if options.get("cp_spatial") == "merged" and method == "cp":
         assert any(isinstance(m, MergedCPConv2d) for m in prep.modules())
 
@@ -179,13 +188,18 @@ def _chain_cost(dims: list[int], keep: list[int]) -> int:
     return sum(dims[a] * dims[b] for a, b in zip(keep, keep[1:]))
 
 
-@pytest.mark.parametrize("dims", [[64, 16, 16, 64], [8, 64, 64, 8], [64, 8, 8, 8, 256], [3, 5], [16, 40, 2, 40, 16]])
+@pytest.mark.parametrize(
+    "dims", [[64, 16, 16, 64], [8, 64, 64, 8], [64, 8, 8, 8, 256], [3, 5], [16, 40, 2, 40, 16]]
+)
 def test_cheapest_chain_is_the_brute_force_minimum(dims):
     keep = cheapest_chain(dims)
     assert keep[0] == 0 and keep[-1] == len(dims) - 1 and keep == sorted(keep)
     inner = range(1, len(dims) - 1)
-    best = min(_chain_cost(dims, [0, *c, len(dims) - 1])
-               for k in range(len(dims) - 1) for c in itertools.combinations(inner, k))
+    best = min(
+        _chain_cost(dims, [0, *c, len(dims) - 1])
+        for k in range(len(dims) - 1)
+        for c in itertools.combinations(inner, k)
+    )
     assert _chain_cost(dims, keep) == best
 
 

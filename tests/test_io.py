@@ -90,7 +90,10 @@ def test_missing_directory_and_unknown_model(tmp_path):
     meta = json.loads((d / "meta.json").read_text())
     meta["model"]["name"] = "resnet9000"
     (d / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(TensorcutError, match="checkpoint of model 'resnet9000', which is not in tensorcut's model registry"):
+    with pytest.raises(
+        TensorcutError,
+        match="checkpoint of model 'resnet9000', which is not in tensorcut's model registry",
+    ):
         tio.load(d)
 
 
@@ -128,11 +131,16 @@ def test_user_model_reloads_with_a_fresh_instance(tmp_path):
     from tensorcut.layers.base import FactorizedConv2d
 
     torch.manual_seed(0)
-    m, _ = compress(_UserNet().eval(), method="tucker2", ratio=0.6, input_shape=(3, 8, 8), progress=False)
+    m, _ = compress(
+        _UserNet().eval(), method="tucker2", ratio=0.6, input_shape=(3, 8, 8), progress=False
+    )
     assert isinstance(m.body, FactorizedConv2d)
     tio.save(m, tmp_path / "mine")
-    with pytest.raises(TensorcutError, match=r"^checkpoint of model '_UserNet', which is not in tensorcut's model registry: "
-                       r"pass a fresh instance of the architecture, tensorcut.load\(path, model=_UserNet\(...\)\)"):
+    with pytest.raises(
+        TensorcutError,
+        match=r"^checkpoint of model '_UserNet', which is not in tensorcut's model registry: "
+        r"pass a fresh instance of the architecture, tensorcut.load\(path, model=_UserNet\(...\)\)",
+    ):
         tio.load(tmp_path / "mine")
     back = tio.load(tmp_path / "mine", model=_UserNet())
     assert isinstance(back.body, FactorizedConv2d) and back.body is back.again
@@ -151,7 +159,14 @@ def test_every_layer_type_round_trips(tmp_path, method):
     if method == "svd":
         m.linear = SVDLinear.from_linear(m.linear, rank=3)
     else:
-        compress(m, method=method, ratio=0.5, input_shape=(3, 32, 32), layers=["layer3.0.conv2"], progress=False)
+        compress(
+            m,
+            method=method,
+            ratio=0.5,
+            input_shape=(3, 32, 32),
+            layers=["layer3.0.conv2"],
+            progress=False,
+        )
     tio.save(m, tmp_path / "ck", {"model": {"name": "resnet20", "kwargs": {"width": 0.25}}})
     back = tio.load(tmp_path / "ck")
     x = torch.randn(2, 3, 32, 32)
@@ -167,7 +182,10 @@ def test_integer_weights_are_refused(tmp_path):
     state = load_file(d / "model.safetensors")
     state = {k: (v.to(torch.int32) if v.is_floating_point() else v) for k, v in state.items()}
     save_file(state, d / "model.safetensors")
-    with pytest.raises(TensorcutError, match=r"tensor\(s\) hold torch.int32 values where the model has floating-point weights"):
+    with pytest.raises(
+        TensorcutError,
+        match=r"tensor\(s\) hold torch.int32 values where the model has floating-point weights",
+    ):
         tio.load(d)
 
 

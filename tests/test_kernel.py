@@ -53,7 +53,9 @@ def test_bipartition_names() -> None:
     assert canonical_bipartition("in,kh,kw") == "OUT"
     with pytest.raises(TensorcutError) as e:
         canonical_bipartition("OUT-XY")
-    assert str(e.value) == ("unknown bipartition 'OUT-XY'; valid: OUT, IN, KH, KW, OUT-IN, OUT-KH, OUT-KW")
+    assert str(e.value) == (
+        "unknown bipartition 'OUT-XY'; valid: OUT, IN, KH, KW, OUT-IN, OUT-KH, OUT-KW"
+    )
     with pytest.raises(TensorcutError):
         canonical_bipartition("OUT-IN-KH-KW")
 
@@ -79,8 +81,9 @@ def test_norm_loss_is_discarded_squared_singular_values(bip: str) -> None:
         Kt = svd.truncate(k)
         measured = 100.0 * (float((K**2).sum()) - float((Kt**2).sum())) / float((K**2).sum())
         assert measured == pytest.approx(expect, abs=1e-9)
-        assert m.rel_error == pytest.approx(float(torch.linalg.vector_norm(K - Kt) / torch.linalg.vector_norm(K)),
-                                            abs=1e-9)
+        assert m.rel_error == pytest.approx(
+            float(torch.linalg.vector_norm(K - Kt) / torch.linalg.vector_norm(K)), abs=1e-9
+        )
         assert m.rel_error == pytest.approx(math.sqrt(m.norm_loss_pct / 100.0), abs=1e-12)
         r, c = unfold_shape(SHAPE, bip)
         assert m.compression_ratio == pytest.approx(math.prod(SHAPE) / (k * (r + c)))
@@ -113,7 +116,9 @@ def test_correlation_loss() -> None:
     svd = svd_bipartition(K, "OUT")
     m = svd_metrics(svd, 2)
     assert m.entropy_after == pytest.approx(entropy(svd.S[:2]))
-    assert m.corr_loss_pct == pytest.approx(100 * (m.entropy_before - m.entropy_after) / m.entropy_before)
+    assert m.corr_loss_pct == pytest.approx(
+        100 * (m.entropy_before - m.entropy_after) / m.entropy_before
+    )
     assert corr_loss_pct(0.0, 0.0) == 0.0
 
 
@@ -121,7 +126,10 @@ def test_keep_out_of_range_message() -> None:
     svd = svd_bipartition(_kernel(), "KW")
     with pytest.raises(TensorcutError) as e:
         svd.truncate(3, layer="conv2")
-    assert str(e.value) == "keep=3 out of range for layer 'conv2' along KW (kernel (6, 5, 3, 2)): valid 1..2"
+    assert (
+        str(e.value)
+        == "keep=3 out of range for layer 'conv2' along KW (kernel (6, 5, 3, 2)): valid 1..2"
+    )
     with pytest.raises(TensorcutError):
         svd.truncate(0)
 
@@ -146,9 +154,13 @@ def test_tucker_truncate_full_and_reduced() -> None:
     assert torch.equal(tucker_truncate(K, SHAPE), K)
     Kt = tucker_truncate(K, (3, 3, 2, 2))
     m = tucker_metrics(K, Kt, (3, 3, 2, 2))
-    assert m.compression_ratio == pytest.approx(math.prod(SHAPE) / (3 * 3 * 2 * 2 + 6 * 3 + 5 * 3 + 3 * 2 + 2 * 2))
+    assert m.compression_ratio == pytest.approx(
+        math.prod(SHAPE) / (3 * 3 * 2 * 2 + 6 * 3 + 5 * 3 + 3 * 2 + 2 * 2)
+    )
     assert 0 < m.norm_loss_pct < 100
-    assert m.rel_error == pytest.approx(math.sqrt(m.norm_loss_pct / 100), rel=1e-6)  # HOSVD: orthogonal projection
+    assert m.rel_error == pytest.approx(
+        math.sqrt(m.norm_loss_pct / 100), rel=1e-6
+    )  # HOSVD: orthogonal projection
     with pytest.raises(TensorcutError) as e:
         tucker_truncate(K, (7, 1, 1, 1))
     assert str(e.value) == "Tucker rank 7 for mode OUT out of range: valid 1..6"

@@ -33,7 +33,9 @@ def test_parameter_count_matches_source(name):
 @pytest.mark.parametrize("channels,size", [(1, 28), (3, 32), (1, 32), (3, 28)])
 def test_output_shape(name, channels, size):
     width = 0.125 if name in ("resnet50", "resnet34", "vgg19", "vgg16") else 0.25
-    m = models.create(name, num_classes=7, in_channels=channels, width=width, input_size=size).eval()
+    m = models.create(
+        name, num_classes=7, in_channels=channels, width=width, input_size=size
+    ).eval()
     with torch.no_grad():
         y = m(torch.randn(2, channels, size, size))
     assert y.shape == (2, 7)
@@ -53,12 +55,20 @@ def test_vanilla_cnn_has_paper_layer_names():
 
 
 def test_unknown_model_lists_valid_names():
-    with pytest.raises(TensorcutError, match=r"unknown model 'nope'; choose one of: resnet18, .*vgg19"):
+    with pytest.raises(
+        TensorcutError, match=r"unknown model 'nope'; choose one of: resnet18, .*vgg19"
+    ):
         models.create("nope")
 
 
-@pytest.mark.parametrize("kw,msg", [({"width": 0}, "width must be > 0"), ({"num_classes": 0}, "num_classes"),
-                                    ({"input_size": 2}, "input_size must be >= 4")])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"width": 0}, "width must be > 0"),
+        ({"num_classes": 0}, "num_classes"),
+        ({"input_size": 2}, "input_size must be >= 4"),
+    ],
+)
 def test_bad_arguments(kw, msg):
     with pytest.raises(TensorcutError, match=msg):
         models.create("resnet20", **kw)

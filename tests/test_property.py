@@ -33,9 +33,15 @@ from tensorcut.errors import TensorcutError
 from tensorcut.layers.base import LAYER_REGISTRY, ConvGeometry
 
 METHODS = sorted(LAYER_REGISTRY)
-PROPERTY = settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+PROPERTY = settings(
+    max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 
 # ----------------------------------------------------------------------------- full-rank equivalence
@@ -50,15 +56,30 @@ def conv_configs(draw: st.DrawFn) -> dict[str, Any]:
     kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
     stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
     dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    padding: Any = draw(st.one_of(st.integers(0, 2), st.tuples(st.integers(0, 2), st.integers(0, 2)),
-                                  st.sampled_from(["same", "valid"])))
+    padding: Any = draw(
+        st.one_of(
+            st.integers(0, 2),
+            st.tuples(st.integers(0, 2), st.integers(0, 2)),
+            st.sampled_from(["same", "valid"]),
+        )
+    )
     if padding == "same":
         stride = (1, 1)  # PyTorch refuses 'same' with strides
     mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]))
     h, w = draw(st.integers(4, 9)), draw(st.integers(4, 9))
-    return {"in_channels": cin, "out_channels": cout, "kernel_size": (kh, kw), "stride": stride, "padding": padding,
-            "dilation": dilation, "padding_mode": mode, "bias": draw(st.booleans()), "groups": groups, "hw": (h, w),
-            "seed": draw(st.integers(0, 2**16))}
+    return {
+        "in_channels": cin,
+        "out_channels": cout,
+        "kernel_size": (kh, kw),
+        "stride": stride,
+        "padding": padding,
+        "dilation": dilation,
+        "padding_mode": mode,
+        "bias": draw(st.booleans()),
+        "groups": groups,
+        "hw": (h, w),
+        "seed": draw(st.integers(0, 2**16)),
+    }
 
 
 def _dense(cfg: dict[str, Any]) -> tuple[nn.Conv2d, torch.Tensor] | None:
@@ -73,7 +94,9 @@ def _dense(cfg: dict[str, Any]) -> tuple[nn.Conv2d, torch.Tensor] | None:
     x = torch.randn(2, cfg["in_channels"], *cfg["hw"], dtype=torch.float64)
     try:
         conv(x)
-    except RuntimeError:  # kernel larger than the padded input, or reflect padding wider than the input
+    except (
+        RuntimeError
+    ):  # kernel larger than the padded input, or reflect padding wider than the input
         return None
     return conv, x
 
@@ -100,7 +123,9 @@ def test_every_layer_class_is_exact_at_full_rank(method: str, cfg: dict[str, Any
         scale = float(ref.abs().max().clamp_min(1.0))
         assert float((got - ref).abs().max()) <= 1e-9 * scale
         rec = layer.reconstruct_weight()
-        assert float((rec - conv.weight).abs().max()) <= 1e-9 * float(conv.weight.abs().max().clamp_min(1.0))
+        assert float((rec - conv.weight).abs().max()) <= 1e-9 * float(
+            conv.weight.abs().max().clamp_min(1.0)
+        )
 
 
 # ----------------------------------------------------------------------------- fuzz: checkpoints
@@ -108,7 +133,9 @@ def test_every_layer_class_is_exact_at_full_rank(method: str, cfg: dict[str, Any
 
 @pytest.fixture(scope="module")
 def good_checkpoint(tiny_checkpoint: Path) -> tuple[bytes, dict[str, Any]]:
-    return (tiny_checkpoint / "model.safetensors").read_bytes(), json.loads((tiny_checkpoint / "meta.json").read_text())
+    return (tiny_checkpoint / "model.safetensors").read_bytes(), json.loads(
+        (tiny_checkpoint / "meta.json").read_text()
+    )
 
 
 def _loads_or_refuses(d: Path) -> None:
@@ -122,7 +149,9 @@ def _loads_or_refuses(d: Path) -> None:
 
 @FUZZ
 @given(data=st.binary(max_size=2000))
-def test_fuzz_random_bytes_as_weights(tmp_path: Path, good_checkpoint: tuple[bytes, dict[str, Any]], data: bytes) -> None:
+def test_fuzz_random_bytes_as_weights(
+    tmp_path: Path, good_checkpoint: tuple[bytes, dict[str, Any]], data: bytes
+) -> None:
     d = tmp_path / "ck"
     d.mkdir(exist_ok=True)
     (d / "meta.json").write_text(json.dumps(good_checkpoint[1]))
@@ -132,10 +161,16 @@ def test_fuzz_random_bytes_as_weights(tmp_path: Path, good_checkpoint: tuple[byt
 
 
 @FUZZ
-@given(flips=st.lists(st.tuples(st.integers(0, 10**9), st.integers(0, 255)), min_size=1, max_size=8),
-       cut=st.one_of(st.none(), st.integers(0, 10**9)))
-def test_fuzz_mutated_weights(tmp_path: Path, good_checkpoint: tuple[bytes, dict[str, Any]],
-                              flips: list[tuple[int, int]], cut: int | None) -> None:
+@given(
+    flips=st.lists(st.tuples(st.integers(0, 10**9), st.integers(0, 255)), min_size=1, max_size=8),
+    cut=st.one_of(st.none(), st.integers(0, 10**9)),
+)
+def test_fuzz_mutated_weights(
+    tmp_path: Path,
+    good_checkpoint: tuple[bytes, dict[str, Any]],
+    flips: list[tuple[int, int]],
+    cut: int | None,
+) -> None:
     raw = bytearray(good_checkpoint[0])
     for pos, val in flips:
         raw[pos % len(raw)] = val
@@ -148,20 +183,39 @@ def test_fuzz_mutated_weights(tmp_path: Path, good_checkpoint: tuple[bytes, dict
     _loads_or_refuses(d)
 
 
-JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=False),
-                              st.text(max_size=8)),
-                    lambda kids: st.one_of(st.lists(kids, max_size=3),
-                                           st.dictionaries(st.sampled_from(["name", "kwargs", "width", "method", "ranks",
-                                                                            "geometry", "num_classes", "x"]), kids,
-                                                           max_size=3)),
-                    max_leaves=8)
+JSON = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(10**12), 10**12),
+        st.floats(allow_nan=False),
+        st.text(max_size=8),
+    ),
+    lambda kids: st.one_of(
+        st.lists(kids, max_size=3),
+        st.dictionaries(
+            st.sampled_from(
+                ["name", "kwargs", "width", "method", "ranks", "geometry", "num_classes", "x"]
+            ),
+            kids,
+            max_size=3,
+        ),
+    ),
+    max_leaves=8,
+)
 
 
 @FUZZ
-@given(where=st.sampled_from(["kwargs", "kwarg", "layers", "layer", "model", "name", "top"]), value=JSON,
-       key=st.sampled_from(["width", "num_classes", "in_channels", "input_size", "conv_dropout", "zz"]))
-def test_fuzz_hand_edited_meta_json(tmp_path: Path, good_checkpoint: tuple[bytes, dict[str, Any]], where: str,
-                                    value: Any, key: str) -> None:
+@given(
+    where=st.sampled_from(["kwargs", "kwarg", "layers", "layer", "model", "name", "top"]),
+    value=JSON,
+    key=st.sampled_from(
+        ["width", "num_classes", "in_channels", "input_size", "conv_dropout", "zz"]
+    ),
+)
+def test_fuzz_hand_edited_meta_json(
+    tmp_path: Path, good_checkpoint: tuple[bytes, dict[str, Any]], where: str, value: Any, key: str
+) -> None:
     meta = json.loads(json.dumps(good_checkpoint[1]))
     if where == "kwargs":
         meta["model"]["kwargs"] = value
@@ -199,8 +253,12 @@ def test_fuzz_training_state(tmp_path: Path, data: bytes, zipped: bool) -> None:
 
 
 @FUZZ
-@given(head=st.sampled_from([b"", b"\x00\x00\x08\x01", b"\x00\x00\x08\x03", b"\x00\x00\x08\x02", b"\x1f\x8b"]),
-       data=st.binary(max_size=300))
+@given(
+    head=st.sampled_from(
+        [b"", b"\x00\x00\x08\x01", b"\x00\x00\x08\x03", b"\x00\x00\x08\x02", b"\x1f\x8b"]
+    ),
+    data=st.binary(max_size=300),
+)
 def test_fuzz_idx_reader(tmp_path: Path, head: bytes, data: bytes) -> None:
     p = tmp_path / "f-idx3-ubyte"
     p.write_bytes(head + data)
@@ -212,10 +270,17 @@ def test_fuzz_idx_reader(tmp_path: Path, head: bytes, data: bytes) -> None:
 
 
 @FUZZ
-@given(head=st.sampled_from([b"", b"\x80\x02", b"\x80\x04\x95"]), data=st.binary(max_size=300),
-       flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=4))
-def test_fuzz_cifar_python_batch(tmp_path: Path, head: bytes, data: bytes, flips: list[tuple[int, int]]) -> None:
-    good = bytearray(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2]}, protocol=2))
+@given(
+    head=st.sampled_from([b"", b"\x80\x02", b"\x80\x04\x95"]),
+    data=st.binary(max_size=300),
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=4),
+)
+def test_fuzz_cifar_python_batch(
+    tmp_path: Path, head: bytes, data: bytes, flips: list[tuple[int, int]]
+) -> None:
+    good = bytearray(
+        pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2]}, protocol=2)
+    )
     for pos, val in flips:
         good[pos % len(good)] = val
     p = tmp_path / "data_batch_1"
@@ -255,8 +320,9 @@ def test_fuzz_results_store(tmp_path: Path, data: bytes, sqlite_header: bool) ->
     assert p.read_bytes() == before  # a foreign file is reported, never overwritten
 
 
-def test_fuzz_whole_checkpoint_directory_through_the_cli(tiny_checkpoint: Path, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_fuzz_whole_checkpoint_directory_through_the_cli(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Sanity for the fuzzers above: the CLI turns the same refusals into one line and exit status 2."""
     from tensorcut.cli import main
 

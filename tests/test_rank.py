@@ -16,16 +16,19 @@ from tensorcut.rank import (
 )
 
 
-@pytest.mark.parametrize("kw,msg", [
-    ({"rank": 4, "ratio": 0.5}, "contradictory rank options: rank, ratio"),
-    ({"rank": 0}, "rank must be >= 1, got 0"),
-    ({"rank": -3}, "rank must be >= 1, got -3"),
-    ({"rank": (4, 0)}, "ranks must be positive ints"),
-    ({"rank": "auto"}, "unknown rank rule 'auto'"),
-    ({"ratio": 1.5}, r"ratio is the fraction of parameters to keep and must be in \(0, 1\)"),
-    ({"eps": 0.0}, "eps is a relative error bound"),
-    ({"energy": 1.2}, "energy is the fraction of squared norm kept"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"rank": 4, "ratio": 0.5}, "contradictory rank options: rank, ratio"),
+        ({"rank": 0}, "rank must be >= 1, got 0"),
+        ({"rank": -3}, "rank must be >= 1, got -3"),
+        ({"rank": (4, 0)}, "ranks must be positive ints"),
+        ({"rank": "auto"}, "unknown rank rule 'auto'"),
+        ({"ratio": 1.5}, r"ratio is the fraction of parameters to keep and must be in \(0, 1\)"),
+        ({"eps": 0.0}, "eps is a relative error bound"),
+        ({"energy": 1.2}, "energy is the fraction of squared norm kept"),
+    ],
+)
 def test_rule_validation(kw, msg):
     with pytest.raises(TensorcutError, match=msg):
         RankRule(**kw)
@@ -33,7 +36,9 @@ def test_rule_validation(kw, msg):
 
 def test_clamp_reports_what_changed():
     r, note = clamp_ranks((100, 3), (16, 8))
-    assert r == (16, 3) and note == "ranks (100, 3) clamped to (16, 3) (kernel admits at most (16, 8))"
+    assert (
+        r == (16, 3) and note == "ranks (100, 3) clamped to (16, 3) (kernel admits at most (16, 8))"
+    )
     assert clamp_ranks((2, 3), (16, 8)) == ((2, 3), "")
 
 
@@ -49,7 +54,9 @@ def test_ratio_search_meets_target_and_is_maximal():
 
 def test_evbmf_finds_planted_rank_and_never_zero():
     g = torch.Generator().manual_seed(0)
-    low = torch.randn(60, 6, generator=g) @ torch.randn(6, 150, generator=g) + 0.05 * torch.randn(60, 150, generator=g)
+    low = torch.randn(60, 6, generator=g) @ torch.randn(6, 150, generator=g) + 0.05 * torch.randn(
+        60, 150, generator=g
+    )
     assert evbmf_rank(low) == 6
     assert evbmf_rank(torch.randn(40, 90, generator=g)) >= 1
     assert evbmf_rank(torch.zeros(5, 7)) == 1
@@ -61,8 +68,8 @@ def _ladder(name, dense, errs, weight=1.0):
 
 
 def test_budget_allocation_meets_budget_and_prefers_cheap_error():
-    a = _ladder("a", 1000, [(500, 0.01), (200, 0.02), (100, 0.03)])   # compresses cheaply
-    b = _ladder("b", 1000, [(500, 0.3), (200, 0.6), (100, 0.9)])     # costly in error
+    a = _ladder("a", 1000, [(500, 0.01), (200, 0.02), (100, 0.03)])  # compresses cheaply
+    b = _ladder("b", 1000, [(500, 0.3), (200, 0.6), (100, 0.9)])  # costly in error
     assert allocate_budget([a, b], 1100)
     assert a.cost("params") + b.cost("params") <= 1100
     assert a.choice > b.choice
@@ -108,5 +115,5 @@ def test_ratio_search_with_align_fills_the_budget():
     r = ranks_for_ratio(TuckerConv2d.max_ranks(g), cost, target, align=16)
     assert all(x % 16 == 0 for x in r) and cost(r) <= target
     # maximal: no single mode can grow by 16 within the target
-    assert all(cost(r[:k] + (r[k] + 16,) + r[k + 1:]) > target for k in range(2))
+    assert all(cost(r[:k] + (r[k] + 16,) + r[k + 1 :]) > target for k in range(2))
     assert cost(r) > cost((16, 16))

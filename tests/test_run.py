@@ -12,30 +12,53 @@ from tensorcut import io as tio
 from tensorcut.errors import TensorcutError
 from tensorcut.run import STAGES, RunConfig, run
 
-TINY = dict(calib_subset=64, finetune_epochs=1, finetune_lr=1e-3, curve_ratios=(2.0, 4.0), bipartitions=("OUT",),
-            probe_images=64, train_subset=96)
+TINY = dict(
+    calib_subset=64,
+    finetune_epochs=1,
+    finetune_lr=1e-3,
+    curve_ratios=(2.0, 4.0),
+    bipartitions=("OUT",),
+    probe_images=64,
+    train_subset=96,
+)
 
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "r"
-    summary = run(out, RunConfig(target_ratio=3.0, **TINY), checkpoint=tiny_checkpoint, progress=False)
+    summary = run(
+        out, RunConfig(target_ratio=3.0, **TINY), checkpoint=tiny_checkpoint, progress=False
+    )
     return out, summary
 
 
 def test_run_meets_ratio_goal_and_writes_every_stage(run_dir):
     out, s = run_dir
     assert s["goal_met"] and s["plan_totals"]["conv_ratio"] >= 3.0
-    for p in ("dense/model.safetensors", "compressed/plan.json", "finetuned/meta.json", "verify.json",
-              "export/model.onnx", "report.html", "study/truncation.sqlite"):
+    for p in (
+        "dense/model.safetensors",
+        "compressed/plan.json",
+        "finetuned/meta.json",
+        "verify.json",
+        "export/model.onnx",
+        "report.html",
+        "study/truncation.sqlite",
+    ):
         assert (out / p).exists(), p
     rows = s["rows"]
     assert rows["final"]["params"] < rows["dense"]["params"]
-    assert rows["final"]["params"] == sum(p.numel() for p in tio.load(out / "finetuned").parameters())
+    assert rows["final"]["params"] == sum(
+        p.numel() for p in tio.load(out / "finetuned").parameters()
+    )
     state = json.loads((out / "run.json").read_text())
     assert list(state["stages"]) == list(STAGES)
-    assert tio.load_checkpoint(out / "finetuned").meta["finetune"]["train_images"] == 96  # RunConfig.train_subset
-    assert state["stages"]["export"]["checked"] and "batch 1 and 7" in state["stages"]["export"]["check"]
+    assert (
+        tio.load_checkpoint(out / "finetuned").meta["finetune"]["train_images"] == 96
+    )  # RunConfig.train_subset
+    assert (
+        state["stages"]["export"]["checked"]
+        and "batch 1 and 7" in state["stages"]["export"]["check"]
+    )
     # BatchNorm statistics were re-estimated on the calibration subset after compressing
     bn = tio.load_checkpoint(out / "compressed").meta["bn_recalibration"]
     assert bn["batchnorm_layers"] > 0 and bn["images"] == TINY["calib_subset"]
@@ -56,7 +79,9 @@ def test_rerun_skips_finished_stages(run_dir, tiny_checkpoint, capsys):
     assert (out / "finetuned" / "model.safetensors").stat().st_mtime_ns == before
 
 
-def test_interrupted_run_resumes_from_last_finished_stage(run_dir, tiny_checkpoint, tmp_path, capsys):
+def test_interrupted_run_resumes_from_last_finished_stage(
+    run_dir, tiny_checkpoint, tmp_path, capsys
+):
     src, _ = run_dir
     out = tmp_path / "r"
     shutil.copytree(src, out)
@@ -91,19 +116,31 @@ def test_different_settings_are_refused(run_dir, tiny_checkpoint):
         run(out, RunConfig(target_ratio=4.0, **TINY), checkpoint=tiny_checkpoint, progress=False)
 
 
-@pytest.mark.parametrize("kw,msg", [({}, "give exactly one goal"), ({"target_ratio": 2, "max_drop": 0.1}, "give exactly one goal"),
-                                    ({"target_ratio": 0.5}, "--target-ratio must be > 1"),
-                                    ({"target_macs": 2.0}, "--target-macs is the fraction"),
-                                    ({"target_ratio": 2, "probe_epochs": -1},
-                                     "--probe-epochs must be >= 0 and --probe-images >= 1; got -1 and 2048")])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({}, "give exactly one goal"),
+        ({"target_ratio": 2, "max_drop": 0.1}, "give exactly one goal"),
+        ({"target_ratio": 0.5}, "--target-ratio must be > 1"),
+        ({"target_macs": 2.0}, "--target-macs is the fraction"),
+        (
+            {"target_ratio": 2, "probe_epochs": -1},
+            "--probe-epochs must be >= 0 and --probe-images >= 1; got -1 and 2048",
+        ),
+    ],
+)
 def test_bad_goals(kw, msg):
     with pytest.raises(TensorcutError, match=msg):
         RunConfig(**kw)
 
 
 def test_unmet_goal_says_how_close(tiny_checkpoint, tmp_path):
-    s = run(tmp_path / "r", RunConfig(max_drop=0.0, **dict(TINY, curve_ratios=(2.0,))), checkpoint=tiny_checkpoint,
-            progress=False)
+    s = run(
+        tmp_path / "r",
+        RunConfig(max_drop=0.0, **dict(TINY, curve_ratios=(2.0,))),
+        checkpoint=tiny_checkpoint,
+        progress=False,
+    )
     assert "top-1 drop" in s["achieved"]
     assert s["goal_met"] == (s["top1_drop"] <= 0.0)
 
@@ -121,13 +158,31 @@ def test_report_tables_and_embedded_figures(run_dir):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian package 'chromium'; .ci/run installs it)")
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="Chromium is not installed (Debian package 'chromium'; .ci/run installs it)",
+)
 def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     out, _ = run_dir
-    r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
-                        (out / "report.html").as_uri()], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            (out / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     dom = r.stdout
     total = re.search(r'data-figures="(\d+)"', dom)
     loaded = re.search(r'data-figures-loaded="(\d+)"', dom)
@@ -154,12 +209,20 @@ def _stage_damage(out: Path, what: str) -> None:
         (out / "compressed" / "plan.json").write_bytes(b"\xff\xfe{\x00")
 
 
-@pytest.mark.parametrize("what,redone", [
-    ("verify.json missing", "verify"), ("verify.json corrupt", "verify"), ("export/model.onnx missing", "export"),
-    ("finetuned/meta.json corrupt", "finetune"), ("finetuned/meta.json missing", "finetune"),
-    ("plan.json not UTF-8", "compress"),
-])
-def test_damaged_stage_files_are_redone_not_trusted(run_dir, tiny_checkpoint, tmp_path, capsys, what, redone):
+@pytest.mark.parametrize(
+    "what,redone",
+    [
+        ("verify.json missing", "verify"),
+        ("verify.json corrupt", "verify"),
+        ("export/model.onnx missing", "export"),
+        ("finetuned/meta.json corrupt", "finetune"),
+        ("finetuned/meta.json missing", "finetune"),
+        ("plan.json not UTF-8", "compress"),
+    ],
+)
+def test_damaged_stage_files_are_redone_not_trusted(
+    run_dir, tiny_checkpoint, tmp_path, capsys, what, redone
+):
     src, _ = run_dir
     out = tmp_path / "r"
     shutil.copytree(src, out)

@@ -8,8 +8,14 @@ from tensorcut.compress import CompressConfig, Plan, plan
 from tensorcut.run import RunConfig, run
 from tensorcut.workflow import input_shape_of
 
-TINY = dict(calib_subset=64, finetune_epochs=1, finetune_lr=1e-3, curve_ratios=(2.0,), bipartitions=("OUT",),
-            probe_images=64)
+TINY = dict(
+    calib_subset=64,
+    finetune_epochs=1,
+    finetune_lr=1e-3,
+    curve_ratios=(2.0,),
+    bipartitions=("OUT",),
+    probe_images=64,
+)
 
 
 def test_error_allocation_is_applied_without_sensitivity(tiny_checkpoint, tmp_path, monkeypatch):
@@ -30,16 +36,27 @@ def test_error_allocation_is_applied_without_sensitivity(tiny_checkpoint, tmp_pa
     out = tmp_path / "r"
     run(out, RunConfig(target_ratio=3.0, **TINY), checkpoint=tiny_checkpoint, progress=False)
     comp = json.loads((out / "run.json").read_text())["stages"]["compress"]
-    assert comp["allocation"] == "error" and set(comp["calibration"]) == {"guided", "error", "uniform"}
+    assert comp["allocation"] == "error" and set(comp["calibration"]) == {
+        "guided",
+        "error",
+        "uniform",
+    }
     applied = Plan.load(out / "compressed" / "plan.json")
     ck = tio.load_checkpoint(tiny_checkpoint)
-    expected = plan(ck.model, CompressConfig(method="tucker2", budget=1 / 3.0, budget_kind="params"),
-                    input_shape=input_shape_of(ck.meta), sensitivity=None, progress=False)
+    expected = plan(
+        ck.model,
+        CompressConfig(method="tucker2", budget=1 / 3.0, budget_kind="params"),
+        input_shape=input_shape_of(ck.meta),
+        sensitivity=None,
+        progress=False,
+    )
     assert [l.ranks for l in applied.layers] == [l.ranks for l in expected.layers]
     assert all(l.sensitivity is None for l in applied.layers)
 
 
-def test_without_probe_the_choice_is_made_right_after_compression(tiny_checkpoint, tmp_path, monkeypatch):
+def test_without_probe_the_choice_is_made_right_after_compression(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
     real = trun._try_strategy
 
     def rigged(model, cfg, kind, *args, **kwargs):
@@ -52,6 +69,13 @@ def test_without_probe_the_choice_is_made_right_after_compression(tiny_checkpoin
     monkeypatch.setattr(trun, "_try_strategy", rigged)
     monkeypatch.setattr(trun, "_probe", no_probe)
     out = tmp_path / "r"
-    run(out, RunConfig(target_ratio=3.0, probe_epochs=0, **TINY), checkpoint=tiny_checkpoint, progress=False)
+    run(
+        out,
+        RunConfig(target_ratio=3.0, probe_epochs=0, **TINY),
+        checkpoint=tiny_checkpoint,
+        progress=False,
+    )
     comp = json.loads((out / "run.json").read_text())["stages"]["compress"]
-    assert comp["allocation"] == "uniform" and all("probe" not in v for v in comp["calibration"].values())
+    assert comp["allocation"] == "uniform" and all(
+        "probe" not in v for v in comp["calibration"].values()
+    )

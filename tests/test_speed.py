@@ -34,8 +34,16 @@ class FakeTimer:
         self.calls = 0
         self.penalty = whole_model_penalty
 
-    def __call__(self, models: dict[str, Any], example: torch.Tensor, *, threads: int | None = None,
-                 warmup: int = 0, reps: int = 5, **kw: Any) -> dict[str, Any]:
+    def __call__(
+        self,
+        models: dict[str, Any],
+        example: torch.Tensor,
+        *,
+        threads: int | None = None,
+        warmup: int = 0,
+        reps: int = 5,
+        **kw: Any,
+    ) -> dict[str, Any]:
         self.calls += 1
         out = {}
         for n, m in models.items():
@@ -43,8 +51,15 @@ class FakeTimer:
             whole = isinstance(m, nn.Module) and any(isinstance(s, nn.Linear) for s in m.modules())
             if whole and any(isinstance(s, FactorizedConv2d) for s in m.modules()):
                 ms += self.penalty
-            out[n] = latency_stats(n, [ms] * reps, batch=int(example.shape[0]), threads=1, device="cpu",
-                                   warmup=warmup, session=1000 + self.calls)
+            out[n] = latency_stats(
+                n,
+                [ms] * reps,
+                batch=int(example.shape[0]),
+                threads=1,
+                device="cpu",
+                warmup=warmup,
+                session=1000 + self.calls,
+            )
         return out
 
 
@@ -52,7 +67,9 @@ class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.tiny = nn.Conv2d(8, 16, 3, padding=1)  # factorizing it only adds kernel calls: never faster
+        self.tiny = nn.Conv2d(
+            8, 16, 3, padding=1
+        )  # factorizing it only adds kernel calls: never faster
         self.big1 = nn.Conv2d(16, 64, 3, padding=1)
         self.big2 = nn.Conv2d(64, 64, 3, padding=1)
         self.big3 = nn.Conv2d(64, 64, 3, padding=1)
@@ -70,8 +87,13 @@ def net() -> Net:
     return Net().eval()
 
 
-def _plan(net: nn.Module, target: float, monkeypatch: pytest.MonkeyPatch, timer: FakeTimer | None = None,
-          **kw: Any) -> Any:
+def _plan(
+    net: nn.Module,
+    target: float,
+    monkeypatch: pytest.MonkeyPatch,
+    timer: FakeTimer | None = None,
+    **kw: Any,
+) -> Any:
     t = timer or FakeTimer()
     monkeypatch.setattr(speed, "measure_latency", t)
     return speed.plan_for_speedup(net, target, (3, 8, 8), threads=1, reps=3, warmup=0, **kw)
@@ -116,7 +138,8 @@ def test_verify_falls_back_to_dense_when_whole_model_is_slower(net, monkeypatch)
     assert p.config["speed"]["fell_back_to_dense"]
     assert all(e.status == "dense" for e in p.layers)
     assert apply(_copy(net), p).big2 is not None and not any(
-        isinstance(m, FactorizedConv2d) for m in apply(_copy(net), p).modules())
+        isinstance(m, FactorizedConv2d) for m in apply(_copy(net), p).modules()
+    )
 
 
 def test_verify_keeps_a_faster_plan(net, monkeypatch):

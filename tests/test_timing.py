@@ -65,8 +65,13 @@ def test_measure_latency_statistics_on_fake_clock():
 def test_threads_set_during_and_restored_after():
     before = torch.get_num_threads()
     seen: list[int] = []
-    out = measure_latency({"m": lambda x: seen.append(torch.get_num_threads())}, torch.zeros(1), threads=1,
-                          warmup=0, reps=2)
+    out = measure_latency(
+        {"m": lambda x: seen.append(torch.get_num_threads())},
+        torch.zeros(1),
+        threads=1,
+        warmup=0,
+        reps=2,
+    )
     assert seen == [1, 1] and out["m"].threads == 1
     assert torch.get_num_threads() == before
 
@@ -122,8 +127,15 @@ def test_compare_paired_uses_per_round_ratios():
     b = _model(clock, [0.002, 0.004, 0.008, 0.016], log, "b")
     out = measure_latency({"a": a, "b": b}, torch.zeros(1), warmup=0, reps=4, clock=clock)
     c = compare(out["a"], out["b"])
-    assert c.paired and c.ratio == pytest.approx(0.5) and c.low == pytest.approx(0.5) and c.high == pytest.approx(0.5)
+    assert (
+        c.paired
+        and c.ratio == pytest.approx(0.5)
+        and c.low == pytest.approx(0.5)
+        and c.high == pytest.approx(0.5)
+    )
     assert c.measurable
     # unpaired, the same numbers' IQRs overlap: the drift would hide the difference
-    assert not compare(latency_stats("a", out["a"].times_ms, batch=1, threads=1, device="cpu"),
-                       latency_stats("b", out["b"].times_ms, batch=1, threads=1, device="cpu")).measurable
+    assert not compare(
+        latency_stats("a", out["a"].times_ms, batch=1, threads=1, device="cpu"),
+        latency_stats("b", out["b"].times_ms, batch=1, threads=1, device="cpu"),
+    ).measurable

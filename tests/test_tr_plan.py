@@ -37,8 +37,12 @@ def _model() -> torch.nn.Module:
         conv = m.get_submodule(name)
         o, i, kh, kw = conv.weight.shape
         r = (2, 3, 3, 2)
-        cores = [torch.randn(r[0], o, r[1], generator=g), torch.randn(r[1], i, r[2], generator=g),
-                 torch.randn(r[2], kh, r[3], generator=g), torch.randn(r[3], kw, r[0], generator=g)]
+        cores = [
+            torch.randn(r[0], o, r[1], generator=g),
+            torch.randn(r[1], i, r[2], generator=g),
+            torch.randn(r[2], kh, r[3], generator=g),
+            torch.randn(r[3], kw, r[0], generator=g),
+        ]
         with torch.no_grad():
             conv.weight.copy_(0.05 * tr_to_tensor(cores))
     return m
@@ -47,8 +51,14 @@ def _model() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def dense_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tr") / "dense"
-    tio.save(_model(), out, {"model": {"name": "resnet20", "kwargs": KWARGS},
-                             "dataset": {"name": "digits", "val_fraction": 0.1, "seed": 0}})
+    tio.save(
+        _model(),
+        out,
+        {
+            "model": {"name": "resnet20", "kwargs": KWARGS},
+            "dataset": {"name": "digits", "val_fraction": 0.1, "seed": 0},
+        },
+    )
     return out
 
 
@@ -61,7 +71,10 @@ def compressed(dense_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     out = tmp_path_factory.mktemp("tr") / "compressed"
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        assert main(["compress", str(dense_dir), "--method", "tr", "--eps", "0.5", "--out", str(out)]) == 0
+        assert (
+            main(["compress", str(dense_dir), "--method", "tr", "--eps", "0.5", "--out", str(out)])
+            == 0
+        )
     return out, buf.getvalue()
 
 
@@ -83,10 +96,15 @@ def test_cli_compress_tr_guard_and_ratios(compressed):
     model = tensorcut.load(out)
     for name in PLANTED:
         l = layers[name]
-        assert l.status == "factorize" and l.method == "tr" and l.error <= 0.5 + 1e-6, (name, l.reason)
+        assert l.status == "factorize" and l.method == "tr" and l.error <= 0.5 + 1e-6, (
+            name,
+            l.reason,
+        )
         mod = model.get_submodule(name)
         assert isinstance(mod, TRConv2d) and list(mod.ranks) == l.ranks
-        assert mod.num_params() == l.params_after == TRConv2d.predicted_params(mod.geometry, mod.ranks)
+        assert (
+            mod.num_params() == l.params_after == TRConv2d.predicted_params(mod.geometry, mod.ranks)
+        )
         assert mod.macs(tuple(l.input_hw)) == l.macs_after
         assert l.ratio == pytest.approx(l.params_before / l.params_after) and l.ratio > 1
         assert l.mac_ratio == pytest.approx(l.macs_before / l.macs_after)
@@ -98,7 +116,10 @@ def test_cli_compress_tr_guard_and_ratios(compressed):
     assert "PCR" in head and "FCR" in head and "whole model" in printed and "conv layers" in printed
     t = json.loads((out / "plan.json").read_text())["totals"]
     assert t == p.totals()
-    assert t["conv_ratio"] == pytest.approx(t["conv_params_before"] / t["conv_params_after"]) and t["conv_ratio"] > 1
+    assert (
+        t["conv_ratio"] == pytest.approx(t["conv_params_before"] / t["conv_params_after"])
+        and t["conv_ratio"] > 1
+    )
     assert t["conv_mac_ratio"] == pytest.approx(t["conv_macs_before"] / t["conv_macs_after"])
     assert t["model_params_after"] == sum(q.numel() for q in model.parameters())
     assert t["model_ratio"] == pytest.approx(t["model_params_before"] / t["model_params_after"])
@@ -109,7 +130,9 @@ def test_cli_compress_tr_guard_and_ratios(compressed):
 def test_saved_tr_checkpoint_reloads_identical_and_exports(compressed, dense_dir, tmp_path, capsys):
     out, _ = compressed
     loaded = tensorcut.load(out)
-    ref, _ = compress(tio.load(dense_dir), CompressConfig(method="tr", eps=0.5), input_shape=SHAPE, progress=False)
+    ref, _ = compress(
+        tio.load(dense_dir), CompressConfig(method="tr", eps=0.5), input_shape=SHAPE, progress=False
+    )
     x = torch.randn(4, *SHAPE)
     with torch.no_grad():
         assert torch.equal(loaded(x), ref.eval()(x))
@@ -142,37 +165,78 @@ def test_other_rank_rules_apply_to_tr():
 
 
 def test_tr_options_reach_rsdtr_through_config():
-    layers = ["layer3.1.conv1", "layer3.1.conv2", "layer3.2.conv1"]  # all at 2x2 input for an 8x8 image
+    layers = [
+        "layer3.1.conv1",
+        "layer3.1.conv2",
+        "layer3.2.conv1",
+    ]  # all at 2x2 input for an 8x8 image
     m = _model()
     by_params = plan(m, method="tr", eps=0.5, input_shape=SHAPE, layers=layers, progress=False)
-    cfg = CompressConfig(method="tr", eps=0.5, options={"tr": {"objective": "macs", "input_size": (2, 2)}})
+    cfg = CompressConfig(
+        method="tr", eps=0.5, options={"tr": {"objective": "macs", "input_size": (2, 2)}}
+    )
     by_macs = plan(m, cfg, input_shape=SHAPE, layers=layers, progress=False)
     for a, b in zip(by_params.layers, by_macs.layers):
         assert a.input_hw == b.input_hw == [2, 2] and b.status == "factorize"
         conv = m.get_submodule(b.name)
-        want = rsdtr(conv.weight.detach(), 0.5, objective="macs", input_size=(2, 2), stride=conv.stride,
-                     padding=conv.padding, dilation=conv.dilation)
+        want = rsdtr(
+            conv.weight.detach(),
+            0.5,
+            objective="macs",
+            input_size=(2, 2),
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+        )
         assert tuple(b.ranks) == want.ranks and b.error <= 0.5 + 1e-6
         assert b.macs_after <= a.macs_after and a.params_after <= b.params_after
     # other options: the Zhao error split, a restricted shift set; unknown options keep the layer dense
-    zhao = plan(m, method="tr", eps=0.5, options={"tr": {"split": "zhao", "shifts": [0]}}, input_shape=SHAPE,
-                layers=layers, progress=False)
+    zhao = plan(
+        m,
+        method="tr",
+        eps=0.5,
+        options={"tr": {"split": "zhao", "shifts": [0]}},
+        input_shape=SHAPE,
+        layers=layers,
+        progress=False,
+    )
     for l in zhao.layers:
         conv = m.get_submodule(l.name)
         assert tuple(l.ranks) == rsdtr(conv.weight.detach(), 0.5, split="zhao", shifts=[0]).ranks
-    bad = plan(m, method="tr", eps=0.5, options={"tr": {"objectiv": "macs"}}, input_shape=SHAPE, layers=layers[:1],
-               progress=False)
+    bad = plan(
+        m,
+        method="tr",
+        eps=0.5,
+        options={"tr": {"objectiv": "macs"}},
+        input_shape=SHAPE,
+        layers=layers[:1],
+        progress=False,
+    )
     assert bad.layers[0].status == "dense" and "unknown options" in bad.layers[0].reason
 
 
 def test_macs_objective_uses_each_layers_input_size():
     m = _model()
-    p = plan(m, method="tr", eps=0.5, options={"tr": {"objective": "macs"}}, input_shape=SHAPE, layers=PLANTED,
-             progress=False)
+    p = plan(
+        m,
+        method="tr",
+        eps=0.5,
+        options={"tr": {"objective": "macs"}},
+        input_shape=SHAPE,
+        layers=PLANTED,
+        progress=False,
+    )
     for l in p.layers:
         conv = m.get_submodule(l.name)
-        want = rsdtr(conv.weight.detach(), 0.5, objective="macs", input_size=tuple(l.input_hw), stride=conv.stride,
-                     padding=conv.padding, dilation=conv.dilation)
+        want = rsdtr(
+            conv.weight.detach(),
+            0.5,
+            objective="macs",
+            input_size=tuple(l.input_hw),
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+        )
         assert l.status == "factorize" and tuple(l.ranks) == want.ranks
 
 
@@ -200,17 +264,45 @@ def test_rsdtr_recipe_and_cli_overrides():
     from tensorcut.workflow_cli import finetune_config
 
     r = RSDTR_RECIPE
-    assert (r.optimizer, r.scheduler, r.lr, r.momentum, r.weight_decay, r.epochs, r.patience) == \
-        ("sgd", "onecycle", 0.01, 0.9, 1e-4, 160, None)
+    assert (r.optimizer, r.scheduler, r.lr, r.momentum, r.weight_decay, r.epochs, r.patience) == (
+        "sgd",
+        "onecycle",
+        0.01,
+        0.9,
+        1e-4,
+        160,
+        None,
+    )
     assert RECIPES == {"thesis": FINETUNE_RECIPE, "rsdtr": RSDTR_RECIPE}
     assert finetune_config(_ft_args()) == FINETUNE_RECIPE  # the thesis recipe stays the default
     assert finetune_config(_ft_args("--recipe", "rsdtr")) == RSDTR_RECIPE
-    c = finetune_config(_ft_args("--recipe", "rsdtr", "--lr", "0.003", "--epochs", "4", "--weight-decay", "0",
-                                 "--patience", "2"))
-    assert (c.optimizer, c.scheduler, c.lr, c.epochs, c.weight_decay, c.patience) == ("sgd", "onecycle", 0.003, 4, 0.0, 2)
+    c = finetune_config(
+        _ft_args(
+            "--recipe",
+            "rsdtr",
+            "--lr",
+            "0.003",
+            "--epochs",
+            "4",
+            "--weight-decay",
+            "0",
+            "--patience",
+            "2",
+        )
+    )
+    assert (c.optimizer, c.scheduler, c.lr, c.epochs, c.weight_decay, c.patience) == (
+        "sgd",
+        "onecycle",
+        0.003,
+        4,
+        0.0,
+        2,
+    )
     c = finetune_config(_ft_args("--optimizer", "sgd", "--momentum", "0.5", "--patience", "0"))
     assert (c.optimizer, c.momentum, c.lr, c.patience) == ("sgd", 0.5, FINETUNE_RECIPE.lr, None)
-    assert RSDTR_RECIPE.lr == 0.01 and FINETUNE_RECIPE.patience == 3  # the recipes themselves are not mutated
+    assert (
+        RSDTR_RECIPE.lr == 0.01 and FINETUNE_RECIPE.patience == 3
+    )  # the recipes themselves are not mutated
     with pytest.raises(SystemExit):
         _ft_args("--recipe", "nope")
 
@@ -219,8 +311,27 @@ def test_cli_finetune_rsdtr_recipe_from_decomposed_factors(compressed, tmp_path,
     out, _ = compressed
     start = tensorcut.load(out)
     ft = tmp_path / "ft"
-    assert main(["finetune", str(out), "--recipe", "rsdtr", "--epochs", "2", "--subset", "128", "--batch-size", "16",
-                 "--device", "cpu", "--out", str(ft)]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                str(out),
+                "--recipe",
+                "rsdtr",
+                "--epochs",
+                "2",
+                "--subset",
+                "128",
+                "--batch-size",
+                "16",
+                "--device",
+                "cpu",
+                "--out",
+                str(ft),
+            ]
+        )
+        == 0
+    )
     assert "before fine-tuning" in capsys.readouterr().out
     ck = tio.load_checkpoint(ft)
     meta = ck.meta
@@ -229,11 +340,13 @@ def test_cli_finetune_rsdtr_recipe_from_decomposed_factors(compressed, tmp_path,
     # one cycle over 16 steps: warm-up to 0.01 within the first epoch, annealed in the second
     assert len(hist) == 2 and 0.01 >= hist[0]["lr"] > hist[1]["lr"] and hist[1]["lr"] < 1e-3
     # the fine-tuned model keeps the rings (same ranks), starting from the decomposed cores
-    from tensorcut.workflow import _dataset_from_meta
     from tensorcut.train.loop import evaluate
+    from tensorcut.workflow import _dataset_from_meta
 
     te = tensorcut.make_loader(_dataset_from_meta(meta, "test"), 512)
-    assert meta["metrics"]["test_before_finetune"]["top1"] == pytest.approx(evaluate(start, te)["top1"])
+    assert meta["metrics"]["test_before_finetune"]["top1"] == pytest.approx(
+        evaluate(start, te)["top1"]
+    )
     moved = 0
     for name in PLANTED:
         a, b = start.get_submodule(name), ck.model.get_submodule(name)

@@ -40,7 +40,9 @@ def test_fit_learns_synthetic_task():
     tr, va = _loaders()
     net = _net()
     before = evaluate(net, va)["loss"]
-    hist = fit(net, tr, va, FitConfig(epochs=2, lr=3e-3, scheduler="cosine"), device="cpu", progress=False)
+    hist = fit(
+        net, tr, va, FitConfig(epochs=2, lr=3e-3, scheduler="cosine"), device="cpu", progress=False
+    )
     assert len(hist) == 2
     assert hist[-1]["val_loss"] < before and hist[-1]["val_top1"] > 0.5
 
@@ -49,10 +51,28 @@ def test_resume_continues_where_it_stopped(tmp_path):
     tr, va = _loaders()
     meta = {"model": {"name": "vanilla-cnn", "kwargs": {"width": 0.125, "input_size": 16}}}
     a = _net()
-    fit(a, tr, va, FitConfig(epochs=2, lr=2e-3, scheduler="none"), device="cpu", out_dir=tmp_path, meta=meta, progress=False)
+    fit(
+        a,
+        tr,
+        va,
+        FitConfig(epochs=2, lr=2e-3, scheduler="none"),
+        device="cpu",
+        out_dir=tmp_path,
+        meta=meta,
+        progress=False,
+    )
     b = _net()
-    hist = fit(b, tr, va, FitConfig(epochs=3, lr=2e-3, scheduler="none"), device="cpu", out_dir=tmp_path, meta=meta,
-               resume=True, progress=False)
+    hist = fit(
+        b,
+        tr,
+        va,
+        FitConfig(epochs=3, lr=2e-3, scheduler="none"),
+        device="cpu",
+        out_dir=tmp_path,
+        meta=meta,
+        resume=True,
+        progress=False,
+    )
     assert [h["epoch"] for h in hist] == [1, 2, 3]
     saved = json.loads((tmp_path / "meta.json").read_text())
     assert saved["epoch"] == 3
@@ -61,8 +81,14 @@ def test_resume_continues_where_it_stopped(tmp_path):
 def test_early_stopping_restores_best():
     tr, va = _loaders()
     net = _net()
-    hist = fit(net, tr, va, FitConfig(epochs=30, lr=0.3, optimizer="sgd", scheduler="none", patience=1), device="cpu",
-               progress=False)
+    hist = fit(
+        net,
+        tr,
+        va,
+        FitConfig(epochs=30, lr=0.3, optimizer="sgd", scheduler="none", patience=1),
+        device="cpu",
+        progress=False,
+    )
     assert len(hist) < 30
     best = min(h["val_loss"] for h in hist)
     assert evaluate(net, va)["loss"] == pytest.approx(best, rel=1e-4)
@@ -73,14 +99,26 @@ def test_distillation_runs_with_teacher_and_changes_loss():
     teacher = _net().eval()
     s1, s2 = _net(), _net()
     h1 = fit(s1, tr, None, FitConfig(epochs=1, scheduler="none"), device="cpu", progress=False)
-    h2 = fit(s2, tr, None, FitConfig(epochs=1, scheduler="none", distill_alpha=0.5), device="cpu", teacher=teacher,
-             progress=False)
+    h2 = fit(
+        s2,
+        tr,
+        None,
+        FitConfig(epochs=1, scheduler="none", distill_alpha=0.5),
+        device="cpu",
+        teacher=teacher,
+        progress=False,
+    )
     assert h1[0]["train_loss"] != pytest.approx(h2[0]["train_loss"])
 
 
-@pytest.mark.parametrize("kw,msg", [({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'"),
-                                    ({"scheduler": "step"}, "unknown scheduler 'step'"),
-                                    ({"lr": 0}, "learning rate must be > 0")])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'"),
+        ({"scheduler": "step"}, "unknown scheduler 'step'"),
+        ({"lr": 0}, "learning rate must be > 0"),
+    ],
+)
 def test_bad_recipe(kw, msg):
     with pytest.raises(TensorcutError, match=msg):
         FitConfig(**kw)

@@ -46,7 +46,9 @@ def test_a_wrong_effective_kernel_is_caught():
     layer = TuckerConv2d.from_conv(wrong)
     chk = check_swap(wrong, layer, x, y)
     assert not chk.ok and chk.output_error == math.inf
-    assert chk.reason.startswith("the module's output differs from a convolution with the kernel tensorcut read from it")
+    assert chk.reason.startswith(
+        "the module's output differs from a convolution with the kernel tensorcut read from it"
+    )
 
 
 def test_a_layer_that_does_not_compute_its_kernel_is_caught():
@@ -68,7 +70,9 @@ def test_capture_records_inputs_outputs_and_every_call():
     cap = capture(m, [shared], (x,))
     assert cap.sizes[id(shared)] == [(6, 5), (6, 5)]
     assert torch.equal(cap.inputs[id(shared)], x)
-    assert torch.equal(cap.outputs[id(shared)], shared(x))  # a copy: the in-place ReLU did not change it
+    assert torch.equal(
+        cap.outputs[id(shared)], shared(x)
+    )  # a copy: the in-place ReLU did not change it
 
 
 def test_capture_reports_a_failing_forward_in_one_line():
@@ -77,5 +81,7 @@ def test_capture_reports_a_failing_forward_in_one_line():
         capture(m, [], (torch.randn(2, 3, 10, 10),))
     msg = str(e.value)
     assert "\n" not in msg
-    assert msg.startswith("the model's forward failed on an input of shape (2, 3, 10, 10) (RuntimeError: ")
+    assert msg.startswith(
+        "the model's forward failed on an input of shape (2, 3, 10, 10) (RuntimeError: "
+    )
     assert msg.endswith("give the input_shape (C, H, W) or calibration batch the model expects")

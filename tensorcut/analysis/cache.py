@@ -24,10 +24,11 @@ import shutil
 import tempfile
 import time
 import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -47,7 +48,9 @@ class BatchStore:
     """A list of batches (each a tuple of tensors) kept in memory up to a byte budget,
     spilled to safetensors files on disk beyond it. Iteration preserves order."""
 
-    def __init__(self, budget_bytes: int = DEFAULT_CACHE_BYTES, spill_dir: str | Path | None = None) -> None:
+    def __init__(
+        self, budget_bytes: int = DEFAULT_CACHE_BYTES, spill_dir: str | Path | None = None
+    ) -> None:
         self.budget_bytes = int(budget_bytes)
         self._spill_parent = None if spill_dir is None else str(spill_dir)
         self._dir: str | None = None
@@ -106,7 +109,7 @@ class BatchStore:
             self._finalizer = None
             self._dir = None
 
-    def __enter__(self) -> "BatchStore":
+    def __enter__(self) -> BatchStore:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -149,8 +152,14 @@ class _Accumulator:
 class EvalSet:
     """The evaluation inputs materialised once from a loader (same batches every time)."""
 
-    def __init__(self, loader: Iterable[Any], *, budget_bytes: int = DEFAULT_CACHE_BYTES,
-                 spill_dir: str | Path | None = None, name: str = "eval") -> None:
+    def __init__(
+        self,
+        loader: Iterable[Any],
+        *,
+        budget_bytes: int = DEFAULT_CACHE_BYTES,
+        spill_dir: str | Path | None = None,
+        name: str = "eval",
+    ) -> None:
         self.name = name
         self.inputs = BatchStore(budget_bytes, spill_dir)
         self.labels: list[torch.Tensor] = []
@@ -161,7 +170,9 @@ class EvalSet:
             self.inputs.append((x,))
             self.labels.append(torch.as_tensor(y).long())
         if not self.labels:
-            raise TensorcutError(f"the {name} loader yielded no batches; check the data set and --subset")
+            raise TensorcutError(
+                f"the {name} loader yielded no batches; check the data set and --subset"
+            )
         self.n = sum(int(y.numel()) for y in self.labels)
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -208,9 +219,21 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule | None, str]:
         return None, f"model is not torch.fx-traceable ({type(exc).__name__}: {first[:160]})"
 
 
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
-                      operator.ilshift, operator.irshift, operator.imatmul}
+_INPLACE_OPERATORS = {
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    operator.ifloordiv,
+    operator.imod,
+    operator.ipow,
+    operator.iand,
+    operator.ior,
+    operator.ixor,
+    operator.ilshift,
+    operator.irshift,
+    operator.imatmul,
+}
 
 
 def _is_inplace(node: fx.Node, root: nn.Module) -> bool:
@@ -257,20 +280,34 @@ def _split_graph(gm: fx.GraphModule, layers: Sequence[str]) -> _Split | str:
         if seeds(node) or node.op == "output" or any(i in tainted for i in ins):
             tainted.add(node)
             if seeds(node):
-                found.update(n for n in names if str(node.target) == n or str(node.target).startswith(n + ".")
-                             or n.startswith(str(node.target) + "."))
+                found.update(
+                    n
+                    for n in names
+                    if str(node.target) == n
+                    or str(node.target).startswith(n + ".")
+                    or n.startswith(str(node.target) + ".")
+                )
     missing = names - found
     if missing:
         return f"layer(s) {sorted(missing)} not called in the traced graph"
 
-    frontier = [n for n in graph.nodes
-                if n not in tainted and n in input_dep and any(u in tainted for u in n.users)]
-    clone = [any(u in tainted and _is_inplace(u, gm) and u.all_input_nodes[:1] == [f] for u in f.users)
-             for f in frontier]
+    frontier = [
+        n
+        for n in graph.nodes
+        if n not in tainted and n in input_dep and any(u in tainted for u in n.users)
+    ]
+    clone = [
+        any(u in tainted and _is_inplace(u, gm) and u.all_input_nodes[:1] == [f] for u in f.users)
+        for f in frontier
+    ]
     fset = set(frontier)
     for node in graph.nodes:
-        if node not in tainted and _is_inplace(node, gm) and node.all_input_nodes[:1] and \
-                node.all_input_nodes[0] in fset:
+        if (
+            node not in tainted
+            and _is_inplace(node, gm)
+            and node.all_input_nodes[:1]
+            and node.all_input_nodes[0] in fset
+        ):
             return f"in-place operation {node.name!r} changes a value the cache would hold"
 
     pre = fx.Graph()
@@ -305,10 +342,18 @@ class LayerRunner:
     in eval mode and must not change outside ``layers`` while the runner is alive.
     """
 
-    def __init__(self, model: nn.Module, layers: str | Sequence[str], data: EvalSet, *,
-                 traced: fx.GraphModule | None = None, trace_reason: str = "",
-                 budget_bytes: int = DEFAULT_CACHE_BYTES, spill_dir: str | Path | None = None,
-                 enabled: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: str | Sequence[str],
+        data: EvalSet,
+        *,
+        traced: fx.GraphModule | None = None,
+        trace_reason: str = "",
+        budget_bytes: int = DEFAULT_CACHE_BYTES,
+        spill_dir: str | Path | None = None,
+        enabled: bool = True,
+    ) -> None:
         self.model = model
         self.layers = [layers] if isinstance(layers, str) else list(layers)
         self.data = data
@@ -367,7 +412,7 @@ class LayerRunner:
             self._store.close()
             self._store = None
 
-    def __enter__(self) -> "LayerRunner":
+    def __enter__(self) -> LayerRunner:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -383,7 +428,9 @@ def swapped_weights(model: nn.Module, kernels: Mapping[str, torch.Tensor]) -> It
             for name, K in kernels.items():
                 w = model.get_submodule(name).weight
                 if tuple(w.shape) != tuple(K.shape):
-                    raise TensorcutError(f"kernel for {name!r} has shape {tuple(K.shape)}, expected {tuple(w.shape)}")
+                    raise TensorcutError(
+                        f"kernel for {name!r} has shape {tuple(K.shape)}, expected {tuple(w.shape)}"
+                    )
                 saved.append((w, w.detach().clone()))
                 w.copy_(K)
         yield
@@ -394,6 +441,12 @@ def swapped_weights(model: nn.Module, kernels: Mapping[str, torch.Tensor]) -> It
 
 
 __all__ = [
-    "DEFAULT_CACHE_BYTES", "BatchStore", "EvalResult", "EvalSet", "evaluate_full", "trace",
-    "LayerRunner", "swapped_weights",
+    "DEFAULT_CACHE_BYTES",
+    "BatchStore",
+    "EvalResult",
+    "EvalSet",
+    "evaluate_full",
+    "trace",
+    "LayerRunner",
+    "swapped_weights",
 ]

@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any
 
 
-def demo_sweep(checkpoint: str | Path, out: str | Path, *, fast: bool = False, progress: bool = True) -> dict[str, Any]:
+def demo_sweep(
+    checkpoint: str | Path, out: str | Path, *, fast: bool = False, progress: bool = True
+) -> dict[str, Any]:
     """Sweep a trained digits checkpoint and draw its figures into ``out/figures``.
 
     All seven bipartitions on the default layers (plus CP ranks 2 and 4 and the all-layer
@@ -22,12 +24,21 @@ def demo_sweep(checkpoint: str | Path, out: str | Path, *, fast: bool = False, p
     ck = tio.load_checkpoint(checkpoint)
     ds_meta = ck.meta.get("dataset") or {}
     name = ds_meta.get("name", "digits")
-    val = tdata.load_dataset(name, "val", val_fraction=ds_meta.get("val_fraction", 0.1), seed=ds_meta.get("seed", 0))
+    val = tdata.load_dataset(
+        name, "val", val_fraction=ds_meta.get("val_fraction", 0.1), seed=ds_meta.get("seed", 0)
+    )
     db = out / "truncation.sqlite"
-    report = analyze(ck.model, {"val": tdata.make_loader(val, 500)}, db,
-                     cp_ranks=None if fast else [2, 4], all_layers=not fast,
-                     bipartitions=("OUT", "KW", "OUT-IN") if fast else None,
-                     model_name=(ck.meta.get("model") or {}).get("name"), data_name=name, progress=progress)
+    report = analyze(
+        ck.model,
+        {"val": tdata.make_loader(val, 500)},
+        db,
+        cp_ranks=None if fast else [2, 4],
+        all_layers=not fast,
+        bipartitions=("OUT", "KW", "OUT-IN") if fast else None,
+        model_name=(ck.meta.get("model") or {}).get("name"),
+        data_name=name,
+        progress=progress,
+    )
     files = plot(db, out / "figures", formats=("png",) if fast else ("png", "svg"))
     return {"report": report, "results": db, "figures": files}
 

@@ -6,8 +6,9 @@ Used by the figures and by the paper-reproduction report, so both read the numbe
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,16 @@ def baselines(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], Mappin
     return {(r["fingerprint"], r["split"]): r for r in rows if r["kind"] == "baseline"}
 
 
-def curves(rows: Iterable[Mapping[str, Any]], *, kind: str, method: str, split: str,
-           fingerprint: str | None = None, by: Sequence[str] = ("layer", "bipartition"),
-           with_baseline: bool = True) -> dict[tuple[Any, ...], list[Point]]:
+def curves(
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    kind: str,
+    method: str,
+    split: str,
+    fingerprint: str | None = None,
+    by: Sequence[str] = ("layer", "bipartition"),
+    with_baseline: bool = True,
+) -> dict[tuple[Any, ...], list[Point]]:
     """Group rows into curves sorted by norm loss; the unmodified model is the (0, baseline) point."""
     rows = list(rows)
     base = baselines(rows)
@@ -43,13 +51,23 @@ def curves(rows: Iterable[Mapping[str, Any]], *, kind: str, method: str, split: 
         if r.get("norm_loss_pct") is None or r.get("top1") is None:
             continue
         fps.add(r["fingerprint"])
-        out[tuple(r[c] for c in by)].append(Point(float(r["norm_loss_pct"]), float(r["top1"]), float(r["top5"]),
-                                                  float(r["loss"]), str(r["keep"]), r.get("corr_loss_pct")))
+        out[tuple(r[c] for c in by)].append(
+            Point(
+                float(r["norm_loss_pct"]),
+                float(r["top1"]),
+                float(r["top5"]),
+                float(r["loss"]),
+                str(r["keep"]),
+                r.get("corr_loss_pct"),
+            )
+        )
     for key, pts in out.items():
         if with_baseline and len(fps) == 1:
             b = base.get((next(iter(fps)), split))
             if b is not None:
-                pts.append(Point(0.0, float(b["top1"]), float(b["top5"]), float(b["loss"]), "full", 0.0))
+                pts.append(
+                    Point(0.0, float(b["top1"]), float(b["top5"]), float(b["loss"]), "full", 0.0)
+                )
         pts.sort(key=lambda p: (p.norm_loss, -p.top1))
     return dict(out)
 
@@ -68,8 +86,9 @@ def accuracy_at(points: Sequence[Point], norm_loss: float, *, metric: str = "top
     return float(getattr(pts[-1], metric))
 
 
-def tolerated_norm_loss(points: Sequence[Point], baseline_top1: float, *, max_drop: float = 0.01,
-                        metric: str = "top1") -> float:
+def tolerated_norm_loss(
+    points: Sequence[Point], baseline_top1: float, *, max_drop: float = 0.01, metric: str = "top1"
+) -> float:
     """Largest norm loss % reached before accuracy first falls more than ``max_drop`` below baseline.
 
     Walks the curve by increasing norm loss; at the first point beyond the allowed drop the
@@ -93,8 +112,9 @@ def tolerated_norm_loss(points: Sequence[Point], baseline_top1: float, *, max_dr
     return pts[-1].norm_loss if pts else 0.0
 
 
-def recovery_curves(rows: Iterable[Mapping[str, Any]], *, split: str,
-                    fingerprint: str | None = None) -> dict[str, list[tuple[int, float, float]]]:
+def recovery_curves(
+    rows: Iterable[Mapping[str, Any]], *, split: str, fingerprint: str | None = None
+) -> dict[str, list[tuple[int, float, float]]]:
     """Scenario -> [(epoch, top1, top5)] sorted by epoch."""
     out: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
     for r in rows:
@@ -116,4 +136,12 @@ def splits_of(rows: Iterable[Mapping[str, Any]]) -> list[str]:
     return seen
 
 
-__all__ = ["Point", "baselines", "curves", "accuracy_at", "tolerated_norm_loss", "recovery_curves", "splits_of"]
+__all__ = [
+    "Point",
+    "baselines",
+    "curves",
+    "accuracy_at",
+    "tolerated_norm_loss",
+    "recovery_curves",
+    "splits_of",
+]

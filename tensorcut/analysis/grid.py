@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -34,13 +35,17 @@ def select_layers(model: nn.Module, layers: Sequence[str] | None = None) -> list
     if layers is None or len(layers) == 0:
         chosen = [n for n, m in convs if m.weight.shape[1] > 1]
         if not chosen:
-            raise TensorcutError(f"no eligible conv layer: every Conv2d of {type(model).__name__} has one input "
-                                 f"channel ({', '.join(names)}); name layers explicitly with --layers")
+            raise TensorcutError(
+                f"no eligible conv layer: every Conv2d of {type(model).__name__} has one input "
+                f"channel ({', '.join(names)}); name layers explicitly with --layers"
+            )
         return chosen
     wanted = [str(x) for x in layers]
     bad = [x for x in wanted if x not in names]
     if bad:
-        raise TensorcutError(f"unknown layer(s) {', '.join(repr(b) for b in bad)}; valid conv layers: {', '.join(names)}")
+        raise TensorcutError(
+            f"unknown layer(s) {', '.join(repr(b) for b in bad)}; valid conv layers: {', '.join(names)}"
+        )
     return [n for n in names if n in set(wanted)]
 
 
@@ -99,12 +104,16 @@ def _parse_ints(text: str, what: str) -> list[int]:
         if ":" in tok:
             parts = tok.split(":")
             if len(parts) not in (2, 3):
-                raise TensorcutError(f"bad range {tok!r} in {what}; use start:end or start:end:step (end included)")
+                raise TensorcutError(
+                    f"bad range {tok!r} in {what}; use start:end or start:end:step (end included)"
+                )
             try:
                 a, b = int(parts[0]), int(parts[1])
                 s = int(parts[2]) if len(parts) == 3 else 1
             except ValueError as exc:
-                raise TensorcutError(f"bad range {tok!r} in {what}; use integers like 10:60:10") from exc
+                raise TensorcutError(
+                    f"bad range {tok!r} in {what}; use integers like 10:60:10"
+                ) from exc
             if s < 1:
                 raise TensorcutError(f"bad range {tok!r} in {what}: step must be >= 1")
             vals.extend(range(a, b + 1, s))
@@ -128,7 +137,7 @@ def parse_keep(keep: Any) -> KeepSpec:
         return spec
     if isinstance(keep, Mapping):
         for k, v in keep.items():
-            layer, bip = (k if isinstance(k, tuple) else (None, k))
+            layer, bip = k if isinstance(k, tuple) else (None, k)
             bip = None if bip is None else canonical_bipartition(str(bip))
             spec.setdefault((layer, bip), []).extend(int(x) for x in v)
         return spec
@@ -167,8 +176,10 @@ def keep_values(spec: KeepSpec, layer: str, bipartition: str, shape: Sequence[in
             vals = sorted(set(spec[key]))
             for k in vals:
                 if not 1 <= k <= n:
-                    raise TensorcutError(f"keep={k} out of range for layer {layer!r} along {bipartition} "
-                                         f"(kernel {tuple(int(s) for s in shape)}): valid 1..{n}")
+                    raise TensorcutError(
+                        f"keep={k} out of range for layer {layer!r} along {bipartition} "
+                        f"(kernel {tuple(int(s) for s in shape)}): valid 1..{n}"
+                    )
             return vals
     return default_keep_grid(n)
 
@@ -178,8 +189,14 @@ def check_keep_layers(spec: KeepSpec, layers: Sequence[str], all_layers: Sequenc
     for layer, _ in spec:
         if layer is not None and layer not in layers:
             valid = ", ".join(layers)
-            hint = "" if layer in all_layers else f"; conv layers of the model: {', '.join(all_layers)}"
-            raise TensorcutError(f"--keep names layer {layer!r}, which is not among the selected layers ({valid}){hint}")
+            hint = (
+                ""
+                if layer in all_layers
+                else f"; conv layers of the model: {', '.join(all_layers)}"
+            )
+            raise TensorcutError(
+                f"--keep names layer {layer!r}, which is not among the selected layers ({valid}){hint}"
+            )
 
 
 def parse_cp_ranks(ranks: Any) -> list[int] | str | None:
@@ -192,15 +209,23 @@ def parse_cp_ranks(ranks: Any) -> list[int] | str | None:
         return "auto"
     vals: list[int] = []
     for r in ranks:
-        vals.extend([r] if isinstance(r, int) and not isinstance(r, bool) else _parse_ints(str(r), "--cp-ranks"))
+        vals.extend(
+            [r]
+            if isinstance(r, int) and not isinstance(r, bool)
+            else _parse_ints(str(r), "--cp-ranks")
+        )
     bad = [r for r in vals if r < 1]
     if bad:
         raise TensorcutError(f"CP rank(s) {bad} invalid: ranks must be >= 1")
     return sorted(set(vals), reverse=True)
 
 
-def all_layer_steps(ns: Mapping[str, int], spec: KeepSpec, bipartition: str,
-                    fractions: Sequence[float] | None = None) -> list[dict[str, int]]:
+def all_layer_steps(
+    ns: Mapping[str, int],
+    spec: KeepSpec,
+    bipartition: str,
+    fractions: Sequence[float] | None = None,
+) -> list[dict[str, int]]:
     """Per-layer keep values for the simultaneous sweep along one bipartition.
 
     An explicit keep list applies the same ``k`` to every layer (each must admit it);
@@ -213,8 +238,10 @@ def all_layer_steps(ns: Mapping[str, int], spec: KeepSpec, bipartition: str,
         for k in sorted(set(explicit), reverse=True):
             for layer, n in ns.items():
                 if not 1 <= k <= n:
-                    raise TensorcutError(f"keep={k} out of range for layer {layer!r} along {bipartition} in the "
-                                         f"all-layer sweep: valid 1..{n}")
+                    raise TensorcutError(
+                        f"keep={k} out of range for layer {layer!r} along {bipartition} in the "
+                        f"all-layer sweep: valid 1..{n}"
+                    )
             steps.append({layer: k for layer in ns})
     else:
         for f in fractions or DEFAULT_ALL_LAYER_FRACTIONS:
@@ -232,6 +259,15 @@ def all_layer_steps(ns: Mapping[str, int], spec: KeepSpec, bipartition: str,
 
 
 __all__ = [
-    "DEFAULT_ALL_LAYER_FRACTIONS", "conv_layers", "select_layers", "select_bipartitions", "default_keep_grid",
-    "default_cp_ranks", "parse_keep", "keep_values", "check_keep_layers", "parse_cp_ranks", "all_layer_steps",
+    "DEFAULT_ALL_LAYER_FRACTIONS",
+    "conv_layers",
+    "select_layers",
+    "select_bipartitions",
+    "default_keep_grid",
+    "default_cp_ranks",
+    "parse_keep",
+    "keep_values",
+    "check_keep_layers",
+    "parse_cp_ranks",
+    "all_layer_steps",
 ]

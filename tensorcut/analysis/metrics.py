@@ -9,10 +9,10 @@ parameters of the truncated factorization.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Sequence
-
 import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -95,7 +95,9 @@ def reconstruction_metrics(
     negative when an approximation has more norm than the original (it is reported as is).
     """
     if tuple(K.shape) != tuple(K_tilde.shape):
-        raise TensorcutError(f"approximation shape {tuple(K_tilde.shape)} differs from kernel {tuple(K.shape)}")
+        raise TensorcutError(
+            f"approximation shape {tuple(K_tilde.shape)} differs from kernel {tuple(K.shape)}"
+        )
     bip = canonical_bipartition(entropy_bipartition)
     k64 = K.detach().to(device="cpu", dtype=torch.float64)
     t64 = K_tilde.detach().to(device="cpu", dtype=torch.float64)
@@ -148,26 +150,53 @@ def cp_truncate(
     from tensorcut.decompose.cp import cp_als, cp_to_tensor
 
     T = K.detach().to(device="cpu", dtype=torch.float64)
-    res = cp_als(T, rank, n_iter_max=n_iter_max, tol=tol, init="svd", n_restarts=n_restarts, seed=seed)
+    res = cp_als(
+        T, rank, n_iter_max=n_iter_max, tol=tol, init="svd", n_restarts=n_restarts, seed=seed
+    )
     rebuilt = cp_to_tensor(res.weights, res.factors).to(dtype=K.dtype, device=K.device)
-    return CPTruncation(rebuilt, rank, float(res.rel_error), int(res.n_iter), bool(res.converged), str(res.message))
+    return CPTruncation(
+        rebuilt, rank, float(res.rel_error), int(res.n_iter), bool(res.converged), str(res.message)
+    )
 
 
-def cp_metrics(K: torch.Tensor, cp: CPTruncation, *, entropy_form: str = "vn",
-               entropy_bipartition: str = "OUT") -> TruncationMetrics:
+def cp_metrics(
+    K: torch.Tensor, cp: CPTruncation, *, entropy_form: str = "vn", entropy_bipartition: str = "OUT"
+) -> TruncationMetrics:
     """Metrics of a CP truncation; CR counts ``rank * (OUT + IN + KH + KW)`` parameters."""
-    return reconstruction_metrics(K, cp.kernel, cp_params(K.shape, cp.rank), entropy_form=entropy_form,
-                                  entropy_bipartition=entropy_bipartition)
+    return reconstruction_metrics(
+        K,
+        cp.kernel,
+        cp_params(K.shape, cp.rank),
+        entropy_form=entropy_form,
+        entropy_bipartition=entropy_bipartition,
+    )
 
 
-def tucker_metrics(K: torch.Tensor, K_tilde: torch.Tensor, ranks: Sequence[int], *, entropy_form: str = "vn",
-                   entropy_bipartition: str = "OUT") -> TruncationMetrics:
+def tucker_metrics(
+    K: torch.Tensor,
+    K_tilde: torch.Tensor,
+    ranks: Sequence[int],
+    *,
+    entropy_form: str = "vn",
+    entropy_bipartition: str = "OUT",
+) -> TruncationMetrics:
     """Metrics of a Tucker truncation; CR counts core plus factor parameters."""
-    return reconstruction_metrics(K, K_tilde, tucker_params(K.shape, ranks), entropy_form=entropy_form,
-                                  entropy_bipartition=entropy_bipartition)
+    return reconstruction_metrics(
+        K,
+        K_tilde,
+        tucker_params(K.shape, ranks),
+        entropy_form=entropy_form,
+        entropy_bipartition=entropy_bipartition,
+    )
 
 
 __all__ = [
-    "TruncationMetrics", "corr_loss_pct", "svd_metrics", "reconstruction_metrics",
-    "CPTruncation", "cp_truncate", "cp_metrics", "tucker_metrics",
+    "TruncationMetrics",
+    "corr_loss_pct",
+    "svd_metrics",
+    "reconstruction_metrics",
+    "CPTruncation",
+    "cp_truncate",
+    "cp_metrics",
+    "tucker_metrics",
 ]

@@ -17,8 +17,9 @@ object-oriented matplotlib API with the Agg canvas: no global backend is changed
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from tensorcut.analysis import findings
 from tensorcut.analysis.store import ResultsStore, open_results
@@ -30,7 +31,9 @@ AVG_NORM_LABEL = "average norm loss % over truncated conv layers (||K||_F^2)"
 FORMATS: tuple[str, ...] = ("png", "svg")
 
 
-def _figure(nrows: int = 1, ncols: int = 1, *, size: tuple[float, float] | None = None) -> tuple[Any, Any]:
+def _figure(
+    nrows: int = 1, ncols: int = 1, *, size: tuple[float, float] | None = None
+) -> tuple[Any, Any]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -48,8 +51,11 @@ def _save(fig: Any, out: Path, name: str, formats: Sequence[str]) -> list[Path]:
     with rc_context({"svg.hashsalt": "tensorcut"}):
         for fmt in formats:
             p = out / f"{name}.{fmt}"
-            fig.savefig(p, dpi=130 if fmt == "png" else None,
-                        metadata={"Date": None} if fmt in ("svg", "pdf") else None)
+            fig.savefig(
+                p,
+                dpi=130 if fmt == "png" else None,
+                metadata={"Date": None} if fmt in ("svg", "pdf") else None,
+            )
             paths.append(p)
     return paths
 
@@ -66,13 +72,21 @@ def _colors(n: int) -> list[Any]:
     return [cmap(0.85 * i / max(n - 1, 1)) for i in range(n)]
 
 
-def plot_spectra(spectra: Sequence[Mapping[str, Any]], out: Path, formats: Sequence[str], *,
-                 entropy_form: str = "vn") -> list[Path]:
+def plot_spectra(
+    spectra: Sequence[Mapping[str, Any]],
+    out: Path,
+    formats: Sequence[str],
+    *,
+    entropy_form: str = "vn",
+) -> list[Path]:
     """Normalised singular values S_i / S_1 per bipartition (log scale), one line per layer."""
     if not spectra:
         return []
     fig, axes = _figure(2, 4, size=(18, 7.5))
-    layers = sorted({s["layer"] for s in spectra}, key=lambda n: min(s["depth"] for s in spectra if s["layer"] == n))
+    layers = sorted(
+        {s["layer"] for s in spectra},
+        key=lambda n: min(s["depth"] for s in spectra if s["layer"] == n),
+    )
     colors = dict(zip(layers, _colors(len(layers))))
     ekey = "entropy_vn" if entropy_form == "vn" else "entropy_literal"
     for ax, bip in zip(axes.flat, BIPARTITIONS):
@@ -81,28 +95,46 @@ def plot_spectra(spectra: Sequence[Mapping[str, Any]], out: Path, formats: Seque
                 continue
             sv = s["singular_values"]
             top = sv[0] if sv and sv[0] > 0 else 1.0
-            ax.semilogy(range(1, len(sv) + 1), [max(v / top, 1e-12) for v in sv], marker="." if len(sv) < 40 else None,
-                        color=colors[s["layer"]], label=f"{s['layer']} {tuple(s['shape'])}, E={s[ekey]:.2f}")
+            ax.semilogy(
+                range(1, len(sv) + 1),
+                [max(v / top, 1e-12) for v in sv],
+                marker="." if len(sv) < 40 else None,
+                color=colors[s["layer"]],
+                label=f"{s['layer']} {tuple(s['shape'])}, E={s[ekey]:.2f}",
+            )
         ax.set_title(f"bipartition {bip}")
         ax.set_xlabel("singular value index i")
         ax.set_ylabel("S_i / S_1")
         ax.legend(fontsize=7)
     ax = axes.flat[7]
     ax.axis("off")
-    ax.text(0.0, 0.5, f"Entropy E in legends:\n{ENTROPY_LABELS[entropy_form]}\nnatural log", fontsize=9)
+    ax.text(
+        0.0, 0.5, f"Entropy E in legends:\n{ENTROPY_LABELS[entropy_form]}\nnatural log", fontsize=9
+    )
     fig.suptitle("Singular value spectra of the conv kernels (paper Figs. 6-7)")
     return _save(fig, out, "spectra", formats)
 
 
-def _acc_panel(ax: Any, curves: Mapping[tuple[Any, ...], list[findings.Point]], layers: Sequence[str],
-               metric: str, title: str) -> None:
+def _acc_panel(
+    ax: Any,
+    curves: Mapping[tuple[Any, ...], list[findings.Point]],
+    layers: Sequence[str],
+    metric: str,
+    title: str,
+) -> None:
     colors = dict(zip(layers, _colors(len(layers))))
     for layer in layers:
         pts = curves.get((layer,))
         if not pts:
             continue
-        ax.plot([p.norm_loss for p in pts], [getattr(p, metric) for p in pts], marker="o", ms=3,
-                color=colors[layer], label=layer)
+        ax.plot(
+            [p.norm_loss for p in pts],
+            [getattr(p, metric) for p in pts],
+            marker="o",
+            ms=3,
+            color=colors[layer],
+            label=layer,
+        )
     ax.set_title(title)
     ax.set_xlabel(NORM_LABEL, fontsize=8)
     ax.set_ylabel(f"{metric.replace('top', 'top-')} accuracy")
@@ -111,8 +143,13 @@ def _acc_panel(ax: Any, curves: Mapping[tuple[Any, ...], list[findings.Point]], 
     ax.legend(fontsize=7)
 
 
-def plot_accuracy(rows: Sequence[Mapping[str, Any]], out: Path, formats: Sequence[str], split: str,
-                  meta: Mapping[str, Any] | None) -> list[Path]:
+def plot_accuracy(
+    rows: Sequence[Mapping[str, Any]],
+    out: Path,
+    formats: Sequence[str],
+    split: str,
+    meta: Mapping[str, Any] | None,
+) -> list[Path]:
     """Per bipartition: top-1 and top-5 vs norm loss with one line per layer; plus an overview grid."""
     paths: list[Path] = []
     per_bip = {}
@@ -137,13 +174,22 @@ def plot_accuracy(rows: Sequence[Mapping[str, Any]], out: Path, formats: Sequenc
         else:
             ax.axis("off")
     axes.flat[7].axis("off")
-    fig.suptitle("Single-layer SVD truncation: top-1 vs norm loss per bipartition (paper Figs. 8-11, 18-19)")
+    fig.suptitle(
+        "Single-layer SVD truncation: top-1 vs norm loss per bipartition (paper Figs. 8-11, 18-19)"
+    )
     paths += _save(fig, out, f"accuracy_vs_norm_loss_all_{split}", formats)
     return paths
 
 
-def plot_depth(rows: Sequence[Mapping[str, Any]], out: Path, formats: Sequence[str], split: str,
-               meta: Mapping[str, Any] | None, *, max_drop: float = 0.01) -> list[Path]:
+def plot_depth(
+    rows: Sequence[Mapping[str, Any]],
+    out: Path,
+    formats: Sequence[str],
+    split: str,
+    meta: Mapping[str, Any] | None,
+    *,
+    max_drop: float = 0.01,
+) -> list[Path]:
     """Tolerated norm loss (largest loss with top-1 drop <= max_drop) vs layer depth (Fig. 20)."""
     base = [r for r in rows if r["kind"] == "baseline" and r["split"] == split]
     if not base:
@@ -164,14 +210,21 @@ def plot_depth(rows: Sequence[Mapping[str, Any]], out: Path, formats: Sequence[s
         at50 = [findings.accuracy_at(c[(layer,)], 50.0) for layer in layers]
         style = "-" if "-" not in bip else "--"
         axes[0, 0].plot(xs, tol, marker="o", linestyle=style, label=bip)
-        axes[0, 1].plot([x for x, a in zip(xs, at50) if a is not None], [b1 - a for a in at50 if a is not None],
-                        marker="o", linestyle=style, label=bip)
+        axes[0, 1].plot(
+            [x for x, a in zip(xs, at50) if a is not None],
+            [b1 - a for a in at50 if a is not None],
+            marker="o",
+            linestyle=style,
+            label=bip,
+        )
         ticks.update(zip(xs, layers))
         any_line = True
     if not any_line:
         return []
     axes[0, 0].set_xlabel("conv layer depth (1 = first conv)")
-    axes[0, 0].set_ylabel(f"tolerated norm loss % (top-1 drop <= {100 * max_drop:g} pt)", fontsize=8)
+    axes[0, 0].set_ylabel(
+        f"tolerated norm loss % (top-1 drop <= {100 * max_drop:g} pt)", fontsize=8
+    )
     axes[0, 0].set_title(f"Robustness vs depth ({split})")
     axes[0, 1].set_xlabel("conv layer depth (1 = first conv)")
     axes[0, 1].set_ylabel("top-1 drop at 50% norm loss (interpolated)", fontsize=8)
@@ -184,7 +237,9 @@ def plot_depth(rows: Sequence[Mapping[str, Any]], out: Path, formats: Sequence[s
     return _save(fig, out, f"robustness_vs_depth_{split}", formats)
 
 
-def plot_all_layers(rows: Sequence[Mapping[str, Any]], out: Path, formats: Sequence[str], split: str) -> list[Path]:
+def plot_all_layers(
+    rows: Sequence[Mapping[str, Any]], out: Path, formats: Sequence[str], split: str
+) -> list[Path]:
     """Accuracy vs average norm loss when every selected layer is truncated at once (Figs. 12-13)."""
     svd = findings.curves(rows, kind="all-layers", method="svd", split=split, by=("bipartition",))
     cp = findings.curves(rows, kind="all-layers", method="cp", split=split, by=("method",))
@@ -193,10 +248,23 @@ def plot_all_layers(rows: Sequence[Mapping[str, Any]], out: Path, formats: Seque
     fig, axes = _figure(1, 2)
     for ax, metric in zip(axes.flat, ("top1", "top5")):
         for (bip,), pts in sorted(svd.items(), key=lambda kv: BIPARTITIONS.index(kv[0][0])):
-            ax.plot([p.norm_loss for p in pts], [getattr(p, metric) for p in pts], marker="o", ms=3, label=f"SVD {bip}")
+            ax.plot(
+                [p.norm_loss for p in pts],
+                [getattr(p, metric) for p in pts],
+                marker="o",
+                ms=3,
+                label=f"SVD {bip}",
+            )
         for _, pts in cp.items():
-            ax.plot([p.norm_loss for p in pts], [getattr(p, metric) for p in pts], marker="s", ms=3, color="k",
-                    linestyle=":", label="CP")
+            ax.plot(
+                [p.norm_loss for p in pts],
+                [getattr(p, metric) for p in pts],
+                marker="s",
+                ms=3,
+                color="k",
+                linestyle=":",
+                label="CP",
+            )
         ax.set_xlabel(AVG_NORM_LABEL, fontsize=8)
         ax.set_ylabel(f"{metric.replace('top', 'top-')} accuracy")
         ax.set_ylim(-0.02, 1.02)
@@ -206,26 +274,48 @@ def plot_all_layers(rows: Sequence[Mapping[str, Any]], out: Path, formats: Seque
     return _save(fig, out, f"all_layers_{split}", formats)
 
 
-def plot_cp(rows: Sequence[Mapping[str, Any]], out: Path, formats: Sequence[str], split: str,
-            meta: Mapping[str, Any] | None) -> list[Path]:
+def plot_cp(
+    rows: Sequence[Mapping[str, Any]],
+    out: Path,
+    formats: Sequence[str],
+    split: str,
+    meta: Mapping[str, Any] | None,
+) -> list[Path]:
     """CP truncation per layer (solid) against SVD truncation along OUT (dashed), top-1 vs norm loss."""
     cp = findings.curves(rows, kind="cp", method="cp", split=split, by=("layer",))
     if not cp:
         return []
-    svd = findings.curves([r for r in rows if r["bipartition"] == "OUT"], kind="single", method="svd",
-                          split=split, by=("layer",))
+    svd = findings.curves(
+        [r for r in rows if r["bipartition"] == "OUT"],
+        kind="single",
+        method="svd",
+        split=split,
+        by=("layer",),
+    )
     layers = _layer_order(meta, [k[0] for k in cp])
     colors = dict(zip(layers, _colors(len(layers))))
     fig, axes = _figure(1, 2)
     for ax, metric in zip(axes.flat, ("top1", "top5")):
         for layer in layers:
             pts = cp[(layer,)]
-            ax.plot([p.norm_loss for p in pts], [getattr(p, metric) for p in pts], marker="s", ms=3,
-                    color=colors[layer], label=f"{layer} CP")
+            ax.plot(
+                [p.norm_loss for p in pts],
+                [getattr(p, metric) for p in pts],
+                marker="s",
+                ms=3,
+                color=colors[layer],
+                label=f"{layer} CP",
+            )
             if (layer,) in svd:
                 sp = svd[(layer,)]
-                ax.plot([p.norm_loss for p in sp], [getattr(p, metric) for p in sp], linestyle="--", alpha=0.7,
-                        color=colors[layer], label=f"{layer} SVD OUT")
+                ax.plot(
+                    [p.norm_loss for p in sp],
+                    [getattr(p, metric) for p in sp],
+                    linestyle="--",
+                    alpha=0.7,
+                    color=colors[layer],
+                    label=f"{layer} SVD OUT",
+                )
         ax.set_xlabel(NORM_LABEL, fontsize=8)
         ax.set_ylabel(f"{metric.replace('top', 'top-')} accuracy")
         ax.set_ylim(-0.02, 1.02)
@@ -235,7 +325,9 @@ def plot_cp(rows: Sequence[Mapping[str, Any]], out: Path, formats: Sequence[str]
     return _save(fig, out, f"cp_truncation_{split}", formats)
 
 
-def plot_recovery(rows: Sequence[Mapping[str, Any]], out: Path, formats: Sequence[str], split: str) -> list[Path]:
+def plot_recovery(
+    rows: Sequence[Mapping[str, Any]], out: Path, formats: Sequence[str], split: str
+) -> list[Path]:
     """Accuracy after each retraining epoch, one line per scenario (Figs. 14, 21b)."""
     rc = findings.recovery_curves(rows, split=split)
     if not rc:
@@ -259,9 +351,15 @@ def plot_recovery(rows: Sequence[Mapping[str, Any]], out: Path, formats: Sequenc
     return _save(fig, out, f"recovery_{split}", formats)
 
 
-def plot_correlation(rows: Sequence[Mapping[str, Any]], out: Path, formats: Sequence[str], split: str) -> list[Path]:
+def plot_correlation(
+    rows: Sequence[Mapping[str, Any]], out: Path, formats: Sequence[str], split: str
+) -> list[Path]:
     """Correlation (entropy) loss vs norm loss for the single-layer SVD truncations."""
-    pts = [r for r in rows if r["kind"] == "single" and r["split"] == split and r.get("corr_loss_pct") is not None]
+    pts = [
+        r
+        for r in rows
+        if r["kind"] == "single" and r["split"] == split and r.get("corr_loss_pct") is not None
+    ]
     if not pts:
         return []
     form = pts[0].get("entropy_form") or "vn"
@@ -270,11 +368,26 @@ def plot_correlation(rows: Sequence[Mapping[str, Any]], out: Path, formats: Sequ
     for bip in BIPARTITIONS:
         sub = [r for r in pts if r["bipartition"] == bip]
         if sub:
-            ax.scatter([r["norm_loss_pct"] for r in sub], [r["corr_loss_pct"] for r in sub], s=10, label=bip)
-    cp = [r for r in rows if r["kind"] == "cp" and r["split"] == split and r.get("corr_loss_pct") is not None]
+            ax.scatter(
+                [r["norm_loss_pct"] for r in sub],
+                [r["corr_loss_pct"] for r in sub],
+                s=10,
+                label=bip,
+            )
+    cp = [
+        r
+        for r in rows
+        if r["kind"] == "cp" and r["split"] == split and r.get("corr_loss_pct") is not None
+    ]
     if cp:
-        ax.scatter([r["norm_loss_pct"] for r in cp], [r["corr_loss_pct"] for r in cp], s=14, marker="x",
-                   color="k", label="CP (entropy along OUT)")
+        ax.scatter(
+            [r["norm_loss_pct"] for r in cp],
+            [r["corr_loss_pct"] for r in cp],
+            s=14,
+            marker="x",
+            color="k",
+            label="CP (entropy along OUT)",
+        )
     ax.set_xlabel(NORM_LABEL, fontsize=8)
     ax.set_ylabel("correlation loss % = 100 (E - E~)/E", fontsize=8)
     ax.set_title(f"Entropy: {ENTROPY_LABELS.get(form, form)}", fontsize=8)
@@ -283,8 +396,14 @@ def plot_correlation(rows: Sequence[Mapping[str, Any]], out: Path, formats: Sequ
     return _save(fig, out, f"correlation_vs_norm_loss_{split}", formats)
 
 
-def plot(results: str | Path | ResultsStore, out: str | Path, *, formats: Sequence[str] = FORMATS,
-         max_drop: float = 0.01, fingerprint: str | None = None) -> list[Path]:
+def plot(
+    results: str | Path | ResultsStore,
+    out: str | Path,
+    *,
+    formats: Sequence[str] = FORMATS,
+    max_drop: float = 0.01,
+    fingerprint: str | None = None,
+) -> list[Path]:
     """Write every figure the results support into ``out``; returns the files written.
 
     With several models in one results file, each gets a subfolder named by its fingerprint
@@ -298,11 +417,15 @@ def plot(results: str | Path | ResultsStore, out: str | Path, *, formats: Sequen
         rows = store.rows()
         spectra = store.spectra()
         if not rows and not spectra:
-            raise TensorcutError(f"{store.path} holds no results yet; run `tensorcut analyze` first")
+            raise TensorcutError(
+                f"{store.path} holds no results yet; run `tensorcut analyze` first"
+            )
         fps = sorted({r["fingerprint"] for r in rows} | {s["fingerprint"] for s in spectra})
         if fingerprint is not None:
             if fingerprint not in fps:
-                raise TensorcutError(f"fingerprint {fingerprint!r} not in {store.path}; present: {', '.join(fps)}")
+                raise TensorcutError(
+                    f"fingerprint {fingerprint!r} not in {store.path}; present: {', '.join(fps)}"
+                )
             fps = [fingerprint]
         metas = {fp: store.get_meta(f"model:{fp}") for fp in fps}
     finally:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -35,11 +36,22 @@ def _candidates_svd(svds: Mapping[str, Any], fractions: Sequence[float]) -> list
     return out
 
 
-def run_recovery(sweep: Any, layers: Sequence[str], kernels: Mapping[str, torch.Tensor],
-                 train_loader: Iterable[Any], epochs: int, *, scenarios: Sequence[str] = DEFAULT_SCENARIOS,
-                 near_chance: float = 2.0, fractions: Sequence[float] = DEFAULT_FRACTIONS,
-                 cp_ranks: Sequence[int] = DEFAULT_CP_RANKS, lr: float = 1e-3, optimizer: str = "adam",
-                 seed: int = 0, cp_kwargs: Mapping[str, Any] | None = None) -> None:
+def run_recovery(
+    sweep: Any,
+    layers: Sequence[str],
+    kernels: Mapping[str, torch.Tensor],
+    train_loader: Iterable[Any],
+    epochs: int,
+    *,
+    scenarios: Sequence[str] = DEFAULT_SCENARIOS,
+    near_chance: float = 2.0,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    cp_ranks: Sequence[int] = DEFAULT_CP_RANKS,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    seed: int = 0,
+    cp_kwargs: Mapping[str, Any] | None = None,
+) -> None:
     """Run every recovery scenario; one row per (scenario, split, epoch) in the sweep's store."""
     from tqdm import tqdm
 
@@ -53,7 +65,11 @@ def run_recovery(sweep: Any, layers: Sequence[str], kernels: Mapping[str, torch.
     for scen in tqdm(list(scenarios), desc="recovery", disable=not sweep.progress, leave=False):
         method = "cp" if scen.lower() == "cp" else "svd"
         bip = "" if method == "cp" else canonical_bipartition(scen)
-        keys = [sweep.key(s, "recovery", method, joined, bip, "", e) for s in splits for e in range(epochs + 1)]
+        keys = [
+            sweep.key(s, "recovery", method, joined, bip, "", e)
+            for s in splits
+            for e in range(epochs + 1)
+        ]
         if all(sweep.is_done(k) for k in keys):
             sweep.report.skipped += len(keys)
             continue
@@ -64,8 +80,15 @@ def run_recovery(sweep: Any, layers: Sequence[str], kernels: Mapping[str, torch.
             cands: list[Any] = _candidates_svd(svds, fractions)
         else:
             cands = [r for r in cp_ranks if r >= 1]
-        runner = LayerRunner(model, layers, sweep.evalsets[probe_split], traced=None, enabled=sweep.use_cache,
-                             budget_bytes=sweep.cache_bytes, spill_dir=sweep.spill_dir)
+        runner = LayerRunner(
+            model,
+            layers,
+            sweep.evalsets[probe_split],
+            traced=None,
+            enabled=sweep.use_cache,
+            budget_bytes=sweep.cache_bytes,
+            spill_dir=sweep.spill_dir,
+        )
         probes: list[dict[str, Any]] = []
         chosen: tuple[Any, dict[str, torch.Tensor], dict[str, Any]] | None = None
         num_classes: int | None = None
@@ -73,19 +96,30 @@ def run_recovery(sweep: Any, layers: Sequence[str], kernels: Mapping[str, torch.
             for cand in cands:
                 if method == "svd":
                     kt = {layer: svds[layer].truncate(k, layer=layer) for layer, k in cand.items()}
-                    per = {layer: svd_metrics(svds[layer], k, entropy_form=sweep.entropy_form)
-                           for layer, k in cand.items()}
+                    per = {
+                        layer: svd_metrics(svds[layer], k, entropy_form=sweep.entropy_form)
+                        for layer, k in cand.items()
+                    }
                 else:
-                    cps = {layer: cp_truncate(kernels[layer], cand, **dict(cp_kwargs or {})) for layer in layers}
+                    cps = {
+                        layer: cp_truncate(kernels[layer], cand, **dict(cp_kwargs or {}))
+                        for layer in layers
+                    }
                     kt = {layer: c.kernel for layer, c in cps.items()}
-                    per = {layer: cp_metrics(kernels[layer], cps[layer], entropy_form=sweep.entropy_form)
-                           for layer in layers}
+                    per = {
+                        layer: cp_metrics(
+                            kernels[layer], cps[layer], entropy_form=sweep.entropy_form
+                        )
+                        for layer in layers
+                    }
                 m = _mean_metrics(per, sweep.entropy_form)
                 with swapped_weights(model, kt):
                     res = runner.evaluate()
                     if num_classes is None:
                         num_classes = _num_classes(model, sweep.evalsets[probe_split])
-                probes.append({"truncation": cand, "top1": res.top1, "norm_loss_pct": m["norm_loss_pct"]})
+                probes.append(
+                    {"truncation": cand, "top1": res.top1, "norm_loss_pct": m["norm_loss_pct"]}
+                )
                 chosen = (cand, kt, m)
                 if res.top1 <= near_chance / max(num_classes, 1):
                     break
@@ -95,8 +129,15 @@ def run_recovery(sweep: Any, layers: Sequence[str], kernels: Mapping[str, torch.
             raise TensorcutError(f"recovery scenario {scen!r} has no truncation to apply")
         cand, kt, m = chosen
         reached = probes[-1]["top1"] <= near_chance / max(num_classes or 1, 1)
-        extra_base = {"scenario": scen, "truncation": cand, "probes": probes, "near_chance_reached": reached,
-                      "lr": lr, "optimizer": optimizer, "seed": seed}
+        extra_base = {
+            "scenario": scen,
+            "truncation": cand,
+            "probes": probes,
+            "near_chance_reached": reached,
+            "lr": lr,
+            "optimizer": optimizer,
+            "seed": seed,
+        }
         prep = time.perf_counter() - t0
         # 2. retrain a copy
         net = copy.deepcopy(model)
@@ -115,15 +156,34 @@ def run_recovery(sweep: Any, layers: Sequence[str], kernels: Mapping[str, torch.
                 res = evaluate_full(net, sweep.evalsets[s])
                 extra = dict(extra_base)
                 if train_row:
-                    extra.update({k: train_row[k] for k in ("train_loss", "train_top1", "seconds") if k in train_row})
-                sweep.record(key, res, m, prep_seconds=prep if epoch == 0 else 0.0, extra=extra,
-                             keep_int=keep_int)
+                    extra.update(
+                        {
+                            k: train_row[k]
+                            for k in ("train_loss", "train_top1", "seconds")
+                            if k in train_row
+                        }
+                    )
+                sweep.record(
+                    key,
+                    res,
+                    m,
+                    prep_seconds=prep if epoch == 0 else 0.0,
+                    extra=extra,
+                    keep_int=keep_int,
+                )
             net.train(was)
 
         log_epoch(0, None)
         cfg = FitConfig(epochs=epochs, optimizer=optimizer, lr=lr, scheduler="none", seed=seed)
-        fit(net, train_loader, None, cfg, device=device, progress=False,
-            on_epoch=lambda row: log_epoch(int(row["epoch"]), row))
+        fit(
+            net,
+            train_loader,
+            None,
+            cfg,
+            device=device,
+            progress=False,
+            on_epoch=lambda row: log_epoch(int(row["epoch"]), row),
+        )
         del net
 
 

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -71,10 +72,20 @@ class ShardReport(AnalysisReport):
     units: list[str] = field(default_factory=list)
 
 
-def plan_units(model: nn.Module, *, layers: Sequence[str] | None = None, bipartitions: Sequence[str] | None = None,
-               keep: Any = None, cp_ranks: Any = None, single_layer: bool = True, all_layers: bool = False,
-               all_layer_fractions: Sequence[float] | None = None, recover_epochs: int = 0,
-               world_size: int = 1, granularity: str = "auto") -> list[Unit]:
+def plan_units(
+    model: nn.Module,
+    *,
+    layers: Sequence[str] | None = None,
+    bipartitions: Sequence[str] | None = None,
+    keep: Any = None,
+    cp_ranks: Any = None,
+    single_layer: bool = True,
+    all_layers: bool = False,
+    all_layer_fractions: Sequence[float] | None = None,
+    recover_epochs: int = 0,
+    world_size: int = 1,
+    granularity: str = "auto",
+) -> list[Unit]:
     """Cut a study into units; validates the study exactly as ``analyze`` would.
 
     ``granularity`` is ``"layer"`` (one unit per layer: its activations are cached once),
@@ -82,7 +93,9 @@ def plan_units(model: nn.Module, *, layers: Sequence[str] | None = None, biparti
     when there are at least three layers per rank).
     """
     if granularity not in ("auto", "layer", "bipartition"):
-        raise TensorcutError(f"unknown shard granularity {granularity!r}; use auto, layer or bipartition")
+        raise TensorcutError(
+            f"unknown shard granularity {granularity!r}; use auto, layer or bipartition"
+        )
     chosen = grid.select_layers(model, layers)
     all_convs = [n for n, _ in grid.conv_layers(model)]
     bips = grid.select_bipartitions(bipartitions)
@@ -90,31 +103,54 @@ def plan_units(model: nn.Module, *, layers: Sequence[str] | None = None, biparti
     grid.check_keep_layers(spec, chosen, all_convs)
     shapes = {name: tuple(model.get_submodule(name).weight.shape) for name in chosen}
     cp_spec = grid.parse_cp_ranks(cp_ranks)
-    n_cp = {name: len(grid.default_cp_ranks(shapes[name])) if cp_spec == "auto" else len(cp_spec or [])
-            for name in chosen}
+    n_cp = {
+        name: len(grid.default_cp_ranks(shapes[name])) if cp_spec == "auto" else len(cp_spec or [])
+        for name in chosen
+    }
     units: list[Unit] = []
     if single_layer:
-        per_layer = granularity == "layer" or (granularity == "auto" and len(chosen) >= 3 * world_size)
+        per_layer = granularity == "layer" or (
+            granularity == "auto" and len(chosen) >= 3 * world_size
+        )
         for name in chosen:
             counts = [len(grid.keep_values(spec, name, b, shapes[name])) for b in bips]
             cp_cost = CP_COST * n_cp[name]
             if per_layer:
-                units.append(Unit("single", (name,), tuple(bips), n_cp[name] > 0, sum(counts) + cp_cost))
+                units.append(
+                    Unit("single", (name,), tuple(bips), n_cp[name] > 0, sum(counts) + cp_cost)
+                )
             else:
                 for i, (b, c) in enumerate(zip(bips, counts)):
                     first = i == 0 and n_cp[name] > 0
-                    units.append(Unit("single", (name,), (b,), first, c + (cp_cost if first else 0.0)))
+                    units.append(
+                        Unit("single", (name,), (b,), first, c + (cp_cost if first else 0.0))
+                    )
     if all_layers:
-        n_all_cp = len({r for name in chosen for r in (grid.default_cp_ranks(shapes[name]) if cp_spec == "auto"
-                                                        else list(cp_spec or []))})
+        n_all_cp = len(
+            {
+                r
+                for name in chosen
+                for r in (
+                    grid.default_cp_ranks(shapes[name])
+                    if cp_spec == "auto"
+                    else list(cp_spec or [])
+                )
+            }
+        )
         for i, b in enumerate(bips):
             ns = {name: n_singular(shapes[name], b) for name in chosen}
             steps = grid.all_layer_steps(ns, spec, b, all_layer_fractions)
             first = i == 0 and n_all_cp > 0
-            cost = ALL_LAYER_COST * len(chosen) * (len(steps) + (CP_COST * n_all_cp if first else 0.0))
+            cost = (
+                ALL_LAYER_COST * len(chosen) * (len(steps) + (CP_COST * n_all_cp if first else 0.0))
+            )
             units.append(Unit("all-layers", tuple(chosen), (b,), first, cost))
     if recover_epochs:
-        units.append(Unit("recovery", tuple(chosen), tuple(bips), False, RECOVERY_EPOCH_COST * recover_epochs))
+        units.append(
+            Unit(
+                "recovery", tuple(chosen), tuple(bips), False, RECOVERY_EPOCH_COST * recover_epochs
+            )
+        )
     return units
 
 
@@ -135,13 +171,28 @@ def assign(units: Sequence[Unit], world_size: int) -> list[list[Unit]]:
 
 def _unit_kwargs(u: Unit, kwargs: Mapping[str, Any], spec: grid.KeepSpec) -> dict[str, Any]:
     kw = dict(kwargs)
-    kw.update(layers=list(u.layers), bipartitions=list(u.bipartitions), csv=False,
-              cp_ranks=kwargs.get("cp_ranks") if u.with_cp else None)
+    kw.update(
+        layers=list(u.layers),
+        bipartitions=list(u.bipartitions),
+        csv=False,
+        cp_ranks=kwargs.get("cp_ranks") if u.with_cp else None,
+    )
     if u.kind == "single":
-        kw.update(single_layer=True, all_layers=False, recover_epochs=0, train_loader=None,
-                  keep={k: v for k, v in spec.items() if k[0] is None or k[0] in u.layers})
+        kw.update(
+            single_layer=True,
+            all_layers=False,
+            recover_epochs=0,
+            train_loader=None,
+            keep={k: v for k, v in spec.items() if k[0] is None or k[0] in u.layers},
+        )
     elif u.kind == "all-layers":
-        kw.update(single_layer=False, all_layers=True, recover_epochs=0, train_loader=None, keep=dict(spec))
+        kw.update(
+            single_layer=False,
+            all_layers=True,
+            recover_epochs=0,
+            train_loader=None,
+            keep=dict(spec),
+        )
     else:
         kw.update(single_layer=False, all_layers=False, cp_ranks=None, keep=dict(spec))
     return kw
@@ -160,8 +211,16 @@ def _env_mode() -> tuple[int, int, bool]:
     return rank, world, world > 1 and bool(os.environ.get("MASTER_ADDR"))
 
 
-def analyze_sharded(model: nn.Module, loader: Any, out: str | Path, *, rank: int | None = None,
-                    world_size: int | None = None, granularity: str = "auto", **kwargs: Any) -> AnalysisReport:
+def analyze_sharded(
+    model: nn.Module,
+    loader: Any,
+    out: str | Path,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    granularity: str = "auto",
+    **kwargs: Any,
+) -> AnalysisReport:
     """:func:`~tensorcut.analysis.sweep.analyze`, with the study split over ranks.
 
     Without ``rank``/``world_size`` they come from the environment: under ``torchrun``
@@ -188,15 +247,32 @@ def analyze_sharded(model: nn.Module, loader: Any, out: str | Path, *, rank: int
 
 
 def _study(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    keys = ("layers", "bipartitions", "keep", "cp_ranks", "single_layer", "all_layers", "all_layer_fractions",
-            "recover_epochs")
+    keys = (
+        "layers",
+        "bipartitions",
+        "keep",
+        "cp_ranks",
+        "single_layer",
+        "all_layers",
+        "all_layer_fractions",
+        "recover_epochs",
+    )
     return {k: kwargs[k] for k in keys if k in kwargs}
 
 
-def _run(model: nn.Module, loader: Any, out: str | Path, units: Sequence[Unit], kwargs: Mapping[str, Any],
-         rank: int, world_size: int) -> ShardReport:
+def _run(
+    model: nn.Module,
+    loader: Any,
+    out: str | Path,
+    units: Sequence[Unit],
+    kwargs: Mapping[str, Any],
+    rank: int,
+    world_size: int,
+) -> ShardReport:
     spec = grid.parse_keep(kwargs.get("keep"))
-    report = ShardReport(Path(out), "", {}, [], rank=rank, world_size=world_size, units=[u.label() for u in units])
+    report = ShardReport(
+        Path(out), "", {}, [], rank=rank, world_size=world_size, units=[u.label() for u in units]
+    )
     for u in units:
         rep = analyze(model, loader, out, **_unit_kwargs(u, kwargs, spec))
         _merge(report, rep)
@@ -205,8 +281,9 @@ def _run(model: nn.Module, loader: Any, out: str | Path, units: Sequence[Unit], 
     return report
 
 
-def _with_process_group(model: nn.Module, loader: Any, out: str | Path, granularity: str,
-                        kwargs: Mapping[str, Any]) -> AnalysisReport:
+def _with_process_group(
+    model: nn.Module, loader: Any, out: str | Path, granularity: str, kwargs: Mapping[str, Any]
+) -> AnalysisReport:
     import time
 
     import torch
@@ -216,14 +293,21 @@ def _with_process_group(model: nn.Module, loader: Any, out: str | Path, granular
     with tdist.session(dev, timeout=SWEEP_TIMEOUT) as ctx:
         if dev.type == "cuda":
             model.to(ctx.device)  # one GPU per rank
-        units = plan_units(model, world_size=ctx.world_size, granularity=granularity, **_study(kwargs))
+        units = plan_units(
+            model, world_size=ctx.world_size, granularity=granularity, **_study(kwargs)
+        )
         shard = [u for u in units if u.kind != "recovery"]
         mine = assign(shard, ctx.world_size)[ctx.rank]
         report = _run(model, loader, out, mine, kwargs, ctx.rank, ctx.world_size)
         tdist.barrier()
         recovery = [u for u in units if u.kind == "recovery"]
         if recovery:  # every rank together: the retraining runs data-parallel inside fit()
-            rep = analyze(model, loader, out, **_unit_kwargs(recovery[0], kwargs, grid.parse_keep(kwargs.get("keep"))))
+            rep = analyze(
+                model,
+                loader,
+                out,
+                **_unit_kwargs(recovery[0], kwargs, grid.parse_keep(kwargs.get("keep"))),
+            )
             if ctx.is_main:
                 report.evaluated += rep.evaluated
         totals = tdist.all_reduce_sum([report.evaluated])
@@ -242,7 +326,18 @@ def _with_process_group(model: nn.Module, loader: Any, out: str | Path, granular
     for p in paths:
         fast.update(p)
     fast.update(final.fast_path)
-    return ShardReport(final.path, final.fingerprint, final.data, final.layers, evaluated=done_here,
-                       skipped=max(0, final.evaluated + final.skipped - done_here), fast_path=fast,
-                       baseline=final.baseline, seconds=time.perf_counter() - t0, rank=ctx.rank,
-                       world_size=ctx.world_size, final=True, units=report.units)
+    return ShardReport(
+        final.path,
+        final.fingerprint,
+        final.data,
+        final.layers,
+        evaluated=done_here,
+        skipped=max(0, final.evaluated + final.skipped - done_here),
+        fast_path=fast,
+        baseline=final.baseline,
+        seconds=time.perf_counter() - t0,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        final=True,
+        units=report.units,
+    )

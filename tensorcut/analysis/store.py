@@ -13,27 +13,60 @@ import io
 import json
 import sqlite3
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from tensorcut.errors import TensorcutError
 
 SCHEMA_VERSION = "1"
 APP_ID = "tensorcut-results"
 
-KEY_COLUMNS: tuple[str, ...] = ("fingerprint", "data", "split", "kind", "method", "layer", "bipartition",
-                                "keep", "epoch")
+KEY_COLUMNS: tuple[str, ...] = (
+    "fingerprint",
+    "data",
+    "split",
+    "kind",
+    "method",
+    "layer",
+    "bipartition",
+    "keep",
+    "epoch",
+)
 VALUE_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("model", "TEXT"), ("depth", "INTEGER"), ("keep_int", "INTEGER"), ("n_values", "INTEGER"),
-    ("norm_loss_pct", "REAL"), ("rel_error", "REAL"), ("entropy_before", "REAL"), ("entropy_after", "REAL"),
-    ("corr_loss_pct", "REAL"), ("compression_ratio", "REAL"), ("entropy_form", "TEXT"),
-    ("loss", "REAL"), ("top1", "REAL"), ("top5", "REAL"), ("n", "INTEGER"),
-    ("eval_seconds", "REAL"), ("prep_seconds", "REAL"), ("fast_path", "INTEGER"), ("extra", "TEXT"),
+    ("model", "TEXT"),
+    ("depth", "INTEGER"),
+    ("keep_int", "INTEGER"),
+    ("n_values", "INTEGER"),
+    ("norm_loss_pct", "REAL"),
+    ("rel_error", "REAL"),
+    ("entropy_before", "REAL"),
+    ("entropy_after", "REAL"),
+    ("corr_loss_pct", "REAL"),
+    ("compression_ratio", "REAL"),
+    ("entropy_form", "TEXT"),
+    ("loss", "REAL"),
+    ("top1", "REAL"),
+    ("top5", "REAL"),
+    ("n", "INTEGER"),
+    ("eval_seconds", "REAL"),
+    ("prep_seconds", "REAL"),
+    ("fast_path", "INTEGER"),
+    ("extra", "TEXT"),
     ("created", "REAL"),
 )
 COLUMNS: tuple[str, ...] = KEY_COLUMNS + tuple(c for c, _ in VALUE_COLUMNS)
-SPECTRUM_COLUMNS: tuple[str, ...] = ("fingerprint", "model", "layer", "depth", "bipartition", "shape",
-                                     "singular_values", "entropy_vn", "entropy_literal")
+SPECTRUM_COLUMNS: tuple[str, ...] = (
+    "fingerprint",
+    "model",
+    "layer",
+    "depth",
+    "bipartition",
+    "shape",
+    "singular_values",
+    "entropy_vn",
+    "entropy_literal",
+)
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -83,10 +116,14 @@ class ResultsStore:
     def __init__(self, path: str | Path, *, create: bool = True, timeout: float = 60.0) -> None:
         self.path = Path(path)
         if not create and not self.path.exists():
-            raise TensorcutError(f"results file {str(self.path)!r} does not exist; run `tensorcut analyze` first")
+            raise TensorcutError(
+                f"results file {str(self.path)!r} does not exist; run `tensorcut analyze` first"
+            )
         if self.path.exists() and self.path.is_dir():
-            raise TensorcutError(f"results path {str(self.path)!r} is a directory; give a file name such as "
-                                 f"{str(self.path / 'results.sqlite')!r}")
+            raise TensorcutError(
+                f"results path {str(self.path)!r} is a directory; give a file name such as "
+                f"{str(self.path / 'results.sqlite')!r}"
+            )
         try:
             if create:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,16 +133,20 @@ class ResultsStore:
             if create:
                 _retry_locked(lambda: self._create_schema(), timeout)
         except (OSError, sqlite3.OperationalError) as exc:  # read-only folder or file, full disk
-            raise TensorcutError(f"cannot open results file {str(self.path)!r} for writing ({exc}); "
-                                 "choose a writable --out or free disk space") from None
+            raise TensorcutError(
+                f"cannot open results file {str(self.path)!r} for writing ({exc}); "
+                "choose a writable --out or free disk space"
+            ) from None
 
     def _write(self, sql: str, args: Sequence[Any]) -> sqlite3.Cursor:
         """One committed write; a full disk or read-only file is one clear error and earlier rows stay."""
         try:
             return self.conn.execute(sql, args)
         except sqlite3.OperationalError as exc:
-            raise TensorcutError(f"cannot write to results file {str(self.path)!r} ({exc}); free disk space or make "
-                                 "it writable, then re-run: rows already recorded are kept and skipped") from None
+            raise TensorcutError(
+                f"cannot write to results file {str(self.path)!r} ({exc}); free disk space or make "
+                "it writable, then re-run: rows already recorded are kept and skipped"
+            ) from None
 
     def _create_schema(self) -> None:
         """WAL mode and the tables; BEGIN IMMEDIATE takes the write lock up front (several workers may
@@ -118,7 +159,9 @@ class ResultsStore:
                 if stmt:
                     self.conn.execute(stmt)
             self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('app', ?)", (APP_ID,))
-            self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            self.conn.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
+            )
             self.conn.execute("COMMIT")
         except sqlite3.OperationalError:
             if self.conn.in_transaction:
@@ -133,25 +176,39 @@ class ResultsStore:
         try:
             conn = sqlite3.connect(f"file:{where}?mode=ro", uri=True, timeout=10.0)
             try:
-                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                tables = {
+                    r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+                }
                 check = conn.execute("PRAGMA quick_check").fetchone()
-                meta = dict(conn.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {}
+                meta = (
+                    dict(conn.execute("SELECT key, value FROM meta").fetchall())
+                    if "meta" in tables
+                    else {}
+                )
             finally:
                 conn.close()
         except sqlite3.DatabaseError as exc:
-            raise TensorcutError(f"results file {where!r} is corrupt or not an SQLite database ({exc}); "
-                                 "it was left untouched: move it away or choose another --out") from exc
+            raise TensorcutError(
+                f"results file {where!r} is corrupt or not an SQLite database ({exc}); "
+                "it was left untouched: move it away or choose another --out"
+            ) from exc
         if not tables and _sqlite_header(self.path):
             return  # a valid, empty SQLite database (another worker is creating the store right now): join it
         if check is None or check[0] != "ok":
-            raise TensorcutError(f"results file {where!r} failed its integrity check ({check[0] if check else '?'}); "
-                                 "it was left untouched: move it away or choose another --out")
+            raise TensorcutError(
+                f"results file {where!r} failed its integrity check ({check[0] if check else '?'}); "
+                "it was left untouched: move it away or choose another --out"
+            )
         if meta.get("app") != APP_ID or "results" not in tables:
-            raise TensorcutError(f"{where!r} is an SQLite file but not a tensorcut results store; "
-                                 "it was left untouched: choose another --out")
+            raise TensorcutError(
+                f"{where!r} is an SQLite file but not a tensorcut results store; "
+                "it was left untouched: choose another --out"
+            )
         if meta.get("schema_version") != SCHEMA_VERSION:
-            raise TensorcutError(f"results file {where!r} has schema version {meta.get('schema_version')!r}, "
-                                 f"this tensorcut writes {SCHEMA_VERSION!r}; choose another --out")
+            raise TensorcutError(
+                f"results file {where!r} has schema version {meta.get('schema_version')!r}, "
+                f"this tensorcut writes {SCHEMA_VERSION!r}; choose another --out"
+            )
 
     # -- writing -----------------------------------------------------------------------
 
@@ -162,7 +219,9 @@ class ResultsStore:
             raise TensorcutError(f"result row lacks key column(s) {missing}")
         unknown = [c for c in row if c not in COLUMNS]
         if unknown:
-            raise TensorcutError(f"result row has unknown column(s) {unknown}; known: {', '.join(COLUMNS)}")
+            raise TensorcutError(
+                f"result row has unknown column(s) {unknown}; known: {', '.join(COLUMNS)}"
+            )
         data = dict(row)
         data.setdefault("created", time.time())
         if isinstance(data.get("extra"), (dict, list)):
@@ -174,20 +233,41 @@ class ResultsStore:
         )
         return cur.rowcount == 1
 
-    def add_spectrum(self, *, fingerprint: str, model: str, layer: str, depth: int, bipartition: str,
-                     shape: Sequence[int], singular_values: Sequence[float], entropy_vn: float,
-                     entropy_literal: float) -> bool:
+    def add_spectrum(
+        self,
+        *,
+        fingerprint: str,
+        model: str,
+        layer: str,
+        depth: int,
+        bipartition: str,
+        shape: Sequence[int],
+        singular_values: Sequence[float],
+        entropy_vn: float,
+        entropy_literal: float,
+    ) -> bool:
         """Record one layer's spectrum along one bipartition."""
         cur = self._write(
             "INSERT OR IGNORE INTO spectra VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (fingerprint, model, layer, depth, bipartition, json.dumps(list(shape)),
-             json.dumps([float(s) for s in singular_values]), entropy_vn, entropy_literal),
+            (
+                fingerprint,
+                model,
+                layer,
+                depth,
+                bipartition,
+                json.dumps(list(shape)),
+                json.dumps([float(s) for s in singular_values]),
+                entropy_vn,
+                entropy_literal,
+            ),
         )
         return cur.rowcount == 1
 
     def set_meta(self, key: str, value: Any) -> None:
         """Store a JSON value under ``key`` (last writer wins)."""
-        self._write("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
+        self._write(
+            "INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value, sort_keys=True))
+        )
 
     # -- reading -----------------------------------------------------------------------
 
@@ -204,7 +284,10 @@ class ResultsStore:
     def keys(self, **where: Any) -> set[tuple[Any, ...]]:
         """Keys of the rows already recorded (optionally filtered by column values)."""
         sql, args = self._where(where)
-        return {tuple(r) for r in self.conn.execute(f"SELECT {', '.join(KEY_COLUMNS)} FROM results{sql}", args)}
+        return {
+            tuple(r)
+            for r in self.conn.execute(f"SELECT {', '.join(KEY_COLUMNS)} FROM results{sql}", args)
+        }
 
     def has(self, row: Mapping[str, Any]) -> bool:
         """Whether a row with this key exists."""
@@ -238,8 +321,10 @@ class ResultsStore:
         if bad:
             raise TensorcutError(f"unknown spectrum column(s) {bad}")
         sql = (" WHERE " + " AND ".join(f"{c} = ?" for c in where)) if where else ""
-        cur = self.conn.execute(f"SELECT {', '.join(SPECTRUM_COLUMNS)} FROM spectra{sql} ORDER BY rowid",
-                                list(where.values()))
+        cur = self.conn.execute(
+            f"SELECT {', '.join(SPECTRUM_COLUMNS)} FROM spectra{sql} ORDER BY rowid",
+            list(where.values()),
+        )
         out = []
         for r in cur:
             d = dict(zip(SPECTRUM_COLUMNS, r))
@@ -261,7 +346,9 @@ class ResultsStore:
         w.writerow(COLUMNS)
         for d in self.rows():
             extra = d.get("extra")
-            d["extra"] = json.dumps(extra, sort_keys=True) if isinstance(extra, (dict, list)) else extra
+            d["extra"] = (
+                json.dumps(extra, sort_keys=True) if isinstance(extra, (dict, list)) else extra
+            )
             w.writerow([_fmt(d[c]) for c in COLUMNS])
         return buf.getvalue()
 
@@ -269,13 +356,36 @@ class ResultsStore:
         """The spectra in long form (one singular value per line) as CSV text."""
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["fingerprint", "model", "layer", "depth", "bipartition", "shape", "index", "singular_value",
-                    "entropy_vn", "entropy_literal"])
+        w.writerow(
+            [
+                "fingerprint",
+                "model",
+                "layer",
+                "depth",
+                "bipartition",
+                "shape",
+                "index",
+                "singular_value",
+                "entropy_vn",
+                "entropy_literal",
+            ]
+        )
         for d in self.spectra():
             for i, s in enumerate(d["singular_values"]):
-                w.writerow([d["fingerprint"], d["model"], d["layer"], d["depth"], d["bipartition"],
-                            "x".join(str(x) for x in d["shape"]), i + 1, repr(s), d["entropy_vn"],
-                            d["entropy_literal"]])
+                w.writerow(
+                    [
+                        d["fingerprint"],
+                        d["model"],
+                        d["layer"],
+                        d["depth"],
+                        d["bipartition"],
+                        "x".join(str(x) for x in d["shape"]),
+                        i + 1,
+                        repr(s),
+                        d["entropy_vn"],
+                        d["entropy_literal"],
+                    ]
+                )
         return buf.getvalue()
 
     def export_csv(self, path: str | Path, *, spectra_path: str | Path | None = None) -> Path:
@@ -291,7 +401,7 @@ class ResultsStore:
         """Close the connection."""
         self.conn.close()
 
-    def __enter__(self) -> "ResultsStore":
+    def __enter__(self) -> ResultsStore:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -302,7 +412,7 @@ def _fmt(v: Any) -> Any:
     return "" if v is None else (repr(v) if isinstance(v, float) else v)
 
 
-def open_results(results: "str | Path | ResultsStore") -> tuple[ResultsStore, bool]:
+def open_results(results: str | Path | ResultsStore) -> tuple[ResultsStore, bool]:
     """(store, owned): open a path read-only-ish, or pass an open store through."""
     if isinstance(results, ResultsStore):
         return results, False

@@ -11,17 +11,24 @@ of the network downstream of the truncated layer on cached activations
 from __future__ import annotations
 
 import hashlib
-import math
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from tensorcut.analysis import grid
-from tensorcut.analysis.cache import DEFAULT_CACHE_BYTES, EvalResult, EvalSet, LayerRunner, swapped_weights, trace
+from tensorcut.analysis.cache import (
+    DEFAULT_CACHE_BYTES,
+    EvalResult,
+    EvalSet,
+    LayerRunner,
+    swapped_weights,
+    trace,
+)
 from tensorcut.analysis.metrics import TruncationMetrics, cp_metrics, cp_truncate, svd_metrics
 from tensorcut.analysis.store import ResultsStore
 from tensorcut.errors import TensorcutError
@@ -59,7 +66,9 @@ class AnalysisReport:
     layers: list[str]
     evaluated: int = 0
     skipped: int = 0
-    fast_path: dict[str, str] = field(default_factory=dict)  # layer -> "" (cached) or reason for full evaluation
+    fast_path: dict[str, str] = field(
+        default_factory=dict
+    )  # layer -> "" (cached) or reason for full evaluation
     baseline: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -67,10 +76,23 @@ class AnalysisReport:
 class _Sweep:
     """Shared state of one analyze() call."""
 
-    def __init__(self, model: nn.Module, store: ResultsStore, evalsets: dict[str, EvalSet], *, fingerprint: str,
-                 data: dict[str, str], model_name: str, entropy_form: str, cache_bytes: int,
-                 spill_dir: str | Path | None, use_cache: bool, progress: bool, total: int,
-                 report: AnalysisReport) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        store: ResultsStore,
+        evalsets: dict[str, EvalSet],
+        *,
+        fingerprint: str,
+        data: dict[str, str],
+        model_name: str,
+        entropy_form: str,
+        cache_bytes: int,
+        spill_dir: str | Path | None,
+        use_cache: bool,
+        progress: bool,
+        total: int,
+        report: AnalysisReport,
+    ) -> None:
         self.model, self.store, self.evalsets = model, store, evalsets
         self.fp, self.data, self.model_name = fingerprint, data, model_name
         self.entropy_form, self.cache_bytes, self.spill_dir = entropy_form, cache_bytes, spill_dir
@@ -81,18 +103,54 @@ class _Sweep:
         self._traced_ready = False
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc="truncation sweep", unit="eval", disable=None if progress else True, leave=False)
+        self.bar = tqdm(
+            total=total,
+            desc="truncation sweep",
+            unit="eval",
+            disable=None if progress else True,
+            leave=False,
+        )
 
-    def key(self, split: str, kind: str, method: str, layer: str, bip: str, keep: str, epoch: int = -1) -> dict[str, Any]:
-        return {"fingerprint": self.fp, "data": self.data[split], "split": split, "kind": kind, "method": method,
-                "layer": layer, "bipartition": bip, "keep": keep, "epoch": epoch}
+    def key(
+        self, split: str, kind: str, method: str, layer: str, bip: str, keep: str, epoch: int = -1
+    ) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fp,
+            "data": self.data[split],
+            "split": split,
+            "kind": kind,
+            "method": method,
+            "layer": layer,
+            "bipartition": bip,
+            "keep": keep,
+            "epoch": epoch,
+        }
 
     def is_done(self, key: Mapping[str, Any]) -> bool:
-        return tuple(key[c] for c in ("fingerprint", "data", "split", "kind", "method", "layer", "bipartition",
-                                      "keep", "epoch")) in self.done
+        return (
+            tuple(
+                key[c]
+                for c in (
+                    "fingerprint",
+                    "data",
+                    "split",
+                    "kind",
+                    "method",
+                    "layer",
+                    "bipartition",
+                    "keep",
+                    "epoch",
+                )
+            )
+            in self.done
+        )
 
     def pending(self, kind: str, method: str, layer: str, bip: str, keep: str) -> list[str]:
-        return [s for s in self.evalsets if not self.is_done(self.key(s, kind, method, layer, bip, keep))]
+        return [
+            s
+            for s in self.evalsets
+            if not self.is_done(self.key(s, kind, method, layer, bip, keep))
+        ]
 
     def runners(self, layers: Sequence[str], splits: Iterable[str]) -> dict[str, LayerRunner]:
         if self.use_cache and not self._traced_ready:
@@ -100,26 +158,76 @@ class _Sweep:
             self._traced_ready = True
         out = {}
         for s in splits:
-            out[s] = LayerRunner(self.model, layers, self.evalsets[s], traced=self._traced,
-                                 trace_reason=self._trace_reason, budget_bytes=self.cache_bytes,
-                                 spill_dir=self.spill_dir, enabled=self.use_cache)
+            out[s] = LayerRunner(
+                self.model,
+                layers,
+                self.evalsets[s],
+                traced=self._traced,
+                trace_reason=self._trace_reason,
+                budget_bytes=self.cache_bytes,
+                spill_dir=self.spill_dir,
+                enabled=self.use_cache,
+            )
         return out
 
-    def record(self, key: dict[str, Any], res: EvalResult, metrics: Mapping[str, Any] | None, *,
-               prep_seconds: float = 0.0, fast: bool = False, extra: Mapping[str, Any] | None = None,
-               **values: Any) -> None:
+    def record(
+        self,
+        key: dict[str, Any],
+        res: EvalResult,
+        metrics: Mapping[str, Any] | None,
+        *,
+        prep_seconds: float = 0.0,
+        fast: bool = False,
+        extra: Mapping[str, Any] | None = None,
+        **values: Any,
+    ) -> None:
         row = dict(key)
-        row.update(model=self.model_name, loss=res.loss, top1=res.top1, top5=res.top5, n=res.n,
-                   eval_seconds=res.seconds, prep_seconds=prep_seconds, fast_path=int(fast))
+        row.update(
+            model=self.model_name,
+            loss=res.loss,
+            top1=res.top1,
+            top5=res.top5,
+            n=res.n,
+            eval_seconds=res.seconds,
+            prep_seconds=prep_seconds,
+            fast_path=int(fast),
+        )
         if metrics:
-            row.update({k: metrics[k] for k in ("norm_loss_pct", "rel_error", "entropy_before", "entropy_after",
-                                                "corr_loss_pct", "compression_ratio", "entropy_form") if k in metrics})
+            row.update(
+                {
+                    k: metrics[k]
+                    for k in (
+                        "norm_loss_pct",
+                        "rel_error",
+                        "entropy_before",
+                        "entropy_after",
+                        "corr_loss_pct",
+                        "compression_ratio",
+                        "entropy_form",
+                    )
+                    if k in metrics
+                }
+            )
         if extra:
             row["extra"] = dict(extra)
         row.update(values)
         self.store.add(row)
-        self.done.add(tuple(row[c] for c in ("fingerprint", "data", "split", "kind", "method", "layer",
-                                             "bipartition", "keep", "epoch")))
+        self.done.add(
+            tuple(
+                row[c]
+                for c in (
+                    "fingerprint",
+                    "data",
+                    "split",
+                    "kind",
+                    "method",
+                    "layer",
+                    "bipartition",
+                    "keep",
+                    "epoch",
+                )
+            )
+        )
         self.report.evaluated += 1
         self.bar.update(1)
 
@@ -197,7 +305,9 @@ def analyze(
     """
     t_start = time.perf_counter()
     if entropy_form not in ENTROPY_FORMS:
-        raise TensorcutError(f"unknown entropy form {entropy_form!r}; valid: {', '.join(ENTROPY_FORMS)}")
+        raise TensorcutError(
+            f"unknown entropy form {entropy_form!r}; valid: {', '.join(ENTROPY_FORMS)}"
+        )
     if recover_epochs < 0:
         raise TensorcutError(f"recover_epochs must be >= 0, got {recover_epochs}")
     if recover_epochs and train_loader is None:
@@ -210,14 +320,32 @@ def analyze(
     kernels = {name: model.get_submodule(name).weight.detach().clone() for name in chosen}
     bad = [name for name, K in kernels.items() if not bool(torch.isfinite(K).all())]
     if bad:
-        raise TensorcutError(f"layer {bad[0]!r} has NaN or Inf weights; a truncation study needs finite kernels")
-    plan_svd = {(layer, b): grid.keep_values(spec, layer, b, kernels[layer].shape) for layer in chosen for b in bips}
+        raise TensorcutError(
+            f"layer {bad[0]!r} has NaN or Inf weights; a truncation study needs finite kernels"
+        )
+    plan_svd = {
+        (layer, b): grid.keep_values(spec, layer, b, kernels[layer].shape)
+        for layer in chosen
+        for b in bips
+    }
     cp_spec = grid.parse_cp_ranks(cp_ranks)
-    plan_cp = {layer: (grid.default_cp_ranks(kernels[layer].shape) if cp_spec == "auto" else list(cp_spec or []))
-               for layer in chosen}
+    plan_cp = {
+        layer: (
+            grid.default_cp_ranks(kernels[layer].shape)
+            if cp_spec == "auto"
+            else list(cp_spec or [])
+        )
+        for layer in chosen
+    }
     ns = {b: {layer: n_singular(kernels[layer].shape, b) for layer in chosen} for b in bips}
-    all_steps = {b: grid.all_layer_steps(ns[b], spec, b, all_layer_fractions) for b in bips} if all_layers else {}
-    all_cp = sorted(set(r for rs in plan_cp.values() for r in rs), reverse=True) if all_layers else []
+    all_steps = (
+        {b: grid.all_layer_steps(ns[b], spec, b, all_layer_fractions) for b in bips}
+        if all_layers
+        else {}
+    )
+    all_cp = (
+        sorted(set(r for rs in plan_cp.values() for r in rs), reverse=True) if all_layers else []
+    )
 
     store = ResultsStore(out)
     was_training = model.training
@@ -237,31 +365,76 @@ def analyze(
             data[s] = f"{data_name or 'data'}:{s}:n={es.n}#{h.hexdigest()[:10]}"
         report.data = data
         depth = {layer: i for i, layer in enumerate(all_convs)}
-        store.set_meta(f"model:{fp}", {"name": name, "layers": chosen, "depth": {k: depth[k] for k in chosen},
-                                       "shapes": {k: list(kernels[k].shape) for k in chosen},
-                                       "all_convs": all_convs, "entropy_form": entropy_form})
+        store.set_meta(
+            f"model:{fp}",
+            {
+                "name": name,
+                "layers": chosen,
+                "depth": {k: depth[k] for k in chosen},
+                "shapes": {k: list(kernels[k].shape) for k in chosen},
+                "all_convs": all_convs,
+                "entropy_form": entropy_form,
+            },
+        )
         have = {(s["layer"], s["bipartition"]) for s in store.spectra(fingerprint=fp)}
         for layer in chosen:
             for b in BIPARTITIONS:
                 if (layer, b) in have:
                     continue
                 S = spectrum(kernels[layer], b)
-                tol = numerical_rank_tol(S, unfold_shape(kernels[layer].shape, b), kernels[layer].dtype)
-                store.add_spectrum(fingerprint=fp, model=name, layer=layer, depth=depth[layer], bipartition=b,
-                                   shape=list(kernels[layer].shape), singular_values=S.tolist(),
-                                   entropy_vn=entropy(S, "vn", tol=tol), entropy_literal=entropy(S, "literal", tol=tol))
+                tol = numerical_rank_tol(
+                    S, unfold_shape(kernels[layer].shape, b), kernels[layer].dtype
+                )
+                store.add_spectrum(
+                    fingerprint=fp,
+                    model=name,
+                    layer=layer,
+                    depth=depth[layer],
+                    bipartition=b,
+                    shape=list(kernels[layer].shape),
+                    singular_values=S.tolist(),
+                    entropy_vn=entropy(S, "vn", tol=tol),
+                    entropy_literal=entropy(S, "literal", tol=tol),
+                )
         n_splits = len(evalsets)
-        total = n_splits * (1 + (sum(len(v) for v in plan_svd.values()) + sum(len(v) for v in plan_cp.values())
-                                 if single_layer else 0)
-                            + sum(len(v) for v in all_steps.values()) + len(all_cp))
-        sweep = _Sweep(model, store, evalsets, fingerprint=fp, data=data, model_name=name,
-                       entropy_form=entropy_form, cache_bytes=cache_bytes, spill_dir=spill_dir,
-                       use_cache=use_cache, progress=progress, total=total, report=report)
+        total = n_splits * (
+            1
+            + (
+                sum(len(v) for v in plan_svd.values()) + sum(len(v) for v in plan_cp.values())
+                if single_layer
+                else 0
+            )
+            + sum(len(v) for v in all_steps.values())
+            + len(all_cp)
+        )
+        sweep = _Sweep(
+            model,
+            store,
+            evalsets,
+            fingerprint=fp,
+            data=data,
+            model_name=name,
+            entropy_form=entropy_form,
+            cache_bytes=cache_bytes,
+            spill_dir=spill_dir,
+            use_cache=use_cache,
+            progress=progress,
+            total=total,
+            report=report,
+        )
         _baseline(sweep)
         if single_layer:
             for layer in chosen:
-                _single_layer(sweep, layer, depth[layer], kernels[layer], bips, plan_svd, plan_cp[layer],
-                              dict(cp_kwargs or {}))
+                _single_layer(
+                    sweep,
+                    layer,
+                    depth[layer],
+                    kernels[layer],
+                    bips,
+                    plan_svd,
+                    plan_cp[layer],
+                    dict(cp_kwargs or {}),
+                )
         if all_layers:
             _all_layers(sweep, chosen, kernels, bips, all_steps, all_cp, dict(cp_kwargs or {}))
         sweep.bar.close()
@@ -269,14 +442,18 @@ def analyze(
         if recover_epochs:
             from tensorcut.analysis.recovery import run_recovery
 
-            run_recovery(sweep, chosen, kernels, train_loader, recover_epochs, **dict(recover_kwargs or {}))
+            run_recovery(
+                sweep, chosen, kernels, train_loader, recover_epochs, **dict(recover_kwargs or {})
+            )
         for s in evalsets:
             rows = store.rows(fingerprint=fp, data=data[s], kind="baseline")
             if rows:
                 report.baseline[s] = {k: rows[0][k] for k in ("loss", "top1", "top5", "n")}
         if csv:
             csv_path = Path(out).with_suffix(".csv") if csv is True else Path(csv)
-            store.export_csv(csv_path, spectra_path=csv_path.with_name(csv_path.stem + "-spectra.csv"))
+            store.export_csv(
+                csv_path, spectra_path=csv_path.with_name(csv_path.stem + "-spectra.csv")
+            )
     finally:
         if sweep is not None:
             sweep.close()
@@ -299,10 +476,20 @@ def _baseline(sw: _Sweep) -> None:
         sw.record(sw.key(s, "baseline", "none", "", "", ""), res, None)
 
 
-def _single_layer(sw: _Sweep, layer: str, depth: int, K: torch.Tensor, bips: Sequence[str],
-                  plan_svd: Mapping[tuple[str, str], list[int]], cp_ranks: Sequence[int],
-                  cp_kwargs: dict[str, Any]) -> None:
-    todo_svd = {b: [k for k in plan_svd[(layer, b)] if sw.pending("single", "svd", layer, b, str(k))] for b in bips}
+def _single_layer(
+    sw: _Sweep,
+    layer: str,
+    depth: int,
+    K: torch.Tensor,
+    bips: Sequence[str],
+    plan_svd: Mapping[tuple[str, str], list[int]],
+    cp_ranks: Sequence[int],
+    cp_kwargs: dict[str, Any],
+) -> None:
+    todo_svd = {
+        b: [k for k in plan_svd[(layer, b)] if sw.pending("single", "svd", layer, b, str(k))]
+        for b in bips
+    }
     todo_cp = [r for r in cp_ranks if sw.pending("cp", "cp", layer, "", str(r))]
     if not any(todo_svd.values()) and not todo_cp:
         return
@@ -325,20 +512,41 @@ def _single_layer(sw: _Sweep, layer: str, depth: int, K: torch.Tensor, bips: Seq
                 with swapped_weights(sw.model, {layer: Kt}):
                     for s in sw.pending("single", "svd", layer, b, str(k)):
                         res = runners[s].evaluate()
-                        sw.record(sw.key(s, "single", "svd", layer, b, str(k)), res, m, prep_seconds=prep,
-                                  fast=runners[s].fast, depth=depth, keep_int=k, n_values=svd.n)
+                        sw.record(
+                            sw.key(s, "single", "svd", layer, b, str(k)),
+                            res,
+                            m,
+                            prep_seconds=prep,
+                            fast=runners[s].fast,
+                            depth=depth,
+                            keep_int=k,
+                            n_values=svd.n,
+                        )
         for r in todo_cp:
             t1 = time.perf_counter()
             cp = cp_truncate(K, r, **cp_kwargs)
             m = _metrics_dict(cp_metrics(K, cp, entropy_form=sw.entropy_form))
             prep = time.perf_counter() - t1
-            extra = {"cp_rel_error": cp.rel_error, "n_iter": cp.n_iter, "converged": cp.converged,
-                     "message": cp.message, "entropy_bipartition": m["entropy_bipartition"]}
+            extra = {
+                "cp_rel_error": cp.rel_error,
+                "n_iter": cp.n_iter,
+                "converged": cp.converged,
+                "message": cp.message,
+                "entropy_bipartition": m["entropy_bipartition"],
+            }
             with swapped_weights(sw.model, {layer: cp.kernel}):
                 for s in sw.pending("cp", "cp", layer, "", str(r)):
                     res = runners[s].evaluate()
-                    sw.record(sw.key(s, "cp", "cp", layer, "", str(r)), res, m, prep_seconds=prep,
-                              fast=runners[s].fast, extra=extra, depth=depth, keep_int=r)
+                    sw.record(
+                        sw.key(s, "cp", "cp", layer, "", str(r)),
+                        res,
+                        m,
+                        prep_seconds=prep,
+                        fast=runners[s].fast,
+                        extra=extra,
+                        depth=depth,
+                        keep_int=r,
+                    )
     finally:
         for rn in runners.values():
             rn.close()
@@ -348,11 +556,24 @@ def _keep_label(keeps: Mapping[str, int]) -> str:
     return ",".join(f"{layer}={k}" for layer, k in keeps.items())
 
 
-def _all_layers(sw: _Sweep, layers: Sequence[str], kernels: Mapping[str, torch.Tensor], bips: Sequence[str],
-                steps: Mapping[str, list[dict[str, int]]], cp_ranks: Sequence[int], cp_kwargs: dict[str, Any]) -> None:
+def _all_layers(
+    sw: _Sweep,
+    layers: Sequence[str],
+    kernels: Mapping[str, torch.Tensor],
+    bips: Sequence[str],
+    steps: Mapping[str, list[dict[str, int]]],
+    cp_ranks: Sequence[int],
+    cp_kwargs: dict[str, Any],
+) -> None:
     joined = ",".join(layers)
-    todo = {b: [st for st in steps.get(b, []) if sw.pending("all-layers", "svd", joined, b, _keep_label(st))]
-            for b in bips}
+    todo = {
+        b: [
+            st
+            for st in steps.get(b, [])
+            if sw.pending("all-layers", "svd", joined, b, _keep_label(st))
+        ]
+        for b in bips
+    }
     todo_cp = [r for r in cp_ranks if sw.pending("all-layers", "cp", joined, "", str(r))]
     if not any(todo.values()) and not todo_cp:
         return
@@ -365,28 +586,50 @@ def _all_layers(sw: _Sweep, layers: Sequence[str], kernels: Mapping[str, torch.T
             for st in todo[b]:
                 t1 = time.perf_counter()
                 kt = {layer: svds[layer].truncate(k, layer=layer) for layer, k in st.items()}
-                per = {layer: svd_metrics(svds[layer], k, entropy_form=sw.entropy_form) for layer, k in st.items()}
+                per = {
+                    layer: svd_metrics(svds[layer], k, entropy_form=sw.entropy_form)
+                    for layer, k in st.items()
+                }
                 m = _mean_metrics(per, sw.entropy_form)
                 prep = time.perf_counter() - t1
-                extra = {"keeps": st, "per_layer": {layer: per[layer].as_dict() for layer in layers}}
+                extra = {
+                    "keeps": st,
+                    "per_layer": {layer: per[layer].as_dict() for layer in layers},
+                }
                 label = _keep_label(st)
                 with swapped_weights(sw.model, kt):
                     for s in sw.pending("all-layers", "svd", joined, b, label):
                         res = runners[s].evaluate()
-                        sw.record(sw.key(s, "all-layers", "svd", joined, b, label), res, m, prep_seconds=prep,
-                                  fast=runners[s].fast, extra=extra)
+                        sw.record(
+                            sw.key(s, "all-layers", "svd", joined, b, label),
+                            res,
+                            m,
+                            prep_seconds=prep,
+                            fast=runners[s].fast,
+                            extra=extra,
+                        )
         for r in todo_cp:
             t1 = time.perf_counter()
             cps = {layer: cp_truncate(kernels[layer], r, **cp_kwargs) for layer in layers}
-            per = {layer: cp_metrics(kernels[layer], cps[layer], entropy_form=sw.entropy_form) for layer in layers}
+            per = {
+                layer: cp_metrics(kernels[layer], cps[layer], entropy_form=sw.entropy_form)
+                for layer in layers
+            }
             m = _mean_metrics(per, sw.entropy_form)
             prep = time.perf_counter() - t1
             extra = {"rank": r, "per_layer": {layer: per[layer].as_dict() for layer in layers}}
             with swapped_weights(sw.model, {layer: cps[layer].kernel for layer in layers}):
                 for s in sw.pending("all-layers", "cp", joined, "", str(r)):
                     res = runners[s].evaluate()
-                    sw.record(sw.key(s, "all-layers", "cp", joined, "", str(r)), res, m, prep_seconds=prep,
-                              fast=runners[s].fast, extra=extra, keep_int=r)
+                    sw.record(
+                        sw.key(s, "all-layers", "cp", joined, "", str(r)),
+                        res,
+                        m,
+                        prep_seconds=prep,
+                        fast=runners[s].fast,
+                        extra=extra,
+                        keep_int=r,
+                    )
     finally:
         for rn in runners.values():
             rn.close()

@@ -4,7 +4,14 @@ from tensorcut.decompose.cp import CPResult, cp_als, cp_max_rank, cp_to_tensor, 
 from tensorcut.decompose.svd import RankClampWarning, clamp_rank, rank_from_spectrum, truncated_svd
 from tensorcut.decompose.tr import TRCandidate, TRResult, rsdtr, tr_svd, tr_to_tensor
 from tensorcut.decompose.tt import tt_max_ranks, tt_svd, tt_to_tensor
-from tensorcut.decompose.tucker import TuckerResult, hooi, hosvd, mode_dot, tucker2, tucker_to_tensor
+from tensorcut.decompose.tucker import (
+    TuckerResult,
+    hooi,
+    hosvd,
+    mode_dot,
+    tucker2,
+    tucker_to_tensor,
+)
 
 __all__ = [
     "CPResult",

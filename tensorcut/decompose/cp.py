@@ -100,8 +100,14 @@ def cp_to_tensor(weights: torch.Tensor | None, factors: Sequence[torch.Tensor]) 
         raise TensorcutError("cp_to_tensor needs at least one factor")
     R = factors[0].shape[1]
     if any(F.ndim != 2 or F.shape[1] != R for F in factors):
-        raise TensorcutError(f"all CP factors must be (n_k, {R}); got {[tuple(F.shape) for F in factors]}")
-    w = torch.ones(R, dtype=factors[0].dtype, device=factors[0].device) if weights is None else weights
+        raise TensorcutError(
+            f"all CP factors must be (n_k, {R}); got {[tuple(F.shape) for F in factors]}"
+        )
+    w = (
+        torch.ones(R, dtype=factors[0].dtype, device=factors[0].device)
+        if weights is None
+        else weights
+    )
     shape = [int(F.shape[0]) for F in factors]
     if len(factors) == 1:
         return factors[0] @ w
@@ -142,7 +148,9 @@ def _contract(Y: torch.Tensor, mats: Sequence[torch.Tensor], n: int) -> torch.Te
     k = len(mats)
     if k == 1:
         return Y
-    if k == 2:  # the common case (4-mode kernels): a broadcast product and a sum beat einsum's overhead
+    if (
+        k == 2
+    ):  # the common case (4-mode kernels): a broadcast product and a sum beat einsum's overhead
         return (Y * mats[1]).sum(1) if n == 0 else (Y * mats[0][:, None, :]).sum(0)
     ins = [letters[:k] + "r"] + [letters[m] + "r" for m in range(k) if m != n]
     operands = [Y] + [mats[m] for m in range(k) if m != n]
@@ -222,9 +230,15 @@ def _run(
             return weights, factors, it, False, f"NaN/Inf in the factors at iteration {it}"
         wmax = float(weights.max())
         if wmax > max_norm_ratio * norm:
-            return weights, factors, it, False, (
-                f"component norms diverging at iteration {it} (largest weight {wmax:.3g} > "
-                f"{max_norm_ratio:g} x ||T||; degenerate CP, try a lower rank)"
+            return (
+                weights,
+                factors,
+                it,
+                False,
+                (
+                    f"component norms diverging at iteration {it} (largest weight {wmax:.3g} > "
+                    f"{max_norm_ratio:g} x ||T||; degenerate CP, try a lower rank)"
+                ),
             )
         inner = float((M * A).sum() if f64 else (M.double() * A.double()).sum())
         H = grams[0] if f64 else grams[0].double()
@@ -271,9 +285,13 @@ def cp_als(
         raise TensorcutError(f"cp_als needs a torch.Tensor; got {type(T).__name__}")
     T, out_dtype = _as_float(T, "T")
     if T.ndim < 2:
-        raise TensorcutError(f"cp_als needs a tensor with at least 2 modes; got shape {tuple(T.shape)}")
+        raise TensorcutError(
+            f"cp_als needs a tensor with at least 2 modes; got shape {tuple(T.shape)}"
+        )
     if not bool(torch.isfinite(T).all()):
-        raise ConvergenceError("CP input contains NaN or Inf; clean the tensor (or leave this layer dense)")
+        raise ConvergenceError(
+            "CP input contains NaN or Inf; clean the tensor (or leave this layer dense)"
+        )
     if init not in ("svd", "random"):
         raise TensorcutError(f"init must be 'svd' or 'random'; got {init!r}")
     if n_restarts < 1 or n_iter_max < 0 or reg < 0 or tol < 0:
@@ -310,7 +328,9 @@ def cp_als(
         if best is None or rel < best.rel_error:
             best = CPResult(weights, factors, rel, it, ok, msg)
     if best is None:
-        raise ConvergenceError(f"CP-ALS rank {R} failed in all {n_restarts} restart(s): " + "; ".join(failures))
+        raise ConvergenceError(
+            f"CP-ALS rank {R} failed in all {n_restarts} restart(s): " + "; ".join(failures)
+        )
     return _cast(_sorted(best), out_dtype)
 
 

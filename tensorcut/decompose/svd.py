@@ -61,7 +61,11 @@ def small_lapack(t: torch.Tensor, limit: int | None = 1 << 16) -> Iterator[None]
     can stall for a scheduler time slice (milliseconds) per call -- which adds up inside
     iterative methods. The previous thread count is restored on exit.
     """
-    if t.device.type != "cpu" or (limit is not None and t.numel() > limit) or torch.get_num_threads() == 1:
+    if (
+        t.device.type != "cpu"
+        or (limit is not None and t.numel() > limit)
+        or torch.get_num_threads() == 1
+    ):
         yield
         return
     n = torch.get_num_threads()
@@ -82,12 +86,16 @@ def check_tolerance(eps: float | None, energy: float | None) -> float | None:
     if eps is not None:
         e = float(eps)
         if not (e >= 0.0) or math.isinf(e):
-            raise TensorcutError(f"eps must be a finite number >= 0 (a relative error); got {eps!r}")
+            raise TensorcutError(
+                f"eps must be a finite number >= 0 (a relative error); got {eps!r}"
+            )
         return e * e
     if energy is not None:
         f = float(energy)
         if not (0.0 < f <= 1.0):
-            raise TensorcutError(f"energy must be in (0, 1] (fraction of squared norm kept); got {energy!r}")
+            raise TensorcutError(
+                f"energy must be in (0, 1] (fraction of squared norm kept); got {energy!r}"
+            )
         return 1.0 - f
     return None
 
@@ -110,7 +118,9 @@ def _rank_for_budget(s2: torch.Tensor, budget: float, total: float | None = None
     return int(ok[0, 0]) + 1
 
 
-def rank_from_spectrum(S: torch.Tensor, *, eps: float | None = None, energy: float | None = None) -> int:
+def rank_from_spectrum(
+    S: torch.Tensor, *, eps: float | None = None, energy: float | None = None
+) -> int:
     """Smallest rank ``k >= 1`` meeting ``eps`` (relative Frobenius error) or ``energy`` (kept fraction).
 
     ``S`` are singular values (any order is accepted; they are sorted descending).
@@ -158,7 +168,9 @@ def _fix_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def gaussian(shape: Sequence[int], *, seed: int, like: torch.Tensor) -> torch.Tensor:
     """Seeded standard normal tensor drawn on the CPU, so results match across devices."""
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(
+        device=like.device, dtype=like.dtype
+    )
 
 
 def _range_finder(M: torch.Tensor, size: int, n_iter: int, seed: int) -> torch.Tensor:
@@ -173,7 +185,9 @@ def _range_finder(M: torch.Tensor, size: int, n_iter: int, seed: int) -> torch.T
     return Q
 
 
-def _sketch_svd(M: torch.Tensor, size: int, n_iter: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sketch_svd(
+    M: torch.Tensor, size: int, n_iter: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     Q = _range_finder(M, size, n_iter, seed)
     B = Q.mT @ M
     with small_lapack(B):

@@ -30,9 +30,9 @@ reused for all divisors), then recomputes the winner with exact SVDs.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -135,15 +135,21 @@ class TRResult:
 
 def _check_kernel(kernel: object) -> Tensor:
     if not isinstance(kernel, Tensor):
-        raise TensorcutError(f"kernel must be a torch.Tensor, got {type(kernel).__name__}; pass conv.weight")
+        raise TensorcutError(
+            f"kernel must be a torch.Tensor, got {type(kernel).__name__}; pass conv.weight"
+        )
     if kernel.dim() != 4:
         raise TensorcutError(
             f"TR needs a 4-way (OUT, IN, KH, KW) kernel, got shape {tuple(kernel.shape)}; pass a Conv2d weight"
         )
     if not kernel.is_floating_point():
-        raise TensorcutError(f"kernel must be floating point, got {kernel.dtype}; convert it with .float()")
+        raise TensorcutError(
+            f"kernel must be floating point, got {kernel.dtype}; convert it with .float()"
+        )
     if min(kernel.shape) < 1:
-        raise TensorcutError(f"kernel has an empty mode, shape {tuple(kernel.shape)}; nothing to decompose")
+        raise TensorcutError(
+            f"kernel has an empty mode, shape {tuple(kernel.shape)}; nothing to decompose"
+        )
     if not bool(torch.isfinite(kernel).all()):
         raise TensorcutError("kernel contains NaN or Inf; fix the weights before decomposing")
     return kernel
@@ -194,7 +200,9 @@ def _as_pad4(padding: int | Sequence[int]) -> tuple[int, int, int, int]:
         return (t[1], t[1], t[0], t[0])
     if len(t) == 4:
         return (t[0], t[1], t[2], t[3])
-    raise TensorcutError(f"padding must be an int, (ph, pw) or (left, right, top, bottom), got {padding!r}")
+    raise TensorcutError(
+        f"padding must be an int, (ph, pw) or (left, right, top, bottom), got {padding!r}"
+    )
 
 
 # ----------------------------------------------------------------------------- counting
@@ -250,8 +258,15 @@ def tr_macs(
     ho = (hp - dh * (kh - 1) - 1) // (sh // eh) + 1
     wo = (wp - dw * (kw - 1) - 1) // (sw // ew) + 1
     if ho < 1 or wo < 1:
-        raise TensorcutError(f"input {h}x{w} is too small for kernel {kh}x{kw} with this padding/dilation")
-    return i * b * c * h1 * w1 + b * c * d * kh * ho * wp + b * d * a * kw * ho * wo + b * a * o * ho * wo
+        raise TensorcutError(
+            f"input {h}x{w} is too small for kernel {kh}x{kw} with this padding/dilation"
+        )
+    return (
+        i * b * c * h1 * w1
+        + b * c * d * kh * ho * wp
+        + b * d * a * kw * ho * wo
+        + b * a * o * ho * wo
+    )
 
 
 def tr_max_ranks(shape: Sequence[int]) -> Ranks:
@@ -278,7 +293,9 @@ def tr_to_tensor(cores: Sequence[Tensor]) -> Tensor:
         raise TensorcutError("tr_to_tensor needs at least one core")
     for k, g in enumerate(cores):
         if g.dim() != 3:
-            raise TensorcutError(f"core {k} must be 3-way (r_k, n_k, r_k+1), got shape {tuple(g.shape)}")
+            raise TensorcutError(
+                f"core {k} must be 3-way (r_k, n_k, r_k+1), got shape {tuple(g.shape)}"
+            )
         nxt = cores[(k + 1) % len(cores)]
         if g.shape[2] != nxt.shape[0]:
             raise TensorcutError(
@@ -295,7 +312,9 @@ def tr_to_tensor(cores: Sequence[Tensor]) -> Tensor:
         left = torch.einsum("anb,bmc->anmc", g0, g1)  # (ra, n0, n1, rc)
         right = torch.einsum("cpd,dqa->apqc", g2, g3)  # (ra, n2, n3, rc)
         ra, rc = left.shape[0], left.shape[-1]
-        full = left.permute(1, 2, 0, 3).reshape(-1, ra * rc) @ right.permute(0, 3, 1, 2).reshape(ra * rc, -1)
+        full = left.permute(1, 2, 0, 3).reshape(-1, ra * rc) @ right.permute(0, 3, 1, 2).reshape(
+            ra * rc, -1
+        )
         full = full.reshape(g0.shape[1], g1.shape[1], g2.shape[1], g3.shape[1])
         return full if k == 0 else full.permute(3, 0, 1, 2)
     acc = cores[0]  # (r0, N, r_k)
@@ -310,7 +329,9 @@ def _rotation(shift: int) -> list[int]:
     return [(shift + k) % 4 for k in range(4)]
 
 
-def _unrotate(rot_cores: list[Tensor], rot_ranks: Sequence[int], shift: int) -> tuple[list[Tensor], Ranks]:
+def _unrotate(
+    rot_cores: list[Tensor], rot_ranks: Sequence[int], shift: int
+) -> tuple[list[Tensor], Ranks]:
     cores: list[Tensor] = [rot_cores[0]] * 4
     ranks = [0, 0, 0, 0]
     for k in range(4):
@@ -365,7 +386,11 @@ class _Factor:
     def keep(self, allowed: float | None, target: int | None = None) -> tuple[int, float]:
         """Rank to keep (by budget, or a target clamped to the spectrum) and the energy discarded."""
         k = int(self.s2.numel())
-        r = max(1, min(target, k)) if target is not None else _keep_for_budget(self.s2, float(allowed))  # type: ignore[arg-type]
+        r = (
+            max(1, min(target, k))
+            if target is not None
+            else _keep_for_budget(self.s2, float(allowed))
+        )  # type: ignore[arg-type]
         return r, float(self.s2[r:].sum())
 
     def carry(self, r: int, signed: bool = True) -> Tensor:
@@ -438,8 +463,14 @@ def tr_svd(
     ``sqrt(D1 + D2 + D3) / ||T||``, which equals the reconstruction error because every step's
     basis is orthonormal.
     """
-    with small_lapack(kernel, limit=_SINGLE_THREAD_KERNEL) if isinstance(kernel, Tensor) else nullcontext():
-        return _tr_svd(kernel, eps, ranks=ranks, shift=shift, divisor=divisor, split=split, solver=solver)
+    with (
+        small_lapack(kernel, limit=_SINGLE_THREAD_KERNEL)
+        if isinstance(kernel, Tensor)
+        else nullcontext()
+    ):
+        return _tr_svd(
+            kernel, eps, ranks=ranks, shift=shift, divisor=divisor, split=split, solver=solver
+        )
 
 
 def _tr_svd(
@@ -455,10 +486,14 @@ def _tr_svd(
     kernel = _check_kernel(kernel)
     s = _check_shift(shift)
     if (eps is None) == (ranks is None):
-        raise TensorcutError("tr_svd needs exactly one of eps=... (error bound) or ranks=(a, b, c, d)")
+        raise TensorcutError(
+            "tr_svd needs exactly one of eps=... (error bound) or ranks=(a, b, c, d)"
+        )
     budgets = error_budgets(eps, split) if eps is not None else None
     how = _solver(solver, eps if eps is not None else 1.0)
-    if divisor is not None and (isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1):
+    if divisor is not None and (
+        isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1
+    ):
         raise TensorcutError(f"divisor must be a positive int, got {divisor!r}")
 
     t = kernel.detach().to(torch.float64)
@@ -488,7 +523,9 @@ def _tr_svd(
             # above max_ranks in every position comes back as exactly max_ranks
             nr1 = min(r1, max0)
             nr0 = max(1, max0 // nr1)
-            notes.append(f"first rank {r0}*{r1} exceeds {max0} (mode {MODES[s]}); clamped to {nr0}*{nr1}")
+            notes.append(
+                f"first rank {r0}*{r1} exceeds {max0} (mode {MODES[s]}); clamped to {nr0}*{nr1}"
+            )
             r0, r1 = nr0, nr1
         big_r, d1 = f1.keep(None, r0 * r1)
     else:
@@ -501,7 +538,9 @@ def _tr_svd(
                     f"divisor {r0} does not divide the first rank {big_r} and no multiple fits in {max0}; "
                     f"use a divisor of {big_r} or let rsdtr choose"
                 )
-            notes.append(f"first rank raised from {big_r} to {raised} to be divisible by divisor {r0}")
+            notes.append(
+                f"first rank raised from {big_r} to {raised} to be divisible by divisor {r0}"
+            )
             big_r, d1 = f1.keep(None, raised)
         r1 = big_r // r0
     u1, c1 = f1.split(big_r)
@@ -518,7 +557,9 @@ def _tr_svd(
 
     cores64, fixed = _unrotate(rot, (r0, r1, r2, r3), s)
     if ranks is not None and tuple(fixed) != tuple(int(x) for x in ranks):
-        notes.append(f"requested ranks {tuple(int(x) for x in ranks)} became {fixed} (what the kernel admits)")
+        notes.append(
+            f"requested ranks {tuple(int(x) for x in ranks)} became {fixed} (what the kernel admits)"
+        )
     err = math.sqrt(max(d1 + d2 + d3, 0.0) / norm2) if norm2 > 0 else 0.0
     steps = tuple(math.sqrt(max(x, 0.0) / norm2) if norm2 > 0 else 0.0 for x in (d1, d2, d3))
     return TRResult(
@@ -566,10 +607,22 @@ def rsdtr(
     ``solver="auto"`` scores with Gram eigendecompositions (exact SVDs for eps < 1e-6). The
     winner is rebuilt by :func:`tr_svd` with the same solver; ``search`` holds every candidate.
     """
-    with small_lapack(kernel, limit=_SINGLE_THREAD_KERNEL) if isinstance(kernel, Tensor) else nullcontext():
+    with (
+        small_lapack(kernel, limit=_SINGLE_THREAD_KERNEL)
+        if isinstance(kernel, Tensor)
+        else nullcontext()
+    ):
         return _rsdtr(
-            kernel, eps, objective=objective, input_size=input_size, stride=stride, padding=padding,
-            dilation=dilation, split=split, shifts=shifts, solver=solver,
+            kernel,
+            eps,
+            objective=objective,
+            input_size=input_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            split=split,
+            shifts=shifts,
+            solver=solver,
         )
 
 
@@ -591,9 +644,13 @@ def _rsdtr(
     budgets = error_budgets(e, split)
     how = _solver(solver, e)
     if not callable(objective) and objective not in OBJECTIVES:
-        raise TensorcutError(f"objective must be one of {OBJECTIVES} or a callable ranks -> cost, got {objective!r}")
+        raise TensorcutError(
+            f"objective must be one of {OBJECTIVES} or a callable ranks -> cost, got {objective!r}"
+        )
     if objective == "macs" and input_size is None:
-        raise TensorcutError("objective='macs' needs input_size=(H, W), the layer's input resolution")
+        raise TensorcutError(
+            "objective='macs' needs input_size=(H, W), the layer's input resolution"
+        )
     shape = tuple(int(x) for x in kernel.shape)
     shift_list = [_check_shift(x) for x in shifts] if shifts is not None else [0, 1, 2, 3]
     if not shift_list:
@@ -617,7 +674,9 @@ def _rsdtr(
     best = min(cands, key=key)
     res = tr_svd(kernel, e, shift=best.shift, divisor=best.divisor, split=split, solver=how)
     if res.ranks != best.ranks:
-        res.notes = res.notes + (f"rebuilding gave ranks {res.ranks}, the search scored {best.ranks}",)
+        res.notes = res.notes + (
+            f"rebuilding gave ranks {res.ranks}, the search scored {best.ranks}",
+        )
     res.search = cands
     return res
 
@@ -646,7 +705,9 @@ def _score(
             f2 = _Factor(_regroup(c1, r0, r1, n[1:]).reshape(r1 * n[1], -1), how, vectors=True)
             r2, d2 = f2.keep(allowed[1])
             # signs of this carry's rows do not change the next spectrum: skip the convention
-            f3 = _Factor(f2.carry(r2, signed=False).reshape(r2 * n[2], n[3] * r0), how, vectors=False)
+            f3 = _Factor(
+                f2.carry(r2, signed=False).reshape(r2 * n[2], n[3] * r0), how, vectors=False
+            )
             r3, d3 = f3.keep(allowed[2])
             _, fixed = _unrotate([rt] * 4, (r0, r1, r2, r3), s)
             err = math.sqrt(max(d1 + d2 + d3, 0.0) / norm2) if norm2 > 0 else 0.0

@@ -32,7 +32,9 @@ __all__ = ["tt_max_ranks", "tt_svd", "tt_to_tensor"]
 def tt_max_ranks(shape: Sequence[int]) -> tuple[int, ...]:
     """Largest useful internal TT ranks ``r_1..r_{d-1}``: ``min(prod(n_1..n_k), prod(n_{k+1}..n_d))``."""
     sizes = [int(s) for s in shape]
-    return tuple(min(math.prod(sizes[: k + 1]), math.prod(sizes[k + 1 :])) for k in range(len(sizes) - 1))
+    return tuple(
+        min(math.prod(sizes[: k + 1]), math.prod(sizes[k + 1 :])) for k in range(len(sizes) - 1)
+    )
 
 
 def tt_svd(
@@ -52,7 +54,9 @@ def tt_svd(
     """
     T, out_dtype = _as_float(T, "T")
     if T.ndim < 2:
-        raise TensorcutError(f"tt_svd needs a tensor with at least 2 modes; got shape {tuple(T.shape)}")
+        raise TensorcutError(
+            f"tt_svd needs a tensor with at least 2 modes; got shape {tuple(T.shape)}"
+        )
     if not bool(torch.isfinite(T).all()):
         raise TensorcutError("tt_svd input contains NaN or Inf; clean the tensor first")
     d = T.ndim
@@ -64,8 +68,12 @@ def tt_svd(
     else:
         req = [ranks] * (d - 1) if not isinstance(ranks, Sequence) else list(ranks)
         if len(req) != d - 1:
-            raise TensorcutError(f"tt_svd needs {d - 1} internal ranks for a {d}-mode tensor; got {len(req)}")
-        caps = [clamp_rank(r, m, name=f"TT rank r_{k + 1}") for k, (r, m) in enumerate(zip(req, maxr))]
+            raise TensorcutError(
+                f"tt_svd needs {d - 1} internal ranks for a {d}-mode tensor; got {len(req)}"
+            )
+        caps = [
+            clamp_rank(r, m, name=f"TT rank r_{k + 1}") for k, (r, m) in enumerate(zip(req, maxr))
+        ]
     budget = None
     if tol2 is not None:
         budget = tol2 * float(torch.linalg.vector_norm(T, dtype=torch.float64)) ** 2 / (d - 1)
@@ -96,7 +104,9 @@ def tt_to_tensor(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     out = None
     for k, G in enumerate(cores):
         if G.ndim != 3:
-            raise TensorcutError(f"TT core {k} must be 3-D (r_prev, n, r); got shape {tuple(G.shape)}")
+            raise TensorcutError(
+                f"TT core {k} must be 3-D (r_prev, n, r); got shape {tuple(G.shape)}"
+            )
         shape.append(G.shape[1])
         if out is None:
             if G.shape[0] != 1:
@@ -104,7 +114,9 @@ def tt_to_tensor(cores: Sequence[torch.Tensor]) -> torch.Tensor:
             out = G.reshape(G.shape[1], G.shape[2])
         else:
             if G.shape[0] != out.shape[1]:
-                raise TensorcutError(f"TT core {k} has r_prev={G.shape[0]} but the previous rank is {out.shape[1]}")
+                raise TensorcutError(
+                    f"TT core {k} has r_prev={G.shape[0]} but the previous rank is {out.shape[1]}"
+                )
             out = (out @ G.reshape(G.shape[0], -1)).reshape(-1, G.shape[2])
     if out.shape[1] != 1:  # type: ignore[union-attr]
         raise TensorcutError(f"the last TT core must have r_d = 1; got {out.shape[1]}")  # type: ignore[union-attr]

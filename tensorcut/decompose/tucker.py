@@ -21,7 +21,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tensorcut.decompose.svd import _as_float, _rank_from_s, check_tolerance, clamp_rank, small_lapack
+from tensorcut.decompose.svd import (
+    _as_float,
+    _rank_from_s,
+    check_tolerance,
+    clamp_rank,
+    small_lapack,
+)
 from tensorcut.errors import TensorcutError
 
 __all__ = ["TuckerResult", "hooi", "hosvd", "mode_dot", "tucker2", "tucker_to_tensor"]
@@ -66,13 +72,17 @@ def _unfold(T: torch.Tensor, mode: int) -> torch.Tensor:
 def tucker_to_tensor(core: torch.Tensor, factors: Sequence[torch.Tensor | None]) -> torch.Tensor:
     """``core x_1 U_1 ... x_N U_N``; a ``None`` factor leaves that mode as it is."""
     if len(factors) != core.ndim:
-        raise TensorcutError(f"need one factor (or None) per core mode: core has {core.ndim}, got {len(factors)}")
+        raise TensorcutError(
+            f"need one factor (or None) per core mode: core has {core.ndim}, got {len(factors)}"
+        )
     out = core
     for n, U in enumerate(factors):
         if U is None:
             continue
         if U.ndim != 2 or U.shape[1] != out.shape[n]:
-            raise TensorcutError(f"factor {n} has shape {tuple(U.shape)}; expected (n, {out.shape[n]})")
+            raise TensorcutError(
+                f"factor {n} has shape {tuple(U.shape)}; expected (n, {out.shape[n]})"
+            )
         out = mode_dot(out, U, n)
     return out
 
@@ -85,7 +95,11 @@ def _rel_error(T: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 def _resolve(
-    T: torch.Tensor, ranks: RankSpec, modes: Sequence[int] | None, eps: float | None, energy: float | None
+    T: torch.Tensor,
+    ranks: RankSpec,
+    modes: Sequence[int] | None,
+    eps: float | None,
+    energy: float | None,
 ) -> tuple[list[int], dict[int, int] | None, float | None]:
     """Work out which modes to decompose and either their explicit ranks or the error budget."""
     tol2 = check_tolerance(eps, energy)
@@ -98,7 +112,9 @@ def _resolve(
                 f"ranks needs one entry (int or None) per mode: tensor has {N} modes, got {len(ranks)}"
             )
         if modes is not None:
-            raise TensorcutError("with a per-mode ranks sequence, mark skipped modes with None instead of modes=")
+            raise TensorcutError(
+                "with a per-mode ranks sequence, mark skipped modes with None instead of modes="
+            )
         modes = [n for n, r in enumerate(ranks) if r is not None]
         rank_of = {n: ranks[n] for n in modes}
     else:
@@ -111,7 +127,10 @@ def _resolve(
     if rank_of is None and tol2 is None:  # no rule: full (exact) ranks
         rank_of = {n: _max_rank(T.shape, n) for n in modes}
     if rank_of is not None:
-        rank_of = {n: clamp_rank(r, _max_rank(T.shape, n), name=f"rank of mode {n}") for n, r in rank_of.items()}
+        rank_of = {
+            n: clamp_rank(r, _max_rank(T.shape, n), name=f"rank of mode {n}")
+            for n, r in rank_of.items()
+        }
     return sorted(modes), rank_of, tol2
 
 
@@ -204,7 +223,10 @@ def hooi(
                     Y = mode_dot(Y, factors[m].mT, m)  # type: ignore[union-attr]
             factors[n] = _leading(_unfold(Y, n), init.core.shape[n])
             core = mode_dot(Y, factors[n].mT, n)  # type: ignore[union-attr]
-        err = math.sqrt(max(norm2 - float(torch.linalg.vector_norm(core, dtype=torch.float64)) ** 2, 0.0) / norm2)
+        err = math.sqrt(
+            max(norm2 - float(torch.linalg.vector_norm(core, dtype=torch.float64)) ** 2, 0.0)
+            / norm2
+        )
         if err < best_err:
             best_err, best_factors = err, list(factors)
         if prev - err < tol:
@@ -218,7 +240,11 @@ def hooi(
     if rel > init.rel_error:  # rounding in the norm-based estimate; HOSVD was better
         init.n_iter, init.converged = it, converged
         return init
-    msg = "" if converged else f"HOOI stopped after {it} sweeps before the error change fell below tol={tol}"
+    msg = (
+        ""
+        if converged
+        else f"HOOI stopped after {it} sweeps before the error change fell below tol={tol}"
+    )
     return _cast(TuckerResult(core, best_factors, rel, it, converged, msg), out_dtype)
 
 

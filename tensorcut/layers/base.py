@@ -50,11 +50,31 @@ class SameConv2d(nn.Conv2d):
     such a convolution, so the dense form computes exactly what the original did.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Pair, *, stride: int | Pair = 1,
-                 dilation: int | Pair = 1, groups: int = 1, bias: bool = True,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0, dilation=dilation,
-                         groups=groups, bias=bias, device=device, dtype=dtype)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Pair,
+        *,
+        stride: int | Pair = 1,
+        dilation: int | Pair = 1,
+        groups: int = 1,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=0,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+            device=device,
+            dtype=dtype,
+        )
         self.padding = TF_SAME  # type: ignore[assignment]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,12 +102,15 @@ class ConvGeometry:
     bias: bool = True
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d) -> "ConvGeometry":
+    def from_conv(cls, conv: nn.Conv2d) -> ConvGeometry:
         """Read the geometry of an ``nn.Conv2d`` (a :class:`SameConv2d` has ``padding='tf_same'``)."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"expected nn.Conv2d, got {type(conv).__name__}")
-        padding = TF_SAME if isinstance(conv, SameConv2d) else (
-            conv.padding if isinstance(conv.padding, str) else _pair(conv.padding))
+        padding = (
+            TF_SAME
+            if isinstance(conv, SameConv2d)
+            else (conv.padding if isinstance(conv.padding, str) else _pair(conv.padding))
+        )
         return cls(
             in_channels=conv.in_channels,
             out_channels=conv.out_channels,
@@ -115,8 +138,10 @@ class ConvGeometry:
         if not self.dynamic:
             return self.pad
         out = []
-        for i, k, s, d in ((hw[1], self.kernel_size[1], self.stride[1], self.dilation[1]),
-                           (hw[0], self.kernel_size[0], self.stride[0], self.dilation[0])):
+        for i, k, s, d in (
+            (hw[1], self.kernel_size[1], self.stride[1], self.dilation[1]),
+            (hw[0], self.kernel_size[0], self.stride[0], self.dilation[0]),
+        ):
             total = max((-(-int(i) // s) - 1) * s + (k - 1) * d + 1 - int(i), 0)
             out += [total // 2, total - total // 2]
         return (out[0], out[1], out[2], out[3])
@@ -126,12 +151,17 @@ class ConvGeometry:
         """Explicit (left, right, top, bottom) padding, as ``F.pad`` takes it (static paddings only;
         ``'tf_same'`` depends on the input size: use :meth:`pad_at`)."""
         if self.dynamic:
-            raise TensorcutError("TF-same padding depends on the input size; use ConvGeometry.pad_at(hw)")
+            raise TensorcutError(
+                "TF-same padding depends on the input size; use ConvGeometry.pad_at(hw)"
+            )
         if self.padding == "valid":
             return (0, 0, 0, 0)
         if self.padding == "same":
             out = []
-            for k, d in ((self.kernel_size[1], self.dilation[1]), (self.kernel_size[0], self.dilation[0])):
+            for k, d in (
+                (self.kernel_size[1], self.dilation[1]),
+                (self.kernel_size[0], self.dilation[0]),
+            ):
                 total = d * (k - 1)
                 left = total // 2
                 out += [left, total - left]
@@ -149,7 +179,9 @@ class ConvGeometry:
     def dense_params(self) -> int:
         """Parameters of the dense convolution (weights + bias)."""
         kh, kw = self.kernel_size
-        return self.out_channels * (self.in_channels // self.groups) * kh * kw + (self.out_channels if self.bias else 0)
+        return self.out_channels * (self.in_channels // self.groups) * kh * kw + (
+            self.out_channels if self.bias else 0
+        )
 
     def dense_macs(self, hw: Pair) -> int:
         """Multiply-accumulates of the dense convolution per image."""
@@ -161,8 +193,15 @@ class ConvGeometry:
         """A dense ``nn.Conv2d`` with this geometry (uninitialised weights); ``'tf_same'``
         padding gives a :class:`SameConv2d`."""
         if self.dynamic:
-            return SameConv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
-                              dilation=self.dilation, groups=self.groups, bias=self.bias)
+            return SameConv2d(
+                self.in_channels,
+                self.out_channels,
+                self.kernel_size,
+                stride=self.stride,
+                dilation=self.dilation,
+                groups=self.groups,
+                bias=self.bias,
+            )
         return nn.Conv2d(
             self.in_channels,
             self.out_channels,
@@ -190,7 +229,7 @@ class ConvGeometry:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ConvGeometry":
+    def from_dict(cls, d: dict[str, Any]) -> ConvGeometry:
         """Inverse of :meth:`to_dict`."""
         padding = d["padding"] if isinstance(d["padding"], str) else _pair(d["padding"])
         return cls(
@@ -219,7 +258,12 @@ def explicit_pad(x: torch.Tensor, geom: ConvGeometry) -> torch.Tensor:
     pad = geom.pad_at((x.shape[-2], x.shape[-1])) if geom.dynamic else geom.pad
     if not any(pad):
         return x
-    mode = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}[geom.padding_mode]
+    mode = {
+        "zeros": "constant",
+        "reflect": "reflect",
+        "replicate": "replicate",
+        "circular": "circular",
+    }[geom.padding_mode]
     return F.pad(x, pad, mode=mode)
 
 
@@ -235,11 +279,18 @@ def split_padding(geom: ConvGeometry) -> tuple[Pair, bool]:
     return (0, 0), True
 
 
-Layout = Union[torch.Tensor, torch.memory_format, None]  # a tensor to match, a memory format, or None
+Layout = Union[
+    torch.Tensor, torch.memory_format, None
+]  # a tensor to match, a memory format, or None
 
 
 def _pointwise(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Pair, groups: int, like: Layout
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Pair,
+    groups: int,
+    like: Layout,
 ) -> torch.Tensor:
     """Unpadded 1x1 convolution of a 4-D ``x`` (groups 1) as one GEMM; other calls use ``F.conv2d``.
 
@@ -260,7 +311,11 @@ def _pointwise(
     elif isinstance(like, torch.memory_format):
         cl_out = like == torch.channels_last
     else:
-        cl_out = like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)
+        cl_out = (
+            like.dim() == 4
+            and not like.is_contiguous()
+            and like.is_contiguous(memory_format=torch.channels_last)
+        )
     if x.is_contiguous():
         rows = x.reshape(n, c, h * w).transpose(1, 2)  # (n, hw, c), a view
     else:
@@ -346,10 +401,21 @@ def make_conv(
     Factorized layers are filled by ``from_conv`` or a checkpoint; zeros rather than random or
     uninitialised memory make a forgotten fill visible instead of silently noisy.
     """
-    cls = PointwiseConv2d if tuple(kernel_size) == (1, 1) and tuple(padding) == (0, 0) else nn.Conv2d
+    cls = (
+        PointwiseConv2d if tuple(kernel_size) == (1, 1) and tuple(padding) == (0, 0) else nn.Conv2d
+    )
     conv = nn.utils.skip_init(  # skip_init needs a real device (None would leave it on "meta")
-        cls, in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
-        groups=groups, bias=bias, device="cpu" if device is None else device, dtype=dtype,
+        cls,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias,
+        device="cpu" if device is None else device,
+        dtype=dtype,
     )
     with torch.no_grad():
         for p in conv.parameters():
@@ -375,13 +441,17 @@ def rank_tuple(ranks: Any, n: int, method: str) -> tuple[int, ...]:
     try:
         out = tuple(int(r.__index__()) for r in seq)
     except (TypeError, AttributeError):
-        raise TensorcutError(f"{method} ranks must be {n} positive integers; got {ranks!r}") from None
+        raise TensorcutError(
+            f"{method} ranks must be {n} positive integers; got {ranks!r}"
+        ) from None
     if len(out) != n or min(out) < 1:
         raise TensorcutError(f"{method} ranks must be {n} integers >= 1; got {ranks!r}")
     return out
 
 
-def clamp_ranks(ranks: Any, maxima: tuple[int, ...], method: str, labels: tuple[str, ...]) -> tuple[int, ...]:
+def clamp_ranks(
+    ranks: Any, maxima: tuple[int, ...], method: str, labels: tuple[str, ...]
+) -> tuple[int, ...]:
     """Requested ranks (an int for all, or one per entry) clamped to ``maxima`` with a warning each.
 
     Ranks below 1 raise :class:`TensorcutError` naming the valid range.
@@ -392,7 +462,9 @@ def clamp_ranks(ranks: Any, maxima: tuple[int, ...], method: str, labels: tuple[
     seq = [ranks] * n if not isinstance(ranks, (tuple, list)) else list(ranks)
     if len(seq) != n:
         raise TensorcutError(f"{method} takes {n} rank(s) ({', '.join(labels)}); got {ranks!r}")
-    return tuple(clamp_rank(r, m, name=f"{method} rank {lab}") for r, m, lab in zip(seq, maxima, labels))
+    return tuple(
+        clamp_rank(r, m, name=f"{method} rank {lab}") for r, m, lab in zip(seq, maxima, labels)
+    )
 
 
 def kernel_groups(conv: nn.Conv2d) -> list[torch.Tensor]:
@@ -481,7 +553,7 @@ class FactorizedConv2d(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, ranks: Any = None, **options: Any) -> "FactorizedConv2d":
+    def from_conv(cls, conv: nn.Conv2d, ranks: Any = None, **options: Any) -> FactorizedConv2d:
         """Factorize ``conv``'s kernel (explicit ``ranks``, or the method's rank options)."""
         raise NotImplementedError
 
@@ -519,12 +591,20 @@ class FactorizedConv2d(nn.Module):
 
         Subclasses with extra constructor options add them under ``"options"``.
         """
-        return {"method": self.method, "geometry": self.geometry.to_dict(), "ranks": list(self.ranks)}
+        return {
+            "method": self.method,
+            "geometry": self.geometry.to_dict(),
+            "ranks": list(self.ranks),
+        }
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> "FactorizedConv2d":
+    def from_config(cls, cfg: dict[str, Any]) -> FactorizedConv2d:
         """Rebuild the (uninitialised) layer described by :meth:`config`; load a state_dict next."""
-        return cls(ConvGeometry.from_dict(cfg["geometry"]), tuple(int(r) for r in cfg["ranks"]), **cfg.get("options", {}))
+        return cls(
+            ConvGeometry.from_dict(cfg["geometry"]),
+            tuple(int(r) for r in cfg["ranks"]),
+            **cfg.get("options", {}),
+        )
 
     def reset_parameters(self) -> None:
         """Randomly (re)initialise every sublayer as ``nn.Conv2d`` does, e.g. to train from scratch."""

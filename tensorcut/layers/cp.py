@@ -44,7 +44,6 @@ from tensorcut.layers.base import (
 __all__ = ["CPConv2d"]
 
 
-
 @register_layer
 class CPConv2d(FactorizedConv2d):
     """CP convolution: 1x1 (IN->R) -> depthwise KHx1 -> depthwise 1xKW -> 1x1 (R->OUT, bias).
@@ -74,11 +73,33 @@ class CPConv2d(FactorizedConv2d):
         k: dict[str, Any] = {"device": device, "dtype": dtype}
         (ph, pw), self._pad_explicitly = split_padding(geometry)
         self.first = make_conv(geometry.in_channels, g * R, (1, 1), stride=es, groups=g, **k)
-        self.vertical = make_conv(g * R, g * R, (kh, 1), stride=(sh // es[0], 1), padding=(ph, 0), dilation=(dh, 1), groups=g * R, **k)
-        self.horizontal = make_conv(g * R, g * R, (1, kw), stride=(1, sw // es[1]), padding=(0, pw), dilation=(1, dw), groups=g * R, **k)
-        self.last = make_conv(g * R, geometry.out_channels, (1, 1), groups=g, bias=geometry.bias, **k)
+        self.vertical = make_conv(
+            g * R,
+            g * R,
+            (kh, 1),
+            stride=(sh // es[0], 1),
+            padding=(ph, 0),
+            dilation=(dh, 1),
+            groups=g * R,
+            **k,
+        )
+        self.horizontal = make_conv(
+            g * R,
+            g * R,
+            (1, kw),
+            stride=(1, sw // es[1]),
+            padding=(0, pw),
+            dilation=(1, dw),
+            groups=g * R,
+            **k,
+        )
+        self.last = make_conv(
+            g * R, geometry.out_channels, (1, 1), groups=g, bias=geometry.bias, **k
+        )
         self.rel_error: float | None = None  # set by from_conv
-        self.fit_info: list[dict[str, Any]] | None = None  # per-group ALS summaries, set by from_conv
+        self.fit_info: list[dict[str, Any]] | None = (
+            None  # per-group ALS summaries, set by from_conv
+        )
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -120,8 +141,12 @@ class CPConv2d(FactorizedConv2d):
         with torch.no_grad():
             self.last.weight.copy_(torch.cat([f[0] for f in factors])[:, :, None, None].to(w))
             self.first.weight.copy_(torch.cat([f[1].mT for f in factors])[:, :, None, None].to(w))
-            self.vertical.weight.copy_(torch.cat([f[2].mT for f in factors])[:, None, :, None].to(w))
-            self.horizontal.weight.copy_(torch.cat([f[3].mT for f in factors])[:, None, None, :].to(w))
+            self.vertical.weight.copy_(
+                torch.cat([f[2].mT for f in factors])[:, None, :, None].to(w)
+            )
+            self.horizontal.weight.copy_(
+                torch.cat([f[3].mT for f in factors])[:, None, None, :].to(w)
+            )
 
     @classmethod
     def max_ranks(cls, geometry: ConvGeometry) -> tuple[int, ...]:
@@ -141,8 +166,12 @@ class CPConv2d(FactorizedConv2d):
         g, _, _, kh, kw = per_group(geometry)
         R = int(ranks[0])
         (h1, w1), (_, wp), (ho, wo) = stage_sizes(geometry, hw)
-        return (R * geometry.in_channels * h1 * w1 + g * R * kh * ho * wp + g * R * kw * ho * wo
-                + geometry.out_channels * R * ho * wo)
+        return (
+            R * geometry.in_channels * h1 * w1
+            + g * R * kh * ho * wp
+            + g * R * kw * ho * wo
+            + geometry.out_channels * R * ho * wo
+        )
 
     @classmethod
     def from_conv(
@@ -153,7 +182,7 @@ class CPConv2d(FactorizedConv2d):
         eps: float | None = None,
         energy: float | None = None,
         **opts: Any,
-    ) -> "CPConv2d":
+    ) -> CPConv2d:
         """CP-ALS of ``conv``'s kernel (per group).
 
         ``ranks=R`` (or ``(R,)``) is clamped to :meth:`max_ranks` with a warning; at that bound
@@ -166,7 +195,9 @@ class CPConv2d(FactorizedConv2d):
         """
         allowed = {"n_iter_max", "tol", "init", "n_restarts", "seed", "reg", "max_norm_ratio"}
         if set(opts) - allowed:
-            raise TensorcutError(f"unknown options for cp: {sorted(set(opts) - allowed)}; use {sorted(allowed)}")
+            raise TensorcutError(
+                f"unknown options for cp: {sorted(set(opts) - allowed)}; use {sorted(allowed)}"
+            )
         geom = ConvGeometry.from_conv(conv)
         check_groups(geom, cls.method)
         if ranks is not None and (eps is not None or energy is not None):
@@ -180,7 +211,7 @@ class CPConv2d(FactorizedConv2d):
         elif tol2 is None:
             results = [cp_als(W, rmax, **opts) for W in blocks]
         else:
-            results = [_search(W, tol2 ** 0.5, rmax, opts) for W in blocks]
+            results = [_search(W, tol2**0.5, rmax, opts) for W in blocks]
             R = max(r.rank for r in results)
             results = [r if r.rank == R else cp_als(W, R, **opts) for r, W in zip(results, blocks)]
         layer = cls(geom, results[0].rank, device=conv.weight.device, dtype=conv.weight.dtype)
@@ -193,8 +224,13 @@ class CPConv2d(FactorizedConv2d):
         err = float(torch.linalg.vector_norm(W - layer.reconstruct_weight().detach().to(W)))
         layer.rel_error = err / norm if norm > 0 else 0.0
         layer.fit_info = [
-            {"rank": r.rank, "rel_error": r.rel_error, "n_iter": r.n_iter, "converged": r.converged,
-             "message": r.message}
+            {
+                "rank": r.rank,
+                "rel_error": r.rel_error,
+                "n_iter": r.n_iter,
+                "converged": r.converged,
+                "message": r.message,
+            }
             for r in results
         ]
         return layer

@@ -24,7 +24,9 @@ class SVDLinear(nn.Module):
     Parameters ``k * (in + out)`` (+ out bias); MACs per sample the same count.
     """
 
-    method: ClassVar[str] = "svd"  # the name checkpoints record (tensorcut.io rebuilds it by this name)
+    method: ClassVar[str] = (
+        "svd"  # the name checkpoints record (tensorcut.io rebuilds it by this name)
+    )
 
     def __init__(
         self,
@@ -40,7 +42,10 @@ class SVDLinear(nn.Module):
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise TensorcutError(f"SVDLinear rank must be an integer >= 1; got {rank!r}")
         self.in_features, self.out_features = int(in_features), int(out_features)
-        k: dict[str, Any] = {"device": "cpu" if device is None else device, "dtype": dtype}  # not "meta"
+        k: dict[str, Any] = {
+            "device": "cpu" if device is None else device,
+            "dtype": dtype,
+        }  # not "meta"
         self.first = nn.utils.skip_init(nn.Linear, self.in_features, rank, bias=False, **k)
         self.last = nn.utils.skip_init(nn.Linear, rank, self.out_features, bias=bias, **k)
         with torch.no_grad():  # filled by from_linear or a checkpoint; zeros, not garbage
@@ -71,7 +76,9 @@ class SVDLinear(nn.Module):
     @staticmethod
     def predicted_params(in_features: int, out_features: int, rank: int, bias: bool = True) -> int:
         """``k * (in + out)`` plus the bias."""
-        return int(rank) * (int(in_features) + int(out_features)) + (int(out_features) if bias else 0)
+        return int(rank) * (int(in_features) + int(out_features)) + (
+            int(out_features) if bias else 0
+        )
 
     @classmethod
     def from_linear(
@@ -83,7 +90,7 @@ class SVDLinear(nn.Module):
         energy: float | None = None,
         randomized: bool = False,
         seed: int = 0,
-    ) -> "SVDLinear":
+    ) -> SVDLinear:
         """Truncated SVD of ``linear.weight``: give ``rank`` (clamped to ``min(in, out)`` with a
         warning), ``eps`` (relative Frobenius error bound) or ``energy`` (kept fraction); with
         none the factorization is exact (full rank). ``randomized`` uses a seeded sketch.
@@ -95,17 +102,27 @@ class SVDLinear(nn.Module):
         W = linear.weight.detach()
         full = cls.max_rank(linear.in_features, linear.out_features)
         k = None if rank is None else clamp_rank(rank, full, name="SVDLinear rank")
-        U, S, Vh = truncated_svd(W.to(torch.float64), k, eps=eps, energy=energy, randomized=randomized, seed=seed)
+        U, S, Vh = truncated_svd(
+            W.to(torch.float64), k, eps=eps, energy=energy, randomized=randomized, seed=seed
+        )
         root = S.sqrt()
-        layer = cls(linear.in_features, linear.out_features, int(S.numel()), bias=linear.bias is not None,
-                    device=W.device, dtype=W.dtype)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            int(S.numel()),
+            bias=linear.bias is not None,
+            device=W.device,
+            dtype=W.dtype,
+        )
         with torch.no_grad():
             layer.first.weight.copy_((root[:, None] * Vh).to(W))
             layer.last.weight.copy_((U * root).to(W))
             if linear.bias is not None:
                 layer.last.bias.copy_(linear.bias.detach())  # type: ignore[union-attr]
         norm = float(torch.linalg.vector_norm(W, dtype=torch.float64))
-        err = float(torch.linalg.vector_norm(W.double() - layer.reconstruct_weight().detach().double()))
+        err = float(
+            torch.linalg.vector_norm(W.double() - layer.reconstruct_weight().detach().double())
+        )
         layer.rel_error = err / norm if norm > 0 else 0.0
         return layer
 
@@ -116,7 +133,13 @@ class SVDLinear(nn.Module):
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` computing the same function."""
         W = self.reconstruct_weight()
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=W.device, dtype=W.dtype)
+        lin = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=W.device,
+            dtype=W.dtype,
+        )
         with torch.no_grad():
             lin.weight.copy_(W)
             if self.bias is not None:
@@ -145,10 +168,13 @@ class SVDLinear(nn.Module):
         }
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> "SVDLinear":
+    def from_config(cls, cfg: dict[str, Any]) -> SVDLinear:
         """Rebuild the (zero-filled) layer described by :meth:`config`; load a state_dict next."""
         return cls(
-            int(cfg["in_features"]), int(cfg["out_features"]), int(cfg["rank"]), bias=bool(cfg.get("bias", True))
+            int(cfg["in_features"]),
+            int(cfg["out_features"]),
+            int(cfg["rank"]),
+            bias=bool(cfg.get("bias", True)),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

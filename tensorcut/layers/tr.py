@@ -28,11 +28,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from tensorcut.decompose.svd import RankClampWarning
 from tensorcut.decompose.tr import (
     TRResult,
     rsdtr,
@@ -42,7 +44,6 @@ from tensorcut.decompose.tr import (
     tr_svd,
     tr_to_tensor,
 )
-from tensorcut.decompose.svd import RankClampWarning
 from tensorcut.errors import TensorcutError
 from tensorcut.layers.base import (
     ConvGeometry,
@@ -59,7 +60,11 @@ __all__ = ["TRConv2d"]
 
 def _refuse_groups(geometry: ConvGeometry) -> None:
     if geometry.groups != 1:
-        kind = "depthwise" if geometry.groups == geometry.in_channels == geometry.out_channels else "grouped"
+        kind = (
+            "depthwise"
+            if geometry.groups == geometry.in_channels == geometry.out_channels
+            else "grouped"
+        )
         raise TensorcutError(
             f"TR cannot factorize a {kind} convolution (groups={geometry.groups}): its kernel holds "
             f"only IN/groups={geometry.in_channels // geometry.groups} input channels per group, so one "
@@ -73,7 +78,9 @@ def _check_ranks(ranks: int | Sequence[int]) -> tuple[int, int, int, int]:
     try:
         r = tuple(int(x) for x in ranks)
     except (TypeError, ValueError) as exc:
-        raise TensorcutError(f"TR ranks must be four positive ints (a, b, c, d), got {ranks!r}") from exc
+        raise TensorcutError(
+            f"TR ranks must be four positive ints (a, b, c, d), got {ranks!r}"
+        ) from exc
     if len(r) != 4 or min(r) < 1:
         raise TensorcutError(f"TR ranks must be four positive ints (a, b, c, d), got {ranks!r}")
     return (r[0], r[1], r[2], r[3])
@@ -122,7 +129,7 @@ class TRConv2d(FactorizedConv2d):
         eps: float | None = None,
         energy: float | None = None,
         **opts: Any,
-    ) -> "TRConv2d":
+    ) -> TRConv2d:
         """Factorize ``conv``'s kernel as a tensor ring.
 
         ``ranks=(a, b, c, d)`` (an int means all four): TR-SVD at those ranks, option ``shift``
@@ -139,15 +146,23 @@ class TRConv2d(FactorizedConv2d):
         if eps is not None and energy is not None:
             raise TensorcutError("give eps or energy, not both")
         if energy is not None:
-            if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0.0 < float(energy) <= 1.0:
-                raise TensorcutError(f"energy must be in (0, 1] (fraction of squared norm kept); got {energy!r}")
+            if (
+                isinstance(energy, bool)
+                or not isinstance(energy, (int, float))
+                or not 0.0 < float(energy) <= 1.0
+            ):
+                raise TensorcutError(
+                    f"energy must be in (0, 1] (fraction of squared norm kept); got {energy!r}"
+                )
             if float(energy) < 1.0:
                 eps = math.sqrt(1.0 - float(energy))
         weight = conv.weight.detach()
         if eps is None:
             unknown = set(opts) - {"shift"}
             if unknown:
-                raise TensorcutError(f"unknown options with explicit ranks: {sorted(unknown)}; only 'shift' applies")
+                raise TensorcutError(
+                    f"unknown options with explicit ranks: {sorted(unknown)}; only 'shift' applies"
+                )
             want = _check_ranks(ranks) if ranks is not None else cls.max_ranks(geom)
             res = tr_svd(weight, ranks=want, shift=opts.get("shift", 0))
             for note in res.notes:
@@ -244,7 +259,9 @@ class TRConv2d(FactorizedConv2d):
         _refuse_groups(geometry)
         r = _check_ranks(ranks)
         shape = (geometry.out_channels, geometry.in_channels, *geometry.kernel_size)
-        return tr_macs(shape, r, hw, stride=geometry.stride, padding=geometry.pad, dilation=geometry.dilation)
+        return tr_macs(
+            shape, r, hw, stride=geometry.stride, padding=geometry.pad, dilation=geometry.dilation
+        )
 
     @classmethod
     def max_ranks(cls, geometry: ConvGeometry) -> tuple[int, int, int, int]:
@@ -256,11 +273,15 @@ class TRConv2d(FactorizedConv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         """Four sublayers; see the module docstring for the shapes."""
-        lead = x.shape[:-3]  # () for an unbatched (C, H, W) input; no branching, so torch.fx can trace it
+        lead = x.shape[
+            :-3
+        ]  # () for an unbatched (C, H, W) input; no branching, so torch.fx can trace it
         x4 = x.reshape((-1,) + x.shape[-3:])
         a, b, c, _ = self._ranks
         n = x4.shape[0]
-        y = explicit_pad(self.in_proj(x4, torch.contiguous_format), self.geometry)  # (b, c) split: a view
+        y = explicit_pad(
+            self.in_proj(x4, torch.contiguous_format), self.geometry
+        )  # (b, c) split: a view
         y = y.reshape(n * b, c, y.shape[-2], y.shape[-1])
         y = self.hconv(self.vconv(y))
         y = self.out_proj(y.reshape(n, b * a, y.shape[-2], y.shape[-1]), x4)

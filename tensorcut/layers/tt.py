@@ -48,7 +48,6 @@ from tensorcut.layers.base import (
 __all__ = ["TTConv2d"]
 
 
-
 def _pad_cores(cores: list[torch.Tensor], ranks: Sequence[int]) -> list[torch.Tensor]:
     """Zero-pad TT cores to larger internal ranks (the represented tensor is unchanged)."""
     full = [1, *ranks, 1]
@@ -89,16 +88,40 @@ class TTConv2d(FactorizedConv2d):
         k: dict[str, Any] = {"device": device, "dtype": dtype}
         (ph, pw), self._pad_explicitly = split_padding(geometry)
         self.first = make_conv(geometry.in_channels, g * r1, (1, 1), stride=es, groups=g, **k)
-        self.vertical = make_conv(g * r1, g * r2, (kh, 1), stride=(sh // es[0], 1), padding=(ph, 0), dilation=(dh, 1), groups=g, **k)
-        self.horizontal = make_conv(g * r2, g * r3, (1, kw), stride=(1, sw // es[1]), padding=(0, pw), dilation=(1, dw), groups=g, **k)
-        self.last = make_conv(g * r3, geometry.out_channels, (1, 1), groups=g, bias=geometry.bias, **k)
+        self.vertical = make_conv(
+            g * r1,
+            g * r2,
+            (kh, 1),
+            stride=(sh // es[0], 1),
+            padding=(ph, 0),
+            dilation=(dh, 1),
+            groups=g,
+            **k,
+        )
+        self.horizontal = make_conv(
+            g * r2,
+            g * r3,
+            (1, kw),
+            stride=(1, sw // es[1]),
+            padding=(0, pw),
+            dilation=(1, dw),
+            groups=g,
+            **k,
+        )
+        self.last = make_conv(
+            g * r3, geometry.out_channels, (1, 1), groups=g, bias=geometry.bias, **k
+        )
         self.rel_error: float | None = None  # set by from_conv
 
     @property
     def ranks(self) -> tuple[int, ...]:
         """``(r1, r2, r3)`` per group."""
         g = self.geometry.groups
-        return (self.first.out_channels // g, self.vertical.out_channels // g, self.horizontal.out_channels // g)
+        return (
+            self.first.out_channels // g,
+            self.vertical.out_channels // g,
+            self.horizontal.out_channels // g,
+        )
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -126,7 +149,8 @@ class TTConv2d(FactorizedConv2d):
         H = self.horizontal.weight.reshape(g, r3, r2, kw)
         L = self.last.weight.reshape(g, o, r3)
         return [
-            [F[k].mT[None], V[k].permute(1, 2, 0), H[k].permute(1, 2, 0), L[k].mT[:, :, None]] for k in range(g)
+            [F[k].mT[None], V[k].permute(1, 2, 0), H[k].permute(1, 2, 0), L[k].mT[:, :, None]]
+            for k in range(g)
         ]
 
     def reconstruct_weight(self) -> torch.Tensor:
@@ -146,9 +170,15 @@ class TTConv2d(FactorizedConv2d):
         w = self.first.weight
         with torch.no_grad():
             self.first.weight.copy_(torch.cat([c[0][0].mT for c in cores])[:, :, None, None].to(w))
-            self.vertical.weight.copy_(torch.cat([c[1].permute(2, 0, 1) for c in cores])[..., None].to(w))
-            self.horizontal.weight.copy_(torch.cat([c[2].permute(2, 0, 1) for c in cores])[:, :, None, :].to(w))
-            self.last.weight.copy_(torch.cat([c[3][:, :, 0].mT for c in cores])[:, :, None, None].to(w))
+            self.vertical.weight.copy_(
+                torch.cat([c[1].permute(2, 0, 1) for c in cores])[..., None].to(w)
+            )
+            self.horizontal.weight.copy_(
+                torch.cat([c[2].permute(2, 0, 1) for c in cores])[:, :, None, :].to(w)
+            )
+            self.last.weight.copy_(
+                torch.cat([c[3][:, :, 0].mT for c in cores])[:, :, None, None].to(w)
+            )
 
     @classmethod
     def max_ranks(cls, geometry: ConvGeometry) -> tuple[int, ...]:
@@ -161,15 +191,25 @@ class TTConv2d(FactorizedConv2d):
         g, _, _, kh, kw = per_group(geometry)
         r1, r2, r3 = (int(r) for r in ranks)
         bias = geometry.out_channels if geometry.bias else 0
-        return r1 * geometry.in_channels + g * r1 * r2 * kh + g * r2 * r3 * kw + r3 * geometry.out_channels + bias
+        return (
+            r1 * geometry.in_channels
+            + g * r1 * r2 * kh
+            + g * r2 * r3 * kw
+            + r3 * geometry.out_channels
+            + bias
+        )
 
     @classmethod
     def predicted_macs(cls, geometry: ConvGeometry, ranks: Sequence[int], hw: Pair) -> int:
         g, _, _, kh, kw = per_group(geometry)
         r1, r2, r3 = (int(r) for r in ranks)
         (h1, w1), (_, wp), (ho, wo) = stage_sizes(geometry, hw)
-        return (r1 * geometry.in_channels * h1 * w1 + g * r1 * r2 * kh * ho * wp + g * r2 * r3 * kw * ho * wo
-                + geometry.out_channels * r3 * ho * wo)
+        return (
+            r1 * geometry.in_channels * h1 * w1
+            + g * r1 * r2 * kh * ho * wp
+            + g * r2 * r3 * kw * ho * wo
+            + geometry.out_channels * r3 * ho * wo
+        )
 
     @classmethod
     def from_conv(
@@ -180,7 +220,7 @@ class TTConv2d(FactorizedConv2d):
         eps: float | None = None,
         energy: float | None = None,
         **opts: Any,
-    ) -> "TTConv2d":
+    ) -> TTConv2d:
         """TT-SVD of ``conv``'s kernel in mode order (IN, KH, KW, OUT), per group.
 
         ``ranks=(r1, r2, r3)`` (an int means all) are clamped to :meth:`max_ranks` with a
@@ -188,7 +228,9 @@ class TTConv2d(FactorizedConv2d):
         ``energy`` means ``eps = sqrt(1 - energy)``; nothing means exact full ranks.
         """
         if opts:
-            raise TensorcutError(f"unknown options for tt: {sorted(opts)}; TT-SVD takes ranks, eps or energy")
+            raise TensorcutError(
+                f"unknown options for tt: {sorted(opts)}; TT-SVD takes ranks, eps or energy"
+            )
         geom = ConvGeometry.from_conv(conv)
         check_groups(geom, cls.method)
         if ranks is not None and (eps is not None or energy is not None):

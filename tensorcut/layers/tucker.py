@@ -44,7 +44,6 @@ from tensorcut.layers.base import (
 __all__ = ["FullTuckerConv2d", "TuckerConv2d"]
 
 
-
 @register_layer
 class TuckerConv2d(FactorizedConv2d):
     """Tucker-2 convolution: 1x1 (IN->r_in) -> KHxKW (r_in->r_out) -> 1x1 (r_out->OUT, bias).
@@ -73,9 +72,19 @@ class TuckerConv2d(FactorizedConv2d):
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         conv_pad, self._pad_explicitly = split_padding(geometry)
         self.first = make_conv(geometry.in_channels, g * r_in, (1, 1), stride=es, groups=g, **kw)
-        self.core = make_conv(g * r_in, g * r_out, geometry.kernel_size, stride=stride, padding=conv_pad,
-                              dilation=geometry.dilation, groups=g, **kw)
-        self.last = make_conv(g * r_out, geometry.out_channels, (1, 1), groups=g, bias=geometry.bias, **kw)
+        self.core = make_conv(
+            g * r_in,
+            g * r_out,
+            geometry.kernel_size,
+            stride=stride,
+            padding=conv_pad,
+            dilation=geometry.dilation,
+            groups=g,
+            **kw,
+        )
+        self.last = make_conv(
+            g * r_out, geometry.out_channels, (1, 1), groups=g, bias=geometry.bias, **kw
+        )
         self.rel_error: float | None = None  # set by from_conv: ||W - W_hat|| / ||W||
 
     # ------------------------------------------------------------------ structure
@@ -110,16 +119,24 @@ class TuckerConv2d(FactorizedConv2d):
         L = self.last.weight.reshape(g, o, r_out)
         return torch.einsum("goa,gabhw,gbi->goihw", L, C, F).reshape(g * o, i, kh, kw)
 
-    def load_factors(self, factors: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    def load_factors(
+        self, factors: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    ) -> None:
         """Fill the weights from per-group ``(U_out (o, r_out), core (r_out, r_in, KH, KW), U_in (i, r_in))``."""
         g = self.geometry.groups
         if len(factors) != g:
-            raise TensorcutError(f"need one (U_out, core, U_in) per group ({g}); got {len(factors)}")
+            raise TensorcutError(
+                f"need one (U_out, core, U_in) per group ({g}); got {len(factors)}"
+            )
         w = self.first.weight
         with torch.no_grad():
-            self.first.weight.copy_(torch.cat([U_in.mT for _, _, U_in in factors])[:, :, None, None].to(w))
+            self.first.weight.copy_(
+                torch.cat([U_in.mT for _, _, U_in in factors])[:, :, None, None].to(w)
+            )
             self.core.weight.copy_(torch.cat([C for _, C, _ in factors]).to(w))
-            self.last.weight.copy_(torch.cat([U_out for U_out, _, _ in factors])[:, :, None, None].to(w))
+            self.last.weight.copy_(
+                torch.cat([U_out for U_out, _, _ in factors])[:, :, None, None].to(w)
+            )
 
     # ------------------------------------------------------------------ counts
     @classmethod
@@ -133,15 +150,23 @@ class TuckerConv2d(FactorizedConv2d):
         g, _, _, kh, kw = per_group(geometry)
         r_out, r_in = int(ranks[0]), int(ranks[1])
         bias = geometry.out_channels if geometry.bias else 0
-        return r_in * geometry.in_channels + g * r_out * r_in * kh * kw + geometry.out_channels * r_out + bias
+        return (
+            r_in * geometry.in_channels
+            + g * r_out * r_in * kh * kw
+            + geometry.out_channels * r_out
+            + bias
+        )
 
     @classmethod
     def predicted_macs(cls, geometry: ConvGeometry, ranks: Sequence[int], hw: Pair) -> int:
         g, _, _, kh, kw = per_group(geometry)
         r_out, r_in = int(ranks[0]), int(ranks[1])
         (h1, w1), _, (ho, wo) = stage_sizes(geometry, hw)
-        return (r_in * geometry.in_channels * h1 * w1 + g * r_out * r_in * kh * kw * ho * wo
-                + geometry.out_channels * r_out * ho * wo)
+        return (
+            r_in * geometry.in_channels * h1 * w1
+            + g * r_out * r_in * kh * kw * ho * wo
+            + geometry.out_channels * r_out * ho * wo
+        )
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -156,13 +181,15 @@ class TuckerConv2d(FactorizedConv2d):
         n_iter: int = 25,
         tol: float = 1e-4,
         **opts: Any,
-    ) -> "TuckerConv2d":
+    ) -> TuckerConv2d:
         """Tucker-2 of ``conv``'s kernel (per group): explicit ``ranks=(r_out, r_in)`` (clamped to
         :meth:`max_ranks` with a warning), or ``eps`` / ``energy`` (HOSVD rule, error budget split
         over the two channel modes), or nothing for exact full ranks. ``hooi=False`` stops at HOSVD.
         """
         if opts:
-            raise TensorcutError(f"unknown options for {cls.method}: {sorted(opts)}; use hooi, n_iter, tol")
+            raise TensorcutError(
+                f"unknown options for {cls.method}: {sorted(opts)}; use hooi, n_iter, tol"
+            )
         geom = ConvGeometry.from_conv(conv)
         check_groups(geom, cls.method)
         if ranks is not None and (eps is not None or energy is not None):
@@ -170,7 +197,9 @@ class TuckerConv2d(FactorizedConv2d):
         blocks = kernel_groups(conv)
         spec = cls._rank_spec(geom, ranks)
         results = cls._decompose(blocks, spec, eps, energy, hooi, n_iter, tol)
-        layer = cls(geom, cls._ranks_from(results), device=conv.weight.device, dtype=conv.weight.dtype)
+        layer = cls(
+            geom, cls._ranks_from(results), device=conv.weight.device, dtype=conv.weight.dtype
+        )
         layer._load_results(results)
         layer._finish(conv, blocks)
         return layer
@@ -189,10 +218,18 @@ class TuckerConv2d(FactorizedConv2d):
 
     @classmethod
     def _decompose(
-        cls, blocks: list[torch.Tensor], spec: list[int | None] | None, eps: float | None,
-        energy: float | None, hooi: bool, n_iter: int, tol: float,
+        cls,
+        blocks: list[torch.Tensor],
+        spec: list[int | None] | None,
+        eps: float | None,
+        energy: float | None,
+        hooi: bool,
+        n_iter: int,
+        tol: float,
     ) -> list[Any]:
-        def run(W: torch.Tensor, s: list[int | None] | None, e: float | None, en: float | None) -> Any:
+        def run(
+            W: torch.Tensor, s: list[int | None] | None, e: float | None, en: float | None
+        ) -> Any:
             modes = cls._modes() if s is None else None
             if s is None and e is None and en is None:  # exact: full useful ranks
                 return hosvd(W, modes=modes)
@@ -265,7 +302,9 @@ class FullTuckerConv2d(TuckerConv2d):
     def _rank_spec(cls, geom: ConvGeometry, ranks: Any) -> list[int | None] | None:
         if ranks is None:
             return None
-        return list(clamp_ranks(ranks, cls.max_ranks(geom), cls.method, ("r_out", "r_in", "r_kh", "r_kw")))
+        return list(
+            clamp_ranks(ranks, cls.max_ranks(geom), cls.method, ("r_out", "r_in", "r_kh", "r_kw"))
+        )
 
     @classmethod
     def _modes(cls) -> tuple[int, ...]:

@@ -1,7 +1,25 @@
 """Training and evaluation: loader-level loops and the `train` verb."""
 
-from tensorcut.train.loop import OPTIMIZERS, SCHEDULERS, FitConfig, evaluate, fit, recalibrate_bn, resolve_device, set_seed
 from tensorcut.train.api import train
+from tensorcut.train.loop import (
+    OPTIMIZERS,
+    SCHEDULERS,
+    FitConfig,
+    evaluate,
+    fit,
+    recalibrate_bn,
+    resolve_device,
+    set_seed,
+)
 
-__all__ = ["OPTIMIZERS", "SCHEDULERS", "FitConfig", "evaluate", "fit", "recalibrate_bn", "resolve_device", "set_seed",
-           "train"]
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULERS",
+    "FitConfig",
+    "evaluate",
+    "fit",
+    "recalibrate_bn",
+    "resolve_device",
+    "set_seed",
+    "train",
+]

@@ -15,16 +15,38 @@ from tensorcut import distributed as tdist
 from tensorcut import io as tio
 from tensorcut import models
 from tensorcut.errors import TensorcutError
-from tensorcut.train.loop import FitConfig, evaluate as evaluate_loader, fit, resolve_device, set_seed
+from tensorcut.train.loop import (
+    FitConfig,
+    fit,
+    resolve_device,
+    set_seed,
+)
+from tensorcut.train.loop import (
+    evaluate as evaluate_loader,
+)
 
-__all__ = ["check_dataset_fits", "check_input_size", "check_model_size", "check_numbers", "check_resume_recipe", "evaluate",
-           "model_kwargs_for", "recorded_recipe", "train"]
+__all__ = [
+    "check_dataset_fits",
+    "check_input_size",
+    "check_model_size",
+    "check_numbers",
+    "check_resume_recipe",
+    "evaluate",
+    "model_kwargs_for",
+    "recorded_recipe",
+    "train",
+]
 
 
 def model_kwargs_for(dataset: str, width: float = 1.0) -> dict[str, Any]:
     """Model arguments that fit data set ``dataset`` (classes, channels, input size)."""
     info = tdata.dataset_info(dataset)
-    return {"num_classes": info.num_classes, "in_channels": info.in_channels, "width": width, "input_size": info.image_size}
+    return {
+        "num_classes": info.num_classes,
+        "in_channels": info.in_channels,
+        "width": width,
+        "input_size": info.image_size,
+    }
 
 
 def check_dataset_fits(meta: dict[str, Any], ds: tdata.ImageDataset, name: str) -> None:
@@ -33,11 +55,15 @@ def check_dataset_fits(meta: dict[str, Any], ds: tdata.ImageDataset, name: str) 
     kw = m.get("kwargs") or {}
     c, h, _ = ds.info_shape
     if kw.get("in_channels", c) != c:
-        raise TensorcutError(f"{name} images have {c} channels but the model expects {kw['in_channels']}; "
-                             "use the data set it was trained for")
+        raise TensorcutError(
+            f"{name} images have {c} channels but the model expects {kw['in_channels']}; "
+            "use the data set it was trained for"
+        )
     if m.get("name") == "vanilla-cnn" and kw.get("input_size", h) != h:
-        raise TensorcutError(f"{name} images are {h} px but this vanilla-cnn was built for {kw['input_size']} px; "
-                             "use the data set it was trained for")
+        raise TensorcutError(
+            f"{name} images are {h} px but this vanilla-cnn was built for {kw['input_size']} px; "
+            "use the data set it was trained for"
+        )
 
 
 #: Bounds of numeric options: name -> (test, what it must be). One table for every verb.
@@ -74,7 +100,9 @@ def check_model_size(name: str, kwargs: dict[str, Any], *, factor: float = 1.0) 
     The model is built on the ``meta`` device (no memory); ``factor`` is how many float32
     copies of the weights the job holds (weights, gradients, optimiser state).
     """
-    check_numbers(**{k: kwargs.get(k) for k in ("width", "input_size", "in_channels", "num_classes")})
+    check_numbers(
+        **{k: kwargs.get(k) for k in ("width", "input_size", "in_channels", "num_classes")}
+    )
     import torch
 
     try:
@@ -83,14 +111,18 @@ def check_model_size(name: str, kwargs: dict[str, Any], *, factor: float = 1.0) 
     except TensorcutError:
         raise
     except (RuntimeError, ValueError) as e:
-        raise TensorcutError(f"cannot build {name} with {kwargs}: {str(e).splitlines()[0][:160]}") from None
+        raise TensorcutError(
+            f"cannot build {name} with {kwargs}: {str(e).splitlines()[0][:160]}"
+        ) from None
     n = sum(p.numel() for p in net.parameters())
     need = 4 * n * factor
     have = _memory_bytes()
     if have is not None and need > have:
-        raise TensorcutError(f"{name} at width {kwargs.get('width', 1.0):g} and input {kwargs.get('input_size')} px has "
-                             f"{n:,} parameters ({need / 2**30:,.1f} GiB), more than this machine's memory "
-                             f"({have / 2**30:,.1f} GiB); use a smaller --width")
+        raise TensorcutError(
+            f"{name} at width {kwargs.get('width', 1.0):g} and input {kwargs.get('input_size')} px has "
+            f"{n:,} parameters ({need / 2**30:,.1f} GiB), more than this machine's memory "
+            f"({have / 2**30:,.1f} GiB); use a smaller --width"
+        )
     return n
 
 
@@ -123,19 +155,25 @@ def check_input_size(model: nn.Module, input_shape: tuple[int, int, int]) -> Non
         meta_model = copy.deepcopy(model).to("meta").eval()
     except (RuntimeError, NotImplementedError):
         return  # cannot be moved to meta: let the real run speak
-    handles = [m.register_forward_hook(hook) for m in meta_model.modules() if not list(m.children())]
+    handles = [
+        m.register_forward_hook(hook) for m in meta_model.modules() if not list(m.children())
+    ]
     try:
         with torch.no_grad():
             meta_model(torch.empty(1, c, h, w, device="meta"))
     except (RuntimeError, ValueError, NotImplementedError) as e:
-        raise TensorcutError(f"the model cannot take a {c}x{h}x{w} input: {str(e).splitlines()[0][:160]}") from None
+        raise TensorcutError(
+            f"the model cannot take a {c}x{h}x{w} input: {str(e).splitlines()[0][:160]}"
+        ) from None
     finally:
         for hd in handles:
             hd.remove()
     have = _memory_bytes()
     if have is not None and 4 * total > have:
-        raise TensorcutError(f"a {c}x{h}x{w} input needs {4 * total / 2**30:,.1f} GiB of activations per image, more than "
-                             f"this machine's memory ({have / 2**30:,.1f} GiB); use a smaller --input-size")
+        raise TensorcutError(
+            f"a {c}x{h}x{w} input needs {4 * total / 2**30:,.1f} GiB of activations per image, more than "
+            f"this machine's memory ({have / 2**30:,.1f} GiB); use a smaller --input-size"
+        )
 
 
 #: Recipe entries a resumed run must keep (its optimiser and scheduler state are made for them).
@@ -155,11 +193,16 @@ def check_resume_recipe(out: Path, recipe: dict[str, Any]) -> None:
     """Refuse ``--resume`` with a recipe other than the recorded one: the restored optimiser state would
     silently keep training at the old rate (or not fit another optimiser at all)."""
     old = recorded_recipe(out)
-    changed = [f"--{k.replace('_', '-')} {old[k]} -> {recipe[k]}" for k in RESUME_KEYS
-               if k in old and k in recipe and old[k] != recipe[k]]
+    changed = [
+        f"--{k.replace('_', '-')} {old[k]} -> {recipe[k]}"
+        for k in RESUME_KEYS
+        if k in old and k in recipe and old[k] != recipe[k]
+    ]
     if changed:
-        raise TensorcutError(f"--resume continues {out} with its recorded recipe, but {', '.join(changed)}; "
-                             "drop those options to resume, or train into a new --out")
+        raise TensorcutError(
+            f"--resume continues {out} with its recorded recipe, but {', '.join(changed)}; "
+            "drop those options to resume, or train into a new --out"
+        )
 
 
 def train(
@@ -190,35 +233,79 @@ def train(
     if out.is_file():
         raise TensorcutError(f"{out} is a file; give a directory path")
     if (out / tio.META).exists() and not resume:
-        raise TensorcutError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+        raise TensorcutError(
+            f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out"
+        )
     cfg = config or FitConfig(epochs=epochs)
     if config is not None and epochs != cfg.epochs:
         cfg.epochs = epochs
-    check_numbers(batch_size=batch_size, epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.momentum,
-                  weight_decay=cfg.weight_decay, seed=cfg.seed, width=width, val_fraction=val_fraction, subset=subset)
+    check_numbers(
+        batch_size=batch_size,
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        seed=cfg.seed,
+        width=width,
+        val_fraction=val_fraction,
+        subset=subset,
+    )
     kwargs = model_kwargs_for(dataset, width)
     check_model_size(model, kwargs, factor=4.0)  # weights, gradients and two Adam moments
-    recipe = {"epochs": cfg.epochs, "optimizer": cfg.optimizer, "lr": cfg.lr, "momentum": cfg.momentum,
-              "weight_decay": cfg.weight_decay, "scheduler": cfg.scheduler, "batch_size": batch_size,
-              "augment": augment, "patience": cfg.patience}
+    recipe = {
+        "epochs": cfg.epochs,
+        "optimizer": cfg.optimizer,
+        "lr": cfg.lr,
+        "momentum": cfg.momentum,
+        "weight_decay": cfg.weight_decay,
+        "scheduler": cfg.scheduler,
+        "batch_size": batch_size,
+        "augment": augment,
+        "patience": cfg.patience,
+    }
     if resume and (out / tio.META).exists():
         check_resume_recipe(out, recipe)
     set_seed(cfg.seed)  # initial weights follow --seed (and are the same on every rank)
     net = models.create(model, **kwargs)
-    tr = tdata.load_dataset(dataset, "train", data_dir=data_dir, val_fraction=val_fraction, seed=cfg.seed,
-                            subset=subset, augment=augment)
-    va = tdata.load_dataset(dataset, "val", data_dir=data_dir, val_fraction=val_fraction, seed=cfg.seed)
-    te = tdata.load_dataset(dataset, "test", data_dir=data_dir, val_fraction=val_fraction, seed=cfg.seed)
+    tr = tdata.load_dataset(
+        dataset,
+        "train",
+        data_dir=data_dir,
+        val_fraction=val_fraction,
+        seed=cfg.seed,
+        subset=subset,
+        augment=augment,
+    )
+    va = tdata.load_dataset(
+        dataset, "val", data_dir=data_dir, val_fraction=val_fraction, seed=cfg.seed
+    )
+    te = tdata.load_dataset(
+        dataset, "test", data_dir=data_dir, val_fraction=val_fraction, seed=cfg.seed
+    )
     meta: dict[str, Any] = {
         "model": {"name": model, "kwargs": kwargs},
-        "dataset": {"name": dataset, "val_fraction": val_fraction, "seed": cfg.seed,
-                    "data_dir": str(data_dir) if data_dir else None, "subset": subset},
+        "dataset": {
+            "name": dataset,
+            "val_fraction": val_fraction,
+            "seed": cfg.seed,
+            "data_dir": str(data_dir) if data_dir else None,
+            "subset": subset,
+        },
         "recipe": recipe,
     }
     with tdist.session(resolve_device(device)) as ctx:
         dev = ctx.device
-        history = fit(net, tdata.make_loader(tr, batch_size, shuffle=True, seed=cfg.seed), tdata.make_loader(va, 512),
-                      cfg, device=dev, out_dir=out, meta=meta, resume=resume, progress=progress)
+        history = fit(
+            net,
+            tdata.make_loader(tr, batch_size, shuffle=True, seed=cfg.seed),
+            tdata.make_loader(va, 512),
+            cfg,
+            device=dev,
+            out_dir=out,
+            meta=meta,
+            resume=resume,
+            progress=progress,
+        )
         metrics = evaluate_loader(net, tdata.make_loader(te, 512), dev)
         meta.update(history=history, epoch=len(history), metrics={"test": metrics})
         tdist.run_on_main(lambda: tio.save(net, out, meta))
@@ -250,11 +337,19 @@ def evaluate(
     ds_meta = meta.get("dataset") or {}
     name = dataset or ds_meta.get("name")
     if not name:
-        raise TensorcutError("no data set given and the checkpoint does not name one; pass --dataset")
+        raise TensorcutError(
+            "no data set given and the checkpoint does not name one; pass --dataset"
+        )
     if data_dir is None and name == ds_meta.get("name"):
         data_dir = ds_meta.get("data_dir")
-    ds = tdata.load_dataset(name, split, data_dir=data_dir, val_fraction=ds_meta.get("val_fraction", 0.1),
-                            seed=ds_meta.get("seed", 0), subset=subset)
+    ds = tdata.load_dataset(
+        name,
+        split,
+        data_dir=data_dir,
+        val_fraction=ds_meta.get("val_fraction", 0.1),
+        seed=ds_meta.get("seed", 0),
+        subset=subset,
+    )
     check_dataset_fits(meta, ds, name)
     with tdist.session(resolve_device(device)) as ctx:
         net.to(ctx.device)

@@ -8,9 +8,10 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +23,16 @@ from tqdm.auto import tqdm
 from tensorcut import distributed as tdist
 from tensorcut.errors import TensorcutError
 
-__all__ = ["FitConfig", "evaluate", "fit", "recalibrate_bn", "resolve_device", "set_seed", "OPTIMIZERS", "SCHEDULERS"]
+__all__ = [
+    "FitConfig",
+    "evaluate",
+    "fit",
+    "recalibrate_bn",
+    "resolve_device",
+    "set_seed",
+    "OPTIMIZERS",
+    "SCHEDULERS",
+]
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("plateau", "cosine", "onecycle", "none")
@@ -43,7 +53,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TensorcutError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+        raise TensorcutError(
+            "--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto"
+        )
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise TensorcutError(f"unknown device {device!r}; use auto, cpu or cuda")
     return torch.device(device)
@@ -51,8 +63,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 @torch.no_grad()
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, loader: Any, device: str | torch.device = "cpu",
-                   max_batches: int | None = None) -> int:
+def recalibrate_bn(
+    model: nn.Module,
+    loader: Any,
+    device: str | torch.device = "cpu",
+    max_batches: int | None = None,
+) -> int:
     """Re-estimate every BatchNorm layer's running mean and variance on ``loader``'s inputs.
 
     Why: replacing a convolution by a factorized one shifts the distribution of its outputs,
@@ -61,7 +77,11 @@ def recalibrate_bn(model: nn.Module, loader: Any, device: str | torch.device = "
     average over the batches (``momentum=None``) with the rest of the model in eval mode (no
     dropout); no parameter changes. Returns the number of BatchNorm layers recalibrated.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
     if not bns:
         return 0
     dev = resolve_device(device)
@@ -89,8 +109,15 @@ def recalibrate_bn(model: nn.Module, loader: Any, device: str | torch.device = "
     return len(bns)
 
 
-def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device = "cpu",
-             progress: bool = False, desc: str = "eval", *, distributed: bool = True) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    desc: str = "eval",
+    *,
+    distributed: bool = True,
+) -> dict[str, float]:
     """Mean cross-entropy loss, top-1 and top-5 accuracy of ``model`` over ``loader``.
 
     Inside an initialised process group (``torchrun``) every rank evaluates a strided share
@@ -104,7 +131,12 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device = 
     was_training = model.training
     model.eval()
     n, loss_sum, c1, c5 = 0, 0.0, 0, 0
-    for x, y in tqdm(loader if shard is None else shard, desc=desc, leave=False, disable=None if progress else True):
+    for x, y in tqdm(
+        loader if shard is None else shard,
+        desc=desc,
+        leave=False,
+        disable=None if progress else True,
+    ):
         x, y = x.to(dev), y.to(dev)
         logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
@@ -145,9 +177,13 @@ class FitConfig:
         if self.epochs < 0:
             raise TensorcutError(f"epochs must be >= 0, got {self.epochs}")
         if self.optimizer not in OPTIMIZERS:
-            raise TensorcutError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+            raise TensorcutError(
+                f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}"
+            )
         if self.scheduler not in SCHEDULERS:
-            raise TensorcutError(f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+            raise TensorcutError(
+                f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}"
+            )
         if not self.lr > 0:
             raise TensorcutError(f"learning rate must be > 0, got {self.lr}")
         if not 0.0 <= self.distill_alpha <= 1.0:
@@ -160,16 +196,26 @@ def _make_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    return torch.optim.SGD(
+        params,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        nesterov=cfg.momentum > 0,
+    )
 
 
 def _make_scheduler(opt: torch.optim.Optimizer, cfg: FitConfig, steps_per_epoch: int) -> Any:
     if cfg.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.1, patience=2)
     if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=max(1, cfg.epochs * steps_per_epoch)
+        )
     if cfg.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps_per_epoch))
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps_per_epoch)
+        )
     return None
 
 
@@ -236,7 +282,9 @@ def fit(
                 if st.get("model") is not None:
                     model.load_state_dict(st["model"])
                 else:  # states written before the weights were kept in train_state.pt
-                    model.load_state_dict(tio.load_checkpoint(out, map_location=dev).model.state_dict())
+                    model.load_state_dict(
+                        tio.load_checkpoint(out, map_location=dev).model.state_dict()
+                    )
                 opt.load_state_dict(st["optimizer"])
                 if sched is not None and st.get("scheduler") is not None:
                     sched.load_state_dict(st["scheduler"])
@@ -245,9 +293,11 @@ def fit(
                 history = json.loads(st["history"])
                 start_epoch = int(st["epoch"])
             except (KeyError, TypeError, ValueError, RuntimeError, json.JSONDecodeError) as e:
-                raise TensorcutError(f"{state_path} does not fit this model and recipe ({type(e).__name__}: "
-                                     f"{str(e).splitlines()[0][:120]}); resume with the same settings, or delete it "
-                                     "to start over") from None
+                raise TensorcutError(
+                    f"{state_path} does not fit this model and recipe ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:120]}); resume with the same settings, or delete it "
+                    "to start over"
+                ) from None
             best_loss = float(st.get("best_loss", math.inf))
             bad_epochs = int(st.get("bad_epochs", 0))
             rngs = st.get("rng_ranks")
@@ -262,8 +312,12 @@ def fit(
         tdist.set_epoch(loader, epoch)
         t0 = time.perf_counter()
         tot, n, correct = 0.0, 0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=None if progress and ctx.is_main else True)
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            leave=False,
+            disable=None if progress and ctx.is_main else True,
+        )
         for x, y in bar:
             x, y = x.to(dev), y.to(dev)
             with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
@@ -275,8 +329,15 @@ def fit(
                     with torch.no_grad():
                         t_logits = teacher(x)
                     T = cfg.distill_temperature
-                    kd = F.kl_div(F.log_softmax(logits / T, 1), F.softmax(t_logits.to(logits.dtype) / T, 1),
-                                  reduction="batchmean") * T * T
+                    kd = (
+                        F.kl_div(
+                            F.log_softmax(logits / T, 1),
+                            F.softmax(t_logits.to(logits.dtype) / T, 1),
+                            reduction="batchmean",
+                        )
+                        * T
+                        * T
+                    )
                     loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -291,15 +352,24 @@ def fit(
             if ctx.enabled:  # one small all-reduce per step: exact global metrics, and every rank sees divergence
                 step = tdist.all_reduce_sum(step, dev)
             if not math.isfinite(step[0]):
-                raise TensorcutError(f"training diverged at epoch {epoch + 1} (loss is {step[0]}); lower the learning rate")
+                raise TensorcutError(
+                    f"training diverged at epoch {epoch + 1} (loss is {step[0]}); lower the learning rate"
+                )
             tot += step[0]
             n += int(round(step[1]))
             correct += int(round(step[2]))
             bar.set_postfix(loss=f"{tot / max(n, 1):.3f}")
-        if ctx.enabled:  # BatchNorm running statistics drift per rank within an epoch: take rank 0's
+        if (
+            ctx.enabled
+        ):  # BatchNorm running statistics drift per rank within an epoch: take rank 0's
             tdist.broadcast_module(model, buffers_only=True)
-        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": tot / max(n, 1), "train_top1": correct / max(n, 1),
-                               "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": tot / max(n, 1),
+            "train_top1": correct / max(n, 1),
+            "lr": opt.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - t0,
+        }
         if val_loader is not None:
             v = evaluate(model, val_loader, dev, distributed=ctx.enabled)
             row.update(val_loss=v["loss"], val_top1=v["top1"], val_top5=v["top5"])
@@ -323,10 +393,18 @@ def fit(
             model.load_state_dict(best_state)
         if out is not None:
             rngs = tdist.all_gather_object(torch.get_rng_state())
-            state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
-                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                     "epoch": epoch + 1, "history": json.dumps(history), "best_loss": best_loss,
-                     "bad_epochs": bad_epochs, "rng": rngs[0], "rng_ranks": rngs, "world_size": ctx.world_size}
+            state = {
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict() if sched is not None else None,
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "epoch": epoch + 1,
+                "history": json.dumps(history),
+                "best_loss": best_loss,
+                "bad_epochs": bad_epochs,
+                "rng": rngs[0],
+                "rng_ranks": rngs,
+                "world_size": ctx.world_size,
+            }
             m = dict(meta or {})
             m["history"] = history
             m["epoch"] = epoch + 1
@@ -340,8 +418,9 @@ def fit(
     return history
 
 
-def _wrap(model: nn.Module, cfg: FitConfig, ctx: tdist.DistContext,
-          dev: torch.device) -> tuple[nn.Module, dict[str, type[nn.Module]]]:
+def _wrap(
+    model: nn.Module, cfg: FitConfig, ctx: tdist.DistContext, dev: torch.device
+) -> tuple[nn.Module, dict[str, type[nn.Module]]]:
     """DistributedDataParallel around ``model`` for several processes (``model`` itself otherwise).
 
     Returns the module to call and the BatchNorm layers swapped for SyncBatchNorm (name -> class).
@@ -351,10 +430,16 @@ def _wrap(model: nn.Module, cfg: FitConfig, ctx: tdist.DistContext,
     swapped: dict[str, type[nn.Module]] = {}
     if cfg.sync_batchnorm:
         if dev.type != "cuda":
-            raise TensorcutError("sync_batchnorm needs CUDA (PyTorch's SyncBatchNorm is GPU-only); on CPU each "
-                                 "process normalises its own share of the batch")
+            raise TensorcutError(
+                "sync_batchnorm needs CUDA (PyTorch's SyncBatchNorm is GPU-only); on CPU each "
+                "process normalises its own share of the batch"
+            )
         for name, m in list(model.named_modules()):
-            if name and isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm):
+            if (
+                name
+                and isinstance(m, nn.modules.batchnorm._BatchNorm)
+                and not isinstance(m, nn.SyncBatchNorm)
+            ):
                 swapped[name] = type(m)
                 model.set_submodule(name, nn.SyncBatchNorm.convert_sync_batchnorm(m))
     from torch.nn.parallel import DistributedDataParallel
@@ -372,7 +457,9 @@ def _revert_sync_batchnorm(model: nn.Module, swapped: dict[str, type[nn.Module]]
         model.set_submodule(name, bn.to(next(m.buffers(), torch.empty(0)).device))
 
 
-def _write_checkpoint(model: nn.Module, out: Path, meta: dict[str, Any], state: dict[str, Any]) -> None:
+def _write_checkpoint(
+    model: nn.Module, out: Path, meta: dict[str, Any], state: dict[str, Any]
+) -> None:
     """Weights + meta.json, then train_state.pt (which carries its own copy of the weights).
 
     Each file is atomic. A kill between the two leaves a training state one epoch behind
@@ -394,15 +481,35 @@ def _load_train_state(path: Path, dev: torch.device) -> dict[str, Any]:
     import zipfile
 
     try:
-        with warnings.catch_warnings():  # torch's own warnings about odd pickle protocols: the error says it all
+        with (
+            warnings.catch_warnings()
+        ):  # torch's own warnings about odd pickle protocols: the error says it all
             warnings.simplefilter("ignore")
             st = torch.load(path, map_location=dev, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, struct.error,
-            AttributeError, TypeError, KeyError, IndexError, LookupError, OverflowError, MemoryError) as e:
-        raise TensorcutError(f"{path} is corrupt or not a tensorcut training state ({type(e).__name__}); it was not "
-                             "executed; delete it to restart training from scratch") from None
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        zipfile.BadZipFile,
+        struct.error,
+        AttributeError,
+        TypeError,
+        KeyError,
+        IndexError,
+        LookupError,
+        OverflowError,
+        MemoryError,
+    ) as e:
+        raise TensorcutError(
+            f"{path} is corrupt or not a tensorcut training state ({type(e).__name__}); it was not "
+            "executed; delete it to restart training from scratch"
+        ) from None
     if not isinstance(st, dict) or "optimizer" not in st or "epoch" not in st:
-        raise TensorcutError(f"{path} is not a tensorcut training state; delete it to restart training from scratch")
+        raise TensorcutError(
+            f"{path} is not a tensorcut training state; delete it to restart training from scratch"
+        )
     return st
 
 

@@ -64,9 +64,11 @@ def is_tucker_layer(m: nn.Module) -> bool:
     Grouped Tucker layers (block-diagonal factors) and full-Tucker layers are not trained by
     the integrator; they stay ordinary parameters of the base optimiser.
     """
-    return (getattr(type(m), "method", None) == "tucker2"
-            and getattr(getattr(m, "geometry", None), "groups", 1) == 1
-            and all(isinstance(getattr(m, a, None), nn.Conv2d) for a in ("first", "core", "last")))
+    return (
+        getattr(type(m), "method", None) == "tucker2"
+        and getattr(getattr(m, "geometry", None), "groups", 1) == 1
+        and all(isinstance(getattr(m, a, None), nn.Conv2d) for a in ("first", "core", "last"))
+    )
 
 
 def _tucker_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -86,7 +88,9 @@ def _set_conv_weight(conv: nn.Conv2d, w: torch.Tensor) -> None:
     conv.out_channels, conv.in_channels = int(w.shape[0]), int(w.shape[1])
 
 
-def _write_factors(layer: nn.Module, U_out: torch.Tensor, C: torch.Tensor, U_in: torch.Tensor) -> None:
+def _write_factors(
+    layer: nn.Module, U_out: torch.Tensor, C: torch.Tensor, U_in: torch.Tensor
+) -> None:
     """Store new factors in the layer's three convolutions (same Parameter objects, new data)."""
     dt = layer.core.weight.dtype
     _set_conv_weight(layer.last, U_out.to(dt)[:, :, None, None])
@@ -197,7 +201,9 @@ class TDLRTOptimizer:
     ) -> None:
         _check_hparams(tau, rmin, rmax, lr)
         if base not in BASES:
-            raise TensorcutError(f"unknown base optimizer {base!r}; choose one of: {', '.join(BASES)}")
+            raise TensorcutError(
+                f"unknown base optimizer {base!r}; choose one of: {', '.join(BASES)}"
+            )
         if not 0.0 <= momentum < 1.0:
             raise TensorcutError(f"momentum must be in [0, 1); got {momentum}")
         self.model = model
@@ -206,7 +212,9 @@ class TDLRTOptimizer:
         self.rmax = None if rmax is None else int(rmax)
         self.layers = _tucker_layers(model)
         if not self.layers:
-            raise TensorcutError("the model has no Tucker layers to train; convert its convolutions with tuckerize(model) first")
+            raise TensorcutError(
+                "the model has no Tucker layers to train; convert its convolutions with tuckerize(model) first"
+            )
         self._factor_params: list[nn.Parameter] = []
         for layer in self.layers.values():
             layer.core.weight.requires_grad_(True)
@@ -216,10 +224,17 @@ class TDLRTOptimizer:
         fid = {id(p) for p in self._factor_params}
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in fid]
         if base == "adam":
-            self.base: torch.optim.Optimizer = torch.optim.Adam(others, lr=lr, betas=betas, weight_decay=weight_decay)
+            self.base: torch.optim.Optimizer = torch.optim.Adam(
+                others, lr=lr, betas=betas, weight_decay=weight_decay
+            )
         else:
-            self.base = torch.optim.SGD(others, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                        nesterov=nesterov and momentum > 0)
+            self.base = torch.optim.SGD(
+                others,
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                nesterov=nesterov and momentum > 0,
+            )
         self.steps = 0
         self.grad_clip = float(grad_clip) if grad_clip else None
         self.dist = tdist.active() if distributed is not False else tdist.DistContext()
@@ -242,11 +257,20 @@ class TDLRTOptimizer:
 
     def ranks(self) -> dict[str, tuple[int, int]]:
         """Current ``(r_out, r_in)`` of every Tucker layer."""
-        return {name: (int(l.core.weight.shape[0]), int(l.core.weight.shape[1])) for name, l in self.layers.items()}
+        return {
+            name: (int(l.core.weight.shape[0]), int(l.core.weight.shape[1]))
+            for name, l in self.layers.items()
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """Base optimiser state plus the integrator's settings (load the model's weights first)."""
-        return {"base": self.base.state_dict(), "tau": self.tau, "rmin": self.rmin, "rmax": self.rmax, "steps": self.steps}
+        return {
+            "base": self.base.state_dict(),
+            "tau": self.tau,
+            "rmin": self.rmin,
+            "rmax": self.rmax,
+            "steps": self.steps,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict`; the model must already hold the matching ranks."""
@@ -264,7 +288,9 @@ class TDLRTOptimizer:
         this rank's loss when there are several processes).
         """
         if closure is None:
-            raise TensorcutError("TDLRTOptimizer.step needs a closure that computes the loss, calls backward() and returns the loss")
+            raise TensorcutError(
+                "TDLRTOptimizer.step needs a closure that computes the loss, calls backward() and returns the loss"
+            )
         params = list(self.model.parameters())
         flags = [p.requires_grad for p in params]
         fid = {id(p) for p in self._factor_params}
@@ -277,7 +303,10 @@ class TDLRTOptimizer:
                 loss = closure()
             _check_loss(loss, self.steps, local=self.dist.enabled)
             _check_loss(self._after_backward(loss), self.steps)
-            with torch.no_grad(), small_lapack(loss, limit=None):  # small factorizations: one thread
+            with (
+                torch.no_grad(),
+                small_lapack(loss, limit=None),
+            ):  # small factorizations: one thread
                 for layer in self.layers.values():
                     self._augment(layer)
             for p, f in zip(params, flags):  # pass 2: cores and the other trainable parameters
@@ -313,13 +342,17 @@ class TDLRTOptimizer:
         """
         if self.dist.enabled:
             tensors = [p.grad for p in self.model.parameters() if p.grad is not None]
-            if loss is not None:  # pass 1 (the one that counts for BatchNorm: pass 2's buffers are restored)
+            if (
+                loss is not None
+            ):  # pass 1 (the one that counts for BatchNorm: pass 2's buffers are restored)
                 loss = loss.detach().reshape(-1).clone()
                 tensors.append(loss)
                 tensors += _bn_statistics(self.model)
             _all_reduce_mean(tensors, self.dist.world_size)
         if self.grad_clip:
-            nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], self.grad_clip)
+            nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.grad is not None], self.grad_clip
+            )
         return loss
 
     def check_sync(self) -> bool:
@@ -343,14 +376,19 @@ class TDLRTOptimizer:
     def _fingerprint(self) -> torch.Tensor:
         """Layer ranks and an exact hash of the bits of every parameter and buffer (int64)."""
         vals = [torch.tensor([s for r in self.ranks().values() for s in r], dtype=torch.int64)]
-        vals += [_bits_hash(t).cpu().reshape(1) for t in [*self.model.parameters(), *self.model.buffers()]]
+        vals += [
+            _bits_hash(t).cpu().reshape(1)
+            for t in [*self.model.parameters(), *self.model.buffers()]
+        ]
         return torch.cat(vals).to(self.dist.device)
 
     def _broadcast_from_main(self) -> None:
         """Give every rank rank 0's layers (whose shapes may differ here), weights and optimiser state."""
         payload = None
         if self.dist.is_main:
-            payload = {name: [t.cpu() for t in _factors(layer)] for name, layer in self.layers.items()}
+            payload = {
+                name: [t.cpu() for t in _factors(layer)] for name, layer in self.layers.items()
+            }
         payload = tdist.broadcast_object(payload)
         with torch.no_grad():
             for name, (U_out, C, U_in) in payload.items():
@@ -365,7 +403,10 @@ class TDLRTOptimizer:
         U_out, C, U_in = _factors(layer)
         g_out = layer.last.weight.grad
         g_in = layer.first.weight.grad
-        grads = (None if g_out is None else g_out[:, :, 0, 0], None if g_in is None else g_in[:, :, 0, 0].mT)
+        grads = (
+            None if g_out is None else g_out[:, :, 0, 0],
+            None if g_in is None else g_in[:, :, 0, 0].mT,
+        )
         maps, new = [], []
         for mode, U, g in ((0, U_out, grads[0]), (1, U_in, grads[1])):
             n, r = U.shape
@@ -394,7 +435,9 @@ class TDLRTOptimizer:
         self._move_core(layer, C, maps)
         _write_factors(layer, new[0], galerkin_core(C, maps), new[1])
 
-    def _move_core(self, layer: nn.Module, C: torch.Tensor, maps: list[tuple[int, torch.Tensor]]) -> None:
+    def _move_core(
+        self, layer: nn.Module, C: torch.Tensor, maps: list[tuple[int, torch.Tensor]]
+    ) -> None:
         state = self.base.state.get(layer.core.weight)
         if state:
             transport_state(state, C.shape, maps)
@@ -414,9 +457,13 @@ def _check_hparams(tau: float, rmin: int, rmax: int | None, lr: float) -> None:
 def _check_loss(loss: Any, step: int, *, local: bool = False) -> None:
     """The closure returned a tensor, and (unless ``local``: the finiteness check waits for the rank average) a finite one."""
     if not isinstance(loss, torch.Tensor):
-        raise TensorcutError("the closure must return the loss tensor (after calling loss.backward())")
+        raise TensorcutError(
+            "the closure must return the loss tensor (after calling loss.backward())"
+        )
     if not local and not bool(torch.isfinite(loss.detach()).all()):
-        raise TensorcutError(f"TDLRT training diverged at step {step} (loss {float(loss.detach().mean())}); lower the learning rate")
+        raise TensorcutError(
+            f"TDLRT training diverged at step {step} (loss {float(loss.detach().mean())}); lower the learning rate"
+        )
 
 
 def _all_reduce_mean(tensors: list[torch.Tensor], world_size: int) -> None:
@@ -436,7 +483,7 @@ def _all_reduce_mean(tensors: list[torch.Tensor], world_size: int) -> None:
             flat.div_(world_size)
             off = 0
             for t in ts:
-                t.copy_(flat[off: off + t.numel()].view_as(t))
+                t.copy_(flat[off : off + t.numel()].view_as(t))
                 off += t.numel()
 
 
@@ -444,7 +491,11 @@ def _bn_statistics(model: nn.Module) -> list[torch.Tensor]:
     """Running mean and variance of the BatchNorm layers this pass updated (training mode)."""
     out: list[torch.Tensor] = []
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.running_mean is not None:
+        if (
+            isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.training
+            and m.running_mean is not None
+        ):
             out += [m.running_mean, m.running_var]
     return out
 
@@ -456,13 +507,19 @@ def _bits_hash(t: torch.Tensor) -> torch.Tensor:
     """An exact int64 hash of a tensor's bits: position-weighted sum of its words, in wrapping integer arithmetic."""
     flat = t.detach().contiguous().reshape(-1)
     ity = _INT_OF_SIZE.get(flat.element_size())
-    bits = (flat.view(ity) if ity is not None and not flat.is_complex() else flat.view(torch.uint8)).to(torch.int64)
+    bits = (
+        flat.view(ity) if ity is not None and not flat.is_complex() else flat.view(torch.uint8)
+    ).to(torch.int64)
     weights = torch.arange(1, bits.numel() + 1, dtype=torch.int64, device=bits.device)
     return (bits * weights).sum()
 
 
 def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    cuda = (
+        torch.cuda.get_rng_state_all()
+        if torch.cuda.is_available() and torch.cuda.is_initialized()
+        else None
+    )
     return torch.get_rng_state(), cuda
 
 
@@ -507,8 +564,13 @@ def _layer_rank(init_rank: RankArg, name: str) -> int | tuple[int, int] | None:
     return init_rank
 
 
-def _target_ranks(sizes: tuple[int, int], init_rank: int | tuple[int, int] | None, rmin: int, rmax: int | None,
-                  default_half: bool) -> tuple[int, int]:
+def _target_ranks(
+    sizes: tuple[int, int],
+    init_rank: int | tuple[int, int] | None,
+    rmin: int,
+    rmax: int | None,
+    default_half: bool,
+) -> tuple[int, int]:
     if init_rank is None:
         req: tuple[int | None, int | None] = (None, None)
     elif isinstance(init_rank, int):
@@ -533,11 +595,15 @@ def _tucker_class() -> type[nn.Module]:
     try:
         from tensorcut.layers.tucker import TuckerConv2d
     except ImportError as e:  # pragma: no cover - only while the layer module is missing
-        raise TensorcutError(f"TDLRT needs tensorcut.layers.tucker.TuckerConv2d, which failed to import ({e})") from None
+        raise TensorcutError(
+            f"TDLRT needs tensorcut.layers.tucker.TuckerConv2d, which failed to import ({e})"
+        ) from None
     return TuckerConv2d
 
 
-def _build_layer(conv: nn.Conv2d, U_out: torch.Tensor, C: torch.Tensor, U_in: torch.Tensor) -> nn.Module:
+def _build_layer(
+    conv: nn.Conv2d, U_out: torch.Tensor, C: torch.Tensor, U_in: torch.Tensor
+) -> nn.Module:
     geom = ConvGeometry.from_conv(conv)
     cls, ranks = _tucker_class(), (int(C.shape[0]), int(C.shape[1]))
     try:
@@ -621,17 +687,25 @@ def tuckerize(
     convs = _dense_convs(model)
     first = convs[0][0] if convs else None
     for name, conv in convs:
-        if (skip_first and name == first) or conv.groups != 1 or (filter is not None and not filter(name, conv)):
+        if (
+            (skip_first and name == first)
+            or conv.groups != 1
+            or (filter is not None and not filter(name, conv))
+        ):
             continue
         sizes = (conv.out_channels, conv.in_channels)
-        r_out, r_in = _target_ranks(sizes, _layer_rank(init_rank, name), rmin, rmax, default_half=not from_pretrained)
+        r_out, r_in = _target_ranks(
+            sizes, _layer_rank(init_rank, name), rmin, rmax, default_half=not from_pretrained
+        )
         W = conv.weight.detach()
         if from_pretrained:
             from tensorcut.decompose.tucker import hosvd
 
             res = hosvd(W, [r_out, r_in, None, None])
             U_out, U_in, C = res.factors[0], res.factors[1], res.core
-            if U_out.shape[1] < r_out or U_in.shape[1] < r_in:  # clamped to the useful rank: pad exactly
+            if (
+                U_out.shape[1] < r_out or U_in.shape[1] < r_in
+            ):  # clamped to the useful rank: pad exactly
                 layer = _build_layer(conv, U_out, C, U_in)
                 _normalise_tucker(layer, (r_out, r_in))
                 _set_submodule(model, name, layer)
@@ -648,8 +722,10 @@ def tuckerize(
         sizes = _layer_sizes(layer)
         wanted = _layer_rank(init_rank, name)
         if wanted is None:
-            targets = tuple(max(lo, min(r, hi)) for r, (lo, hi) in
-                            zip(C.shape[:2], (_mode_bounds(n, rmin, rmax) for n in sizes)))
+            targets = tuple(
+                max(lo, min(r, hi))
+                for r, (lo, hi) in zip(C.shape[:2], (_mode_bounds(n, rmin, rmax) for n in sizes))
+            )
         else:
             targets = _target_ranks(sizes, wanted, rmin, rmax, default_half=False)
         _normalise_tucker(layer, (int(targets[0]), int(targets[1])))
@@ -674,9 +750,13 @@ def rank_report(model: nn.Module) -> dict[str, Any]:
             kh, kw = m.core.weight.shape[2:]
             dense = n_out * n_in * kh * kw + (n_out if m.last.bias is not None else 0)
             stored = sum(p.numel() for p in m.parameters())
-            layers[name] = {"ranks": [int(m.core.weight.shape[0]), int(m.core.weight.shape[1])],
-                            "sizes": [n_out, n_in], "params": stored, "dense_params": dense,
-                            "cr": dense / max(stored, 1)}
+            layers[name] = {
+                "ranks": [int(m.core.weight.shape[0]), int(m.core.weight.shape[1])],
+                "sizes": [n_out, n_in],
+                "params": stored,
+                "dense_params": dense,
+                "cr": dense / max(stored, 1),
+            }
             dense_total += dense
             stored_total += stored
         elif isinstance(m, FactorizedConv2d):
@@ -688,8 +768,13 @@ def rank_report(model: nn.Module) -> dict[str, Any]:
         dense_total += k
         stored_total += k
     cr = dense_total / max(stored_total, 1)
-    return {"layers": layers, "conv_dense_params": dense_total, "conv_params": stored_total,
-            "conv_cr": cr, "conv_compression_pct": 100.0 * (1.0 - 1.0 / cr) if stored_total else 0.0}
+    return {
+        "layers": layers,
+        "conv_dense_params": dense_total,
+        "conv_params": stored_total,
+        "conv_cr": cr,
+        "conv_compression_pct": 100.0 * (1.0 - 1.0 / cr) if stored_total else 0.0,
+    }
 
 
 # --------------------------------------------------------------------------- training loop
@@ -754,17 +839,36 @@ def train_tdlrt(
     if epochs < 0:
         raise TensorcutError(f"epochs must be >= 0; got {epochs}")
     if scheduler not in SCHEDULERS:
-        raise TensorcutError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+        raise TensorcutError(
+            f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}"
+        )
     dev = resolve_device(device)
     ctx = tdist.init(dev) if distributed else tdist.DistContext(device=dev)
     if ctx.enabled:
         dev = ctx.device
     model.to(dev)
     if convert:
-        tuckerize(model, init_rank, from_pretrained=from_pretrained, rmin=rmin, rmax=rmax, filter=filter,
-                  skip_first=skip_first)
-    opt = TDLRTOptimizer(model, tau, rmin=rmin, rmax=rmax, base=optimizer, lr=lr, momentum=momentum,
-                         weight_decay=weight_decay, grad_clip=grad_clip, distributed=ctx.enabled)
+        tuckerize(
+            model,
+            init_rank,
+            from_pretrained=from_pretrained,
+            rmin=rmin,
+            rmax=rmax,
+            filter=filter,
+            skip_first=skip_first,
+        )
+    opt = TDLRTOptimizer(
+        model,
+        tau,
+        rmin=rmin,
+        rmax=rmax,
+        base=optimizer,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        distributed=ctx.enabled,
+    )
     if ctx.enabled:  # one process keeps its loader (and shuffle order) exactly as before
         train_loader = tdist.shard_train_loader(train_loader, ctx, seed=seed)
         if ctx.rank:
@@ -800,17 +904,26 @@ def train_tdlrt(
         if ctx.enabled:
             tot, nf, cf = tdist.all_reduce_sum([tot, n, correct], dev)
             n, correct = int(round(nf)), int(round(cf))
-        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": tot / max(n, 1), "train_top1": correct / max(n, 1),
-                               "lr": opt.base.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": tot / max(n, 1),
+            "train_top1": correct / max(n, 1),
+            "lr": opt.base.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - t0,
+        }
         if val_loader is not None:
             v = evaluate(model, val_loader, dev, distributed=ctx.enabled)  # type: ignore[arg-type]
             row.update(val_loss=v["loss"], val_top1=v["top1"], val_top5=v["top5"])
         if scheduler == "plateau":
             sched.step(row.get("val_loss", row["train_loss"]))
         rep = rank_report(model)
-        row.update(ranks={k: v["ranks"] for k, v in rep["layers"].items()}, conv_params=rep["conv_params"],
-                   conv_dense_params=rep["conv_dense_params"], conv_cr=rep["conv_cr"],
-                   conv_compression_pct=rep["conv_compression_pct"])
+        row.update(
+            ranks={k: v["ranks"] for k, v in rep["layers"].items()},
+            conv_params=rep["conv_params"],
+            conv_dense_params=rep["conv_dense_params"],
+            conv_cr=rep["conv_cr"],
+            conv_compression_pct=rep["conv_compression_pct"],
+        )
         history.append(row)
         if log is not None:
             log(row)

@@ -59,7 +59,11 @@ def galerkin_core(C: torch.Tensor, maps: Sequence[tuple[int, torch.Tensor]]) -> 
 def orthonormality_error(U: torch.Tensor) -> float:
     """``max |U^T U - I|``: how far the columns of ``U`` are from orthonormal."""
     G = U.mT @ U
-    return float((G - torch.eye(G.shape[0], dtype=G.dtype, device=G.device)).abs().max()) if G.numel() else 0.0
+    return (
+        float((G - torch.eye(G.shape[0], dtype=G.dtype, device=G.device)).abs().max())
+        if G.numel()
+        else 0.0
+    )
 
 
 def k_step_gradient(C: torch.Tensor, grad_U: torch.Tensor, mode: int) -> torch.Tensor:
@@ -163,6 +167,10 @@ def transport_state(
         if not isinstance(val, torch.Tensor) or tuple(val.shape) != old_shape or val.ndim == 0:
             continue
         if key in SECOND_MOMENTS:
-            state[key] = galerkin_core(val.clamp_min(0).sqrt(), [(m, M.abs()) for m, M in maps]).pow(2).contiguous()
+            state[key] = (
+                galerkin_core(val.clamp_min(0).sqrt(), [(m, M.abs()) for m, M in maps])
+                .pow(2)
+                .contiguous()
+            )
         else:
             state[key] = galerkin_core(val, maps).contiguous()

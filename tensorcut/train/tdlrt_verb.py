@@ -62,17 +62,59 @@ def train_tdlrt_checkpoint(
 
     out = Path(out)
     with tdist.session(resolve_device(device)) as ctx:
-        return _train(model, dataset, out, ctx, tau=tau, init_rank=init_rank, rmin=rmin, rmax=rmax, init_from=init_from,
-                      epochs=epochs, width=width, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
-                      weight_decay=weight_decay, scheduler=scheduler, data_dir=data_dir, val_fraction=val_fraction,
-                      subset=subset, augment=augment, seed=seed, progress=progress)
+        return _train(
+            model,
+            dataset,
+            out,
+            ctx,
+            tau=tau,
+            init_rank=init_rank,
+            rmin=rmin,
+            rmax=rmax,
+            init_from=init_from,
+            epochs=epochs,
+            width=width,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            scheduler=scheduler,
+            data_dir=data_dir,
+            val_fraction=val_fraction,
+            subset=subset,
+            augment=augment,
+            seed=seed,
+            progress=progress,
+        )
 
 
-def _train(model: str | None, dataset: str, out: Path, ctx: tdist.DistContext, *, tau: float, init_rank: int | None,
-           rmin: int, rmax: int | None, init_from: str | Path | None, epochs: int, width: float, batch_size: int,
-           optimizer: str, lr: float, momentum: float, weight_decay: float, scheduler: str,
-           data_dir: str | Path | None, val_fraction: float, subset: int | None, augment: bool, seed: int,
-           progress: bool) -> tio.Checkpoint:
+def _train(
+    model: str | None,
+    dataset: str,
+    out: Path,
+    ctx: tdist.DistContext,
+    *,
+    tau: float,
+    init_rank: int | None,
+    rmin: int,
+    rmax: int | None,
+    init_from: str | Path | None,
+    epochs: int,
+    width: float,
+    batch_size: int,
+    optimizer: str,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    scheduler: str,
+    data_dir: str | Path | None,
+    val_fraction: float,
+    subset: int | None,
+    augment: bool,
+    seed: int,
+    progress: bool,
+) -> tio.Checkpoint:
     from tensorcut import models
     from tensorcut.train.api import model_kwargs_for
     from tensorcut.train.loop import evaluate, set_seed
@@ -80,7 +122,9 @@ def _train(model: str | None, dataset: str, out: Path, ctx: tdist.DistContext, *
 
     def fresh() -> None:
         if (out / tio.META).exists():
-            raise TensorcutError(f"{out} already holds a checkpoint; TDLRT runs cannot be resumed, choose another --out")
+            raise TensorcutError(
+                f"{out} already holds a checkpoint; TDLRT runs cannot be resumed, choose another --out"
+            )
 
     tdist.run_on_main(fresh)  # rank 0 decides, every rank stops
     set_seed(seed)  # the same initial model on every rank
@@ -89,24 +133,56 @@ def _train(model: str | None, dataset: str, out: Path, ctx: tdist.DistContext, *
         net, src = ck.model, ck.meta
         name, kwargs = src["model"]["name"], dict(src["model"].get("kwargs") or {})
         if model is not None and model != name:
-            raise TensorcutError(f"--model {model} does not match the {name} in {init_from}; drop --model or fix it")
+            raise TensorcutError(
+                f"--model {model} does not match the {name} in {init_from}; drop --model or fix it"
+            )
     else:
         if model is None:
-            raise TensorcutError("name a zoo model with --model, or a checkpoint to start from with --init-from")
+            raise TensorcutError(
+                "name a zoo model with --model, or a checkpoint to start from with --init-from"
+            )
         name, kwargs = model, model_kwargs_for(dataset, width)
         net = models.create(name, **kwargs)
-    tr = tdata.load_dataset(dataset, "train", data_dir=data_dir, val_fraction=val_fraction, seed=seed,
-                            subset=subset, augment=augment)
+    tr = tdata.load_dataset(
+        dataset,
+        "train",
+        data_dir=data_dir,
+        val_fraction=val_fraction,
+        seed=seed,
+        subset=subset,
+        augment=augment,
+    )
     va = tdata.load_dataset(dataset, "val", data_dir=data_dir, val_fraction=val_fraction, seed=seed)
-    te = tdata.load_dataset(dataset, "test", data_dir=data_dir, val_fraction=val_fraction, seed=seed)
-    settings = {"tau": tau, "init_rank": init_rank, "rmin": rmin, "rmax": rmax,
-                "init_from": str(init_from) if init_from is not None else None}
+    te = tdata.load_dataset(
+        dataset, "test", data_dir=data_dir, val_fraction=val_fraction, seed=seed
+    )
+    settings = {
+        "tau": tau,
+        "init_rank": init_rank,
+        "rmin": rmin,
+        "rmax": rmax,
+        "init_from": str(init_from) if init_from is not None else None,
+    }
     meta: dict[str, Any] = {
         "model": {"name": name, "kwargs": kwargs},
-        "dataset": {"name": dataset, "val_fraction": val_fraction, "seed": seed,
-                    "data_dir": str(data_dir) if data_dir else None, "subset": subset},
-        "recipe": {"method": "tdlrt", "epochs": epochs, "optimizer": optimizer, "lr": lr, "momentum": momentum,
-                   "weight_decay": weight_decay, "scheduler": scheduler, "batch_size": batch_size, "augment": augment},
+        "dataset": {
+            "name": dataset,
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "data_dir": str(data_dir) if data_dir else None,
+            "subset": subset,
+        },
+        "recipe": {
+            "method": "tdlrt",
+            "epochs": epochs,
+            "optimizer": optimizer,
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "scheduler": scheduler,
+            "batch_size": batch_size,
+            "augment": augment,
+        },
         "tdlrt": settings,
     }
     history: list[dict[str, Any]] = []
@@ -115,21 +191,43 @@ def _train(model: str | None, dataset: str, out: Path, ctx: tdist.DistContext, *
         history.append(row)
         if progress and ctx.is_main:
             ranks = " ".join(f"{a}/{b}" for a, b in row["ranks"].values())
-            say(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} | val loss {row.get('val_loss', float('nan')):.4f} "
+            say(
+                f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} | val loss {row.get('val_loss', float('nan')):.4f} "
                 f"top1 {row.get('val_top1', float('nan')):.4f} | conv compression {row['conv_compression_pct']:.1f}% "
-                f"| ranks {ranks} | {row['seconds']:.1f}s")
+                f"| ranks {ranks} | {row['seconds']:.1f}s"
+            )
         snapshot = {**meta, "history": history, "epoch": row["epoch"]}
         tdist.run_on_main(lambda: tio.save(net, out, snapshot))
 
     dev = ctx.device
-    train_tdlrt(net, tdata.make_loader(tr, batch_size, shuffle=True, seed=seed), tdata.make_loader(va, 512),
-                tau=tau, init_rank=init_rank, rmin=rmin, rmax=rmax, epochs=epochs, optimizer=optimizer, lr=lr,
-                momentum=momentum, weight_decay=weight_decay, scheduler=scheduler,
-                from_pretrained=init_from is not None, device=dev, log=on_epoch, seed=seed)
-    metrics = evaluate(net, tdata.make_loader(te, 512), dev)  # reduced over the ranks under torchrun
+    train_tdlrt(
+        net,
+        tdata.make_loader(tr, batch_size, shuffle=True, seed=seed),
+        tdata.make_loader(va, 512),
+        tau=tau,
+        init_rank=init_rank,
+        rmin=rmin,
+        rmax=rmax,
+        epochs=epochs,
+        optimizer=optimizer,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        scheduler=scheduler,
+        from_pretrained=init_from is not None,
+        device=dev,
+        log=on_epoch,
+        seed=seed,
+    )
+    metrics = evaluate(
+        net, tdata.make_loader(te, 512), dev
+    )  # reduced over the ranks under torchrun
     rep = rank_report(net)
-    settings.update(final_ranks={k: v["ranks"] for k, v in rep["layers"].items()}, conv_cr=rep["conv_cr"],
-                    conv_compression_pct=rep["conv_compression_pct"])
+    settings.update(
+        final_ranks={k: v["ranks"] for k, v in rep["layers"].items()},
+        conv_cr=rep["conv_cr"],
+        conv_compression_pct=rep["conv_compression_pct"],
+    )
     meta.update(history=history, epoch=len(history), metrics={"test": metrics})
     tdist.run_on_main(lambda: tio.save(net, out, meta))
     tdist.barrier()
@@ -141,13 +239,32 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.tau is None:
         raise TensorcutError("--method tdlrt needs --tau (relative truncation tolerance, e.g. 0.1)")
     if getattr(args, "resume", False):
-        raise TensorcutError("--resume is not supported with --method tdlrt; start a new run with another --out")
+        raise TensorcutError(
+            "--resume is not supported with --method tdlrt; start a new run with another --out"
+        )
     ck = train_tdlrt_checkpoint(
-        args.model, args.dataset, args.out, tau=args.tau, init_rank=args.init_rank, rmax=args.rmax,
-        init_from=getattr(args, "init_from", None), epochs=args.epochs, width=args.width, batch_size=args.batch_size,
-        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-        scheduler=args.scheduler, data_dir=args.data_dir, val_fraction=args.val_fraction, subset=args.subset,
-        augment=args.augment, seed=args.seed, device=args.device)
+        args.model,
+        args.dataset,
+        args.out,
+        tau=args.tau,
+        init_rank=args.init_rank,
+        rmax=args.rmax,
+        init_from=getattr(args, "init_from", None),
+        epochs=args.epochs,
+        width=args.width,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        scheduler=args.scheduler,
+        data_dir=args.data_dir,
+        val_fraction=args.val_fraction,
+        subset=args.subset,
+        augment=args.augment,
+        seed=args.seed,
+        device=args.device,
+    )
     if tdist.env_world()[0] != 0:  # every rank holds the same reduced metrics: rank 0 prints them
         return 0
     m = ck.meta["metrics"]["test"]
@@ -155,8 +272,15 @@ def run_cli(args: argparse.Namespace) -> int:
     if getattr(args, "json", False):
         from tensorcut.console import print_json
 
-        print_json({"checkpoint": str(args.out), "test": m, "epochs": ck.meta.get("epoch"),
-                    "conv_cr": t["conv_cr"], "conv_compression_pct": t["conv_compression_pct"]})
+        print_json(
+            {
+                "checkpoint": str(args.out),
+                "test": m,
+                "epochs": ck.meta.get("epoch"),
+                "conv_cr": t["conv_cr"],
+                "conv_compression_pct": t["conv_compression_pct"],
+            }
+        )
         return 0
     print(f"test: loss {m['loss']:.4f}  top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}  (n={m['n']})")
     print(f"conv compression {t['conv_compression_pct']:.1f}% (CR {t['conv_cr']:.2f})")

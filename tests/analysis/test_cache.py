@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tensorcut.analysis.cache import BatchStore, EvalSet, LayerRunner, evaluate_full, swapped_weights
+from tensorcut.analysis.cache import (
+    BatchStore,
+    EvalSet,
+    LayerRunner,
+    evaluate_full,
+    swapped_weights,
+)
 from tensorcut.kernel import truncate
 
 
@@ -60,7 +66,7 @@ def _data(n: int = 50, bs: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 2, 8, 8, generator=g)
     y = torch.randint(0, 7, (n,), generator=g)
-    return [(x[i:i + bs], y[i:i + bs]) for i in range(0, n, bs)]
+    return [(x[i : i + bs], y[i : i + bs]) for i in range(0, n, bs)]
 
 
 def _init(model: nn.Module) -> nn.Module:
@@ -77,7 +83,12 @@ def _check_exact(model: nn.Module, layer: str, budget: int = 1 << 30) -> LayerRu
     for keep in (1, 2):
         with swapped_weights(model, {layer: truncate(K, "OUT", keep)}):
             fast, full = runner.evaluate(), evaluate_full(model, data)
-        assert (fast.loss, fast.top1, fast.top5, fast.n) == (full.loss, full.top1, full.top5, full.n)
+        assert (fast.loss, fast.top1, fast.top5, fast.n) == (
+            full.loss,
+            full.top1,
+            full.top5,
+            full.n,
+        )
     assert torch.equal(model.get_submodule(layer).weight, K)
     return runner
 
@@ -140,6 +151,9 @@ def test_zoo_resnet_fast_path_exact() -> None:
     from tensorcut import models
 
     model = models.create("resnet20", num_classes=7, in_channels=2, width=0.25, input_size=8).eval()
-    for layer in ("layer1.0.conv1", "layer2.0.conv2"):  # inside residual blocks: skip tensors are cached too
+    for layer in (
+        "layer1.0.conv1",
+        "layer2.0.conv2",
+    ):  # inside residual blocks: skip tensors are cached too
         runner = _check_exact(model, layer)
         assert runner.fast, runner.reason

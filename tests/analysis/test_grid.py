@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from analysis_helpers import tiny_cnn
 from torch import nn
 
-from analysis_helpers import tiny_cnn
 from tensorcut.analysis import grid
 from tensorcut.errors import TensorcutError
 
@@ -31,8 +31,10 @@ def test_select_layers_default_and_errors() -> None:
     single = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten())
     with pytest.raises(TensorcutError) as e:
         grid.select_layers(single)
-    assert str(e.value) == ("no eligible conv layer: every Conv2d of Sequential has one input channel (0); "
-                            "name layers explicitly with --layers")
+    assert str(e.value) == (
+        "no eligible conv layer: every Conv2d of Sequential has one input channel (0); "
+        "name layers explicitly with --layers"
+    )
     with pytest.raises(TensorcutError) as e:
         grid.select_layers(nn.Sequential(nn.Linear(2, 2)))
     assert str(e.value) == "Sequential has no Conv2d layer; nothing to truncate"
@@ -47,10 +49,16 @@ def test_keep_spec_forms_and_range() -> None:
     assert grid.keep_values(grid.parse_keep(None), "conv1", "KH", shape) == [1, 2]
     with pytest.raises(TensorcutError) as e:
         grid.keep_values(grid.parse_keep(["5"]), "conv2", "KW", shape)
-    assert str(e.value) == "keep=5 out of range for layer 'conv2' along KW (kernel (8, 6, 3, 3)): valid 1..3"
+    assert (
+        str(e.value)
+        == "keep=5 out of range for layer 'conv2' along KW (kernel (8, 6, 3, 3)): valid 1..3"
+    )
     with pytest.raises(TensorcutError) as e:
         grid.keep_values(grid.parse_keep([0]), "conv2", "OUT", shape)
-    assert str(e.value) == "keep=0 out of range for layer 'conv2' along OUT (kernel (8, 6, 3, 3)): valid 1..8"
+    assert (
+        str(e.value)
+        == "keep=0 out of range for layer 'conv2' along OUT (kernel (8, 6, 3, 3)): valid 1..8"
+    )
     with pytest.raises(TensorcutError) as e:
         grid.parse_keep(["OUT=a"])
     assert "expected integers" in str(e.value)
@@ -60,7 +68,9 @@ def test_bipartition_selection() -> None:
     assert grid.select_bipartitions(["out-kw", "IN-KH", "KW"]) == ["KW", "OUT-KW"]
     with pytest.raises(TensorcutError) as e:
         grid.select_bipartitions(["OUT", "KX"])
-    assert str(e.value) == "unknown bipartition 'KX'; valid: OUT, IN, KH, KW, OUT-IN, OUT-KH, OUT-KW"
+    assert (
+        str(e.value) == "unknown bipartition 'KX'; valid: OUT, IN, KH, KW, OUT-IN, OUT-KH, OUT-KW"
+    )
 
 
 def test_cp_ranks_and_all_layer_steps() -> None:

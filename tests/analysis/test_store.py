@@ -13,8 +13,19 @@ from tensorcut.errors import TensorcutError
 
 
 def _row(i: int, **kw: object) -> dict[str, object]:
-    row = {"fingerprint": "f", "data": "d", "split": "val", "kind": "single", "method": "svd", "layer": "conv2",
-           "bipartition": "OUT", "keep": str(i), "epoch": -1, "top1": 0.5, "norm_loss_pct": float(i)}
+    row = {
+        "fingerprint": "f",
+        "data": "d",
+        "split": "val",
+        "kind": "single",
+        "method": "svd",
+        "layer": "conv2",
+        "bipartition": "OUT",
+        "keep": str(i),
+        "epoch": -1,
+        "top1": 0.5,
+        "norm_loss_pct": float(i),
+    }
     row.update(kw)
     return row
 
@@ -59,7 +70,9 @@ def test_corrupt_file_reported_not_overwritten(tmp_path: Path) -> None:
     path.write_bytes(junk)
     with pytest.raises(TensorcutError) as e:
         ResultsStore(path)
-    assert str(e.value).startswith(f"results file {str(path)!r} is corrupt or not an SQLite database (")
+    assert str(e.value).startswith(
+        f"results file {str(path)!r} is corrupt or not an SQLite database ("
+    )
     assert str(e.value).endswith("it was left untouched: move it away or choose another --out")
     assert path.read_bytes() == junk
 
@@ -73,8 +86,10 @@ def test_foreign_sqlite_file_refused(tmp_path: Path) -> None:
     before = path.read_bytes()
     with pytest.raises(TensorcutError) as e:
         ResultsStore(path)
-    assert str(e.value) == (f"{str(path)!r} is an SQLite file but not a tensorcut results store; "
-                            "it was left untouched: choose another --out")
+    assert str(e.value) == (
+        f"{str(path)!r} is an SQLite file but not a tensorcut results store; "
+        "it was left untouched: choose another --out"
+    )
     assert path.read_bytes() == before
 
 
@@ -104,7 +119,9 @@ def test_store_being_created_by_another_worker_is_joined_not_refused(tmp_path: P
     s = ResultsStore(p)  # the second worker
     s.close()
     first.close()
-    s2 = ResultsStore(p, create=False)  # a complete store: tables and identity rows, committed together
+    s2 = ResultsStore(
+        p, create=False
+    )  # a complete store: tables and identity rows, committed together
     s2.close()
     con = sqlite3.connect(str(p))
     meta = dict(con.execute("SELECT key, value FROM meta").fetchall())

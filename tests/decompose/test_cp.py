@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from tensorcut.decompose import CPResult, RankClampWarning, cp_als, cp_max_rank, cp_to_tensor, khatri_rao
+from tensorcut.decompose import (
+    CPResult,
+    RankClampWarning,
+    cp_als,
+    cp_max_rank,
+    cp_to_tensor,
+    khatri_rao,
+)
 from tensorcut.errors import ConvergenceError, TensorcutError
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
-def _low_rank(shape: tuple[int, ...], r: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def _low_rank(
+    shape: tuple[int, ...], r: int, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return cp_to_tensor(None, [torch.randn(n, r, dtype=dtype, generator=g) for n in shape])
 
@@ -61,7 +68,9 @@ def test_deterministic_with_seed() -> None:
     T = torch.randn(6, 5, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     a = cp_als(T, 4, init="random", seed=7, n_iter_max=30)
     b = cp_als(T, 4, init="random", seed=7, n_iter_max=30)
-    assert torch.equal(a.weights, b.weights) and all(torch.equal(x, y) for x, y in zip(a.factors, b.factors))
+    assert torch.equal(a.weights, b.weights) and all(
+        torch.equal(x, y) for x, y in zip(a.factors, b.factors)
+    )
 
 
 def test_restarts_keep_best() -> None:

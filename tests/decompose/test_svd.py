@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import math
 
 import pytest
@@ -13,11 +12,12 @@ from hypothesis import strategies as st
 from tensorcut.decompose import RankClampWarning, clamp_rank, rank_from_spectrum, truncated_svd
 from tensorcut.errors import TensorcutError
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
-def _low_rank(m: int, n: int, r: int, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.Tensor:
+def _low_rank(
+    m: int, n: int, r: int, dtype: torch.dtype = torch.float64, seed: int = 0
+) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(m, r, generator=g, dtype=dtype) @ torch.randn(r, n, generator=g, dtype=dtype)
 

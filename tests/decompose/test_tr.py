@@ -21,9 +21,7 @@ from tensorcut.decompose.tr import (
 )
 from tensorcut.errors import TensorcutError
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
-
 
 
 def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -39,12 +37,16 @@ def _ring_kernel(shape: tuple[int, ...], ranks: tuple[int, ...], seed: int = 0) 
 
 def _true_error(res, kernel: torch.Tensor) -> float:
     k = kernel.to(torch.float64)
-    return float(torch.linalg.vector_norm(tr_to_tensor([c.to(torch.float64) for c in res.cores]) - k) / k.norm())
+    return float(
+        torch.linalg.vector_norm(tr_to_tensor([c.to(torch.float64) for c in res.cores]) - k)
+        / k.norm()
+    )
 
 
 KERNELS = {
     "random": _rand(12, 8, 3, 3, seed=1),
-    "lowrank": _ring_kernel((10, 6, 3, 3), (2, 3, 2, 2), seed=2) + 1e-3 * _rand(10, 6, 3, 3, seed=3),
+    "lowrank": _ring_kernel((10, 6, 3, 3), (2, 3, 2, 2), seed=2)
+    + 1e-3 * _rand(10, 6, 3, 3, seed=3),
     "pointwise": _rand(16, 12, 1, 1, seed=4),
     "rect": _rand(7, 5, 3, 2, seed=5),
     "wide": _rand(4, 20, 5, 1, seed=6),
@@ -72,7 +74,9 @@ def test_tr_svd_error_within_eps_every_shift_and_divisor(name: str, eps: float, 
 
 @pytest.mark.parametrize("name", sorted(KERNELS))
 @pytest.mark.parametrize("split", ["uniform", "zhao"])
-def test_each_step_discards_within_its_share_and_errors_add_in_quadrature(name: str, split: str) -> None:
+def test_each_step_discards_within_its_share_and_errors_add_in_quadrature(
+    name: str, split: str
+) -> None:
     k = KERNELS[name]
     eps = 0.4
     budgets = error_budgets(eps, split)
@@ -83,7 +87,9 @@ def test_each_step_discards_within_its_share_and_errors_add_in_quadrature(name: 
         for got, allowed in zip(res.step_errors, budgets):
             assert got <= allowed + 1e-12
         # ||T - T~||^2 = D1 + D2 + D3: the identity that makes any split with sum(delta^2) = eps^2 safe
-        assert _true_error(res, k) ** 2 == pytest.approx(sum(x * x for x in res.step_errors), abs=1e-12)
+        assert _true_error(res, k) ** 2 == pytest.approx(
+            sum(x * x for x in res.step_errors), abs=1e-12
+        )
 
 
 def test_error_budget_splits() -> None:
@@ -114,7 +120,9 @@ def test_giving_every_step_the_whole_eps_can_break_the_bound() -> None:
     shift=st.integers(0, 3),
     seed=st.integers(0, 10_000),
 )
-def test_error_bound_property(o: int, i: int, kh: int, kw: int, eps: float, shift: int, seed: int) -> None:
+def test_error_bound_property(
+    o: int, i: int, kh: int, kw: int, eps: float, shift: int, seed: int
+) -> None:
     k = _rand(o, i, kh, kw, seed=seed)
     res = tr_svd(k, eps, shift=shift, solver="gram")
     assert _true_error(res, k) <= eps + 1e-9
@@ -191,7 +199,9 @@ def test_divisor_raising_first_rank_is_noted() -> None:
 # ----------------------------------------------------------------------------- search
 
 
-def _brute_force(k: torch.Tensor, eps: float, solver: str) -> list[tuple[int, int, tuple[int, ...], float]]:
+def _brute_force(
+    k: torch.Tensor, eps: float, solver: str
+) -> list[tuple[int, int, tuple[int, ...], float]]:
     rows = []
     for shift in range(4):
         base = tr_svd(k, eps, shift=shift, solver=solver)
@@ -235,7 +245,9 @@ def test_svd_and_gram_solvers_agree_on_the_whole_search() -> None:
     k = KERNELS["random"]
     a = rsdtr(k, 0.4, solver="svd")
     b = rsdtr(k, 0.4, solver="gram")
-    assert [(c.shift, c.divisor, c.ranks) for c in a.search] == [(c.shift, c.divisor, c.ranks) for c in b.search]
+    assert [(c.shift, c.divisor, c.ranks) for c in a.search] == [
+        (c.shift, c.divisor, c.ranks) for c in b.search
+    ]
     assert (a.shift, a.divisor, a.ranks) == (b.shift, b.divisor, b.ranks)
 
 

@@ -2,27 +2,32 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from tensorcut.decompose import RankClampWarning, tt_max_ranks, tt_svd, tt_to_tensor
 from tensorcut.errors import TensorcutError
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
-def _tensor(shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def _tensor(
+    shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     return torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 
 def _tt_low_rank(shape: tuple[int, ...], r: int, noise: float, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     ranks = [1] + [r] * (len(shape) - 1) + [1]
-    cores = [torch.randn(ranks[k], n, ranks[k + 1], dtype=torch.float64, generator=g) for k, n in enumerate(shape)]
+    cores = [
+        torch.randn(ranks[k], n, ranks[k + 1], dtype=torch.float64, generator=g)
+        for k, n in enumerate(shape)
+    ]
     T = tt_to_tensor(cores)
-    return T + noise * T.norm() / T.numel() ** 0.5 * torch.randn(*shape, dtype=torch.float64, generator=g)
+    return T + noise * T.norm() / T.numel() ** 0.5 * torch.randn(
+        *shape, dtype=torch.float64, generator=g
+    )
 
 
 def _rel(T: torch.Tensor, A: torch.Tensor) -> float:

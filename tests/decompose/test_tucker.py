@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from tensorcut.decompose import RankClampWarning, hooi, hosvd, mode_dot, tucker2, tucker_to_tensor
 from tensorcut.errors import TensorcutError
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
-def _tensor(shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def _tensor(
+    shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     return torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 

@@ -8,7 +8,6 @@ a ``config`` + ``state_dict`` round trip.
 
 from __future__ import annotations
 
-
 import json
 import math
 import random
@@ -23,7 +22,6 @@ import tensorcut.layers  # noqa: F401  (registers every layer class)
 from tensorcut.errors import TensorcutError
 from tensorcut.layers import CPConv2d, FullTuckerConv2d, TTConv2d, TuckerConv2d
 from tensorcut.layers.base import LAYER_REGISTRY, ConvGeometry, FactorizedConv2d
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
@@ -67,7 +65,11 @@ def _id(c: dict[str, Any]) -> str:
 
 
 def _conv(
-    c: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.float64, cin: int = 4, cout: int = 6
+    c: dict[str, Any],
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    cin: int = 4,
+    cout: int = 6,
 ) -> nn.Conv2d:
     torch.manual_seed(seed)
     conv = nn.Conv2d(cin, cout, **c).to(dtype)
@@ -97,7 +99,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_registry_has_the_core_methods() -> None:
     assert {"cp", "tt", "tucker", "tucker2"} <= set(LAYER_REGISTRY)
-    assert LAYER_REGISTRY["tucker2"] is TuckerConv2d and LAYER_REGISTRY["tucker"] is FullTuckerConv2d
+    assert (
+        LAYER_REGISTRY["tucker2"] is TuckerConv2d and LAYER_REGISTRY["tucker"] is FullTuckerConv2d
+    )
     assert LAYER_REGISTRY["cp"] is CPConv2d and LAYER_REGISTRY["tt"] is TTConv2d
 
 
@@ -148,8 +152,15 @@ def test_full_rank_matches_dense(method: str, combo: dict[str, Any]) -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_float32_full_rank(method: str) -> None:
     cls = LAYER_REGISTRY[method]
-    combo = {"kernel_size": 3, "stride": (1, 1), "padding": 1, "dilation": 1, "padding_mode": "zeros", "bias": True,
-             "groups": 1}
+    combo = {
+        "kernel_size": 3,
+        "stride": (1, 1),
+        "padding": 1,
+        "dilation": 1,
+        "padding_mode": "zeros",
+        "bias": True,
+        "groups": 1,
+    }
     conv = _conv(combo, dtype=torch.float32, cin=5, cout=7)
     layer = _from_conv_full(cls, conv)
     assert layer is not None
@@ -162,12 +173,16 @@ def test_float32_full_rank(method: str) -> None:
 GEOMS = [
     ConvGeometry(8, 6, (3, 3), padding=(1, 1)),
     ConvGeometry(6, 10, (1, 1), stride=(2, 2), bias=False),
-    ConvGeometry(4, 4, (2, 3), stride=(2, 1), padding="valid", dilation=(2, 1), padding_mode="reflect"),
+    ConvGeometry(
+        4, 4, (2, 3), stride=(2, 1), padding="valid", dilation=(2, 1), padding_mode="reflect"
+    ),
     ConvGeometry(8, 6, (3, 3), padding="same", groups=2, padding_mode="circular"),
 ]
 
 
-@pytest.mark.parametrize("geom", GEOMS, ids=lambda g: f"{g.in_channels}-{g.out_channels}-{g.kernel_size}-g{g.groups}")
+@pytest.mark.parametrize(
+    "geom", GEOMS, ids=lambda g: f"{g.in_channels}-{g.out_channels}-{g.kernel_size}-g{g.groups}"
+)
 @pytest.mark.parametrize("method", METHODS)
 def test_counts_match_closed_forms_at_partial_rank(method: str, geom: ConvGeometry) -> None:
     cls = LAYER_REGISTRY[method]
@@ -229,7 +244,9 @@ def test_clamping_warns_and_reports(method: str) -> None:
     text = " ".join(str(w.message) for w in record)
     assert str(asked[0]) in text  # the warning names the requested value ...
     got = tuple(layer.ranks)
-    assert all(g <= a for g, a in zip(got, asked)) and any(str(g) in text for g in got)  # ... and the clamped one
+    assert all(g <= a for g, a in zip(got, asked)) and any(
+        str(g) in text for g in got
+    )  # ... and the clamped one
     if method in ("cp", "tt", "tucker", "tucker2"):  # componentwise maxima
         assert got == maxr
 
@@ -300,7 +317,11 @@ def test_tucker2_sublayer_contract() -> None:
     conv = nn.Conv2d(8, 6, 3, stride=2, padding=1).double()
     layer = TuckerConv2d.from_conv(conv, (4, 3))
     assert layer.first.weight.shape == (3, 8, 1, 1) and layer.first.bias is None
-    assert layer.core.weight.shape == (4, 3, 3, 3) and layer.core.stride == (2, 2) and layer.core.bias is None
+    assert (
+        layer.core.weight.shape == (4, 3, 3, 3)
+        and layer.core.stride == (2, 2)
+        and layer.core.bias is None
+    )
     assert layer.last.weight.shape == (6, 4, 1, 1) and torch.equal(layer.last.bias, conv.bias)
     U_in_T = layer.first.weight[:, :, 0, 0].detach()
     U_out = layer.last.weight[:, :, 0, 0].detach()
@@ -327,7 +348,10 @@ def test_early_stride_saves_macs_and_stays_exact() -> None:
     x = _input(cin=8)
     torch.testing.assert_close(layer(x), conv(x))
     r_out, r_in = layer.ranks
-    assert layer.macs(HW) < r_in * 8 * HW[0] * HW[1] + 12 * r_out * 6 * 5 + r_out * r_in * HW[0] * HW[1]
+    assert (
+        layer.macs(HW)
+        < r_in * 8 * HW[0] * HW[1] + 12 * r_out * 6 * 5 + r_out * r_in * HW[0] * HW[1]
+    )
 
 
 def test_constructor_is_zero_filled_and_reset_parameters_randomises() -> None:
@@ -366,11 +390,33 @@ def test_bad_arguments() -> None:
 
 # ---------------------------------------------------------------- memory layout (GEMM 1x1s)
 LAYOUT_COMBOS = [
-    {"kernel_size": 3, "stride": (1, 1), "padding": 1, "dilation": 1, "padding_mode": "zeros", "bias": True, "groups": 1},
-    {"kernel_size": (2, 3), "stride": (2, 1), "padding": "valid", "dilation": 1, "padding_mode": "reflect",
-     "bias": False, "groups": 1},
-    {"kernel_size": 1, "stride": (2, 2), "padding": 0, "dilation": 1, "padding_mode": "zeros", "bias": True,
-     "groups": 2},
+    {
+        "kernel_size": 3,
+        "stride": (1, 1),
+        "padding": 1,
+        "dilation": 1,
+        "padding_mode": "zeros",
+        "bias": True,
+        "groups": 1,
+    },
+    {
+        "kernel_size": (2, 3),
+        "stride": (2, 1),
+        "padding": "valid",
+        "dilation": 1,
+        "padding_mode": "reflect",
+        "bias": False,
+        "groups": 1,
+    },
+    {
+        "kernel_size": 1,
+        "stride": (2, 2),
+        "padding": 0,
+        "dilation": 1,
+        "padding_mode": "zeros",
+        "bias": True,
+        "groups": 2,
+    },
 ]
 
 
@@ -410,8 +456,15 @@ def test_pointwise_conv_equals_conv2d(layout: str, like: Any, bias: bool) -> Non
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "strided":
         x = x[:, :, ::2, 1:]
-    like_t = like if not isinstance(like, str) else torch.zeros(1, 2, 3, 4).contiguous(
-        memory_format=torch.channels_last if like == "channels_last" else torch.contiguous_format)
+    like_t = (
+        like
+        if not isinstance(like, str)
+        else torch.zeros(1, 2, 3, 4).contiguous(
+            memory_format=torch.channels_last
+            if like == "channels_last"
+            else torch.contiguous_format
+        )
+    )
     out = pw(x, like_t)
     torch.testing.assert_close(out, ref(x), atol=1e-12, rtol=1e-12)
     if like in ("contiguous", torch.contiguous_format):

@@ -12,11 +12,12 @@ from tensorcut.decompose import RankClampWarning
 from tensorcut.errors import TensorcutError
 from tensorcut.layers import SVDLinear
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
-def _linear(i: int = 12, o: int = 9, bias: bool = True, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Linear:
+def _linear(
+    i: int = 12, o: int = 9, bias: bool = True, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> nn.Linear:
     torch.manual_seed(seed)
     return nn.Linear(i, o, bias=bias).to(dtype)
 
@@ -32,7 +33,11 @@ def test_full_rank_is_exact(bias: bool) -> None:
     x = torch.randn(3, 5, 12, dtype=torch.float64)
     torch.testing.assert_close(layer(x), lin(x))
     assert layer.rank == 9 and layer.rel_error < 1e-12
-    assert layer.num_params() == SVDLinear.predicted_params(12, 9, 9, bias) == 9 * 21 + (9 if bias else 0)
+    assert (
+        layer.num_params()
+        == SVDLinear.predicted_params(12, 9, 9, bias)
+        == 9 * 21 + (9 if bias else 0)
+    )
     torch.testing.assert_close(layer.to_linear()(x), lin(x))
 
 

@@ -14,7 +14,6 @@ from tensorcut.errors import TensorcutError
 from tensorcut.layers.base import LAYER_REGISTRY, ConvGeometry
 from tensorcut.layers.tr import TRConv2d
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
@@ -26,9 +25,16 @@ def _conv(cin: int, cout: int, k, seed: int = 0, **kw) -> nn.Conv2d:
 def _dense_ref(layer: TRConv2d, x: torch.Tensor) -> torch.Tensor:
     """F.conv2d with the reconstructed kernel, padding applied the dense way."""
     g = layer.geometry
-    mode = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}[g.padding_mode]
+    mode = {
+        "zeros": "constant",
+        "reflect": "reflect",
+        "replicate": "replicate",
+        "circular": "circular",
+    }[g.padding_mode]
     xp = F.pad(x, g.pad, mode=mode)
-    return F.conv2d(xp, layer.reconstruct_weight(), layer.bias, stride=g.stride, dilation=g.dilation)
+    return F.conv2d(
+        xp, layer.reconstruct_weight(), layer.bias, stride=g.stride, dilation=g.dilation
+    )
 
 
 # (kernel, stride, padding, dilation, padding_mode, bias)
@@ -59,16 +65,26 @@ def _ids(p) -> str:
 @pytest.mark.parametrize("geo", GEOMETRIES, ids=[_ids(g) for g in GEOMETRIES])
 def test_forward_matches_reconstructed_conv(geo) -> None:
     k, stride, padding, dilation, mode, bias = geo
-    conv = _conv(5, 7, k, stride=stride, padding=padding, dilation=dilation, padding_mode=mode, bias=bias)
+    conv = _conv(
+        5, 7, k, stride=stride, padding=padding, dilation=dilation, padding_mode=mode, bias=bias
+    )
     x = torch.randn(2, 5, 11, 13, dtype=torch.float64)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RankClampWarning)  # 1x1 / thin kernels admit less than (2, 3, 2, 2)
+        warnings.simplefilter(
+            "ignore", RankClampWarning
+        )  # 1x1 / thin kernels admit less than (2, 3, 2, 2)
         fixed = TRConv2d.from_conv(conv, ranks=(2, 3, 2, 2), shift=1)
-    for layer in (TRConv2d.from_conv(conv, eps=0.5), fixed):  # lossy: compare with own reconstruction
+    for layer in (
+        TRConv2d.from_conv(conv, eps=0.5),
+        fixed,
+    ):  # lossy: compare with own reconstruction
         y = layer(x)
         ref = _dense_ref(layer, x)
         assert y.shape == ref.shape == conv(x).shape
-        assert torch.allclose(y, ref, atol=1e-5, rtol=0) and float((y - ref).detach().abs().max()) < 1e-10
+        assert (
+            torch.allclose(y, ref, atol=1e-5, rtol=0)
+            and float((y - ref).detach().abs().max()) < 1e-10
+        )
         assert torch.allclose(layer.to_conv()(x), y, atol=1e-10)
     exact = TRConv2d.from_conv(conv)  # max ranks: the dense layer itself
     assert torch.allclose(exact(x), conv(x), atol=1e-10)
@@ -77,7 +93,9 @@ def test_forward_matches_reconstructed_conv(geo) -> None:
 @pytest.mark.parametrize("geo", GEOMETRIES, ids=[_ids(g) for g in GEOMETRIES])
 def test_counts_match_module(geo) -> None:
     k, stride, padding, dilation, mode, bias = geo
-    conv = _conv(6, 4, k, stride=stride, padding=padding, dilation=dilation, padding_mode=mode, bias=bias)
+    conv = _conv(
+        6, 4, k, stride=stride, padding=padding, dilation=dilation, padding_mode=mode, bias=bias
+    )
     geom = ConvGeometry.from_conv(conv)
     for ranks in [(1, 2, 3, 2), (2, 3, 1, 4), TRConv2d.max_ranks(geom)]:
         layer = TRConv2d(geom, ranks)
@@ -87,13 +105,19 @@ def test_counts_match_module(geo) -> None:
         assert layer.num_params() == TRConv2d.predicted_params(geom, ranks) == closed
         for hw in [(11, 13), (9, 12), (16, 10)]:
             assert layer.macs(hw) == TRConv2d.predicted_macs(geom, ranks, hw)
-            assert layer(torch.zeros(1, 6, *hw, dtype=torch.float32)).shape[-2:] == geom.output_size(hw)
+            assert layer(torch.zeros(1, 6, *hw, dtype=torch.float32)).shape[
+                -2:
+            ] == geom.output_size(hw)
 
 
 def test_early_stride_saves_work_for_pointwise_downsampling() -> None:
     geom = ConvGeometry.from_conv(_conv(8, 16, 1, stride=2, bias=False))
     layer = TRConv2d(geom, (1, 4, 1, 1))
-    assert layer.in_proj.stride == (2, 2) and layer.vconv.stride == (1, 1) and layer.hconv.stride == (1, 1)
+    assert (
+        layer.in_proj.stride == (2, 2)
+        and layer.vconv.stride == (1, 1)
+        and layer.hconv.stride == (1, 1)
+    )
     # every sublayer runs at the 8x8 output resolution of a 16x16 input
     assert layer.macs((16, 16)) == (8 * 4 * 1 + 4 * 1 * 1 + 4 * 1 * 1 + 4 * 1 * 16) * 64
 
@@ -102,13 +126,21 @@ def test_gradients_reach_all_four_cores() -> None:
     conv = _conv(4, 6, 3, padding=1)
     layer = TRConv2d.from_conv(conv, ranks=(2, 2, 3, 2))
     layer(torch.randn(2, 4, 6, 6, dtype=torch.float64)).square().sum().backward()
-    for name in ("in_proj.weight", "vconv.weight", "hconv.weight", "out_proj.weight", "out_proj.bias"):
+    for name in (
+        "in_proj.weight",
+        "vconv.weight",
+        "hconv.weight",
+        "out_proj.weight",
+        "out_proj.bias",
+    ):
         grad = dict(layer.named_parameters())[name].grad
         assert grad is not None and float(grad.abs().sum()) > 0, name
 
 
 def test_state_dict_round_trip_through_config() -> None:
-    conv = _conv(5, 8, (3, 2), stride=(2, 1), padding="valid", dilation=(1, 2), padding_mode="zeros")
+    conv = _conv(
+        5, 8, (3, 2), stride=(2, 1), padding="valid", dilation=(1, 2), padding_mode="zeros"
+    )
     layer = TRConv2d.from_conv(conv, eps=0.3)
     cfg = layer.config()
     assert cfg["method"] == "tr" and cfg["ranks"] == list(layer.ranks)
@@ -124,7 +156,11 @@ def test_state_dict_round_trip_through_config() -> None:
 def test_eps_and_energy_bound_the_kernel_error() -> None:
     conv = _conv(16, 12, 3, padding=1)
     w = conv.weight.detach()
-    for kwargs, bound in [({"eps": 0.3}, 0.3), ({"energy": 0.96}, 0.2), ({"eps": 0.6, "split": "zhao"}, 0.6)]:
+    for kwargs, bound in [
+        ({"eps": 0.3}, 0.3),
+        ({"energy": 0.96}, 0.2),
+        ({"eps": 0.6, "split": "zhao"}, 0.6),
+    ]:
         layer = TRConv2d.from_conv(conv, **kwargs)
         err = float((layer.reconstruct_weight().detach() - w).norm() / w.norm())
         assert err <= bound + 1e-12

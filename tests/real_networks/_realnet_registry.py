@@ -15,14 +15,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from _torchvision_ops import import_model_libraries
 from torch import nn
 from torch.nn import functional as F
-
-from _torchvision_ops import import_model_libraries
 
 __all__ = ["ARCHS", "Arch", "by_id", "make_input", "build", "randomize_constants"]
 
@@ -38,7 +38,9 @@ class Arch:
     size: int = 64
     tier1: bool = False
     covers: str = ""  # the module type this entry is in the tier for
-    attention: bool = False  # runs matmuls outside Conv2d / Linear (attention): no whole-model FLOP cross-check
+    attention: bool = (
+        False  # runs matmuls outside Conv2d / Linear (attention): no whole-model FLOP cross-check
+    )
     onnx: bool = False  # exported to ONNX and compared in the ratio test
 
 
@@ -46,6 +48,7 @@ def _timm(name: str, **kw: Any) -> Callable[[], nn.Module]:
     def make() -> nn.Module:
         timm, _ = import_model_libraries()
         return timm.create_model(name, pretrained=False, num_classes=10, **kw)
+
     return make
 
 
@@ -53,6 +56,7 @@ def _tv(name: str, **kw: Any) -> Callable[[], nn.Module]:
     def make() -> nn.Module:
         _, tv = import_model_libraries()
         return tv.models.get_model(name, weights=None, num_classes=10, **kw)
+
     return make
 
 
@@ -87,15 +91,30 @@ def _bit(same: bool, wide: bool = False) -> Callable[[], nn.Module]:
     """timm ResNetV2-BiT (pre-activation, GroupNorm, weight-standardised convs) at one block per stage;
     ``same``: TF-same padded ``StdConv2dSame`` (as the R50 backbone of timm's hybrid ViTs). ``wide``:
     resnetv2_50x1_bit's widths, else narrow stages with 8-group GroupNorm (the micro tier-1 model)."""
+
     def make() -> nn.Module:
         import_model_libraries()
         from timm.layers import GroupNormAct, StdConv2d, StdConv2dSame
         from timm.models.resnetv2 import ResNetV2
 
         conv = functools.partial(StdConv2dSame if same else StdConv2d, eps=1e-8)
-        kw: dict[str, Any] = {} if wide else {"channels": (64, 96, 128, 160), "stem_chs": 32,
-                                              "norm_layer": functools.partial(GroupNormAct, num_groups=8)}
-        return ResNetV2(layers=[1, 1, 1, 1], stem_type="same" if same else "fixed", conv_layer=conv, num_classes=10, **kw)
+        kw: dict[str, Any] = (
+            {}
+            if wide
+            else {
+                "channels": (64, 96, 128, 160),
+                "stem_chs": 32,
+                "norm_layer": functools.partial(GroupNormAct, num_groups=8),
+            }
+        )
+        return ResNetV2(
+            layers=[1, 1, 1, 1],
+            stem_type="same" if same else "fixed",
+            conv_layer=conv,
+            num_classes=10,
+            **kw,
+        )
+
     return make
 
 
@@ -109,12 +128,20 @@ def _dm_nfnet(**over: Any) -> nn.Module:
 def _dm_nfnet_micro() -> nn.Module:
     """timm's dm_nfnet_f0 configuration (TF-same padded ``ScaledStdConv2dSame``, skipinit, GELU) at
     test_nfnet's size (dm_nfnet_f0 itself has 72M parameters)."""
-    return _dm_nfnet(depths=(1, 1, 1, 1), channels=(32, 64, 96, 128), stem_chs=16, num_features=192, group_size=8)
+    return _dm_nfnet(
+        depths=(1, 1, 1, 1), channels=(32, 64, 96, 128), stem_chs=16, num_features=192, group_size=8
+    )
 
 
 def _dm_nfnet_d1() -> nn.Module:
     """dm_nfnet_f0 at one block per stage, narrower stages."""
-    return _dm_nfnet(depths=(1, 1, 1, 1), channels=(64, 128, 192, 256), stem_chs=32, num_features=384, group_size=32)
+    return _dm_nfnet(
+        depths=(1, 1, 1, 1),
+        channels=(64, 128, 192, 256),
+        stem_chs=32,
+        num_features=384,
+        group_size=32,
+    )
 
 
 def _tv_qat_resnet18() -> nn.Module:
@@ -215,24 +242,69 @@ class CustomForwardNet(nn.Module):
 
 ARCHS: list[Arch] = [
     # ---- tier 1 (in `make test`): tiny models that together cover every module type of issue 14
-    Arch("tv_shufflenet_v2_x0_5", _tv("shufflenet_v2_x0_5"), tier1=True, covers="plain nn.Conv2d (torchvision), depthwise"),
-    Arch("timm_test_resnet", _timm("test_resnet"), tier1=True, covers="plain nn.Conv2d (timm ResNet)", onnx=True),
-    Arch("timm_test_efficientnet_same", _timm("test_efficientnet", pad_type="same"), tier1=True,
-         covers="Conv2dSame (TF-same padding, as the tf_* EfficientNets), depthwise", onnx=True),
+    Arch(
+        "tv_shufflenet_v2_x0_5",
+        _tv("shufflenet_v2_x0_5"),
+        tier1=True,
+        covers="plain nn.Conv2d (torchvision), depthwise",
+    ),
+    Arch(
+        "timm_test_resnet",
+        _timm("test_resnet"),
+        tier1=True,
+        covers="plain nn.Conv2d (timm ResNet)",
+        onnx=True,
+    ),
+    Arch(
+        "timm_test_efficientnet_same",
+        _timm("test_efficientnet", pad_type="same"),
+        tier1=True,
+        covers="Conv2dSame (TF-same padding, as the tf_* EfficientNets), depthwise",
+        onnx=True,
+    ),
     Arch("timm_resnetv2_bit_micro", _bit(False), tier1=True, covers="StdConv2d (ResNetV2-BiT)"),
     Arch("timm_resnetv2_bit_same_micro", _bit(True), tier1=True, covers="StdConv2dSame"),
-    Arch("timm_test_nfnet", _timm("test_nfnet"), tier1=True, covers="ScaledStdConv2d, grouped convs"),
-    Arch("timm_dm_nfnet_micro", _dm_nfnet_micro, tier1=True, covers="ScaledStdConv2dSame (dm_nfnet)", onnx=True),
+    Arch(
+        "timm_test_nfnet", _timm("test_nfnet"), tier1=True, covers="ScaledStdConv2d, grouped convs"
+    ),
+    Arch(
+        "timm_dm_nfnet_micro",
+        _dm_nfnet_micro,
+        tier1=True,
+        covers="ScaledStdConv2dSame (dm_nfnet)",
+        onnx=True,
+    ),
     Arch("qat_mixed", _qat_mixed, tier1=True, covers="QAT ConvBnReLU2d / ConvBn2d / qat.Conv2d"),
-    Arch("custom_forward_net", CustomForwardNet, tier1=True, covers="unknown Conv2d subclass with its own forward"),
-    Arch("shared_conv_net", SharedConvNet, tier1=True, covers="one conv under two names", onnx=True),
-    Arch("timm_edgenext_xx_small_d1", _timm("edgenext_xx_small", depths=(1, 1, 1, 1)), tier1=True,
-         covers="parent reads conv attributes (positional encoding)", attention=True),
-    Arch("timm_xcit_nano_p16_d2", _timm("xcit_nano_12_p16_224", img_size=64, depth=2), tier1=True,
-         covers="parent reads conv attributes (positional encoding)", attention=True),
+    Arch(
+        "custom_forward_net",
+        CustomForwardNet,
+        tier1=True,
+        covers="unknown Conv2d subclass with its own forward",
+    ),
+    Arch(
+        "shared_conv_net", SharedConvNet, tier1=True, covers="one conv under two names", onnx=True
+    ),
+    Arch(
+        "timm_edgenext_xx_small_d1",
+        _timm("edgenext_xx_small", depths=(1, 1, 1, 1)),
+        tier1=True,
+        covers="parent reads conv attributes (positional encoding)",
+        attention=True,
+    ),
+    Arch(
+        "timm_xcit_nano_p16_d2",
+        _timm("xcit_nano_12_p16_224", img_size=64, depth=2),
+        tier1=True,
+        covers="parent reads conv attributes (positional encoding)",
+        attention=True,
+    ),
     # ---- full set
     Arch("timm_regnetx_002", _timm("regnetx_002")),
-    Arch("timm_tf_mobilenetv3_small_minimal_100", _timm("tf_mobilenetv3_small_minimal_100"), onnx=True),
+    Arch(
+        "timm_tf_mobilenetv3_small_minimal_100",
+        _timm("tf_mobilenetv3_small_minimal_100"),
+        onnx=True,
+    ),
     Arch("timm_edgenext_xx_small", _timm("edgenext_xx_small"), attention=True),
     Arch("timm_xcit_nano_12_p16", _timm("xcit_nano_12_p16_224", img_size=64), attention=True),
     Arch("timm_dm_nfnet_f0_d1", _dm_nfnet_d1),
@@ -297,8 +369,12 @@ def randomize_constants(model: nn.Module, seed: int = SEED) -> nn.Module:
             p.copy_(torch.rand(p.shape, generator=g, dtype=torch.float64).to(p.dtype) + 0.5)
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-            m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g, dtype=torch.float64))
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g, dtype=torch.float64) + 0.5)
+            m.running_mean.copy_(
+                0.1 * torch.randn(m.running_mean.shape, generator=g, dtype=torch.float64)
+            )
+            m.running_var.copy_(
+                torch.rand(m.running_var.shape, generator=g, dtype=torch.float64) + 0.5
+            )
     return model
 
 
@@ -352,8 +428,14 @@ def run_compress(model: nn.Module, arch: Arch, method: str, **rule: Any) -> tupl
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return compress(model, method=method, input_shape=(3, arch.size, arch.size), filter_fn=select_all,
-                        progress=False, **rule)
+        return compress(
+            model,
+            method=method,
+            input_shape=(3, arch.size, arch.size),
+            filter_fn=select_all,
+            progress=False,
+            **rule,
+        )
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -421,7 +503,14 @@ def is_depthwise(m: nn.Conv2d) -> bool:
 def supported(m: nn.Module) -> bool:
     """A conv tensorcut must be able to factorize exactly: plain Conv2d or one of timm's padding /
     weight-standardising subclasses (not depthwise, not QAT, not an unknown subclass)."""
-    known = ("Conv2d", "Conv2dSame", "StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
+    known = (
+        "Conv2d",
+        "Conv2dSame",
+        "StdConv2d",
+        "StdConv2dSame",
+        "ScaledStdConv2d",
+        "ScaledStdConv2dSame",
+    )
     if not isinstance(m, nn.Conv2d) or is_depthwise(m) or type(m).__name__ not in known:
         return False
     return type(m).__module__.split(".")[0] in ("torch", "timm") and "qat" not in type(m).__module__

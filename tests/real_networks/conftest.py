@@ -17,15 +17,18 @@ from __future__ import annotations
 from types import ModuleType
 
 import pytest
-
 from _torchvision_ops import import_model_libraries
 
 _HERE = "real_networks"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "real_tier1: real-architecture models run by `make test` (tests/real_networks)")
-    config.addinivalue_line("markers", "real_full: every real architecture; select with -m real_full (make test-real)")
+    config.addinivalue_line(
+        "markers", "real_tier1: real-architecture models run by `make test` (tests/real_networks)"
+    )
+    config.addinivalue_line(
+        "markers", "real_full: every real architecture; select with -m real_full (make test-real)"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -35,7 +38,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     keep, drop = [], []
     for item in items:
         ours = _HERE in item.path.parts
-        (drop if ours and item.get_closest_marker("real_full") and not item.get_closest_marker("real_tier1") else keep).append(item)
+        (
+            drop
+            if ours
+            and item.get_closest_marker("real_full")
+            and not item.get_closest_marker("real_tier1")
+            else keep
+        ).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

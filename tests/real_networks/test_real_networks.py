@@ -21,8 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
 from _realnet_registry import (
     ARCHS,
     QAT_TYPES,
@@ -40,6 +38,7 @@ from _realnet_registry import (
     run_compress,
     supported,
 )
+from torch import nn
 
 EXACT = 1e-8
 
@@ -50,8 +49,14 @@ pytestmark = [
 
 
 def _params(archs: list[Arch]) -> list:
-    return [pytest.param(a, id=a.id, marks=[pytest.mark.real_full] + ([pytest.mark.real_tier1] if a.tier1 else []))
-            for a in archs]
+    return [
+        pytest.param(
+            a,
+            id=a.id,
+            marks=[pytest.mark.real_full] + ([pytest.mark.real_tier1] if a.tier1 else []),
+        )
+        for a in archs
+    ]
 
 
 @pytest.fixture(autouse=True)
@@ -79,14 +84,20 @@ def _check_decisions(arch: Arch, ref: nn.Module, plan: object) -> None:
     for n, l in layers.items():
         assert l.status in ("factorize", "dense"), f"{n}: status {l.status!r}"
         if l.status == "dense":
-            assert l.reason and l.reason.strip(), f"{n} ({kinds.get(n)}) left dense without a reason"
+            assert l.reason and l.reason.strip(), (
+                f"{n} ({kinds.get(n)}) left dense without a reason"
+            )
     mods = dict(ref.named_modules())
     for n, kind in kinds.items():
         m, l = mods[n], layers[n]
         if kind in QAT_TYPES or "qat" in type(m).__module__:
             assert l.status == "dense", f"QAT module {n} ({kind}) was factorized"
         elif kind == "OddConv2d":
-            assert l.status == "dense" and l.reason == "custom forward (OddConv2d)", (n, l.status, l.reason)
+            assert l.status == "dense" and l.reason == "custom forward (OddConv2d)", (
+                n,
+                l.status,
+                l.reason,
+            )
 
 
 def _check_layer_attributes(model: nn.Module, ref: nn.Module, plan: object, exact: bool) -> None:
@@ -98,16 +109,27 @@ def _check_layer_attributes(model: nn.Module, ref: nn.Module, plan: object, exac
         if l.status != "factorize":
             continue
         layer, orig = mods[l.name], ref_mods[l.name]
-        assert is_factorized(layer), f"{l.name} planned factorize but is a {type(layer).__name__} after apply"
+        assert is_factorized(layer), (
+            f"{l.name} planned factorize but is a {type(layer).__name__} after apply"
+        )
         for attr in ("in_channels", "out_channels", "kernel_size", "stride", "dilation", "groups"):
             got, want = getattr(layer, attr), getattr(orig, attr)
-            assert tuple(torch.nn.modules.utils._pair(got)) == tuple(torch.nn.modules.utils._pair(want)), (l.name, attr, got, want)
+            assert tuple(torch.nn.modules.utils._pair(got)) == tuple(
+                torch.nn.modules.utils._pair(want)
+            ), (l.name, attr, got, want)
         assert hasattr(layer, "padding"), f"{l.name}: factorized layer has no padding attribute"
         w = layer.weight
-        assert isinstance(w, torch.Tensor) and tuple(w.shape) == tuple(orig.weight.shape), (l.name, getattr(w, "shape", w))
-        assert all(w is not p for p in layer.parameters()), f"{l.name}: weight is a stored parameter (double-counted)"
+        assert isinstance(w, torch.Tensor) and tuple(w.shape) == tuple(orig.weight.shape), (
+            l.name,
+            getattr(w, "shape", w),
+        )
+        assert all(w is not p for p in layer.parameters()), (
+            f"{l.name}: weight is a stored parameter (double-counted)"
+        )
         if exact and type(orig) is nn.Conv2d:
-            assert rel_err(w.detach(), orig.weight.detach()) < 1e-10, f"{l.name}: reconstructed weight differs"
+            assert rel_err(w.detach(), orig.weight.detach()) < 1e-10, (
+                f"{l.name}: reconstructed weight differs"
+            )
 
 
 # ============================================================================ (a) exact at full rank
@@ -128,17 +150,30 @@ def test_tucker2_full_rank_is_exact(arch: Arch) -> None:
     eligible = [l for l in plan.layers if supported(mods[l.name])]
     if eligible:
         fact = sum(l.status == "factorize" for l in eligible)
-        assert fact >= 1, (f"{arch.id}: none of {len(eligible)} supported convs factorized at full rank "
-                           f"(reasons: {sorted({l.reason for l in eligible})[:3]}); the exactness check proves nothing")
+        assert fact >= 1, (
+            f"{arch.id}: none of {len(eligible)} supported convs factorized at full rank "
+            f"(reasons: {sorted({l.reason for l in eligible})[:3]}); the exactness check proves nothing"
+        )
     for l in plan.layers:
         if l.status == "factorize" and getattr(l, "output_error", None) is not None:
-            assert l.output_error <= EXACT, f"{l.name}: output_error {l.output_error:.2e} at full rank"
+            assert l.output_error <= EXACT, (
+                f"{l.name}: output_error {l.output_error:.2e} at full rank"
+            )
     if any(type(m).__name__.endswith("Same") for m in ref.modules()):
         # TF-same padding depends on the input size: an odd size pads asymmetrically where 64 did not
-        x2 = torch.randn(2, 3, arch.size + 3, arch.size + 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+        x2 = torch.randn(
+            2,
+            3,
+            arch.size + 3,
+            arch.size + 3,
+            dtype=torch.float64,
+            generator=torch.Generator().manual_seed(5),
+        )
         with torch.no_grad():
             err2 = rel_err(model(x2), ref(x2))
-        assert err2 <= EXACT, f"{arch.id}: at {arch.size + 3}px (not the planned size) output differs by {err2:.3e}"
+        assert err2 <= EXACT, (
+            f"{arch.id}: at {arch.size + 3}px (not the planned size) output differs by {err2:.3e}"
+        )
 
 
 @pytest.mark.real_tier1
@@ -172,11 +207,25 @@ def test_calibration_batch() -> None:
     model, _, x, _ = _reference(arch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        p = make_plan(model, method="tucker2", ratio=0.7, filter_fn=lambda n, m: True, calibration=x, progress=False)
+        p = make_plan(
+            model,
+            method="tucker2",
+            ratio=0.7,
+            filter_fn=lambda n, m: True,
+            calibration=x,
+            progress=False,
+        )
         errs = [l.output_error for l in p.layers if l.status == "factorize"]
         assert errs and all(e is not None and math.isfinite(e) for e in errs)
         with pytest.raises(TensorcutError) as info:
-            make_plan(model, method="tucker2", ratio=0.7, input_shape=(3, 64, 64), calibration=x[:, :2], progress=False)
+            make_plan(
+                model,
+                method="tucker2",
+                ratio=0.7,
+                input_shape=(3, 64, 64),
+                calibration=x[:, :2],
+                progress=False,
+            )
     assert "\n" not in str(info.value)
 
 
@@ -196,29 +245,42 @@ def test_tucker2_ratio_counts_and_export(arch: Arch, tmp_path: Path) -> None:
     assert y.shape == y_ref.shape and bool(torch.isfinite(y).all())
     t = plan.totals()
     assert t["model_params_before"] == param_count(ref)
-    assert t["model_macs_before"] == units_before, f"plan MACs before {t['model_macs_before']:,} != measured {units_before:,}"
+    assert t["model_macs_before"] == units_before, (
+        f"plan MACs before {t['model_macs_before']:,} != measured {units_before:,}"
+    )
     assert t["model_params_after"] == param_count(model), (
-        f"plan params after {t['model_params_after']:,} != model's {param_count(model):,}")
+        f"plan params after {t['model_params_after']:,} != model's {param_count(model):,}"
+    )
     summ = summarize(model, shape)
-    assert t["model_macs_after"] == summ.total_macs, f"plan MACs after {t['model_macs_after']:,} != summarize {summ.total_macs:,}"
+    assert t["model_macs_after"] == summ.total_macs, (
+        f"plan MACs after {t['model_macs_after']:,} != summarize {summ.total_macs:,}"
+    )
     units, everything = measured_macs(model, x[:1])
-    assert t["model_macs_after"] == units, f"plan MACs after {t['model_macs_after']:,} != FlopCounterMode {units:,}"
+    assert t["model_macs_after"] == units, (
+        f"plan MACs after {t['model_macs_after']:,} != FlopCounterMode {units:,}"
+    )
     if not arch.attention:
-        assert everything == units, f"FLOPs outside conv/linear modules in a pure CNN: {everything:,} vs {units:,}"
+        assert everything == units, (
+            f"FLOPs outside conv/linear modules in a pure CNN: {everything:,} vs {units:,}"
+        )
     _check_decisions(arch, ref, plan)
     _check_layer_attributes(model, ref, plan, exact=False)
     for l in plan.layers:
         oe = getattr(l, "output_error", "missing")
         assert oe != "missing", "LayerPlan has no output_error"
         if l.status == "factorize":
-            assert oe is not None and math.isfinite(oe) and oe >= 0, f"{l.name}: output_error {oe!r}"
+            assert oe is not None and math.isfinite(oe) and oe >= 0, (
+                f"{l.name}: output_error {oe!r}"
+            )
         else:
             assert oe is None, f"dense layer {l.name} has output_error {oe!r}"
     if arch.onnx:
         _check_onnx(model, shape, x, tmp_path)
 
 
-def _check_onnx(model: nn.Module, shape: tuple[int, int, int], x: torch.Tensor, tmp_path: Path) -> None:
+def _check_onnx(
+    model: nn.Module, shape: tuple[int, int, int], x: torch.Tensor, tmp_path: Path
+) -> None:
     """tensorcut's export (checked against onnxruntime by export_model) and our own comparison on ``x``."""
     ort = pytest.importorskip("onnxruntime")
     from tensorcut.export import export_model
@@ -232,13 +294,22 @@ def _check_onnx(model: nn.Module, shape: tuple[int, int, int], x: torch.Tensor, 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x32.numpy()})[0])
     # float32 through a few dozen layers: ~1e-6 relative; 1e-4 leaves room, a wrong graph is O(1)
-    assert rel_err(got, ref) < 1e-4, f"ONNX differs from PyTorch by {rel_err(got, ref):.2e} relative"
+    assert rel_err(got, ref) < 1e-4, (
+        f"ONNX differs from PyTorch by {rel_err(got, ref):.2e} relative"
+    )
 
 
 # ============================================================================ (c) other methods
 
-OTHER = ["shared_conv_net", "custom_forward_net", "timm_test_nfnet", "timm_dm_nfnet_micro", "timm_test_resnet",
-         "timm_test_efficientnet_same", "timm_resnetv2_bit_same_micro"]
+OTHER = [
+    "shared_conv_net",
+    "custom_forward_net",
+    "timm_test_nfnet",
+    "timm_dm_nfnet_micro",
+    "timm_test_resnet",
+    "timm_test_efficientnet_same",
+    "timm_resnetv2_bit_same_micro",
+]
 OTHER_TIER1 = {"shared_conv_net", "custom_forward_net"}
 
 
@@ -246,7 +317,9 @@ def _other_params() -> list:
     out = []
     for aid in OTHER:
         for method, rule in (("tt", "full"), ("tucker", "full"), ("cp", 0.7), ("tr", 0.7)):
-            marks = [pytest.mark.real_full] + ([pytest.mark.real_tier1] if aid in OTHER_TIER1 else [])
+            marks = [pytest.mark.real_full] + (
+                [pytest.mark.real_tier1] if aid in OTHER_TIER1 else []
+            )
             out.append(pytest.param(aid, method, rule, id=f"{aid}-{method}-{rule}", marks=marks))
     return out
 
@@ -268,7 +341,9 @@ def test_other_methods(arch_id: str, method: str, rule: object) -> None:
         for l in plan.layers:
             if l.status == "factorize":
                 oe = getattr(l, "output_error", None)
-                assert oe is not None and math.isfinite(oe), f"{l.name}: {method} output_error {oe!r} not recorded"
+                assert oe is not None and math.isfinite(oe), (
+                    f"{l.name}: {method} output_error {oe!r} not recorded"
+                )
     assert plan.totals()["model_params_after"] == param_count(model)
 
 
@@ -281,6 +356,8 @@ def test_missing_model_zoo_skips_with_install_command(monkeypatch: pytest.Monkey
     import _torchvision_ops
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "timm" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "timm" else real(name, *a)
+    )
     with pytest.raises(pytest.skip.Exception, match="pip install --no-deps timm torchvision"):
         _torchvision_ops.import_model_libraries()

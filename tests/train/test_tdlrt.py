@@ -33,8 +33,14 @@ except ImportError:  # the layer module is written in parallel; test against its
             self.geometry = geometry
             r_out, r_in = ranks
             self.first = nn.Conv2d(geometry.in_channels, r_in, 1, bias=False)
-            self.core = nn.Conv2d(r_in, r_out, geometry.kernel_size, stride=geometry.stride,
-                                  dilation=geometry.dilation, bias=False)
+            self.core = nn.Conv2d(
+                r_in,
+                r_out,
+                geometry.kernel_size,
+                stride=geometry.stride,
+                dilation=geometry.dilation,
+                bias=False,
+            )
             self.last = nn.Conv2d(r_out, geometry.out_channels, 1, bias=geometry.bias)
 
         @property
@@ -42,11 +48,15 @@ except ImportError:  # the layer module is written in parallel; test against its
             return (int(self.core.weight.shape[0]), int(self.core.weight.shape[1]))
 
         def reconstruct_weight(self) -> torch.Tensor:
-            return torch.einsum("oa,abhw,ib->oihw", self.last.weight[:, :, 0, 0], self.core.weight,
-                                self.first.weight[:, :, 0, 0])
+            return torch.einsum(
+                "oa,abhw,ib->oihw",
+                self.last.weight[:, :, 0, 0],
+                self.core.weight,
+                self.first.weight[:, :, 0, 0],
+            )
 
         @classmethod
-        def from_config(cls, cfg: dict[str, Any]) -> "_Tucker":
+        def from_config(cls, cfg: dict[str, Any]) -> _Tucker:
             return cls(ConvGeometry.from_dict(cfg["geometry"]), tuple(cfg["ranks"]))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,12 +89,20 @@ def _net(c: int = 6, width: int = 12, classes: int = 3, bn: bool = True) -> nn.S
     layers += [nn.BatchNorm2d(width)] if bn else []
     layers += [nn.ReLU(), nn.Conv2d(width, width, 3, padding=1, bias=False)]
     layers += [nn.BatchNorm2d(width)] if bn else []
-    layers += [nn.ReLU(), nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
-               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, classes)]
+    layers += [
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, classes),
+    ]
     return nn.Sequential(*layers)
 
 
-def _blobs(n: int = 96, c: int = 6, hw: int = 6, classes: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _blobs(
+    n: int = 96, c: int = 6, hw: int = 6, classes: int = 3, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     protos = torch.randn(classes, c, hw, hw, generator=g)
     y = torch.randint(0, classes, (n,), generator=g)
@@ -109,7 +127,12 @@ def _check_invariants(opt: TDLRTOptimizer, rmin: int, rmax: int | None) -> None:
 def test_augment_basis_keeps_old_basis_and_is_orthonormal() -> None:
     torch.manual_seed(0)
     U = torch.linalg.qr(torch.randn(10, 3)).Q
-    for D, r_aug in ((torch.randn(10, 3), 6), (torch.randn(10, 3), 5), (torch.zeros(10, 3), 6), (U @ torch.randn(3, 3), 6)):
+    for D, r_aug in (
+        (torch.randn(10, 3), 6),
+        (torch.randn(10, 3), 5),
+        (torch.zeros(10, 3), 6),
+        (U @ torch.randn(3, 3), 6),
+    ):
         Q = augment_basis(U, D, r_aug)
         assert Q.shape == (10, r_aug)
         assert orthonormality_error(Q) < 1e-5
@@ -149,8 +172,12 @@ def test_tuckerize_pretrained_full_rank_is_exact_and_skips_first() -> None:
 def test_tuckerize_scratch_ranks_filter_and_existing_layers() -> None:
     torch.manual_seed(0)
     net = _net()
-    tuckerize(net, from_pretrained=False, rmin=2, rmax=5, filter=lambda name, conv: conv.stride == (1, 1))
-    assert tdlrt.is_tucker_layer(net[3]) and isinstance(net[6], nn.Conv2d)  # stride-2 conv filtered out
+    tuckerize(
+        net, from_pretrained=False, rmin=2, rmax=5, filter=lambda name, conv: conv.stride == (1, 1)
+    )
+    assert tdlrt.is_tucker_layer(net[3]) and isinstance(
+        net[6], nn.Conv2d
+    )  # stride-2 conv filtered out
     assert net[3].core.weight.shape[:2] == (5, 5)  # ceil(12/2) = 6, capped at rmax = 5
     assert orthonormality_error(tdlrt._factors(net[3])[0]) < 1e-5
     # an existing Tucker layer with non-orthonormal factors is normalised exactly, then truncated
@@ -166,7 +193,9 @@ def test_tuckerize_scratch_ranks_filter_and_existing_layers() -> None:
     assert torch.allclose(layer(x), before, atol=1e-4)
     tuckerize(net, init_rank=3, rmin=2)
     assert layer.core.weight.shape[:2] == (3, 3)
-    other = tuckerize(_net(), init_rank={"3": (4, 2), "6": 5}, rmin=1)  # per-layer ranks, e.g. another run's
+    other = tuckerize(
+        _net(), init_rank={"3": (4, 2), "6": 5}, rmin=1
+    )  # per-layer ranks, e.g. another run's
     assert other[3].core.weight.shape[:2] == (4, 2) and other[6].core.weight.shape[:2] == (5, 5)
 
 
@@ -174,8 +203,13 @@ def test_bad_input_is_reported() -> None:
     with pytest.raises(TensorcutError, match="no Tucker layers"):
         TDLRTOptimizer(_net(), 0.1)
     net = tuckerize(_net())
-    for kwargs in ({"tau": -0.1}, {"tau": 1.5}, {"tau": 0.1, "rmin": 0}, {"tau": 0.1, "rmin": 4, "rmax": 3},
-                   {"tau": 0.1, "base": "lbfgs"}):
+    for kwargs in (
+        {"tau": -0.1},
+        {"tau": 1.5},
+        {"tau": 0.1, "rmin": 0},
+        {"tau": 0.1, "rmin": 4, "rmax": 3},
+        {"tau": 0.1, "base": "lbfgs"},
+    ):
         with pytest.raises(TensorcutError):
             TDLRTOptimizer(net, **kwargs)
     opt = TDLRTOptimizer(net, 0.1)
@@ -186,7 +220,9 @@ def test_bad_input_is_reported() -> None:
 # ---------------------------------------------------------------------------- the integrator
 
 
-@pytest.mark.parametrize(("base", "tau"), [("sgd", 0.0), ("adam", 0.0), ("sgd", 0.6), ("adam", 0.6)])
+@pytest.mark.parametrize(
+    ("base", "tau"), [("sgd", 0.0), ("adam", 0.0), ("sgd", 0.6), ("adam", 0.6)]
+)
 def test_invariants_hold_after_every_step(base: str, tau: float) -> None:
     torch.manual_seed(1)
     net = tuckerize(_net(), from_pretrained=False, init_rank=3, rmin=2, rmax=7)
@@ -194,7 +230,7 @@ def test_invariants_hold_after_every_step(base: str, tau: float) -> None:
     opt = TDLRTOptimizer(net, tau, rmin=2, rmax=7, base=base, lr=0.05 if base == "sgd" else 0.01)
     seen = set()
     for i in range(12):
-        xb, yb = x[i % 3 * 32:(i % 3 + 1) * 32], y[i % 3 * 32:(i % 3 + 1) * 32]
+        xb, yb = x[i % 3 * 32 : (i % 3 + 1) * 32], y[i % 3 * 32 : (i % 3 + 1) * 32]
         opt.step(lambda: _ce_backward(net, xb, yb))
         _check_invariants(opt, 2, 7)
         for layer in opt.layers.values():  # the core's optimiser state follows its shape
@@ -219,17 +255,25 @@ def _ce_backward(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tens
     return loss
 
 
-def _single_layer_problem(r: int, n: int = 6, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+def _single_layer_problem(
+    r: int, n: int = 6, seed: int = 0
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(seed)
     conv = nn.Conv2d(n, n, 3, padding=1)
-    layer = tdlrt._build_layer(conv, torch.linalg.qr(torch.randn(n, r)).Q, torch.randn(r, r, 3, 3) * 0.3,
-                               torch.linalg.qr(torch.randn(n, r)).Q)
+    layer = tdlrt._build_layer(
+        conv,
+        torch.linalg.qr(torch.randn(n, r)).Q,
+        torch.randn(r, r, 3, 3) * 0.3,
+        torch.linalg.qr(torch.randn(n, r)).Q,
+    )
     x = torch.randn(8, n, 5, 5)
     target = torch.randn(8, n, 5, 5)
     return layer, x, target
 
 
-def _dense_loss_and_grad(layer: nn.Module, W: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> tuple[float, torch.Tensor]:
+def _dense_loss_and_grad(
+    layer: nn.Module, W: torch.Tensor, x: torch.Tensor, t: torch.Tensor
+) -> tuple[float, torch.Tensor]:
     W = W.detach().clone().requires_grad_(True)
     out = F.conv2d(explicit_pad(x, layer.geometry), W, layer.last.bias.detach())
     loss = 0.5 * (out - t).pow(2).mean()
@@ -288,8 +332,12 @@ def test_projected_step_contains_the_tangent_direction() -> None:
     core_part = torch.einsum("po,oihw,iq->pqhw", Qo, G, Qi)
     Go = torch.einsum("oihw,ib,abhw->oa", G, U_in0, C0)  # dL/dU_out
     Gi = torch.einsum("oihw,oa,abhw->ib", G, U_out0, C0)  # dL/dU_in
-    out_part = torch.einsum("oa,abhw,ib->oihw", (torch.eye(8) - Qo) @ Go @ torch.linalg.pinv(_gram(C0, 0)), C0, U_in0)
-    in_part = torch.einsum("oa,abhw,ib->oihw", U_out0, C0, (torch.eye(8) - Qi) @ Gi @ torch.linalg.pinv(_gram(C0, 1)))
+    out_part = torch.einsum(
+        "oa,abhw,ib->oihw", (torch.eye(8) - Qo) @ Go @ torch.linalg.pinv(_gram(C0, 0)), C0, U_in0
+    )
+    in_part = torch.einsum(
+        "oa,abhw,ib->oihw", U_out0, C0, (torch.eye(8) - Qi) @ Gi @ torch.linalg.pinv(_gram(C0, 1))
+    )
     for part in (core_part, out_part, in_part):
         projected = torch.einsum("po,oihw,iq->pqhw", Po, part, Pi)
         assert torch.allclose(projected, part, atol=1e-5)
@@ -329,7 +377,7 @@ def test_loss_decreases_on_synthetic_task_and_ranks_shrink() -> None:
     first, last = [], []
     for step in range(300):
         i = step % 6
-        xb, yb = x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)]
+        xb, yb = x[16 * i : 16 * (i + 1)], y[16 * i : 16 * (i + 1)]
         loss = float(opt.step(lambda: _ce_backward(net, xb, yb)))
         (first if step < 6 else last).append(loss)
         last = last[-6:]
@@ -353,7 +401,9 @@ def test_state_dict_roundtrip_rebuilds_identical_model(tmp_path: Any) -> None:
     net.eval()
     configs = {name: m.config() for name, m in net.named_modules() if tdlrt.is_tucker_layer(m)}
     assert all(list(c["ranks"]) == list(opt.ranks()[n]) for n, c in configs.items())
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "w.safetensors")
+    )
     fresh = _net()
     for name, cfg in configs.items():
         tdlrt._set_submodule(fresh, name, type(net.get_submodule(name)).from_config(cfg))
@@ -373,7 +423,9 @@ def test_io_save_load_after_tdlrt(tmp_path: Any) -> None:
     x = torch.randn(16, 1, 16, 16)
     y = torch.randint(0, 3, (16,))
     hist = train_tdlrt(net, [(x, y)], [(x, y)], tau=0.2, epochs=2, lr=0.02, device="cpu")
-    tio.save(net, tmp_path / "ck", {"model": {"name": "vanilla-cnn", "kwargs": kw}, "history": hist})
+    tio.save(
+        net, tmp_path / "ck", {"model": {"name": "vanilla-cnn", "kwargs": kw}, "history": hist}
+    )
     back = tio.load(tmp_path / "ck")
     assert torch.equal(back(x), net.eval()(x))
 
@@ -384,33 +436,114 @@ def test_train_tdlrt_logs_ranks_and_compression() -> None:
     x, y = _blobs(64)
     loader = [(x[:32], y[:32]), (x[32:], y[32:])]
     rows: list[dict[str, Any]] = []
-    hist = train_tdlrt(net, loader, loader, tau=0.3, init_rank=4, rmin=2, epochs=2, optimizer="adam", lr=0.01,
-                       scheduler="cosine", from_pretrained=False, device="cpu", log=rows.append)
+    hist = train_tdlrt(
+        net,
+        loader,
+        loader,
+        tau=0.3,
+        init_rank=4,
+        rmin=2,
+        epochs=2,
+        optimizer="adam",
+        lr=0.01,
+        scheduler="cosine",
+        from_pretrained=False,
+        device="cpu",
+        log=rows.append,
+    )
     assert hist == rows and len(hist) == 2
     row = hist[-1]
     assert set(row["ranks"]) == {"3", "6"}
-    assert row["conv_dense_params"] > 0 and row["conv_cr"] == pytest.approx(row["conv_dense_params"] / row["conv_params"])
+    assert row["conv_dense_params"] > 0 and row["conv_cr"] == pytest.approx(
+        row["conv_dense_params"] / row["conv_params"]
+    )
     assert math.isfinite(row["val_loss"]) and 0 <= row["val_top1"] <= 1
     rep = rank_report(net)
     assert rep["layers"]["3"]["ranks"] == row["ranks"]["3"]
 
 
 @pytest.mark.skipif(not REAL_LAYER, reason="needs tensorcut.layers.tucker")
-def test_cli_train_method_tdlrt_from_scratch_and_from_checkpoint(tmp_path: Any, capsys: pytest.CaptureFixture) -> None:
+def test_cli_train_method_tdlrt_from_scratch_and_from_checkpoint(
+    tmp_path: Any, capsys: pytest.CaptureFixture
+) -> None:
     from tensorcut import io as tio
     from tensorcut.cli import main
 
-    common = ["--dataset", "digits", "--subset", "200", "--epochs", "1", "--width", "0.125", "--optimizer", "sgd",
-              "--lr", "0.05", "--device", "cpu"]
+    common = [
+        "--dataset",
+        "digits",
+        "--subset",
+        "200",
+        "--epochs",
+        "1",
+        "--width",
+        "0.125",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.05",
+        "--device",
+        "cpu",
+    ]
     assert main(["train", "--model", "vanilla-cnn", *common, "--out", str(tmp_path / "d")]) == 0
-    assert main(["train", "--model", "vanilla-cnn", *common, "--method", "tdlrt", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "vanilla-cnn",
+                *common,
+                "--method",
+                "tdlrt",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "--tau" in capsys.readouterr().err
-    assert main(["train", "--model", "vanilla-cnn", *common, "--method", "tdlrt", "--tau", "0.2", "--init-rank", "4",
-                 "--rmax", "6", "--out", str(tmp_path / "s")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "vanilla-cnn",
+                *common,
+                "--method",
+                "tdlrt",
+                "--tau",
+                "0.2",
+                "--init-rank",
+                "4",
+                "--rmax",
+                "6",
+                "--out",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 0
+    )
     ck = tio.load_checkpoint(tmp_path / "s")
     assert ck.meta["tdlrt"]["tau"] == 0.2 and ck.meta["recipe"]["method"] == "tdlrt"
     assert all(2 <= r <= 6 for rr in ck.meta["tdlrt"]["final_ranks"].values() for r in rr)
-    assert main(["train", "--model", "vanilla-cnn", *common, "--method", "tdlrt", "--tau", "0.1",
-                 "--init-from", str(tmp_path / "d"), "--out", str(tmp_path / "p")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "vanilla-cnn",
+                *common,
+                "--method",
+                "tdlrt",
+                "--tau",
+                "0.1",
+                "--init-from",
+                str(tmp_path / "d"),
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 0
+    )
     back = tio.load(tmp_path / "p")
     assert any(tdlrt.is_tucker_layer(m) for m in back.modules())

@@ -54,17 +54,35 @@ from typing import Any
 
 import pytest
 import torch
+from ddp_util import (
+    clear_winners,
+    join_as_rank,
+    rel_diff,
+    spawn_ranks,
+    spy_writes,
+    sum_order_tolerance,
+    torchrun,
+)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ddp_util import clear_winners, join_as_rank, rel_diff, spawn_ranks, spy_writes, sum_order_tolerance, torchrun
 from tensorcut import distributed as tdist
 from tensorcut.train import tdlrt
 from tensorcut.train.tdlrt import TDLRTOptimizer, train_tdlrt, tuckerize
 
 # HOSVD start at full rank (8, 8) / (12, 8); tau prunes both Tucker layers (to (5, 5) / (4, 5))
-RUN = dict(tau=0.3, rmin=2, epochs=2, optimizer="adam", lr=0.05, scheduler="cosine", from_pretrained=True,
-           grad_clip=5.0, device="cpu", seed=3)
+RUN = dict(
+    tau=0.3,
+    rmin=2,
+    epochs=2,
+    optimizer="adam",
+    lr=0.05,
+    scheduler="cosine",
+    from_pretrained=True,
+    grad_clip=5.0,
+    device="cpu",
+    seed=3,
+)
 
 STEPS = RUN["epochs"] * 64 // 16
 # 2.7e-4; the longest reduction whose order differs: the first conv's weight gradient, batch 16 x 6 x 6 positions
@@ -73,10 +91,18 @@ TOL = sum_order_tolerance(16 * 6 * 6, STEPS)
 
 def _net(bn: bool = False) -> nn.Module:
     torch.manual_seed(123)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(),
-                         nn.Conv2d(8, 8, 3, padding=1), *([nn.BatchNorm2d(8)] if bn else []), nn.SiLU(),
-                         nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.SiLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 4))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.SiLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        *([nn.BatchNorm2d(8)] if bn else []),
+        nn.SiLU(),
+        nn.Conv2d(8, 12, 3, stride=2, padding=1),
+        nn.SiLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(12, 4),
+    )
 
 
 def _data() -> tuple[DataLoader, DataLoader]:
@@ -85,7 +111,9 @@ def _data() -> tuple[DataLoader, DataLoader]:
     y = torch.randint(0, 4, (64,), generator=g)
     x = protos[y] + 0.7 * torch.randn(64, 3, 6, 6, generator=g)
     tr = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
-    va = DataLoader(TensorDataset(x[:27], y[:27]), batch_size=10)  # 27: ranks hold 14 and 13 samples
+    va = DataLoader(
+        TensorDataset(x[:27], y[:27]), batch_size=10
+    )  # 27: ranks hold 14 and 13 samples
     return tr, va
 
 
@@ -110,7 +138,9 @@ def _record_decisions() -> list[tuple[int, float]]:
         r = real(sigma, tol, lo, hi)
         tails = torch.flip(torch.cumsum(torch.flip(sigma.double() ** 2, [0]), 0), [0]).sqrt()
         near = tails[lo:hi]  # the comparisons tails[j] < tol, lo <= j < hi, decide r
-        decisions.append((r, float(((near - tol).abs() / tol).min()) if near.numel() and tol > 0 else math.inf))
+        decisions.append(
+            (r, float(((near - tol).abs() / tol).min()) if near.numel() and tol > 0 else math.inf)
+        )
         return r
 
     tdlrt.truncation_rank = spy  # type: ignore[assignment]
@@ -170,8 +200,19 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
         # C: the verb, writing its checkpoint from rank 0 only
         writes.clear()
-        ck = train_tdlrt_checkpoint("vanilla-cnn", "synthetic", Path(out) / "ck", tau=0.2, init_rank=3, epochs=1,
-                                    width=0.125, batch_size=32, subset=64, device="cpu", progress=False)
+        ck = train_tdlrt_checkpoint(
+            "vanilla-cnn",
+            "synthetic",
+            Path(out) / "ck",
+            tau=0.2,
+            init_rank=3,
+            epochs=1,
+            width=0.125,
+            batch_size=32,
+            subset=64,
+            device="cpu",
+            progress=False,
+        )
         report["verb_writes"] = list(writes)
         report["verb_test"] = ck.meta["metrics"]["test"]
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(report))
@@ -179,18 +220,23 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         tdist.cleanup()
 
 
-def test_two_ranks_stay_identical_and_match_one_process(tmp_path: Path, one_thread: None,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_ranks_stay_identical_and_match_one_process(
+    tmp_path: Path, one_thread: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert spawn_ranks(_worker, tmp_path) == [0, 0]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
 
     # A: identical on both ranks, bitwise, without any repair
     a0, a1 = (torch.load(tmp_path / f"A{r}.pt", weights_only=True) for r in (0, 1))
     assert a0.keys() == a1.keys() and all(torch.equal(a0[k], a1[k]) for k in a0)
-    untimed = [[{k: v for k, v in row.items() if k != "seconds"} for row in r["history"]] for r in (r0, r1)]
+    untimed = [
+        [{k: v for k, v in row.items() if k != "seconds"} for row in r["history"]] for r in (r0, r1)
+    ]
     assert untimed[0] == untimed[1]  # reduced metrics, same ranks, same lr on every rank
     assert r0["decisions"] == r1["decisions"]  # every truncation decided alike
-    assert len(r0["checks"]) == 1 + STEPS and all(r0["checks"]) and all(r1["checks"])  # construction + every step
+    assert (
+        len(r0["checks"]) == 1 + STEPS and all(r0["checks"]) and all(r1["checks"])
+    )  # construction + every step
     assert r0["history"][-1]["val_loss"] < r0["history"][0]["val_loss"]  # it trained ...
     final = r0["history"][-1]["ranks"]
     assert sum(final["2"]) < 8 + 8 and sum(final["4"]) < 12 + 8  # ... and pruned both layers
@@ -200,12 +246,18 @@ def test_two_ranks_stay_identical_and_match_one_process(tmp_path: Path, one_thre
     decisions = _record_decisions()
     single = _net()
     tr, va = _data()
-    same_order = tdist.shard_train_loader(tr, tdist.DistContext(), seed=RUN["seed"])  # the DistributedSampler's shuffle
+    same_order = tdist.shard_train_loader(
+        tr, tdist.DistContext(), seed=RUN["seed"]
+    )  # the DistributedSampler's shuffle
     hist = train_tdlrt(single, same_order, va, **RUN, distributed=False)
     ddp_decisions = [(int(r), float(m)) for r, m in r0["decisions"]]
     flip = _first_flip(decisions, ddp_decisions)
     if flip is not None:  # legitimate only on a tie within rounding; then the trajectories part
-        assert min(decisions[flip][1], ddp_decisions[flip][1]) <= TOL, (flip, decisions[flip], ddp_decisions[flip])
+        assert min(decisions[flip][1], ddp_decisions[flip][1]) <= TOL, (
+            flip,
+            decisions[flip],
+            ddp_decisions[flip],
+        )
         return
     for a, b in zip(hist, r0["history"]):
         assert a["ranks"] == b["ranks"]
@@ -238,7 +290,9 @@ def test_two_ranks_stay_identical_and_match_one_process(tmp_path: Path, one_thre
     assert r0["repaired"] and r1["repaired"] and r0["bn_ranks"] == r1["bn_ranks"]
 
     # C: one checkpoint, written by rank 0 alone, with metrics reduced over the ranks
-    assert r1["verb_writes"] == [] and r0["verb_writes"].count("meta.json") == 2  # after the epoch, and at the end
+    assert (
+        r1["verb_writes"] == [] and r0["verb_writes"].count("meta.json") == 2
+    )  # after the epoch, and at the end
     assert r0["verb_test"] == r1["verb_test"] and r0["verb_test"]["n"] == 200
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["meta.json", "model.safetensors"]
 
@@ -246,12 +300,39 @@ def test_two_ranks_stay_identical_and_match_one_process(tmp_path: Path, one_thre
 def test_torchrun_cli_train_method_tdlrt(tmp_path: Path) -> None:
     """The documented command: `torchrun --nproc_per_node=2 -m tensorcut train --method tdlrt ...` on CPU."""
     out = tmp_path / "ck"
-    r = torchrun(["train", "--model", "vanilla-cnn", "--width", "0.125",
-           "--dataset", "synthetic", "--subset", "64", "--epochs", "1", "--batch-size", "32", "--method", "tdlrt",
-           "--tau", "0.2", "--init-rank", "3", "--device", "cpu", "--out", str(out)], tmp_path)
+    r = torchrun(
+        [
+            "train",
+            "--model",
+            "vanilla-cnn",
+            "--width",
+            "0.125",
+            "--dataset",
+            "synthetic",
+            "--subset",
+            "64",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--method",
+            "tdlrt",
+            "--tau",
+            "0.2",
+            "--init-rank",
+            "3",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("epoch 1:") == 1  # progress from rank 0 only
-    assert r.stdout.count("test: loss") == 1 and r.stdout.count("checkpoint:") == 1  # rank 0 alone prints
+    assert (
+        r.stdout.count("test: loss") == 1 and r.stdout.count("checkpoint:") == 1
+    )  # rank 0 alone prints
     from tensorcut import io as tio
 
     ck = tio.load_checkpoint(out)

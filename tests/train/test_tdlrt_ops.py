@@ -35,12 +35,19 @@ def test_rotation_keeps_first_moment_within_second() -> None:
     """m = [a, -a], v = [a^2, a^2], turned by 45 degrees: the signed rule gives v' = [2a^2, 0] with m' = [0, sqrt2 a]."""
     a = 0.3
     c = math.sqrt(0.5)
-    M = torch.tensor([[c, c], [-c, c]], dtype=torch.float64)  # rotation, as a truncation's P^T may be
-    state = {"exp_avg": torch.tensor([[a, -a]], dtype=torch.float64).reshape(1, 2),
-             "exp_avg_sq": torch.full((1, 2), a * a, dtype=torch.float64), "step": torch.tensor(3.0)}
+    M = torch.tensor(
+        [[c, c], [-c, c]], dtype=torch.float64
+    )  # rotation, as a truncation's P^T may be
+    state = {
+        "exp_avg": torch.tensor([[a, -a]], dtype=torch.float64).reshape(1, 2),
+        "exp_avg_sq": torch.full((1, 2), a * a, dtype=torch.float64),
+        "step": torch.tensor(3.0),
+    }
     transport_state(state, (1, 2), [(1, M)])
     m, v = state["exp_avg"], state["exp_avg_sq"]
-    assert torch.allclose(m, galerkin_core(torch.tensor([[a, -a]], dtype=torch.float64), [(1, M)]))  # exact, linear
+    assert torch.allclose(
+        m, galerkin_core(torch.tensor([[a, -a]], dtype=torch.float64), [(1, M)])
+    )  # exact, linear
     assert bool((m.abs() <= v.sqrt() * (1 + 8 * U64)).all()), (m, v)
     assert float(state["step"]) == 3.0
 
@@ -59,8 +66,10 @@ def test_random_changes_of_basis_keep_the_bound(seed: int) -> None:
         maps.append((mode, Q[:, :r]))  # augmentation: old basis -> a rotated, larger one
     transport_state(state, shape, maps)
     new_shape = tuple(state["exp_avg"].shape)
-    maps = [(mode, torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q[:, :r].mT)
-            for mode, n, r in ((0, 10, 6), (1, 8, 3))]  # truncation: P^T, (kept, n)
+    maps = [
+        (mode, torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q[:, :r].mT)
+        for mode, n, r in ((0, 10, 6), (1, 8, 3))
+    ]  # truncation: P^T, (kept, n)
     transport_state(state, new_shape, maps)
     m2, v2 = state["exp_avg"], state["exp_avg_sq"]
     # each entry is a sum of at most 10 * 8 products: relative rounding below 100 u
@@ -76,17 +85,30 @@ def test_signed_permutations_transport_exactly() -> None:
     state = {"exp_avg": m.clone(), "exp_avg_sq": v.clone()}
     transport_state(state, v.shape, [(0, Pm)])
     perm = [1, 2, 0]
-    assert torch.allclose(state["exp_avg_sq"], v[perm], rtol=4 * U64, atol=0)  # sqrt, then square: 2 roundings
-    assert torch.equal(state["exp_avg"], m[perm] * torch.tensor([-1.0, 1.0, -1.0], dtype=torch.float64)[:, None, None, None])
+    assert torch.allclose(
+        state["exp_avg_sq"], v[perm], rtol=4 * U64, atol=0
+    )  # sqrt, then square: 2 roundings
+    assert torch.equal(
+        state["exp_avg"],
+        m[perm] * torch.tensor([-1.0, 1.0, -1.0], dtype=torch.float64)[:, None, None, None],
+    )
 
 
 def test_adam_training_keeps_its_step_bound_through_truncations() -> None:
     """TDLRT with Adam on a small network, pruning as it goes: after every step every core entry has
     ``|m| <= c sqrt(v)`` (float32 state: relative slack 1e-4, a few hundred float32 roundings)."""
     torch.manual_seed(123)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                        nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                        nn.Linear(12, 4))
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 12, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(12, 4),
+    )
     tuckerize(net)
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(64, 3, 6, 6, generator=g), torch.randint(0, 4, (64,), generator=g)
@@ -95,7 +117,7 @@ def test_adam_training_keeps_its_step_bound_through_truncations() -> None:
     c = _adam_bound(b1, b2)
     ranks = []
     for i in range(8):
-        xb, yb = x[i % 4 * 16:(i % 4 + 1) * 16], y[i % 4 * 16:(i % 4 + 1) * 16]
+        xb, yb = x[i % 4 * 16 : (i % 4 + 1) * 16], y[i % 4 * 16 : (i % 4 + 1) * 16]
 
         def closure() -> torch.Tensor:
             loss = F.cross_entropy(net(xb), yb)
@@ -108,5 +130,7 @@ def test_adam_training_keeps_its_step_bound_through_truncations() -> None:
             st = opt.base.state[layer.core.weight]
             m, v = st["exp_avg"].double(), st["exp_avg_sq"].double()
             excess = float((m.abs() - c * v.sqrt() * (1 + 1e-4)).max())
-            assert excess <= 0.0, f"step {i + 1}, layer {name}: |m| exceeds {c:.3f} sqrt(v) by {excess:.3g}"
+            assert excess <= 0.0, (
+                f"step {i + 1}, layer {name}: |m| exceeds {c:.3f} sqrt(v) by {excess:.3g}"
+            )
     assert ranks[-1] != ranks[0]  # the truncations (rotations) did happen
