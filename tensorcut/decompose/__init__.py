@@ -16,6 +16,8 @@ from tensorcut.decompose.tucker import (
 __all__ = [
     "CPResult",
     "RankClampWarning",
+    "TRCandidate",
+    "TRResult",
     "TuckerResult",
     "clamp_rank",
     "cp_als",
@@ -26,6 +28,9 @@ __all__ = [
     "khatri_rao",
     "mode_dot",
     "rank_from_spectrum",
+    "rsdtr",
+    "tr_svd",
+    "tr_to_tensor",
     "truncated_svd",
     "tt_max_ranks",
     "tt_svd",

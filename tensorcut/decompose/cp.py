@@ -40,7 +40,10 @@ __all__ = ["CPResult", "cp_als", "cp_max_rank", "cp_to_tensor", "khatri_rao"]
 
 @dataclass
 class CPResult:
-    """Result of :func:`cp_als`: weights ``(R,)`` (sorted, descending), unit-norm factors ``(n_k, R)``."""
+    """Result of :func:`cp_als`.
+
+    Weights ``(R,)`` (sorted, descending) and unit-norm factors ``(n_k, R)``.
+    """
 
     weights: torch.Tensor
     factors: list[torch.Tensor]
@@ -78,7 +81,10 @@ def cp_max_rank(shape: Sequence[int]) -> int:
 
 
 def _best_split(shape: Sequence[int]) -> tuple[list[int], int]:
-    """Mode order ``perm`` and split ``h`` (modes ``perm[:h] | perm[h:]``) minimising ``prod + prod``."""
+    """Mode order ``perm`` and split ``h`` minimising ``prod + prod``.
+
+    The two groups are the modes ``perm[:h] | perm[h:]``.
+    """
     N = len(shape)
     best: tuple[int, list[int], int] | None = None
     for h in range(1, N // 2 + 1):
@@ -143,7 +149,10 @@ def _sorted(res: CPResult) -> CPResult:
 
 
 def _contract(Y: torch.Tensor, mats: Sequence[torch.Tensor], n: int) -> torch.Tensor:
-    """MTTKRP for mode ``n`` of a group: contract ``Y (n_1, .., n_k, R)`` with the group's other factors."""
+    """MTTKRP for mode ``n`` of a group.
+
+    Contracts ``Y (n_1, .., n_k, R)`` with the group's other factors.
+    """
     letters = "abcdefghijklmnopqstuvwxyz"
     k = len(mats)
     if k == 1:
@@ -169,7 +178,10 @@ def _solve(V: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 def _init_factors(
     T: torch.Tensor, rank: int, init: str, seed: int, skip: int
 ) -> list[torch.Tensor]:
-    """Initial factors: leading left singular vectors of each unfolding (padded randomly), or Gaussian."""
+    """Initial factors: Gaussian, or with ``init="svd"`` the leading left singular vectors.
+
+    The singular vectors are those of each unfolding, padded randomly.
+    """
     factors = []
     for m in range(T.ndim):
         G = gaussian((T.shape[m], rank), seed=seed * 1000 + m, like=T)
@@ -194,7 +206,10 @@ def _run(
     max_norm_ratio: float,
     norm2: float,
 ) -> tuple[torch.Tensor, list[torch.Tensor], int, bool, str]:
-    """ALS sweeps on the permuted matrix view ``Tm``; returns weights, factors, iterations, converged, message."""
+    """ALS sweeps on the permuted matrix view ``Tm``.
+
+    Returns weights, factors, iterations, whether it converged, and a message.
+    """
     N, R = len(factors), factors[0].shape[1]
     eye = torch.eye(R, dtype=Tm.dtype, device=Tm.device)
     reg_eye = reg * eye

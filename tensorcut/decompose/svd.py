@@ -55,7 +55,9 @@ def clamp_rank(requested: int, maximum: int, *, name: str = "rank") -> int:
 
 @contextlib.contextmanager
 def small_lapack(t: torch.Tensor, limit: int | None = 1 << 16) -> Iterator[None]:
-    """Run a LAPACK call on a small CPU tensor (``numel <= limit``; ``None``: any size) on one thread.
+    """Run a LAPACK call on a small CPU tensor on one thread.
+
+    Small means ``numel <= limit`` (``None``: any size).
 
     Small factorizations gain nothing from threads, and a threaded LAPACK on a busy machine
     can stall for a scheduler time slice (milliseconds) per call -- which adds up inside
@@ -121,7 +123,9 @@ def _rank_for_budget(s2: torch.Tensor, budget: float, total: float | None = None
 def rank_from_spectrum(
     S: torch.Tensor, *, eps: float | None = None, energy: float | None = None
 ) -> int:
-    """Smallest rank ``k >= 1`` meeting ``eps`` (relative Frobenius error) or ``energy`` (kept fraction).
+    """Smallest rank ``k >= 1`` meeting ``eps`` or ``energy``.
+
+    ``eps`` is a relative Frobenius error, ``energy`` the kept fraction.
 
     ``S`` are singular values (any order is accepted; they are sorted descending).
     Never returns 0: an all-zero spectrum gives 1.
@@ -232,7 +236,9 @@ def truncated_svd(
     k = clamp_rank(rank, full) if rank is not None else None
     tol2 = check_tolerance(eps, energy)
 
-    U = S = Vh = None
+    U: torch.Tensor | None = None
+    S: torch.Tensor | None = None
+    Vh: torch.Tensor | None = None
     if randomized and k is not None and k + oversample < full:
         U, S, Vh = _sketch_svd(M, k + oversample, n_iter, seed)
     elif randomized and tol2 is not None:
@@ -252,6 +258,7 @@ def truncated_svd(
             k = _rank_from_s(S, tol2)
     if k is None:
         k = full
+    assert U is not None and S is not None and Vh is not None  # the exact SVD ran otherwise
     U, S, Vh = U[:, :k], S[:k], Vh[:k]
     U, Vh = _fix_signs(U, Vh)
     if out_dtype != M.dtype:

@@ -140,7 +140,8 @@ def _check_kernel(kernel: object) -> Tensor:
         )
     if kernel.dim() != 4:
         raise TensorcutError(
-            f"TR needs a 4-way (OUT, IN, KH, KW) kernel, got shape {tuple(kernel.shape)}; pass a Conv2d weight"
+            "TR needs a 4-way (OUT, IN, KH, KW) kernel, "
+            f"got shape {tuple(kernel.shape)}; pass a Conv2d weight"
         )
     if not kernel.is_floating_point():
         raise TensorcutError(
@@ -181,7 +182,9 @@ def _check_split(split: object) -> str:
 
 
 def _as_pair(v: int | Sequence[int], name: str) -> IntPair:
-    if isinstance(v, int) and not isinstance(v, bool):
+    if isinstance(v, bool):
+        raise TensorcutError(f"{name} must be an int or a pair, got {v!r}")
+    if isinstance(v, int):
         return (v, v)
     t = tuple(int(x) for x in v)
     if len(t) == 1:
@@ -193,7 +196,11 @@ def _as_pair(v: int | Sequence[int], name: str) -> IntPair:
 
 def _as_pad4(padding: int | Sequence[int]) -> tuple[int, int, int, int]:
     """(left, right, top, bottom) from an int, a (ph, pw) pair or an explicit 4-tuple."""
-    if isinstance(padding, int) and not isinstance(padding, bool):
+    if isinstance(padding, bool):
+        raise TensorcutError(
+            f"padding must be an int, (ph, pw) or (left, right, top, bottom), got {padding!r}"
+        )
+    if isinstance(padding, int):
         return (padding, padding, padding, padding)
     t = tuple(int(x) for x in padding)
     if len(t) == 2:
@@ -222,9 +229,9 @@ def early_strides(kernel_size: IntPair, stride: IntPair, pad: tuple[int, int, in
     1x1 channel contraction, so it is applied there (the input is subsampled before any work).
     Returns (vertical, horizontal); 1 means "stride later, in the 1-D convolution".
     """
-    l, r, t, b = pad
-    sh = stride[0] if kernel_size[0] == 1 and t == 0 and b == 0 else 1
-    sw = stride[1] if kernel_size[1] == 1 and l == 0 and r == 0 else 1
+    left, right, top, bottom = pad
+    sh = stride[0] if kernel_size[0] == 1 and top == 0 and bottom == 0 else 1
+    sw = stride[1] if kernel_size[1] == 1 and left == 0 and right == 0 else 1
     return (sh, sw)
 
 
@@ -281,7 +288,7 @@ def error_budgets(eps: float, split: str = "uniform") -> tuple[float, float, flo
     if _check_split(split) == "zhao":
         d = 4
         return (e * math.sqrt(2.0 / d), e / math.sqrt(d), e / math.sqrt(d))
-    return (e / math.sqrt(3.0),) * 3  # type: ignore[return-value]
+    return (e / math.sqrt(3.0),) * 3
 
 
 # ----------------------------------------------------------------------------- ring algebra
@@ -299,7 +306,8 @@ def tr_to_tensor(cores: Sequence[Tensor]) -> Tensor:
         nxt = cores[(k + 1) % len(cores)]
         if g.shape[2] != nxt.shape[0]:
             raise TensorcutError(
-                f"ring rank mismatch between core {k} {tuple(g.shape)} and core {(k + 1) % len(cores)} "
+                f"ring rank mismatch between core {k} {tuple(g.shape)} "
+                f"and core {(k + 1) % len(cores)} "
                 f"{tuple(nxt.shape)}; the last rank of each core must equal the first of the next"
             )
     ns = [int(g.shape[1]) for g in cores]
@@ -384,13 +392,13 @@ class _Factor:
         self.s2 = torch.flip(w, [0]).clamp_min(0.0)
 
     def keep(self, allowed: float | None, target: int | None = None) -> tuple[int, float]:
-        """Rank to keep (by budget, or a target clamped to the spectrum) and the energy discarded."""
+        """Rank to keep (by budget, or a target clamped to the spectrum), energy discarded."""
         k = int(self.s2.numel())
-        r = (
-            max(1, min(target, k))
-            if target is not None
-            else _keep_for_budget(self.s2, float(allowed))
-        )  # type: ignore[arg-type]
+        if target is not None:
+            r = max(1, min(target, k))
+        else:
+            assert allowed is not None, "keep() needs an error budget or a target rank"
+            r = _keep_for_budget(self.s2, float(allowed))
         return r, float(self.s2[r:].sum())
 
     def carry(self, r: int, signed: bool = True) -> Tensor:
@@ -424,7 +432,10 @@ def _signs(c: Tensor) -> Tensor:
 
 
 def _regroup(carry: Tensor, r0: int, r1: int, rest: Sequence[int]) -> Tensor:
-    """(r0*r1, rest...) with row index l*r1 + j  ->  (r1, rest..., r0): moves the split rank to the end."""
+    """(r0*r1, rest...) with row index l*r1 + j  ->  (r1, rest..., r0).
+
+    Moves the split rank to the end.
+    """
     t = carry.reshape(r0, r1, *rest)
     return t.permute(1, *range(2, 2 + len(rest)), 0)
 
@@ -456,7 +467,8 @@ def tr_svd(
     ``split``) with an optional ``divisor`` of the first rank (default 1: a tensor train), or
     explicit ``ranks=(a, b, c, d)`` (the divisor is then the ring-closing rank ``ranks[shift]``).
     Requested ranks beyond what the kernel admits are clamped (the closing rank ``ranks[shift]``
-    first, then each later rank to its unfolding's size) and the clamp is listed in ``notes``; an eps-chosen first rank not divisible by ``divisor`` is raised to the next multiple
+    first, then each later rank to its unfolding's size) and the clamp is listed in ``notes``;
+    an eps-chosen first rank not divisible by ``divisor`` is raised to the next multiple
     (still within the bound) and noted. ``solver`` is ``"svd"`` (exact, default), ``"gram"``
     (Gram eigendecompositions, faster) or ``"auto"``. Computation is in float64; cores come back
     in the kernel's dtype, in mode order OUT, IN, KH, KW. ``rel_error`` is
@@ -509,7 +521,8 @@ def _tr_svd(
             raise TensorcutError(f"ranks must be four positive ints (a, b, c, d), got {ranks!r}")
         if divisor is not None and divisor != rq[s]:
             raise TensorcutError(
-                f"divisor={divisor} conflicts with ranks: with explicit ranks the divisor is ranks[shift]={rq[s]}"
+                f"divisor={divisor} conflicts with ranks: "
+                f"with explicit ranks the divisor is ranks[shift]={rq[s]}"
             )
         target = [rq[(s + k) % 4] for k in range(4)]  # rotated (r0, r1, r2, r3)
 
@@ -535,7 +548,8 @@ def _tr_svd(
             raised = -(-big_r // r0) * r0
             if raised > max0:
                 raise TensorcutError(
-                    f"divisor {r0} does not divide the first rank {big_r} and no multiple fits in {max0}; "
+                    f"divisor {r0} does not divide the first rank {big_r} "
+                    f"and no multiple fits in {max0}; "
                     f"use a divisor of {big_r} or let rsdtr choose"
                 )
             notes.append(
@@ -558,7 +572,8 @@ def _tr_svd(
     cores64, fixed = _unrotate(rot, (r0, r1, r2, r3), s)
     if ranks is not None and tuple(fixed) != tuple(int(x) for x in ranks):
         notes.append(
-            f"requested ranks {tuple(int(x) for x in ranks)} became {fixed} (what the kernel admits)"
+            f"requested ranks {tuple(int(x) for x in ranks)} became {fixed} "
+            "(what the kernel admits)"
         )
     err = math.sqrt(max(d1 + d2 + d3, 0.0) / norm2) if norm2 > 0 else 0.0
     steps = tuple(math.sqrt(max(x, 0.0) / norm2) if norm2 > 0 else 0.0 for x in (d1, d2, d3))
@@ -689,7 +704,10 @@ def _score(
     macs_of: Callable[[Ranks], int | None],
     how: str,
 ) -> list[TRCandidate]:
-    """Score every (shift, divisor): one first-step factorisation per shift, reused by all divisors."""
+    """Score every (shift, divisor).
+
+    One first-step factorisation per shift, reused by all its divisors.
+    """
     t = kernel.detach().to(torch.float64)
     norm2 = float((t * t).sum())
     allowed = [(b * b) * norm2 for b in budgets]

@@ -30,7 +30,10 @@ __all__ = ["tt_max_ranks", "tt_svd", "tt_to_tensor"]
 
 
 def tt_max_ranks(shape: Sequence[int]) -> tuple[int, ...]:
-    """Largest useful internal TT ranks ``r_1..r_{d-1}``: ``min(prod(n_1..n_k), prod(n_{k+1}..n_d))``."""
+    """Largest useful internal TT ranks ``r_1..r_{d-1}``.
+
+    ``r_k = min(prod(n_1..n_k), prod(n_{k+1}..n_d))``.
+    """
     sizes = [int(s) for s in shape]
     return tuple(
         min(math.prod(sizes[: k + 1]), math.prod(sizes[k + 1 :])) for k in range(len(sizes) - 1)
@@ -72,7 +75,8 @@ def tt_svd(
                 f"tt_svd needs {d - 1} internal ranks for a {d}-mode tensor; got {len(req)}"
             )
         caps = [
-            clamp_rank(r, m, name=f"TT rank r_{k + 1}") for k, (r, m) in enumerate(zip(req, maxr))
+            clamp_rank(r, m, name=f"TT rank r_{k + 1}")
+            for k, (r, m) in enumerate(zip(req, maxr, strict=True))
         ]
     budget = None
     if tol2 is not None:

@@ -106,17 +106,19 @@ def _resolve(
     N = T.ndim
     if ranks is not None and tol2 is not None:
         raise TensorcutError("give ranks or eps/energy, not both")
+    rank_of: dict[int, int] | None
     if isinstance(ranks, Sequence) and not isinstance(ranks, str):
         if len(ranks) != N:
             raise TensorcutError(
-                f"ranks needs one entry (int or None) per mode: tensor has {N} modes, got {len(ranks)}"
+                "ranks needs one entry (int or None) per mode: "
+                f"tensor has {N} modes, got {len(ranks)}"
             )
         if modes is not None:
             raise TensorcutError(
                 "with a per-mode ranks sequence, mark skipped modes with None instead of modes="
             )
-        modes = [n for n, r in enumerate(ranks) if r is not None]
-        rank_of = {n: ranks[n] for n in modes}
+        explicit = {n: r for n, r in enumerate(ranks) if r is not None}
+        modes, rank_of = list(explicit), explicit
     else:
         if ranks is not None and (isinstance(ranks, bool) or not hasattr(ranks, "__index__")):
             raise TensorcutError(f"ranks must be an int or a per-mode sequence; got {ranks!r}")
@@ -140,7 +142,10 @@ def _max_rank(shape: Sequence[int], n: int) -> int:
 
 
 def _leading(Y: torch.Tensor, r: int) -> torch.Tensor:
-    """Orthonormal basis of the leading ``r`` left singular vectors of ``Y`` (padded if rank-deficient)."""
+    """Orthonormal basis of the leading ``r`` left singular vectors of ``Y``.
+
+    Padded with extra orthonormal columns when ``Y`` is rank-deficient.
+    """
     with small_lapack(Y):
         return torch.linalg.svd(Y, full_matrices=Y.shape[1] < r).U[:, :r]
 
@@ -213,8 +218,9 @@ def hooi(
         return init
     best_err, best_factors = init.rel_error, list(factors)
     prev = init.rel_error
-    converged, it = False, 0
-    for it in range(1, n_iter + 1):
+    converged, sweeps = False, 0
+    for _ in range(n_iter):
+        sweeps += 1
         core = Tf
         for n in dec:
             Y = Tf
@@ -238,14 +244,14 @@ def hooi(
         core = mode_dot(core, best_factors[n].mT, n)  # type: ignore[union-attr]
     rel = _rel_error(Tf, tucker_to_tensor(core, best_factors))
     if rel > init.rel_error:  # rounding in the norm-based estimate; HOSVD was better
-        init.n_iter, init.converged = it, converged
+        init.n_iter, init.converged = sweeps, converged
         return init
     msg = (
         ""
         if converged
-        else f"HOOI stopped after {it} sweeps before the error change fell below tol={tol}"
+        else f"HOOI stopped after {sweeps} sweeps before the error change fell below tol={tol}"
     )
-    return _cast(TuckerResult(core, best_factors, rel, it, converged, msg), out_dtype)
+    return _cast(TuckerResult(core, best_factors, rel, sweeps, converged, msg), out_dtype)
 
 
 def tucker2(
