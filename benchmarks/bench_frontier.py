@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from tensorcut import io as tio
-from tensorcut.compress import CompressConfig
+from tensorcut.compression import CompressConfig
 from tensorcut.data import FASHION_MNIST_DIR, read_idx
 from tensorcut.run import RunConfig, run
 from tensorcut.train.api import train
@@ -420,7 +420,7 @@ def uniform_arm(
             progress=False,
             bn_images=a.calib_subset if bn else 0,
         )
-    from tensorcut.compress import Plan
+    from tensorcut.compression import Plan
 
     tot = Plan.load(comp / "plan.json").totals()
     ck = finetune_checkpoint(

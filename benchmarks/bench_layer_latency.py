@@ -73,7 +73,7 @@ def count_macs(mod: nn.Module, x: torch.Tensor) -> int:
 def pick_ranks(
     cls: Any, geom: Any, hw: tuple[int, int], target_macs: float, align: int = 1
 ) -> tuple[int, ...]:
-    from tensorcut.rank import ranks_for_ratio
+    from tensorcut.compression.rank import ranks_for_ratio
 
     mx = tuple(cls.max_ranks(geom))
     return tuple(ranks_for_ratio(mx, lambda r: cls.predicted_macs(geom, r, hw), target_macs, align))
@@ -413,7 +413,7 @@ def render(result: dict[str, Any]) -> str:
         "ratio actually executed (FlopCounterMode). `latency x` = median over rounds of (variant time / dense time in "
         "the same round). tltorch layers use the same ranks as tensorcut's (CP: R; Tucker: (r_out, r_in, 3, 3), the "
         "Tucker-2 structure; TT: (1, r1, r2, r3, 1)). `alignN` variants: ranks from the planner's ratio rule with "
-        "`align=N` and MACs as the cost (`tensorcut.rank.ranks_for_ratio`: multiples of N, grown greedily under "
+        "`align=N` and MACs as the cost (`tensorcut.compression.rank.ranks_for_ratio`: multiples of N, grown greedily under "
         "the same MAC cap), because convolutions over channel counts that are multiples of the SIMD width run "
         "markedly faster. tensorcut's 1x1 sublayers run as GEMMs with channels-last intermediates "
         "(`PointwiseConv2d`); a layer's output has its input's memory format.",

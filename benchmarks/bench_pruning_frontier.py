@@ -332,7 +332,7 @@ def bisect(
 
 
 def build_tucker2(dense: nn.Module, x: float, dense_tc: int) -> tuple[nn.Module, dict[str, Any]]:
-    from tensorcut.compress import CompressConfig, compress
+    from tensorcut.compression import CompressConfig, compress
 
     m = copy.deepcopy(dense)
     target = int(dense_tc / x)
@@ -356,7 +356,7 @@ def build_tucker2(dense: nn.Module, x: float, dense_tc: int) -> tuple[nn.Module,
 def build_uniform(
     dense: nn.Module, x: float, dense_tc: int, tol: float
 ) -> tuple[nn.Module, dict[str, Any]]:
-    from tensorcut.compress import CompressConfig, plan
+    from tensorcut.compression import CompressConfig, plan
 
     target = dense_tc / x
     cache: dict[float, Any] = {}
@@ -369,7 +369,7 @@ def build_uniform(
         return float(cache[r].totals()["model_macs_after"])
 
     r, _ = bisect(macs_at, target, 0.02, 0.95, tol)
-    from tensorcut.compress import apply
+    from tensorcut.compression import apply
 
     m = copy.deepcopy(dense)
     p = cache[r]
@@ -392,7 +392,7 @@ def build_minmax(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Arm (c): one relative-error bound ``eps`` for every layer (the ``eps`` rank rule), the smallest
     that fits the MAC budget — i.e. the allocation that minimises the largest per-layer relative error."""
-    from tensorcut.compress import CompressConfig, apply, plan
+    from tensorcut.compression import CompressConfig, apply, plan
 
     target = dense_tc / x
     cache: dict[float, Any] = {}

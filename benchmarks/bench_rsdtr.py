@@ -49,7 +49,7 @@ from torch import nn
 from tensorcut import data as tdata
 from tensorcut import io as tio
 from tensorcut import models
-from tensorcut.compress import CompressConfig, LayerPlan, Plan, apply, plan
+from tensorcut.compression import CompressConfig, LayerPlan, Plan, apply, plan
 from tensorcut.decompose.tr import tr_params, tr_to_tensor
 from tensorcut.layers.base import ConvGeometry
 from tensorcut.layers.tr import TRConv2d

@@ -10,7 +10,7 @@ methods CP / Tucker / TT x parameter retention 0.1 / 0.2 / 0.5 / 0.8 x the thesi
    gives, randomly initialised (each sublayer as ``nn.Conv2d`` initialises), and the whole network is
    trained with the same recipe as the uncompressed baseline;
 2. **pretrained, no fine-tuning** (7.2.2): the baseline, trained ``--pretrain-epochs`` epochs, is decomposed
-   (``tensorcut.compress``, ``ratio=retention``) and evaluated as it is;
+   (``tensorcut.compression``, ``ratio=retention``) and evaluated as it is;
 3. **pretrained + fine-tuning** (7.2.3): model 2 fine-tuned with the thesis's recipe
    (``tensorcut.workflow.FINETUNE_RECIPE``: Adam, lr 1e-5, early stopping on validation loss with
    patience 3) but capped at ``--ft-epochs`` epochs instead of 50.
@@ -309,7 +309,7 @@ def scratch_model(
     """A fresh network whose selected convs are factorized layers at the ranks ``retention`` gives, randomly initialised."""
     from tensorcut import models
     from tensorcut.layers import LAYER_REGISTRY, ConvGeometry
-    from tensorcut.rank import ranks_for_ratio
+    from tensorcut.compression.rank import ranks_for_ratio
     from tensorcut.train.loop import set_seed
 
     set_seed(args.seed)
@@ -375,7 +375,7 @@ def make_dense(
 def compress_pretrained(
     dense: nn.Module, method: str, retention: float
 ) -> tuple[nn.Module, Any, float]:
-    from tensorcut.compress import compress
+    from tensorcut.compression import compress
 
     t0 = time.perf_counter()
     with warnings.catch_warnings():

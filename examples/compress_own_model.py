@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import tensorcut as tc
-from tensorcut.compress import compress
+from tensorcut.compression import compress
 from tensorcut.train import FitConfig, evaluate, fit
 
 tiny = "--tiny" in sys.argv

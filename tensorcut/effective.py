@@ -8,7 +8,7 @@ Factorizing the stored ``.weight`` of such a module and dropping its ``forward``
 silently wrong. :func:`resolve` turns a module into the plain convolution it *effectively*
 computes — the kernel it convolves with, its bias and its padding — or says why it must stay
 dense. The planner factorizes only what this returns, and then checks the claim numerically on
-the layer's real input (``tensorcut.compress``).
+the layer's real input (``tensorcut.compression``).
 
 Handled exactly: a plain ``nn.Conv2d`` (or a subclass that overrides neither ``forward`` nor
 ``_conv_forward``; a ``torch.nn.utils.parametrize`` parametrization is folded into the kernel);

@@ -37,7 +37,7 @@ from torch import nn
 
 from tensorcut import data as tdata
 from tensorcut import io as tio
-from tensorcut.compress import CompressConfig, apply, plan
+from tensorcut.compression import CompressConfig, apply, plan
 from tensorcut.console import say
 from tensorcut.errors import TensorcutError
 from tensorcut.train.loop import FitConfig, fit, recalibrate_bn
@@ -691,7 +691,7 @@ def run(
 
 def verify(dense_dir: Path, final_dir: Path, comp_dir: Path, config: RunConfig) -> dict[str, Any]:
     """Before / after metrics on the test split, and whether the goal was met."""
-    from tensorcut.compress import Plan
+    from tensorcut.compression import Plan
     from tensorcut.summary import summarize
     from tensorcut.workflow import input_shape_of
 

@@ -6,8 +6,8 @@ keeps only candidates that are measurably faster than the dense layer, then allo
 greedily: starting from the dense model, it repeatedly takes the layer move with the smallest
 increase in kernel error per millisecond saved until the predicted whole-model latency reaches
 ``dense / target_speedup``. Layers with no faster factorized form stay dense with the reason
-``not faster``. The result is an ordinary :class:`tensorcut.compress.Plan` (apply it with
-``tensorcut.compress.apply``); its ``config["speed"]`` records the target, the dense and
+``not faster``. The result is an ordinary :class:`tensorcut.compression.Plan` (apply it with
+``tensorcut.compression.apply``); its ``config["speed"]`` records the target, the dense and
 predicted whole-model latencies and how they were measured. :func:`check_speedup` applies a plan
 to a copy and measures dense vs compressed whole models, so the plan's prediction can be
 compared with what the model really does; :func:`plan_for_speedup` with ``verify=True`` does this
@@ -152,7 +152,7 @@ def _reference(method: str, geom: ConvGeometry) -> tuple[int, ...]:
 def _candidate_ranks(
     method: str, geom: ConvGeometry, hw: tuple[int, int], scales: Sequence[float], align: int
 ) -> list[tuple[int, ...]]:
-    from tensorcut.rank import align_ranks, scaled_ranks
+    from tensorcut.compression.rank import align_ranks, scaled_ranks
 
     cls = LAYER_REGISTRY[method]
     mx = tuple(cls.max_ranks(geom))
@@ -309,7 +309,7 @@ def plan_for_speedup(
     decompose_options: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> Any:
-    """A :class:`~tensorcut.compress.Plan` whose predicted whole-model latency is ``dense / target_speedup``.
+    """A :class:`~tensorcut.compression.Plan` whose predicted whole-model latency is ``dense / target_speedup``.
 
     ``model`` (evaluation mode is used) is timed on this device with ``threads`` torch threads
     (None: the current setting) at batch ``batch`` and input ``input_shape`` (C, H, W). Candidate
@@ -325,8 +325,8 @@ def plan_for_speedup(
     ``verify``, ``measured_ms`` / ``measured_speedup`` / ``measured``. ``decompose_options`` go to the
     final per-layer decompositions (as ``CompressConfig.options[method]``, e.g. ``{"hooi": False}``).
     """
-    from tensorcut.compress import LayerPlan, Plan, default_filter
-    from tensorcut.compress import plan as make_plan
+    from tensorcut.compression import LayerPlan, Plan, default_filter
+    from tensorcut.compression import plan as make_plan
 
     if not target_speedup >= 1.0:
         raise TensorcutError(
@@ -593,7 +593,7 @@ def check_speedup(
     channels_last: bool = True,
 ) -> SpeedCheck:
     """Apply ``plan`` to a copy of ``model`` and time dense vs compressed whole models, interleaved."""
-    from tensorcut.compress import apply
+    from tensorcut.compression import apply
 
     dense = copy.deepcopy(model).eval()
     comp = apply(copy.deepcopy(model), plan).eval()

@@ -112,10 +112,10 @@ def summarize(model: nn.Module, input_shape: Sequence[int]) -> ModelSummary:
     """Trace one input of shape ``input_shape`` (C, H, W) and list every conv / linear layer.
 
     A factorized layer (CP, Tucker, TT, TR, SVDLinear) is one row, counted by its method's
-    closed form (:mod:`tensorcut.cost`, the one cost model); its inner convolutions are not
+    closed form (:mod:`tensorcut.compression.cost`, the one cost model); its inner convolutions are not
     listed separately. Rows are counted per call; a module shared under several names is one row.
     """
-    from tensorcut.cost import model_cost
+    from tensorcut.compression.cost import model_cost
 
     cost = model_cost(model, input_shape)
     rows = []

@@ -17,7 +17,7 @@ from torch import nn
 
 from tensorcut import data as tdata
 from tensorcut import io as tio
-from tensorcut.compress import CompressConfig, Plan, apply, plan
+from tensorcut.compression import CompressConfig, Plan, apply, plan
 from tensorcut.errors import TensorcutError
 from tensorcut.train.loop import FitConfig, fit, resolve_device
 from tensorcut.train.loop import evaluate as evaluate_loader

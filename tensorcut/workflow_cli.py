@@ -233,7 +233,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from tensorcut.compress import CompressConfig
+    from tensorcut.compression import CompressConfig
     from tensorcut.workflow import compress_checkpoint
 
     if args.ratio_deprecated is not None:

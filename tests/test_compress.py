@@ -9,7 +9,7 @@ from torch import nn
 import tensorcut.layers  # noqa: F401  (registers the layer classes)
 from tensorcut import io as tio
 from tensorcut import models
-from tensorcut.compress import CompressConfig, Plan, apply, compress, plan
+from tensorcut.compression import CompressConfig, Plan, apply, compress, plan
 from tensorcut.errors import TensorcutError
 from tensorcut.layers.base import LAYER_REGISTRY, FactorizedConv2d
 
@@ -180,7 +180,18 @@ def test_grouped_and_depthwise_stay_dense_with_reason():
         ({"method": "cp", "rank": 4, "ratio": 0.5}, "contradictory rank options"),
         ({"method": "cp", "budget": 0.5, "eps": 0.1}, "contradictory rank options: budget and eps"),
         ({"method": "cp"}, "no rank rule"),
-        ({"method": "cp", "rank": "vbmf"}, "rank='vbmf' applies to Tucker-2 only"),
+        (
+            {"method": "cp", "rank": "vbmf"},
+            r"rank='vbmf' applies to tucker2 only; use method='tucker2' \(got 'cp'\)",
+        ),
+        (
+            {"method": "cp", "ratio": 0.5, "options": {"cp": {"n_iter": 3}}},
+            r"unknown options for cp: \['n_iter'\]; valid: n_iter_max, tol, init",
+        ),
+        (
+            {"method": "cp", "ratio": 0.5, "options": {"svd3": {}}},
+            "unknown method 'svd3'; choose one of: cp, tr, tt, tucker, tucker2",
+        ),
         (
             {"method": "cp", "ratio": 0.5, "align": 0},
             r"align must be a positive integer \(e.g. 8 or 16\), got 0",
@@ -538,7 +549,7 @@ def test_frozen_convs_stay_frozen():
 
 
 def test_decompress_is_the_inverse_of_apply():
-    from tensorcut.compress import decompress
+    from tensorcut.compression import decompress
 
     torch.manual_seed(0)
     m = _Shared().double().eval()

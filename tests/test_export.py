@@ -15,7 +15,7 @@ from torch import nn
 
 from tensorcut import models
 from tensorcut.cli import main
-from tensorcut.compress import compress
+from tensorcut.compression import compress
 from tensorcut.export import CHECK_BATCHES, FORMATS, ONNX_FIX, export_with_check, is_export_of
 
 pytestmark = pytest.mark.filterwarnings("ignore")

@@ -127,7 +127,7 @@ class _UserNet(torch.nn.Module):
 
 
 def test_user_model_reloads_with_a_fresh_instance(tmp_path):
-    from tensorcut.compress import compress
+    from tensorcut.compression import compress
     from tensorcut.layers.base import FactorizedConv2d
 
     torch.manual_seed(0)
@@ -151,7 +151,7 @@ def test_user_model_reloads_with_a_fresh_instance(tmp_path):
 
 @pytest.mark.parametrize("method", ["cp", "tr", "tt", "tucker", "tucker2", "svd"])
 def test_every_layer_type_round_trips(tmp_path, method):
-    from tensorcut.compress import compress
+    from tensorcut.compression import compress
     from tensorcut.layers.linear import SVDLinear
 
     torch.manual_seed(0)

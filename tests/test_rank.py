@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tensorcut.errors import TensorcutError
-from tensorcut.rank import (
+from tensorcut.compression.rank import (
     Candidate,
     LayerLadder,
     RankRule,

@@ -4,7 +4,7 @@ import json
 
 import tensorcut.run as trun
 from tensorcut import io as tio
-from tensorcut.compress import CompressConfig, Plan, plan
+from tensorcut.compression import CompressConfig, Plan, plan
 from tensorcut.run import RunConfig, run
 from tensorcut.workflow import input_shape_of
 

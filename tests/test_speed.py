@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import tensorcut.speed as speed
-from tensorcut.compress import apply
+from tensorcut.compression import apply
 from tensorcut.errors import TensorcutError
 from tensorcut.layers.base import FactorizedConv2d
 from tensorcut.timing import latency_stats

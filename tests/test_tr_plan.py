@@ -14,8 +14,9 @@ import tensorcut
 from tensorcut import io as tio
 from tensorcut import models
 from tensorcut.cli import build_parser, main
-from tensorcut.compress import CompressConfig, Plan, apply, compress, plan
+from tensorcut.compression import CompressConfig, Plan, apply, compress, plan
 from tensorcut.decompose.tr import rsdtr, tr_to_tensor
+from tensorcut.errors import TensorcutError
 from tensorcut.layers.tr import TRConv2d
 
 SHAPE = (1, 8, 8)  # digits
@@ -203,16 +204,11 @@ def test_tr_options_reach_rsdtr_through_config():
     for l in zhao.layers:
         conv = m.get_submodule(l.name)
         assert tuple(l.ranks) == rsdtr(conv.weight.detach(), 0.5, split="zhao", shifts=[0]).ranks
-    bad = plan(
-        m,
-        method="tr",
-        eps=0.5,
-        options={"tr": {"objectiv": "macs"}},
-        input_shape=SHAPE,
-        layers=layers[:1],
-        progress=False,
-    )
-    assert bad.layers[0].status == "dense" and "unknown options" in bad.layers[0].reason
+    # a misspelt option is refused before any work (the typed TROptions), not per layer
+    with pytest.raises(
+        TensorcutError, match=r"unknown options for tr: \['objectiv'\]; valid: shift"
+    ):
+        plan(m, method="tr", eps=0.5, options={"tr": {"objectiv": "macs"}}, input_shape=SHAPE)
 
 
 def test_macs_objective_uses_each_layers_input_size():

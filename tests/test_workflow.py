@@ -11,7 +11,7 @@ import pytest
 
 from tensorcut import io as tio
 from tensorcut.cli import main
-from tensorcut.compress import CompressConfig
+from tensorcut.compression import CompressConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

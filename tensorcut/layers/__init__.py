@@ -1,20 +1,33 @@
-"""Factorized layers: nn.Modules built from decomposed kernels."""
+"""Factorized layers: nn.Modules built from decomposed kernels, one method per file.
 
-from tensorcut.layers.base import LAYER_REGISTRY, ConvGeometry, FactorizedConv2d, register_layer
-from tensorcut.layers.cp import CPConv2d
+The registry (:func:`register_method`, :func:`get_method`, :func:`list_methods`) maps a method
+name to its layer class; every class declares the contract the planner relies on
+(:class:`FactorizedConv2d`).
+"""
+
+from tensorcut.layers._registry import LAYER_REGISTRY, get_method, list_methods, register_method
+from tensorcut.layers.base import ConvGeometry, FactorizedConv2d, MethodOptions
+from tensorcut.layers.cp import CPConv2d, CPOptions
 from tensorcut.layers.linear import SVDLinear
-from tensorcut.layers.tr import TRConv2d
+from tensorcut.layers.tr import TRConv2d, TROptions
 from tensorcut.layers.tt import TTConv2d
-from tensorcut.layers.tucker import FullTuckerConv2d, TuckerConv2d
+from tensorcut.layers.tucker import FullTuckerConv2d, TuckerConv2d, TuckerOptions
 
 __all__ = [
     "LAYER_REGISTRY",
     "CPConv2d",
+    "CPOptions",
     "ConvGeometry",
     "FactorizedConv2d",
     "FullTuckerConv2d",
+    "MethodOptions",
     "SVDLinear",
+    "TROptions",
+    "TRConv2d",
     "TTConv2d",
     "TuckerConv2d",
-    "register_layer",
+    "TuckerOptions",
+    "get_method",
+    "list_methods",
+    "register_method",
 ]

@@ -14,7 +14,8 @@ of its input, as ``nn.Conv2d``'s does. The arithmetic is that of ``nn.Conv2d``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Union
 
 import torch
@@ -23,6 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from tensorcut.errors import TensorcutError
+from tensorcut.layers._registry import LAYER_REGISTRY, register_method
+
+__all__ = [
+    "LAYER_REGISTRY",
+    "ConvGeometry",
+    "FactorizedConv2d",
+    "MethodOptions",
+    "register_method",
+]
 
 Pair = tuple[int, int]
 
@@ -473,6 +483,48 @@ def kernel_groups(conv: nn.Conv2d) -> list[torch.Tensor]:
     return list(W.chunk(conv.groups, dim=0))
 
 
+@dataclass(frozen=True)
+class MethodOptions:
+    """A method's decomposition options, typed: one frozen dataclass per method (``Layer.Options``).
+
+    A field left at ``None`` means the decomposition's own default. The CLI derives one flag per
+    field (``--<method>-<field>``), and :class:`~tensorcut.compression.CompressConfig` validates
+    ``options={method: {...}}`` through :meth:`parse`, so every option is reachable from both.
+    """
+
+    def kwargs(self) -> dict[str, Any]:
+        """The options that were set, as keyword arguments for ``from_conv``."""
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
+        }
+
+    def fast(self) -> MethodOptions:
+        """Cheaper settings, used only to score budget candidates (never for an applied layer)."""
+        return self
+
+    @classmethod
+    def parse(cls, method: str, value: Mapping[str, Any] | MethodOptions | None) -> MethodOptions:
+        """``value`` (a mapping, an instance, or None) as this class, or a one-line error.
+
+        Raises:
+            TensorcutError: for an unknown option name (listing the valid ones) or a wrong type.
+        """
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise TensorcutError(
+                f"options for {method} must be a dict or {cls.__name__}, got {type(value).__name__}"
+            )
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            valid = ", ".join(names) if names else "none (this method takes no options)"
+            raise TensorcutError(f"unknown options for {method}: {unknown}; valid: {valid}")
+        return cls(**value)
+
+
 class FactorizedConv2d(nn.Module):
     """Base class of factorized convolutions.
 
@@ -481,7 +533,16 @@ class FactorizedConv2d(nn.Module):
     reconstruction via :meth:`reconstruct_weight`, and ``forward``.
     """
 
+    #: the registry name (``register_method``)
     method: ClassVar[str] = ""
+    #: the typed decomposition options of this method
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    #: whether ``method='auto'`` considers this method
+    in_auto: ClassVar[bool] = True
+    #: whether ``rank='vbmf'`` (VBMF rank estimate) applies; see :meth:`vbmf_ranks`
+    supports_vbmf: ClassVar[bool] = False
+    #: the method the planner uses when this one's decomposition does not converge
+    fallback: ClassVar[str | None] = None
     geometry: ConvGeometry
     _pad_explicitly: bool = True  # layers whose spatial convs can pad set it from split_padding
 
@@ -561,6 +622,34 @@ class FactorizedConv2d(nn.Module):
         """The dense (OUT, IN/groups, KH, KW) kernel this layer computes."""
         raise NotImplementedError
 
+    @classmethod
+    def check_geometry(cls, geometry: ConvGeometry) -> None:
+        """Refuse (TensorcutError with the reason) a convolution this method cannot factorize.
+
+        The default refuses depthwise convolutions; methods with further limits override it."""
+        check_groups(geometry, cls.method)
+
+    @classmethod
+    def vbmf_ranks(cls, weight: torch.Tensor) -> tuple[int, ...]:
+        """Ranks estimated by VBMF for this kernel (only where ``supports_vbmf``)."""
+        raise TensorcutError(
+            f"rank='vbmf' does not apply to {cls.method}; use one of: "
+            + ", ".join(sorted(n for n, c in LAYER_REGISTRY.items() if c.supports_vbmf))
+        )
+
+    @classmethod
+    def decompose_kwargs(
+        cls, options: MethodOptions, *, hw: Pair | None, explicit_ranks: bool
+    ) -> dict[str, Any]:
+        """Keyword arguments for :meth:`from_conv` from ``options`` for one layer, whose input is
+        ``hw`` (H, W); ``explicit_ranks`` when the ranks are fixed (no rank search)."""
+        return options.kwargs()
+
+    def rebuild_options(self) -> dict[str, Any]:
+        """Options beyond the ranks needed to rebuild exactly this layer from the dense kernel
+        (recorded in the plan; e.g. the tensor ring's cyclic shift)."""
+        return {}
+
     def _padded(self, y: torch.Tensor) -> torch.Tensor:
         """The leading 1x1's output, padded here when the spatial convolutions cannot pad it
         themselves (``self._pad_explicitly``, from :func:`split_padding` at construction)."""
@@ -618,14 +707,3 @@ class FactorizedConv2d(nn.Module):
             f"{g.in_channels}, {g.out_channels}, kernel_size={g.kernel_size}, stride={g.stride}, "
             f"padding={g.padding!r}, dilation={g.dilation}, ranks={self.ranks}"
         )
-
-
-LAYER_REGISTRY: dict[str, type[FactorizedConv2d]] = {}
-
-
-def register_layer(cls: type[FactorizedConv2d]) -> type[FactorizedConv2d]:
-    """Class decorator: make a factorized layer available by its ``method`` name."""
-    if not cls.method:
-        raise ValueError(f"{cls.__name__} has no method name")
-    LAYER_REGISTRY[cls.method] = cls
-    return cls

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from tensorcut.decompose.cp import CPResult, cp_als, cp_max_rank
 from tensorcut.decompose.svd import check_tolerance
 from tensorcut.errors import TensorcutError
 from tensorcut.layers.base import (
+    MethodOptions,
     ConvGeometry,
     FactorizedConv2d,
     Pair,
@@ -36,15 +38,31 @@ from tensorcut.layers.base import (
     make_conv,
     per_group,
     rank_tuple,
-    register_layer,
+    register_method,
     split_padding,
     stage_sizes,
 )
 
-__all__ = ["CPConv2d"]
+__all__ = ["CPConv2d", "CPOptions"]
 
 
-@register_layer
+@dataclass(frozen=True)
+class CPOptions(MethodOptions):
+    """CP-ALS settings (:func:`~tensorcut.decompose.cp.cp_als`); ``None`` keeps its default."""
+
+    n_iter_max: int | None = None  # ALS sweeps (default 100)
+    tol: float | None = None  # stop when the fit improves less than this (default 1e-7)
+    init: str | None = None  # "svd" or "random" (default "svd")
+    n_restarts: int | None = None  # ALS restarts, best fit kept (default 1)
+    seed: int | None = None  # random restarts' seed (default 0)
+    reg: float | None = None  # Tikhonov regularisation of each ALS solve (default 1e-6)
+    max_norm_ratio: float | None = None  # factor-norm growth taken as divergence (default 1e4)
+
+    def fast(self) -> CPOptions:
+        return replace(self, n_iter_max=min(self.n_iter_max or 25, 25))
+
+
+@register_method
 class CPConv2d(FactorizedConv2d):
     """CP convolution: 1x1 (IN->R) -> depthwise KHx1 -> depthwise 1xKW -> 1x1 (R->OUT, bias).
 
@@ -53,6 +71,8 @@ class CPConv2d(FactorizedConv2d):
     """
 
     method = "cp"
+    Options = CPOptions
+    fallback = "tucker2"  # when ALS does not converge
 
     def __init__(
         self,

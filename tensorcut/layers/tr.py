@@ -29,6 +29,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,13 +47,15 @@ from tensorcut.decompose.tr import (
 )
 from tensorcut.errors import TensorcutError
 from tensorcut.layers.base import (
+    MethodOptions,
+    Pair,
     ConvGeometry,
     FactorizedConv2d,
     Pair,
     early_stride,
     explicit_pad,
     make_conv,
-    register_layer,
+    register_method,
 )
 
 __all__ = ["TRConv2d"]
@@ -86,11 +89,62 @@ def _check_ranks(ranks: int | Sequence[int]) -> tuple[int, int, int, int]:
     return (r[0], r[1], r[2], r[3])
 
 
-@register_layer
+@dataclass(frozen=True)
+class TROptions(MethodOptions):
+    """Tensor-ring settings; ``None`` keeps the default.
+
+    With explicit ranks only ``shift`` applies (TR-SVD); with an error bound (``eps`` /
+    ``energy``) the RSDTR search takes the others.
+    """
+
+    shift: int | None = None  # cyclic shift of the ring's first core, 0..3 (default 0)
+    objective: str | None = None  # what RSDTR minimises: "params" or "macs" (default "params")
+    input_size: tuple[int, int] | None = None  # (H, W) for objective "macs" (default: the layer's)
+    split: str | None = None  # error split across the ring: "uniform" or "zhao" (default uniform)
+    shifts: tuple[int, ...] | None = None  # shifts RSDTR tries (default all four)
+    solver: str | None = None  # SVD solver: "auto", "svd" or "gram" (default "auto")
+
+    def __post_init__(self) -> None:
+        if self.objective not in (None, "params", "macs"):
+            raise TensorcutError(f"tr objective must be 'params' or 'macs', got {self.objective!r}")
+        if self.split not in (None, "uniform", "zhao"):
+            raise TensorcutError(f"tr split must be 'uniform' or 'zhao', got {self.split!r}")
+        if isinstance(self.input_size, list):
+            object.__setattr__(self, "input_size", tuple(self.input_size))
+        if isinstance(self.shifts, list):
+            object.__setattr__(self, "shifts", tuple(self.shifts))
+
+
+@register_method
 class TRConv2d(FactorizedConv2d):
     """Tensor-ring convolution (RSDTR): 1x1 -> KH x 1 -> 1 x KW -> 1x1, ring ranks (a, b, c, d)."""
 
     method = "tr"
+    Options = TROptions
+
+    @classmethod
+    def check_geometry(cls, geometry: ConvGeometry) -> None:
+        _refuse_groups(geometry)
+        if geometry.dynamic:
+            raise TensorcutError(
+                "TR does not support TF-same padding at stride > 1 (padding computed from the "
+                "input size); use tucker2, tucker, cp or tt for this layer"
+            )
+
+    @classmethod
+    def decompose_kwargs(
+        cls, options: MethodOptions, *, hw: Pair | None, explicit_ranks: bool
+    ) -> dict[str, Any]:
+        kw = options.kwargs()
+        if explicit_ranks:  # fixed ranks fix the ring: the search options do not apply
+            return {k: v for k, v in kw.items() if k == "shift"}
+        if kw.get("objective") == "macs" and "input_size" not in kw and hw is not None:
+            kw["input_size"] = tuple(hw)  # each layer's own input size
+        return kw
+
+    def rebuild_options(self) -> dict[str, Any]:
+        res = getattr(self, "tr_result", None)
+        return {"shift": int(res.shift)} if res is not None else {}
 
     def __init__(
         self,

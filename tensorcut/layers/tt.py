@@ -40,7 +40,7 @@ from tensorcut.layers.base import (
     make_conv,
     per_group,
     rank_tuple,
-    register_layer,
+    register_method,
     split_padding,
     stage_sizes,
 )
@@ -59,7 +59,7 @@ def _pad_cores(cores: list[torch.Tensor], ranks: Sequence[int]) -> list[torch.Te
     return out
 
 
-@register_layer
+@register_method
 class TTConv2d(FactorizedConv2d):
     """TT convolution: 1x1 (IN->r1) -> KHx1 (r1->r2) -> 1xKW (r2->r3) -> 1x1 (r3->OUT, bias).
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from tensorcut.decompose.tucker import hooi as _hooi
 from tensorcut.decompose.tucker import hosvd, mode_dot
 from tensorcut.errors import TensorcutError
 from tensorcut.layers.base import (
+    MethodOptions,
     ConvGeometry,
     FactorizedConv2d,
     Pair,
@@ -36,15 +38,27 @@ from tensorcut.layers.base import (
     make_conv,
     per_group,
     rank_tuple,
-    register_layer,
+    register_method,
     split_padding,
     stage_sizes,
 )
 
-__all__ = ["FullTuckerConv2d", "TuckerConv2d"]
+__all__ = ["FullTuckerConv2d", "TuckerConv2d", "TuckerOptions"]
 
 
-@register_layer
+@dataclass(frozen=True)
+class TuckerOptions(MethodOptions):
+    """Tucker settings: HOSVD, refined by HOOI unless ``hooi=False``; ``None`` keeps the default."""
+
+    hooi: bool | None = None  # refine the HOSVD by HOOI sweeps (default True)
+    n_iter: int | None = None  # HOOI sweeps at most (default 25)
+    tol: float | None = None  # HOOI stops when the fit improves less than this (default 1e-4)
+
+    def fast(self) -> TuckerOptions:
+        return replace(self, hooi=False)
+
+
+@register_method
 class TuckerConv2d(FactorizedConv2d):
     """Tucker-2 convolution: 1x1 (IN->r_in) -> KHxKW (r_in->r_out) -> 1x1 (r_out->OUT, bias).
 
@@ -53,6 +67,8 @@ class TuckerConv2d(FactorizedConv2d):
     """
 
     method = "tucker2"
+    Options = TuckerOptions
+    supports_vbmf = True
 
     def __init__(
         self,
@@ -144,6 +160,13 @@ class TuckerConv2d(FactorizedConv2d):
         """Largest useful ``(r_out, r_in)``: ``min(mode size, product of the other sizes)`` per group."""
         _, o, i, kh, kw = per_group(geometry)
         return (min(o, i * kh * kw), min(i, o * kh * kw))
+
+    @classmethod
+    def vbmf_ranks(cls, weight: torch.Tensor) -> tuple[int, ...]:
+        """``(r_out, r_in)`` by VBMF on the output- and input-mode unfoldings (Kim et al. 2016)."""
+        from tensorcut.compression.rank import vbmf_tucker2_ranks
+
+        return tuple(vbmf_tucker2_ranks(weight))
 
     @classmethod
     def predicted_params(cls, geometry: ConvGeometry, ranks: Sequence[int]) -> int:
@@ -262,7 +285,7 @@ class TuckerConv2d(FactorizedConv2d):
         self.rel_error = float(err) / norm if norm > 0 else 0.0
 
 
-@register_layer
+@register_method
 class FullTuckerConv2d(TuckerConv2d):
     """Full Tucker convolution: all four kernel modes decomposed, spatial factors folded into the core.
 
@@ -275,6 +298,8 @@ class FullTuckerConv2d(TuckerConv2d):
     """
 
     method = "tucker"
+    supports_vbmf = False
+    in_auto = False  # same layer structure as Tucker-2; only the decomposition differs
 
     def __init__(
         self,

@@ -405,7 +405,7 @@ QAT_TYPES = ("ConvBn2d", "ConvBnReLU2d", "ConvReLU2d")
 def full_rank() -> int | str:
     """``rank='full'`` once tensorcut accepts it; before that a rank above every maximum (clamped,
     with a RankClampWarning the caller suppresses)."""
-    from tensorcut.compress import CompressConfig
+    from tensorcut.compression import CompressConfig
     from tensorcut.errors import TensorcutError
 
     try:
@@ -421,10 +421,10 @@ def select_all(name: str, module: nn.Module) -> bool:
 
 
 def run_compress(model: nn.Module, arch: Arch, method: str, **rule: Any) -> tuple[nn.Module, Any]:
-    """``tensorcut.compress`` on ``model`` (in place) with every conv selected, warnings silenced."""
+    """``tensorcut.compression`` on ``model`` (in place) with every conv selected, warnings silenced."""
     import warnings
 
-    from tensorcut.compress import compress
+    from tensorcut.compression import compress
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -200,7 +200,7 @@ def test_calibration_batch() -> None:
     image shape is refused with one line."""
     import warnings
 
-    from tensorcut.compress import plan as make_plan
+    from tensorcut.compression import plan as make_plan
     from tensorcut.errors import TensorcutError
 
     arch = by_id("timm_test_efficientnet_same")

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from tensorcut import io as tio
-from tensorcut.compress import CompressConfig
+from tensorcut.compression import CompressConfig
 from tensorcut.errors import TensorcutError
 from tensorcut.train import recalibrate_bn
 
