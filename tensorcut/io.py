@@ -220,7 +220,91 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
         )
     if not isinstance(meta.get("model"), dict) or not isinstance(meta["model"].get("name"), str):
         raise TensorcutError(f"{p} lacks model.name; it cannot be rebuilt")
+    _check_fields(meta, p)
     return meta
+
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+_EDITED = "the file was edited; restore it or correct that field"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_dataset(ds: Any, p: Path) -> None:
+    """Types of ``meta['dataset']`` as :func:`tensorcut.train.train` writes it (None: no data set)."""
+    if ds is None:
+        return
+    if not isinstance(ds, dict):
+        raise TensorcutError(
+            f'{p}: "dataset" must be an object such as {{"name": "digits", "seed": 0}}, '
+            f"not {type(ds).__name__} {ds!r}; {_EDITED}"
+        )
+    checks = {
+        "name": (lambda v: v is None or (isinstance(v, str) and v != ""), "a data-set name"),
+        "data_dir": (lambda v: v is None or isinstance(v, str), "a folder path or null"),
+        "seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+        "subset": (lambda v: v is None or (_is_int(v) and v > 0), "a positive integer or null"),
+        "val_fraction": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    }
+    for key, (ok, what) in checks.items():
+        if key in ds and not ok(ds[key]):
+            raise TensorcutError(f"{p}: dataset.{key} must be {what}, not {ds[key]!r}; {_EDITED}")
+
+
+def _check_geometry(name: str, g: Any, p: Path) -> None:
+    """Refuse a recorded convolution geometry that no ``nn.Conv2d`` could have (hand edits)."""
+    if not isinstance(g, dict):
+        return  # from_config reports a missing or malformed geometry
+
+    def positive(v: Any) -> bool:
+        vals = v if isinstance(v, list) else [v]
+        return 1 <= len(vals) <= 2 and all(_is_int(x) and x > 0 for x in vals)
+
+    where = f"{p}: layer {name!r}"
+    mode = g.get("padding_mode", "zeros")
+    if mode not in PADDING_MODES:
+        raise TensorcutError(
+            f"{where} has unknown padding_mode {mode!r}; choose one of {', '.join(PADDING_MODES)} "
+            f"({_EDITED})"
+        )
+    for key in ("stride", "dilation", "kernel_size"):
+        if key in g and not positive(g[key]):
+            raise TensorcutError(
+                f"{where} has {key} {g[key]!r}; it must be a positive integer or a pair of them "
+                f"({_EDITED})"
+            )
+    for key in ("in_channels", "out_channels", "groups"):
+        if key in g and not (_is_int(g[key]) and g[key] > 0):
+            raise TensorcutError(
+                f"{where} has {key} {g[key]!r}; it must be a positive integer ({_EDITED})"
+            )
+    pad = g.get("padding", 0)
+    pads = pad if isinstance(pad, list) else [pad]
+    if not (
+        pad in ("same", "valid", "tf_same")
+        or (1 <= len(pads) <= 2 and all(_is_int(x) and x >= 0 for x in pads))
+    ):
+        raise TensorcutError(
+            f"{where} has padding {pad!r}; it must be a non-negative integer, a pair of them, "
+            f"'same' or 'valid' ({_EDITED})"
+        )
+
+
+def _check_fields(meta: dict[str, Any], p: Path) -> None:
+    """Check the types of the fields later steps rely on, once, before anything is built: a
+    hand-edited value gets one line here instead of a traceback (or silent use) much later."""
+    _check_dataset(meta.get("dataset"), p)
+    layers = meta.get("layers")
+    if isinstance(layers, dict):  # a non-object is reported by build_model
+        for name, cfg in layers.items():
+            if isinstance(cfg, dict):
+                _check_geometry(name, cfg.get("geometry"), p)
 
 
 def _layer_class(method: str | None) -> Any:

@@ -7,7 +7,8 @@ ever unpickled. (Entries marked *accepted* are inputs that are legal and must si
 
 Sections
   A. checkpoint files: truncated, random, empty, foreign, missing
-  B. meta.json edited by hand so that it disagrees with the weights
+  B. meta.json edited by hand so that it disagrees with the weights, or with fields of the
+     wrong type (data set, seed, padding mode, stride)
   C. pickles, which are never unpickled
   D. non-finite and degenerate weights: NaN, Inf, zero kernels
   E. kernel shapes: 1x1, one channel, huge (every registered layer class)
@@ -320,6 +321,60 @@ def test_B16_meta_names_a_layer_the_model_lacks(compressed: Path, capsys: Any) -
 
     _edit_meta(compressed, rename)
     refused(capsys, ["evaluate", str(compressed)], "names layer 'conv99'", keep=(compressed,))
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (lambda m: m.update(dataset="digits"), '"dataset" must be an object'),
+        (lambda m: m.update(dataset=[1, 2]), '"dataset" must be an object'),
+        (lambda m: m["dataset"].update(seed="0"), "dataset.seed must be a non-negative integer"),
+        (lambda m: m["dataset"].update(seed=-1), "dataset.seed must be a non-negative integer"),
+        (lambda m: m["dataset"].update(val_fraction="0.1"), "dataset.val_fraction must be"),
+        (lambda m: m["dataset"].update(subset=0), "dataset.subset must be a positive integer"),
+    ],
+)
+@pytest.mark.parametrize("verb", ["evaluate", "finetune"])
+def test_B17_dataset_fields_of_the_wrong_type(
+    ck: Path, capsys: Any, edit: Callable[[dict[str, Any]], Any], needle: str, verb: str
+) -> None:
+    _edit_meta(ck, edit)
+    argv = [verb, str(ck)] + (["--out", str(ck.parent / "ft")] if verb == "finetune" else [])
+    refused(capsys, argv, "meta.json: ", needle, "the file was edited", keep=(ck,))
+    assert not (ck.parent / "ft").exists()
+
+
+def test_B18_unknown_padding_mode_in_a_layer(compressed: Path, capsys: Any) -> None:
+    layer = next(iter(json.loads((compressed / "meta.json").read_text())["layers"]))
+    _edit_meta(compressed, lambda m: m["layers"][layer]["geometry"].update(padding_mode="mirror"))
+    refused(
+        capsys,
+        ["evaluate", str(compressed)],
+        f"layer {layer!r} has unknown padding_mode 'mirror'; choose one of zeros, reflect",
+        keep=(compressed,),
+    )
+
+
+@pytest.mark.parametrize("stride", [0, -1, [1, 0], [2, -2], "2", [1, 1, 1]])
+def test_B19_non_positive_or_malformed_stride_in_a_layer(
+    compressed: Path, capsys: Any, stride: Any
+) -> None:
+    layer = next(iter(json.loads((compressed / "meta.json").read_text())["layers"]))
+    _edit_meta(compressed, lambda m: m["layers"][layer]["geometry"].update(stride=stride))
+    refused(
+        capsys,
+        ["inspect", str(compressed)],
+        f"layer {layer!r} has stride {stride!r}; it must be a positive integer or a pair",
+        keep=(compressed,),
+    )
+
+
+def test_B20_checked_through_the_python_api_before_building(ck: Path) -> None:
+    import tensorcut
+
+    _edit_meta(ck, lambda m: m["dataset"].update(seed="zero"))
+    with pytest.raises(TensorcutError, match=r"dataset\.seed must be a non-negative integer"):
+        tensorcut.load(ck)
 
 
 # ============================================================================= C. pickles
