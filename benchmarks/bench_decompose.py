@@ -1,4 +1,5 @@
-"""Decomposition time and reconstruction error at equal parameter count: tensorcut vs tensorly (and tensorly-torch).
+"""Decomposition time and reconstruction error at equal parameter count: tensorcut vs tensorly (and
+tensorly-torch).
 
 Kernels: ``(64,64,3,3)``, ``(256,256,3,3)``, ``(512,512,3,3)``, each
 
@@ -27,8 +28,9 @@ decomposition parameters) the ranks are chosen once and used by both libraries:
 * **TT** (mode order IN, KH, KW, OUT; ranks by uniform scaling of the maximal ranks):
   ``tt_svd`` vs ``tensor_train`` on the same permuted tensor.
 * **Layers** (when tensorly-torch is installed): ``tltorch.FactorizedConv.from_conv`` vs
-  tensorcut's ``CPConv2d`` / ``TuckerConv2d`` / ``TTConv2d.from_conv`` at the same ranks (CP capped at ``--layer-cp-iters`` ALS iterations on both sides; tensorcut's
-  layers decompose in float64, tltorch in float32).
+  tensorcut's ``CPConv2d`` / ``TuckerConv2d`` / ``TTConv2d.from_conv`` at the same ranks (CP capped
+  at ``--layer-cp-iters`` ALS iterations on both sides; tensorcut's layers decompose in float64,
+  tltorch in float32).
 
 Errors are ``||W - W~||_F / ||W||_F`` computed the same way (float64) for every result.
 Timings of a kernel's variants are interleaved round-robin (``--rounds-small`` rounds for 64
@@ -109,7 +111,7 @@ def _probe_net() -> nn.Sequential:
 def trained_kernels(
     steps: int, batch: int, seed: int, cache_dir: Path
 ) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
-    """Kernels of the probe CNN after ``steps`` Adam steps on Fashion-MNIST (cached in ``cache_dir``)."""
+    """Probe-CNN kernels after ``steps`` Adam steps on Fashion-MNIST (cached in ``cache_dir``)."""
     cache = cache_dir / f"probe_kernels_s{steps}_b{batch}_seed{seed}.pt"
     if cache.exists():
         d = torch.load(cache, weights_only=True)
@@ -522,8 +524,9 @@ def main() -> None:
     ap.add_argument(
         "--cp-iters",
         default="64:100,256:25,512:20",
-        help="ALS iterations for the matched CP comparison: one int, or size:iters pairs (default: as many "
-        "as tensorly's parafac finishes in about half a minute; tensorly's own default is 100)",
+        help="ALS iterations for the matched CP comparison: one int, or size:iters pairs (default: "
+        "as many as tensorly's parafac finishes in about half a minute; tensorly's own default is "
+        "100)",
     )
     ap.add_argument(
         "--layer-cp-iters", type=int, default=10, help="ALS iteration cap for the layer comparison"
@@ -532,8 +535,8 @@ def main() -> None:
         "--numpy-max",
         type=int,
         default=64,
-        help="largest kernel also run on tensorly's numpy backend "
-        "(slower than its pytorch backend here: ~0.96 vs ~0.56 s per parafac iteration at 256 channels)",
+        help="largest kernel also run on tensorly's numpy backend (slower than its pytorch backend "
+        "here: ~0.96 vs ~0.56 s per parafac iteration at 256 channels)",
     )
     ap.add_argument(
         "--rounds", type=int, default=2, help="timing rounds for kernels of 65-511 channels"
@@ -556,7 +559,8 @@ def main() -> None:
     ap.add_argument(
         "--render-only",
         action="store_true",
-        help="measure nothing: re-evaluate the targets and rewrite the markdown from the stored JSON",
+        help="measure nothing: re-evaluate the targets and rewrite the markdown from the stored "
+        "JSON",
     )
     args = ap.parse_args()
     if args.render_only:
@@ -685,7 +689,10 @@ def _find(rows: list[dict[str, Any]], lib: str, prefix: str) -> dict[str, Any] |
 
 
 def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per kernel: CP per-iteration speed-up (target >= 20x, error <= tensorly's); Tucker/TT time ratios."""
+    """Per kernel: CP per-iteration speed-up and Tucker/TT time ratios.
+
+    CP target: >= 20x, with an error <= tensorly's.
+    """
     out = []
     for g in result["groups"]:
         key = f"{g['source']} {tuple(g['shape'])}"
@@ -764,16 +771,17 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 def render(result: dict[str, Any]) -> str:
     a = result["args"]
     parts = [
-        f"Parameter retention {a['retention']} of each kernel's entries, the same ranks for both libraries; "
-        f"{a['threads']} thread(s) for torch and BLAS on both sides. Errors: ||W - W~||_F / ||W||_F. "
-        "Times: median wall seconds over the interleaved rounds (`runs`).",
+        f"Parameter retention {a['retention']} of each kernel's entries, the same ranks for both "
+        f"libraries; {a['threads']} thread(s) for torch and BLAS on both sides. Errors: ||W - "
+        "W~||_F / ||W||_F. Times: median wall seconds over the interleaved rounds (`runs`).",
     ]
     if "probe_training" in result:
         p = result["probe_training"]
         parts.append(
-            f"Trained kernels: probe CNN trained {p['steps']} Adam steps (lr 1e-3, batch {p['batch']}) on Fashion-MNIST; "
-            f"train top-1 over the last 50 steps {p['train_top1_last50_steps']}; relative change from init "
-            f"||W - W0|| / ||W0|| per kernel size: {p['rel_change_from_init']}."
+            f"Trained kernels: probe CNN trained {p['steps']} Adam steps (lr 1e-3, batch "
+            f"{p['batch']}) on Fashion-MNIST; train top-1 over the last 50 steps "
+            f"{p['train_top1_last50_steps']}; relative change from init ||W - W0|| / ||W0|| per "
+            f"kernel size: {p['rel_change_from_init']}."
         )
     kt = [
         (k, v["shape"], v["energy_top10pct_OUT"], v["energy_top10pct_IN"])
@@ -795,7 +803,10 @@ def render(result: dict[str, Any]) -> str:
             if t.get("marginal_speedup") is not None:
                 fig += f" (init excluded: {t['marginal_speedup']}x)"
             if t.get("cross_check_speedup_vs_ours_defaults_run") is not None:
-                fig += f"; vs tensorcut's 100-iteration run: {t['cross_check_speedup_vs_ours_defaults_run']}x"
+                fig += (
+                    "; vs tensorcut's 100-iteration run: "
+                    f"{t['cross_check_speedup_vs_ours_defaults_run']}x"
+                )
             verdict = (
                 "met"
                 if t["met"]
@@ -805,15 +816,18 @@ def render(result: dict[str, Any]) -> str:
                 (t["kernel"], t["target"], fig, t["ours_error"], t["tensorly_error"], verdict)
             )
         parts.append(
-            "## Targets\n\nCP figure: speed-up of time per iteration = total time / iterations "
-            "(initialisation included, the target's definition), against the faster tensorly backend; in "
-            "brackets the speed-up of the marginal cost of an iteration, (total - init-only run) / iterations, "
-            "which does not depend on how many iterations amortise the SVD initialisation; and, as a cross-check "
-            "against load noise in single-round timings, tensorly's time per iteration over tensorcut's from its "
-            "own 100-iteration run. Tucker / TT: wall time tensorcut / tensorly (<= 1 is no slower; <= "
-            f"{PARITY} is reported as parity: the TT pairs run the same SVDs in both libraries and their ratios "
-            "scatter that much on this loaded machine). `tol 1e-4` rows run tensorcut at tensorly's default "
-            "tolerance.\n\n"
+            "## Targets\n"
+            "\n"
+            "CP figure: speed-up of time per iteration = total time / iterations (initialisation "
+            "included, the target's definition), against the faster tensorly backend; in brackets "
+            "the speed-up of the marginal cost of an iteration, (total - init-only run) / "
+            "iterations, which does not depend on how many iterations amortise the SVD "
+            "initialisation; and, as a cross-check against load noise in single-round timings, "
+            "tensorly's time per iteration over tensorcut's from its own 100-iteration run. "
+            f"Tucker / TT: wall time tensorcut / tensorly (<= 1 is no slower; <= {PARITY} is "
+            "reported as parity: the TT pairs run the same SVDs in both libraries and their "
+            "ratios scatter that much on this loaded machine). `tol 1e-4` rows run tensorcut at "
+            "tensorly's default tolerance.\n\n"
             + md_table(
                 ["kernel", "target", "figure", "tensorcut error", "tensorly error", ""], rows
             )
@@ -861,7 +875,8 @@ def render(result: dict[str, Any]) -> str:
     if not result.get("tltorch_available"):
         parts.append("tensorly-torch was not available (or --no-layers): no layer comparison.")
     parts.append(
-        f"Total wall time {result.get('total_seconds')} s; `uptime` at the end: `{result.get('uptime_at_end')}`."
+        f"Total wall time {result.get('total_seconds')} s; `uptime` at the end: "
+        f"`{result.get('uptime_at_end')}`."
     )
     return "\n\n".join(parts)
 

@@ -1,4 +1,4 @@
-"""End-to-end latency of compressed real architectures: is a factorized model as fast per MAC as the dense one?
+"""End-to-end latency of compressed real architectures: is a factorized model as fast per MAC?
 
 torchvision ResNet-18, ResNet-50, VGG-16, MobileNetV2 and EfficientNet-B0 (random weights: the
 timing does not depend on their values) at 224x224. For each, dense vs Tucker-2 / CP / TT at
@@ -14,7 +14,8 @@ channels and groups == 1, as tensorcut's default filter; depthwise stays dense),
 the largest ranks (rounded to a multiple of ``--align``) whose MACs are at most ``f`` times its
 dense MACs, ``f`` bisected so the whole model's conv+linear MACs hit the target. The factors are
 randomly initialised: decomposing the kernels (what ``tensorcut compress`` does) gives the same
-layer shapes, and on this shared machine decomposing ResNet-50 three ways took longer than the timing.
+layer shapes, and on this shared machine decomposing ResNet-50 three ways took longer than the
+timing.
 
 Run (2 shared cores: the default configuration is reduced, see ``REDUCTIONS``)::
 
@@ -66,12 +67,16 @@ REDUCTIONS = [
     "2 CPU cores shared with ~6 other engineers' jobs (load average recorded); run under nice",
     "batch 32 only for ResNet-18 and ResNet-50, and only Tucker-2 at 0.25x MACs there",
     "2 threads only for ResNet-18 and ResNet-50 at batch 1, Tucker-2 at 0.25x MACs only",
-    "at batch 32 and at 2 threads only eager+prepared and ONNX Runtime (not the unprepared eager models)",
-    "torch.compile not timed by default (--compile: ResNet-18, batch 1, 1 thread): in the first run its inductor "
-    "compilation of ResNet-18 had not finished after 18 minutes under nice 19 on this machine",
-    "repetitions: batch 1: 2 warm-up + 9 timed rounds (VGG-16: 1 + 5); batch 32: 1 warm-up + 4 timed rounds",
+    "at batch 32 and at 2 threads only eager+prepared and ONNX Runtime (not the unprepared eager "
+    "models)",
+    "torch.compile not timed by default (--compile: ResNet-18, batch 1, 1 thread): in the first "
+    "run its inductor compilation of ResNet-18 had not finished after 18 minutes under nice 19 on "
+    "this machine",
+    "repetitions: batch 1: 2 warm-up + 9 timed rounds (VGG-16: 1 + 5); batch 32: 1 warm-up + 4 "
+    "timed rounds",
     "a wall-time limit (--limit-min): groups not started by then are listed as skipped",
-    "ranks from a uniform per-layer MAC fraction with random factors (not tensorcut's error-driven budget allocation)",
+    "ranks from a uniform per-layer MAC fraction with random factors (not tensorcut's error-driven "
+    "budget allocation)",
 ]
 
 
@@ -79,10 +84,12 @@ REDUCTIONS = [
 
 
 def import_torchvision() -> Any:
-    """Import torchvision beside a CPU-only torch wheel whose torchvision C++ extension does not load.
+    """Import torchvision beside a CPU-only torch wheel whose torchvision C++ extension does not
+    load.
 
     The model definitions only need the ``torchvision::`` operator *schemas* (detection ops such
-    as NMS, never run here); the real-architecture tests' helper defines them (one copy of that list).
+    as NMS, never run here); the real-architecture tests' helper defines them (one copy of that
+    list).
     """
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "real_networks"))
     from _torchvision_ops import ensure_torchvision_ops
@@ -123,7 +130,7 @@ def conv_inputs(model: nn.Module, shape: tuple[int, ...]) -> tuple[dict[str, tup
 
 
 def eligible(conv: nn.Module) -> bool:
-    """What tensorcut's default filter takes and every method accepts: >3 input channels, groups 1."""
+    """What tensorcut's default filter and every method accept: >3 input channels, groups 1."""
     return type(conv) is nn.Conv2d and conv.in_channels > 3 and conv.groups == 1
 
 
@@ -139,7 +146,7 @@ def _ranks_at(method: str, geom: ConvGeometry, t: float, align: int) -> tuple[in
         "tt": (i, min(i * kh, o * kw), o),
     }[method]
     out = []
-    for r, m in zip(ref, mx):
+    for r, m in zip(ref, mx, strict=True):
         v = max(1, math.ceil(t * r))
         v = min(m, math.ceil(v / align) * align)
         out.append(v)
@@ -149,7 +156,7 @@ def _ranks_at(method: str, geom: ConvGeometry, t: float, align: int) -> tuple[in
 def layer_ranks(
     method: str, geom: ConvGeometry, hw: tuple[int, int], frac: float, align: int
 ) -> tuple[int, ...] | None:
-    """Largest ranks (by bisection on the scale) whose MACs are <= ``frac`` x dense; None if none are."""
+    """Largest ranks (bisecting the scale) whose MACs are <= ``frac`` x dense; None if none are."""
     cls = LAYER_REGISTRY[method]
     budget = frac * geom.dense_macs(hw)
     lo, hi = 0.0, 1.0
@@ -167,7 +174,7 @@ def layer_ranks(
 def compressed_copy(
     model: nn.Module, method: str, target: float, align: int
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """A copy of ``model`` whose eligible convs are factorized (random factors) to hit ``target`` x MACs."""
+    """A copy of ``model``, eligible convs factorized (random factors) to hit ``target`` x MACs."""
     sizes, dense = conv_inputs(model, INPUT)
     convs = {n: m for n, m in model.named_modules() if n in sizes and eligible(m)}
     geoms = {n: ConvGeometry.from_conv(m) for n, m in convs.items()}
@@ -203,7 +210,10 @@ def compressed_copy(
             if cls.predicted_macs(g, r, sizes[n]) < g.dense_macs(sizes[n]):
                 chosen[n] = r
                 total += cls.predicted_macs(g, r, sizes[n]) - g.dense_macs(sizes[n])
-        note = f"target {target} unreachable: smallest ranks (multiples of {align}) in every eligible layer"
+        note = (
+            f"target {target} unreachable: smallest ranks (multiples of {align}) in every eligible "
+            "layer"
+        )
     out = copy.deepcopy(model)
     for n, r in chosen.items():
         layer = cls(geoms[n], r, dtype=next(model.parameters()).dtype)
@@ -334,8 +344,9 @@ def time_group(
     )
     for r in result["rows"][-(len(models) - 1) :]:
         print(
-            f"    {r['method']:8s}@{r['target']:<4} MAC {r['mac_ratio']:.3f}  latency {r['latency_ratio']:.3f} "
-            f"(IQR {r['ratio_q1']:.3f}-{r['ratio_q3']:.3f})  quotient {r['quotient']:.2f}",
+            f"    {r['method']:8s}@{r['target']:<4} MAC {r['mac_ratio']:.3f}  latency "
+            f"{r['latency_ratio']:.3f} (IQR {r['ratio_q1']:.3f}-{r['ratio_q3']:.3f})  quotient "
+            f"{r['quotient']:.2f}",
             flush=True,
         )
 
@@ -383,7 +394,7 @@ def profile_top(model: nn.Module, x: torch.Tensor, n: int = 10) -> list[dict[str
 def speed_plan(
     result: dict[str, Any], name: str, dense: nn.Module, tmp: Path, args: argparse.Namespace
 ) -> None:
-    """``plan_for_speedup`` at each target (1 thread, batch 1, verified): predicted vs measured speed-up."""
+    """Predicted vs measured speed-up of ``plan_for_speedup`` per target (1 thread, batch 1)."""
     from tensorcut.speed import plan_for_speedup
 
     for target in args.speed_targets:
@@ -477,8 +488,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         skip(result, f"{name} {key}", e)
                         continue
                     print(
-                        f"{name} {key}: MAC ratio {infos[key]['mac_ratio']:.3f}, {infos[key]['factorized_layers']}/"
-                        f"{infos[key]['eligible_layers']} layers ({time.perf_counter() - t:.1f} s)",
+                        f"{name} {key}: MAC ratio {infos[key]['mac_ratio']:.3f}, "
+                        f"{infos[key]['factorized_layers']}/{infos[key]['eligible_layers']} layers "
+                        f"({time.perf_counter() - t:.1f} s)",
                         flush=True,
                     )
             result["models"][name] = {
@@ -570,11 +582,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def render(result: dict[str, Any]) -> str:
     lines = [
-        "Latency ratio = compressed / dense latency (median of per-round ratios of interleaved runs, "
-        "IQR in brackets); MAC ratio = compressed / dense conv+linear MACs; quotient = latency ratio / MAC ratio "
-        "(1.0: the compressed model runs its MACs as efficiently as dense; the goal is <= 1.15). "
-        "'eager' compares the models as built, 'eager+prepared' both after `prepare_for_inference` "
-        "(BatchNorm folded), 'onnxruntime' both exported after `prepare_for_inference(pointwise='conv')`.",
+        "Latency ratio = compressed / dense latency (median of per-round ratios of interleaved "
+        "runs, IQR in brackets); MAC ratio = compressed / dense conv+linear MACs; quotient = "
+        "latency ratio / MAC ratio (1.0: the compressed model runs its MACs as efficiently as "
+        "dense; the goal is <= 1.15). 'eager' compares the models as built, 'eager+prepared' both "
+        "after `prepare_for_inference` (BatchNorm folded), 'onnxruntime' both exported after "
+        "`prepare_for_inference(pointwise='conv')`.",
         "",
         "Reductions (2 shared cores, ~30 min budget):",
         "",
@@ -608,7 +621,8 @@ def render(result: dict[str, Any]) -> str:
                 f"{r['latency_ratio']:.3f} ({r['ratio_q1']:.3f}–{r['ratio_q3']:.3f})"
                 + ("" if r["measurable"] else " n.m.d."),
                 f"{r['quotient']:.2f}",
-                f"{d['median_ms']:.1f} ms (IQR {d['q1_ms']:.1f}–{d['q3_ms']:.1f}), {d['reps']} reps",
+                f"{d['median_ms']:.1f} ms (IQR {d['q1_ms']:.1f}–{d['q3_ms']:.1f}), {d['reps']} "
+                "reps",
             )
         )
     lines += [
@@ -623,8 +637,9 @@ def render(result: dict[str, Any]) -> str:
         )
     if result.get("speed_plans"):
         lines += [
-            "Plans made for speed (`tensorcut.speed.plan_for_speedup`, Tucker-2, 1 thread, batch 1, eager, "
-            "channels-last; `verify=True`: measured on the whole model, all-dense if not measurably faster):",
+            "Plans made for speed (`tensorcut.speed.plan_for_speedup`, Tucker-2, 1 thread, batch "
+            "1, eager, channels-last; `verify=True`: measured on the whole model, all-dense if not "
+            "measurably faster):",
             "",
         ]
         lines.append(

@@ -1,4 +1,4 @@
-"""Peak memory of decomposing the largest conv layers of vgg19 / resnet50, and of a truncation sweep.
+"""Peak memory of decomposing the largest conv layers of vgg19 / resnet50 and of a truncation sweep.
 
 Each measurement runs in a fresh child process (``--child``): the kernel is built first,
 then the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``), the decomposition runs,
@@ -57,7 +57,7 @@ def _reset_peak() -> bool:
 
 
 def _largest_convs() -> dict[str, tuple[str, tuple[int, int, int, int]]]:
-    """Shapes of the largest 3x3 conv of vgg19 and the largest 1x1 conv of resnet50 (built without memory)."""
+    """Shapes of vgg19's largest 3x3 conv and resnet50's largest 1x1 conv (built without memory)."""
     import torch
     from torch import nn
 
@@ -78,7 +78,7 @@ def _largest_convs() -> dict[str, tuple[str, tuple[int, int, int, int]]]:
 
 
 def _case_ranks(method: str, shape: tuple[int, ...]) -> tuple[Any, dict[str, Any]]:
-    """Ranks (about a quarter of each mode) and options for one decomposition; CP-ALS iterations capped."""
+    """Ranks (~a quarter of each mode) and options for a decomposition; CP-ALS iterations capped."""
     o, i, kh, kw = shape
     q = lambda n: max(1, n // 4)  # noqa: E731
     if method == "tucker2":
@@ -230,13 +230,16 @@ def _markdown(rows: list[dict[str, Any]], command: str, machine: dict[str, Any])
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, Python {machine['python']}, "
-        f"device cpu, {machine['threads']} thread(s). Each row ran in a fresh process; the RSS delta is the "
-        "peak resident memory during the step minus resident memory just before it.",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, Python "
+        f"{machine['python']}, device cpu, {machine['threads']} thread(s). Each row ran in a fresh "
+        "process; the RSS delta is the peak resident memory during the step minus resident memory "
+        "just before it.",
         "",
-        f"Bound checked: RSS delta <= {BOUND_X_KERNEL:g} x (float32 kernel size) + {BOUND_FIXED_MB:g} MB.",
+        f"Bound checked: RSS delta <= {BOUND_X_KERNEL:g} x (float32 kernel size) + "
+        f"{BOUND_FIXED_MB:g} MB.",
         "",
-        "| layer | shape | method | ranks | kernel MB | RSS peak delta MB | x kernel | tracemalloc MB | s | within bound |",
+        "| layer | shape | method | ranks | kernel MB | RSS peak delta MB | x kernel | tracemalloc "
+        "MB | s | within bound |",
         "|---|---|---|---|---:|---:|---:|---:|---:|:---:|",
     ]
     for r in rows:
@@ -248,16 +251,17 @@ def _markdown(rows: list[dict[str, Any]], command: str, machine: dict[str, Any])
             )
             continue
         lines.append(
-            f"| {r['layer']} | {'x'.join(map(str, r['shape']))} | {r['method']} | {tuple(r['ranks'])} | "
-            f"{r['kernel_mb']} | {r['rss_peak_delta_mb']} | {r['x_kernel']} | {r['tracemalloc_peak_mb']} | "
-            f"{r['seconds']} | {'yes' if r['within_bound'] else '**no**'} |"
+            f"| {r['layer']} | {'x'.join(map(str, r['shape']))} | {r['method']} | "
+            f"{tuple(r['ranks'])} | {r['kernel_mb']} | {r['rss_peak_delta_mb']} | {r['x_kernel']} "
+            f"| {r['tracemalloc_peak_mb']} | {r['seconds']} | "
+            f"{'yes' if r['within_bound'] else '**no**'} |"
         )
     sweeps = [r for r in rows if r.get("kind") == "sweep"]
     if sweeps:
         lines += [
             "",
-            "| sweep | layers | configurations | images | cache budget MB | model MB | RSS peak delta MB | "
-            "tracemalloc MB | s |",
+            "| sweep | layers | configurations | images | cache budget MB | model MB | RSS peak "
+            "delta MB | tracemalloc MB | s |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in sweeps:
@@ -265,9 +269,9 @@ def _markdown(rows: list[dict[str, Any]], command: str, machine: dict[str, Any])
                 lines.append(f"| {r.get('model')} | error: {r['error']} | | | | | | | |")
                 continue
             lines.append(
-                f"| {r['model']} width {r['width']} | {r['layers']} | {r['configurations']} | {r['images']} | "
-                f"{r['cache_budget_mb']} | {r['model_mb']} | {r['rss_peak_delta_mb']} | "
-                f"{r['tracemalloc_peak_mb']} | {r['seconds']} |"
+                f"| {r['model']} width {r['width']} | {r['layers']} | {r['configurations']} | "
+                f"{r['images']} | {r['cache_budget_mb']} | {r['model_mb']} | "
+                f"{r['rss_peak_delta_mb']} | {r['tracemalloc_peak_mb']} | {r['seconds']} |"
             )
     return "\n".join(lines) + "\n"
 

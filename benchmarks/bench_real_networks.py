@@ -1,12 +1,12 @@
-"""tensorcut on real timm / torchvision architectures: exact, verified, or a crash — per model and method (issue 14).
+"""tensorcut on real timm / torchvision architectures: exact, verified or a crash, per model/method.
 
-Every architecture of ``tests/real_networks/_realnet_registry.py`` (random weights, float64, every
-conv selected) is compressed with Tucker-2 at full rank (must reproduce the model: "exact" when the
-output is within 1e-8 relative) and Tucker-2 at ratio 0.7 ("verified" when the model runs, and the
-plan's parameter / MAC totals equal the model's real parameter count, ``summarize`` and a
-FlopCounterMode count); a subset also with CP / TT / TR at ratio 0.7. Anything else is reported
-with its message. Results go to ``benchmarks/results/real_networks.{json,md}``; the JSON is
-rewritten after every case, and ``--resume`` skips cases already in it.
+Every architecture of ``tests/real_networks/_realnet_registry.py`` (issue 14; random weights,
+float64, every conv selected) is compressed with Tucker-2 at full rank (must reproduce the model:
+"exact" when the output is within 1e-8 relative) and Tucker-2 at ratio 0.7 ("verified" when the
+model runs, and the plan's parameter / MAC totals equal the model's real parameter count,
+``summarize`` and a FlopCounterMode count); a subset also with CP / TT / TR at ratio 0.7. Anything
+else is reported with its message. Results go to ``benchmarks/results/real_networks.{json,md}``; the
+JSON is rewritten after every case, and ``--resume`` skips cases already in it.
 
     nice -n 19 .venv/bin/python benchmarks/bench_real_networks.py [--archs a,b] [--resume]
 """
@@ -75,7 +75,7 @@ SUBSET = (
 
 
 def cases(archs: list[Arch]) -> list[tuple[str, str, str]]:
-    """(arch id, method, rule) in run order: every arch at tucker2 full and 0.7, the subset with cp/tt/tr 0.7."""
+    """(arch id, method, rule) in run order: each arch at tucker2 full/0.7, SUBSET cp/tt/tr 0.7."""
     out = []
     for a in archs:
         out += [(a.id, "tucker2", "full"), (a.id, "tucker2", "0.7")]
@@ -115,17 +115,17 @@ def run_case(arch: Arch, method: str, rule: str) -> dict[str, Any]:
         return rec
     rec["compress_seconds"] = round(time.perf_counter() - t0, 1)
     layers = plan.layers
-    rec["factorized"] = sum(l.status == "factorize" for l in layers)
-    rec["dense"] = sum(l.status != "factorize" for l in layers)
+    rec["factorized"] = sum(lp.status == "factorize" for lp in layers)
+    rec["dense"] = sum(lp.status != "factorize" for lp in layers)
     rec["dense_reasons"] = dict(
-        Counter(_reason_class(l.reason) for l in layers if l.status != "factorize")
+        Counter(_reason_class(lp.reason) for lp in layers if lp.status != "factorize")
     )
-    oes = [getattr(l, "output_error", None) for l in layers if l.status == "factorize"]
+    oes = [getattr(lp, "output_error", None) for lp in layers if lp.status == "factorize"]
     oes_f = [float(o) for o in oes if o is not None]
     rec["max_layer_output_error"] = max(oes_f) if oes_f else None
     rec["missing_output_errors"] = sum(o is None for o in oes)
     rec["max_kernel_error"] = max(
-        (float(l.error) for l in layers if l.status == "factorize" and l.error is not None),
+        (float(lp.error) for lp in layers if lp.status == "factorize" and lp.error is not None),
         default=None,
     )
     t = plan.totals()
@@ -161,7 +161,8 @@ def run_case(arch: Arch, method: str, rule: str) -> dict[str, Any]:
         )
     if rec["plan"]["model_params_before"] != rec["params_before"]:
         problems.append(
-            f"plan params before {rec['plan']['model_params_before']:,} != model {rec['params_before']:,}"
+            f"plan params before {rec['plan']['model_params_before']:,} != model "
+            f"{rec['params_before']:,}"
         )
     if rec["plan"]["model_macs_after"] != rec["macs_after"]:
         problems.append(
@@ -169,7 +170,8 @@ def run_case(arch: Arch, method: str, rule: str) -> dict[str, Any]:
         )
     if rec["plan"]["model_macs_before"] != rec["macs_before"]:
         problems.append(
-            f"plan MACs before {rec['plan']['model_macs_before']:,} != measured {rec['macs_before']:,}"
+            f"plan MACs before {rec['plan']['model_macs_before']:,} != measured "
+            f"{rec['macs_before']:,}"
         )
     if rec["summarize_macs_after"] != rec["macs_after"]:
         problems.append(
@@ -231,16 +233,18 @@ def render(result: dict[str, Any]) -> str:
         )
         if r["status"] not in ("exact", "verified", "exact (nothing factorized)"):
             fails.append(
-                f"- **{r['arch']}** {r['method']} {r['rule']}: {r['status']} — {r.get('message', '')}"
+                f"- **{r['arch']}** {r['method']} {r['rule']}: {r['status']} — "
+                f"{r.get('message', '')}"
             )
     body = [
         f"{len(recs)} cases: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".",
         "",
-        "exact: output within 1e-8 relative of the uncompressed model at full rank; verified: runs, and the plan's "
-        "parameter and MAC totals equal the model's real parameter count, `summarize` and a FlopCounterMode count "
-        "(conv + linear modules and factorized layers; attention matmuls excluded). Output error: relative "
-        "(norm-wise) error of the whole model's output; max layer: the largest `output_error` in the plan. "
-        "Random weights, float64, 10 classes, every conv selected.",
+        "exact: output within 1e-8 relative of the uncompressed model at full rank; verified: "
+        "runs, and the plan's parameter and MAC totals equal the model's real parameter count, "
+        "`summarize` and a FlopCounterMode count (conv + linear modules and factorized layers; "
+        "attention matmuls excluded). Output error: relative (norm-wise) error of the whole "
+        "model's output; max layer: the largest `output_error` in the plan. Random weights, "
+        "float64, 10 classes, every conv selected.",
         "",
         md_table(
             (
@@ -285,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--report-only",
         action="store_true",
-        help="rewrite the markdown from the JSON (e.g. of a run stopped early); cases not in it are listed as not run",
+        help="rewrite the markdown from the JSON (e.g. of a run stopped early); cases not in it "
+        "are listed as not run",
     )
     args = ap.parse_args(argv)
     pin_threads(args.threads)
@@ -329,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             rec["seconds"] = round(time.perf_counter() - t, 1)
             result["cases"].append(rec)
             print(
-                f"{arch_id:40s} {method:8s} {rule:5s} {rec['status']:24s} {rec['seconds']:7.1f}s {rec.get('message', '')[:150]}",
+                f"{arch_id:40s} {method:8s} {rule:5s} {rec['status']:24s} {rec['seconds']:7.1f}s "
+                f"{rec.get('message', '')[:150]}",
                 flush=True,
             )
             result["load"] = load.summary()
@@ -369,7 +375,8 @@ def _report_only(out: Path, todo: list[tuple[str, str, str]]) -> int:
         load,
     )
     print(
-        f"wrote {out.with_suffix('.md')} ({len(result['cases'])} cases, {len(result['not_run'])} not run)"
+        f"wrote {out.with_suffix('.md')} ({len(result['cases'])} cases, {len(result['not_run'])} "
+        "not run)"
     )
     return 0
 

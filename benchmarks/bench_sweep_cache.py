@@ -16,7 +16,8 @@ configuration. Writes ``benchmarks/results/sweep_cache.json`` and ``sweep_cache.
 
 Usage (from the repository root)::
 
-    nice .venv/bin/python benchmarks/bench_sweep_cache.py [--width 0.25] [--subset 2000] [--threads 2]
+    nice .venv/bin/python benchmarks/bench_sweep_cache.py \\
+        [--width 0.25] [--subset 2000] [--threads 2]
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class _Clock:
-    """Wall time and this process's CPU time (the fair measure on a shared, oversubscribed machine)."""
+    """Wall time and this process's CPU time (the fair measure on a shared, oversubscribed host)."""
 
     def __enter__(self) -> _Clock:
         self.w0, self.c0 = time.perf_counter(), time.process_time()
@@ -159,9 +160,9 @@ def main() -> int:
                 }
             )
             print(
-                f"{layer} {tuple(shape)}: {len(configs)} configs  CPU s: cached {c_cached.cpu:.1f}  "
-                f"naive {c_naive.cpu:.1f}  floor {c_floor.cpu:.1f}  (wall {c_cached.wall:.1f} / {c_naive.wall:.1f} / "
-                f"{c_floor.wall:.1f})",
+                f"{layer} {tuple(shape)}: {len(configs)} configs  CPU s: cached {c_cached.cpu:.1f} "
+                f" naive {c_naive.cpu:.1f}  floor {c_floor.cpu:.1f}  (wall {c_cached.wall:.1f} / "
+                f"{c_naive.wall:.1f} / {c_floor.wall:.1f})",
                 flush=True,
             )
     keys = (
@@ -198,35 +199,43 @@ def main() -> int:
     lines = [
         "# Sweep with activation cache vs naive re-evaluation",
         "",
-        f"Model: {res['model']}. Data: {res['data']}. {args.threads} threads, torch {torch.__version__}.",
-        "Sweep: every default-eligible layer x all seven bipartitions x the shape-derived keep grid.",
+        f"Model: {res['model']}. Data: {res['data']}. {args.threads} threads, torch "
+        f"{torch.__version__}.",
+        "Sweep: every default-eligible layer x all seven bipartitions x the shape-derived keep "
+        "grid.",
         "",
-        "Times are this process's CPU seconds (torch single-threaded): the machine is shared and oversubscribed, so",
-        "wall time mostly measures other people's load; wall-clock totals are given below the table.",
+        "Times are this process's CPU seconds (torch single-threaded): the machine is shared and "
+        "oversubscribed, so",
+        "wall time mostly measures other people's load; wall-clock totals are given below the "
+        "table.",
         "",
-        "| layer | kernel | configs | cached s | naive s | floor s | speed-up vs naive | cached / floor |",
+        "| layer | kernel | configs | cached s | naive s | floor s | speed-up vs naive | cached / "
+        "floor |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for p in per_layer:
         lines.append(
-            f"| {p['layer']} | {'x'.join(map(str, p['shape']))} | {p['configs']} | {p['cached_s']:.1f} | "
-            f"{p['naive_s']:.1f} | {p['floor_s']:.1f} | {p['speedup_vs_naive']:.2f}x | "
-            f"{p['ratio_to_floor']:.2f} |"
+            f"| {p['layer']} | {'x'.join(map(str, p['shape']))} | {p['configs']} | "
+            f"{p['cached_s']:.1f} | {p['naive_s']:.1f} | {p['floor_s']:.1f} | "
+            f"{p['speedup_vs_naive']:.2f}x | {p['ratio_to_floor']:.2f} |"
         )
     lines += [
-        f"| **all** | | {tot['configs']} | {tot['cached_s']:.1f} | {tot['naive_s']:.1f} | {tot['floor_s']:.1f} | "
-        f"**{res['speedup_vs_naive']:.2f}x** | **{res['ratio_to_floor']:.2f}** |",
+        f"| **all** | | {tot['configs']} | {tot['cached_s']:.1f} | {tot['naive_s']:.1f} | "
+        f"{tot['floor_s']:.1f} | **{res['speedup_vs_naive']:.2f}x** | "
+        f"**{res['ratio_to_floor']:.2f}** |",
         "",
-        f"Wall clock (same run): cached {tot['cached_wall_s']:.1f} s, naive {tot['naive_wall_s']:.1f} s, floor "
-        f"{tot['floor_wall_s']:.1f} s; speed-up {res['speedup_vs_naive_wall']:.2f}x, cached / floor "
-        f"{res['ratio_to_floor_wall']:.2f}.",
+        f"Wall clock (same run): cached {tot['cached_wall_s']:.1f} s, naive "
+        f"{tot['naive_wall_s']:.1f} s, floor {tot['floor_wall_s']:.1f} s; speed-up "
+        f"{res['speedup_vs_naive_wall']:.2f}x, cached / floor {res['ratio_to_floor_wall']:.2f}.",
         f"Cached and naive results identical for every configuration: {res['results_identical']}.",
-        f"Upper bound for any exact rest-of-network cache on this model (naive / floor): {res['amdahl_bound']:.2f}x.",
-        f"One-off baseline evaluation + spectra before the sweep (not in the table): {t_baseline:.1f} s.",
+        "Upper bound for any exact rest-of-network cache on this model (naive / floor): "
+        f"{res['amdahl_bound']:.2f}x.",
+        "One-off baseline evaluation + spectra before the sweep (not in the table): "
+        f"{t_baseline:.1f} s.",
         "",
-        "cached = `analyze()` end to end (SVD once per bipartition, prefix pass, rest-of-network evaluations, "
-        "SQLite rows); naive = fresh SVD + full `evaluate()` over the DataLoader per configuration; "
-        "floor = rest-of-network forward passes alone, one per configuration.",
+        "cached = `analyze()` end to end (SVD once per bipartition, prefix pass, rest-of-network "
+        "evaluations, SQLite rows); naive = fresh SVD + full `evaluate()` over the DataLoader per "
+        "configuration; floor = rest-of-network forward passes alone, one per configuration.",
     ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

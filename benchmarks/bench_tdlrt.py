@@ -8,7 +8,8 @@ Per model and per ``tau``:
                      trained by plain backprop with the same optimiser and schedule;
 * ``compress_ft`` -- the trained dense model compressed by HOSVD to the same ranks, then
                      fine-tuned with the plain optimiser (compress-then-fine-tune);
-* ``tdlrt_pre``   -- the trained dense model, HOSVD at full rank, then TDLRT (the second entry point).
+* ``tdlrt_pre``   -- the trained dense model, HOSVD at full rank, then TDLRT (the second entry
+                     point).
 
 Everything uses the same optimiser (SGD, momentum 0.9, no Nesterov), learning rate, cosine
 schedule and batch size. Accuracy is on a held-out test subset; compression counts conv
@@ -87,7 +88,8 @@ def record(results: dict[str, Any], row: dict[str, Any], out: Path) -> None:
     acc = row.get("test_top1")
     print(
         f"  {row['model']:>9} {row['method']:<12} tau={row.get('tau', '-')!s:<5} top1={acc:.4f} "
-        f"conv-compression={row['conv_compression_pct']:.1f}% s/epoch={row.get('sec_per_epoch', 0):.1f}",
+        f"conv-compression={row['conv_compression_pct']:.1f}% "
+        f"s/epoch={row.get('sec_per_epoch', 0):.1f}",
         flush=True,
     )
 
@@ -101,11 +103,12 @@ def step_timing(
     lr: float,
     momentum: float,
 ) -> dict[str, float]:
-    """Median seconds per training step, methods interleaved round-robin so CPU contention hits all alike.
+    """Median seconds per training step, methods interleaved round-robin so CPU contention hits all
+    alike.
 
-    ``dense``: plain SGD step; ``tdlrt@tau``: a full TDLRT step (2 forward + 2 backward, augmentation,
-    truncation) on Tucker layers started at that run's final ranks; ``fixed@tau``: plain SGD step on
-    Tucker layers fixed at those ranks.
+    ``dense``: plain SGD step; ``tdlrt@tau``: a full TDLRT step (2 forward + 2 backward,
+    augmentation, truncation) on Tucker layers started at that run's final ranks; ``fixed@tau``:
+    plain SGD step on Tucker layers fixed at those ranks.
     """
     x, y = batch
     steps: dict[str, Any] = {}
@@ -155,14 +158,15 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Command: `{results['command']}`",
         "",
-        f"Data: {cfg['dataset']}, {cfg['subset']} training images (seeded subset, 10% of the training split held out "
-        f"unused), {cfg['test_subset']} test images; width multipliers {cfg.get('widths', cfg.get('width'))}; {cfg['epochs']} epochs; SGD "
-        f"lr {cfg['lr']} momentum {cfg['momentum']}, cosine schedule, batch {cfg['batch_size']}; "
-        f"compress-then-fine-tune and pretrained->TDLRT: {cfg['ft_epochs']} epochs at lr {cfg['ft_lr']}. "
-        f"rmin {cfg['rmin']}. CPU threads {cfg['threads']} ({results['machine']}).",
+        f"Data: {cfg['dataset']}, {cfg['subset']} training images (seeded subset, 10% of the "
+        f"training split held out unused), {cfg['test_subset']} test images; width multipliers "
+        f"{cfg.get('widths', cfg.get('width'))}; {cfg['epochs']} epochs; SGD lr {cfg['lr']} "
+        f"momentum {cfg['momentum']}, cosine schedule, batch {cfg['batch_size']}; "
+        f"compress-then-fine-tune and pretrained->TDLRT: {cfg['ft_epochs']} epochs at lr "
+        f"{cfg['ft_lr']}. rmin {cfg['rmin']}. CPU threads {cfg['threads']} ({results['machine']}).",
         "",
-        "Compression = 100 (1 - stored / dense) over all conv layers (biases included, first conv dense); "
-        "CR = dense / stored. Time = training seconds per epoch, and relative to dense.",
+        "Compression = 100 (1 - stored / dense) over all conv layers (biases included, first conv "
+        "dense); CR = dense / stored. Time = training seconds per epoch, and relative to dense.",
         "",
     ]
     for model in dict.fromkeys(r["model"] for r in results["runs"]):
@@ -171,7 +175,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             f"## {model}",
             "",
-            "| method | tau | test top-1 | conv compression % | conv CR | s/epoch | time vs dense | final ranks (r_out, r_in) |",
+            "| method | tau | test top-1 | conv compression % | conv CR | s/epoch | time vs dense "
+            "| final ranks (r_out, r_in) |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in runs:
@@ -182,8 +187,9 @@ def markdown(results: dict[str, Any]) -> str:
             )
             ranks = " ".join(f"{a}/{b}" for a, b in r.get("ranks", {}).values()) or "-"
             lines.append(
-                f"| {r['method']} | {r.get('tau', '-')} | {r['test_top1']:.4f} | {r['conv_compression_pct']:.1f} | "
-                f"{r['conv_cr']:.2f} | {r.get('sec_per_epoch', 0):.1f} | {rel} | {ranks} |"
+                f"| {r['method']} | {r.get('tau', '-')} | {r['test_top1']:.4f} | "
+                f"{r['conv_compression_pct']:.1f} | {r['conv_cr']:.2f} | "
+                f"{r.get('sec_per_epoch', 0):.1f} | {rel} | {ranks} |"
             )
         lines.append("")
         timing = results.get("step_timing", {}).get(model)

@@ -88,7 +88,7 @@ def _fallback_resnet(name: str) -> nn.Module:
         nn.ReLU(),
     ]
     cin = stem
-    for i, (w, n) in enumerate(zip(widths, blocks)):
+    for i, (w, n) in enumerate(zip(widths, blocks, strict=True)):
         for j in range(n):
             layers.append(Block(cin, w, 2 if (j == 0 and i > 0) else 1, proj))
             cin = w
@@ -132,7 +132,7 @@ def _key(c: TRCandidate) -> tuple[float, float, int, int]:
 
 
 def naive_search(kernel: torch.Tensor, eps: float) -> TRCandidate:
-    """Exact-SVD TR-SVD for every (shift, divisor), each one from scratch (as the reference code)."""
+    """Exact-SVD TR-SVD for every (shift, divisor), each from scratch (as the reference code)."""
     shape = tuple(kernel.shape)
     cands = []
     for s in range(4):
@@ -231,8 +231,8 @@ def run_model(
                 )
             layers.append(row)
             print(
-                f"  {name} eps={eps} {lname:24s} {str(tuple(w.shape)):18s} {dt:7.2f}s ranks={res.ranks} "
-                f"P {dense}->{res.params}"
+                f"  {name} eps={eps} {lname:24s} {str(tuple(w.shape)):18s} {dt:7.2f}s "
+                f"ranks={res.ranks} P {dense}->{res.params}"
                 + (f" naive {row['naive_seconds']:.2f}s" if "naive_seconds" in row else ""),
                 flush=True,
             )
@@ -272,19 +272,22 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     lines = [
         "# RSDTR compression time (randomly initialised CIFAR ResNets)",
         "",
-        f"Device: {env['cpu']}, {env['threads']} torch thread(s) on {env['cores']} cores; torch {env['torch']}; "
-        f"tensorly {env['tensorly']}; load average {env['loadavg_start']} at start, {env['loadavg_end']} at end "
-        "(the machine is shared; times are wall clock).",
+        f"Device: {env['cpu']}, {env['threads']} torch thread(s) on {env['cores']} cores; torch "
+        f"{env['torch']}; tensorly {env['tensorly']}; load average {env['loadavg_start']} at "
+        f"start, {env['loadavg_end']} at end (the machine is shared; times are wall clock).",
         "",
         env["threads_note"],
         "",
         f"Command: `{env['command']}`",
         "",
-        "Objective: fewest stored parameters. PCR = dense conv parameters / compressed; *all* replaces every conv, "
-        "*guarded* keeps a layer dense when its ring would not be smaller (what the planner does). "
-        "FCR = conv MACs at 32x32, guarded. Random kernels have flat spectra, so PCR is low by nature.",
+        "Objective: fewest stored parameters. PCR = dense conv parameters / compressed; *all* "
+        "replaces every conv, *guarded* keeps a layer dense when its ring would not be smaller "
+        "(what the planner does). FCR = conv MACs at 32x32, guarded. Random kernels have flat "
+        "spectra, so PCR is low by nature.",
         "",
-        "| model | eps | RSDTR s | naive exact-SVD s | speed-up | tensorly TR-SVD at chosen ranks s | layers | larger than dense | PCR all | PCR guarded | PCR whole model | FCR guarded | max rel. err |",
+        "| model | eps | RSDTR s | naive exact-SVD s | speed-up | tensorly TR-SVD at chosen ranks "
+        "s | layers | larger than dense | PCR all | PCR guarded | PCR whole model | FCR guarded | "
+        "max rel. err |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in report["models"]:
@@ -295,9 +298,11 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             )
             tly = f"{r['tensorly_seconds']:.1f}" if "tensorly_seconds" in r else "—"
             lines.append(
-                f"| {m['model']} | {r['eps']} | {r['rsdtr_seconds']:.1f} | {naive} | {speed} | {tly} | {m['n_convs']} | "
-                f"{r['layers_larger_than_dense']} | {r['pcr_conv_all']:.3f} | {r['pcr_conv_guarded']:.3f} | "
-                f"{r['pcr_model_guarded']:.3f} | {r['fcr_conv_guarded']:.3f} | {r['max_rel_error']:.3f} |"
+                f"| {m['model']} | {r['eps']} | {r['rsdtr_seconds']:.1f} | {naive} | {speed} | "
+                f"{tly} | {m['n_convs']} | {r['layers_larger_than_dense']} | "
+                f"{r['pcr_conv_all']:.3f} | {r['pcr_conv_guarded']:.3f} | "
+                f"{r['pcr_model_guarded']:.3f} | {r['fcr_conv_guarded']:.3f} | "
+                f"{r['max_rel_error']:.3f} |"
             )
     lines += ["", "Naive and RSDTR choose rings of equal size on every layer where both ran:"]
     for m in report["models"]:
@@ -313,15 +318,17 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             "",
             f"## Per layer: resnet18, eps {r['eps']}",
             "",
-            "| layer | kernel | s | naive s | ranks (a,b,c,d) | shift | divisor | candidates | dense P | TR P | rel. err |",
+            "| layer | kernel | s | naive s | ranks (a,b,c,d) | shift | divisor | candidates | "
+            "dense P | TR P | rel. err |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in r["layers"]:
             nv = f"{row['naive_seconds']:.2f}" if "naive_seconds" in row else "—"
             lines.append(
-                f"| {row['name']} | {'x'.join(map(str, row['shape']))} | {row['seconds']:.2f} | {nv} | "
-                f"{tuple(row['ranks'])} | {row['shift']} | {row['divisor']} | {row['candidates']} | "
-                f"{row['dense_params']} | {row['tr_params']} | {row['rel_error']:.3f} |"
+                f"| {row['name']} | {'x'.join(map(str, row['shape']))} | {row['seconds']:.2f} | "
+                f"{nv} | {tuple(row['ranks'])} | {row['shift']} | {row['divisor']} | "
+                f"{row['candidates']} | {row['dense_params']} | {row['tr_params']} | "
+                f"{row['rel_error']:.3f} |"
             )
     path.write_text("\n".join(lines) + "\n")
 
@@ -360,10 +367,11 @@ def main() -> None:
         "python": platform.python_version(),
         "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "command": "nice .venv/bin/python " + " ".join(sys.argv),
-        "threads_note": "tensorcut's TR-SVD/RSDTR run single-threaded on kernels of at most 2**22 entries (every "
-        "kernel here), whatever torch's thread count: threaded BLAS stalls on a busy shared CPU (ResNet-18 at eps "
-        "0.5 took 220 s with two threads vs 26 s with one while developing this). The naive baseline goes "
-        "through the same code path; tensorly's numpy/OpenBLAS is limited to one thread as well.",
+        "threads_note": "tensorcut's TR-SVD/RSDTR run single-threaded on kernels of at most 2**22 "
+        "entries (every kernel here), whatever torch's thread count: threaded BLAS stalls on a "
+        "busy shared CPU (ResNet-18 at eps 0.5 took 220 s with two threads vs 26 s with one while "
+        "developing this). The naive baseline goes through the same code path; tensorly's "
+        "numpy/OpenBLAS is limited to one thread as well.",
     }
     models = [run_model(m, args.eps, args.baseline_eps, do_tly, args.seed) for m in args.models]
     env["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -377,8 +385,9 @@ def main() -> None:
         for r in m["runs"]:
             extra = f", naive {r['naive_seconds']:.1f}s" if "naive_seconds" in r else ""
             print(
-                f"{m['model']} eps={r['eps']}: rsdtr {r['rsdtr_seconds']:.1f}s{extra}; PCR all {r['pcr_conv_all']:.3f}, "
-                f"guarded {r['pcr_conv_guarded']:.3f}; {r['layers_larger_than_dense']}/{m['n_convs']} layers larger than dense"
+                f"{m['model']} eps={r['eps']}: rsdtr {r['rsdtr_seconds']:.1f}s{extra}; PCR all "
+                f"{r['pcr_conv_all']:.3f}, guarded {r['pcr_conv_guarded']:.3f}; "
+                f"{r['layers_larger_than_dense']}/{m['n_convs']} layers larger than dense"
             )
 
 

@@ -245,16 +245,17 @@ def write_markdown(
     lines = [f"# {title}", "", "Command (from the repository root):", "", "```", command, "```", ""]
     m = machine
     lines.append(
-        f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['threads']} thread(s) for torch and BLAS, nice {m['nice']}; "
-        f"python {m['python']}, torch {m['torch']}, tensorly {m['tensorly']}, tensorly-torch {m['tltorch']}; "
-        f"commit {m['git_commit']}; started {m['started']}."
+        f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['threads']} thread(s) for torch and BLAS, nice "
+        f"{m['nice']}; python {m['python']}, torch {m['torch']}, tensorly {m['tensorly']}, "
+        f"tensorly-torch {m['tltorch']}; commit {m['git_commit']}; started {m['started']}."
     )
     lines.append("")
     lines.append(f"`uptime` at start: `{m['uptime_at_start']}`")
     if load:
         lines.append(
-            f"1-minute load average during the run: min {load['load1_min']}, mean {load['load1_mean']}, "
-            f"max {load['load1_max']} ({load['samples']} samples) on {load['cpus']} CPUs."
+            f"1-minute load average during the run: min {load['load1_min']}, mean "
+            f"{load['load1_mean']}, max {load['load1_max']} ({load['samples']} samples) on "
+            f"{load['cpus']} CPUs."
         )
     lines += ["", body.rstrip(), ""]
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -54,8 +54,8 @@ def _train(args: argparse.Namespace) -> Path:
         return ck
     _REPORT["computed"] = True
     print(
-        f"[train] vanilla-cnn width {args.width} on fashion-mnist ({args.train_subset or 'all'} images, "
-        f"{args.epochs} epochs)",
+        f"[train] vanilla-cnn width {args.width} on fashion-mnist ({args.train_subset or 'all'} "
+        f"images, {args.epochs} epochs)",
         flush=True,
     )
     train(
@@ -110,8 +110,8 @@ def _analyze(args: argparse.Namespace, ck: Path) -> Path:
     )
     _REPORT["computed"] = _REPORT["computed"] or rep.evaluated > 0
     print(
-        f"[analyze] {rep.evaluated} evaluated, {rep.skipped} reused, {time.perf_counter() - t0:.0f} s; "
-        f"fast path: {rep.fast_path}",
+        f"[analyze] {rep.evaluated} evaluated, {rep.skipped} reused, "
+        f"{time.perf_counter() - t0:.0f} s; fast path: {rep.fast_path}",
         flush=True,
     )
     return db
@@ -186,7 +186,9 @@ def _claims(
         for b in ("KW", "KH")
     }
     out["c2"] = {
-        "per_layer": [{"layer": l, "max_tol_kw_kh": s, "min_tol_out_in": g} for l, s, g in pairs],
+        "per_layer": [
+            {"layer": name, "max_tol_kw_kh": s, "min_tol_out_in": g} for name, s, g in pairs
+        ],
         "layers_where_less_robust_than_out_and_in": by_mode,
         "layers_less_robust": sum(1 for _, s, g in pairs if s < g),
         "n_layers": len(pairs),
@@ -327,7 +329,7 @@ def _claims(
         xs = [r["norm_loss_pct"] for r in sv]
         ys = [r["corr_loss_pct"] for r in sv]
         mx, my = statistics.mean(xs), statistics.mean(ys)
-        cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+        cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
         den = math.sqrt(sum((x - mx) ** 2 for x in xs) * sum((y - my) ** 2 for y in ys))
         out["norm_vs_corr_pearson"] = cov / den if den else None
     return out
@@ -349,19 +351,22 @@ def _markdown(c: Mapping[str, Any], ctx: Mapping[str, Any]) -> str:
     L += [
         "# Paper reproduction: truncation study on vanilla-cnn / Fashion-MNIST",
         "",
-        f"Model: `vanilla-cnn` width {ctx['width']} (conv kernels {ctx['shapes']}), trained {ctx['epochs']} epochs "
-        f"on {ctx['train_subset'] or 'all'} Fashion-MNIST training images (Adam, cosine LR); test top-1 "
-        f"{ctx['test_top1']:.4f}.",
-        f"Evaluation: {c['split']} split, {ctx['n_eval']} images; unmodified top-1 {c['baseline_top1']:.4f}. "
-        f"Truncated layers: {', '.join(layers)} (every conv with more than one input channel; conv1 has one).",
-        "Norm = squared Frobenius norm (sum of squared singular values); norm loss % = discarded share. "
-        f'Entropy: {ctx["entropy"]}. "Robust" = top-1 within {100 * DROP:g} points of the unmodified model; '
-        "the *tolerated norm loss* is the largest norm loss before top-1 first falls further (linear interpolation "
-        "between measured points; the largest measured loss if it never does).",
-        f"Command: `{ctx['command']}` ({ctx['minutes'] or 0:.0f} min wall-clock on 2 CPU cores shared with other jobs"
+        f"Model: `vanilla-cnn` width {ctx['width']} (conv kernels {ctx['shapes']}), trained "
+        f"{ctx['epochs']} epochs on {ctx['train_subset'] or 'all'} Fashion-MNIST training images "
+        f"(Adam, cosine LR); test top-1 {ctx['test_top1']:.4f}.",
+        f"Evaluation: {c['split']} split, {ctx['n_eval']} images; unmodified top-1 "
+        f"{c['baseline_top1']:.4f}. Truncated layers: {', '.join(layers)} (every conv with more "
+        "than one input channel; conv1 has one).",
+        "Norm = squared Frobenius norm (sum of squared singular values); norm loss % = discarded "
+        f"share. Entropy: {ctx['entropy']}. "
+        f'"Robust" = top-1 within {100 * DROP:g} points of the unmodified model; the *tolerated '
+        "norm loss* is the largest norm loss before top-1 first falls further (linear "
+        "interpolation between measured points; the largest measured loss if it never does).",
+        f"Command: `{ctx['command']}` ({ctx['minutes'] or 0:.0f} min wall-clock on 2 CPU cores "
+        "shared with other jobs"
         + (f", {ctx['cpu_minutes']:.0f} min of CPU time" if ctx.get("cpu_minutes") else "")
-        + "). "
-        "Figures in `figures/`, rows in `results.csv`, spectra in `spectra.csv`, numbers in `summary.json`.",
+        + "). Figures in `figures/`, rows in `results.csv`, spectra in `spectra.csv`, numbers in "
+        "`summary.json`.",
         "",
     ]
     tol = c["tolerated"]
@@ -377,7 +382,8 @@ def _markdown(c: Mapping[str, Any], ctx: Mapping[str, Any]) -> str:
         )
     L += [
         "",
-        "Top-1 drop (points) at 50% norm loss, interpolated (n/a: 50% not inside the measured range):",
+        "Top-1 drop (points) at 50% norm loss, interpolated (n/a: 50% not inside the measured "
+        "range):",
         "",
         "| layer | " + " | ".join(SVD_BIPS) + " |",
         "|---|" + "---:|" * len(SVD_BIPS),
@@ -391,25 +397,29 @@ def _markdown(c: Mapping[str, Any], ctx: Mapping[str, Any]) -> str:
     c1 = c["c1"]
     L += [
         f"1. **Accuracy is robust to large norm loss along OUT / IN** — {_yes(c1['verdict'])}. "
-        f"Median tolerated norm loss over layers along OUT and IN: {c1['median_tolerated_out_in']:.1f}% "
-        f"(range {c1['min']:.1f}-{c1['max']:.1f}%); criterion: median >= 40% (the paper: up to ~50%).",
+        "Median tolerated norm loss over layers along OUT and IN: "
+        f"{c1['median_tolerated_out_in']:.1f}% (range {c1['min']:.1f}-{c1['max']:.1f}%); "
+        "criterion: median >= 40% (the paper: up to ~50%).",
         "",
     ]
     c2 = c["c2"]
     per = "; ".join(
-        f"{p['layer']}: KW/KH at most {p['max_tol_kw_kh']:.1f}% vs OUT/IN at least {p['min_tol_out_in']:.1f}%"
+        f"{p['layer']}: KW/KH at most {p['max_tol_kw_kh']:.1f}% vs OUT/IN at least "
+        f"{p['min_tol_out_in']:.1f}%"
         for p in c2["per_layer"]
     )
     gap = c2["mean_top1_gap_at_equal_norm_loss"]
     L += [
         f"2. **KW and KH truncations are less robust** — {_yes(c2['verdict'])}. "
-        f"{c2['layers_less_robust']} of {c2['n_layers']} layers tolerate less norm loss along KW/KH than along "
-        f"OUT/IN ({per}). At equal norm loss, the KW/KH points are on average "
+        f"{c2['layers_less_robust']} of {c2['n_layers']} layers tolerate less norm loss along "
+        f"KW/KH than along OUT/IN ({per}). At equal norm loss, the KW/KH points are on average "
         f"{_fmt(None if gap is None else 100 * gap)} points of top-1 below the OUT/IN curves "
-        f"({c2['n_points']} points; positive = KW/KH worse). Layers where the cut tolerates less than both OUT "
-        f"and IN: KW {', '.join(c2['layers_where_less_robust_than_out_and_in']['KW']) or 'none'}; KH "
-        f"{', '.join(c2['layers_where_less_robust_than_out_and_in']['KH']) or 'none'}. The first KW/KH step "
-        "(keep n-1 of 3-5 values) already discards a large share of the norm, which is the paper's explanation.",
+        f"({c2['n_points']} points; positive = KW/KH worse). Layers where the cut tolerates less "
+        "than both OUT and IN: KW "
+        f"{', '.join(c2['layers_where_less_robust_than_out_and_in']['KW']) or 'none'}; KH "
+        f"{', '.join(c2['layers_where_less_robust_than_out_and_in']['KH']) or 'none'}. The first "
+        "KW/KH step (keep n-1 of 3-5 values) already discards a large share of the norm, which is "
+        "the paper's explanation.",
         "",
     ]
     c3 = c["c3"]
@@ -418,31 +428,37 @@ def _markdown(c: Mapping[str, Any], ctx: Mapping[str, Any]) -> str:
         for b, t in c3["per_bipartition"].items()
     )
     L += [
-        f"3. **Deeper layers are more robust** — {_yes(c3['verdict'])}. The deepest truncated layer tolerates "
-        f"more norm loss than the shallowest for {c3['bipartitions_deeper_more_robust']} of {c3['n']} bipartitions "
-        f"(tolerated %, shallow -> deep: {rows3}).",
+        f"3. **Deeper layers are more robust** — {_yes(c3['verdict'])}. The deepest truncated "
+        "layer tolerates more norm loss than the shallowest for "
+        f"{c3['bipartitions_deeper_more_robust']} of {c3['n']} bipartitions (tolerated %, shallow "
+        f"-> deep: {rows3}).",
         "",
     ]
     c4 = c["c4"]
+    pct4 = {
+        k: None if c4[k] is None else 100 * c4[k]
+        for k in ("mean_svd_out_minus_cp", "share_svd_out_better", "mean_best_svd_minus_cp")
+    }
     L += [
-        f"4. **SVD truncation beats CP at equal norm loss** — {_yes(c4['verdict'])}. Over {c4['n']} CP points, "
-        f"SVD-OUT top-1 at the same norm loss minus CP top-1: mean "
-        f"{_fmt(None if c4['mean_svd_out_minus_cp'] is None else 100 * c4['mean_svd_out_minus_cp'])} points; "
-        f"SVD-OUT better at {_fmt(None if c4['share_svd_out_better'] is None else 100 * c4['share_svd_out_better'], 0)}% "
-        f"of them (best bipartition: {_fmt(None if c4['mean_best_svd_minus_cp'] is None else 100 * c4['mean_best_svd_minus_cp'])} "
-        "points). CP points outside the measured SVD norm-loss range are not compared.",
+        f"4. **SVD truncation beats CP at equal norm loss** — {_yes(c4['verdict'])}. Over "
+        f"{c4['n']} CP points, SVD-OUT top-1 at the same norm loss minus CP top-1: mean "
+        f"{_fmt(pct4['mean_svd_out_minus_cp'])} points; SVD-OUT better at "
+        f"{_fmt(pct4['share_svd_out_better'], 0)}% of them (best bipartition: "
+        f"{_fmt(pct4['mean_best_svd_minus_cp'])} points). CP points outside the measured SVD "
+        "norm-loss range are not compared.",
         "",
     ]
     c5 = c["c5"]
     gap = c5.get("svd_minus_cp_after_1_epoch")
     L += [
-        f"5. **Fast recovery after aggressive truncation** — {_yes(c5['verdict'])} (criterion: every scenario "
-        "back to >= 80% of the unmodified top-1 after one epoch). Each scenario truncates all three layers at once, "
-        "as mildly as still drops top-1 to at most 2x chance; retraining is Adam (lr 1e-3), one epoch = one pass "
-        f"over {ctx['recover_subset']} training images. SVD scenarios recover faster than CP (paper): "
-        f"{_yes(c5['svd_faster_than_cp'])}; after one epoch the slowest SVD scenario minus the fastest CP scenario "
-        f"is {_fmt(None if gap is None else 100 * gap)} points, noise margin (2 standard errors of a difference) "
-        f"{_fmt(100 * c5['noise_margin'])} points.",
+        f"5. **Fast recovery after aggressive truncation** — {_yes(c5['verdict'])} (criterion: "
+        "every scenario back to >= 80% of the unmodified top-1 after one epoch). Each scenario "
+        "truncates all three layers at once, as mildly as still drops top-1 to at most 2x chance; "
+        f"retraining is Adam (lr 1e-3), one epoch = one pass over {ctx['recover_subset']} training "
+        f"images. SVD scenarios recover faster than CP (paper): {_yes(c5['svd_faster_than_cp'])}; "
+        "after one epoch the slowest SVD scenario minus the fastest CP scenario is "
+        f"{_fmt(None if gap is None else 100 * gap)} points, noise margin (2 standard errors of a "
+        f"difference) {_fmt(100 * c5['noise_margin'])} points.",
         "",
         "| scenario | truncation (all layers) | avg norm loss % | top-1 by epoch (0 = truncated) |",
         "|---|---|---:|---|",
@@ -450,7 +466,8 @@ def _markdown(c: Mapping[str, Any], ctx: Mapping[str, Any]) -> str:
     for name, s in c5["scenarios"].items():
         tr = s.get("truncation")
         L.append(
-            f"| {name} | {json.dumps(tr) if tr is not None else ''} | {_fmt(s.get('avg_norm_loss'))} | "
+            f"| {name} | {json.dumps(tr) if tr is not None else ''} | "
+            f"{_fmt(s.get('avg_norm_loss'))} | "
             + ", ".join(f"{t:.3f}" for t in s["top1_by_epoch"])
             + " |"
         )
