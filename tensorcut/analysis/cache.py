@@ -35,6 +35,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from tensorcut.analysis.grid import conv_weight
 from tensorcut.errors import TensorcutError
 
 DEFAULT_CACHE_BYTES = 1 << 30  # 1 GiB
@@ -177,7 +178,7 @@ class EvalSet:
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(inputs, labels) per batch, in loader order."""
-        for (x,), y in zip(self.inputs, self.labels):
+        for (x,), y in zip(self.inputs, self.labels, strict=True):
             yield x, y
 
     def fingerprint_update(self, h: Any) -> None:
@@ -401,8 +402,11 @@ class LayerRunner:
         acc = _Accumulator()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            for vals, y in zip(self._store, self.data.labels):
-                args = [v.to(device).clone() if c else v.to(device) for v, c in zip(vals, clone)]
+            for vals, y in zip(self._store, self.data.labels, strict=True):
+                args = [
+                    v.to(device).clone() if c else v.to(device)
+                    for v, c in zip(vals, clone, strict=True)
+                ]
                 acc.add(suffix(*args), y)
         return acc.result(time.perf_counter() - t0)
 
@@ -426,7 +430,7 @@ def swapped_weights(model: nn.Module, kernels: Mapping[str, torch.Tensor]) -> It
     try:
         with torch.no_grad():
             for name, K in kernels.items():
-                w = model.get_submodule(name).weight
+                w = conv_weight(model, name)
                 if tuple(w.shape) != tuple(K.shape):
                     raise TensorcutError(
                         f"kernel for {name!r} has shape {tuple(K.shape)}, expected {tuple(w.shape)}"

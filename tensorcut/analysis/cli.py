@@ -14,7 +14,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     a = sub.add_parser(
         "analyze",
         help="truncation study: spectra, accuracy vs norm loss sweeps, CP, recovery",
-        description="Truncate the conv kernels of a checkpoint along kernel bipartitions (and CP ranks), "
+        description="Truncate the conv kernels of a checkpoint along kernel bipartitions "
+        "(and CP ranks), "
         "evaluate each configuration and record it in an SQLite results file (resumable).",
     )
     a.add_argument(
@@ -56,7 +57,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--keep",
         nargs="+",
         default=None,
-        help="keep values instead of the shape-derived grid: 10,20 | 1:8 | OUT=10:60:10 | conv2:KW=1,2",
+        help="keep values instead of the shape-derived grid: "
+        "10,20 | 1:8 | OUT=10:60:10 | conv2:KW=1,2",
     )
     a.add_argument(
         "--cp-ranks", nargs="+", default=None, help="CP ranks to sweep per layer (ints or 'auto')"
@@ -79,7 +81,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=0,
         metavar="EPOCHS",
-        help="truncate all layers to near-chance accuracy (SVD OUT, SVD OUT-IN, CP) and retrain EPOCHS epochs",
+        help="truncate all layers to near-chance accuracy (SVD OUT, SVD OUT-IN, CP) "
+        "and retrain EPOCHS epochs",
     )
     a.add_argument(
         "--recover-subset",
@@ -138,7 +141,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "plot",
         help="figures of a truncation study (PNG and SVG)",
-        description="Draw spectra, accuracy-vs-norm-loss, depth, all-layer, CP and recovery figures.",
+        description="Draw spectra, accuracy-vs-norm-loss, depth, all-layer, CP "
+        "and recovery figures.",
     )
     p.add_argument(
         "results", metavar="RESULTS", help="SQLite results file written by `tensorcut analyze`"
@@ -164,6 +168,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def _analyze(args: argparse.Namespace) -> int:
     from tensorcut import data as tdata
     from tensorcut import io as tio
+    from tensorcut.analysis.shard import ShardReport
     from tensorcut.analysis.shard import (
         analyze_sharded as analyze,
     )  # plain analyze unless torchrun/RANK+WORLD_SIZE
@@ -185,7 +190,8 @@ def _analyze(args: argparse.Namespace) -> int:
         raise TensorcutError(f"--recover-subset must be >= 1, got {args.recover_subset}")
     if args.recover < 0 or not args.recover_lr > 0:
         raise TensorcutError(
-            f"--recover must be >= 0 epochs and --recover-lr > 0; got {args.recover} and {args.recover_lr:g}"
+            "--recover must be >= 0 epochs and --recover-lr > 0; "
+            f"got {args.recover} and {args.recover_lr:g}"
         )
     if args.keep is not None:
         from tensorcut.analysis.grid import parse_keep
@@ -245,11 +251,13 @@ def _analyze(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     csv_path = Path(args.csv) if args.csv else Path(args.out).with_suffix(".csv")
+    # one shard of a sharded sweep (docs/scaling.md): not the finished study
+    shard = report if isinstance(report, ShardReport) and not report.final else None
     if args.json:
         from tensorcut.console import print_json
 
         res: dict[str, Any] = {"results": str(args.out), "evaluated": report.evaluated}
-        if getattr(report, "final", True):
+        if shard is None:
             files = []
             if args.plots:
                 from tensorcut.analysis.plots import plot
@@ -264,17 +272,19 @@ def _analyze(args: argparse.Namespace) -> int:
                 figures=files,
             )
         else:
-            res.update(shard=report.rank, world_size=report.world_size)
+            res.update(shard=shard.rank, world_size=shard.world_size)
         print_json(res)
         return 0
-    if not getattr(report, "final", True):  # one shard of a sharded sweep (docs/scaling.md)
+    if shard is not None:
         print(
-            f"shard {report.rank + 1}/{report.world_size}: {report.evaluated} configurations evaluated into {args.out}"
+            f"shard {shard.rank + 1}/{shard.world_size}: "
+            f"{shard.evaluated} configurations evaluated into {args.out}"
         )
         return 0
     for split, b in report.baseline.items():
         print(
-            f"baseline {split}: top-1 {b['top1']:.4f}  top-5 {b['top5']:.4f}  loss {b['loss']:.4f}  (n={b['n']})"
+            f"baseline {split}: top-1 {b['top1']:.4f}  top-5 {b['top5']:.4f}  "
+            f"loss {b['loss']:.4f}  (n={b['n']})"
         )
     for layer, why in report.fast_path.items():
         print(
@@ -288,8 +298,8 @@ def _analyze(args: argparse.Namespace) -> int:
     if args.plots:
         from tensorcut.analysis.plots import plot
 
-        files = plot(args.out, args.plots)
-        print(f"{len(files)} figure files in {args.plots}")
+        figures = plot(args.out, args.plots)
+        print(f"{len(figures)} figure files in {args.plots}")
     return 0
 
 
@@ -299,7 +309,10 @@ def _not_a_file(path: str | None, flag: str) -> None:
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
-    """Refuse outputs that would replace something that is not this verb's own earlier output (before any work)."""
+    """Refuse outputs that would replace something that is not this verb's own earlier output.
+
+    Checked before any work is done.
+    """
     from tensorcut.analysis.store import COLUMNS
 
     _not_a_file(args.plots, "--plots")
@@ -324,8 +337,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
                 first = ""
             if not first.startswith(head):
                 raise TensorcutError(
-                    f"{path} exists and is not a CSV export of `tensorcut analyze`; pass --force to "
-                    "replace it or give another --csv"
+                    f"{path} exists and is not a CSV export of `tensorcut analyze`; "
+                    "pass --force to replace it or give another --csv"
                 )
 
 

@@ -1,4 +1,6 @@
-"""Read sweep rows back as curves and summarise them (tolerated norm loss, accuracy at a given loss).
+"""Read sweep rows back as curves and summarise them.
+
+The summaries are the tolerated norm loss and the accuracy at a given loss.
 
 Used by the figures and by the paper-reproduction report, so both read the numbers the same way.
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 
@@ -38,7 +41,10 @@ def curves(
     by: Sequence[str] = ("layer", "bipartition"),
     with_baseline: bool = True,
 ) -> dict[tuple[Any, ...], list[Point]]:
-    """Group rows into curves sorted by norm loss; the unmodified model is the (0, baseline) point."""
+    """Group rows into curves sorted by norm loss.
+
+    The unmodified model is the (0, baseline) point of every curve.
+    """
     rows = list(rows)
     base = baselines(rows)
     out: dict[tuple[Any, ...], list[Point]] = defaultdict(list)
@@ -61,7 +67,7 @@ def curves(
                 r.get("corr_loss_pct"),
             )
         )
-    for key, pts in out.items():
+    for pts in out.values():
         if with_baseline and len(fps) == 1:
             b = base.get((next(iter(fps)), split))
             if b is not None:
@@ -77,7 +83,7 @@ def accuracy_at(points: Sequence[Point], norm_loss: float, *, metric: str = "top
     pts = sorted(points, key=lambda p: p.norm_loss)
     if not pts or norm_loss < pts[0].norm_loss or norm_loss > pts[-1].norm_loss:
         return None
-    for a, b in zip(pts, pts[1:]):
+    for a, b in pairwise(pts):
         if a.norm_loss <= norm_loss <= b.norm_loss:
             if b.norm_loss == a.norm_loss:
                 return float(getattr(a, metric))
@@ -89,7 +95,7 @@ def accuracy_at(points: Sequence[Point], norm_loss: float, *, metric: str = "top
 def tolerated_norm_loss(
     points: Sequence[Point], baseline_top1: float, *, max_drop: float = 0.01, metric: str = "top1"
 ) -> float:
-    """Largest norm loss % reached before accuracy first falls more than ``max_drop`` below baseline.
+    """Largest norm loss % reached before accuracy drops more than ``max_drop`` below baseline.
 
     Walks the curve by increasing norm loss; at the first point beyond the allowed drop the
     crossing is linearly interpolated from the previous point. If no point crosses, the

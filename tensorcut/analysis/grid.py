@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from tensorcut.errors import TensorcutError
@@ -22,11 +23,19 @@ def conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
 
 
+def conv_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The ``weight`` tensor of the named submodule (a conv layer of the study)."""
+    w = model.get_submodule(name).weight
+    if not isinstance(w, torch.Tensor):
+        raise TensorcutError(f"{name!r} has no weight tensor; name a Conv2d layer")
+    return w
+
+
 def select_layers(model: nn.Module, layers: Sequence[str] | None = None) -> list[str]:
     """Layers to truncate, in model order.
 
-    Default: every Conv2d with more than one input channel (per group, i.e. ``weight.shape[1] > 1``);
-    explicit names may be any Conv2d. Unknown names list the valid ones.
+    Default: every Conv2d with more than one input channel (per group, i.e.
+    ``weight.shape[1] > 1``); explicit names may be any Conv2d. Unknown names list the valid ones.
     """
     convs = conv_layers(model)
     names = [n for n, _ in convs]
@@ -44,7 +53,8 @@ def select_layers(model: nn.Module, layers: Sequence[str] | None = None) -> list
     bad = [x for x in wanted if x not in names]
     if bad:
         raise TensorcutError(
-            f"unknown layer(s) {', '.join(repr(b) for b in bad)}; valid conv layers: {', '.join(names)}"
+            f"unknown layer(s) {', '.join(repr(b) for b in bad)}; "
+            f"valid conv layers: {', '.join(names)}"
         )
     return [n for n in names if n in set(wanted)]
 
@@ -71,9 +81,10 @@ def _nice_floor(x: float) -> int:
 
 
 def default_keep_grid(n: int) -> list[int]:
-    """Keep values for a spectrum of ``n`` singular values, in the manner of the paper's Tables I–II.
+    """Keep values for a spectrum of ``n`` singular values, as in the paper's Tables I–II.
 
-    ``n <= 10``: every truncating value ``1..n-1`` (KW, KH: ``1:2``; OUT-IN of a 3x3 kernel: ``1:8``).
+    ``n <= 10``: every truncating value ``1..n-1`` (KW, KH: ``1:2``; OUT-IN of a 3x3 kernel:
+    ``1:8``).
     Larger: multiples of a 1-2-5 step near ``n / 6`` below ``n`` (16 -> 2:14:2, 64 -> 10:60:10,
     128 -> 20:120:20, 512 -> 50:500:50).
     """
@@ -86,7 +97,10 @@ def default_keep_grid(n: int) -> list[int]:
 
 
 def default_cp_ranks(shape: Sequence[int]) -> list[int]:
-    """CP ranks for a kernel: 5, 10, 20, 40, ... up to the largest channel mode (paper Fig. 21a spirit)."""
+    """CP ranks for a kernel: 5, 10, 20, 40, ... up to the largest channel mode.
+
+    In the spirit of the paper's Fig. 21a.
+    """
     top = max(int(shape[0]), int(shape[1]))
     out, r = [], 5
     while r <= top:
@@ -130,9 +144,12 @@ def parse_keep(keep: Any) -> KeepSpec:
 
     Accepts ``None`` (default grids), a list of ints (every layer and bipartition), a dict
     ``{bipartition: [...]}`` or ``{(layer, bipartition): [...]}``, or CLI tokens:
-    ``"10,20"``, ``"1:8"`` (range, end included), ``"OUT=10,20"``, ``"conv2:OUT=10:60:10"``, ``"conv2=1,2"``.
+    ``"10,20"``, ``"1:8"`` (range, end included), ``"OUT=10,20"``, ``"conv2:OUT=10:60:10"``,
+    ``"conv2=1,2"``.
     """
     spec: KeepSpec = {}
+    layer: str | None
+    bip: str | None
     if keep is None:
         return spec
     if isinstance(keep, Mapping):
@@ -152,8 +169,7 @@ def parse_keep(keep: Any) -> KeepSpec:
         tok = str(tok)
         if "=" in tok:
             target, values = tok.split("=", 1)
-            layer: str | None = None
-            bip: str | None = None
+            layer, bip = None, None
             if ":" in target:
                 layer, b = target.split(":", 1)
                 bip = canonical_bipartition(b)
@@ -195,7 +211,8 @@ def check_keep_layers(spec: KeepSpec, layers: Sequence[str], all_layers: Sequenc
                 else f"; conv layers of the model: {', '.join(all_layers)}"
             )
             raise TensorcutError(
-                f"--keep names layer {layer!r}, which is not among the selected layers ({valid}){hint}"
+                f"--keep names layer {layer!r}, "
+                f"which is not among the selected layers ({valid}){hint}"
             )
 
 

@@ -3,7 +3,8 @@
 One call, :func:`plot`, writes every figure the data supports:
 
 - ``spectra``: singular values per bipartition, one line per layer (paper Figs. 6-7);
-- ``accuracy_vs_norm_loss_<BIP>``: top-1 / top-5 vs norm loss, one line per layer (Figs. 8-11, 18-19),
+- ``accuracy_vs_norm_loss_<BIP>``: top-1 / top-5 vs norm loss, one line per layer
+  (Figs. 8-11, 18-19),
   and ``accuracy_vs_norm_loss_all`` with every bipartition side by side;
 - ``robustness_vs_depth``: tolerated norm loss vs layer depth per bipartition (Fig. 20);
 - ``all_layers``: simultaneous truncation, accuracy vs average norm loss (Figs. 12-13);
@@ -87,9 +88,9 @@ def plot_spectra(
         {s["layer"] for s in spectra},
         key=lambda n: min(s["depth"] for s in spectra if s["layer"] == n),
     )
-    colors = dict(zip(layers, _colors(len(layers))))
+    colors = dict(zip(layers, _colors(len(layers)), strict=True))
     ekey = "entropy_vn" if entropy_form == "vn" else "entropy_literal"
-    for ax, bip in zip(axes.flat, BIPARTITIONS):
+    for ax, bip in zip(axes.flat, BIPARTITIONS, strict=False):  # 8 panels, 7 bipartitions
         for s in spectra:
             if s["bipartition"] != bip:
                 continue
@@ -122,7 +123,7 @@ def _acc_panel(
     metric: str,
     title: str,
 ) -> None:
-    colors = dict(zip(layers, _colors(len(layers))))
+    colors = dict(zip(layers, _colors(len(layers)), strict=True))
     for layer in layers:
         pts = curves.get((layer,))
         if not pts:
@@ -150,7 +151,7 @@ def plot_accuracy(
     split: str,
     meta: Mapping[str, Any] | None,
 ) -> list[Path]:
-    """Per bipartition: top-1 and top-5 vs norm loss with one line per layer; plus an overview grid."""
+    """Per bipartition: top-1 and top-5 vs norm loss, one line per layer; plus an overview grid."""
     paths: list[Path] = []
     per_bip = {}
     for bip in BIPARTITIONS:
@@ -167,7 +168,7 @@ def plot_accuracy(
         _acc_panel(axes[0, 1], c, layers, "top5", f"SVD truncation along {bip} ({split})")
         paths += _save(fig, out, f"accuracy_vs_norm_loss_{bip}_{split}", formats)
     fig, axes = _figure(2, 4, size=(20, 8))
-    for ax, bip in zip(axes.flat, BIPARTITIONS):
+    for ax, bip in zip(axes.flat, BIPARTITIONS, strict=False):  # 8 panels, 7 bipartitions
         if bip in per_bip:
             c = per_bip[bip]
             _acc_panel(ax, c, _layer_order(meta, [k[0] for k in c]), "top1", f"{bip} ({split})")
@@ -211,13 +212,13 @@ def plot_depth(
         style = "-" if "-" not in bip else "--"
         axes[0, 0].plot(xs, tol, marker="o", linestyle=style, label=bip)
         axes[0, 1].plot(
-            [x for x, a in zip(xs, at50) if a is not None],
+            [x for x, a in zip(xs, at50, strict=True) if a is not None],
             [b1 - a for a in at50 if a is not None],
             marker="o",
             linestyle=style,
             label=bip,
         )
-        ticks.update(zip(xs, layers))
+        ticks.update(zip(xs, layers, strict=True))
         any_line = True
     if not any_line:
         return []
@@ -240,13 +241,13 @@ def plot_depth(
 def plot_all_layers(
     rows: Sequence[Mapping[str, Any]], out: Path, formats: Sequence[str], split: str
 ) -> list[Path]:
-    """Accuracy vs average norm loss when every selected layer is truncated at once (Figs. 12-13)."""
+    """Accuracy vs average norm loss, every selected layer truncated at once (Figs. 12-13)."""
     svd = findings.curves(rows, kind="all-layers", method="svd", split=split, by=("bipartition",))
     cp = findings.curves(rows, kind="all-layers", method="cp", split=split, by=("method",))
     if not svd and not cp:
         return []
     fig, axes = _figure(1, 2)
-    for ax, metric in zip(axes.flat, ("top1", "top5")):
+    for ax, metric in zip(axes.flat, ("top1", "top5"), strict=True):
         for (bip,), pts in sorted(svd.items(), key=lambda kv: BIPARTITIONS.index(kv[0][0])):
             ax.plot(
                 [p.norm_loss for p in pts],
@@ -281,7 +282,10 @@ def plot_cp(
     split: str,
     meta: Mapping[str, Any] | None,
 ) -> list[Path]:
-    """CP truncation per layer (solid) against SVD truncation along OUT (dashed), top-1 vs norm loss."""
+    """CP truncation per layer (solid) against SVD truncation along OUT (dashed).
+
+    Top-1 and top-5 accuracy vs norm loss.
+    """
     cp = findings.curves(rows, kind="cp", method="cp", split=split, by=("layer",))
     if not cp:
         return []
@@ -293,9 +297,9 @@ def plot_cp(
         by=("layer",),
     )
     layers = _layer_order(meta, [k[0] for k in cp])
-    colors = dict(zip(layers, _colors(len(layers))))
+    colors = dict(zip(layers, _colors(len(layers)), strict=True))
     fig, axes = _figure(1, 2)
-    for ax, metric in zip(axes.flat, ("top1", "top5")):
+    for ax, metric in zip(axes.flat, ("top1", "top5"), strict=True):
         for layer in layers:
             pts = cp[(layer,)]
             ax.plot(

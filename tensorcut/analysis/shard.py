@@ -1,4 +1,4 @@
-"""Sharded truncation sweeps: one study split across ranks or worker processes, into one results store.
+"""Sharded truncation sweeps: one study split across ranks or worker processes, one store.
 
 A thin layer over :func:`tensorcut.analysis.sweep.analyze`. The study is cut into *units*
 (one layer, or one layer along one bipartition; one all-layer sweep per bipartition; the
@@ -36,7 +36,8 @@ from tensorcut.kernel import n_singular
 
 __all__ = ["ShardReport", "Unit", "analyze_sharded", "assign", "plan_units"]
 
-#: Collective timeout for sweeps: ranks may wait at the barrier for as long as the slowest shard runs.
+#: Collective timeout for sweeps: ranks may wait at the barrier for as long as the slowest
+#: shard runs.
 SWEEP_TIMEOUT = datetime.timedelta(hours=48)
 #: Rough relative costs used to balance shards (one cached single-layer evaluation = 1).
 CP_COST, ALL_LAYER_COST, RECOVERY_EPOCH_COST = 4.0, 3.0, 60.0
@@ -60,7 +61,7 @@ class Unit:
 
 @dataclass
 class ShardReport(AnalysisReport):
-    """An :class:`AnalysisReport` that also says which shard produced it and whether the study is finished.
+    """An :class:`AnalysisReport` that also says its shard and whether the study is finished.
 
     ``final`` is True only for the report of the finishing pass (rank 0 under torchrun, or a
     single process); other shards report what they evaluated themselves.
@@ -101,7 +102,7 @@ def plan_units(
     bips = grid.select_bipartitions(bipartitions)
     spec = grid.parse_keep(keep)
     grid.check_keep_layers(spec, chosen, all_convs)
-    shapes = {name: tuple(model.get_submodule(name).weight.shape) for name in chosen}
+    shapes = {name: tuple(grid.conv_weight(model, name).shape) for name in chosen}
     cp_spec = grid.parse_cp_ranks(cp_ranks)
     n_cp = {
         name: len(grid.default_cp_ranks(shapes[name])) if cp_spec == "auto" else len(cp_spec or [])
@@ -120,7 +121,7 @@ def plan_units(
                     Unit("single", (name,), tuple(bips), n_cp[name] > 0, sum(counts) + cp_cost)
                 )
             else:
-                for i, (b, c) in enumerate(zip(bips, counts)):
+                for i, (b, c) in enumerate(zip(bips, counts, strict=True)):
                     first = i == 0 and n_cp[name] > 0
                     units.append(
                         Unit("single", (name,), (b,), first, c + (cp_cost if first else 0.0))
@@ -155,7 +156,10 @@ def plan_units(
 
 
 def assign(units: Sequence[Unit], world_size: int) -> list[list[Unit]]:
-    """Deal units to ``world_size`` ranks: longest first, each to the least loaded rank (deterministic)."""
+    """Deal units to ``world_size`` ranks.
+
+    Longest first, each to the least loaded rank (deterministic).
+    """
     if world_size < 1:
         raise TensorcutError(f"world size must be >= 1, got {world_size}")
     load = [0.0] * world_size

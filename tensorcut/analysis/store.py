@@ -79,7 +79,8 @@ CREATE TABLE IF NOT EXISTS results (
   UNIQUE ({", ".join(KEY_COLUMNS)})
 );
 CREATE TABLE IF NOT EXISTS spectra (
-  fingerprint TEXT NOT NULL, model TEXT, layer TEXT NOT NULL, depth INTEGER, bipartition TEXT NOT NULL,
+  fingerprint TEXT NOT NULL, model TEXT, layer TEXT NOT NULL, depth INTEGER,
+  bipartition TEXT NOT NULL,
   shape TEXT, singular_values TEXT NOT NULL, entropy_vn REAL, entropy_literal REAL,
   UNIQUE (fingerprint, layer, bipartition)
 );
@@ -93,7 +94,10 @@ def _sqlite_header(path: Path) -> bool:
 
 
 def _retry_locked(fn: Any, timeout: float) -> None:
-    """Call ``fn`` until it does not fail with SQLite's 'locked' / 'busy', for at most ``timeout`` seconds."""
+    """Call ``fn`` until it does not fail with SQLite's 'locked' / 'busy'.
+
+    Gives up (re-raising) after ``timeout`` seconds.
+    """
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -139,7 +143,10 @@ class ResultsStore:
             ) from None
 
     def _write(self, sql: str, args: Sequence[Any]) -> sqlite3.Cursor:
-        """One committed write; a full disk or read-only file is one clear error and earlier rows stay."""
+        """One committed write.
+
+        A full disk or read-only file is one clear error, and earlier rows stay.
+        """
         try:
             return self.conn.execute(sql, args)
         except sqlite3.OperationalError as exc:
@@ -149,11 +156,15 @@ class ResultsStore:
             ) from None
 
     def _create_schema(self) -> None:
-        """WAL mode and the tables; BEGIN IMMEDIATE takes the write lock up front (several workers may
-        create the same file at once, and a deferred transaction's lock upgrade fails without waiting)."""
+        """WAL mode and the tables.
+
+        BEGIN IMMEDIATE takes the write lock up front: several workers may create the same file
+        at once, and a deferred transaction's lock upgrade fails without waiting.
+        """
         self.conn.execute("PRAGMA journal_mode = WAL")
         self.conn.execute("PRAGMA synchronous = NORMAL")
-        try:  # tables and identity rows in one transaction: another worker never sees a store half-made
+        # tables and identity rows in one transaction: another worker never sees a store half-made
+        try:
             self.conn.execute("BEGIN IMMEDIATE")
             for stmt in (x.strip() for x in _SCHEMA.split(";")):
                 if stmt:
@@ -193,10 +204,13 @@ class ResultsStore:
                 "it was left untouched: move it away or choose another --out"
             ) from exc
         if not tables and _sqlite_header(self.path):
-            return  # a valid, empty SQLite database (another worker is creating the store right now): join it
+            # a valid, empty SQLite database (another worker is creating the store right now):
+            # join it
+            return
         if check is None or check[0] != "ok":
             raise TensorcutError(
-                f"results file {where!r} failed its integrity check ({check[0] if check else '?'}); "
+                f"results file {where!r} failed its integrity check "
+                f"({check[0] if check else '?'}); "
                 "it was left untouched: move it away or choose another --out"
             )
         if meta.get("app") != APP_ID or "results" not in tables:
@@ -228,7 +242,8 @@ class ResultsStore:
             data["extra"] = json.dumps(data["extra"], sort_keys=True)
         cols = list(data)
         cur = self._write(
-            f"INSERT OR IGNORE INTO results ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+            f"INSERT OR IGNORE INTO results ({', '.join(cols)}) "
+            f"VALUES ({', '.join('?' * len(cols))})",
             [data[c] for c in cols],
         )
         return cur.rowcount == 1
@@ -309,7 +324,7 @@ class ResultsStore:
         cur = self.conn.execute(f"SELECT {', '.join(COLUMNS)} FROM results{sql} ORDER BY id", args)
         out = []
         for r in cur:
-            d = dict(zip(COLUMNS, r))
+            d = dict(zip(COLUMNS, r, strict=True))
             if d.get("extra"):
                 d["extra"] = json.loads(d["extra"])
             out.append(d)
@@ -327,7 +342,7 @@ class ResultsStore:
         )
         out = []
         for r in cur:
-            d = dict(zip(SPECTRUM_COLUMNS, r))
+            d = dict(zip(SPECTRUM_COLUMNS, r, strict=True))
             d["shape"] = json.loads(d["shape"])
             d["singular_values"] = json.loads(d["singular_values"])
             out.append(d)

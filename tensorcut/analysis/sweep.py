@@ -317,7 +317,7 @@ def analyze(
     bips = grid.select_bipartitions(bipartitions)
     spec = grid.parse_keep(keep)
     grid.check_keep_layers(spec, chosen, all_convs)
-    kernels = {name: model.get_submodule(name).weight.detach().clone() for name in chosen}
+    kernels = {name: grid.conv_weight(model, name).detach().clone() for name in chosen}
     bad = [name for name, K in kernels.items() if not bool(torch.isfinite(K).all())]
     if bad:
         raise TensorcutError(
@@ -332,7 +332,7 @@ def analyze(
     plan_cp = {
         layer: (
             grid.default_cp_ranks(kernels[layer].shape)
-            if cp_spec == "auto"
+            if isinstance(cp_spec, str)  # "auto"
             else list(cp_spec or [])
         )
         for layer in chosen
@@ -442,6 +442,7 @@ def analyze(
         if recover_epochs:
             from tensorcut.analysis.recovery import run_recovery
 
+            assert train_loader is not None  # checked on entry
             run_recovery(
                 sweep, chosen, kernels, train_loader, recover_epochs, **dict(recover_kwargs or {})
             )
@@ -461,7 +462,7 @@ def analyze(
             es.close()
         with torch.no_grad():
             for layer, K in kernels.items():
-                model.get_submodule(layer).weight.copy_(K)
+                grid.conv_weight(model, layer).copy_(K)
         model.train(was_training)
         store.close()
     report.seconds = time.perf_counter() - t_start
