@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import pickle
 import warnings
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -133,35 +135,72 @@ class ImageDataset(Dataset):
 # ----------------------------------------------------------------------------- readers
 
 
+# DEFLATE expands at most ~1032:1, so a gzipped IDX file of n bytes holds at most this many
+# times n bytes: a header claiming more is refused before anything is read or allocated.
+_GZIP_MAX_EXPANSION = 1100
+
+
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped), checking magic number and size."""
+    """Read an IDX file (optionally gzipped), checking magic number and size.
+
+    The header is read first and its shape checked against what the file can hold, so a corrupt
+    header claiming billions of values is refused before anything is allocated; a file of zero
+    values is refused as empty (naming it), not passed on to fail later as an empty split.
+    """
     try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise TensorcutError(f"cannot read {path}: {e.strerror}") from None
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
+        size = path.stat().st_size
+        if size == 0 and path.is_file():
             raise TensorcutError(
-                f"{path} is not a valid gzip file ({e}); re-install the data set"
-            ) from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+                f"{path} is empty (0 bytes); re-install the data set or check --data-dir"
+            )
+        with open(path, "rb") as raw_f:
+            gz = raw_f.read(2) == b"\x1f\x8b"
+        opener = gzip.open if gz else open
+        with opener(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08:
+                raise TensorcutError(
+                    f"{path} is not an unsigned-byte IDX file (bad magic number); check --data-dir"
+                )
+            ndim = head[3]
+            shape = f.read(4 * ndim) if ndim in (1, 3) else b""
+            if ndim not in (1, 3) or len(shape) < 4 * ndim:
+                raise TensorcutError(
+                    f"{path}: unexpected IDX rank {ndim}; expected labels (1) or images (3)"
+                )
+            dims = [int.from_bytes(shape[4 * i : 4 + 4 * i], "big") for i in range(ndim)]
+            n = math.prod(dims)
+            expected = 4 + 4 * ndim + n
+            if n == 0:
+                raise TensorcutError(
+                    f"{path} is empty (its header says shape {dims}: no values); "
+                    "re-install the data set or check --data-dir"
+                )
+            if not gz and expected != size:
+                raise _size_mismatch(path, size, dims, expected)
+            if gz and expected > size * _GZIP_MAX_EXPANSION:
+                raise TensorcutError(
+                    f"{path}: its header claims shape {dims} ({expected:,} bytes), more than a "
+                    f"gzipped file of {size:,} bytes can hold; the file is corrupt — "
+                    "re-install the data set"
+                )
+            body = f.read(n + 1)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise TensorcutError(
-            f"{path} is not an unsigned-byte IDX file (bad magic number); check --data-dir"
-        )
-    ndim = raw[3]
-    if ndim not in (1, 3) or len(raw) < 4 + 4 * ndim:
-        raise TensorcutError(
-            f"{path}: unexpected IDX rank {ndim}; expected labels (1) or images (3)"
-        )
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    expected = 4 + 4 * ndim + int(np.prod(dims))
-    if len(raw) != expected:
-        raise TensorcutError(
-            f"{path}: size {len(raw)} bytes does not match its header {dims} ({expected} bytes); the file is truncated or corrupt"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+            f"{path} is not a valid gzip file ({e or type(e).__name__}); re-install the data set"
+        ) from None
+    except OSError as e:
+        raise TensorcutError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(body) != n:
+        raise _size_mismatch(path, 4 + 4 * ndim + len(body), dims, expected)
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+def _size_mismatch(path: Path, size: int, dims: list[int], expected: int) -> TensorcutError:
+    return TensorcutError(
+        f"{path}: size {size:,} bytes does not match its header {dims} ({expected:,} bytes); "
+        "the file is truncated or corrupt — re-install the data set"
+    )
 
 
 def _find(dirpath: Path, stem: str) -> Path | None:

@@ -832,6 +832,54 @@ def test_G13_data_set_missing(tmp_path: Path, capsys: Any) -> None:
     )
 
 
+def test_G14_idx_header_claiming_a_huge_shape(tmp_path: Path, capsys: Any) -> None:
+    import struct
+    import tracemalloc
+
+    from tensorcut import data as tdata
+
+    d = _fashion(tmp_path / "fm")
+    dims = (2**32 - 1,) * 3  # 7.9e28 bytes: numpy's int64 product would overflow
+    p = d / "train-images-idx3-ubyte"
+    p.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">III", *dims) + p.read_bytes()[16:])
+    claimed = 16 + (2**32 - 1) ** 3
+    refused(
+        capsys,
+        _train_on("fashion-mnist", d, tmp_path),
+        f"train-images-idx3-ubyte: size {p.stat().st_size:,} bytes does not match its header",
+        f"({claimed:,} bytes)",
+        keep=(d,),
+    )
+    # gzipped: 64 MB of zeros compress to ~64 kB; a header claiming 10^12 values is refused
+    # from the header alone, before the body is decompressed into memory
+    g = tmp_path / "huge-idx3-ubyte.gz"
+    head = bytes([0, 0, 8, 3]) + struct.pack(">III", 10**6, 10**3, 10**3)
+    g.write_bytes(gzip.compress(head + bytes(64 << 20), compresslevel=1))
+    tracemalloc.start()
+    try:
+        with pytest.raises(TensorcutError, match=r"header claims shape \[1000000, 1000, 1000\]"):
+            tdata.read_idx(g)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak
+
+
+@pytest.mark.parametrize("what", ["zero items", "zero bytes"])
+def test_G15_empty_idx_file_is_named(tmp_path: Path, capsys: Any, what: str) -> None:
+    d = _fashion(tmp_path / "fm")
+    if what == "zero items":
+        write_idx(d / "train-images-idx3-ubyte", np.zeros((0, 28, 28)), gz=False)
+        write_idx(d / "train-labels-idx1-ubyte", np.zeros(0), gz=False)
+        needle = "train-images-idx3-ubyte is empty (its header says shape [0, 28, 28]"
+    else:
+        (d / "train-images-idx3-ubyte").write_bytes(b"")
+        needle = "train-images-idx3-ubyte is empty (0 bytes)"
+    err = refused(capsys, _train_on("fashion-mnist", d, tmp_path), needle, keep=(d,))
+    assert "validation split" not in err
+    assert not (tmp_path / "never").exists()
+
+
 # ============================================================================= H. wrong channel count
 
 
