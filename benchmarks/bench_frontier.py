@@ -1,15 +1,16 @@
-"""Benchmark: the accuracy-vs-compression frontier of the main job (`tensorcut run`) vs uniform ranks.
+"""Benchmark: the accuracy-vs-compression frontier of the main job (`tensorcut run`) vs uniform
+ranks.
 
 For ``vanilla-cnn`` and ``resnet20`` trained on Fashion-MNIST, at conv-layer compression
 ratios 2, 5, 10 and 20:
 
-- **run**: ``tensorcut.run(out, RunConfig(target_ratio=R, method="tucker2", ...), checkpoint=DENSE)``
-  — truncation study on a calibration subset, then the allocation with the best calibration
-  top-1 among "guided" (sensitivity-weighted greedy budget), "error" (greedy budget, no
+- **run**: ``tensorcut.run(out, RunConfig(target_ratio=R, method="tucker2", ...),
+  checkpoint=DENSE)`` — truncation study on a calibration subset, then the allocation with the best
+  calibration top-1 among "guided" (sensitivity-weighted greedy budget), "error" (greedy budget, no
   sensitivity) and "uniform"; fine-tune; verify on the test split;
-- **uniform**: the thesis's protocol, ``compress_checkpoint(DENSE, ..., CompressConfig(method="tucker2",
-  ratio=1/R))`` (the same per-layer parameter ratio on every layer) and
-  ``finetune_checkpoint`` with exactly the recipe ``run`` uses (same optimiser, lr, epochs,
+- **uniform**: the thesis's protocol, ``compress_checkpoint(DENSE, ...,
+  CompressConfig(method="tucker2", ratio=1/R))`` (the same per-layer parameter ratio on every layer)
+  and ``finetune_checkpoint`` with exactly the recipe ``run`` uses (same optimiser, lr, epochs,
   patience, batch size, seed, training data).
 
 Test top-1 before and after fine-tuning, the achieved conv-layer ratio, parameters and the
@@ -75,7 +76,7 @@ def log(msg: str) -> None:
 
 
 def code_version() -> dict[str, Any]:
-    """The package's git commit and which of its files differ from it (others may be editing the checkout)."""
+    """The package's git commit and the files that differ from it (others may edit the checkout)."""
     import subprocess
 
     def git(*args: str) -> str:
@@ -89,12 +90,15 @@ def code_version() -> dict[str, Any]:
     return {
         "commit": git("rev-parse", "--short", "HEAD"),
         "modified": [
-            l[3:] for l in git("status", "--porcelain", "--", "tensorcut").splitlines() if l[3:]
+            line[3:]
+            for line in git("status", "--porcelain", "--", "tensorcut").splitlines()
+            if line[3:]
         ],
     }
 
 
-#: the package code this process imported (captured at start: later commits by others do not affect it)
+#: the package code this process imported (captured at start: later commits by others do not
+#: affect it)
 CODE: dict[str, Any] = {}
 
 
@@ -117,7 +121,8 @@ def _write_idx(path: Path, arr: np.ndarray) -> None:
 def make_data(
     dst: Path, train_subset: int | None, test_subset: int | None, seed: int
 ) -> dict[str, int]:
-    """A reduced copy of Fashion-MNIST in IDX form: a seeded random subset of the training (and test) images.
+    """A reduced copy of Fashion-MNIST in IDX form: a seeded random subset of the training (and
+    test) images.
 
     Pointing the checkpoint's ``data_dir`` at it makes every stage of ``run`` (calibration,
     fine-tuning, early stopping, verification) use the same reduced data as the uniform arm.
@@ -202,7 +207,8 @@ def dense_stage(
         log(f"{key}: done (skipped), test top-1 {res.data['entries'][key]['test_top1']:.4f}")
         return d
     log(
-        f"{key}: training width {width} for {a.dense_epochs} epochs (Adam lr {a.dense_lr:g}, cosine)"
+        f"{key}: training width {width} for {a.dense_epochs} epochs (Adam lr {a.dense_lr:g}, "
+        "cosine)"
     )
     t = time.perf_counter()
     ck = train(
@@ -242,8 +248,9 @@ def dense_stage(
 def dense_ft_stage(
     model: str, dense: Path, a: argparse.Namespace, work: Path, res: Results
 ) -> None:
-    """Control: the *dense* model fine-tuned with exactly the arms' recipe. The compressed models get
-    that much extra training, so the goal is also judged against this (the dense models are short-trained)."""
+    """Control: the *dense* model fine-tuned with exactly the arms' recipe. The compressed models
+    get that much extra training, so the goal is also judged against this (the dense models are
+    short-trained)."""
     key = f"{model}/dense-ft"
     if res.has(key):
         log(f"{key}: done (skipped), test top-1 {res.data['entries'][key]['top1_after']:.4f}")
@@ -285,7 +292,8 @@ def run_arm(
     if res.has(key):
         e = res.data["entries"][key]
         log(
-            f"{key}: done (skipped), final top-1 {e['top1_after']:.4f} at x{e['conv_ratio']:.2f} ({e['allocation']})"
+            f"{key}: done (skipped), final top-1 {e['top1_after']:.4f} at x{e['conv_ratio']:.2f} "
+            f"({e['allocation']})"
         )
         return
     out = work / model / f"run_r{ratio:g}"
@@ -304,7 +312,8 @@ def run_arm(
     reused = None if a.no_reuse_study else _seed_from_sibling(out, cfg)
     if reused:
         log(
-            f"{key}: dense/study/curve stages reused from {reused.name} (they do not depend on the target ratio)"
+            f"{key}: dense/study/curve stages reused from {reused.name} (they do not depend on the "
+            "target ratio)"
         )
     summary = run(
         out,
@@ -346,8 +355,8 @@ def run_arm(
     }
     res.put(key, entry)
     log(
-        f"{key}: x{entry['conv_ratio']:.2f} ({allocation}) top-1 {entry['top1_before']:.4f} -> {entry['top1_after']:.4f} "
-        f"(dense {entry['dense_top1']:.4f}) in {entry['seconds']:.0f} s"
+        f"{key}: x{entry['conv_ratio']:.2f} ({allocation}) top-1 {entry['top1_before']:.4f} -> "
+        f"{entry['top1_after']:.4f} (dense {entry['dense_top1']:.4f}) in {entry['seconds']:.0f} s"
     )
 
 
@@ -399,8 +408,9 @@ def uniform_arm(
     res: Results,
     bn: bool = False,
 ) -> None:
-    """Uniform ranks + the same fine-tuning; ``bn`` also re-estimates BatchNorm statistics after compressing
-    (on ``--calib-subset`` training images), the one step `run` adds besides choosing the allocation."""
+    """Uniform ranks + the same fine-tuning; ``bn`` also re-estimates BatchNorm statistics after
+    compressing (on ``--calib-subset`` training images), the one step `run` adds besides choosing
+    the allocation."""
     arm = "uniform-bn" if bn else "uniform"
     key = f"{model}/{arm}/{ratio:g}"
     if res.has(key):
@@ -459,44 +469,52 @@ def uniform_arm(
     }
     res.put(key, entry)
     log(
-        f"{key}: x{entry['conv_ratio']:.2f} top-1 {entry['top1_before']:.4f} -> {entry['top1_after']:.4f} "
-        f"(dense {dense_top1:.4f}) in {entry['seconds']:.0f} s"
+        f"{key}: x{entry['conv_ratio']:.2f} top-1 {entry['top1_before']:.4f} -> "
+        f"{entry['top1_after']:.4f} (dense {dense_top1:.4f}) in {entry['seconds']:.0f} s"
     )
 
 
 # ----------------------------------------------------------------------------- report
 
 NOTES = [
-    "`run` picks the allocation by calibration top-1 (then loss) after a probe fine-tune of each candidate (1 epoch "
-    "on 2,048 training images, the arms' optimiser and lr), BatchNorm statistics re-estimated on the calibration "
-    "images first (`RunConfig.probe_epochs`, `bn_recalibrate`). Right after compression the candidates are within a "
-    "few points of chance for resnet20 from x5 up (table below), so that alone cannot choose; the probe separates "
-    'them, but one epoch is not always predictive of ten: at resnet20 x20 it preferred "guided" (19.3 % vs '
-    "uniform 15.2 % on calibration) and that model ended 6 points below uniform after fine-tuning.",
-    "The dense models are short-trained (6 epochs), so the compressed models' extra fine-tuning lifts vanilla-cnn "
-    "above its dense baseline; the control row (the dense model given the same fine-tuning) is the stricter "
-    "reference, and against it no arm meets the 0.5-point goal at >= 10x.",
-    "Arms: `uniform` is the thesis's protocol (uniform ranks, then the same fine-tuning); `uniform-bn` adds the "
-    "BatchNorm re-estimation `run` does, so `run` vs `uniform-bn` isolates the allocation choice and `run` vs "
-    "`uniform` is the whole main job vs the thesis's protocol.",
-    "Measured here: re-estimating BatchNorm statistics changes the accuracy *before* fine-tuning a lot (resnet20 x2 "
-    "uniform: 10.0 % -> 36.6 % test top-1; vanilla-cnn x10: 30.2 % -> 73.3 %) and the fine-tuned result not at all "
-    "(`uniform` and `uniform-bn` end at identical top-1 in every pair): training-mode BatchNorm normalises with batch "
-    "statistics and fine-tuning overwrites the running ones. Its value is in choosing the allocation and in models "
-    "used without fine-tuning.",
-    "Uniform and budget allocations do not land exactly on the target: the achieved conv ratio is reported and the "
-    "comparison is also made against the uniform frontier interpolated at `run`'s achieved ratio.",
-    "The fine-tuning budget is identical for all arms (same `FitConfig`, data, batch, seed, epochs); with at most "
-    "a few epochs the heavily compressed resnet20 models are far from converged, so the frontier at x5+ is mostly a "
-    "statement about how much accuracy survives compression plus a short fine-tune.",
-    "`run`'s dense, study and curve stages do not depend on the target ratio; the benchmark computes them in the first "
-    "ratio's run directory and seeds the other ratios' directories with them (`--no-reuse-study` recomputes them).",
+    "`run` picks the allocation by calibration top-1 (then loss) after a probe fine-tune of each "
+    "candidate (1 epoch on 2,048 training images, the arms' optimiser and lr), BatchNorm "
+    "statistics re-estimated on the calibration images first (`RunConfig.probe_epochs`, "
+    "`bn_recalibrate`). Right after compression the candidates are within a few points of chance "
+    "for resnet20 from x5 up (table below), so that alone cannot choose; the probe separates them, "
+    'but one epoch is not always predictive of ten: at resnet20 x20 it preferred "guided" (19.3 % '
+    "vs uniform 15.2 % on calibration) and that model ended 6 points below uniform after "
+    "fine-tuning.",
+    "The dense models are short-trained (6 epochs), so the compressed models' extra fine-tuning "
+    "lifts vanilla-cnn above its dense baseline; the control row (the dense model given the same "
+    "fine-tuning) is the stricter reference, and against it no arm meets the 0.5-point goal at >= "
+    "10x.",
+    "Arms: `uniform` is the thesis's protocol (uniform ranks, then the same fine-tuning); "
+    "`uniform-bn` adds the BatchNorm re-estimation `run` does, so `run` vs `uniform-bn` isolates "
+    "the allocation choice and `run` vs `uniform` is the whole main job vs the thesis's protocol.",
+    "Measured here: re-estimating BatchNorm statistics changes the accuracy *before* fine-tuning a "
+    "lot (resnet20 x2 uniform: 10.0 % -> 36.6 % test top-1; vanilla-cnn x10: 30.2 % -> 73.3 %) and "
+    "the fine-tuned result not at all (`uniform` and `uniform-bn` end at identical top-1 in every "
+    "pair): training-mode BatchNorm normalises with batch statistics and fine-tuning overwrites "
+    "the running ones. Its value is in choosing the allocation and in models used without "
+    "fine-tuning.",
+    "Uniform and budget allocations do not land exactly on the target: the achieved conv ratio is "
+    "reported and the comparison is also made against the uniform frontier interpolated at `run`'s "
+    "achieved ratio.",
+    "The fine-tuning budget is identical for all arms (same `FitConfig`, data, batch, seed, "
+    "epochs); with at most a few epochs the heavily compressed resnet20 models are far from "
+    "converged, so the frontier at x5+ is mostly a statement about how much accuracy survives "
+    "compression plus a short fine-tune.",
+    "`run`'s dense, study and curve stages do not depend on the target ratio; the benchmark "
+    "computes them in the first ratio's run directory and seeds the other ratios' directories with "
+    "them (`--no-reuse-study` recomputes them).",
 ]
 
 
 def collect_curves(data: dict[str, Any], work: Path) -> None:
-    """Copy `run`'s calibration curve (top-1 before fine-tuning of guided / error / uniform at every ratio,
-    on the calibration subset) from a finished run directory of each model into the results."""
+    """Copy `run`'s calibration curve (top-1 before fine-tuning of guided / error / uniform at every
+    ratio, on the calibration subset) from a finished run directory of each model into the
+    results."""
     for m in data["settings"]["models"]:
         for f in sorted((work / m).glob("run_r*/run.json")):
             st = json.loads(f.read_text())
@@ -510,10 +528,10 @@ def collect_curves(data: dict[str, Any], work: Path) -> None:
 
 
 def _interp_log(front: list[tuple[float, float]], x: float) -> float | None:
-    """Top-1 of a (ratio, top-1) frontier at ratio ``x``, linear in log ratio; None outside its range."""
+    """Top-1 of a (ratio, top-1) frontier at ratio ``x``, linear in log ratio; None outside it."""
     import math
 
-    for (x0, y0), (x1, y1) in zip(front, front[1:]):
+    for (x0, y0), (x1, y1) in zip(front, front[1:], strict=False):
         if x0 <= x <= x1:
             t = 0.0 if x1 == x0 else (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
             return y0 + t * (y1 - y0)
@@ -542,9 +560,10 @@ def write_report(data: dict[str, Any]) -> None:
         {e["code"]["commit"] for e in ents.values() if e.get("code")}
     )  # as imported at process start
     L.append(
-        f"Results: `benchmarks/results/frontier.json`; plot: `frontier.png`. Generated {data.get('updated', '')} "
-        f"at package commit(s) {', '.join(commits) or '?'}; torch {s['torch']}, Python {s['python']}, {s['machine']}, "
-        f"{s['threads']} torch thread, run under `nice`"
+        "Results: `benchmarks/results/frontier.json`; plot: `frontier.png`. Generated "
+        f"{data.get('updated', '')} at package commit(s) {', '.join(commits) or '?'}; torch "
+        f"{s['torch']}, Python {s['python']}, {s['machine']}, {s['threads']} torch thread, run "
+        "under `nice`"
         + (
             f"; 1-min load average {min(loads):.1f}–{max(loads):.1f} when configurations finished"
             if loads
@@ -556,13 +575,14 @@ def write_report(data: dict[str, Any]) -> None:
     ds = s["data_sizes"]
     L.append(
         "- **Models are width-reduced**: "
-        + ", ".join(f"`{m}` at width {w}" for m, w in zip(s["models"], s["widths"]))
+        + ", ".join(f"`{m}` at width {w}" for m, w in zip(s["models"], s["widths"], strict=True))
         + " (channel counts scaled; parameter counts below)."
     )
     L.append(
-        f"- **Training data is a subset**: a seeded random {ds['train']:,} of the 60,000 Fashion-MNIST training "
-        f"images; 10 % of them ({round(ds['train'] * 0.1):,}) is the validation split (calibration subset of "
-        f"{s['calib_subset']} images for `run`'s study/allocation; early stopping of both arms)."
+        f"- **Training data is a subset**: a seeded random {ds['train']:,} of the 60,000 "
+        f"Fashion-MNIST training images; 10 % of them ({round(ds['train'] * 0.1):,}) is the "
+        f"validation split (calibration subset of {s['calib_subset']} images for `run`'s "
+        "study/allocation; early stopping of both arms)."
     )
     L.append(
         f"- **Test split**: {ds['test']:,} Fashion-MNIST test images"
@@ -571,22 +591,24 @@ def write_report(data: dict[str, Any]) -> None:
             if ds["test"] == 10000
             else " (a seeded random subset of the 10,000)."
         )
-        + f" One standard error of a top-1 near 0.9 is about {100 * _se(0.9, ds['test']):.2f} points."
+        + f" One standard error of a top-1 near 0.9 is about {100 * _se(0.9, ds['test']):.2f} "
+        "points."
     )
     L.append(
-        f"- **Few epochs**: dense models {s['dense_epochs']} epochs (Adam lr {s['dense_lr']:g}, cosine); fine-tuning "
-        f"at most {s['finetune_epochs']} epochs for both arms (Adam lr {s['finetune_lr']:g}, no schedule, early stopping "
-        f"patience {s['finetune_patience']}, batch 128, seed 0) — `run`'s own recipe, not the thesis's "
-        "(lr 1e-5, up to 50 epochs)."
+        f"- **Few epochs**: dense models {s['dense_epochs']} epochs (Adam lr {s['dense_lr']:g}, "
+        f"cosine); fine-tuning at most {s['finetune_epochs']} epochs for both arms (Adam lr "
+        f"{s['finetune_lr']:g}, no schedule, early stopping patience {s['finetune_patience']}, "
+        "batch 128, seed 0) — `run`'s own recipe, not the thesis's (lr 1e-5, up to 50 epochs)."
     )
     L.append(
-        f"- `run`'s truncation study uses bipartitions {', '.join(s['bipartitions'])}; its calibration curve the ratios "
-        f"{', '.join(f'{r:g}' for r in s['ratios'])}."
+        f"- `run`'s truncation study uses bipartitions {', '.join(s['bipartitions'])}; its "
+        f"calibration curve the ratios {', '.join(f'{r:g}' for r in s['ratios'])}."
     )
     L.append(
-        "- Compression ratio is that of the **eligible conv layers** (`Plan.totals()['conv_ratio']`: the stem "
-        "convolution with 1 input channel is left dense by the default filter and is not counted); whole-model "
-        "parameters are reported too (the FC layers are not compressed).\n"
+        "- Compression ratio is that of the **eligible conv layers** "
+        "(`Plan.totals()['conv_ratio']`: the stem convolution with 1 input channel is left dense "
+        "by the default filter and is not counted); whole-model parameters are reported too (the "
+        "FC layers are not compressed).\n"
     )
 
     L.append("## Dense models\n")
@@ -608,20 +630,20 @@ def write_report(data: dict[str, Any]) -> None:
         dft = ents.get(f"{m}/dense-ft")
         ctl = f"{100 * dft['top1_after']:.2f} %" if dft else "not run"
         L.append(
-            f"| `{m}` | {d['width']} | {d['params']:,} | {cp:,} | {d['epochs']} | {100 * d['test_top1']:.2f} % | "
-            f"{100 * d['test_top5']:.2f} % | {ctl} |"
+            f"| `{m}` | {d['width']} | {d['params']:,} | {cp:,} | {d['epochs']} | "
+            f"{100 * d['test_top1']:.2f} % | {100 * d['test_top5']:.2f} % | {ctl} |"
             if cp
-            else f"| `{m}` | {d['width']} | {d['params']:,} | ? | {d['epochs']} | {100 * d['test_top1']:.2f} % | "
-            f"{100 * d['test_top5']:.2f} % | {ctl} |"
+            else f"| `{m}` | {d['width']} | {d['params']:,} | ? | {d['epochs']} | "
+            f"{100 * d['test_top1']:.2f} % | {100 * d['test_top5']:.2f} % | {ctl} |"
         )
     L.append("")
 
     L.append("## Frontier\n")
     L.append(
         "Top-1 on the test split; *before* = right after compression, *after* = after fine-tuning; "
-        "Δ = after − dense (points). `run` allocation: the one with the best calibration top-1 after its "
-        "probe fine-tune (calibration top-1 of guided / error / uniform in brackets: right after compression "
-        "→ after the probe).\n"
+        "Δ = after − dense (points). `run` allocation: the one with the best calibration top-1 "
+        "after its probe fine-tune (calibration top-1 of guided / error / uniform in brackets: "
+        "right after compression → after the probe).\n"
     )
     verdicts: list[str] = []
     goal_lines: list[str] = []
@@ -630,7 +652,8 @@ def write_report(data: dict[str, Any]) -> None:
         dense = ents[f"{m}/dense"]["test_top1"]
         L.append(f"### `{m}` (dense {100 * dense:.2f} %)\n")
         L.append(
-            "| target | arm | allocation | conv ratio | conv params | model params | top-1 before | top-1 after | Δ after | FT epochs |"
+            "| target | arm | allocation | conv ratio | conv params | model params | top-1 before "
+            "| top-1 after | Δ after | FT epochs |"
         )
         L.append("|---|---|---|---|---|---|---|---|---|---|")
         for r in s["ratios"]:
@@ -655,9 +678,9 @@ def write_report(data: dict[str, Any]) -> None:
                         + ")"
                     )
                 L.append(
-                    f"| {r:g} | {arm} | {alloc} | {e['conv_ratio']:.2f} | {e['conv_params']:,} | {e['params']:,} | "
-                    f"{100 * e['top1_before']:.2f} | {100 * e['top1_after']:.2f} | {100 * (e['top1_after'] - dense):+.2f} | "
-                    f"{e['finetune_epochs_run']} |"
+                    f"| {r:g} | {arm} | {alloc} | {e['conv_ratio']:.2f} | {e['conv_params']:,} | "
+                    f"{e['params']:,} | {100 * e['top1_before']:.2f} | {100 * e['top1_after']:.2f} "
+                    f"| {100 * (e['top1_after'] - dense):+.2f} | {e['finetune_epochs_run']} |"
                 )
         L.append("")
         # dominance
@@ -677,28 +700,31 @@ def write_report(data: dict[str, Any]) -> None:
                 if (e := ents.get(f"{m}/uniform/{r:g}"))
             )
             interp = []
-            for r, a, _ in pairs:
+            for _, a, _ in pairs:
                 u = _interp_log(ufront, a["conv_ratio"])
                 if u is not None:
                     interp.append(f"x{a['conv_ratio']:.2f}: {100 * (a['top1_after'] - u):+.2f}")
             verdicts.append(
-                f"- `{m}`: after fine-tuning `run` is more accurate than uniform at {len(wins_a)} of {len(pairs)} targets"
+                f"- `{m}`: after fine-tuning `run` is more accurate than uniform at {len(wins_a)} "
+                f"of {len(pairs)} targets"
                 + (f" ({', '.join(f'x{r:g}' for r in wins_a)})" if wins_a else "")
                 + (f", equal at {', '.join(f'x{r:g}' for r in ties_a)}" if ties_a else "")
                 + f"; run − uniform = {', '.join(f'{x:+.2f}' for x in diff)} points at targets "
-                f"{', '.join(f'{r:g}' for r, _, _ in pairs)}. Before fine-tuning (test) it is more accurate at "
-                f"{len(wins_b)} of {len(pairs)}"
+                f"{', '.join(f'{r:g}' for r, _, _ in pairs)}. Before fine-tuning (test) it is more "
+                f"accurate at {len(wins_b)} of {len(pairs)}"
                 + (f" ({', '.join(f'x{r:g}' for r in wins_b)})" if wins_b else "")
                 + "."
                 + (
-                    " Against the uniform frontier interpolated (linearly in log ratio) at `run`'s achieved ratio, which "
-                    "is not exactly the target: run − uniform = " + "; ".join(interp) + " points."
+                    " Against the uniform frontier interpolated (linearly in log ratio) at `run`'s "
+                    "achieved ratio, which is not exactly the target: run − uniform = "
+                    + "; ".join(interp)
+                    + " points."
                     if interp
                     else ""
                 )
                 + (
-                    f" At {', '.join(f'{r:g}' for r in same)} `run` itself chose the uniform allocation (same model as the "
-                    "uniform arm up to the achieved ratio)."
+                    f" At {', '.join(f'{r:g}' for r in same)} `run` itself chose the uniform "
+                    "allocation (same model as the uniform arm up to the achieved ratio)."
                     if same
                     else ""
                 )
@@ -710,8 +736,8 @@ def write_report(data: dict[str, Any]) -> None:
         ]
         if bn_pairs:
             verdicts.append(
-                f"- `{m}` vs uniform ranks *with* the same BatchNorm re-estimation (`uniform-bn`, isolates the allocation "
-                "choice): run − uniform-bn = "
+                f"- `{m}` vs uniform ranks *with* the same BatchNorm re-estimation (`uniform-bn`, "
+                "isolates the allocation choice): run − uniform-bn = "
                 + ", ".join(
                     f"{100 * (a['top1_after'] - b['top1_after']):+.2f} (x{a['conv_ratio']:.2f} vs "
                     f"x{b['conv_ratio']:.2f})"
@@ -747,12 +773,14 @@ def write_report(data: dict[str, Any]) -> None:
                     + ")"
                 )
             goal_lines.append(
-                f"- `{m}` / {arm}: best at >= {GOAL_RATIO:g}x is x{best['conv_ratio']:.2f} (target {best['target']:g}) with "
-                f"{100 * best['top1_after']:.2f} % vs dense {100 * dense:.2f} % — drop {100 * drop:.2f} points: "
+                f"- `{m}` / {arm}: best at >= {GOAL_RATIO:g}x is x{best['conv_ratio']:.2f} (target "
+                f"{best['target']:g}) with {100 * best['top1_after']:.2f} % vs dense "
+                f"{100 * dense:.2f} % — drop {100 * drop:.2f} points: "
                 f"**{'met' if met else 'not met'}**"
                 + (
-                    f"; vs the dense model given the same fine-tuning ({100 * dft['top1_after']:.2f} %): drop "
-                    f"{100 * drop_ft:.2f} points, **{'met' if drop_ft <= GOAL_DROP else 'not met'}**"
+                    "; vs the dense model given the same fine-tuning "
+                    f"({100 * dft['top1_after']:.2f} %): drop {100 * drop_ft:.2f} points, "
+                    f"**{'met' if drop_ft <= GOAL_DROP else 'not met'}**"
                     if dft
                     else ""
                 )
@@ -760,12 +788,13 @@ def write_report(data: dict[str, Any]) -> None:
             )
     if data.get("curves"):
         L.append(
-            f"### Before fine-tuning, on `run`'s calibration subset ({s['calib_subset']} validation images)\n"
+            f"### Before fine-tuning, on `run`'s calibration subset ({s['calib_subset']} "
+            "validation images)\n"
         )
         L.append(
-            "`run`'s curve stage: top-1 right after compression of each allocation at each target (achieved conv "
-            "ratio in brackets), with BatchNorm statistics re-estimated on the same calibration images. This is what "
-            "`run` chooses from.\n"
+            "`run`'s curve stage: top-1 right after compression of each allocation at each target "
+            "(achieved conv ratio in brackets), with BatchNorm statistics re-estimated on the same "
+            "calibration images. This is what `run` chooses from.\n"
         )
         L.append("| model | dense | target | guided | error | uniform |")
         L.append("|---|---|---|---|---|---|")
@@ -803,20 +832,23 @@ def write_report(data: dict[str, Any]) -> None:
         worse = [(m, r) for m, r, a, b in allp if a["top1_after"] < b["top1_after"]]
         guided = [(m, r) for m, r, a, b in allp if a["allocation"] == "guided"]
         L.append(
-            f"**{'Yes' if len(dom) == len(allp) else 'No'}**: `run`'s result is at least as accurate after fine-tuning "
-            f"*and* at least as compressed as uniform's in {len(dom)} of {len(allp)} (model, ratio) pairs; it is less "
-            f'accurate in {len(worse)}. The sensitivity-weighted ("guided") allocation won `run`\'s calibration in '
+            f"**{'Yes' if len(dom) == len(allp) else 'No'}**: `run`'s result is at least as "
+            "accurate after fine-tuning *and* at least as compressed as uniform's in "
+            f"{len(dom)} of {len(allp)} (model, ratio) pairs; it is less accurate in {len(worse)}. "
+            'The sensitivity-weighted ("guided") allocation won `run`\'s calibration in '
             f"{len(guided)} of {len(allp)} runs"
             + (f" ({', '.join(f'{m} x{r:g}' for m, r in guided)})" if guided else "")
-            + f". Noise: on {s['data_sizes']['test']:,} test images the standard error of the difference of two "
-            f"independent accuracies near 87 % is about {100 * 2**0.5 * _se(0.87, s['data_sizes']['test']):.2f} "
-            "points (less for these paired models, which share the test images and most errors), and one "
-            "training seed was run per configuration — differences below about one point are not conclusive.\n"
+            + f". Noise: on {s['data_sizes']['test']:,} test images the standard error of the "
+            "difference of two independent accuracies near 87 % is about "
+            f"{100 * 2**0.5 * _se(0.87, s['data_sizes']['test']):.2f} points (less for these "
+            "paired models, which share the test images and most errors), and one training seed "
+            "was run per configuration — differences below about one point are not conclusive.\n"
         )
     L.extend(verdicts or ["- no finished pairs yet."])
     L.append("")
     L.append(
-        f"## Goal: >= {GOAL_RATIO:g}x conv-layer compression within {100 * GOAL_DROP:.1f} points of dense top-1 after fine-tuning\n"
+        f"## Goal: >= {GOAL_RATIO:g}x conv-layer compression within {100 * GOAL_DROP:.1f} points "
+        "of dense top-1 after fine-tuning\n"
     )
     L.extend(goal_lines)
     L.append("")
@@ -829,21 +861,23 @@ def write_report(data: dict[str, Any]) -> None:
     )
     if allp:
         summ.append(
-            f"- Sensitivity-guided / calibrated allocation (`tensorcut run`) dominates uniform: "
-            f"**{'yes' if len(dom) == len(allp) else 'no'}** — at least as accurate and as compressed in "
-            f"{len(dom)} of {len(allp)} (model, target) pairs, less accurate after fine-tuning in {len(worse)}."
+            "- Sensitivity-guided / calibrated allocation (`tensorcut run`) dominates uniform: "
+            f"**{'yes' if len(dom) == len(allp) else 'no'}** — at least as accurate and as "
+            f"compressed in {len(dom)} of {len(allp)} (model, target) pairs, less accurate after "
+            f"fine-tuning in {len(worse)}."
         )
     for m in models:
         a, b = ents.get(f"{m}/run/{GOAL_RATIO:g}"), ents.get(f"{m}/uniform/{GOAL_RATIO:g}")
         if a and b:
             summ.append(
-                f"- `{m}` at target {GOAL_RATIO:g}: `run` ({a['allocation']}) {100 * a['top1_after']:.2f} % at "
-                f"x{a['conv_ratio']:.2f}, uniform {100 * b['top1_after']:.2f} % at x{b['conv_ratio']:.2f}, dense "
+                f"- `{m}` at target {GOAL_RATIO:g}: `run` ({a['allocation']}) "
+                f"{100 * a['top1_after']:.2f} % at x{a['conv_ratio']:.2f}, uniform "
+                f"{100 * b['top1_after']:.2f} % at x{b['conv_ratio']:.2f}, dense "
                 f"{100 * a['dense_top1']:.2f} % (after fine-tuning)."
             )
     summ.append(
-        f"- Goal (>= {GOAL_RATIO:g}x conv compression within {100 * GOAL_DROP:.1f} points of dense after "
-        f"fine-tuning): "
+        f"- Goal (>= {GOAL_RATIO:g}x conv compression within {100 * GOAL_DROP:.1f} points of dense "
+        "after fine-tuning): "
         + ("**met** by " + ", ".join(goal_met) if goal_met else "**not met** by any model or arm")
         + "; details below."
     )
@@ -859,7 +893,7 @@ def write_report(data: dict[str, Any]) -> None:
 
 
 def plot(data: dict[str, Any]) -> None:
-    """Top-1 vs achieved conv-layer ratio: one column per model; top row after fine-tuning, bottom row before."""
+    """Top-1 vs achieved conv-layer ratio per model; top row after fine-tuning, bottom before."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -916,7 +950,7 @@ def plot(data: dict[str, Any]) -> None:
                     ms=6 if arm == "run" else 5,
                 )
                 if arm == "run":
-                    for e, xi, yi in zip(es, x, y):
+                    for e, xi, yi in zip(es, x, y, strict=True):
                         ax.annotate(
                             e["allocation"],
                             (xi, yi),
@@ -1048,7 +1082,7 @@ def main() -> int:
     res = Results(JSON_PATH, settings, a.fresh)
     log(f"data: {sizes} in {data_dir}; load average {load_avg()}")
     t0 = time.perf_counter()
-    for model, width in zip(a.models, a.widths):
+    for model, width in zip(a.models, a.widths, strict=True):
         dense = dense_stage(model, width, a, data_dir, a.work, res)
         for r in a.ratios:
             run_arm(model, r, dense, a, a.work, res)

@@ -1,4 +1,5 @@
-"""CPU forward latency of factorized convolutions vs dense ``nn.Conv2d`` at about 25% of the dense MACs.
+"""CPU forward latency of factorized convolutions vs dense ``nn.Conv2d`` at about 25% of the dense
+MACs.
 
 Two layers, batch 32, 3x3 kernels, padding 1, stride 1, no bias:
 
@@ -9,11 +10,11 @@ Variants: the dense ``nn.Conv2d``; every tensorcut layer class in ``LAYER_REGIST
 Tucker-2, full Tucker, TT, TR) with ranks picked by the same bisection the planner uses
 (uniform scaling of the maximal ranks) so that its closed-form ``predicted_macs`` is at most
 ``--mac-ratio`` (0.25) of the dense MACs; Tucker-2 and TT again with ranks aligned to
-multiples of 16 (the planner's ``align=16``, same MAC cap); and, when tensorly-torch is installed, its
-``FactorizedConv`` (``implementation='factorized'``) at the *same* ranks for CP, Tucker
-(spatial ranks full, i.e. Tucker-2) and TT. The MACs actually executed are counted for every
-variant with ``torch.utils.flop_counter.FlopCounterMode`` (convolution FLOPs / 2) and reported as
-a ratio to the dense layer. Weights are random (latency does not depend on their values).
+multiples of 16 (the planner's ``align=16``, same MAC cap); and, when tensorly-torch is installed,
+its ``FactorizedConv`` (``implementation='factorized'``) at the *same* ranks for CP, Tucker (spatial
+ranks full, i.e. Tucker-2) and TT. The MACs actually executed are counted for every variant with
+``torch.utils.flop_counter.FlopCounterMode`` (convolution FLOPs / 2) and reported as a ratio to the
+dense layer. Weights are random (latency does not depend on their values).
 
 Timing: ``torch.inference_mode``, inputs fixed; all variants of a configuration are called
 round-robin (the order rotates every round) for ``--rounds`` rounds after a warm-up, so
@@ -146,7 +147,8 @@ def build_variants(
 
 
 def add_channels_last(variants: dict[str, dict[str, Any]]) -> None:
-    """The same modules (copies) in channels_last memory format, fed a channels_last input (tensorcut and dense only)."""
+    """The same modules (copies) in channels_last memory format, fed a channels_last input
+    (tensorcut and dense only)."""
     import copy
 
     for name in [n for n, v in variants.items() if v["lib"] in ("torch", "tensorcut")]:
@@ -214,7 +216,7 @@ def run_config(
             "dense nn.Conv2d"
             + (" [channels_last]" if v["memory_format"] == "channels_last" else "")
         ]
-        paired = [a / b for a, b in zip(times[name], same_fmt_dense)]
+        paired = [a / b for a, b in zip(times[name], same_fmt_dense, strict=True)]
         rows.append(
             {
                 "variant": name,
@@ -252,7 +254,8 @@ def run_config(
 def stage_breakdown(
     variants: dict[str, dict[str, Any]], inputs: dict[str, torch.Tensor], rounds: int
 ) -> dict[str, Any]:
-    """Milliseconds of each sublayer of the Tucker-2 and TT layers (and the dense conv), interleaved.
+    """Milliseconds of each sublayer of the Tucker-2 and TT layers (and the dense conv),
+    interleaved.
 
     Inputs of every sublayer are captured with forward pre-hooks on one real forward, then each
     sublayer is called alone on its captured arguments; an explicit padding (only for padding
@@ -272,7 +275,9 @@ def stage_breakdown(
             continue
         captured: dict[str, tuple[torch.Tensor, ...]] = {}
         hooks = [
-            child.register_forward_pre_hook(lambda mod, inp, n=cn: captured.__setitem__(n, inp))
+            child.register_forward_pre_hook(
+                lambda mod, inp, n=cn, c=captured: c.__setitem__(n, inp)
+            )
             for cn, child in m.named_children()
         ]
         with torch.inference_mode():
@@ -362,7 +367,8 @@ def main() -> None:
                 print(
                     f"threads {threads} C={c} {hw}x{hw}: "
                     + "; ".join(
-                        f"{x['variant']} {x['ms_median']:.1f} ms (x{x['latency_ratio']:.2f}, MACs x{x['mac_ratio']:.3f})"
+                        f"{x['variant']} {x['ms_median']:.1f} ms (x{x['latency_ratio']:.2f}, MACs "
+                        f"x{x['mac_ratio']:.3f})"
                         for x in r["rows"]
                     ),
                     flush=True,
@@ -388,7 +394,8 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             if r["lib"] == "tensorcut" and r["method"] in ("tucker2", "tt"):
                 out.append(
                     {
-                        "config": f"C={cfg['channels']} {cfg['hw']}x{cfg['hw']} threads={cfg['threads']}",
+                        "config": f"C={cfg['channels']} {cfg['hw']}x{cfg['hw']} "
+                        f"threads={cfg['threads']}",
                         "method": r["method"],
                         "variant": r["variant"].split(" [")[0].replace("tensorcut ", ""),
                         "ranks": "x".join(map(str, r["ranks"])),
@@ -408,15 +415,17 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def render(result: dict[str, Any]) -> str:
     parts = [
-        f"Batch {result['configs'][0]['batch'] if result['configs'] else '?'}, 3x3 kernels, padding 1, stride 1, no bias, "
-        "float32, `torch.inference_mode`. Ranks chosen so the closed-form MACs are <= 0.25x dense; `MACs x` is the "
-        "ratio actually executed (FlopCounterMode). `latency x` = median over rounds of (variant time / dense time in "
-        "the same round). tltorch layers use the same ranks as tensorcut's (CP: R; Tucker: (r_out, r_in, 3, 3), the "
-        "Tucker-2 structure; TT: (1, r1, r2, r3, 1)). `alignN` variants: ranks from the planner's ratio rule with "
-        "`align=N` and MACs as the cost (`tensorcut.compression.rank.ranks_for_ratio`: multiples of N, grown greedily under "
-        "the same MAC cap), because convolutions over channel counts that are multiples of the SIMD width run "
-        "markedly faster. tensorcut's 1x1 sublayers run as GEMMs with channels-last intermediates "
-        "(`PointwiseConv2d`); a layer's output has its input's memory format.",
+        f"Batch {result['configs'][0]['batch'] if result['configs'] else '?'}, 3x3 kernels, "
+        "padding 1, stride 1, no bias, float32, `torch.inference_mode`. Ranks chosen so the "
+        "closed-form MACs are <= 0.25x dense; `MACs x` is the ratio actually executed "
+        "(FlopCounterMode). `latency x` = median over rounds of (variant time / dense time in the "
+        "same round). tltorch layers use the same ranks as tensorcut's (CP: R; Tucker: (r_out, "
+        "r_in, 3, 3), the Tucker-2 structure; TT: (1, r1, r2, r3, 1)). `alignN` variants: ranks "
+        "from the planner's ratio rule with `align=N` and MACs as the cost "
+        "(`tensorcut.compression.rank.ranks_for_ratio`: multiples of N, grown greedily under the "
+        "same MAC cap), because convolutions over channel counts that are multiples of the SIMD "
+        "width run markedly faster. tensorcut's 1x1 sublayers run as GEMMs with channels-last "
+        "intermediates (`PointwiseConv2d`); a layer's output has its input's memory format.",
     ]
     if result.get("targets"):
         rows = [
@@ -433,9 +442,10 @@ def render(result: dict[str, Any]) -> str:
             for t in result["targets"]
         ]
         parts.append(
-            "## Target: Tucker-2 and TT at <= 0.4x dense latency (MACs ~0.25x)\n\n"
-            "`latency x`: vs the dense conv in the same memory format (paired per round); `vs fastest dense`: "
-            "median vs the faster of the two dense formats. Met = both <= 0.4.\n\n"
+            "## Target: Tucker-2 and TT at <= 0.4x dense latency (MACs ~0.25x)\n"
+            "\n"
+            "`latency x`: vs the dense conv in the same memory format (paired per round); `vs "
+            "fastest dense`: median vs the faster of the two dense formats. Met = both <= 0.4.\n\n"
             + md_table(
                 [
                     "configuration",
@@ -480,8 +490,8 @@ def render(result: dict[str, Any]) -> str:
         ]
         parts.append(
             f"## {cfg['channels']} channels at {cfg['hw']}x{cfg['hw']}, batch {cfg['batch']}, "
-            f"{cfg['threads']} thread(s) (dense {cfg['dense_macs'] / 1e9:.2f} GMAC per call; 1-min load after: "
-            f"{cfg.get('load1_after')})\n\n" + md_table(head, rows)
+            f"{cfg['threads']} thread(s) (dense {cfg['dense_macs'] / 1e9:.2f} GMAC per call; 1-min "
+            f"load after: {cfg.get('load1_after')})\n\n" + md_table(head, rows)
         )
         if cfg.get("stages"):
             st = [(k.split(" :: ")[0], k.split(" :: ")[1], v) for k, v in cfg["stages"].items()]
@@ -490,7 +500,8 @@ def render(result: dict[str, Any]) -> str:
                 + md_table(["variant", "stage", "ms"], st)
             )
     parts.append(
-        f"Total wall time {result.get('total_seconds')} s; `uptime` at the end: `{result.get('uptime_at_end')}`."
+        f"Total wall time {result.get('total_seconds')} s; `uptime` at the end: "
+        f"`{result.get('uptime_at_end')}`."
     )
     return "\n\n".join(parts)
 

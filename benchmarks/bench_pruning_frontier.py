@@ -29,8 +29,10 @@ a re-run skips finished arms (the dense model resumes epoch by epoch).
 
 Usage (from the repository root)::
 
-    nohup nice -n 19 .venv/bin/python benchmarks/bench_pruning_frontier.py > runs/pruning_frontier.log 2>&1 &
-    .venv/bin/python benchmarks/bench_pruning_frontier.py --report   # rewrite .md/.png from the state file
+    nohup nice -n 19 .venv/bin/python benchmarks/bench_pruning_frontier.py \\
+        > runs/pruning_frontier.log 2>&1 &
+    # rewrite .md/.png from the state file:
+    .venv/bin/python benchmarks/bench_pruning_frontier.py --report
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def se(p: float, n: int) -> float:
 
 
 class State:
-    """The results JSON: settings plus one entry per finished arm, rewritten atomically after each."""
+    """Results JSON: settings and one entry per finished arm, rewritten atomically after each."""
 
     def __init__(self, path: Path, settings: dict[str, Any]) -> None:
         self.path = path
@@ -95,7 +97,8 @@ class State:
         if old and prev != keep:
             diff = sorted(k for k in set(keep) | set(prev) if keep.get(k) != prev.get(k))
             raise SystemExit(
-                f"{path} was written with other settings ({', '.join(diff)}); move it away or pass the same options"
+                f"{path} was written with other settings ({', '.join(diff)}); move it away or pass "
+                "the same options"
             )
         self.data: dict[str, Any] = old or {"settings": settings, "entries": {}}
         if old:  # later runs may add arms or budgets
@@ -209,7 +212,7 @@ def test_top1(model: nn.Module, loader: Any) -> dict[str, float]:
 
 
 def latency(dense: nn.Module, model: nn.Module, a: argparse.Namespace) -> dict[str, Any]:
-    """Batch-32 forward latency of ``model`` and of the dense model, timed interleaved (same load)."""
+    """Batch-32 forward latency of ``model`` and the dense model, timed interleaved (same load)."""
     x = torch.randn(32, *INPUT)
     dense.eval()
     model.eval()
@@ -252,7 +255,8 @@ def dense_stage(a: argparse.Namespace, data: dict[str, Any], st: State) -> nn.Mo
         return model.eval()
     cfg = fit_config(a, a.dense_epochs, a.dense_lr, patience=a.dense_patience)
     log(
-        f"dense: training {a.dense_epochs} epochs on {data['sizes']['train']:,} images (SGD lr {a.dense_lr:g}, cosine)"
+        f"dense: training {a.dense_epochs} epochs on {data['sizes']['train']:,} images (SGD lr "
+        f"{a.dense_lr:g}, cosine)"
     )
     t = time.perf_counter()
     ddir = WORK / "dense"
@@ -315,7 +319,7 @@ def bisect(
     iters: int = 14,
     increasing: bool = True,
 ) -> tuple[float, float]:
-    """Find x in [lo, hi] with f(x) close to ``target`` (f monotone); returns (x, f(x)) of the closest try."""
+    """x in [lo, hi] with f(x) close to ``target`` (f monotone): (x, f(x)) of the closest try."""
     best = (lo, f(lo))
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
@@ -343,7 +347,7 @@ def build_tucker2(dense: nn.Module, x: float, dense_tc: int) -> tuple[nn.Module,
         progress=False,
     )
     tot = p.totals()
-    ranks = {l.name: l.ranks if l.status == "factorize" else "dense" for l in p.layers}
+    ranks = {lp.name: lp.ranks if lp.status == "factorize" else "dense" for lp in p.layers}
     return m, {
         "config": f"CompressConfig(method='tucker2', budget={target}, budget_kind='macs')",
         "plan_macs": tot["model_macs_after"],
@@ -375,7 +379,7 @@ def build_uniform(
     p = cache[r]
     apply(m, p)
     tot = p.totals()
-    ranks = {l.name: l.ranks if l.status == "factorize" else "dense" for l in p.layers}
+    ranks = {lp.name: lp.ranks if lp.status == "factorize" else "dense" for lp in p.layers}
     return m, {
         "config": f"CompressConfig(method='tucker2', ratio={r:.5f})",
         "ratio_rule": r,
@@ -390,8 +394,9 @@ def build_uniform(
 def build_minmax(
     dense: nn.Module, x: float, dense_tc: int, tol: float
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Arm (c): one relative-error bound ``eps`` for every layer (the ``eps`` rank rule), the smallest
-    that fits the MAC budget — i.e. the allocation that minimises the largest per-layer relative error."""
+    """Arm (c): one relative-error bound ``eps`` for every layer (the ``eps`` rank rule), the
+    smallest that fits the MAC budget — i.e. the allocation that minimises the largest per-layer
+    relative error."""
     from tensorcut.compression import CompressConfig, apply, plan
 
     target = dense_tc / x
@@ -417,8 +422,8 @@ def build_minmax(
     p = cache[e]
     apply(m, p)
     tot = p.totals()
-    ranks = {l.name: l.ranks if l.status == "factorize" else "dense" for l in p.layers}
-    errs = [l.error for l in p.layers if l.status == "factorize" and l.error is not None]
+    ranks = {lp.name: lp.ranks if lp.status == "factorize" else "dense" for lp in p.layers}
+    errs = [lp.error for lp in p.layers if lp.status == "factorize" and lp.error is not None]
     return m, {
         "config": f"CompressConfig(method='tucker2', eps={e:.4f})",
         "eps": e,
@@ -436,8 +441,9 @@ def _prune(dense: nn.Module, ratio: float) -> nn.Module:
 
     m = copy.deepcopy(dense).eval()
     # Option-A shortcuts (subsample + zero-pad channels) are not traceable as channel couplings by
-    # Torch-Pruning: pruning the residual stream breaks the model, so each block's inner conv is pruned
-    # (its output channels feed only bn1 and conv2) — the stem, every block's conv2 and the classifier stay.
+    # Torch-Pruning: pruning the residual stream breaks the model, so each block's inner conv is
+    # pruned (its output channels feed only bn1 and conv2) — the stem, every block's conv2 and the
+    # classifier stay.
     ignored = [m.conv1, m.linear] + [
         b.conv2 for layer in (m.layer1, m.layer2, m.layer3) for b in layer
     ]
@@ -513,8 +519,8 @@ def arm_stage(
     mt, pt = macs_tc(m)
     mp, pp = macs_tp(m)
     log(
-        f"{key}: built in {t_build:.0f} s; MACs x{d['macs_tc'] / mt:.3f} (tensorcut count), x{d['macs_tp'] / mp:.3f} "
-        f"(Torch-Pruning count); params {pt:,}"
+        f"{key}: built in {t_build:.0f} s; MACs x{d['macs_tc'] / mt:.3f} (tensorcut count), "
+        f"x{d['macs_tp'] / mp:.3f} (Torch-Pruning count); params {pt:,}"
     )
     raw = test_top1(m, data["test"]) if (a.raw_eval or arm == "dense-ft") else None
     if arm != "dense-ft":
@@ -593,95 +599,104 @@ def render(data: dict[str, Any]) -> str:
         "# tensorcut vs structured channel pruning at matched MACs (resnet20, Fashion-MNIST)\n"
     )
     L.append(
-        "Reproduce (from the repository root; resumable: a re-run skips finished arms, the dense model resumes "
-        "epoch by epoch; `--report` rewrites this file and the plot from the JSON):\n"
+        "Reproduce (from the repository root; resumable: a re-run skips finished arms, the dense "
+        "model resumes epoch by epoch; `--report` rewrites this file and the plot from the JSON):\n"
     )
     cmds = [r["command"] for r in s.get("runs", [])] or [s["command"]]
     L.append("```\n" + "\n".join(dict.fromkeys(cmds)) + "\n```\n")
     if len(set(cmds)) > 1:
         L.append(
-            "(one line per run that added arms to the state file; each run skips what is already there)\n"
+            "(one line per run that added arms to the state file; each run skips what is already "
+            "there)\n"
         )
     m = s["machine"]
     L.append(
-        f"Machine: {m['cpu']}, {m['cpus']} CPUs shared with other jobs, {m['threads']} torch thread, nice "
-        f"{m['nice']}; torch {m['torch']}, torch-pruning {s.get('torch_pruning')}; checkout HEAD {m['git_commit']} "
-        f"(package code: see below); "
-        f"started {m['started']}; `uptime` at start: `{m['uptime_at_start']}`. Results: "
+        f"Machine: {m['cpu']}, {m['cpus']} CPUs shared with other jobs, {m['threads']} torch "
+        f"thread, nice {m['nice']}; torch {m['torch']}, torch-pruning {s.get('torch_pruning')}; "
+        f"checkout HEAD {m['git_commit']} (package code: see below); started {m['started']}; "
+        f"`uptime` at start: `{m['uptime_at_start']}`. Results: "
         "`benchmarks/results/pruning_frontier.json`, plot `pruning_frontier.png`.\n"
     )
     z = s["sizes"]
     L.append("## Setting and every reduction\n")
     L.append(
-        f"- Model: full-width `resnet20` (option-A shortcuts), 1-channel 28x28 input. Data: Fashion-MNIST, "
-        f"{z['train']:,} training images (the 60,000 minus a seeded {s['val_fraction']:.0%} validation split of "
-        f"{z['val']:,}), test on {z['test']:,} test images; BatchNorm re-estimation uses the first "
-        f"{z['calib']:,} validation images (never the test split)."
+        "- Model: full-width `resnet20` (option-A shortcuts), 1-channel 28x28 input. Data: "
+        f"Fashion-MNIST, {z['train']:,} training images (the 60,000 minus a seeded "
+        f"{s['val_fraction']:.0%} validation split of {z['val']:,}), test on {z['test']:,} test "
+        f"images; BatchNorm re-estimation uses the first {z['calib']:,} validation images (never "
+        "the test split)."
     )
     L.append(
-        f"- Augmentation (training only, `tensorcut.data.ImageDataset`): random crop after reflect-padding by "
-        f"{s['pad']} pixels + horizontal flip, seeded."
+        "- Augmentation (training only, `tensorcut.data.ImageDataset`): random crop after "
+        f"reflect-padding by {s['pad']} pixels + horizontal flip, seeded."
     )
     L.append(
-        f"- **Dense training is short (the main reduction)**: {s['dense_epochs']} epochs of SGD (nesterov, momentum "
-        f"0.9, weight decay {s['weight_decay']:g}), lr {s['dense_lr']:g} with a cosine schedule to 0, batch "
-        f"{s['batch_size']}, best validation loss kept (patience {s['dense_patience']}). The issue asks for "
-        "convergence (a ResNet-20 reaches about 93-95 % on Fashion-MNIST after tens of epochs); the machine has 2 "
-        "CPU cores shared by ~6 engineers, 1 torch thread under `nice -n 19`, one epoch took the seconds listed "
-        "below, so the epoch count was chosen to let the whole benchmark finish in one working session."
+        f"- **Dense training is short (the main reduction)**: {s['dense_epochs']} epochs of SGD "
+        f"(nesterov, momentum 0.9, weight decay {s['weight_decay']:g}), lr {s['dense_lr']:g} with "
+        f"a cosine schedule to 0, batch {s['batch_size']}, best validation loss kept (patience "
+        f"{s['dense_patience']}). The issue asks for convergence (a ResNet-20 reaches about 93-95 "
+        "% on Fashion-MNIST after tens of epochs); the machine has 2 CPU cores shared by ~6 "
+        "engineers, 1 torch thread under `nice -n 19`, one epoch took the seconds listed below, "
+        "so the epoch count was chosen to let the whole benchmark finish in one working session."
     )
     L.append(
-        f"- **Fine-tuning is short**: every arm gets the same {s['ft_epochs']} epoch(s) over the same seeded "
-        f"subset of {z['finetune']:,} of the training images (same augmentation), the same recipe (SGD "
-        f"nesterov, momentum 0.9, weight decay {s['weight_decay']:g}, lr {s['ft_lr']:g} cosine to 0, batch "
-        f"{s['batch_size']}, same seed and data order); no early stopping at this length. The compressed arms "
-        "start from BatchNorm statistics re-estimated on the calibration images (all three, so the comparison "
-        "is like for like); the control starts from the dense weights."
+        f"- **Fine-tuning is short**: every arm gets the same {s['ft_epochs']} epoch(s) over the "
+        f"same seeded subset of {z['finetune']:,} of the training images (same augmentation), the "
+        f"same recipe (SGD nesterov, momentum 0.9, weight decay {s['weight_decay']:g}, lr "
+        f"{s['ft_lr']:g} cosine to 0, batch {s['batch_size']}, same seed and data order); no early "
+        "stopping at this length. The compressed arms start from BatchNorm statistics "
+        "re-estimated on the calibration images (all three, so the comparison is like for like); "
+        "the control starts from the dense weights."
     )
     if s.get("package"):
         L.append(
-            f"- Package code: {s['package']} (other engineers were editing the shared checkout during the run, "
-            "so the run imported a frozen copy of the committed package)."
+            f"- Package code: {s['package']} (other engineers were editing the shared checkout "
+            "during the run, so the run imported a frozen copy of the committed package)."
         )
     L.append(
-        f"- MAC budgets tried, in this order: {', '.join('x' + format(b, 'g') for b in s['budgets'])}. "
+        "- MAC budgets tried, in this order: "
+        f"{', '.join('x' + format(b, 'g') for b in s['budgets'])}. "
         + (
-            "Arm (c) of the issue is run as `minmax`: one relative-error bound `eps` for every layer (the `eps` "
-            "rank rule), bisected to the smallest that fits the MAC budget — the allocation that minimises the "
-            "largest per-layer relative kernel error (ALDS-style; no per-layer method choice). "
+            "Arm (c) of the issue is run as `minmax`: one relative-error bound `eps` for every "
+            "layer (the `eps` rank rule), bisected to the smallest that fits the MAC budget — the "
+            "allocation that minimises the largest per-layer relative kernel error (ALDS-style; no "
+            "per-layer method choice). "
             if "minmax" in s.get("arms", [])
             else "Arm (c) of the issue (min-max error allocation) is not run. "
         )
         + "resnet56 and CIFAR-10 are not run."
     )
     L.append(
-        "- Pruning: Torch-Pruning cannot trace option-A shortcuts (strided subsample + zero-padding of "
-        "channels) as a channel coupling — pruning the residual stream produced a model whose classifier input "
-        "no longer matched — so the pruning arm prunes each residual block's *inner* convolution (conv1's "
-        "output channels, with bn1 and conv2's inputs), uniform ratio across blocks, L1 norm of the filters "
-        "(`MagnitudeImportance(p=1)`); stem, conv2s and classifier are kept. This is the standard way to prune "
-        'option-A CIFAR ResNets (Li et al., "Pruning Filters for Efficient ConvNets").'
+        "- Pruning: Torch-Pruning cannot trace option-A shortcuts (strided subsample + "
+        "zero-padding of channels) as a channel coupling — pruning the residual stream produced a "
+        "model whose classifier input no longer matched — so the pruning arm prunes each residual "
+        "block's *inner* convolution (conv1's output channels, with bn1 and conv2's inputs), "
+        "uniform ratio across blocks, L1 norm of the filters (`MagnitudeImportance(p=1)`); stem, "
+        "conv2s and classifier are kept. This is the standard way to prune option-A CIFAR ResNets "
+        '(Li et al., "Pruning Filters for Efficient ConvNets").'
     )
     L.append(
-        "- MAC matching: the tensorcut arms are matched on tensorcut's count of the whole model (conv + linear "
-        "MACs, `Plan.totals()['model_macs_after']` = `summarize`): the tucker2 arm gets the absolute whole-model "
-        "budget `M/x` (a budget >= 1 is an absolute count, so the kept-dense stem is accounted for; `budget=1/x` "
-        "would be 1/x of the selected layers only); the uniform arm's ratio rule is bisected. The pruning arm "
-        f"is matched on Torch-Pruning's count (`count_ops_and_params`, within {s['mac_tol']:.0%}). Both counts are "
-        "reported for every arm; the ratio columns are dense / arm by the same counter. **The tensorcut count "
-        "(`ratio (tc)`) is the one to compare arms by**: it agrees with Torch-Pruning's within about 1 % on the "
-        "pruned models (which hold only plain convolutions), while Torch-Pruning's hooks miss the 1x1 factor "
-        "convolutions that tensorcut runs as one matrix product (GEMM), not as an `nn.Conv2d` call, and so "
+        "- MAC matching: the tensorcut arms are matched on tensorcut's count of the whole model "
+        "(conv + linear MACs, `Plan.totals()['model_macs_after']` = `summarize`): the tucker2 arm "
+        "gets the absolute whole-model budget `M/x` (a budget >= 1 is an absolute count, so the "
+        "kept-dense stem is accounted for; `budget=1/x` would be 1/x of the selected layers "
+        "only); the uniform arm's ratio rule is bisected. The pruning arm is matched on "
+        f"Torch-Pruning's count (`count_ops_and_params`, within {s['mac_tol']:.0%}). Both counts "
+        "are reported for every arm; the ratio columns are dense / arm by the same counter. **The "
+        "tensorcut count (`ratio (tc)`) is the one to compare arms by**: it agrees with "
+        "Torch-Pruning's within about 1 % on the pruned models (which hold only plain "
+        "convolutions), while Torch-Pruning's hooks miss the 1x1 factor convolutions that "
+        "tensorcut runs as one matrix product (GEMM), not as an `nn.Conv2d` call, and so "
         "over-state the factorized models' reduction (`ratio (tp)` of the tucker2/uniform rows)."
     )
     L.append(
-        "- The standard error is sqrt(p(1-p)/n) over the n test images; differences within about 2 SE of each "
-        "other are not distinguishable by this single-seed run."
+        "- The standard error is sqrt(p(1-p)/n) over the n test images; differences within about 2 "
+        "SE of each other are not distinguishable by this single-seed run."
     )
     L.append(
-        "- Latency: median batch-32 forward time on 1 CPU thread, timed round-robin with the dense model in the "
-        "same process right after the arm finished (so both see the same background load); "
-        "speed-up = dense / arm. Measured on a loaded shared CPU: indicative only.\n"
+        "- Latency: median batch-32 forward time on 1 CPU thread, timed round-robin with the dense "
+        "model in the same process right after the arm finished (so both see the same background "
+        "load); speed-up = dense / arm. Measured on a loaded shared CPU: indicative only.\n"
     )
     if "dense" not in E:
         L.append("_The dense model has not finished yet._\n")
@@ -691,12 +706,13 @@ def render(data: dict[str, Any]) -> str:
     L.append(
         f"Dense: test top-1 **{d['top1']:.4f}** ± {d['se']:.4f} after {d['epochs']} epochs "
         + (
-            f"({sum(ep) / len(ep):.0f} s per epoch on average, {d['seconds'] / 60:.0f} min in all), "
+            f"({sum(ep) / len(ep):.0f} s per epoch on average, {d['seconds'] / 60:.0f} min in "
+            "all), "
             if ep
             else ""
         )
-        + f"{d['params']:,} parameters, {d['macs_tc']:,} MACs (tensorcut count), {d['macs_tp']:,} (Torch-Pruning "
-        "count).\n"
+        + f"{d['params']:,} parameters, {d['macs_tc']:,} MACs (tensorcut count), {d['macs_tp']:,} "
+        "(Torch-Pruning count).\n"
     )
     head = [
         "budget",
@@ -805,8 +821,8 @@ def render(data: dict[str, Any]) -> str:
         L += [f"- {n}" for n in notes]
         L.append("")
     L.append(
-        "Per-arm details (ranks chosen per layer, pruned channel counts, fine-tuning history, seconds) are in "
-        "the JSON.\n"
+        "Per-arm details (ranks chosen per layer, pruned channel counts, fine-tuning history, "
+        "seconds) are in the JSON.\n"
     )
     return "\n".join(L)
 
@@ -890,7 +906,8 @@ def plot(data: dict[str, Any], path: Path) -> None:
         ax.set_ylim(max(0, lo - 3), min(100, d["top1"] * 100 + 2))
         ax.grid(alpha=0.3)
     axes[0][0].set_title(
-        "resnet20 / Fashion-MNIST: accuracy vs MACs\n(hollow: before fine-tuning, off-scale when low)",
+        "resnet20 / Fashion-MNIST: accuracy vs MACs\n"
+        "(hollow: before fine-tuning, off-scale when low)",
         fontsize=9,
     )
     axes[0][0].legend(fontsize=7, loc="lower right")

@@ -1,4 +1,5 @@
-"""RSDTR on trained CIFAR ResNets (Fashion-MNIST here): accuracy, PCR and FCR against other decompositions.
+"""RSDTR on trained CIFAR ResNets (Fashion-MNIST here): accuracy, PCR and FCR against other
+decompositions.
 
 For each model (``resnet20``, ``resnet56``; width-reduced and trained here on a Fashion-MNIST
 subset, the dense checkpoint cached under ``runs/bench_rsdtr/``) and each ``eps``:
@@ -141,12 +142,15 @@ def _dense_checkpoint(
 
 def _totals_row(p: Plan, dense: nn.Module) -> dict[str, Any]:
     t = p.totals()
-    errs = [l.error for l in p.layers if l.status == "factorize" and l.error is not None]
+    errs = [lp.error for lp in p.layers if lp.status == "factorize" and lp.error is not None]
     # relative error of all the selected kernels together (a layer kept dense contributes 0)
     norms = {
-        l.name: float(dense.get_submodule(l.name).weight.detach().double().norm()) for l in p.layers
+        lp.name: float(dense.get_submodule(lp.name).weight.detach().double().norm())
+        for lp in p.layers
     }
-    num = sum(((l.error or 0.0) * norms[l.name]) ** 2 for l in p.layers if l.status == "factorize")
+    num = sum(
+        ((lp.error or 0.0) * norms[lp.name]) ** 2 for lp in p.layers if lp.status == "factorize"
+    )
     den = sum(v * v for v in norms.values())
     return {
         "err_total": math.sqrt(num / den) if den else 0.0,
@@ -164,7 +168,7 @@ def _totals_row(p: Plan, dense: nn.Module) -> dict[str, Any]:
 
 
 def _tensorly_ranks(shape: tuple[int, ...], budget: int) -> tuple[int, int, int, int] | None:
-    """Near-uniform ring ranks (a, R, R, R) at mode 0, the largest R whose ring fits ``budget`` entries."""
+    """Near-uniform ring ranks (a, R, R, R) at mode 0: the largest R whose ring fits ``budget``."""
     o, i, kh, kw = shape
     first = min(o, i * kh * kw)
     best = None
@@ -181,7 +185,10 @@ def _tensorly_ranks(shape: tuple[int, ...], budget: int) -> tuple[int, int, int,
 
 
 def _tensorly_model(dense: nn.Module, rs_plan: Plan) -> tuple[nn.Module, Plan, float]:
-    """Every layer RSDTR factorized, as a tensorly TR-SVD at matched parameters; returns model, plan, seconds."""
+    """Every layer RSDTR factorized, as a tensorly TR-SVD at matched parameters.
+
+    Returns the model, its plan and the seconds taken.
+    """
     import tensorly as tl
     from tensorly.decomposition import tensor_ring
 
@@ -281,23 +288,23 @@ def _matched_rows(report: dict[str, Any], cfg: dict[str, Any]) -> Any:
             yield name, eps, rs, None, None
 
 
-def _advantages(w: dict[str, Any], l: dict[str, Any]) -> list[str]:
-    """Where row ``w`` beats row ``l`` by more than the report's margins."""
+def _advantages(w: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    """Where row ``w`` beats row ``other`` by more than the report's margins."""
     notes = []
-    if w["top1_compressed"] >= l["top1_compressed"] + TOP1_MARGIN:
+    if w["top1_compressed"] >= other["top1_compressed"] + TOP1_MARGIN:
         notes.append(
-            f"top-1 after compression {w['top1_compressed']:.4f} vs {l['top1_compressed']:.4f}"
+            f"top-1 after compression {w['top1_compressed']:.4f} vs {other['top1_compressed']:.4f}"
         )
     if (
         w.get("top1_ft") is not None
-        and l.get("top1_ft") is not None
-        and w["top1_ft"] >= l["top1_ft"] + TOP1_MARGIN
+        and other.get("top1_ft") is not None
+        and w["top1_ft"] >= other["top1_ft"] + TOP1_MARGIN
     ):
-        notes.append(f"top-1 after fine-tuning {w['top1_ft']:.4f} vs {l['top1_ft']:.4f}")
-    if w["err_total"] < l["err_total"] - ERR_MARGIN:
-        notes.append(f"kernel error (all layers) {w['err_total']:.3f} vs {l['err_total']:.3f}")
-    if w["fcr_conv"] > l["fcr_conv"] * (1 + FCR_MARGIN):
-        notes.append(f"conv FCR {w['fcr_conv']:.2f} vs {l['fcr_conv']:.2f}")
+        notes.append(f"top-1 after fine-tuning {w['top1_ft']:.4f} vs {other['top1_ft']:.4f}")
+    if w["err_total"] < other["err_total"] - ERR_MARGIN:
+        notes.append(f"kernel error (all layers) {w['err_total']:.3f} vs {other['err_total']:.3f}")
+    if w["fcr_conv"] > other["fcr_conv"] * (1 + FCR_MARGIN):
+        notes.append(f"conv FCR {w['fcr_conv']:.2f} vs {other['fcr_conv']:.2f}")
     return notes
 
 
@@ -310,31 +317,37 @@ def write_report(report: dict[str, Any], out: Path) -> None:
         "",
         f"Command: `{env['command']}`",
         "",
-        f"Models: {widths} (channel-width multipliers; the CIFAR ResNets with option-A shortcuts, 1-channel "
-        f"28x28 input). Trained here: {cfg['train_subset']} Fashion-MNIST training images (seeded subset), "
-        f"{cfg['epochs']} epochs, SGD momentum 0.9 (Nesterov), one-cycle lr peak {cfg['lr']}, weight decay "
-        f"{cfg['weight_decay']}, batch {cfg['batch_size']}. Test: {cfg['test_subset']} test images (seeded subset). "
-        f"Fine-tuning: `RSDTR_RECIPE` (SGD, one-cycle lr peak {cfg['ft_lr'] or RSDTR_RECIPE.lr}, weight decay "
-        f"{RSDTR_RECIPE.weight_decay}, batch {cfg['ft_batch_size']}) for {cfg['ft_epochs']} epoch(s) on "
-        f"{cfg['ft_subset']} training images (another seeded subset), "
-        "starting from the decomposed factors. These are far shorter than the paper's schedules (200 epochs of "
-        "training, 160 of fine-tuning on CIFAR-10), so kernels are less structured and accuracies lower.",
+        f"Models: {widths} (channel-width multipliers; the CIFAR ResNets with option-A shortcuts, "
+        f"1-channel 28x28 input). Trained here: {cfg['train_subset']} Fashion-MNIST training "
+        f"images (seeded subset), {cfg['epochs']} epochs, SGD momentum 0.9 (Nesterov), one-cycle "
+        f"lr peak {cfg['lr']}, weight decay {cfg['weight_decay']}, batch {cfg['batch_size']}. "
+        f"Test: {cfg['test_subset']} test images (seeded subset). Fine-tuning: `RSDTR_RECIPE` "
+        f"(SGD, one-cycle lr peak {cfg['ft_lr'] or RSDTR_RECIPE.lr}, weight decay "
+        f"{RSDTR_RECIPE.weight_decay}, batch {cfg['ft_batch_size']}) for {cfg['ft_epochs']} "
+        f"epoch(s) on {cfg['ft_subset']} training images (another seeded subset), starting from "
+        "the decomposed factors. These are far shorter than the paper's schedules (200 epochs of "
+        "training, 160 of fine-tuning on CIFAR-10), so kernels are less structured and accuracies "
+        "lower.",
         "",
-        "Why batch 32 and weight decay 5e-3 for the dense training: with a few hundred SGD steps and the usual "
-        "decay the kernels stay close to their random initialisation, and random kernels barely compress as rings. "
-        "Measured while setting this up (resnet20 x0.5, same data, 3 epochs): batch 128 / weight decay 5e-4 gave "
-        "RSDTR conv PCR 1.23 / 2.04 at eps 0.5 / 0.7 (the untrained network: 1.14 / 1.89) and 84.3% top-1; batch "
-        "32 / 5e-3 gave 1.83 / 4.88 and 86.9%, in the same time. Every method compresses the same dense model.",
+        "Why batch 32 and weight decay 5e-3 for the dense training: with a few hundred SGD steps "
+        "and the usual decay the kernels stay close to their random initialisation, and random "
+        "kernels barely compress as rings. Measured while setting this up (resnet20 x0.5, same "
+        "data, 3 epochs): batch 128 / weight decay 5e-4 gave RSDTR conv PCR 1.23 / 2.04 at eps 0.5 "
+        "/ 0.7 (the untrained network: 1.14 / 1.89) and 84.3% top-1; batch 32 / 5e-3 gave 1.83 / "
+        "4.88 and 86.9%, in the same time. Every method compresses the same dense model.",
         "",
-        f"Machine: {env['cpu']}, {env['cores']} cores shared with other jobs, {env['threads']} torch thread(s); "
-        f"torch {env['torch']}, tensorly {env['tensorly']}; load average {env['loadavg_start']} at start, "
-        f"{env.get('loadavg_end', '?')} at end. Seconds are wall clock on that busy machine.",
+        f"Machine: {env['cpu']}, {env['cores']} cores shared with other jobs, {env['threads']} "
+        f"torch thread(s); torch {env['torch']}, tensorly {env['tensorly']}; load average "
+        f"{env['loadavg_start']} at start, {env.get('loadavg_end', '?')} at end. Seconds are wall "
+        "clock on that busy machine.",
         "",
-        "Rows: **rsdtr** = `plan(method='tr', eps=eps)`; **tensorly** = `tensorly.decomposition.tensor_ring` at mode "
-        "0 with near-uniform ranks matched to RSDTR's parameter count per layer; **cp / tucker2 / tt** = "
-        "`plan(method=m, ratio=1/PCR)` at RSDTR's conv-layer PCR. PCR / FCR = dense / compressed parameters / MACs "
-        "(conv = the compressed conv layers, all but the stem; model = whole network). err all = relative Frobenius "
-        "error of all selected kernels together (dense layers count 0); err mean / max = over the factorized kernels. top-1 columns: dense model, after compression (no "
+        "Rows: **rsdtr** = `plan(method='tr', eps=eps)`; **tensorly** = "
+        "`tensorly.decomposition.tensor_ring` at mode 0 with near-uniform ranks matched to RSDTR's "
+        "parameter count per layer; **cp / tucker2 / tt** = `plan(method=m, ratio=1/PCR)` at "
+        "RSDTR's conv-layer PCR. PCR / FCR = dense / compressed parameters / MACs (conv = the "
+        "compressed conv layers, all but the stem; model = whole network). err all = relative "
+        "Frobenius error of all selected kernels together (dense layers count 0); err mean / max = "
+        "over the factorized kernels. top-1 columns: dense model, after compression (no "
         "fine-tuning), after fine-tuning. '—' = not run.",
         "",
     ]
@@ -346,8 +359,9 @@ def write_report(report: dict[str, Any], out: Path) -> None:
             f"## {name} (width x{cfg['widths'][name]}): dense top-1 {dense['top1']:.4f}, "
             f"{dense['params']:,} parameters, trained in {dense['train_seconds']:.0f} s",
             "",
-            "| eps | method | conv PCR | conv FCR | model PCR | model FCR | layers fact./dense | err all | err mean / max | "
-            "top-1 dense | top-1 compressed | top-1 fine-tuned | compress s | fine-tune s |",
+            "| eps | method | conv PCR | conv FCR | model PCR | model FCR | layers fact./dense | "
+            "err all | err mean / max | top-1 dense | top-1 compressed | top-1 fine-tuned | "
+            "compress s | fine-tune s |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for eps in cfg["eps"]:
@@ -357,33 +371,34 @@ def write_report(report: dict[str, Any], out: Path) -> None:
                     continue
                 if meth == "rsdtr" and r["factorized"] == 0:
                     lines.append(
-                        f"| {eps} | rsdtr | 1.00 | 1.00 | 1.00 | 1.00 | 0/{r['dense']} | — | — | {dense['top1']:.4f} | "
-                        f"{r['top1_compressed']:.4f} | {_fmt(r.get('top1_ft'))} | {r['compress_seconds']:.1f} | "
+                        f"| {eps} | rsdtr | 1.00 | 1.00 | 1.00 | 1.00 | 0/{r['dense']} | — | — | "
+                        f"{dense['top1']:.4f} | {r['top1_compressed']:.4f} | "
+                        f"{_fmt(r.get('top1_ft'))} | {r['compress_seconds']:.1f} | "
                         f"{_fmt(r.get('ft_seconds'), '.0f')} |"
                     )
                     lines.append(
-                        f"| {eps} | (baselines) | every ring would be larger than its kernel: all layers stay "
-                        "dense, nothing to match | | | | | | | | | | | |"
+                        f"| {eps} | (baselines) | every ring would be larger than its kernel: all "
+                        "layers stay dense, nothing to match | | | | | | | | | | | |"
                     )
                     continue
                 lines.append(
-                    f"| {eps} | {meth} | {r['pcr_conv']:.2f} | {r['fcr_conv']:.2f} | {r['pcr_model']:.2f} | "
-                    f"{r['fcr_model']:.2f} | {r['factorized']}/{r['dense']} | {r['err_total']:.3f} | "
-                    f"{r['err_mean']:.3f} / {r['err_max']:.3f} | "
-                    f"{dense['top1']:.4f} | {r['top1_compressed']:.4f} | {_fmt(r.get('top1_ft'))} | "
-                    f"{r['compress_seconds']:.1f} | {_fmt(r.get('ft_seconds'), '.0f')} |"
+                    f"| {eps} | {meth} | {r['pcr_conv']:.2f} | {r['fcr_conv']:.2f} | "
+                    f"{r['pcr_model']:.2f} | {r['fcr_model']:.2f} | {r['factorized']}/{r['dense']} "
+                    f"| {r['err_total']:.3f} | {r['err_mean']:.3f} / {r['err_max']:.3f} | "
+                    f"{dense['top1']:.4f} | {r['top1_compressed']:.4f} | {_fmt(r.get('top1_ft'))} "
+                    f"| {r['compress_seconds']:.1f} | {_fmt(r.get('ft_seconds'), '.0f')} |"
                 )
         lines.append("")
     n_test = cfg["test_subset"]
     lines += [
         "## Where RSDTR loses (computed from the rows above)",
         "",
-        f"Listed when a baseline beats RSDTR by at least: top-1 {TOP1_MARGIN:.0%} (binomial standard error on "
-        f"{n_test} test images: {math.sqrt(0.85 * 0.15 / n_test):.1%} at 85% accuracy, "
-        f"{math.sqrt(0.25 / n_test):.1%} at 50%; all methods share the test images, so paired differences are "
-        f"less noisy), FCR {FCR_MARGIN:.0%}, kernel error {ERR_MARGIN}. Baselines sit at equal or *higher* PCR "
-        f"than RSDTR (their ranks are rounded down; up to {_overshoot(report):.0%} higher here), which "
-        "favours RSDTR slightly.",
+        f"Listed when a baseline beats RSDTR by at least: top-1 {TOP1_MARGIN:.0%} (binomial "
+        f"standard error on {n_test} test images: {math.sqrt(0.85 * 0.15 / n_test):.1%} at 85% "
+        f"accuracy, {math.sqrt(0.25 / n_test):.1%} at 50%; all methods share the test images, so "
+        f"paired differences are less noisy), FCR {FCR_MARGIN:.0%}, kernel error {ERR_MARGIN}. "
+        "Baselines sit at equal or *higher* PCR than RSDTR (their ranks are rounded down; up to "
+        f"{_overshoot(report):.0%} higher here), which favours RSDTR slightly.",
         "",
     ]
     losses: list[str] = []
@@ -392,7 +407,8 @@ def write_report(report: dict[str, Any], out: Path) -> None:
         if meth is None:
             if rs["fcr_conv"] < 1:
                 losses.append(
-                    f"- {name} eps {eps}: RSDTR's conv FCR is {rs['fcr_conv']:.2f} (< 1: more MACs than dense)"
+                    f"- {name} eps {eps}: RSDTR's conv FCR is {rs['fcr_conv']:.2f} (< 1: more MACs "
+                    "than dense)"
                 )
             continue
         pcr = f"(conv PCR {b['pcr_conv']:.2f} vs {rs['pcr_conv']:.2f})"
@@ -524,7 +540,8 @@ def main() -> None:
         dense, drow = _dense_checkpoint(args, name, w, train, test_loader)
         entry["dense"] = drow
         print(
-            f"{name} x{w}: dense top-1 {drow['top1']:.4f} ({time.perf_counter() - t0:.0f} s)  load {_load()}",
+            f"{name} x{w}: dense top-1 {drow['top1']:.4f} ({time.perf_counter() - t0:.0f} s)  load "
+            f"{_load()}",
             flush=True,
         )
         save()
@@ -543,14 +560,14 @@ def main() -> None:
                     "compress_seconds": time.perf_counter() - t0,
                     "layers": [
                         {
-                            "name": l.name,
-                            "status": l.status,
-                            "ranks": l.ranks,
-                            "error": l.error,
-                            "params": [l.params_before, l.params_after],
-                            "macs": [l.macs_before, l.macs_after],
+                            "name": lp.name,
+                            "status": lp.status,
+                            "ranks": lp.ranks,
+                            "error": lp.error,
+                            "params": [lp.params_before, lp.params_after],
+                            "macs": [lp.macs_before, lp.macs_after],
                         }
-                        for l in p.layers
+                        for lp in p.layers
                     ],
                 }
                 row["top1_compressed"] = _eval(model, test_loader)
@@ -560,7 +577,8 @@ def main() -> None:
                 save()
                 print(
                     f"  eps {eps} rsdtr: PCR {row['pcr_conv']:.2f} FCR {row['fcr_conv']:.2f} top-1 "
-                    f"{row['top1_compressed']:.4f} -> {row['top1_ft']:.4f} ({row['ft_seconds']:.0f} s ft)  load {_load()}",
+                    f"{row['top1_compressed']:.4f} -> {row['top1_ft']:.4f} "
+                    f"({row['ft_seconds']:.0f} s ft)  load {_load()}",
                     flush=True,
                 )
             rs = rows[key]
@@ -596,7 +614,10 @@ def main() -> None:
                         progress=False,
                     )
                     apply(model, p)
-                    extra = {"ratio": ratio, "notes": sorted({l.note for l in p.layers if l.note})}
+                    extra = {
+                        "ratio": ratio,
+                        "notes": sorted({lp.note for lp in p.layers if lp.note}),
+                    }
                 row = {
                     **_totals_row(p, dense),
                     **extra,
@@ -609,8 +630,8 @@ def main() -> None:
                     row.update(_finetune(model, ft_ds, test_loader, args))
                     save()
                 print(
-                    f"  eps {eps} {meth}: PCR {row['pcr_conv']:.2f} FCR {row['fcr_conv']:.2f} err {row['err_total']:.3f} "
-                    f"top-1 {row['top1_compressed']:.4f}"
+                    f"  eps {eps} {meth}: PCR {row['pcr_conv']:.2f} FCR {row['fcr_conv']:.2f} err "
+                    f"{row['err_total']:.3f} top-1 {row['top1_compressed']:.4f}"
                     + (f" -> {row['top1_ft']:.4f}" if "top1_ft" in row else "")
                     + f"  load {_load()}",
                     flush=True,

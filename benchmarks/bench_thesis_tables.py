@@ -4,36 +4,38 @@ For ``vgg11`` and ``resnet18`` (CIFAR forms from ``tensorcut.models``, **width-r
 VGG11 at width 0.25 (channels 16-32-64-128 instead of 64-128-256-512) and ResNet18 at width 0.125
 (8-16-32-64; it costs ~3x VGG11's time per image at equal width)) on **Fashion-MNIST** (28 px, one
 channel; seeded subsets of the training / validation / test splits, see ``--train-subset`` etc.),
-methods CP / Tucker / TT x parameter retention 0.1 / 0.2 / 0.5 / 0.8 x the thesis's three strategies:
+methods CP / Tucker / TT x parameter retention 0.1 / 0.2 / 0.5 / 0.8 x the thesis's three
+strategies:
 
 1. **from scratch** (thesis 7.2.1): the factorized layers are built at the ranks the retention
-   gives, randomly initialised (each sublayer as ``nn.Conv2d`` initialises), and the whole network is
-   trained with the same recipe as the uncompressed baseline;
-2. **pretrained, no fine-tuning** (7.2.2): the baseline, trained ``--pretrain-epochs`` epochs, is decomposed
-   (``tensorcut.compression``, ``ratio=retention``) and evaluated as it is;
+   gives, randomly initialised (each sublayer as ``nn.Conv2d`` initialises), and the whole network
+   is trained with the same recipe as the uncompressed baseline;
+2. **pretrained, no fine-tuning** (7.2.2): the baseline, trained ``--pretrain-epochs`` epochs, is
+   decomposed (``tensorcut.compression``, ``ratio=retention``) and evaluated as it is;
 3. **pretrained + fine-tuning** (7.2.3): model 2 fine-tuned with the thesis's recipe
    (``tensorcut.workflow.FINETUNE_RECIPE``: Adam, lr 1e-5, early stopping on validation loss with
    patience 3) but capped at ``--ft-epochs`` epochs instead of 50.
 
 Which layers: as in the thesis (Table 7.1), every 3x3 convolution except the first one (VGG11: 7
 layers, ResNet18: 16); ResNet's 1x1 projection shortcuts stay dense. **Retention** is applied per
-factorized layer (``ratio`` = the layer's kept fraction of parameters, as tensorly-torch's fractional
-rank did in the thesis); the tables also give the achieved retention over *all* conv layers
-(compressed conv params / dense conv params, the dense stem and shortcuts included). #Parameters,
-model size (MB = params x 4 / 1e6, thesis Eq. 7.3) and compression ratio (dense / compressed
-parameters, Eq. 7.2) are for the whole model. "Tucker" is tensorcut's Tucker-2 layer by default
-(``--tucker-method``; the thesis's tensorly-torch Tucker also cut the spatial ranks).
+factorized layer (``ratio`` = the layer's kept fraction of parameters, as tensorly-torch's
+fractional rank did in the thesis); the tables also give the achieved retention over *all* conv
+layers (compressed conv params / dense conv params, the dense stem and shortcuts included).
+#Parameters, model size (MB = params x 4 / 1e6, thesis Eq. 7.3) and compression ratio (dense /
+compressed parameters, Eq. 7.2) are for the whole model. "Tucker" is tensorcut's Tucker-2 layer by
+default (``--tucker-method``; the thesis's tensorly-torch Tucker also cut the spatial ranks).
 
-The recipe (thesis 7.1.2, scaled down): Adam, lr 1e-3, batch 64 (thesis 128), constant learning rate, for
-``--epochs`` epochs over ``--train-subset`` training images (the thesis: 50 epochs over 45,000
-CIFAR-10 images). Accuracy is top-1 on ``--test-subset`` test images (standard error about
-sqrt(p(1-p)/n), ~0.011 at n=1000, p=0.85). The thesis's CIFAR-10 numbers (full-width networks,
-50 epochs, GPU) are printed beside ours for reference only: data set, width and training
-length all differ.
+The recipe (thesis 7.1.2, scaled down): Adam, lr 1e-3, batch 64 (thesis 128), constant learning
+rate, for ``--epochs`` epochs over ``--train-subset`` training images (the thesis: 50 epochs over
+45,000 CIFAR-10 images). Accuracy is top-1 on ``--test-subset`` test images (standard error about
+sqrt(p(1-p)/n), ~0.011 at n=1000, p=0.85). The thesis's CIFAR-10 numbers (full-width networks, 50
+epochs, GPU) are printed beside ours for reference only: data set, width and training length all
+differ.
 
 After each training or fine-tuning run the BatchNorm statistics are re-estimated over the
 training subset (one forward pass; see ``reestimate_bn``). Models tensorized without fine-tuning
-are evaluated as they are (thesis protocol) and, in an extra column, with re-estimated BN statistics.
+are evaluated as they are (thesis protocol) and, in an extra column, with re-estimated BN
+statistics.
 
 Resumable: every finished row is written to the JSON at once; a rerun with the same settings
 skips finished rows (``--fresh`` starts over). The trained baseline is cached in ``--cache-dir``.
@@ -73,9 +75,10 @@ from common import (
 )
 from torch import nn  # noqa: E402
 
-# ----------------------------------------------------------------------------- the thesis's numbers (CIFAR-10)
-# (params, size MB, compression ratio, accuracy) per (model, strategy, method, retention), copied from
-# Tables 7.2 / 7.6 / 7.10 (ResNet18) and 7.4 / 7.8 / 7.12 (VGG11) of the thesis (shared/seeds/004_*).
+# ------------------------------------------------------------------ the thesis's numbers (CIFAR-10)
+# (params, size MB, compression ratio, accuracy) per (model, strategy, method, retention), copied
+# from Tables 7.2 / 7.6 / 7.10 (ResNet18) and 7.4 / 7.8 / 7.12 (VGG11) of the thesis
+# (shared/seeds/004_*).
 
 THESIS_UNCOMPRESSED = {
     "resnet18": (11173962, 44.695, 1.0, 0.9043),
@@ -89,7 +92,8 @@ THESIS_TABLE_NO = {
     ("vgg11", "pretrained"): "7.8",
     ("vgg11", "finetune"): "7.12",
 }
-_R18_SIZE = {  # params, MB, CR per method and retention (scratch; CP/Tucker the same after pretraining)
+# params, MB, CR per method and retention (scratch; CP/Tucker the same after pretraining)
+_R18_SIZE = {
     "cp": {
         0.1: (1288468, 5.153, 8.672),
         0.2: (2389079, 9.556, 4.677),
@@ -187,7 +191,7 @@ def thesis_ref(model: str, strategy: str, method: str, retention: float) -> dict
 
 
 def thesis_filter(name: str, module: nn.Module) -> bool:
-    """Every 3x3 convolution except the stem (the thesis kept the first conv dense; 1x1 shortcuts stay dense)."""
+    """Every 3x3 conv except the stem (the thesis kept the first conv dense; 1x1 shortcuts too)."""
     return (
         isinstance(module, nn.Conv2d)
         and tuple(module.kernel_size) == (3, 3)
@@ -200,7 +204,7 @@ def n_params(model: nn.Module) -> int:
 
 
 def conv_params(model: nn.Module) -> int:
-    """Parameters of all convolutions, dense or factorized (factorized layers count their sublayers)."""
+    """Parameters of all convolutions, dense or factorized (with a factorized one's sublayers)."""
     from tensorcut.layers import FactorizedConv2d
 
     total, seen = 0, set()
@@ -247,8 +251,9 @@ def reestimate_bn(model: nn.Module, d: Data) -> None:
     """Recompute every BatchNorm's running statistics as the exact average over the training subset.
 
     After only tens of Adam steps the running averages (momentum 0.1) lag behind the weights, and a
-    network evaluated with them can fall to chance although it trains fine (e.g. VGG11 with CP layers
-    from scratch: 0.13 test top-1 as is, 0.76 after this pass). One forward pass, no weight changes.
+    network evaluated with them can fall to chance although it trains fine (e.g. VGG11 with CP
+    layers from scratch: 0.13 test top-1 as is, 0.76 after this pass). One forward pass, no weight
+    changes.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
@@ -262,7 +267,7 @@ def reestimate_bn(model: nn.Module, d: Data) -> None:
     with torch.no_grad():
         for x, _ in d.train_loader():
             model(x)
-    for m, mom in zip(bns, saved):
+    for m, mom in zip(bns, saved, strict=True):
         m.momentum = mom
     model.train(was)
     model.eval()
@@ -277,7 +282,10 @@ def train(
     val: bool = False,
     patience: int | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
-    """``tensorcut.train.fit`` with the recipe, then the BatchNorm statistics re-estimated (:func:`reestimate_bn`)."""
+    """``tensorcut.train.fit`` with the recipe, then BatchNorm statistics re-estimated.
+
+    The re-estimation is :func:`reestimate_bn`.
+    """
     from tensorcut.train import FitConfig, fit
 
     cfg = FitConfig(
@@ -306,10 +314,10 @@ def test_top1(model: nn.Module, d: Data) -> float:
 def scratch_model(
     name: str, args: argparse.Namespace, method: str, retention: float
 ) -> tuple[nn.Module, list[str]]:
-    """A fresh network whose selected convs are factorized layers at the ranks ``retention`` gives, randomly initialised."""
+    """A fresh network whose selected convs are factorized at ``retention``'s ranks, random init."""
     from tensorcut import models
-    from tensorcut.layers import LAYER_REGISTRY, ConvGeometry
     from tensorcut.compression.rank import ranks_for_ratio
+    from tensorcut.layers import LAYER_REGISTRY, ConvGeometry
     from tensorcut.train.loop import set_seed
 
     set_seed(args.seed)
@@ -322,7 +330,7 @@ def scratch_model(
         geom = ConvGeometry.from_conv(conv)
         r = ranks_for_ratio(
             tuple(cls.max_ranks(geom)),
-            lambda rr: cls.predicted_params(geom, rr),
+            lambda rr, g=geom: cls.predicted_params(g, rr),
             retention * geom.dense_params(),
         )
         if cls.predicted_params(geom, r) >= geom.dense_params():
@@ -337,7 +345,7 @@ def scratch_model(
 def make_dense(
     name: str, args: argparse.Namespace, d: Data, epochs: int
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """An uncompressed network trained ``epochs`` epochs with the recipe (cached by its settings)."""
+    """An uncompressed network trained ``epochs`` epochs with the recipe (cached per settings)."""
     from tensorcut import models
     from tensorcut.train.loop import set_seed
 
@@ -454,7 +462,8 @@ def main() -> None:
         "--epochs",
         type=int,
         default=2,
-        help="training epochs of the from-scratch models and of the uncompressed row of their table",
+        help="training epochs of the from-scratch models and of the uncompressed row of their "
+        "table",
     )
     ap.add_argument(
         "--pretrain-epochs",
@@ -549,8 +558,9 @@ def main() -> None:
             result["rows"].append(row)
             done.add((row["model"], row["strategy"], row["method"], row["retention"]))
             print(
-                f"  {row['model']} {row['strategy']:>10} {row['method']:>6} {row['retention']}: params {row['params']:,} "
-                f"CR {row['compression_ratio']:.2f} top1 {row['top1']:.4f}",
+                f"  {row['model']} {row['strategy']:>10} {row['method']:>6} {row['retention']}: "
+                f"params {row['params']:,} CR {row['compression_ratio']:.2f} top1 "
+                f"{row['top1']:.4f}",
                 flush=True,
             )
         result["runs"][-1]["load"] = mon.summary()
@@ -602,14 +612,14 @@ def main() -> None:
                         comp, plan, csecs = compress_pretrained(dense, method, ret)
                         tot = plan.totals()
                         errs = [
-                            l.error
-                            for l in plan.layers
-                            if l.status == "factorize" and l.error is not None
+                            lp.error
+                            for lp in plan.layers
+                            if lp.status == "factorize" and lp.error is not None
                         ]
-                        notes = [f"{l.name}: {l.note}" for l in plan.layers if l.note] + [
-                            f"{l.name}: dense ({l.reason})"
-                            for l in plan.layers
-                            if l.status != "factorize"
+                        notes = [f"{lp.name}: {lp.note}" for lp in plan.layers if lp.note] + [
+                            f"{lp.name}: dense ({lp.reason})"
+                            for lp in plan.layers
+                            if lp.status != "factorize"
                         ]
                         extra = {
                             "tensorcut_method": method,
@@ -619,13 +629,17 @@ def main() -> None:
                             if errs
                             else None,
                             "factorized_layer_retention": round(
-                                sum(l.params_after for l in plan.layers if l.status == "factorize")
+                                sum(
+                                    lp.params_after
+                                    for lp in plan.layers
+                                    if lp.status == "factorize"
+                                )
                                 / max(
                                     1,
                                     sum(
-                                        l.params_before
-                                        for l in plan.layers
-                                        if l.status == "factorize"
+                                        lp.params_before
+                                        for lp in plan.layers
+                                        if lp.status == "factorize"
                                     ),
                                 ),
                                 4,
@@ -732,25 +746,29 @@ METHOD_NAMES = {"uncompressed": "Uncompressed", "cp": "CP", "tucker": "Tucker", 
 def render(result: dict[str, Any]) -> str:
     s = result["settings"]
     parts = [
-        f"Fashion-MNIST (28x28, 1 channel): {s['train_subset']} training images, {s['val_subset']} validation images "
-        f"(fine-tuning's early stopping), {s['test_subset']} test images (accuracy = top-1 on these; standard error "
-        f"~0.01). Networks: CIFAR-form `vgg11` / `resnet18`, **width-reduced** ({s['widths']}: every channel count "
-        f"times that factor). "
-        f"Training: Adam lr {s['lr']}, batch {s['batch']}, constant lr; from-scratch models and the uncompressed row of "
-        f"their table {s['epochs']} epochs, the pretrained baseline of the other two tables {s['pretrain_epochs']} epochs "
-        f"(thesis: batch 128, 50 epochs over 45,000 CIFAR-10 images). "
-        f"Fine-tuning: the thesis recipe (Adam lr 1e-5, early stopping on validation loss, patience 3) capped at "
-        f"{s['ft_epochs']} epochs (thesis: <= 50). Factorized: every 3x3 conv but the first (VGG11: 7, ResNet18: 16 "
-        f"layers, as in thesis Table 7.1); ResNet 1x1 shortcuts dense. `%Params` is the per-layer retention asked for; "
-        f"`conv ret.` the achieved compressed/dense parameters over **all** conv layers (stem and shortcuts included); "
-        f"#Parameters, size and CR are for the whole model. Tucker = tensorcut `{s['tucker_method']}`.",
-        "After every training or fine-tuning run the BatchNorm running statistics are re-estimated by one forward "
-        "pass over the training subset (after only tens of Adam steps the momentum-0.1 averages lag the weights; "
-        "evaluated with them, VGG11 with CP layers trained from scratch scores 0.13 instead of 0.76). The models "
-        "tensorized without fine-tuning are evaluated as they come out of the decomposition (the thesis's protocol); "
-        "the extra column gives them with BN statistics re-estimated, no weight changed.",
-        "The thesis columns are its CIFAR-10 results (full-width networks, 50 epochs on a GPU) for reference: compare "
-        "trends (which method holds up at which retention), not absolute accuracies.",
+        f"Fashion-MNIST (28x28, 1 channel): {s['train_subset']} training images, {s['val_subset']} "
+        f"validation images (fine-tuning's early stopping), {s['test_subset']} test images "
+        "(accuracy = top-1 on these; standard error ~0.01). Networks: CIFAR-form `vgg11` / "
+        f"`resnet18`, **width-reduced** ({s['widths']}: every channel count times that factor). "
+        f"Training: Adam lr {s['lr']}, batch {s['batch']}, constant lr; from-scratch models and "
+        f"the uncompressed row of their table {s['epochs']} epochs, the pretrained baseline of the "
+        f"other two tables {s['pretrain_epochs']} epochs (thesis: batch 128, 50 epochs over 45,000 "
+        "CIFAR-10 images). Fine-tuning: the thesis recipe (Adam lr 1e-5, early stopping on "
+        f"validation loss, patience 3) capped at {s['ft_epochs']} epochs (thesis: <= 50). "
+        "Factorized: every 3x3 conv but the first (VGG11: 7, ResNet18: 16 layers, as in thesis "
+        "Table 7.1); ResNet 1x1 shortcuts dense. `%Params` is the per-layer retention asked for; "
+        "`conv ret.` the achieved compressed/dense parameters over **all** conv layers (stem and "
+        "shortcuts included); #Parameters, size and CR are for the whole model. Tucker = "
+        f"tensorcut `{s['tucker_method']}`.",
+        "After every training or fine-tuning run the BatchNorm running statistics are re-estimated "
+        "by one forward pass over the training subset (after only tens of Adam steps the "
+        "momentum-0.1 averages lag the weights; evaluated with them, VGG11 with CP layers trained "
+        "from scratch scores 0.13 instead of 0.76). The models tensorized without fine-tuning are "
+        "evaluated as they come out of the decomposition (the thesis's protocol); the extra column "
+        "gives them with BN statistics re-estimated, no weight changed.",
+        "The thesis columns are its CIFAR-10 results (full-width networks, 50 epochs on a GPU) for "
+        "reference: compare trends (which method holds up at which retention), not absolute "
+        "accuracies.",
     ]
     rows_all = result["rows"]
     models = list(dict.fromkeys(r["model"] for r in rows_all))
@@ -818,8 +836,8 @@ def render(result: dict[str, Any]) -> str:
         for r in rows_all
     ]
     parts.append(
-        "Costs and kernel errors (train/fine-tune seconds; decomposition seconds; mean relative kernel error "
-        "of the factorized layers):\n\n"
+        "Costs and kernel errors (train/fine-tune seconds; decomposition seconds; mean relative "
+        "kernel error of the factorized layers):\n\n"
         + md_table(
             [
                 "model",
@@ -837,9 +855,10 @@ def render(result: dict[str, Any]) -> str:
     for i, r in enumerate(runs):
         ld = r.get("load") or {}
         parts.append(
-            f"Run {i + 1}: `{r['command']}` started {r['started']}, {r.get('seconds', '?')} s, 1-min load "
-            f"mean {ld.get('load1_mean', '?')} (min {ld.get('load1_min', '?')}, max {ld.get('load1_max', '?')}); "
-            f"`uptime` at start `{r['uptime_at_start']}`, at the end `{r.get('uptime_at_end', r.get('uptime_last', '?'))}`."
+            f"Run {i + 1}: `{r['command']}` started {r['started']}, {r.get('seconds', '?')} s, "
+            f"1-min load mean {ld.get('load1_mean', '?')} (min {ld.get('load1_min', '?')}, max "
+            f"{ld.get('load1_max', '?')}); `uptime` at start `{r['uptime_at_start']}`, at the end "
+            f"`{r.get('uptime_at_end', r.get('uptime_last', '?'))}`."
         )
     return "\n\n".join(parts)
 
