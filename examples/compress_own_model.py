@@ -34,7 +34,7 @@ test = tc.make_loader(tc.load_dataset("digits", "test"), 512)
 fit(model, train, None, FitConfig(epochs=1 if tiny else 15, lr=3e-3), device="cpu", progress=False)
 dense = evaluate(model, test)
 
-# 2. the ten lines: plan + apply Tucker-2 keeping 30% of each selected layer's parameters, then fine-tune
+# 2. the ten lines: plan + apply Tucker-2 (30% of each selected layer's parameters), then fine-tune
 model, plan = compress(model, method="tucker2", ratio=0.3, input_shape=(1, 8, 8), progress=False)
 print(plan.table())
 after = evaluate(model, test)
@@ -48,6 +48,6 @@ fit(
 )
 tuned = evaluate(model, test)
 print(
-    f"test top-1: dense {dense['top1']:.4f}, compressed {after['top1']:.4f}, fine-tuned {tuned['top1']:.4f}; "
-    f"conv layers {plan.totals()['conv_ratio']:.2f}x smaller"
+    f"test top-1: dense {dense['top1']:.4f}, compressed {after['top1']:.4f}, fine-tuned "
+    f"{tuned['top1']:.4f}; conv layers {plan.totals()['conv_ratio']:.2f}x smaller"
 )

@@ -1,4 +1,4 @@
-"""Study a model's compressibility: truncate each conv kernel along each bipartition and plot accuracy vs norm loss.
+"""Study a model's compressibility: accuracy vs norm loss, each conv kernel cut per bipartition.
 
 python examples/study_compressibility.py OUT_DIR          # vanilla-cnn on digits
 python examples/study_compressibility.py OUT_DIR --tiny   # CI scale
@@ -32,5 +32,6 @@ report = analyze(
 )
 figures = plot(out / "results.sqlite", out / "figures", formats=("png",))
 print(
-    f"{report.evaluated} configurations evaluated; results in {report.path}; {len(figures)} figures in {out / 'figures'}"
+    f"{report.evaluated} configurations evaluated; results in {report.path}; "
+    f"{len(figures)} figures in {out / 'figures'}"
 )

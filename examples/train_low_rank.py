@@ -1,4 +1,4 @@
-"""Train low-rank from scratch: convolutions in Tucker format with ranks pruned during training (TDLRT).
+"""Train low-rank from scratch: Tucker-format convolutions, ranks pruned during training (TDLRT).
 
 python examples/train_low_rank.py          # resnet20 (width 0.5) on digits
 python examples/train_low_rank.py --tiny   # CI scale
@@ -30,5 +30,6 @@ train_tdlrt(
 )
 r = rank_report(model)
 print(
-    f"val top-1 {evaluate(model, val)['top1']:.4f}; conv layers {r['conv_cr']:.2f}x smaller than dense"
+    f"val top-1 {evaluate(model, val)['top1']:.4f}; "
+    f"conv layers {r['conv_cr']:.2f}x smaller than dense"
 )
