@@ -1,6 +1,7 @@
 """Training loop: learning, evaluation metrics, resume, early stopping, distillation."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -116,12 +117,67 @@ def test_distillation_runs_with_teacher_and_changes_loss():
     [
         ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'"),
         ({"scheduler": "step"}, "unknown scheduler 'step'"),
-        ({"lr": 0}, "learning rate must be > 0"),
+        ({"lr": 0}, "--lr must be > 0, got 0"),
+        ({"patience": 0}, "patience must be an integer >= 1 or None, got 0"),
+        ({"seed": "0"}, "seed must be an integer, got '0'"),
+        ({"seed": 1.5}, "seed must be an integer, got 1.5"),
+        ({"epochs": 2.0}, "epochs must be an integer, got 2.0"),
+        ({"momentum": "0.9"}, "momentum must be a number, got '0.9'"),
+        ({"grad_clip": -1.0}, "grad_clip must be >= 0"),
+        ({"distill_temperature": 0.0}, "distill_temperature must be > 0"),
     ],
 )
 def test_bad_recipe(kw, msg):
-    with pytest.raises(TensorcutError, match=msg):
+    with pytest.raises(TensorcutError, match=re.escape(msg)):
         FitConfig(**kw)
+
+
+@pytest.mark.parametrize(
+    "field,flag,value",
+    [
+        ("momentum", "--momentum", 1.0),
+        ("momentum", "--momentum", -0.1),
+        ("weight_decay", "--weight-decay", -1e-4),
+        ("seed", "--seed", -1),
+        ("epochs", "--epochs", -1),
+        ("lr", "--lr", 0.0),
+        ("lr", "--lr", float("nan")),
+    ],
+)
+def test_recipe_from_python_is_refused_in_the_cli_words(tmp_path, capsys, field, flag, value):
+    """FitConfig built in Python refuses what the CLI refuses, with the CLI's message."""
+    from tensorcut.cli import main
+
+    with pytest.raises(TensorcutError) as e:
+        FitConfig(**{field: value})
+    argv = ["train", "--model", "vanilla-cnn", "--dataset", "digits", "--out", str(tmp_path / "o")]
+    capsys.readouterr()
+    assert main([*argv, flag, str(value)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"tensorcut train: error: {e.value}"
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [None, {}, {"model": "vanilla-cnn"}, {"model": {"kwargs": {}}}, {"model": {"name": ...}}],
+)
+def test_fit_with_out_dir_needs_meta_before_epoch_one(tmp_path, meta):
+    tr, va = _loaders()
+    net = _net()
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(TensorcutError, match=r"needs meta= naming the architecture"):
+        fit(net, tr, va, FitConfig(epochs=1), device="cpu", out_dir=tmp_path / "o", meta=meta)
+    assert not (tmp_path / "o").exists()
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # no step was taken
+
+
+def test_fit_with_out_dir_refuses_meta_that_is_not_json_before_epoch_one(tmp_path):
+    tr, va = _loaders()
+    meta = {"model": {"name": "vanilla-cnn", "kwargs": {"width": ...}}}
+    with pytest.raises(TensorcutError, match=r"fit\(meta=\.\.\.\) is not JSON-serialisable"):
+        fit(_net(), tr, va, FitConfig(epochs=1), device="cpu", out_dir=tmp_path / "o", meta=meta)
+    assert not (tmp_path / "o").exists()
 
 
 def test_cuda_without_gpu_is_clear():

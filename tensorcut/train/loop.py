@@ -174,8 +174,24 @@ class FitConfig:
     sync_batchnorm: bool = False
 
     def __post_init__(self) -> None:
-        if self.epochs < 0:
-            raise TensorcutError(f"epochs must be >= 0, got {self.epochs}")
+        """Refuse a recipe the loop cannot run, in the CLI's words (one rule table for both)."""
+        from tensorcut.train.api import check_numbers
+
+        for name in ("epochs", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TensorcutError(f"{name} must be an integer, got {v!r}")
+        for name in ("lr", "momentum", "weight_decay", "distill_alpha", "distill_temperature"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise TensorcutError(f"{name} must be a number, got {v!r}")
+        check_numbers(
+            epochs=self.epochs,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            seed=self.seed,
+        )
         if self.optimizer not in OPTIMIZERS:
             raise TensorcutError(
                 f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}"
@@ -184,12 +200,24 @@ class FitConfig:
             raise TensorcutError(
                 f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}"
             )
-        if not self.lr > 0:
-            raise TensorcutError(f"learning rate must be > 0, got {self.lr}")
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise TensorcutError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
-        if self.patience is not None and self.patience < 1:
-            raise TensorcutError(f"patience must be >= 1, got {self.patience}")
+        if self.patience is not None and (
+            not isinstance(self.patience, int)
+            or isinstance(self.patience, bool)
+            or self.patience < 1
+        ):
+            raise TensorcutError(f"patience must be an integer >= 1 or None, got {self.patience!r}")
+        if not (self.distill_temperature > 0 and math.isfinite(self.distill_temperature)):
+            raise TensorcutError(
+                f"distill_temperature must be > 0, got {self.distill_temperature:g}"
+            )
+        if self.grad_clip is not None and not (
+            isinstance(self.grad_clip, (int, float)) and self.grad_clip >= 0
+        ):
+            raise TensorcutError(
+                f"grad_clip must be >= 0 (0 or None: no clipping), got {self.grad_clip!r}"
+            )
 
 
 def _make_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
@@ -253,6 +281,9 @@ def fit(
     from tensorcut import io as tio
 
     cfg = config or FitConfig()
+    out = Path(out_dir) if out_dir else None
+    if out is not None:
+        _check_checkpoint_meta(meta)
     dev = resolve_device(device)
     ctx = tdist.init(dev) if distributed else tdist.DistContext(device=dev)
     if ctx.enabled:
@@ -271,7 +302,6 @@ def fit(
     history: list[dict[str, Any]] = []
     start_epoch = 0
     best_loss, best_state, bad_epochs = math.inf, None, 0
-    out = Path(out_dir) if out_dir else None
     if resume:
         if out is None:
             raise TensorcutError("--resume needs the output directory of the run to continue")
@@ -416,6 +446,26 @@ def fit(
     _revert_sync_batchnorm(model, swapped)
     model.eval()
     return history
+
+
+def _check_checkpoint_meta(meta: dict[str, Any] | None) -> None:
+    """Refuse, before epoch 1, metadata that ``tensorcut.save`` would reject after it."""
+    from tensorcut import io as tio
+
+    model = meta.get("model") if isinstance(meta, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+        raise TensorcutError(
+            "fit(out_dir=...) writes a checkpoint after every epoch and needs meta= naming the "
+            "architecture, e.g. meta={'model': {'name': 'resnet20', 'kwargs': {...}}} (a registry "
+            "name, or your class's name and reload with tensorcut.load(dir, model=YourNet()))"
+        )
+    try:
+        json.dumps(meta, default=tio._json_default)
+    except (TypeError, ValueError) as e:
+        raise TensorcutError(
+            f"fit(meta=...) is not JSON-serialisable ({e}); pass plain numbers, strings, lists "
+            "and dicts"
+        ) from None
 
 
 def _wrap(
