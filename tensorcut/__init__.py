@@ -1,37 +1,74 @@
 """tensorcut: tensor-network compression of convolutional networks.
 
-Public API (explicit): models, data, checkpoints, training and inspection. Submodules
-hold the rest: ``tensorcut.decompose`` (tensor math), ``tensorcut.layers`` (factorized
-modules), ``tensorcut.analysis`` (truncation study).
+The public face, in the order of a user's path::
+
+    import tensorcut as tc
+
+    model = tc.create_model("resnet20", num_classes=10)  # or any nn.Module with Conv2d layers
+    model, plan = tc.compress(model, tc.CompressConfig(method="tucker2", ratio=0.3),
+                              input_shape=(3, 32, 32))
+    tc.fit(model, train_loader, val_loader, tc.FitConfig(epochs=5, lr=1e-4))
+    print(tc.evaluate(model, test_loader))
+    tc.save(model, "out/")
+
+Subpackages hold the rest: ``tensorcut.compression`` (planning and the swap),
+``tensorcut.layers`` (the factorized modules, one method each), ``tensorcut.decompose``
+(tensor math), ``tensorcut.train`` (the epoch loop, TDLRT), ``tensorcut.analysis`` (the
+truncation study).
 """
 
 __version__ = "0.1.0"
 
+from tensorcut.analysis import analyze
+from tensorcut.compression import (
+    CompressConfig,
+    LayerPlan,
+    Plan,
+    apply,
+    compress,
+    decompress,
+    plan,
+)
 from tensorcut.data import dataset_info, list_datasets, load_dataset, make_loader
 from tensorcut.errors import ConvergenceError, TensorcutError
 from tensorcut.io import Checkpoint, load, load_checkpoint, save
+from tensorcut.layers import list_methods
 from tensorcut.models import create as create_model
 from tensorcut.models import list_models
 from tensorcut.summary import summarize as inspect
-from tensorcut.train.api import evaluate
-from tensorcut.train.loop import FitConfig, fit
+from tensorcut.train.loop import FitConfig, evaluate, fit
 
 __all__ = [
     "__version__",
-    "Checkpoint",
-    "ConvergenceError",
-    "FitConfig",
-    "TensorcutError",
+    # compression
+    "CompressConfig",
+    "LayerPlan",
+    "Plan",
+    "apply",
+    "compress",
+    "decompress",
+    "list_methods",
+    "plan",
+    # models and data
     "create_model",
     "dataset_info",
-    "evaluate",
-    "fit",
-    "inspect",
     "list_datasets",
     "list_models",
-    "load",
-    "load_checkpoint",
     "load_dataset",
     "make_loader",
+    # training and evaluation
+    "FitConfig",
+    "evaluate",
+    "fit",
+    # the truncation study
+    "analyze",
+    # checkpoints and inspection
+    "Checkpoint",
+    "inspect",
+    "load",
+    "load_checkpoint",
     "save",
+    # errors
+    "ConvergenceError",
+    "TensorcutError",
 ]

@@ -4,7 +4,19 @@ from __future__ import annotations
 
 
 class TensorcutError(Exception):
-    """Bad input or an unmet precondition, described in one line that says how to fix it."""
+    """Bad input or an unmet precondition, described in one line that says how to fix it.
+
+    Every public function raises it (and only it) for input it cannot use; the CLI prints its
+    message as ``tensorcut VERB: error: ...`` and exits with status 2.
+
+    Example:
+        >>> import tensorcut as tc
+        >>> try:
+        ...     tc.CompressConfig(method="svd3", ratio=0.5)
+        ... except tc.TensorcutError as e:
+        ...     print(e)
+        unknown method 'svd3'; choose one of: auto, cp, tr, tt, tucker, tucker2
+    """
 
 
 class ConvergenceError(TensorcutError):

@@ -302,6 +302,22 @@ def analyze(
     experiment. ``entropy_form`` is ``"vn"`` (-sum p ln p) or ``"literal"`` (paper Eq. 14).
     ``csv`` writes a CSV export next to ``out`` (``True``), to a given path, or not (``False``).
     The model is used in eval mode and its weights are restored afterwards.
+
+    Args:
+        model: the trained network (any ``nn.Module`` with ``Conv2d`` layers).
+        loader: a loader of ``(images, labels)`` or ``{split: loader}``.
+        out: the SQLite results file (resumable: finished configurations are skipped).
+        **options: the study's grid and scope, as described above.
+
+    Returns:
+        An :class:`AnalysisReport` (baselines, counts, timings, the CSV path).
+
+    Raises:
+        TensorcutError: unknown layers or bipartitions, an empty keep grid, an unwritable ``out``.
+
+    Example:
+        >>> import tensorcut as tc
+        >>> report = tc.analyze(model, {"val": val_loader}, "study.sqlite", keep=[0.5, 0.25])
     """
     t_start = time.perf_counter()
     if entropy_form not in ENTROPY_FORMS:

@@ -64,6 +64,22 @@ class CompressConfig:
     and TT, applied even where it is larger than the dense layer: a verification tool).
     ``allow_custom_forward=True`` reads a Conv2d subclass with an unknown ``forward`` as a plain
     convolution (each swap is still verified on real inputs; by default such modules stay dense).
+    ``options`` holds each method's typed options, ``{method: {field: value}}`` or
+    ``{method: Layer.Options(...)}`` (e.g. ``{"cp": {"n_iter_max": 50}}``); ``fallback`` lets a
+    method that does not converge fall back to its declared ``fallback`` method (CP -> Tucker-2).
+
+    Args:
+        method: a name from :func:`tensorcut.list_methods`, or ``"auto"``.
+        rank, ratio, eps, energy, budget: the rank rule (exactly one), see above.
+
+    Raises:
+        TensorcutError: an unknown method or option, no rule or two rules, a value out of range.
+
+    Example:
+        >>> import tensorcut as tc
+        >>> cfg = tc.CompressConfig(method="cp", ratio=0.3, options={"cp": {"n_iter_max": 50}})
+        >>> cfg.method_options("cp").n_iter_max
+        50
     """
 
     method: str = DEFAULT_METHOD

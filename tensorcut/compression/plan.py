@@ -56,7 +56,17 @@ class LayerPlan:
 
 @dataclass
 class Plan:
-    """Per-layer decisions plus the config and totals. JSON round-trips through :meth:`to_json`."""
+    """Per-layer decisions plus the config and totals. JSON round-trips through :meth:`to_json`.
+
+    Made by :func:`tensorcut.plan` (pure: the model is not changed), applied by
+    :func:`tensorcut.apply`; :meth:`save` / :meth:`load` write and read it as JSON.
+
+    Example:
+        >>> import tensorcut as tc
+        >>> p = tc.plan(model, ratio=0.3, input_shape=(3, 32, 32))  # doctest: +SKIP
+        >>> print(p.table())  # doctest: +SKIP
+        >>> p.save("plan.json")  # doctest: +SKIP
+    """
 
     config: dict[str, Any]
     layers: list[LayerPlan]

@@ -27,9 +27,9 @@ from tensorcut.decompose.cp import CPResult, cp_als, cp_max_rank
 from tensorcut.decompose.svd import check_tolerance
 from tensorcut.errors import TensorcutError
 from tensorcut.layers.base import (
-    MethodOptions,
     ConvGeometry,
     FactorizedConv2d,
+    MethodOptions,
     Pair,
     check_groups,
     clamp_ranks,

@@ -47,10 +47,9 @@ from tensorcut.decompose.tr import (
 )
 from tensorcut.errors import TensorcutError
 from tensorcut.layers.base import (
-    MethodOptions,
-    Pair,
     ConvGeometry,
     FactorizedConv2d,
+    MethodOptions,
     Pair,
     early_stride,
     explicit_pad,

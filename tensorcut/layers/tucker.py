@@ -27,9 +27,9 @@ from tensorcut.decompose.tucker import hooi as _hooi
 from tensorcut.decompose.tucker import hosvd, mode_dot
 from tensorcut.errors import TensorcutError
 from tensorcut.layers.base import (
-    MethodOptions,
     ConvGeometry,
     FactorizedConv2d,
+    MethodOptions,
     Pair,
     check_groups,
     clamp_ranks,

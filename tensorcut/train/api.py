@@ -1,4 +1,4 @@
-"""The `train` and `evaluate` verbs as Python functions (the CLI wraps these)."""
+"""The `train` and `evaluate` verbs on checkpoints as Python functions (the CLI wraps these)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ __all__ = [
     "check_model_size",
     "check_numbers",
     "check_resume_recipe",
-    "evaluate",
+    "evaluate_checkpoint",
     "model_kwargs_for",
     "recorded_recipe",
     "train",
@@ -313,7 +313,7 @@ def train(
     return tio.Checkpoint(model=net.eval(), meta=meta)
 
 
-def evaluate(
+def evaluate_checkpoint(
     checkpoint: str | Path | nn.Module,
     dataset: str | None = None,
     split: str = "test",

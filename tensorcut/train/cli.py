@@ -248,7 +248,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from tensorcut.train.api import evaluate
+    from tensorcut.train.api import evaluate_checkpoint as evaluate
 
     m = evaluate(
         args.checkpoint,
