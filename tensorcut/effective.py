@@ -27,9 +27,33 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tensorcut.errors import TensorcutError
 from tensorcut.layers.base import SameConv2d, _pair
 
-__all__ = ["Resolved", "resolve", "known_kinds"]
+__all__ = ["Resolved", "resolve", "known_kinds", "refuse_scripted"]
+
+
+def refuse_scripted(model: nn.Module) -> None:
+    """Refuse a TorchScript model (or one holding a TorchScript part with convolutions).
+
+    Why: ``torch.jit.script`` / ``torch.jit.trace`` turn every layer into a compiled
+    ``RecursiveScriptModule`` that is no ``nn.Conv2d`` and cannot be swapped, so the model would
+    look as if it had no convolutions ("no Conv2d layers", an empty inventory). The eager module
+    it was made from is what tensorcut plans, compresses and inspects.
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TensorcutError(
+            f"the model is TorchScript ({type(model).__name__}, from torch.jit.script or "
+            "torch.jit.trace), whose layers cannot be read or replaced; pass the eager nn.Module "
+            "it was made from (script or trace the compressed model afterwards)"
+        )
+    for name, m in model.named_modules():
+        if isinstance(m, torch.jit.ScriptModule) and any(p.dim() == 4 for p in m.parameters()):
+            raise TensorcutError(
+                f"submodule {name!r} is TorchScript ({type(m).__name__}, from torch.jit.script or "
+                "torch.jit.trace) and its convolutions cannot be read or replaced; build the model "
+                "with the eager module in its place"
+            )
 
 
 @dataclass

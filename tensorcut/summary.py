@@ -116,7 +116,9 @@ def summarize(model: nn.Module, input_shape: Sequence[int]) -> ModelSummary:
     listed separately. Rows are counted per call; a module shared under several names is one row.
     """
     from tensorcut.compression.cost import model_cost
+    from tensorcut.effective import refuse_scripted
 
+    refuse_scripted(model)  # a TorchScript model would list no layers at all
     cost = model_cost(model, input_shape)
     rows = []
     for u in cost.units:

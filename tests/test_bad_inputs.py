@@ -17,6 +17,7 @@ Sections
   H. images with the wrong channel count
   I. command-line options and output paths (issue 18): numbers out of range, a resume with
      another recipe, outputs that are files, damaged run directories, late validation
+  J. models handed over from Python: TorchScript instead of the eager module
 """
 
 from __future__ import annotations
@@ -1248,3 +1249,61 @@ def test_I14_negative_or_foreign_sensitivity_file(
         keep=(ck, f),
     )
     assert not out.exists()
+
+
+# ============================================================================= J. models from Python
+
+
+def _small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten()
+    ).eval()
+
+
+def _jit(model: nn.Module, how: str) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if how == "script":
+            return torch.jit.script(model)
+        return torch.jit.trace(model, torch.zeros(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_J1_torchscript_model_in_summary(how: str) -> None:
+    import tensorcut
+
+    scripted = _jit(_small_cnn(), how)
+    with pytest.raises(TensorcutError, match="the model is TorchScript") as e:
+        tensorcut.inspect(scripted, (3, 8, 8))
+    assert "pass the eager nn.Module" in str(e.value) and "no Conv2d" not in str(e.value)
+    assert len(tensorcut.inspect(_small_cnn(), (3, 8, 8)).rows) == 2  # the eager one is listed
+
+
+def test_J2_model_holding_a_torchscript_part_with_convolutions() -> None:
+    import tensorcut
+
+    outer = nn.Sequential(nn.Identity(), _jit(_small_cnn(), "script"))
+    with pytest.raises(TensorcutError, match=r"submodule '1' is TorchScript"):
+        tensorcut.inspect(outer, (3, 8, 8))
+    # a scripted part without convolutions (an activation) hides nothing: accepted
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        relu = torch.jit.script(nn.ReLU())
+    ok = nn.Sequential(nn.Conv2d(3, 4, 3), relu, nn.Flatten())
+    assert [r.name for r in tensorcut.inspect(ok, (3, 8, 8)).rows] == ["0"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="compression.plan must call tensorcut.effective.refuse_scripted(model) first "
+    "(the planner is being refactored); remove this mark once it does",
+)
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_J3_torchscript_model_in_plan_and_compress(how: str) -> None:
+    from tensorcut.compression import compress, plan
+
+    scripted = _jit(_small_cnn(), how)
+    for fn in (plan, compress):
+        with pytest.raises(TensorcutError, match="the model is TorchScript"):
+            fn(scripted, method="tucker2", ratio=0.5, input_shape=(3, 8, 8))
