@@ -10,7 +10,7 @@ parameters of the truncated factorization.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -199,4 +199,21 @@ __all__ = [
     "cp_truncate",
     "cp_metrics",
     "tucker_metrics",
+    "mean_metrics",
 ]
+
+
+def mean_metrics(per_layer: Mapping[str, TruncationMetrics], entropy_form: str) -> dict[str, Any]:
+    """Average norm loss (as the paper reports for all-layer truncation) and the conv-only CR."""
+    ms = list(per_layer.values())
+    dense = sum(m.dense_params for m in ms)
+    fact = sum(m.factor_params for m in ms)
+    return {
+        "norm_loss_pct": sum(m.norm_loss_pct for m in ms) / len(ms),
+        "rel_error": sum(m.rel_error for m in ms) / len(ms),
+        "entropy_before": sum(m.entropy_before for m in ms) / len(ms),
+        "entropy_after": sum(m.entropy_after for m in ms) / len(ms),
+        "corr_loss_pct": sum(m.corr_loss_pct for m in ms) / len(ms),
+        "compression_ratio": dense / fact,
+        "entropy_form": entropy_form,
+    }

@@ -17,8 +17,7 @@ from typing import Any
 import torch
 
 from tensorcut.analysis.cache import LayerRunner, evaluate_full, swapped_weights
-from tensorcut.analysis.metrics import cp_metrics, cp_truncate, svd_metrics
-from tensorcut.analysis.sweep import _mean_metrics
+from tensorcut.analysis.metrics import cp_metrics, cp_truncate, mean_metrics, svd_metrics
 from tensorcut.errors import TensorcutError
 from tensorcut.kernel import canonical_bipartition, svd_bipartition
 
@@ -112,7 +111,7 @@ def run_recovery(
                         )
                         for layer in layers
                     }
-                m = _mean_metrics(per, sweep.entropy_form)
+                m = mean_metrics(per, sweep.entropy_form)
                 with swapped_weights(model, kt):
                     res = runner.evaluate()
                     if num_classes is None:

@@ -29,7 +29,13 @@ from tensorcut.analysis.cache import (
     swapped_weights,
     trace,
 )
-from tensorcut.analysis.metrics import TruncationMetrics, cp_metrics, cp_truncate, svd_metrics
+from tensorcut.analysis.metrics import (
+    TruncationMetrics,
+    cp_metrics,
+    cp_truncate,
+    mean_metrics,
+    svd_metrics,
+)
 from tensorcut.analysis.store import ResultsStore
 from tensorcut.errors import TensorcutError
 from tensorcut.kernel import (
@@ -246,22 +252,6 @@ def _as_loaders(loader: Loaders, split: str | Sequence[str] | None) -> dict[str,
 
 def _metrics_dict(m: TruncationMetrics) -> dict[str, Any]:
     return m.as_dict()
-
-
-def _mean_metrics(per_layer: Mapping[str, TruncationMetrics], entropy_form: str) -> dict[str, Any]:
-    """Average norm loss (as the paper reports for all-layer truncation) and the conv-only CR."""
-    ms = list(per_layer.values())
-    dense = sum(m.dense_params for m in ms)
-    fact = sum(m.factor_params for m in ms)
-    return {
-        "norm_loss_pct": sum(m.norm_loss_pct for m in ms) / len(ms),
-        "rel_error": sum(m.rel_error for m in ms) / len(ms),
-        "entropy_before": sum(m.entropy_before for m in ms) / len(ms),
-        "entropy_after": sum(m.entropy_after for m in ms) / len(ms),
-        "corr_loss_pct": sum(m.corr_loss_pct for m in ms) / len(ms),
-        "compression_ratio": dense / fact,
-        "entropy_form": entropy_form,
-    }
 
 
 def analyze(
@@ -607,7 +597,7 @@ def _all_layers(
                     layer: svd_metrics(svds[layer], k, entropy_form=sw.entropy_form)
                     for layer, k in st.items()
                 }
-                m = _mean_metrics(per, sw.entropy_form)
+                m = mean_metrics(per, sw.entropy_form)
                 prep = time.perf_counter() - t1
                 extra = {
                     "keeps": st,
@@ -632,7 +622,7 @@ def _all_layers(
                 layer: cp_metrics(kernels[layer], cps[layer], entropy_form=sw.entropy_form)
                 for layer in layers
             }
-            m = _mean_metrics(per, sw.entropy_form)
+            m = mean_metrics(per, sw.entropy_form)
             prep = time.perf_counter() - t1
             extra = {"rank": r, "per_layer": {layer: per[layer].as_dict() for layer in layers}}
             with swapped_weights(sw.model, {layer: cps[layer].kernel for layer in layers}):
