@@ -1294,11 +1294,6 @@ def test_J2_model_holding_a_torchscript_part_with_convolutions() -> None:
     assert [r.name for r in tensorcut.inspect(ok, (3, 8, 8)).rows] == ["0"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="compression.plan must call tensorcut.effective.refuse_scripted(model) first "
-    "(the planner is being refactored); remove this mark once it does",
-)
 @pytest.mark.parametrize("how", ["script", "trace"])
 def test_J3_torchscript_model_in_plan_and_compress(how: str) -> None:
     from tensorcut.compression import compress, plan

@@ -29,7 +29,7 @@ from tensorcut.compression.budget import plan_budget
 from tensorcut.compression.config import CompressConfig, FilterFn, default_filter
 from tensorcut.compression.plan import LayerPlan, Plan
 from tensorcut.compression.verify import capture
-from tensorcut.effective import Resolved, resolve
+from tensorcut.effective import Resolved, refuse_scripted, resolve
 from tensorcut.errors import TensorcutError
 from tensorcut.layers import FactorizedConv2d
 
@@ -164,6 +164,7 @@ def plan(
         >>> p = plan(model, method="tucker2", ratio=0.3, input_shape=(3, 32, 32))
         >>> print(p.table())
     """
+    refuse_scripted(model)
     cfg = config or CompressConfig(**kwargs)
     if config is not None and kwargs:
         raise TensorcutError("give either a CompressConfig or keyword options, not both")
