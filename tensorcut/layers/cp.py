@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -50,13 +50,21 @@ __all__ = ["CPConv2d", "CPOptions"]
 class CPOptions(MethodOptions):
     """CP-ALS settings (:func:`~tensorcut.decompose.cp.cp_als`); ``None`` keeps its default."""
 
-    n_iter_max: int | None = None  # ALS sweeps (default 100)
-    tol: float | None = None  # stop when the fit improves less than this (default 1e-7)
-    init: str | None = None  # "svd" or "random" (default "svd")
-    n_restarts: int | None = None  # ALS restarts, best fit kept (default 1)
-    seed: int | None = None  # random restarts' seed (default 0)
-    reg: float | None = None  # Tikhonov regularisation of each ALS solve (default 1e-6)
-    max_norm_ratio: float | None = None  # factor-norm growth taken as divergence (default 1e4)
+    n_iter_max: int | None = field(default=None, metadata={"help": "ALS sweeps (default 100)"})
+    tol: float | None = field(
+        default=None, metadata={"help": "stop when the fit improves less than this (default 1e-7)"}
+    )
+    init: str | None = field(default=None, metadata={"help": '"svd" or "random" (default "svd")'})
+    n_restarts: int | None = field(
+        default=None, metadata={"help": "ALS restarts, best fit kept (default 1)"}
+    )
+    seed: int | None = field(default=None, metadata={"help": "random restarts' seed (default 0)"})
+    reg: float | None = field(
+        default=None, metadata={"help": "Tikhonov regularisation of each ALS solve (default 1e-6)"}
+    )
+    max_norm_ratio: float | None = field(
+        default=None, metadata={"help": "factor-norm growth taken as divergence (default 1e4)"}
+    )
 
     def fast(self) -> CPOptions:
         return replace(self, n_iter_max=min(self.n_iter_max or 25, 25))

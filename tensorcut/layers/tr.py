@@ -29,7 +29,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -96,12 +96,26 @@ class TROptions(MethodOptions):
     ``energy``) the RSDTR search takes the others.
     """
 
-    shift: int | None = None  # cyclic shift of the ring's first core, 0..3 (default 0)
-    objective: str | None = None  # what RSDTR minimises: "params" or "macs" (default "params")
-    input_size: tuple[int, int] | None = None  # (H, W) for objective "macs" (default: the layer's)
-    split: str | None = None  # error split across the ring: "uniform" or "zhao" (default uniform)
-    shifts: tuple[int, ...] | None = None  # shifts RSDTR tries (default all four)
-    solver: str | None = None  # SVD solver: "auto", "svd" or "gram" (default "auto")
+    shift: int | None = field(
+        default=None, metadata={"help": "cyclic shift of the ring's first core, 0..3 (default 0)"}
+    )
+    objective: str | None = field(
+        default=None,
+        metadata={"help": 'what RSDTR minimises: "params" or "macs" (default "params")'},
+    )
+    input_size: tuple[int, int] | None = field(
+        default=None, metadata={"help": '(H, W) for objective "macs" (default: the layer\'s)'}
+    )
+    split: str | None = field(
+        default=None,
+        metadata={"help": 'error split across the ring: "uniform" or "zhao" (default uniform)'},
+    )
+    shifts: tuple[int, ...] | None = field(
+        default=None, metadata={"help": "shifts RSDTR tries (default all four)"}
+    )
+    solver: str | None = field(
+        default=None, metadata={"help": 'SVD solver: "auto", "svd" or "gram" (default "auto")'}
+    )
 
     def __post_init__(self) -> None:
         if self.objective not in (None, "params", "macs"):

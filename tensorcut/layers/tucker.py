@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -50,9 +50,14 @@ __all__ = ["FullTuckerConv2d", "TuckerConv2d", "TuckerOptions"]
 class TuckerOptions(MethodOptions):
     """Tucker settings: HOSVD, refined by HOOI unless ``hooi=False``; ``None`` keeps the default."""
 
-    hooi: bool | None = None  # refine the HOSVD by HOOI sweeps (default True)
-    n_iter: int | None = None  # HOOI sweeps at most (default 25)
-    tol: float | None = None  # HOOI stops when the fit improves less than this (default 1e-4)
+    hooi: bool | None = field(
+        default=None, metadata={"help": "refine the HOSVD by HOOI sweeps (default True)"}
+    )
+    n_iter: int | None = field(default=None, metadata={"help": "HOOI sweeps at most (default 25)"})
+    tol: float | None = field(
+        default=None,
+        metadata={"help": "HOOI stops when the fit improves less than this (default 1e-4)"},
+    )
 
     def fast(self) -> TuckerOptions:
         return replace(self, hooi=False)
