@@ -1,7 +1,9 @@
 """Training loop: learning, evaluation metrics, resume, early stopping, distillation."""
 
+import io
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -190,3 +192,30 @@ def test_cuda_without_gpu_is_clear():
 def test_train_refuses_to_overwrite(tiny_checkpoint):
     with pytest.raises(TensorcutError, match="already holds a checkpoint; pass --resume"):
         train("vanilla-cnn", "digits", tiny_checkpoint, epochs=1)
+
+
+class _Terminal(io.StringIO):
+    """A captured stream that says it is a terminal, so tqdm's ``disable=None`` shows a bar."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_recovery_bar_only_on_a_terminal(monkeypatch, tty):
+    """The recovery study's bar follows the package rule (``disable=None``): shown on a
+    terminal, silent (no ``\\r`` lines) when stderr is a file or pipe."""
+    from types import SimpleNamespace
+
+    from tensorcut.analysis.recovery import run_recovery
+
+    err = _Terminal() if tty else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    sweep = SimpleNamespace(
+        model=_net(), evalsets={"val": None}, progress=True, is_done=lambda k: True
+    )
+    sweep.key = lambda *a: a
+    sweep.report = SimpleNamespace(skipped=0)
+    run_recovery(sweep, ["conv2"], {}, [], 1, scenarios=["OUT-IN"])
+    assert sweep.report.skipped == 2  # the scenario was visited (and found done)
+    assert ("recovery" in err.getvalue()) == tty, err.getvalue()

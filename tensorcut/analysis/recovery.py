@@ -52,7 +52,7 @@ def run_recovery(
     cp_kwargs: Mapping[str, Any] | None = None,
 ) -> None:
     """Run every recovery scenario; one row per (scenario, split, epoch) in the sweep's store."""
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     from tensorcut.train.loop import FitConfig, fit
 
@@ -61,7 +61,12 @@ def run_recovery(
     splits = list(sweep.evalsets)
     probe_split = splits[0]
     device = next(model.parameters()).device
-    for scen in tqdm(list(scenarios), desc="recovery", disable=not sweep.progress, leave=False):
+    for scen in tqdm(
+        list(scenarios),
+        desc="recovery",
+        disable=None if sweep.progress else True,  # off a terminal: no bar, no \r lines
+        leave=False,
+    ):
         method = "cp" if scen.lower() == "cp" else "svd"
         bip = "" if method == "cp" else canonical_bipartition(scen)
         keys = [

@@ -34,7 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tqdm.auto import tqdm
+
 from tensorcut import distributed as tdist
+from tensorcut.console import say
 from tensorcut.decompose.svd import small_lapack
 from tensorcut.errors import TensorcutError
 from tensorcut.layers.base import ConvGeometry, FactorizedConv2d
@@ -814,8 +817,13 @@ def train_tdlrt(
     log: Callable[[dict[str, Any]], None] | None = None,
     distributed: bool = True,
     seed: int = 0,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Train ``model`` with TDLRT (converting its convolutions first) and return one row per epoch.
+
+    ``progress``: a progress bar over each epoch's batches (shown only on a terminal, as
+    :func:`~tensorcut.train.loop.fit` does) and one line per epoch (loss, validation top-1,
+    conv compression, ranks) through the ``tensorcut`` logger; rank 0 alone under ``torchrun``.
 
     ``convert=True`` runs :func:`tuckerize` (``init_rank``, ``from_pretrained``, ``filter``,
     ``skip_first``); with ``convert=False`` the model must already hold Tucker layers. The
@@ -884,7 +892,13 @@ def train_tdlrt(
         tdist.set_epoch(train_loader, epoch)
         t0 = time.perf_counter()
         tot, n, correct = 0.0, 0, 0
-        for x, y in train_loader:
+        bar = tqdm(
+            train_loader,
+            desc=f"tdlrt epoch {epoch + 1}/{epochs}",
+            leave=False,
+            disable=None if progress and ctx.is_main else True,
+        )
+        for x, y in bar:
             x, y = x.to(dev), y.to(dev)
             seen: dict[str, torch.Tensor] = {}
 
@@ -901,6 +915,7 @@ def train_tdlrt(
             tot += float(loss) * y.numel()
             n += y.numel()
             correct += int((seen["logits"].argmax(1) == y).sum())
+            bar.set_postfix(loss=f"{tot / max(n, 1):.3f}")
         if ctx.enabled:
             tot, nf, cf = tdist.all_reduce_sum([tot, n, correct], dev)
             n, correct = int(round(nf)), int(round(cf))
@@ -925,7 +940,21 @@ def train_tdlrt(
             conv_compression_pct=rep["conv_compression_pct"],
         )
         history.append(row)
+        if progress and ctx.is_main:
+            say(format_row(row))
         if log is not None:
             log(row)
     model.eval()
     return history
+
+
+def format_row(row: dict[str, Any]) -> str:
+    """One console line for a :func:`train_tdlrt` history row."""
+    ranks = " ".join(f"{a}/{b}" for a, b in row["ranks"].values())
+    return (
+        f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} | "
+        f"val loss {row.get('val_loss', float('nan')):.4f} "
+        f"top1 {row.get('val_top1', float('nan')):.4f} | "
+        f"conv compression {row['conv_compression_pct']:.1f}% | ranks {ranks} | "
+        f"{row['seconds']:.1f}s"
+    )

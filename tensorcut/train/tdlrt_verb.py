@@ -18,7 +18,6 @@ from typing import Any
 from tensorcut import data as tdata
 from tensorcut import distributed as tdist
 from tensorcut import io as tio
-from tensorcut.console import say
 from tensorcut.errors import TensorcutError
 
 __all__ = ["run_cli", "train_tdlrt_checkpoint"]
@@ -187,15 +186,8 @@ def _train(
     }
     history: list[dict[str, Any]] = []
 
-    def on_epoch(row: dict[str, Any]) -> None:
+    def on_epoch(row: dict[str, Any]) -> None:  # train_tdlrt prints the epoch's line itself
         history.append(row)
-        if progress and ctx.is_main:
-            ranks = " ".join(f"{a}/{b}" for a, b in row["ranks"].values())
-            say(
-                f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} | val loss {row.get('val_loss', float('nan')):.4f} "
-                f"top1 {row.get('val_top1', float('nan')):.4f} | conv compression {row['conv_compression_pct']:.1f}% "
-                f"| ranks {ranks} | {row['seconds']:.1f}s"
-            )
         snapshot = {**meta, "history": history, "epoch": row["epoch"]}
         tdist.run_on_main(lambda: tio.save(net, out, snapshot))
 
@@ -218,6 +210,7 @@ def _train(
         device=dev,
         log=on_epoch,
         seed=seed,
+        progress=progress,
     )
     metrics = evaluate(
         net, tdata.make_loader(te, 512), dev

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import math
+import sys
 from typing import Any
 
 import pytest
@@ -460,6 +462,43 @@ def test_train_tdlrt_logs_ranks_and_compression() -> None:
     assert math.isfinite(row["val_loss"]) and 0 <= row["val_top1"] <= 1
     rep = rank_report(net)
     assert rep["layers"]["3"]["ranks"] == row["ranks"]["3"]
+
+
+class _Terminal(io.StringIO):
+    """A captured stream that says it is a terminal, so tqdm's ``disable=None`` shows the bar."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("tty", [True, False])
+@pytest.mark.parametrize("progress", [True, False])
+def test_train_tdlrt_shows_progress_like_fit(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tty: bool, progress: bool
+) -> None:
+    """A bar per epoch on a terminal only (``disable=None``), one line per epoch; nothing when
+    ``progress=False``."""
+    torch.manual_seed(0)
+    net = _net()
+    x, y = _blobs(64)
+    loader = [(x[:32], y[:32]), (x[32:], y[32:])]
+    err = _Terminal() if tty else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    capsys.readouterr()
+    hist = train_tdlrt(
+        net, loader, loader, tau=0.3, init_rank=4, epochs=2, lr=0.01, from_pretrained=False,
+        device="cpu", progress=progress,
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    bar = err.getvalue()
+    assert ("tdlrt epoch 1/2" in bar and "tdlrt epoch 2/2" in bar) == (progress and tty), bar
+    assert ("\r" in bar) == (progress and tty)  # no carriage-return spam off a terminal
+    lines = [ln for ln in out.splitlines() if ln.startswith("epoch ")]
+    if progress:
+        assert lines == [tdlrt.format_row(r) for r in hist]
+        assert "conv compression" in lines[0] and "ranks " in lines[0]
+    else:
+        assert lines == []
 
 
 @pytest.mark.skipif(not REAL_LAYER, reason="needs tensorcut.layers.tucker")
