@@ -116,7 +116,7 @@ def test_train_amp_flag_reaches_the_recipe(tmp_path, capsys):
     assert cfg.amp and not cfg.sync_batchnorm and cfg.lr == 1e-5
 
 
-# ----------------------------------------------------------------------------- manners (issue 18, item 7)
+# ----------------------------------------------------------------------- manners (issue 18, item 7)
 
 
 def _verb_parsers():
@@ -227,7 +227,8 @@ def test_deprecation_warning_is_one_line_at_the_console(tiny_checkpoint, tmp_pat
     )
     assert r.returncode == 0, r.stderr
     assert [ln for ln in r.stderr.splitlines() if "deprecated" in ln] == [
-        "tensorcut compress: warning: --ratio is deprecated; use --keep 0.5 (the fraction of each layer's parameters kept)"
+        "tensorcut compress: warning: --ratio is deprecated; use --keep 0.5 (the fraction of each "
+        "layer's parameters kept)"
     ]
 
 

@@ -19,7 +19,7 @@ SHAPE = (3, 20, 18)
 
 
 class _Net(nn.Module):
-    """Strided, padded, dilated, grouped and TF-same convolutions, a shared conv called twice, a linear head."""
+    """Strided, padded, dilated, grouped, TF-same convs; a shared conv called twice; linear head."""
 
     def __init__(self) -> None:
         super().__init__()

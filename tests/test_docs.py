@@ -99,10 +99,12 @@ GIVEN: dict[str, str] = {
     "loader": "loader = _loader(3)",
 }
 _LOADER = (
-    "import torch as _t\nfrom torch.utils.data import DataLoader as _DL, TensorDataset as _TD\n"
-    "def _loader(seed, shuffle=False):\n    g = _t.Generator().manual_seed(seed)\n"
-    "    return _DL(_TD(_t.randn(64, 3, 32, 32, generator=g), _t.randint(0, 10, (64,), generator=g)), "
-    "batch_size=32, shuffle=shuffle)\n"
+    "import torch as _t\n"
+    "from torch.utils.data import DataLoader as _DL, TensorDataset as _TD\n"
+    "def _loader(seed, shuffle=False):\n"
+    "    g = _t.Generator().manual_seed(seed)\n"
+    "    return _DL(_TD(_t.randn(64, 3, 32, 32, generator=g), _t.randint(0, 10, (64,), "
+    "generator=g)), batch_size=32, shuffle=shuffle)\n"
 )
 
 #: Commands in shell blocks that are not run (they set up machines, not tensorcut).
@@ -175,8 +177,8 @@ def test_every_block_names_its_language() -> None:
         f"{b.id} ({b.lang or 'no language'})" for b in ALL if b.lang not in RUN_LANGS | TEXT_LANGS
     ]
     assert not bad, (
-        "fenced blocks must say what they are (python / sh / bash / console to run, text for diagrams "
-        "and formulas): " + ", ".join(bad)
+        "fenced blocks must say what they are (python / sh / bash / console to run, text for "
+        "diagrams and formulas): " + ", ".join(bad)
     )
 
 
@@ -366,14 +368,17 @@ def test_substitutions_make_commands_tiny() -> None:
     )
     assert s.splitlines()[1] == "# not run: make demo"
     s = shell_script(
-        "for i in 0 1 2 3; do RANK=$i WORLD_SIZE=4 tensorcut analyze runs/r56 --out s.sqlite & done; wait"
+        "for i in 0 1 2 3; do RANK=$i WORLD_SIZE=4 tensorcut analyze runs/r56 --out s.sqlite & "
+        "done; wait"
     )
     assert (
         s.strip()
-        == "for i in 0 1; do RANK=$i WORLD_SIZE=2 tensorcut analyze runs/r56 --out s.sqlite --subset 64 & done; wait"
+        == "for i in 0 1; do RANK=$i WORLD_SIZE=2 tensorcut analyze runs/r56 --out s.sqlite "
+        "--subset 64 & done; wait"
     )
     py = python_script(
-        'from tensorcut.data import load_dataset\nload_dataset("fashion-mnist", "val")\ndict(epochs=10)'
+        "from tensorcut.data import load_dataset\n"
+        'load_dataset("fashion-mnist", "val")\ndict(epochs=10)'
     )
     assert 'load_dataset("digits", "val")' in py and "dict(epochs=1)" in py
 

@@ -75,7 +75,10 @@ def test_parametrized_weight_is_folded():
 @pytest.mark.parametrize("size", [15, 16, 17])
 @pytest.mark.parametrize("stride", [1, 2, 3])
 def test_same_conv_pads_like_tensorflow(size, stride):
-    """Output size ceil(i / s); padding total max((ceil(i/s) - 1) * s + (k - 1) * d + 1 - i, 0), odd unit after."""
+    """Output size ceil(i / s); padding total max((ceil(i/s) - 1) * s + (k - 1) * d + 1 - i, 0).
+
+    The odd unit goes after.
+    """
     torch.manual_seed(0)
     conv = SameConv2d(2, 3, (3, 4), stride=stride, dilation=(1, 2)).double()
     x = torch.randn(1, 2, size, size + 1, dtype=torch.float64)

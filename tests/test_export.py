@@ -1,4 +1,4 @@
-"""Export: a dynamic batch dimension in every format, honest check notes, and refusals before any work."""
+"""Export: a dynamic batch dimension in every format, honest check notes, refusals before work."""
 
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ SHAPE = (3, 16, 16)
 
 
 def _tol(ref: torch.Tensor) -> float:
-    # Another runtime reorders the float32 sums of each conv (fan-in <= 9 * 64 here) through ~20 layers:
-    # a few hundred float32 roundings of the output's magnitude, far above them is a real mismatch.
+    # Another runtime reorders the float32 sums of each conv (fan-in <= 9 * 64 here) through ~20
+    # layers: a few hundred float32 roundings of the output's magnitude, far above them is a real
+    # mismatch.
     return 1e3 * torch.finfo(torch.float32).eps * max(1.0, float(ref.abs().max()))
 
 

@@ -185,7 +185,7 @@ def test_untraceable_model_folds_only_provable_sequential_pairs():
 
 
 def _chain_cost(dims: list[int], keep: list[int]) -> int:
-    return sum(dims[a] * dims[b] for a, b in zip(keep, keep[1:]))
+    return sum(dims[a] * dims[b] for a, b in zip(keep, keep[1:], strict=False))
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Packaging: the sdist holds what running the tests needs, and the wheel built from it the licence and data.
+"""Packaging: the sdist holds what the tests need, and the wheel built from it the licence and data.
 
 Built with the environment's setuptools (no isolation, no network) from a copy of the source tree:
 sdist first, then a wheel from the unpacked sdist, as pip does.
@@ -44,7 +44,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], zipfile.
     setuptools = pytest.importorskip("setuptools")
     if int(setuptools.__version__.split(".")[0]) < 77:
         pytest.skip(
-            f"setuptools {setuptools.__version__} < 77 cannot read the SPDX licence fields (pip installs a newer one)"
+            f"setuptools {setuptools.__version__} < 77 cannot read the SPDX licence fields (pip "
+            "installs a newer one)"
         )
     tmp = tmp_path_factory.mktemp("pkg")
     shutil.copytree(ROOT, tmp / "src", ignore=SKIP)

@@ -44,7 +44,7 @@ FUZZ = settings(
 )
 
 
-# ----------------------------------------------------------------------------- full-rank equivalence
+# ---------------------------------------------------------------------------- full-rank equivalence
 
 
 @st.composite
@@ -323,7 +323,7 @@ def test_fuzz_results_store(tmp_path: Path, data: bytes, sqlite_header: bool) ->
 def test_fuzz_whole_checkpoint_directory_through_the_cli(
     tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Sanity for the fuzzers above: the CLI turns the same refusals into one line and exit status 2."""
+    """Sanity for the fuzzers above: the CLI turns the same refusals into one line and exit 2."""
     from tensorcut.cli import main
 
     d = tmp_path / "ck"

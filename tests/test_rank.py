@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from tensorcut.errors import TensorcutError
 from tensorcut.compression.rank import (
     Candidate,
     LayerLadder,
@@ -14,6 +13,7 @@ from tensorcut.compression.rank import (
     evbmf_rank,
     ranks_for_ratio,
 )
+from tensorcut.errors import TensorcutError
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The run report, built from a synthetic run directory: verdict, warnings, links, figures, backend."""
+"""The run report, from a synthetic run directory: verdict, warnings, links, figures, backend."""
 
 from __future__ import annotations
 

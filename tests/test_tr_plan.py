@@ -1,5 +1,5 @@
-"""Tensor-ring (RSDTR) end to end: CLI compress --method tr --eps, size guard, PCR / FCR, save / load,
-ONNX export, TR options through CompressConfig, and fine-tuning with the RSDTR recipe."""
+"""Tensor-ring (RSDTR) end to end: CLI compress --method tr --eps, size guard, PCR / FCR, save /
+load, ONNX export, TR options through CompressConfig, and fine-tuning with the RSDTR recipe."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/co
 
 
 def _model() -> torch.nn.Module:
-    """resnet20 (width 0.25, digits-sized): random kernels, except layer3's, which are planted rings."""
+    """resnet20 (width 0.25, digits-sized): random kernels, but layer3's are planted rings."""
     torch.manual_seed(0)
     m = models.create("resnet20", **KWARGS).eval()
     g = torch.Generator().manual_seed(1)
@@ -79,7 +79,7 @@ def compressed(dense_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     return out, buf.getvalue()
 
 
-# ----------------------------------------------------------------------------- compress --method tr --eps
+# ----------------------------------------------------------------------- compress --method tr --eps
 
 
 def test_cli_compress_tr_guard_and_ratios(compressed):
@@ -162,7 +162,7 @@ def test_other_rank_rules_apply_to_tr():
             assert p.totals()["conv_params_after"] <= 0.4 * p.totals()["conv_params_before"]
 
 
-# ----------------------------------------------------------------------------- TR options through CompressConfig
+# ---------------------------------------------------------------- TR options through CompressConfig
 
 
 def test_tr_options_reach_rsdtr_through_config():
@@ -177,7 +177,7 @@ def test_tr_options_reach_rsdtr_through_config():
         method="tr", eps=0.5, options={"tr": {"objective": "macs", "input_size": (2, 2)}}
     )
     by_macs = plan(m, cfg, input_shape=SHAPE, layers=layers, progress=False)
-    for a, b in zip(by_params.layers, by_macs.layers):
+    for a, b in zip(by_params.layers, by_macs.layers, strict=True):
         assert a.input_hw == b.input_hw == [2, 2] and b.status == "factorize"
         conv = m.get_submodule(b.name)
         want = rsdtr(
@@ -191,7 +191,8 @@ def test_tr_options_reach_rsdtr_through_config():
         )
         assert tuple(b.ranks) == want.ranks and b.error <= 0.5 + 1e-6
         assert b.macs_after <= a.macs_after and a.params_after <= b.params_after
-    # other options: the Zhao error split, a restricted shift set; unknown options keep the layer dense
+    # other options: the Zhao error split, a restricted shift set; unknown options keep the layer
+    # dense
     zhao = plan(
         m,
         method="tr",

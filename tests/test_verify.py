@@ -1,4 +1,4 @@
-"""tensorcut.compression.verify: every swap is checked on real inputs with tolerances derived from the dtype."""
+"""tensorcut.compression.verify: every swap checked on real inputs, tolerances from the dtype."""
 
 import math
 
@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import tensorcut.layers  # noqa: F401
+from tensorcut.compression.verify import capture, check_swap, relative_difference
 from tensorcut.errors import TensorcutError
 from tensorcut.layers.tucker import TuckerConv2d
-from tensorcut.compression.verify import capture, check_swap, relative_difference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -107,7 +107,7 @@ def test_cached_logits_bitwise_equal() -> None:
     split = runner._split
     assert split is not None
     with torch.inference_mode():
-        for vals, (x, _) in zip(runner._store, data.batches()):  # type: ignore[arg-type]
+        for vals, (x, _) in zip(runner._store, data.batches(), strict=True):  # type: ignore[arg-type]
             assert torch.equal(split.suffix(*vals), model(x))
 
 
@@ -141,7 +141,7 @@ def test_batch_store_order_and_cleanup() -> None:
     for it in items:
         store.append(it)
     assert store.spilled and len(store) == 6
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(store, items))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(store, items, strict=True))
     d = store._dir
     store.close()
     assert d is not None and not __import__("os").path.exists(d)

@@ -111,7 +111,8 @@ def test_truncated_store_reported(tmp_path: Path) -> None:
 
 def test_store_being_created_by_another_worker_is_joined_not_refused(tmp_path: Path) -> None:
     """A second worker that opens the file between its creation and the first worker's schema commit
-    sees an SQLite file with no tables yet: it must wait and join, not refuse it as a foreign file."""
+    sees an SQLite file with no tables yet: it must wait and join, not refuse it as a foreign
+    file."""
     p = tmp_path / "r.sqlite"
     first = sqlite3.connect(str(p), isolation_level=None)
     first.execute("PRAGMA journal_mode = WAL")  # the file exists (non-empty), no tables yet

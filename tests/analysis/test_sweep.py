@@ -66,7 +66,8 @@ def test_single_layer_rows_and_resume(tmp_path: Path, monkeypatch: pytest.Monkey
     # interrupted sweep: drop three rows, re-run evaluates exactly those
     con = sqlite3.connect(out)
     con.execute(
-        "DELETE FROM results WHERE id IN (SELECT id FROM results WHERE kind='single' ORDER BY id DESC LIMIT 3)"
+        "DELETE FROM results WHERE id IN (SELECT id FROM results WHERE kind='single' ORDER BY id "
+        "DESC LIMIT 3)"
     )
     con.commit()
     con.close()

@@ -69,7 +69,7 @@ def test_deterministic_with_seed() -> None:
     a = cp_als(T, 4, init="random", seed=7, n_iter_max=30)
     b = cp_als(T, 4, init="random", seed=7, n_iter_max=30)
     assert torch.equal(a.weights, b.weights) and all(
-        torch.equal(x, y) for x, y in zip(a.factors, b.factors)
+        torch.equal(x, y) for x, y in zip(a.factors, b.factors, strict=True)
     )
 
 

@@ -101,7 +101,7 @@ def test_randomized_is_seeded() -> None:
     M = torch.randn(80, 60, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     a = truncated_svd(M, 5, randomized=True, seed=3)
     b = truncated_svd(M, 5, randomized=True, seed=3)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_signs_are_deterministic() -> None:

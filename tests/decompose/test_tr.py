@@ -84,9 +84,10 @@ def test_each_step_discards_within_its_share_and_errors_add_in_quadrature(
     for shift in range(4):
         res = tr_svd(k, eps, shift=shift, split=split)
         assert res.step_budgets == budgets
-        for got, allowed in zip(res.step_errors, budgets):
+        for got, allowed in zip(res.step_errors, budgets, strict=True):
             assert got <= allowed + 1e-12
-        # ||T - T~||^2 = D1 + D2 + D3: the identity that makes any split with sum(delta^2) = eps^2 safe
+        # ||T - T~||^2 = D1 + D2 + D3: the identity that makes any split with sum(delta^2) = eps^2
+        # safe
         assert _true_error(res, k) ** 2 == pytest.approx(
             sum(x * x for x in res.step_errors), abs=1e-12
         )
@@ -236,7 +237,7 @@ def test_rsdtr_macs_objective_picks_fewest_macs() -> None:
     hw, stride, pad = (10, 12), (2, 1), 1
     res = rsdtr(k, 0.5, objective="macs", input_size=hw, stride=stride, padding=pad)
     macs = [tr_macs(shape, c.ranks, hw, stride=stride, padding=pad) for c in res.search]
-    assert all(c.macs == m for c, m in zip(res.search, macs))
+    assert all(c.macs == m for c, m in zip(res.search, macs, strict=True))
     assert tr_macs(shape, res.ranks, hw, stride=stride, padding=pad) == min(macs)
 
 
@@ -275,7 +276,7 @@ def test_callable_objective() -> None:
     assert res.ranks[res.shift] == min(c.ranks[c.shift] for c in res.search) == 1
 
 
-# ----------------------------------------------------------------------------- ring algebra and counts
+# -------------------------------------------------------------------------- ring algebra and counts
 
 
 @pytest.mark.parametrize("ranks", [(1, 2, 3, 4), (4, 3, 2, 1), (3, 1, 5, 2)])

@@ -64,7 +64,7 @@ def test_eps_truncates_low_rank_tensor() -> None:
 def test_fixed_ranks_error_non_increasing() -> None:
     T = _tensor((5, 4, 4, 5), seed=2)
     errs = [_rel(T, tt_to_tensor(tt_svd(T, [r, r, r]))) for r in (1, 2, 3, 4, 5)]
-    assert all(b <= a + 1e-12 for a, b in zip(errs, errs[1:]))
+    assert all(b <= a + 1e-12 for a, b in zip(errs, errs[1:], strict=False))
 
 
 def test_ranks_cap_eps() -> None:

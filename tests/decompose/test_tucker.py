@@ -91,7 +91,7 @@ def test_tucker2_eps_bound() -> None:
 def test_error_non_increasing_in_rank() -> None:
     K = _tensor((8, 6, 3, 3), seed=3)
     errs = [tucker2(K, (r, r)).rel_error for r in range(1, 7)]
-    assert all(b <= a + 1e-10 for a, b in zip(errs, errs[1:]))
+    assert all(b <= a + 1e-10 for a, b in zip(errs, errs[1:], strict=False))
 
 
 def test_clamp_warns_and_reports() -> None:

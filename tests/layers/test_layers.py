@@ -1,4 +1,5 @@
-"""Factorized convolutions, parametrised over LAYER_REGISTRY (a new format is covered automatically).
+"""Factorized convolutions, parametrised over LAYER_REGISTRY (a new format is covered
+automatically).
 
 At full rank (each class's ``max_ranks``) every layer must compute exactly what the dense
 ``nn.Conv2d`` computes across kernel sizes, strides, paddings, dilations, padding modes,
@@ -211,7 +212,7 @@ def test_error_non_increasing_in_rank(method: str) -> None:
         ranks = tuple(max(1, math.ceil(f * m)) for m in maxr)
         layer = cls.from_conv(conv, ranks)  # type: ignore[attr-defined]
         errs.append(_rel(layer.reconstruct_weight().detach(), conv.weight.detach()))
-    assert all(b <= a + 1e-9 for a, b in zip(errs, errs[1:])), errs
+    assert all(b <= a + 1e-9 for a, b in zip(errs, errs[1:], strict=False)), errs
     assert errs[-1] < 1e-10 and errs[0] > 1e-3
 
 
@@ -244,7 +245,7 @@ def test_clamping_warns_and_reports(method: str) -> None:
     text = " ".join(str(w.message) for w in record)
     assert str(asked[0]) in text  # the warning names the requested value ...
     got = tuple(layer.ranks)
-    assert all(g <= a for g, a in zip(got, asked)) and any(
+    assert all(g <= a for g, a in zip(got, asked, strict=True)) and any(
         str(g) in text for g in got
     )  # ... and the clamped one
     if method in ("cp", "tt", "tucker", "tucker2"):  # componentwise maxima

@@ -1,10 +1,11 @@
-"""Optimiser-state transport across TDLRT's changes of basis (tensorcut.train.tdlrt_ops.transport_state).
+"""Optimiser-state transport across TDLRT's changes of basis
+(tensorcut.train.tdlrt_ops.transport_state).
 
-Adam's step on an entry is ``lr * m_hat / (sqrt(v_hat) + eps)``; for Adam itself ``|m| <= c sqrt(v)``
-entrywise with ``c = (1 - b1) / sqrt((1 - b2)(1 - b1^2 / b2))`` (Cauchy-Schwarz over the two
-exponential averages), so no step exceeds a few learning rates. Transporting the second moment as
-``(sqrt(v) x_i M_i)^2`` (signed ``M_i``) lets the sums cancel after a rotation and breaks that bound:
-measured on the DDP test's network, ratios ``m_hat / sqrt(v_hat)`` of 672 (layer 2) and 1260
+Adam's step on an entry is ``lr * m_hat / (sqrt(v_hat) + eps)``; for Adam itself ``|m| <= c
+sqrt(v)`` entrywise with ``c = (1 - b1) / sqrt((1 - b2)(1 - b1^2 / b2))`` (Cauchy-Schwarz over the
+two exponential averages), so no step exceeds a few learning rates. Transporting the second moment
+as ``(sqrt(v) x_i M_i)^2`` (signed ``M_i``) lets the sums cancel after a rotation and breaks that
+bound: measured on the DDP test's network, ratios ``m_hat / sqrt(v_hat)`` of 672 (layer 2) and 1260
 (layer 4) within three steps -- Adam steps of hundreds of learning rates set by a ratio of two
 cancelling sums, so float rounding changed the trajectory at once. The transport uses ``|M_i|``.
 """
@@ -32,7 +33,10 @@ def _adam_bound(b1: float, b2: float) -> float:
 
 
 def test_rotation_keeps_first_moment_within_second() -> None:
-    """m = [a, -a], v = [a^2, a^2], turned by 45 degrees: the signed rule gives v' = [2a^2, 0] with m' = [0, sqrt2 a]."""
+    """m = [a, -a], v = [a^2, a^2], turned by 45 degrees.
+
+    The signed rule gives v' = [2a^2, 0] with m' = [0, sqrt2 a].
+    """
     a = 0.3
     c = math.sqrt(0.5)
     M = torch.tensor(
@@ -54,7 +58,7 @@ def test_rotation_keeps_first_moment_within_second() -> None:
 
 @pytest.mark.parametrize("seed", range(5))
 def test_random_changes_of_basis_keep_the_bound(seed: int) -> None:
-    """Augmentation (U_hat^T U, n x r) then truncation (P^T, r x n) on both channel modes of a 4-D core."""
+    """Augmentation (U_hat^T U, n x r), then truncation (P^T, r x n) on both channel modes."""
     g = torch.Generator().manual_seed(seed)
     shape = (5, 4, 3, 3)
     v = torch.rand(shape, generator=g, dtype=torch.float64) ** 4  # spread over orders of magnitude
@@ -119,7 +123,7 @@ def test_adam_training_keeps_its_step_bound_through_truncations() -> None:
     for i in range(8):
         xb, yb = x[i % 4 * 16 : (i % 4 + 1) * 16], y[i % 4 * 16 : (i % 4 + 1) * 16]
 
-        def closure() -> torch.Tensor:
+        def closure(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> torch.Tensor:
             loss = F.cross_entropy(net(xb), yb)
             loss.backward()
             return loss
