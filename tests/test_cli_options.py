@@ -35,7 +35,7 @@ def test_flags_reach_the_typed_options() -> None:
     )
     opts = method_options_from_args(args)
     assert opts == {"cp": {"n_iter_max": 50}, "tucker2": {"hooi": False}, "tr": {"shifts": (0, 2)}}
-    cfg = CompressConfig(method="cp", ratio=0.3, options=opts)
+    cfg = CompressConfig(method="auto", ratio=0.3, options=opts)
     assert cfg.method_options("cp").n_iter_max == 50
     assert cfg.method_options("tucker2").hooi is False
     assert cfg.method_options("tr").shifts == (0, 2)
@@ -51,3 +51,30 @@ def test_a_bad_choice_is_refused_by_the_options_class() -> None:
     opts = method_options_from_args(_parser().parse_args(["--tr-objective", "speed"]))
     with pytest.raises(Exception, match="tr objective must be 'params' or 'macs', got 'speed'"):
         CompressConfig(method="tr", eps=0.3, options=opts)
+
+
+def test_options_for_another_method_are_refused() -> None:
+    with pytest.raises(
+        Exception, match="options for tr given but method is 'cp'; drop them or use"
+    ):
+        CompressConfig(method="cp", ratio=0.3, options={"tr": {"shift": 1}})
+
+
+def test_compress_verb_takes_the_derived_flags(tmp_path) -> None:
+    from tensorcut.cli import build_parser
+
+    args = build_parser().parse_args(
+        [
+            "compress",
+            "ck",
+            "--out",
+            str(tmp_path / "o"),
+            "--method",
+            "cp",
+            "--keep",
+            "0.3",
+            "--cp-n-iter-max",
+            "7",
+        ]
+    )
+    assert method_options_from_args(args) == {"cp": {"n_iter_max": 7}}

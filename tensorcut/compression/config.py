@@ -102,6 +102,12 @@ class CompressConfig:
                 f"unknown method {self.method!r}; choose one of: {', '.join(sorted(methods))}"
             )
         self.options = _parse_options(self.options)
+        unused = sorted(m for m in self.options if self.method not in ("auto", m))
+        if unused:
+            raise TensorcutError(
+                f"options for {', '.join(unused)} given but method is {self.method!r}; "
+                f"drop them or use method={unused[0]!r}"
+            )
         if isinstance(self.rank, list):
             self.rank = tuple(self.rank)
         self.rule  # validates the rank options
