@@ -645,6 +645,25 @@ class FactorizedConv2d(nn.Module):
         ``hw`` (H, W); ``explicit_ranks`` when the ranks are fixed (no rank search)."""
         return options.kwargs()
 
+    @classmethod
+    def reference_ranks(cls, geometry: ConvGeometry) -> tuple[int, ...]:
+        """The ranks a rank *scale* applies to (speed and budget ladders): the maximal ranks,
+        unless a method's maximum is far beyond any useful size (CP overrides it)."""
+        return tuple(cls.max_ranks(geometry))
+
+    @classmethod
+    def error_bound(
+        cls,
+        weight: torch.Tensor,
+        geometry: ConvGeometry,
+        ranks: tuple[int, ...],
+        cache: dict[str, Any],
+    ) -> float | None:
+        """A cheap upper bound on the relative kernel error at ``ranks`` without decomposing, or
+        None when the method has none (the caller then decomposes). ``cache`` persists per
+        kernel across calls (e.g. the unfoldings' spectra)."""
+        return None
+
     def rebuild_options(self) -> dict[str, Any]:
         """Options beyond the ranks needed to rebuild exactly this layer from the dense kernel
         (recorded in the plan; e.g. the tensor ring's cyclic shift)."""

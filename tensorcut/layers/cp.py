@@ -82,6 +82,16 @@ class CPConv2d(FactorizedConv2d):
     Options = CPOptions
     fallback = "tucker2"  # when ALS does not converge
 
+    @classmethod
+    def reference_ranks(cls, geometry: ConvGeometry) -> tuple[int, ...]:
+        """The rank at which CP's MACs equal the dense layer's (CP's maximal rank, the product of
+        the smaller kernel sizes, is far beyond any useful one)."""
+        (mx,) = cls.max_ranks(geometry)
+        g = geometry.groups
+        o, i = geometry.out_channels // g, geometry.in_channels // g
+        kh, kw = geometry.kernel_size
+        return (max(1, min(mx, o * i * kh * kw // (o + i + kh + kw))),)
+
     def __init__(
         self,
         geometry: ConvGeometry,

@@ -167,6 +167,29 @@ class TuckerConv2d(FactorizedConv2d):
         return (min(o, i * kh * kw), min(i, o * kh * kw))
 
     @classmethod
+    def error_bound(
+        cls,
+        weight: torch.Tensor,
+        geometry: ConvGeometry,
+        ranks: tuple[int, ...],
+        cache: dict[str, Any],
+    ) -> float | None:
+        """The truncated-HOSVD bound ``sqrt(tail_out(r_out)^2 + tail_in(r_in)^2) / ||W||`` from
+        the two channel unfoldings' spectra (ungrouped kernels; None for grouped ones)."""
+        W = weight.detach().to(torch.float64)
+        if geometry.groups != 1 or len(ranks) != 2:
+            return None
+        norm = float(torch.linalg.vector_norm(W))
+        if norm == 0:
+            return 0.0
+        if "out" not in cache:
+            o, i = W.shape[0], W.shape[1]
+            cache["out"] = torch.linalg.svdvals(W.reshape(o, -1)) ** 2
+            cache["in"] = torch.linalg.svdvals(W.transpose(0, 1).reshape(i, -1)) ** 2
+        tail = float(cache["out"][ranks[0] :].sum() + cache["in"][ranks[1] :].sum())
+        return min(1.0, tail**0.5 / norm)
+
+    @classmethod
     def vbmf_ranks(cls, weight: torch.Tensor) -> tuple[int, ...]:
         """``(r_out, r_in)`` by VBMF on the output- and input-mode unfoldings (Kim et al. 2016)."""
         from tensorcut.compression.rank import vbmf_tucker2_ranks

@@ -490,3 +490,27 @@ def test_fx_traceable(method: str) -> None:
     x = _input()
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_contract_hooks_are_consistent(method: str) -> None:
+    """reference_ranks within max_ranks; error_bound (where a method has one) bounds the error the
+    decomposition reaches, and is 0 at the maximal ranks."""
+    cls = LAYER_REGISTRY[method]
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 16, 3, padding=1)
+    geom = ConvGeometry.from_conv(conv)
+    mx = tuple(cls.max_ranks(geom))
+    ref = tuple(cls.reference_ranks(geom))
+    assert len(ref) == len(mx) and all(1 <= r <= m for r, m in zip(ref, mx, strict=True))
+    cache: dict = {}
+    half = tuple(max(1, m // 2) for m in mx)
+    bound = cls.error_bound(conv.weight, geom, half, cache)
+    if bound is None:
+        return
+    layer = cls.from_conv(conv, ranks=half)
+    W = conv.weight.detach().double()
+    err = float(torch.linalg.vector_norm(W - layer.reconstruct_weight().detach().double()))
+    # HOOI refines the HOSVD, so the reached error is at most the bound (float32 factors: + 1e-5)
+    assert err / float(torch.linalg.vector_norm(W)) <= bound + 1e-5
+    assert cls.error_bound(conv.weight, geom, mx, cache) == pytest.approx(0.0, abs=1e-7)
