@@ -27,7 +27,10 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """Shows each option's default after its help, unless the help already speaks of it or there is none."""
+    """Shows each option's default after its help.
+
+    Not when the help already speaks of the default, or there is none.
+    """
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -48,11 +51,14 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def set_formatter(parser: argparse.ArgumentParser, width: int | None = None) -> None:
-    """Use :class:`HelpFormatter` (optionally at a fixed ``width``) on ``parser`` and every verb's parser."""
+    """Use :class:`HelpFormatter` on ``parser`` and every verb's parser.
+
+    ``width`` fixes the line width (None: the terminal's).
+    """
     fmt = HelpFormatter if width is None else functools.partial(HelpFormatter, width=width)
-    parser.formatter_class = fmt  # type: ignore[assignment]
+    parser.formatter_class = fmt
     for p in verb_parsers(parser).values():
-        p.formatter_class = fmt  # type: ignore[assignment]
+        p.formatter_class = fmt
 
 
 def verb_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -221,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                 rc = int(args.func(args) or 0)
         else:
             rc = int(args.func(args) or 0)
-        sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at interpreter exit
+        # a closed pipe shows here, inside the handler below, not at interpreter exit
+        sys.stdout.flush()
         return rc
     except TensorcutError as e:
         print(f"tensorcut {args.command}: error: {e}", file=sys.stderr)
@@ -241,7 +248,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quiet_stdout() -> None:
-    """After the reader of stdout went away: point stdout at /dev/null so the exit flush cannot fail again."""
+    """After the reader of stdout went away: point stdout at /dev/null.
+
+    So the flush at interpreter exit cannot fail again.
+    """
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

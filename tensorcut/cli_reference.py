@@ -18,7 +18,8 @@ def cli_reference() -> str:
     out = [
         "# tensorcut command-line reference",
         "",
-        "Generated from the parser by `python -m tensorcut.cli_reference > docs/cli.md`; do not edit by hand.",
+        "Generated from the parser by `python -m tensorcut.cli_reference > docs/cli.md`; "
+        "do not edit by hand.",
         "",
         "Bad input prints one line `tensorcut VERB: error: ...` and exits with status 2.",
         "",

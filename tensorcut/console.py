@@ -22,7 +22,10 @@ JSON_STREAM: TextIO | None = None
 
 
 class ConsoleHandler(logging.Handler):
-    """Writes each record's message to the *current* ``sys.stdout`` (so a replaced stdout is honoured)."""
+    """Writes each record's message to the *current* ``sys.stdout``.
+
+    Looked up per record, so a replaced stdout is honoured (warnings go to ``sys.stderr``).
+    """
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -36,7 +39,7 @@ class ConsoleHandler(logging.Handler):
 
 
 def ensure_console() -> None:
-    """Show ``tensorcut`` INFO messages on the console unless logging was configured by the caller."""
+    """Show ``tensorcut`` INFO messages on the console, unless the caller configured logging."""
     if LOGGER.handlers:  # ours, or the caller's own: they decide
         return
     h = ConsoleHandler()

@@ -47,7 +47,8 @@ def run_demo(out: str | Path, fast: bool = False, as_json: bool = False) -> int:
     print()
     print_summary(s)
     print(
-        f"outputs in {out}: dense/, compressed/, finetuned/ (checkpoints), study/ (truncation results + figures), "
+        f"outputs in {out}: dense/, compressed/, finetuned/ (checkpoints), "
+        "study/ (truncation results + figures), "
         f"export/model.onnx; {time.perf_counter() - t0:.0f} s"
     )
     return 0

@@ -117,7 +117,10 @@ def _dist_ready() -> bool:
 
 
 def active() -> DistContext:
-    """The context of an initialised process group (world size 1 when none, or inside :func:`local_only`)."""
+    """The context of an initialised process group.
+
+    World size 1 when there is none, or inside :func:`local_only`.
+    """
     if _state["local_only"] or not _dist_ready():
         return DistContext()
     dist = torch.distributed
@@ -195,7 +198,10 @@ def init(
 def session(
     device: str | torch.device = "cpu", *, timeout: datetime.timedelta | None = None
 ) -> Iterator[DistContext]:
-    """:func:`init` for the length of a block; leaves the group afterwards only if this block joined it."""
+    """:func:`init` for the length of a block.
+
+    Leaves the group afterwards only if this block joined it.
+    """
     fresh = not _dist_ready()
     ctx = init(device, timeout=timeout)
     try:
@@ -206,7 +212,8 @@ def session(
         raise
     if fresh and ctx.enabled:
         # leave together: a rank that tears down its gloo pairs while a peer is still finishing
-        # (e.g. rank 0's final pass) sometimes aborted with "terminate called without an active exception"
+        # (e.g. rank 0's final pass) sometimes aborted with
+        # "terminate called without an active exception"
         torch.distributed.barrier()
         cleanup()
 
@@ -264,7 +271,10 @@ def all_gather_object(obj: T) -> list[T]:
 
 
 def broadcast_object(obj: T, src: int = 0) -> T:
-    """Rank ``src``'s ``obj`` on every rank (picklable objects built by tensorcut, never user files)."""
+    """Rank ``src``'s ``obj`` on every rank.
+
+    Only for picklable objects built by tensorcut, never for user files.
+    """
     if not active().enabled:
         return obj
     box = [obj]
@@ -273,7 +283,9 @@ def broadcast_object(obj: T, src: int = 0) -> T:
 
 
 def run_on_main(fn: Callable[[], T]) -> T | None:
-    """Run ``fn`` on rank 0 only; if it raises :class:`TensorcutError`, every rank raises the same line.
+    """Run ``fn`` on rank 0 only.
+
+    If it raises :class:`TensorcutError`, every rank raises the same line.
 
     Rank-0-only file writes go through here so that, say, a full disk stops all ranks
     cleanly instead of leaving the others blocked in the next collective.
@@ -325,7 +337,9 @@ def broadcast_module(model: nn.Module, src: int = 0, *, buffers_only: bool = Fal
 
 
 class ShardSampler(Sampler[int]):
-    """Indices ``rank, rank + world, ...`` of ``range(n)``: every sample exactly once over all ranks.
+    """Indices ``rank, rank + world, ...`` of ``range(n)``.
+
+    Every sample exactly once over all ranks.
 
     Unlike :class:`DistributedSampler` nothing is padded, so summed evaluation metrics are exact.
     """
@@ -380,9 +394,10 @@ def shard_train_loader(loader: Any, ctx: DistContext, *, seed: int = 0) -> Any:
         if ctx.world_size > 1 and loader.batch_size % ctx.world_size:
             raise TensorcutError(
                 f"batch size {loader.batch_size} is the global batch and must be divisible by the "
-                f"{ctx.world_size} processes; choose e.g. {loader.batch_size // ctx.world_size * ctx.world_size or ctx.world_size}"
+                f"{ctx.world_size} processes; choose e.g. "
+                f"{loader.batch_size // ctx.world_size * ctx.world_size or ctx.world_size}"
             )
-        sampler = DistributedSampler(
+        sampler: DistributedSampler[int] = DistributedSampler(
             loader.dataset,
             num_replicas=ctx.world_size,
             rank=ctx.rank,

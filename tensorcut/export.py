@@ -72,7 +72,9 @@ def export_model(
     check: bool = True,
     atol: float = 1e-4,
 ) -> Path:
-    """Write ``model`` in format ``fmt`` ('onnx', 'torchscript', 'exported') to file ``out`` (atomically).
+    """Write ``model`` in format ``fmt`` to file ``out`` (atomically).
+
+    ``fmt`` is 'onnx', 'torchscript' or 'exported'.
 
     See :func:`export_with_check`; an export that could not be checked is logged as a warning.
     """
@@ -118,7 +120,8 @@ def export_with_check(
             torch.onnx.export(
                 model,
                 (x,),
-                buf,
+                # torch annotates `f` as a path; the TorchScript exporter also takes a file object
+                buf,  # type: ignore[arg-type]
                 dynamo=False,
                 input_names=["input"],
                 output_names=["logits"],
@@ -140,7 +143,7 @@ def export_with_check(
             if check:
                 loaded = torch.jit.load(io.BytesIO(buf.getvalue()))
                 with torch.no_grad():
-                    for xb, ref in zip(checks, refs):
+                    for xb, ref in zip(checks, refs, strict=True):
                         _compare(loaded(xb), ref, atol, f"TorchScript (batch {len(xb)})")
         else:
             batch = torch.export.Dim("batch", min=1, max=1 << 16)
@@ -152,13 +155,16 @@ def export_with_check(
                 if check:
                     loaded = torch.export.load(p).module()
                     with torch.no_grad():
-                        for xb, ref in zip(checks, refs):
+                        for xb, ref in zip(checks, refs, strict=True):
                             _compare(loaded(xb), ref, atol, f"torch.export (batch {len(xb)})")
     return Export(out, check and note == done, note)
 
 
 def is_export_of(path: str | Path, fmt: str) -> bool:
-    """Whether file ``path`` is an earlier export in format ``fmt`` (so re-exporting may replace it)."""
+    """Whether file ``path`` is an earlier export in format ``fmt``.
+
+    Such a file may be replaced by re-exporting.
+    """
     p = Path(path)
     try:
         if fmt == "onnx":
@@ -200,6 +206,6 @@ def _check_onnx(
     import onnxruntime as ort
 
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    for xb, ref in zip(checks, refs):
+    for xb, ref in zip(checks, refs, strict=True):
         got = sess.run(None, {"input": xb.numpy()})[0]
         _compare(torch.from_numpy(got), ref, atol, f"ONNX (onnxruntime, batch {len(xb)})")

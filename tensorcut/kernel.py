@@ -212,8 +212,8 @@ def svd_bipartition(K: torch.Tensor, bipartition: str) -> BipartitionSVD:
     canon = canonical_bipartition(bipartition)
     M = unfold(K.detach().to(device="cpu", dtype=torch.float64), canon)
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-    shape = tuple(int(s) for s in K.shape)
-    return BipartitionSVD(canon, shape, U, S, Vh, K.detach().clone())  # type: ignore[arg-type]
+    o, i, kh, kw = (int(s) for s in K.shape)  # 4-D: checked above
+    return BipartitionSVD(canon, (o, i, kh, kw), U, S, Vh, K.detach().clone())
 
 
 def spectrum(K: torch.Tensor, bipartition: str) -> torch.Tensor:
@@ -241,14 +241,14 @@ def cp_params(shape: Sequence[int], rank: int) -> int:
 
 def tucker_params(shape: Sequence[int], ranks: Sequence[int]) -> int:
     """Core plus factor parameters of a Tucker kernel."""
-    return math.prod(ranks) + sum(int(n) * int(r) for n, r in zip(shape, ranks))
+    return math.prod(ranks) + sum(int(n) * int(r) for n, r in zip(shape, ranks, strict=True))
 
 
 def _check_tucker_ranks(shape: Sequence[int], ranks: Sequence[int]) -> tuple[int, ...]:
     ranks = tuple(int(r) for r in ranks)
     if len(ranks) != 4:
         raise TensorcutError(f"Tucker ranks need one value per mode (OUT, IN, KH, KW), got {ranks}")
-    for mode, n, r in zip(MODES, shape, ranks):
+    for mode, n, r in zip(MODES, shape, ranks, strict=True):
         if not 1 <= r <= n:
             raise TensorcutError(f"Tucker rank {r} for mode {mode} out of range: valid 1..{n}")
     return ranks
@@ -263,8 +263,7 @@ def tucker_truncate(K: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
     from tensorcut.decompose.tucker import hosvd, tucker_to_tensor
 
     res = hosvd(K.detach().to(dtype=torch.float64), ranks)
-    core, factors = (res.core, res.factors) if hasattr(res, "core") else res
-    return tucker_to_tensor(core, factors).to(dtype=K.dtype)
+    return tucker_to_tensor(res.core, res.factors).to(dtype=K.dtype)
 
 
 __all__ = [

@@ -43,7 +43,10 @@ _REGISTRY: dict[str, ModelEntry] = {}
 def register_model(
     name: str, description: str
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator: register a builder ``f(num_classes, in_channels, width, input_size) -> nn.Module``."""
+    """Decorator: register a model builder under ``name``.
+
+    The builder is ``f(num_classes, in_channels, width, input_size) -> nn.Module``.
+    """
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         _REGISTRY[name] = ModelEntry(name, fn, description)
@@ -53,7 +56,16 @@ def register_model(
 
 
 def list_models() -> list[str]:
-    """Names of every registered model, sorted."""
+    """Names of every model in the zoo, sorted.
+
+    Returns:
+        The names :func:`create` accepts.
+
+    Example:
+        >>> import tensorcut as tc
+        >>> "resnet20" in tc.list_models()
+        True
+    """
     return sorted(_REGISTRY)
 
 
@@ -72,7 +84,26 @@ def create(
     input_size: int = 32,
     **kwargs: Any,
 ) -> nn.Module:
-    """Build model ``name``. ``input_size`` matters only for vanilla-cnn's first linear layer."""
+    """Build a fresh (randomly initialised) model from tensorcut's zoo.
+
+    Args:
+        name: a name from :func:`list_models` (e.g. ``"resnet20"``).
+        num_classes: output classes.
+        in_channels: input image channels (1 for grey images).
+        width: channel multiplier (0.25 for quick experiments).
+        input_size: image side in pixels; matters only for vanilla-cnn's first linear layer.
+        **kwargs: model-specific options.
+
+    Returns:
+        The ``nn.Module``.
+
+    Raises:
+        TensorcutError: an unknown name (listing the valid ones) or a non-positive size.
+
+    Example:
+        >>> import tensorcut as tc
+        >>> model = tc.create_model("resnet20", num_classes=10, width=0.25)
+    """
     entry = model_entry(name)
     if num_classes < 1 or in_channels < 1:
         raise TensorcutError(
@@ -154,7 +185,7 @@ def _vanilla(
     return VanillaCNN(num_classes, in_channels, width, input_size, **kw)
 
 
-# ----------------------------------------------------------------------------- CIFAR ResNets (option A)
+# ------------------------------------------------------------------------- CIFAR ResNets (option A)
 
 
 class _ShortcutA(nn.Module):
@@ -223,7 +254,7 @@ def _resnet56(num_classes: int, in_channels: int, width: float, input_size: int)
     return CifarResNet(9, num_classes, in_channels, width)
 
 
-# ----------------------------------------------------------------------------- ResNet-18/34/50 (CIFAR stem)
+# --------------------------------------------------------------------- ResNet-18/34/50 (CIFAR stem)
 
 
 class _Basic(nn.Module):
@@ -289,7 +320,7 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes[0])
         cin = planes[0]
         stages = []
-        for i, (p, n) in enumerate(zip(planes, counts)):
+        for i, (p, n) in enumerate(zip(planes, counts, strict=True)):
             blocks = []
             for j in range(n):
                 blocks.append(block(cin, p, 2 if (i > 0 and j == 0) else 1))

@@ -28,7 +28,7 @@ LAYER_ERROR_WARN = 0.9
 
 
 def _read_json(rd: Path, rel: str, expect: type = dict) -> Any:
-    """``rd/rel`` parsed as JSON of type ``expect``, or a one-line TensorcutError naming the file."""
+    """``rd/rel`` parsed as JSON of type ``expect``; else a one-line TensorcutError naming it."""
     p = rd / rel
     try:
         value = json.loads(p.read_text(encoding="utf-8"))
@@ -52,8 +52,10 @@ def _read_json(rd: Path, rel: str, expect: type = dict) -> Any:
 
 
 def latency_of(row: dict[str, Any], batch: int) -> dict[str, Any] | None:
-    """The latency record of one model at ``batch``: ``median_ms``, ``iqr_ms``, ``q1_ms``, ``q3_ms``,
-    ``threads``, ``batch``, ``device``, ``times_ms``, ``session`` (None where not recorded).
+    """The latency record of one model at ``batch``.
+
+    Its keys: ``median_ms``, ``iqr_ms``, ``q1_ms``, ``q3_ms``, ``threads``, ``batch``,
+    ``device``, ``times_ms``, ``session`` (None where not recorded).
 
     Reads ``row["latency"]["b<batch>"]`` (:meth:`tensorcut.timing.LatencyStats.to_dict`, or any dict
     with ``median_ms`` and optionally ``q1_ms``/``q3_ms`` or ``iqr_ms``) when present, else the bare
@@ -148,8 +150,8 @@ def _speed(dense: dict[str, Any], final: dict[str, Any], batch: int) -> tuple[st
     c = _comparison(dense, final)
     if c is None:
         return (
-            f"speed at batch {batch} not judged (timing spread not recorded; median {dense['median_ms']:.2f} ms "
-            f"dense, {final['median_ms']:.2f} ms compressed)"
+            f"speed at batch {batch} not judged (timing spread not recorded; "
+            f"median {dense['median_ms']:.2f} ms dense, {final['median_ms']:.2f} ms compressed)"
         ), 2
     if not c.measurable:
         return f"no measurable speed difference at batch {batch}", 0
@@ -194,13 +196,16 @@ def report_warnings(summary: dict[str, Any], layers: list[dict[str, Any]]) -> li
     out: list[str] = []
     if final["macs"] > dense["macs"]:
         out.append(
-            f"FCR {dense['macs'] / final['macs']:.2f} < 1: the compressed model needs more MACs per image than "
-            f"dense ({final['macs']:,} vs {dense['macs']:,}); choose a stronger goal or another method."
+            f"FCR {dense['macs'] / final['macs']:.2f} < 1: "
+            "the compressed model needs more MACs per image than "
+            f"dense ({final['macs']:,} vs {dense['macs']:,}); "
+            "choose a stronger goal or another method."
         )
     conv_fcr = (summary.get("plan_totals") or {}).get("conv_mac_ratio")
     if conv_fcr is not None and conv_fcr < 1 and not final["macs"] > dense["macs"]:
         out.append(
-            f"Conv-layer FCR {conv_fcr:.2f} < 1: the factorized conv layers need more MACs than the dense ones."
+            f"Conv-layer FCR {conv_fcr:.2f} < 1: "
+            "the factorized conv layers need more MACs than the dense ones."
         )
     for b in _batches(rows):
         ld, lf = latency_of(dense, b), latency_of(final, b)
@@ -215,21 +220,22 @@ def report_warnings(summary: dict[str, Any], layers: list[dict[str, Any]]) -> li
         elif sign == 2 and lf["median_ms"] > ld["median_ms"]:
             out.append(
                 f"The compressed model's median latency at batch {b} is higher than dense "
-                f"({lf['median_ms']:.2f} ms vs {ld['median_ms']:.2f} ms); the timing spread was not recorded, "
+                f"({lf['median_ms']:.2f} ms vs {ld['median_ms']:.2f} ms); "
+                "the timing spread was not recorded, "
                 f"so this may be noise."
             )
     bad = [
-        l
-        for l in layers
-        if l.get("status") == "factorize"
-        and l.get("error") is not None
-        and float(l["error"]) > LAYER_ERROR_WARN
+        ly
+        for ly in layers
+        if ly.get("status") == "factorize"
+        and ly.get("error") is not None
+        and float(ly["error"]) > LAYER_ERROR_WARN
     ]
     if bad:
         out.append(
-            f"{len(bad)} layer(s) with kernel relative error > {LAYER_ERROR_WARN:g} (the factorization kept almost "
-            "nothing of the kernel): "
-            + ", ".join(f"{l['name']} ({float(l['error']):.3f})" for l in bad)
+            f"{len(bad)} layer(s) with kernel relative error > {LAYER_ERROR_WARN:g} "
+            "(the factorization kept almost nothing of the kernel): "
+            + ", ".join(f"{ly['name']} ({float(ly['error']):.3f})" for ly in bad)
             + "."
         )
     return out
@@ -257,7 +263,8 @@ def _png(fig: Any) -> str:
 def _img(b64: str, alt: str) -> str:
     a = html.escape(alt)
     return (
-        f'<figure><img class="zoom" alt="{a}" title="click to enlarge" src="data:image/png;base64,{b64}">'
+        f'<figure><img class="zoom" alt="{a}" title="click to enlarge" '
+        f'src="data:image/png;base64,{b64}">'
         f"<figcaption>{a} (click to enlarge)</figcaption></figure>"
     )
 
@@ -299,7 +306,10 @@ def _curve_figure(curve: dict[str, Any], chosen: float, final_top1: float, comp_
 
 
 def _finetune_figure(history: list[dict[str, Any]], test_before: float) -> str:
-    """Validation top-1 and loss per epoch; the test top-1 right after compression is its own marker."""
+    """Validation top-1 and loss per epoch.
+
+    The test top-1 right after compression is its own marker.
+    """
     fig = _figure(9, 4.5)
     ax = fig.add_subplot()
     ep = [h["epoch"] for h in history]
@@ -335,14 +345,14 @@ def _finetune_figure(history: list[dict[str, Any]], test_before: float) -> str:
 def _layers_figure(layers: list[dict[str, Any]]) -> str:
     fig = _figure(9, max(2.5, 0.3 * len(layers)))
     ax = fig.add_subplot()
-    names = [l["name"] for l in layers]
+    names = [ly["name"] for ly in layers]
     ratios = [
-        l["params_before"] / l["params_after"]
-        if l["status"] == "factorize" and l["params_after"]
+        ly["params_before"] / ly["params_after"]
+        if ly["status"] == "factorize" and ly["params_after"]
         else 1.0
-        for l in layers
+        for ly in layers
     ]
-    colors = ["tab:blue" if l["status"] == "factorize" else "tab:gray" for l in layers]
+    colors = ["tab:blue" if ly["status"] == "factorize" else "tab:gray" for ly in layers]
     ax.barh(range(len(names)), ratios, color=colors)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
@@ -402,58 +412,67 @@ def _latency_section(rows: dict[str, Any]) -> str:
     if not body:
         return "<h2>Latency</h2><p>Latency was not measured in this run.</p>"
     note = (
-        "<p>Forward-pass wall time of one batch of random inputs, models timed interleaved. A speed-up or "
-        "slow-down is claimed only when the spread of the latency ratio excludes 1 (tensorcut.timing.compare: paired "
-        "per-round ratios when raw times were kept, else non-overlapping interquartile ranges, IQR); where no "
-        "spread was recorded no speed claim is made.</p>"
+        "<p>Forward-pass wall time of one batch of random inputs, models timed interleaved. A "
+        "speed-up or slow-down is claimed only when the spread of the latency ratio excludes 1 "
+        "(tensorcut.timing.compare: paired per-round ratios when raw times were kept, else "
+        "non-overlapping interquartile ranges, IQR); where no spread was recorded no speed claim "
+        "is made.</p>"
     )
     return "<h2>Latency</h2>" + _table(head, body, "latency") + note
 
 
 _STYLE = (
     "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-    "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;"
-    "text-align:right}td:first-child,th:first-child,.provenance td{text-align:left}.met{color:#065}.unmet{color:#a00}"
-    ".verdict{font-size:1.15em;font-weight:bold}.warnings{background:#fff3cd;border:2px solid #c90;"
-    "padding:.5em 1em;margin:1em 0}.warnings h2{margin:.2em 0;color:#850}"
-    "figure{display:block;margin:1.5em 0}img.zoom{width:100%;height:auto;cursor:zoom-in}"
-    "figcaption{font-size:13px;color:#555}#lightbox{position:fixed;inset:0;background:rgba(0,0,0,.85);"
-    "overflow:auto;cursor:zoom-out;z-index:10;text-align:center}#lightbox img{max-width:none;margin:1em}</style>"
+    "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;"
+    "padding:3px 8px;text-align:right}td:first-child,th:first-child,.provenance td{text-align:left}"
+    ".met{color:#065}.unmet{color:#a00}.verdict{font-size:1.15em;font-weight:bold}"
+    ".warnings{background:#fff3cd;border:2px solid #c90;padding:.5em 1em;margin:1em 0}.warnings "
+    "h2{margin:.2em 0;color:#850}figure{display:block;margin:1.5em 0}img.zoom{width:100%;"
+    "height:auto;cursor:zoom-in}figcaption{font-size:13px;color:#555}#lightbox{position:fixed;"
+    "inset:0;background:rgba(0,0,0,.85);overflow:auto;cursor:zoom-out;z-index:10;text-align:center}"
+    "#lightbox img{max-width:none;margin:1em}</style>"
 )
 
 # Click a figure: an overlay shows it at its natural (full) resolution; click or Escape closes it.
 # The overlay image is created on demand, so document.images holds the figures only.
 _SCRIPT = (
-    "<script>window.addEventListener('load',function(){var im=document.images,ok=0;"
-    "for(var i=0;i<im.length;i++){if(im[i].complete&&im[i].naturalWidth>0)ok++;}"
-    "document.body.setAttribute('data-figures',im.length);document.body.setAttribute('data-figures-loaded',ok);});"
-    "function tcClose(){var b=document.getElementById('lightbox');if(b)b.remove();}"
+    "<script>window.addEventListener('load',function(){var im=document.images,ok=0;for(var i=0;"
+    "i<im.length;i++){if(im[i].complete&&im[i].naturalWidth>0)ok++;}"
+    "document.body.setAttribute('data-figures',im.length);"
+    "document.body.setAttribute('data-figures-loaded',ok);});function tcClose(){var "
+    "b=document.getElementById('lightbox');if(b)b.remove();}"
     "document.addEventListener('click',function(e){var t=e.target;"
-    "if(t.classList&&t.classList.contains('zoom')){tcClose();var b=document.createElement('div');b.id='lightbox';"
-    "var i=document.createElement('img');i.src=t.src;i.alt=t.alt;b.appendChild(i);b.onclick=tcClose;"
-    "document.body.appendChild(b);}});"
+    "if(t.classList&&t.classList.contains('zoom')){tcClose();var b=document.createElement('div');"
+    "b.id='lightbox';var i=document.createElement('img');i.src=t.src;i.alt=t.alt;b.appendChild(i);"
+    "b.onclick=tcClose;document.body.appendChild(b);}});"
     "document.addEventListener('keydown',function(e){if(e.key==='Escape')tcClose();});</script>"
 )
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Render ``RUN_DIR/report.html`` from the artefacts of a finished run (every stage up to verify)."""
+    """Render ``RUN_DIR/report.html`` from the artefacts of a finished run.
+
+    Every stage up to verify must have finished.
+    """
     rd = Path(run_dir)
     try:
         state = json.loads((rd / "run.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         raise TensorcutError(
-            f"{rd} is not a tensorcut run directory (no readable run.json); run `tensorcut run` first"
+            f"{rd} is not a tensorcut run directory (no readable run.json); "
+            "run `tensorcut run` first"
         ) from None
     if not isinstance(state, dict) or not isinstance(state.get("stages", {}), dict):
         raise TensorcutError(
-            f"{rd / 'run.json'} is not a tensorcut run ledger; re-run `tensorcut run` into a new --out"
+            f"{rd / 'run.json'} is not a tensorcut run ledger; "
+            "re-run `tensorcut run` into a new --out"
         )
     stages = state.get("stages", {})
     missing = [s for s in ("dense", "curve", "compress", "finetune", "verify") if s not in stages]
     if missing:
         raise TensorcutError(
-            f"{rd}: stages {', '.join(missing)} have not finished; re-run `tensorcut run` to complete them"
+            f"{rd}: stages {', '.join(missing)} have not finished; "
+            "re-run `tensorcut run` to complete them"
         )
     summary = _read_json(rd, "verify.json")
     meta = _read_json(rd, "finetuned/meta.json")
@@ -483,7 +502,8 @@ def write_report(run_dir: str | Path) -> Path:
     goal_cls = "met" if summary["goal_met"] else "unmet"
     parts.append(
         f"<p class='{goal_cls}'>Goal: <b>{html.escape(summary['goal'])}</b> — "
-        f"{'met' if summary['goal_met'] else 'NOT met'}; achieved {html.escape(summary['achieved'])}. "
+        f"{'met' if summary['goal_met'] else 'NOT met'}; "
+        f"achieved {html.escape(summary['achieved'])}. "
         f"Model <code>{html.escape(str((meta.get('model') or {}).get('name')))}</code> on "
         f"<code>{html.escape(str(ds.get('name')))}</code>.</p>"
     )
@@ -518,9 +538,11 @@ def write_report(run_dir: str | Path) -> Path:
     parts.append("<h2>Before / after</h2>" + _table(head, body, "before-after"))
     fcr = rows["dense"]["macs"] / rows["final"]["macs"] if rows["final"]["macs"] else math.inf
     parts.append(
-        f"<p>Test split of <code>{html.escape(str(ds.get('name')))}</code> ({rows['final']['n']} images). Whole-model "
+        f"<p>Test split of <code>{html.escape(str(ds.get('name')))}</code> "
+        f"({rows['final']['n']} images). Whole-model "
         f"compression {rows['dense']['params'] / rows['final']['params']:.2f}x in parameters, FCR "
-        f"{fcr:.2f} (dense / compressed MACs); conv layers (those planned) {t['conv_ratio']:.2f}x in parameters, "
+        f"{fcr:.2f} (dense / compressed MACs); "
+        f"conv layers (those planned) {t['conv_ratio']:.2f}x in parameters, "
         f"{t['conv_mac_ratio']:.2f}x in MACs. CR = dense / compressed parameters.</p>"
     )
     parts.append(_latency_section(rows))
@@ -537,26 +559,27 @@ def write_report(run_dir: str | Path) -> Path:
         "decision",
     ]
     lb = []
-    for l in layers:
-        f = l["status"] == "factorize"
+    for ly in layers:
+        f = ly["status"] == "factorize"
         lb.append(
             [
-                l["name"],
-                l["method"] if f else "-",
-                "x".join(map(str, l["ranks"])) if f else "-",
-                f"{l['params_before']:,}",
-                f"{l['params_after']:,}" if f else "-",
-                f"{l['params_before'] / l['params_after']:.2f}" if f else "1.00",
-                f"{l['error']:.4f}" if (f and l.get("error") is not None) else "-",
-                f"{l['sensitivity']:.2f}" if l.get("sensitivity") is not None else "-",
+                ly["name"],
+                ly["method"] if f else "-",
+                "x".join(map(str, ly["ranks"])) if f else "-",
+                f"{ly['params_before']:,}",
+                f"{ly['params_after']:,}" if f else "-",
+                f"{ly['params_before'] / ly['params_after']:.2f}" if f else "1.00",
+                f"{ly['error']:.4f}" if (f and ly.get("error") is not None) else "-",
+                f"{ly['sensitivity']:.2f}" if ly.get("sensitivity") is not None else "-",
                 "factorized" if f else "dense",
             ]
         )
     parts.append("<h2>Per layer</h2>" + _table(lh, lb, "per-layer"))
     parts.append(
-        "<p>Kernel rel. error = ||W − W̃||<sub>F</sub> / ||W||<sub>F</sub>. Sensitivity = 1 + 100 × mean top-1 drop per "
-        "unit of discarded squared norm (norm loss, Singh et al. Eq. 13) over single-layer SVD truncations on the "
-        "calibration set; larger means the layer was compressed more mildly.</p>"
+        "<p>Kernel rel. error = ||W − W̃||<sub>F</sub> / ||W||<sub>F</sub>. Sensitivity = 1 + 100 "
+        "× mean top-1 drop per unit of discarded squared norm (norm loss, Singh et al. Eq. 13) "
+        "over single-layer SVD truncations on the calibration set; larger means the layer was "
+        "compressed more mildly.</p>"
     )
     comp = stages["compress"]
     if comp.get("calibration"):
@@ -570,7 +593,9 @@ def write_report(run_dir: str | Path) -> Path:
             )
             + f"; used <b>{html.escape(str(comp.get('allocation', '?')))}</b>.</p>"
         )
-    dense_left = [[l["name"], l.get("reason", "")] for l in layers if l["status"] != "factorize"]
+    dense_left = [
+        [ly["name"], ly.get("reason", "")] for ly in layers if ly["status"] != "factorize"
+    ]
     parts.append(
         "<h2>Left dense, and why</h2>"
         + (
@@ -578,7 +603,8 @@ def write_report(run_dir: str | Path) -> Path:
             if dense_left
             else "<p>Every planned layer was factorized.</p>"
         )
-        + "<p>Layers not planned at all (stems with ≤ 3 input channels, linear layers) stay dense by default.</p>"
+        + "<p>Layers not planned at all (stems with ≤ 3 input channels, linear layers) "
+        "stay dense by default.</p>"
     )
     curve = stages["curve"]
     figs = [
@@ -586,7 +612,8 @@ def write_report(run_dir: str | Path) -> Path:
             _curve_figure(
                 curve, t["conv_ratio"], rows["final"]["top1"], rows["compressed"]["top1"]
             ),
-            "Accuracy vs conv-layer compression: sensitivity-guided vs uniform ranks, with the chosen point",
+            "Accuracy vs conv-layer compression: sensitivity-guided vs uniform ranks, "
+            "with the chosen point",
         )
     ]
     hist = stages["finetune"].get("history") or []
@@ -594,7 +621,8 @@ def write_report(run_dir: str | Path) -> Path:
         figs.append(
             _img(
                 _finetune_figure(hist, rows["compressed"]["top1"]),
-                "Fine-tuning curve (validation split per epoch; the diamond is the test split before fine-tuning)",
+                "Fine-tuning curve (validation split per epoch; "
+                "the diamond is the test split before fine-tuning)",
             )
         )
     figs.append(_img(_layers_figure(layers), "Per-layer compression ratio"))
@@ -606,8 +634,9 @@ def write_report(run_dir: str | Path) -> Path:
     )
     if study_figs:
         parts.append(
-            "<h2>Truncation study (calibration subset)</h2><p>Spectra and accuracy vs norm loss per bipartition. "
-            "Norm = squared Frobenius norm; entropy = von Neumann entropy of the normalised spectrum.</p>"
+            "<h2>Truncation study (calibration subset)</h2><p>Spectra and accuracy vs norm loss "
+            "per bipartition. Norm = squared Frobenius norm; entropy = von Neumann entropy of the "
+            "normalised spectrum.</p>"
         )
         parts.append(
             "".join(
@@ -634,7 +663,8 @@ def write_report(run_dir: str | Path) -> Path:
         )
     )
     doc = (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>tensorcut report</title>{_STYLE}</head>"
+        "<!doctype html><html><head><meta charset='utf-8'><title>tensorcut report</title>"
+        f"{_STYLE}</head>"
         f"<body>{''.join(parts)}{_SCRIPT}</body></html>"
     )
     out = rd / "report.html"

@@ -87,11 +87,13 @@ class RunConfig:
             )
         if self.target_ratio is not None and not self.target_ratio > 1:
             raise TensorcutError(
-                f"--target-ratio must be > 1 (dense / compressed parameters), got {self.target_ratio}"
+                "--target-ratio must be > 1 (dense / compressed parameters), "
+                f"got {self.target_ratio}"
             )
         if self.target_macs is not None and not 0 < self.target_macs < 1:
             raise TensorcutError(
-                f"--target-macs is the fraction of conv MACs to keep, in (0, 1); got {self.target_macs}"
+                "--target-macs is the fraction of conv MACs to keep, in (0, 1); "
+                f"got {self.target_macs}"
             )
         if self.max_drop is not None and not 0 <= self.max_drop < 1:
             raise TensorcutError(
@@ -108,12 +110,14 @@ class RunConfig:
             raise TensorcutError(f"--finetune-lr must be > 0, got {self.finetune_lr:g}")
         if self.finetune_epochs < 0 or self.finetune_patience < 1:
             raise TensorcutError(
-                f"--finetune-epochs must be >= 0 and the patience >= 1; got {self.finetune_epochs} and "
+                "--finetune-epochs must be >= 0 and the patience >= 1; "
+                f"got {self.finetune_epochs} and "
                 f"{self.finetune_patience}"
             )
         if self.batch_size < 1 or not 0 <= self.seed < 2**32:
             raise TensorcutError(
-                f"batch size must be >= 1 and seed in [0, 2**32); got {self.batch_size} and {self.seed}"
+                "batch size must be >= 1 and seed in [0, 2**32); "
+                f"got {self.batch_size} and {self.seed}"
             )
         if self.train_subset is not None and self.train_subset < 1:
             raise TensorcutError(f"--subset must be >= 1 images, got {self.train_subset}")
@@ -153,8 +157,8 @@ class RunDir:
                 self.state.get("stages", {}), dict
             ):
                 raise TensorcutError(
-                    f"{f} is corrupt (not a run ledger: {type(self.state).__name__}); remove the run "
-                    "directory or choose another --out"
+                    f"{f} is corrupt (not a run ledger: {type(self.state).__name__}); "
+                    "remove the run directory or choose another --out"
                 )
             self.state.setdefault("stages", {})
         else:
@@ -205,7 +209,10 @@ def _checkpoint_ok(d: Path) -> bool:
 
 
 def _stage_outputs_ok(out: Path, stage: str) -> bool:
-    """Whether a finished stage's files are still there and readable (a resumed run trusts only those)."""
+    """Whether a finished stage's files are still there and readable.
+
+    A resumed run trusts only those.
+    """
     if stage == "dense":
         return _checkpoint_ok(out / "dense")
     if stage == "study":
@@ -222,7 +229,7 @@ def _stage_outputs_ok(out: Path, stage: str) -> bool:
 
 
 def _drop_broken_stages(rd: RunDir, progress: bool) -> None:
-    """Forget the first finished stage whose outputs are missing or corrupt, and every stage after it."""
+    """Forget the first finished stage whose outputs are missing or corrupt, and all after it."""
     for i, stage in enumerate(STAGES):
         if rd.done(stage) and not _stage_outputs_ok(rd.path, stage):
             later = [s for s in STAGES[i:] if rd.done(s)]
@@ -284,9 +291,13 @@ STRATEGIES = ("guided", "error", "uniform")
 
 
 def _strategy_config(cfg: RunConfig, kind: str, ratio: float | None) -> tuple[CompressConfig, bool]:
-    """(config, use sensitivity) of allocation ``kind`` at conv compression ``ratio`` (None: the MACs goal)."""
+    """(config, use sensitivity) of allocation ``kind`` at conv compression ``ratio``.
+
+    ``ratio`` None means the MACs goal.
+    """
     if kind == "uniform":
-        return CompressConfig(method=cfg.method, ratio=1.0 / float(ratio)), False  # type: ignore[arg-type]
+        assert ratio is not None, "the uniform allocation is tried only for a ratio goal"
+        return CompressConfig(method=cfg.method, ratio=1.0 / float(ratio)), False
     if ratio is None:
         return CompressConfig(
             method=cfg.method, budget=cfg.target_macs, budget_kind="macs"
@@ -307,7 +318,7 @@ def _try_strategy(
     plans: dict[str, Any] | None = None,
     models: dict[str, nn.Module] | None = None,
 ) -> dict[str, float]:
-    """Compress a copy of ``model`` with one allocation and measure calibration top-1 (no fine-tuning).
+    """Compress a copy of ``model`` with one allocation; measure calibration top-1 (no fine-tuning).
 
     The plan is kept in ``plans[kind]`` when given, so the chosen one need not be recomputed, and
     the compressed (BatchNorm-recalibrated) copy in ``models[kind]``, so a probe can start from it.
@@ -331,8 +342,9 @@ def _try_strategy(
 def _probe(
     kind: str, m: nn.Module, cfg: RunConfig, train_loader: Any, calib_loader: Any
 ) -> dict[str, float]:
-    """Calibration metrics of allocation ``kind``'s compressed model ``m`` (trained in place) after a
-    short fine-tune (the probe).
+    """Calibration metrics of allocation ``kind``'s compressed model ``m`` after a short fine-tune.
+
+    ``m`` is trained in place (the probe).
 
     Right after compression at x10 and beyond every allocation is near chance on the
     calibration set, so its accuracy there does not say which one fine-tunes best; a probe of
@@ -385,7 +397,10 @@ def run(
     progress: bool = True,
     command: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run the main job into ``out``; returns the verification summary (also in ``out/verify.json``)."""
+    """Run the main job into ``out``.
+
+    Returns the verification summary (also written to ``out/verify.json``).
+    """
     from tensorcut.export import require_onnx
     from tensorcut.workflow import (
         compress_checkpoint,
@@ -439,7 +454,8 @@ def run(
         json.dumps(settings)
     ):
         raise TensorcutError(
-            f"{out} was made with different settings; re-run with the same ones or choose another --out"
+            f"{out} was made with different settings; "
+            "re-run with the same ones or choose another --out"
         )
     out.mkdir(parents=True, exist_ok=True)
     _drop_broken_stages(rd, progress)
@@ -466,6 +482,7 @@ def run(
         else:
             from tensorcut.train.api import train
 
+            assert model is not None and dataset is not None  # checked on entry
             _say(f"[dense] training {model} on {dataset} for {train_epochs} epochs", progress)
             train(
                 model,
@@ -499,7 +516,8 @@ def run(
         from tensorcut.analysis.sweep import analyze
 
         _say(
-            f"[study] truncation sweep on {len(calib)} calibration images ({', '.join(config.bipartitions)})",
+            f"[study] truncation sweep on {len(calib)} calibration images "
+            f"({', '.join(config.bipartitions)})",
             progress,
         )
         analyze(
@@ -521,7 +539,8 @@ def run(
     ts = time.perf_counter()
     if not rd.done("curve"):
         _say(
-            f"[curve] accuracy vs compression at ratios {', '.join(f'{r:g}' for r in config.curve_ratios)}",
+            "[curve] accuracy vs compression at ratios "
+            f"{', '.join(f'{r:g}' for r in config.curve_ratios)}",
             progress,
         )
         base = evaluate_loader(dense.model, calib_loader)["top1"]
@@ -548,7 +567,8 @@ def run(
             ]
             ratio: float | None = max((p["target"] for p in ok), default=min(config.curve_ratios))
             _say(
-                f"[compress] largest calibrated ratio within a top-1 drop of {config.max_drop:g}: {ratio:g}",
+                "[compress] largest calibrated ratio within a top-1 drop of "
+                f"{config.max_drop:g}: {ratio:g}",
                 progress,
             )
         else:
@@ -556,7 +576,7 @@ def run(
         kinds = STRATEGIES if ratio is not None else ("guided", "error")
         plans: dict[str, Any] = {}
         trial: dict[str, nn.Module] = {}  # the compressed copies, for the probe
-        tried = {
+        tried: dict[str, dict[str, Any]] = {
             k: _try_strategy(
                 dense.model,
                 config,
@@ -582,7 +602,8 @@ def run(
             )
             probe_loader = tdata.make_loader(tr, config.batch_size, shuffle=True, seed=config.seed)
             _say(
-                f"[compress] probing each allocation: {config.probe_epochs} epoch(s) on {len(tr)} training images",
+                f"[compress] probing each allocation: {config.probe_epochs} epoch(s) "
+                f"on {len(tr)} training images",
                 progress,
             )
             for k in kinds:
@@ -631,7 +652,8 @@ def run(
     ts = time.perf_counter()
     if not rd.done("finetune"):
         _say(
-            f"[finetune] up to {config.finetune_epochs} epochs, Adam lr {config.finetune_lr:g}, early stopping",
+            f"[finetune] up to {config.finetune_epochs} epochs, Adam lr {config.finetune_lr:g}, "
+            "early stopping",
             progress,
         )
         shutil.rmtree(ft_dir, ignore_errors=True)
@@ -726,7 +748,8 @@ def verify(dense_dir: Path, final_dir: Path, comp_dir: Path, config: RunConfig) 
         frac = t["conv_macs_after"] / t["conv_macs_before"]
         met, got = frac <= config.target_macs * 1.001, f"conv MACs at {frac:.3f} of dense"
     else:
-        met, got = drop <= config.max_drop, f"top-1 drop {drop:.4f}"  # type: ignore[operator]
+        assert config.max_drop is not None  # RunConfig has exactly one goal
+        met, got = drop <= config.max_drop, f"top-1 drop {drop:.4f}"
     return {
         "goal": config.goal,
         "goal_met": bool(met),

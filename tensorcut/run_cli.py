@@ -10,7 +10,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser(
         "run",
         help="the main job: study, compress to a goal, fine-tune, verify, export, report",
-        description="From a trained checkpoint (or --model/--dataset) to a smaller, verified model with a report. "
+        description="From a trained checkpoint (or --model/--dataset) to a smaller, verified model "
+        "with a report. "
         "Resumable: re-running skips finished stages.",
     )
     r.add_argument("checkpoint", nargs="?", default=None, help="trained checkpoint directory")
@@ -38,8 +39,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--target-ratio",
         type=float,
         metavar="FACTOR",
-        help="compression factor to reach: dense / compressed conv-layer parameters, > 1 (5 = five times "
-        "smaller; compare `compress --keep`, the fraction kept)",
+        help="compression factor to reach: dense / compressed conv-layer parameters, > 1 "
+        "(5 = five times smaller; compare `compress --keep`, the fraction kept)",
     )
     g.add_argument(
         "--target-macs", type=float, help="fraction of conv-layer MACs to keep (e.g. 0.25)"
@@ -64,14 +65,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--no-bn-recalibrate",
         action="store_true",
-        help="keep the dense model's BatchNorm statistics after compressing (default: re-estimate them on "
-        "the calibration subset before comparing allocations and before fine-tuning)",
+        help="keep the dense model's BatchNorm statistics after compressing "
+        "(default: re-estimate them on the calibration subset before comparing allocations "
+        "and before fine-tuning)",
     )
     r.add_argument(
         "--probe-epochs",
         type=int,
         default=1,
-        help="fine-tune each candidate allocation this long before choosing (0: choose right after compression)",
+        help="fine-tune each candidate allocation this long before choosing "
+        "(0: choose right after compression)",
     )
     r.add_argument(
         "--probe-images", type=int, default=2048, help="training images of the probe fine-tune"
@@ -134,7 +137,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def print_summary(s: dict) -> None:
     """The before / after table and the report path."""
-    head = f"{'':24s}{'params':>12s}{'size MB':>10s}{'MACs':>14s}{'CPU ms b=32':>13s}{'top-1':>8s}{'top-5':>8s}"
+    head = (
+        f"{'':24s}{'params':>12s}{'size MB':>10s}{'MACs':>14s}"
+        f"{'CPU ms b=32':>13s}{'top-1':>8s}{'top-5':>8s}"
+    )
     print(head)
     for k, r in s["rows"].items():
         label = "compressed (no FT)" if k == "compressed" else k

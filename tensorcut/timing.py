@@ -37,7 +37,7 @@ def quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
     if not xs:
         raise TensorcutError("no timings to summarise; measure at least one repetition")
     if len(xs) == 1:
-        return (float(xs[0]),) * 3  # type: ignore[return-value]
+        return (float(xs[0]),) * 3
     q1, q2, q3 = statistics.quantiles([float(x) for x in xs], n=4, method="inclusive")
     return q1, q2, q3
 
@@ -76,10 +76,14 @@ class LatencyStats:
         return self.q3_ms - self.q1_ms
 
     def describe(self) -> str:
-        """One line, e.g. ``median 12.3 ms (IQR 12.1–12.6), batch 1, 1 thread, cpu, 15 reps after 3 warm-up``."""
+        """One line.
+
+        E.g. ``median 12.3 ms (IQR 12.1–12.6), batch 1, 1 thread, cpu, 15 reps after 3 warm-up``.
+        """
         th = f"{self.threads} thread" + ("" if self.threads == 1 else "s")
         return (
-            f"median {_ms(self.median_ms)} ms (IQR {_ms(self.q1_ms)}–{_ms(self.q3_ms)}), batch {self.batch}, "
+            f"median {_ms(self.median_ms)} ms (IQR {_ms(self.q1_ms)}–{_ms(self.q3_ms)}), "
+            f"batch {self.batch}, "
             f"{th}, {self.device}, {self.reps} reps after {self.warmup} warm-up"
         )
 
@@ -197,7 +201,10 @@ class Comparison:
         """One line: the ratio and spread, or "no measurable difference"."""
         spread = f"{self.low:.2f}–{self.high:.2f}"
         if not self.measurable:
-            return f"no measurable difference: {self.a} / {self.b} = {self.ratio:.2f}x (spread {spread})"
+            return (
+                f"no measurable difference: {self.a} / {self.b} = {self.ratio:.2f}x "
+                f"(spread {spread})"
+            )
         word = "faster" if self.ratio < 1 else "slower"
         return f"{self.a} / {self.b} = {self.ratio:.2f}x (spread {spread}): {self.a} is {word}"
 
@@ -218,7 +225,7 @@ def compare(a: LatencyStats, b: LatencyStats) -> Comparison:
     means the spread contains 1.
     """
     if a.session and a.session == b.session and a.reps == b.reps:
-        rs = [x / y for x, y in zip(a.times_ms, b.times_ms)]
+        rs = [x / y for x, y in zip(a.times_ms, b.times_ms, strict=True)]
         lo, med, hi = quartiles(rs)
         return Comparison(a.name, b.name, med, lo, hi, True)
     return Comparison(
