@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from typing import Any
+from itertools import pairwise
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 import torch.fx
@@ -33,6 +34,10 @@ from torch import nn
 from tensorcut.errors import TensorcutError
 from tensorcut.layers import base as _base
 from tensorcut.layers.base import FactorizedConv2d, PointwiseConv2d
+from tensorcut.timing import to_memory_format
+
+if TYPE_CHECKING:
+    from tensorcut.layers.cp import CPConv2d
 
 __all__ = [
     "ConvPointwise2d",
@@ -89,7 +94,7 @@ class ConvPointwise2d(nn.Conv2d):
     """A 1x1 convolution that runs as plain ``F.conv2d``; accepts (and ignores) the ``like``
     argument factorized layers pass to their 1x1 factors. Same parameters as ``nn.Conv2d``."""
 
-    def forward(self, x: torch.Tensor, like: Any = None) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, like: Any = None) -> torch.Tensor:
         return super().forward(x)
 
 
@@ -97,11 +102,13 @@ class MergedCPConv2d(nn.Module):
     """A CP convolution for inference: 1x1 -> one depthwise KHxKW (the two 1-D factors' outer
     product) -> 1x1. Built by :func:`prepare_for_inference` from a ``CPConv2d``."""
 
-    def __init__(self, cp: nn.Module) -> None:
+    def __init__(self, cp: CPConv2d) -> None:
         super().__init__()
         self.geometry = cp.geometry
         self._pad_explicitly = cp._pad_explicitly
         v, h = cp.vertical, cp.horizontal
+        pv, ph = v.padding, h.padding
+        assert not isinstance(pv, str) and not isinstance(ph, str)  # the 1-D factors pad by numbers
         ch = v.out_channels
         self.first = cp.first
         self.last = cp.last
@@ -110,7 +117,7 @@ class MergedCPConv2d(nn.Module):
             ch,
             (v.kernel_size[0], h.kernel_size[1]),
             stride=(v.stride[0], h.stride[1]),
-            padding=(v.padding[0], h.padding[1]),
+            padding=(pv[0], ph[1]),
             dilation=(v.dilation[0], h.dilation[1]),
             groups=ch,
             bias=False,
@@ -144,7 +151,9 @@ def _dense_matrix(conv: nn.Conv2d) -> torch.Tensor:
 
 
 def _pointwise_factors(layer: nn.Module) -> list[nn.Conv2d] | None:
-    """The factors of a factorized 1x1 layer as a chain of 1x1 convolutions (None: not such a layer).
+    """The factors of a factorized 1x1 layer as a chain of 1x1 convolutions.
+
+    None when ``layer`` is not such a layer.
 
     Only layers whose every factor is an unpadded 1x1 convolution, the first carrying the stride
     and the others stride 1, with groups 1 (depthwise in between allowed) and no explicit padding.
@@ -200,7 +209,10 @@ def cheapest_chain(dims: list[int]) -> list[int]:
 
 class PointwiseChain(nn.Module):
     """A factorized 1x1 convolution for inference: its linear factors merged into the chain of
-    1x1 GEMMs with the fewest MACs (:func:`cheapest_chain`). Built by :func:`prepare_for_inference`."""
+    1x1 GEMMs with the fewest MACs (:func:`cheapest_chain`).
+
+    Built by :func:`prepare_for_inference`.
+    """
 
     def __init__(self, layer: nn.Module, convs: list[nn.Conv2d]) -> None:
         super().__init__()
@@ -211,8 +223,10 @@ class PointwiseChain(nn.Module):
         dims = [mats[0].shape[1]] + [m.shape[0] for m in mats]
         keep = cheapest_chain(dims)
         w0 = convs[0].weight
+        s0 = convs[0].stride
+        last_bias = convs[-1].bias
         steps = []
-        for k, (a, b) in enumerate(zip(keep, keep[1:])):
+        for k, (a, b) in enumerate(pairwise(keep)):
             m = mats[a]
             for j in range(a + 1, b):
                 m = mats[j] @ m
@@ -221,15 +235,15 @@ class PointwiseChain(nn.Module):
                 dims[a],
                 dims[b],
                 (1, 1),
-                stride=tuple(convs[0].stride) if k == 0 else (1, 1),
-                bias=last and convs[-1].bias is not None,
+                stride=(s0[0], s0[1]) if k == 0 else (1, 1),
+                bias=last and last_bias is not None,
                 device=w0.device,
                 dtype=w0.dtype,
             )
             with torch.no_grad():
                 conv.weight.copy_(m.reshape(dims[b], dims[a], 1, 1).to(w0.dtype))
-                if conv.bias is not None:
-                    conv.bias.copy_(convs[-1].bias.detach())  # type: ignore[union-attr]
+                if conv.bias is not None and last_bias is not None:  # the last step only
+                    conv.bias.copy_(last_bias.detach())
             steps.append(conv)
         self.steps = nn.ModuleList(steps)
 
@@ -256,8 +270,15 @@ def _plain_conv(m: nn.Module) -> bool:
     return type(m) in plain and m.padding_mode == "zeros"
 
 
+@runtime_checkable
+class _AffineFoldable(Protocol):
+    """A factorized layer that can take a per-output-channel affine map into its last factor."""
+
+    def fold_output_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None: ...
+
+
 def _foldable(m: nn.Module) -> bool:
-    return _plain_conv(m) or (isinstance(m, FactorizedConv2d) and hasattr(m, "fold_output_affine"))
+    return _plain_conv(m) or (isinstance(m, FactorizedConv2d) and isinstance(m, _AffineFoldable))
 
 
 def _is_bn(m: nn.Module) -> bool:
@@ -269,7 +290,7 @@ def _fx_pairs(model: nn.Module) -> list[tuple[str, str]]:
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not _is_bn(model.get_submodule(node.target)):
+        if node.op != "call_module" or not _is_bn(model.get_submodule(str(node.target))):
             continue
         if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], torch.fx.Node):
             continue
@@ -277,7 +298,7 @@ def _fx_pairs(model: nn.Module) -> list[tuple[str, str]]:
         if (
             src.op != "call_module"
             or len(src.users) != 1
-            or not _foldable(model.get_submodule(src.target))
+            or not _foldable(model.get_submodule(str(src.target)))
         ):
             continue
         if calls[node.target] == 1 and calls[src.target] == 1:
@@ -292,7 +313,7 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
         if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
             continue
         kids = list(seq.named_children())
-        for (n1, m1), (n2, m2) in zip(kids, kids[1:]):
+        for (n1, m1), (n2, m2) in pairwise(kids):
             if _foldable(m1) and _is_bn(m2) and uses[id(m1)] == 1 and uses[id(m2)] == 1:
                 pre = f"{name}." if name else ""
                 pairs.append((pre + n1, pre + n2))
@@ -311,8 +332,10 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 def _fold(conv: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
     if isinstance(conv, FactorizedConv2d):
-        conv.fold_output_affine(scale, shift)  # type: ignore[attr-defined]
+        assert isinstance(conv, _AffineFoldable)  # checked by _foldable
+        conv.fold_output_affine(scale, shift)
     else:
+        assert isinstance(conv, nn.Conv2d)  # a plain convolution: checked by _foldable
         fold_affine_(conv, scale, shift)
 
 
@@ -323,7 +346,7 @@ def _swap_pointwise(model: nn.Module) -> None:
                 m.in_channels,
                 m.out_channels,
                 1,
-                stride=m.stride,
+                stride=(m.stride[0], m.stride[1]),
                 groups=m.groups,
                 bias=m.bias is not None,
                 device=m.weight.device,
@@ -366,8 +389,9 @@ def prepare_for_inference(
     nothing between them) becomes the chain of merged factors with the fewest MACs (for Tucker-2
     two GEMMs instead of three). ``channels_last``: parameters (and so every convolution's output)
     in channels-last memory format, which is much faster for CPU pooling and small convolutions;
-    inputs may stay contiguous. ``cp_spatial``: ``'separable'`` keeps CP's two 1-D depthwise convolutions,
-    ``'merged'`` runs one depthwise KHxKW convolution instead. ``model`` itself is not changed.
+    inputs may stay contiguous. ``cp_spatial``: ``'separable'`` keeps CP's two 1-D depthwise
+    convolutions, ``'merged'`` runs one depthwise KHxKW convolution instead. ``model`` itself is
+    not changed.
     """
     if pointwise not in ("gemm", "conv"):
         raise TensorcutError(f"pointwise must be 'gemm' or 'conv', got {pointwise!r}")
@@ -376,7 +400,9 @@ def prepare_for_inference(
     out = copy.deepcopy(model).eval()
     if fold_bn:
         for conv_name, bn_name in conv_bn_pairs(out):
-            scale, shift = bn_affine(out.get_submodule(bn_name))  # type: ignore[arg-type]
+            bn = out.get_submodule(bn_name)
+            assert isinstance(bn, nn.BatchNorm2d)  # conv_bn_pairs pairs BatchNorm2d layers only
+            scale, shift = bn_affine(bn)
             _fold(out.get_submodule(conv_name), scale, shift)
             out.set_submodule(bn_name, nn.Identity())
     if merge_pointwise:
@@ -386,5 +412,5 @@ def prepare_for_inference(
     if pointwise == "conv":
         _swap_pointwise(out)
     if channels_last:
-        out = out.to(memory_format=torch.channels_last)
+        out = to_memory_format(out)
     return out

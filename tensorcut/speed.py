@@ -34,7 +34,13 @@ from torch import nn
 
 from tensorcut.errors import TensorcutError
 from tensorcut.layers.base import LAYER_REGISTRY, ConvGeometry
-from tensorcut.timing import Comparison, LatencyStats, compare, measure_latency
+from tensorcut.timing import (
+    Comparison,
+    LatencyStats,
+    compare,
+    measure_latency,
+    to_memory_format,
+)
 
 __all__ = ["DEFAULT_SCALES", "LatencyCache", "SpeedCheck", "check_speedup", "plan_for_speedup"]
 
@@ -109,7 +115,7 @@ class LatencyCache:
 
 @dataclass
 class _Candidate:
-    ranks: tuple[int, ...] | None  # None: dense
+    ranks: tuple[int, ...]
     ms: float
     error: float  # relative kernel error ||W - W~|| / ||W|| (0 for dense)
     faster: bool = True
@@ -162,7 +168,7 @@ def _candidate_ranks(
         r = scaled_ranks(ref, s)
         if align > 1:
             r = align_ranks(r, mx, align)
-        r = tuple(min(a, m) for a, m in zip(r, mx))
+        r = tuple(min(a, m) for a, m in zip(r, mx, strict=True))
         if r not in out and cls.predicted_macs(geom, r, hw) < geom.dense_macs(hw):
             out.append(r)
     return out
@@ -191,9 +197,10 @@ def _conv_inputs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, tupl
 def _error(conv: nn.Conv2d, method: str, ranks: tuple[int, ...], spectra: dict[str, Any]) -> float:
     """Relative kernel error of ``method`` at ``ranks``.
 
-    Tucker-2 (groups 1): the truncated-HOSVD bound ``sqrt(tail_out(r_out)^2 + tail_in(r_in)^2) / ||W||``
-    from the two channel unfoldings' singular values (computed once per layer, kept in ``spectra``),
-    an upper bound on the error the decomposition reaches. Other methods: a real decomposition.
+    Tucker-2 (groups 1): the truncated-HOSVD bound
+    ``sqrt(tail_out(r_out)^2 + tail_in(r_in)^2) / ||W||`` from the two channel unfoldings'
+    singular values (computed once per layer, kept in ``spectra``), an upper bound on the error
+    the decomposition reaches. Other methods: a real decomposition.
     """
     W = conv.weight.detach().to(torch.float64)
     norm = float(torch.linalg.vector_norm(W))
@@ -228,37 +235,45 @@ def _time_layer(
     reps: int,
     channels_last: bool,
     cache: LatencyCache,
-) -> tuple[float, dict[tuple[int, ...], LatencyStats | float]]:
-    """Dense and candidate latencies of one layer (ms), measured together unless all are cached."""
+) -> tuple[float, dict[tuple[int, ...] | None, LatencyStats | float]]:
+    """Dense and candidate latencies of one layer (ms), measured together unless all are cached.
+
+    The candidates are keyed by their ranks; key None holds the dense layer's statistics when
+    they were measured now.
+    """
     p = conv.weight
     device = p.device.type
     n_threads = threads if threads is not None else torch.get_num_threads()
-    keys = {None: LatencyCache.key(device, n_threads, batch, geom, method, None, hw, channels_last)}
+    keys: dict[tuple[int, ...] | None, str] = {
+        None: LatencyCache.key(device, n_threads, batch, geom, method, None, hw, channels_last)
+    }
     keys.update(
         {
             r: LatencyCache.key(device, n_threads, batch, geom, method, r, hw, channels_last)
             for r in cands
         }
     )
-    if all(cache.get(k) is not None for k in keys.values()):
-        dense_ms = cache.get(keys[None])
-        return float(dense_ms), {r: float(cache.get(keys[r])) for r in cands}  # type: ignore[arg-type]
+    hits = {r: ms for r, k in keys.items() if (ms := cache.get(k)) is not None}
+    if len(hits) == len(keys):
+        return float(hits[None]), {r: float(hits[r]) for r in cands}
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, geom.in_channels, *hw, dtype=p.dtype, device=p.device).contiguous(
         memory_format=fmt
     )
-    models: dict[str, nn.Module] = {"dense": copy.deepcopy(conv).eval().to(memory_format=fmt)}
+    models: dict[str, nn.Module] = {"dense": to_memory_format(copy.deepcopy(conv).eval(), fmt)}
     cls = LAYER_REGISTRY[method]
     for r in cands:
         layer = cls(geom, r, device=p.device, dtype=p.dtype)
         layer.reset_parameters()  # latency does not depend on the values
-        models["x".join(map(str, r))] = layer.eval().to(memory_format=fmt)
+        models["x".join(map(str, r))] = to_memory_format(layer.eval(), fmt)
     st = measure_latency(models, x, threads=threads, warmup=warmup, reps=reps)
-    out: dict[tuple[int, ...], LatencyStats | float] = {r: st["x".join(map(str, r))] for r in cands}
+    out: dict[tuple[int, ...] | None, LatencyStats | float] = {
+        r: st["x".join(map(str, r))] for r in cands
+    }
     cache.put(keys[None], st["dense"].median_ms)
     for r in cands:
         cache.put(keys[r], st["x".join(map(str, r))].median_ms)
-    return st["dense"].median_ms, {**out, None: st["dense"]}  # type: ignore[dict-item]
+    return st["dense"].median_ms, {**out, None: st["dense"]}
 
 
 def _faster(s: LatencyStats | float, dense: LatencyStats | float | None, dense_ms: float) -> bool:
@@ -309,7 +324,9 @@ def plan_for_speedup(
     decompose_options: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> Any:
-    """A :class:`~tensorcut.compression.Plan` whose predicted whole-model latency is ``dense / target_speedup``.
+    """A :class:`~tensorcut.compression.Plan` whose predicted whole-model latency is the target.
+
+    The target latency is ``dense / target_speedup``.
 
     ``model`` (evaluation mode is used) is timed on this device with ``threads`` torch threads
     (None: the current setting) at batch ``batch`` and input ``input_shape`` (C, H, W). Candidate
@@ -322,8 +339,9 @@ def plan_for_speedup(
     plan to a copy, measures both whole models (:func:`check_speedup`) and returns an all-dense plan
     when the compressed model is not measurably faster. The plan's ``config["speed"]`` holds
     ``target_speedup``, ``dense_ms``, ``predicted_ms``, ``predicted_speedup``, ``met`` and, with
-    ``verify``, ``measured_ms`` / ``measured_speedup`` / ``measured``. ``decompose_options`` go to the
-    final per-layer decompositions (as ``CompressConfig.options[method]``, e.g. ``{"hooi": False}``).
+    ``verify``, ``measured_ms`` / ``measured_speedup`` / ``measured``. ``decompose_options`` go to
+    the final per-layer decompositions (as ``CompressConfig.options[method]``, e.g.
+    ``{"hooi": False}``).
     """
     from tensorcut.compression import LayerPlan, Plan, default_filter
     from tensorcut.compression import plan as make_plan
@@ -361,7 +379,7 @@ def plan_for_speedup(
         x = torch.randn(batch, *input_shape, dtype=p.dtype, device=p.device)
         dense_model = copy.deepcopy(model).eval()
         if channels_last:
-            dense_model = dense_model.to(memory_format=torch.channels_last)
+            dense_model = to_memory_format(dense_model)
         dense_stats = measure_latency(
             {"dense": dense_model}, x, threads=threads, warmup=warmup, reps=reps
         )["dense"]
@@ -398,7 +416,7 @@ def plan_for_speedup(
                 channels_last=channels_last,
                 cache=lc,
             )
-            dense_s = timed.pop(None, None)  # type: ignore[call-overload]
+            dense_s = timed.pop(None, None)
             L = _Layer(name, conv, geom, hw, dense_ms)
             spectra: dict[str, Any] = {}
             for r in cands:
@@ -422,7 +440,8 @@ def plan_for_speedup(
         predicted = _allocate(records, goal, dense_total)
         entries: dict[str, Any] = {}
         built: dict[str, nn.Module] = {}
-        model_params = model_macs = None
+        model_params: int | None = None
+        model_macs: int | None = None
         for L in records:
             if L.choice < 0:
                 continue
@@ -438,9 +457,9 @@ def plan_for_speedup(
                     options={method: dict(decompose_options)} if decompose_options else {},
                     progress=False,
                 )
-            e = sub.layers[0]
-            e.latency_ms = {"dense": L.dense_ms, "factorized": L.cands[L.choice].ms}
-            entries[L.name] = e
+            entry = sub.layers[0]
+            entry.latency_ms = {"dense": L.dense_ms, "factorized": L.cands[L.choice].ms}
+            entries[L.name] = entry
             built.update(sub._built)
             model_params, model_macs = sub.model_params, sub.model_macs
         for L in records:
@@ -462,11 +481,11 @@ def plan_for_speedup(
             entries[name] = _dense_entry(
                 LayerPlan, name, method, g, sizes.get(name, (0, 0)), why, None
             )
-        if model_params is None:
+        if model_params is None or model_macs is None:  # set together: no layer factorized
             from tensorcut.summary import summarize
 
-            s = summarize(model, tuple(input_shape))
-            model_params, model_macs = s.total_params, s.total_macs
+            summary = summarize(model, tuple(input_shape))
+            model_params, model_macs = summary.total_params, summary.total_macs
         n_threads = dense_stats.threads
         config = {
             "method": method,
@@ -493,7 +512,7 @@ def plan_for_speedup(
             input_shape=list(input_shape),
             model_params=int(model_params),
             model_macs=int(model_macs),
-        )  # type: ignore[arg-type]
+        )
         plan._built = built
     finally:
         model.train(was_training)
@@ -517,16 +536,16 @@ def plan_for_speedup(
             }
         )
         if not (check.comparison.measurable and check.comparison.ratio < 1):
-            for i, e in enumerate(plan.layers):
-                if e.status == "factorize":
+            for i, lp in enumerate(plan.layers):
+                if lp.status == "factorize":
                     plan.layers[i] = _dense_entry(
                         LayerPlan,
-                        e.name,
+                        lp.name,
                         method,
-                        ConvGeometry.from_dict(e.geometry),
-                        tuple(e.input_hw),
+                        ConvGeometry.from_dict(lp.geometry),
+                        tuple(lp.input_hw),
                         "whole model not faster when measured",
-                        e.latency_ms,
+                        lp.latency_ms,
                     )
             plan._built = {}
             sp["fell_back_to_dense"] = True
@@ -592,14 +611,14 @@ def check_speedup(
     reps: int = 9,
     channels_last: bool = True,
 ) -> SpeedCheck:
-    """Apply ``plan`` to a copy of ``model`` and time dense vs compressed whole models, interleaved."""
+    """Apply ``plan`` to a copy of ``model``; time dense vs compressed whole models, interleaved."""
     from tensorcut.compression import apply
 
     dense = copy.deepcopy(model).eval()
     comp = apply(copy.deepcopy(model), plan).eval()
     if channels_last:
-        dense = dense.to(memory_format=torch.channels_last)
-        comp = comp.to(memory_format=torch.channels_last)
+        dense = to_memory_format(dense)
+        comp = to_memory_format(comp)
     p = next(model.parameters())
     x = torch.randn(batch, *plan.input_shape, dtype=p.dtype, device=p.device)
     st = measure_latency(

@@ -18,15 +18,25 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from torch import nn
 
 from tensorcut.errors import TensorcutError
 
-__all__ = ["Comparison", "LatencyStats", "compare", "latency_stats", "measure_latency", "quartiles"]
+__all__ = [
+    "Comparison",
+    "LatencyStats",
+    "compare",
+    "latency_stats",
+    "measure_latency",
+    "quartiles",
+    "to_memory_format",
+]
 
 Clock = Callable[[], float]
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 _session_counter = itertools.count(1)
 
@@ -93,6 +103,17 @@ class LatencyStats:
         d["times_ms"] = list(self.times_ms)
         d["reps"] = self.reps
         return d
+
+
+def to_memory_format(
+    module: ModuleT, memory_format: torch.memory_format = torch.channels_last
+) -> ModuleT:
+    """``module`` with its 4-D parameters and buffers in ``memory_format`` (in place; returned).
+
+    Timed and inference models are converted here: channels-last is the fast layout on CPU.
+    """
+    # torch's stubs omit the `memory_format` keyword that nn.Module.to accepts at runtime
+    return module.to(memory_format=memory_format)  # type: ignore[call-overload]
 
 
 def _ms(x: float) -> str:
