@@ -405,7 +405,8 @@ class _Factor:
         """``S_r V_r^T`` (r x cols), with canonical signs unless ``signed=False``."""
         assert self.q is not None
         if self.kind == "svd":
-            c = self.s2[:r].sqrt()[:, None] * self.vh[:r]  # type: ignore[index]
+            assert self.vh is not None  # set with q by the SVD
+            c = self.s2[:r].sqrt()[:, None] * self.vh[:r]
         elif self.kind == "rows":
             c = self.q[:, :r].T @ self.m
         else:
@@ -416,7 +417,8 @@ class _Factor:
         """(Q, Q^T m): an orthonormal basis of the leading r-dim column space and the carry."""
         assert self.q is not None
         if self.kind == "svd":
-            q, c = self.q[:, :r], self.s2[:r].sqrt()[:, None] * self.vh[:r]  # type: ignore[index]
+            assert self.vh is not None  # set with q by the SVD
+            q, c = self.q[:, :r], self.s2[:r].sqrt()[:, None] * self.vh[:r]
         else:
             q = self.q[:, :r] if self.kind == "rows" else torch.linalg.qr(self.m @ self.q[:, :r])[0]
             c = q.T @ self.m
@@ -530,7 +532,9 @@ def _tr_svd(
     f1 = _Factor(rt.reshape(n[0], -1), how, vectors=True)
     max0 = int(f1.s2.numel())
     if ranks is not None:
-        r0, r1 = int(target[0]), int(target[1])  # type: ignore[arg-type]
+        t0, t1 = target[0], target[1]
+        assert t0 is not None and t1 is not None  # explicit ranks fill every target
+        r0, r1 = int(t0), int(t1)
         if r0 * r1 > max0:
             # the ring-closing rank gives way first (towards a tensor train), so a request
             # above max_ranks in every position comes back as exactly max_ranks
@@ -680,7 +684,8 @@ def _rsdtr(
         if callable(objective):
             primary, secondary = float(objective(cd.ranks)), float(cd.params)
         elif objective == "macs":
-            primary, secondary = float(cd.macs), float(cd.params)  # type: ignore[arg-type]
+            assert cd.macs is not None  # input_size is required for this objective (above)
+            primary, secondary = float(cd.macs), float(cd.params)
         else:
             primary, secondary = float(cd.params), float(cd.macs) if cd.macs is not None else 0.0
         return (primary, secondary, round(cd.rel_error, 9), cd.shift, cd.divisor)
