@@ -26,9 +26,11 @@ if TYPE_CHECKING:
     from tensorcut.export import Export
 
 __all__ = [
+    "DEFAULT_BN_IMAGES",
     "FINETUNE_RECIPE",
     "RECIPES",
     "RSDTR_RECIPE",
+    "bn_recalibration_line",
     "check_output_dir",
     "compress_checkpoint",
     "export_checkpoint",
@@ -162,7 +164,7 @@ def compress_checkpoint(
     evaluate_split: str | None = None,
     progress: bool = True,
     precomputed: Plan | None = None,
-    bn_images: int = 0,
+    bn_images: int | None = 0,
     bn_loader: Any = None,
     force: bool = False,
 ) -> tuple[nn.Module, Plan, dict[str, Any]]:
@@ -171,9 +173,12 @@ def compress_checkpoint(
     ``precomputed`` is a plan already made for this checkpoint's model (it is applied as is).
     ``bn_images`` > 0 re-estimates BatchNorm statistics of the compressed model on that many
     training images (seeded subset, no augmentation); ``bn_loader`` does it on the given batches.
-    An ``out`` that already holds a checkpoint is refused unless ``force``.
+    ``bn_images=None`` is the CLI's default: :data:`DEFAULT_BN_IMAGES` images when the model
+    has BatchNorm layers and the checkpoint's data set can be loaded, else skipped with the
+    reason. What was done (or why not) is recorded as ``bn_recalibration`` in ``meta.json`` and
+    ``plan.json``. An ``out`` that already holds a checkpoint is refused unless ``force``.
     """
-    if bn_images < 0:
+    if bn_images is not None and bn_images < 0:
         raise TensorcutError(f"--bn-images must be >= 0, got {bn_images}")
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve():
@@ -204,18 +209,8 @@ def compress_checkpoint(
     meta["parent"] = {"path": str(src), "metrics": ck.meta.get("metrics")}
     meta["plan"] = p.to_dict()
     meta["metrics"] = {}
-    if bn_images or bn_loader is not None:
-        from tensorcut.train.loop import recalibrate_bn
-
-        if bn_loader is None:
-            bn_loader = tdata.make_loader(_dataset_from_meta(meta, "train", subset=bn_images), 128)
-        n_bn = recalibrate_bn(model, bn_loader)
-        n_img = len(bn_loader.dataset) if hasattr(bn_loader, "dataset") else None
-        meta["bn_recalibration"] = {
-            "batchnorm_layers": n_bn,
-            "images": n_img,
-            "data": "train split" if bn_images else "given batches",
-        }
+    if bn_images is None or bn_images > 0 or bn_loader is not None:
+        meta["bn_recalibration"] = _recalibrate(model, meta, bn_images, bn_loader)
     if evaluate_split:
         ds = _dataset_from_meta(meta, evaluate_split)
         meta["metrics"][evaluate_split] = evaluate_loader(model, tdata.make_loader(ds, 512), "cpu")
@@ -223,8 +218,71 @@ def compress_checkpoint(
     (out / "train_state.pt").unlink(
         missing_ok=True
     )  # a replaced (--force) checkpoint's training state is not ours
-    p.save(out / "plan.json")
+    if "bn_recalibration" in meta:  # the plan file also says what was done after applying it
+        doc = dict(p.to_dict(), bn_recalibration=meta["bn_recalibration"])
+        tio.atomic_write_text(out / "plan.json", json.dumps(doc, indent=2))
+    else:
+        p.save(out / "plan.json")
     return model, p, meta
+
+
+#: Training images whose BatchNorm statistics ``tensorcut compress`` re-estimates by default.
+DEFAULT_BN_IMAGES = 2048
+
+
+def _recalibrate(
+    model: nn.Module, meta: dict[str, Any], bn_images: int | None, bn_loader: Any
+) -> dict[str, Any]:
+    """Re-estimate BatchNorm statistics after the swap; the record of what was done, or why not.
+
+    Why by default: a factorized convolution shifts the distribution its BatchNorm sees, and
+    with the trained statistics a compressed network can start fine-tuning near chance.
+    """
+    import warnings
+
+    from tensorcut.train.loop import recalibrate_bn
+
+    default = bn_images is None and bn_loader is None
+    n_bn = sum(
+        1
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    )
+    record: dict[str, Any] = {"batchnorm_layers": n_bn, "default": default}
+    if n_bn == 0:
+        return dict(record, images=0, skipped="the model has no BatchNorm layers")
+    if bn_loader is None:
+        want = DEFAULT_BN_IMAGES if bn_images is None else bn_images
+        if default and not (meta.get("dataset") or {}).get("name"):
+            return dict(record, images=0, skipped="the checkpoint names no data set")
+        try:
+            with warnings.catch_warnings():
+                if default:  # "up to" the default: a smaller training split is no surprise
+                    warnings.filterwarnings("ignore", message=".*fewer than the requested subset")
+                ds = _dataset_from_meta(meta, "train", subset=want)
+        except TensorcutError as e:
+            if not default:
+                raise
+            return dict(record, images=0, skipped=f"its data set is not available ({e})")
+        bn_loader = tdata.make_loader(ds, 128)
+        record.update(requested=want, data="train split")
+    else:
+        record["data"] = "given batches"
+    recalibrate_bn(model, bn_loader)
+    record["images"] = len(bn_loader.dataset) if hasattr(bn_loader, "dataset") else None
+    return record
+
+
+def bn_recalibration_line(record: dict[str, Any] | None) -> str:
+    """One console line saying what :func:`compress_checkpoint` did to BatchNorm statistics."""
+    if record is None:
+        return "BatchNorm statistics: kept as trained (--bn-images 0)"
+    if "skipped" in record:
+        return f"BatchNorm statistics: not re-estimated, {record['skipped']}"
+    images = record.get("images")
+    on = f"{images} training images" if record.get("data") == "train split" else "given batches"
+    line = f"BatchNorm statistics: re-estimated on {on} ({record['batchnorm_layers']} layers)"
+    return line + (" by default; --bn-images 0 keeps the trained ones" if record["default"] else "")
 
 
 def _dataset_from_meta(

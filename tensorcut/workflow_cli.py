@@ -27,6 +27,7 @@ def _rank_arg(text: str) -> int | tuple[int, ...]:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     from tensorcut.train.loop import OPTIMIZERS, SCHEDULERS
+    from tensorcut.workflow import DEFAULT_BN_IMAGES
 
     c = sub.add_parser(
         "compress",
@@ -83,9 +84,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--bn-images",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
-        help="re-estimate BatchNorm statistics on N training images after compressing (0: off)",
+        help="re-estimate BatchNorm statistics on N training images after compressing (default: "
+        f"{DEFAULT_BN_IMAGES}, or all of a smaller training split, when the checkpoint's data set "
+        "is available; 0: keep the trained statistics)",
     )
     c.add_argument(
         "--align",
@@ -270,9 +273,15 @@ def _compress(args: argparse.Namespace) -> int:
     if args.json:
         from tensorcut.console import print_json
 
-        print_json(json.loads(p.to_json()))
+        doc = json.loads(p.to_json())
+        if "bn_recalibration" in meta:
+            doc["bn_recalibration"] = meta["bn_recalibration"]
+        print_json(doc)
     else:
+        from tensorcut.workflow import bn_recalibration_line
+
         print(p.table())
+        print(bn_recalibration_line(meta.get("bn_recalibration")))
         for split, m in meta.get("metrics", {}).items():
             print(
                 f"{split} after compression (no fine-tuning): top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}"

@@ -156,3 +156,94 @@ def test_finetune_resume_into_its_own_out_is_allowed(compressed: Path, tmp_path:
         compressed, out, config=FitConfig(epochs=2, lr=1e-4, scheduler="none"), resume=True, **kw
     )
     assert [h["epoch"] for h in ck.meta["finetune_history"]] == [1, 2]
+
+
+# ----------------------------------------------------------------------------- BatchNorm after compress
+
+
+def _bn_stats(model: Any) -> dict[str, Any]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+
+
+def test_compress_re_estimates_batchnorm_by_default(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: Any
+) -> None:
+    """The CLI's default re-estimates BatchNorm on up to 2048 training images, says so, and
+    records it; the statistics equal an independent recalibration of the un-recalibrated model."""
+    import json
+
+    import torch
+
+    from tensorcut import data as tdata
+    from tensorcut.train.loop import recalibrate_bn
+
+    argv = ["compress", str(tiny_checkpoint), "--method", "tucker2", "--keep", "0.5"]
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "on")]) == 0
+    out = capsys.readouterr().out
+    n_train = len(tdata.load_dataset("digits", "train"))  # 1294 < 2048: the whole split
+    assert (
+        f"BatchNorm statistics: re-estimated on {n_train} training images (6 layers) by default; "
+        "--bn-images 0 keeps the trained ones" in out
+    )
+    rec = tio.load_checkpoint(tmp_path / "on").meta["bn_recalibration"]
+    assert rec == {
+        "batchnorm_layers": 6,
+        "default": True,
+        "requested": 2048,
+        "data": "train split",
+        "images": n_train,
+    }
+    assert json.loads((tmp_path / "on" / "plan.json").read_text())["bn_recalibration"] == rec
+
+    assert main([*argv, "--bn-images", "0", "--out", str(tmp_path / "off")]) == 0
+    assert "BatchNorm statistics: kept as trained (--bn-images 0)" in capsys.readouterr().out
+    off = tio.load_checkpoint(tmp_path / "off")
+    assert "bn_recalibration" not in off.meta
+    dense = _bn_stats(tio.load(tiny_checkpoint))
+    assert all(torch.equal(v, dense[k]) for k, v in _bn_stats(off.model).items())
+
+    # independent: recalibrate the --bn-images 0 model on the same images
+    ds = tdata.load_dataset("digits", "train", subset=2048)
+    recalibrate_bn(off.model, tdata.make_loader(ds, 128))
+    want, got = _bn_stats(off.model), _bn_stats(tio.load(tmp_path / "on"))
+    assert set(want) == set(got)
+    for k in want:  # same batches; float32 sums in possibly another order
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(got[k], dense[k]) for k in got if "running_mean" in k)
+
+
+def test_compress_default_skips_batchnorm_when_the_data_set_is_missing(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: Any
+) -> None:
+    """Without the data set the default says why it skipped; an explicit --bn-images N refuses."""
+    import json
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_checkpoint, src)
+    meta = json.loads((src / "meta.json").read_text())
+    meta["dataset"].update(name="fashion-mnist", data_dir=str(tmp_path / "nowhere"))
+    (src / "meta.json").write_text(json.dumps(meta))
+    argv = ["compress", str(src), "--method", "tucker2", "--keep", "0.5"]
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "BatchNorm statistics: not re-estimated, its data set is not available (" in out
+    rec = tio.load_checkpoint(tmp_path / "a").meta["bn_recalibration"]
+    assert rec["images"] == 0 and rec["default"] and "fashion-mnist not found" in rec["skipped"]
+
+    assert main([*argv, "--bn-images", "64", "--out", str(tmp_path / "b")]) == 2
+    _one_line(capsys, "compress", "fashion-mnist not found")
+    assert not (tmp_path / "b").exists()
+
+
+def test_compress_json_reports_the_batchnorm_record(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: Any
+) -> None:
+    import json
+
+    capsys.readouterr()
+    argv = ["compress", str(tiny_checkpoint), "--keep", "0.5", "--bn-images", "64", "--json"]
+    assert main([*argv, "--out", str(tmp_path / "j")]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["bn_recalibration"]["images"] == 64 and doc["bn_recalibration"]["default"] is False
