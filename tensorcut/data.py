@@ -79,7 +79,8 @@ def dataset_info(name: str) -> DatasetInfo:
 
 
 class ImageDataset(Dataset):
-    """Normalised images ``(N, C, H, W)`` float32 and labels ``(N,)`` int64, optional light augmentation.
+    """Normalised images ``(N, C, H, W)`` float32 and labels ``(N,)`` int64, optional light
+    augmentation.
 
     Augmentation (training only): random crop after reflect-padding by ``pad`` pixels, and a
     horizontal flip when ``flip`` is set. Draws come from a seeded generator.
@@ -97,7 +98,8 @@ class ImageDataset(Dataset):
     ) -> None:
         if images.ndim != 4 or images.shape[0] != labels.shape[0]:
             raise TensorcutError(
-                f"images must be (N, C, H, W) with one label each; got {tuple(images.shape)} and {tuple(labels.shape)}"
+                f"images must be (N, C, H, W) with one label each; got {tuple(images.shape)} and "
+                f"{tuple(labels.shape)}"
             )
         self.images = images
         self.labels = labels
@@ -218,8 +220,9 @@ def _load_fashion(data_dir: Path | None) -> dict[str, tuple[np.ndarray, np.ndarr
         img, lab = _find(d, f"{prefix}-images-idx3-ubyte"), _find(d, f"{prefix}-labels-idx1-ubyte")
         if img is None or lab is None:
             raise TensorcutError(
-                f"fashion-mnist not found in {d}: install it with `apt-get install -y dataset-fashion-mnist` "
-                f"(files land in {FASHION_MNIST_DIR}) or pass --data-dir holding the four IDX files"
+                f"fashion-mnist not found in {d}: install it with `apt-get install -y "
+                f"dataset-fashion-mnist` (files land in {FASHION_MNIST_DIR}) or pass --data-dir "
+                "holding the four IDX files"
             )
         x, y = read_idx(img), read_idx(lab)
         if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
@@ -228,8 +231,8 @@ def _load_fashion(data_dir: Path | None) -> dict[str, tuple[np.ndarray, np.ndarr
             )
         if x.shape[1:] != (28, 28):
             raise TensorcutError(
-                f"fashion-mnist in {d}: {img.name} holds {x.shape[1]}x{x.shape[2]} images, expected "
-                "28x28; the files belong to another data set"
+                f"fashion-mnist in {d}: {img.name} holds {x.shape[1]}x{x.shape[2]} images, "
+                "expected 28x28; the files belong to another data set"
             )
         if y.size and y.max() >= 10:
             raise TensorcutError(
@@ -300,7 +303,8 @@ def _cifar_arrays(batch: dict, label_key: str, path: Path) -> tuple[np.ndarray, 
         ) from None
     if xr.dtype.kind not in "iu" or (xr.size and (xr.min() < 0 or xr.max() > 255)):
         raise TensorcutError(
-            f"{path}: 'data' must hold byte pixel values 0..255 (got dtype {xr.dtype}); it is not a CIFAR batch"
+            f"{path}: 'data' must hold byte pixel values 0..255 (got dtype {xr.dtype}); it is not "
+            "a CIFAR batch"
         )
     x = xr.astype(np.uint8)
     if x.ndim != 2 or x.shape[1] != 3072 or x.shape[0] != y.shape[0]:
@@ -316,7 +320,8 @@ def _read_cifar_bin(path: Path, label_bytes: int) -> tuple[np.ndarray, np.ndarra
     rec = label_bytes + 3072
     if raw.size == 0 or raw.size % rec:
         raise TensorcutError(
-            f"{path}: size {raw.size} is not a multiple of the {rec}-byte CIFAR record; the file is truncated or corrupt"
+            f"{path}: size {raw.size} is not a multiple of the {rec}-byte CIFAR record; the file "
+            "is truncated or corrupt"
         )
     raw = raw.reshape(-1, rec)
     return raw[:, label_bytes:].reshape(-1, 3, 32, 32).copy(), raw[:, label_bytes - 1].astype(
@@ -379,7 +384,8 @@ def _load_cifar(name: str, data_dir: Path | None) -> dict[str, tuple[np.ndarray,
     for split, (_, y) in out.items():
         if y.size and (y.min() < 0 or y.max() >= nclass):
             raise TensorcutError(
-                f"{name} {split} labels outside 0..{nclass - 1}; these files belong to another data set"
+                f"{name} {split} labels outside 0..{nclass - 1}; these files belong to another "
+                "data set"
             )
     return out
 
@@ -483,7 +489,8 @@ def load_dataset(
         x, y = x_tr[tr_idx], y_tr[tr_idx]
     if x.shape[1] != info.in_channels:
         raise TensorcutError(
-            f"{name}: images have {x.shape[1]} channels, expected {info.in_channels}; the files belong to another data set"
+            f"{name}: images have {x.shape[1]} channels, expected {info.in_channels}; the files "
+            "belong to another data set"
         )
     stats_src = x_tr[tr_idx].astype(np.float32) / 255.0
     mean = stats_src.mean(axis=(0, 2, 3))
@@ -493,8 +500,8 @@ def load_dataset(
             raise TensorcutError(f"subset must be >= 1, got {subset}")
         if subset > len(y):
             warnings.warn(
-                f"{name} {split} split has {len(y)} images, fewer than the requested subset of {subset}; "
-                f"using all {len(y)}",
+                f"{name} {split} split has {len(y)} images, fewer than the requested subset of "
+                f"{subset}; using all {len(y)}",
                 stacklevel=2,
             )
         pick = np.sort(np.random.default_rng(seed + 1).permutation(len(y))[:subset])

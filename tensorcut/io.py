@@ -112,8 +112,9 @@ class Checkpoint:
 
 
 def _factorized_configs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Configurations of every registered factorized layer (any module with ``method`` and ``config()``);
-    a layer reachable under several names is recorded once, its other names as ``{"alias_of": first}``."""
+    """Configurations of every registered factorized layer (any module with ``method`` and
+    ``config()``); a layer reachable under several names is recorded once, its other names as
+    ``{"alias_of": first}``."""
     out: dict[str, dict[str, Any]] = {}
     first: dict[int, str] = {}
     for name, m in model.named_modules(remove_duplicate=False):
@@ -201,7 +202,8 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     if not directory.is_dir():
         raise TensorcutError(
-            f"{directory} is not a checkpoint directory (expected a folder with {WEIGHTS} and {META})"
+            f"{directory} is not a checkpoint directory (expected a folder with {WEIGHTS} and "
+            f"{META})"
         )
     p = directory / META
     try:
@@ -212,7 +214,8 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TensorcutError(
-            f"{p} is corrupt ({e.__class__.__name__}: {e}); restore it or re-run the step that wrote it"
+            f"{p} is corrupt ({e.__class__.__name__}: {e}); restore it or re-run the step that "
+            "wrote it"
         ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise TensorcutError(
@@ -237,7 +240,8 @@ def _is_number(v: Any) -> bool:
 
 
 def _check_dataset(ds: Any, p: Path) -> None:
-    """Types of ``meta['dataset']`` as :func:`tensorcut.train.train` writes it (None: no data set)."""
+    """Types of ``meta['dataset']`` as :func:`tensorcut.train.train` writes it (None: no data
+    set)."""
     if ds is None:
         return
     if not isinstance(ds, dict):
@@ -329,14 +333,15 @@ def build_model(meta: dict[str, Any], model: nn.Module | None = None) -> nn.Modu
     layers = meta.get("layers") or {}
     if not isinstance(layers, dict):
         raise TensorcutError(
-            "meta.json 'layers' must map layer names to configurations; the file was edited or is foreign"
+            "meta.json 'layers' must map layer names to configurations; the file was edited or is "
+            "foreign"
         )
     name = meta["model"]["name"]
     if model is None and name not in models.list_models():
         raise TensorcutError(
-            f"checkpoint of model {name!r}, which is not in tensorcut's model registry: pass a fresh "
-            f"instance of the architecture, tensorcut.load(path, model={name}(...)), or register a "
-            "builder with tensorcut.models.register_model first"
+            f"checkpoint of model {name!r}, which is not in tensorcut's model registry: pass a "
+            f"fresh instance of the architecture, tensorcut.load(path, model={name}(...)), or "
+            "register a builder with tensorcut.models.register_model first"
         )
     try:
         if model is None:
@@ -360,14 +365,15 @@ def build_model(meta: dict[str, Any], model: nn.Module | None = None) -> nn.Modu
         cls = _layer_class(method)
         if cls is None:
             raise TensorcutError(
-                f"meta.json layer {name!r} has unknown method {method!r}; known: {', '.join(sorted(LAYER_REGISTRY))}"
+                f"meta.json layer {name!r} has unknown method {method!r}; known: "
+                f"{', '.join(sorted(LAYER_REGISTRY))}"
             )
         try:
             model.get_submodule(name)
         except AttributeError:
             raise TensorcutError(
-                f"meta.json names layer {name!r}, which model {meta['model']['name']!r} does not have; "
-                "the checkpoint is of another architecture"
+                f"meta.json names layer {name!r}, which model {meta['model']['name']!r} does not "
+                "have; the checkpoint is of another architecture"
             ) from None
         try:
             layer = cls.from_config(cfg)
@@ -386,7 +392,8 @@ def build_model(meta: dict[str, Any], model: nn.Module | None = None) -> nn.Modu
             model.set_submodule(name, model.get_submodule(target))
         except AttributeError:
             raise TensorcutError(
-                f"meta.json names layer {name!r} as a second name of {target!r}, which the model does not have"
+                f"meta.json names layer {name!r} as a second name of {target!r}, which the model "
+                "does not have"
             ) from None
     return model
 
@@ -408,7 +415,8 @@ def _header_numel(wpath: Path) -> int | None:
 
 
 def _check_size(meta: dict[str, Any], wpath: Path) -> None:
-    """Refuse, before allocating anything, a meta.json that describes far more weights than the file holds.
+    """Refuse, before allocating anything, a meta.json that describes far more weights than the file
+    holds.
 
     The dense architecture is built on the 'meta' device (no memory); the layers it keeps dense
     are a lower bound on what ``model.safetensors`` must contain. A hand-edited width would
@@ -437,7 +445,8 @@ def _check_size(meta: dict[str, Any], wpath: Path) -> None:
     ):  # > 1 GiB of float32 more than stored: refuse before allocating it
         raise TensorcutError(
             f"{wpath.parent}: meta.json describes a model with at least {need:,} weights but "
-            f"{WEIGHTS} holds {stored:,}; the files come from different models or meta.json was edited"
+            f"{WEIGHTS} holds {stored:,}; the files come from different models or meta.json was "
+            "edited"
         )
 
 
@@ -479,7 +488,8 @@ def load_checkpoint(
         ) from None
     except (OSError, SafetensorError, ValueError, RuntimeError) as e:
         raise TensorcutError(
-            f"{wpath} is truncated or corrupt ({str(e).splitlines()[0][:120]}); restore it or re-run the step that wrote it"
+            f"{wpath} is truncated or corrupt ({str(e).splitlines()[0][:120]}); restore it or "
+            "re-run the step that wrote it"
         ) from None
     nonfinite = [
         k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
@@ -501,8 +511,9 @@ def load_checkpoint(
     if wrong_type:
         k = wrong_type[0]
         raise TensorcutError(
-            f"{wpath}: {len(wrong_type)} tensor(s) hold {state[k].dtype} values where the model has "
-            f"floating-point weights (e.g. {k}); the file was not written by tensorcut or was edited"
+            f"{wpath}: {len(wrong_type)} tensor(s) hold {state[k].dtype} values where the model "
+            f"has floating-point weights (e.g. {k}); the file was not written by tensorcut or was "
+            "edited"
         )
     if missing or unexpected or bad:
         parts = []
@@ -513,10 +524,12 @@ def load_checkpoint(
         if bad:
             k = bad[0]
             parts.append(
-                f"{len(bad)} of wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)})"
+                f"{len(bad)} of wrong shape (e.g. {k}: {tuple(state[k].shape)} vs "
+                f"{tuple(expected[k].shape)})"
             )
         raise TensorcutError(
-            f"{directory}: weights do not match meta.json ({'; '.join(parts)}); the files come from different models"
+            f"{directory}: weights do not match meta.json ({'; '.join(parts)}); the files come "
+            "from different models"
         )
     model.load_state_dict(state, strict=True)
     model.to(map_location)

@@ -1,4 +1,5 @@
-"""Per-layer inventory of a model: every conv and linear layer with its shape, parameters and MACs."""
+"""Per-layer inventory of a model: every conv and linear layer with its shape, parameters and
+MACs."""
 
 from __future__ import annotations
 
@@ -87,14 +88,18 @@ class ModelSummary:
             )
         )
         widths = [max(len(str(row[i])) for row in [head, *body]) for i in range(len(head))]
-        fmt = lambda row: "  ".join(
-            str(c).rjust(w) if i >= 4 else str(c).ljust(w)
-            for i, (c, w) in enumerate(zip(row, widths))
-        )  # noqa: E731
+
+        def fmt(row: Sequence[Any]) -> str:
+            return "  ".join(
+                str(c).rjust(w) if i >= 4 else str(c).ljust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+
         lines = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body]
         c, h, w = self.input_shape
         lines.append(
-            f"MACs are multiply-accumulates per image at input {c}x{h}x{w}; CR = dense / stored parameters."
+            f"MACs are multiply-accumulates per image at input {c}x{h}x{w}; CR = dense / stored "
+            "parameters."
         )
         return "\n".join(lines)
 
@@ -112,49 +117,37 @@ def summarize(model: nn.Module, input_shape: Sequence[int]) -> ModelSummary:
     """Trace one input of shape ``input_shape`` (C, H, W) and list every conv / linear layer.
 
     A factorized layer (CP, Tucker, TT, TR, SVDLinear) is one row, counted by its method's
-    closed form (:mod:`tensorcut.compression.cost`, the one cost model); its inner convolutions are not
-    listed separately. Rows are counted per call; a module shared under several names is one row.
+    closed form (:mod:`tensorcut.compression.cost`, the one cost model); its inner convolutions are
+    not listed separately. Rows are counted per call; a module shared under several names is one
+    row.
     """
     from tensorcut.compression.cost import model_cost
     from tensorcut.effective import refuse_scripted
+    from tensorcut.layers.base import FactorizedConv2d
+    from tensorcut.layers.linear import SVDLinear
 
     refuse_scripted(model)  # a TorchScript model would list no layers at all
     cost = model_cost(model, input_shape)
     rows = []
-    for u in cost.units:
+    for u in cost.units:  # the cost model's units: factorized layers, SVDLinear, Conv2d, Linear
         m = u.module
-        g = getattr(m, "geometry", None)
-        if hasattr(m, "ranks") and getattr(type(m), "method", ""):
-            if g is not None:
+        if isinstance(m, (FactorizedConv2d, SVDLinear)):
+            if isinstance(m, FactorizedConv2d):
+                g = m.geometry
                 dense = g.dense_params()
-                shape = f"{g.out_channels}x{g.in_channels // g.groups}x{g.kernel_size[0]}x{g.kernel_size[1]}"
-            else:  # SVDLinear
+                kh, kw = g.kernel_size
+                shape = f"{g.out_channels}x{g.in_channels // g.groups}x{kh}x{kw}"
+            else:
                 dense = m.in_features * m.out_features + (
                     m.out_features if m.bias is not None else 0
                 )
                 shape = f"{m.out_features}x{m.in_features}"
-            rows.append(
-                LayerRow(
-                    u.name,
-                    type(m).__name__,
-                    shape,
-                    u.params,
-                    u.macs,
-                    "x".join(str(r) for r in m.ranks),
-                    dense,
-                )
-            )
+            ranks = "x".join(str(r) for r in m.ranks)
+            rows.append(LayerRow(u.name, type(m).__name__, shape, u.params, u.macs, ranks, dense))
         else:
-            rows.append(
-                LayerRow(
-                    u.name,
-                    type(m).__name__,
-                    "x".join(str(s) for s in m.weight.shape),
-                    u.params,
-                    u.macs,
-                    "",
-                    u.params,
-                )
-            )
+            weight = m.weight
+            assert isinstance(weight, torch.Tensor)  # a dense Conv2d or Linear
+            shape = "x".join(str(s) for s in weight.shape)
+            rows.append(LayerRow(u.name, type(m).__name__, shape, u.params, u.macs, "", u.params))
     c, h, w = (tuple(input_shape) + (1, 1, 1))[:3]
     return ModelSummary(rows, cost.total_params, cost.total_macs, (int(c), int(h), int(w)))

@@ -40,14 +40,16 @@ __all__ = [
     "load_sensitivity",
 ]
 
-#: The thesis's fine-tuning recipe: Adam, lr 1e-5, early stopping on validation loss (patience 3), <= 50 epochs.
+#: The thesis's fine-tuning recipe: Adam, lr 1e-5, early stopping on validation loss
+#: (patience 3), <= 50 epochs.
 FINETUNE_RECIPE = FitConfig(epochs=50, optimizer="adam", lr=1e-5, scheduler="none", patience=3)
 
-#: The RSDTR paper's fine-tuning schedule (Gabor & Zdunek 2024), with the values of the authors' CIFAR-10
-#: script (``cifar.py -mode fine_tune`` and its README example): SGD with momentum 0.9 and weight decay 1e-4,
-#: a one-cycle learning rate peaking at 0.01, 160 epochs (batch 128, the CLI's default), no early stopping.
-#: The one-cycle schedule also cycles momentum (0.95 -> 0.85 -> 0.95), as ``OneCycleLR`` does for the authors;
-#: unlike theirs, our SGD uses Nesterov momentum. Fine-tuning starts from the decomposed factors.
+#: The RSDTR paper's fine-tuning schedule (Gabor & Zdunek 2024), with the values of the authors'
+#: CIFAR-10 script (``cifar.py -mode fine_tune`` and its README example): SGD with momentum 0.9
+#: and weight decay 1e-4, a one-cycle learning rate peaking at 0.01, 160 epochs (batch 128, the
+#: CLI's default), no early stopping. The one-cycle schedule also cycles momentum
+#: (0.95 -> 0.85 -> 0.95), as ``OneCycleLR`` does for the authors; unlike theirs, our SGD uses
+#: Nesterov momentum. Fine-tuning starts from the decomposed factors.
 RSDTR_RECIPE = FitConfig(
     epochs=160,
     optimizer="sgd",
@@ -71,13 +73,15 @@ def input_shape_of(meta: dict[str, Any]) -> tuple[int, int, int]:
 
 _SENSITIVITY_SQL = """
 SELECT r.layer, r.norm_loss_pct, r.top1, b.top1 FROM results r
-JOIN results b ON b.fingerprint = r.fingerprint AND b.data = r.data AND b.split = r.split AND b.kind = 'baseline'
+JOIN results b ON b.fingerprint = r.fingerprint AND b.data = r.data AND b.split = r.split
+    AND b.kind = 'baseline'
 WHERE r.kind = 'single' AND r.method = 'svd'
 """
 
 
 def load_sensitivity(path: str | Path) -> dict[str, float]:
-    """Per-layer sensitivity from a truncation-study results file (SQLite) or a JSON ``{layer: weight}``.
+    """Per-layer sensitivity from a truncation-study results file (SQLite) or a JSON ``{layer:
+    weight}``.
 
     From a sweep, a layer's sensitivity is its mean top-1 drop per unit of norm loss over
     single-layer truncations (1 + 100 * drop / norm-loss fraction), so layers whose
@@ -125,14 +129,16 @@ def load_sensitivity(path: str | Path) -> dict[str, float]:
     return {k: 1.0 + 100.0 * sum(v) / len(v) for k, v in acc.items()}
 
 
-#: Files a compressed or fine-tuned checkpoint directory is made of (``check_output_dir`` protects them).
+#: Files a compressed or fine-tuned checkpoint directory is made of (``check_output_dir``
+#: protects them).
 CHECKPOINT_FILES = (tio.WEIGHTS, tio.META, "plan.json")
 
 
 def check_output_dir(
     out: str | Path, *, force: bool = False, unfinished_from: str | Path | None = None
 ) -> None:
-    """Refuse, in one line, an output directory that already holds a checkpoint (unless ``force``) or is a file.
+    """Refuse, in one line, an output directory that already holds a checkpoint (unless ``force``)
+    or is a file.
 
     ``unfinished_from``: a checkpoint left by a killed ``compress`` of this same source (its
     ``plan.json``, written last, missing) is no finished output, so writing it again is allowed.
@@ -168,7 +174,8 @@ def compress_checkpoint(
     bn_loader: Any = None,
     force: bool = False,
 ) -> tuple[nn.Module, Plan, dict[str, Any]]:
-    """Plan and apply ``config`` to checkpoint ``src``; save the compressed checkpoint and ``plan.json`` in ``out``.
+    """Plan and apply ``config`` to checkpoint ``src``; save the compressed checkpoint and
+    ``plan.json`` in ``out``.
 
     ``precomputed`` is a plan already made for this checkpoint's model (it is applied as is).
     ``bn_images`` > 0 re-estimates BatchNorm statistics of the compressed model on that many
@@ -195,13 +202,14 @@ def compress_checkpoint(
         if foreign:
             raise TensorcutError(
                 f"the sensitivity file names {len(foreign)} layer(s) this model lacks (e.g. "
-                f"{foreign[0]!r}); it was made for another model, re-run `tensorcut analyze` on this one"
+                f"{foreign[0]!r}); it was made for another model, re-run `tensorcut analyze` on "
+                "this one"
             )
     p = precomputed or plan(
         ck.model, config, input_shape=shape, sensitivity=sens, layers=layers, progress=progress
     )
-    if not any(l.status == "factorize" for l in p.layers):
-        reasons = "; ".join(f"{l.name}: {l.reason}" for l in p.layers[:3])
+    if not any(lp.status == "factorize" for lp in p.layers):
+        reasons = "; ".join(f"{lp.name}: {lp.reason}" for lp in p.layers[:3])
         raise TensorcutError(f"the rank rule leaves nothing to compress ({reasons}); loosen it")
     model = apply(ck.model, p)
     meta = copy.deepcopy(ck.meta)
@@ -325,11 +333,11 @@ def finetune_checkpoint(
     """Fine-tune a (compressed) checkpoint; default recipe :data:`FINETUNE_RECIPE` (the thesis's).
 
     Writes to ``out`` (refused when it already holds a checkpoint, unless ``force``) and
-    reports test metrics (``resume`` continues a run interrupted in ``out``). Without ``out`` (or with ``out == src``) ``src`` is replaced, but
-    only once the fine-tuned checkpoint is completely written: training checkpoints go to the
-    sibling folder ``.<name>.finetune.tmp``, which then takes ``src``'s place, so an interrupted
-    run leaves ``src`` as it was (``resume`` continues from that folder). ``distill_from``
-    names a dense checkpoint used as teacher.
+    reports test metrics (``resume`` continues a run interrupted in ``out``). Without ``out`` (or
+    with ``out == src``) ``src`` is replaced, but only once the fine-tuned checkpoint is completely
+    written: training checkpoints go to the sibling folder ``.<name>.finetune.tmp``, which then
+    takes ``src``'s place, so an interrupted run leaves ``src`` as it was (``resume`` continues from
+    that folder). ``distill_from`` names a dense checkpoint used as teacher.
     """
     src = Path(src)
     in_place = out is None or Path(out).resolve() == src.resolve()
@@ -337,6 +345,7 @@ def finetune_checkpoint(
     if in_place:
         out = src.parent / f".{src.name}.finetune.tmp"
     else:
+        assert out is not None  # in_place covers out=None
         out = Path(out)
         if not (resume and (out / tio.META).exists()):  # resuming into out is asked for
             check_output_dir(out, force=force)
@@ -394,7 +403,8 @@ def finetune_checkpoint(
 
 
 def _fresh_copy(src: Path, work: Path) -> None:
-    """``work`` := a copy of checkpoint ``src`` without its exports (they describe the old weights)."""
+    """``work`` := a copy of checkpoint ``src`` without its exports (they describe the old
+    weights)."""
     from tensorcut.export import FORMATS
 
     shutil.rmtree(work, ignore_errors=True)
@@ -404,7 +414,8 @@ def _fresh_copy(src: Path, work: Path) -> None:
 
 
 def _swap_in(work: Path, src: Path) -> None:
-    """Put the completely written checkpoint ``work`` in ``src``'s place; the old one goes only afterwards."""
+    """Put the completely written checkpoint ``work`` in ``src``'s place; the old one goes only
+    afterwards."""
     (work / "train_state.pt").unlink(missing_ok=True)
     old = src.parent / f".{src.name}.previous.tmp"
     shutil.rmtree(old, ignore_errors=True)
@@ -416,7 +427,8 @@ def _swap_in(work: Path, src: Path) -> None:
 def export_checkpoint(
     src: str | Path, fmt: str, out: str | Path | None = None, *, force: bool = False
 ) -> Path:
-    """Export checkpoint ``src`` to ``fmt``; default file name inside ``src``. See :func:`export_checkpoint_checked`."""
+    """Export checkpoint ``src`` to ``fmt``; default file name inside ``src``. See
+    :func:`export_checkpoint_checked`."""
     return export_checkpoint_checked(src, fmt, out, force=force).path
 
 

@@ -49,7 +49,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         type=float,
         dest="ratio_deprecated",
         metavar="FRACTION",
-        help="deprecated name of --keep (same meaning: the fraction kept, not a compression factor)",
+        help="deprecated name of --keep (same meaning: the fraction kept, not a compression "
+        "factor)",
     )
     g.add_argument(
         "--eps", type=float, help="bound on each kernel's relative Frobenius error, in (0, 1)"
@@ -115,10 +116,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     f = sub.add_parser(
         "finetune",
         help="fine-tune a compressed checkpoint (thesis recipe by default)",
-        description="Fine-tune from the checkpoint's (decomposed) weights. Recipes: 'thesis' (default): "
-        "Adam lr 1e-5, early stopping on validation loss (patience 3), at most 50 epochs; 'rsdtr' (the "
-        "RSDTR paper's): SGD momentum 0.9, weight decay 1e-4, one-cycle learning rate peaking at 0.01, "
-        "160 epochs, no early stopping. Explicit flags override the recipe's values.",
+        description="Fine-tune from the checkpoint's (decomposed) weights. Recipes: 'thesis' "
+        "(default): Adam lr 1e-5, early stopping on validation loss (patience 3), at most 50 "
+        "epochs; 'rsdtr' (the RSDTR paper's): SGD momentum 0.9, weight decay 1e-4, one-cycle "
+        "learning rate peaking at 0.01, 160 epochs, no early stopping. Explicit flags override "
+        "the recipe's values.",
     )
     f.add_argument("checkpoint", help="compressed (or dense) checkpoint directory")
     f.add_argument(
@@ -217,8 +219,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--format",
         required=True,
         choices=("onnx", "torchscript", "exported"),
-        help="onnx (needs the onnx extra), torchscript or exported (torch.export); the batch dimension is "
-        "dynamic in every format",
+        help="onnx (needs the onnx extra), torchscript or exported (torch.export); the batch "
+        "dimension is dynamic in every format",
     )
     e.add_argument(
         "--out",
@@ -241,8 +243,8 @@ def _compress(args: argparse.Namespace) -> int:
 
     if args.ratio_deprecated is not None:
         warnings.warn(
-            f"--ratio is deprecated; use --keep {args.ratio_deprecated:g} (the fraction of each layer's "
-            "parameters kept)",
+            f"--ratio is deprecated; use --keep {args.ratio_deprecated:g} (the fraction of each "
+            "layer's parameters kept)",
             FutureWarning,
             stacklevel=2,
         )
@@ -284,14 +286,16 @@ def _compress(args: argparse.Namespace) -> int:
         print(bn_recalibration_line(meta.get("bn_recalibration")))
         for split, m in meta.get("metrics", {}).items():
             print(
-                f"{split} after compression (no fine-tuning): top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}"
+                f"{split} after compression (no fine-tuning): top-1 {m['top1']:.4f}  top-5 "
+                f"{m['top5']:.4f}"
             )
         print(f"compressed checkpoint: {args.out} (plan: {args.out}/plan.json)")
     return 0
 
 
 def finetune_config(args: argparse.Namespace) -> FitConfig:
-    """The FitConfig of ``tensorcut finetune``: the ``--recipe``'s, with every explicitly given flag applied."""
+    """The FitConfig of ``tensorcut finetune``: the ``--recipe``'s, with every explicitly given flag
+    applied."""
     import dataclasses
 
     from tensorcut.workflow import RECIPES
@@ -361,7 +365,8 @@ def _finetune(args: argparse.Namespace) -> int:
         )
         return 0
     print(
-        f"test top-1: {b['top1']:.4f} before fine-tuning -> {a['top1']:.4f} after ({len(ck.meta['finetune_history'])} epochs)"
+        f"test top-1: {b['top1']:.4f} before fine-tuning -> {a['top1']:.4f} after "
+        f"({len(ck.meta['finetune_history'])} epochs)"
     )
     print(f"checkpoint: {args.out or args.checkpoint}")
     return 0

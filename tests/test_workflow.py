@@ -1,4 +1,5 @@
-"""No verb replaces an existing output unless asked (--force / --in-place), and the old weights outlive a kill."""
+"""No verb replaces an existing output unless asked (--force / --in-place), and the old weights
+outlive a kill; compress re-estimates BatchNorm statistics by default."""
 
 from __future__ import annotations
 
@@ -158,7 +159,7 @@ def test_finetune_resume_into_its_own_out_is_allowed(compressed: Path, tmp_path:
     assert [h["epoch"] for h in ck.meta["finetune_history"]] == [1, 2]
 
 
-# ----------------------------------------------------------------------------- BatchNorm after compress
+# ------------------------------------------------------------------------- BatchNorm after compress
 
 
 def _bn_stats(model: Any) -> dict[str, Any]:

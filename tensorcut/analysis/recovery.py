@@ -1,4 +1,5 @@
-"""Post-truncation recovery (paper Figs. 14 and 21b): truncate hard, retrain, log accuracy per epoch.
+"""Post-truncation recovery (paper Figs. 14 and 21b): truncate hard, retrain, log accuracy per
+epoch.
 
 Each scenario truncates every selected layer at once — single-mode SVD, two-mode SVD or
 CP — choosing the mildest candidate that drops top-1 to near chance (at most
@@ -10,9 +11,10 @@ truncated model before any retraining. The caller's model is never modified.
 from __future__ import annotations
 
 import copy
+import functools
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -20,6 +22,9 @@ from tensorcut.analysis.cache import LayerRunner, evaluate_full, swapped_weights
 from tensorcut.analysis.metrics import cp_metrics, cp_truncate, mean_metrics, svd_metrics
 from tensorcut.errors import TensorcutError
 from tensorcut.kernel import canonical_bipartition, svd_bipartition
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
 
 DEFAULT_SCENARIOS: tuple[str, ...] = ("OUT", "OUT-IN", "cp")
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.0)
@@ -150,45 +155,70 @@ def run_recovery(
                 net.get_submodule(layer).weight.copy_(K)
         keep_int = cand if method == "cp" else None
 
-        def log_epoch(epoch: int, train_row: Mapping[str, Any] | None) -> None:
-            was = net.training
-            net.eval()
-            for s in splits:
-                key = sweep.key(s, "recovery", method, joined, bip, "", epoch)
-                if sweep.is_done(key):
-                    continue
-                res = evaluate_full(net, sweep.evalsets[s])
-                extra = dict(extra_base)
-                if train_row:
-                    extra.update(
-                        {
-                            k: train_row[k]
-                            for k in ("train_loss", "train_top1", "seconds")
-                            if k in train_row
-                        }
-                    )
-                sweep.record(
-                    key,
-                    res,
-                    m,
-                    prep_seconds=prep if epoch == 0 else 0.0,
-                    extra=extra,
-                    keep_int=keep_int,
-                )
-            net.train(was)
-
+        log_epoch = functools.partial(
+            _log_epoch,
+            sweep,
+            net,
+            splits,
+            (method, joined, bip),
+            extra_base,
+            m,
+            prep,
+            keep_int,
+        )
         log_epoch(0, None)
         cfg = FitConfig(epochs=epochs, optimizer=optimizer, lr=lr, scheduler="none", seed=seed)
         fit(
             net,
-            train_loader,
+            cast("DataLoader[Any]", train_loader),  # fit reads it as a sized iterable of batches
             None,
             cfg,
             device=device,
             progress=False,
-            on_epoch=lambda row: log_epoch(int(row["epoch"]), row),
+            on_epoch=functools.partial(_on_epoch, log_epoch),
         )
-        del net
+        del net, log_epoch
+
+
+def _on_epoch(log: Callable[[int, Mapping[str, Any]], None], row: Mapping[str, Any]) -> None:
+    log(int(row["epoch"]), row)
+
+
+def _log_epoch(
+    sweep: Any,
+    net: torch.nn.Module,
+    splits: Sequence[str],
+    what: tuple[str, str, str],
+    extra_base: Mapping[str, Any],
+    m: Mapping[str, Any],
+    prep: float,
+    keep_int: Any,
+    epoch: int,
+    train_row: Mapping[str, Any] | None,
+) -> None:
+    """Evaluate the retrained copy ``net`` on every split not yet recorded at ``epoch``."""
+    method, joined, bip = what
+    was = net.training
+    net.eval()
+    for s in splits:
+        key = sweep.key(s, "recovery", method, joined, bip, "", epoch)
+        if sweep.is_done(key):
+            continue
+        res = evaluate_full(net, sweep.evalsets[s])
+        extra = dict(extra_base)
+        if train_row:
+            extra.update(
+                {k: train_row[k] for k in ("train_loss", "train_top1", "seconds") if k in train_row}
+            )
+        sweep.record(
+            key,
+            res,
+            m,
+            prep_seconds=prep if epoch == 0 else 0.0,
+            extra=extra,
+            keep_int=keep_int,
+        )
+    net.train(was)
 
 
 def _num_classes(model: torch.nn.Module, data: Any) -> int:

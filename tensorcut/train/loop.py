@@ -1,8 +1,10 @@
-"""Fit and evaluate loops: optimisers, schedulers, early stopping, distillation, resumable checkpoints."""
+"""Fit and evaluate loops: optimisers, schedulers, early stopping, distillation, resumable
+checkpoints."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import json
 import math
@@ -333,7 +335,7 @@ def fit(
             rngs = st.get("rng_ranks")
             if isinstance(rngs, list) and len(rngs) == ctx.world_size:
                 rng = rngs[ctx.rank]
-            else:  # another world size: rank 0 continues the saved stream, the others keep their seeds
+            else:  # another world size: rank 0 continues the saved stream, the others their seeds
                 rng = st.get("rng") if ctx.rank == 0 else None
             if isinstance(rng, torch.Tensor):
                 torch.set_rng_state(rng.cpu())
@@ -379,11 +381,13 @@ def fit(
             if cfg.scheduler in ("cosine", "onecycle"):
                 sched.step()
             step = [loss.item() * y.numel(), y.numel(), (logits.argmax(1) == y).sum().item()]
-            if ctx.enabled:  # one small all-reduce per step: exact global metrics, and every rank sees divergence
+            if ctx.enabled:  # one small all-reduce per step: exact global metrics, and every
+                # rank sees divergence
                 step = tdist.all_reduce_sum(step, dev)
             if not math.isfinite(step[0]):
                 raise TensorcutError(
-                    f"training diverged at epoch {epoch + 1} (loss is {step[0]}); lower the learning rate"
+                    f"training diverged at epoch {epoch + 1} (loss is {step[0]}); lower the "
+                    "learning rate"
                 )
             tot += step[0]
             n += int(round(step[1]))
@@ -438,7 +442,7 @@ def fit(
             m = dict(meta or {})
             m["history"] = history
             m["epoch"] = epoch + 1
-            tdist.run_on_main(lambda: _write_checkpoint(model, out, m, state))
+            tdist.run_on_main(functools.partial(_write_checkpoint, model, out, m, state))
         if stop:
             break
     if cfg.patience is not None and best_state is not None:
@@ -499,7 +503,8 @@ def _wrap(
 
 
 def _revert_sync_batchnorm(model: nn.Module, swapped: dict[str, type[nn.Module]]) -> None:
-    """Put back the original BatchNorm classes (same state dict), so the model runs without a process group."""
+    """Put back the original BatchNorm classes (same state dict), so the model runs without a
+    process group."""
     for name, cls in swapped.items():
         m = model.get_submodule(name)
         bn = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)

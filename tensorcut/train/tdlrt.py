@@ -28,12 +28,11 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from tqdm.auto import tqdm
 
 from tensorcut import distributed as tdist
@@ -61,8 +60,19 @@ RankArg = int | tuple[int, int] | Mapping[str, int | tuple[int, int]] | None
 # --------------------------------------------------------------------------- layer access
 
 
-def is_tucker_layer(m: nn.Module) -> bool:
-    """True for an ungrouped Tucker-2 layer of the contract ``first`` / ``core`` / ``last`` (method ``tucker2``).
+class TuckerView(nn.Module):
+    """The static type of a layer that passes :func:`is_tucker_layer` (never instantiated):
+    three convolutions, ``first`` (1x1, IN -> r_in), ``core`` (r_out x r_in x KH x KW) and
+    ``last`` (1x1, r_out -> OUT)."""
+
+    first: nn.Conv2d
+    core: nn.Conv2d
+    last: nn.Conv2d
+
+
+def is_tucker_layer(m: nn.Module) -> TypeGuard[TuckerView]:
+    """True for an ungrouped Tucker-2 layer of the contract ``first`` / ``core`` / ``last`` (method
+    ``tucker2``).
 
     Grouped Tucker layers (block-diagonal factors) and full-Tucker layers are not trained by
     the integrator; they stay ordinary parameters of the base optimiser.
@@ -74,11 +84,11 @@ def is_tucker_layer(m: nn.Module) -> bool:
     )
 
 
-def _tucker_layers(model: nn.Module) -> dict[str, nn.Module]:
+def _tucker_layers(model: nn.Module) -> dict[str, TuckerView]:
     return {name: m for name, m in model.named_modules() if is_tucker_layer(m)}
 
 
-def _factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _factors(layer: TuckerView) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(U_out, C, U_in)`` of a Tucker layer, detached views."""
     U_out = layer.last.weight.detach()[:, :, 0, 0]
     U_in = layer.first.weight.detach()[:, :, 0, 0].mT
@@ -92,15 +102,15 @@ def _set_conv_weight(conv: nn.Conv2d, w: torch.Tensor) -> None:
 
 
 def _write_factors(
-    layer: nn.Module, U_out: torch.Tensor, C: torch.Tensor, U_in: torch.Tensor
+    layer: TuckerView, U_out: torch.Tensor, C: torch.Tensor, U_in: torch.Tensor
 ) -> None:
     """Store new factors in the layer's three convolutions (same Parameter objects, new data)."""
     dt = layer.core.weight.dtype
     _set_conv_weight(layer.last, U_out.to(dt)[:, :, None, None])
     _set_conv_weight(layer.core, C.to(dt))
     _set_conv_weight(layer.first, U_in.mT.to(dt)[:, :, None, None])
-    if hasattr(layer, "_ranks"):  # layers that cache their ranks
-        layer._ranks = (int(C.shape[0]), int(C.shape[1]))
+    if hasattr(layer, "_ranks"):  # layers that cache their ranks (a plain attribute)
+        vars(layer)["_ranks"] = (int(C.shape[0]), int(C.shape[1]))
 
 
 def _mode_bounds(n: int, rmin: int, rmax: int | None) -> tuple[int, int]:
@@ -109,7 +119,7 @@ def _mode_bounds(n: int, rmin: int, rmax: int | None) -> tuple[int, int]:
     return min(int(rmin), hi), hi
 
 
-def _layer_sizes(layer: nn.Module) -> tuple[int, int]:
+def _layer_sizes(layer: TuckerView) -> tuple[int, int]:
     return int(layer.last.weight.shape[0]), int(layer.first.weight.shape[1])
 
 
@@ -124,7 +134,8 @@ class TDLRTOptimizer:
 
     1. **K-step** (all modes at once): ``K_i = U_i S_i`` with ``Mat_i(C)^T = Q_i S_i^T``;
        ``K_i <- K_i - lr * dL/dK_i``. ``dL/dK_i = dL/dU_i R_i^{-1}`` comes from the factor
-       gradients of one forward + backward pass (see :func:`~tensorcut.train.tdlrt_ops.k_step_gradient`).
+       gradients of one forward + backward pass (see
+       :func:`~tensorcut.train.tdlrt_ops.k_step_gradient`).
     2. **Augment**: ``U_i_hat = orth[U_i | K_i(lr)]``, rank ``min(2 r_i, n_i)``. Since
        ``K_i(0)`` lies in ``span U_i``, this span equals ``span[U_i | dL/dK_i]`` for every
        ``lr != 0``; it is formed from the gradient directly, which is exact and avoids the
@@ -179,11 +190,11 @@ class TDLRTOptimizer:
     eigendecompositions are deterministic for identical inputs with the same LAPACK build and
     thread count, so ranks, factors and cores stay bitwise identical -- observed in the tests
     -- but that is not guaranteed across machines or BLAS builds, and a rank that kept a
-    different rank would break the next all-reduce. So after truncation the optimiser checks: an exact integer hash of the
-    bits of every parameter and buffer plus the layer ranks is all-gathered (one tiny
-    collective); on any mismatch rank 0's layers, parameters, buffers and optimiser state are
-    broadcast to all ranks (counted in ``resyncs``). The same check runs at construction, so
-    ranks that start from different weights start from rank 0's, as under DDP.
+    different rank would break the next all-reduce. So after truncation the optimiser checks: an
+    exact integer hash of the bits of every parameter and buffer plus the layer ranks is
+    all-gathered (one tiny collective); on any mismatch rank 0's layers, parameters, buffers and
+    optimiser state are broadcast to all ranks (counted in ``resyncs``). The same check runs at
+    construction, so ranks that start from different weights start from rank 0's, as under DDP.
     """
 
     def __init__(
@@ -216,9 +227,10 @@ class TDLRTOptimizer:
         self.layers = _tucker_layers(model)
         if not self.layers:
             raise TensorcutError(
-                "the model has no Tucker layers to train; convert its convolutions with tuckerize(model) first"
+                "the model has no Tucker layers to train; convert its convolutions with "
+                "tuckerize(model) first"
             )
-        self._factor_params: list[nn.Parameter] = []
+        self._factor_params: list[torch.Tensor] = []
         for layer in self.layers.values():
             layer.core.weight.requires_grad_(True)
             for p in (layer.first.weight, layer.last.weight):
@@ -261,8 +273,8 @@ class TDLRTOptimizer:
     def ranks(self) -> dict[str, tuple[int, int]]:
         """Current ``(r_out, r_in)`` of every Tucker layer."""
         return {
-            name: (int(l.core.weight.shape[0]), int(l.core.weight.shape[1]))
-            for name, l in self.layers.items()
+            name: (int(layer.core.weight.shape[0]), int(layer.core.weight.shape[1]))
+            for name, layer in self.layers.items()
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -284,7 +296,8 @@ class TDLRTOptimizer:
     # -- one step -------------------------------------------------------------------------
 
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Run one integrator step; ``closure`` computes the batch loss, calls ``backward()`` and returns it.
+        """Run one integrator step; ``closure`` computes the batch loss, calls ``backward()`` and
+        returns it.
 
         The closure is called twice (K-step pass, S-step pass) on the same batch; gradients
         are cleared before each call. Returns the loss of the first call (before the update;
@@ -292,7 +305,8 @@ class TDLRTOptimizer:
         """
         if closure is None:
             raise TensorcutError(
-                "TDLRTOptimizer.step needs a closure that computes the loss, calls backward() and returns the loss"
+                "TDLRTOptimizer.step needs a closure that computes the loss, calls backward() and "
+                "returns the loss"
             )
         params = list(self.model.parameters())
         flags = [p.requires_grad for p in params]
@@ -312,7 +326,8 @@ class TDLRTOptimizer:
             ):  # small factorizations: one thread
                 for layer in self.layers.values():
                     self._augment(layer)
-            for p, f in zip(params, flags):  # pass 2: cores and the other trainable parameters
+            # pass 2: cores and the other trainable parameters
+            for p, f in zip(params, flags, strict=True):
                 p.requires_grad_(f and id(p) not in fid)
             self.zero_grad()
             buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
@@ -330,16 +345,17 @@ class TDLRTOptimizer:
             if self.dist.enabled:
                 self.check_sync()
         finally:
-            for p, f in zip(params, flags):
+            for p, f in zip(params, flags, strict=True):
                 p.requires_grad_(f)
-            for p in self._factor_params:
-                p.requires_grad_(True)
-                p.grad = None
+            for factor in self._factor_params:
+                factor.requires_grad_(True)
+                factor.grad = None
         self.steps += 1
         return loss.detach()
 
     def _after_backward(self, loss: torch.Tensor | None) -> torch.Tensor | None:
-        """Average gradients (pass 1: also the loss and BatchNorm running statistics) over the ranks, then clip.
+        """Average gradients (pass 1: also the loss and BatchNorm running statistics) over the
+        ranks, then clip.
 
         Returns the rank-averaged loss (``loss`` itself for one process).
         """
@@ -386,22 +402,25 @@ class TDLRTOptimizer:
         return torch.cat(vals).to(self.dist.device)
 
     def _broadcast_from_main(self) -> None:
-        """Give every rank rank 0's layers (whose shapes may differ here), weights and optimiser state."""
-        payload = None
+        """Give every rank rank 0's layers (whose shapes may differ here), weights and optimiser
+        state."""
+        payload: dict[str, list[torch.Tensor]] | None = None
         if self.dist.is_main:
             payload = {
                 name: [t.cpu() for t in _factors(layer)] for name, layer in self.layers.items()
             }
         payload = tdist.broadcast_object(payload)
+        assert payload is not None  # rank 0 always sends its layers
         with torch.no_grad():
             for name, (U_out, C, U_in) in payload.items():
                 dev = self.layers[name].core.weight.device
                 _write_factors(self.layers[name], U_out.to(dev), C.to(dev), U_in.to(dev))
         tdist.broadcast_module(self.model)  # shapes agree now: every parameter and buffer
         state = tdist.broadcast_object(self.base.state_dict() if self.dist.is_main else None)
+        assert state is not None  # rank 0 always sends its state
         self.base.load_state_dict(state)  # replaces this rank's state (the cores' moments included)
 
-    def _augment(self, layer: nn.Module) -> None:
+    def _augment(self, layer: TuckerView) -> None:
         """K-step of both channel modes, basis augmentation and Galerkin projection of the core."""
         U_out, C, U_in = _factors(layer)
         g_out = layer.last.weight.grad
@@ -422,7 +441,7 @@ class TDLRTOptimizer:
         self._move_core(layer, C, maps)
         _write_factors(layer, new[0], galerkin_core(C, maps), new[1])
 
-    def _truncate(self, layer: nn.Module) -> None:
+    def _truncate(self, layer: TuckerView) -> None:
         """HOSVD truncation of the augmented core with tolerance ``tau * ||C_hat||``."""
         U_out, C, U_in = _factors(layer)
         tol = self.tau * float(torch.linalg.vector_norm(C, dtype=torch.float64))
@@ -439,7 +458,7 @@ class TDLRTOptimizer:
         _write_factors(layer, new[0], galerkin_core(C, maps), new[1])
 
     def _move_core(
-        self, layer: nn.Module, C: torch.Tensor, maps: list[tuple[int, torch.Tensor]]
+        self, layer: TuckerView, C: torch.Tensor, maps: list[tuple[int, torch.Tensor]]
     ) -> None:
         state = self.base.state.get(layer.core.weight)
         if state:
@@ -458,14 +477,16 @@ def _check_hparams(tau: float, rmin: int, rmax: int | None, lr: float) -> None:
 
 
 def _check_loss(loss: Any, step: int, *, local: bool = False) -> None:
-    """The closure returned a tensor, and (unless ``local``: the finiteness check waits for the rank average) a finite one."""
+    """The closure returned a tensor, and (unless ``local``: the finiteness check waits for the rank
+    average) a finite one."""
     if not isinstance(loss, torch.Tensor):
         raise TensorcutError(
             "the closure must return the loss tensor (after calling loss.backward())"
         )
     if not local and not bool(torch.isfinite(loss.detach()).all()):
         raise TensorcutError(
-            f"TDLRT training diverged at step {step} (loss {float(loss.detach().mean())}); lower the learning rate"
+            f"TDLRT training diverged at step {step} (loss {float(loss.detach().mean())}); lower "
+            "the learning rate"
         )
 
 
@@ -498,6 +519,7 @@ def _bn_statistics(model: nn.Module) -> list[torch.Tensor]:
             isinstance(m, nn.modules.batchnorm._BatchNorm)
             and m.training
             and m.running_mean is not None
+            and m.running_var is not None
         ):
             out += [m.running_mean, m.running_var]
     return out
@@ -507,7 +529,8 @@ _INT_OF_SIZE = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
 
 def _bits_hash(t: torch.Tensor) -> torch.Tensor:
-    """An exact int64 hash of a tensor's bits: position-weighted sum of its words, in wrapping integer arithmetic."""
+    """An exact int64 hash of a tensor's bits: position-weighted sum of its words, in wrapping
+    integer arithmetic."""
     flat = t.detach().contiguous().reshape(-1)
     ity = _INT_OF_SIZE.get(flat.element_size())
     bits = (
@@ -560,7 +583,8 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _layer_rank(init_rank: RankArg, name: str) -> int | tuple[int, int] | None:
-    """The ``init_rank`` entry for layer ``name`` (a mapping gives per-layer values; absent = default)."""
+    """The ``init_rank`` entry for layer ``name`` (a mapping gives per-layer values; absent =
+    default)."""
     if isinstance(init_rank, Mapping):
         r = init_rank.get(name)
         return None if r is None else (r if isinstance(r, int) else (int(r[0]), int(r[1])))
@@ -584,7 +608,7 @@ def _target_ranks(
             raise TensorcutError(f"init_rank is an int or a pair (r_out, r_in); got {init_rank!r}")
         req = (int(t[0]), int(t[1]))
     out = []
-    for n, r in zip(sizes, req):
+    for n, r in zip(sizes, req, strict=True):
         lo, hi = _mode_bounds(n, rmin, rmax)
         if r is None:
             r = math.ceil(n / 2) if default_half else hi
@@ -606,17 +630,21 @@ def _tucker_class() -> type[nn.Module]:
 
 def _build_layer(
     conv: nn.Conv2d, U_out: torch.Tensor, C: torch.Tensor, U_in: torch.Tensor
-) -> nn.Module:
+) -> TuckerView:
     geom = ConvGeometry.from_conv(conv)
     cls, ranks = _tucker_class(), (int(C.shape[0]), int(C.shape[1]))
     try:
         layer = cls(geom, ranks, device=conv.weight.device, dtype=conv.weight.dtype)
     except TypeError:  # a layer class without device / dtype arguments
         layer = cls(geom, ranks).to(device=conv.weight.device, dtype=conv.weight.dtype)
+    if not is_tucker_layer(layer):
+        raise TensorcutError(f"{cls.__name__} is not a Tucker-2 layer of first / core / last")
     with torch.no_grad():
         _write_factors(layer, U_out, C, U_in)
         if conv.bias is not None:
-            layer.last.bias.copy_(conv.bias.detach())
+            bias = layer.last.bias
+            assert bias is not None  # the geometry carries the dense layer's bias flag
+            bias.copy_(conv.bias.detach())
     layer.train(conv.training)
     return layer
 
@@ -627,7 +655,7 @@ def _random_orthonormal(n: int, r: int, like: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _normalise_tucker(layer: nn.Module, targets: tuple[int, int]) -> None:
+def _normalise_tucker(layer: TuckerView, targets: tuple[int, int]) -> None:
     """Make an existing Tucker layer's factors orthonormal and bring its ranks to ``targets``.
 
     Orthonormalisation is exact (``U = Q R``, ``C <- C x R``); lower targets truncate the core by
@@ -667,7 +695,8 @@ def tuckerize(
     filter: ConvFilter | None = None,
     skip_first: bool = True,
 ) -> nn.Module:
-    """Convert ``model``'s convolutions to Tucker-2 layers ready for TDLRT, in place; returns ``model``.
+    """Convert ``model``'s convolutions to Tucker-2 layers ready for TDLRT, in place; returns
+    ``model``.
 
     ``from_pretrained=True``: each kernel is decomposed by HOSVD (channel modes), keeping its
     function exactly at full rank; ``init_rank`` (int, ``(r_out, r_in)``, or a mapping from
@@ -686,7 +715,7 @@ def tuckerize(
     if not isinstance(model, nn.Module):
         raise TensorcutError(f"tuckerize needs an nn.Module; got {type(model).__name__}")
     _check_hparams(0.0, rmin, rmax, 1.0)
-    existing = set(_tucker_layers(model))
+    existing = _tucker_layers(model)
     convs = _dense_convs(model)
     first = convs[0][0] if convs else None
     for name, conv in convs:
@@ -705,7 +734,9 @@ def tuckerize(
             from tensorcut.decompose.tucker import hosvd
 
             res = hosvd(W, [r_out, r_in, None, None])
-            U_out, U_in, C = res.factors[0], res.factors[1], res.core
+            f_out, f_in, C = res.factors[0], res.factors[1], res.core
+            assert f_out is not None and f_in is not None  # both channel modes were given ranks
+            U_out, U_in = f_out, f_in
             if (
                 U_out.shape[1] < r_out or U_in.shape[1] < r_in
             ):  # clamped to the useful rank: pad exactly
@@ -719,15 +750,16 @@ def tuckerize(
             C = torch.randn(r_out, r_in, *W.shape[2:], dtype=W.dtype, device=W.device)
             C *= torch.linalg.vector_norm(W) / torch.linalg.vector_norm(C).clamp_min(1e-30)
         _set_submodule(model, name, _build_layer(conv, U_out, C, U_in))
-    for name in existing:
-        layer = model.get_submodule(name)
+    for name, layer in existing.items():  # still in the model: only plain convs were replaced
         U_out, C, U_in = _factors(layer)
         sizes = _layer_sizes(layer)
         wanted = _layer_rank(init_rank, name)
         if wanted is None:
             targets = tuple(
                 max(lo, min(r, hi))
-                for r, (lo, hi) in zip(C.shape[:2], (_mode_bounds(n, rmin, rmax) for n in sizes))
+                for r, (lo, hi) in zip(
+                    C.shape[:2], (_mode_bounds(n, rmin, rmax) for n in sizes), strict=True
+                )
             )
         else:
             targets = _target_ranks(sizes, wanted, rmin, rmax, default_half=False)
@@ -837,9 +869,10 @@ def train_tdlrt(
     loader's batch size is the *global* batch: a plain DataLoader is split over the ranks by a
     DistributedSampler (shuffle seeded by ``seed`` and the epoch), gradients are averaged by
     :class:`TDLRTOptimizer`, and the history's metrics are reduced over all ranks, so every
-    rank returns the same rows (but for ``seconds``) and holds the same model. ``log`` runs on every rank (write
-    files through :func:`tensorcut.distributed.run_on_main`). Ranks other than 0 reseed their
-    RNG with ``initial_seed + rank`` after the model is set up, so dropout masks differ per rank.
+    rank returns the same rows (but for ``seconds``) and holds the same model. ``log`` runs on every
+    rank (write files through :func:`tensorcut.distributed.run_on_main`). Ranks other than 0 reseed
+    their RNG with ``initial_seed + rank`` after the model is set up, so dropout masks differ per
+    rank.
     """
     from tensorcut.train.loop import evaluate, resolve_device
 
@@ -902,7 +935,9 @@ def train_tdlrt(
             x, y = x.to(dev), y.to(dev)
             seen: dict[str, torch.Tensor] = {}
 
-            def closure() -> torch.Tensor:
+            def closure(
+                x: torch.Tensor = x, y: torch.Tensor = y, seen: dict[str, torch.Tensor] = seen
+            ) -> torch.Tensor:  # this batch's tensors bound now
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
                 loss.backward()

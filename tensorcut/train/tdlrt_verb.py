@@ -49,7 +49,8 @@ def train_tdlrt_checkpoint(
     device: str = "auto",
     progress: bool = True,
 ) -> tio.Checkpoint:
-    """Train zoo model ``model`` (or the model in checkpoint ``init_from``) with TDLRT; save into ``out``.
+    """Train zoo model ``model`` (or the model in checkpoint ``init_from``) with TDLRT; save into
+    ``out``.
 
     From scratch the Tucker layers start from random orthonormal factors (rank ``init_rank``,
     default half of each mode); with ``init_from`` every dense convolution is decomposed by
@@ -122,7 +123,8 @@ def _train(
     def fresh() -> None:
         if (out / tio.META).exists():
             raise TensorcutError(
-                f"{out} already holds a checkpoint; TDLRT runs cannot be resumed, choose another --out"
+                f"{out} already holds a checkpoint; TDLRT runs cannot be resumed, choose another "
+                "--out"
             )
 
     tdist.run_on_main(fresh)  # rank 0 decides, every rank stops
@@ -155,7 +157,7 @@ def _train(
     te = tdata.load_dataset(
         dataset, "test", data_dir=data_dir, val_fraction=val_fraction, seed=seed
     )
-    settings = {
+    settings: dict[str, Any] = {
         "tau": tau,
         "init_rank": init_rank,
         "rmin": rmin,
