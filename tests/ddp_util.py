@@ -73,7 +73,7 @@ def torchrun(
 
 
 def spy_writes() -> list[str]:
-    """Record the file names passed to ``tensorcut.io.atomic_write_bytes`` in this process (still writing them)."""
+    """File names passed to ``tensorcut.io.atomic_write_bytes`` in this process (still writing)."""
     from tensorcut import io as tio
 
     writes: list[str] = []
@@ -87,7 +87,7 @@ def spy_writes() -> list[str]:
     return writes
 
 
-# ----------------------------------------------------------------------------- tolerances for "several processes vs one"
+# -------------------------------------------------------- tolerances for "several processes vs one"
 
 U32 = torch.finfo(torch.float32).eps / 2  # float32 unit roundoff, 2**-24
 
@@ -112,7 +112,7 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def clear_winners(logits: torch.Tensor, tol: float) -> torch.Tensor:
-    """Rows whose top logit leads the runner-up by more than ``2 tol max|logits|``: their argmax cannot
-    flip under a relative perturbation ``tol`` (the others are near-ties, which may)."""
+    """Rows whose top logit leads the runner-up by more than ``2 tol max|logits|``: their argmax
+    cannot flip under a relative perturbation ``tol`` (the others are near-ties, which may)."""
     top2 = logits.topk(2, dim=1).values
     return (top2[:, 0] - top2[:, 1]) > 2 * tol * float(logits.abs().max())

@@ -1,14 +1,16 @@
-"""Data-parallel training on PyTorch's engine: 2 CPU processes (gloo on 127.0.0.1) against one process.
+"""Data-parallel training on PyTorch's engine: 2 CPU processes (gloo on 127.0.0.1) against one
+process.
 
 The equivalence check uses a model without BatchNorm or dropout: under DDP each rank
 normalises only its own share of the batch (SyncBatchNorm is GPU-only in PyTorch), so
 a BatchNorm model is *not* expected to match a single process step for step. With a
 global batch of 16 split 8 + 8 by the DistributedSampler, DDP's averaged gradient is the
 gradient of the single-process batch of 16, summed in another order, so losses and weights
-agree to float rounding: within ``TOL``, derived from float32 summation (ddp_util.sum_order_tolerance),
-never a figure recorded on one CPU. Top-1 counts are argmaxes, which may flip on a near-tie of
-two logits; they are compared on the final model wherever no near-tie exists. The activation is
-smooth (SiLU): a ReLU's kink is such a tie at every position (see tests/train/test_tdlrt_ddp.py).
+agree to float rounding: within ``TOL``, derived from float32 summation
+(ddp_util.sum_order_tolerance), never a figure recorded on one CPU. Top-1 counts are argmaxes, which
+may flip on a near-tie of two logits; they are compared on the final model wherever no near-tie
+exists. The activation is smooth (SiLU): a ReLU's kink is such a tie at every position (see
+tests/train/test_tdlrt_ddp.py).
 """
 
 from __future__ import annotations
@@ -60,12 +62,13 @@ def _data() -> tuple[DataLoader, DataLoader]:
 
 
 CFG = dict(epochs=2, optimizer="sgd", lr=0.2, momentum=0.9, scheduler="cosine", seed=3)
-# 4.9e-4; the longest reduction whose order differs: the conv's weight gradient, batch 16 x 8 x 8 positions
+# 4.9e-4; the longest reduction whose order differs: the conv's weight gradient, batch 16 x 8 x 8
+# positions
 TOL = sum_order_tolerance(16 * 8 * 8, CFG["epochs"] * 64 // 16)
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    """One rank: join via the torchrun-style environment, fit, and report weights, history and file writes."""
+    """One rank: join via torchrun-style environment, fit, report weights, history, file writes."""
     join_as_rank(rank, world, port)
     writes = spy_writes()
     net = _net()
@@ -93,7 +96,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 def test_two_cpu_ranks_match_one_process_on_the_same_global_batch(
     tmp_path: Path, one_thread: None
 ) -> None:
-    """``one_thread``: the single-process reference runs with the ranks' thread count (same reduction order)."""
+    """``one_thread``: the 1-process reference at the ranks' thread count (same reduction order)."""
     assert spawn_ranks(_worker, tmp_path) == [0, 0]
 
     w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
@@ -111,7 +114,7 @@ def test_two_cpu_ranks_match_one_process_on_the_same_global_batch(
     single = _net()
     tr, va = _data()
     hist = fit(single, tr, va, FitConfig(**CFG), device="cpu", progress=False, distributed=False)
-    for a, b in zip(hist, r0["history"]):
+    for a, b in zip(hist, r0["history"], strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=TOL)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=TOL)
     for k, v in single.state_dict().items():
@@ -129,7 +132,7 @@ def test_two_cpu_ranks_match_one_process_on_the_same_global_batch(
 
 
 def test_torchrun_cli_train_two_processes(tmp_path: Path) -> None:
-    """The documented command: `torchrun --nproc_per_node=2 -m tensorcut train ...` on CPU (gloo)."""
+    """The documented `torchrun --nproc_per_node=2 -m tensorcut train ...` on CPU (gloo)."""
     out = tmp_path / "ck"
     r = torchrun(
         [
@@ -167,7 +170,7 @@ def test_torchrun_cli_train_two_processes(tmp_path: Path) -> None:
     ]
 
 
-# ----------------------------------------------------------------------------- single-process checks
+# ---------------------------------------------------------------------------- single-process checks
 
 
 def test_backend_is_gloo_on_cpu_and_nccl_on_cuda() -> None:
@@ -333,7 +336,7 @@ def _same(
 ) -> None:
     assert set(a) == set(b)
     for k in a:
-        for x, y in zip(a[k], b[k]):
+        for x, y in zip(a[k], b[k], strict=True):
             assert (x is None and y is None) or x == pytest.approx(y, rel=1e-6, abs=1e-9), k
 
 
@@ -357,7 +360,7 @@ def test_units_are_dealt_once_each_and_balanced(tiny_checkpoint: Path) -> None:
 def test_sharded_sweep_in_process_gives_the_rows_of_one_run(
     tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
-    """Two shards (then the finishing pass) record exactly the rows, and values, of an unsharded sweep."""
+    """Two shards (then the finishing pass) record exactly an unsharded sweep's rows and values."""
     from tensorcut import data as tdata
     from tensorcut import io as tio
     from tensorcut.analysis.shard import analyze_sharded
@@ -393,7 +396,10 @@ def test_sharded_sweep_in_process_gives_the_rows_of_one_run(
 
 
 def test_torchrun_analyze_two_ranks_with_recovery(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    """`torchrun --nproc_per_node=2 -m tensorcut analyze ...`: same rows as one process, recovery retrained by DDP."""
+    """`torchrun --nproc_per_node=2 -m tensorcut analyze ...`: the rows of one process.
+
+    The recovery is retrained by DDP.
+    """
     from tensorcut.cli import main
 
     args = [str(tiny_checkpoint), *SWEEP_ARGS, "--recover", "1", "--recover-subset", "64"]
@@ -415,7 +421,10 @@ def test_torchrun_analyze_two_ranks_with_recovery(tiny_checkpoint: Path, tmp_pat
 def test_independent_workers_run_recovery_locally(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """RANK/WORLD_SIZE without MASTER_ADDR: no process group; the worker that gets the recovery unit trains alone."""
+    """RANK/WORLD_SIZE without MASTER_ADDR: no process group.
+
+    The worker that gets the recovery unit trains alone.
+    """
     from tensorcut import data as tdata
     from tensorcut import io as tio
     from tensorcut.analysis.shard import analyze_sharded

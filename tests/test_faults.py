@@ -1,4 +1,5 @@
-"""Faults of long runs: kill -9 during training, a sweep, compression and export; full disks; read-only folders.
+"""Faults of long runs: kill -9 during training, a sweep, compression and export; full disks;
+read-only folders.
 
 Kills are injected deterministically: a small launcher runs the real CLI in a child
 process and sends itself SIGKILL at a chosen point — the k-th training step, or just
@@ -44,19 +45,22 @@ def hit():
 
 if spec["where"] == "fsync":  # just before the k-th fsync of OUTPUT's temporary file
     real_fsync = os.fsync
+    tmp_prefix = "." + spec["name"] + "."
     def fsync(fd):
-        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith("." + spec["name"] + "."):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(tmp_prefix):
             hit()
         return real_fsync(fd)
     os.fsync = fsync
-elif spec["where"] == "step":  # at the k-th loss computation (training steps and evaluation batches)
+elif spec["where"] == "step":
+    # at the k-th loss computation (training steps and evaluation batches)
     import torch.nn.functional as F
     real_ce = F.cross_entropy
     def ce(*a, **k):
         hit()
         return real_ce(*a, **k)
     F.cross_entropy = ce
-elif spec["where"] == "slow-rows":  # a slower worker, so that it can be killed from outside mid-sweep
+elif spec["where"] == "slow-rows":
+    # a slower worker, so that it can be killed from outside mid-sweep
     from tensorcut.analysis import store
     real_add = store.ResultsStore.add
     def add(self, row):
@@ -192,7 +196,7 @@ def test_train_without_resume_refuses_a_killed_run_and_keeps_it(
     assert _digest(out) == before
 
 
-# ----------------------------------------------------------------------------- compression and export
+# --------------------------------------------------------------------------- compression and export
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "plan.json"])
@@ -273,7 +277,7 @@ def _keys(db: Path) -> list[tuple[Any, ...]]:
 def test_sweep_worker_killed_mid_sweep_then_resumed_has_every_row_exactly_once(
     tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
-    """Two independent workers (RANK/WORLD_SIZE) share one store; one is SIGKILLed; a plain re-run finishes."""
+    """Two workers (RANK/WORLD_SIZE) share a store; one is SIGKILLed; a plain re-run finishes."""
     ref_db = tmp_path / "reference.sqlite"
     assert main(["analyze", str(tiny_checkpoint), *SWEEP, "--out", str(ref_db)]) == 0
     expected = set(_keys(ref_db))
@@ -323,7 +327,7 @@ def test_sweep_worker_killed_mid_sweep_then_resumed_has_every_row_exactly_once(
     con.close()
 
 
-# ----------------------------------------------------------------------------- full disks, read-only folders
+# -------------------------------------------------------------------- full disks, read-only folders
 
 
 def _enospc(*_: Any, **__: Any) -> None:
@@ -453,7 +457,10 @@ def test_atomic_write_failure_mid_write_leaves_nothing_behind(
 
 
 def test_decomposition_memory_stays_within_the_stated_bound() -> None:
-    """Full Tucker (the hungriest method in benchmarks/results/memory.md) of a 256x256x3x3 kernel, in a fresh process."""
+    """Full Tucker of a 256x256x3x3 kernel, in a fresh process.
+
+    The hungriest method in benchmarks/results/memory.md.
+    """
     bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
     spec = {"kind": "decompose", "layer": "test", "shape": [256, 256, 3, 3], "method": "tucker"}
     r = subprocess.run(

@@ -1,4 +1,4 @@
-"""`tensorcut run`: the whole pipeline at tiny scale, resumability, refusals, and the report in Chromium."""
+"""`tensorcut run`: the pipeline at tiny scale, resumability, refusals, the report in Chromium."""
 
 import json
 import re
@@ -191,7 +191,7 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     assert dom.count("<table") >= 3
 
 
-# ----------------------------------------------------------------------------- a run directory edited or damaged
+# ---------------------------------------------------------------- a run directory edited or damaged
 
 
 def _stage_damage(out: Path, what: str) -> None:

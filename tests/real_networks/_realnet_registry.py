@@ -1,4 +1,5 @@
-"""The real architectures the suite runs: (id, constructor, input size), plus the shared checking code.
+"""The real architectures the suite runs: (id, constructor, input size), plus the shared checking
+code.
 
 Every constructor builds the smallest variant of its family with random weights (no downloads),
 10 classes, ``eval()`` and float64. :func:`randomize_constants` then replaces every constant
@@ -31,7 +32,7 @@ SEED = 0
 
 @dataclass(frozen=True)
 class Arch:
-    """One architecture: ``build()`` returns a fresh float32 model; ``size`` is the input height/width."""
+    """One architecture: ``build()``: a fresh float32 model; ``size``: the input height/width."""
 
     id: str
     build: Callable[[], nn.Module]
@@ -61,8 +62,8 @@ def _tv(name: str, **kw: Any) -> Callable[[], nn.Module]:
 
 
 def _tv_vgg11_bn() -> nn.Module:
-    """torchvision VGG-11-BN; the 4096-wide classifier (120M parameters) replaced by global pooling and
-    one Linear, so the conv stack is what the test is about and float64 fits in memory."""
+    """torchvision VGG-11-BN; the 4096-wide classifier (120M parameters) replaced by global pooling
+    and one Linear, so the conv stack is what the test is about and float64 fits in memory."""
     _, tv = import_model_libraries()
     m = tv.models.vgg11_bn(weights=None, num_classes=10)
     m.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -71,8 +72,8 @@ def _tv_vgg11_bn() -> nn.Module:
 
 
 def _tv_wide_resnet() -> nn.Module:
-    """torchvision's Wide-ResNet block (Bottleneck, width_per_group=128, as wide_resnet50_2) at one block per
-    stage: the same module types at a fifth of the depth."""
+    """torchvision's Wide-ResNet block (Bottleneck, width_per_group=128, as wide_resnet50_2) at one
+    block per stage: the same module types at a fifth of the depth."""
     _, tv = import_model_libraries()
     from torchvision.models.resnet import Bottleneck, ResNet
 
@@ -88,9 +89,10 @@ def _tv_resnext_small() -> nn.Module:
 
 
 def _bit(same: bool, wide: bool = False) -> Callable[[], nn.Module]:
-    """timm ResNetV2-BiT (pre-activation, GroupNorm, weight-standardised convs) at one block per stage;
-    ``same``: TF-same padded ``StdConv2dSame`` (as the R50 backbone of timm's hybrid ViTs). ``wide``:
-    resnetv2_50x1_bit's widths, else narrow stages with 8-group GroupNorm (the micro tier-1 model)."""
+    """timm ResNetV2-BiT (pre-activation, GroupNorm, weight-standardised convs) at one block per
+    stage; ``same``: TF-same padded ``StdConv2dSame`` (as the R50 backbone of timm's hybrid ViTs).
+    ``wide``: resnetv2_50x1_bit's widths, else narrow stages with 8-group GroupNorm (the micro
+    tier-1 model)."""
 
     def make() -> nn.Module:
         import_model_libraries()
@@ -145,8 +147,8 @@ def _dm_nfnet_d1() -> nn.Module:
 
 
 def _tv_qat_resnet18() -> nn.Module:
-    """torchvision's quantizable ResNet-18, fused for QAT (ConvBnReLU2d / ConvBn2d) and prepare_qat'ed;
-    observers and fake quantisation disabled so it computes in floating point."""
+    """torchvision's quantizable ResNet-18, fused for QAT (ConvBnReLU2d / ConvBn2d) and
+    prepare_qat'ed; observers and fake quantisation disabled so it computes in floating point."""
     _, tv = import_model_libraries()
     from torchvision.models.quantization import resnet18
 
@@ -168,7 +170,7 @@ def _prepare_qat(m: nn.Module) -> nn.Module:
 
 
 class QatMixed(nn.Module):
-    """Eager-mode QAT on a small net: ConvBnReLU2d, ConvBn2d and a bare qat.Conv2d, all three QAT types."""
+    """Eager-mode QAT on a small net: ConvBnReLU2d, ConvBn2d and a bare qat.Conv2d."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -193,7 +195,7 @@ def _qat_mixed() -> nn.Module:
 
 
 class SharedConvNet(nn.Module):
-    """One 3x3 conv object reachable under two names (``block_a`` and ``block_b.conv``), applied twice."""
+    """One 3x3 conv reachable under two names (``block_a`` and ``block_b.conv``), applied twice."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -213,7 +215,10 @@ class SharedConvNet(nn.Module):
 
 
 class OddConv2d(nn.Conv2d):
-    """A user's Conv2d subclass with its own forward (a learned per-channel output scale): unknown to tensorcut."""
+    """A user's Conv2d subclass with its own forward, unknown to tensorcut.
+
+    The forward applies a learned per-channel output scale.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -356,8 +361,8 @@ def by_id(arch_id: str) -> Arch:
 
 @torch.no_grad()
 def randomize_constants(model: nn.Module, seed: int = SEED) -> nn.Module:
-    """Replace every constant floating parameter with U(0.5, 1.5) values and BatchNorm running statistics
-    with random ones (see the module docstring); returns the model."""
+    """Replace every constant floating parameter with U(0.5, 1.5) values and BatchNorm running
+    statistics with random ones (see the module docstring); returns the model."""
     g = torch.Generator().manual_seed(seed + 1)
     seen: set[int] = set()
     for p in model.parameters():
@@ -421,7 +426,7 @@ def select_all(name: str, module: nn.Module) -> bool:
 
 
 def run_compress(model: nn.Module, arch: Arch, method: str, **rule: Any) -> tuple[nn.Module, Any]:
-    """``tensorcut.compression`` on ``model`` (in place) with every conv selected, warnings silenced."""
+    """``tensorcut.compression`` on ``model`` (in place), every conv selected, warnings silenced."""
     import warnings
 
     from tensorcut.compression import compress
@@ -456,14 +461,15 @@ def is_factorized(m: nn.Module) -> bool:
 
 
 def measured_macs(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
-    """MACs per image counted by ``torch.utils.flop_counter.FlopCounterMode`` on one forward of ``x``:
-    ``(units, everything)``.
+    """MACs per image counted by ``torch.utils.flop_counter.FlopCounterMode`` on one forward of
+    ``x``: ``(units, everything)``.
 
     ``units``: the FLOPs executed inside each Conv2d / Linear module and each factorized layer (its
     1x1 sublayers run as mm/addmm/bmm/baddbmm GEMMs), each distinct module once, halved. This is the
-    conv + linear MAC count tensorcut's cost model must reproduce; attention matmuls of hybrid models
-    run outside such modules and are not in it. ``everything``: all FLOPs the counter saw, halved; for
-    a pure CNN it must equal ``units`` (nothing else multiplies), which cross-checks the attribution.
+    conv + linear MAC count tensorcut's cost model must reproduce; attention matmuls of hybrid
+    models run outside such modules and are not in it. ``everything``: all FLOPs the counter saw,
+    halved; for a pure CNN it must equal ``units`` (nothing else multiplies), which cross-checks the
+    attribution.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -491,7 +497,7 @@ def measured_macs(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
 
 
 def conv_kinds(model: nn.Module) -> dict[str, str]:
-    """Every Conv2d's name -> class name (the first name of a shared module, as named_modules gives)."""
+    """Every Conv2d's name -> class name (a shared module under its first name only)."""
     return {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
 
 

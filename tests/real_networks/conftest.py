@@ -3,8 +3,8 @@
 Two tiers:
 
 * ``real_tier1`` — about a dozen models that together cover every module type tensorcut must handle
-  (plain, grouped, depthwise, TF-same padded, weight-standardised, QAT, unknown subclass, shared conv,
-  parents that read conv attributes). They run in the normal suite (``make test``).
+  (plain, grouped, depthwise, TF-same padded, weight-standardised, QAT, unknown subclass, shared
+  conv, parents that read conv attributes). They run in the normal suite (``make test``).
 * ``real_full`` — every architecture. Deselected unless asked for::
 
       .venv/bin/python -m pytest tests/real_networks -m real_full
@@ -52,5 +52,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def model_zoo() -> tuple[ModuleType, ModuleType]:
-    """``(timm, torchvision)``, importable beside the CPU torch wheel; skips when either is missing."""
+    """``(timm, torchvision)``, importable beside the CPU torch wheel; skips if one is missing."""
     return import_model_libraries()

@@ -1,14 +1,15 @@
-"""tensorcut on real timm / torchvision architectures (issue 14): never silently wrong, counts that add up.
+"""tensorcut on real timm / torchvision architectures (issue 14): never silently wrong, sums add up.
 
 Per architecture (random weights, float64, fixed seeds, see ``_realnet_registry``):
 
 * Tucker-2 at full rank with every conv selected reproduces the model's output within 1e-8 relative
-  (norm-wise; float64 SVD reconstructions are ~1e-15 per layer), and every layer is either factorized
-  or dense with a reason (QAT and unknown-subclass convs dense, timm's subclasses factorized).
-* Tucker-2 at ratio 0.7: the model runs; the plan's parameter total equals the model's real parameter
-  count (shared parameters once); its MAC total equals ``summarize`` and an independent count by
-  ``FlopCounterMode`` (see ``measured_macs``); each factorized layer records a finite ``output_error``;
-  for the ``onnx`` subset the ONNX export matches PyTorch.
+  (norm-wise; float64 SVD reconstructions are ~1e-15 per layer), and every layer is either
+  factorized or dense with a reason (QAT and unknown-subclass convs dense, timm's subclasses
+  factorized).
+* Tucker-2 at ratio 0.7: the model runs; the plan's parameter total equals the model's real
+  parameter count (shared parameters once); its MAC total equals ``summarize`` and an independent
+  count by ``FlopCounterMode`` (see ``measured_macs``); each factorized layer records a finite
+  ``output_error``; for the ``onnx`` subset the ONNX export matches PyTorch.
 * A few models also with CP / TT / TR / Tucker (TT and Tucker exact at full rank).
 
 Tier 1 runs in ``make test``; everything with ``pytest tests/real_networks -m real_full``.
@@ -76,7 +77,7 @@ def _reference(arch: Arch) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Te
 
 
 def _check_decisions(arch: Arch, ref: nn.Module, plan: object) -> None:
-    """Every conv is in the plan; dense ones give a reason; the module-type rules of issue 14 hold."""
+    """Every conv is in the plan; dense ones give a reason; issue 14's module-type rules hold."""
     kinds = conv_kinds(ref)
     layers = {l.name: l for l in plan.layers}  # type: ignore[attr-defined]
     missing = [n for n in kinds if n not in layers]
@@ -101,8 +102,9 @@ def _check_decisions(arch: Arch, ref: nn.Module, plan: object) -> None:
 
 
 def _check_layer_attributes(model: nn.Module, ref: nn.Module, plan: object, exact: bool) -> None:
-    """Factorized layers expose the conv attributes a parent may read, and a reconstructed ``weight``
-    that is not a stored parameter (at full rank: equal to the original plain conv's kernel)."""
+    """Factorized layers expose the conv attributes a parent may read, and a reconstructed
+    ``weight`` that is not a stored parameter (at full rank: equal to the original plain conv's
+    kernel)."""
     mods = dict(model.named_modules())
     ref_mods = dict(ref.named_modules())
     for l in plan.layers:  # type: ignore[attr-defined]
@@ -132,7 +134,8 @@ def _check_layer_attributes(model: nn.Module, ref: nn.Module, plan: object, exac
             )
 
 
-# ============================================================================ (a) exact at full rank
+# ============================================================================ (a) exact at full
+# rank
 
 
 @pytest.mark.parametrize("arch", _params(ARCHS))
@@ -151,8 +154,8 @@ def test_tucker2_full_rank_is_exact(arch: Arch) -> None:
     if eligible:
         fact = sum(l.status == "factorize" for l in eligible)
         assert fact >= 1, (
-            f"{arch.id}: none of {len(eligible)} supported convs factorized at full rank "
-            f"(reasons: {sorted({l.reason for l in eligible})[:3]}); the exactness check proves nothing"
+            f"{arch.id}: none of {len(eligible)} supported convs factorized at full rank (reasons: "
+            f"{sorted({l.reason for l in eligible})[:3]}); the exactness check proves nothing"
         )
     for l in plan.layers:
         if l.status == "factorize" and getattr(l, "output_error", None) is not None:
@@ -160,7 +163,8 @@ def test_tucker2_full_rank_is_exact(arch: Arch) -> None:
                 f"{l.name}: output_error {l.output_error:.2e} at full rank"
             )
     if any(type(m).__name__.endswith("Same") for m in ref.modules()):
-        # TF-same padding depends on the input size: an odd size pads asymmetrically where 64 did not
+        # TF-same padding depends on the input size: an odd size pads asymmetrically where 64 did
+        # not
         x2 = torch.randn(
             2,
             3,
@@ -196,8 +200,8 @@ def test_shared_conv_swapped_once() -> None:
 @pytest.mark.real_tier1
 @pytest.mark.real_full
 def test_calibration_batch() -> None:
-    """A user's calibration batch is what the per-layer output errors are measured on; a batch of the wrong
-    image shape is refused with one line."""
+    """A user's calibration batch is what the per-layer output errors are measured on; a batch of
+    the wrong image shape is refused with one line."""
     import warnings
 
     from tensorcut.compression import plan as make_plan
@@ -229,7 +233,8 @@ def test_calibration_batch() -> None:
     assert "\n" not in str(info.value)
 
 
-# ============================================================================ (b) ratio 0.7: counts and export
+# ============================================================================ (b) ratio 0.7: counts
+# and export
 
 
 @pytest.mark.parametrize("arch", _params(ARCHS))
@@ -281,7 +286,7 @@ def test_tucker2_ratio_counts_and_export(arch: Arch, tmp_path: Path) -> None:
 def _check_onnx(
     model: nn.Module, shape: tuple[int, int, int], x: torch.Tensor, tmp_path: Path
 ) -> None:
-    """tensorcut's export (checked against onnxruntime by export_model) and our own comparison on ``x``."""
+    """tensorcut's export (checked on onnxruntime by export_model) and our own check on ``x``."""
     ort = pytest.importorskip("onnxruntime")
     from tensorcut.export import export_model
 

@@ -85,7 +85,8 @@ RUN = dict(
 )
 
 STEPS = RUN["epochs"] * 64 // 16
-# 2.7e-4; the longest reduction whose order differs: the first conv's weight gradient, batch 16 x 6 x 6 positions
+# 2.7e-4; the longest reduction whose order differs: the first conv's weight gradient, batch 16 x 6
+# x 6 positions
 TOL = sum_order_tolerance(16 * 6 * 6, STEPS)
 
 
@@ -130,7 +131,8 @@ def _ce(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _record_decisions() -> list[tuple[int, float]]:
     """Spy on the truncation rule: per call, the rank kept and how close (relative to the threshold)
-    the nearest tail norm that could change it came to the threshold (inf when the bounds leave no choice)."""
+    the nearest tail norm that could change it came to the threshold (inf when the bounds leave no
+    choice)."""
     decisions: list[tuple[int, float]] = []
     real = tdlrt.truncation_rank
 
@@ -150,7 +152,7 @@ def _record_decisions() -> list[tuple[int, float]]:
 def _first_flip(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> int | None:
     """Index of the first truncation at which the two runs kept different ranks (None: none did)."""
     assert len(a) == len(b)
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x[0] != y[0]), None)
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x[0] != y[0]), None)
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -259,19 +261,21 @@ def test_two_ranks_stay_identical_and_match_one_process(
             ddp_decisions[flip],
         )
         return
-    for a, b in zip(hist, r0["history"]):
+    for a, b in zip(hist, r0["history"], strict=True):
         assert a["ranks"] == b["ranks"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=TOL)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=TOL)
-        # top-1 counts are argmaxes, which may flip on a near-tie of two logits: checked below on the final model
+        # top-1 counts are argmaxes, which may flip on a near-tie of two logits: checked below on
+        # the final model
     # same function: a basis inside a nearly degenerate singular subspace may turn with rounding, so
-    # the Tucker layers are compared by their kernels, everything else tensor by tensor, and the outputs
+    # the Tucker layers are compared by their kernels, everything else tensor by tensor, and the
+    # outputs
     twin = copy.deepcopy(single)
     twin.load_state_dict(a0)  # the ranks agree, hence the shapes
     for name, m in single.named_modules():
         if tdlrt.is_tucker_layer(m):
             assert rel_diff(_kernel(m), _kernel(twin.get_submodule(name))) <= TOL, name
-    for (k, v), w in zip(single.named_parameters(), twin.parameters()):
+    for (k, v), w in zip(single.named_parameters(), twin.parameters(), strict=True):
         if not k.endswith(("first.weight", "core.weight", "last.weight")):
             assert rel_diff(v.detach(), w.detach()) <= TOL, k
     x = va.dataset.tensors[0]
@@ -298,7 +302,7 @@ def test_two_ranks_stay_identical_and_match_one_process(
 
 
 def test_torchrun_cli_train_method_tdlrt(tmp_path: Path) -> None:
-    """The documented command: `torchrun --nproc_per_node=2 -m tensorcut train --method tdlrt ...` on CPU."""
+    """The documented `torchrun --nproc_per_node=2 -m tensorcut train --method tdlrt ...` on CPU."""
     out = tmp_path / "ck"
     r = torchrun(
         [
