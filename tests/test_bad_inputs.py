@@ -60,7 +60,7 @@ def _digest(path: Path) -> dict[str, str]:
 def refused(
     capsys: pytest.CaptureFixture[str], argv: list[str], *needles: str, keep: tuple[Path, ...] = ()
 ) -> str:
-    """Run the CLI; assert exit 2, one error line containing ``needles``, and ``keep`` paths unchanged."""
+    """Run the CLI; assert exit 2, one error line with ``needles``, the ``keep`` paths unchanged."""
     before = {str(p): _digest(p) for p in keep}
     capsys.readouterr()
     with warnings.catch_warnings():
@@ -137,7 +137,7 @@ def _edit_weights(d: Path, fn: Callable[[dict[str, torch.Tensor]], Any]) -> Path
 
 
 class _Booby:
-    """Unpickling this would create ``target``: proof that nothing was unpickled if it stays absent."""
+    """Unpickling this would create ``target``: if it stays absent, nothing was unpickled."""
 
     def __init__(self, target: Path) -> None:
         self.target = target
@@ -208,7 +208,7 @@ def test_A8_checkpoint_path_is_a_file(ck: Path, capsys: Any) -> None:
     refused(capsys, ["evaluate", str(ck / "meta.json")], "is not a checkpoint directory")
 
 
-# ============================================================================= B. meta.json vs weights
+# ========================================================================== B. meta.json vs weights
 
 
 def test_B1_meta_not_json(ck: Path, capsys: Any) -> None:
@@ -460,7 +460,7 @@ def test_C4_cifar_batch_with_code_is_never_unpickled(tmp_path: Path, capsys: Any
     assert not sentinel.exists()
 
 
-# ============================================================================= D. non-finite and degenerate weights
+# ============================================================= D. non-finite and degenerate weights
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
@@ -490,7 +490,7 @@ def test_D2_nan_kernel_through_the_python_api(tmp_path: Path) -> None:
             tmp_path / "r.sqlite",
             progress=False,
         )
-    for method, cls in LAYER_REGISTRY.items():
+    for cls in LAYER_REGISTRY.values():
         with pytest.raises(TensorcutError, match="NaN or Inf"):
             cls.from_conv(net[1], cls.max_ranks(ConvGeometry.from_conv(net[1])))  # type: ignore[attr-defined]
 
@@ -558,7 +558,7 @@ def test_E4_kernel_larger_than_the_image_fails_like_the_dense_conv(tmp_path: Pat
     """*accepted* at layer level: the factorized layer fails exactly where the dense conv fails."""
     conv = nn.Conv2d(3, 4, 9).double()
     x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
-    for method, cls in LAYER_REGISTRY.items():
+    for cls in LAYER_REGISTRY.values():
         layer = cls.from_conv(conv, cls.max_ranks(ConvGeometry.from_conv(conv)))  # type: ignore[attr-defined]
         with pytest.raises(RuntimeError):
             conv(x)
@@ -590,7 +590,7 @@ def test_F2_negative_rank(ck: Path, tmp_path: Path, capsys: Any) -> None:
 
 
 def test_F3_rank_larger_than_the_kernel(ck: Path, tmp_path: Path, capsys: Any) -> None:
-    """The CLI refuses (the clamped full-rank form is not smaller); the layer API clamps and says so."""
+    """The CLI refuses (the clamped full rank is not smaller); the layer API clamps and says so."""
     refused(
         capsys,
         ["compress", str(ck), "--rank", "100000", "--out", str(tmp_path / "o")],
@@ -599,7 +599,7 @@ def test_F3_rank_larger_than_the_kernel(ck: Path, tmp_path: Path, capsys: Any) -
         keep=(ck,),
     )
     conv = nn.Conv2d(8, 6, 3)
-    for method, cls in LAYER_REGISTRY.items():
+    for cls in LAYER_REGISTRY.values():
         n = len(cls.max_ranks(ConvGeometry.from_conv(conv)))  # type: ignore[attr-defined]
         with pytest.warns(
             UserWarning
@@ -881,7 +881,7 @@ def test_G15_empty_idx_file_is_named(tmp_path: Path, capsys: Any, what: str) -> 
     assert not (tmp_path / "never").exists()
 
 
-# ============================================================================= H. wrong channel count
+# =========================================================================== H. wrong channel count
 
 
 def test_H1_evaluate_a_grey_model_on_colour_images(ck: Path, capsys: Any) -> None:
@@ -939,7 +939,7 @@ def test_H4_cifar_batch_of_grey_images(tmp_path: Path, capsys: Any) -> None:
     refused(capsys, _train_on("cifar10", d, tmp_path), "expected (N, 3072)", keep=(d,))
 
 
-# ============================================================================= I. options and output paths
+# ====================================================================== I. options and output paths
 
 
 TRAIN_CK = [
@@ -1029,7 +1029,8 @@ def test_I3_inspect_a_model_that_cannot_be_allocated(
 def test_I4_train_resume_with_another_recipe(
     ck: Path, capsys: Any, argv: list[str], msg: str
 ) -> None:
-    # was: KeyError 'momentum' (another optimizer), or training silently on at the old rate (another --lr)
+    # was: KeyError 'momentum' (another optimizer), or training silently on at the old rate (another
+    # --lr)
     refused(
         capsys,
         [*TRAIN_CK, *argv, "--resume", "--out", str(ck)],
@@ -1251,7 +1252,7 @@ def test_I14_negative_or_foreign_sensitivity_file(
     assert not out.exists()
 
 
-# ============================================================================= J. models from Python
+# ============================================================================ J. models from Python
 
 
 def _small_cnn() -> nn.Module:

@@ -28,8 +28,8 @@ def test_digits_splits_are_disjoint_and_seeded():
     assert abs(float(tr.images.mean())) < 0.05 and abs(float(tr.images.std()) - 1) < 0.1
 
 
-# Content hashes of the fixed digits splits (integer pixel values and labels: exact, the same on every machine),
-# taken from the scikit-learn-based loader the embedded file replaced.
+# Content hashes of the fixed digits splits (integer pixel values and labels: exact, the same on
+# every machine), taken from the scikit-learn-based loader the embedded file replaced.
 DIGITS_SPLIT_SHA256 = {
     "train": "edfc9935dd17f576d96a07100aae2ecbaa1b307ed719f941ec70874594f7593a",
     "test": "ee5a44f4706a68dfb9f1a0447c50e198de21989f36839b4dd3c145f26cc83dfe",
@@ -41,7 +41,7 @@ def _sha(x: np.ndarray, y: np.ndarray) -> str:
 
 
 def test_embedded_digits_equal_scikit_learns_and_keep_the_old_split():
-    """The shipped arrays are scikit-learn's; the splits are those the scikit-learn-based loader made."""
+    """The shipped arrays are scikit-learn's; the splits are the scikit-learn-based loader's."""
     sk = pytest.importorskip("sklearn.datasets")
     d = sk.load_digits()
     images, labels, order = data.digits_arrays()
@@ -80,10 +80,11 @@ def test_digits_need_no_scikit_learn_and_the_split_is_fixed(monkeypatch):
 
 
 def test_subset_larger_than_the_split_warns_with_both_numbers():
-    """digits' validation split holds 144 images: ``subset=200`` cannot mean 200 there, and says so."""
+    """digits' validation split has 144 images: ``subset=200`` cannot mean 200 there; it says so."""
     with pytest.warns(
         UserWarning,
-        match=r"digits val split has 144 images, fewer than the requested subset of 200; using all 144",
+        match=r"digits val split has 144 images, fewer than the requested subset of 200; "
+        r"using all 144",
     ):
         va = data.load_dataset("digits", "val", subset=200)
     assert len(va) == 144
@@ -235,7 +236,8 @@ def test_cifar_absent(tmp_path):
 def test_unknown_dataset_and_split():
     with pytest.raises(
         TensorcutError,
-        match="unknown dataset 'mnist'; choose one of: cifar10, cifar100, digits, fashion-mnist, synthetic",
+        match="unknown dataset 'mnist'; "
+        "choose one of: cifar10, cifar100, digits, fashion-mnist, synthetic",
     ):
         data.load_dataset("mnist")
     with pytest.raises(TensorcutError, match="unknown split 'dev'"):

@@ -108,7 +108,7 @@ def test_atomic_write_gives_the_usual_file_mode(tmp_path):
     assert (tmp_path / "m.txt").stat().st_mode & 0o777 == 0o644
 
 
-# ----------------------------------------------------------------------------- every layer type, user models
+# -------------------------------------------------------------------- every layer type, user models
 
 
 class _UserNet(torch.nn.Module):

@@ -171,7 +171,8 @@ def test_fit_with_out_dir_needs_meta_before_epoch_one(tmp_path, meta):
     with pytest.raises(TensorcutError, match=r"needs meta= naming the architecture"):
         fit(net, tr, va, FitConfig(epochs=1), device="cpu", out_dir=tmp_path / "o", meta=meta)
     assert not (tmp_path / "o").exists()
-    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # no step was taken
+    # no step was taken
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
 
 
 def test_fit_with_out_dir_refuses_meta_that_is_not_json_before_epoch_one(tmp_path):

@@ -233,7 +233,7 @@ def test_invariants_hold_after_every_step(base: str, tau: float) -> None:
     seen = set()
     for i in range(12):
         xb, yb = x[i % 3 * 32 : (i % 3 + 1) * 32], y[i % 3 * 32 : (i % 3 + 1) * 32]
-        opt.step(lambda: _ce_backward(net, xb, yb))
+        opt.step(lambda xb=xb, yb=yb: _ce_backward(net, xb, yb))
         _check_invariants(opt, 2, 7)
         for layer in opt.layers.values():  # the core's optimiser state follows its shape
             st = opt.base.state.get(layer.core.weight, {})
@@ -380,7 +380,7 @@ def test_loss_decreases_on_synthetic_task_and_ranks_shrink() -> None:
     for step in range(300):
         i = step % 6
         xb, yb = x[16 * i : 16 * (i + 1)], y[16 * i : 16 * (i + 1)]
-        loss = float(opt.step(lambda: _ce_backward(net, xb, yb)))
+        loss = float(opt.step(lambda xb=xb, yb=yb: _ce_backward(net, xb, yb)))
         (first if step < 6 else last).append(loss)
         last = last[-6:]
     assert sum(last) / 6 < 0.5 * sum(first) / 6
@@ -388,7 +388,7 @@ def test_loss_decreases_on_synthetic_task_and_ranks_shrink() -> None:
     _check_invariants(opt, 2, None)
 
 
-# ---------------------------------------------------------------------------- persistence and logging
+# -------------------------------------------------------------------------- persistence and logging
 
 
 def test_state_dict_roundtrip_rebuilds_identical_model(tmp_path: Any) -> None:
