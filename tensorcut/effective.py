@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from tensorcut.errors import TensorcutError
-from tensorcut.layers.base import SameConv2d, _pair
+from tensorcut.layers.base import SameConv2d, pair
 
 __all__ = ["Resolved", "resolve", "known_kinds", "refuse_scripted"]
 
@@ -136,7 +136,7 @@ def known_kinds() -> list[str]:
 
 def _copy_conv(module: nn.Conv2d, weight: torch.Tensor, same: bool) -> nn.Conv2d:
     kw = {"device": weight.device, "dtype": weight.dtype}
-    stride, dilation = _pair(module.stride), _pair(module.dilation)  # type: ignore[arg-type]
+    stride, dilation = pair(module.stride), pair(module.dilation)  # type: ignore[arg-type]
     if same and stride != (1, 1):
         conv: nn.Conv2d = SameConv2d(
             module.in_channels,

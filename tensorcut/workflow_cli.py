@@ -26,6 +26,9 @@ def _rank_arg(text: str) -> int | tuple[int, ...]:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    from tensorcut.cli_options import add_method_option_flags
+    from tensorcut.compression import DEFAULT_METHOD
+    from tensorcut.layers import list_methods
     from tensorcut.train.loop import OPTIMIZERS, SCHEDULERS
     from tensorcut.workflow import DEFAULT_BN_IMAGES
 
@@ -35,7 +38,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Plan and apply a tensor decomposition to every selected conv layer.",
     )
     c.add_argument("checkpoint", help="dense (or compressed) checkpoint directory")
-    c.add_argument("--method", default="tucker2", help="cp | tucker | tucker2 | tt | tr | auto")
+    c.add_argument(
+        "--method",
+        default=DEFAULT_METHOD,
+        choices=[*list_methods(), "auto"],
+        help="decomposition (auto: per layer, the smallest that meets the layer's error share)",
+    )
     g = c.add_mutually_exclusive_group()
     g.add_argument("--rank", type=_rank_arg, help="explicit rank (int) or ranks (comma-separated)")
     g.add_argument(
@@ -111,6 +119,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     c.add_argument("--force", action="store_true", help="replace a checkpoint already in --out")
     c.add_argument("--json", action="store_true", help="print the plan as JSON")
+    add_method_option_flags(c)
     c.set_defaults(func=_compress)
 
     f = sub.add_parser(
@@ -238,6 +247,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _compress(args: argparse.Namespace) -> int:
+    from tensorcut.cli_options import method_options_from_args
     from tensorcut.compression import CompressConfig
     from tensorcut.workflow import compress_checkpoint
 
@@ -261,6 +271,7 @@ def _compress(args: argparse.Namespace) -> int:
         budget_kind=args.budget_kind,
         latency=args.latency,
         align=args.align,
+        options=method_options_from_args(args),
     )
     _, p, meta = compress_checkpoint(
         args.checkpoint,

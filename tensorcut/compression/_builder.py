@@ -21,14 +21,14 @@ from tensorcut.errors import ConvergenceError, TensorcutError
 from tensorcut.layers import ConvGeometry, FactorizedConv2d, get_method, list_methods
 
 
-def _rel_error(w: torch.Tensor, layer: nn.Module) -> float:
+def rel_error(w: torch.Tensor, layer: nn.Module) -> float:
     rec = layer.reconstruct_weight().detach().to(torch.float64)
     w = w.detach().to(torch.float64)
     n = float(w.norm())
     return float((w - rec).norm()) / n if n > 0 else 0.0
 
 
-def _time_ms(mod: nn.Module, x: torch.Tensor, reps: int = 10) -> float:
+def time_ms(mod: nn.Module, x: torch.Tensor, reps: int = 10) -> float:
     with torch.no_grad():
         for _ in range(2):
             mod(x)
@@ -40,7 +40,7 @@ def _time_ms(mod: nn.Module, x: torch.Tensor, reps: int = 10) -> float:
     return best * 1e3
 
 
-class _Builder:
+class Builder:
     """Builds (and caches) factorized layers for one conv; turns failures into reasons."""
 
     def __init__(
@@ -98,8 +98,8 @@ class _Builder:
         return layer
 
 
-def _ranks_for(
-    b: _Builder, method: str, rule: RankRule
+def ranks_for(
+    b: Builder, method: str, rule: RankRule
 ) -> tuple[tuple[int, ...] | None, str, dict[str, Any]]:
     """Ranks for ``method`` under ``rule``: (ranks or None to let from_conv decide, clamp note, from_conv kwargs)."""
     cls = b.cls(method)
@@ -134,9 +134,9 @@ def _ranks_for(
     raise TensorcutError(f"rank rule {rule.kind!r} cannot pick ranks for one layer")
 
 
-def _entry(
+def make_entry(
     name: str,
-    b: _Builder,
+    b: Builder,
     hw: tuple[int, int],
     method: str,
     status: str,
@@ -154,7 +154,7 @@ def _entry(
             options = layer.rebuild_options()
         pa = b.params(method, tuple(layer.ranks))
         ma = b.macs(method, tuple(layer.ranks))
-        err = _rel_error(b.conv.weight, layer)
+        err = rel_error(b.conv.weight, layer)
         ranks = tuple(layer.ranks)
     return LayerPlan(
         name=name,
@@ -175,8 +175,8 @@ def _entry(
     )
 
 
-def _decide_one(
-    name: str, b: _Builder, hw: tuple[int, int], cfg: CompressConfig, rule: RankRule
+def decide_one(
+    name: str, b: Builder, hw: tuple[int, int], cfg: CompressConfig, rule: RankRule
 ) -> tuple[LayerPlan, nn.Module | None]:
     """Plan one layer under a per-layer rule (not a budget)."""
     methods = list_methods(auto=True) if cfg.method == "auto" else [cfg.method]
@@ -184,11 +184,11 @@ def _decide_one(
     reasons = []
     for method in methods:
         try:
-            ranks, note, kw = _ranks_for(b, method, rule)
+            ranks, note, kw = ranks_for(b, method, rule)
             layer = b.build(method, ranks, **kw)
         except ConvergenceError as e:
             if cfg.fallback and cfg.method == method and b.cls(method).fallback:
-                fb = _fallback(name, b, hw, rule, method, e)
+                fb = fallback_entry(name, b, hw, rule, method, e)
                 if isinstance(fb, str):
                     reasons.append(fb)
                 elif best is None or fb[0].params_after < best[0].params_after:
@@ -199,7 +199,7 @@ def _decide_one(
         except TensorcutError as e:
             reasons.append(f"{method}: {e}")
             continue
-        entry = _entry(name, b, hw, method, "factorize", "", layer=layer, note=note)
+        entry = make_entry(name, b, hw, method, "factorize", "", layer=layer, note=note)
         if cfg.method == "auto" and rule.kind == "ratio":
             better = best is None or (entry.error or 0) < (best[0].error or 0)
         else:
@@ -207,14 +207,14 @@ def _decide_one(
         if better:
             best = (entry, layer)
     if best is None:
-        return _entry(
+        return make_entry(
             name, b, hw, cfg.method, "dense", "; ".join(reasons) or "no method applies"
         ), None
     return best
 
 
-def _fallback(
-    name: str, b: _Builder, hw: tuple[int, int], rule: RankRule, failed: str, err: Exception
+def fallback_entry(
+    name: str, b: Builder, hw: tuple[int, int], rule: RankRule, failed: str, err: Exception
 ) -> tuple[LayerPlan, nn.Module] | str:
     """The ``fallback`` method of ``failed`` in place of its decomposition that did not converge,
     at the same parameter share for explicit ranks."""
@@ -225,11 +225,11 @@ def _fallback(
             n = len(b.cls(failed).max_ranks(b.geom))
             r = (rule.rank,) * n if isinstance(rule.rank, int) else tuple(rule.rank)  # type: ignore[arg-type]
             rule = RankRule(ratio=min(0.99, b.params(failed, r) / b.geom.dense_params()))
-        ranks, _, kw = _ranks_for(b, other, rule)
+        ranks, _, kw = ranks_for(b, other, rule)
         layer = b.build(other, ranks, **kw)
     except (TensorcutError, ConvergenceError) as e2:
         return f"{failed}: did not converge ({err}); {other} fallback failed ({e2})"
-    return _entry(
+    return make_entry(
         name,
         b,
         hw,
@@ -241,8 +241,8 @@ def _fallback(
     ), layer
 
 
-def _smallest_within(
-    name: str, b: _Builder, hw: tuple[int, int], entry: LayerPlan, layer: nn.Module
+def smallest_within(
+    name: str, b: Builder, hw: tuple[int, int], entry: LayerPlan, layer: nn.Module
 ) -> tuple[LayerPlan, nn.Module]:
     """Among the auto methods, the fewest parameters with kernel error at most ``entry.error``."""
     share = float(entry.error or 0.0)
@@ -252,18 +252,18 @@ def _smallest_within(
         if method == entry.method:
             continue
         try:
-            ranks, _, kw = _ranks_for(b, method, RankRule(eps=min(share * 0.999, 0.999)))
+            ranks, _, kw = ranks_for(b, method, RankRule(eps=min(share * 0.999, 0.999)))
             cand = b.build(method, ranks, **kw)
         except (TensorcutError, ConvergenceError):
             continue
-        e = _entry(name, b, hw, method, "factorize", "", layer=cand)
+        e = make_entry(name, b, hw, method, "factorize", "", layer=cand)
         if e.error is not None and e.error <= share + 1e-9 and e.params_after < entry.params_after:
             entry, layer = e, cand
     return entry, layer
 
 
-def _finalize(
-    entry: LayerPlan, b: _Builder, layer: nn.Module | None, cfg: CompressConfig, hw: tuple[int, int]
+def finalize(
+    entry: LayerPlan, b: Builder, layer: nn.Module | None, cfg: CompressConfig, hw: tuple[int, int]
 ) -> LayerPlan:
     """Size and latency guards: a factorization that is not smaller (or not faster) stays dense."""
     if entry.status != "factorize" or layer is None:
@@ -280,8 +280,8 @@ def _finalize(
     if cfg.latency:
         dev = b.conv.weight.device
         x = torch.randn(32, b.geom.in_channels, *hw, device=dev, dtype=b.conv.weight.dtype)
-        td = _time_ms(b.conv, x)
-        tf = _time_ms(layer, x)
+        td = time_ms(b.conv, x)
+        tf = time_ms(layer, x)
         entry.latency_ms = {"dense": td, "factorized": tf}
         if tf >= td:
             entry.status = "dense"
@@ -289,7 +289,7 @@ def _finalize(
     return entry
 
 
-def _dense_entry(
+def dense_entry(
     name: str, module: nn.Module, reason: str, kind: str, unit: cost.UnitCost | None
 ) -> LayerPlan:
     g = ConvGeometry.from_conv(module)  # type: ignore[arg-type]
@@ -311,8 +311,8 @@ def _dense_entry(
     )
 
 
-def _verify_entry(
-    e: LayerPlan, b: _Builder, layer: nn.Module, cap: Capture, module: nn.Module
+def verify_entry(
+    e: LayerPlan, b: Builder, layer: nn.Module, cap: Capture, module: nn.Module
 ) -> None:
     """Check the swap on the module's captured input; a failed check leaves the layer dense."""
     x, y = cap.inputs.get(id(module)), cap.outputs.get(id(module))
@@ -330,7 +330,7 @@ def _verify_entry(
     e.output_error = chk.output_error
 
 
-def _warn_poor(entries: Sequence[LayerPlan], rule_kind: str) -> None:
+def warn_poor(entries: Sequence[LayerPlan], rule_kind: str) -> None:
     """Flag results a user would not want silently: near-total kernel error, more MACs than dense."""
     if rule_kind == "full":
         return

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from tensorcut.compression import cost
-from tensorcut.compression._builder import _Builder, _entry, _finalize, _rel_error, _smallest_within
+from tensorcut.compression._builder import Builder, finalize, make_entry, rel_error, smallest_within
 from tensorcut.compression.config import DEFAULT_METHOD, CompressConfig
 from tensorcut.compression.plan import LayerPlan
 from tensorcut.compression.rank import (
@@ -29,7 +29,7 @@ BUDGET_SCALES = (1.0, 0.75, 0.55, 0.4, 0.3, 0.22, 0.16, 0.12, 0.08, 0.05, 0.03, 
 
 def plan_budget(
     chosen: list[str],
-    builders: dict[str, _Builder],
+    builders: dict[str, Builder],
     cfg: CompressConfig,
     sensitivity: dict[str, float],
     mc: cost.ModelCost,
@@ -49,7 +49,7 @@ def plan_budget(
         try:
             mx = tuple(cls.max_ranks(b.geom))
         except TensorcutError as e:
-            entries[n] = _entry(n, b, sizes[n], method, "dense", str(e))
+            entries[n] = make_entry(n, b, sizes[n], method, "dense", str(e))
             continue
         cands, seen = [], set()
         for s in BUDGET_SCALES:
@@ -62,15 +62,15 @@ def plan_budget(
             seen.add(r)
             cands.append(Candidate(r, p, b.macs(method, r)))
 
-        def evaluate(i: int, b: _Builder = b, cands: list[Candidate] = cands, n: str = n) -> float:
+        def evaluate(i: int, b: Builder = b, cands: list[Candidate] = cands, n: str = n) -> float:
             try:
                 layer = b.build(method, cands[i].ranks, fast=True)
             except (TensorcutError, ConvergenceError):
                 return math.inf
-            return _rel_error(b.conv.weight, layer)
+            return rel_error(b.conv.weight, layer)
 
         if not cands:
-            entries[n] = _entry(
+            entries[n] = make_entry(
                 n,
                 b,
                 sizes[n],
@@ -108,7 +108,7 @@ def plan_budget(
     for l in ladders:
         b = builders[l.name]
         if l.choice < 0:
-            entries[l.name] = _entry(
+            entries[l.name] = make_entry(
                 l.name,
                 b,
                 sizes[l.name],
@@ -121,7 +121,7 @@ def plan_budget(
         try:
             layer = b.build(method, c.ranks)
         except (TensorcutError, ConvergenceError) as err:
-            entries[l.name] = _entry(
+            entries[l.name] = make_entry(
                 l.name,
                 b,
                 sizes[l.name],
@@ -130,7 +130,7 @@ def plan_budget(
                 f"{method} failed at ranks {c.ranks}: {err}",
             )
             continue
-        e = _entry(
+        e = make_entry(
             l.name,
             b,
             sizes[l.name],
@@ -142,8 +142,8 @@ def plan_budget(
         )
         if cfg.method == "auto" and e.error is not None:
             # the allocation gave this layer an error share; keep the smallest method that meets it
-            e, layer = _smallest_within(l.name, b, sizes[l.name], e, layer)
-        entries[l.name] = _finalize(e, b, layer, cfg, sizes[l.name])
+            e, layer = smallest_within(l.name, b, sizes[l.name], e, layer)
+        entries[l.name] = finalize(e, b, layer, cfg, sizes[l.name])
         if entries[l.name].status == "factorize":
             built[l.name] = layer
     return entries, built

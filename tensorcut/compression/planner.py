@@ -18,12 +18,12 @@ from tqdm.auto import tqdm
 
 from tensorcut.compression import cost
 from tensorcut.compression._builder import (
-    _Builder,
-    _decide_one,
-    _dense_entry,
-    _finalize,
-    _verify_entry,
-    _warn_poor,
+    Builder,
+    decide_one,
+    dense_entry,
+    finalize,
+    verify_entry,
+    warn_poor,
 )
 from tensorcut.compression.budget import plan_budget
 from tensorcut.compression.config import CompressConfig, FilterFn, default_filter
@@ -196,19 +196,19 @@ def plan(
     mc = cost.model_cost(model, example=args)
     units = {id(u.module): u for u in mc.units}
     entries: dict[str, LayerPlan] = {}
-    builders: dict[str, _Builder] = {}
+    builders: dict[str, Builder] = {}
     for n in chosen:
         m = convs[n]
         r = resolve(m, allow_custom_forward=cfg.allow_custom_forward)
         kind = r.kind if isinstance(r, Resolved) else ""
         if isinstance(r, str):
-            entries[n] = _dense_entry(n, m, r, kind, units.get(id(m)))
+            entries[n] = dense_entry(n, m, r, kind, units.get(id(m)))
         elif id(m) not in cap.sizes:
-            entries[n] = _dense_entry(
+            entries[n] = dense_entry(
                 n, m, "not called by forward on the calibration input; left dense", kind, None
             )
         else:
-            builders[n] = _Builder(n, r.conv, cfg, cap.sizes[id(m)])
+            builders[n] = Builder(n, r.conv, cfg, cap.sizes[id(m)])
             builders[n].kind = kind
     built: dict[str, nn.Module] = {}
     rule = cfg.rule
@@ -217,8 +217,8 @@ def plan(
     if cfg.budget is None:
         for n in it:
             b = builders[n]
-            e, layer = _decide_one(n, b, b.hw, cfg, rule)
-            entries[n] = _finalize(e, b, layer, cfg, b.hw)
+            e, layer = decide_one(n, b, b.hw, cfg, rule)
+            entries[n] = finalize(e, b, layer, cfg, b.hw)
             if layer is not None and entries[n].status == "factorize":
                 built[n] = layer
     else:
@@ -236,12 +236,12 @@ def plan(
         if n in builders:
             e.kind = builders[n].kind
         if e.status == "factorize" and n in built:
-            _verify_entry(e, builders[n], built[n], cap, m)
+            verify_entry(e, builders[n], built[n], cap, m)
             if e.status != "factorize":
                 built.pop(n)
         if sensitivity and n in sensitivity:
             e.sensitivity = float(sensitivity[n])
-    _warn_poor([entries[n] for n in chosen], rule.kind)
+    warn_poor([entries[n] for n in chosen], rule.kind)
     p = Plan(
         config=cfg.to_dict(),
         layers=[entries[n] for n in chosen],

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tensorcut.decompose.svd import _as_float, clamp_rank, gaussian, small_lapack
+from tensorcut.decompose.svd import as_float, clamp_rank, gaussian, small_lapack
 from tensorcut.errors import ConvergenceError, TensorcutError
 
 __all__ = ["CPResult", "cp_als", "cp_max_rank", "cp_to_tensor", "khatri_rao"]
@@ -298,7 +298,7 @@ def cp_als(
     """
     if not isinstance(T, torch.Tensor):
         raise TensorcutError(f"cp_als needs a torch.Tensor; got {type(T).__name__}")
-    T, out_dtype = _as_float(T, "T")
+    T, out_dtype = as_float(T, "T")
     if T.ndim < 2:
         raise TensorcutError(
             f"cp_als needs a tensor with at least 2 modes; got shape {tuple(T.shape)}"

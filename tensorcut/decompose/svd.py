@@ -102,7 +102,7 @@ def check_tolerance(eps: float | None, energy: float | None) -> float | None:
     return None
 
 
-def _rank_for_budget(s2: torch.Tensor, budget: float, total: float | None = None) -> int:
+def rank_for_budget(s2: torch.Tensor, budget: float, total: float | None = None) -> int:
     """Smallest ``k >= 1`` whose discarded energy ``sum_{i>=k} s2_i`` is ``<= budget``.
 
     ``total`` adds energy that lies outside ``s2`` (e.g. outside a randomized sketch);
@@ -133,10 +133,10 @@ def rank_from_spectrum(
     tol2 = check_tolerance(eps, energy)
     if tol2 is None:
         raise TensorcutError("rank_from_spectrum needs eps or energy")
-    return _rank_from_s(S, tol2)
+    return rank_from_s(S, tol2)
 
 
-def _rank_from_s(S: torch.Tensor, tol2: float) -> int:
+def rank_from_s(S: torch.Tensor, tol2: float) -> int:
     """:func:`rank_from_spectrum` with the squared relative error budget ``tol2``."""
     s = torch.as_tensor(S).detach().reshape(-1).to(device="cpu", dtype=torch.float64)
     if s.numel() == 0:
@@ -145,10 +145,10 @@ def _rank_from_s(S: torch.Tensor, tol2: float) -> int:
     total = float(s2.sum())
     if total == 0.0:
         return 1
-    return min(_rank_for_budget(s2, tol2 * total), s.numel())
+    return min(rank_for_budget(s2, tol2 * total), s.numel())
 
 
-def _as_float(M: torch.Tensor, what: str = "input") -> tuple[torch.Tensor, torch.dtype]:
+def as_float(M: torch.Tensor, what: str = "input") -> tuple[torch.Tensor, torch.dtype]:
     """Return ``M`` in a dtype LAPACK handles (float32/float64) and the dtype to give back."""
     if not isinstance(M, torch.Tensor):
         raise TensorcutError(f"{what} must be a torch.Tensor; got {type(M).__name__}")
@@ -159,7 +159,7 @@ def _as_float(M: torch.Tensor, what: str = "input") -> tuple[torch.Tensor, torch
     return M.to(torch.float32), M.dtype
 
 
-def _fix_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fix_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Make the largest-magnitude entry of every column of ``U`` positive (deterministic output)."""
     if U.numel() == 0:
         return U, Vh
@@ -223,7 +223,7 @@ def truncated_svd(
     """
     if sum(x is not None for x in (rank, eps, energy)) > 1:
         raise TensorcutError("give at most one of rank, eps, energy to truncated_svd")
-    M, out_dtype = _as_float(M, "M")
+    M, out_dtype = as_float(M, "M")
     if M.ndim != 2:
         raise TensorcutError(f"truncated_svd needs a 2-D matrix; got shape {tuple(M.shape)}")
     if M.numel() == 0:
@@ -246,7 +246,7 @@ def truncated_svd(
         size = min(max(2 * oversample, 16), full)
         while size + oversample < full:
             U, S, Vh = _sketch_svd(M, size + oversample, n_iter, seed)
-            k = _rank_for_budget(S.double() ** 2, tol2 * total, total)
+            k = rank_for_budget(S.double() ** 2, tol2 * total, total)
             if k <= size:
                 break
             U = S = Vh = None
@@ -255,12 +255,12 @@ def truncated_svd(
         with small_lapack(M):
             U, S, Vh = torch.linalg.svd(M, full_matrices=False)
         if tol2 is not None:
-            k = _rank_from_s(S, tol2)
+            k = rank_from_s(S, tol2)
     if k is None:
         k = full
     assert U is not None and S is not None and Vh is not None  # the exact SVD ran otherwise
     U, S, Vh = U[:, :k], S[:k], Vh[:k]
-    U, Vh = _fix_signs(U, Vh)
+    U, Vh = fix_signs(U, Vh)
     if out_dtype != M.dtype:
         U, S, Vh = U.to(out_dtype), S.to(out_dtype), Vh.to(out_dtype)
     return U, S, Vh

@@ -17,11 +17,11 @@ from collections.abc import Sequence
 import torch
 
 from tensorcut.decompose.svd import (
-    _as_float,
-    _fix_signs,
-    _rank_for_budget,
+    as_float,
     check_tolerance,
     clamp_rank,
+    fix_signs,
+    rank_for_budget,
     small_lapack,
 )
 from tensorcut.errors import TensorcutError
@@ -55,7 +55,7 @@ def tt_svd(
     ``eps = sqrt(1 - energy)``. With both ``ranks`` and ``eps``, the ranks are caps. With
     neither, the decomposition is exact (full ranks).
     """
-    T, out_dtype = _as_float(T, "T")
+    T, out_dtype = as_float(T, "T")
     if T.ndim < 2:
         raise TensorcutError(
             f"tt_svd needs a tensor with at least 2 modes; got shape {tuple(T.shape)}"
@@ -91,8 +91,8 @@ def tt_svd(
             U, S, Vh = torch.linalg.svd(C, full_matrices=False)
         r = min(caps[k], S.numel())
         if budget is not None:
-            r = min(r, _rank_for_budget(S.double() ** 2, budget))
-        U, Vh = _fix_signs(U[:, :r], Vh[:r])
+            r = min(r, rank_for_budget(S.double() ** 2, budget))
+        U, Vh = fix_signs(U[:, :r], Vh[:r])
         cores.append(U.reshape(r_prev, shape[k], r))
         C = S[:r, None] * Vh
         r_prev = r

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import torch
 
 from tensorcut.decompose.svd import (
-    _as_float,
-    _rank_from_s,
+    as_float,
     check_tolerance,
     clamp_rank,
+    rank_from_s,
     small_lapack,
 )
 from tensorcut.errors import TensorcutError
@@ -165,7 +165,7 @@ def hosvd(
     module docstring) or ``energy`` (``eps = sqrt(1 - energy)``). With neither, full ranks
     (exact). ``modes`` restricts which modes are decomposed when ``ranks`` is not a sequence.
     """
-    T, out_dtype = _as_float(T, "T")
+    T, out_dtype = as_float(T, "T")
     if not bool(torch.isfinite(T).all()):
         raise TensorcutError("Tucker input contains NaN or Inf; clean the tensor first")
     modes, rank_of, tol2 = _resolve(T, ranks, modes, eps, energy)
@@ -174,7 +174,7 @@ def hosvd(
         Tn = _unfold(T, n)
         with small_lapack(Tn):
             U, S, _ = torch.linalg.svd(Tn, full_matrices=False)
-        r = rank_of[n] if rank_of is not None else _rank_from_s(S, tol2 / len(modes))  # type: ignore[operator]
+        r = rank_of[n] if rank_of is not None else rank_from_s(S, tol2 / len(modes))  # type: ignore[operator]
         factors[n] = U[:, :r]
     core = T
     for n in modes:
@@ -210,7 +210,7 @@ def hooi(
     if n_iter < 0:
         raise TensorcutError(f"n_iter must be >= 0; got {n_iter}")
     init = hosvd(T, ranks, eps=eps, energy=energy, modes=modes)
-    Tf, out_dtype = _as_float(T, "T")
+    Tf, out_dtype = as_float(T, "T")
     dec = [n for n, U in enumerate(init.factors) if U is not None]
     factors = [None if U is None else U.to(Tf.dtype) for U in init.factors]
     norm2 = float(torch.linalg.vector_norm(Tf, dtype=torch.float64)) ** 2

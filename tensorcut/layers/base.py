@@ -37,7 +37,7 @@ __all__ = [
 Pair = tuple[int, int]
 
 
-def _pair(v: int | tuple[int, ...]) -> Pair:
+def pair(v: int | tuple[int, ...]) -> Pair:
     if isinstance(v, int):
         return (v, v)
     t = tuple(int(x) for x in v)
@@ -119,15 +119,15 @@ class ConvGeometry:
         padding = (
             TF_SAME
             if isinstance(conv, SameConv2d)
-            else (conv.padding if isinstance(conv.padding, str) else _pair(conv.padding))
+            else (conv.padding if isinstance(conv.padding, str) else pair(conv.padding))
         )
         return cls(
             in_channels=conv.in_channels,
             out_channels=conv.out_channels,
-            kernel_size=_pair(conv.kernel_size),
-            stride=_pair(conv.stride),
+            kernel_size=pair(conv.kernel_size),
+            stride=pair(conv.stride),
             padding=padding,
-            dilation=_pair(conv.dilation),
+            dilation=pair(conv.dilation),
             groups=conv.groups,
             padding_mode=conv.padding_mode,
             bias=conv.bias is not None,
@@ -176,7 +176,7 @@ class ConvGeometry:
                 left = total // 2
                 out += [left, total - left]
             return (out[0], out[1], out[2], out[3])
-        ph, pw = _pair(self.padding)
+        ph, pw = pair(self.padding)
         return (pw, pw, ph, ph)
 
     def output_size(self, hw: Pair) -> Pair:
@@ -241,14 +241,14 @@ class ConvGeometry:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ConvGeometry:
         """Inverse of :meth:`to_dict`."""
-        padding = d["padding"] if isinstance(d["padding"], str) else _pair(d["padding"])
+        padding = d["padding"] if isinstance(d["padding"], str) else pair(d["padding"])
         return cls(
             in_channels=int(d["in_channels"]),
             out_channels=int(d["out_channels"]),
-            kernel_size=_pair(d["kernel_size"]),
-            stride=_pair(d["stride"]),
+            kernel_size=pair(d["kernel_size"]),
+            stride=pair(d["stride"]),
             padding=padding,
-            dilation=_pair(d["dilation"]),
+            dilation=pair(d["dilation"]),
             groups=int(d.get("groups", 1)),
             padding_mode=str(d.get("padding_mode", "zeros")),
             bias=bool(d.get("bias", True)),
