@@ -14,7 +14,7 @@ REALNET_DEPS := pyyaml
 
 # The numerically sensitive tests, run a second time on PyTorch's portable (non-vectorised) CPU
 # kernels: every tolerance must hold for any summation order, not just this CPU's.
-PORTABLE_TESTS := tests/layers tests/decompose tests/train tests/test_compress.py tests/test_property.py
+PORTABLE_TESTS := tests/layers tests/decompose tests/compression tests/train tests/test_compress.py tests/test_property.py
 
 # after a failed pytest: exit status 5 (nothing collected, i.e. a selection that matches no test) said in words
 NOTHING_COLLECTED = { rc=$$?; [ $$rc -ne 5 ] || echo "make $@: pytest collected no tests (exit 5); the selection matches nothing" >&2; exit $$rc; }
