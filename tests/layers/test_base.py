@@ -1,14 +1,16 @@
-"""Factorized convolutions, parametrised over LAYER_REGISTRY (a new format is covered
-automatically).
+"""The factorized-layer contract (``layers/base.py``), parametrised over LAYER_REGISTRY: a new
+method is covered automatically (as timm tests every registered model).
 
 At full rank (each class's ``max_ranks``) every layer must compute exactly what the dense
 ``nn.Conv2d`` computes across kernel sizes, strides, paddings, dilations, padding modes,
 bias and groups; its counts must match the closed forms; and it must survive ``to_conv`` and
-a ``config`` + ``state_dict`` round trip.
+a ``config`` + ``state_dict`` round trip. Every method declares a typed ``Options`` dataclass.
+Method-specific tests live in ``test_layers_<method>.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -21,8 +23,14 @@ from torch import nn
 
 import tensorcut.layers  # noqa: F401  (registers every layer class)
 from tensorcut.errors import TensorcutError
-from tensorcut.layers import CPConv2d, FullTuckerConv2d, TTConv2d, TuckerConv2d
-from tensorcut.layers.base import LAYER_REGISTRY, ConvGeometry, FactorizedConv2d
+from tensorcut.layers import CPConv2d, TTConv2d, TuckerConv2d
+from tensorcut.layers.base import (
+    LAYER_REGISTRY,
+    ConvGeometry,
+    FactorizedConv2d,
+    MethodOptions,
+    SameConv2d,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
@@ -96,14 +104,6 @@ def _from_conv_full(cls: type[FactorizedConv2d], conv: nn.Conv2d) -> FactorizedC
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
-
-
-def test_registry_has_the_core_methods() -> None:
-    assert {"cp", "tt", "tucker", "tucker2"} <= set(LAYER_REGISTRY)
-    assert (
-        LAYER_REGISTRY["tucker2"] is TuckerConv2d and LAYER_REGISTRY["tucker"] is FullTuckerConv2d
-    )
-    assert LAYER_REGISTRY["cp"] is CPConv2d and LAYER_REGISTRY["tt"] is TTConv2d
 
 
 def test_grid_covers_every_axis_value() -> None:
@@ -312,68 +312,6 @@ def test_eps_with_groups_uses_common_ranks() -> None:
         assert _rel(layer.reconstruct_weight().detach(), conv.weight.detach()) <= 0.4 + 1e-12
 
 
-def test_tucker2_sublayer_contract() -> None:
-    """first = U_in^T, core = C, last = U_out (orthonormal factors), bias on last."""
-    torch.manual_seed(6)
-    conv = nn.Conv2d(8, 6, 3, stride=2, padding=1).double()
-    layer = TuckerConv2d.from_conv(conv, (4, 3))
-    assert layer.first.weight.shape == (3, 8, 1, 1) and layer.first.bias is None
-    assert (
-        layer.core.weight.shape == (4, 3, 3, 3)
-        and layer.core.stride == (2, 2)
-        and layer.core.bias is None
-    )
-    assert layer.last.weight.shape == (6, 4, 1, 1) and torch.equal(layer.last.bias, conv.bias)
-    U_in_T = layer.first.weight[:, :, 0, 0].detach()
-    U_out = layer.last.weight[:, :, 0, 0].detach()
-    torch.testing.assert_close(U_in_T @ U_in_T.mT, torch.eye(3, dtype=torch.float64))
-    torch.testing.assert_close(U_out.mT @ U_out, torch.eye(4, dtype=torch.float64))
-    assert layer.ranks == (4, 3)
-
-
-def test_tucker2_ranks_follow_rewritten_sublayers() -> None:
-    """A rank-adaptive integrator swaps the three convs; ranks read the new shapes."""
-    geom = ConvGeometry(8, 6, (3, 3), padding=(1, 1))
-    layer = TuckerConv2d(geom, (4, 3))
-    layer.first = nn.Conv2d(8, 2, 1, bias=False)
-    layer.core = nn.Conv2d(2, 5, 3, bias=False)
-    layer.last = nn.Conv2d(5, 6, 1)
-    assert layer.ranks == (5, 2)
-
-
-def test_early_stride_saves_macs_and_stays_exact() -> None:
-    torch.manual_seed(7)
-    conv = nn.Conv2d(8, 12, 1, stride=2).double()
-    layer = TuckerConv2d.from_conv(conv)
-    assert layer.first.stride == (2, 2) and layer.core.stride == (1, 1)
-    x = _input(cin=8)
-    torch.testing.assert_close(layer(x), conv(x))
-    r_out, r_in = layer.ranks
-    assert (
-        layer.macs(HW)
-        < r_in * 8 * HW[0] * HW[1] + 12 * r_out * 6 * 5 + r_out * r_in * HW[0] * HW[1]
-    )
-
-
-def test_constructor_is_zero_filled_and_reset_parameters_randomises() -> None:
-    layer = CPConv2d(ConvGeometry(4, 6, (3, 3)), 5)
-    assert all(bool((p == 0).all()) for p in layer.parameters())
-    layer.reset_parameters()
-    assert all(bool((p != 0).any()) for p in layer.parameters())
-
-
-def test_cp_failure_propagates_as_convergence_error() -> None:
-    from tensorcut.errors import ConvergenceError
-
-    conv = nn.Conv2d(4, 6, 3).double()
-    with pytest.raises(ConvergenceError):
-        CPConv2d.from_conv(conv, 4, max_norm_ratio=1e-6)
-    with torch.no_grad():
-        conv.weight[0, 0, 0, 0] = float("nan")
-    with pytest.raises(ConvergenceError):
-        CPConv2d.from_conv(conv, 4)
-
-
 def test_bad_arguments() -> None:
     conv = nn.Conv2d(4, 6, 3)
     with pytest.raises(TensorcutError):
@@ -514,3 +452,85 @@ def test_contract_hooks_are_consistent(method: str) -> None:
     # HOOI refines the HOSVD, so the reached error is at most the bound (float32 factors: + 1e-5)
     assert err / float(torch.linalg.vector_norm(W)) <= bound + 1e-5
     assert cls.error_bound(conv.weight, geom, mx, cache) == pytest.approx(0.0, abs=1e-7)
+
+
+# ---------------------------------------------------------------- the declared contract
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_declares_the_contract(method: str) -> None:
+    """The registry key is the class's ``method``; ``Options`` is a frozen dataclass whose fields
+    all default to None (the decomposition's own default); ``fallback`` names a registered
+    method."""
+    cls = LAYER_REGISTRY[method]
+    assert cls.method == method and issubclass(cls, FactorizedConv2d)
+    assert issubclass(cls.Options, MethodOptions) and dataclasses.is_dataclass(cls.Options)
+    opts = cls.Options()
+    assert opts.kwargs() == {} and isinstance(opts.fast(), cls.Options)
+    assert all(f.default is None for f in dataclasses.fields(cls.Options))
+    if dataclasses.fields(cls.Options):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(opts, dataclasses.fields(cls.Options)[0].name, 1)
+    assert cls.fallback is None or cls.fallback in LAYER_REGISTRY
+    assert isinstance(cls.in_auto, bool) and isinstance(cls.supports_vbmf, bool)
+    geom = ConvGeometry(8, 6, (3, 3), padding=(1, 1))
+    mx = tuple(cls.max_ranks(geom))
+    assert mx and all(isinstance(r, int) and r >= 1 for r in mx)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_options_parse_refuses_unknown_names_in_one_line(method: str) -> None:
+    cls = LAYER_REGISTRY[method]
+    names = [f.name for f in dataclasses.fields(cls.Options)]
+    valid = ", ".join(names) if names else "none (this method takes no options)"
+    with pytest.raises(TensorcutError) as e:
+        cls.Options.parse(method, {"bogus": 1})
+    assert str(e.value) == f"unknown options for {method}: ['bogus']; valid: {valid}"
+    with pytest.raises(TensorcutError) as e:
+        cls.Options.parse(method, [1])  # type: ignore[arg-type]
+    assert str(e.value) == (
+        f"options for {method} must be a dict or {cls.Options.__name__}, got list"
+    )
+    assert cls.Options.parse(method, None) == cls.Options()
+    if names:
+        parsed = cls.Options.parse(method, {names[0]: 3})
+        assert parsed.kwargs() == {names[0]: 3} and cls.Options.parse(method, parsed) is parsed
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_parent_modules_read_the_dense_attributes(method: str) -> None:
+    """A factorized layer answers ``in_channels``/``stride``/``weight``... as the conv it
+    replaced did (some parent modules read them)."""
+    torch.manual_seed(2)
+    conv = nn.Conv2d(6, 8, (3, 1), stride=(2, 1), padding=(1, 0), bias=False).double()
+    layer = LAYER_REGISTRY[method].from_conv(
+        conv, LAYER_REGISTRY[method].max_ranks(ConvGeometry.from_conv(conv))
+    )  # type: ignore[attr-defined]
+    for attr in ("in_channels", "out_channels", "kernel_size", "stride", "dilation", "groups"):
+        assert getattr(layer, attr) == getattr(conv, attr), attr
+    assert layer.padding_mode == "zeros" and layer.bias is None
+    assert layer.weight.shape == conv.weight.shape
+    torch.testing.assert_close(layer.weight, conv.weight, atol=1e-6, rtol=1e-6)
+
+
+def test_conv_geometry_round_trips_and_counts() -> None:
+    conv = nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2)
+    geom = ConvGeometry.from_conv(conv)
+    assert ConvGeometry.from_dict(json.loads(json.dumps(geom.to_dict()))) == geom
+    assert geom.dense_params() == sum(p.numel() for p in conv.parameters())
+    x = torch.zeros(1, 4, 9, 7)
+    assert tuple(conv(x).shape[2:]) == tuple(geom.output_size((9, 7)))
+    oh, ow = geom.output_size((9, 7))
+    assert geom.dense_macs((9, 7)) == 6 * (4 // 2) * 3 * 2 * oh * ow
+    rebuilt = geom.make_conv()
+    assert ConvGeometry.from_conv(rebuilt) == geom and type(rebuilt) is nn.Conv2d
+
+
+def test_same_conv2d_pads_like_tensorflow() -> None:
+    """TF 'same' with stride 2 on an even input pads (0, 1) per axis: the output is ceil(H/2)."""
+    torch.manual_seed(0)
+    same = SameConv2d(3, 5, 3, stride=2).double()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    ref = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(x, (0, 1, 0, 1)), same.weight, same.bias, stride=2
+    )
+    torch.testing.assert_close(same(x), ref)
+    assert same(x).shape[2:] == (4, 4)
