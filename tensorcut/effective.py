@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -89,8 +90,8 @@ def _std_kernel(module: nn.Conv2d) -> torch.Tensor:
 
 
 def _scaled_std_kernel(module: nn.Conv2d) -> torch.Tensor:
-    gain = module.gain
-    scale = float(module.scale)
+    gain = cast(torch.Tensor, module.gain)
+    scale = float(cast(float, module.scale))
     return _standardised(module, gain.reshape(-1) * scale)
 
 
@@ -135,8 +136,8 @@ def known_kinds() -> list[str]:
 
 
 def _copy_conv(module: nn.Conv2d, weight: torch.Tensor, same: bool) -> nn.Conv2d:
-    kw = {"device": weight.device, "dtype": weight.dtype}
-    stride, dilation = pair(module.stride), pair(module.dilation)  # type: ignore[arg-type]
+    kw: dict[str, Any] = {"device": weight.device, "dtype": weight.dtype}
+    stride, dilation = pair(module.stride), pair(module.dilation)
     if same and stride != (1, 1):
         conv: nn.Conv2d = SameConv2d(
             module.in_channels,
@@ -149,16 +150,17 @@ def _copy_conv(module: nn.Conv2d, weight: torch.Tensor, same: bool) -> nn.Conv2d
             **kw,
         )
     else:
-        # TF-same at stride 1 pads (k - 1) * d in total, the odd unit after: exactly PyTorch's 'same'
+        # TF-same at stride 1 pads (k - 1) * d in total, the odd unit after: exactly PyTorch's
+        # 'same'
         padding = "same" if same else module.padding
         conv = nn.Conv2d(
             module.in_channels,
             module.out_channels,
             module.kernel_size,  # type: ignore[arg-type]
             stride=stride,
-            padding=padding,
+            padding=cast("str | tuple[int, int]", padding),
             dilation=dilation,
-            groups=module.groups,  # type: ignore[arg-type]
+            groups=module.groups,
             bias=module.bias is not None,
             padding_mode=module.padding_mode,
             **kw,
@@ -196,7 +198,8 @@ def resolve(module: nn.Module, *, allow_custom_forward: bool = False) -> Resolve
     path = cls.__module__
     if path.startswith(("torch.ao.nn", "torch.nn.qat", "torch.nn.intrinsic", "torch.nn.quantized")):
         return (
-            f"quantization-aware {name}: its kernel is fake-quantized (and BatchNorm folded) in forward, "
+            f"quantization-aware {name}: its kernel is fake-quantized (and BatchNorm folded) in "
+            "forward, "
             "so it has no fixed kernel to factorize"
         )
     if module._forward_hooks or module._forward_pre_hooks:

@@ -7,7 +7,7 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from tensorcut.errors import ConvergenceError, TensorcutError
 from tensorcut.layers import ConvGeometry, FactorizedConv2d, get_method, list_methods
 
 
-def rel_error(w: torch.Tensor, layer: nn.Module) -> float:
+def rel_error(w: torch.Tensor, layer: FactorizedConv2d) -> float:
     rec = layer.reconstruct_weight().detach().to(torch.float64)
     w = w.detach().to(torch.float64)
     n = float(w.norm())
@@ -40,6 +40,12 @@ def time_ms(mod: nn.Module, x: torch.Tensor, reps: int = 10) -> float:
     return best * 1e3
 
 
+def _explicit_ranks(rule: RankRule, n: int) -> tuple[int, ...]:
+    """The ranks of an explicit rank rule, one per mode (an int repeated ``n`` times)."""
+    r = cast("int | tuple[int, ...]", rule.rank)
+    return (r,) * n if isinstance(r, int) else tuple(r)
+
+
 class Builder:
     """Builds (and caches) factorized layers for one conv; turns failures into reasons."""
 
@@ -50,7 +56,7 @@ class Builder:
         self.hws = list(hws) or [(32, 32)]
         self.hw = self.hws[0]
         self.geom = ConvGeometry.from_conv(conv)
-        self.cache: dict[tuple[str, tuple[int, ...]], nn.Module] = {}
+        self.cache: dict[tuple[str, tuple[int, ...], bool], FactorizedConv2d] = {}
         self.kind = "nn.Conv2d"  # what the module computes (tensorcut.effective)
 
     def dense_macs(self) -> int:
@@ -70,7 +76,7 @@ class Builder:
 
     def build(
         self, method: str, ranks: tuple[int, ...] | None = None, *, fast: bool = False, **rule: Any
-    ) -> nn.Module:
+    ) -> FactorizedConv2d:
         """The factorized layer; ``fast`` trades a little accuracy for speed (HOSVD without HOOI,
         fewer ALS sweeps) — used only to rank budget candidates, never for the applied layer."""
         cls = self.cls(method)
@@ -101,14 +107,18 @@ class Builder:
 def ranks_for(
     b: Builder, method: str, rule: RankRule
 ) -> tuple[tuple[int, ...] | None, str, dict[str, Any]]:
-    """Ranks for ``method`` under ``rule``: (ranks or None to let from_conv decide, clamp note, from_conv kwargs)."""
+    """Ranks for ``method`` under ``rule``: (ranks or None to let from_conv decide, clamp note,
+    from_conv kwargs).
+    """
     cls = b.cls(method)
     mx = tuple(cls.max_ranks(b.geom))
     if rule.kind == "rank":
-        req = (rule.rank,) * len(mx) if isinstance(rule.rank, int) else tuple(rule.rank)  # type: ignore[arg-type]
+        req = _explicit_ranks(rule, len(mx))
         if len(req) != len(mx):
             raise TensorcutError(
-                f"{method} takes {len(mx)} ranks {'(' + ', '.join('r' + str(i) for i in range(len(mx))) + ')'}, got {len(req)}: {req}"
+                f"{method} takes {len(mx)} ranks "
+                f"{'(' + ', '.join('r' + str(i) for i in range(len(mx))) + ')'}, got {len(req)}: "
+                f"{req}"
             )
         r, note = clamp_ranks(req, mx)
         return r, note, {}
@@ -142,7 +152,7 @@ def make_entry(
     status: str,
     reason: str,
     ranks: Sequence[int] = (),
-    layer: nn.Module | None = None,
+    layer: FactorizedConv2d | None = None,
     note: str = "",
 ) -> LayerPlan:
     g = b.geom
@@ -150,8 +160,7 @@ def make_entry(
     err = None
     options: dict[str, Any] = {}
     if layer is not None:
-        if isinstance(layer, FactorizedConv2d):
-            options = layer.rebuild_options()
+        options = layer.rebuild_options()
         pa = b.params(method, tuple(layer.ranks))
         ma = b.macs(method, tuple(layer.ranks))
         err = rel_error(b.conv.weight, layer)
@@ -223,7 +232,7 @@ def fallback_entry(
     try:
         if rule.kind == "rank":
             n = len(b.cls(failed).max_ranks(b.geom))
-            r = (rule.rank,) * n if isinstance(rule.rank, int) else tuple(rule.rank)  # type: ignore[arg-type]
+            r = _explicit_ranks(rule, n)
             rule = RankRule(ratio=min(0.99, b.params(failed, r) / b.geom.dense_params()))
         ranks, _, kw = ranks_for(b, other, rule)
         layer = b.build(other, ranks, **kw)
@@ -275,7 +284,10 @@ def finalize(
             ) + "rank='full': exact but not smaller (for verification)"
     elif entry.params_after >= entry.params_before:
         entry.status = "dense"
-        entry.reason = f"{entry.method} form would not be smaller ({entry.params_after:,} >= {entry.params_before:,} params)"
+        entry.reason = (
+            f"{entry.method} form would not be smaller "
+            f"({entry.params_after:,} >= {entry.params_before:,} params)"
+        )
         return entry
     if cfg.latency:
         dev = b.conv.weight.device
@@ -285,7 +297,10 @@ def finalize(
         entry.latency_ms = {"dense": td, "factorized": tf}
         if tf >= td:
             entry.status = "dense"
-            entry.reason = f"{entry.method} form not faster on {dev.type} ({tf:.2f} ms >= {td:.2f} ms at batch 32)"
+            entry.reason = (
+                f"{entry.method} form not faster on {dev.type} "
+                f"({tf:.2f} ms >= {td:.2f} ms at batch 32)"
+            )
     return entry
 
 
@@ -331,7 +346,8 @@ def verify_entry(
 
 
 def warn_poor(entries: Sequence[LayerPlan], rule_kind: str) -> None:
-    """Flag results a user would not want silently: near-total kernel error, more MACs than dense."""
+    """Flag results a user would not want silently: near-total kernel error, more MACs than
+    dense."""
     if rule_kind == "full":
         return
     fact = [e for e in entries if e.status == "factorize"]
@@ -347,15 +363,19 @@ def warn_poor(entries: Sequence[LayerPlan], rule_kind: str) -> None:
         ) + f"more MACs than dense ({e.macs_after:,} > {e.macs_before:,})"
     if bad:
         warnings.warn(
-            f"{len(bad)} layer(s) keep almost nothing of their kernel (relative error > 0.9, e.g. {bad[0].name}: "
-            f"{bad[0].error:.3f}); expect accuracy near chance before fine-tuning — use a milder rank rule",
+            f"{len(bad)} layer(s) keep almost nothing of their kernel (relative error > 0.9, e.g. "
+            f"{bad[0].name}: "
+            f"{bad[0].error:.3f}); expect accuracy near chance before fine-tuning — use a milder "
+            "rank rule",
             UserWarning,
             stacklevel=3,
         )
     if more:
         warnings.warn(
-            f"{len(more)} factorized layer(s) need more MACs than the dense layer (e.g. {more[0].name}: "
-            f"{more[0].macs_after:,} > {more[0].macs_before:,}); use smaller ranks or budget_kind='macs'",
+            f"{len(more)} factorized layer(s) need more MACs than the dense layer (e.g. "
+            f"{more[0].name}: "
+            f"{more[0].macs_after:,} > {more[0].macs_before:,}); use smaller ranks or "
+            "budget_kind='macs'",
             UserWarning,
             stacklevel=3,
         )

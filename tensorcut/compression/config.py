@@ -53,7 +53,8 @@ def default_filter(name: str, module: nn.Module) -> bool:
 
 @dataclass
 class CompressConfig:
-    """What to factorize and how. Exactly one rank rule (``rank``/``ratio``/``eps``/``energy``) or a ``budget``.
+    """What to factorize and how. Exactly one rank rule (``rank``/``ratio``/``eps``/``energy``) or
+    a ``budget``.
 
     ``budget`` below 1 is a fraction of the eligible layers' dense cost, otherwise an
     absolute count of ``budget_kind`` ('params' or 'macs'). ``latency=True`` keeps a layer
@@ -110,7 +111,7 @@ class CompressConfig:
             )
         if isinstance(self.rank, list):
             self.rank = tuple(self.rank)
-        self.rule  # validates the rank options
+        _ = self.rule  # validates the rank options
         if self.budget is not None:
             if self.rule.kind != "none":
                 raise TensorcutError(

@@ -189,10 +189,11 @@ def model_cost(
     model.eval()
     try:
         ref = next(iter(model.parameters()), None)
-        kw = {"dtype": ref.dtype, "device": ref.device} if ref is not None else {}
+        kw: dict[str, Any] = {"dtype": ref.dtype, "device": ref.device} if ref is not None else {}
         with torch.no_grad():
             if example is None:
-                args: tuple[Any, ...] = (torch.zeros(1, *input_shape, **kw),)  # type: ignore[misc]
+                assert input_shape is not None  # checked above
+                args: tuple[Any, ...] = (torch.zeros((1, *input_shape), **kw),)
             else:
                 args = example if isinstance(example, tuple) else (example,)
             model(*args)

@@ -1,4 +1,5 @@
-"""The plan: one :class:`LayerPlan` per listed convolution plus totals; JSON round trip and table."""
+"""The plan: one :class:`LayerPlan` per listed convolution plus totals; JSON round trip and
+table."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ class LayerPlan:
         default_factory=dict
     )  # rebuild options beyond the ranks (TR: the RSDTR shift)
     output_error: float | None = None  # measured ||y~ - y|| / ||y|| on the layer's captured input
-    kind: str = ""  # what the module computes (tensorcut.effective), e.g. "timm StdConv2d (standardised kernel)"
+    #: what the module computes (tensorcut.effective), e.g. "timm StdConv2d (standardised kernel)"
+    kind: str = ""
     aliases: list[str] = field(
         default_factory=list
     )  # further names of the same module (shared convs)
@@ -77,18 +79,21 @@ class Plan:
         None  # set by compress: ||y~ - y|| / ||y|| of the whole model on the calibration batch
     )
     _built: dict[str, nn.Module] = field(default_factory=dict, repr=False, compare=False)
-    # the capture pass's input and the dense model's output on it, reused by compress's whole-model check
+    # the capture pass's input and the dense model's output on it, reused by compress's whole-model
+    # check
     _reference: tuple[tuple[Any, ...], Any] | None = field(default=None, repr=False, compare=False)
 
     # ---------------------------------------------------------------- totals
     def totals(self) -> dict[str, Any]:
         """Conv-layer and whole-model parameter / MAC totals before and after."""
-        pb = sum(l.params_before for l in self.layers)
+        pb = sum(lp.params_before for lp in self.layers)
         pa = sum(
-            l.params_after if l.status == "factorize" else l.params_before for l in self.layers
+            lp.params_after if lp.status == "factorize" else lp.params_before for lp in self.layers
         )
-        mb = sum(l.macs_before for l in self.layers)
-        ma = sum(l.macs_after if l.status == "factorize" else l.macs_before for l in self.layers)
+        mb = sum(lp.macs_before for lp in self.layers)
+        ma = sum(
+            lp.macs_after if lp.status == "factorize" else lp.macs_before for lp in self.layers
+        )
         return {
             "conv_params_before": pb,
             "conv_params_after": pa,
@@ -104,8 +109,8 @@ class Plan:
             "model_mac_ratio": self.model_macs / (self.model_macs - mb + ma)
             if (self.model_macs - mb + ma)
             else 1.0,
-            "factorized_layers": sum(l.status == "factorize" for l in self.layers),
-            "dense_layers": sum(l.status != "factorize" for l in self.layers),
+            "factorized_layers": sum(lp.status == "factorize" for lp in self.layers),
+            "dense_layers": sum(lp.status != "factorize" for lp in self.layers),
         }
 
     def table(self) -> str:
@@ -124,23 +129,23 @@ class Plan:
             "decision",
         )
         rows = []
-        for l in self.layers:
-            fact = l.status == "factorize"
+        for lp in self.layers:
+            fact = lp.status == "factorize"
             rows.append(
                 (
-                    l.name,
-                    l.method if fact else "-",
-                    "x".join(map(str, l.ranks)) if fact else "-",
-                    f"{l.params_before:,}",
-                    f"{l.params_after:,}" if fact else "=",
-                    f"{l.ratio:.2f}" if fact else "1.00",
-                    f"{l.macs_after:,}" if fact else "=",
-                    f"{l.mac_ratio:.2f}" if fact else "1.00",
-                    f"{l.error:.4f}" if (fact and l.error is not None) else "-",
-                    f"{l.output_error:.4f}" if (fact and l.output_error is not None) else "-",
-                    "factorize" + (f" ({l.note})" if l.note else "")
+                    lp.name,
+                    lp.method if fact else "-",
+                    "x".join(map(str, lp.ranks)) if fact else "-",
+                    f"{lp.params_before:,}",
+                    f"{lp.params_after:,}" if fact else "=",
+                    f"{lp.ratio:.2f}" if fact else "1.00",
+                    f"{lp.macs_after:,}" if fact else "=",
+                    f"{lp.mac_ratio:.2f}" if fact else "1.00",
+                    f"{lp.error:.4f}" if (fact and lp.error is not None) else "-",
+                    f"{lp.output_error:.4f}" if (fact and lp.output_error is not None) else "-",
+                    "factorize" + (f" ({lp.note})" if lp.note else "")
                     if fact
-                    else f"dense: {l.reason}",
+                    else f"dense: {lp.reason}",
                 )
             )
         t = self.totals()
@@ -180,10 +185,10 @@ class Plan:
         ]
         lines.insert(1, "  ".join("-" * x for x in w))
         lines.append(
-            "PCR = dense / stored parameters; FCR = dense / factorized MACs; rel.err = ||W - W~||_F / ||W||_F of the kernel; "
-            "out.err = ||y~ - y|| / ||y|| of the layer's output on its captured calibration input; MACs per image at input "
-            + "x".join(map(str, self.input_shape))
-            + "."
+            "PCR = dense / stored parameters; FCR = dense / factorized MACs; rel.err = ||W - "
+            "W~||_F / ||W||_F of the kernel; "
+            "out.err = ||y~ - y|| / ||y|| of the layer's output on its captured calibration "
+            "input; MACs per image at input " + "x".join(map(str, self.input_shape)) + "."
         )
         return "\n".join(lines)
 
@@ -198,7 +203,7 @@ class Plan:
             "model_params": self.model_params,
             "model_macs": self.model_macs,
             "model_output_error": self.model_output_error,
-            "layers": [asdict(l) for l in self.layers],
+            "layers": [asdict(lp) for lp in self.layers],
             "totals": self.totals(),
         }
 
@@ -212,7 +217,7 @@ class Plan:
         if not isinstance(d, dict) or d.get("format") != "tensorcut-plan":
             raise TensorcutError("not a tensorcut plan (missing format='tensorcut-plan')")
         try:
-            layers = [LayerPlan(**l) for l in d["layers"]]
+            layers = [LayerPlan(**lp) for lp in d["layers"]]
             err = d.get("model_output_error")
             return cls(
                 config=d["config"],

@@ -47,7 +47,8 @@ def _calibration_args(
     if ref is not None and ref.device.type == "meta":
         raise TensorcutError(
             "the model's parameters are on the 'meta' device (no values); load or materialise "
-            "its weights (e.g. model.to_empty(device='cpu') then load a state_dict) before compressing"
+            "its weights (e.g. model.to_empty(device='cpu') then load a state_dict) before "
+            "compressing"
         )
     if input_shape is not None:
         shape = tuple(input_shape)
@@ -55,7 +56,8 @@ def _calibration_args(
             isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in shape
         ):
             raise TensorcutError(
-                f"input_shape must be (C, H, W) of one image, three positive ints; got {tuple(input_shape)!r}"
+                "input_shape must be (C, H, W) of one image, three positive ints; got "
+                f"{tuple(input_shape)!r}"
             )
     if calibration is None:
         if input_shape is None:
@@ -63,8 +65,9 @@ def _calibration_args(
             c = first.in_channels if first is not None else 3
             input_shape = (c, 32, 32)
             warnings.warn(
-                f"no input_shape or calibration batch given: assuming one {c}x32x32 image per sample; "
-                "MAC counts and the checks of each swap depend on it, so pass input_shape=(C, H, W)",
+                f"no input_shape or calibration batch given: assuming one {c}x32x32 image per "
+                "sample; MAC counts and the checks of each swap depend on it, so pass "
+                "input_shape=(C, H, W)",
                 UserWarning,
                 stacklevel=3,
             )
@@ -80,7 +83,8 @@ def _calibration_args(
     first_t: torch.Tensor = args[0]
     if input_shape is not None and tuple(first_t.shape[1:]) != tuple(input_shape):
         raise TensorcutError(
-            f"calibration batch has shape {tuple(first_t.shape)} but input_shape is {tuple(input_shape)}; "
+            f"calibration batch has shape {tuple(first_t.shape)} but input_shape is "
+            f"{tuple(input_shape)}; "
             f"give a batch of shape (N, {', '.join(map(str, input_shape))}) or drop input_shape"
         )
 
@@ -102,7 +106,7 @@ def _conv_modules(model: nn.Module) -> tuple[dict[str, nn.Conv2d], dict[str, lis
     factorized = 0
     for m in model.modules():
         if isinstance(m, FactorizedConv2d) or (
-            getattr(type(m), "method", "") and hasattr(m, "ranks")
+            bool(getattr(type(m), "method", None)) and hasattr(m, "ranks")
         ):
             factorized += 1
             inside.update(id(s) for s in m.modules() if s is not m)
@@ -143,11 +147,13 @@ def plan(
     Args:
         model: any module with ``nn.Conv2d`` layers (timm and torchvision networks included).
         config: a :class:`CompressConfig`, or give its fields as keyword arguments.
-        filter_fn: ``filter_fn(name, module) -> bool`` selects layers (default :func:`default_filter`).
+        filter_fn: ``filter_fn(name, module) -> bool`` selects layers (default
+        :func:`default_filter`).
         input_shape: (C, H, W) of one image, for MACs and the checks (default: from ``calibration``,
             else the first conv's channels at 32x32, with a warning).
         calibration: an input batch ``(N, C, H, W)`` (or a tuple of the forward's positional
-            arguments) whose activations are captured to check every swap; default: two random images.
+            arguments) whose activations are captured to check every swap; default: two random
+            images.
         sensitivity: layer name -> weight (e.g. accuracy drop per norm loss from the truncation
             study): under a budget, sensitive layers are compressed more mildly.
         layers: explicit layer names instead of ``filter_fn``.
@@ -172,8 +178,8 @@ def plan(
     if not convs:
         if factorized:
             raise TensorcutError(
-                f"the model is already compressed ({factorized} factorized layers, no dense Conv2d left); "
-                "compress the dense original, or tensorcut.decompress(model) first"
+                f"the model is already compressed ({factorized} factorized layers, no dense "
+                "Conv2d left); compress the dense original, or tensorcut.decompress(model) first"
             )
         raise TensorcutError("the model has no Conv2d layers to compress")
     primary = {a: n for n, al in aliases.items() for a in (n, *al)}
@@ -189,7 +195,8 @@ def plan(
         chosen = [n for n, m in convs.items() if f(n, m) or any(f(a, m) for a in aliases[n])]
     if not chosen:
         raise TensorcutError(
-            "the filter selected no conv layer; nothing to compress (the default skips stems with <= 3 input channels)"
+            "the filter selected no conv layer; nothing to compress (the default skips stems with "
+            "<= 3 input channels)"
         )
     args, shape = _calibration_args(model, input_shape, calibration)
     cap = capture(model, [convs[n] for n in chosen], args)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ def _layer_for(e: LayerPlan, module: nn.Module, plan: Plan, allow_custom: bool) 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             layer = get_method(e.method).from_conv(r.conv, ranks=tuple(e.ranks), **e.options)
-    w = module.weight  # type: ignore[union-attr]
+    w = cast(torch.Tensor, module.weight)
     layer = layer.to(device=w.device, dtype=w.dtype)
     if not w.requires_grad:  # a frozen conv stays frozen
         layer.requires_grad_(False)
@@ -73,11 +73,13 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
             conv = model.get_submodule(e.name)
         except AttributeError:
             raise TensorcutError(
-                f"plan names layer {e.name!r}, which this model does not have; make the plan for this model"
+                f"plan names layer {e.name!r}, which this model does not have; make the plan for "
+                "this model"
             ) from None
         if not isinstance(conv, nn.Conv2d):
             raise TensorcutError(
-                f"plan layer {e.name!r} is a {type(conv).__name__} in this model, not a Conv2d (already compressed?)"
+                f"plan layer {e.name!r} is a {type(conv).__name__} in this model, not a Conv2d "
+                "(already compressed?)"
             )
         r = resolve(conv, allow_custom_forward=allow_custom)
         geom = (
@@ -87,7 +89,8 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
         )
         if geom.to_dict() != e.geometry:
             raise TensorcutError(
-                f"plan does not match model at {e.name!r}: planned geometry {e.geometry} differs from the layer's"
+                f"plan does not match model at {e.name!r}: planned geometry {e.geometry} differs "
+                "from the layer's"
             )
         if e.method not in list_methods():
             raise TensorcutError(
@@ -99,18 +102,22 @@ def apply(model: nn.Module, plan: Plan) -> nn.Module:
                 other = model.get_submodule(a)
             except AttributeError:
                 raise TensorcutError(
-                    f"plan names layer {a!r} (a second name of {e.name!r}), which this model does not have"
+                    f"plan names layer {a!r} (a second name of {e.name!r}), which this model does "
+                    "not have"
                 ) from None
             if other is not conv:
                 raise TensorcutError(
-                    f"plan says {a!r} and {e.name!r} are one shared module, but in this model they are not"
+                    f"plan says {a!r} and {e.name!r} are one shared module, but in this model "
+                    "they are not"
                 )
         layer = _layer_for(e, conv, plan, allow_custom)
         got = sum(q.numel() for q in layer.parameters())
         if got != e.params_after:
             raise TensorcutError(
-                f"plan layer {e.name!r} records {e.params_after:,} parameters at ranks {tuple(e.ranks)} but a "
-                f"{e.method} layer with those ranks holds {got:,} (ranks beyond what the kernel admits "
+                f"plan layer {e.name!r} records {e.params_after:,} parameters at ranks "
+                f"{tuple(e.ranks)} but a "
+                f"{e.method} layer with those ranks holds {got:,} (ranks beyond what the kernel "
+                "admits "
                 "are clamped); the plan was edited or made for another model"
             )
         todo.append((e, layer))
@@ -180,8 +187,10 @@ def compress(
             raise
         first = (str(e).splitlines() or [""])[0][:200]
         raise TensorcutError(
-            f"the compressed model's forward failed ({type(e).__name__}: {first}); the original modules "
-            "were restored. Please report this model; compress fewer layers (layers=... or filter_fn) meanwhile"
+            f"the compressed model's forward failed ({type(e).__name__}: {first}); the original "
+            "modules "
+            "were restored. Please report this model; compress fewer layers (layers=... or "
+            "filter_fn) meanwhile"
         ) from None
     model.train(was_training)
     if isinstance(ref, torch.Tensor) and isinstance(out, torch.Tensor) and ref.shape == out.shape:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -80,7 +80,8 @@ def capture(model: nn.Module, modules: Sequence[nn.Module], args: tuple[Any, ...
         shapes = ", ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor))
         first = (str(e).splitlines() or [""])[0][:200]
         raise TensorcutError(
-            f"the model's forward failed on an input of shape {shapes} ({type(e).__name__}: {first}); "
+            f"the model's forward failed on an input of shape {shapes} ({type(e).__name__}: "
+            f"{first}); "
             "give the input_shape (C, H, W) or calibration batch the model expects"
         ) from None
     finally:
@@ -106,7 +107,9 @@ def _conv_with(
     """``conv``'s forward (its padding and geometry) with another weight and bias."""
     params = {"weight": weight}
     if getattr(conv, "bias", None) is not None:
-        params["bias"] = bias if bias is not None else torch.zeros_like(conv.bias)
+        params["bias"] = (
+            bias if bias is not None else torch.zeros_like(cast(torch.Tensor, conv.bias))
+        )
     return torch.func.functional_call(conv, params, (x,))
 
 
@@ -130,7 +133,8 @@ def check_swap(
     """Check a planned swap on the captured input ``x`` and original output ``y_ref``.
 
     Args:
-        effective: the plain convolution the module was resolved to (effective kernel, bias, padding).
+        effective: the plain convolution the module was resolved to (effective kernel, bias,
+        padding).
         layer: the factorized layer that would replace it (same device and dtype).
         x: the module's captured input; ``y_ref``: its captured output.
         chain: extra products along the factorized layer's accumulation chain (its ranks summed
@@ -159,7 +163,8 @@ def check_swap(
                 False,
                 math.inf,
                 "the module's output differs from a convolution with the kernel "
-                f"tensorcut read from it (relative difference {rel:.2e}); not reproducible, left dense",
+                f"tensorcut read from it (relative difference {rel:.2e}); not reproducible, left "
+                "dense",
             )
         w_rec = layer.reconstruct_weight().to(w)  # type: ignore[operator]
         y_fac = layer(x)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, Literal, Union, cast
 
 import torch
 import torch.fx
@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 Pair = tuple[int, int]
+PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
 
 
 def pair(v: int | tuple[int, ...]) -> Pair:
@@ -85,7 +86,7 @@ class SameConv2d(nn.Conv2d):
             device=device,
             dtype=dtype,
         )
-        self.padding = TF_SAME  # type: ignore[assignment]
+        self.padding = TF_SAME
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         geom = ConvGeometry.from_conv(self)
@@ -113,7 +114,8 @@ class ConvGeometry:
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> ConvGeometry:
-        """Read the geometry of an ``nn.Conv2d`` (a :class:`SameConv2d` has ``padding='tf_same'``)."""
+        """Read the geometry of an ``nn.Conv2d`` (a :class:`SameConv2d` has
+        ``padding='tf_same'``)."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"expected nn.Conv2d, got {type(conv).__name__}")
         padding = (
@@ -135,14 +137,17 @@ class ConvGeometry:
 
     @property
     def dynamic(self) -> bool:
-        """True for TF-style "same" padding (``padding='tf_same'``), which depends on the input size."""
+        """True for TF-style "same" padding (``padding='tf_same'``), which depends on the input
+        size.
+        """
         return self.padding == TF_SAME
 
     def pad_at(self, hw: Pair) -> tuple[int, int, int, int]:
         """Explicit (left, right, top, bottom) padding for an input of spatial size ``hw``.
 
         Static paddings ignore ``hw``; ``'tf_same'`` pads as TensorFlow's "SAME" (and timm's
-        ``Conv2dSame``): total ``max((ceil(i/s) - 1) * s + (k - 1) * d + 1 - i, 0)`` per axis, the odd
+        ``Conv2dSame``): total ``max((ceil(i/s) - 1) * s + (k - 1) * d + 1 - i, 0)`` per axis, the
+        odd
         unit after (right / bottom).
         """
         if not self.dynamic:
@@ -181,9 +186,11 @@ class ConvGeometry:
 
     def output_size(self, hw: Pair) -> Pair:
         """Spatial output size for an input of size ``hw``."""
-        l, r, t, b = self.pad_at(hw)
+        left, r, t, b = self.pad_at(hw)
         h = (hw[0] + t + b - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
-        w = (hw[1] + l + r - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
+        w = (hw[1] + left + r - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[
+            1
+        ] + 1
         return (h, w)
 
     def dense_params(self) -> int:
@@ -221,7 +228,7 @@ class ConvGeometry:
             dilation=self.dilation,
             groups=self.groups,
             bias=self.bias,
-            padding_mode=self.padding_mode,
+            padding_mode=cast(PaddingMode, self.padding_mode),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -283,15 +290,14 @@ def split_padding(geom: ConvGeometry) -> tuple[Pair, bool]:
     leading 1x1's output goes through :func:`explicit_pad` (always for ``'tf_same'``)."""
     if geom.dynamic:
         return (0, 0), True
-    l, r, t, b = geom.pad
-    if geom.padding_mode == "zeros" and l == r and t == b:
-        return (t, l), False
+    left, r, t, b = geom.pad
+    if geom.padding_mode == "zeros" and left == r and t == b:
+        return (t, left), False
     return (0, 0), True
 
 
-Layout = Union[
-    torch.Tensor, torch.memory_format, None
-]  # a tensor to match, a memory format, or None
+#: a tensor to match, a memory format, or None
+Layout = Union[torch.Tensor, torch.memory_format, None]  # noqa: UP007 (a runtime alias)
 
 
 def _pointwise(
@@ -355,12 +361,13 @@ class PointwiseConv2d(nn.Conv2d):
 
     ``forward(x, like=None)``: the output is channels-last in memory (the layout the next
     spatial convolution of a factorized layer is fastest in) or, given ``like`` (a tensor or a
-    ``torch.memory_format``), in ``like``'s memory format. On CPU a contiguous (NCHW) 1x1 ``nn.Conv2d`` over a few channels is
+    ``torch.memory_format``), in ``like``'s memory format. On CPU a contiguous (NCHW) 1x1
+    ``nn.Conv2d`` over a few channels is
     several times slower than the same GEMM. Same parameters and state-dict keys as
     ``nn.Conv2d``; strided, grouped or non-4-D calls fall back to it.
     """
 
-    def forward(self, x: torch.Tensor, like: Layout = None) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, like: Layout = None) -> torch.Tensor:
         if self.padding != (0, 0) or self.padding_mode != "zeros":
             return super().forward(x)
         return _pointwise(x, self.weight, self.bias, self.stride, self.groups, like)  # type: ignore[arg-type]
@@ -388,8 +395,8 @@ def stage_sizes(geom: ConvGeometry, hw: Pair) -> tuple[Pair, Pair, Pair]:
     h1, w1 = (hw[0] - 1) // eh + 1, (hw[1] - 1) // ew + 1
     if not split_padding(geom)[1]:
         return (h1, w1), (h1, w1), geom.output_size(hw)
-    l, r, t, b = geom.pad_at(hw)
-    return (h1, w1), (h1 + t + b, w1 + l + r), geom.output_size(hw)
+    left, r, t, b = geom.pad_at(hw)
+    return (h1, w1), (h1 + t + b, w1 + left + r), geom.output_size(hw)
 
 
 def make_conv(
@@ -473,12 +480,15 @@ def clamp_ranks(
     if len(seq) != n:
         raise TensorcutError(f"{method} takes {n} rank(s) ({', '.join(labels)}); got {ranks!r}")
     return tuple(
-        clamp_rank(r, m, name=f"{method} rank {lab}") for r, m, lab in zip(seq, maxima, labels)
+        clamp_rank(r, m, name=f"{method} rank {lab}")
+        for r, m, lab in zip(seq, maxima, labels, strict=True)
     )
 
 
 def kernel_groups(conv: nn.Conv2d) -> list[torch.Tensor]:
-    """The per-group ``(OUT/g, IN/g, KH, KW)`` kernels of ``conv``, detached, in float64 for the math."""
+    """The per-group ``(OUT/g, IN/g, KH, KW)`` kernels of ``conv``, detached, in float64 for the
+    math.
+    """
     W = conv.weight.detach().to(torch.float64)
     return list(W.chunk(conv.groups, dim=0))
 
@@ -575,7 +585,8 @@ class FactorizedConv2d(nn.Module):
 
     @property
     def padding(self) -> Any:
-        """Padding of the replaced convolution (a pair, ``'same'``, ``'valid'`` or ``'tf_same'``)."""
+        """Padding of the replaced convolution (a pair, ``'same'``, ``'valid'`` or
+        ``'tf_same'``)."""
         return self.geometry.padding
 
     @property
@@ -610,7 +621,8 @@ class FactorizedConv2d(nn.Module):
 
     @classmethod
     def predicted_macs(cls, geometry: ConvGeometry, ranks: Any, hw: Pair) -> int:
-        """Multiply-accumulates per image at ``ranks`` for an input of size ``hw``, in closed form."""
+        """Multiply-accumulates per image at ``ranks`` for an input of size ``hw``, in closed
+        form."""
         raise NotImplementedError
 
     @classmethod
@@ -682,7 +694,7 @@ class FactorizedConv2d(nn.Module):
         with torch.no_grad():
             conv.weight.copy_(w)
             if conv.bias is not None:
-                conv.bias.copy_(self.bias)  # type: ignore[attr-defined]
+                conv.bias.copy_(cast(torch.Tensor, self.bias))
         return conv
 
     def num_params(self) -> int:
@@ -715,7 +727,8 @@ class FactorizedConv2d(nn.Module):
         )
 
     def reset_parameters(self) -> None:
-        """Randomly (re)initialise every sublayer as ``nn.Conv2d`` does, e.g. to train from scratch."""
+        """Randomly (re)initialise every sublayer as ``nn.Conv2d`` does, e.g. to train from
+        scratch."""
         for m in self.modules():
             if m is not self and isinstance(m, (nn.Conv2d, nn.Linear)):
                 m.reset_parameters()

@@ -154,7 +154,8 @@ class CPConv2d(FactorizedConv2d):
         return self.last(self.horizontal(self.vertical(y)), x)
 
     def fold_output_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
-        """Fold ``y -> scale[c] * y + shift[c]`` (e.g. a following BatchNorm in evaluation mode) into
+        """Fold ``y -> scale[c] * y + shift[c]`` (e.g. a following BatchNorm in evaluation mode)
+        into
         the last factor, in place: its weights are scaled and it gains a bias."""
         from tensorcut.inference import fold_affine_
 
@@ -171,7 +172,9 @@ class CPConv2d(FactorizedConv2d):
         return torch.einsum("gor,grh,grw,gri->goihw", L, V, H, F).reshape(g * o, i, kh, kw)
 
     def load_factors(self, factors: Sequence[Sequence[torch.Tensor]]) -> None:
-        """Fill the weights from per-group CP factors ``(A_out * lambda, A_in, A_kh, A_kw)``, each ``(n, R)``."""
+        """Fill the weights from per-group CP factors ``(A_out * lambda, A_in, A_kh, A_kw)``, each
+        ``(n, R)``.
+        """
         g = self.geometry.groups
         if len(factors) != g:
             raise TensorcutError(f"need one factor set per group ({g}); got {len(factors)}")
@@ -188,7 +191,9 @@ class CPConv2d(FactorizedConv2d):
 
     @classmethod
     def max_ranks(cls, geometry: ConvGeometry) -> tuple[int, ...]:
-        """``(R_max,)``: product of the per-group kernel sizes but the largest (an exact CP always exists)."""
+        """``(R_max,)``: product of the per-group kernel sizes but the largest (an exact CP always
+        exists).
+        """
         _, o, i, kh, kw = per_group(geometry)
         return (cp_max_rank((o, i, kh, kw)),)
 
@@ -251,7 +256,10 @@ class CPConv2d(FactorizedConv2d):
         else:
             results = [_search(W, tol2**0.5, rmax, opts) for W in blocks]
             R = max(r.rank for r in results)
-            results = [r if r.rank == R else cp_als(W, R, **opts) for r, W in zip(results, blocks)]
+            results = [
+                r if r.rank == R else cp_als(W, R, **opts)
+                for r, W in zip(results, blocks, strict=True)
+            ]
         layer = cls(geom, results[0].rank, device=conv.weight.device, dtype=conv.weight.dtype)
         layer.load_factors([[r.factors[0] * r.weights] + r.factors[1:] for r in results])
         if conv.bias is not None:

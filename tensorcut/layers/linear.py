@@ -118,7 +118,7 @@ class SVDLinear(nn.Module):
             layer.first.weight.copy_((root[:, None] * Vh).to(W))
             layer.last.weight.copy_((U * root).to(W))
             if linear.bias is not None:
-                layer.last.bias.copy_(linear.bias.detach())  # type: ignore[union-attr]
+                layer.last.bias.copy_(linear.bias.detach())
         norm = float(torch.linalg.vector_norm(W, dtype=torch.float64))
         err = float(
             torch.linalg.vector_norm(W.double() - layer.reconstruct_weight().detach().double())

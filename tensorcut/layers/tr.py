@@ -3,15 +3,17 @@ r"""``TRConv2d``: a convolution whose kernel is a tensor ring (RSDTR), run as fo
 With ring ranks (a, b, c, d) and cores ``G_out`` (a, O, b), ``G_in`` (b, I, c),
 ``G_kh`` (c, KH, d), ``G_kw`` (d, KW, a), the forward pass for an input (N, I, H, W) is:
 
-====  ===================  =====================================  ================================
-step  sublayer             weight shape                           output
-====  ===================  =====================================  ================================
-1     ``in_proj`` 1x1       (b*c, I, 1, 1)   = G_in  as (b,c) x I   (N, b*c, H1, W1)
-\-    ``explicit_pad``      --                                     (N, b*c, Hp, Wp) -> (N*b, c, Hp, Wp)
-2     ``vconv`` KH x 1      (d, c, KH, 1)    = G_kh                 (N*b, d, H', Wp)  vertical stride/dilation
-3     ``hconv`` 1 x KW      (a, d, 1, KW)    = G_kw                 (N*b, a, H', W')  horizontal stride/dilation
-4     ``out_proj`` 1x1      (O, b*a, 1, 1)   = G_out as O x (b,a)   (N, O, H', W') + bias
-====  ===================  =====================================  ================================
+====  ================  ================================  ==================================
+step  sublayer          weight shape                      output
+====  ================  ================================  ==================================
+1     ``in_proj`` 1x1   (b*c, I, 1, 1) = G_in, (b,c)xI    (N, b*c, H1, W1)
+\-    ``explicit_pad``  --                                (N*b, c, Hp, Wp), after padding
+2     ``vconv`` KHx1    (d, c, KH, 1) = G_kh              (N*b, d, H', Wp), vertical stride
+3     ``hconv`` 1xKW    (a, d, 1, KW) = G_kw              (N*b, a, H', W'), horizontal stride
+4     ``out_proj`` 1x1  (O, b*a, 1, 1) = G_out, Ox(b,a)   (N, O, H', W') + bias
+====  ================  ================================  ==================================
+
+Steps 2 and 3 apply the stride and dilation of their axis.
 
 The ring index ``b`` rides along as part of the batch through the two 1-D convolutions (their
 weights are shared across it, as the TR structure demands) and is closed, together with ``a``,
@@ -30,7 +32,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -68,8 +70,10 @@ def _refuse_groups(geometry: ConvGeometry) -> None:
             else "grouped"
         )
         raise TensorcutError(
-            f"TR cannot factorize a {kind} convolution (groups={geometry.groups}): its kernel holds "
-            f"only IN/groups={geometry.in_channels // geometry.groups} input channels per group, so one "
+            f"TR cannot factorize a {kind} convolution (groups={geometry.groups}): its kernel "
+            "holds "
+            f"only IN/groups={geometry.in_channels // geometry.groups} input channels per group, "
+            "so one "
             "ring over (OUT, IN, KH, KW) does not describe it; leave this layer dense"
         )
 
@@ -78,7 +82,7 @@ def _check_ranks(ranks: int | Sequence[int]) -> tuple[int, int, int, int]:
     if isinstance(ranks, int) and not isinstance(ranks, bool):
         ranks = (ranks,) * 4
     try:
-        r = tuple(int(x) for x in ranks)
+        r = tuple(int(x) for x in cast(Sequence[int], ranks))
     except (TypeError, ValueError) as exc:
         raise TensorcutError(
             f"TR ranks must be four positive ints (a, b, c, d), got {ranks!r}"
@@ -238,7 +242,8 @@ class TRConv2d(FactorizedConv2d):
             unknown = set(opts) - {"objective", "input_size", "split", "shifts", "solver"}
             if unknown:
                 raise TensorcutError(
-                    f"unknown options with eps: {sorted(unknown)}; use objective, input_size, split, shifts or solver"
+                    f"unknown options with eps: {sorted(unknown)}; use objective, input_size, "
+                    "split, shifts or solver"
                 )
             res = rsdtr(
                 weight,
@@ -267,9 +272,10 @@ class TRConv2d(FactorizedConv2d):
         g = self.geometry
         kh, kw = g.kernel_size
         want = [(a, g.out_channels, b), (b, g.in_channels, c), (c, kh, d), (d, kw, a)]
-        if len(cores) != 4 or any(tuple(x.shape) != w for x, w in zip(cores, want)):
+        if len(cores) != 4 or any(tuple(x.shape) != w for x, w in zip(cores, want, strict=True)):
             raise TensorcutError(
-                f"cores {[tuple(x.shape) for x in cores]} do not match ranks {self._ranks}: expected {want}"
+                f"cores {[tuple(x.shape) for x in cores]} do not match ranks {self._ranks}: "
+                f"expected {want}"
             )
         g_out, g_in, g_kh, g_kw = cores
         with torch.no_grad():
@@ -292,7 +298,8 @@ class TRConv2d(FactorizedConv2d):
 
     @property
     def ranks(self) -> tuple[int, int, int, int]:
-        """Ring ranks (a, b, c, d): OUT core (a, O, b), IN (b, I, c), KH (c, KH, d), KW (d, KW, a)."""
+        """Ring ranks (a, b, c, d): OUT core (a, O, b), IN (b, I, c), KH (c, KH, d), KW (d, KW,
+        a)."""
         return self._ranks
 
     @property
@@ -301,7 +308,8 @@ class TRConv2d(FactorizedConv2d):
         return self.out_proj.bias
 
     def fold_output_affine(self, scale: Tensor, shift: Tensor) -> None:
-        """Fold ``y -> scale[c] * y + shift[c]`` (e.g. a following BatchNorm in evaluation mode) into
+        """Fold ``y -> scale[c] * y + shift[c]`` (e.g. a following BatchNorm in evaluation mode)
+        into
         the last factor, in place: its weights are scaled and it gains a bias."""
         from tensorcut.inference import fold_affine_
 

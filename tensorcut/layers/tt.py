@@ -7,11 +7,11 @@ The kernel, permuted to ``(IN, KH, KW, OUT)``, is a TT with cores ``G1 (1, IN, r
 
 so the forward pass is four plain convolutions, each contracting one core::
 
-    first       1x1   IN -> r1    weight[a, i, 0, 0] = G1[0, i, a]                   (no bias)
+    first       1x1   IN -> r1    weight[a, i, 0, 0] = G1[0, i, a]     (no bias)
     (padding, any padding_mode: exact after a bias-free 1x1; see base.split_padding)
     vertical    KHx1  r1 -> r2    weight[b, a, h, 0] = G2[a, h, b], stride (sh, 1), dilation (dh, 1)
     horizontal  1xKW  r2 -> r3    weight[c, b, 0, w] = G3[b, w, c], stride (1, sw), dilation (1, dw)
-    last        1x1   r3 -> OUT   weight[o, c, 0, 0] = G4[c, o, 0]                   (the layer's bias)
+    last        1x1   r3 -> OUT   weight[o, c, 0, 0] = G4[c, o, 0]     (the layer's bias)
 
 Grouped convolutions: one TT per group (ranks per group, every sublayer runs with
 ``groups``; groups whose ``eps`` ranks came out smaller are zero-padded, which is exact).
@@ -133,7 +133,8 @@ class TTConv2d(FactorizedConv2d):
         return self.last(self.horizontal(self.vertical(y)), x)
 
     def fold_output_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
-        """Fold ``y -> scale[c] * y + shift[c]`` (e.g. a following BatchNorm in evaluation mode) into
+        """Fold ``y -> scale[c] * y + shift[c]`` (e.g. a following BatchNorm in evaluation mode)
+        into
         the last factor, in place: its weights are scaled and it gains a bias."""
         from tensorcut.inference import fold_affine_
 
@@ -141,7 +142,9 @@ class TTConv2d(FactorizedConv2d):
         self.geometry = dataclasses.replace(self.geometry, bias=True)
 
     def cores(self) -> list[list[torch.Tensor]]:
-        """Per-group TT cores ``[G1 (1, IN/g, r1), G2, G3, G4 (r3, OUT/g, 1)]`` read from the weights."""
+        """Per-group TT cores ``[G1 (1, IN/g, r1), G2, G3, G4 (r3, OUT/g, 1)]`` read from the
+        weights.
+        """
         g, o, i, kh, kw = per_group(self.geometry)
         r1, r2, r3 = self.ranks
         F = self.first.weight.reshape(g, r1, i)

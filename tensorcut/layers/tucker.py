@@ -1,4 +1,5 @@
-"""Tucker convolutions: Tucker-2 over the channel modes, and full Tucker with folded spatial factors.
+"""Tucker convolutions: Tucker-2 over the channel modes, and full Tucker with folded spatial
+factors.
 
 ``W[o, i, h, w] = sum_{a, b} U_out[o, a] * C[a, b, h, w] * U_in[i, b]`` becomes three convs::
 
@@ -125,7 +126,8 @@ class TuckerConv2d(FactorizedConv2d):
         return self.last(self.core(y), x)
 
     def fold_output_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
-        """Fold ``y -> scale[c] * y + shift[c]`` (e.g. a following BatchNorm in evaluation mode) into
+        """Fold ``y -> scale[c] * y + shift[c]`` (e.g. a following BatchNorm in evaluation mode)
+        into
         the last factor, in place: its weights are scaled and it gains a bias."""
         from tensorcut.inference import fold_affine_
 
@@ -143,7 +145,9 @@ class TuckerConv2d(FactorizedConv2d):
     def load_factors(
         self, factors: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     ) -> None:
-        """Fill the weights from per-group ``(U_out (o, r_out), core (r_out, r_in, KH, KW), U_in (i, r_in))``."""
+        """Fill the weights from per-group ``(U_out (o, r_out), core (r_out, r_in, KH, KW), U_in (i,
+        r_in))``.
+        """
         g = self.geometry.groups
         if len(factors) != g:
             raise TensorcutError(
@@ -162,7 +166,9 @@ class TuckerConv2d(FactorizedConv2d):
     # ------------------------------------------------------------------ counts
     @classmethod
     def max_ranks(cls, geometry: ConvGeometry) -> tuple[int, ...]:
-        """Largest useful ``(r_out, r_in)``: ``min(mode size, product of the other sizes)`` per group."""
+        """Largest useful ``(r_out, r_in)``: ``min(mode size, product of the other sizes)`` per
+        group.
+        """
         _, o, i, kh, kw = per_group(geometry)
         return (min(o, i * kh * kw), min(i, o * kh * kw))
 
@@ -257,7 +263,9 @@ class TuckerConv2d(FactorizedConv2d):
 
     @classmethod
     def _rank_spec(cls, geom: ConvGeometry, ranks: Any) -> list[int | None] | None:
-        """Clamped per-mode ranks for the 4 kernel modes (None: not decomposed), or None for eps/full."""
+        """Clamped per-mode ranks for the 4 kernel modes (None: not decomposed), or None for
+        eps/full.
+        """
         if ranks is None:
             return None
         r_out, r_in = clamp_ranks(ranks, cls.max_ranks(geom), cls.method, ("r_out", "r_in"))
@@ -315,7 +323,8 @@ class TuckerConv2d(FactorizedConv2d):
 
 @register_method
 class FullTuckerConv2d(TuckerConv2d):
-    """Full Tucker convolution: all four kernel modes decomposed, spatial factors folded into the core.
+    """Full Tucker convolution: all four kernel modes decomposed, spatial factors folded into the
+    core.
 
     ``ranks = (r_out, r_in, r_kh, r_kw)`` per group. The kernel is approximated by HOOI on all
     four modes; then ``core x_3 U_kh x_4 U_kw`` becomes the ``KHxKW`` middle convolution

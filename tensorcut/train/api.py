@@ -50,7 +50,9 @@ def model_kwargs_for(dataset: str, width: float = 1.0) -> dict[str, Any]:
 
 
 def check_dataset_fits(meta: dict[str, Any], ds: tdata.ImageDataset, name: str) -> None:
-    """Refuse, in one line, images the checkpoint's model cannot take (channel count; vanilla-cnn's input size)."""
+    """Refuse, in one line, images the checkpoint's model cannot take (channel count; vanilla-cnn's
+    input size).
+    """
     m = meta.get("model") or {}
     kw = m.get("kwargs") or {}
     c, h, _ = ds.info_shape
@@ -85,7 +87,9 @@ _NUMBER_RULES: dict[str, tuple[Any, str]] = {
 
 
 def check_numbers(**values: float | int | None) -> None:
-    """Refuse, in one line naming the option, a numeric option out of its range (``None``: not given)."""
+    """Refuse, in one line naming the option, a numeric option out of its range (``None``: not
+    given).
+    """
     for name, v in values.items():
         if v is None:
             continue
@@ -95,7 +99,8 @@ def check_numbers(**values: float | int | None) -> None:
 
 
 def check_model_size(name: str, kwargs: dict[str, Any], *, factor: float = 1.0) -> int:
-    """Parameter count of zoo model ``name`` with ``kwargs``, refused in one line if it cannot fit in memory.
+    """Parameter count of zoo model ``name`` with ``kwargs``, refused in one line if it cannot fit
+    in memory.
 
     The model is built on the ``meta`` device (no memory); ``factor`` is how many float32
     copies of the weights the job holds (weights, gradients, optimiser state).
@@ -119,7 +124,8 @@ def check_model_size(name: str, kwargs: dict[str, Any], *, factor: float = 1.0) 
     have = _memory_bytes()
     if have is not None and need > have:
         raise TensorcutError(
-            f"{name} at width {kwargs.get('width', 1.0):g} and input {kwargs.get('input_size')} px has "
+            f"{name} at width {kwargs.get('width', 1.0):g} and input {kwargs.get('input_size')} "
+            "px has "
             f"{n:,} parameters ({need / 2**30:,.1f} GiB), more than this machine's memory "
             f"({have / 2**30:,.1f} GiB); use a smaller --width"
         )
@@ -171,7 +177,8 @@ def check_input_size(model: nn.Module, input_shape: tuple[int, int, int]) -> Non
     have = _memory_bytes()
     if have is not None and 4 * total > have:
         raise TensorcutError(
-            f"a {c}x{h}x{w} input needs {4 * total / 2**30:,.1f} GiB of activations per image, more than "
+            f"a {c}x{h}x{w} input needs {4 * total / 2**30:,.1f} GiB of activations per image, "
+            "more than "
             f"this machine's memory ({have / 2**30:,.1f} GiB); use a smaller --input-size"
         )
 
@@ -190,7 +197,8 @@ def recorded_recipe(out: str | Path) -> dict[str, Any]:
 
 
 def check_resume_recipe(out: Path, recipe: dict[str, Any]) -> None:
-    """Refuse ``--resume`` with a recipe other than the recorded one: the restored optimiser state would
+    """Refuse ``--resume`` with a recipe other than the recorded one: the restored optimiser state
+    would
     silently keep training at the old rate (or not fit another optimiser at all)."""
     old = recorded_recipe(out)
     changed = [
@@ -222,7 +230,8 @@ def train(
     resume: bool = False,
     progress: bool = True,
 ) -> tio.Checkpoint:
-    """Train zoo model ``model`` on ``dataset``; checkpoint every epoch into ``out``; test at the end.
+    """Train zoo model ``model`` on ``dataset``; checkpoint every epoch into ``out``; test at the
+    end.
 
     Refuses to overwrite an existing checkpoint unless ``resume`` is set. Under
     ``torchrun --nproc_per_node=N`` the run is data-parallel (DDP, gloo on CPU, nccl on
@@ -234,7 +243,8 @@ def train(
         raise TensorcutError(f"{out} is a file; give a directory path")
     if (out / tio.META).exists() and not resume:
         raise TensorcutError(
-            f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out"
+            f"{out} already holds a checkpoint; pass --resume to continue it or choose another "
+            "--out"
         )
     cfg = config or FitConfig(epochs=epochs)
     if config is not None and epochs != cfg.epochs:

@@ -6,7 +6,8 @@ import argparse
 
 from tensorcut.train.loop import OPTIMIZERS, SCHEDULERS, FitConfig
 
-#: Recipe defaults of `tensorcut train` (with --resume, unset options take the checkpoint's recorded values).
+#: Recipe defaults of `tensorcut train` (with --resume, unset options take the checkpoint's recorded
+#: values).
 TRAIN_DEFAULTS = {
     "optimizer": "adam",
     "lr": 1e-3,
@@ -17,7 +18,9 @@ TRAIN_DEFAULTS = {
 
 
 def resolve_recipe(args: argparse.Namespace) -> None:
-    """Fill the unset recipe options of ``train``: the recorded ones on ``--resume``, else :data:`TRAIN_DEFAULTS`."""
+    """Fill the unset recipe options of ``train``: the recorded ones on ``--resume``, else
+    :data:`TRAIN_DEFAULTS`.
+    """
     recorded: dict = {}
     if getattr(args, "resume", False):
         from tensorcut.train.api import recorded_recipe
@@ -241,7 +244,8 @@ def _train(args: argparse.Namespace) -> int:
     ):  # under torchrun every rank holds the same reduced metrics: rank 0 prints them
         m = ck.meta["metrics"]["test"]
         print(
-            f"test: loss {m['loss']:.4f}  top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}  (n={m['n']})"
+            f"test: loss {m['loss']:.4f}  top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}  "
+            f"(n={m['n']})"
         )
         print(f"checkpoint: {args.out}")
     return 0
@@ -264,6 +268,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         print_json(m)
     else:
         print(
-            f"{args.split}: loss {m['loss']:.4f}  top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}  (n={m['n']})"
+            f"{args.split}: loss {m['loss']:.4f}  top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}  "
+            f"(n={m['n']})"
         )
     return 0

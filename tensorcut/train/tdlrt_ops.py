@@ -44,12 +44,16 @@ def unfold(T: torch.Tensor, mode: int) -> torch.Tensor:
 
 
 def mode_product(T: torch.Tensor, M: torch.Tensor, mode: int) -> torch.Tensor:
-    """``T x_mode M`` for ``M`` of shape ``(new, old)``: replaces that mode's size ``old`` by ``new``."""
+    """``T x_mode M`` for ``M`` of shape ``(new, old)``: replaces that mode's size ``old`` by
+    ``new``.
+    """
     return torch.movedim(torch.tensordot(M, T, dims=([1], [mode])), 0, mode)
 
 
 def galerkin_core(C: torch.Tensor, maps: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor:
-    """``C x_i M_i`` over ``(mode, M_i)`` pairs: the core expressed in new bases (``M_i = U_new^T U_old``)."""
+    """``C x_i M_i`` over ``(mode, M_i)`` pairs: the core expressed in new bases (``M_i = U_new^T
+    U_old``).
+    """
     out = C
     for mode, M in maps:
         out = mode_product(out, M.to(out.dtype), mode)
@@ -130,7 +134,8 @@ def mode_spectrum(C: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def truncation_rank(sigma: torch.Tensor, tol: float, lo: int, hi: int) -> int:
-    """Smallest ``r`` whose discarded tail ``||sigma[r:]||_2`` is below ``tol``, clipped to ``[lo, hi]``.
+    """Smallest ``r`` whose discarded tail ``||sigma[r:]||_2`` is below ``tol``, clipped to ``[lo,
+    hi]``.
 
     The comparison is strict, as in the reference implementation, so ``tol = 0`` keeps every
     singular value (no truncation).
