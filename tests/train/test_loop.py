@@ -1,9 +1,8 @@
-"""Training loop: learning, evaluation metrics, resume, early stopping, distillation."""
+"""The epoch loop (``train/loop.py``): learning, evaluation metrics, resume, early stopping,
+distillation, FitConfig validation."""
 
-import io
 import json
 import re
-import sys
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ from torch import nn
 from tensorcut import data, models
 from tensorcut.errors import TensorcutError
 from tensorcut.train import FitConfig, evaluate, fit, resolve_device
-from tensorcut.train.api import train
 
 
 def _loaders():
@@ -190,33 +188,19 @@ def test_cuda_without_gpu_is_clear():
         resolve_device("cuda")
 
 
-def test_train_refuses_to_overwrite(tiny_checkpoint):
-    with pytest.raises(TensorcutError, match="already holds a checkpoint; pass --resume"):
-        train("vanilla-cnn", "digits", tiny_checkpoint, epochs=1)
+def test_unknown_device_is_refused_and_auto_is_cpu_here():
+    with pytest.raises(TensorcutError) as e:
+        resolve_device("tpu")
+    assert str(e.value) == "unknown device 'tpu'; use auto, cpu or cuda"
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
 
 
-class _Terminal(io.StringIO):
-    """A captured stream that says it is a terminal, so tqdm's ``disable=None`` shows a bar."""
+def test_set_seed_makes_initial_weights_reproducible():
+    from tensorcut.train import set_seed
 
-    def isatty(self) -> bool:
-        return True
-
-
-@pytest.mark.parametrize("tty", [True, False])
-def test_recovery_bar_only_on_a_terminal(monkeypatch, tty):
-    """The recovery study's bar follows the package rule (``disable=None``): shown on a
-    terminal, silent (no ``\\r`` lines) when stderr is a file or pipe."""
-    from types import SimpleNamespace
-
-    from tensorcut.analysis.recovery import run_recovery
-
-    err = _Terminal() if tty else io.StringIO()
-    monkeypatch.setattr(sys, "stderr", err)
-    sweep = SimpleNamespace(
-        model=_net(), evalsets={"val": None}, progress=True, is_done=lambda k: True
-    )
-    sweep.key = lambda *a: a
-    sweep.report = SimpleNamespace(skipped=0)
-    run_recovery(sweep, ["conv2"], {}, [], 1, scenarios=["OUT-IN"])
-    assert sweep.report.skipped == 2  # the scenario was visited (and found done)
-    assert ("recovery" in err.getvalue()) == tty, err.getvalue()
+    set_seed(7)
+    a = nn.Linear(4, 3).weight.detach().clone()
+    set_seed(7)
+    assert torch.equal(nn.Linear(4, 3).weight, a)
