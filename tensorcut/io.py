@@ -313,14 +313,9 @@ def _check_fields(meta: dict[str, Any], p: Path) -> None:
 
 def _layer_class(method: str | None) -> Any:
     """The registered class that rebuilds a recorded layer (conv methods and ``SVDLinear``)."""
-    from tensorcut.layers.base import LAYER_REGISTRY
+    from tensorcut.layers import layer_class
 
-    _ensure_layers_imported()
-    from tensorcut.layers.linear import SVDLinear
-
-    if not method:
-        return None
-    return LAYER_REGISTRY.get(method) or ({"svd": SVDLinear}.get(method))
+    return layer_class(method) if method else None
 
 
 def build_model(meta: dict[str, Any], model: nn.Module | None = None) -> nn.Module:

@@ -7,6 +7,9 @@ import sys
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    from tensorcut.compression import DEFAULT_METHOD
+    from tensorcut.layers import list_methods
+
     r = sub.add_parser(
         "run",
         help="the main job: study, compress to a goal, fine-tune, verify, export, report",
@@ -46,7 +49,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--target-macs", type=float, help="fraction of conv-layer MACs to keep (e.g. 0.25)"
     )
     g.add_argument("--max-drop", type=float, help="largest allowed top-1 drop (e.g. 0.01)")
-    r.add_argument("--method", default="tucker2", help="cp | tucker | tucker2 | tt | tr | auto")
+    r.add_argument(
+        "--method",
+        default=DEFAULT_METHOD,
+        choices=[*list_methods(), "auto"],
+        help="decomposition (auto: per layer, the smallest that meets the layer's error share)",
+    )
     r.add_argument(
         "--calib-subset", type=int, default=512, help="calibration images from the validation split"
     )

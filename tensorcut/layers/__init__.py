@@ -5,7 +5,14 @@ name to its layer class; every class declares the contract the planner relies on
 (:class:`FactorizedConv2d`).
 """
 
-from tensorcut.layers._registry import LAYER_REGISTRY, get_method, list_methods, register_method
+from tensorcut.layers._registry import (
+    LAYER_REGISTRY,
+    get_method,
+    layer_class,
+    list_methods,
+    register_layer,
+    register_method,
+)
 from tensorcut.layers.base import ConvGeometry, FactorizedConv2d, MethodOptions
 from tensorcut.layers.cp import CPConv2d, CPOptions
 from tensorcut.layers.linear import SVDLinear
@@ -28,6 +35,8 @@ __all__ = [
     "TuckerConv2d",
     "TuckerOptions",
     "get_method",
+    "layer_class",
     "list_methods",
+    "register_layer",
     "register_method",
 ]

@@ -9,15 +9,23 @@ CLI read everything they need from the class.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from tensorcut.errors import TensorcutError
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from tensorcut.layers.base import FactorizedConv2d
 
 #: name -> layer class, filled by :func:`register_method` when ``tensorcut.layers`` is imported.
 LAYER_REGISTRY: dict[str, type[FactorizedConv2d]] = {}
+
+#: name -> factorized layer class that replaces something other than a conv (e.g. ``SVDLinear``):
+#: rebuilt from checkpoints by name, never planned, so not a ``--method`` choice.
+OTHER_LAYERS: dict[str, type[nn.Module]] = {}
+
+_M = TypeVar("_M", bound="type[nn.Module]")
 
 
 def register_method(cls: type[FactorizedConv2d]) -> type[FactorizedConv2d]:
@@ -51,6 +59,41 @@ def register_method(cls: type[FactorizedConv2d]) -> type[FactorizedConv2d]:
         )
     LAYER_REGISTRY[name] = cls
     return cls
+
+
+def register_layer(cls: _M) -> _M:
+    """Class decorator: make a non-conv factorized layer rebuildable from checkpoints by its
+    ``method`` name (not a planner method; see :func:`register_method` for those).
+
+    Args:
+        cls: an ``nn.Module`` subclass with a ``method`` class attribute and the
+            ``from_config``/``config`` pair that save/load uses.
+
+    Returns:
+        ``cls`` unchanged.
+
+    Raises:
+        TensorcutError: when ``method`` is empty or already taken by a conv method.
+
+    Example:
+        >>> from tensorcut.layers import layer_class
+        >>> layer_class("svd").__name__
+        'SVDLinear'
+    """
+    name = getattr(cls, "method", "")
+    if not name or not isinstance(name, str):
+        raise TensorcutError(f"{cls.__name__} has no method name; set `method = '<name>'`")
+    if name in LAYER_REGISTRY:
+        raise TensorcutError(f"{name!r} is a conv method already; choose another name")
+    OTHER_LAYERS[name] = cls
+    return cls
+
+
+def layer_class(name: str) -> type[nn.Module] | None:
+    """The class a checkpoint's recorded ``method`` name rebuilds (a conv method or another
+    registered layer such as ``svd``), or ``None`` for an unknown name."""
+    _load_builtin()
+    return LAYER_REGISTRY.get(name) or OTHER_LAYERS.get(name)
 
 
 def _load_builtin() -> None:

@@ -553,6 +553,9 @@ class FactorizedConv2d(nn.Module):
     supports_vbmf: ClassVar[bool] = False
     #: the method the planner uses when this one's decomposition does not converge
     fallback: ClassVar[str | None] = None
+    #: whether the TDLRT integrator trains this layer (ungrouped ``first``/``core``/``last``
+    #: Tucker-2 factors; see :mod:`tensorcut.train.tdlrt`)
+    tdlrt_trainable: ClassVar[bool] = False
     geometry: ConvGeometry
     _pad_explicitly: bool = True  # layers whose spatial convs can pad set it from split_padding
 

@@ -14,10 +14,12 @@ from torch import nn
 
 from tensorcut.decompose.svd import clamp_rank, truncated_svd
 from tensorcut.errors import TensorcutError
+from tensorcut.layers._registry import register_layer
 
 __all__ = ["SVDLinear"]
 
 
+@register_layer
 class SVDLinear(nn.Module):
     """Rank-``k`` factorization of an ``nn.Linear``: ``in -> k -> out``.
 

@@ -75,6 +75,7 @@ class TuckerConv2d(FactorizedConv2d):
     method = "tucker2"
     Options = TuckerOptions
     supports_vbmf = True
+    tdlrt_trainable = True
 
     def __init__(
         self,
@@ -337,6 +338,7 @@ class FullTuckerConv2d(TuckerConv2d):
     method = "tucker"
     supports_vbmf = False
     in_auto = False  # same layer structure as Tucker-2; only the decomposition differs
+    tdlrt_trainable = False  # its checkpoint records spatial ranks the integrator would not keep
 
     def __init__(
         self,

@@ -71,14 +71,14 @@ class TuckerView(nn.Module):
 
 
 def is_tucker_layer(m: nn.Module) -> TypeGuard[TuckerView]:
-    """True for an ungrouped Tucker-2 layer of the contract ``first`` / ``core`` / ``last`` (method
-    ``tucker2``).
+    """True for an ungrouped layer of a method the integrator trains (``tdlrt_trainable``: the
+    ``first`` / ``core`` / ``last`` Tucker-2 structure).
 
     Grouped Tucker layers (block-diagonal factors) and full-Tucker layers are not trained by
     the integrator; they stay ordinary parameters of the base optimiser.
     """
     return (
-        getattr(type(m), "method", None) == "tucker2"
+        getattr(type(m), "tdlrt_trainable", False) is True
         and getattr(getattr(m, "geometry", None), "groups", 1) == 1
         and all(isinstance(getattr(m, a, None), nn.Conv2d) for a in ("first", "core", "last"))
     )
