@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,7 +43,14 @@ from tensorcut.timing import (
     to_memory_format,
 )
 
-__all__ = ["DEFAULT_SCALES", "LatencyCache", "SpeedCheck", "check_speedup", "plan_for_speedup"]
+__all__ = [
+    "DEFAULT_SCALES",
+    "LatencyCache",
+    "SpeedCheck",
+    "check_speedup",
+    "describe_speed",
+    "plan_for_speedup",
+]
 
 #: Candidate ranks per layer: these fractions of the method's reference ranks (see ``_reference``).
 DEFAULT_SCALES = (0.75, 0.5, 0.375, 0.25, 0.125)
@@ -432,6 +440,7 @@ def plan_for_speedup(
                 print(
                     f"[{i + 1}/{len(chosen)}] {name}: dense {dense_ms:.3f} ms, "
                     f"{len(L.cands)}/{len(cands)} faster forms",
+                    file=sys.stderr,
                     flush=True,
                 )
         lc.save()
@@ -550,6 +559,31 @@ def plan_for_speedup(
             plan._built = {}
             sp["fell_back_to_dense"] = True
     return plan
+
+
+def describe_speed(speed: dict[str, Any]) -> str:
+    """The console lines for a plan's ``config["speed"]``: how latency was measured, the target,
+    the prediction, and (after the whole-model check) what was measured."""
+    th = int(speed.get("threads", 0))
+    how = (
+        f"{th} thread{'' if th == 1 else 's'}, batch {speed.get('batch')}, "
+        f"{speed.get('device')}" + (", channels-last" if speed.get("channels_last") else "")
+    )
+    target = float(speed["target_speedup"])
+    pred = float(speed["predicted_speedup"])
+    lines = [
+        f"speed target {target:g}x ({how}): dense median {float(speed['dense_ms']):.3f} ms, "
+        f"predicted {float(speed['predicted_ms']):.3f} ms ({pred:.2f}x, target "
+        + ("met)" if speed.get("met") else "not reached: no faster forms left)")
+    ]
+    if "measured" in speed:
+        lines.append("measured whole model, interleaved with dense:")
+        lines.extend("  " + ln for ln in str(speed["measured"]).splitlines())
+    if speed.get("fell_back_to_dense"):
+        lines.append(
+            "the compressed model was not measurably faster than dense here: every layer kept dense"
+        )
+    return "\n".join(lines)
 
 
 def _dense_entry(

@@ -184,6 +184,8 @@ def compress_checkpoint(
     has BatchNorm layers and the checkpoint's data set can be loaded, else skipped with the
     reason. What was done (or why not) is recorded as ``bn_recalibration`` in ``meta.json`` and
     ``plan.json``. An ``out`` that already holds a checkpoint is refused unless ``force``.
+    ``config.target_speedup`` plans from latencies measured on this machine (current torch
+    threads, batch 1); the plan records the predicted and measured whole-model latency.
     """
     if bn_images is not None and bn_images < 0:
         raise TensorcutError(f"--bn-images must be >= 0, got {bn_images}")
@@ -210,6 +212,11 @@ def compress_checkpoint(
     )
     if not any(lp.status == "factorize" for lp in p.layers):
         reasons = "; ".join(f"{lp.name}: {lp.reason}" for lp in p.layers[:3])
+        if config.target_speedup is not None:
+            raise TensorcutError(
+                f"no layer runs faster factorized on this machine ({reasons}); the dense model "
+                "is the fastest here, so nothing was written"
+            )
         raise TensorcutError(f"the rank rule leaves nothing to compress ({reasons}); loosen it")
     model = apply(ck.model, p)
     meta = copy.deepcopy(ck.meta)

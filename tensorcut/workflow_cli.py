@@ -70,6 +70,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         type=float,
         help="model-wide budget: < 1 is a fraction of the selected layers' cost, else a count",
     )
+    g.add_argument(
+        "--target-speedup",
+        type=float,
+        metavar="X",
+        help="plan for speed: time each layer dense and factorized on this machine (current "
+        "threads, batch 1) and choose ranks so the whole model runs X times faster (e.g. 1.5) "
+        "with the least error; layers not faster stay dense, and if the whole compressed model "
+        "is not measurably faster than dense, nothing is compressed",
+    )
     c.add_argument(
         "--budget-kind", choices=("params", "macs"), default="params", help="what --budget counts"
     )
@@ -270,6 +279,7 @@ def _compress(args: argparse.Namespace) -> int:
         budget=args.budget,
         budget_kind=args.budget_kind,
         latency=args.latency,
+        target_speedup=args.target_speedup,
         align=args.align,
         options=method_options_from_args(args),
     )
@@ -294,6 +304,10 @@ def _compress(args: argparse.Namespace) -> int:
         from tensorcut.workflow import bn_recalibration_line
 
         print(p.table())
+        if "speed" in p.config:
+            from tensorcut.speed import describe_speed
+
+            print(describe_speed(p.config["speed"]))
         print(bn_recalibration_line(meta.get("bn_recalibration")))
         for split, m in meta.get("metrics", {}).items():
             print(

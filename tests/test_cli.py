@@ -366,3 +366,87 @@ def test_finetune_and_plot_json(tiny_checkpoint, tmp_path, capsys):
     )
     files = json.loads(capsys.readouterr().out)["figures"]
     assert files and all(Path(f).exists() for f in files)
+
+
+def _fake_latency(models, example, *, threads=None, warmup=0, reps=5, **kw):
+    """Deterministic stand-in for timing.measure_latency: fewer parameters run faster, every conv
+    call costs a little; a factorized whole model is timed as its parameters say."""
+    from torch import nn
+
+    from tensorcut.timing import latency_stats
+
+    out = {}
+    for n, m in models.items():
+        params = sum(p.numel() for p in m.parameters())
+        calls = sum(isinstance(s, nn.Conv2d) for s in m.modules())
+        out[n] = latency_stats(
+            n,
+            [params / 1e4 + 0.001 * calls] * reps,
+            batch=int(example.shape[0]),
+            threads=1,
+            device="cpu",
+            warmup=warmup,
+            session=7,
+        )
+    return out
+
+
+def test_compress_target_speedup_json_and_text(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    import tensorcut.speed as speed
+
+    monkeypatch.setattr(speed, "measure_latency", _fake_latency)
+    argv = ["compress", str(tiny_checkpoint), "--target-speedup", "1.2", "--bn-images", "0"]
+    assert main([*argv, "--out", str(tmp_path / "j"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)  # the speed planner's progress goes to stderr
+    assert doc["config"]["target_speedup"] == 1.2
+    sp = doc["config"]["speed"]
+    assert sp["met"] and sp["threads"] == 1 and sp["batch"] == 1 and sp["device"] == "cpu"
+    assert "predicted_ms" in sp and "measured_ms" in sp and "fell_back_to_dense" not in sp
+    assert any(lp["status"] == "factorize" for lp in doc["layers"])
+    assert main([*argv, "--out", str(tmp_path / "t")]) == 0
+    out = capsys.readouterr().out
+    assert "speed target 1.2x (1 thread, batch 1, cpu, channels-last): dense median" in out
+    assert "measured whole model, interleaved with dense:" in out
+
+
+def test_compress_target_speedup_excludes_rank_rules(tiny_checkpoint, tmp_path, capsys):
+    argv = ["compress", str(tiny_checkpoint), "--out", str(tmp_path / "x")]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--keep", "0.5", "--target-speedup", "1.5"])
+    assert e.value.code == 2
+    assert "argument --target-speedup: not allowed with argument --keep" in capsys.readouterr().err
+    assert main([*argv, "--target-speedup", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "tensorcut compress: error: target_speedup must be a number > 1 (e.g. 1.5 for 1.5x "
+        "faster), got 1.0"
+    ]
+    assert not (tmp_path / "x").exists()
+
+
+def test_compress_target_speedup_writes_nothing_when_dense_is_fastest(
+    tiny_checkpoint, tmp_path, capsys, monkeypatch
+):
+    import tensorcut.speed as speed
+
+    def slow_factorized(models, example, **kw):
+        from tensorcut.layers import FactorizedConv2d
+
+        st = _fake_latency(models, example, **kw)
+        for n, m in models.items():  # any factorized form is far slower
+            if any(isinstance(s, FactorizedConv2d) for s in m.modules()):
+                st[n] = _fake_latency({n: m}, example, **kw)[n].__class__(
+                    n, tuple(t + 100 for t in st[n].times_ms), 1, 1, "cpu", 0, 7
+                )
+        return st
+
+    monkeypatch.setattr(speed, "measure_latency", slow_factorized)
+    argv = ["compress", str(tiny_checkpoint), "--target-speedup", "1.5", "--bn-images", "0"]
+    assert main([*argv, "--out", str(tmp_path / "n")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "tensorcut compress: error: no layer runs faster factorized on this machine (conv2: not "
+        "faster;"
+    ), err
+    assert err[0].endswith("the dense model is the fastest here, so nothing was written")
+    assert not (tmp_path / "n").exists()

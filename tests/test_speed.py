@@ -169,3 +169,135 @@ def test_bad_arguments_refused(net, monkeypatch):
         _plan(net, 1.5, monkeypatch, method="nope")
     with pytest.raises(TensorcutError):
         _plan(net, 1.5, monkeypatch, layers=["missing"])
+
+
+# ----------------------------------------------------------------------------- CompressConfig
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (
+            {"target_speedup": 1.0},
+            "target_speedup must be a number > 1 (e.g. 1.5 for 1.5x faster), got 1.0",
+        ),
+        (
+            {"target_speedup": "2"},
+            "target_speedup must be a number > 1 (e.g. 1.5 for 1.5x faster), got '2'",
+        ),
+        (
+            {"target_speedup": True},
+            "target_speedup must be a number > 1 (e.g. 1.5 for 1.5x faster), got True",
+        ),
+        (
+            {"target_speedup": float("inf")},
+            "target_speedup must be a number > 1 (e.g. 1.5 for 1.5x faster), got inf",
+        ),
+        (
+            {"target_speedup": float("nan")},
+            "target_speedup must be a number > 1 (e.g. 1.5 for 1.5x faster), got nan",
+        ),
+        (
+            {"target_speedup": 1.5, "ratio": 0.5},
+            "contradictory rank options: target_speedup and ratio; give one of them",
+        ),
+        (
+            {"target_speedup": 1.5, "budget": 0.5},
+            "contradictory rank options: target_speedup and budget; give one of them",
+        ),
+        (
+            {"target_speedup": 1.5, "method": "auto"},
+            "target_speedup times one method's layers; name it (e.g. method='tucker2'), not 'auto'",
+        ),
+    ],
+)
+def test_config_target_speedup_refused(kw: dict[str, Any], message: str) -> None:
+    from tensorcut.compression import CompressConfig
+
+    with pytest.raises(TensorcutError) as e:
+        CompressConfig(**kw)
+    assert str(e.value) == message
+
+
+def test_config_target_speedup_is_the_rule_and_round_trips() -> None:
+    from tensorcut.compression import CompressConfig
+
+    cfg = CompressConfig(target_speedup=2)
+    assert cfg.target_speedup == 2.0 and isinstance(cfg.target_speedup, float)
+    assert cfg.rule.kind == "none" and cfg.budget is None
+    assert CompressConfig(**cfg.to_dict()) == cfg
+
+
+def test_compress_with_target_speedup_plans_for_speed(net, monkeypatch):
+    import tensorcut
+
+    timer = FakeTimer()
+    monkeypatch.setattr(speed, "measure_latency", timer)
+    model, p = tensorcut.compress(
+        _copy(net), method="tucker2", target_speedup=1.5, input_shape=(3, 8, 8), progress=False
+    )
+    assert p.config["target_speedup"] == 1.5 and p.config["method"] == "tucker2"
+    assert p.config["align"] == 8  # align 1 (the default) times multiples of 8
+    sp = p.config["speed"]
+    assert sp["met"] and sp["target_speedup"] == 1.5
+    assert {"dense_ms", "predicted_ms", "measured_ms", "measured_speedup", "measured"} <= set(sp)
+    assert "fell_back_to_dense" not in sp and sp["measured_speedup"] > 1
+    by = {e.name: e for e in p.layers}
+    assert by["tiny"].status == "dense" and by["tiny"].reason == speed.NOT_FASTER
+    fact = [e.name for e in p.layers if e.status == "factorize"]
+    assert fact and all(isinstance(model.get_submodule(n), FactorizedConv2d) for n in fact)
+    assert all(r % 8 == 0 for n in fact for r in by[n].ranks)
+    assert p.model_output_error is not None  # compress's whole-model check ran
+    assert tensorcut.Plan.from_dict(p.to_dict()).config["speed"] == sp  # JSON round trip
+
+
+def test_compress_with_target_speedup_never_slower_than_dense(net, monkeypatch):
+    import tensorcut
+
+    monkeypatch.setattr(speed, "measure_latency", FakeTimer(whole_model_penalty=1e6))
+    model, p = tensorcut.compress(
+        _copy(net), target_speedup=1.5, input_shape=(3, 8, 8), progress=False
+    )
+    assert p.config["speed"]["fell_back_to_dense"]
+    assert not any(isinstance(m, FactorizedConv2d) for m in model.modules())
+    text = speed.describe_speed(p.config["speed"])
+    assert "not measurably faster than dense here: every layer kept dense" in text
+
+
+def test_target_speedup_with_sensitivity_refused(net):
+    import tensorcut
+
+    with pytest.raises(TensorcutError) as e:
+        tensorcut.plan(net, target_speedup=1.5, input_shape=(3, 8, 8), sensitivity={"big1": 2.0})
+    assert str(e.value) == (
+        "sensitivity guides a budget's allocation, not a target_speedup plan; drop one of them"
+    )
+
+
+def test_describe_speed_says_how_it_was_measured() -> None:
+    sp = {
+        "target_speedup": 1.5,
+        "dense_ms": 3.0,
+        "predicted_ms": 1.9,
+        "predicted_speedup": 3.0 / 1.9,
+        "met": True,
+        "threads": 1,
+        "batch": 1,
+        "device": "cpu",
+        "channels_last": True,
+        "measured": "dense: median 3.00 ms\ncompressed: median 2.00 ms\nverdict",
+    }
+    lines = speed.describe_speed(sp).splitlines()
+    assert lines[0] == (
+        "speed target 1.5x (1 thread, batch 1, cpu, channels-last): dense median 3.000 ms, "
+        "predicted 1.900 ms (1.58x, target met)"
+    )
+    assert lines[1:] == [
+        "measured whole model, interleaved with dense:",
+        "  dense: median 3.00 ms",
+        "  compressed: median 2.00 ms",
+        "  verdict",
+    ]
+    sp.update(met=False, threads=2)
+    assert "(2 threads, batch 1" in speed.describe_speed(sp)
+    assert "target not reached: no faster forms left)" in speed.describe_speed(sp)

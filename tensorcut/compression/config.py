@@ -2,11 +2,13 @@
 
 A config names a method (a registered one, or ``"auto"``), exactly one rank rule
 (:class:`~tensorcut.compression.rank.RankRule`: ``rank``, ``ratio``, ``eps``, ``energy``,
-``rank="vbmf"``, ``rank="full"``) or a model-wide ``budget``, and the methods' typed options.
+``rank="vbmf"``, ``rank="full"``), a model-wide ``budget`` or a ``target_speedup``, and the
+methods' typed options.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -53,12 +55,19 @@ def default_filter(name: str, module: nn.Module) -> bool:
 
 @dataclass
 class CompressConfig:
-    """What to factorize and how. Exactly one rank rule (``rank``/``ratio``/``eps``/``energy``) or
-    a ``budget``.
+    """What to factorize and how. Exactly one rank rule (``rank``/``ratio``/``eps``/``energy``), a
+    ``budget`` or a ``target_speedup``.
 
     ``budget`` below 1 is a fraction of the eligible layers' dense cost, otherwise an
     absolute count of ``budget_kind`` ('params' or 'macs'). ``latency=True`` keeps a layer
-    dense when its factorized form is not faster on the current device. ``align`` > 1 rounds
+    dense when its factorized form is not faster on the current device. ``target_speedup`` (a
+    number > 1, e.g. 1.5) plans for speed instead of size: each candidate layer is timed dense and
+    factorized at a few ranks on this device and thread count, ranks are allocated to reach
+    ``dense latency / target_speedup`` with the least kernel error, layers whose factorized form
+    is not faster stay dense (reason ``not faster``), and the whole compressed model is timed
+    against dense: when it is not measurably faster the plan keeps every layer dense (see
+    :func:`tensorcut.speed.plan_for_speedup`; ranks are multiples of ``align``, 8 when ``align``
+    is 1). ``align`` > 1 rounds
     every rank to a multiple of ``align`` (8 or 16 suit SIMD units): down for the size rules
     (rank, ratio, vbmf, budget), up for the error rules (eps, energy), within each mode's maximum.
     ``rank='full'`` takes each layer's maximal ranks (an exact factorization for Tucker-2, Tucker
@@ -71,7 +80,7 @@ class CompressConfig:
 
     Args:
         method: a name from :func:`tensorcut.list_methods`, or ``"auto"``.
-        rank, ratio, eps, energy, budget: the rank rule (exactly one), see above.
+        rank, ratio, eps, energy, budget, target_speedup: the rank rule (exactly one), see above.
 
     Raises:
         TensorcutError: an unknown method or option, no rule or two rules, a value out of range.
@@ -91,6 +100,7 @@ class CompressConfig:
     budget: float | None = None
     budget_kind: str = "params"
     latency: bool = False
+    target_speedup: float | None = None
     align: int = 1
     fallback: bool = True  # a method that does not converge falls back to its `fallback` method
     options: dict[str, Any] = field(default_factory=dict)
@@ -112,7 +122,9 @@ class CompressConfig:
         if isinstance(self.rank, list):
             self.rank = tuple(self.rank)
         _ = self.rule  # validates the rank options
-        if self.budget is not None:
+        if self.target_speedup is not None:
+            self._check_target_speedup()
+        elif self.budget is not None:
             if self.rule.kind != "none":
                 raise TensorcutError(
                     f"contradictory rank options: budget and {self.rule.kind}; give one of them"
@@ -143,6 +155,29 @@ class CompressConfig:
                 f"rank='vbmf' applies to {', '.join(able)} only; use method={able[0]!r} "
                 f"(got {self.method!r})"
             )
+
+    def _check_target_speedup(self) -> None:
+        """``target_speedup``: a finite number > 1, the only rule, one named method."""
+        other = "budget" if self.budget is not None else self.rule.kind
+        if other != "none":
+            raise TensorcutError(
+                f"contradictory rank options: target_speedup and {other}; give one of them"
+            )
+        t = self.target_speedup
+        if (
+            isinstance(t, bool)
+            or not isinstance(t, (int, float))
+            or not (t > 1 and math.isfinite(t))
+        ):
+            raise TensorcutError(
+                f"target_speedup must be a number > 1 (e.g. 1.5 for 1.5x faster), got {t!r}"
+            )
+        if self.method == "auto":
+            raise TensorcutError(
+                "target_speedup times one method's layers; name it (e.g. method='tucker2'), "
+                "not 'auto'"
+            )
+        self.target_speedup = float(t)
 
     @property
     def rule(self) -> RankRule:

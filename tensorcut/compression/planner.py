@@ -8,6 +8,7 @@ parameters and MACs.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -198,6 +199,8 @@ def plan(
             "the filter selected no conv layer; nothing to compress (the default skips stems with "
             "<= 3 input channels)"
         )
+    if cfg.target_speedup is not None:
+        return _plan_for_speed(model, cfg, chosen, input_shape, calibration, sensitivity, progress)
     args, shape = _calibration_args(model, input_shape, calibration)
     cap = capture(model, [convs[n] for n in chosen], args)
     mc = cost.model_cost(model, example=args)
@@ -258,4 +261,48 @@ def plan(
     )
     p._built = built
     p._reference = (args, cap.model_output)
+    return p
+
+
+def _plan_for_speed(
+    model: nn.Module,
+    cfg: CompressConfig,
+    chosen: list[str],
+    input_shape: Sequence[int] | None,
+    calibration: torch.Tensor | tuple[Any, ...] | None,
+    sensitivity: dict[str, float] | None,
+    progress: bool,
+) -> Plan:
+    """``cfg.target_speedup``: ranks from latencies measured here (:mod:`tensorcut.speed`),
+    verified on the whole model, so the plan is never slower than dense on this machine."""
+    from tensorcut.speed import plan_for_speedup
+
+    if sensitivity:
+        raise TensorcutError(
+            "sensitivity guides a budget's allocation, not a target_speedup plan; drop one of them"
+        )
+    assert cfg.target_speedup is not None  # the caller's condition
+    args, shape = _calibration_args(model, input_shape, calibration)
+    opts = cfg.options.get(cfg.method)
+    align = cfg.align if cfg.align > 1 else 8
+    p = plan_for_speedup(
+        model,
+        cfg.target_speedup,
+        shape,
+        cfg.method,
+        layers=chosen,
+        align=align,
+        verify=True,
+        decompose_options=opts.kwargs() if opts is not None else None,
+        progress=progress and sys.stderr.isatty(),  # like the plan's bar: terminals only
+    )
+    p.config = dict(cfg.to_dict(), align=align, speed=p.config["speed"])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():  # the dense output compress's whole-model check compares with
+            ref = model(*args)
+    finally:
+        model.train(was_training)
+    p._reference = (args, ref)
     return p
