@@ -52,7 +52,8 @@ __all__ = [
     "plan_for_speedup",
 ]
 
-#: Candidate ranks per layer: these fractions of the method's reference ranks (see ``_reference``).
+#: Candidate ranks per layer: these fractions of the method's reference ranks
+#: (``FactorizedConv2d.reference_ranks``: the maximal ranks, CP's MAC-equal rank).
 DEFAULT_SCALES = (0.75, 0.5, 0.375, 0.25, 0.125)
 
 NOT_FASTER = "not faster"
@@ -151,18 +152,6 @@ class _Layer:
         return 0.0 if self.choice < 0 else self.cands[self.choice].error
 
 
-def _reference(method: str, geom: ConvGeometry) -> tuple[int, ...]:
-    """Ranks the scales apply to: the maximal ranks, except CP's (whose maximum is the product of
-    the kernel sizes): the rank at which CP's MACs equal the dense layer's."""
-    mx = tuple(LAYER_REGISTRY[method].max_ranks(geom))
-    if method == "cp":
-        g = geom.groups
-        o, i = geom.out_channels // g, geom.in_channels // g
-        kh, kw = geom.kernel_size
-        return (max(1, min(mx[0], o * i * kh * kw // (o + i + kh + kw))),)
-    return mx
-
-
 def _candidate_ranks(
     method: str, geom: ConvGeometry, hw: tuple[int, int], scales: Sequence[float], align: int
 ) -> list[tuple[int, ...]]:
@@ -170,7 +159,7 @@ def _candidate_ranks(
 
     cls = LAYER_REGISTRY[method]
     mx = tuple(cls.max_ranks(geom))
-    ref = _reference(method, geom)
+    ref = tuple(cls.reference_ranks(geom))
     out: list[tuple[int, ...]] = []
     for s in scales:
         r = scaled_ranks(ref, s)
@@ -202,28 +191,24 @@ def _conv_inputs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, tupl
     return sizes
 
 
-def _error(conv: nn.Conv2d, method: str, ranks: tuple[int, ...], spectra: dict[str, Any]) -> float:
-    """Relative kernel error of ``method`` at ``ranks``.
+def _error(conv: nn.Conv2d, method: str, ranks: tuple[int, ...], cache: dict[str, Any]) -> float:
+    """Relative kernel error ``||W - W~|| / ||W||`` of ``method`` at ``ranks``.
 
-    Tucker-2 (groups 1): the truncated-HOSVD bound
-    ``sqrt(tail_out(r_out)^2 + tail_in(r_in)^2) / ||W||`` from the two channel unfoldings'
-    singular values (computed once per layer, kept in ``spectra``), an upper bound on the error
-    the decomposition reaches. Other methods: a real decomposition.
+    The method's cheap bound (:meth:`FactorizedConv2d.error_bound`, e.g. Tucker-2's truncated
+    HOSVD tail, computed from spectra kept in ``cache`` per layer) where it has one; otherwise a
+    real decomposition, measured.
     """
+    cls = LAYER_REGISTRY[method]
+    bound = cls.error_bound(conv.weight, ConvGeometry.from_conv(conv), tuple(ranks), cache)
+    if bound is not None:
+        return float(bound)
     W = conv.weight.detach().to(torch.float64)
     norm = float(torch.linalg.vector_norm(W))
     if norm == 0:
         return 0.0
-    if method == "tucker2" and conv.groups == 1:
-        if "out" not in spectra:
-            o, i = W.shape[0], W.shape[1]
-            spectra["out"] = torch.linalg.svdvals(W.reshape(o, -1)) ** 2
-            spectra["in"] = torch.linalg.svdvals(W.transpose(0, 1).reshape(i, -1)) ** 2
-        tail = float(spectra["out"][ranks[0] :].sum() + spectra["in"][ranks[1] :].sum())
-        return min(1.0, math.sqrt(tail) / norm)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        layer = LAYER_REGISTRY[method].from_conv(conv, ranks=ranks)
+        layer = cls.from_conv(conv, ranks=ranks)
     err = getattr(layer, "rel_error", None)
     if err is None:
         err = float(torch.linalg.vector_norm(W - layer.reconstruct_weight().detach().to(W))) / norm

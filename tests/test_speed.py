@@ -301,3 +301,39 @@ def test_describe_speed_says_how_it_was_measured() -> None:
     sp.update(met=False, threads=2)
     assert "(2 threads, batch 1" in speed.describe_speed(sp)
     assert "target not reached: no faster forms left)" in speed.describe_speed(sp)
+
+
+# ----------------------------------------------------------------------------- method contract
+
+
+def test_candidate_ranks_scale_each_methods_reference_ranks() -> None:
+    from tensorcut.compression.rank import scaled_ranks
+    from tensorcut.layers import ConvGeometry, get_method
+
+    conv = nn.Conv2d(64, 64, 3, padding=1)
+    g = ConvGeometry.from_conv(conv)
+    for method in ("cp", "tucker2"):
+        ref = get_method(method).reference_ranks(g)
+        got = speed._candidate_ranks(method, g, (8, 8), (0.5,), 1)
+        assert got == [tuple(scaled_ranks(ref, 0.5))]
+    (cp_ref,) = get_method("cp").reference_ranks(g)
+    assert cp_ref == 64 * 64 * 9 // (64 + 64 + 3 + 3)  # the MAC-equal rank, not CP's maximum
+
+
+def test_error_uses_the_methods_bound_else_measures() -> None:
+    from tensorcut.layers import ConvGeometry, get_method
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 3, padding=1)
+    g = ConvGeometry.from_conv(conv)
+    cache: dict[str, Any] = {}
+    got = speed._error(conv, "tucker2", (8, 8), cache)
+    assert got == get_method("tucker2").error_bound(conv.weight, g, (8, 8), {})
+    assert set(cache) == {"out", "in"}  # spectra kept for the next ranks of this layer
+    # a grouped kernel has no Tucker-2 bound: the decomposition is made and measured
+    grouped = nn.Conv2d(16, 24, 3, padding=1, groups=2)
+    layer = get_method("tucker2").from_conv(grouped, ranks=(4, 4))
+    w = grouped.weight.detach().double()
+    want = float(torch.linalg.vector_norm(w - layer.reconstruct_weight().detach().double()))
+    want /= float(torch.linalg.vector_norm(w))
+    assert speed._error(grouped, "tucker2", (4, 4), {}) == pytest.approx(want, rel=1e-5)
