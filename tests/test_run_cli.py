@@ -1,0 +1,152 @@
+"""The ``run`` and ``report`` verbs' parser layer (``run_cli.py``): flags, defaults, one-line
+usage errors with status 2, and the mapping of flags onto RunConfig (the pipeline is stubbed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tensorcut.cli import build_parser, main, verb_parsers
+from tensorcut.layers import list_methods
+from tensorcut.run_cli import print_summary
+
+
+def _parse(*argv: str) -> Any:
+    return build_parser().parse_args(["run", *argv])
+
+
+def test_defaults() -> None:
+    a = _parse("ck", "--target-ratio", "5", "--out", "o")
+    assert (a.checkpoint, a.target_ratio, a.target_macs, a.max_drop) == ("ck", 5.0, None, None)
+    assert (a.method, a.calib_subset, a.finetune_epochs, a.finetune_lr) == (
+        "tucker2",
+        512,
+        10,
+        1e-4,
+    )
+    assert (a.probe_epochs, a.probe_images, a.epochs, a.width, a.subset) == (1, 2048, 10, 1.0, None)
+    assert not (a.distill or a.no_bn_recalibrate or a.json)
+    assert a.model is None and a.dataset is None and a.data_dir is None
+
+
+def test_method_choices_are_the_registry_plus_auto() -> None:
+    run = verb_parsers(build_parser())["run"]
+    action = next(x for x in run._actions if "--method" in x.option_strings)
+    assert list(action.choices) == [*list_methods(), "auto"]
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (
+            ["--out", "o"],
+            "one of the arguments --target-ratio --target-macs --max-drop is required",
+        ),
+        (
+            ["--out", "o", "--target-ratio", "5", "--max-drop", "0.1"],
+            "argument --max-drop: not allowed with argument --target-ratio",
+        ),
+        (["--target-ratio", "5"], "the following arguments are required: --out"),
+        (
+            ["--out", "o", "--target-ratio", "x"],
+            "argument --target-ratio: invalid float value: 'x'",
+        ),
+    ],
+)
+def test_usage_errors_end_in_one_error_line_and_status_2(argv, msg, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["run", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"tensorcut run: error: {msg}"
+
+
+SUMMARY = {
+    "rows": {
+        "dense": {
+            "params": 1000, "size_mb": 0.004, "macs": 50000, "latency_ms_b32": 1.5, "top1": 0.9,
+            "top5": 1.0,
+        },
+        "compressed": {
+            "params": 200, "size_mb": 0.001, "macs": 10000, "latency_ms_b32": 0.75, "top1": 0.5,
+            "top5": 0.9,
+        },
+    },
+    "goal": "5x conv parameters",
+    "goal_met": True,
+    "achieved": "5.1x",
+    "report": "o/report.html",
+}  # fmt: skip
+
+
+def test_run_maps_flags_onto_the_pipeline(monkeypatch, tmp_path: Path, capsys) -> None:
+    import tensorcut.run
+
+    seen: dict[str, Any] = {}
+
+    def fake_run(out: Any, cfg: Any, **kw: Any) -> dict[str, Any]:
+        seen.update(out=out, cfg=cfg, **kw)
+        return SUMMARY
+
+    monkeypatch.setattr(tensorcut.run, "run", fake_run)
+    argv = ["run", "--model", "vanilla-cnn", "--dataset", "digits", "--target-macs", "0.25"]
+    argv += ["--method", "cp", "--no-bn-recalibrate", "--distill", "--subset", "64"]
+    argv += ["--finetune-epochs", "2", "--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    cfg = seen["cfg"]
+    assert (cfg.target_macs, cfg.method, cfg.bn_recalibrate, cfg.distill) == (
+        0.25,
+        "cp",
+        False,
+        True,
+    )
+    assert (cfg.train_subset, cfg.finetune_epochs, cfg.target_ratio) == (64, 2, None)
+    assert (seen["model"], seen["dataset"], seen["checkpoint"]) == ("vanilla-cnn", "digits", None)
+    assert seen["out"] == str(tmp_path / "o") and seen["command"][0] == "tensorcut"
+    out = capsys.readouterr().out
+    assert "compressed (no FT)" in out and out.rstrip().endswith("report: o/report.html")
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == SUMMARY
+
+
+def test_a_bad_goal_from_the_pipeline_is_one_line(tmp_path: Path, capsys) -> None:
+    rc = main(["run", "--target-ratio", "0.5", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [
+        "tensorcut run: error: --target-ratio must be > 1 (dense / compressed parameters), got 0.5"
+    ]
+    assert not (tmp_path / "o").exists()
+
+
+def test_print_summary(capsys) -> None:
+    print_summary(SUMMARY)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == [
+        "params",
+        "size",
+        "MB",
+        "MACs",
+        "CPU",
+        "ms",
+        "b=32",
+        "top-1",
+        "top-5",
+    ]
+    assert lines[1].split() == ["dense", "1,000", "0.004", "50,000", "1.50", "0.9000", "1.0000"]
+    assert lines[2].startswith("compressed (no FT)")
+    assert lines[3] == "goal: 5x conv parameters — met (5.1x)"
+    print_summary(dict(SUMMARY, goal_met=False))
+    assert "— NOT met (5.1x)" in capsys.readouterr().out
+
+
+def test_report_verb(monkeypatch, tmp_path: Path, capsys) -> None:
+    import tensorcut.report
+
+    monkeypatch.setattr(tensorcut.report, "write_report", lambda d: Path(d) / "report.html")
+    assert main(["report", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == f"report: {tmp_path / 'report.html'}\n"
+    assert main(["report", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"report": str(tmp_path / "report.html")}

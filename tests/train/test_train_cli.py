@@ -1,0 +1,110 @@
+"""The ``train`` and ``evaluate`` verbs' parser layer (``train/cli.py``): flags, defaults, the
+recipe filled from the defaults or the recorded run, one-line errors with status 2, and the
+mapping of flags onto the training API (stubbed here; it is tested in test_api.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+import tensorcut.train.api as api
+from tensorcut.cli import build_parser, main
+from tensorcut.train.cli import TRAIN_DEFAULTS, resolve_recipe
+
+BASE = ["train", "--model", "vanilla-cnn", "--dataset", "digits"]
+
+
+def test_train_defaults_leave_the_recipe_unset_until_resolved(tmp_path: Path) -> None:
+    a = build_parser().parse_args([*BASE, "--out", str(tmp_path / "o")])
+    assert (a.epochs, a.width, a.batch_size, a.val_fraction, a.seed) == (10, 1.0, 128, 0.1, 0)
+    assert (a.method, a.device, a.patience, a.subset) == ("dense", "auto", None, None)
+    assert all(getattr(a, k) is None for k in TRAIN_DEFAULTS)
+    resolve_recipe(a)
+    assert {k: getattr(a, k) for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS
+
+
+def test_resume_takes_the_recorded_recipe_for_unset_options(tmp_path: Path) -> None:
+    (tmp_path / "meta.json").write_text(json.dumps({"recipe": {"lr": 0.05, "optimizer": "sgd"}}))
+    a = build_parser().parse_args([*BASE, "--out", str(tmp_path), "--resume", "--momentum", "0.5"])
+    resolve_recipe(a)
+    assert (a.lr, a.optimizer, a.momentum) == (0.05, "sgd", 0.5)  # given flags win
+    assert a.scheduler == TRAIN_DEFAULTS["scheduler"]  # not recorded: the default
+
+
+def test_flags_reach_the_training_api(monkeypatch, tmp_path: Path, capsys) -> None:
+    seen: dict[str, Any] = {}
+
+    def fake_train(model: str, dataset: str, out: Any, **kw: Any) -> Any:
+        seen.update(model=model, dataset=dataset, out=out, **kw)
+        test = {"loss": 0.5, "top1": 0.75, "top5": 1.0, "n": 4}
+        return SimpleNamespace(meta={"metrics": {"test": test}, "epoch": 3})
+
+    monkeypatch.setattr(api, "train", fake_train)
+    out = str(tmp_path / "o")
+    argv = [*BASE, "--out", out, "--epochs", "3", "--lr", "0.01", "--optimizer", "sgd"]
+    assert main([*argv, "--patience", "2", "--augment", "--subset", "64"]) == 0
+    cfg = seen["config"]
+    assert (cfg.epochs, cfg.lr, cfg.optimizer, cfg.patience, cfg.scheduler) == (
+        3, 0.01, "sgd", 2, "plateau",
+    )  # fmt: skip
+    assert (seen["model"], seen["dataset"], seen["out"], seen["subset"]) == (
+        "vanilla-cnn", "digits", out, 64,
+    )  # fmt: skip
+    assert seen["augment"] and not seen["resume"]
+    assert capsys.readouterr().out.splitlines() == [
+        "test: loss 0.5000  top-1 0.7500  top-5 1.0000  (n=4)",
+        f"checkpoint: {out}",
+    ]
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "checkpoint": out,
+        "test": {"loss": 0.5, "top1": 0.75, "top5": 1.0, "n": 4},
+        "epochs": 3,
+    }
+
+
+@pytest.mark.parametrize(
+    "extra,msg",
+    [
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--val-fraction", "1"], "--val-fraction must be in (0, 1), got 1"),
+        (["--width", "-1"], "--width must be > 0, got -1"),
+    ],
+)
+def test_bad_numbers_are_one_line_before_any_work(extra, msg, tmp_path: Path, capsys) -> None:
+    assert main([*BASE, "--out", str(tmp_path / "o"), *extra]) == 2
+    assert capsys.readouterr().err.strip() == f"tensorcut train: error: {msg}"
+    assert not (tmp_path / "o").exists()
+
+
+def test_usage_errors_exit_2(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--dataset", "digits", "--out", "o"])
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "tensorcut train: error: the following arguments are required: --model"
+    with pytest.raises(SystemExit):
+        main([*BASE, "--out", "o", "--method", "cp"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("tensorcut train: error: argument --method: invalid choice: 'cp'")
+
+
+def test_evaluate_verb(monkeypatch, capsys) -> None:
+    seen: dict[str, Any] = {}
+
+    def fake(checkpoint: Any, dataset: Any, split: str, **kw: Any) -> dict[str, float]:
+        seen.update(checkpoint=checkpoint, dataset=dataset, split=split, **kw)
+        return {"loss": 1.0, "top1": 0.5, "top5": 0.875, "n": 8}
+
+    monkeypatch.setattr(api, "evaluate_checkpoint", fake)
+    assert main(["evaluate", "ck", "--split", "val", "--subset", "8"]) == 0
+    assert (seen["checkpoint"], seen["dataset"], seen["split"], seen["subset"]) == (
+        "ck", None, "val", 8,
+    )  # fmt: skip
+    assert capsys.readouterr().out.strip() == "val: loss 1.0000  top-1 0.5000  top-5 0.8750  (n=8)"
+    assert main(["evaluate", "ck", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top5"] == 0.875 and seen["split"] == "test"
