@@ -1,4 +1,13 @@
-"""Export a checkpoint to ONNX, TorchScript or a ``torch.export`` program, and check it."""
+"""Export a checkpoint to ONNX, TorchScript or a ``torch.export`` program, and check it.
+
+What is exported is the model prepared for inference (:func:`tensorcut.inference.
+prepare_for_inference`): BatchNorm folded into the convolutions that feed it, factorized 1x1
+convolutions merged into their cheapest chain, and every 1x1 factor a plain convolution (the
+exportable form: one ``Conv`` node per factor, which ONNX Runtime fuses, instead of the eager GEMM
+path's reshapes, transposes and ``MatMul``); TorchScript and ``torch.export`` also keep parameters
+channels-last. The check compares the exported file with the model as given, so it covers the
+preparation too.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +34,7 @@ __all__ = [
     "export_model",
     "export_with_check",
     "is_export_of",
+    "prepared_for_export",
     "require_onnx",
 ]
 
@@ -71,6 +81,7 @@ def export_model(
     out: str | Path,
     check: bool = True,
     atol: float = 1e-4,
+    prepare: bool = True,
 ) -> Path:
     """Write ``model`` in format ``fmt`` to file ``out`` (atomically).
 
@@ -78,7 +89,7 @@ def export_model(
 
     See :func:`export_with_check`; an export that could not be checked is logged as a warning.
     """
-    e = export_with_check(model, input_shape, fmt, out, check=check, atol=atol)
+    e = export_with_check(model, input_shape, fmt, out, check=check, atol=atol, prepare=prepare)
     if check and not e.checked:
         log.warning("%s: %s", e.path, e.note)
     return e.path
@@ -91,6 +102,7 @@ def export_with_check(
     out: str | Path,
     check: bool = True,
     atol: float = 1e-4,
+    prepare: bool = True,
 ) -> Export:
     """Write ``model`` in format ``fmt`` to ``out`` atomically, with a dynamic batch dimension.
 
@@ -99,7 +111,8 @@ def export_with_check(
     through onnxruntime when it is installed, and otherwise reported as *not checked* (never
     claimed). ONNX uses the TorchScript-based exporter with a dynamic batch axis; ``torch.export``
     marks the batch dimension dynamic; a TorchScript trace of these models is batch-agnostic
-    (the check at two batch sizes verifies it).
+    (the check at two batch sizes verifies it). ``prepare`` (default) exports
+    :func:`prepared_for_export` of ``model``; the check compares with ``model`` itself.
     """
     if fmt not in FORMATS:
         raise TensorcutError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
@@ -111,6 +124,8 @@ def export_with_check(
     checks = [torch.randn(b, *input_shape) for b in CHECK_BATCHES]
     with torch.no_grad():
         refs = [model(xb) for xb in checks]
+    if prepare:
+        model = prepared_for_export(model, fmt)
     done = f"outputs checked against PyTorch at batch {' and '.join(map(str, CHECK_BATCHES))}"
     note = done if check else "not checked: check=False"
     with warnings.catch_warnings():
@@ -158,6 +173,15 @@ def export_with_check(
                         for xb, ref in zip(checks, refs, strict=True):
                             _compare(loaded(xb), ref, atol, f"torch.export (batch {len(xb)})")
     return Export(out, check and note == done, note)
+
+
+def prepared_for_export(model: nn.Module, fmt: str) -> nn.Module:
+    """The form of ``model`` that format ``fmt`` exports: prepared for inference with 1x1 factors
+    as plain convolutions, parameters channels-last except for ONNX (whose graph has no memory
+    format). ``model`` itself is not changed."""
+    from tensorcut.inference import prepare_for_inference
+
+    return prepare_for_inference(model, pointwise="conv", channels_last=fmt != "onnx")
 
 
 def is_export_of(path: str | Path, fmt: str) -> bool:

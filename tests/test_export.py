@@ -73,6 +73,39 @@ def test_every_format_takes_batch_1_and_7(
         assert float((got - ref).abs().max()) <= _tol(ref)
 
 
+def test_export_is_the_prepared_model_and_equals_the_compressed_one(
+    zoo_models: dict[str, nn.Module], tmp_path: Path
+) -> None:
+    """BatchNorm folded, 1x1 factors as plain convolutions (no GEMM reshapes), same outputs."""
+    from collections import Counter
+
+    from tensorcut.export import prepared_for_export
+
+    model = zoo_models["tucker2"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    convs = sum(isinstance(m, nn.Conv2d) for m in prepared_for_export(model, "onnx").modules())
+    assert convs > sum(isinstance(m, nn.Conv2d) for m in model.modules()) // 2
+    ts = export_with_check(model, SHAPE, "torchscript", tmp_path / "m.pt")
+    ops = Counter(n.kind() for n in torch.jit.load(str(ts.path)).inlined_graph.nodes())
+    assert ops["aten::_convolution"] == convs
+    assert ops["aten::batch_norm"] == ops["aten::bmm"] == ops["aten::matmul"] == 0
+    onnx = pytest.importorskip("onnx")
+    e = export_with_check(model, SHAPE, "onnx", tmp_path / "m.onnx", check=False)
+    kinds = Counter(n.op_type for n in onnx.load(str(e.path)).graph.node)
+    assert kinds["Conv"] == convs and kinds["BatchNormalization"] == kinds["MatMul"] == 0
+    for path, fmt in ((ts.path, "torchscript"), (e.path, "onnx")):
+        for b in (1, 7):
+            x = torch.randn(b, *SHAPE)
+            with torch.no_grad():
+                ref = model(x)
+            got = _run_export(path, fmt, x)
+            assert got.shape == ref.shape and float((got - ref).abs().max()) <= _tol(ref)
+    after = model.state_dict()  # the caller's model is not changed by the preparation
+    assert before.keys() == after.keys()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
 def test_onnx_without_onnxruntime_says_not_checked(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: Any, capsys: Any
 ) -> None:
