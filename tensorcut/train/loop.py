@@ -1,5 +1,10 @@
-"""Fit and evaluate loops: optimisers, schedulers, early stopping, distillation, resumable
-checkpoints."""
+"""The one epoch loop (:func:`fit`) and :func:`evaluate`: optimisers, schedulers, early
+stopping, distillation, resumable checkpoints.
+
+What happens to one batch is a :class:`TrainStep`: plain backpropagation
+(:class:`BackpropStep`, the default) or a method's own update (the TDLRT integrator,
+:class:`tensorcut.train.tdlrt.TDLRTStep`). Callbacks see (and may extend) each epoch's row.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,10 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -26,7 +31,10 @@ from tensorcut import distributed as tdist
 from tensorcut.errors import TensorcutError
 
 __all__ = [
+    "BackpropStep",
+    "EpochCallback",
     "FitConfig",
+    "TrainStep",
     "evaluate",
     "fit",
     "recalibrate_bn",
@@ -278,6 +286,107 @@ def _make_scheduler(opt: torch.optim.Optimizer, cfg: FitConfig, steps_per_epoch:
     return None
 
 
+#: called after each epoch with the epoch's history row (which it may extend) and the model
+EpochCallback = Callable[[dict[str, Any], nn.Module], None]
+
+
+class TrainStep:
+    """One optimisation step per batch, the part of :func:`fit` a training method replaces.
+
+    :meth:`setup` builds the optimiser from the :class:`FitConfig` once the model is on its
+    device; ``__call__`` runs forward, backward and the update for one batch and returns the
+    loss and the logits. A step whose ``syncs_ranks`` is true keeps processes in step itself
+    (gradients and buffers), so :func:`fit` neither wraps the model in DDP nor broadcasts
+    buffers.
+    """
+
+    #: the step averages gradients and buffers over processes itself
+    syncs_ranks: ClassVar[bool] = False
+    #: progress-bar prefix, e.g. ``"tdlrt "``
+    label: ClassVar[str] = ""
+    #: the optimiser whose learning rate the scheduler drives (set by :meth:`setup`)
+    optimizer: torch.optim.Optimizer
+
+    def setup(
+        self,
+        model: nn.Module,
+        cfg: FitConfig,
+        ctx: tdist.DistContext,
+        device: torch.device,
+        teacher: nn.Module | None,
+    ) -> None:
+        """Build the optimiser (and whatever else the step needs) for ``model``."""
+        raise NotImplementedError
+
+    def __call__(
+        self, net: nn.Module, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Update the parameters on one batch; returns ``(loss, logits)``."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs (the optimiser state)."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def report(self, row: dict[str, Any]) -> None:
+        """Print the epoch's one console line."""
+        tqdm.write(_fmt_row(row))
+
+
+class BackpropStep(TrainStep):
+    """Plain backpropagation with the recipe's optimiser: mixed precision (``amp``), gradient
+    clipping and knowledge distillation from ``teacher`` (``distill_alpha``)."""
+
+    def setup(
+        self,
+        model: nn.Module,
+        cfg: FitConfig,
+        ctx: tdist.DistContext,
+        device: torch.device,
+        teacher: nn.Module | None,
+    ) -> None:
+        self.model, self.cfg, self.teacher = model, cfg, teacher
+        self.optimizer = _make_optimizer(model, cfg)
+        self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+
+    def __call__(
+        self, net: nn.Module, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg, opt, scaler = self.cfg, self.optimizer, self.scaler
+        with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=cfg.amp):
+            logits = net(x)
+            if cfg.amp:
+                logits = logits.float()
+            loss = F.cross_entropy(logits, y)
+            if self.teacher is not None and cfg.distill_alpha > 0:
+                with torch.no_grad():
+                    t_logits = self.teacher(x)
+                T = cfg.distill_temperature
+                kd = (
+                    F.kl_div(
+                        F.log_softmax(logits / T, 1),
+                        F.softmax(t_logits.to(logits.dtype) / T, 1),
+                        reduction="batchmean",
+                    )
+                    * T
+                    * T
+                )
+                loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        return loss, logits
+
+
 def fit(
     model: nn.Module,
     train_loader: DataLoader,
@@ -292,6 +401,8 @@ def fit(
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     distributed: bool = True,
+    step: TrainStep | None = None,
+    callbacks: Sequence[EpochCallback] = (),
 ) -> list[dict[str, Any]]:
     """Train ``model`` and return one history row per epoch.
 
@@ -314,6 +425,10 @@ def fit(
         train_loader: batches of ``(images, labels)``.
         val_loader: for validation metrics, the scheduler and early stopping (optional).
         config: the :class:`FitConfig` recipe (default ``FitConfig()``).
+        step: what one batch does (default :class:`BackpropStep`; TDLRT passes its integrator,
+            :class:`tensorcut.train.tdlrt.TDLRTStep`).
+        callbacks: ``callback(row, model)`` after each epoch's validation, before the row is
+            recorded, printed and checkpointed (a callback may add fields to ``row``).
 
     Returns:
         One dict per epoch (``epoch``, ``train_loss``, ``train_top1``, ``val_loss``, ...).
@@ -339,13 +454,20 @@ def fit(
     model.to(dev)
     if teacher is not None:
         teacher.to(dev).eval()
-    net, swapped = _wrap(model, cfg, ctx, dev)
+    train_step = step if step is not None else BackpropStep()
+    train_step.setup(model, cfg, ctx, dev, teacher)
+    swapped: dict[str, type[nn.Module]] = {}
+    net = model
+    if not train_step.syncs_ranks:
+        net, swapped = _wrap(model, cfg, ctx, dev)
     loader = tdist.shard_train_loader(train_loader, ctx, seed=cfg.seed)
-    opt = _make_optimizer(model, cfg)
-    sched = _make_scheduler(opt, cfg, len(loader))
-    use_amp = cfg.amp
-    amp_dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
-    scaler = torch.amp.GradScaler(dev.type, enabled=use_amp and dev.type == "cuda")
+    opt = train_step.optimizer
+    scaler = train_step.scaler if isinstance(train_step, BackpropStep) else None
+    try:
+        steps_per_epoch = len(loader)
+    except TypeError:  # an iterable without a length: the schedule counts one step per epoch
+        steps_per_epoch = 1
+    sched = _make_scheduler(opt, cfg, steps_per_epoch)
     history: list[dict[str, Any]] = []
     start_epoch = 0
     best_loss, best_state, bad_epochs = math.inf, None, 0
@@ -362,10 +484,10 @@ def fit(
                     model.load_state_dict(
                         tio.load_checkpoint(out, map_location=dev).model.state_dict()
                     )
-                opt.load_state_dict(st["optimizer"])
+                train_step.load_state_dict(st["optimizer"])
                 if sched is not None and st.get("scheduler") is not None:
                     sched.load_state_dict(st["scheduler"])
-                if st.get("scaler"):
+                if st.get("scaler") and scaler is not None:
                     scaler.load_state_dict(st["scaler"])
                 history = json.loads(st["history"])
                 start_epoch = int(st["epoch"])
@@ -391,56 +513,30 @@ def fit(
         tot, n, correct = 0.0, 0, 0
         bar = tqdm(
             loader,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            desc=f"{train_step.label}epoch {epoch + 1}/{cfg.epochs}",
             leave=False,
             disable=None if progress and ctx.is_main else True,
         )
         for x, y in bar:
             x, y = x.to(dev), y.to(dev)
-            with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
-                logits = net(x)
-                if use_amp:
-                    logits = logits.float()
-                loss = F.cross_entropy(logits, y)
-                if teacher is not None and cfg.distill_alpha > 0:
-                    with torch.no_grad():
-                        t_logits = teacher(x)
-                    T = cfg.distill_temperature
-                    kd = (
-                        F.kl_div(
-                            F.log_softmax(logits / T, 1),
-                            F.softmax(t_logits.to(logits.dtype) / T, 1),
-                            reduction="batchmean",
-                        )
-                        * T
-                        * T
-                    )
-                    loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
+            loss, logits = train_step(net, x, y)
             if cfg.scheduler in ("cosine", "onecycle"):
                 sched.step()
-            step = [loss.item() * y.numel(), y.numel(), (logits.argmax(1) == y).sum().item()]
+            sums = [loss.item() * y.numel(), y.numel(), (logits.argmax(1) == y).sum().item()]
             if ctx.enabled:  # one small all-reduce per step: exact global metrics, and every
                 # rank sees divergence
-                step = tdist.all_reduce_sum(step, dev)
-            if not math.isfinite(step[0]):
+                sums = tdist.all_reduce_sum(sums, dev)
+            if not math.isfinite(sums[0]):
                 raise TensorcutError(
-                    f"training diverged at epoch {epoch + 1} (loss is {step[0]}); lower the "
+                    f"training diverged at epoch {epoch + 1} (loss is {sums[0]}); lower the "
                     "learning rate"
                 )
-            tot += step[0]
-            n += int(round(step[1]))
-            correct += int(round(step[2]))
+            tot += sums[0]
+            n += int(round(sums[1]))
+            correct += int(round(sums[2]))
             bar.set_postfix(loss=f"{tot / max(n, 1):.3f}")
-        if (
-            ctx.enabled
-        ):  # BatchNorm running statistics drift per rank within an epoch: take rank 0's
+        if ctx.enabled and not train_step.syncs_ranks:
+            # BatchNorm running statistics drift per rank within an epoch: take rank 0's
             tdist.broadcast_module(model, buffers_only=True)
         row: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -462,20 +558,24 @@ def fit(
                 bad_epochs += 1
         elif cfg.scheduler == "plateau":
             sched.step(row["train_loss"])
+        for callback in callbacks:
+            callback(row, model)
         history.append(row)
         if on_epoch is not None:
             on_epoch(row)
         if progress and ctx.is_main:
-            tqdm.write(_fmt_row(row))
+            train_step.report(row)
         stop = cfg.patience is not None and bad_epochs >= cfg.patience
         if stop and best_state is not None:
             model.load_state_dict(best_state)
         if out is not None:
             rngs = tdist.all_gather_object(torch.get_rng_state())
             state = {
-                "optimizer": opt.state_dict(),
+                "optimizer": train_step.state_dict(),
                 "scheduler": sched.state_dict() if sched is not None else None,
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "scaler": scaler.state_dict()
+                if scaler is not None and scaler.is_enabled()
+                else None,
                 "epoch": epoch + 1,
                 "history": json.dumps(history),
                 "best_loss": best_loss,

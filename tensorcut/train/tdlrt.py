@@ -26,20 +26,19 @@ gradient buckets cannot follow parameters that change shape every step): see
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from tensorcut import distributed as tdist
 from tensorcut.console import say
 from tensorcut.decompose.svd import small_lapack
 from tensorcut.errors import TensorcutError
 from tensorcut.layers.base import ConvGeometry, FactorizedConv2d
+from tensorcut.train.loop import FitConfig, TrainStep
 from tensorcut.train.tdlrt_ops import (
     augment_basis,
     galerkin_core,
@@ -815,14 +814,96 @@ def rank_report(model: nn.Module) -> dict[str, Any]:
 # --------------------------------------------------------------------------- training loop
 
 
-def _scheduler(opt: torch.optim.Optimizer, name: str, lr: float, total_steps: int) -> Any:
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
-    if name == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, total_steps))
-    if name == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.1, patience=2)
-    return None
+class TDLRTStep(TrainStep):
+    """The TDLRT integrator as :func:`~tensorcut.train.loop.fit`'s step: each batch augments the
+    Tucker bases, updates them and the core with the recipe's optimiser, and truncates the ranks
+    at ``tau`` (:class:`TDLRTOptimizer`). The integrator averages gradients over processes
+    itself, so ``fit`` does not wrap the model in DDP.
+
+    Args:
+        tau: relative truncation tolerance.
+        rmin, rmax: rank bounds per mode.
+        nesterov: Nesterov momentum for the SGD base (off, as in the reference code).
+
+    Example:
+        >>> from tensorcut.train import FitConfig, fit
+        >>> from tensorcut.train.tdlrt import TDLRTStep, rank_callback, tuckerize
+        >>> tuckerize(model, init_rank=16)  # doctest: +SKIP
+        >>> fit(model, train, val, FitConfig(optimizer="sgd", lr=0.05, scheduler="none"),
+        ...     step=TDLRTStep(tau=0.1), callbacks=[rank_callback])  # doctest: +SKIP
+    """
+
+    syncs_ranks = True
+    label = "tdlrt "
+
+    def __init__(
+        self, tau: float, *, rmin: int = 2, rmax: int | None = None, nesterov: bool = False
+    ) -> None:
+        self.tau, self.rmin, self.rmax, self.nesterov = tau, rmin, rmax, nesterov
+
+    def setup(
+        self,
+        model: nn.Module,
+        cfg: FitConfig,
+        ctx: tdist.DistContext,
+        device: torch.device,
+        teacher: nn.Module | None,
+    ) -> None:
+        if cfg.amp:
+            raise TensorcutError("TDLRT trains in full precision; drop amp")
+        if teacher is not None and cfg.distill_alpha > 0:
+            raise TensorcutError("TDLRT has no distillation term; drop the teacher")
+        self.model = model
+        self.integrator = TDLRTOptimizer(
+            model,
+            self.tau,
+            rmin=self.rmin,
+            rmax=self.rmax,
+            base=cfg.optimizer,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=self.nesterov,
+            grad_clip=cfg.grad_clip,
+            distributed=ctx.enabled,
+        )
+        self.optimizer = self.integrator.base
+
+    def __call__(
+        self, net: nn.Module, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        seen: dict[str, torch.Tensor] = {}
+
+        def closure() -> torch.Tensor:
+            logits = net(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            seen.setdefault("logits", logits.detach())
+            return loss
+
+        loss = self.integrator.step(closure)
+        return loss.detach(), seen["logits"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.integrator.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.integrator.load_state_dict(state)
+
+    def report(self, row: dict[str, Any]) -> None:
+        say(format_row(row))
+
+
+def rank_callback(row: dict[str, Any], model: nn.Module) -> None:
+    """``fit`` callback: add the epoch's Tucker ranks and conv compression to its history row."""
+    rep = rank_report(model)
+    row.update(
+        ranks={k: v["ranks"] for k, v in rep["layers"].items()},
+        conv_params=rep["conv_params"],
+        conv_dense_params=rep["conv_dense_params"],
+        conv_cr=rep["conv_cr"],
+        conv_compression_pct=rep["conv_compression_pct"],
+    )
 
 
 def train_tdlrt(
@@ -853,6 +934,10 @@ def train_tdlrt(
 ) -> list[dict[str, Any]]:
     """Train ``model`` with TDLRT (converting its convolutions first) and return one row per epoch.
 
+    A convenience over the one epoch loop: :func:`tuckerize`, then
+    :func:`~tensorcut.train.loop.fit` with a :class:`TDLRTStep` and :func:`rank_callback`
+    (the recipe arguments become its :class:`~tensorcut.train.loop.FitConfig`).
+
     ``progress``: a progress bar over each epoch's batches (shown only on a terminal, as
     :func:`~tensorcut.train.loop.fit` does) and one line per epoch (loss, validation top-1,
     conv compression, ranks) through the ``tensorcut`` logger; rank 0 alone under ``torchrun``.
@@ -869,12 +954,12 @@ def train_tdlrt(
     loader's batch size is the *global* batch: a plain DataLoader is split over the ranks by a
     DistributedSampler (shuffle seeded by ``seed`` and the epoch), gradients are averaged by
     :class:`TDLRTOptimizer`, and the history's metrics are reduced over all ranks, so every
-    rank returns the same rows (but for ``seconds``) and holds the same model. ``log`` runs on every
-    rank (write files through :func:`tensorcut.distributed.run_on_main`). Ranks other than 0 reseed
-    their RNG with ``initial_seed + rank`` after the model is set up, so dropout masks differ per
-    rank.
+    rank returns the same rows (but for ``seconds``) and holds the same model. ``log`` runs on
+    every rank (write files through :func:`tensorcut.distributed.run_on_main`). Each rank seeds
+    its RNG with ``seed + rank`` after the model is converted (as ``fit`` does), so dropout
+    masks differ per rank.
     """
-    from tensorcut.train.loop import evaluate, resolve_device
+    from tensorcut.train.loop import fit, resolve_device
 
     _check_hparams(tau, rmin, rmax, lr)
     if epochs < 0:
@@ -883,6 +968,22 @@ def train_tdlrt(
         raise TensorcutError(
             f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}"
         )
+    if optimizer not in BASES:
+        raise TensorcutError(
+            f"unknown base optimizer {optimizer!r}; choose one of: {', '.join(BASES)}"
+        )
+    if not 0.0 <= momentum < 1.0:
+        raise TensorcutError(f"momentum must be in [0, 1); got {momentum}")
+    cfg = FitConfig(
+        epochs=epochs,
+        optimizer=optimizer,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        scheduler=scheduler,
+        seed=seed,
+        grad_clip=grad_clip,
+    )
     dev = resolve_device(device)
     ctx = tdist.init(dev) if distributed else tdist.DistContext(device=dev)
     if ctx.enabled:
@@ -898,89 +999,18 @@ def train_tdlrt(
             filter=filter,
             skip_first=skip_first,
         )
-    opt = TDLRTOptimizer(
+    return fit(
         model,
-        tau,
-        rmin=rmin,
-        rmax=rmax,
-        base=optimizer,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        grad_clip=grad_clip,
-        distributed=ctx.enabled,
+        train_loader,  # type: ignore[arg-type]
+        val_loader,  # type: ignore[arg-type]
+        cfg,
+        device=dev,
+        progress=progress,
+        on_epoch=log,
+        distributed=distributed,
+        step=TDLRTStep(tau, rmin=rmin, rmax=rmax),
+        callbacks=[rank_callback],
     )
-    if ctx.enabled:  # one process keeps its loader (and shuffle order) exactly as before
-        train_loader = tdist.shard_train_loader(train_loader, ctx, seed=seed)
-        if ctx.rank:
-            torch.manual_seed((torch.initial_seed() + ctx.rank) % 2**63)
-    try:
-        steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
-    except TypeError:
-        steps_per_epoch = 1
-    sched = _scheduler(opt.base, scheduler, lr, epochs * steps_per_epoch)
-    history: list[dict[str, Any]] = []
-    for epoch in range(epochs):
-        model.train()
-        tdist.set_epoch(train_loader, epoch)
-        t0 = time.perf_counter()
-        tot, n, correct = 0.0, 0, 0
-        bar = tqdm(
-            train_loader,
-            desc=f"tdlrt epoch {epoch + 1}/{epochs}",
-            leave=False,
-            disable=None if progress and ctx.is_main else True,
-        )
-        for x, y in bar:
-            x, y = x.to(dev), y.to(dev)
-            seen: dict[str, torch.Tensor] = {}
-
-            def closure(
-                x: torch.Tensor = x, y: torch.Tensor = y, seen: dict[str, torch.Tensor] = seen
-            ) -> torch.Tensor:  # this batch's tensors bound now
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                loss.backward()
-                seen.setdefault("logits", logits.detach())
-                return loss
-
-            loss = opt.step(closure)
-            if scheduler in ("cosine", "onecycle"):
-                sched.step()
-            tot += float(loss) * y.numel()
-            n += y.numel()
-            correct += int((seen["logits"].argmax(1) == y).sum())
-            bar.set_postfix(loss=f"{tot / max(n, 1):.3f}")
-        if ctx.enabled:
-            tot, nf, cf = tdist.all_reduce_sum([tot, n, correct], dev)
-            n, correct = int(round(nf)), int(round(cf))
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "train_loss": tot / max(n, 1),
-            "train_top1": correct / max(n, 1),
-            "lr": opt.base.param_groups[0]["lr"],
-            "seconds": time.perf_counter() - t0,
-        }
-        if val_loader is not None:
-            v = evaluate(model, val_loader, dev, distributed=ctx.enabled)  # type: ignore[arg-type]
-            row.update(val_loss=v["loss"], val_top1=v["top1"], val_top5=v["top5"])
-        if scheduler == "plateau":
-            sched.step(row.get("val_loss", row["train_loss"]))
-        rep = rank_report(model)
-        row.update(
-            ranks={k: v["ranks"] for k, v in rep["layers"].items()},
-            conv_params=rep["conv_params"],
-            conv_dense_params=rep["conv_dense_params"],
-            conv_cr=rep["conv_cr"],
-            conv_compression_pct=rep["conv_compression_pct"],
-        )
-        history.append(row)
-        if progress and ctx.is_main:
-            say(format_row(row))
-        if log is not None:
-            log(row)
-    model.eval()
-    return history
 
 
 def format_row(row: dict[str, Any]) -> str:

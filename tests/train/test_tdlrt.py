@@ -586,3 +586,70 @@ def test_cli_train_method_tdlrt_from_scratch_and_from_checkpoint(
     )
     back = tio.load(tmp_path / "p")
     assert any(tdlrt.is_tucker_layer(m) for m in back.modules())
+
+
+def test_tdlrt_is_a_step_of_the_one_fit_loop() -> None:
+    """``train_tdlrt`` is ``tuckerize`` + ``fit(step=TDLRTStep, callbacks=[rank_callback])``: the
+    same seed gives bitwise the same history and weights, and the rows carry the ranks."""
+    from tensorcut.train.loop import FitConfig, fit
+    from tensorcut.train.tdlrt import TDLRTStep, rank_callback
+
+    x, y = _blobs(64)
+    loader = [(x[:32], y[:32]), (x[32:], y[32:])]
+    torch.manual_seed(0)
+    a = _net()
+    hist_a = train_tdlrt(
+        a, loader, loader, tau=0.3, init_rank=4, epochs=2, lr=0.01, from_pretrained=False,
+        device="cpu", progress=False, distributed=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    b = tuckerize(_net(), 4, from_pretrained=False)
+    cfg = FitConfig(epochs=2, optimizer="sgd", lr=0.01, momentum=0.9, scheduler="none")
+    hist_b = fit(
+        b, loader, loader, cfg, device="cpu", progress=False, distributed=False,
+        step=TDLRTStep(0.3), callbacks=[rank_callback],
+    )  # fmt: skip
+    drop = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in hist_a] == [
+        {k: v for k, v in r.items() if k not in drop} for r in hist_b
+    ]
+    assert set(hist_b[0]) >= {"ranks", "conv_cr", "conv_compression_pct", "val_top1"}
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_tdlrt_step_refuses_what_it_cannot_train() -> None:
+    from tensorcut.train.loop import FitConfig, fit
+    from tensorcut.train.tdlrt import TDLRTStep
+
+    x, y = _blobs(32)
+    net = tuckerize(_net(), 4, from_pretrained=False)
+    with pytest.raises(TensorcutError) as e:
+        fit(net, [(x, y)], None, FitConfig(epochs=1, amp=True), device="cpu",
+            progress=False, distributed=False, step=TDLRTStep(0.3))  # fmt: skip
+    assert str(e.value) == "TDLRT trains in full precision; drop amp"
+
+
+def test_fit_runs_a_custom_step_and_callbacks_in_order() -> None:
+    """A user's step replaces backprop; callbacks see each row before it is recorded."""
+    from tensorcut.train.loop import BackpropStep, FitConfig, fit
+
+    calls: list[str] = []
+
+    class Counting(BackpropStep):
+        def __call__(self, net, x, y):  # type: ignore[no-untyped-def]
+            calls.append("step")
+            return super().__call__(net, x, y)
+
+    def mark(row: dict[str, Any], model: nn.Module) -> None:
+        calls.append(f"epoch {row['epoch']}")
+        row["marked"] = True
+
+    x, y = _blobs(64)
+    torch.manual_seed(0)
+    hist = fit(
+        _net(), [(x[:32], y[:32]), (x[32:], y[32:])], None, FitConfig(epochs=2, scheduler="none"),
+        device="cpu", progress=False, distributed=False, step=Counting(), callbacks=[mark],
+    )  # fmt: skip
+    assert calls == ["step", "step", "epoch 1", "step", "step", "epoch 2"]
+    assert [r["marked"] for r in hist] == [True, True]
