@@ -15,8 +15,10 @@ def run_demo(out: str | Path, fast: bool = False, as_json: bool = False) -> int:
     Stages: train, truncation study, accuracy-vs-compression curve, sensitivity-guided
     Tucker-2 compression, fine-tuning, verification on the test split, ONNX export, report.
     Re-running resumes (finished stages are skipped). ``as_json`` prints the summary as JSON.
+    Latency is measured by :func:`tensorcut.timing.measure_latency` (interleaved, median and
+    IQR) and printed with its threads, batch and device.
     """
-    from tensorcut.run import RunConfig, run
+    from tensorcut.run import RunConfig, latency_lines, run
     from tensorcut.run_cli import print_summary
 
     out = Path(out)
@@ -46,6 +48,8 @@ def run_demo(out: str | Path, fast: bool = False, as_json: bool = False) -> int:
         return 0
     print()
     print_summary(s)
+    for line in latency_lines(s):  # median, IQR, threads, batch, device; the measured verdict
+        print(line)
     print(
         f"outputs in {out}: dense/, compressed/, finetuned/ (checkpoints), "
         "study/ (truncation results + figures), "

@@ -55,7 +55,7 @@ def latency_of(row: dict[str, Any], batch: int) -> dict[str, Any] | None:
     """The latency record of one model at ``batch``.
 
     Its keys: ``median_ms``, ``iqr_ms``, ``q1_ms``, ``q3_ms``, ``threads``, ``batch``,
-    ``device``, ``times_ms``, ``session`` (None where not recorded).
+    ``device``, ``times_ms``, ``session``, ``reps``, ``warmup`` (None where not recorded).
 
     Reads ``row["latency"]["b<batch>"]`` (:meth:`tensorcut.timing.LatencyStats.to_dict`, or any dict
     with ``median_ms`` and optionally ``q1_ms``/``q3_ms`` or ``iqr_ms``) when present, else the bare
@@ -81,6 +81,8 @@ def latency_of(row: dict[str, Any], batch: int) -> dict[str, Any] | None:
             "device": rec.get("device"),
             "times_ms": rec.get("times_ms"),
             "session": rec.get("session", 0),
+            "reps": rec.get("reps", len(rec["times_ms"]) if rec.get("times_ms") else None),
+            "warmup": rec.get("warmup"),
         }
     ms = row.get(f"latency_ms_b{batch}")
     if ms is None:
@@ -95,6 +97,8 @@ def latency_of(row: dict[str, Any], batch: int) -> dict[str, Any] | None:
         "device": None,
         "times_ms": None,
         "session": 0,
+        "reps": None,
+        "warmup": None,
     }
 
 
@@ -154,7 +158,7 @@ def _speed(dense: dict[str, Any], final: dict[str, Any], batch: int) -> tuple[st
             f"median {dense['median_ms']:.2f} ms dense, {final['median_ms']:.2f} ms compressed)"
         ), 2
     if not c.measurable:
-        return f"no measurable speed difference at batch {batch}", 0
+        return f"no measurable difference in speed at batch {batch}", 0
     if c.ratio < 1:
         return f"{1 / c.ratio:.2f}x faster at batch {batch}", -1
     return f"{c.ratio:.2f}x slower at batch {batch}", 1
@@ -392,7 +396,7 @@ def _files_section(rd: Path, stages: dict[str, Any]) -> str:
 
 
 def _latency_section(rows: dict[str, Any]) -> str:
-    head = ["model", "batch", "median (ms)", "IQR (ms)", "threads", "device"]
+    head = ["model", "batch", "median (ms)", "IQR (ms)", "threads", "device", "reps (warm-up)"]
     body = []
     for b in _batches(rows):
         for k, r in rows.items():
@@ -407,16 +411,23 @@ def _latency_section(rows: dict[str, Any]) -> str:
                     "not recorded" if rec["iqr_ms"] is None else f"{rec['iqr_ms']:.3f}",
                     "not recorded" if rec["threads"] is None else rec["threads"],
                     "not recorded" if rec["device"] is None else rec["device"],
+                    "not recorded"
+                    if rec["reps"] is None
+                    else f"{rec['reps']}"
+                    + ("" if rec["warmup"] is None else f" ({rec['warmup']})"),
                 ]
             )
     if not body:
         return "<h2>Latency</h2><p>Latency was not measured in this run.</p>"
     note = (
-        "<p>Forward-pass wall time of one batch of random inputs, models timed interleaved. A "
-        "speed-up or slow-down is claimed only when the spread of the latency ratio excludes 1 "
-        "(tensorcut.timing.compare: paired per-round ratios when raw times were kept, else "
-        "non-overlapping interquartile ranges, IQR); where no spread was recorded no speed claim "
-        "is made.</p>"
+        "<p>Forward-pass wall time of one batch of random inputs (tensorcut.timing."
+        "measure_latency: warm-up rounds discarded, then the models timed interleaved, one call "
+        "each per round); median and interquartile range (IQR) of the timed rounds, with the "
+        "torch threads, batch and device they ran with. A speed-up or slow-down is claimed only "
+        "when the spread of the latency ratio excludes 1 (tensorcut.timing.compare: paired "
+        "per-round ratios when raw times were kept, else non-overlapping IQRs); otherwise the "
+        'report says "no measurable difference", and where no spread was recorded no speed '
+        "claim is made.</p>"
     )
     return "<h2>Latency</h2>" + _table(head, body, "latency") + note
 

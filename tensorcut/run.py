@@ -40,6 +40,7 @@ from tensorcut import io as tio
 from tensorcut.compression import CompressConfig, apply, plan
 from tensorcut.console import say
 from tensorcut.errors import TensorcutError
+from tensorcut.timing import LatencyStats, compare, measure_latency
 from tensorcut.train.loop import FitConfig, fit, recalibrate_bn
 from tensorcut.train.loop import evaluate as evaluate_loader
 
@@ -364,24 +365,74 @@ def _probe(
     return {"top1": ev["top1"], "loss": ev["loss"]}
 
 
-def latency_ms(
-    models: dict[str, nn.Module], shape: tuple[int, int, int], batch: int, reps: int = 15
-) -> dict[str, float]:
-    """Median CPU wall time (ms) of one forward pass at ``batch`` for each model, timed interleaved
-    (round-robin) so that background load affects every model alike."""
+#: Latency rounds of the verify stage (after warm-up), per batch size.
+LATENCY_REPS = 15
+LATENCY_WARMUP = 3
+
+
+def measure_models(
+    models: dict[str, nn.Module],
+    shape: tuple[int, int, int],
+    batch: int,
+    reps: int = LATENCY_REPS,
+    warmup: int = LATENCY_WARMUP,
+    threads: int | None = None,
+) -> dict[str, LatencyStats]:
+    """CPU latency of one forward pass at ``batch`` for each model (evaluation mode), measured
+    together by :func:`tensorcut.timing.measure_latency`: warm-up, interleaved rounds, median and
+    IQR, with the threads, batch and device recorded."""
     x = torch.randn(batch, *shape)
-    times: dict[str, list[float]] = {k: [] for k in models}
-    with torch.no_grad():
-        for m in models.values():
-            m.eval().cpu()
-            for _ in range(3):
-                m(x)
-        for _ in range(reps):
-            for k, m in models.items():
-                t = time.perf_counter()
-                m(x)
-                times[k].append(time.perf_counter() - t)
-    return {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()}
+    for m in models.values():
+        m.eval().cpu()
+    return measure_latency(models, x, threads=threads, warmup=warmup, reps=reps)
+
+
+def latency_ms(
+    models: dict[str, nn.Module],
+    shape: tuple[int, int, int],
+    batch: int,
+    reps: int = LATENCY_REPS,
+) -> dict[str, float]:
+    """Median latency (ms) of each model at ``batch`` (see :func:`measure_models`)."""
+    return {k: st.median_ms for k, st in measure_models(models, shape, batch, reps).items()}
+
+
+def latency_lines(summary: dict[str, Any]) -> list[str]:
+    """What the verify stage measured, one line per model and batch plus the final-vs-dense verdict
+    ("no measurable difference" when the ratio's spread covers 1). Old run directories (medians
+    only) give the medians and say no spread was recorded."""
+    from tensorcut.report import latency_of
+    from tensorcut.timing import compare, latency_stats
+
+    rows = summary.get("rows") or {}
+    lines: list[str] = []
+    for b in (1, 32):
+        recs = {k: latency_of(r, b) for k, r in rows.items()}
+        if any(v is None for v in recs.values()) or not recs:
+            continue
+        stats = {}
+        for k, rec in recs.items():
+            assert rec is not None  # checked above
+            if rec["times_ms"]:
+                stats[k] = latency_stats(
+                    k,
+                    rec["times_ms"],
+                    batch=int(rec["batch"] or b),
+                    threads=int(rec["threads"] or 0),
+                    device=str(rec["device"]),
+                    warmup=int(rec["warmup"] or 0),
+                    session=int(rec["session"] or 0),
+                )
+        if len(stats) == len(recs):
+            lines.extend(f"latency {k}: {st.describe()}" for k, st in stats.items())
+            if "dense" in stats and "final" in stats:
+                lines.append(
+                    f"latency at batch {b}: " + compare(stats["final"], stats["dense"]).describe()
+                )
+        else:
+            meds = ", ".join(f"{k} {rec['median_ms']:.2f} ms" for k, rec in recs.items() if rec)
+            lines.append(f"latency at batch {b}: medians {meds} (no timing spread recorded)")
+    return lines
 
 
 def run(
@@ -717,7 +768,8 @@ def verify(dense_dir: Path, final_dir: Path, comp_dir: Path, config: RunConfig) 
     from tensorcut.summary import summarize
     from tensorcut.workflow import input_shape_of
 
-    rows, models = {}, {}
+    rows: dict[str, dict[str, Any]] = {}
+    models: dict[str, nn.Module] = {}
     for key, d in (("dense", dense_dir), ("compressed", comp_dir), ("final", final_dir)):
         ck = tio.load_checkpoint(d)
         shape = input_shape_of(ck.meta)
@@ -733,9 +785,14 @@ def verify(dense_dir: Path, final_dir: Path, comp_dir: Path, config: RunConfig) 
             "loss": m["loss"],
             "n": m["n"],
         }
+    speed: dict[str, Any] = {}
     for batch in (1, 32):
-        for key, ms in latency_ms(models, shape, batch).items():
-            rows[key][f"latency_ms_b{batch}"] = ms
+        stats = measure_models(models, shape, batch)
+        for key, st in stats.items():
+            rows[key][f"latency_ms_b{batch}"] = st.median_ms  # the median alone, as runs before
+            rows[key].setdefault("latency", {})[f"b{batch}"] = st.to_dict()
+        c = compare(stats["final"], stats["dense"])
+        speed[f"b{batch}"] = dict(c.to_dict(), text=c.describe())
     p = Plan.load(comp_dir / "plan.json")
     t = p.totals()
     drop = rows["dense"]["top1"] - rows["final"]["top1"]
@@ -757,5 +814,6 @@ def verify(dense_dir: Path, final_dir: Path, comp_dir: Path, config: RunConfig) 
         "top1_drop": drop,
         "plan_totals": t,
         "rows": rows,
+        "latency": speed,
         "data": {"test": rows["final"]["n"]},
     }

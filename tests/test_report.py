@@ -162,7 +162,7 @@ def test_verdict_from_the_numbers_without_a_speed_claim(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "dense,final,phrase",
     [
-        ((1.0, 0.2), (0.9, 0.15), "no measurable speed difference at batch 1"),
+        ((1.0, 0.2), (0.9, 0.15), "no measurable difference in speed at batch 1"),
         ((1.5, 0.1), (1.0, 0.1), "1.50x faster at batch 1"),
         ((1.0, 0.1), (2.0, 0.1), "2.00x slower at batch 1"),
     ],
@@ -235,8 +235,8 @@ def test_latency_section_states_what_was_recorded(tmp_path: Path) -> None:
     html = _html(tmp_path)
     table = re.search(r'<table class="latency">.*?</table>', html)
     assert (
-        table and table.group(0).count("not recorded") == 3 * 2 * 3
-    )  # IQR, threads, device; 2 batches; 3 models
+        table and table.group(0).count("not recorded") == 4 * 2 * 3
+    )  # IQR, threads, device, reps; 2 batches; 3 models
     html = write_report(
         make_run_dir(tmp_path / "b", summary=_with_latency(SUMMARY, (1.0, 0.2), (0.9, 0.15)))
     ).read_text()
@@ -245,7 +245,7 @@ def test_latency_section_states_what_was_recorded(tmp_path: Path) -> None:
         table
         and "cpu (test)" in table.group(0)
         and "0.200" in table.group(0)
-        and "not recorded" not in table.group(0)
+        and table.group(0).count("not recorded") == 3  # reps: medians and IQRs only, 3 models
     )
 
 
@@ -329,12 +329,14 @@ def test_timing_records_are_compared_by_the_timing_module(tmp_path: Path) -> Non
     assert verdict(s).endswith(", 2.00x faster at batch 32 on cpu.")
     # paired ratios straddling 1 (0.8 .. 1.25): no measurable difference
     s = _with_stats(SUMMARY, dense, [8.0, 17.5, 11.0, 10.4, 15.0], session=7)
-    assert "no measurable speed difference at batch 32" in verdict(s)
+    assert "no measurable difference in speed at batch 32" in verdict(s)
     html = write_report(make_run_dir(tmp_path, summary=s)).read_text()
     table = re.search(r'<table class="latency">.*?</table>', html)
     assert (
         table
         and "<td>32</td>" in table.group(0)
         and "<td>2</td>" in table.group(0)
+        and "<td>5 (3)</td>" in table.group(0)  # reps (warm-up)
         and "not recorded" not in table.group(0)
     )
+    assert "no measurable difference" in html and "median and interquartile range" in html

@@ -236,3 +236,80 @@ def test_damaged_stage_files_are_redone_not_trusted(
     tio.load_checkpoint(out / "finetuned")
     state = json.loads((out / "run.json").read_text())
     assert list(state["stages"]) == list(STAGES) and s["goal_met"]
+
+
+# ----------------------------------------------------------------------------- latency records
+
+
+def test_verify_records_latency_with_its_spread(run_dir):
+    out, s = run_dir
+    for key in ("dense", "compressed", "final"):
+        for b in (1, 32):
+            rec = s["rows"][key]["latency"][f"b{b}"]
+            assert rec["batch"] == b and rec["device"] == "cpu" and rec["threads"] >= 1
+            assert rec["reps"] == len(rec["times_ms"]) == 15 and rec["warmup"] == 3
+            assert rec["q1_ms"] <= rec["median_ms"] <= rec["q3_ms"]
+            assert s["rows"][key][f"latency_ms_b{b}"] == rec["median_ms"]  # read by old readers
+    # dense, compressed and final were timed together: one session, paired rounds
+    assert len({s["rows"][k]["latency"]["b1"]["session"] for k in s["rows"]}) == 1
+    for b in (1, 32):
+        sp = s["latency"][f"b{b}"]
+        assert sp["paired"] and sp["a"] == "final" and sp["b"] == "dense"
+        assert sp["text"].startswith("no measurable difference") == (not sp["measurable"])
+    assert json.loads((out / "verify.json").read_text())["latency"] == s["latency"]
+
+
+def _stats(name, times, session):
+    from tensorcut.timing import latency_stats
+
+    return latency_stats(
+        name, times, batch=32, threads=2, device="cpu", warmup=3, session=session
+    ).to_dict()
+
+
+def test_latency_lines_say_median_iqr_threads_batch_device_and_the_verdict():
+    from tensorcut.run import latency_lines
+
+    dense = [10.0, 14.0, 11.0, 13.0, 12.0]
+    rows = {
+        "dense": {"latency": {"b32": _stats("dense", dense, 5)}},
+        "final": {"latency": {"b32": _stats("final", [8.0, 17.5, 11.0, 10.4, 15.0], 5)}},
+    }
+    lines = latency_lines({"rows": rows})
+    assert lines[0] == (
+        "latency dense: median 12.0 ms (IQR 11.0–13.0), batch 32, 2 threads, cpu, "
+        "5 reps after 3 warm-up"
+    )
+    assert lines[1].startswith("latency final: median 11.0 ms (IQR 10.4–15.0), batch 32")
+    assert lines[2].startswith("latency at batch 32: no measurable difference: final / dense = ")
+    rows["final"]["latency"]["b32"] = _stats("final", [t / 2 for t in dense], 5)
+    assert latency_lines({"rows": rows})[2] == (
+        "latency at batch 32: final / dense = 0.50x (spread 0.50–0.50): final is faster"
+    )
+
+
+def test_latency_lines_read_old_run_directories():
+    from tensorcut.run import latency_lines
+
+    rows = {"dense": {"latency_ms_b1": 2.0}, "final": {"latency_ms_b1": 1.5}}
+    assert latency_lines({"rows": rows}) == [
+        "latency at batch 1: medians dense 2.00 ms, final 1.50 ms (no timing spread recorded)"
+    ]
+
+
+def test_measure_models_uses_the_timer(monkeypatch):
+    import torch
+
+    import tensorcut.run as trun
+
+    seen = {}
+
+    def fake(models, x, *, threads=None, warmup=3, reps=15, **kw):
+        seen.update(names=list(models), shape=tuple(x.shape), warmup=warmup, reps=reps)
+        return {n: _stats(n, [1.0] * reps, 9) for n in models}
+
+    monkeypatch.setattr(trun, "measure_latency", fake)
+    m = torch.nn.Conv2d(1, 2, 3).train()
+    got = trun.measure_models({"a": m, "b": torch.nn.Conv2d(1, 2, 3)}, (1, 8, 8), 4)
+    assert seen == {"names": ["a", "b"], "shape": (4, 1, 8, 8), "warmup": 3, "reps": 15}
+    assert set(got) == {"a", "b"} and not m.training  # timed in evaluation mode
