@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tensorcut.checkpoint import DatasetSpec, ModelSpec
+from tensorcut.checkpoint.meta import EDITED
 from tensorcut.errors import TensorcutError
 
 __all__ = [
@@ -221,14 +223,13 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
         raise TensorcutError(
             f"{p} is not tensorcut checkpoint metadata (missing format={FORMAT!r})"
         )
-    if not isinstance(meta.get("model"), dict) or not isinstance(meta["model"].get("name"), str):
-        raise TensorcutError(f"{p} lacks model.name; it cannot be rebuilt")
+    ModelSpec.from_meta(meta, p)
     _check_fields(meta, p)
     return meta
 
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-_EDITED = "the file was edited; restore it or correct that field"
+_EDITED = EDITED
 
 
 def _is_int(v: Any) -> bool:
@@ -237,28 +238,6 @@ def _is_int(v: Any) -> bool:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _check_dataset(ds: Any, p: Path) -> None:
-    """Types of ``meta['dataset']`` as :func:`tensorcut.train.train` writes it (None: no data
-    set)."""
-    if ds is None:
-        return
-    if not isinstance(ds, dict):
-        raise TensorcutError(
-            f'{p}: "dataset" must be an object such as {{"name": "digits", "seed": 0}}, '
-            f"not {type(ds).__name__} {ds!r}; {_EDITED}"
-        )
-    checks = {
-        "name": (lambda v: v is None or (isinstance(v, str) and v != ""), "a data-set name"),
-        "data_dir": (lambda v: v is None or isinstance(v, str), "a folder path or null"),
-        "seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
-        "subset": (lambda v: v is None or (_is_int(v) and v > 0), "a positive integer or null"),
-        "val_fraction": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    }
-    for key, (ok, what) in checks.items():
-        if key in ds and not ok(ds[key]):
-            raise TensorcutError(f"{p}: dataset.{key} must be {what}, not {ds[key]!r}; {_EDITED}")
 
 
 def _check_geometry(name: str, g: Any, p: Path) -> None:
@@ -303,7 +282,7 @@ def _check_geometry(name: str, g: Any, p: Path) -> None:
 def _check_fields(meta: dict[str, Any], p: Path) -> None:
     """Check the types of the fields later steps rely on, once, before anything is built: a
     hand-edited value gets one line here instead of a traceback (or silent use) much later."""
-    _check_dataset(meta.get("dataset"), p)
+    DatasetSpec.from_meta(meta, p)
     layers = meta.get("layers")
     if isinstance(layers, dict):  # a non-object is reported by build_model
         for name, cfg in layers.items():
@@ -324,14 +303,14 @@ def build_model(meta: dict[str, Any], model: nn.Module | None = None) -> nn.Modu
     from tensorcut import models
     from tensorcut.layers.base import LAYER_REGISTRY
 
-    kwargs = meta["model"].get("kwargs", {}) or {}
+    spec = ModelSpec.from_meta(meta)
     layers = meta.get("layers") or {}
     if not isinstance(layers, dict):
         raise TensorcutError(
             "meta.json 'layers' must map layer names to configurations; the file was edited or is "
             "foreign"
         )
-    name = meta["model"]["name"]
+    name = spec.name
     if model is None and name not in models.list_models():
         raise TensorcutError(
             f"checkpoint of model {name!r}, which is not in tensorcut's model registry: pass a "
@@ -340,10 +319,10 @@ def build_model(meta: dict[str, Any], model: nn.Module | None = None) -> nn.Modu
         )
     try:
         if model is None:
-            model = models.create(name, **kwargs)
+            model = spec.create()
     except TypeError as e:
         raise TensorcutError(
-            f"meta.json model.kwargs do not fit model {meta['model']['name']!r}: {e}"
+            f"meta.json model.kwargs do not fit model {spec.name!r}: {e}"
         ) from None
     except (RuntimeError, MemoryError) as e:  # e.g. a hand-edited width asking for terabytes
         raise TensorcutError(
@@ -367,7 +346,7 @@ def build_model(meta: dict[str, Any], model: nn.Module | None = None) -> nn.Modu
             model.get_submodule(name)
         except AttributeError:
             raise TensorcutError(
-                f"meta.json names layer {name!r}, which model {meta['model']['name']!r} does not "
+                f"meta.json names layer {name!r}, which model {spec.name!r} does not "
                 "have; the checkpoint is of another architecture"
             ) from None
         try:

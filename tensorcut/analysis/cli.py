@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from tensorcut.checkpoint import DatasetSpec
 from tensorcut.errors import TensorcutError
 
 
@@ -205,25 +206,17 @@ def _analyze(args: argparse.Namespace) -> int:
     _check_outputs(args)
     ck = tio.load_checkpoint(args.checkpoint)
     meta: dict[str, Any] = ck.meta
-    ds_meta = meta.get("dataset") or {}
-    name = args.dataset or ds_meta.get("name")
-    if not name:
-        raise TensorcutError("the checkpoint does not name its data set; pass --dataset")
-    data_dir = args.data_dir or (ds_meta.get("data_dir") if name == ds_meta.get("name") else None)
-    vf, seed = ds_meta.get("val_fraction", 0.1), ds_meta.get("seed", 0)
+    data_spec = DatasetSpec.from_meta(meta).resolve(args.dataset, args.data_dir)
+    name = str(data_spec.name)  # (load refuses an unnamed data set before name is used)
     loaders = {}
     for split in dict.fromkeys(args.split):
-        ds = tdata.load_dataset(
-            name, split, data_dir=data_dir, val_fraction=vf, seed=seed, subset=args.subset
-        )
+        ds = data_spec.load(split, subset=args.subset)
         check_dataset_fits(meta, ds, name)  # wrong channel count: one line, not a conv traceback
         loaders[split] = tdata.make_loader(ds, args.batch_size)
     train_loader = None
     if args.recover:
-        tr = tdata.load_dataset(
-            name, "train", data_dir=data_dir, val_fraction=vf, seed=seed, subset=args.recover_subset
-        )
-        train_loader = tdata.make_loader(tr, 128, shuffle=True, seed=seed)
+        tr = data_spec.load("train", subset=args.recover_subset)
+        train_loader = tdata.make_loader(tr, 128, shuffle=True, seed=data_spec.seed)
     model = ck.model.to(resolve_device(args.device))
     model_name = (meta.get("model") or {}).get("name") or type(model).__name__
     subset = f"subset={args.subset}" if args.subset else "full"

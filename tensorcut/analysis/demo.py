@@ -19,14 +19,14 @@ def demo_sweep(
     from tensorcut import io as tio
     from tensorcut.analysis.plots import plot
     from tensorcut.analysis.sweep import analyze
+    from tensorcut.checkpoint import DatasetSpec
 
     out = Path(out)
     ck = tio.load_checkpoint(checkpoint)
-    ds_meta = ck.meta.get("dataset") or {}
-    name = ds_meta.get("name", "digits")
-    val = tdata.load_dataset(
-        name, "val", val_fraction=ds_meta.get("val_fraction", 0.1), seed=ds_meta.get("seed", 0)
-    )
+    spec = DatasetSpec.from_meta(ck.meta)
+    spec = spec if spec.name else spec.resolve("digits")
+    name = spec.name
+    val = spec.load("val")
     db = out / "truncation.sqlite"
     report = analyze(
         ck.model,

@@ -14,6 +14,7 @@ from tensorcut import data as tdata
 from tensorcut import distributed as tdist
 from tensorcut import io as tio
 from tensorcut import models
+from tensorcut.checkpoint import DatasetSpec
 from tensorcut.errors import TensorcutError
 from tensorcut.train.loop import (
     FitConfig,
@@ -294,13 +295,13 @@ def train(
     )
     meta: dict[str, Any] = {
         "model": {"name": model, "kwargs": kwargs},
-        "dataset": {
-            "name": dataset,
-            "val_fraction": val_fraction,
-            "seed": cfg.seed,
-            "data_dir": str(data_dir) if data_dir else None,
-            "subset": subset,
-        },
+        "dataset": DatasetSpec(
+            name=dataset,
+            data_dir=str(data_dir) if data_dir else None,
+            val_fraction=val_fraction,
+            seed=cfg.seed,
+            subset=subset,
+        ).to_dict(),
         "recipe": recipe,
     }
     with tdist.session(resolve_device(device)) as ctx:
@@ -344,23 +345,13 @@ def evaluate_checkpoint(
     else:
         ck = tio.load_checkpoint(checkpoint)
         net, meta = ck.model, ck.meta
-    ds_meta = meta.get("dataset") or {}
-    name = dataset or ds_meta.get("name")
-    if not name:
-        raise TensorcutError(
-            "no data set given and the checkpoint does not name one; pass --dataset"
-        )
-    if data_dir is None and name == ds_meta.get("name"):
-        data_dir = ds_meta.get("data_dir")
-    ds = tdata.load_dataset(
-        name,
+    spec = DatasetSpec.from_meta(meta).resolve(dataset, data_dir)
+    ds = spec.load(
         split,
-        data_dir=data_dir,
-        val_fraction=ds_meta.get("val_fraction", 0.1),
-        seed=ds_meta.get("seed", 0),
         subset=subset,
+        missing="no data set given and the checkpoint does not name one; pass --dataset",
     )
-    check_dataset_fits(meta, ds, name)
+    check_dataset_fits(meta, ds, str(spec.name))
     with tdist.session(resolve_device(device)) as ctx:
         net.to(ctx.device)
         return evaluate_loader(net, tdata.make_loader(ds, batch_size), ctx.device)

@@ -18,6 +18,7 @@ from typing import Any
 from tensorcut import data as tdata
 from tensorcut import distributed as tdist
 from tensorcut import io as tio
+from tensorcut.checkpoint import DatasetSpec
 from tensorcut.errors import TensorcutError
 
 __all__ = ["run_cli", "train_tdlrt_checkpoint"]
@@ -166,13 +167,13 @@ def _train(
     }
     meta: dict[str, Any] = {
         "model": {"name": name, "kwargs": kwargs},
-        "dataset": {
-            "name": dataset,
-            "val_fraction": val_fraction,
-            "seed": seed,
-            "data_dir": str(data_dir) if data_dir else None,
-            "subset": subset,
-        },
+        "dataset": DatasetSpec(
+            name=dataset,
+            data_dir=str(data_dir) if data_dir else None,
+            val_fraction=val_fraction,
+            seed=seed,
+            subset=subset,
+        ).to_dict(),
         "recipe": {
             "method": "tdlrt",
             "epochs": epochs,
