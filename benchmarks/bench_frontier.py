@@ -53,7 +53,7 @@ from tensorcut import io as tio
 from tensorcut.compression import CompressConfig
 from tensorcut.data import FASHION_MNIST_DIR, read_idx
 from tensorcut.run import RunConfig, run
-from tensorcut.train.api import train
+from tensorcut.train.api import train_checkpoint
 from tensorcut.train.loop import FitConfig
 from tensorcut.workflow import compress_checkpoint, finetune_checkpoint
 
@@ -211,7 +211,7 @@ def dense_stage(
         "cosine)"
     )
     t = time.perf_counter()
-    ck = train(
+    ck = train_checkpoint(
         model,
         "fashion-mnist",
         d,

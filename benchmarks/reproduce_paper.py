@@ -44,7 +44,7 @@ _REPORT: dict[str, bool] = {
 
 def _train(args: argparse.Namespace) -> Path:
     from tensorcut import io as tio
-    from tensorcut.train.api import train
+    from tensorcut.train.api import train_checkpoint
     from tensorcut.train.loop import FitConfig
 
     ck = WORK / "dense"
@@ -58,7 +58,7 @@ def _train(args: argparse.Namespace) -> Path:
         f"images, {args.epochs} epochs)",
         flush=True,
     )
-    train(
+    train_checkpoint(
         "vanilla-cnn",
         "fashion-mnist",
         ck,

@@ -531,11 +531,11 @@ def run(
             shutil.rmtree(dense_dir, ignore_errors=True)
             tmp.rename(dense_dir)
         else:
-            from tensorcut.train.api import train
+            from tensorcut.train.api import train_checkpoint
 
             assert model is not None and dataset is not None  # checked on entry
             _say(f"[dense] training {model} on {dataset} for {train_epochs} epochs", progress)
-            train(
+            train_checkpoint(
                 model,
                 dataset,
                 dense_dir,

@@ -37,11 +37,11 @@ def fashion_dir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A width-reduced vanilla-cnn trained for one epoch on a digits subset."""
-    from tensorcut.train.api import train
+    from tensorcut.train.api import train_checkpoint
     from tensorcut.train.loop import FitConfig
 
     out = tmp_path_factory.mktemp("ck") / "dense"
-    train(
+    train_checkpoint(
         "vanilla-cnn",
         "digits",
         out,

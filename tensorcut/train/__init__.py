@@ -1,6 +1,6 @@
-"""Training and evaluation: loader-level loops and the `train` verb."""
+"""Training and evaluation: loader-level loops and the `train` verb (train_checkpoint)."""
 
-from tensorcut.train.api import train
+from tensorcut.train.api import train_checkpoint
 from tensorcut.train.loop import (
     OPTIMIZERS,
     SCHEDULERS,
@@ -21,5 +21,5 @@ __all__ = [
     "recalibrate_bn",
     "resolve_device",
     "set_seed",
-    "train",
+    "train_checkpoint",
 ]

@@ -35,7 +35,7 @@ __all__ = [
     "evaluate_checkpoint",
     "model_kwargs_for",
     "recorded_recipe",
-    "train",
+    "train_checkpoint",
 ]
 
 
@@ -214,7 +214,7 @@ def check_resume_recipe(out: Path, recipe: dict[str, Any]) -> None:
         )
 
 
-def train(
+def train_checkpoint(
     model: str,
     dataset: str,
     out: str | Path,

@@ -183,7 +183,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from tensorcut.console import print_json
-    from tensorcut.train.api import check_numbers, train
+    from tensorcut.train.api import check_numbers, train_checkpoint
 
     resolve_recipe(args)
     check_numbers(
@@ -214,7 +214,7 @@ def _train(args: argparse.Namespace) -> int:
         amp=args.amp,
         sync_batchnorm=args.sync_bn,
     )
-    ck = train(
+    ck = train_checkpoint(
         args.model,
         args.dataset,
         args.out,

@@ -21,7 +21,7 @@ from tensorcut.train.api import (
     evaluate_checkpoint,
     model_kwargs_for,
     recorded_recipe,
-    train,
+    train_checkpoint,
 )
 
 
@@ -120,14 +120,14 @@ def test_resume_recipe_must_match_the_recorded_one(tmp_path: Path):
 
 def test_train_refuses_to_overwrite(checkpoint):
     with pytest.raises(TensorcutError, match="already holds a checkpoint; pass --resume"):
-        train("vanilla-cnn", "digits", checkpoint, epochs=1)
+        train_checkpoint("vanilla-cnn", "digits", checkpoint, epochs=1)
 
 
 def test_train_refuses_a_file_as_out(tmp_path: Path):
     f = tmp_path / "f"
     f.write_text("x")
     with pytest.raises(TensorcutError) as e:
-        train("vanilla-cnn", "digits", f, epochs=1)
+        train_checkpoint("vanilla-cnn", "digits", f, epochs=1)
     assert str(e.value) == f"{f} is a file; give a directory path"
 
 

@@ -61,12 +61,12 @@ def test_no_batchnorm_and_empty_data():
 
 
 def test_compress_checkpoint_recalibrates_and_records_it(tmp_path):
-    from tensorcut.train.api import train
+    from tensorcut.train.api import train_checkpoint
     from tensorcut.train.loop import FitConfig
     from tensorcut.workflow import compress_checkpoint
 
     dense = tmp_path / "dense"
-    train(
+    train_checkpoint(
         "resnet20",
         "digits",
         dense,

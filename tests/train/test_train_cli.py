@@ -43,7 +43,7 @@ def test_flags_reach_the_training_api(monkeypatch, tmp_path: Path, capsys) -> No
         test = {"loss": 0.5, "top1": 0.75, "top5": 1.0, "n": 4}
         return SimpleNamespace(meta={"metrics": {"test": test}, "epoch": 3})
 
-    monkeypatch.setattr(api, "train", fake_train)
+    monkeypatch.setattr(api, "train_checkpoint", fake_train)
     out = str(tmp_path / "o")
     argv = [*BASE, "--out", out, "--epochs", "3", "--lr", "0.01", "--optimizer", "sgd"]
     assert main([*argv, "--patience", "2", "--augment", "--subset", "64"]) == 0
