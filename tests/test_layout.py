@@ -114,17 +114,38 @@ def _imports(name: str) -> list[tuple[str, str | None, int]]:
     return [i for i in out if i[0] == "tensorcut" or i[0].startswith("tensorcut.")]
 
 
+def _reexports(package: str) -> dict[str, tuple[str, str]]:
+    """Bound name -> (source module, name there) for each ``from X import name [as bound]`` at the
+    top level of a package's ``__init__``."""
+    tree = ast.parse(MODULES[package].read_text(encoding="utf-8"))
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for a in node.names:
+                out[a.asname or a.name] = (node.module, a.name)
+    return out
+
+
 def _defining_module(mod: str, attr: str, seen: frozenset[str] = frozenset()) -> str:
-    """The module that ``from mod import attr`` really loads: a submodule named ``attr``, or, for
-    a name a package's ``__init__`` re-exports, the module that defines it (followed through
-    further re-exports)."""
+    """The module that ``from mod import attr`` really loads. A name the package's ``__init__``
+    binds wins (``from tensorcut.compression import plan`` is the function from ``planner``, not
+    the submodule ``compression/plan.py``), followed through further re-exports to the module
+    defining it; otherwise a submodule named ``attr``; otherwise ``mod`` itself."""
+    if mod in MODULES and _is_package(mod) and mod not in seen:
+        src = _reexports(mod).get(attr)
+        if src is not None and src[0] in MODULES:
+            return _defining_module(src[0], src[1], seen | {mod})
     if f"{mod}.{attr}" in MODULES:
         return f"{mod}.{attr}"
-    if mod in MODULES and _is_package(mod) and mod not in seen:
-        for src, name, _ in _imports(mod):
-            if name == attr and src in MODULES:
-                return _defining_module(src, attr, seen | {mod})
     return mod
+
+
+def test_reexports_resolve_to_the_defining_module() -> None:
+    assert _defining_module("tensorcut.compression", "plan") == "tensorcut.compression.planner"
+    assert _defining_module("tensorcut.compression", "Plan") == "tensorcut.compression.plan"
+    assert _defining_module("tensorcut", "create_model") == "tensorcut.models"
+    assert _defining_module("tensorcut.layers", "get_method") == "tensorcut.layers._registry"
+    assert _defining_module("tensorcut", "errors") == "tensorcut.errors"
 
 
 def import_graph() -> dict[str, set[str]]:
