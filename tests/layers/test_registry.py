@@ -36,7 +36,8 @@ def test_registry_has_the_core_methods() -> None:
 
 def test_list_methods_sorted_and_auto_subset() -> None:
     names = list_methods()
-    assert names == sorted(LAYER_REGISTRY) == ["cp", "tr", "tt", "tucker", "tucker2"]
+    assert names == sorted(LAYER_REGISTRY)
+    assert {"cp", "tr", "tt", "tucker", "tucker2"} <= set(names)
     auto = list_methods(auto=True)
     assert auto == [n for n in names if LAYER_REGISTRY[n].in_auto]
     assert "tucker" not in auto and "tucker2" in auto
