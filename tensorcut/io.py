@@ -30,6 +30,7 @@ __all__ = [
     "Checkpoint",
     "atomic_write_bytes",
     "atomic_write_text",
+    "json_default",
     "load",
     "load_checkpoint",
     "save",
@@ -177,7 +178,7 @@ def save(model: nn.Module, directory: str | Path, meta: dict[str, Any] | None = 
     meta["layers"] = _factorized_configs(model)
     meta.setdefault("versions", versions())
     try:  # serialise the metadata first: a bad value must not leave weights without meta.json
-        meta_text = json.dumps(meta, indent=2, sort_keys=True, default=_json_default)
+        meta_text = json.dumps(meta, indent=2, sort_keys=True, default=json_default)
     except (TypeError, ValueError) as e:
         raise TensorcutError(
             f"checkpoint metadata is not JSON-serialisable ({e}); pass plain numbers, strings, "
@@ -189,7 +190,9 @@ def save(model: nn.Module, directory: str | Path, meta: dict[str, Any] | None = 
     return directory
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """``json.dumps``'s ``default`` for checkpoint metadata: sets and tuples as lists, paths as
+    strings, numpy/torch scalars as numbers; anything else is refused (TypeError)."""
     if isinstance(o, (set, tuple)):
         return list(o)
     if isinstance(o, Path):

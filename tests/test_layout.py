@@ -286,10 +286,41 @@ def test_mirror_rule_on_examples() -> None:
     assert mirrored_tests(PKG / "console.py") == [TESTS / "test_console.py"]
 
 
+def private_attribute_reads(source: str) -> list[str]:
+    """``alias._x`` where ``alias`` is a tensorcut module bound by an import (``from tensorcut
+    import io as tio`` then ``tio._json_default``): a private name reached through the module
+    instead of imported, which the import rule alone would miss."""
+    tree = ast.parse(source)
+    aliases: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases |= {a.asname for a in node.names if a.asname and a.name.startswith("tensorcut")}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tensorcut"):
+            aliases |= {
+                a.asname or a.name for a in node.names if f"{node.module}.{a.name}" in MODULES
+            }
+    return [
+        f"line {n.lineno}: {n.value.id}.{n.attr}"
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute)
+        and isinstance(n.value, ast.Name)
+        and n.value.id in aliases
+        and _private(n.attr)
+    ]
+
+
+def test_private_attribute_reads_on_an_example() -> None:
+    src = (
+        "from tensorcut import io as tio\nimport tensorcut.kernel as K\ntio._x(); K._y; tio.save\n"
+    )
+    assert sorted(private_attribute_reads(src)) == ["line 3: K._y", "line 3: tio._x"]
+
+
 def test_no_private_name_imported_across_modules() -> None:
     offenders = [
         f"{MODULES[m].relative_to(ROOT)} {o}"
         for m in MODULES
         for o in private_offences(m, _imports(m))
+        + private_attribute_reads(MODULES[m].read_text(encoding="utf-8"))
     ]
     assert not offenders, "private names imported across modules:\n" + "\n".join(offenders)

@@ -609,7 +609,7 @@ def _check_checkpoint_meta(meta: dict[str, Any] | None) -> None:
             "name, or your class's name and reload with tensorcut.load(dir, model=YourNet()))"
         )
     try:
-        json.dumps(meta, default=tio._json_default)
+        json.dumps(meta, default=tio.json_default)
     except (TypeError, ValueError) as e:
         raise TensorcutError(
             f"fit(meta=...) is not JSON-serialisable ({e}); pass plain numbers, strings, lists "
