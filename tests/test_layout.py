@@ -213,12 +213,8 @@ def test_cycle_finder_finds_a_cycle() -> None:
 
 #: Cycles on main when this test was written (issue 17 item 7), each with the edge to cut. A new
 #: cycle fails the test; so does a listed one that is gone (delete its entry: the list only
-#: shrinks). All three close through imports inside functions, so no import fails today.
+#: shrinks). Both close through imports inside functions, so no import fails today.
 KNOWN_CYCLES: dict[frozenset[str], str] = {
-    frozenset({"tensorcut.train.api", "tensorcut.train.loop"}): (
-        "FitConfig.__post_init__ imports train.api.check_numbers; move _NUMBER_RULES and "
-        "check_numbers into train/loop.py and import them in train/api.py"
-    ),
     frozenset({"tensorcut.inference", "tensorcut.layers.cp"}): (
         "CPConv2d.fold_output_affine imports inference.fold_affine_ while inference imports "
         "CPConv2d; move fold_affine_ below both (layers/base.py)"

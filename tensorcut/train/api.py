@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from tensorcut.checkpoint import DatasetSpec
 from tensorcut.errors import TensorcutError
 from tensorcut.train.loop import (
     FitConfig,
+    check_numbers,
     fit,
     resolve_device,
     set_seed,
@@ -67,36 +67,6 @@ def check_dataset_fits(meta: dict[str, Any], ds: tdata.ImageDataset, name: str) 
             f"{name} images are {h} px but this vanilla-cnn was built for {kw['input_size']} px; "
             "use the data set it was trained for"
         )
-
-
-#: Bounds of numeric options: name -> (test, what it must be). One table for every verb.
-_NUMBER_RULES: dict[str, tuple[Any, str]] = {
-    "batch_size": (lambda v: v >= 1, ">= 1"),
-    "epochs": (lambda v: v >= 0, ">= 0"),
-    "lr": (lambda v: v > 0 and math.isfinite(v), "> 0"),
-    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "weight_decay": (lambda v: v >= 0 and math.isfinite(v), ">= 0"),
-    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
-    "width": (lambda v: v > 0 and math.isfinite(v), "> 0"),
-    "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
-    "subset": (lambda v: v >= 1, ">= 1"),
-    "distill_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "input_size": (lambda v: v >= 1, ">= 1"),
-    "in_channels": (lambda v: v >= 1, ">= 1"),
-    "num_classes": (lambda v: v >= 1, ">= 1"),
-}
-
-
-def check_numbers(**values: float | int | None) -> None:
-    """Refuse, in one line naming the option, a numeric option out of its range (``None``: not
-    given).
-    """
-    for name, v in values.items():
-        if v is None:
-            continue
-        test, what = _NUMBER_RULES[name]
-        if not test(v):
-            raise TensorcutError(f"--{name.replace('_', '-')} must be {what}, got {v:g}")
 
 
 def check_model_size(name: str, kwargs: dict[str, Any], *, factor: float = 1.0) -> int:

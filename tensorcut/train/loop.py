@@ -181,6 +181,37 @@ def evaluate(
     return {"loss": loss_sum / n, "top1": c1 / n, "top5": c5 / n, "n": n}
 
 
+#: Bounds of numeric options: name -> (test, what it must be). One table for every verb
+#: and for FitConfig, so a recipe built in Python is refused in the CLI's words.
+_NUMBER_RULES: dict[str, tuple[Any, str]] = {
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "epochs": (lambda v: v >= 0, ">= 0"),
+    "lr": (lambda v: v > 0 and math.isfinite(v), "> 0"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": (lambda v: v >= 0 and math.isfinite(v), ">= 0"),
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    "width": (lambda v: v > 0 and math.isfinite(v), "> 0"),
+    "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "subset": (lambda v: v >= 1, ">= 1"),
+    "distill_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "input_size": (lambda v: v >= 1, ">= 1"),
+    "in_channels": (lambda v: v >= 1, ">= 1"),
+    "num_classes": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def check_numbers(**values: float | int | None) -> None:
+    """Refuse, in one line naming the option, a numeric option out of its range (``None``: not
+    given).
+    """
+    for name, v in values.items():
+        if v is None:
+            continue
+        test, what = _NUMBER_RULES[name]
+        if not test(v):
+            raise TensorcutError(f"--{name.replace('_', '-')} must be {what}, got {v:g}")
+
+
 @dataclass
 class FitConfig:
     """Training recipe for :func:`fit`, validated when built.
@@ -214,8 +245,6 @@ class FitConfig:
 
     def __post_init__(self) -> None:
         """Refuse a recipe the loop cannot run, in the CLI's words (one rule table for both)."""
-        from tensorcut.train.api import check_numbers
-
         for name in ("epochs", "seed"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
