@@ -15,10 +15,13 @@ from tensorcut import console
 
 @pytest.fixture
 def clean_logger(monkeypatch: pytest.MonkeyPatch) -> Iterator[logging.Logger]:
-    """The ``tensorcut`` logger without handlers, restored afterwards."""
+    """The ``tensorcut`` logger as a fresh process has it (no handlers, propagating), restored
+    afterwards. Propagating matters: pytest attaches its capture handlers to a non-propagating
+    logger for the test's call phase, which ensure_console would take for a caller's own."""
     log = logging.getLogger("tensorcut")
     saved = (list(log.handlers), log.level, log.propagate)
     log.handlers.clear()
+    log.propagate = True
     monkeypatch.setattr(console, "JSON_STREAM", None)
     yield log
     log.handlers[:] = saved[0]
