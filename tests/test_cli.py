@@ -392,9 +392,9 @@ def _fake_latency(models, example, *, threads=None, warmup=0, reps=5, **kw):
 
 
 def test_compress_target_speedup_json_and_text(tiny_checkpoint, tmp_path, capsys, monkeypatch):
-    import tensorcut.speed as speed
+    import tensorcut.compression.speed_plan as speed_plan
 
-    monkeypatch.setattr(speed, "measure_latency", _fake_latency)
+    monkeypatch.setattr(speed_plan, "measure_latency", _fake_latency)
     argv = ["compress", str(tiny_checkpoint), "--target-speedup", "1.2", "--bn-images", "0"]
     assert main([*argv, "--out", str(tmp_path / "j"), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)  # the speed planner's progress goes to stderr
@@ -427,7 +427,7 @@ def test_compress_target_speedup_excludes_rank_rules(tiny_checkpoint, tmp_path, 
 def test_compress_target_speedup_writes_nothing_when_dense_is_fastest(
     tiny_checkpoint, tmp_path, capsys, monkeypatch
 ):
-    import tensorcut.speed as speed
+    import tensorcut.compression.speed_plan as speed_plan
 
     def slow_factorized(models, example, **kw):
         from tensorcut.layers import FactorizedConv2d
@@ -440,7 +440,7 @@ def test_compress_target_speedup_writes_nothing_when_dense_is_fastest(
                 )
         return st
 
-    monkeypatch.setattr(speed, "measure_latency", slow_factorized)
+    monkeypatch.setattr(speed_plan, "measure_latency", slow_factorized)
     argv = ["compress", str(tiny_checkpoint), "--target-speedup", "1.5", "--bn-images", "0"]
     assert main([*argv, "--out", str(tmp_path / "n")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

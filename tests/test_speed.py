@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import tensorcut.compression.speed_plan as speed_plan
 import tensorcut.speed as speed
 from tensorcut.compression import apply
 from tensorcut.errors import TensorcutError
@@ -95,7 +96,7 @@ def _plan(
     **kw: Any,
 ) -> Any:
     t = timer or FakeTimer()
-    monkeypatch.setattr(speed, "measure_latency", t)
+    monkeypatch.setattr(speed_plan, "measure_latency", t)
     return speed.plan_for_speedup(net, target, (3, 8, 8), threads=1, reps=3, warmup=0, **kw)
 
 
@@ -232,7 +233,7 @@ def test_compress_with_target_speedup_plans_for_speed(net, monkeypatch):
     import tensorcut
 
     timer = FakeTimer()
-    monkeypatch.setattr(speed, "measure_latency", timer)
+    monkeypatch.setattr(speed_plan, "measure_latency", timer)
     model, p = tensorcut.compress(
         _copy(net), method="tucker2", target_speedup=1.5, input_shape=(3, 8, 8), progress=False
     )
@@ -254,7 +255,7 @@ def test_compress_with_target_speedup_plans_for_speed(net, monkeypatch):
 def test_compress_with_target_speedup_never_slower_than_dense(net, monkeypatch):
     import tensorcut
 
-    monkeypatch.setattr(speed, "measure_latency", FakeTimer(whole_model_penalty=1e6))
+    monkeypatch.setattr(speed_plan, "measure_latency", FakeTimer(whole_model_penalty=1e6))
     model, p = tensorcut.compress(
         _copy(net), target_speedup=1.5, input_shape=(3, 8, 8), progress=False
     )
@@ -314,7 +315,7 @@ def test_candidate_ranks_scale_each_methods_reference_ranks() -> None:
     g = ConvGeometry.from_conv(conv)
     for method in ("cp", "tucker2"):
         ref = get_method(method).reference_ranks(g)
-        got = speed._candidate_ranks(method, g, (8, 8), (0.5,), 1)
+        got = speed_plan._candidate_ranks(method, g, (8, 8), (0.5,), 1)
         assert got == [tuple(scaled_ranks(ref, 0.5))]
     (cp_ref,) = get_method("cp").reference_ranks(g)
     assert cp_ref == 64 * 64 * 9 // (64 + 64 + 3 + 3)  # the MAC-equal rank, not CP's maximum
@@ -327,7 +328,7 @@ def test_error_uses_the_methods_bound_else_measures() -> None:
     conv = nn.Conv2d(16, 24, 3, padding=1)
     g = ConvGeometry.from_conv(conv)
     cache: dict[str, Any] = {}
-    got = speed._error(conv, "tucker2", (8, 8), cache)
+    got = speed_plan._error(conv, "tucker2", (8, 8), cache)
     assert got == get_method("tucker2").error_bound(conv.weight, g, (8, 8), {})
     assert set(cache) == {"out", "in"}  # spectra kept for the next ranks of this layer
     # a grouped kernel has no Tucker-2 bound: the decomposition is made and measured
@@ -336,4 +337,4 @@ def test_error_uses_the_methods_bound_else_measures() -> None:
     w = grouped.weight.detach().double()
     want = float(torch.linalg.vector_norm(w - layer.reconstruct_weight().detach().double()))
     want /= float(torch.linalg.vector_norm(w))
-    assert speed._error(grouped, "tucker2", (4, 4), {}) == pytest.approx(want, rel=1e-5)
+    assert speed_plan._error(grouped, "tucker2", (4, 4), {}) == pytest.approx(want, rel=1e-5)

@@ -8,7 +8,6 @@ parameters and MACs.
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +28,7 @@ from tensorcut.compression._builder import (
 from tensorcut.compression.budget import plan_budget
 from tensorcut.compression.config import CompressConfig, FilterFn, default_filter
 from tensorcut.compression.plan import LayerPlan, Plan
+from tensorcut.compression.speed_plan import SpeedOptions, finish_speed_plan, plan_speed
 from tensorcut.compression.verify import capture
 from tensorcut.effective import Resolved, refuse_scripted, resolve
 from tensorcut.errors import TensorcutError
@@ -136,6 +136,7 @@ def plan(
     sensitivity: dict[str, float] | None = None,
     layers: Sequence[str] | None = None,
     progress: bool = True,
+    speed: SpeedOptions | None = None,
     **kwargs: Any,
 ) -> Plan:
     """Decide, per convolution, the method and ranks (the model is not modified).
@@ -159,6 +160,9 @@ def plan(
             study): under a budget, sensitive layers are compressed more mildly.
         layers: explicit layer names instead of ``filter_fn``.
         progress: show a progress bar (on a terminal).
+        speed: how a ``target_speedup`` plan measures (threads, batch, cache, ...; default
+            :class:`~tensorcut.compression.speed_plan.SpeedOptions`: the current threads, batch 1,
+            the whole model verified against dense).
 
     Returns:
         A JSON-serialisable :class:`Plan`.
@@ -199,8 +203,10 @@ def plan(
             "the filter selected no conv layer; nothing to compress (the default skips stems with "
             "<= 3 input channels)"
         )
-    if cfg.target_speedup is not None:
-        return _plan_for_speed(model, cfg, chosen, input_shape, calibration, sensitivity, progress)
+    if cfg.target_speedup is not None and sensitivity:
+        raise TensorcutError(
+            "sensitivity guides a budget's allocation, not a target_speedup plan; drop one of them"
+        )
     args, shape = _calibration_args(model, input_shape, calibration)
     cap = capture(model, [convs[n] for n in chosen], args)
     mc = cost.model_cost(model, example=args)
@@ -224,7 +230,12 @@ def plan(
     rule = cfg.rule
     todo = [n for n in chosen if n in builders]
     it = tqdm(todo, desc="plan", leave=False, disable=None if progress else True)
-    if cfg.budget is None:
+    speed_opts = speed or SpeedOptions()
+    speed_record: dict[str, Any] | None = None
+    if cfg.target_speedup is not None:
+        got, built, speed_record = plan_speed(model, todo, builders, cfg, shape, speed_opts, it)
+        entries.update(got)
+    elif cfg.budget is None:
         for n in it:
             b = builders[n]
             e, layer = decide_one(n, b, b.hw, cfg, rule)
@@ -261,48 +272,6 @@ def plan(
     )
     p._built = built
     p._reference = (args, cap.model_output)
-    return p
-
-
-def _plan_for_speed(
-    model: nn.Module,
-    cfg: CompressConfig,
-    chosen: list[str],
-    input_shape: Sequence[int] | None,
-    calibration: torch.Tensor | tuple[Any, ...] | None,
-    sensitivity: dict[str, float] | None,
-    progress: bool,
-) -> Plan:
-    """``cfg.target_speedup``: ranks from latencies measured here (:mod:`tensorcut.speed`),
-    verified on the whole model, so the plan is never slower than dense on this machine."""
-    from tensorcut.speed import plan_for_speedup
-
-    if sensitivity:
-        raise TensorcutError(
-            "sensitivity guides a budget's allocation, not a target_speedup plan; drop one of them"
-        )
-    assert cfg.target_speedup is not None  # the caller's condition
-    args, shape = _calibration_args(model, input_shape, calibration)
-    opts = cfg.options.get(cfg.method)
-    align = cfg.align if cfg.align > 1 else 8
-    p = plan_for_speedup(
-        model,
-        cfg.target_speedup,
-        shape,
-        cfg.method,
-        layers=chosen,
-        align=align,
-        verify=True,
-        decompose_options=opts.kwargs() if opts is not None else None,
-        progress=progress and sys.stderr.isatty(),  # like the plan's bar: terminals only
-    )
-    p.config = dict(cfg.to_dict(), align=align, speed=p.config["speed"])
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():  # the dense output compress's whole-model check compares with
-            ref = model(*args)
-    finally:
-        model.train(was_training)
-    p._reference = (args, ref)
+    if speed_record is not None:  # after each swap's check: the whole model against dense
+        finish_speed_plan(model, p, speed_record, speed_opts)
     return p

@@ -143,8 +143,8 @@ def compress(
         filter_fn: selects layers, as in :func:`plan`.
         from_scratch: re-initialise the factorized layers randomly (the thesis's "tensorize, then
             train from scratch"); otherwise the factors come from the pretrained kernels.
-        **kwargs: ``input_shape``, ``calibration``, ``sensitivity``, ``layers``, ``progress``
-            (see :func:`plan`) and :class:`CompressConfig` fields.
+        **kwargs: ``input_shape``, ``calibration``, ``sensitivity``, ``layers``, ``progress``,
+            ``speed`` (see :func:`plan`) and :class:`CompressConfig` fields.
 
     Returns:
         ``(model, plan)``; ``plan.model_output_error`` holds the compressed model's
@@ -159,7 +159,7 @@ def compress(
     """
     plan_kw = {
         k: kwargs.pop(k)
-        for k in ("input_shape", "calibration", "sensitivity", "layers", "progress")
+        for k in ("input_shape", "calibration", "sensitivity", "layers", "progress", "speed")
         if k in kwargs
     }
     p = plan(model, config, filter_fn, **plan_kw, **kwargs)
