@@ -10,7 +10,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LayerRow", "ModelSummary", "probe", "summarize"]
+__all__ = [
+    "LatencyReport",
+    "LayerRow",
+    "ModelSummary",
+    "measure_model_latency",
+    "probe",
+    "summarize",
+]
 
 
 def probe(model: nn.Module, input_shape: Sequence[int], handles: list[Any]) -> None:
@@ -151,3 +158,74 @@ def summarize(model: nn.Module, input_shape: Sequence[int]) -> ModelSummary:
             rows.append(LayerRow(u.name, type(m).__name__, shape, u.params, u.macs, "", u.params))
     c, h, w = (tuple(input_shape) + (1, 1, 1))[:3]
     return ModelSummary(rows, cost.total_params, cost.total_macs, (int(c), int(h), int(w)))
+
+
+@dataclass(frozen=True)
+class LatencyReport:
+    """The latency of a model (and, for a compressed one, of its dense equivalent, timed with it)
+    as :func:`tensorcut.timing.measure_latency` measures it; for ``inspect --latency``."""
+
+    stats: dict[str, Any]  # name -> LatencyStats: "model", and "dense equivalent" when compressed
+    comparison: Any = None  # tensorcut.timing.Comparison of model / dense equivalent, or None
+
+    def lines(self) -> list[str]:
+        """One line per timed model (median, IQR, batch, threads, device, reps, warm-up) and the
+        verdict ("no measurable difference" when the ratio's spread covers 1)."""
+        out = [f"latency, {n}: {st.describe()}" for n, st in self.stats.items()]
+        if self.comparison is not None:
+            out.append(f"latency, compressed vs dense equivalent: {self.comparison.describe()}")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (raw times included)."""
+        return {
+            "stats": {n: st.to_dict() for n, st in self.stats.items()},
+            "comparison": None if self.comparison is None else self.comparison.to_dict(),
+        }
+
+
+def _dense_equivalent(model: nn.Module) -> nn.Module | None:
+    """A copy with every factorized layer replaced by the dense layer it computes; None when
+    the model has no factorized layer."""
+    import copy
+
+    from tensorcut.layers.base import FactorizedConv2d
+    from tensorcut.layers.linear import SVDLinear
+
+    if not any(isinstance(m, (FactorizedConv2d, SVDLinear)) for m in model.modules()):
+        return None
+    out = copy.deepcopy(model)
+    done: dict[int, nn.Module] = {}
+    for n, m in list(out.named_modules(remove_duplicate=False)):
+        if isinstance(m, (FactorizedConv2d, SVDLinear)):
+            if id(m) not in done:
+                done[id(m)] = m.to_conv() if isinstance(m, FactorizedConv2d) else m.to_linear()
+            out.set_submodule(n, done[id(m)])
+    return out
+
+
+def measure_model_latency(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    batch: int = 1,
+    threads: int | None = None,
+    warmup: int = 3,
+    reps: int = 15,
+) -> LatencyReport:
+    """Time ``model`` (evaluation mode, random input of ``batch`` x ``input_shape``) with the one
+    timer; a compressed model is timed interleaved with its dense equivalent and compared."""
+    from tensorcut.errors import TensorcutError
+    from tensorcut.timing import compare, measure_latency
+
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise TensorcutError(f"latency batch must be an integer >= 1, got {batch!r}")
+    ref = next(model.parameters())
+    models: dict[str, nn.Module] = {"model": model.eval()}
+    dense = _dense_equivalent(model)
+    if dense is not None:
+        models["dense equivalent"] = dense.eval()
+    x = torch.randn(batch, *input_shape, dtype=ref.dtype, device=ref.device)
+    st = measure_latency(models, x, threads=threads, warmup=warmup, reps=reps)
+    cmp = compare(st["model"], st["dense equivalent"]) if dense is not None else None
+    return LatencyReport(dict(st), cmp)
