@@ -213,15 +213,11 @@ def test_cycle_finder_finds_a_cycle() -> None:
 
 #: Cycles on main when this test was written (issue 17 item 7), each with the edge to cut; any
 #: other cycle fails the test. Delete an entry once its cycle is gone (the list only shrinks).
-#: Both close through imports inside functions, so no import fails today.
+#: It closes through imports inside functions, so no import fails today.
 KNOWN_CYCLES: dict[frozenset[str], str] = {
     frozenset({"tensorcut.inference", "tensorcut.layers.cp"}): (
         "CPConv2d.fold_output_affine imports inference.fold_affine_ while inference imports "
         "CPConv2d; move fold_affine_ below both (layers/base.py)"
-    ),
-    frozenset({"tensorcut.compression.planner", "tensorcut.compression.swap", "tensorcut.speed"}): (
-        "planner imports speed.plan_for_speedup, which imports compression.plan and apply; pass "
-        "plan/apply into speed, or move the speed planner under compression/"
     ),
 }
 
