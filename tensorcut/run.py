@@ -817,3 +817,20 @@ def verify(dense_dir: Path, final_dir: Path, comp_dir: Path, config: RunConfig) 
         "latency": speed,
         "data": {"test": rows["final"]["n"]},
     }
+
+
+def print_summary(s: dict) -> None:
+    """The before / after table and the report path."""
+    head = (
+        f"{'':24s}{'params':>12s}{'size MB':>10s}{'MACs':>14s}"
+        f"{'CPU ms b=32':>13s}{'top-1':>8s}{'top-5':>8s}"
+    )
+    print(head)
+    for k, r in s["rows"].items():
+        label = "compressed (no FT)" if k == "compressed" else k
+        print(
+            f"{label:24s}{r['params']:>12,}{r['size_mb']:>10.3f}{r['macs']:>14,}{r['latency_ms_b32']:>13.2f}"
+            f"{r['top1']:>8.4f}{r['top5']:>8.4f}"
+        )
+    print(f"goal: {s['goal']} — {'met' if s['goal_met'] else 'NOT met'} ({s['achieved']})")
+    print(f"report: {s['report']}")

@@ -110,7 +110,7 @@ def test_train_amp_flag_reaches_the_recipe(tmp_path, capsys):
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())
     assert meta["metrics"]["test"]["n"] > 0
     from tensorcut.cli import build_parser
-    from tensorcut.workflow_cli import finetune_config
+    from tensorcut.cli.workflow import finetune_config
 
     cfg = finetune_config(build_parser().parse_args(["finetune", "CK", "--amp"]))
     assert cfg.amp and not cfg.sync_batchnorm and cfg.lr == 1e-5

@@ -20,8 +20,8 @@ def test_example_runs(script, tmp_path):
 
 
 def test_cli_reference_is_current():
-    from tensorcut.cli_reference import cli_reference
+    from tensorcut.cli.reference import cli_reference
 
     assert (ROOT / "docs" / "cli.md").read_text() == cli_reference(), (
-        "docs/cli.md is stale: run `python -m tensorcut.cli_reference > docs/cli.md`"
+        "docs/cli.md is stale: run `python -m tensorcut.cli.reference > docs/cli.md`"
     )

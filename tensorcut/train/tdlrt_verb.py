@@ -11,7 +11,6 @@ checkpoint, atomically.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from tensorcut import io as tio
 from tensorcut.checkpoint import DatasetSpec
 from tensorcut.errors import TensorcutError
 
-__all__ = ["run_cli", "train_tdlrt_checkpoint"]
+__all__ = ["train_tdlrt_checkpoint"]
 
 
 def train_tdlrt_checkpoint(
@@ -228,57 +227,3 @@ def _train(
     tdist.run_on_main(lambda: tio.save(net, out, meta))
     tdist.barrier()
     return tio.Checkpoint(model=net.eval(), meta=meta)
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Entry for ``tensorcut train --method tdlrt`` (reads the ``train`` verb's arguments)."""
-    if args.tau is None:
-        raise TensorcutError("--method tdlrt needs --tau (relative truncation tolerance, e.g. 0.1)")
-    if getattr(args, "resume", False):
-        raise TensorcutError(
-            "--resume is not supported with --method tdlrt; start a new run with another --out"
-        )
-    ck = train_tdlrt_checkpoint(
-        args.model,
-        args.dataset,
-        args.out,
-        tau=args.tau,
-        init_rank=args.init_rank,
-        rmax=args.rmax,
-        init_from=getattr(args, "init_from", None),
-        epochs=args.epochs,
-        width=args.width,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        scheduler=args.scheduler,
-        data_dir=args.data_dir,
-        val_fraction=args.val_fraction,
-        subset=args.subset,
-        augment=args.augment,
-        seed=args.seed,
-        device=args.device,
-    )
-    if tdist.env_world()[0] != 0:  # every rank holds the same reduced metrics: rank 0 prints them
-        return 0
-    m = ck.meta["metrics"]["test"]
-    t = ck.meta["tdlrt"]
-    if getattr(args, "json", False):
-        from tensorcut.console import print_json
-
-        print_json(
-            {
-                "checkpoint": str(args.out),
-                "test": m,
-                "epochs": ck.meta.get("epoch"),
-                "conv_cr": t["conv_cr"],
-                "conv_compression_pct": t["conv_compression_pct"],
-            }
-        )
-        return 0
-    print(f"test: loss {m['loss']:.4f}  top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}  (n={m['n']})")
-    print(f"conv compression {t['conv_compression_pct']:.1f}% (CR {t['conv_cr']:.2f})")
-    print(f"checkpoint: {args.out}")
-    return 0

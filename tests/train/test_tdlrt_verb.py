@@ -13,7 +13,7 @@ import torch
 from tensorcut import io as tio
 from tensorcut.cli import build_parser
 from tensorcut.errors import TensorcutError
-from tensorcut.train.tdlrt_verb import run_cli, train_tdlrt_checkpoint
+from tensorcut.train.tdlrt_verb import train_tdlrt_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
@@ -47,10 +47,10 @@ def _args(tmp_path: Path, *extra: str) -> argparse.Namespace:
 
 def test_cli_entry_refuses_missing_tau_and_resume(tmp_path: Path) -> None:
     with pytest.raises(TensorcutError) as e:
-        run_cli(_args(tmp_path))
+        (a := _args(tmp_path)).func(a)
     assert str(e.value) == "--method tdlrt needs --tau (relative truncation tolerance, e.g. 0.1)"
     with pytest.raises(TensorcutError) as e:
-        run_cli(_args(tmp_path, "--tau", "0.1", "--resume"))
+        (a := _args(tmp_path, "--tau", "0.1", "--resume")).func(a)
     assert str(e.value) == (
         "--resume is not supported with --method tdlrt; start a new run with another --out"
     )

@@ -1,4 +1,5 @@
-"""The ``compress``, ``finetune`` and ``export`` verbs' parser layer (``workflow_cli.py``): flags,
+"""The ``compress``, ``finetune`` and ``export`` verbs' parser layer
+(``tensorcut/cli/workflow.py``): flags,
 defaults, the rank grammar on the command line, one-line errors with status 2, and the finetune
 recipe with explicit flags applied. The pipeline itself is tested in test_workflow.py."""
 
@@ -10,9 +11,9 @@ from typing import Any
 import pytest
 
 from tensorcut.cli import build_parser, main
+from tensorcut.cli.workflow import finetune_config
 from tensorcut.layers import get_method, list_methods
 from tensorcut.workflow import RECIPES
-from tensorcut.workflow_cli import finetune_config
 
 
 def _parse(*argv: str) -> Any:

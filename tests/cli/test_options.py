@@ -1,4 +1,4 @@
-"""CLI flags derived from every method's typed Options (tensorcut/cli_options.py)."""
+"""CLI flags derived from every method's typed Options (tensorcut/cli/options.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import fields
 
 import pytest
 
-from tensorcut.cli_options import add_method_option_flags, method_options_from_args
+from tensorcut.cli.options import add_method_option_flags, method_options_from_args
 from tensorcut.compression import CompressConfig
 from tensorcut.layers import get_method, list_methods
 

@@ -1,8 +1,10 @@
-"""Command-line entry point: every verb is a thin wrapper over a Python function.
+"""Command-line entry point: every verb is a thin argparse layer over a Python function.
 
-Verbs live beside the code they wrap; each module in ``COMMAND_MODULES`` exposes
-``add_commands(subparsers)``. Bad input (:class:`TensorcutError`) prints one line and
-exits with status 2.
+The verb table is ``COMMAND_MODULES``: each module of this package (``train``, ``analysis``,
+``workflow``, ``run``) exposes ``add_commands(subparsers)`` and maps its flags onto the API;
+:mod:`tensorcut.cli.options` derives the method-option flags from the layers' ``Options``;
+:mod:`tensorcut.cli.reference` generates ``docs/cli.md``. Nothing outside this package imports
+it. Bad input (:class:`TensorcutError`) prints one line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from pathlib import Path
 from tensorcut.errors import TensorcutError
 
 COMMAND_MODULES: tuple[str, ...] = (
-    "tensorcut.train.cli",
-    "tensorcut.analysis.cli",
-    "tensorcut.workflow_cli",
-    "tensorcut.run_cli",
+    "tensorcut.cli.train",
+    "tensorcut.cli.analysis",
+    "tensorcut.cli.workflow",
+    "tensorcut.cli.run",
 )
 
 

@@ -1,6 +1,6 @@
 """Generate the CLI reference (docs/cli.md) from the argument parser, so docs never drift.
 
-``python -m tensorcut.cli_reference > docs/cli.md``; a test checks the file is current.
+``python -m tensorcut.cli.reference > docs/cli.md``; a test checks the file is current.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def cli_reference() -> str:
     out = [
         "# tensorcut command-line reference",
         "",
-        "Generated from the parser by `python -m tensorcut.cli_reference > docs/cli.md`; "
+        "Generated from the parser by `python -m tensorcut.cli.reference > docs/cli.md`; "
         "do not edit by hand.",
         "",
         "Bad input prints one line `tensorcut VERB: error: ...` and exits with status 2.",

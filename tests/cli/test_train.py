@@ -13,7 +13,7 @@ import pytest
 
 import tensorcut.train.api as api
 from tensorcut.cli import build_parser, main
-from tensorcut.train.cli import TRAIN_DEFAULTS, resolve_recipe
+from tensorcut.cli.train import TRAIN_DEFAULTS, resolve_recipe
 
 BASE = ["train", "--model", "vanilla-cnn", "--dataset", "digits"]
 

@@ -139,25 +139,10 @@ def _run(args: argparse.Namespace) -> int:
 
         print_json(s)
         return 0
+    from tensorcut.run import print_summary
+
     print_summary(s)
     return 0
-
-
-def print_summary(s: dict) -> None:
-    """The before / after table and the report path."""
-    head = (
-        f"{'':24s}{'params':>12s}{'size MB':>10s}{'MACs':>14s}"
-        f"{'CPU ms b=32':>13s}{'top-1':>8s}{'top-5':>8s}"
-    )
-    print(head)
-    for k, r in s["rows"].items():
-        label = "compressed (no FT)" if k == "compressed" else k
-        print(
-            f"{label:24s}{r['params']:>12,}{r['size_mb']:>10.3f}{r['macs']:>14,}{r['latency_ms_b32']:>13.2f}"
-            f"{r['top1']:>8.4f}{r['top5']:>8.4f}"
-        )
-    print(f"goal: {s['goal']} — {'met' if s['goal_met'] else 'NOT met'} ({s['achieved']})")
-    print(f"report: {s['report']}")
 
 
 def _report(args: argparse.Namespace) -> int:

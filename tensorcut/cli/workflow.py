@@ -26,7 +26,7 @@ def _rank_arg(text: str) -> int | tuple[int, ...]:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from tensorcut.cli_options import add_method_option_flags
+    from tensorcut.cli.options import add_method_option_flags
     from tensorcut.compression import DEFAULT_METHOD
     from tensorcut.layers import list_methods
     from tensorcut.train.loop import OPTIMIZERS, SCHEDULERS
@@ -256,7 +256,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from tensorcut.cli_options import method_options_from_args
+    from tensorcut.cli.options import method_options_from_args
     from tensorcut.compression import CompressConfig
     from tensorcut.workflow import compress_checkpoint
 

@@ -1,4 +1,5 @@
-"""The ``run`` and ``report`` verbs' parser layer (``run_cli.py``): flags, defaults, one-line
+"""The ``run`` and ``report`` verbs' parser layer (``tensorcut/cli/run.py``): flags, defaults,
+one-line
 usage errors with status 2, and the mapping of flags onto RunConfig (the pipeline is stubbed)."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 
 from tensorcut.cli import build_parser, main, verb_parsers
 from tensorcut.layers import list_methods
-from tensorcut.run_cli import print_summary
+from tensorcut.run import print_summary
 
 
 def _parse(*argv: str) -> Any:

@@ -1,4 +1,5 @@
-"""The generated CLI reference (``cli_reference.py``): one section per verb with its full help, at
+"""The generated CLI reference (``tensorcut/cli/reference.py``): one section per verb with its full
+help, at
 a fixed width whatever the terminal. (That docs/cli.md is current is checked in test_docs.py.)"""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import sys
 import pytest
 
 from tensorcut.cli import build_parser, verb_parsers
-from tensorcut.cli_reference import cli_reference
+from tensorcut.cli.reference import cli_reference
 
 
 def test_one_section_per_verb_in_parser_order() -> None:
@@ -36,6 +37,6 @@ def test_fixed_width_whatever_the_terminal(monkeypatch: pytest.MonkeyPatch) -> N
 def test_run_as_a_module_prints_it(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delitem(sys.modules, "tensorcut.cli_reference")  # runpy runs a fresh copy
-    runpy.run_module("tensorcut.cli_reference", run_name="__main__")
+    monkeypatch.delitem(sys.modules, "tensorcut.cli.reference")  # runpy runs a fresh copy
+    runpy.run_module("tensorcut.cli.reference", run_name="__main__")
     assert capsys.readouterr().out == cli_reference()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from tensorcut.errors import TensorcutError
 from tensorcut.train.loop import OPTIMIZERS, SCHEDULERS, FitConfig
 
 #: Recipe defaults of `tensorcut train` (with --resume, unset options take the checkpoint's recorded
@@ -198,9 +199,7 @@ def _train(args: argparse.Namespace) -> int:
         subset=args.subset,
     )
     if args.method == "tdlrt":
-        from tensorcut.train.tdlrt_verb import run_cli
-
-        return run_cli(args)
+        return _tdlrt(args)
 
     cfg = FitConfig(
         epochs=args.epochs,
@@ -271,4 +270,61 @@ def _evaluate(args: argparse.Namespace) -> int:
             f"{args.split}: loss {m['loss']:.4f}  top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}  "
             f"(n={m['n']})"
         )
+    return 0
+
+
+def _tdlrt(args: argparse.Namespace) -> int:
+    """Entry for ``tensorcut train --method tdlrt`` (reads the ``train`` verb's arguments)."""
+    if args.tau is None:
+        raise TensorcutError("--method tdlrt needs --tau (relative truncation tolerance, e.g. 0.1)")
+    if getattr(args, "resume", False):
+        raise TensorcutError(
+            "--resume is not supported with --method tdlrt; start a new run with another --out"
+        )
+    from tensorcut import distributed as tdist
+    from tensorcut.train.tdlrt_verb import train_tdlrt_checkpoint
+
+    ck = train_tdlrt_checkpoint(
+        args.model,
+        args.dataset,
+        args.out,
+        tau=args.tau,
+        init_rank=args.init_rank,
+        rmax=args.rmax,
+        init_from=getattr(args, "init_from", None),
+        epochs=args.epochs,
+        width=args.width,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        scheduler=args.scheduler,
+        data_dir=args.data_dir,
+        val_fraction=args.val_fraction,
+        subset=args.subset,
+        augment=args.augment,
+        seed=args.seed,
+        device=args.device,
+    )
+    if tdist.env_world()[0] != 0:  # every rank holds the same reduced metrics: rank 0 prints them
+        return 0
+    m = ck.meta["metrics"]["test"]
+    t = ck.meta["tdlrt"]
+    if getattr(args, "json", False):
+        from tensorcut.console import print_json
+
+        print_json(
+            {
+                "checkpoint": str(args.out),
+                "test": m,
+                "epochs": ck.meta.get("epoch"),
+                "conv_cr": t["conv_cr"],
+                "conv_compression_pct": t["conv_compression_pct"],
+            }
+        )
+        return 0
+    print(f"test: loss {m['loss']:.4f}  top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}  (n={m['n']})")
+    print(f"conv compression {t['conv_compression_pct']:.1f}% (CR {t['conv_cr']:.2f})")
+    print(f"checkpoint: {args.out}")
     return 0
