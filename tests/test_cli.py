@@ -450,3 +450,21 @@ def test_compress_target_speedup_writes_nothing_when_dense_is_fastest(
     ), err
     assert err[0].endswith("the dense model is the fastest here, so nothing was written")
     assert not (tmp_path / "n").exists()
+
+
+def test_inspect_latency_uses_the_one_timer(capsys) -> None:
+    """``inspect --latency``: median and IQR with threads, batch and device, in text and JSON."""
+    from tensorcut.cli import main
+
+    argv = ["inspect", "resnet20", "--width", "0.25", "--latency", "--threads", "1"]
+    assert main([*argv, "--batch", "2", "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)["latency"]["stats"]["model"]
+    assert (st["batch"], st["threads"], st["device"], st["reps"]) == (2, 1, "cpu", 15)
+    assert len(st["times_ms"]) == 15 and st["q1_ms"] <= st["median_ms"] <= st["q3_ms"]
+    assert main(argv) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("latency, model: median ") and "IQR" in line and "1 thread" in line
+    assert main([*argv, "--batch", "0"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "tensorcut inspect: error: --batch and --threads must be >= 1"
+    )

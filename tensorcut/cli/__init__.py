@@ -113,12 +113,24 @@ def _inspect(args: argparse.Namespace) -> int:
     size = int(kw.get("input_size", args.input_size))
     shape = (int(kw.get("in_channels", 3)), size, size)
     check_input_size(model, shape)
+    if args.latency and (args.batch < 1 or (args.threads is not None and args.threads < 1)):
+        raise TensorcutError("--batch and --threads must be >= 1")
     s = summarize(model, shape)
+    lat = None
+    if args.latency:
+        from tensorcut.summary import measure_model_latency
+
+        lat = measure_model_latency(model, shape, batch=args.batch, threads=args.threads)
     if args.json:
-        print_json(s.to_dict())
+        out = s.to_dict()
+        if lat is not None:
+            out["latency"] = lat.to_dict()
+        print_json(out)
     else:
         print(title)
         print(s.table())
+        for line in lat.lines() if lat is not None else []:
+            print(line)
     return 0
 
 
@@ -169,6 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument(
         "--width", type=float, default=1.0, help="channel width multiplier of a zoo model"
+    )
+    i.add_argument(
+        "--latency",
+        action="store_true",
+        help="also time the model on this machine (warm-up, interleaved rounds, median and IQR; "
+        "a compressed model is compared with its dense equivalent)",
+    )
+    i.add_argument("--batch", type=int, default=1, help="batch size for --latency")
+    i.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for --latency (default: PyTorch's)"
     )
     i.add_argument("--json", action="store_true", help="print the table as JSON")
     i.set_defaults(func=_inspect)
