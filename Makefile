@@ -19,7 +19,7 @@ PORTABLE_TESTS := tests/layers tests/decompose tests/compression tests/train tes
 # after a failed pytest: exit status 5 (nothing collected, i.e. a selection that matches no test) said in words
 NOTHING_COLLECTED = { rc=$$?; [ $$rc -ne 5 ] || echo "make $@: pytest collected no tests (exit 5); the selection matches nothing" >&2; exit $$rc; }
 
-.PHONY: demo test test-real test-portable venv clean
+.PHONY: demo test lint test-real test-portable venv clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests || $(NOTHING_COLLECTED)
+	$(MAKE) --no-print-directory lint
+
+# style and types, configured in pyproject.toml: ruff (lint + format, line length 100) and mypy
+LINT_PATHS := tensorcut tests benchmarks examples
+lint: $(STAMP)
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
+	$(PY) -m mypy
 
 # every real architecture (`make test` runs the tier-1 subset of tests/real_networks)
 test-real: $(STAMP)

@@ -42,7 +42,8 @@ class RankRule:
         given = [k for k in ("rank", "ratio", "eps", "energy") if getattr(self, k) is not None]
         if len(given) > 1:
             raise TensorcutError(
-                f"contradictory rank options: {', '.join(given)}; give exactly one of rank, ratio, eps, energy (or a budget)"
+                f"contradictory rank options: {', '.join(given)}; give exactly one of rank, "
+                "ratio, eps, energy (or a budget)"
             )
         r = self.rank
         if isinstance(r, str) and r not in ("vbmf", "full"):
@@ -57,7 +58,8 @@ class RankRule:
             raise TensorcutError(f"ranks must be positive ints, got {r}")
         if self.ratio is not None and not 0 < self.ratio < 1:
             raise TensorcutError(
-                f"ratio is the fraction of parameters to keep and must be in (0, 1), got {self.ratio}"
+                "ratio is the fraction of parameters to keep and must be in (0, 1), got "
+                f"{self.ratio}"
             )
         if self.eps is not None and not 0 < self.eps < 1:
             raise TensorcutError(
@@ -65,7 +67,8 @@ class RankRule:
             )
         if self.energy is not None and not 0 < self.energy <= 1:
             raise TensorcutError(
-                f"energy is the fraction of squared norm kept and must be in (0, 1], got {self.energy}"
+                "energy is the fraction of squared norm kept and must be in (0, 1], got "
+                f"{self.energy}"
             )
 
     @property
@@ -90,12 +93,13 @@ class RankRule:
 
 
 def clamp_ranks(requested: Sequence[int], maximum: Sequence[int]) -> tuple[tuple[int, ...], str]:
-    """Clamp each rank to ``[1, maximum]``; return the ranks and a note ('' when nothing changed)."""
+    """Clamp each rank to ``[1, maximum]``; return the ranks and a note ('' when nothing
+    changed)."""
     if len(requested) != len(maximum):
         raise TensorcutError(
             f"expected {len(maximum)} ranks, got {len(requested)} ({tuple(requested)})"
         )
-    out = tuple(max(1, min(int(r), int(m))) for r, m in zip(requested, maximum))
+    out = tuple(max(1, min(int(r), int(m))) for r, m in zip(requested, maximum, strict=True))
     note = (
         ""
         if out == tuple(int(r) for r in requested)
@@ -122,7 +126,7 @@ def align_ranks(
     if align < 1:
         raise TensorcutError(f"align must be a positive integer, got {align}")
     out = []
-    for r, m in zip(ranks, maximum):
+    for r, m in zip(ranks, maximum, strict=False):
         a = -(-int(r) // align) * align if up else (int(r) // align) * align
         out.append(min(int(m), max(a, align)))
     return tuple(out)
@@ -241,7 +245,9 @@ def evbmf_rank(Y: torch.Tensor) -> int:
 
 
 def vbmf_tucker2_ranks(weight: torch.Tensor) -> tuple[int, int]:
-    """(r_out, r_in) for Tucker-2 by EVBMF on the OUT and IN unfoldings of a (OUT, IN, KH, KW) kernel."""
+    """(r_out, r_in) for Tucker-2 by EVBMF on the OUT and IN unfoldings of a (OUT, IN, KH, KW)
+    kernel.
+    """
     o, i = weight.shape[:2]
     r_out = evbmf_rank(weight.reshape(o, -1))
     r_in = evbmf_rank(weight.transpose(0, 1).reshape(i, -1))
