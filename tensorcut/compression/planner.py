@@ -207,6 +207,10 @@ def plan(
         raise TensorcutError(
             "sensitivity guides a budget's allocation, not a target_speedup plan; drop one of them"
         )
+    if sensitivity and cfg.budget is None and cfg.target_speedup is None:
+        raise TensorcutError(
+            "sensitivity guides a budget's allocation; give a budget too (or drop sensitivity)"
+        )
     args, shape = _calibration_args(model, input_shape, calibration)
     cap = capture(model, [convs[n] for n in chosen], args)
     mc = cost.model_cost(model, example=args)

@@ -101,3 +101,12 @@ def test_every_factorized_entry_was_checked_on_its_captured_input() -> None:
     fact = [e for e in p.layers if e.status == "factorize"]
     assert fact and all(e.output_error is not None and e.output_error < 1 for e in fact)
     assert all(e.macs_before > 0 and e.calls == 1 for e in p.layers)
+
+
+def test_sensitivity_needs_a_budget() -> None:
+    """The CLI's "--sensitivity guides the --budget allocation" is the API's rule."""
+    with pytest.raises(TensorcutError) as e:
+        plan(_net(), CompressConfig(method="tucker2", ratio=0.5), sensitivity={"conv2": 2.0})
+    assert str(e.value) == (
+        "sensitivity guides a budget's allocation; give a budget too (or drop sensitivity)"
+    )
