@@ -9,12 +9,14 @@ model-wide ``budget`` split across layers by :func:`allocate_budget`.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from tensorcut.decompose.svd import RankClampWarning, clamp_rank
 from tensorcut.errors import TensorcutError
 
 __all__ = [
@@ -93,13 +95,19 @@ class RankRule:
 
 
 def clamp_ranks(requested: Sequence[int], maximum: Sequence[int]) -> tuple[tuple[int, ...], str]:
-    """Clamp each rank to ``[1, maximum]``; return the ranks and a note ('' when nothing
-    changed)."""
+    """Each rank through the one clamp rule (:func:`tensorcut.decompose.svd.clamp_rank`:
+    an integer >= 1, lowered to what the kernel admits), quietly: the plan records the
+    note instead of a warning. Returns the ranks and the note ('' when nothing changed)."""
     if len(requested) != len(maximum):
         raise TensorcutError(
             f"expected {len(maximum)} ranks, got {len(requested)} ({tuple(requested)})"
         )
-    out = tuple(max(1, min(int(r), int(m))) for r, m in zip(requested, maximum, strict=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RankClampWarning)
+        out = tuple(
+            clamp_rank(r, int(m), name=f"rank {k}")
+            for k, (r, m) in enumerate(zip(requested, maximum, strict=True))
+        )
     note = (
         ""
         if out == tuple(int(r) for r in requested)
