@@ -395,7 +395,7 @@ def speed_plan(
     result: dict[str, Any], name: str, dense: nn.Module, tmp: Path, args: argparse.Namespace
 ) -> None:
     """Predicted vs measured speed-up of ``plan_for_speedup`` per target (1 thread, batch 1)."""
-    from tensorcut.speed import plan_for_speedup
+    from tensorcut.compression.speed import plan_for_speedup
 
     for target in args.speed_targets:
         t0 = time.perf_counter()
@@ -637,7 +637,8 @@ def render(result: dict[str, Any]) -> str:
         )
     if result.get("speed_plans"):
         lines += [
-            "Plans made for speed (`tensorcut.speed.plan_for_speedup`, Tucker-2, 1 thread, batch "
+            "Plans made for speed (`tensorcut.compression.speed.plan_for_speedup`, Tucker-2, 1 "
+            "thread, batch "
             "1, eager, channels-last; `verify=True`: measured on the whole model, all-dense if not "
             "measurably faster):",
             "",

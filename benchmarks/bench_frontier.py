@@ -4,7 +4,7 @@ ranks.
 For ``vanilla-cnn`` and ``resnet20`` trained on Fashion-MNIST, at conv-layer compression
 ratios 2, 5, 10 and 20:
 
-- **run**: ``tensorcut.run(out, RunConfig(target_ratio=R, method="tucker2", ...),
+- **run**: ``tensorcut.pipeline.run(out, RunConfig(target_ratio=R, method="tucker2", ...),
   checkpoint=DENSE)`` — truncation study on a calibration subset, then the allocation with the best
   calibration top-1 among "guided" (sensitivity-weighted greedy budget), "error" (greedy budget, no
   sensitivity) and "uniform"; fine-tune; verify on the test split;
@@ -49,13 +49,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from tensorcut import io as tio
+from tensorcut.checkpoint import io as tio
 from tensorcut.compression import CompressConfig
 from tensorcut.data import FASHION_MNIST_DIR, read_idx
-from tensorcut.run import RunConfig, run
+from tensorcut.pipeline.run import RunConfig, run
+from tensorcut.pipeline.workflow import compress_checkpoint, finetune_checkpoint
 from tensorcut.train.api import train_checkpoint
 from tensorcut.train.loop import FitConfig
-from tensorcut.workflow import compress_checkpoint, finetune_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -184,7 +184,8 @@ class Results:
 
 
 def _fit_config(a: argparse.Namespace) -> FitConfig:
-    """The fine-tuning recipe `run` uses (tensorcut/run.py, stage 5), for the uniform arm."""
+    """The fine-tuning recipe `run` uses (tensorcut/pipeline/run.py, stage 5), for the uniform
+    arm."""
     return FitConfig(
         epochs=a.finetune_epochs,
         optimizer="adam",

@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from tensorcut.io import atomic_write_text
+    from tensorcut.checkpoint.io import atomic_write_text
 
     atomic_write_text(
         out.with_suffix(".json"),

@@ -6,7 +6,8 @@ subset, the dense checkpoint cached under ``runs/bench_rsdtr/``) and each ``eps`
 
 * **rsdtr** -- ``plan(model, method="tr", eps=eps)`` (fewest parameters per layer, a ring that
   would be larger than the dense kernel stays dense); top-1 after compression, then after
-  fine-tuning *from the decomposed factors* with :data:`tensorcut.workflow.RSDTR_RECIPE` (SGD,
+  fine-tuning *from the decomposed factors* with :data:`tensorcut.pipeline.workflow.RSDTR_RECIPE`
+  (SGD,
   one-cycle learning rate peaking at 0.01, weight decay 1e-4) for ``--ft-epochs`` on
   ``--ft-subset`` training images;
 * **tensorly** -- ``tensorly.decomposition.tensor_ring`` (TR-SVD opened at mode 0 = OUT, no
@@ -48,14 +49,14 @@ from common import cpu_model  # benchmarks/common.py (the script's own folder)
 from torch import nn
 
 from tensorcut import data as tdata
-from tensorcut import io as tio
 from tensorcut import models
+from tensorcut.checkpoint import io as tio
 from tensorcut.compression import CompressConfig, LayerPlan, Plan, apply, plan
 from tensorcut.decompose.tr import tr_params, tr_to_tensor
 from tensorcut.layers.base import ConvGeometry
 from tensorcut.layers.tr import TRConv2d
+from tensorcut.pipeline.workflow import RSDTR_RECIPE
 from tensorcut.train.loop import FitConfig, evaluate, fit, set_seed
-from tensorcut.workflow import RSDTR_RECIPE
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

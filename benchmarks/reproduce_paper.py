@@ -43,7 +43,7 @@ _REPORT: dict[str, bool] = {
 
 
 def _train(args: argparse.Namespace) -> Path:
-    from tensorcut import io as tio
+    from tensorcut.checkpoint import io as tio
     from tensorcut.train.api import train_checkpoint
     from tensorcut.train.loop import FitConfig
 
@@ -76,8 +76,8 @@ def _train(args: argparse.Namespace) -> Path:
 
 def _analyze(args: argparse.Namespace, ck: Path) -> Path:
     from tensorcut import data as tdata
-    from tensorcut import io as tio
     from tensorcut.analysis.sweep import analyze
+    from tensorcut.checkpoint import io as tio
 
     c = tio.load_checkpoint(ck)
     model = c.model.eval()
@@ -518,9 +518,9 @@ def main() -> int:
     ck = _train(args)
     db = _analyze(args, ck)
 
-    from tensorcut import io as tio
     from tensorcut.analysis.plots import plot
     from tensorcut.analysis.store import ResultsStore
+    from tensorcut.checkpoint import io as tio
     from tensorcut.kernel import ENTROPY_LABELS
 
     OUT.mkdir(parents=True, exist_ok=True)

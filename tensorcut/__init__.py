@@ -20,6 +20,7 @@ truncation study).
 __version__ = "0.1.0"
 
 from tensorcut.analysis import analyze
+from tensorcut.checkpoint.io import Checkpoint, load, load_checkpoint, save
 from tensorcut.compression import (
     CompressConfig,
     LayerPlan,
@@ -31,7 +32,6 @@ from tensorcut.compression import (
 )
 from tensorcut.data import dataset_info, list_datasets, load_dataset, make_loader
 from tensorcut.errors import ConvergenceError, TensorcutError
-from tensorcut.io import Checkpoint, load, load_checkpoint, save
 from tensorcut.layers import list_methods
 from tensorcut.models import create as create_model
 from tensorcut.models import list_models

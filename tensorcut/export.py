@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tensorcut.checkpoint.io import atomic_write_bytes
 from tensorcut.errors import TensorcutError
-from tensorcut.io import atomic_write_bytes
 
 __all__ = [
     "CHECK_BATCHES",

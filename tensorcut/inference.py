@@ -33,7 +33,7 @@ from torch import nn
 
 from tensorcut.errors import TensorcutError
 from tensorcut.layers import base as _base
-from tensorcut.layers.base import FactorizedConv2d, PointwiseConv2d
+from tensorcut.layers.base import FactorizedConv2d, PointwiseConv2d, fold_affine_
 from tensorcut.timing import to_memory_format
 
 if TYPE_CHECKING:
@@ -66,28 +66,6 @@ def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     if bn.bias is not None:
         shift = shift + bn.bias.detach().to(torch.float64)
     return scale, shift
-
-
-def fold_affine_(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> None:
-    """In place: ``conv`` afterwards computes ``scale[c] * conv(x) + shift[c]`` per output channel.
-
-    The weights are scaled, the bias becomes ``scale * bias + shift`` (created when there was none).
-    The arithmetic is done in float64, then cast to the weights' dtype.
-    """
-    w = conv.weight
-    if scale.shape != (w.shape[0],) or shift.shape != (w.shape[0],):
-        raise TensorcutError(
-            f"an output affine needs {w.shape[0]} scales and shifts; got {tuple(scale.shape)}, "
-            f"{tuple(shift.shape)}"
-        )
-    s = scale.to(torch.float64).to(w.device)
-    b = shift.to(torch.float64).to(w.device)
-    with torch.no_grad():
-        new_w = (w.detach().to(torch.float64) * s.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
-        if conv.bias is not None:
-            b = b + s * conv.bias.detach().to(torch.float64)
-        conv.weight = nn.Parameter(new_w, requires_grad=w.requires_grad)
-        conv.bias = nn.Parameter(b.to(w.dtype), requires_grad=w.requires_grad)
 
 
 class ConvPointwise2d(nn.Conv2d):

@@ -129,7 +129,7 @@ def summarize(model: nn.Module, input_shape: Sequence[int]) -> ModelSummary:
     row.
     """
     from tensorcut.compression.cost import model_cost
-    from tensorcut.effective import refuse_scripted
+    from tensorcut.compression.effective import refuse_scripted
     from tensorcut.layers.base import FactorizedConv2d
     from tensorcut.layers.linear import SVDLinear
 

@@ -73,8 +73,9 @@ def torchrun(
 
 
 def spy_writes() -> list[str]:
-    """File names passed to ``tensorcut.io.atomic_write_bytes`` in this process (still writing)."""
-    from tensorcut import io as tio
+    """File names passed to ``tensorcut.checkpoint.io.atomic_write_bytes`` in this process (still
+    writing)."""
+    from tensorcut.checkpoint import io as tio
 
     writes: list[str] = []
     real = tio.atomic_write_bytes

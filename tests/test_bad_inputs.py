@@ -498,7 +498,7 @@ def test_D2_nan_kernel_through_the_python_api(tmp_path: Path) -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_D3_zero_kernel_is_accepted(ck: Path, tmp_path: Path, capsys: Any, method: str) -> None:
     """*accepted*: an all-zero kernel compresses to a layer that computes zeros (no 0/0 NaN)."""
-    from tensorcut import io as tio
+    from tensorcut.checkpoint import io as tio
 
     _edit_weights(ck, lambda sd: sd["conv2.weight"].zero_())
     out = tmp_path / "o"

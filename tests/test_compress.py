@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import tensorcut.layers  # noqa: F401  (registers the layer classes)
-from tensorcut import io as tio
 from tensorcut import models
+from tensorcut.checkpoint import io as tio
 from tensorcut.compression import CompressConfig, Plan, apply, compress, plan
 from tensorcut.errors import TensorcutError
 from tensorcut.layers.base import LAYER_REGISTRY, FactorizedConv2d
@@ -243,8 +243,12 @@ def test_latency_guard_records_timings():
 
 
 def test_compress_finetune_export_checkpoint(tiny_checkpoint, tmp_path):
+    from tensorcut.pipeline.workflow import (
+        compress_checkpoint,
+        export_checkpoint,
+        finetune_checkpoint,
+    )
     from tensorcut.train.loop import FitConfig
-    from tensorcut.workflow import compress_checkpoint, export_checkpoint, finetune_checkpoint
 
     out = tmp_path / "c"
     model, p, meta = compress_checkpoint(
@@ -279,7 +283,7 @@ def test_compress_finetune_export_checkpoint(tiny_checkpoint, tmp_path):
 
 
 def test_compressed_checkpoint_with_wrong_plan_fails_clearly(tiny_checkpoint, tmp_path):
-    from tensorcut.workflow import compress_checkpoint
+    from tensorcut.pipeline.workflow import compress_checkpoint
 
     out = tmp_path / "c"
     compress_checkpoint(
@@ -335,7 +339,7 @@ def test_auto_under_a_budget_meets_it():
 
 
 def test_sensitivity_from_json_and_bad_file(tmp_path):
-    from tensorcut.workflow import load_sensitivity
+    from tensorcut.pipeline.workflow import load_sensitivity
 
     (tmp_path / "s.json").write_text('{"conv2": 3.5}')
     assert load_sensitivity(tmp_path / "s.json") == {"conv2": 3.5}

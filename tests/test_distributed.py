@@ -159,7 +159,7 @@ def test_torchrun_cli_train_two_processes(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     reports = re.findall(r"test: loss [^(]*\(n=\d+\)", r.stdout)
     assert len(reports) == 1, r.stdout  # rank 0 alone prints the (all-reduced) metrics
-    from tensorcut import io as tio
+    from tensorcut.checkpoint import io as tio
 
     ck = tio.load_checkpoint(out)
     assert ck.meta["epoch"] == 1 and ck.meta["metrics"]["test"]["n"] == 200
@@ -341,8 +341,8 @@ def _same(
 
 
 def test_units_are_dealt_once_each_and_balanced(tiny_checkpoint: Path) -> None:
-    from tensorcut import io as tio
     from tensorcut.analysis.shard import assign, plan_units
+    from tensorcut.checkpoint import io as tio
 
     model = tio.load(tiny_checkpoint)
     units = plan_units(
@@ -362,10 +362,10 @@ def test_sharded_sweep_in_process_gives_the_rows_of_one_run(
 ) -> None:
     """Two shards (then the finishing pass) record exactly an unsharded sweep's rows and values."""
     from tensorcut import data as tdata
-    from tensorcut import io as tio
     from tensorcut.analysis.shard import analyze_sharded
     from tensorcut.analysis.store import ResultsStore
     from tensorcut.analysis.sweep import analyze
+    from tensorcut.checkpoint import io as tio
 
     model = tio.load(tiny_checkpoint)
     loaders = {"val": tdata.make_loader(tdata.load_dataset("digits", "val", subset=40), 64)}
@@ -426,9 +426,9 @@ def test_independent_workers_run_recovery_locally(
     The worker that gets the recovery unit trains alone.
     """
     from tensorcut import data as tdata
-    from tensorcut import io as tio
     from tensorcut.analysis.shard import analyze_sharded
     from tensorcut.analysis.store import ResultsStore
+    from tensorcut.checkpoint import io as tio
 
     model = tio.load(tiny_checkpoint)
     loaders = {"val": tdata.make_loader(tdata.load_dataset("digits", "val", subset=30), 64)}

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import torch
 
-from tensorcut import io as tio
+from tensorcut.checkpoint import io as tio
 from tensorcut.cli import main
 from tensorcut.errors import TensorcutError
 

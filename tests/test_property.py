@@ -28,7 +28,7 @@ from torch import nn
 
 import tensorcut.layers  # noqa: F401  (registers every layer class)
 from tensorcut import data as tdata
-from tensorcut import io as tio
+from tensorcut.checkpoint import io as tio
 from tensorcut.errors import TensorcutError
 from tensorcut.layers.base import LAYER_REGISTRY, ConvGeometry
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import tensorcut
-from tensorcut import io as tio
 from tensorcut import models
+from tensorcut.checkpoint import io as tio
 from tensorcut.cli import build_parser, main
 from tensorcut.compression import CompressConfig, Plan, apply, compress, plan
 from tensorcut.decompose.tr import rsdtr, tr_to_tensor
@@ -261,7 +261,7 @@ def _ft_args(*extra: str):
 
 def test_rsdtr_recipe_and_cli_overrides():
     from tensorcut.cli.workflow import finetune_config
-    from tensorcut.workflow import FINETUNE_RECIPE, RECIPES, RSDTR_RECIPE
+    from tensorcut.pipeline.workflow import FINETUNE_RECIPE, RECIPES, RSDTR_RECIPE
 
     r = RSDTR_RECIPE
     assert (r.optimizer, r.scheduler, r.lr, r.momentum, r.weight_decay, r.epochs, r.patience) == (
@@ -340,8 +340,8 @@ def test_cli_finetune_rsdtr_recipe_from_decomposed_factors(compressed, tmp_path,
     # one cycle over 16 steps: warm-up to 0.01 within the first epoch, annealed in the second
     assert len(hist) == 2 and 0.01 >= hist[0]["lr"] > hist[1]["lr"] and hist[1]["lr"] < 1e-3
     # the fine-tuned model keeps the rings (same ranks), starting from the decomposed cores
+    from tensorcut.pipeline.workflow import _dataset_from_meta
     from tensorcut.train.loop import evaluate
-    from tensorcut.workflow import _dataset_from_meta
 
     te = tensorcut.make_loader(_dataset_from_meta(meta, "test"), 512)
     assert meta["metrics"]["test_before_finetune"]["top1"] == pytest.approx(

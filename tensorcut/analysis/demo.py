@@ -16,10 +16,10 @@ def demo_sweep(
     Returns the report and the figure files.
     """
     from tensorcut import data as tdata
-    from tensorcut import io as tio
     from tensorcut.analysis.plots import plot
     from tensorcut.analysis.sweep import analyze
     from tensorcut.checkpoint import DatasetSpec
+    from tensorcut.checkpoint import io as tio
 
     out = Path(out)
     ck = tio.load_checkpoint(checkpoint)

@@ -405,7 +405,7 @@ class ResultsStore:
 
     def export_csv(self, path: str | Path, *, spectra_path: str | Path | None = None) -> Path:
         """Write the results (and optionally spectra) as CSV, atomically."""
-        from tensorcut.io import atomic_write_text
+        from tensorcut.checkpoint.io import atomic_write_text
 
         atomic_write_text(Path(path), self.results_csv())
         if spectra_path is not None:

@@ -71,8 +71,8 @@ def verb_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 
 def _inspect(args: argparse.Namespace) -> int:
     from tensorcut import data as tdata
-    from tensorcut import io as tio
     from tensorcut import models
+    from tensorcut.checkpoint import io as tio
     from tensorcut.console import print_json
     from tensorcut.summary import summarize
 
@@ -135,7 +135,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from tensorcut.demo import run_demo
+    from tensorcut.pipeline.demo import run_demo
 
     return run_demo(args.out, fast=args.fast, as_json=args.json)
 

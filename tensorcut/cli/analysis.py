@@ -168,11 +168,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def _analyze(args: argparse.Namespace) -> int:
     from tensorcut import data as tdata
-    from tensorcut import io as tio
     from tensorcut.analysis.shard import ShardReport
     from tensorcut.analysis.shard import (
         analyze_sharded as analyze,
     )  # plain analyze unless torchrun/RANK+WORLD_SIZE
+    from tensorcut.checkpoint import io as tio
     from tensorcut.train.api import check_dataset_fits
     from tensorcut.train.loop import resolve_device
 

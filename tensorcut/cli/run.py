@@ -107,7 +107,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tensorcut.run import RunConfig, run
+    from tensorcut.pipeline.run import RunConfig, run
 
     cfg = RunConfig(
         target_ratio=args.target_ratio,
@@ -139,14 +139,14 @@ def _run(args: argparse.Namespace) -> int:
 
         print_json(s)
         return 0
-    from tensorcut.run import print_summary
+    from tensorcut.pipeline.run import print_summary
 
     print_summary(s)
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from tensorcut.report import write_report
+    from tensorcut.pipeline.report import write_report
 
     path = write_report(args.run_dir)
     if args.json:

@@ -29,8 +29,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     from tensorcut.cli.options import add_method_option_flags
     from tensorcut.compression import DEFAULT_METHOD
     from tensorcut.layers import list_methods
+    from tensorcut.pipeline.workflow import DEFAULT_BN_IMAGES
     from tensorcut.train.loop import OPTIMIZERS, SCHEDULERS
-    from tensorcut.workflow import DEFAULT_BN_IMAGES
 
     c = sub.add_parser(
         "compress",
@@ -258,7 +258,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def _compress(args: argparse.Namespace) -> int:
     from tensorcut.cli.options import method_options_from_args
     from tensorcut.compression import CompressConfig
-    from tensorcut.workflow import compress_checkpoint
+    from tensorcut.pipeline.workflow import compress_checkpoint
 
     if args.ratio_deprecated is not None:
         warnings.warn(
@@ -301,11 +301,11 @@ def _compress(args: argparse.Namespace) -> int:
             doc["bn_recalibration"] = meta["bn_recalibration"]
         print_json(doc)
     else:
-        from tensorcut.workflow import bn_recalibration_line
+        from tensorcut.pipeline.workflow import bn_recalibration_line
 
         print(p.table())
         if "speed" in p.config:
-            from tensorcut.speed import describe_speed
+            from tensorcut.compression.speed import describe_speed
 
             print(describe_speed(p.config["speed"]))
         print(bn_recalibration_line(meta.get("bn_recalibration")))
@@ -323,7 +323,7 @@ def finetune_config(args: argparse.Namespace) -> FitConfig:
     applied."""
     import dataclasses
 
-    from tensorcut.workflow import RECIPES
+    from tensorcut.pipeline.workflow import RECIPES
 
     cfg = RECIPES[args.recipe]
     changes = {
@@ -346,7 +346,7 @@ def finetune_config(args: argparse.Namespace) -> FitConfig:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from tensorcut.workflow import finetune_checkpoint
+    from tensorcut.pipeline.workflow import finetune_checkpoint
 
     if args.out is None and not args.in_place:
         raise TensorcutError(
@@ -398,7 +398,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from tensorcut.workflow import export_checkpoint_checked
+    from tensorcut.pipeline.workflow import export_checkpoint_checked
 
     e = export_checkpoint_checked(args.checkpoint, args.format, args.out, force=args.force)
     if args.json:

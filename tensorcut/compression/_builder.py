@@ -57,7 +57,7 @@ class Builder:
         self.hw = self.hws[0]
         self.geom = ConvGeometry.from_conv(conv)
         self.cache: dict[tuple[str, tuple[int, ...], bool], FactorizedConv2d] = {}
-        self.kind = "nn.Conv2d"  # what the module computes (tensorcut.effective)
+        self.kind = "nn.Conv2d"  # what the module computes (tensorcut.compression.effective)
 
     def dense_macs(self) -> int:
         """MACs of the dense convolution over every call of the forward pass."""

@@ -66,7 +66,8 @@ class CompressConfig:
     ``dense latency / target_speedup`` with the least kernel error, layers whose factorized form
     is not faster stay dense (reason ``not faster``), and the whole compressed model is timed
     against dense: when it is not measurably faster the plan keeps every layer dense (see
-    :func:`tensorcut.speed.plan_for_speedup`; ranks are multiples of ``align``, 8 when ``align``
+    :func:`tensorcut.compression.speed.plan_for_speedup`; ranks are multiples of ``align``, 8 when
+    ``align``
     is 1). ``align`` > 1 rounds
     every rank to a multiple of ``align`` (8 or 16 suit SIMD units): down for the size rules
     (rank, ratio, vbmf, budget), up for the error rules (eps, energy), within each mode's maximum.

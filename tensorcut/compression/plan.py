@@ -38,7 +38,8 @@ class LayerPlan:
         default_factory=dict
     )  # rebuild options beyond the ranks (TR: the RSDTR shift)
     output_error: float | None = None  # measured ||y~ - y|| / ||y|| on the layer's captured input
-    #: what the module computes (tensorcut.effective), e.g. "timm StdConv2d (standardised kernel)"
+    #: what the module computes (tensorcut.compression.effective), e.g. "timm StdConv2d
+    #: (standardised kernel)"
     kind: str = ""
     aliases: list[str] = field(
         default_factory=list
@@ -232,7 +233,7 @@ class Plan:
 
     def save(self, path: str | Path) -> None:
         """Write the plan atomically as JSON."""
-        from tensorcut.io import atomic_write_text
+        from tensorcut.checkpoint.io import atomic_write_text
 
         atomic_write_text(path, self.to_json())
 

@@ -1,6 +1,7 @@
 """``plan``: decide, per convolution, the method and ranks; the model is not changed.
 
-Each selected module is resolved to the convolution it computes (:mod:`tensorcut.effective`),
+Each selected module is resolved to the convolution it computes
+(:mod:`tensorcut.compression.effective`),
 its activations are captured on one forward pass (:mod:`tensorcut.compression.verify`) and every
 proposed swap is checked on them; the one cost model (:mod:`tensorcut.compression.cost`) gives
 parameters and MACs.
@@ -27,10 +28,10 @@ from tensorcut.compression._builder import (
 )
 from tensorcut.compression.budget import plan_budget
 from tensorcut.compression.config import CompressConfig, FilterFn, default_filter
+from tensorcut.compression.effective import Resolved, refuse_scripted, resolve
 from tensorcut.compression.plan import LayerPlan, Plan
 from tensorcut.compression.speed_plan import SpeedOptions, finish_speed_plan, plan_speed
 from tensorcut.compression.verify import capture
-from tensorcut.effective import Resolved, refuse_scripted, resolve
 from tensorcut.errors import TensorcutError
 from tensorcut.layers import FactorizedConv2d
 
@@ -142,7 +143,8 @@ def plan(
     """Decide, per convolution, the method and ranks (the model is not modified).
 
     Each selected module is first resolved to the plain convolution it computes
-    (:mod:`tensorcut.effective`; unknown subclasses stay dense with their reason), and every
+    (:mod:`tensorcut.compression.effective`; unknown subclasses stay dense with their reason), and
+    every
     proposed swap is checked on the layer's real input captured from one forward pass
     (:mod:`tensorcut.compression.verify`); the measured output error is recorded per layer.
 

@@ -35,9 +35,9 @@ from torch import nn
 
 from tensorcut.compression._builder import Builder, decide_one, finalize, make_entry
 from tensorcut.compression.config import CompressConfig
+from tensorcut.compression.effective import resolve
 from tensorcut.compression.plan import LayerPlan, Plan
 from tensorcut.compression.rank import RankRule
-from tensorcut.effective import resolve
 from tensorcut.errors import TensorcutError
 from tensorcut.layers import ConvGeometry, get_method
 from tensorcut.timing import (
@@ -167,7 +167,7 @@ class LatencyCache:
         """Write the cache file (when there is one)."""
         if self.path is None:
             return
-        from tensorcut.io import atomic_write_text
+        from tensorcut.checkpoint.io import atomic_write_text
 
         atomic_write_text(
             self.path, json.dumps({"format": "tensorcut-latency-cache", "entries": self.data})

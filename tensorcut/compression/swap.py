@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from tensorcut.compression.config import CompressConfig, FilterFn
+from tensorcut.compression.effective import resolve
 from tensorcut.compression.plan import LayerPlan, Plan
 from tensorcut.compression.planner import plan
 from tensorcut.compression.verify import relative_difference
-from tensorcut.effective import resolve
 from tensorcut.errors import TensorcutError
 from tensorcut.layers import ConvGeometry, FactorizedConv2d, get_method, list_methods
 

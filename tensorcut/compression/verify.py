@@ -5,7 +5,8 @@ Before ``plan`` proposes replacing a convolution it has captured that convolutio
 tolerance derived from floating-point accumulation, not from numbers seen on one machine:
 
 1. the module computes a plain convolution with the *effective* kernel tensorcut read from it
-   (:mod:`tensorcut.effective`) — otherwise the module is not what tensorcut thinks it is;
+   (:mod:`tensorcut.compression.effective`) — otherwise the module is not what tensorcut thinks it
+   is;
 2. the factorized layer computes a convolution with its own reconstructed kernel — otherwise
    its sublayers do not implement its factors (for instance through cancellation in ill-conditioned
    CP factors).

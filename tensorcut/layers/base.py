@@ -742,3 +742,25 @@ class FactorizedConv2d(nn.Module):
             f"{g.in_channels}, {g.out_channels}, kernel_size={g.kernel_size}, stride={g.stride}, "
             f"padding={g.padding!r}, dilation={g.dilation}, ranks={self.ranks}"
         )
+
+
+def fold_affine_(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """In place: ``conv`` afterwards computes ``scale[c] * conv(x) + shift[c]`` per output channel.
+
+    The weights are scaled, the bias becomes ``scale * bias + shift`` (created when there was none).
+    The arithmetic is done in float64, then cast to the weights' dtype.
+    """
+    w = conv.weight
+    if scale.shape != (w.shape[0],) or shift.shape != (w.shape[0],):
+        raise TensorcutError(
+            f"an output affine needs {w.shape[0]} scales and shifts; got {tuple(scale.shape)}, "
+            f"{tuple(shift.shape)}"
+        )
+    s = scale.to(torch.float64).to(w.device)
+    b = shift.to(torch.float64).to(w.device)
+    with torch.no_grad():
+        new_w = (w.detach().to(torch.float64) * s.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
+        if conv.bias is not None:
+            b = b + s * conv.bias.detach().to(torch.float64)
+        conv.weight = nn.Parameter(new_w, requires_grad=w.requires_grad)
+        conv.bias = nn.Parameter(b.to(w.dtype), requires_grad=w.requires_grad)

@@ -27,7 +27,7 @@ class SVDLinear(nn.Module):
     """
 
     method: ClassVar[str] = (
-        "svd"  # the name checkpoints record (tensorcut.io rebuilds it by this name)
+        "svd"  # the name checkpoints record (tensorcut.checkpoint.io rebuilds it by this name)
     )
 
     def __init__(

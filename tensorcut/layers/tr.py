@@ -55,6 +55,7 @@ from tensorcut.layers.base import (
     Pair,
     early_stride,
     explicit_pad,
+    fold_affine_,
     make_conv,
     register_method,
 )
@@ -311,8 +312,6 @@ class TRConv2d(FactorizedConv2d):
         """Fold ``y -> scale[c] * y + shift[c]`` (e.g. a following BatchNorm in evaluation mode)
         into
         the last factor, in place: its weights are scaled and it gains a bias."""
-        from tensorcut.inference import fold_affine_
-
         fold_affine_(self.out_proj, scale, shift)
         self.geometry = dataclasses.replace(self.geometry, bias=True)
 

@@ -35,6 +35,7 @@ from tensorcut.layers.base import (
     check_groups,
     clamp_ranks,
     early_stride,
+    fold_affine_,
     kernel_groups,
     make_conv,
     per_group,
@@ -130,8 +131,6 @@ class TuckerConv2d(FactorizedConv2d):
         """Fold ``y -> scale[c] * y + shift[c]`` (e.g. a following BatchNorm in evaluation mode)
         into
         the last factor, in place: its weights are scaled and it gains a bias."""
-        from tensorcut.inference import fold_affine_
-
         fold_affine_(self.last, scale, shift)
         self.geometry = dataclasses.replace(self.geometry, bias=True)
 

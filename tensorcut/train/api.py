@@ -11,9 +11,9 @@ from torch import nn
 
 from tensorcut import data as tdata
 from tensorcut import distributed as tdist
-from tensorcut import io as tio
 from tensorcut import models
 from tensorcut.checkpoint import DatasetSpec
+from tensorcut.checkpoint import io as tio
 from tensorcut.errors import TensorcutError
 from tensorcut.train.loop import (
     FitConfig,

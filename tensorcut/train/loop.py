@@ -469,7 +469,7 @@ def fit(
         >>> import tensorcut as tc
         >>> history = tc.fit(model, train_loader, val_loader, tc.FitConfig(epochs=2, lr=1e-3))
     """
-    from tensorcut import io as tio
+    from tensorcut.checkpoint import io as tio
 
     cfg = config or FitConfig()
     out = Path(out_dir) if out_dir else None
@@ -628,7 +628,7 @@ def fit(
 
 def _check_checkpoint_meta(meta: dict[str, Any] | None) -> None:
     """Refuse, before epoch 1, metadata that ``tensorcut.save`` would reject after it."""
-    from tensorcut import io as tio
+    from tensorcut.checkpoint import io as tio
 
     model = meta.get("model") if isinstance(meta, dict) else None
     if not isinstance(model, dict) or not isinstance(model.get("name"), str):
@@ -694,7 +694,7 @@ def _write_checkpoint(
     Each file is atomic. A kill between the two leaves a training state one epoch behind
     meta.json; resuming from it redoes that epoch, with the weights that belong to it.
     """
-    from tensorcut import io as tio
+    from tensorcut.checkpoint import io as tio
 
     tio.save(model, out, meta)
     buf = io.BytesIO()

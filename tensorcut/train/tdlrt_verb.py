@@ -16,8 +16,8 @@ from typing import Any
 
 from tensorcut import data as tdata
 from tensorcut import distributed as tdist
-from tensorcut import io as tio
 from tensorcut.checkpoint import DatasetSpec
+from tensorcut.checkpoint import io as tio
 from tensorcut.errors import TensorcutError
 
 __all__ = ["train_tdlrt_checkpoint"]

@@ -1,5 +1,6 @@
 """The demo's truncation study (``analysis/demo.py``): a digits checkpoint swept on its own
-validation split, resumable, with its figures. (tests/test_demo.py covers ``tensorcut/demo.py``.)"""
+validation split, resumable, with its figures. (tests/pipeline/test_pipeline_demo.py covers
+``tensorcut/pipeline/demo.py``.)"""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from typing import Any
 import pytest
 import torch
 
-from tensorcut import io as tio
 from tensorcut import models
 from tensorcut.analysis.demo import demo_sweep
 from tensorcut.analysis.store import ResultsStore
+from tensorcut.checkpoint import io as tio
 from tensorcut.train.api import model_kwargs_for
 
 

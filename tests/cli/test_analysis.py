@@ -11,8 +11,8 @@ from tensorcut.cli import main
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tensorcut import io as tio
     from tensorcut import models
+    from tensorcut.checkpoint import io as tio
 
     kwargs = {"num_classes": 10, "in_channels": 1, "width": 0.125, "input_size": 8}
     d = tmp_path_factory.mktemp("ck")

@@ -12,7 +12,7 @@ import pytest
 
 from tensorcut.cli import build_parser, main, verb_parsers
 from tensorcut.layers import list_methods
-from tensorcut.run import print_summary
+from tensorcut.pipeline.run import print_summary
 
 
 def _parse(*argv: str) -> Any:
@@ -84,7 +84,7 @@ SUMMARY = {
 
 
 def test_run_maps_flags_onto_the_pipeline(monkeypatch, tmp_path: Path, capsys) -> None:
-    import tensorcut.run
+    import tensorcut.pipeline.run
 
     seen: dict[str, Any] = {}
 
@@ -92,7 +92,7 @@ def test_run_maps_flags_onto_the_pipeline(monkeypatch, tmp_path: Path, capsys) -
         seen.update(out=out, cfg=cfg, **kw)
         return SUMMARY
 
-    monkeypatch.setattr(tensorcut.run, "run", fake_run)
+    monkeypatch.setattr(tensorcut.pipeline.run, "run", fake_run)
     argv = ["run", "--model", "vanilla-cnn", "--dataset", "digits", "--target-macs", "0.25"]
     argv += ["--method", "cp", "--no-bn-recalibrate", "--distill", "--subset", "64"]
     argv += ["--finetune-epochs", "2", "--out", str(tmp_path / "o")]
@@ -144,9 +144,11 @@ def test_print_summary(capsys) -> None:
 
 
 def test_report_verb(monkeypatch, tmp_path: Path, capsys) -> None:
-    import tensorcut.report
+    import tensorcut.pipeline.report
 
-    monkeypatch.setattr(tensorcut.report, "write_report", lambda d: Path(d) / "report.html")
+    monkeypatch.setattr(
+        tensorcut.pipeline.report, "write_report", lambda d: Path(d) / "report.html"
+    )
     assert main(["report", str(tmp_path)]) == 0
     assert capsys.readouterr().out == f"report: {tmp_path / 'report.html'}\n"
     assert main(["report", str(tmp_path), "--json"]) == 0

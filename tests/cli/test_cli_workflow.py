@@ -13,7 +13,7 @@ import pytest
 from tensorcut.cli import build_parser, main
 from tensorcut.cli.workflow import finetune_config
 from tensorcut.layers import get_method, list_methods
-from tensorcut.workflow import RECIPES
+from tensorcut.pipeline.workflow import RECIPES
 
 
 def _parse(*argv: str) -> Any:

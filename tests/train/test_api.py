@@ -28,7 +28,7 @@ from tensorcut.train.api import (
 @pytest.fixture
 def checkpoint(tmp_path: Path) -> Path:
     """An untrained width-0.25 vanilla-cnn saved for digits, as ``train`` records it."""
-    from tensorcut import io as tio
+    from tensorcut.checkpoint import io as tio
 
     kwargs = model_kwargs_for("digits", 0.25)
     torch.manual_seed(0)
@@ -133,7 +133,7 @@ def test_train_refuses_a_file_as_out(tmp_path: Path):
 
 def test_evaluate_checkpoint_uses_the_recorded_data_set(checkpoint):
     """Evaluating the checkpoint directory equals evaluating its model on the split it names."""
-    from tensorcut import io as tio
+    from tensorcut.checkpoint import io as tio
     from tensorcut.train.loop import evaluate
 
     got = evaluate_checkpoint(checkpoint, split="val", device="cpu")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tensorcut import io as tio
+from tensorcut.checkpoint import io as tio
 from tensorcut.compression import CompressConfig
 from tensorcut.errors import TensorcutError
 from tensorcut.train import recalibrate_bn
@@ -61,9 +61,9 @@ def test_no_batchnorm_and_empty_data():
 
 
 def test_compress_checkpoint_recalibrates_and_records_it(tmp_path):
+    from tensorcut.pipeline.workflow import compress_checkpoint
     from tensorcut.train.api import train_checkpoint
     from tensorcut.train.loop import FitConfig
-    from tensorcut.workflow import compress_checkpoint
 
     dense = tmp_path / "dense"
     train_checkpoint(

@@ -416,8 +416,8 @@ def test_state_dict_roundtrip_rebuilds_identical_model(tmp_path: Any) -> None:
 
 @pytest.mark.skipif(not REAL_LAYER, reason="needs tensorcut.layers.tucker")
 def test_io_save_load_after_tdlrt(tmp_path: Any) -> None:
-    from tensorcut import io as tio
     from tensorcut import models
+    from tensorcut.checkpoint import io as tio
 
     torch.manual_seed(0)
     kw = {"num_classes": 3, "in_channels": 1, "width": 0.125, "input_size": 16}
@@ -505,7 +505,7 @@ def test_train_tdlrt_shows_progress_like_fit(
 def test_cli_train_method_tdlrt_from_scratch_and_from_checkpoint(
     tmp_path: Any, capsys: pytest.CaptureFixture
 ) -> None:
-    from tensorcut import io as tio
+    from tensorcut.checkpoint import io as tio
     from tensorcut.cli import main
 
     common = [

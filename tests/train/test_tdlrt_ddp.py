@@ -337,7 +337,7 @@ def test_torchrun_cli_train_method_tdlrt(tmp_path: Path) -> None:
     assert (
         r.stdout.count("test: loss") == 1 and r.stdout.count("checkpoint:") == 1
     )  # rank 0 alone prints
-    from tensorcut import io as tio
+    from tensorcut.checkpoint import io as tio
 
     ck = tio.load_checkpoint(out)
     assert ck.meta["epoch"] == 1 and ck.meta["metrics"]["test"]["n"] == 200

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tensorcut import io as tio
+from tensorcut.checkpoint import io as tio
 from tensorcut.cli import build_parser
 from tensorcut.errors import TensorcutError
 from tensorcut.train.tdlrt_verb import train_tdlrt_checkpoint

@@ -16,8 +16,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tensorcut.checkpoint.io import atomic_write_text
 from tensorcut.errors import TensorcutError
-from tensorcut.io import atomic_write_text
 
 __all__ = ["write_report", "verdict", "report_warnings", "latency_of", "LAYER_ERROR_WARN"]
 

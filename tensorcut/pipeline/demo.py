@@ -18,7 +18,7 @@ def run_demo(out: str | Path, fast: bool = False, as_json: bool = False) -> int:
     Latency is measured by :func:`tensorcut.timing.measure_latency` (interleaved, median and
     IQR) and printed with its threads, batch and device.
     """
-    from tensorcut.run import RunConfig, latency_lines, print_summary, run
+    from tensorcut.pipeline.run import RunConfig, latency_lines, print_summary, run
 
     out = Path(out)
     t0 = time.perf_counter()

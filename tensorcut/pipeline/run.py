@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from tensorcut import data as tdata
-from tensorcut import io as tio
+from tensorcut.checkpoint import io as tio
 from tensorcut.compression import CompressConfig, apply, plan
 from tensorcut.console import say
 from tensorcut.errors import TensorcutError
@@ -191,7 +191,7 @@ def _fingerprint(directory: Path) -> str:
 
 
 def _say(msg: str, progress: bool) -> None:
-    say(msg, progress, name="tensorcut.run")
+    say(msg, progress, name="tensorcut.pipeline.run")
 
 
 def _json_ok(path: Path) -> bool:
@@ -401,7 +401,7 @@ def latency_lines(summary: dict[str, Any]) -> list[str]:
     """What the verify stage measured, one line per model and batch plus the final-vs-dense verdict
     ("no measurable difference" when the ratio's spread covers 1). Old run directories (medians
     only) give the medians and say no spread was recorded."""
-    from tensorcut.report import latency_of
+    from tensorcut.pipeline.report import latency_of
     from tensorcut.timing import compare, latency_stats
 
     rows = summary.get("rows") or {}
@@ -453,7 +453,7 @@ def run(
     Returns the verification summary (also written to ``out/verify.json``).
     """
     from tensorcut.export import require_onnx
-    from tensorcut.workflow import (
+    from tensorcut.pipeline.workflow import (
         compress_checkpoint,
         finetune_checkpoint,
         input_shape_of,
@@ -753,7 +753,7 @@ def run(
         rd.mark("export", {"onnx": "export/model.onnx", "checked": e.checked, "check": e.note}, ts)
 
     # 8. report ------------------------------------------------------------------------------
-    from tensorcut.report import write_report
+    from tensorcut.pipeline.report import write_report
 
     path = write_report(out)
     rd.mark("report", {"path": "report.html"})
@@ -765,8 +765,8 @@ def run(
 def verify(dense_dir: Path, final_dir: Path, comp_dir: Path, config: RunConfig) -> dict[str, Any]:
     """Before / after metrics on the test split, and whether the goal was met."""
     from tensorcut.compression import Plan
+    from tensorcut.pipeline.workflow import input_shape_of
     from tensorcut.summary import summarize
-    from tensorcut.workflow import input_shape_of
 
     rows: dict[str, dict[str, Any]] = {}
     models: dict[str, nn.Module] = {}

@@ -6,8 +6,8 @@ import pickle
 import pytest
 import torch
 
-from tensorcut import io as tio
 from tensorcut import models
+from tensorcut.checkpoint import io as tio
 from tensorcut.errors import TensorcutError
 
 

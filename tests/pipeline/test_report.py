@@ -11,9 +11,9 @@ from typing import Any
 import matplotlib
 import pytest
 
-from tensorcut import report
 from tensorcut.errors import TensorcutError
-from tensorcut.report import report_warnings, verdict, write_report
+from tensorcut.pipeline import report
+from tensorcut.pipeline.report import report_warnings, verdict, write_report
 
 
 def _row(params: int, macs: int, top1: float, b1: float, b32: float) -> dict[str, Any]:
@@ -66,7 +66,8 @@ LAYERS = [
 def make_run_dir(
     root: Path, summary: dict[str, Any] | None = None, layers: list[dict[str, Any]] | None = None
 ) -> Path:
-    """The files write_report reads, as `tensorcut run` leaves them (see tensorcut/run.py)."""
+    """The files write_report reads, as `tensorcut run` leaves them (see
+    tensorcut/pipeline/run.py)."""
     rd = root / "run"
     for sub in ("dense", "compressed", "finetuned", "export"):
         (rd / sub).mkdir(parents=True, exist_ok=True)

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-import tensorcut.run
-from tensorcut.demo import DEMO_MODEL, DEMO_WIDTH, run_demo
+import tensorcut.pipeline.run
+from tensorcut.pipeline.demo import DEMO_MODEL, DEMO_WIDTH, run_demo
 
 SUMMARY = {
     "rows": {
@@ -34,7 +34,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         seen.append(dict(out=out, cfg=cfg, **kw))
         return SUMMARY
 
-    monkeypatch.setattr(tensorcut.run, "run", fake_run)
+    monkeypatch.setattr(tensorcut.pipeline.run, "run", fake_run)
     return seen
 
 

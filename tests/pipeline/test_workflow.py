@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tensorcut import io as tio
+from tensorcut.checkpoint import io as tio
 from tensorcut.cli import main
 from tensorcut.compression import CompressConfig
 
@@ -37,7 +37,7 @@ def _one_line(capsys: Any, verb: str, *needles: str) -> str:
 
 @pytest.fixture
 def compressed(tiny_checkpoint: Path, tmp_path: Path) -> Path:
-    from tensorcut.workflow import compress_checkpoint
+    from tensorcut.pipeline.workflow import compress_checkpoint
 
     out = tmp_path / "small"
     compress_checkpoint(
@@ -75,7 +75,7 @@ def test_finetune_in_place_replaces_weights_keeps_the_plan_and_drops_stale_expor
 def test_finetune_in_place_interrupted_keeps_the_old_weights(
     compressed: Path, monkeypatch: Any, capsys: Any
 ) -> None:
-    import tensorcut.workflow as wf
+    import tensorcut.pipeline.workflow as wf
 
     real_fit = wf.fit
 
@@ -145,8 +145,8 @@ def test_out_that_is_a_file(compressed: Path, tmp_path: Path, capsys: Any, verb:
 
 
 def test_finetune_resume_into_its_own_out_is_allowed(compressed: Path, tmp_path: Path) -> None:
+    from tensorcut.pipeline.workflow import finetune_checkpoint
     from tensorcut.train.loop import FitConfig
-    from tensorcut.workflow import finetune_checkpoint
 
     out = tmp_path / "ft"
     kw = dict(subset=64, batch_size=32, device="cpu", progress=False)

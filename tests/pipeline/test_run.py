@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tensorcut import io as tio
+from tensorcut.checkpoint import io as tio
 from tensorcut.errors import TensorcutError
-from tensorcut.run import STAGES, RunConfig, run
+from tensorcut.pipeline.run import STAGES, RunConfig, run
 
 TINY = dict(
     calib_subset=64,
@@ -268,7 +268,7 @@ def _stats(name, times, session):
 
 
 def test_latency_lines_say_median_iqr_threads_batch_device_and_the_verdict():
-    from tensorcut.run import latency_lines
+    from tensorcut.pipeline.run import latency_lines
 
     dense = [10.0, 14.0, 11.0, 13.0, 12.0]
     rows = {
@@ -289,7 +289,7 @@ def test_latency_lines_say_median_iqr_threads_batch_device_and_the_verdict():
 
 
 def test_latency_lines_read_old_run_directories():
-    from tensorcut.run import latency_lines
+    from tensorcut.pipeline.run import latency_lines
 
     rows = {"dense": {"latency_ms_b1": 2.0}, "final": {"latency_ms_b1": 1.5}}
     assert latency_lines({"rows": rows}) == [
@@ -300,7 +300,7 @@ def test_latency_lines_read_old_run_directories():
 def test_measure_models_uses_the_timer(monkeypatch):
     import torch
 
-    import tensorcut.run as trun
+    import tensorcut.pipeline.run as trun
 
     seen = {}
 

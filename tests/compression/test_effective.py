@@ -1,10 +1,10 @@
-"""tensorcut.effective: what a convolution module computes, or why it stays dense."""
+"""tensorcut.compression.effective: what a convolution module computes, or why it stays dense."""
 
 import pytest
 import torch
 from torch import nn
 
-from tensorcut.effective import Resolved, known_kinds, resolve
+from tensorcut.compression.effective import Resolved, known_kinds, resolve
 from tensorcut.layers.base import ConvGeometry, SameConv2d
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from tensorcut import data as tdata
-from tensorcut import io as tio
+from tensorcut.checkpoint import io as tio
 from tensorcut.compression import CompressConfig, Plan, apply, plan
 from tensorcut.errors import TensorcutError
 from tensorcut.train.loop import FitConfig, fit, resolve_device

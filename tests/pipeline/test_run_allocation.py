@@ -2,11 +2,11 @@
 
 import json
 
-import tensorcut.run as trun
-from tensorcut import io as tio
+import tensorcut.pipeline.run as trun
+from tensorcut.checkpoint import io as tio
 from tensorcut.compression import CompressConfig, Plan, plan
-from tensorcut.run import RunConfig, run
-from tensorcut.workflow import input_shape_of
+from tensorcut.pipeline.run import RunConfig, run
+from tensorcut.pipeline.workflow import input_shape_of
 
 TINY = dict(
     calib_subset=64,

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+import tensorcut.compression.speed as speed
 import tensorcut.compression.speed_plan as speed_plan
-import tensorcut.speed as speed
 from tensorcut.compression import apply
 from tensorcut.errors import TensorcutError
 from tensorcut.layers.base import FactorizedConv2d
