@@ -9,7 +9,11 @@ dense weights and with the same fine-tuning recipe, at whole-model MAC reduction
 
 - ``tucker2``: ``compress(model, CompressConfig(method="tucker2", budget=M/x, budget_kind="macs"),
   input_shape=(1, 28, 28))`` — the budget allocation (an absolute whole-model MAC count, so
-  the stem, which the default filter keeps dense, is included), then ``recalibrate_bn``;
+  the stem, which the default filter keeps dense, is included), then ``recalibrate_bn``; since
+  issue 16 a MAC budget keeps about the same parameter fraction in every layer (the ``fraction``
+  rule of ``rank.allocate_budget``);
+- ``greedy``: the same budget with the allocator as it was before that fix (greedy descent, each
+  layer's squared relative error weighted by its parameter count), for comparison;
 - ``uniform``: ``CompressConfig(method="tucker2", ratio=r)`` — the same per-layer parameter
   ratio on every layer, ``r`` bisected until the whole-model MACs match ``M/x`` — then
   ``recalibrate_bn``;
@@ -61,7 +65,7 @@ OUT = RESULTS / "pruning_frontier"
 STATE = RESULTS / "pruning_frontier.json"
 WORK = ROOT / "runs" / "bench_pruning_frontier"
 INPUT = (1, 28, 28)
-ARMS = ("tucker2", "pruning", "uniform", "minmax")
+ARMS = ("tucker2", "pruning", "uniform", "minmax", "greedy")
 
 
 def log(msg: str) -> None:
@@ -244,7 +248,7 @@ def dense_stage(a: argparse.Namespace, data: dict[str, Any], st: State) -> nn.Mo
     from safetensors.torch import load as st_load
     from safetensors.torch import save as st_save
 
-    from tensorcut import io as tio
+    from tensorcut.checkpoint import io as tio
     from tensorcut.train import fit
 
     final = WORK / "dense_final.safetensors"
@@ -335,21 +339,52 @@ def bisect(
     return best
 
 
-def build_tucker2(dense: nn.Module, x: float, dense_tc: int) -> tuple[nn.Module, dict[str, Any]]:
-    from tensorcut.compression import CompressConfig, compress
+def build_tucker2(
+    dense: nn.Module, x: float, dense_tc: int, previous: bool = False
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The MAC-budget allocation; ``previous``: the allocation before issue 16's fix (greedy
+    Lagrangian descent over scaled-rank ladders, each layer's squared relative error weighted by
+    its parameter count). Run ``--arms greedy`` with ``PYTHONPATH`` pointing at a copy of the
+    package from before the fix (commit 37bc937) to get it exactly; with a fixed package the arm
+    wraps the allocator (greedy, weights times parameters) over the new ladders instead."""
+    import inspect
+
+    from tensorcut.compression import CompressConfig, budget, compress, rank
 
     m = copy.deepcopy(dense)
     target = int(dense_tc / x)
-    m, p = compress(
-        m,
-        CompressConfig(method="tucker2", budget=target, budget_kind="macs"),
-        input_shape=INPUT,
-        progress=False,
-    )
+    real = budget.allocate_budget
+    fixed = "rule" in inspect.signature(rank.allocate_budget).parameters
+
+    def greedy_by_params(
+        ladders: list[Any], total: float, kind: str, fixed_cost: int = 0, **_: Any
+    ) -> bool:
+        for lad in ladders:
+            lad.weight *= lad.dense_params
+        return rank.allocate_budget(ladders, total, kind, fixed_cost, rule="greedy")  # type: ignore[call-arg]
+
+    if previous and fixed:
+        budget.allocate_budget = greedy_by_params  # type: ignore[assignment]
+    try:
+        m, p = compress(
+            m,
+            CompressConfig(method="tucker2", budget=target, budget_kind="macs"),
+            input_shape=INPUT,
+            progress=False,
+        )
+    finally:
+        budget.allocate_budget = real
     tot = p.totals()
     ranks = {lp.name: lp.ranks if lp.status == "factorize" else "dense" for lp in p.layers}
+    errs = [lp.error for lp in p.layers if lp.status == "factorize" and lp.error is not None]
     return m, {
-        "config": f"CompressConfig(method='tucker2', budget={target}, budget_kind='macs')",
+        "config": f"CompressConfig(method='tucker2', budget={target}, budget_kind='macs')"
+        + (
+            (" (allocator wrapped: greedy, weight x params)" if fixed else " (package before fix)")
+            if previous
+            else ""
+        ),
+        "max_layer_error": max(errs) if errs else None,
         "plan_macs": tot["model_macs_after"],
         "plan_params": tot["model_params_after"],
         "ranks": ranks,
@@ -507,6 +542,8 @@ def arm_stage(
         m = copy.deepcopy(dense)
     elif arm == "tucker2":
         m, info = build_tucker2(dense, x, d["macs_tc"])
+    elif arm == "greedy":
+        m, info = build_tucker2(dense, x, d["macs_tc"], previous=True)
     elif arm == "uniform":
         m, info = build_uniform(dense, x, d["macs_tc"], a.mac_tol)
     elif arm == "pruning":
@@ -584,7 +621,8 @@ def arm_stage(
 # ----------------------------------------------------------------------------- report
 
 LABEL = {
-    "tucker2": "tensorcut tucker2, MAC-budget allocation",
+    "tucker2": "tensorcut tucker2, MAC-budget allocation (fixed)",
+    "greedy": "tensorcut tucker2, previous MAC-budget allocation (greedy)",
     "uniform": "tensorcut tucker2, uniform ranks",
     "pruning": "Torch-Pruning L1 channel pruning",
     "minmax": "tensorcut tucker2, min-max error (one eps)",
@@ -663,6 +701,16 @@ def render(data: dict[str, Any]) -> str:
             "per-layer method choice). "
             if "minmax" in s.get("arms", [])
             else "Arm (c) of the issue (min-max error allocation) is not run. "
+        )
+        + (
+            "The `tucker2` arm is the library's MAC budget as fixed in issue 16 (each layer keeps "
+            "about the same fraction of its parameters, the ratio rule's ranks solved for the "
+            "budget, sensitivity-weighted when given; slack to the most-squeezed layers); "
+            "`greedy` is the same budget with the allocator before that fix (greedy descent, "
+            "squared relative error weighted by the layer's parameter count), reproduced in this "
+            "script by wrapping the allocator. "
+            if "greedy" in s.get("arms", [])
+            else ""
         )
         + "resnet56 and CIFAR-10 are not run."
     )
@@ -846,6 +894,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
         "uniform": ("s", "C2"),
         "pruning": ("^", "C3"),
         "minmax": ("D", "C1"),
+        "greedy": ("v", "C7"),
     }
     for j, ax in enumerate(axes[0]):
         for arm in ARMS:
