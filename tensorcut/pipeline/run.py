@@ -287,7 +287,8 @@ def _test_set(meta: dict[str, Any]) -> tdata.ImageDataset:
 
 
 #: Rank allocations compared on the calibration set: the sensitivity-guided budget, the same
-#: greedy budget without sensitivity (kernel error per parameter only), and uniform per-layer ranks.
+#: budget allocation without sensitivity (min-max over the layers' rank ladders; for a MAC goal
+#: this is close to uniform ranks solved for the budget), and uniform per-layer ranks.
 STRATEGIES = ("guided", "error", "uniform")
 
 
