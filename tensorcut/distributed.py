@@ -208,19 +208,24 @@ def session(
         yield ctx
     except BaseException:
         if fresh and ctx.enabled:
-            cleanup()
+            cleanup(together=False)
         raise
     if fresh and ctx.enabled:
-        # leave together: a rank that tears down its gloo pairs while a peer is still finishing
-        # (e.g. rank 0's final pass) sometimes aborted with
-        # "terminate called without an active exception"
-        torch.distributed.barrier()
-        cleanup()
+        cleanup()  # at a barrier: see cleanup
 
 
-def cleanup() -> None:
-    """Leave the process group if :func:`init` joined it (safe to call more than once)."""
+def cleanup(*, together: bool = True) -> None:
+    """Leave the process group if :func:`init` joined it (safe to call more than once).
+
+    Args:
+        together: wait at a barrier first so that every rank tears down its gloo pairs at the same
+            time. A rank that destroyed its group and exited while a peer was still finishing its
+            own work sometimes made that peer abort ("terminate called without an active
+            exception", exit -6). Pass ``False`` on an error path, where a peer may never arrive.
+    """
     if _state["owned"] and _dist_ready():
+        if together:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     _state["owned"] = False
 

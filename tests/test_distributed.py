@@ -89,8 +89,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             {k: v.clone() for k, v in net.state_dict().items()}, Path(out) / f"rank{rank}.pt"
         )
         (Path(out) / f"rank{rank}.json").write_text(json.dumps({"history": hist, "writes": writes}))
-    finally:
-        tdist.cleanup()
+    except BaseException:
+        tdist.cleanup(together=False)  # a peer may never reach a barrier
+        raise
+    tdist.cleanup()  # together, at a barrier
 
 
 def test_two_cpu_ranks_match_one_process_on_the_same_global_batch(
@@ -451,3 +453,23 @@ def test_independent_workers_run_recovery_locally(
     with ResultsStore(tmp_path / "r.sqlite") as s:
         kinds = sorted({row["kind"] for row in s.rows()})
         assert kinds == ["baseline", "recovery", "single"]
+
+
+@pytest.mark.parametrize("together, calls", [(True, ["barrier", "destroy"]), (False, ["destroy"])])
+def test_cleanup_leaves_at_a_barrier_unless_on_an_error_path(
+    monkeypatch: pytest.MonkeyPatch, together: bool, calls: list[str]
+) -> None:
+    """A rank that tore down its gloo pairs while its peer was still working made the peer abort
+    (exit -6 in CI); a normal exit waits for every rank first, an error path must not wait."""
+    seen: list[str] = []
+    monkeypatch.setattr(tdist, "_dist_ready", lambda: True)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: seen.append("barrier"))
+    monkeypatch.setattr(
+        torch.distributed, "destroy_process_group", lambda *a, **k: seen.append("destroy")
+    )
+    monkeypatch.setitem(tdist._state, "owned", True)
+    tdist.cleanup(together=together)
+    assert seen == calls
+    assert tdist._state["owned"] is False
+    tdist.cleanup()  # a second call does nothing
+    assert seen == calls
