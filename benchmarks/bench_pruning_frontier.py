@@ -65,7 +65,7 @@ OUT = RESULTS / "pruning_frontier"
 STATE = RESULTS / "pruning_frontier.json"
 WORK = ROOT / "runs" / "bench_pruning_frontier"
 INPUT = (1, 28, 28)
-ARMS = ("tucker2", "pruning", "uniform", "minmax", "greedy")
+ARMS = ("tucker2", "pruning", "uniform", "minmax", "greedy", "tucker2-match", "uniform-match")
 
 
 def log(msg: str) -> None:
@@ -95,6 +95,8 @@ class State:
             "latency_rounds",
             "runs",
             "package",
+            "match_epochs",  # only the *-match arms use them; each entry records its own
+            "match_lr",
         )  # do not change finished arms
         keep = {k: v for k, v in settings.items() if k not in free}
         prev = {k: v for k, v in (old.get("settings") or {}).items() if k not in free}
@@ -540,11 +542,11 @@ def arm_stage(
     info: dict[str, Any] = {}
     if arm == "dense-ft":
         m = copy.deepcopy(dense)
-    elif arm == "tucker2":
+    elif arm in ("tucker2", "tucker2-match"):
         m, info = build_tucker2(dense, x, d["macs_tc"])
     elif arm == "greedy":
         m, info = build_tucker2(dense, x, d["macs_tc"], previous=True)
-    elif arm == "uniform":
+    elif arm in ("uniform", "uniform-match"):
         m, info = build_uniform(dense, x, d["macs_tc"], a.mac_tol)
     elif arm == "pruning":
         m, info = build_pruning(dense, x, d["macs_tp"], a.mac_tol)
@@ -560,9 +562,23 @@ def arm_stage(
         f"x{d['macs_tp'] / mp:.3f} (Torch-Pruning count); params {pt:,}"
     )
     raw = test_top1(m, data["test"]) if (a.raw_eval or arm == "dense-ft") else None
+    bn_only = None
     if arm != "dense-ft":
         recalibrate_bn(m, data["calib"], "cpu")
         before = test_top1(m, data["test"])
+        if arm.endswith("-match"):
+            # recovery before fine-tuning: each factorized conv fitted to its dense original on
+            # the calibration images (no labels), then BatchNorm re-estimated again
+            from tensorcut.compression.recover import match_layers
+
+            bn_only = before
+            info["match"] = match_layers(
+                m, dense, data["calib"], epochs=a.match_epochs, lr=a.match_lr, progress=False
+            )
+            info["match"].update(epochs=a.match_epochs, lr=a.match_lr)
+            recalibrate_bn(m, data["calib"], "cpu")
+            before = test_top1(m, data["test"])
+            log(f"{key}: BN only {bn_only['top1']:.4f}, after layer matching {before['top1']:.4f}")
     else:
         before = raw
     log(
@@ -598,6 +614,7 @@ def arm_stage(
             "mac_ratio_tp": d["macs_tp"] / mp,
             "param_ratio": d["params"] / pt,
             "top1_raw": raw["top1"] if raw else None,
+            "top1_bn_only": bn_only["top1"] if bn_only else None,
             "top1_before": before["top1"],
             "se_before": se(before["top1"], n),
             "top1_after": after["top1"],
@@ -627,6 +644,8 @@ LABEL = {
     "pruning": "Torch-Pruning L1 channel pruning",
     "minmax": "tensorcut tucker2, min-max error (one eps)",
     "dense-ft": "dense + same fine-tuning (control)",
+    "tucker2-match": "tensorcut tucker2, MAC-budget allocation + layer matching",
+    "uniform-match": "tensorcut tucker2, uniform ranks + layer matching",
 }
 
 
@@ -895,6 +914,8 @@ def plot(data: dict[str, Any], path: Path) -> None:
         "pruning": ("^", "C3"),
         "minmax": ("D", "C1"),
         "greedy": ("v", "C7"),
+        "tucker2-match": ("P", "C4"),
+        "uniform-match": ("X", "C5"),
     }
     for j, ax in enumerate(axes[0]):
         for arm in ARMS:
@@ -1014,6 +1035,13 @@ def main(argv: list[str] | None = None) -> int:
         help="minmax (arm c) was added after the first run: pass it explicitly",
     )
     ap.add_argument("--mac-tol", type=float, default=0.02)
+    ap.add_argument(
+        "--match-epochs",
+        type=int,
+        default=3,
+        help="passes of layer matching over the calibration images (*-match arms)",
+    )
+    ap.add_argument("--match-lr", type=float, default=1e-3, help="Adam lr of layer matching")
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--calib-images", type=int, default=2048)
     ap.add_argument(
