@@ -8,7 +8,16 @@ candidates that are measurably faster than the dense layer, then allocates ranks
 starting from the dense model, it repeatedly takes the layer move with the smallest increase in
 kernel error per millisecond saved until the predicted whole-model latency reaches
 ``dense / target_speedup``. Layers with no faster factorized form stay dense with the reason
-``not faster``. :func:`finish_speed_plan` records the target, the dense and predicted
+``not faster``.
+
+The whole dense model is timed *after* the layers, in one interleaved session with every timed
+dense layer (each on its own input); each candidate's latency is its ratio to the dense layer
+in the layer's own session times that layer's latency in the joint session. The prediction
+(whole model minus the layers' savings) is then in one session's units, so load drift between
+sessions, or a slow first measurement, does not skew it (the planner used to time the dense
+model alone, first, and on a shared machine that reading came out up to ~50 % high).
+
+:func:`finish_speed_plan` records the target, the dense and predicted
 whole-model latencies and how they were measured in ``plan.config["speed"]`` and, with
 ``verify``, times the compressed whole model against dense (:func:`check_speedup`): when it is
 not measurably faster, every layer goes back to dense, so a plan made for speed is never slower
@@ -203,6 +212,48 @@ class _Layer:
     def error(self) -> float:
         return 0.0 if self.choice < 0 else self.cands[self.choice].error
 
+    def rescale(self, dense_ms: float) -> None:
+        """Express the layer's latencies in another session's units: the dense layer there took
+        ``dense_ms``; each candidate keeps its ratio to the dense layer."""
+        f = dense_ms / self.dense_ms if self.dense_ms > 0 else 1.0
+        self.dense_ms = dense_ms
+        for c in self.cands:
+            c.ms *= f
+
+
+class _Bound(nn.Module):
+    """A layer applied to its own fixed input (the example it is called with is ignored), so that
+    :func:`measure_latency` can time it in one session with the whole model."""
+
+    def __init__(self, layer: nn.Module, x: torch.Tensor) -> None:
+        super().__init__()
+        self.layer = layer
+        self.x = x
+
+    def forward(self, _: torch.Tensor) -> torch.Tensor:
+        return self.layer(self.x)
+
+
+def _time_whole(
+    model: nn.Module,
+    x: torch.Tensor,
+    layers: Sequence[_Layer],
+    opts: SpeedOptions,
+) -> tuple[LatencyStats, dict[str, float]]:
+    """The whole dense ``model`` on ``x`` and each dense layer of ``layers`` on an input of its
+    size, in one interleaved session: the model's statistics and each layer's median (ms)."""
+    fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
+    models: dict[str, nn.Module] = {"model": model}
+    for L in layers:
+        p = L.conv.weight
+        inp = torch.randn(
+            opts.batch, L.geom.in_channels, *L.hw, dtype=p.dtype, device=p.device
+        ).contiguous(memory_format=fmt)
+        conv = to_memory_format(copy.deepcopy(L.conv).eval(), fmt)
+        models[f"layer:{L.name}"] = _Bound(conv, inp)
+    st = measure_latency(models, x, threads=opts.threads, warmup=opts.warmup, reps=opts.reps)
+    return st["model"], {L.name: st[f"layer:{L.name}"].median_ms for L in layers}
+
 
 def _candidate_ranks(
     method: str, geom: ConvGeometry, hw: tuple[int, int], scales: Sequence[float], align: int
@@ -353,9 +404,6 @@ def plan_speed(
     dense_model = copy.deepcopy(model).eval()
     if opts.channels_last:
         dense_model = to_memory_format(dense_model)
-    dense_stats = measure_latency(
-        {"dense": dense_model}, x, threads=opts.threads, warmup=opts.warmup, reps=opts.reps
-    )["dense"]
     entries: dict[str, LayerPlan] = {}
     records: list[_Layer] = []
     for i, name in enumerate(progress if progress is not None else todo):
@@ -410,6 +458,11 @@ def plan_speed(
                 flush=True,
             )
     lc.save()
+    # the whole model with every timed layer, in one session (after the layers: a warm process);
+    # the layers' latencies then move into this session's units (see the module docstring)
+    dense_stats, joint = _time_whole(dense_model, x, records, opts)
+    for L in records:
+        L.rescale(joint[L.name])
     dense_total = dense_stats.median_ms
     goal = dense_total / cfg.target_speedup
     predicted = _allocate(records, goal, dense_total)
