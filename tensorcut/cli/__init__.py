@@ -143,6 +143,7 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The full parser (also used to generate the CLI reference)."""
     from tensorcut import __version__
+    from tensorcut.cli.flags import add_out
 
     parser = argparse.ArgumentParser(
         prog="tensorcut",
@@ -199,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the main job on the embedded digits data",
         description="Run the demo pipeline.",
     )
-    d.add_argument("--out", default="demo-out", help="run directory (re-running resumes it)")
+    add_out(d, "run", default="demo-out")
     d.add_argument("--fast", action="store_true", help="tiny settings (for tests)")
     d.add_argument(
         "--json",
@@ -243,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     old_format = warnings.formatwarning
     warnings.formatwarning = functools.partial(_one_line_warning, verb=args.command)
     try:
+        from tensorcut.cli.flags import check_out
+
+        check_out(args)  # a file given for a folder, or a folder for a file: before any work
         if getattr(
             args, "json", False
         ):  # stdout holds the JSON result alone; progress and tables go to stderr

@@ -12,6 +12,8 @@ from tensorcut.errors import TensorcutError
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``analyze`` and ``plot``."""
+    from tensorcut.cli.flags import add_out
+
     a = sub.add_parser(
         "analyze",
         help="truncation study: spectra, accuracy vs norm loss sweeps, CP, recovery",
@@ -134,9 +136,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="no progress bars (they are off anyway when stderr is not a terminal)",
     )
     a.add_argument("--json", action="store_true", help="print the sweep's summary as JSON")
-    a.add_argument(
-        "--out", required=True, metavar="RESULTS", help="SQLite results file (created or resumed)"
-    )
+    add_out(a, "results", required=True)
     a.set_defaults(func=_analyze)
 
     p = sub.add_parser(
@@ -148,7 +148,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "results", metavar="RESULTS", help="SQLite results file written by `tensorcut analyze`"
     )
-    p.add_argument("--out", required=True, metavar="FIGDIR", help="output folder")
+    add_out(p, "figures", required=True)
     p.add_argument(
         "--format",
         nargs="+",
@@ -296,32 +296,23 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_a_file(path: str | None, flag: str) -> None:
-    if path and Path(path).is_file():
-        raise TensorcutError(f"{path} is a file; give a directory path for {flag}")
-
-
 def _check_outputs(args: argparse.Namespace) -> None:
     """Refuse outputs that would replace something that is not this verb's own earlier output.
 
     Checked before any work is done.
     """
     from tensorcut.analysis.store import COLUMNS
+    from tensorcut.cli.flags import refuse_path_kind
 
-    _not_a_file(args.plots, "--plots")
-    _not_a_file(args.spill_dir, "--spill-dir")
-    if Path(args.out).is_dir():
-        raise TensorcutError(
-            f"{args.out} is a directory; give a file path for the results (--out RESULTS)"
-        )
+    refuse_path_kind(args.plots, True, "--plots")
+    refuse_path_kind(args.spill_dir, True, "--spill-dir")
     csv_path = Path(args.csv) if args.csv else Path(args.out).with_suffix(".csv")
     spectra = csv_path.with_name(csv_path.stem + "-spectra.csv")
     for path, head in (
         (csv_path, ",".join(COLUMNS)),
         (spectra, "fingerprint,model,layer,depth,bipartition"),
     ):
-        if path.is_dir():
-            raise TensorcutError(f"{path} is a directory; give a file path for --csv")
+        refuse_path_kind(path, False, "--csv")
         if path.exists() and not args.force:
             try:
                 with path.open(encoding="utf-8") as fh:
@@ -340,7 +331,6 @@ def _plot(args: argparse.Namespace) -> int:
 
     if not 0 <= args.max_drop <= 1:
         raise TensorcutError(f"--max-drop is a fraction of accuracy in [0, 1], got {args.max_drop}")
-    _not_a_file(args.out, "--out")
     files = plot(args.results, args.out, formats=tuple(args.format), max_drop=args.max_drop)
     if args.json:
         from tensorcut.console import print_json

@@ -5,11 +5,90 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tensorcut.cli.flags import Flag, add_dataclass_flags, add_out, describe, given_values
+from tensorcut.pipeline.run import RunConfig
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    from tensorcut.compression import DEFAULT_METHOD
+#: The goal fields of RunConfig: one of them is required (a mutually exclusive group).
+_GOALS = ("target_ratio", "target_macs", "max_drop")
+
+
+def _bipartition(text: str) -> str:
+    from tensorcut.errors import TensorcutError
+    from tensorcut.kernel import canonical_bipartition
+
+    try:
+        return canonical_bipartition(text)
+    except TensorcutError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _run_flags() -> dict[str, Flag]:
+    """How RunConfig's fields show on the command line (RunConfig carries no help of its own).
+    ``train_subset`` keeps its user-visible name ``--subset``."""
     from tensorcut.layers import list_methods
 
+    return {
+        "target_ratio": Flag(
+            metavar="FACTOR",
+            help="compression factor to reach: dense / compressed conv-layer parameters, > 1 "
+            "(5 = five times smaller; compare `compress --keep`, the fraction kept)",
+        ),
+        "target_macs": Flag(help="fraction of conv-layer MACs to keep (e.g. 0.25)"),
+        "max_drop": Flag(help="largest allowed top-1 drop (e.g. 0.01)"),
+        "method": Flag(
+            choices=[*list_methods(), "auto"],
+            help="decomposition (auto: per layer, the smallest that meets the layer's error share)",
+        ),
+        "calib_subset": Flag(help="calibration images from the validation split"),
+        "bipartitions": Flag(
+            type=_bipartition,
+            metavar="NAME",
+            help="kernel bipartitions of the truncation study (OUT IN KH KW OUT-IN OUT-KH OUT-KW)",
+        ),
+        "curve_ratios": Flag(
+            metavar="FACTOR",
+            help="compression factors (> 1) of the accuracy-vs-compression curve that chooses "
+            "the allocation",
+        ),
+        "finetune_epochs": Flag(help="most fine-tuning epochs (early stopping)"),
+        "finetune_lr": Flag(help="fine-tuning learning rate (Adam)"),
+        "finetune_patience": Flag(
+            help="stop fine-tuning after this many epochs without a better validation loss"
+        ),
+        "distill": Flag(help="distil from the dense model while fine-tuning"),
+        "bn_recalibrate": Flag(
+            help="re-estimate BatchNorm statistics on the calibration subset after compressing, "
+            "before comparing allocations and before fine-tuning (--no-bn-recalibrate: keep the "
+            "dense model's)"
+        ),
+        "probe_epochs": Flag(
+            help="fine-tune each candidate allocation this long before choosing "
+            "(0: choose right after compression)"
+        ),
+        "probe_images": Flag(help="training images of the probe fine-tune"),
+        "batch_size": Flag(help="images per optimisation step of the probe and the fine-tuning"),
+        "seed": Flag(help="seed of the training (with --model), the probe and the fine-tuning"),
+        "train_subset": Flag(
+            name="subset",
+            metavar="N",
+            none_text="all",
+            help="train (with --model) and fine-tune on a seeded random subset of N training "
+            "images",
+        ),
+    }
+
+
+def _run_default(name: str) -> str | None:
+    """The help's default of a RunConfig flag: the field's default (a goal has none)."""
+    if name in _GOALS:
+        return None
+    from dataclasses import fields
+
+    f = next(f for f in fields(RunConfig) if f.name == name)
+    return describe(f.default, _run_flags()[name].none_text)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser(
         "run",
         help="the main job: study, compress to a goal, fine-tune, verify, export, report",
@@ -29,67 +108,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--width", type=float, default=1.0, help="channel width multiplier when --model is given"
     )
-    r.add_argument(
-        "--subset",
-        type=int,
-        default=None,
-        metavar="N",
-        help="train (with --model) and fine-tune on a seeded random subset of N training images "
-        "(default: all)",
+    flags = _run_flags()
+    goal = r.add_mutually_exclusive_group(required=True)
+    add_dataclass_flags(goal, RunConfig, flags=flags, only=_GOALS, defaults=_run_default)
+    add_dataclass_flags(
+        r.add_argument_group("run recipe (RunConfig)"),
+        RunConfig,
+        flags=flags,
+        skip=_GOALS,
+        defaults=_run_default,
     )
-    g = r.add_mutually_exclusive_group(required=True)
-    g.add_argument(
-        "--target-ratio",
-        type=float,
-        metavar="FACTOR",
-        help="compression factor to reach: dense / compressed conv-layer parameters, > 1 "
-        "(5 = five times smaller; compare `compress --keep`, the fraction kept)",
-    )
-    g.add_argument(
-        "--target-macs", type=float, help="fraction of conv-layer MACs to keep (e.g. 0.25)"
-    )
-    g.add_argument("--max-drop", type=float, help="largest allowed top-1 drop (e.g. 0.01)")
-    r.add_argument(
-        "--method",
-        default=DEFAULT_METHOD,
-        choices=[*list_methods(), "auto"],
-        help="decomposition (auto: per layer, the smallest that meets the layer's error share)",
-    )
-    r.add_argument(
-        "--calib-subset", type=int, default=512, help="calibration images from the validation split"
-    )
-    r.add_argument(
-        "--finetune-epochs",
-        type=int,
-        default=10,
-        help="most fine-tuning epochs (early stopping, patience 3)",
-    )
-    r.add_argument(
-        "--finetune-lr", type=float, default=1e-4, help="fine-tuning learning rate (Adam)"
-    )
-    r.add_argument(
-        "--distill", action="store_true", help="distil from the dense model while fine-tuning"
-    )
-    r.add_argument(
-        "--no-bn-recalibrate",
-        action="store_true",
-        help="keep the dense model's BatchNorm statistics after compressing "
-        "(default: re-estimate them on the calibration subset before comparing allocations "
-        "and before fine-tuning)",
-    )
-    r.add_argument(
-        "--probe-epochs",
-        type=int,
-        default=1,
-        help="fine-tune each candidate allocation this long before choosing "
-        "(0: choose right after compression)",
-    )
-    r.add_argument(
-        "--probe-images", type=int, default=2048, help="training images of the probe fine-tune"
-    )
-    r.add_argument(
-        "--out", required=True, help="run directory (created, or resumed if it holds a run)"
-    )
+    add_out(r, "run", required=True)
     r.add_argument(
         "--json",
         action="store_true",
@@ -106,26 +135,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_report)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from tensorcut.pipeline.run import RunConfig, run
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The RunConfig of ``tensorcut run``: its defaults, with every given flag applied."""
+    return RunConfig(**given_values(args, RunConfig))
 
-    cfg = RunConfig(
-        target_ratio=args.target_ratio,
-        target_macs=args.target_macs,
-        max_drop=args.max_drop,
-        method=args.method,
-        calib_subset=args.calib_subset,
-        finetune_epochs=args.finetune_epochs,
-        finetune_lr=args.finetune_lr,
-        distill=args.distill,
-        bn_recalibrate=not args.no_bn_recalibrate,
-        probe_epochs=args.probe_epochs,
-        probe_images=args.probe_images,
-        train_subset=args.subset,
-    )
+
+def _run(args: argparse.Namespace) -> int:
+    from tensorcut.pipeline.run import run
+
     s = run(
         args.out,
-        cfg,
+        run_config(args),
         checkpoint=args.checkpoint,
         model=args.model,
         dataset=args.dataset,

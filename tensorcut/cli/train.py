@@ -3,33 +3,38 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
+from tensorcut.cli.flags import add_out, describe
+from tensorcut.cli.options import FIT_FLAGS, add_fit_flags, fit_config_from_args
 from tensorcut.errors import TensorcutError
-from tensorcut.train.loop import OPTIMIZERS, SCHEDULERS, FitConfig
+from tensorcut.train.api import RESUME_KEYS
+from tensorcut.train.loop import FitConfig
 
-#: Recipe defaults of `tensorcut train` (with --resume, unset options take the checkpoint's recorded
-#: values).
-TRAIN_DEFAULTS = {
-    "optimizer": "adam",
-    "lr": 1e-3,
-    "momentum": 0.9,
-    "weight_decay": 0.0,
-    "scheduler": "plateau",
+#: FitConfig fields `train` has no flag for, and why.
+TRAIN_SKIPS = {
+    "distill_alpha": "train has no teacher; distillation is a finetune option (--distill-from)",
+    "distill_temperature": "train has no teacher; distillation is a finetune option",
 }
 
 
-def resolve_recipe(args: argparse.Namespace) -> None:
-    """Fill the unset recipe options of ``train``: the recorded ones on ``--resume``, else
-    :data:`TRAIN_DEFAULTS`.
-    """
-    recorded: dict = {}
+def _train_default(name: str) -> str:
+    """The help's default of a recipe flag of ``train``: FitConfig's (the recorded one on
+    ``--resume`` for the optimiser state's settings)."""
+    text = describe(getattr(FitConfig(), name), FIT_FLAGS[name].none_text)
+    return f"{text}; with --resume, the recorded one" if name in RESUME_KEYS else text
+
+
+def train_config(args: argparse.Namespace) -> FitConfig:
+    """The FitConfig of ``tensorcut train``: FitConfig's defaults (on ``--resume``, the recorded
+    optimiser, lr, momentum, weight decay and scheduler), with every given flag applied."""
+    base = FitConfig()
     if getattr(args, "resume", False):
         from tensorcut.train.api import recorded_recipe
 
         recorded = recorded_recipe(args.out)
-    for k, v in TRAIN_DEFAULTS.items():
-        if getattr(args, k) is None:
-            setattr(args, k, recorded.get(k, v))
+        base = dataclasses.replace(base, **{k: recorded[k] for k in RESUME_KEYS if k in recorded})
+    return fit_config_from_args(args, base)
 
 
 def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -53,54 +58,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="zoo model name (see `tensorcut inspect --list`)")
     add_data_args(p, required=True)
-    p.add_argument("--epochs", type=int, default=10, help="training epochs")
     p.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
     p.add_argument(
         "--batch-size",
         type=int,
         default=128,
         help="images per optimisation step (global under torchrun)",
-    )
-    p.add_argument(
-        "--optimizer",
-        choices=OPTIMIZERS,
-        default=None,
-        help=f"optimiser (default: {TRAIN_DEFAULTS['optimizer']}; with --resume, the recorded one)",
-    )
-    p.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help=f"learning rate, peak for onecycle (default: "
-        f"{TRAIN_DEFAULTS['lr']:g}; with --resume, the recorded one)",
-    )
-    p.add_argument(
-        "--momentum",
-        type=float,
-        default=None,
-        help=f"SGD momentum, in [0, 1) (default: "
-        f"{TRAIN_DEFAULTS['momentum']:g}; with --resume, the recorded one)",
-    )
-    p.add_argument(
-        "--weight-decay",
-        type=float,
-        default=None,
-        help=f"L2 weight decay, >= 0 (default: "
-        f"{TRAIN_DEFAULTS['weight_decay']:g}; with --resume, the recorded one)",
-    )
-    p.add_argument(
-        "--scheduler",
-        choices=SCHEDULERS,
-        default=None,
-        help=f"learning-rate schedule (default: "
-        f"{TRAIN_DEFAULTS['scheduler']}; with --resume, the recorded one)",
-    )
-    p.add_argument(
-        "--patience",
-        type=int,
-        default=None,
-        help="stop after this many epochs without a better "
-        "validation loss (default: no early stopping)",
     )
     p.add_argument(
         "--val-fraction",
@@ -113,28 +76,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="light augmentation (random crop, flip where sensible)",
     )
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed of the initial weights, data split and shuffling"
-    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument(
-        "--out",
-        required=True,
-        help="checkpoint directory (refused if it holds one, unless --resume)",
-    )
+    add_out(p, "checkpoint", required=True, unless="--resume")
     p.add_argument(
         "--resume",
         action="store_true",
         help="continue from the last checkpoint in --out with its recorded "
         "optimizer, lr, momentum, weight decay and scheduler (giving other values is refused)",
-    )
-    p.add_argument(
-        "--amp",
-        action="store_true",
-        help="mixed precision (float16 + loss scaling on CUDA, bfloat16 on CPU)",
-    )
-    p.add_argument(
-        "--sync-bn", action="store_true", help="SyncBatchNorm across torchrun ranks (CUDA only)"
     )
     p.add_argument(
         "--method",
@@ -165,6 +113,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="print the test metrics and checkpoint path as JSON (progress goes to stderr)",
     )
+    add_fit_flags(p, _train_default, skip=TRAIN_SKIPS)
     p.set_defaults(func=_train)
 
     e = sub.add_parser(
@@ -186,38 +135,20 @@ def _train(args: argparse.Namespace) -> int:
     from tensorcut.console import print_json
     from tensorcut.train.api import check_numbers, train_checkpoint
 
-    resolve_recipe(args)
     check_numbers(
         batch_size=args.batch_size,
-        epochs=args.epochs,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
         width=args.width,
         val_fraction=args.val_fraction,
         subset=args.subset,
     )
+    cfg = train_config(args)
     if args.method == "tdlrt":
-        return _tdlrt(args)
-
-    cfg = FitConfig(
-        epochs=args.epochs,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        scheduler=args.scheduler,
-        patience=args.patience,
-        seed=args.seed,
-        amp=args.amp,
-        sync_batchnorm=args.sync_bn,
-    )
+        return _tdlrt(args, cfg)
     ck = train_checkpoint(
         args.model,
         args.dataset,
         args.out,
-        epochs=args.epochs,
+        epochs=cfg.epochs,
         width=args.width,
         batch_size=args.batch_size,
         config=cfg,
@@ -273,8 +204,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tdlrt(args: argparse.Namespace) -> int:
-    """Entry for ``tensorcut train --method tdlrt`` (reads the ``train`` verb's arguments)."""
+def _tdlrt(args: argparse.Namespace, cfg: FitConfig) -> int:
+    """Entry for ``tensorcut train --method tdlrt`` (the ``train`` verb's arguments and recipe)."""
     if args.tau is None:
         raise TensorcutError("--method tdlrt needs --tau (relative truncation tolerance, e.g. 0.1)")
     if getattr(args, "resume", False):
@@ -292,19 +223,19 @@ def _tdlrt(args: argparse.Namespace) -> int:
         init_rank=args.init_rank,
         rmax=args.rmax,
         init_from=getattr(args, "init_from", None),
-        epochs=args.epochs,
+        epochs=cfg.epochs,
         width=args.width,
         batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        scheduler=args.scheduler,
+        optimizer=cfg.optimizer,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        scheduler=cfg.scheduler,
         data_dir=args.data_dir,
         val_fraction=args.val_fraction,
         subset=args.subset,
         augment=args.augment,
-        seed=args.seed,
+        seed=cfg.seed,
         device=args.device,
     )
     if tdist.env_world()[0] != 0:  # every rank holds the same reduced metrics: rank 0 prints them

@@ -12,6 +12,23 @@ from tensorcut.errors import TensorcutError
 if TYPE_CHECKING:
     from tensorcut.train.loop import FitConfig
 
+#: What the help says of --distill-alpha's default: the recipes leave it 0, which
+#: :func:`~tensorcut.pipeline.workflow.finetune_checkpoint` takes as 0.5 when there is a teacher.
+_DISTILL_ALPHA_DEFAULT = "0.5"
+
+
+def _recipe_default(name: str) -> str:
+    """The help's default of a recipe flag of ``finetune``: the ``--recipe``'s value."""
+    from tensorcut.cli.flags import describe
+    from tensorcut.pipeline.workflow import RECIPES
+
+    if name == "distill_alpha":
+        return _DISTILL_ALPHA_DEFAULT
+    values = {r: describe(getattr(cfg, name)) for r, cfg in RECIPES.items()}
+    if len(set(values.values())) == 1:
+        return next(iter(values.values()))
+    return "the recipe's: " + ", ".join(f"{r} {v}" for r, v in values.items())
+
 
 def _rank_arg(text: str) -> int | tuple[int, ...]:
     try:
@@ -26,11 +43,11 @@ def _rank_arg(text: str) -> int | tuple[int, ...]:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from tensorcut.cli.options import add_method_option_flags
+    from tensorcut.cli.flags import add_out
+    from tensorcut.cli.options import add_fit_flags, add_method_option_flags
     from tensorcut.compression import DEFAULT_METHOD
     from tensorcut.layers import list_methods
-    from tensorcut.pipeline.workflow import DEFAULT_BN_IMAGES
-    from tensorcut.train.loop import OPTIMIZERS, SCHEDULERS
+    from tensorcut.pipeline.workflow import DEFAULT_BN_IMAGES, RECIPES
 
     c = sub.add_parser(
         "compress",
@@ -121,11 +138,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="evaluate the compressed model on this split",
     )
-    c.add_argument(
-        "--out",
-        required=True,
-        help="output checkpoint directory (refused if it holds one, unless --force)",
-    )
+    add_out(c, "checkpoint", required=True)
     c.add_argument("--force", action="store_true", help="replace a checkpoint already in --out")
     c.add_argument("--json", action="store_true", help="print the plan as JSON")
     add_method_option_flags(c)
@@ -143,7 +156,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     f.add_argument("checkpoint", help="compressed (or dense) checkpoint directory")
     f.add_argument(
         "--recipe",
-        choices=("thesis", "rsdtr"),
+        choices=tuple(RECIPES),
         default="thesis",
         help="starting recipe (default: thesis)",
     )
@@ -154,67 +167,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="fine-tune on a seeded random subset of N training images (default: all)",
     )
-    f.add_argument(
-        "--epochs", type=int, default=None, help="default: the recipe's (thesis 50, rsdtr 160)"
-    )
-    f.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="learning rate (peak for onecycle); default: the recipe's (thesis 1e-5, rsdtr 0.01)",
-    )
-    f.add_argument(
-        "--optimizer",
-        choices=OPTIMIZERS,
-        default=None,
-        help="default: the recipe's (thesis adam, rsdtr sgd)",
-    )
-    f.add_argument(
-        "--scheduler",
-        choices=SCHEDULERS,
-        default=None,
-        help="default: the recipe's (thesis none, rsdtr onecycle)",
-    )
-    f.add_argument(
-        "--momentum", type=float, default=None, help="SGD momentum; default: the recipe's (0.9)"
-    )
-    f.add_argument(
-        "--weight-decay",
-        type=float,
-        default=None,
-        help="default: the recipe's (thesis 0, rsdtr 1e-4)",
-    )
-    f.add_argument(
-        "--patience",
-        type=int,
-        default=None,
-        help="early-stopping patience in epochs, 0 for none; default: "
-        "the recipe's (thesis 3, rsdtr none)",
-    )
     f.add_argument("--batch-size", type=int, default=128, help="images per optimisation step")
     f.add_argument("--distill-from", default=None, help="dense checkpoint to distil from (teacher)")
-    f.add_argument(
-        "--distill-alpha",
-        type=float,
-        default=0.5,
-        help="weight of the teacher's soft targets in the loss (with --distill-from), in [0, 1]",
-    )
     f.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    f.add_argument(
-        "--amp",
-        action="store_true",
-        help="mixed precision (float16 + loss scaling on CUDA, bfloat16 on CPU)",
-    )
-    f.add_argument(
-        "--sync-bn", action="store_true", help="SyncBatchNorm across torchrun ranks (CUDA only)"
-    )
     o = f.add_mutually_exclusive_group()
-    o.add_argument(
-        "--out",
-        default=None,
-        help="directory for the fine-tuned checkpoint (refused if it holds one, "
-        "unless --force); one of --out and --in-place is required",
-    )
+    add_out(f, "checkpoint", group=o, note="one of --out and --in-place is required")
     o.add_argument(
         "--in-place",
         action="store_true",
@@ -227,6 +184,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="print test metrics before / after as JSON (progress goes to stderr)",
     )
+    add_fit_flags(f, _recipe_default)
     f.set_defaults(func=_finetune)
 
     e = sub.add_parser(
@@ -240,11 +198,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="onnx (needs the onnx extra), torchscript or exported (torch.export); the batch "
         "dimension is dynamic in every format",
     )
-    e.add_argument(
-        "--out",
-        default=None,
-        help="output file (default: inside the checkpoint directory); an earlier "
-        "export in the same format is replaced, any other existing file needs --force",
+    add_out(
+        e,
+        "file",
+        note="default: inside the checkpoint directory; an earlier export in the same format is "
+        "replaced, any other existing file needs --force",
     )
     e.add_argument(
         "--force",
@@ -319,30 +277,12 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def finetune_config(args: argparse.Namespace) -> FitConfig:
-    """The FitConfig of ``tensorcut finetune``: the ``--recipe``'s, with every explicitly given flag
-    applied."""
-    import dataclasses
-
+    """The FitConfig of ``tensorcut finetune``: the ``--recipe``'s, with every given flag applied
+    (a fresh, validated copy; the recipe itself is untouched)."""
+    from tensorcut.cli.options import fit_config_from_args
     from tensorcut.pipeline.workflow import RECIPES
 
-    cfg = RECIPES[args.recipe]
-    changes = {
-        k: getattr(args, k)
-        for k in ("epochs", "lr", "optimizer", "scheduler", "momentum", "weight_decay")
-        if getattr(args, k) is not None
-    }
-    if args.patience is not None:
-        if args.patience < 0:
-            raise TensorcutError(
-                f"--patience must be >= 0 (0 turns early stopping off), got {args.patience}"
-            )
-        changes["patience"] = args.patience or None
-    changes["distill_alpha"] = args.distill_alpha if args.distill_from else 0.0
-    changes["amp"] = bool(getattr(args, "amp", False))
-    changes["sync_batchnorm"] = bool(getattr(args, "sync_bn", False))
-    return dataclasses.replace(
-        cfg, **changes
-    )  # a fresh, re-validated copy; the recipe itself is untouched
+    return fit_config_from_args(args, RECIPES[args.recipe])
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -355,15 +295,7 @@ def _finetune(args: argparse.Namespace) -> int:
         )
     from tensorcut.train.api import check_numbers
 
-    check_numbers(
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        subset=args.subset,
-        distill_alpha=args.distill_alpha,
-    )
+    check_numbers(batch_size=args.batch_size, subset=args.subset)
     cfg = finetune_config(args)
     ck = finetune_checkpoint(
         args.checkpoint,

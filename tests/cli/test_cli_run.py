@@ -4,6 +4,7 @@ usage errors with status 2, and the mapping of flags onto RunConfig (the pipelin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,9 @@ from typing import Any
 import pytest
 
 from tensorcut.cli import build_parser, main, verb_parsers
+from tensorcut.cli.run import run_config
 from tensorcut.layers import list_methods
-from tensorcut.pipeline.run import print_summary
+from tensorcut.pipeline.run import RunConfig, print_summary
 
 
 def _parse(*argv: str) -> Any:
@@ -22,15 +24,35 @@ def _parse(*argv: str) -> Any:
 def test_defaults() -> None:
     a = _parse("ck", "--target-ratio", "5", "--out", "o")
     assert (a.checkpoint, a.target_ratio, a.target_macs, a.max_drop) == ("ck", 5.0, None, None)
-    assert (a.method, a.calib_subset, a.finetune_epochs, a.finetune_lr) == (
-        "tucker2",
-        512,
-        10,
-        1e-4,
-    )
-    assert (a.probe_epochs, a.probe_images, a.epochs, a.width, a.subset) == (1, 2048, 10, 1.0, None)
-    assert not (a.distill or a.no_bn_recalibrate or a.json)
+    assert (a.epochs, a.width, a.json) == (10, 1.0, False)
     assert a.model is None and a.dataset is None and a.data_dir is None
+    assert run_config(a) == RunConfig(target_ratio=5.0)  # the rest: RunConfig's defaults
+    cfg = run_config(a)
+    assert (cfg.method, cfg.calib_subset, cfg.finetune_epochs, cfg.finetune_lr) == (
+        "tucker2", 512, 10, 1e-4,
+    )  # fmt: skip
+    assert (cfg.probe_epochs, cfg.probe_images, cfg.train_subset) == (1, 2048, None)
+    assert cfg.bn_recalibrate and not cfg.distill
+
+
+def test_every_run_config_field_has_a_flag() -> None:
+    argv = ["ck", "--out", "o", "--target-macs", "0.5", "--method", "cp", "--calib-subset", "64"]
+    argv += ["--bipartitions", "out", "in-kw", "--curve-ratios", "2", "4", "--finetune-epochs", "3"]
+    argv += ["--finetune-lr", "0.01", "--finetune-patience", "2", "--distill"]
+    argv += ["--no-bn-recalibrate", "--probe-epochs", "0", "--probe-images", "16"]
+    argv += ["--batch-size", "32", "--seed", "5", "--subset", "100"]
+    cfg = run_config(_parse(*argv))
+    assert dataclasses.asdict(cfg) == {
+        "target_ratio": None, "target_macs": 0.5, "max_drop": None, "method": "cp",
+        "calib_subset": 64, "bipartitions": ("OUT", "OUT-KH"), "curve_ratios": (2.0, 4.0),
+        "finetune_epochs": 3, "finetune_lr": 0.01, "finetune_patience": 2, "distill": True,
+        "bn_recalibrate": False, "probe_epochs": 0, "probe_images": 16, "batch_size": 32,
+        "seed": 5, "train_subset": 100,
+    }  # fmt: skip
+    goals = {"target_ratio", "target_macs", "max_drop"}  # one at a time; checked in test_defaults
+    changed = {f.name for f in dataclasses.fields(RunConfig) if getattr(cfg, f.name) != f.default}
+    assert changed | goals == {f.name for f in dataclasses.fields(RunConfig)}
+    assert _parse("--out", "o", "--max-drop", "0.02").max_drop == 0.02
 
 
 def test_method_choices_are_the_registry_plus_auto() -> None:
@@ -55,6 +77,14 @@ def test_method_choices_are_the_registry_plus_auto() -> None:
             ["--out", "o", "--target-ratio", "x"],
             "argument --target-ratio: invalid float value: 'x'",
         ),
+        (
+            ["--out", "o", "--target-ratio", "5", "--bipartitions", "OUT-XY"],
+            "argument --bipartitions: unknown bipartition 'OUT-XY'; valid: OUT, IN, KH, KW,",
+        ),
+        (
+            ["--out", "o", "--target-ratio", "5", "--finetune-patience", "two"],
+            "argument --finetune-patience: invalid int value: 'two'",
+        ),
     ],
 )
 def test_usage_errors_end_in_one_error_line_and_status_2(argv, msg, capsys) -> None:
@@ -62,7 +92,7 @@ def test_usage_errors_end_in_one_error_line_and_status_2(argv, msg, capsys) -> N
         main(["run", *argv])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == f"tensorcut run: error: {msg}"
+    assert err[-1].startswith(f"tensorcut run: error: {msg}")
 
 
 SUMMARY = {

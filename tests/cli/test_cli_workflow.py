@@ -6,6 +6,7 @@ recipe with explicit flags applied. The pipeline itself is tested in test_workfl
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -92,8 +93,33 @@ def test_finetune_recipe_with_explicit_flags() -> None:
     assert RECIPES["rsdtr"].lr == 0.01  # the recipe itself is untouched
     a = _parse("finetune", "ck", "--out", "o", "--distill-from", "t", "--amp")
     cfg = finetune_config(a)
-    assert cfg.distill_alpha == 0.5 and cfg.amp
-    assert finetune_config(_parse("finetune", "ck", "--out", "o")).distill_alpha == 0.0
+    # the recipe's 0, which finetune_checkpoint takes as 0.5 when there is a teacher
+    assert cfg.distill_alpha == 0.0 and cfg.amp
+    a = _parse("finetune", "ck", "--out", "o", "--distill-from", "t", "--distill-alpha", "0.3")
+    assert finetune_config(a).distill_alpha == 0.3
+
+
+def test_finetune_flags_reach_the_pipeline(monkeypatch, tmp_path: Path, capsys) -> None:
+    import tensorcut.pipeline.workflow as wf
+
+    seen: dict[str, Any] = {}
+
+    def fake(checkpoint: Any, out: Any, **kw: Any) -> Any:
+        seen.update(checkpoint=checkpoint, out=out, **kw)
+        m = {"loss": 1.0, "top1": 0.5, "top5": 1.0, "n": 4}
+        return SimpleNamespace(
+            meta={"metrics": {"test_before_finetune": m, "test": m}, "finetune_history": [{}]}
+        )
+
+    monkeypatch.setattr(wf, "finetune_checkpoint", fake)
+    out = str(tmp_path / "ft")
+    argv = ["finetune", "ck", "--out", out, "--recipe", "rsdtr", "--distill-from", "t"]
+    argv += ["--distill-temperature", "2", "--grad-clip", "1.5", "--seed", "3", "--no-amp"]
+    assert main(argv) == 0
+    cfg = seen["config"]
+    assert (cfg.distill_temperature, cfg.grad_clip, cfg.seed, cfg.amp) == (2.0, 1.5, 3, False)
+    assert (cfg.optimizer, cfg.epochs, seen["distill_from"], seen["out"]) == ("sgd", 160, "t", out)
+    assert capsys.readouterr().out.splitlines()[-1] == f"checkpoint: {out}"
 
 
 def test_finetune_refusals(tmp_path: Path, capsys) -> None:

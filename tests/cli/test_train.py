@@ -4,6 +4,7 @@ mapping of flags onto the training API (stubbed here; it is tested in test_api.p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,26 +14,32 @@ import pytest
 
 import tensorcut.train.api as api
 from tensorcut.cli import build_parser, main
-from tensorcut.cli.train import TRAIN_DEFAULTS, resolve_recipe
+from tensorcut.cli.train import train_config
+from tensorcut.train.api import RESUME_KEYS
+from tensorcut.train.loop import FitConfig
 
 BASE = ["train", "--model", "vanilla-cnn", "--dataset", "digits"]
 
 
 def test_train_defaults_leave_the_recipe_unset_until_resolved(tmp_path: Path) -> None:
     a = build_parser().parse_args([*BASE, "--out", str(tmp_path / "o")])
-    assert (a.epochs, a.width, a.batch_size, a.val_fraction, a.seed) == (10, 1.0, 128, 0.1, 0)
-    assert (a.method, a.device, a.patience, a.subset) == ("dense", "auto", None, None)
-    assert all(getattr(a, k) is None for k in TRAIN_DEFAULTS)
-    resolve_recipe(a)
-    assert {k: getattr(a, k) for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS
+    assert (a.width, a.batch_size, a.val_fraction) == (1.0, 128, 0.1)
+    assert (a.method, a.device, a.subset) == ("dense", "auto", None)
+    assert all(getattr(a, f.name, None) is None for f in dataclasses.fields(FitConfig))
+    assert train_config(a) == FitConfig()  # unset: FitConfig's defaults
 
 
 def test_resume_takes_the_recorded_recipe_for_unset_options(tmp_path: Path) -> None:
-    (tmp_path / "meta.json").write_text(json.dumps({"recipe": {"lr": 0.05, "optimizer": "sgd"}}))
+    recipe = {"lr": 0.05, "optimizer": "sgd", "epochs": 99, "seed": 7}
+    (tmp_path / "meta.json").write_text(json.dumps({"recipe": recipe}))
     a = build_parser().parse_args([*BASE, "--out", str(tmp_path), "--resume", "--momentum", "0.5"])
-    resolve_recipe(a)
-    assert (a.lr, a.optimizer, a.momentum) == (0.05, "sgd", 0.5)  # given flags win
-    assert a.scheduler == TRAIN_DEFAULTS["scheduler"]  # not recorded: the default
+    cfg = train_config(a)
+    assert (cfg.lr, cfg.optimizer, cfg.momentum) == (0.05, "sgd", 0.5)  # given flags win
+    assert cfg.scheduler == FitConfig().scheduler  # not recorded: the default
+    assert (cfg.epochs, cfg.seed) == (10, 0)  # only the optimiser state's settings are recorded
+    assert set(RESUME_KEYS) == {"optimizer", "lr", "momentum", "weight_decay", "scheduler"}
+    a = build_parser().parse_args([*BASE, "--out", str(tmp_path), "--lr", "0.2"])
+    assert train_config(a).lr == 0.2 and train_config(a).optimizer == "adam"  # no --resume
 
 
 def test_flags_reach_the_training_api(monkeypatch, tmp_path: Path, capsys) -> None:
