@@ -1,6 +1,7 @@
 """Training and evaluation: loader-level loops and the `train` verb (train_checkpoint)."""
 
 from tensorcut.train.api import train_checkpoint
+from tensorcut.train.callbacks import Callback, Checkpoint, EarlyStopping, FitState
 from tensorcut.train.loop import (
     OPTIMIZERS,
     SCHEDULERS,
@@ -15,7 +16,11 @@ from tensorcut.train.loop import (
 __all__ = [
     "OPTIMIZERS",
     "SCHEDULERS",
+    "Callback",
+    "Checkpoint",
+    "EarlyStopping",
     "FitConfig",
+    "FitState",
     "evaluate",
     "fit",
     "recalibrate_bn",

@@ -1,17 +1,15 @@
-"""The one epoch loop (:func:`fit`) and :func:`evaluate`: optimisers, schedulers, early
-stopping, distillation, resumable checkpoints.
+"""The one epoch loop (:func:`fit`) and :func:`evaluate`: optimisers, schedulers,
+distillation, data-parallel training.
 
 What happens to one batch is a :class:`TrainStep`: plain backpropagation
 (:class:`BackpropStep`, the default) or a method's own update (the TDLRT integrator,
-:class:`tensorcut.train.tdlrt.TDLRTStep`). Callbacks see (and may extend) each epoch's row.
+:class:`tensorcut.train.tdlrt.TDLRTStep`). What happens around each epoch is a callback
+(:mod:`tensorcut.train.callbacks`): resumable checkpoints and early stopping are two, built
+from ``fit``'s ``out_dir`` / ``resume`` and ``FitConfig.patience``.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
-import io
-import json
 import math
 import random
 import time
@@ -29,6 +27,13 @@ from tqdm.auto import tqdm
 
 from tensorcut import distributed as tdist
 from tensorcut.errors import TensorcutError
+from tensorcut.train.callbacks import (
+    Callback,
+    Checkpoint,
+    EarlyStopping,
+    FitState,
+    load_train_state,
+)
 
 __all__ = [
     "BackpropStep",
@@ -46,7 +51,8 @@ __all__ = [
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("plateau", "cosine", "onecycle", "none")
-TRAIN_STATE = "train_state.pt"
+#: the training-state reader under its former name here (tests and tools import it)
+_load_train_state = load_train_state
 
 
 def set_seed(seed: int) -> None:
@@ -71,7 +77,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-@torch.no_grad()
 @torch.no_grad()
 def recalibrate_bn(
     model: nn.Module,
@@ -315,7 +320,8 @@ def _make_scheduler(opt: torch.optim.Optimizer, cfg: FitConfig, steps_per_epoch:
     return None
 
 
-#: called after each epoch with the epoch's history row (which it may extend) and the model
+#: a plain callback: called after each epoch's validation with the epoch's history row (which
+#: it may extend) and the model
 EpochCallback = Callable[[dict[str, Any], nn.Module], None]
 
 
@@ -431,16 +437,17 @@ def fit(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     distributed: bool = True,
     step: TrainStep | None = None,
-    callbacks: Sequence[EpochCallback] = (),
+    callbacks: Sequence[Callback | EpochCallback] = (),
 ) -> list[dict[str, Any]]:
     """Train ``model`` and return one history row per epoch.
 
     With ``out_dir`` a checkpoint (``model.safetensors`` + ``meta.json`` + ``train_state.pt``)
-    is written atomically after every epoch; ``resume=True`` continues from it. With
-    ``patience`` training stops when validation loss has not improved for that many
-    epochs, and the best weights are restored. ``teacher`` enables knowledge distillation
-    (``distill_alpha`` weight on the soft-target KL term). ``amp`` trains under autocast
-    (float16 with a gradient scaler on CUDA, bfloat16 on CPU).
+    is written atomically after every epoch; ``resume=True`` continues from it (a
+    :class:`~tensorcut.train.callbacks.Checkpoint`). With ``patience`` training stops when
+    validation loss has not improved for that many epochs, and the best weights are restored
+    (an :class:`~tensorcut.train.callbacks.EarlyStopping`). ``teacher`` enables knowledge
+    distillation (``distill_alpha`` weight on the soft-target KL term). ``amp`` trains under
+    autocast (float16 with a gradient scaler on CUDA, bfloat16 on CPU).
 
     Under ``torchrun`` (or any initialised process group; ``distributed=False`` opts out)
     the model is wrapped in DistributedDataParallel, the loader's batch size is the *global*
@@ -454,27 +461,31 @@ def fit(
         train_loader: batches of ``(images, labels)``.
         val_loader: for validation metrics, the scheduler and early stopping (optional).
         config: the :class:`FitConfig` recipe (default ``FitConfig()``).
+        out_dir, meta, resume: the checkpoint directory, its metadata (naming the
+            architecture) and whether to continue from it.
+        on_epoch: ``on_epoch(row)`` after each epoch's row is recorded, before it is printed.
         step: what one batch does (default :class:`BackpropStep`; TDLRT passes its integrator,
             :class:`tensorcut.train.tdlrt.TDLRTStep`).
-        callbacks: ``callback(row, model)`` after each epoch's validation, before the row is
-            recorded, printed and checkpointed (a callback may add fields to ``row``).
+        callbacks: :class:`~tensorcut.train.callbacks.Callback` objects, or functions
+            ``callback(row, model)`` called after each epoch's validation, before the row is
+            recorded, printed and checkpointed (a callback may add fields to ``row``). They run
+            in the order given, before the ones ``out_dir`` and ``patience`` add; a
+            ``Checkpoint`` runs last.
 
     Returns:
         One dict per epoch (``epoch``, ``train_loss``, ``train_top1``, ``val_loss``, ...).
 
     Raises:
-        TensorcutError: a bad recipe, a checkpoint that does not match on resume.
+        TensorcutError: a bad recipe, a checkpoint that does not match on resume, ``resume``
+            without ``out_dir``, ``out_dir`` beside a ``Checkpoint`` callback.
 
     Example:
         >>> import tensorcut as tc
         >>> history = tc.fit(model, train_loader, val_loader, tc.FitConfig(epochs=2, lr=1e-3))
     """
-    from tensorcut.checkpoint import io as tio
-
     cfg = config or FitConfig()
-    out = Path(out_dir) if out_dir else None
-    if out is not None:
-        _check_checkpoint_meta(meta)
+    hooks = _callbacks(callbacks, cfg, out_dir, meta, resume)
+    objects = [cb for cb in hooks if isinstance(cb, Callback)]
     dev = resolve_device(device)
     ctx = tdist.init(dev) if distributed else tdist.DistContext(device=dev)
     if ctx.enabled:
@@ -491,51 +502,15 @@ def fit(
         net, swapped = _wrap(model, cfg, ctx, dev)
     loader = tdist.shard_train_loader(train_loader, ctx, seed=cfg.seed)
     opt = train_step.optimizer
-    scaler = train_step.scaler if isinstance(train_step, BackpropStep) else None
     try:
         steps_per_epoch = len(loader)
     except TypeError:  # an iterable without a length: the schedule counts one step per epoch
         steps_per_epoch = 1
     sched = _make_scheduler(opt, cfg, steps_per_epoch)
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-    best_loss, best_state, bad_epochs = math.inf, None, 0
-    if resume:
-        if out is None:
-            raise TensorcutError("--resume needs the output directory of the run to continue")
-        state_path = out / TRAIN_STATE
-        if state_path.exists():
-            st = _load_train_state(state_path, dev)
-            try:
-                if st.get("model") is not None:
-                    model.load_state_dict(st["model"])
-                else:  # states written before the weights were kept in train_state.pt
-                    model.load_state_dict(
-                        tio.load_checkpoint(out, map_location=dev).model.state_dict()
-                    )
-                train_step.load_state_dict(st["optimizer"])
-                if sched is not None and st.get("scheduler") is not None:
-                    sched.load_state_dict(st["scheduler"])
-                if st.get("scaler") and scaler is not None:
-                    scaler.load_state_dict(st["scaler"])
-                history = json.loads(st["history"])
-                start_epoch = int(st["epoch"])
-            except (KeyError, TypeError, ValueError, RuntimeError, json.JSONDecodeError) as e:
-                raise TensorcutError(
-                    f"{state_path} does not fit this model and recipe ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0][:120]}); resume with the same settings, or delete it "
-                    "to start over"
-                ) from None
-            best_loss = float(st.get("best_loss", math.inf))
-            bad_epochs = int(st.get("bad_epochs", 0))
-            rngs = st.get("rng_ranks")
-            if isinstance(rngs, list) and len(rngs) == ctx.world_size:
-                rng = rngs[ctx.rank]
-            else:  # another world size: rank 0 continues the saved stream, the others their seeds
-                rng = st.get("rng") if ctx.rank == 0 else None
-            if isinstance(rng, torch.Tensor):
-                torch.set_rng_state(rng.cpu())
-    for epoch in range(start_epoch, cfg.epochs):
+    fs = FitState(model, cfg, train_step, ctx, dev, scheduler=sched, callbacks=objects)
+    for cb in objects:
+        cb.on_fit_start(fs)
+    for epoch in range(fs.epoch, cfg.epochs):
         model.train()
         tdist.set_epoch(loader, epoch)
         t0 = time.perf_counter()
@@ -579,71 +554,64 @@ def fit(
             row.update(val_loss=v["loss"], val_top1=v["top1"], val_top5=v["top5"])
             if cfg.scheduler == "plateau":
                 sched.step(v["loss"])
-            if v["loss"] < best_loss - 1e-6:
-                best_loss, bad_epochs = v["loss"], 0
-                if cfg.patience is not None:
-                    best_state = copy.deepcopy(model.state_dict())
-            else:
-                bad_epochs += 1
         elif cfg.scheduler == "plateau":
             sched.step(row["train_loss"])
-        for callback in callbacks:
-            callback(row, model)
-        history.append(row)
+        fs.epoch = epoch + 1
+        for hook in hooks:
+            if isinstance(hook, Callback):
+                hook.on_epoch_end(row, fs)
+            else:
+                hook(row, model)
+        fs.history.append(row)
         if on_epoch is not None:
             on_epoch(row)
         if progress and ctx.is_main:
             train_step.report(row)
-        stop = cfg.patience is not None and bad_epochs >= cfg.patience
-        if stop and best_state is not None:
-            model.load_state_dict(best_state)
-        if out is not None:
-            rngs = tdist.all_gather_object(torch.get_rng_state())
-            state = {
-                "optimizer": train_step.state_dict(),
-                "scheduler": sched.state_dict() if sched is not None else None,
-                "scaler": scaler.state_dict()
-                if scaler is not None and scaler.is_enabled()
-                else None,
-                "epoch": epoch + 1,
-                "history": json.dumps(history),
-                "best_loss": best_loss,
-                "bad_epochs": bad_epochs,
-                "rng": rngs[0],
-                "rng_ranks": rngs,
-                "world_size": ctx.world_size,
-            }
-            m = dict(meta or {})
-            m["history"] = history
-            m["epoch"] = epoch + 1
-            tdist.run_on_main(functools.partial(_write_checkpoint, model, out, m, state))
-        if stop:
+        for cb in objects:
+            cb.after_epoch(row, fs)
+        if ctx.enabled:  # one rank asking is enough: every rank leaves the loop together
+            fs.stop = tdist.all_reduce_sum([1.0 if fs.stop else 0.0], dev)[0] > 0
+        if fs.stop:
             break
-    if cfg.patience is not None and best_state is not None:
-        model.load_state_dict(best_state)
+    for cb in objects:
+        cb.on_fit_end(fs)
     _revert_sync_batchnorm(model, swapped)
     model.eval()
-    return history
+    return fs.history
 
 
-def _check_checkpoint_meta(meta: dict[str, Any] | None) -> None:
-    """Refuse, before epoch 1, metadata that ``tensorcut.save`` would reject after it."""
-    from tensorcut.checkpoint import io as tio
+def _callbacks(
+    given: Sequence[Callback | EpochCallback],
+    cfg: FitConfig,
+    out_dir: str | Path | None,
+    meta: dict[str, Any] | None,
+    resume: bool,
+) -> list[Callback | EpochCallback]:
+    """The run's callbacks in the order they run: the given ones, then early stopping
+    (``patience``) and the checkpoint (``out_dir``); stably by ``order`` (a checkpoint last).
 
-    model = meta.get("model") if isinstance(meta, dict) else None
-    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
-        raise TensorcutError(
-            "fit(out_dir=...) writes a checkpoint after every epoch and needs meta= naming the "
-            "architecture, e.g. meta={'model': {'name': 'resnet20', 'kwargs': {...}}} (a registry "
-            "name, or your class's name and reload with tensorcut.load(dir, model=YourNet()))"
-        )
-    try:
-        json.dumps(meta, default=tio.json_default)
-    except (TypeError, ValueError) as e:
-        raise TensorcutError(
-            f"fit(meta=...) is not JSON-serialisable ({e}); pass plain numbers, strings, lists "
-            "and dicts"
-        ) from None
+    Checked before anything trains or moves.
+    """
+    hooks: list[Callback | EpochCallback] = []
+    for cb in given:
+        if not (isinstance(cb, Callback) or callable(cb)):
+            raise TensorcutError(
+                f"callbacks take Callback objects or functions f(row, model); got "
+                f"{type(cb).__name__}"
+            )
+        hooks.append(cb)
+    if out_dir:
+        if any(isinstance(cb, Checkpoint) for cb in given):
+            raise TensorcutError(
+                "give out_dir= or a Checkpoint callback, not both (they would write and resume "
+                "twice)"
+            )
+        hooks.append(Checkpoint(out_dir, meta, resume=resume))
+    elif resume:
+        raise TensorcutError("--resume needs the output directory of the run to continue")
+    if cfg.patience is not None:
+        hooks.append(EarlyStopping(cfg.patience))
+    return sorted(hooks, key=lambda cb: cb.order if isinstance(cb, Callback) else 0)
 
 
 def _wrap(
@@ -684,62 +652,6 @@ def _revert_sync_batchnorm(model: nn.Module, swapped: dict[str, type[nn.Module]]
         bn = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
         bn.load_state_dict(m.state_dict())
         model.set_submodule(name, bn.to(next(m.buffers(), torch.empty(0)).device))
-
-
-def _write_checkpoint(
-    model: nn.Module, out: Path, meta: dict[str, Any], state: dict[str, Any]
-) -> None:
-    """Weights + meta.json, then train_state.pt (which carries its own copy of the weights).
-
-    Each file is atomic. A kill between the two leaves a training state one epoch behind
-    meta.json; resuming from it redoes that epoch, with the weights that belong to it.
-    """
-    from tensorcut.checkpoint import io as tio
-
-    tio.save(model, out, meta)
-    buf = io.BytesIO()
-    torch.save(dict(state, model={k: v.detach().cpu() for k, v in model.state_dict().items()}), buf)
-    tio.atomic_write_bytes(out / TRAIN_STATE, buf.getvalue())
-
-
-def _load_train_state(path: Path, dev: torch.device) -> dict[str, Any]:
-    """Read ``train_state.pt`` with ``weights_only=True``; anything else is one clear error."""
-    import pickle
-    import struct
-    import warnings
-    import zipfile
-
-    try:
-        with (
-            warnings.catch_warnings()
-        ):  # torch's own warnings about odd pickle protocols: the error says it all
-            warnings.simplefilter("ignore")
-            st = torch.load(path, map_location=dev, weights_only=True)
-    except (
-        pickle.UnpicklingError,
-        RuntimeError,
-        EOFError,
-        OSError,
-        ValueError,
-        zipfile.BadZipFile,
-        struct.error,
-        AttributeError,
-        TypeError,
-        KeyError,
-        IndexError,
-        LookupError,
-        OverflowError,
-        MemoryError,
-    ) as e:
-        raise TensorcutError(
-            f"{path} is corrupt or not a tensorcut training state ({type(e).__name__}); it was not "
-            "executed; delete it to restart training from scratch"
-        ) from None
-    if not isinstance(st, dict) or "optimizer" not in st or "epoch" not in st:
-        raise TensorcutError(
-            f"{path} is not a tensorcut training state; delete it to restart training from scratch"
-        )
-    return st
 
 
 def _fmt_row(row: dict[str, Any]) -> str:
