@@ -22,8 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorcut.checkpoint import DatasetSpec, ModelSpec
-from tensorcut.checkpoint.meta import EDITED
+from tensorcut.checkpoint.meta import EDITED, CheckpointMeta, ModelSpec
 from tensorcut.errors import TensorcutError
 
 __all__ = [
@@ -33,6 +32,8 @@ __all__ = [
     "json_default",
     "load",
     "load_checkpoint",
+    "read_info",
+    "read_meta",
     "save",
     "versions",
 ]
@@ -108,10 +109,16 @@ def versions() -> dict[str, str]:
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint: the rebuilt model and its metadata."""
+    """A loaded checkpoint: the rebuilt model and its metadata (``meta``, the ``meta.json``
+    object; :attr:`info`, the same typed)."""
 
     model: nn.Module
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def info(self) -> CheckpointMeta:
+        """The metadata, typed and checked: model, data set, lineage, metrics, history."""
+        return CheckpointMeta.from_meta(self.meta)
 
 
 def _factorized_configs(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -168,14 +175,15 @@ def save(model: nn.Module, directory: str | Path, meta: dict[str, Any] | None = 
     directory = Path(directory)
     if meta is None:
         meta = {"model": {"name": type(model).__name__, "kwargs": {}}}
-    if "model" not in meta or "name" not in meta["model"]:
+    try:
+        ModelSpec.from_meta(meta)
+    except TensorcutError:
         raise TensorcutError(
             "checkpoint metadata needs model.name (the registry name) and model.kwargs"
-        )
-    meta = dict(meta)
-    meta["format"] = FORMAT
-    meta["format_version"] = FORMAT_VERSION
-    meta["layers"] = _factorized_configs(model)
+        ) from None
+    meta = dict(
+        meta, format=FORMAT, format_version=FORMAT_VERSION, layers=_factorized_configs(model)
+    )
     meta.setdefault("versions", versions())
     try:  # serialise the metadata first: a bad value must not leave weights without meta.json
         meta_text = json.dumps(meta, indent=2, sort_keys=True, default=json_default)
@@ -184,10 +192,16 @@ def save(model: nn.Module, directory: str | Path, meta: dict[str, Any] | None = 
             f"checkpoint metadata is not JSON-serialisable ({e}); pass plain numbers, strings, "
             "lists and dicts"
         ) from None
+    # what load will read back: refused now in one line, not after the weights are written
+    CheckpointMeta.from_meta(json.loads(meta_text), "checkpoint metadata", fix=SAVE_FIX)
     state = _unshared_state(model)
     atomic_write_bytes(directory / WEIGHTS, st_save(state))
     atomic_write_text(directory / META, meta_text)
     return directory
+
+
+#: the fix-it tail of a metadata field that :func:`save` refuses
+SAVE_FIX = "give it the shape tensorcut writes, or keep your own value under another key"
 
 
 def json_default(o: Any) -> Any:
@@ -203,8 +217,17 @@ def json_default(o: Any) -> Any:
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
-    """Read and check ``DIR/meta.json``."""
-    directory = Path(directory)
+    """Read and check ``DIR/meta.json``; the parsed object (:func:`read_info`: the same, typed)."""
+    return _read(Path(directory))[0]
+
+
+def read_info(directory: str | Path) -> CheckpointMeta:
+    """Read and check ``DIR/meta.json``, typed (:class:`CheckpointMeta`) without loading weights."""
+    return _read(Path(directory))[1]
+
+
+def _read(directory: Path) -> tuple[dict[str, Any], CheckpointMeta]:
+    """``DIR/meta.json`` parsed and checked: the object and its typed view."""
     if not directory.is_dir():
         raise TensorcutError(
             f"{directory} is not a checkpoint directory (expected a folder with {WEIGHTS} and "
@@ -226,9 +249,9 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
         raise TensorcutError(
             f"{p} is not tensorcut checkpoint metadata (missing format={FORMAT!r})"
         )
-    ModelSpec.from_meta(meta, p)
-    _check_fields(meta, p)
-    return meta
+    info = CheckpointMeta.from_meta(meta, p)  # model, data set, lineage, metrics, history
+    _check_layers(info.layers, p)
+    return meta, info
 
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -282,11 +305,9 @@ def _check_geometry(name: str, g: Any, p: Path) -> None:
         )
 
 
-def _check_fields(meta: dict[str, Any], p: Path) -> None:
-    """Check the types of the fields later steps rely on, once, before anything is built: a
+def _check_layers(layers: Any, p: Path) -> None:
+    """Check the recorded geometry of every factorized layer once, before anything is built: a
     hand-edited value gets one line here instead of a traceback (or silent use) much later."""
-    DatasetSpec.from_meta(meta, p)
-    layers = meta.get("layers")
     if isinstance(layers, dict):  # a non-object is reported by build_model
         for name, cfg in layers.items():
             if isinstance(cfg, dict):
@@ -300,14 +321,15 @@ def _layer_class(method: str | None) -> Any:
     return layer_class(method) if method else None
 
 
-def build_model(meta: dict[str, Any], model: nn.Module | None = None) -> nn.Module:
+def build_model(meta: dict[str, Any] | CheckpointMeta, model: nn.Module | None = None) -> nn.Module:
     """Rebuild the (uninitialised) architecture described by ``meta``; with ``model`` (a fresh
     instance of the user's architecture), re-apply the recorded factorized layers to it instead."""
     from tensorcut import models
     from tensorcut.layers.base import LAYER_REGISTRY
 
-    spec = ModelSpec.from_meta(meta)
-    layers = meta.get("layers") or {}
+    info = meta if isinstance(meta, CheckpointMeta) else CheckpointMeta.from_meta(meta)
+    spec = info.model
+    layers = info.layers or {}
     if not isinstance(layers, dict):
         raise TensorcutError(
             "meta.json 'layers' must map layer names to configurations; the file was edited or is "
@@ -391,7 +413,7 @@ def _header_numel(wpath: Path) -> int | None:
         return None
 
 
-def _check_size(meta: dict[str, Any], wpath: Path) -> None:
+def _check_size(info: CheckpointMeta, wpath: Path) -> None:
     """Refuse, before allocating anything, a meta.json that describes far more weights than the file
     holds.
 
@@ -400,15 +422,14 @@ def _check_size(meta: dict[str, Any], wpath: Path) -> None:
     otherwise allocate (and zero) gigabytes before the exact shape check could speak; smaller
     disagreements are left to that check, whose message is more precise.
     """
-    from tensorcut import models
 
     stored = _header_numel(wpath)
     if stored is None:
         return
-    replaced = tuple(meta.get("layers") or {}) if isinstance(meta.get("layers"), dict) else ()
+    replaced = tuple(info.layers) if isinstance(info.layers, dict) else ()
     try:
         with torch.device("meta"):
-            probe = models.create(meta["model"]["name"], **(meta["model"].get("kwargs") or {}))
+            probe = info.model.create()
         state = probe.state_dict()
     except (TypeError, ValueError, RuntimeError, TensorcutError):
         return  # build_model reports these
@@ -451,12 +472,12 @@ def load_checkpoint(
     from safetensors.torch import load as st_load
 
     directory = Path(directory)
-    meta = read_meta(directory)
+    meta, info = _read(directory)
     _ensure_layers_imported()
     wpath = directory / WEIGHTS
     if model is None:
-        _check_size(meta, wpath)
-    model = build_model(meta, model)
+        _check_size(info, wpath)
+    model = build_model(info, model)
     try:
         state = st_load(wpath.read_bytes())
     except FileNotFoundError:

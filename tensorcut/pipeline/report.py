@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tensorcut.checkpoint import CheckpointMeta
 from tensorcut.checkpoint.io import atomic_write_text
 from tensorcut.errors import TensorcutError
 
@@ -486,7 +487,9 @@ def write_report(run_dir: str | Path) -> Path:
             "re-run `tensorcut run` to complete them"
         )
     summary = _read_json(rd, "verify.json")
-    meta = _read_json(rd, "finetuned/meta.json")
+    info = CheckpointMeta.from_meta(
+        _read_json(rd, "finetuned/meta.json"), rd / "finetuned" / "meta.json"
+    )
     planj = _read_json(rd, "compressed/plan.json")
     try:
         rows = summary["rows"]
@@ -498,7 +501,6 @@ def write_report(run_dir: str | Path) -> Path:
             f"{rd}: verify.json or compressed/plan.json lacks its rows / totals / layers; "
             f"re-run `tensorcut run` into a new --out"
         ) from None
-    ds = meta.get("dataset") or {}
 
     parts: list[str] = [
         f"<h1>tensorcut run report</h1><p class='verdict'>{html.escape(verdict(summary))}</p>"
@@ -515,8 +517,8 @@ def write_report(run_dir: str | Path) -> Path:
         f"<p class='{goal_cls}'>Goal: <b>{html.escape(summary['goal'])}</b> — "
         f"{'met' if summary['goal_met'] else 'NOT met'}; "
         f"achieved {html.escape(summary['achieved'])}. "
-        f"Model <code>{html.escape(str((meta.get('model') or {}).get('name')))}</code> on "
-        f"<code>{html.escape(str(ds.get('name')))}</code>.</p>"
+        f"Model <code>{html.escape(info.model.name)}</code> on "
+        f"<code>{html.escape(str(info.dataset.name))}</code>.</p>"
     )
 
     def lat(r: dict[str, Any], b: int) -> str:
@@ -549,7 +551,7 @@ def write_report(run_dir: str | Path) -> Path:
     parts.append("<h2>Before / after</h2>" + _table(head, body, "before-after"))
     fcr = rows["dense"]["macs"] / rows["final"]["macs"] if rows["final"]["macs"] else math.inf
     parts.append(
-        f"<p>Test split of <code>{html.escape(str(ds.get('name')))}</code> "
+        f"<p>Test split of <code>{html.escape(str(info.dataset.name))}</code> "
         f"({rows['final']['n']} images). Whole-model "
         f"compression {rows['dense']['params'] / rows['final']['params']:.2f}x in parameters, FCR "
         f"{fcr:.2f} (dense / compressed MACs); "
@@ -666,9 +668,10 @@ def write_report(run_dir: str | Path) -> Path:
                 ["run settings", json.dumps(state.get("settings", {}))],
                 [
                     "calibration data",
-                    f"{ds.get('name')} validation split, seeded subset (see settings.calib_subset)",
+                    f"{info.dataset.name} validation split, seeded subset "
+                    "(see settings.calib_subset)",
                 ],
-                ["verification data", f"{ds.get('name')} test split"],
+                ["verification data", f"{info.dataset.name} test split"],
             ],
             "provenance",
         )

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from tensorcut import data as tdata
+from tensorcut.checkpoint import CheckpointMeta
 from tensorcut.checkpoint import io as tio
 from tensorcut.compression import CompressConfig, apply, plan
 from tensorcut.console import say
@@ -259,31 +260,23 @@ def _check_out_path(out: Path) -> None:
             raise TensorcutError(f"{parent} is a file; give a directory path for --out")
 
 
-def _calibration(meta: dict[str, Any], subset: int) -> tdata.ImageDataset:
-    d = meta.get("dataset") or {}
-    if not d.get("name"):
-        raise TensorcutError(
-            "the checkpoint does not name its data set; `tensorcut run` needs it for calibration"
-        )
-    return tdata.load_dataset(
-        d["name"],
-        "val",
-        data_dir=d.get("data_dir"),
-        val_fraction=d.get("val_fraction", 0.1),
-        seed=d.get("seed", 0),
-        subset=subset,
-    )
+#: `tensorcut run` needs the checkpoint's own data set (calibration, probe, test)
+NO_RUN_DATASET = (
+    "the checkpoint does not name its data set; `tensorcut run` needs it for calibration"
+)
 
 
-def _test_set(meta: dict[str, Any]) -> tdata.ImageDataset:
-    d = meta["dataset"]
-    return tdata.load_dataset(
-        d["name"],
-        "test",
-        data_dir=d.get("data_dir"),
-        val_fraction=d.get("val_fraction", 0.1),
-        seed=d.get("seed", 0),
-    )
+def _split(meta: CheckpointMeta, split: str, subset: int | None = None) -> tdata.ImageDataset:
+    """``split`` of the checkpoint's recorded data set (same folder and seeded hold-out)."""
+    return meta.dataset.load(split, subset=subset, missing=NO_RUN_DATASET)
+
+
+def _calibration(meta: CheckpointMeta, subset: int) -> tdata.ImageDataset:
+    return _split(meta, "val", subset)
+
+
+def _test_set(meta: CheckpointMeta) -> tdata.ImageDataset:
+    return _split(meta, "test")
 
 
 #: Rank allocations compared on the calibration set: the sensitivity-guided budget, the same
@@ -556,8 +549,9 @@ def run(
     else:
         _say("[dense] done (skipped)", progress)
     dense = tio.load_checkpoint(dense_dir)
-    shape = input_shape_of(dense.meta)
-    calib = _calibration(dense.meta, config.calib_subset)
+    dense_info = dense.info
+    shape = input_shape_of(dense_info)
+    calib = _calibration(dense_info, config.calib_subset)
     calib_loader = tdata.make_loader(calib, 512)
 
     # 2. study -------------------------------------------------------------------------------
@@ -577,8 +571,8 @@ def run(
             {"val": calib_loader},
             study_db,
             bipartitions=config.bipartitions,
-            model_name=dense.meta["model"]["name"],
-            data_name=dense.meta["dataset"]["name"],
+            model_name=dense_info.model.name,
+            data_name=dense_info.dataset.name,
             progress=progress,
         )
         plot(study_db, out / "study" / "figures", formats=("png",))
@@ -643,15 +637,7 @@ def run(
             for k in kinds
         }
         if config.probe_epochs > 0:
-            d = dense.meta["dataset"]
-            tr = tdata.load_dataset(
-                d["name"],
-                "train",
-                data_dir=d.get("data_dir"),
-                val_fraction=d.get("val_fraction", 0.1),
-                seed=d.get("seed", 0),
-                subset=config.probe_images,
-            )
+            tr = _split(dense_info, "train", config.probe_images)
             probe_loader = tdata.make_loader(tr, config.batch_size, shuffle=True, seed=config.seed)
             _say(
                 f"[compress] probing each allocation: {config.probe_epochs} epoch(s) "
@@ -727,9 +713,8 @@ def run(
             progress=progress,
             subset=config.train_subset,
         )
-        rd.mark(
-            "finetune", {"path": "finetuned", "history": ck.meta.get("finetune_history", [])}, ts
-        )
+        history = [r.to_dict() for r in ck.info.finetune_history or ()]
+        rd.mark("finetune", {"path": "finetuned", "history": history}, ts)
     else:
         _say("[finetune] done (skipped)", progress)
 
@@ -773,8 +758,9 @@ def verify(dense_dir: Path, final_dir: Path, comp_dir: Path, config: RunConfig) 
     models: dict[str, nn.Module] = {}
     for key, d in (("dense", dense_dir), ("compressed", comp_dir), ("final", final_dir)):
         ck = tio.load_checkpoint(d)
-        shape = input_shape_of(ck.meta)
-        m = evaluate_loader(ck.model, tdata.make_loader(_test_set(ck.meta), 512))
+        info = ck.info
+        shape = input_shape_of(info)
+        m = evaluate_loader(ck.model, tdata.make_loader(_test_set(info), 512))
         s = summarize(ck.model, shape)
         models[key] = ck.model
         rows[key] = {

@@ -6,6 +6,7 @@ These are the Python functions behind ``tensorcut compress``, ``finetune`` and `
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -16,6 +17,17 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from tensorcut import data as tdata
+from tensorcut.checkpoint import (
+    BatchNormRecord,
+    CheckpointMeta,
+    DatasetSpec,
+    EpochRecord,
+    FinetuneRecord,
+    Metrics,
+    ModelSpec,
+    Parent,
+    Score,
+)
 from tensorcut.checkpoint import io as tio
 from tensorcut.compression import CompressConfig, Plan, apply, plan
 from tensorcut.errors import TensorcutError
@@ -64,11 +76,11 @@ RSDTR_RECIPE = FitConfig(
 RECIPES = {"thesis": FINETUNE_RECIPE, "rsdtr": RSDTR_RECIPE}
 
 
-def input_shape_of(meta: dict[str, Any]) -> tuple[int, int, int]:
-    """(C, H, W) of the model's input, from checkpoint metadata."""
-    kw = meta["model"].get("kwargs", {})
-    s = int(kw.get("input_size", 32))
-    return (int(kw.get("in_channels", 3)), s, s)
+def input_shape_of(meta: dict[str, Any] | CheckpointMeta) -> tuple[int, int, int]:
+    """(C, H, W) of the model's input, from checkpoint metadata (see
+    :meth:`ModelSpec.input_shape`)."""
+    spec = meta.model if isinstance(meta, CheckpointMeta) else ModelSpec.from_meta(meta)
+    return spec.input_shape()
 
 
 _SENSITIVITY_SQL = """
@@ -150,10 +162,11 @@ def check_output_dir(
         return
     if unfinished_from is not None and not (out / "plan.json").exists():
         try:
-            parent = (json.loads((out / tio.META).read_text()).get("parent") or {}).get("path")
-        except (OSError, ValueError, AttributeError):
-            parent = None
-        if parent is not None and Path(parent).resolve() == Path(unfinished_from).resolve():
+            left = CheckpointMeta.from_meta(json.loads((out / tio.META).read_text())).lineage
+        except (OSError, ValueError):  # unreadable or not a checkpoint's: a TensorcutError too
+            left = None
+        parent = left.parent if left is not None else None
+        if parent is not None and Path(parent.path).resolve() == Path(unfinished_from).resolve():
             return
     raise TensorcutError(
         f"{out} already holds a checkpoint; pass --force to replace it or choose another --out"
@@ -219,26 +232,36 @@ def compress_checkpoint(
             )
         raise TensorcutError(f"the rank rule leaves nothing to compress ({reasons}); loosen it")
     model = apply(ck.model, p)
-    meta = copy.deepcopy(ck.meta)
-    meta.pop("history", None)
-    meta["parent"] = {"path": str(src), "metrics": ck.meta.get("metrics")}
-    meta["plan"] = p.to_dict()
-    meta["metrics"] = {}
+    source = ck.info
+    lineage = dataclasses.replace(
+        source.lineage, parent=Parent(str(src), source.metrics), plan=p.to_dict()
+    )
     if bn_images is None or bn_images > 0 or bn_loader is not None:
-        meta["bn_recalibration"] = _recalibrate(model, meta, bn_images, bn_loader)
+        record = _recalibrate(model, source, bn_images, bn_loader)
+        lineage = dataclasses.replace(lineage, bn_recalibration=record)
+    metrics = Metrics()
     if evaluate_split:
-        ds = _dataset_from_meta(meta, evaluate_split)
-        meta["metrics"][evaluate_split] = evaluate_loader(model, tdata.make_loader(ds, 512), "cpu")
+        ds = _dataset_from_meta(source, evaluate_split)
+        ev = evaluate_loader(model, tdata.make_loader(ds, 512), "cpu")
+        metrics = metrics.with_scores(**{evaluate_split: _score(ev)})
+    # the training history belongs to the dense weights; the rest (recipe, epochs) is kept
+    info = dataclasses.replace(source, lineage=lineage, metrics=metrics, history=None)
+    meta = info.to_meta()
     tio.save(model, out, meta)
     (out / "train_state.pt").unlink(
         missing_ok=True
     )  # a replaced (--force) checkpoint's training state is not ours
-    if "bn_recalibration" in meta:  # the plan file also says what was done after applying it
-        doc = dict(p.to_dict(), bn_recalibration=meta["bn_recalibration"])
+    if lineage.bn_recalibration is not None:  # the plan file also says what was done after it
+        doc = dict(p.to_dict(), bn_recalibration=lineage.bn_recalibration.to_dict())
         tio.atomic_write_text(out / "plan.json", json.dumps(doc, indent=2))
     else:
         p.save(out / "plan.json")
     return model, p, meta
+
+
+def _score(evaluation: dict[str, Any]) -> Score:
+    """An evaluation's metrics as recorded (plain JSON numbers)."""
+    return Score.from_dict(json.loads(json.dumps(evaluation)), "metrics")
 
 
 #: Training images whose BatchNorm statistics ``tensorcut compress`` re-estimates by default.
@@ -246,8 +269,8 @@ DEFAULT_BN_IMAGES = 2048
 
 
 def _recalibrate(
-    model: nn.Module, meta: dict[str, Any], bn_images: int | None, bn_loader: Any
-) -> dict[str, Any]:
+    model: nn.Module, meta: CheckpointMeta, bn_images: int | None, bn_loader: Any
+) -> BatchNormRecord:
     """Re-estimate BatchNorm statistics after the swap; the record of what was done, or why not.
 
     Why by default: a factorized convolution shifts the distribution its BatchNorm sees, and
@@ -265,11 +288,11 @@ def _recalibrate(
     )
     record: dict[str, Any] = {"batchnorm_layers": n_bn, "default": default}
     if n_bn == 0:
-        return dict(record, images=0, skipped="the model has no BatchNorm layers")
+        return _bn_record(record, images=0, skipped="the model has no BatchNorm layers")
     if bn_loader is None:
         want = DEFAULT_BN_IMAGES if bn_images is None else bn_images
-        if default and not (meta.get("dataset") or {}).get("name"):
-            return dict(record, images=0, skipped="the checkpoint names no data set")
+        if default and not meta.dataset.name:
+            return _bn_record(record, images=0, skipped="the checkpoint names no data set")
         try:
             with warnings.catch_warnings():
                 if default:  # "up to" the default: a smaller training split is no surprise
@@ -278,48 +301,47 @@ def _recalibrate(
         except TensorcutError as e:
             if not default:
                 raise
-            return dict(record, images=0, skipped=f"its data set is not available ({e})")
+            return _bn_record(record, images=0, skipped=f"its data set is not available ({e})")
         bn_loader = tdata.make_loader(ds, 128)
         record.update(requested=want, data="train split")
     else:
         record["data"] = "given batches"
     recalibrate_bn(model, bn_loader)
-    record["images"] = len(bn_loader.dataset) if hasattr(bn_loader, "dataset") else None
-    return record
+    return _bn_record(
+        record, images=len(bn_loader.dataset) if hasattr(bn_loader, "dataset") else None
+    )
 
 
-def bn_recalibration_line(record: dict[str, Any] | None) -> str:
-    """One console line saying what :func:`compress_checkpoint` did to BatchNorm statistics."""
+def _bn_record(record: dict[str, Any], **more: Any) -> BatchNormRecord:
+    """The ``bn_recalibration`` record with these keys, in this order."""
+    return BatchNormRecord.from_dict(dict(record, **more), "bn_recalibration")
+
+
+def bn_recalibration_line(record: dict[str, Any] | BatchNormRecord | None) -> str:
+    """One console line saying what :func:`compress_checkpoint` did to BatchNorm statistics
+    (``record``: the ``bn_recalibration`` entry of ``meta.json``, or None when there is none)."""
     if record is None:
         return "BatchNorm statistics: kept as trained (--bn-images 0)"
-    if "skipped" in record:
-        return f"BatchNorm statistics: not re-estimated, {record['skipped']}"
-    images = record.get("images")
-    on = f"{images} training images" if record.get("data") == "train split" else "given batches"
-    line = f"BatchNorm statistics: re-estimated on {on} ({record['batchnorm_layers']} layers)"
-    return line + (" by default; --bn-images 0 keeps the trained ones" if record["default"] else "")
+    if not isinstance(record, BatchNormRecord):
+        record = BatchNormRecord.from_dict(record, "bn_recalibration")
+    if record.skipped is not None:
+        return f"BatchNorm statistics: not re-estimated, {record.skipped}"
+    on = f"{record.images} training images" if record.data == "train split" else "given batches"
+    line = f"BatchNorm statistics: re-estimated on {on} ({record.batchnorm_layers} layers)"
+    return line + (" by default; --bn-images 0 keeps the trained ones" if record.default else "")
 
 
 def _dataset_from_meta(
-    meta: dict[str, Any], split: str, dataset: str | None = None, subset: int | None = None
+    meta: CheckpointMeta, split: str, dataset: str | None = None, subset: int | None = None
 ) -> tdata.ImageDataset:
-    d = meta.get("dataset") or {}
-    name = dataset or d.get("name")
-    if not name:
-        raise TensorcutError("the checkpoint does not name its data set; pass --dataset")
+    """``split`` of the checkpoint's data set (or of ``dataset``, in its default folder), with
+    the recorded hold-out; refused in one line when the images do not fit the model."""
     from tensorcut.train.api import check_dataset_fits
 
-    ds = tdata.load_dataset(
-        name,
-        split,
-        data_dir=d.get("data_dir") if name == d.get("name") else None,
-        val_fraction=d.get("val_fraction", 0.1),
-        seed=d.get("seed", 0),
-        subset=subset,
-    )
-    check_dataset_fits(
-        meta, ds, name
-    )  # wrong channel count / input size: one line, not a conv traceback
+    spec: DatasetSpec = meta.dataset.resolve(dataset or None)
+    ds = spec.load(split, subset=subset)
+    # wrong channel count / input size: one line, not a conv traceback
+    check_dataset_fits({"model": meta.model.to_dict()}, ds, str(spec.name))
     return ds
 
 
@@ -360,20 +382,22 @@ def finetune_checkpoint(
     teacher = tio.load(distill_from) if distill_from else None
     if teacher is not None and cfg.distill_alpha == 0:
         cfg.distill_alpha = 0.5
-    tr = _dataset_from_meta(ck.meta, "train", dataset, subset)
-    va = _dataset_from_meta(ck.meta, "val", dataset)
-    te = _dataset_from_meta(ck.meta, "test", dataset)
+    source = ck.info
+    tr = _dataset_from_meta(source, "train", dataset, subset)
+    va = _dataset_from_meta(source, "val", dataset)
+    te = _dataset_from_meta(source, "test", dataset)
     dev = resolve_device(device)
-    meta = copy.deepcopy(ck.meta)
-    meta["finetune"] = {
-        "epochs": cfg.epochs,
-        "optimizer": cfg.optimizer,
-        "lr": cfg.lr,
-        "patience": cfg.patience,
-        "distill_from": str(distill_from) if distill_from else None,
-        "subset": subset,
-        "train_images": len(tr),
-    }
+    record = FinetuneRecord(
+        epochs=cfg.epochs,
+        optimizer=cfg.optimizer,
+        lr=cfg.lr,
+        patience=cfg.patience,
+        distill_from=str(distill_from) if distill_from else None,
+        subset=subset,
+        train_images=len(tr),
+    )
+    info = dataclasses.replace(source, lineage=dataclasses.replace(source.lineage, finetune=record))
+    meta = info.to_meta()  # what fit's per-epoch checkpoints record
     from tensorcut import distributed as tdist
 
     resume = resume and (out / tio.META).exists()
@@ -395,9 +419,19 @@ def finetune_checkpoint(
         progress=progress,
     )
     after = evaluate_loader(ck.model, tdata.make_loader(te, 512), dev)
-    meta["metrics"] = dict(meta.get("metrics") or {}, test_before_finetune=before, test=after)
-    meta["finetune_history"] = hist
-    meta.pop("history", None)
+    metrics = (info.metrics or Metrics()).with_scores(
+        test_before_finetune=_score(before), test=_score(after)
+    )
+    rows = json.loads(json.dumps(hist, default=tio.json_default))  # as meta.json holds them
+    info = dataclasses.replace(
+        info,
+        metrics=metrics,
+        finetune_history=tuple(
+            EpochRecord.from_dict(r, f"finetune_history[{i}]") for i, r in enumerate(rows)
+        ),
+        history=None,
+    )
+    meta = info.to_meta()
 
     def finish() -> None:
         tio.save(ck.model, out, meta)
