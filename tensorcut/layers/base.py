@@ -338,18 +338,23 @@ def _pointwise(
         if not x.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
         rows = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view
-    # bmm takes the strided operands as they are (matmul would copy a transposed batch operand)
+    # bmm takes the strided operands as they are (matmul would copy a transposed batch operand).
+    # The bias is added in place after the GEMM: addmm/baddbmm first broadcast-copy it into the
+    # whole output and have the GEMM read it back, a pass that cost as much as the GEMM itself
+    # for thin factors with wide outputs (16 -> 64 channels at 56x56, batch 32: 3.4 vs 2.7 ms)
     if cl_out:
         if rows.is_contiguous():  # channels-last in: one (n*hw, c) x (c, o) GEMM
-            flat = rows.reshape(n * h * w, c)
-            y = flat @ W.t() if bias is None else torch.addmm(bias, flat, W.t())
+            y = rows.reshape(n * h * w, c) @ W.t()
+            if bias is not None:
+                y = y.add_(bias)
         else:
-            Wt = W.t().expand(n, c, o)
-            y = torch.bmm(rows, Wt) if bias is None else torch.baddbmm(bias.view(1, 1, o), rows, Wt)
+            y = torch.bmm(rows, W.t().expand(n, c, o))
+            if bias is not None:
+                y = y.add_(bias.view(1, 1, o))
         return y.reshape(n, h, w, o).permute(0, 3, 1, 2)
-    Wb = W.expand(n, o, c)
-    cols = rows.transpose(1, 2)  # (n, c, hw)
-    y = torch.bmm(Wb, cols) if bias is None else torch.baddbmm(bias.view(1, o, 1), Wb, cols)
+    y = torch.bmm(W.expand(n, o, c), rows.transpose(1, 2))  # (n, o, c) x (n, c, hw)
+    if bias is not None:
+        y = y.add_(bias.view(1, o, 1))
     return y.reshape(n, o, h, w)
 
 
