@@ -20,7 +20,7 @@ from tensorcut.inference import (
     fold_affine_,
     prepare_for_inference,
 )
-from tensorcut.layers.base import LAYER_REGISTRY, ConvGeometry, FactorizedConv2d
+from tensorcut.layers.base import LAYER_REGISTRY, ConvGeometry, FactorizedConv2d, PointwiseConv2d
 from tensorcut.models import create
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,7 +79,7 @@ def test_zoo_resnet_same_function_all_bn_folded(name):
     "options",
     [
         {},
-        {"pointwise": "conv"},
+        {"pointwise": "gemm"},
         {"channels_last": False, "merge_pointwise": False},
         {"cp_spatial": "merged"},
     ],
@@ -96,6 +96,10 @@ def test_compressed_model_same_function(method, options):
         assert any(
             isinstance(m, PointwiseChain) for m in prep.modules()
         )  # the bottlenecks' 1x1 convs
+    if options.get("pointwise", "conv") == "conv":  # the default: no GEMM-path 1x1 left
+        assert not any(type(m) is PointwiseConv2d for m in prep.modules())
+    else:
+        assert any(type(m) is PointwiseConv2d for m in prep.modules())
     if options.get("cp_spatial") == "merged" and method == "cp":
         assert any(isinstance(m, MergedCPConv2d) for m in prep.modules())
 
