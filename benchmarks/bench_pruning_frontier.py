@@ -65,7 +65,16 @@ OUT = RESULTS / "pruning_frontier"
 STATE = RESULTS / "pruning_frontier.json"
 WORK = ROOT / "runs" / "bench_pruning_frontier"
 INPUT = (1, 28, 28)
-ARMS = ("tucker2", "pruning", "uniform", "minmax", "greedy", "tucker2-match", "uniform-match")
+ARMS = (
+    "tucker2",
+    "pruning",
+    "uniform",
+    "minmax",
+    "greedy",
+    "tucker2-match",
+    "uniform-match",
+    "guided-match",
+)
 
 
 def log(msg: str) -> None:
@@ -341,8 +350,38 @@ def bisect(
     return best
 
 
+def study_sensitivity(dense: nn.Module, calib: Any) -> dict[str, float]:
+    """Per-layer sensitivity from the truncation study on the calibration images (single-layer
+    SVD truncations over the OUT, IN and OUT-IN bipartitions, as ``tensorcut run`` does), cached
+    next to the dense checkpoint."""
+    from tensorcut.analysis.sweep import analyze
+    from tensorcut.pipeline.workflow import load_sensitivity
+
+    db = WORK / "study" / "truncation.sqlite"
+    if not (WORK / "study" / "done").exists():
+        db.unlink(missing_ok=True)
+        t = time.perf_counter()
+        analyze(
+            copy.deepcopy(dense),
+            {"val": calib},
+            db,
+            bipartitions=("OUT", "IN", "OUT-IN"),
+            model_name="resnet20",
+            data_name="fashion-mnist",
+            csv=False,
+            progress=False,
+        )
+        (WORK / "study" / "done").write_text(f"{time.perf_counter() - t:.0f} s\n")
+        log(f"truncation study on the calibration images took {time.perf_counter() - t:.0f} s")
+    return load_sensitivity(db)
+
+
 def build_tucker2(
-    dense: nn.Module, x: float, dense_tc: int, previous: bool = False
+    dense: nn.Module,
+    x: float,
+    dense_tc: int,
+    previous: bool = False,
+    sensitivity: dict[str, float] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The MAC-budget allocation; ``previous``: the allocation before issue 16's fix (greedy
     Lagrangian descent over scaled-rank ladders, each layer's squared relative error weighted by
@@ -372,6 +411,7 @@ def build_tucker2(
             m,
             CompressConfig(method="tucker2", budget=target, budget_kind="macs"),
             input_shape=INPUT,
+            sensitivity=sensitivity,
             progress=False,
         )
     finally:
@@ -381,12 +421,14 @@ def build_tucker2(
     errs = [lp.error for lp in p.layers if lp.status == "factorize" and lp.error is not None]
     return m, {
         "config": f"CompressConfig(method='tucker2', budget={target}, budget_kind='macs')"
+        + (", sensitivity from the truncation study" if sensitivity else "")
         + (
             (" (allocator wrapped: greedy, weight x params)" if fixed else " (package before fix)")
             if previous
             else ""
         ),
         "max_layer_error": max(errs) if errs else None,
+        "sensitivity": sensitivity,
         "plan_macs": tot["model_macs_after"],
         "plan_params": tot["model_params_after"],
         "ranks": ranks,
@@ -544,6 +586,9 @@ def arm_stage(
         m = copy.deepcopy(dense)
     elif arm in ("tucker2", "tucker2-match"):
         m, info = build_tucker2(dense, x, d["macs_tc"])
+    elif arm == "guided-match":
+        sens = study_sensitivity(dense, data["calib"])
+        m, info = build_tucker2(dense, x, d["macs_tc"], sensitivity=sens)
     elif arm == "greedy":
         m, info = build_tucker2(dense, x, d["macs_tc"], previous=True)
     elif arm in ("uniform", "uniform-match"):
@@ -646,6 +691,7 @@ LABEL = {
     "dense-ft": "dense + same fine-tuning (control)",
     "tucker2-match": "tensorcut tucker2, MAC-budget allocation + layer matching",
     "uniform-match": "tensorcut tucker2, uniform ranks + layer matching",
+    "guided-match": "tensorcut tucker2, MAC budget guided by the truncation study + layer matching",
 }
 
 
@@ -916,6 +962,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
         "greedy": ("v", "C7"),
         "tucker2-match": ("P", "C4"),
         "uniform-match": ("X", "C5"),
+        "guided-match": ("*", "C6"),
     }
     for j, ax in enumerate(axes[0]):
         for arm in ARMS:
