@@ -12,10 +12,10 @@
 * the 1x1 factors run as ordinary ``F.conv2d`` (``pointwise="conv"``, the default) instead of the
   factorized layers' GEMM path (``pointwise="gemm"``): an exported graph then has one ``Conv``
   node per factor (which ONNX Runtime fuses with a following bias/ReLU) instead of reshapes,
-  transposes and a ``MatMul``, and in eager PyTorch on CPU the convolution was as fast or faster
-  (channels-last, 1 thread, Tucker-2 ResNets at 0.25x MACs: latency ratio to dense 0.366 vs
-  0.377 (ResNet-18) and 0.366 vs 0.370 (ResNet-50) at batch 1; 0.451 vs 0.461 and 0.510 vs 0.562
-  at batch 32, where oneDNN adds the bias inside the kernel).
+  transposes and a ``MatMul``; in eager PyTorch on CPU (channels-last, 1 thread, Tucker-2
+  ResNet-18/-50 at 0.25x MACs, latency ratio to dense) the two were within noise at batch 1
+  (0.362 vs 0.364 and 0.374 vs 0.380, 41 rounds) and the convolution faster at batch 32 (0.430
+  vs 0.438 and 0.495 vs 0.539: oneDNN adds the bias inside the kernel).
 * optionally (``cp_spatial="merged"``) CP's two depthwise 1-D convolutions become one
   depthwise ``KHxKW`` convolution (their outer product): one kernel call instead of two.
 
