@@ -194,3 +194,35 @@ def test_unserialisable_meta_leaves_nothing_half_written(tmp_path):
     with pytest.raises(TensorcutError, match="^checkpoint metadata is not JSON-serialisable"):
         tio.save(m, tmp_path / "ck", {"model": {"name": "resnet20", "kwargs": {"width": ...}}})
     assert not (tmp_path / "ck").exists() or not any((tmp_path / "ck").iterdir())
+
+
+def test_save_refuses_metadata_load_would_refuse_and_writes_nothing(tmp_path):
+    m = models.create("resnet20", width=0.25)
+    meta = {"model": {"name": "resnet20", "kwargs": {"width": 0.25}}, "metrics": {"top1": 0.9}}
+    with pytest.raises(TensorcutError) as e:
+        tio.save(m, tmp_path / "ck", meta)
+    assert str(e.value) == (
+        'checkpoint metadata: metrics.top1 must be an object such as {"loss": 0.31, "top1": 0.91, '
+        '"top5": 0.99, "n": 360}, not float 0.9; give it the shape tensorcut writes, or keep your '
+        "own value under another key"
+    )
+    assert not (tmp_path / "ck").exists() or not any((tmp_path / "ck").iterdir())
+    meta["my_metrics"] = meta.pop("metrics")  # under a key of its own it is kept as it is
+    tio.save(m, tmp_path / "ck", meta)
+    ck = tio.load_checkpoint(tmp_path / "ck")
+    assert ck.meta["my_metrics"] == {"top1": 0.9} and ck.info.extra == {"my_metrics": {"top1": 0.9}}
+
+
+def test_save_needs_a_model_name(tmp_path):
+    m = models.create("resnet20", width=0.25)
+    for meta in ({"model": {"kwargs": {}}}, {"model": "resnet20"}, {"model": {"name": ""}}):
+        with pytest.raises(TensorcutError, match="^checkpoint metadata needs model.name"):
+            tio.save(m, tmp_path / "ck", meta)
+
+
+def test_info_is_the_typed_meta(tmp_path):
+    _, d = _save_tiny(tmp_path)
+    ck = tio.load_checkpoint(d)
+    assert ck.info.model.name == "resnet20" and ck.info.model.kwargs == {"width": 0.25}
+    assert ck.info.to_meta() == ck.meta == tio.read_meta(d)
+    assert tio.read_info(d) == ck.info

@@ -290,6 +290,12 @@ def test_caller_backend_is_unchanged(tmp_path: Path) -> None:
         ("verify.json", None, "verify.json is missing"),
         ("compressed/plan.json", b"\xff\xfe{", "plan.json is unreadable"),
         ("finetuned/meta.json", b"[]", "holds a JSON list"),
+        ("finetuned/meta.json", b'{"model": {}}', "finetuned/meta.json lacks model.name"),
+        (
+            "finetuned/meta.json",
+            b'{"model": {"name": "vanilla-cnn"}, "dataset": {"seed": "0"}}',
+            "finetuned/meta.json: dataset.seed must be a non-negative integer, not '0'",
+        ),
     ],
 )
 def test_broken_run_dir_is_one_line(

@@ -313,3 +313,32 @@ def test_measure_models_uses_the_timer(monkeypatch):
     got = trun.measure_models({"a": m, "b": torch.nn.Conv2d(1, 2, 3)}, (1, 8, 8), 4)
     assert seen == {"names": ["a", "b"], "shape": (4, 1, 8, 8), "warmup": 3, "reps": 15}
     assert set(got) == {"a", "b"} and not m.training  # timed in evaluation mode
+
+
+def test_run_checkpoints_record_their_lineage(run_dir):
+    """Each checkpoint of a run reads back typed: where it came from, how, and how good."""
+    out, s = run_dir
+    dense, comp, final = (tio.read_info(out / d) for d in ("dense", "compressed", "finetuned"))
+    assert comp.lineage.parent is not None and comp.lineage.parent.path == str(out / "dense")
+    assert comp.lineage.parent.metrics == dense.metrics and comp.history is None
+    assert final.lineage.plan == comp.lineage.plan is not None
+    assert final.lineage.finetune is not None and final.lineage.finetune.train_images == 96
+    state = json.loads((out / "run.json").read_text())
+    assert state["stages"]["finetune"]["history"] == [
+        r.to_dict() for r in final.finetune_history or ()
+    ]
+    for d in ("dense", "compressed", "finetuned"):
+        assert tio.read_info(out / d).to_meta() == tio.read_meta(out / d)
+
+
+def test_a_checkpoint_without_its_data_set_is_refused(tiny_checkpoint, tmp_path):
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoint, ck)
+    meta = json.loads((ck / "meta.json").read_text())
+    del meta["dataset"]  # as tensorcut.save(model, dir, meta) writes it without one
+    (ck / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(TensorcutError) as e:
+        run(tmp_path / "r", RunConfig(target_ratio=2.0, **TINY), checkpoint=ck, progress=False)
+    assert str(e.value) == (
+        "the checkpoint does not name its data set; `tensorcut run` needs it for calibration"
+    )

@@ -248,3 +248,32 @@ def test_compress_json_reports_the_batchnorm_record(
     assert main([*argv, "--out", str(tmp_path / "j")]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["bn_recalibration"]["images"] == 64 and doc["bn_recalibration"]["default"] is False
+
+
+@pytest.mark.parametrize(
+    ("record", "line"),
+    [
+        (None, "BatchNorm statistics: kept as trained (--bn-images 0)"),
+        (
+            {"batchnorm_layers": 3, "default": True, "images": 0, "skipped": "no data"},
+            "BatchNorm statistics: not re-estimated, no data",
+        ),
+        (
+            {"batchnorm_layers": 3, "default": True, "requested": 2048, "data": "train split"}
+            | {"images": 1294},
+            "BatchNorm statistics: re-estimated on 1294 training images (3 layers) by default; "
+            "--bn-images 0 keeps the trained ones",
+        ),
+        (
+            {"batchnorm_layers": 2, "default": False, "data": "given batches", "images": None},
+            "BatchNorm statistics: re-estimated on given batches (2 layers)",
+        ),
+    ],
+)
+def test_bn_recalibration_line_from_the_record_or_its_json(record: Any, line: str) -> None:
+    from tensorcut.checkpoint import BatchNormRecord
+    from tensorcut.pipeline.workflow import bn_recalibration_line
+
+    assert bn_recalibration_line(record) == line
+    if record is not None:
+        assert bn_recalibration_line(BatchNormRecord.from_dict(record, "bn_recalibration")) == line
