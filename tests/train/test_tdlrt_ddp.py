@@ -67,7 +67,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tensorcut import distributed as tdist
-from tensorcut.train import tdlrt
+from tensorcut.train import tdlrt, tdlrt_layers, tdlrt_optim
 from tensorcut.train.tdlrt import TDLRTOptimizer, train_tdlrt, tuckerize
 
 # HOSVD start at full rank (8, 8) / (12, 8); tau prunes both Tucker layers (to (5, 5) / (4, 5))
@@ -119,7 +119,7 @@ def _data() -> tuple[DataLoader, DataLoader]:
 
 
 def _kernel(layer: nn.Module) -> torch.Tensor:
-    U_out, C, U_in = tdlrt._factors(layer)
+    U_out, C, U_in = tdlrt_layers.factors(layer)
     return torch.einsum("oa,abhw,ib->oihw", U_out, C, U_in)
 
 
@@ -134,7 +134,7 @@ def _record_decisions() -> list[tuple[int, float]]:
     the nearest tail norm that could change it came to the threshold (inf when the bounds leave no
     choice)."""
     decisions: list[tuple[int, float]] = []
-    real = tdlrt.truncation_rank
+    real = tdlrt_optim.truncation_rank
 
     def spy(sigma: torch.Tensor, tol: float, lo: int, hi: int) -> int:
         r = real(sigma, tol, lo, hi)
@@ -145,7 +145,7 @@ def _record_decisions() -> list[tuple[int, float]]:
         )
         return r
 
-    tdlrt.truncation_rank = spy  # type: ignore[assignment]
+    tdlrt_optim.truncation_rank = spy  # type: ignore[assignment]
     return decisions
 
 
@@ -191,8 +191,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         report["bn_resyncs"] = opt.resyncs
         if rank == 1:  # inject a divergence: drop a direction of a layer and nudge the classifier
             layer = opt.layers["2"]
-            U_out, C, U_in = tdlrt._factors(layer)
-            tdlrt._write_factors(layer, U_out[:, :-1], C[:-1], U_in)
+            U_out, C, U_in = tdlrt_layers.factors(layer)
+            tdlrt_layers.write_factors(layer, U_out[:, :-1], C[:-1], U_in)
             with torch.no_grad():
                 bn[-1].weight.add_(1e-3)
         report["repaired"] = not opt.check_sync() and opt.resyncs == 1
@@ -246,7 +246,9 @@ def test_two_ranks_stay_identical_and_match_one_process(
     assert sum(final["2"]) < 8 + 8 and sum(final["4"]) < 12 + 8  # ... and pruned both layers
 
     # the same training in one process (one thread, like each rank), on the same global batches
-    monkeypatch.setattr(tdlrt, "truncation_rank", tdlrt.truncation_rank)  # undone after the test
+    monkeypatch.setattr(
+        tdlrt_optim, "truncation_rank", tdlrt_optim.truncation_rank
+    )  # undone after the test
     decisions = _record_decisions()
     single = _net()
     tr, va = _data()

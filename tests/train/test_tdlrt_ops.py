@@ -20,7 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from tensorcut.train.tdlrt import TDLRTOptimizer, tuckerize
-from tensorcut.train.tdlrt_ops import galerkin_core, transport_state
+from tensorcut.train.tdlrt_ops import (
+    augment_basis,
+    galerkin_core,
+    orthonormality_error,
+    transport_state,
+    truncation_rank,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -138,3 +144,31 @@ def test_adam_training_keeps_its_step_bound_through_truncations() -> None:
                 f"step {i + 1}, layer {name}: |m| exceeds {c:.3f} sqrt(v) by {excess:.3g}"
             )
     assert ranks[-1] != ranks[0]  # the truncations (rotations) did happen
+
+
+def test_augment_basis_keeps_old_basis_and_is_orthonormal() -> None:
+    torch.manual_seed(0)
+    U = torch.linalg.qr(torch.randn(10, 3)).Q
+    for D, r_aug in (
+        (torch.randn(10, 3), 6),
+        (torch.randn(10, 3), 5),
+        (torch.zeros(10, 3), 6),
+        (U @ torch.randn(3, 3), 6),
+    ):
+        Q = augment_basis(U, D, r_aug)
+        assert Q.shape == (10, r_aug)
+        assert orthonormality_error(Q) < 1e-5
+        assert torch.allclose(Q[:, :3], U, atol=1e-5)
+    D = torch.randn(10, 3)  # the new directions span D's part orthogonal to U
+    Q = augment_basis(U, D, 6)
+    Dp = D - U @ (U.T @ D)
+    assert torch.allclose(Q @ (Q.T @ Dp), Dp, atol=1e-5)
+
+
+def test_truncation_rank_rule() -> None:
+    s = torch.tensor([4.0, 2.0, 1.0, 0.1, 0.01])
+    norm = float(s.norm())
+    assert truncation_rank(s, 0.0, 1, 5) == 5  # tau = 0: nothing dropped
+    assert truncation_rank(s, 0.2 * norm, 1, 5) == 3  # ||[0.1, 0.01]|| = 0.1005 < 0.2 * 4.58
+    assert truncation_rank(s, 0.99 * norm, 2, 5) == 2  # rmin wins
+    assert truncation_rank(s, 0.0, 1, 4) == 4  # rmax wins
