@@ -24,6 +24,8 @@ from tensorcut.errors import TensorcutError
 from tensorcut.train import Callback, Checkpoint, EarlyStopping, FitConfig, FitState, fit
 from tensorcut.train.callbacks import TRAIN_STATE, check_checkpoint_meta, load_train_state
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 META = {"model": {"name": "custom", "kwargs": {}}}
 
 
