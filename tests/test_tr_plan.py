@@ -343,7 +343,7 @@ def test_cli_finetune_rsdtr_recipe_from_decomposed_factors(compressed, tmp_path,
     from tensorcut.pipeline.workflow import _dataset_from_meta
     from tensorcut.train.loop import evaluate
 
-    te = tensorcut.make_loader(_dataset_from_meta(meta, "test"), 512)
+    te = tensorcut.make_loader(_dataset_from_meta(ck.info, "test"), 512)
     assert meta["metrics"]["test_before_finetune"]["top1"] == pytest.approx(
         evaluate(start, te)["top1"]
     )

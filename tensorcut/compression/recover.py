@@ -76,7 +76,8 @@ def match_layers(
             an empty loader, or a loss that stops being finite.
 
     Example:
-        >>> small = tc.compress(copy.deepcopy(dense), tc.CompressConfig(method="tucker2", ratio=0.3))
+        >>> cfg = tc.CompressConfig(method="tucker2", ratio=0.3)
+        >>> small, plan = tc.compress(copy.deepcopy(dense), cfg)
         >>> match_layers(small, dense, calib_loader, epochs=1)["after"]  # doctest: +SKIP
     """
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
