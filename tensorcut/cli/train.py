@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from tensorcut.cli.flags import add_out, describe
+from tensorcut.cli.flags import add_out, describe, given_values
 from tensorcut.cli.options import FIT_FLAGS, add_fit_flags, fit_config_from_args
 from tensorcut.errors import TensorcutError
 from tensorcut.train.api import RESUME_KEYS
@@ -204,6 +204,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+#: FitConfig fields ``train --method tdlrt`` cannot honour, with their flags: refused, not ignored.
+TDLRT_IGNORES = {
+    "patience": "--patience",
+    "amp": "--amp",
+    "sync_batchnorm": "--sync-bn",
+    "grad_clip": "--grad-clip",
+}
+
+
 def _tdlrt(args: argparse.Namespace, cfg: FitConfig) -> int:
     """Entry for ``tensorcut train --method tdlrt`` (the ``train`` verb's arguments and recipe)."""
     if args.tau is None:
@@ -211,6 +220,13 @@ def _tdlrt(args: argparse.Namespace, cfg: FitConfig) -> int:
     if getattr(args, "resume", False):
         raise TensorcutError(
             "--resume is not supported with --method tdlrt; start a new run with another --out"
+        )
+    given = given_values(args, FitConfig)
+    unused = [flag for field, flag in TDLRT_IGNORES.items() if given.get(field)]
+    if unused:
+        raise TensorcutError(
+            f"{unused[0]} is not used by --method tdlrt (its integrator trains without early "
+            "stopping, autocast, SyncBatchNorm or gradient clipping); drop it"
         )
     from tensorcut import distributed as tdist
     from tensorcut.train.tdlrt_verb import train_tdlrt_checkpoint

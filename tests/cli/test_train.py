@@ -115,3 +115,40 @@ def test_evaluate_verb(monkeypatch, capsys) -> None:
     assert capsys.readouterr().out.strip() == "val: loss 1.0000  top-1 0.5000  top-5 0.8750  (n=8)"
     assert main(["evaluate", "ck", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["top5"] == 0.875 and seen["split"] == "test"
+
+
+@pytest.mark.parametrize(
+    "extra,flag",
+    [
+        (["--patience", "2"], "--patience"),
+        (["--amp"], "--amp"),
+        (["--sync-bn"], "--sync-bn"),
+        (["--grad-clip", "1.0"], "--grad-clip"),
+    ],
+)
+def test_tdlrt_refuses_recipe_flags_it_cannot_honour(extra, flag, tmp_path: Path, capsys) -> None:
+    """``train --method tdlrt`` used to ignore these silently; now one line, status 2, no work."""
+    out = tmp_path / "o"
+    rc = main([*BASE, "--method", "tdlrt", "--tau", "0.1", "--out", str(out), *extra])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == (
+        f"tensorcut train: error: {flag} is not used by --method tdlrt (its integrator trains "
+        "without early stopping, autocast, SyncBatchNorm or gradient clipping); drop it"
+    )
+    assert not out.exists()
+
+
+def test_tdlrt_accepts_the_negative_forms(monkeypatch, tmp_path: Path) -> None:
+    """``--no-amp`` asks for nothing tdlrt lacks: it reaches the TDLRT verb."""
+    import tensorcut.train.tdlrt_verb as verb
+
+    seen: dict[str, Any] = {}
+
+    def stub(*a: Any, **k: Any) -> Any:
+        seen.update(k)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(verb, "train_tdlrt_checkpoint", stub)
+    with pytest.raises(SystemExit):
+        main([*BASE, "--method", "tdlrt", "--tau", "0.1", "--out", str(tmp_path / "o"), "--no-amp"])
+    assert seen["tau"] == 0.1
