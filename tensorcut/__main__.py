@@ -1,6 +1,7 @@
-"""`python -m tensorcut` entry point."""
+"""`python -m tensorcut` entry point (what ``torchrun -m tensorcut`` runs)."""
 
+from tensorcut import distributed
 from tensorcut.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    distributed.exit_process(main())

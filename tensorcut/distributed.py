@@ -18,9 +18,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 from torch import nn
@@ -62,7 +63,7 @@ T = TypeVar("T")
 #: Default collective timeout for training (a hung peer fails the run instead of blocking forever).
 TRAIN_TIMEOUT = datetime.timedelta(minutes=30)
 
-_state: dict[str, Any] = {"owned": False, "local_only": 0}
+_state: dict[str, Any] = {"owned": False, "local_only": 0, "joined": False}
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,7 @@ def init(
             f"{str(e).splitlines()[0][:160]}"
         ) from None
     _state["owned"] = True
+    _state["joined"] = True
     return DistContext(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
@@ -228,6 +230,26 @@ def cleanup(*, together: bool = True) -> None:
             torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     _state["owned"] = False
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with ``code``; after a process group was joined, skip interpreter teardown.
+
+    Why: with the group destroyed and every output written, gloo's background threads can still
+    abort the process while the interpreter finalises ("terminate called without an active
+    exception", exit -6), turning a finished ``torchrun`` run into a failure. So a process that
+    joined a group flushes its streams and leaves with ``os._exit``; any other raises
+    ``SystemExit`` as usual.
+    """
+    if not _state["joined"]:
+        raise SystemExit(code)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    import logging
+
+    logging.shutdown()
+    os._exit(code)
 
 
 @contextlib.contextmanager

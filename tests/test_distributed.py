@@ -93,6 +93,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         tdist.cleanup(together=False)  # a peer may never reach a barrier
         raise
     tdist.cleanup()  # together, at a barrier
+    tdist.exit_process(0)  # past gloo's teardown race, as `python -m tensorcut` does
 
 
 def test_two_cpu_ranks_match_one_process_on_the_same_global_batch(
@@ -473,3 +474,24 @@ def test_cleanup_leaves_at_a_barrier_unless_on_an_error_path(
     assert tdist._state["owned"] is False
     tdist.cleanup()  # a second call does nothing
     assert seen == calls
+
+
+@pytest.mark.parametrize("joined, code", [(True, 3), (False, 4)])
+def test_exit_process_keeps_the_code_and_flushes_output(joined: bool, code: int) -> None:
+    """After joining a group the process leaves with os._exit (no interpreter teardown, where
+    gloo's threads aborted finished torchrun runs with exit -6), still flushing its streams."""
+    import subprocess
+    import sys
+
+    prog = (
+        "import sys; from tensorcut import distributed as d\n"
+        f"d._state['joined'] = {joined}\n"
+        "print('out', end=''); print('err', end='', file=sys.stderr)\n"
+        "import atexit; atexit.register(lambda: print('ATEXIT', end=''))\n"
+        f"d.exit_process({code})\n"
+    )
+    r = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=60)
+    assert r.returncode == code
+    assert r.stderr == "err"
+    # os._exit skips atexit handlers (the teardown); SystemExit runs them
+    assert r.stdout == ("out" if joined else "outATEXIT")
