@@ -19,12 +19,14 @@ from tensorcut.compression.rank import RankRule
 from tensorcut.errors import TensorcutError
 from tensorcut.layers import MethodOptions, get_method, list_methods
 
-__all__ = ["DEFAULT_METHOD", "CompressConfig", "FilterFn", "default_filter"]
+__all__ = ["ALLOCATIONS", "DEFAULT_METHOD", "CompressConfig", "FilterFn", "default_filter"]
 
 FilterFn = Callable[[str, nn.Module], bool]
 
 #: the method a config uses when none is named, and the ladder method of ``auto`` budgets
 DEFAULT_METHOD = "tucker2"
+#: how a budget is split over the layers (see :class:`CompressConfig`)
+ALLOCATIONS = ("ladder", "measured")
 
 
 def _parse_options(options: Any) -> dict[str, MethodOptions]:
@@ -78,10 +80,17 @@ class CompressConfig:
     ``options`` holds each method's typed options, ``{method: {field: value}}`` or
     ``{method: Layer.Options(...)}`` (e.g. ``{"cp": {"n_iter_max": 50}}``); ``fallback`` lets a
     method that does not converge fall back to its declared ``fallback`` method (CP -> Tucker-2).
+    ``allocation`` says how a ``budget`` is split: ``"ladder"`` (default) by each layer's rank
+    ladder and relative kernel error (:mod:`tensorcut.compression.budget`), ``"measured"`` by
+    accuracy costs measured per layer at several ranks on calibration data
+    (:func:`tensorcut.compression.measured.measure_layer_drops`, passed to ``plan`` as ``drops=``):
+    each layer stays dense or takes the measured option (method, ranks) that, over all layers,
+    gives the least summed loss increase within the budget (an exact multiple-choice knapsack).
 
     Args:
         method: a name from :func:`tensorcut.list_methods`, or ``"auto"``.
         rank, ratio, eps, energy, budget, target_speedup: the rank rule (exactly one), see above.
+        allocation: how a budget is split, ``"ladder"`` or ``"measured"`` (needs ``budget``).
 
     Raises:
         TensorcutError: an unknown method or option, no rule or two rules, a value out of range.
@@ -106,6 +115,7 @@ class CompressConfig:
     fallback: bool = True  # a method that does not converge falls back to its `fallback` method
     options: dict[str, Any] = field(default_factory=dict)
     allow_custom_forward: bool = False
+    allocation: str = "ladder"
 
     def __post_init__(self) -> None:
         methods = list_methods() + ["auto"]
@@ -143,6 +153,16 @@ class CompressConfig:
         if isinstance(self.align, bool) or not isinstance(self.align, int) or self.align < 1:
             raise TensorcutError(
                 f"align must be a positive integer (e.g. 8 or 16), got {self.align!r}"
+            )
+        if self.allocation not in ALLOCATIONS:
+            raise TensorcutError(
+                f"allocation must be one of {', '.join(map(repr, ALLOCATIONS))}, "
+                f"got {self.allocation!r}"
+            )
+        if self.allocation == "measured" and self.budget is None:
+            raise TensorcutError(
+                "allocation='measured' splits a budget; give budget= (and budget_kind='macs' or "
+                "'params') too, or drop allocation"
             )
         if not isinstance(self.allow_custom_forward, bool):
             raise TensorcutError(

@@ -45,6 +45,10 @@ class LayerPlan:
         default_factory=list
     )  # further names of the same module (shared convs)
     calls: int = 1  # calls per forward pass (MACs count every call)
+    #: the measured allocation's choice for this layer (allocation="measured"): the objective, the
+    #: chosen option (method, ranks, cost, measured loss increase and top-1 drop), the dense cost
+    #: and how many options were offered; None for the other rules
+    measured: dict[str, Any] | None = None
 
     @property
     def ratio(self) -> float:

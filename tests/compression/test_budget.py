@@ -3,6 +3,8 @@ layer (the ``fraction`` rule), a parameter budget evens the weighted relative er
 ``minmax`` rule); neither crushes layers that hold few parameters but many MACs, as the greedy
 rule with parameter-count weights did."""
 
+import json
+
 import pytest
 import torch
 
@@ -272,3 +274,144 @@ def test_allocation_is_deterministic():
     assert [(l.name, l.status, l.ranks) for l in a.layers] == [
         (l.name, l.status, l.ranks) for l in b.layers
     ]
+
+
+# ----------------------------------------------------------------------------- measured allocation
+
+
+def _measured_cfg(budget):
+    return CompressConfig(
+        method="tucker2", budget=budget, budget_kind="macs", allocation="measured"
+    )
+
+
+def _handmade(model, value_of, fractions=(0.6, 0.3, 0.1)):
+    """A DropTable for ``model``'s listed layers with made-up values: ``value_of(name, fraction)``
+    is the loss increase of keeping ``fraction`` of the layer's parameters."""
+    from tensorcut.compression.measured import DropTable, LayerDrops, MeasuredOption, ladder_ranks
+    from tensorcut.compression.selection import select_layers
+
+    sel = select_layers(model, _measured_cfg(0.5), input_shape=SHAPE)
+    layers = []
+    for n, b in sel.builders.items():
+        opts = []
+        for f in fractions:
+            rs = ladder_ranks(b, "tucker2", (f,))
+            if not rs or any(o.ranks == list(rs[0]) for o in opts):
+                continue
+            r = rs[0]
+            v = value_of(n, f)
+            opts.append(
+                MeasuredOption(
+                    "tucker2",
+                    list(r),
+                    b.params("tucker2", r),
+                    b.macs("tucker2", r),
+                    0.5,
+                    0.9 - v,
+                    0.3 + v,
+                    v,
+                    v,
+                )
+            )
+        layers.append(LayerDrops(n, b.geom.dense_params(), b.dense_macs(), opts))
+    return DropTable(layers, 0.9, 0.3, 100, list(SHAPE), ["tucker2"])
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1),
+        torch.nn.Conv2d(8, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1),
+    ).eval()
+
+
+@pytest.mark.filterwarnings("ignore:.*keep almost nothing")  # random kernels, flat spectra
+def test_measured_allocation_is_the_brute_force_optimum_within_the_budget():
+    import itertools
+
+    net = _net()
+    vals = {"1": 0.02, "3": 0.2, "5": 0.05}
+    table = _handmade(net, lambda n, f: vals[n] * (1 - f) ** 2)
+    dense = {ld.name: ld.dense_macs for ld in table.layers}
+    listed = sum(dense.values())
+    for frac in (0.3, 0.5, 0.7, 0.9):
+        p = plan(net, _measured_cfg(frac), drops=table, input_shape=SHAPE, progress=False)
+        tot = p.totals()
+        assert tot["conv_macs_after"] - (tot["conv_macs_before"] - listed) <= frac * listed
+        got = sum(e.measured["value"] for e in p.layers if e.measured)
+        best = min(
+            sum(v for _, v in ch)
+            for ch in itertools.product(
+                *[
+                    [(ld.dense_macs, 0.0)] + [(o.macs, o.loss_increase) for o in ld.options]
+                    for ld in table.layers
+                ]
+            )
+            if sum(c for c, _ in ch) <= frac * listed
+        )
+        assert got == pytest.approx(best)
+
+
+def test_measured_allocation_keeps_dense_what_costs_most_per_mac_and_says_why():
+    net = _net()
+    # layer 3 loses a lot at any rank, the others little: a mild budget compresses them, not 3
+    table = _handmade(net, lambda n, f: 1.0 if n == "3" else 0.01 * (1 - f))
+    p = plan(net, _measured_cfg(0.75), drops=table, input_shape=SHAPE, progress=False)
+    by = {e.name: e for e in p.layers}
+    assert by["3"].status == "dense"
+    assert by["3"].reason.startswith("kept dense by the measured allocation")
+    assert "loss +1.0000" in by["3"].reason
+    assert by["3"].measured["chosen"] is None
+    fact = [e for e in p.layers if e.status == "factorize"]
+    assert fact
+    for e in fact:
+        c = e.measured["chosen"]
+        assert c["method"] == "tucker2" and c["ranks"] == e.ranks
+        assert e.note.startswith("measured choice of ")
+    # the plan records it: in the table and through JSON
+    assert "kept dense by the measured allocation" in p.table()
+    again = type(p).from_dict(json.loads(p.to_json()))
+    assert [e.measured for e in again.layers] == [e.measured for e in p.layers]
+
+
+def test_measured_allocation_prefers_dense_when_nothing_needs_compressing():
+    net = _net()
+    table = _handmade(net, lambda n, f: 0.01)
+    whole = summarize(net, SHAPE).total_macs  # an absolute budget the dense model already meets
+    p = plan(net, _measured_cfg(whole), drops=table, input_shape=SHAPE, progress=False)
+    assert all(e.status == "dense" for e in p.layers)
+    assert all(e.measured["value"] == 0.0 for e in p.layers)
+
+
+def test_measured_allocation_noise_is_clamped_and_made_monotone():
+    net = _net()
+    # negative readings (noise) and a smaller rung that reads better than a larger one
+    table = _handmade(net, lambda n, f: {0.6: -0.05, 0.3: 0.04, 0.1: 0.01}[f])
+    p = plan(net, _measured_cfg(0.9), drops=table, input_shape=SHAPE, progress=False)
+    vals = [e.measured["value"] for e in p.layers if e.measured and e.measured["chosen"]]
+    assert vals and all(v >= 0 for v in vals)
+    for e in p.layers:
+        if e.measured and e.measured["chosen"] and e.measured["chosen"]["loss_increase"] == 0.01:
+            assert e.measured["value"] == pytest.approx(0.04)  # not below the larger rung's
+
+
+def test_measured_allocation_refuses_a_table_without_a_listed_layer():
+    net = _net()
+    table = _handmade(net, lambda n, f: 0.01)
+    table.layers = table.layers[1:]
+    with pytest.raises(TensorcutError, match="no entry for layer '1'"):
+        plan(net, _measured_cfg(0.5), drops=table, input_shape=SHAPE, progress=False)
+
+
+def test_measured_budget_that_cannot_be_met_uses_the_cheapest_options():
+    net = _net()
+    table = _handmade(net, lambda n, f: 0.01)
+    with pytest.warns(UserWarning):
+        p = plan(net, _measured_cfg(0.01), drops=table, input_shape=SHAPE, progress=False)
+    fact = [e for e in p.layers if e.status == "factorize"]
+    assert fact and all("budget not met" in e.note for e in fact)

@@ -138,3 +138,16 @@ def test_default_filter_skips_stems_and_non_convs() -> None:
     assert default_filter("body", nn.Conv2d(4, 8, 3))
     assert default_filter("dw", nn.Conv2d(8, 8, 3, groups=8))  # listed; the plan says why dense
     assert not default_filter("fc", nn.Linear(8, 8))
+
+
+def test_allocation_is_checked_in_one_line():
+    assert CompressConfig(budget=0.5).allocation == "ladder"
+    cfg = CompressConfig(budget=0.5, budget_kind="macs", allocation="measured")
+    assert cfg.to_dict()["allocation"] == "measured"
+    for kw, match in (
+        ({"budget": 0.5, "allocation": "knapsack"}, "allocation must be one of 'ladder', "),
+        ({"ratio": 0.5, "allocation": "measured"}, "allocation='measured' splits a budget"),
+    ):
+        with pytest.raises(TensorcutError, match=match) as e:
+            CompressConfig(**kw)
+        assert "\n" not in str(e.value)
