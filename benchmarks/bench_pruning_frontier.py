@@ -74,6 +74,8 @@ ARMS = (
     "tucker2-match",
     "uniform-match",
     "guided-match",
+    "measured",
+    "measured-match",
 )
 
 
@@ -436,6 +438,56 @@ def build_tucker2(
     }
 
 
+def measured_drops(dense: nn.Module, calib: Any) -> Any:
+    """Per-layer accuracy costs measured at ten Tucker-2 rank rungs each
+    (``tensorcut.compression.measured.measure_layer_drops``: one layer compressed at a time,
+    BatchNorm re-estimated on the calibration images, calibration top-1 and loss), cached in the
+    work folder as JSON."""
+    from tensorcut.compression import CompressConfig
+    from tensorcut.compression.measured import DropTable, measure_layer_drops
+
+    path = WORK / "measured_drops.json"
+    if path.exists():
+        return DropTable.load(path)
+    cfg = CompressConfig(method="tucker2", budget=0.5, budget_kind="macs", allocation="measured")
+    table = measure_layer_drops(dense, calib, cfg, progress=False)
+    table.save(path)
+    log(
+        f"measured {sum(len(ld.options) for ld in table.layers)} single-layer options on "
+        f"{table.images} calibration images in {table.seconds:.0f} s"
+    )
+    return table
+
+
+def build_measured(
+    dense: nn.Module, x: float, dense_tc: int, drops: Any
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The MAC budget split by measured accuracy costs (``allocation="measured"``: per layer
+    dense or one measured Tucker-2 rung, the least summed calibration loss increase within the
+    budget, an exact multiple-choice knapsack)."""
+    from tensorcut.compression import CompressConfig, compress
+
+    target = int(dense_tc / x)
+    cfg = CompressConfig(method="tucker2", budget=target, budget_kind="macs", allocation="measured")
+    m, p = compress(copy.deepcopy(dense), cfg, drops=drops, input_shape=INPUT, progress=False)
+    tot = p.totals()
+    ranks = {lp.name: lp.ranks if lp.status == "factorize" else "dense" for lp in p.layers}
+    errs = [lp.error for lp in p.layers if lp.status == "factorize" and lp.error is not None]
+    chosen = {lp.name: lp.measured for lp in p.layers}
+    return m, {
+        "config": f"CompressConfig(method='tucker2', budget={target}, budget_kind='macs', "
+        "allocation='measured'), drops measured on the calibration images",
+        "max_layer_error": max(errs) if errs else None,
+        "predicted_loss_increase": sum(float(c["value"]) for c in chosen.values() if c is not None),
+        "measured_choice": chosen,
+        "plan_macs": tot["model_macs_after"],
+        "plan_params": tot["model_params_after"],
+        "ranks": ranks,
+        "dense_layers": tot["dense_layers"],
+        "notes": {lp.name: lp.note or lp.reason for lp in p.layers},
+    }
+
+
 def build_uniform(
     dense: nn.Module, x: float, dense_tc: int, tol: float
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -589,6 +641,8 @@ def arm_stage(
     elif arm == "guided-match":
         sens = study_sensitivity(dense, data["calib"])
         m, info = build_tucker2(dense, x, d["macs_tc"], sensitivity=sens)
+    elif arm in ("measured", "measured-match"):
+        m, info = build_measured(dense, x, d["macs_tc"], measured_drops(dense, data["calib"]))
     elif arm == "greedy":
         m, info = build_tucker2(dense, x, d["macs_tc"], previous=True)
     elif arm in ("uniform", "uniform-match"):
@@ -692,6 +746,8 @@ LABEL = {
     "tucker2-match": "tensorcut tucker2, MAC-budget allocation + layer matching",
     "uniform-match": "tensorcut tucker2, uniform ranks + layer matching",
     "guided-match": "tensorcut tucker2, MAC budget guided by the truncation study + layer matching",
+    "measured": "tensorcut tucker2, MAC budget by measured single-layer drops (knapsack)",
+    "measured-match": "tensorcut tucker2, measured-drop knapsack + layer matching",
 }
 
 
@@ -952,7 +1008,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
     d = E["dense"]
     has_lat = any((e.get("latency") for k, e in E.items() if k != "dense"))
     fig, axes = plt.subplots(
-        1, 2 if has_lat else 1, figsize=(11 if has_lat else 6, 4.2), squeeze=False
+        1, 2 if has_lat else 1, figsize=(11 if has_lat else 6, 6.2), squeeze=False
     )
     style = {
         "tucker2": ("o", "C0"),
@@ -963,6 +1019,8 @@ def plot(data: dict[str, Any], path: Path) -> None:
         "tucker2-match": ("P", "C4"),
         "uniform-match": ("X", "C5"),
         "guided-match": ("*", "C6"),
+        "measured": ("h", "C8"),
+        "measured-match": ("H", "C9"),
     }
     for j, ax in enumerate(axes[0]):
         for arm in ARMS:
@@ -1027,10 +1085,11 @@ def plot(data: dict[str, Any], path: Path) -> None:
         "(hollow: before fine-tuning, off-scale when low)",
         fontsize=9,
     )
-    axes[0][0].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=2, frameon=False)
     if has_lat:
         axes[0][1].set_title("accuracy vs measured latency (1 thread, shared CPU)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.24, 1, 1))  # the legend below both panels
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)

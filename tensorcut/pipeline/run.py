@@ -9,9 +9,11 @@ Stages, each resumable (a re-run skips stages whose outputs exist and are valid)
                   fine-tuning, for the sensitivity-guided allocation and for uniform ranks
                   (BatchNorm statistics re-estimated on the calibration subset after each
                   compression unless ``bn_recalibrate=False``).
-4. ``compress`` — the allocation (guided / error / uniform) with the best calibration top-1
-                  (then loss) at the goal after a short probe fine-tune of each (``probe_epochs``
-                  on ``probe_images`` training images; 0 epochs: right after compression);
+4. ``compress`` — the allocation (guided / error / uniform / measured: per-layer calibration
+                  loss measured at several ranks, ``study/drops.json``) with the best
+                  calibration top-1 (then loss) at the goal after a short probe fine-tune of
+                  each (``probe_epochs`` on ``probe_images`` training images; 0 epochs: right
+                  after compression);
                   apply, re-estimate BatchNorm statistics.
 5. ``finetune`` — fine-tune from the factors.
 6. ``verify``   — test-split metrics, size, MACs and CPU latency of dense and final models.
@@ -39,6 +41,7 @@ from tensorcut import data as tdata
 from tensorcut.checkpoint import CheckpointMeta
 from tensorcut.checkpoint import io as tio
 from tensorcut.compression import CompressConfig, apply, plan
+from tensorcut.compression.measured import MEASURE_FRACTIONS, DropTable, measure_layer_drops
 from tensorcut.console import say
 from tensorcut.errors import TensorcutError
 from tensorcut.timing import LatencyStats, compare, measure_latency
@@ -281,8 +284,12 @@ def _test_set(meta: CheckpointMeta) -> tdata.ImageDataset:
 
 #: Rank allocations compared on the calibration set: the sensitivity-guided budget, the same
 #: budget allocation without sensitivity (min-max over the layers' rank ladders; for a MAC goal
-#: this is close to uniform ranks solved for the budget), and uniform per-layer ranks.
-STRATEGIES = ("guided", "error", "uniform")
+#: this is close to uniform ranks solved for the budget), uniform per-layer ranks, and the budget
+#: split by accuracy costs measured per layer at several ranks on the calibration images
+#: (``allocation="measured"``: dense or one measured rung per layer, an exact knapsack).
+STRATEGIES = ("guided", "error", "uniform", "measured")
+#: where a run keeps the measured per-layer drops (reused by a resumed run)
+DROPS_FILE = "study/drops.json"
 
 
 def _strategy_config(cfg: RunConfig, kind: str, ratio: float | None) -> tuple[CompressConfig, bool]:
@@ -293,13 +300,40 @@ def _strategy_config(cfg: RunConfig, kind: str, ratio: float | None) -> tuple[Co
     if kind == "uniform":
         assert ratio is not None, "the uniform allocation is tried only for a ratio goal"
         return CompressConfig(method=cfg.method, ratio=1.0 / float(ratio)), False
+    allocation = "measured" if kind == "measured" else "ladder"
     if ratio is None:
         return CompressConfig(
-            method=cfg.method, budget=cfg.target_macs, budget_kind="macs"
+            method=cfg.method, budget=cfg.target_macs, budget_kind="macs", allocation=allocation
         ), kind == "guided"
     return CompressConfig(
-        method=cfg.method, budget=1.0 / ratio, budget_kind="params"
+        method=cfg.method, budget=1.0 / ratio, budget_kind="params", allocation=allocation
     ), kind == "guided"
+
+
+def _measured_drops(
+    out: Path, model: nn.Module, cfg: RunConfig, loader: Any, progress: bool
+) -> DropTable:
+    """The per-layer drops of ``cfg.method`` measured on the calibration images (BatchNorm
+    re-estimated before each measurement unless ``bn_recalibrate=False``), measured once per run
+    directory and kept in :data:`DROPS_FILE`."""
+    path = out / DROPS_FILE
+    if path.exists():
+        try:
+            return DropTable.load(path)
+        except TensorcutError:
+            path.unlink()  # a broken file (an old or interrupted write): measure again
+    _say(
+        f"[study] measuring each layer's calibration loss at {len(MEASURE_FRACTIONS)} ranks "
+        f"({cfg.method}), one layer at a time",
+        progress,
+    )
+    cc = CompressConfig(method=cfg.method, budget=0.5, budget_kind="macs", allocation="measured")
+    table = measure_layer_drops(
+        model, loader, cc, bn_recalibrate=cfg.bn_recalibrate, progress=progress
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.save(path)
+    return table
 
 
 def _try_strategy(
@@ -312,16 +346,23 @@ def _try_strategy(
     loader: Any,
     plans: dict[str, Any] | None = None,
     models: dict[str, nn.Module] | None = None,
+    drops: DropTable | None = None,
 ) -> dict[str, float]:
     """Compress a copy of ``model`` with one allocation; measure calibration top-1 (no fine-tuning).
 
     The plan is kept in ``plans[kind]`` when given, so the chosen one need not be recomputed, and
     the compressed (BatchNorm-recalibrated) copy in ``models[kind]``, so a probe can start from it.
+    ``drops`` (the measured per-layer costs) is used by the ``measured`` allocation.
     """
     m = copy.deepcopy(model)
     cc, use_sens = _strategy_config(cfg, kind, ratio)
     p = plan(
-        model, cc, input_shape=shape, sensitivity=sensitivity if use_sens else None, progress=False
+        model,
+        cc,
+        input_shape=shape,
+        sensitivity=sensitivity if use_sens else None,
+        drops=drops if cc.allocation == "measured" else None,
+        progress=False,
     )
     apply(m, p)
     if cfg.bn_recalibrate:
@@ -357,6 +398,28 @@ def _probe(
     fit(m, train_loader, None, fc, device="cpu", progress=False)
     ev = evaluate_loader(m, calib_loader)
     return {"top1": ev["top1"], "loss": ev["loss"]}
+
+
+def _why(best: str, score: dict[str, tuple[float, float]], probed: bool, p: Any) -> str:
+    """One phrase: why allocation ``best`` won (its score against the runner-up; for the measured
+    allocation also how many layers it left dense)."""
+    when = "after the probe" if probed else "right after compression"
+    others = sorted((k for k in score if k != best), key=lambda k: score[k], reverse=True)
+    top, loss = score[best][0], -score[best][1]
+    why = f"the highest calibration top-1 {when} ({top:.4f}, loss {loss:.4f}"
+    if others:
+        r = others[0]
+        why += f"; next {r} {score[r][0]:.4f}, loss {-score[r][1]:.4f}"
+        if score[r][0] == top:
+            why += ", tied on top-1, so the lower loss decides"
+    why += ")"
+    if best == "measured":
+        dense = sum(1 for e in p.layers if e.measured is not None and e.status == "dense")
+        why += (
+            f"; it keeps {dense} of {len(p.layers)} layers dense, each other at the measured rung "
+            "with the least summed calibration loss increase within the budget"
+        )
+    return why
 
 
 #: Latency rounds of the verify stage (after warm-up), per batch size.
@@ -580,6 +643,7 @@ def run(
     else:
         _say("[study] done (skipped)", progress)
     sensitivity = load_sensitivity(study_db)
+    drops = _measured_drops(out, dense.model, config, calib_loader, progress)
 
     # 3. curve -------------------------------------------------------------------------------
     ts = time.perf_counter()
@@ -592,7 +656,9 @@ def run(
         base = evaluate_loader(dense.model, calib_loader)["top1"]
         points = [
             dict(
-                _try_strategy(dense.model, config, kind, r, shape, sensitivity, calib_loader),
+                _try_strategy(
+                    dense.model, config, kind, r, shape, sensitivity, calib_loader, drops=drops
+                ),
                 kind=kind,
                 target=r,
             )
@@ -619,7 +685,7 @@ def run(
             )
         else:
             ratio = config.target_ratio
-        kinds = STRATEGIES if ratio is not None else ("guided", "error")
+        kinds = STRATEGIES if ratio is not None else ("guided", "error", "measured")
         plans: dict[str, Any] = {}
         trial: dict[str, nn.Module] = {}  # the compressed copies, for the probe
         tried: dict[str, dict[str, Any]] = {
@@ -633,6 +699,7 @@ def run(
                 calib_loader,
                 plans,
                 trial if config.probe_epochs > 0 else None,
+                drops=drops,
             )
             for k in kinds
         }
@@ -651,6 +718,7 @@ def run(
             score = {k: (tried[k]["top1"], -tried[k].get("loss", 0.0)) for k in kinds}
         best = max(kinds, key=lambda k: (*score[k], k == "guided"))
         cc, use_sens = _strategy_config(config, best, ratio)
+        why = _why(best, score, config.probe_epochs > 0, plans[best])
         _say(
             "[compress] calibration top-1 by allocation: "
             + ", ".join(
@@ -659,7 +727,7 @@ def run(
                 + f" (x{v['ratio']:.2f})"
                 for k, v in tried.items()
             )
-            + f"; using {best}",
+            + f"; using {best}: {why}",
             progress,
         )
         shutil.rmtree(comp_dir, ignore_errors=True)
@@ -679,6 +747,7 @@ def run(
                 "config": cc.to_dict(),
                 "totals": p.totals(),
                 "allocation": best,
+                "why": why,
                 "calibration": tried,
             },
             ts,

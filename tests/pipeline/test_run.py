@@ -68,6 +68,10 @@ def test_run_meets_ratio_goal_and_writes_every_stage(run_dir):
     assert all(0 <= v["probe"]["top1"] <= 1 for v in calib.values())
     chosen = state["stages"]["compress"]["allocation"]
     assert calib[chosen]["probe"]["top1"] == max(v["probe"]["top1"] for v in calib.values())
+    # the measured allocation is a candidate: per-layer drops measured once on the calibration
+    # images and kept; the run says why it chose what it chose
+    assert "measured" in calib and (out / "study" / "drops.json").exists()
+    assert state["stages"]["compress"]["why"].startswith("the highest calibration top-1 after")
 
 
 def test_rerun_skips_finished_stages(run_dir, tiny_checkpoint, capsys):
@@ -76,6 +80,7 @@ def test_rerun_skips_finished_stages(run_dir, tiny_checkpoint, capsys):
     run(out, RunConfig(target_ratio=3.0, **TINY), checkpoint=tiny_checkpoint, progress=True)
     text = capsys.readouterr().out
     assert "[finetune] done (skipped)" in text and "[study] done (skipped)" in text
+    assert "measuring each layer" not in text  # the drops of the first run are reused
     assert (out / "finetuned" / "model.safetensors").stat().st_mtime_ns == before
 
 
