@@ -155,27 +155,49 @@ def transport_state(
     """Carry an optimiser's per-parameter state along the core's change of basis, in place.
 
     First moments (SGD ``momentum_buffer``, Adam ``exp_avg``) are transported like the core,
-    ``m x_i M_i``. Second moments (Adam ``exp_avg_sq``) go as ``(sqrt(v) x_i |M_i|)^2`` (entrywise
-    absolute values of ``M_i``). The authors' reference code uses ``(sqrt(v) x_i M_i)^2``, whose
-    signed sums can cancel: after a rotation (the truncation's ``P_i^T``) an entry can get a
-    first moment hundreds of times its ``sqrt(v)``, i.e. an Adam step of hundreds of learning
-    rates, set by a ratio of two cancelling sums -- float rounding (a different summation order,
-    another CPU) then changes the trajectory at once (:data:`SECOND_MOMENTS`). With ``|M_i|``,
-    ``|m x_i M_i| <= c sqrt(v) x_i |M_i|`` whenever ``|m| <= c sqrt(v)`` entrywise (triangle
-    inequality), so Adam's bound on its step survives every change of basis, and the sum has no
-    cancellation. For permutations and sign flips (and the zero-padding of an augmentation) both
-    rules agree. Scalars (Adam ``step``) are kept.
+    ``m x_i M_i``. Second moments (:data:`SECOND_MOMENTS`, Adam ``exp_avg_sq``) are mean squares,
+    and go as ``v x_i (M_i * M_i)`` (entrywise squares of ``M_i``): the mean square of a new
+    coordinate ``sum_j M_ij g_j`` when the old coordinates' gradients are uncorrelated. Rows of
+    ``M_i`` have norm <= 1, so ``v`` is a weighted average of old entries: no cancellation (the
+    authors' ``(sqrt(v) x_i M_i)^2``, signed, can cancel and leave an entry with a first moment
+    hundreds of times its ``sqrt(v)``: Adam steps of hundreds of learning rates) and no inflation
+    (``(sqrt(v) x_i |M_i|)^2``, the rule used before, multiplies ``v`` by up to the number of
+    coordinates a rotation mixes, ``(sum_j |M_ij|)^2``: the truncation rotates the core every
+    step, and Adam's steps on it shrank until TDLRT at full rank trailed dense training by 7
+    points, benchmarks/results/tdlrt.md). Adam's step bound is kept as well: if
+    ``|m| <= c sqrt(v)`` held before (``c`` the largest ratio in the tensor), each transported
+    entry whose ``|m|`` exceeds ``c sqrt(v)`` gets ``v = (m / c)^2``. Permutations and sign flips
+    (and the zero-padding of an augmentation) move every entry unchanged. Scalars (Adam ``step``)
+    are kept.
     """
     old_shape = tuple(old_shape)
+    first = state.get("exp_avg")
+    bound = (
+        _moment_ratio(first, state.get("exp_avg_sq"))
+        if isinstance(first, torch.Tensor) and tuple(first.shape) == old_shape
+        else None
+    )
     for key in list(state.keys()):
         val = state[key]
         if not isinstance(val, torch.Tensor) or tuple(val.shape) != old_shape or val.ndim == 0:
             continue
         if key in SECOND_MOMENTS:
-            state[key] = (
-                galerkin_core(val.clamp_min(0).sqrt(), [(m, M.abs()) for m, M in maps])
-                .pow(2)
-                .contiguous()
-            )
+            state[key] = galerkin_core(val.clamp_min(0), [(m, M * M) for m, M in maps])
         else:
             state[key] = galerkin_core(val, maps).contiguous()
+    if bound is not None and bound > 0:
+        m = state["exp_avg"]
+        for key in ("exp_avg_sq", "max_exp_avg_sq"):
+            v = state.get(key)
+            if isinstance(v, torch.Tensor) and v.shape == m.shape:
+                state[key] = torch.maximum(v, (m / bound).square()).contiguous()
+
+
+def _moment_ratio(m: torch.Tensor, v: Any) -> float | None:
+    """``max |m| / sqrt(v)`` over the entries with ``v > 0`` (``None`` without a usable ``v``)."""
+    if not isinstance(v, torch.Tensor) or v.shape != m.shape:
+        return None
+    pos = v > 0
+    if not bool(pos.any()):
+        return None
+    return float((m[pos].abs() / v[pos].sqrt()).max())

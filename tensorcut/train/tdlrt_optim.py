@@ -80,9 +80,10 @@ class TDLRTOptimizer:
     **Optimiser state across basis changes.** As in the authors' reference implementation,
     the core's state is carried along with it: SGD's momentum buffer and Adam's first
     moment are transported like the core (``m x_i M_i`` with ``M_i = U_i_hat^T U_i`` at
-    augmentation, ``P_i^T`` at truncation); Adam's second moment as ``(sqrt(v) x_i |M_i|)^2``
-    (the reference code's signed ``M_i`` can cancel and break Adam's step bound; see
-    :func:`~tensorcut.train.tdlrt_ops.transport_state`).
+    augmentation, ``P_i^T`` at truncation); Adam's second moment, a mean square, as
+    ``v x_i (M_i * M_i)`` (the reference code's ``(sqrt(v) x_i M_i)^2`` can cancel and break
+    Adam's step bound; ``|M_i|`` in place of ``M_i * M_i`` inflates ``v`` at every rotation
+    and stalls Adam; see :func:`~tensorcut.train.tdlrt_ops.transport_state`).
     New directions therefore start with zero moments. Non-Tucker parameters keep ordinary
     state.
 

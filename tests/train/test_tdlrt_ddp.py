@@ -30,8 +30,9 @@ by a ratio of two cancelling sums. A 1e-7 rounding difference became a 1.5e-4 ke
 at step 2 and 10% at step 5 (same ranks), and the oversized steps inflated ||C|| (tau ||C|| rose
 from 0.34 to 1.17 in one step) -- which is what pruned the old configuration (tau = 0.2,
 lr = 0.02) to rank 2; with the fix it prunes nothing in 8 steps, hence tau = 0.3, lr = 0.05
-here. The transport now uses |P^T| (tensorcut.train.tdlrt_ops.transport_state, tested in
-tests/train/test_tdlrt_ops.py); with the old transport this test fails (kernels 4.4e-4 apart,
+here. The transport now has no signed sums (v x (P^T * P^T), with Adam's step bound kept;
+tensorcut.train.tdlrt_ops.transport_state, tested in tests/train/test_tdlrt_ops.py); with the
+signed transport this test fails (kernels 4.4e-4 apart,
 1.4e-3 under ATEN_CPU_CAPABILITY=default). Ranks never differed between the processes: every
 rank decides on bitwise identical all-reduced sums, and TDLRTOptimizer.check_sync verifies
 that (and would repair from rank 0) after every step.
