@@ -1,6 +1,20 @@
-"""Benchmark rank-adaptive Tucker training (TDLRT) against dense and fixed-rank baselines.
+"""Benchmark rank-adaptive Tucker training (TDLRT) against dense training.
 
-Per model and per ``tau``:
+Two suites:
+
+``--suite parity`` (default): dense and TDLRT side by side, trained from the same seed with the
+same recipe (optimiser, learning rate, schedule, batch, data split), over several seeds and
+recipes; the mean, standard deviation and the paired difference (TDLRT - dense, per seed) of
+test top-1, and the conv compression TDLRT reached. The data are loaded as ``tensorcut train``
+loads them (``val_fraction`` held out of the training split for the plateau schedule, the full
+test split). Results: ``benchmarks/results/tdlrt.json`` (rewritten after every run;
+``--resume`` skips the runs it holds) and ``tdlrt.md``.
+
+    nice -n 5 python benchmarks/bench_tdlrt.py --seeds 0,1,2,3,4
+
+``--suite methods``: per model and ``tau``, TDLRT from scratch against dense, Tucker layers
+fixed at TDLRT's final ranks, compress-then-fine-tune and pretrained->TDLRT, with interleaved
+step timings (``benchmarks/results/tdlrt_methods.*``):
 
 * ``dense``       -- the uncompressed network, plain training;
 * ``tdlrt``       -- TDLRT from scratch (random orthonormal Tucker start, ``ceil(n/2)`` ranks);
@@ -18,11 +32,7 @@ layers only (all convolutions, biases included; the first conv stays dense), as
 Seconds per epoch are training time only (no evaluation), on whatever CPU is free -- on a
 shared machine they are noisy; the ratio to dense is what to read.
 
-The defaults are sized for 2 shared CPU cores: width-reduced models on a Fashion-MNIST
-subset for a few epochs. Results (JSON, rewritten after every run so an interrupted run
-keeps what it finished, and a markdown table) go to ``benchmarks/results/tdlrt.*``.
-
-    nice python benchmarks/bench_tdlrt.py --models vgg11,resnet20,vgg16
+    nice python benchmarks/bench_tdlrt.py --suite methods --models vgg11,resnet20,vgg16
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import copy
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -210,7 +221,8 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def methods_main(argv: list[str]) -> None:
+    """The ``--suite methods`` benchmark."""
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -250,8 +262,8 @@ def main() -> None:
         action="store_true",
         help="only (re)measure step times, for the final ranks already in the results JSON",
     )
-    ap.add_argument("--out", default=str(RESULTS / "tdlrt"))
-    args = ap.parse_args()
+    ap.add_argument("--out", default=str(RESULTS / "tdlrt_methods"))
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
     taus = [float(t) for t in args.taus.split(",")]
@@ -310,7 +322,7 @@ def main() -> None:
         for k, v in vars(args).items()
         if k not in ("out", "timing_only") and v not in ("", None)
     }
-    cmd = "nice python benchmarks/bench_tdlrt.py " + " ".join(
+    cmd = "nice python benchmarks/bench_tdlrt.py --suite methods " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in flags.items()
     )
     results = {
@@ -427,6 +439,229 @@ def main() -> None:
         if args.timing_reps > 0:
             timing(name)
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
+# -- parity suite: dense and TDLRT side by side, several seeds and recipes -------------------
+
+
+def parse_recipe(text: str) -> dict[str, Any]:
+    """``optimizer:lr:scheduler`` (e.g. ``adam:1e-3:plateau``) as FitConfig fields."""
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise SystemExit(f"a recipe is optimizer:lr:scheduler, got {text!r}")
+    return {"optimizer": parts[0], "lr": float(parts[1]), "scheduler": parts[2]}
+
+
+def parity_run(
+    args: argparse.Namespace, model: str, recipe: str, method: str, seed: int
+) -> dict[str, Any]:
+    """One training run from ``seed`` (data split, shuffling and initial weights), tested."""
+    from tensorcut.train.api import model_kwargs_for
+    from tensorcut.train.loop import FitConfig, fit, set_seed
+
+    split = {"data_dir": args.data_dir, "val_fraction": args.val_fraction, "seed": seed}
+    tr = tdata.load_dataset(args.dataset, "train", subset=args.subset, **split)
+    va = tdata.load_dataset(args.dataset, "val", **split)
+    te = tdata.load_dataset(args.dataset, "test", **split)
+    train = tdata.make_loader(tr, args.batch_size, shuffle=True, seed=seed)
+    val = tdata.make_loader(va, 512)
+    set_seed(seed)  # the initial weights, as `tensorcut train` draws them
+    net = models.create(model, **model_kwargs_for(args.dataset, args.widths.get(model, 0.25)))
+    rec = parse_recipe(recipe)
+    t0 = time.perf_counter()
+    if method == "dense":
+        cfg = FitConfig(epochs=args.epochs, momentum=args.momentum, seed=seed, **rec)
+        hist = fit(net, train, val, cfg, device="cpu", progress=False, distributed=False)
+    else:
+        hist = train_tdlrt(
+            net, train, val, tau=args.tau, rmin=args.rmin, epochs=args.epochs,
+            momentum=args.momentum, from_pretrained=False, device="cpu", seed=seed,
+            progress=False, distributed=False, **rec,
+        )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    early = hist[min(args.early_epoch, len(hist)) - 1] if hist else {}
+    return {
+        "model": model,
+        "recipe": recipe,
+        "method": method,
+        "seed": seed,
+        "test_top1": evaluate(net, tdata.make_loader(te, 512), "cpu")["top1"],
+        f"val_top1_epoch{args.early_epoch}": early.get("val_top1"),
+        "train_seconds": seconds,
+        **conv_stats(net),
+    }
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def parity_summary(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per (model, recipe): dense and TDLRT mean / std, the paired difference, compression."""
+    out = []
+    runs = results["runs"]
+    early = f"val_top1_epoch{results['config']['early_epoch']}"
+    for model, recipe in dict.fromkeys((r["model"], r["recipe"]) for r in runs):
+        by = {
+            m: {
+                r["seed"]: r
+                for r in runs
+                if (r["model"], r["recipe"], r["method"]) == (model, recipe, m)
+            }
+            for m in ("dense", "tdlrt")
+        }
+        row: dict[str, Any] = {"model": model, "recipe": recipe}
+        for m, rs in by.items():
+            if rs:
+                acc = [r["test_top1"] for r in rs.values()]
+                row[m] = {
+                    "n": len(acc),
+                    "mean": _mean_std(acc)[0],
+                    "std": _mean_std(acc)[1],
+                    "early_mean": statistics.mean(
+                        r[early] for r in rs.values() if r[early] is not None
+                    ),
+                    "conv_compression_pct": statistics.mean(
+                        r["conv_compression_pct"] for r in rs.values()
+                    ),
+                    "seconds": statistics.mean(r["train_seconds"] for r in rs.values()),
+                }
+        both = sorted(set(by["dense"]) & set(by["tdlrt"]))
+        if both:
+            d = [by["tdlrt"][s]["test_top1"] - by["dense"][s]["test_top1"] for s in both]
+            mean, std = _mean_std(d)
+            row["paired_diff"] = {"n": len(d), "mean": mean, "std": std,
+                                  "se": std / len(d) ** 0.5}  # fmt: skip
+        out.append(row)
+    return out
+
+
+def parity_markdown(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    e = cfg["early_epoch"]
+    lines = [
+        "# TDLRT against dense training",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        f"Machine: {results['machine']}; {cfg['threads']} CPU thread(s) per run, shared machine. "
+        f"Seeds {cfg['seeds']} (each: data split, shuffling, initial weights; dense and TDLRT of "
+        "one seed start from the same draw). Data: "
+        f"{cfg['dataset']} (`val_fraction` {cfg['val_fraction']} of the training split held out "
+        f"for the plateau schedule; subset {cfg['subset']}; the full test split), batch "
+        f"{cfg['batch_size']}, {cfg['epochs']} epochs, momentum {cfg['momentum']} (SGD). TDLRT: "
+        f"from scratch (random orthonormal factors, half rank per mode), tau {cfg['tau']}, rmin "
+        f"{cfg['rmin']}. Recipe = optimizer:lr:scheduler, the same for both arms.",
+        "",
+        "Top-1 on the test split, mean ± sample standard deviation over the seeds; diff = TDLRT - "
+        "dense per seed (mean ± std, and its standard error); compression = 100 (1 - stored / "
+        "dense) over all conv layers (first conv dense, biases included), the paper's compression "
+        f"rate; val@{e} = validation top-1 after epoch {e}; seconds = training time of a run.",
+        "",
+        f"| model | recipe | dense top-1 | TDLRT top-1 | diff (SE) | TDLRT conv compression % "
+        f"| dense / TDLRT val@{e} | dense / TDLRT s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in parity_summary(results):
+        d, t, p = row.get("dense"), row.get("tdlrt"), row.get("paired_diff")
+        if not (d and t and p):
+            continue
+        lines.append(
+            f"| {row['model']} | {row['recipe']} | {d['mean']:.4f} ± {d['std']:.4f} | "
+            f"{t['mean']:.4f} ± {t['std']:.4f} | {100 * p['mean']:+.2f} ± {100 * p['std']:.2f} pt "
+            f"({100 * p['se']:.2f}) | {t['conv_compression_pct']:.1f} | "
+            f"{d['early_mean']:.3f} / {t['early_mean']:.3f} | "
+            f"{d['seconds']:.0f} / {t['seconds']:.0f} |"
+        )
+    lines.append("")
+    lines += results.get("notes", [])
+    return "\n".join(lines) + "\n"
+
+
+def parity_main(argv: list[str]) -> None:
+    """The ``--suite parity`` benchmark (see the module docstring)."""
+    ap = argparse.ArgumentParser(description="TDLRT against dense, side by side over seeds")
+    ap.add_argument("--models", default="vanilla-cnn")
+    ap.add_argument("--widths", default="vanilla-cnn=0.25", help="width per model (others 0.25)")
+    ap.add_argument("--dataset", default="digits")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--subset", type=int, default=None)
+    ap.add_argument("--val-fraction", type=float, default=0.1)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument(
+        "--recipes",
+        default="adam:1e-3:plateau,adam:3e-3:plateau,sgd:0.05:cosine,sgd:0.1:cosine",
+        help="comma list of optimizer:lr:scheduler, each run by both arms",
+    )
+    ap.add_argument("--tau", type=float, default=0.1)
+    ap.add_argument("--rmin", type=int, default=2)
+    ap.add_argument("--momentum", type=float, default=0.9)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--early-epoch", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--resume", action="store_true", help="keep the runs already in --out")
+    ap.add_argument("--out", default=str(RESULTS / "tdlrt"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    raw_widths = args.widths
+    args.widths = {k: float(v) for k, v in (kv.split("=") for kv in raw_widths.split(",") if kv)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shown = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "widths")}
+    shown["widths"] = raw_widths
+    cmd = "nice -n 5 python benchmarks/bench_tdlrt.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in shown.items() if v is not None
+    )
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+         if ln.startswith("model name")),
+        platform.processor() or platform.machine(),
+    ) if Path("/proc/cpuinfo").exists() else platform.machine()  # fmt: skip
+    results: dict[str, Any] = {
+        "command": cmd,
+        "config": shown,
+        "machine": f"{cpu}, torch {torch.__version__}",
+        "runs": [],
+    }
+    if args.resume and out.with_suffix(".json").exists():
+        kept = json.loads(out.with_suffix(".json").read_text())
+        results["runs"] = kept["runs"]
+        results.update({k: kept[k] for k in ("notes", "before_fix") if k in kept})
+    done = {(r["model"], r["recipe"], r["method"], r["seed"]) for r in results["runs"]}
+    for model in args.models.split(","):
+        for recipe in args.recipes.split(","):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                for method in ("dense", "tdlrt"):
+                    if (model, recipe, method, seed) in done:
+                        continue
+                    row = parity_run(args, model, recipe, method, seed)
+                    results["runs"].append(row)
+                    results["summary"] = parity_summary(results)
+                    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+                    out.with_suffix(".md").write_text(parity_markdown(results))
+                    print(
+                        f"  {model} {recipe} {method:<5} seed {seed}: top1 "
+                        f"{row['test_top1']:.4f} conv compression "
+                        f"{row['conv_compression_pct']:.1f}% {row['train_seconds']:.0f}s",
+                        flush=True,
+                    )
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    suite = "parity"
+    if "--suite" in argv:
+        i = argv.index("--suite")
+        suite = argv[i + 1] if i + 1 < len(argv) else ""
+        argv = argv[:i] + argv[i + 2 :]
+    if suite == "parity":
+        parity_main(argv)
+    elif suite == "methods":
+        methods_main(argv)
+    else:
+        raise SystemExit(f"--suite is parity or methods, got {suite!r}")
 
 
 if __name__ == "__main__":
