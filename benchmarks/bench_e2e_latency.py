@@ -55,7 +55,8 @@ from common import (
     write_markdown,
 )  # noqa: E402
 
-from tensorcut.layers.base import LAYER_REGISTRY, ConvGeometry  # noqa: E402
+from tensorcut.geometry import ConvGeometry
+from tensorcut.layers.base import LAYER_REGISTRY  # noqa: E402
 from tensorcut.timing import compare, measure_latency  # noqa: E402
 
 OUT = RESULTS / "e2e_latency"

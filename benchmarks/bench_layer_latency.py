@@ -84,7 +84,8 @@ def build_variants(
     c: int, hw: int, mac_ratio: float, with_tltorch: bool, seed: int
 ) -> dict[str, dict[str, Any]]:
     """name -> {module, ranks, predicted MAC ratio}; modules in eval mode with random weights."""
-    from tensorcut.layers import LAYER_REGISTRY, ConvGeometry
+    from tensorcut.geometry import ConvGeometry
+    from tensorcut.layers import LAYER_REGISTRY
 
     torch.manual_seed(seed)
     dense = nn.Conv2d(c, c, 3, padding=1, bias=False).eval()
@@ -261,7 +262,7 @@ def stage_breakdown(
     sublayer is called alone on its captured arguments; an explicit padding (only for padding
     modes the convolutions cannot do themselves) is timed as its own stage.
     """
-    from tensorcut.layers.base import explicit_pad
+    from tensorcut.geometry import explicit_pad
 
     fns: dict[str, Any] = {}
     for name, v in variants.items():

@@ -159,7 +159,7 @@ def child_sweep(spec: dict[str, Any]) -> dict[str, Any]:
 
     from tensorcut import data as tdata
     from tensorcut import models
-    from tensorcut.analysis.sweep import analyze
+    from tensorcut.study.sweep import analyze
 
     torch.set_num_threads(int(spec.get("threads", 1)))
     torch.manual_seed(0)

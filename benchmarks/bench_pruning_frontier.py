@@ -356,8 +356,8 @@ def study_sensitivity(dense: nn.Module, calib: Any) -> dict[str, float]:
     """Per-layer sensitivity from the truncation study on the calibration images (single-layer
     SVD truncations over the OUT, IN and OUT-IN bipartitions, as ``tensorcut run`` does), cached
     next to the dense checkpoint."""
-    from tensorcut.analysis.sweep import analyze
     from tensorcut.pipeline.workflow import load_sensitivity
+    from tensorcut.study.sweep import analyze
 
     db = WORK / "study" / "truncation.sqlite"
     if not (WORK / "study" / "done").exists():

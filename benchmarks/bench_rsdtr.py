@@ -53,7 +53,7 @@ from tensorcut import models
 from tensorcut.checkpoint import io as tio
 from tensorcut.compression import CompressConfig, LayerPlan, Plan, apply, plan
 from tensorcut.decompose.tr import tr_params, tr_to_tensor
-from tensorcut.layers.base import ConvGeometry
+from tensorcut.geometry import ConvGeometry
 from tensorcut.layers.tr import TRConv2d
 from tensorcut.pipeline.workflow import RSDTR_RECIPE
 from tensorcut.train.loop import FitConfig, evaluate, fit, set_seed

@@ -3,7 +3,7 @@
 On ``vanilla-cnn`` with Fashion-MNIST test images, for every selected layer, side by side
 in one run (interleaved layer by layer so that machine load hits all three alike):
 
-- **cached**: ``tensorcut.analysis.analyze`` on that layer (all seven bipartitions, default
+- **cached**: ``tensorcut.study.analyze`` on that layer (all seven bipartitions, default
   keep grids): SVD once per (layer, bipartition), activation cache, rest-of-network only,
   SQLite rows — the real end-to-end cost;
 - **naive**: for the same configurations, a fresh SVD, the truncated kernel swapped in, and a
@@ -33,11 +33,11 @@ import torch
 
 from tensorcut import data as tdata
 from tensorcut import models
-from tensorcut.analysis import grid
-from tensorcut.analysis.cache import EvalSet, LayerRunner
-from tensorcut.analysis.store import ResultsStore
-from tensorcut.analysis.sweep import analyze
-from tensorcut.kernel import BIPARTITIONS, svd_bipartition
+from tensorcut.study import grid
+from tensorcut.study.cache import EvalSet, LayerRunner
+from tensorcut.study.store import ResultsStore
+from tensorcut.study.sweep import analyze
+from tensorcut.tenalg import BIPARTITIONS, svd_bipartition
 from tensorcut.train.loop import evaluate
 
 RESULTS = Path(__file__).resolve().parent / "results"

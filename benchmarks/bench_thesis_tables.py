@@ -318,7 +318,8 @@ def scratch_model(
     """A fresh network whose selected convs are factorized at ``retention``'s ranks, random init."""
     from tensorcut import models
     from tensorcut.compression.rank import ranks_for_ratio
-    from tensorcut.layers import LAYER_REGISTRY, ConvGeometry
+    from tensorcut.geometry import ConvGeometry
+    from tensorcut.layers import LAYER_REGISTRY
     from tensorcut.train.loop import set_seed
 
     set_seed(args.seed)

@@ -35,7 +35,7 @@ from common import cpu_model  # benchmarks/common.py (the script's own folder)
 from torch import nn
 
 from tensorcut.decompose.tr import TRCandidate, rsdtr, tr_macs, tr_params, tr_svd, tr_to_tensor
-from tensorcut.layers.base import ConvGeometry
+from tensorcut.geometry import ConvGeometry
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -76,8 +76,8 @@ def _train(args: argparse.Namespace) -> Path:
 
 def _analyze(args: argparse.Namespace, ck: Path) -> Path:
     from tensorcut import data as tdata
-    from tensorcut.analysis.sweep import analyze
     from tensorcut.checkpoint import io as tio
+    from tensorcut.study.sweep import analyze
 
     c = tio.load_checkpoint(ck)
     model = c.model.eval()
@@ -127,7 +127,7 @@ def _fmt(x: float | None, nd: int = 1) -> str:
 def _claims(
     rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], split: str
 ) -> dict[str, Any]:
-    from tensorcut.analysis import findings as fd
+    from tensorcut.study import findings as fd
 
     base = next(r for r in rows if r["kind"] == "baseline" and r["split"] == split)
     b1 = float(base["top1"])
@@ -518,10 +518,10 @@ def main() -> int:
     ck = _train(args)
     db = _analyze(args, ck)
 
-    from tensorcut.analysis.plots import plot
-    from tensorcut.analysis.store import ResultsStore
     from tensorcut.checkpoint import io as tio
-    from tensorcut.kernel import ENTROPY_LABELS
+    from tensorcut.study.plots import plot
+    from tensorcut.study.store import ResultsStore
+    from tensorcut.tenalg import ENTROPY_LABELS
 
     OUT.mkdir(parents=True, exist_ok=True)
     figdir = OUT / "figures"

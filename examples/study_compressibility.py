@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import tensorcut as tc
-from tensorcut.analysis.plots import plot
-from tensorcut.analysis.sweep import analyze
+from tensorcut.study.plots import plot
+from tensorcut.study.sweep import analyze
 from tensorcut.train import FitConfig, fit
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("--") else "study-out")

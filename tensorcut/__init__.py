@@ -13,13 +13,12 @@ The public face, in the order of a user's path::
 
 Subpackages hold the rest: ``tensorcut.compression`` (planning and the swap),
 ``tensorcut.layers`` (the factorized modules, one method each), ``tensorcut.decompose``
-(tensor math), ``tensorcut.train`` (the epoch loop, TDLRT), ``tensorcut.analysis`` (the
+(tensor math), ``tensorcut.train`` (the epoch loop, TDLRT), ``tensorcut.study`` (the
 truncation study).
 """
 
 __version__ = "0.1.0"
 
-from tensorcut.analysis import analyze
 from tensorcut.checkpoint.io import Checkpoint, load, load_checkpoint, save
 from tensorcut.compression import (
     CompressConfig,
@@ -35,6 +34,7 @@ from tensorcut.errors import ConvergenceError, TensorcutError
 from tensorcut.layers import list_methods
 from tensorcut.models import create as create_model
 from tensorcut.models import list_models
+from tensorcut.study import analyze
 from tensorcut.summary import summarize as inspect
 from tensorcut.train.loop import FitConfig, evaluate, fit
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 
-class TensorcutError(Exception):
+class TensorcutError(ValueError):
     """Bad input or an unmet precondition, described in one line that says how to fix it.
 
     Every public function raises it (and only it) for input it cannot use; the CLI prints its
-    message as ``tensorcut VERB: error: ...`` and exits with status 2.
+    message as ``tensorcut VERB: error: ...`` and exits with status 2. It is a ``ValueError``, so
+    code that already catches bad values (``except ValueError``) catches it too.
 
     Example:
         >>> import tensorcut as tc

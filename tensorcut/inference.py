@@ -116,7 +116,7 @@ class MergedCPConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.first(x)
         if self._pad_explicitly:
-            from tensorcut.layers.base import explicit_pad
+            from tensorcut.geometry import explicit_pad
 
             y = explicit_pad(y, self.geometry)
         return self.last(self.spatial(y), x)

@@ -44,7 +44,8 @@ from torch import nn
 import tensorcut.layers  # noqa: F401  (registers every layer class)
 from tensorcut.cli import main
 from tensorcut.errors import TensorcutError
-from tensorcut.layers.base import LAYER_REGISTRY, ConvGeometry
+from tensorcut.geometry import ConvGeometry
+from tensorcut.layers.base import LAYER_REGISTRY
 
 METHODS = sorted(LAYER_REGISTRY)
 
@@ -478,7 +479,7 @@ def test_D1_nan_or_inf_weights(ck: Path, tmp_path: Path, capsys: Any, value: flo
 
 
 def test_D2_nan_kernel_through_the_python_api(tmp_path: Path) -> None:
-    from tensorcut.analysis.sweep import analyze
+    from tensorcut.study.sweep import analyze
 
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.LazyLinear(2))
     with torch.no_grad():

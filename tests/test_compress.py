@@ -392,7 +392,7 @@ def test_align_keeps_size_rules_within_their_target(method):
     for a, b in zip(plain.layers, p.layers, strict=True):
         if b.status != "factorize":
             continue
-        from tensorcut.layers.base import ConvGeometry
+        from tensorcut.geometry import ConvGeometry
 
         mx = cls.max_ranks(ConvGeometry.from_dict(b.geometry))
         assert _aligned(b.ranks, mx, 8), (b.ranks, mx)
@@ -428,7 +428,7 @@ def test_align_rounds_up_for_error_rules():
         if b.status == "factorize":
             assert b.error <= 0.5 + 1e-6
             assert all(rb >= ra for ra, rb in zip(a.ranks, b.ranks, strict=True))
-            from tensorcut.layers.base import ConvGeometry
+            from tensorcut.geometry import ConvGeometry
 
             assert _aligned(
                 b.ranks, LAYER_REGISTRY["tucker2"].max_ranks(ConvGeometry.from_dict(b.geometry)), 16

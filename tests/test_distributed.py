@@ -344,8 +344,8 @@ def _same(
 
 
 def test_units_are_dealt_once_each_and_balanced(tiny_checkpoint: Path) -> None:
-    from tensorcut.analysis.shard import assign, plan_units
     from tensorcut.checkpoint import io as tio
+    from tensorcut.study.shard import assign, plan_units
 
     model = tio.load(tiny_checkpoint)
     units = plan_units(
@@ -365,10 +365,10 @@ def test_sharded_sweep_in_process_gives_the_rows_of_one_run(
 ) -> None:
     """Two shards (then the finishing pass) record exactly an unsharded sweep's rows and values."""
     from tensorcut import data as tdata
-    from tensorcut.analysis.shard import analyze_sharded
-    from tensorcut.analysis.store import ResultsStore
-    from tensorcut.analysis.sweep import analyze
     from tensorcut.checkpoint import io as tio
+    from tensorcut.study.shard import analyze_sharded
+    from tensorcut.study.store import ResultsStore
+    from tensorcut.study.sweep import analyze
 
     model = tio.load(tiny_checkpoint)
     loaders = {"val": tdata.make_loader(tdata.load_dataset("digits", "val", subset=40), 64)}
@@ -429,9 +429,9 @@ def test_independent_workers_run_recovery_locally(
     The worker that gets the recovery unit trains alone.
     """
     from tensorcut import data as tdata
-    from tensorcut.analysis.shard import analyze_sharded
-    from tensorcut.analysis.store import ResultsStore
     from tensorcut.checkpoint import io as tio
+    from tensorcut.study.shard import analyze_sharded
+    from tensorcut.study.store import ResultsStore
 
     model = tio.load(tiny_checkpoint)
     loaders = {"val": tdata.make_loader(tdata.load_dataset("digits", "val", subset=30), 64)}

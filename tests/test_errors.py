@@ -9,7 +9,7 @@ from tensorcut.errors import ConvergenceError, TensorcutError
 
 
 def test_hierarchy() -> None:
-    assert issubclass(TensorcutError, Exception)
+    assert issubclass(TensorcutError, ValueError)  # DESIGN: bad input is a ValueError
     assert issubclass(ConvergenceError, TensorcutError)  # one `except TensorcutError` catches both
     assert tensorcut.TensorcutError is TensorcutError
     assert tensorcut.ConvergenceError is ConvergenceError

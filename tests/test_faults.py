@@ -61,7 +61,7 @@ elif spec["where"] == "step":
     F.cross_entropy = ce
 elif spec["where"] == "slow-rows":
     # a slower worker, so that it can be killed from outside mid-sweep
-    from tensorcut.analysis import store
+    from tensorcut.study import store
     real_add = store.ResultsStore.add
     def add(self, row):
         time.sleep(spec["sleep"])
@@ -370,7 +370,7 @@ def test_disk_full_during_a_sweep_is_one_line_and_keeps_recorded_rows(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
     """SQLite's own 'database or disk is full', provoked by capping the file at its current size."""
-    from tensorcut.analysis import store
+    from tensorcut.study import store
 
     db = tmp_path / "r.sqlite"
     real_add = store.ResultsStore.add

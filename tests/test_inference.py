@@ -11,6 +11,7 @@ from torch import nn
 
 import tensorcut.layers  # noqa: F401  (registers every layer class)
 from tensorcut.errors import TensorcutError
+from tensorcut.geometry import ConvGeometry
 from tensorcut.inference import (
     MergedCPConv2d,
     PointwiseChain,
@@ -20,7 +21,7 @@ from tensorcut.inference import (
     fold_affine_,
     prepare_for_inference,
 )
-from tensorcut.layers.base import LAYER_REGISTRY, ConvGeometry, FactorizedConv2d, PointwiseConv2d
+from tensorcut.layers.base import LAYER_REGISTRY, FactorizedConv2d, PointwiseConv2d
 from tensorcut.models import create
 
 pytestmark = pytest.mark.usefixtures("one_thread")

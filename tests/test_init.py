@@ -82,7 +82,7 @@ def test_compress_then_decompress_round_trip() -> None:
 
 def test_importing_the_api_loads_no_cli() -> None:
     code = (
-        "import sys, tensorcut, tensorcut.compression, tensorcut.train, tensorcut.analysis;"
+        "import sys, tensorcut, tensorcut.compression, tensorcut.train, tensorcut.study;"
         "print(sorted(m for m in sys.modules if m.startswith('tensorcut') and 'cli' in m))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -297,7 +297,7 @@ def private_attribute_reads(source: str) -> list[str]:
 def test_private_attribute_reads_on_an_example() -> None:
     src = (
         "from tensorcut.checkpoint import io as tio\n"
-        "import tensorcut.kernel as K\n"
+        "import tensorcut.tenalg as K\n"
         "tio._x(); K._y; tio.save\n"
     )
     assert sorted(private_attribute_reads(src)) == ["line 3: K._y", "line 3: tio._x"]

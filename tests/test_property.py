@@ -30,7 +30,8 @@ import tensorcut.layers  # noqa: F401  (registers every layer class)
 from tensorcut import data as tdata
 from tensorcut.checkpoint import io as tio
 from tensorcut.errors import TensorcutError
-from tensorcut.layers.base import LAYER_REGISTRY, ConvGeometry
+from tensorcut.geometry import ConvGeometry
+from tensorcut.layers.base import LAYER_REGISTRY
 
 METHODS = sorted(LAYER_REGISTRY)
 PROPERTY = settings(
@@ -308,7 +309,7 @@ def test_fuzz_cifar_binary_batch(tmp_path: Path, data: bytes) -> None:
 @FUZZ
 @given(data=st.binary(min_size=1, max_size=2000), sqlite_header=st.booleans())
 def test_fuzz_results_store(tmp_path: Path, data: bytes, sqlite_header: bool) -> None:
-    from tensorcut.analysis.store import ResultsStore
+    from tensorcut.study.store import ResultsStore
 
     p = tmp_path / "r.sqlite"
     for suffix in ("-wal", "-shm"):

@@ -1,6 +1,6 @@
 """Command-line entry point: every verb is a thin argparse layer over a Python function.
 
-The verb table is ``COMMAND_MODULES``: each module of this package (``train``, ``analysis``,
+The verb table is ``COMMAND_MODULES``: each module of this package (``train``, ``study``,
 ``workflow``, ``run``) exposes ``add_commands(subparsers)`` and maps its flags onto the API;
 :mod:`tensorcut.cli.options` derives the method-option flags from the layers' ``Options``;
 :mod:`tensorcut.cli.reference` generates ``docs/cli.md``. Nothing outside this package imports
@@ -22,7 +22,7 @@ from tensorcut.errors import TensorcutError
 
 COMMAND_MODULES: tuple[str, ...] = (
     "tensorcut.cli.train",
-    "tensorcut.cli.analysis",
+    "tensorcut.cli.study",
     "tensorcut.cli.workflow",
     "tensorcut.cli.run",
 )

@@ -14,7 +14,7 @@ _GOALS = ("target_ratio", "target_macs", "max_drop")
 
 def _bipartition(text: str) -> str:
     from tensorcut.errors import TensorcutError
-    from tensorcut.kernel import canonical_bipartition
+    from tensorcut.tenalg import canonical_bipartition
 
     try:
         return canonical_bipartition(text)

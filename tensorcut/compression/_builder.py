@@ -18,7 +18,8 @@ from tensorcut.compression.plan import LayerPlan
 from tensorcut.compression.rank import RankRule, align_ranks, clamp_ranks, ranks_for_ratio
 from tensorcut.compression.verify import Capture, check_swap
 from tensorcut.errors import ConvergenceError, TensorcutError
-from tensorcut.layers import ConvGeometry, FactorizedConv2d, get_method, list_methods
+from tensorcut.geometry import ConvGeometry
+from tensorcut.layers import FactorizedConv2d, get_method, list_methods
 
 
 def rel_error(w: torch.Tensor, layer: FactorizedConv2d) -> float:

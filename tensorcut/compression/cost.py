@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorcut.layers.base import ConvGeometry, FactorizedConv2d, Pair
+from tensorcut.geometry import ConvGeometry, Pair
+from tensorcut.layers.base import FactorizedConv2d
 
 __all__ = [
     "UnitCost",

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from tensorcut.errors import TensorcutError
-from tensorcut.layers.base import SameConv2d, pair
+from tensorcut.geometry import SameConv2d, pair
 
 __all__ = ["Resolved", "resolve", "known_kinds", "refuse_scripted"]
 

@@ -48,7 +48,8 @@ from tensorcut.compression.effective import resolve
 from tensorcut.compression.plan import LayerPlan, Plan
 from tensorcut.compression.rank import RankRule
 from tensorcut.errors import TensorcutError
-from tensorcut.layers import ConvGeometry, get_method
+from tensorcut.geometry import ConvGeometry
+from tensorcut.layers import get_method
 from tensorcut.timing import (
     Comparison,
     LatencyStats,

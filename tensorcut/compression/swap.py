@@ -16,7 +16,8 @@ from tensorcut.compression.plan import LayerPlan, Plan
 from tensorcut.compression.planner import plan
 from tensorcut.compression.verify import relative_difference
 from tensorcut.errors import TensorcutError
-from tensorcut.layers import ConvGeometry, FactorizedConv2d, get_method, list_methods
+from tensorcut.geometry import ConvGeometry
+from tensorcut.layers import FactorizedConv2d, get_method, list_methods
 
 __all__ = ["apply", "compress", "decompress"]
 

@@ -5,6 +5,7 @@ name to its layer class; every class declares the contract the planner relies on
 (:class:`FactorizedConv2d`).
 """
 
+from tensorcut.geometry import ConvGeometry
 from tensorcut.layers._registry import (
     LAYER_REGISTRY,
     get_method,
@@ -13,7 +14,7 @@ from tensorcut.layers._registry import (
     register_layer,
     register_method,
 )
-from tensorcut.layers.base import ConvGeometry, FactorizedConv2d, MethodOptions
+from tensorcut.layers.base import FactorizedConv2d, MethodOptions
 from tensorcut.layers.cp import CPConv2d, CPOptions
 from tensorcut.layers.linear import SVDLinear
 from tensorcut.layers.tr import TRConv2d, TROptions

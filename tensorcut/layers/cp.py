@@ -26,22 +26,24 @@ from torch import nn
 from tensorcut.decompose.cp import CPResult, cp_als, cp_max_rank
 from tensorcut.decompose.svd import check_tolerance
 from tensorcut.errors import TensorcutError
-from tensorcut.layers.base import (
+from tensorcut.geometry import (
     ConvGeometry,
+    Pair,
+    early_stride,
+    per_group,
+    split_padding,
+    stage_sizes,
+)
+from tensorcut.layers.base import (
     FactorizedConv2d,
     MethodOptions,
-    Pair,
     check_groups,
     clamp_ranks,
-    early_stride,
     fold_affine_,
     kernel_groups,
     make_conv,
-    per_group,
     rank_tuple,
     register_method,
-    split_padding,
-    stage_sizes,
 )
 
 __all__ = ["CPConv2d", "CPOptions"]

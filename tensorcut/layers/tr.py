@@ -48,13 +48,10 @@ from tensorcut.decompose.tr import (
     tr_to_tensor,
 )
 from tensorcut.errors import TensorcutError
+from tensorcut.geometry import ConvGeometry, Pair, early_stride, explicit_pad
 from tensorcut.layers.base import (
-    ConvGeometry,
     FactorizedConv2d,
     MethodOptions,
-    Pair,
-    early_stride,
-    explicit_pad,
     fold_affine_,
     make_conv,
     register_method,

@@ -29,21 +29,23 @@ from torch import nn
 
 from tensorcut.decompose.tt import tt_max_ranks, tt_svd
 from tensorcut.errors import TensorcutError
-from tensorcut.layers.base import (
+from tensorcut.geometry import (
     ConvGeometry,
-    FactorizedConv2d,
     Pair,
+    early_stride,
+    per_group,
+    split_padding,
+    stage_sizes,
+)
+from tensorcut.layers.base import (
+    FactorizedConv2d,
     check_groups,
     clamp_ranks,
-    early_stride,
     fold_affine_,
     kernel_groups,
     make_conv,
-    per_group,
     rank_tuple,
     register_method,
-    split_padding,
-    stage_sizes,
 )
 
 __all__ = ["TTConv2d"]

@@ -27,22 +27,24 @@ from torch import nn
 from tensorcut.decompose.tucker import hooi as _hooi
 from tensorcut.decompose.tucker import hosvd, mode_dot
 from tensorcut.errors import TensorcutError
-from tensorcut.layers.base import (
+from tensorcut.geometry import (
     ConvGeometry,
+    Pair,
+    early_stride,
+    per_group,
+    split_padding,
+    stage_sizes,
+)
+from tensorcut.layers.base import (
     FactorizedConv2d,
     MethodOptions,
-    Pair,
     check_groups,
     clamp_ranks,
-    early_stride,
     fold_affine_,
     kernel_groups,
     make_conv,
-    per_group,
     rank_tuple,
     register_method,
-    split_padding,
-    stage_sizes,
 )
 
 __all__ = ["FullTuckerConv2d", "TuckerConv2d", "TuckerOptions"]

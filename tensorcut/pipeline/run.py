@@ -621,8 +621,8 @@ def run(
     study_db = out / "study" / "truncation.sqlite"
     ts = time.perf_counter()
     if not rd.done("study"):
-        from tensorcut.analysis.plots import plot
-        from tensorcut.analysis.sweep import analyze
+        from tensorcut.study.plots import plot
+        from tensorcut.study.sweep import analyze
 
         _say(
             f"[study] truncation sweep on {len(calib)} calibration images "

@@ -23,7 +23,7 @@ from torch import nn
 from tensorcut.compression import LayerPlan, Plan, apply, default_filter
 from tensorcut.compression.effective import resolve
 from tensorcut.errors import TensorcutError
-from tensorcut.layers.base import ConvGeometry
+from tensorcut.geometry import ConvGeometry
 from tensorcut.layers.tucker import TuckerConv2d, TuckerOptions
 from tensorcut.train.tdlrt_layers import (
     TuckerView,

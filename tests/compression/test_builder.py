@@ -19,7 +19,8 @@ from tensorcut.compression._builder import (
 from tensorcut.compression.config import CompressConfig
 from tensorcut.compression.rank import RankRule
 from tensorcut.errors import TensorcutError
-from tensorcut.layers import ConvGeometry, get_method
+from tensorcut.geometry import ConvGeometry
+from tensorcut.layers import get_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 

@@ -8,7 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import tensorcut.layers  # noqa: F401  (registers the layer classes)
 from tensorcut.compression import apply, plan
 from tensorcut.compression.cost import conv_macs, model_cost
-from tensorcut.layers.base import LAYER_REGISTRY, FactorizedConv2d, SameConv2d
+from tensorcut.geometry import SameConv2d
+from tensorcut.layers.base import LAYER_REGISTRY, FactorizedConv2d
 from tensorcut.layers.linear import SVDLinear
 from tensorcut.summary import summarize
 

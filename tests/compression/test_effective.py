@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from tensorcut.compression.effective import Resolved, known_kinds, resolve
-from tensorcut.layers.base import ConvGeometry, SameConv2d
+from tensorcut.geometry import ConvGeometry, SameConv2d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -105,8 +105,8 @@ def test_align_ranks_down_up_and_bounds():
 
 
 def test_ratio_search_with_align_fills_the_budget():
+    from tensorcut.geometry import ConvGeometry
     from tensorcut.layers import TuckerConv2d
-    from tensorcut.layers.base import ConvGeometry
 
     g = ConvGeometry(64, 64, (3, 3), padding=(1, 1), bias=False)
     cost = lambda r: TuckerConv2d.predicted_macs(g, r, (32, 32))  # noqa: E731

@@ -309,7 +309,8 @@ def test_describe_speed_says_how_it_was_measured() -> None:
 
 def test_candidate_ranks_scale_each_methods_reference_ranks() -> None:
     from tensorcut.compression.rank import scaled_ranks
-    from tensorcut.layers import ConvGeometry, get_method
+    from tensorcut.geometry import ConvGeometry
+    from tensorcut.layers import get_method
 
     conv = nn.Conv2d(64, 64, 3, padding=1)
     g = ConvGeometry.from_conv(conv)
@@ -322,7 +323,8 @@ def test_candidate_ranks_scale_each_methods_reference_ranks() -> None:
 
 
 def test_error_uses_the_methods_bound_else_measures() -> None:
-    from tensorcut.layers import ConvGeometry, get_method
+    from tensorcut.geometry import ConvGeometry
+    from tensorcut.layers import get_method
 
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 24, 3, padding=1)

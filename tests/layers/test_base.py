@@ -23,14 +23,9 @@ from torch import nn
 
 import tensorcut.layers  # noqa: F401  (registers every layer class)
 from tensorcut.errors import TensorcutError
+from tensorcut.geometry import ConvGeometry
 from tensorcut.layers import CPConv2d, TTConv2d, TuckerConv2d
-from tensorcut.layers.base import (
-    LAYER_REGISTRY,
-    ConvGeometry,
-    FactorizedConv2d,
-    MethodOptions,
-    SameConv2d,
-)
+from tensorcut.layers.base import LAYER_REGISTRY, FactorizedConv2d, MethodOptions
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
@@ -509,28 +504,3 @@ def test_parent_modules_read_the_dense_attributes(method: str) -> None:
     assert layer.padding_mode == "zeros" and layer.bias is None
     assert layer.weight.shape == conv.weight.shape
     torch.testing.assert_close(layer.weight, conv.weight, atol=1e-6, rtol=1e-6)
-
-
-def test_conv_geometry_round_trips_and_counts() -> None:
-    conv = nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2)
-    geom = ConvGeometry.from_conv(conv)
-    assert ConvGeometry.from_dict(json.loads(json.dumps(geom.to_dict()))) == geom
-    assert geom.dense_params() == sum(p.numel() for p in conv.parameters())
-    x = torch.zeros(1, 4, 9, 7)
-    assert tuple(conv(x).shape[2:]) == tuple(geom.output_size((9, 7)))
-    oh, ow = geom.output_size((9, 7))
-    assert geom.dense_macs((9, 7)) == 6 * (4 // 2) * 3 * 2 * oh * ow
-    rebuilt = geom.make_conv()
-    assert ConvGeometry.from_conv(rebuilt) == geom and type(rebuilt) is nn.Conv2d
-
-
-def test_same_conv2d_pads_like_tensorflow() -> None:
-    """TF 'same' with stride 2 on an even input pads (0, 1) per axis: the output is ceil(H/2)."""
-    torch.manual_seed(0)
-    same = SameConv2d(3, 5, 3, stride=2).double()
-    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
-    ref = torch.nn.functional.conv2d(
-        torch.nn.functional.pad(x, (0, 1, 0, 1)), same.weight, same.bias, stride=2
-    )
-    torch.testing.assert_close(same(x), ref)
-    assert same(x).shape[2:] == (4, 4)

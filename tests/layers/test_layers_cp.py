@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from tensorcut.errors import ConvergenceError, TensorcutError
+from tensorcut.geometry import ConvGeometry
 from tensorcut.layers import CPConv2d, CPOptions, get_method
-from tensorcut.layers.base import ConvGeometry
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 

@@ -11,7 +11,8 @@ from torch import nn
 
 from tensorcut.decompose.svd import RankClampWarning
 from tensorcut.errors import TensorcutError
-from tensorcut.layers.base import LAYER_REGISTRY, ConvGeometry
+from tensorcut.geometry import ConvGeometry
+from tensorcut.layers.base import LAYER_REGISTRY
 from tensorcut.layers.tr import TRConv2d
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py

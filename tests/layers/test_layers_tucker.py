@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from tensorcut.geometry import ConvGeometry
 from tensorcut.layers import FullTuckerConv2d, TuckerConv2d, TuckerOptions
-from tensorcut.layers.base import ConvGeometry
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 

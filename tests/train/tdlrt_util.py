@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorcut.layers.base import ConvGeometry, explicit_pad
+from tensorcut.geometry import ConvGeometry, explicit_pad
 from tensorcut.layers.tucker import TuckerConv2d
 from tensorcut.train.tdlrt_layers import factors, write_factors
 

@@ -11,7 +11,7 @@ from tdlrt_util import build_layer, conv_ref, kernel, small_net
 from torch import nn
 
 from tensorcut.errors import TensorcutError
-from tensorcut.layers.base import ConvGeometry
+from tensorcut.geometry import ConvGeometry
 from tensorcut.layers.tucker import FullTuckerConv2d, TuckerConv2d
 from tensorcut.train.tdlrt_convert import tuckerize
 from tensorcut.train.tdlrt_layers import (

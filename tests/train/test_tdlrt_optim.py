@@ -12,7 +12,7 @@ from tdlrt_util import blobs, build_layer, ce_backward, conv_ref, kernel, small_
 from torch import nn
 
 from tensorcut.errors import TensorcutError
-from tensorcut.layers.base import explicit_pad
+from tensorcut.geometry import explicit_pad
 from tensorcut.train.tdlrt_convert import tuckerize
 from tensorcut.train.tdlrt_layers import factors, is_tucker_layer
 from tensorcut.train.tdlrt_ops import orthonormality_error

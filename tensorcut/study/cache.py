@@ -35,8 +35,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from tensorcut.analysis.grid import conv_weight
 from tensorcut.errors import TensorcutError
+from tensorcut.study.grid import conv_weight
 
 DEFAULT_CACHE_BYTES = 1 << 30  # 1 GiB
 

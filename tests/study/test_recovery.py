@@ -11,9 +11,9 @@ import pytest
 import torch
 from analysis_helpers import batches, tiny_cnn
 
-from tensorcut.analysis.store import ResultsStore
-from tensorcut.analysis.sweep import analyze
-from tensorcut.kernel import truncate
+from tensorcut.study.store import ResultsStore
+from tensorcut.study.sweep import analyze
+from tensorcut.tenalg import truncate
 
 
 def _top1(model: torch.nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -72,7 +72,7 @@ def test_recovery_bar_only_on_a_terminal(monkeypatch, tty):
     terminal, silent (no ``\\r`` lines) when stderr is a file or pipe."""
     from types import SimpleNamespace
 
-    from tensorcut.analysis.recovery import run_recovery
+    from tensorcut.study.recovery import run_recovery
 
     err = _Terminal() if tty else io.StringIO()
     monkeypatch.setattr(sys, "stderr", err)

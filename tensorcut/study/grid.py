@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from tensorcut.errors import TensorcutError
-from tensorcut.kernel import BIPARTITIONS, canonical_bipartition, n_singular
+from tensorcut.tenalg import BIPARTITIONS, canonical_bipartition, n_singular
 
 # keep fractions used for the simultaneous all-layer sweep (keep = round(f * n), at least 1)
 DEFAULT_ALL_LAYER_FRACTIONS: tuple[float, ...] = (0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)

@@ -1,6 +1,6 @@
 """Sharded truncation sweeps: one study split across ranks or worker processes, one store.
 
-A thin layer over :func:`tensorcut.analysis.sweep.analyze`. The study is cut into *units*
+A thin layer over :func:`tensorcut.study.sweep.analyze`. The study is cut into *units*
 (one layer, or one layer along one bipartition; one all-layer sweep per bipartition; the
 recovery experiment), units are dealt to ranks by estimated cost (longest first, to the
 least loaded rank; the same on every rank), and each rank runs ``analyze`` on its units
@@ -29,10 +29,10 @@ from typing import Any
 from torch import nn
 
 from tensorcut import distributed as tdist
-from tensorcut.analysis import grid
-from tensorcut.analysis.sweep import AnalysisReport, analyze
 from tensorcut.errors import TensorcutError
-from tensorcut.kernel import n_singular
+from tensorcut.study import grid
+from tensorcut.study.sweep import AnalysisReport, analyze
+from tensorcut.tenalg import n_singular
 
 __all__ = ["ShardReport", "Unit", "analyze_sharded", "assign", "plan_units"]
 
@@ -225,7 +225,7 @@ def analyze_sharded(
     granularity: str = "auto",
     **kwargs: Any,
 ) -> AnalysisReport:
-    """:func:`~tensorcut.analysis.sweep.analyze`, with the study split over ranks.
+    """:func:`~tensorcut.study.sweep.analyze`, with the study split over ranks.
 
     Without ``rank``/``world_size`` they come from the environment: under ``torchrun``
     (``MASTER_ADDR`` set) the ranks form a process group and rank 0 returns the finished

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from tensorcut import models
-from tensorcut.analysis.demo import demo_sweep
-from tensorcut.analysis.store import ResultsStore
 from tensorcut.checkpoint import io as tio
+from tensorcut.study.demo import demo_sweep
+from tensorcut.study.store import ResultsStore
 from tensorcut.train.api import model_kwargs_for
 
 
@@ -35,7 +35,7 @@ def test_fast_demo_sweep_records_draws_and_resumes(
 ) -> None:
     """The figures are drawn by plots.plot (tested in test_plots.py); stubbed here to keep this
     test fast, it must get the results file, out/figures and PNG only (fast)."""
-    import tensorcut.analysis.plots
+    import tensorcut.study.plots
 
     drawn: list[tuple[Any, ...]] = []
 
@@ -43,7 +43,7 @@ def test_fast_demo_sweep_records_draws_and_resumes(
         drawn.append((results, out, formats))
         return [Path(out) / "spectra.png"]
 
-    monkeypatch.setattr(tensorcut.analysis.plots, "plot", fake_plot)
+    monkeypatch.setattr(tensorcut.study.plots, "plot", fake_plot)
     out = tmp_path / "study"
     res = demo_sweep(checkpoint, out, fast=True, progress=False)
     assert res["results"] == out / "truncation.sqlite" and res["results"].is_file()

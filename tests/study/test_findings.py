@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tensorcut.analysis.findings import Point, accuracy_at, tolerated_norm_loss
+from tensorcut.study.findings import Point, accuracy_at, tolerated_norm_loss
 
 
 def _pts(*pairs: tuple[float, float]) -> list[Point]:

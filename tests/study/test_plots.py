@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from analysis_helpers import batches, tiny_cnn
 
-from tensorcut.analysis.plots import FORMATS, plot
-from tensorcut.analysis.store import ResultsStore
-from tensorcut.analysis.sweep import analyze
 from tensorcut.errors import TensorcutError
+from tensorcut.study.plots import FORMATS, plot
+from tensorcut.study.store import ResultsStore
+from tensorcut.study.sweep import analyze
 
 STUDY = {"layers": ["conv2"], "bipartitions": ["OUT"], "keep": ["1,3"], "csv": False}
 

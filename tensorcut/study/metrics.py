@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from tensorcut.errors import TensorcutError
-from tensorcut.kernel import (
+from tensorcut.tenalg import (
     BipartitionSVD,
     canonical_bipartition,
     cp_params,

@@ -16,10 +16,10 @@ def demo_sweep(
     Returns the report and the figure files.
     """
     from tensorcut import data as tdata
-    from tensorcut.analysis.plots import plot
-    from tensorcut.analysis.sweep import analyze
     from tensorcut.checkpoint import DatasetSpec
     from tensorcut.checkpoint import io as tio
+    from tensorcut.study.plots import plot
+    from tensorcut.study.sweep import analyze
 
     out = Path(out)
     ck = tio.load_checkpoint(checkpoint)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from analysis_helpers import batches, tiny_cnn
 
-from tensorcut.analysis import cache, sweep
-from tensorcut.analysis.store import ResultsStore
 from tensorcut.errors import TensorcutError
-from tensorcut.kernel import n_singular
+from tensorcut.study import cache, sweep
+from tensorcut.study.store import ResultsStore
+from tensorcut.tenalg import n_singular
 
 
 def _count_evals(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
@@ -146,7 +146,7 @@ def test_cp_sweep_and_recovery_and_plots(tmp_path: Path) -> None:
             ("svd", "OUT-IN"),
         ]
         assert sorted({r["epoch"] for r in rec}) == [0, 1]
-    from tensorcut.analysis.plots import plot
+    from tensorcut.study.plots import plot
 
     files = {p.name for p in plot(out, tmp_path / "fig", formats=("png", "svg"))}
     for stem in (

@@ -22,10 +22,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tensorcut.analysis import findings
-from tensorcut.analysis.store import ResultsStore, open_results
 from tensorcut.errors import TensorcutError
-from tensorcut.kernel import BIPARTITIONS, ENTROPY_LABELS
+from tensorcut.study import findings
+from tensorcut.study.store import ResultsStore, open_results
+from tensorcut.tenalg import BIPARTITIONS, ENTROPY_LABELS
 
 NORM_LABEL = "norm loss % (discarded share of ||K||_F^2 = sum S^2)"
 AVG_NORM_LABEL = "average norm loss % over truncated conv layers (||K||_F^2)"

@@ -5,7 +5,7 @@ becomes one row of the results store as soon as it is measured; a re-run skips r
 are already there, so an interrupted sweep resumes. For speed, each (layer, bipartition)
 SVD is computed once for all keep values, and single-layer sweeps evaluate only the part
 of the network downstream of the truncated layer on cached activations
-(:mod:`tensorcut.analysis.cache`).
+(:mod:`tensorcut.study.cache`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorcut.analysis import grid
-from tensorcut.analysis.cache import (
+from tensorcut.errors import TensorcutError
+from tensorcut.study import grid
+from tensorcut.study.cache import (
     DEFAULT_CACHE_BYTES,
     EvalResult,
     EvalSet,
@@ -29,16 +30,15 @@ from tensorcut.analysis.cache import (
     swapped_weights,
     trace,
 )
-from tensorcut.analysis.metrics import (
+from tensorcut.study.metrics import (
     TruncationMetrics,
     cp_metrics,
     cp_truncate,
     mean_metrics,
     svd_metrics,
 )
-from tensorcut.analysis.store import ResultsStore
-from tensorcut.errors import TensorcutError
-from tensorcut.kernel import (
+from tensorcut.study.store import ResultsStore
+from tensorcut.tenalg import (
     BIPARTITIONS,
     ENTROPY_FORMS,
     entropy,
@@ -285,7 +285,7 @@ def analyze(
     ``loader`` yields ``(images, labels)`` batches; pass ``{"train": tl, "val": vl}`` to report
     several splits (``split`` names a single loader, default ``"val"``). ``layers`` defaults to
     every conv with more than one input channel; ``bipartitions`` to all seven; ``keep`` to
-    grids derived from each kernel's shape (see :func:`tensorcut.analysis.grid.parse_keep` for
+    grids derived from each kernel's shape (see :func:`tensorcut.study.grid.parse_keep` for
     explicit forms). ``cp_ranks`` (ints or ``"auto"``) adds single-layer CP truncation.
     ``all_layers`` adds simultaneous truncation of every selected layer along each bipartition
     (and at each CP rank). ``recover_epochs`` > 0 with a ``train_loader`` runs the recovery
@@ -446,7 +446,7 @@ def analyze(
         sweep.bar.close()
         report.skipped = total - report.evaluated
         if recover_epochs:
-            from tensorcut.analysis.recovery import run_recovery
+            from tensorcut.study.recovery import run_recovery
 
             assert train_loader is not None  # checked on entry
             run_recovery(
@@ -476,7 +476,7 @@ def analyze(
 
 
 def _baseline(sw: _Sweep) -> None:
-    from tensorcut.analysis.cache import evaluate_full
+    from tensorcut.study.cache import evaluate_full
 
     for s in sw.pending("baseline", "none", "", "", ""):
         res = evaluate_full(sw.model, sw.evalsets[s])

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from analysis_helpers import batches, tiny_cnn
 
-from tensorcut.analysis.shard import (
+from tensorcut.errors import TensorcutError
+from tensorcut.study.shard import (
     RECOVERY_EPOCH_COST,
     ShardReport,
     Unit,
@@ -16,9 +17,8 @@ from tensorcut.analysis.shard import (
     assign,
     plan_units,
 )
-from tensorcut.analysis.store import ResultsStore
-from tensorcut.analysis.sweep import analyze
-from tensorcut.errors import TensorcutError
+from tensorcut.study.store import ResultsStore
+from tensorcut.study.sweep import analyze
 
 STUDY = {"layers": ["conv2", "conv3"], "bipartitions": ["OUT", "IN"], "keep": ["1,2"]}
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tensorcut.analysis.store import ResultsStore
 from tensorcut.errors import TensorcutError
+from tensorcut.study.store import ResultsStore
 
 
 def _row(i: int, **kw: object) -> dict[str, object]:

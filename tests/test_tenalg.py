@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from tensorcut.analysis.metrics import corr_loss_pct, reconstruction_metrics, svd_metrics
 from tensorcut.errors import TensorcutError
-from tensorcut.kernel import (
+from tensorcut.study.metrics import corr_loss_pct, reconstruction_metrics, svd_metrics
+from tensorcut.tenalg import (
     BIPARTITIONS,
     canonical_bipartition,
     entropy,
@@ -147,8 +147,8 @@ def test_reconstruction_metrics_match_svd_metrics() -> None:
 
 
 def test_tucker_truncate_full_and_reduced() -> None:
-    from tensorcut.analysis.metrics import tucker_metrics
-    from tensorcut.kernel import tucker_truncate
+    from tensorcut.study.metrics import tucker_metrics
+    from tensorcut.tenalg import tucker_truncate
 
     K = _kernel(6).double()
     assert torch.equal(tucker_truncate(K, SHAPE), K)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tensorcut.analysis.cache import (
+from tensorcut.study.cache import (
     BatchStore,
     EvalSet,
     LayerRunner,
     evaluate_full,
     swapped_weights,
 )
-from tensorcut.kernel import truncate
+from tensorcut.tenalg import truncate
 
 
 class TinySeq(nn.Module):

@@ -4,7 +4,7 @@
 ``plot(results, out)`` draws the figures.
 """
 
-from tensorcut.analysis.plots import plot
-from tensorcut.analysis.sweep import AnalysisReport, analyze
+from tensorcut.study.plots import plot
+from tensorcut.study.sweep import AnalysisReport, analyze
 
 __all__ = ["AnalysisReport", "analyze", "plot"]

@@ -168,11 +168,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def _analyze(args: argparse.Namespace) -> int:
     from tensorcut import data as tdata
-    from tensorcut.analysis.shard import ShardReport
-    from tensorcut.analysis.shard import (
+    from tensorcut.checkpoint import io as tio
+    from tensorcut.study.shard import ShardReport
+    from tensorcut.study.shard import (
         analyze_sharded as analyze,
     )  # plain analyze unless torchrun/RANK+WORLD_SIZE
-    from tensorcut.checkpoint import io as tio
     from tensorcut.train.api import check_dataset_fits
     from tensorcut.train.loop import resolve_device
 
@@ -195,7 +195,7 @@ def _analyze(args: argparse.Namespace) -> int:
             f"got {args.recover} and {args.recover_lr:g}"
         )
     if args.keep is not None:
-        from tensorcut.analysis.grid import parse_keep
+        from tensorcut.study.grid import parse_keep
 
         spec = parse_keep(args.keep)
         if not spec or any(not v for v in spec.values()):
@@ -253,7 +253,7 @@ def _analyze(args: argparse.Namespace) -> int:
         if shard is None:
             files = []
             if args.plots:
-                from tensorcut.analysis.plots import plot
+                from tensorcut.study.plots import plot
 
                 files = [str(f) for f in plot(args.out, args.plots)]
             res.update(
@@ -289,7 +289,7 @@ def _analyze(args: argparse.Namespace) -> int:
         f"({report.seconds:.1f} s); CSV: {csv_path}"
     )
     if args.plots:
-        from tensorcut.analysis.plots import plot
+        from tensorcut.study.plots import plot
 
         figures = plot(args.out, args.plots)
         print(f"{len(figures)} figure files in {args.plots}")
@@ -301,8 +301,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
     Checked before any work is done.
     """
-    from tensorcut.analysis.store import COLUMNS
     from tensorcut.cli.flags import refuse_path_kind
+    from tensorcut.study.store import COLUMNS
 
     refuse_path_kind(args.plots, True, "--plots")
     refuse_path_kind(args.spill_dir, True, "--spill-dir")
@@ -327,7 +327,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from tensorcut.analysis.plots import plot
+    from tensorcut.study.plots import plot
 
     if not 0 <= args.max_drop <= 1:
         raise TensorcutError(f"--max-drop is a fraction of accuracy in [0, 1], got {args.max_drop}")

@@ -6,8 +6,8 @@ import pytest
 from analysis_helpers import tiny_cnn
 from torch import nn
 
-from tensorcut.analysis import grid
 from tensorcut.errors import TensorcutError
+from tensorcut.study import grid
 
 
 def test_default_grid_follows_tables() -> None:

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from tensorcut.analysis.cache import LayerRunner, evaluate_full, swapped_weights
-from tensorcut.analysis.metrics import cp_metrics, cp_truncate, mean_metrics, svd_metrics
 from tensorcut.errors import TensorcutError
-from tensorcut.kernel import canonical_bipartition, svd_bipartition
+from tensorcut.study.cache import LayerRunner, evaluate_full, swapped_weights
+from tensorcut.study.metrics import cp_metrics, cp_truncate, mean_metrics, svd_metrics
+from tensorcut.tenalg import canonical_bipartition, svd_bipartition
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader

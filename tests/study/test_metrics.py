@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from tensorcut.analysis.metrics import (
+from tensorcut.errors import TensorcutError
+from tensorcut.study.metrics import (
     corr_loss_pct,
     cp_metrics,
     cp_truncate,
@@ -17,8 +18,7 @@ from tensorcut.analysis.metrics import (
     svd_metrics,
     tucker_metrics,
 )
-from tensorcut.errors import TensorcutError
-from tensorcut.kernel import svd_bipartition, svd_factor_params
+from tensorcut.tenalg import svd_bipartition, svd_factor_params
 
 
 def _kernel(seed: int = 0, shape: tuple[int, ...] = (6, 4, 3, 3)) -> torch.Tensor:
