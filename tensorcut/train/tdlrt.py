@@ -178,10 +178,10 @@ def train_tdlrt(
     rmax: int | None = None,
     epochs: int = 10,
     optimizer: str = "sgd",
-    lr: float = 0.05,
+    lr: float = 0.1,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
-    scheduler: str = "none",
+    scheduler: str = "cosine",
     from_pretrained: bool = True,
     convert: bool = True,
     filter: ConvFilter | None = None,
@@ -226,6 +226,9 @@ def train_tdlrt(
         tau: relative truncation tolerance in ``[0, 1)``.
         init_rank, rmin, rmax, from_pretrained, filter, skip_first: see :func:`tuckerize`.
         epochs, optimizer, lr, momentum, weight_decay, scheduler, grad_clip, seed: the recipe.
+            The default, SGD lr 0.1 momentum 0.9 with a cosine schedule, is twice the SGD rate
+            that suits dense training: a network held at half rank learns more slowly per step
+            (benchmarks/results/tdlrt.md; with Adam, about 3x the dense rate, e.g. 3e-3).
         convert: run :func:`tuckerize` first.
         device, distributed, progress: as for :func:`~tensorcut.train.loop.fit`.
         log: ``log(row)`` after every epoch.

@@ -203,8 +203,8 @@ def test_tdlrt_is_a_step_of_the_one_fit_loop() -> None:
     torch.manual_seed(0)
     a = small_net()
     hist_a = train_tdlrt(
-        a, loader, loader, tau=0.3, init_rank=4, epochs=2, lr=0.01, from_pretrained=False,
-        device="cpu", progress=False, distributed=False,
+        a, loader, loader, tau=0.3, init_rank=4, epochs=2, lr=0.01, scheduler="none",
+        from_pretrained=False, device="cpu", progress=False, distributed=False,
     )  # fmt: skip
     torch.manual_seed(0)
     b = tuckerize(small_net(), 4, from_pretrained=False)
@@ -258,3 +258,20 @@ def test_fit_runs_a_custom_step_and_callbacks_in_order() -> None:
     )  # fmt: skip
     assert calls == ["step", "step", "epoch 1", "step", "step", "epoch 2"]
     assert [r["marked"] for r in hist] == [True, True]
+
+
+def test_default_recipe_is_sgd_at_twice_the_dense_rate_with_cosine() -> None:
+    """Without a recipe train_tdlrt runs SGD from lr 0.1 on a cosine schedule (the rate at which
+    TDLRT matched dense training in benchmarks/results/tdlrt.md; 0.05 left it a point under)."""
+    torch.manual_seed(0)
+    net = small_net()
+    x, y = blobs(64)
+    loader = [(x[:32], y[:32]), (x[32:], y[32:])]
+    hist = train_tdlrt(
+        net, loader, None, tau=0.3, init_rank=4, epochs=2, from_pretrained=False, device="cpu",
+        progress=False, distributed=False,
+    )  # fmt: skip
+    # lr of each epoch's last step on a 4-step cosine from 0.1: 0.1 (1 + cos(pi k / 4)) / 2
+    expect = [0.1 * (1 + math.cos(math.pi * k / 4)) / 2 for k in (2, 4)]
+    # the scheduler's recursive float64 update over 4 steps: a few roundings of 2^-53 each
+    assert [h["lr"] for h in hist] == pytest.approx(expect, rel=64 * 2.0**-53, abs=0)
