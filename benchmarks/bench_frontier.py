@@ -55,7 +55,7 @@ from tensorcut.data import FASHION_MNIST_DIR, read_idx
 from tensorcut.pipeline.run import RunConfig, run
 from tensorcut.pipeline.workflow import compress_checkpoint, finetune_checkpoint
 from tensorcut.train.api import train_checkpoint
-from tensorcut.train.loop import FitConfig
+from tensorcut.train.config import FitConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

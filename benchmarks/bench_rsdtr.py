@@ -6,7 +6,7 @@ subset, the dense checkpoint cached under ``runs/bench_rsdtr/``) and each ``eps`
 
 * **rsdtr** -- ``plan(model, method="tr", eps=eps)`` (fewest parameters per layer, a ring that
   would be larger than the dense kernel stays dense); top-1 after compression, then after
-  fine-tuning *from the decomposed factors* with :data:`tensorcut.pipeline.workflow.RSDTR_RECIPE`
+  fine-tuning *from the decomposed factors* with :data:`tensorcut.train.recipes.RSDTR_RECIPE`
   (SGD,
   one-cycle learning rate peaking at 0.01, weight decay 1e-4) for ``--ft-epochs`` on
   ``--ft-subset`` training images;
@@ -55,8 +55,9 @@ from tensorcut.compression import CompressConfig, LayerPlan, Plan, apply, plan
 from tensorcut.decompose.tr import tr_params, tr_to_tensor
 from tensorcut.geometry import ConvGeometry
 from tensorcut.layers.tr import TRConv2d
-from tensorcut.pipeline.workflow import RSDTR_RECIPE
-from tensorcut.train.loop import FitConfig, evaluate, fit, set_seed
+from tensorcut.train.config import FitConfig
+from tensorcut.train.loop import evaluate, fit, set_seed
+from tensorcut.train.recipes import RSDTR_RECIPE
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

@@ -457,7 +457,8 @@ def parity_run(
 ) -> dict[str, Any]:
     """One training run from ``seed`` (data split, shuffling and initial weights), tested."""
     from tensorcut.train.api import model_kwargs_for
-    from tensorcut.train.loop import FitConfig, fit, set_seed
+    from tensorcut.train.config import FitConfig
+    from tensorcut.train.loop import fit, set_seed
 
     split = {"data_dir": args.data_dir, "val_fraction": args.val_fraction, "seed": seed}
     tr = tdata.load_dataset(args.dataset, "train", subset=args.subset, **split)

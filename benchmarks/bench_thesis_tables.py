@@ -13,7 +13,7 @@ strategies:
 2. **pretrained, no fine-tuning** (7.2.2): the baseline, trained ``--pretrain-epochs`` epochs, is
    decomposed (``tensorcut.compression``, ``ratio=retention``) and evaluated as it is;
 3. **pretrained + fine-tuning** (7.2.3): model 2 fine-tuned with the thesis's recipe
-   (``tensorcut.pipeline.workflow.FINETUNE_RECIPE``: Adam, lr 1e-5, early stopping on validation
+   (``tensorcut.train.recipes.FINETUNE_RECIPE``: Adam, lr 1e-5, early stopping on validation
    loss with
    patience 3) but capped at ``--ft-epochs`` epochs instead of 50.
 
@@ -504,7 +504,7 @@ def main() -> None:
     args.width_of = {k: float(v) for k, v in (kv.split(":") for kv in args.widths.split(","))}
     pin_threads(args.threads)
     warnings.simplefilter("ignore")
-    from tensorcut.pipeline.workflow import FINETUNE_RECIPE
+    from tensorcut.train.recipes import FINETUNE_RECIPE
 
     setting_keys = (
         "models",

@@ -45,7 +45,7 @@ _REPORT: dict[str, bool] = {
 def _train(args: argparse.Namespace) -> Path:
     from tensorcut.checkpoint import io as tio
     from tensorcut.train.api import train_checkpoint
-    from tensorcut.train.loop import FitConfig
+    from tensorcut.train.config import FitConfig
 
     ck = WORK / "dense"
     meta = ck / "meta.json"

@@ -36,7 +36,8 @@ from tensorcut.models import create as create_model
 from tensorcut.models import list_models
 from tensorcut.study import analyze
 from tensorcut.summary import summarize as inspect
-from tensorcut.train.loop import FitConfig, evaluate, fit
+from tensorcut.train.config import FitConfig
+from tensorcut.train.loop import evaluate, fit
 
 __all__ = [
     "__version__",

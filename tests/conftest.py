@@ -38,7 +38,7 @@ def fashion_dir(tmp_path: Path) -> Path:
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A width-reduced vanilla-cnn trained for one epoch on a digits subset."""
     from tensorcut.train.api import train_checkpoint
-    from tensorcut.train.loop import FitConfig
+    from tensorcut.train.config import FitConfig
 
     out = tmp_path_factory.mktemp("ck") / "dense"
     train_checkpoint(

@@ -248,7 +248,7 @@ def test_compress_finetune_export_checkpoint(tiny_checkpoint, tmp_path):
         export_checkpoint,
         finetune_checkpoint,
     )
-    from tensorcut.train.loop import FitConfig
+    from tensorcut.train.config import FitConfig
 
     out = tmp_path / "c"
     model, p, meta = compress_checkpoint(

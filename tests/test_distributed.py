@@ -36,7 +36,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tensorcut import distributed as tdist
 from tensorcut.errors import TensorcutError
-from tensorcut.train.loop import FitConfig, _wrap, fit, resolve_device
+from tensorcut.train.config import FitConfig
+from tensorcut.train.loop import _wrap, fit, resolve_device
 
 
 def _net() -> nn.Module:

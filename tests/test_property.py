@@ -242,12 +242,12 @@ def test_fuzz_hand_edited_meta_json(
 @FUZZ
 @given(data=st.binary(max_size=600), zipped=st.booleans())
 def test_fuzz_training_state(tmp_path: Path, data: bytes, zipped: bool) -> None:
-    from tensorcut.train.loop import _load_train_state
+    from tensorcut.train.callbacks import load_train_state
 
     p = tmp_path / "train_state.pt"
     p.write_bytes((b"PK\x03\x04" if zipped else b"") + data)
     with pytest.raises(TensorcutError):
-        _load_train_state(p, torch.device("cpu"))
+        load_train_state(p, torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------- fuzz: data readers

@@ -261,7 +261,7 @@ def _ft_args(*extra: str):
 
 def test_rsdtr_recipe_and_cli_overrides():
     from tensorcut.cli.workflow import finetune_config
-    from tensorcut.pipeline.workflow import FINETUNE_RECIPE, RECIPES, RSDTR_RECIPE
+    from tensorcut.train.recipes import FINETUNE_RECIPE, RECIPES, RSDTR_RECIPE
 
     r = RSDTR_RECIPE
     assert (r.optimizer, r.scheduler, r.lr, r.momentum, r.weight_decay, r.epochs, r.patience) == (

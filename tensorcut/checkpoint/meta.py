@@ -64,12 +64,28 @@ class ModelSpec:
 
     @classmethod
     def from_meta(
-        cls, meta: dict[str, Any], source: str | Path = "meta.json", *, fix: str = EDITED
+        cls,
+        meta: dict[str, Any],
+        source: str | Path = "meta.json",
+        *,
+        fix: str = EDITED,
+        missing: str | None = None,
     ) -> ModelSpec:
-        """Read ``meta["model"]``; refuse a missing name or non-object kwargs in one line."""
+        """Read ``meta["model"]``; refuse a missing name or non-object kwargs in one line.
+
+        Args:
+            meta: the parsed ``meta.json`` (or the metadata about to be written).
+            source: the file (or thing) named in messages.
+            fix: the fix-it tail of a field's message.
+            missing: the whole message when the name is missing (default: "SOURCE lacks
+                model.name; it cannot be rebuilt").
+
+        Raises:
+            TensorcutError: no model name, or kwargs that are not an object.
+        """
         m = meta.get("model")
         if not isinstance(m, dict) or not isinstance(m.get("name"), str) or not m["name"]:
-            raise TensorcutError(f"{source} lacks model.name; it cannot be rebuilt")
+            raise TensorcutError(missing or f"{source} lacks model.name; it cannot be rebuilt")
         kwargs = m.get("kwargs") or {}
         if not isinstance(kwargs, dict):
             raise TensorcutError(

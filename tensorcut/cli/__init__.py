@@ -87,8 +87,9 @@ def _inspect(args: argparse.Namespace) -> int:
         raise TensorcutError("give a checkpoint directory or a model name (or --list)")
     if Path(args.target).is_dir():
         ck = tio.load_checkpoint(args.target)
-        model, kw = ck.model, ck.meta["model"].get("kwargs", {})
-        title = f"{args.target} ({ck.meta['model']['name']})"
+        spec = ck.info.model
+        model, kw = ck.model, spec.kwargs
+        title = f"{args.target} ({spec.name})"
     else:
         from tensorcut.train.api import check_model_size
 

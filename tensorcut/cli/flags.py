@@ -1,8 +1,10 @@
 """Flags derived from config dataclasses, and the one declaration of ``--out``.
 
 :func:`add_dataclass_flags` gives each field of a dataclass one flag: its type (several values
-for a tuple), choices from a ``Literal`` type, ``--x/--no-x`` for a boolean, help from the
-field's ``metadata["help"]`` or the caller's :class:`Flag` table. A flag not given stays ``None``,
+for a tuple), choices from a ``Literal`` type (or ``metadata["choices"]``), ``--x/--no-x`` for a
+boolean, help from the field's ``metadata["help"]`` (what a default of ``None`` means:
+``metadata["none"]``). A caller's :class:`Flag` table overrides what the command line alone
+needs (a flag's user-visible name). A flag not given stays ``None``,
 so :func:`given_values` returns exactly what the command line set, and a verb lays that over its
 base config (a named recipe, the recorded run, the class defaults). The help says the default
 through the verb's ``defaults`` callback, because only the verb knows its base.
@@ -30,6 +32,7 @@ __all__ = [
     "add_dataclass_flags",
     "add_out",
     "check_out",
+    "default_text",
     "describe",
     "given_values",
     "refuse_path_kind",
@@ -44,9 +47,11 @@ class Flag:
         name: the flag without ``--`` and prefix (default: the field name, ``_`` -> ``-``).
         help: help text (default: the field's ``metadata["help"]``, else its name).
         metavar: the value's name in the usage (default: the field name in capitals).
-        choices: the allowed values (default: a ``Literal`` type's, else any).
+        choices: the allowed values (default: a ``Literal`` type's or ``metadata["choices"]``,
+            else any).
         type: converts one command-line word (default: the field's scalar type).
-        none_text: how the help names a default of ``None`` ("no early stopping").
+        none_text: how the help names a default of ``None`` (default: the field's
+            ``metadata["none"]``, e.g. "no early stopping"; else "none").
     """
 
     name: str | None = None
@@ -87,6 +92,29 @@ def describe(value: Any, none_text: str | None = None) -> str:
     if isinstance(value, (tuple, list)):
         return " ".join(describe(v) for v in value)
     return str(value)
+
+
+def default_text(cls: type, name: str, flags: Mapping[str, Flag] | None = None) -> str:
+    """Field ``name``'s class default as the help shows it (``None`` in the field's words).
+
+    Args:
+        cls: the config dataclass (its default must be constructible with no arguments).
+        name: the field.
+        flags: per-field :class:`Flag` overrides (their ``none_text`` wins).
+
+    Returns:
+        The text, e.g. ``1e-3``, ``plateau``, ``no early stopping``.
+
+    Example:
+        >>> @dataclass
+        ... class C:
+        ...     lr: float = 1e-3
+        >>> default_text(C, "lr")
+        '0.001'
+    """
+    spec = (flags or {}).get(name, Flag())
+    about = {f.name: f.metadata for f in fields(cls)}[name]
+    return describe(getattr(cls(), name), spec.none_text or about.get("none"))
 
 
 def add_dataclass_flags(
@@ -139,7 +167,9 @@ def add_dataclass_flags(
             continue
         spec = (flags or {}).get(name, Flag())
         base, many, choices = _scalar(hints[name])
-        text = spec.help or by_name[name].metadata.get("help") or name.replace("_", " ")
+        about = by_name[name].metadata
+        choices = choices if choices is not None else about.get("choices")
+        text = spec.help or about.get("help") or name.replace("_", " ")
         shown = defaults(name) if defaults else None
         if shown is not None:
             text = f"{text} (default: {shown})"

@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from tensorcut.checkpoint import DatasetSpec
 from tensorcut.errors import TensorcutError
 
 
@@ -205,20 +204,20 @@ def _analyze(args: argparse.Namespace) -> int:
             )
     _check_outputs(args)
     ck = tio.load_checkpoint(args.checkpoint)
-    meta: dict[str, Any] = ck.meta
-    data_spec = DatasetSpec.from_meta(meta).resolve(args.dataset, args.data_dir)
+    info = ck.info
+    data_spec = info.dataset.resolve(args.dataset, args.data_dir)
     name = str(data_spec.name)  # (load refuses an unnamed data set before name is used)
     loaders = {}
     for split in dict.fromkeys(args.split):
         ds = data_spec.load(split, subset=args.subset)
-        check_dataset_fits(meta, ds, name)  # wrong channel count: one line, not a conv traceback
+        check_dataset_fits(info.model, ds, name)  # wrong channel count: one line, no traceback
         loaders[split] = tdata.make_loader(ds, args.batch_size)
     train_loader = None
     if args.recover:
         tr = data_spec.load("train", subset=args.recover_subset)
         train_loader = tdata.make_loader(tr, 128, shuffle=True, seed=data_spec.seed)
     model = ck.model.to(resolve_device(args.device))
-    model_name = (meta.get("model") or {}).get("name") or type(model).__name__
+    model_name = info.model.name
     subset = f"subset={args.subset}" if args.subset else "full"
     report = analyze(
         model,

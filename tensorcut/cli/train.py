@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
+from typing import Any
 
-from tensorcut.cli.flags import add_out, describe, given_values
+from tensorcut.checkpoint import Score
+from tensorcut.cli.flags import add_out, default_text, given_values
 from tensorcut.cli.options import FIT_FLAGS, add_fit_flags, fit_config_from_args
 from tensorcut.errors import TensorcutError
 from tensorcut.train.api import RESUME_KEYS
-from tensorcut.train.loop import FitConfig
+from tensorcut.train.config import FitConfig
 
 #: FitConfig fields `train` has no flag for, and why.
 TRAIN_SKIPS = {
@@ -21,7 +22,7 @@ TRAIN_SKIPS = {
 def _train_default(name: str) -> str:
     """The help's default of a recipe flag of ``train``: FitConfig's (the recorded one on
     ``--resume`` for the optimiser state's settings)."""
-    text = describe(getattr(FitConfig(), name), FIT_FLAGS[name].none_text)
+    text = default_text(FitConfig, name, FIT_FLAGS)
     return f"{text}; with --resume, the recorded one" if name in RESUME_KEYS else text
 
 
@@ -30,10 +31,9 @@ def train_config(args: argparse.Namespace) -> FitConfig:
     optimiser, lr, momentum, weight decay and scheduler), with every given flag applied."""
     base = FitConfig()
     if getattr(args, "resume", False):
-        from tensorcut.train.api import recorded_recipe
+        from tensorcut.train.api import resume_config
 
-        recorded = recorded_recipe(args.out)
-        base = dataclasses.replace(base, **{k: recorded[k] for k in RESUME_KEYS if k in recorded})
+        base = resume_config(args.out)
     return fit_config_from_args(args, base)
 
 
@@ -161,24 +161,29 @@ def _train(args: argparse.Namespace) -> int:
     )
     from tensorcut import distributed as tdist
 
-    if tdist.env_world()[0] == 0 and args.json:
-        print_json(
-            {
-                "checkpoint": str(args.out),
-                "test": ck.meta["metrics"]["test"],
-                "epochs": ck.meta.get("epoch"),
-            }
-        )
-    elif (
-        tdist.env_world()[0] == 0
-    ):  # under torchrun every rank holds the same reduced metrics: rank 0 prints them
-        m = ck.meta["metrics"]["test"]
-        print(
-            f"test: loss {m['loss']:.4f}  top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}  "
-            f"(n={m['n']})"
-        )
+    if tdist.env_world()[0] != 0:  # every rank holds the same reduced metrics: rank 0 prints them
+        return 0
+    info = ck.info
+    test = info.score("test") or Score()
+    if args.json:
+        print_json({"checkpoint": str(args.out), "test": test.to_dict(), "epochs": info.epoch})
+    else:
+        print(_score_line(test))
         print(f"checkpoint: {args.out}")
     return 0
+
+
+def _score_line(m: Score) -> str:
+    """``test: loss L  top-1 A  top-5 B  (n=N)``."""
+    return (
+        f"test: loss {_num(m.loss)}  top-1 {_num(m.top1)}  top-5 {_num(m.top5)}  "
+        f"(n={m.n if m.n is not None else '?'})"
+    )
+
+
+def _num(v: Any, spec: str = ".4f") -> str:
+    """A recorded number as the console shows it ("?" when it was not recorded)."""
+    return "?" if v is None else format(v, spec)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -256,22 +261,25 @@ def _tdlrt(args: argparse.Namespace, cfg: FitConfig) -> int:
     )
     if tdist.env_world()[0] != 0:  # every rank holds the same reduced metrics: rank 0 prints them
         return 0
-    m = ck.meta["metrics"]["test"]
-    t = ck.meta["tdlrt"]
+    info = ck.info
+    test = info.score("test") or Score()
+    t = info.lineage.tdlrt
+    if t is None:
+        raise TensorcutError(f"{args.out} records no tdlrt settings; the run did not finish")
     if getattr(args, "json", False):
         from tensorcut.console import print_json
 
         print_json(
             {
                 "checkpoint": str(args.out),
-                "test": m,
-                "epochs": ck.meta.get("epoch"),
-                "conv_cr": t["conv_cr"],
-                "conv_compression_pct": t["conv_compression_pct"],
+                "test": test.to_dict(),
+                "epochs": info.epoch,
+                "conv_cr": t.conv_cr,
+                "conv_compression_pct": t.conv_compression_pct,
             }
         )
         return 0
-    print(f"test: loss {m['loss']:.4f}  top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}  (n={m['n']})")
-    print(f"conv compression {t['conv_compression_pct']:.1f}% (CR {t['conv_cr']:.2f})")
+    print(_score_line(test))
+    print(f"conv compression {_num(t.conv_compression_pct, '.1f')}% (CR {_num(t.conv_cr, '.2f')})")
     print(f"checkpoint: {args.out}")
     return 0

@@ -35,7 +35,7 @@ def demo_sweep(
         cp_ranks=None if fast else [2, 4],
         all_layers=not fast,
         bipartitions=("OUT", "KW", "OUT-IN") if fast else None,
-        model_name=(ck.meta.get("model") or {}).get("name"),
+        model_name=ck.info.model.name,
         data_name=name,
         progress=progress,
     )

@@ -26,6 +26,8 @@ from tensorcut.tenalg import canonical_bipartition, svd_bipartition
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
+    from tensorcut.train.config import Optimizer
+
 DEFAULT_SCENARIOS: tuple[str, ...] = ("OUT", "OUT-IN", "cp")
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.0)
 DEFAULT_CP_RANKS: tuple[int, ...] = (40, 20, 10, 5, 2, 1)
@@ -52,14 +54,15 @@ def run_recovery(
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     cp_ranks: Sequence[int] = DEFAULT_CP_RANKS,
     lr: float = 1e-3,
-    optimizer: str = "adam",
+    optimizer: Optimizer = "adam",
     seed: int = 0,
     cp_kwargs: Mapping[str, Any] | None = None,
 ) -> None:
     """Run every recovery scenario; one row per (scenario, split, epoch) in the sweep's store."""
     from tqdm.auto import tqdm
 
-    from tensorcut.train.loop import FitConfig, fit
+    from tensorcut.train.config import FitConfig
+    from tensorcut.train.loop import fit
 
     model = sweep.model
     joined = ",".join(layers)

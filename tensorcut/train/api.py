@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -12,19 +13,12 @@ from torch import nn
 from tensorcut import data as tdata
 from tensorcut import distributed as tdist
 from tensorcut import models
-from tensorcut.checkpoint import DatasetSpec
+from tensorcut.checkpoint import CheckpointMeta, DatasetSpec, Lineage, ModelSpec, Recipe
 from tensorcut.checkpoint import io as tio
 from tensorcut.errors import TensorcutError
-from tensorcut.train.loop import (
-    FitConfig,
-    check_numbers,
-    fit,
-    resolve_device,
-    set_seed,
-)
-from tensorcut.train.loop import (
-    evaluate as evaluate_loader,
-)
+from tensorcut.train.config import FitConfig, check_numbers
+from tensorcut.train.loop import evaluate as evaluate_loader
+from tensorcut.train.loop import fit, resolve_device, set_seed
 
 __all__ = [
     "check_dataset_fits",
@@ -35,6 +29,7 @@ __all__ = [
     "evaluate_checkpoint",
     "model_kwargs_for",
     "recorded_recipe",
+    "resume_config",
     "train_checkpoint",
 ]
 
@@ -50,19 +45,40 @@ def model_kwargs_for(dataset: str, width: float = 1.0) -> dict[str, Any]:
     }
 
 
-def check_dataset_fits(meta: dict[str, Any], ds: tdata.ImageDataset, name: str) -> None:
+def check_dataset_fits(
+    model: ModelSpec | CheckpointMeta | dict[str, Any] | None, ds: tdata.ImageDataset, name: str
+) -> None:
     """Refuse, in one line, images the checkpoint's model cannot take (channel count; vanilla-cnn's
     input size).
+
+    Args:
+        model: the checkpoint's model (its :class:`~tensorcut.checkpoint.ModelSpec`, its typed
+            metadata, or the ``meta.json`` object); None or metadata naming no model: nothing
+            to refuse.
+        ds: the images.
+        name: the data set's name, for the message.
+
+    Raises:
+        TensorcutError: the images do not fit the model.
+
+    Example:
+        >>> ds = tdata.load_dataset("digits", "val")
+        >>> check_dataset_fits(ModelSpec("vanilla-cnn", {"in_channels": 1}), ds, "digits")
     """
-    m = meta.get("model") or {}
-    kw = m.get("kwargs") or {}
+    if isinstance(model, CheckpointMeta):
+        model = model.model
+    elif isinstance(model, dict):
+        model = ModelSpec.from_meta(model) if "model" in model else None
+    if model is None:
+        return
+    kw = model.kwargs
     c, h, _ = ds.info_shape
     if kw.get("in_channels", c) != c:
         raise TensorcutError(
             f"{name} images have {c} channels but the model expects {kw['in_channels']}; "
             "use the data set it was trained for"
         )
-    if m.get("name") == "vanilla-cnn" and kw.get("input_size", h) != h:
+    if model.name == "vanilla-cnn" and kw.get("input_size", h) != h:
         raise TensorcutError(
             f"{name} images are {h} px but this vanilla-cnn was built for {kw['input_size']} px; "
             "use the data set it was trained for"
@@ -158,24 +174,80 @@ def check_input_size(model: nn.Module, input_shape: tuple[int, int, int]) -> Non
 RESUME_KEYS = ("optimizer", "lr", "momentum", "weight_decay", "scheduler")
 
 
-def recorded_recipe(out: str | Path) -> dict[str, Any]:
-    """The recipe recorded in checkpoint ``out`` (empty when there is none or it cannot be read)."""
+def recorded_recipe(out: str | Path) -> Recipe | None:
+    """The training recipe recorded in checkpoint ``out``.
+
+    Args:
+        out: the checkpoint directory.
+
+    Returns:
+        Its :class:`~tensorcut.checkpoint.Recipe`; None when there is no ``meta.json``, it
+        cannot be read (the loader reports that in its own words) or it records no recipe.
+
+    Raises:
+        TensorcutError: a recorded entry of the wrong type (one line naming it).
+
+    Example:
+        >>> recorded_recipe("runs/dense").lr  # doctest: +SKIP
+        0.001
+    """
+    path = Path(out) / tio.META
     try:
-        r = json.loads((Path(out) / tio.META).read_text(encoding="utf-8")).get("recipe")
-    except (OSError, ValueError, AttributeError):
-        return {}  # the loader reports an unreadable checkpoint in its own words
-    return r if isinstance(r, dict) else {}
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return Lineage.from_meta(doc, path).recipe if isinstance(doc, dict) else None
 
 
-def check_resume_recipe(out: Path, recipe: dict[str, Any]) -> None:
+def resume_config(out: str | Path, base: FitConfig | None = None) -> FitConfig:
+    """The recipe a resumed run continues with: ``base`` with the optimiser, lr, momentum, weight
+    decay and scheduler recorded in ``out`` (:data:`RESUME_KEYS`; the restored optimiser and
+    scheduler state are made for them).
+
+    Args:
+        out: the checkpoint directory to resume.
+        base: everything else (default: ``FitConfig()``); not changed.
+
+    Returns:
+        A new, validated :class:`FitConfig` (``base``'s values where nothing is recorded).
+
+    Raises:
+        TensorcutError: a recorded value the recipe cannot take.
+
+    Example:
+        >>> resume_config("runs/dense", FitConfig(epochs=20)).lr  # doctest: +SKIP
+        0.05
+    """
+    base = base or FitConfig()
+    rec = recorded_recipe(out)
+    if rec is None:
+        return dataclasses.replace(base)
+    kept = {k: getattr(rec, k) for k in RESUME_KEYS if getattr(rec, k) is not None}
+    return dataclasses.replace(base, **kept)
+
+
+def check_resume_recipe(out: Path, recipe: FitConfig | dict[str, Any]) -> None:
     """Refuse ``--resume`` with a recipe other than the recorded one: the restored optimiser state
-    would
-    silently keep training at the old rate (or not fit another optimiser at all)."""
+    would silently keep training at the old rate (or not fit another optimiser at all).
+
+    Args:
+        out: the checkpoint directory to resume.
+        recipe: the run's recipe (a :class:`FitConfig`, or the ``recipe`` entry it records).
+
+    Raises:
+        TensorcutError: one of :data:`RESUME_KEYS` differs from the recorded value.
+
+    Example:
+        >>> check_resume_recipe(Path("runs/dense"), resume_config("runs/dense"))  # doctest: +SKIP
+    """
     old = recorded_recipe(out)
+    if old is None:
+        return
+    new = recipe if isinstance(recipe, dict) else {k: getattr(recipe, k) for k in RESUME_KEYS}
     changed = [
-        f"--{k.replace('_', '-')} {old[k]} -> {recipe[k]}"
+        f"--{k.replace('_', '-')} {getattr(old, k)} -> {new[k]}"
         for k in RESUME_KEYS
-        if k in old and k in recipe and old[k] != recipe[k]
+        if getattr(old, k) is not None and k in new and getattr(old, k) != new[k]
     ]
     if changed:
         raise TensorcutError(
@@ -204,10 +276,36 @@ def train_checkpoint(
     """Train zoo model ``model`` on ``dataset``; checkpoint every epoch into ``out``; test at the
     end.
 
-    Refuses to overwrite an existing checkpoint unless ``resume`` is set. Under
-    ``torchrun --nproc_per_node=N`` the run is data-parallel (DDP, gloo on CPU, nccl on
-    CUDA): ``batch_size`` stays the global batch, metrics are reduced over all ranks, and
-    rank 0 alone writes ``out``.
+    Refuses to overwrite an existing checkpoint unless ``resume`` is set. A resumed run keeps
+    the recorded optimiser, lr, momentum, weight decay and scheduler: without ``config`` they
+    are taken from ``out`` (:func:`resume_config`), a ``config`` that differs is refused
+    (:func:`check_resume_recipe`). Under ``torchrun --nproc_per_node=N`` the run is
+    data-parallel (DDP, gloo on CPU, nccl on CUDA): ``batch_size`` stays the global batch,
+    metrics are reduced over all ranks, and rank 0 alone writes ``out``.
+
+    Args:
+        model: zoo model name.
+        dataset: data-set name.
+        out: the checkpoint directory.
+        epochs: training epochs (overrides ``config.epochs``).
+        width: channel width multiplier.
+        batch_size: images per step (global under torchrun).
+        config: the recipe (default ``FitConfig(epochs=epochs)``, or the recorded one on resume).
+        data_dir, val_fraction, subset, augment: the data (folder, validation hold-out, a seeded
+            training subset, augmentation).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        resume: continue the checkpoint in ``out``.
+        progress: progress bars and one line per epoch.
+
+    Returns:
+        The trained checkpoint (model and metadata, with the test metrics).
+
+    Raises:
+        TensorcutError: bad input, a checkpoint in ``out`` without ``resume``, a resumed recipe
+            that differs from the recorded one.
+
+    Example:
+        >>> ck = train_checkpoint("vanilla-cnn", "digits", "runs/d", epochs=1)  # doctest: +SKIP
     """
     out = Path(out)
     if out.is_file():
@@ -217,9 +315,11 @@ def train_checkpoint(
             f"{out} already holds a checkpoint; pass --resume to continue it or choose another "
             "--out"
         )
-    cfg = config or FitConfig(epochs=epochs)
-    if config is not None and epochs != cfg.epochs:
-        cfg.epochs = epochs
+    resuming = resume and (out / tio.META).exists()
+    if config is None:  # resumed: the recorded optimiser settings, not FitConfig's defaults
+        cfg = resume_config(out, FitConfig(epochs=epochs)) if resuming else FitConfig(epochs=epochs)
+    else:
+        cfg = config if epochs == config.epochs else dataclasses.replace(config, epochs=epochs)
     check_numbers(
         batch_size=batch_size,
         epochs=cfg.epochs,
@@ -244,7 +344,7 @@ def train_checkpoint(
         "augment": augment,
         "patience": cfg.patience,
     }
-    if resume and (out / tio.META).exists():
+    if resuming:
         check_resume_recipe(out, recipe)
     set_seed(cfg.seed)  # initial weights follow --seed (and are the same on every rank)
     net = models.create(model, **kwargs)

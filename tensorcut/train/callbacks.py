@@ -42,7 +42,8 @@ from tensorcut import distributed as tdist
 from tensorcut.errors import TensorcutError
 
 if TYPE_CHECKING:
-    from tensorcut.train.loop import FitConfig, TrainStep
+    from tensorcut.train.config import FitConfig
+    from tensorcut.train.steps import TrainStep
 
 __all__ = [
     "TRAIN_STATE",
@@ -64,8 +65,8 @@ class FitState:
 
     Args:
         model: the network being trained (never the DistributedDataParallel wrapper).
-        config: the run's :class:`~tensorcut.train.loop.FitConfig`.
-        step: the :class:`~tensorcut.train.loop.TrainStep` (its ``optimizer``,
+        config: the run's :class:`~tensorcut.train.config.FitConfig`.
+        step: the :class:`~tensorcut.train.steps.TrainStep` (its ``optimizer``,
             ``state_dict()``).
         ctx: the process group (``rank``, ``world_size``, ``is_main``; one process: disabled).
         device: where the model trains.
@@ -374,21 +375,25 @@ def check_checkpoint_meta(meta: dict[str, Any] | None) -> None:
         meta: the metadata a :class:`Checkpoint` writes.
 
     Raises:
-        TensorcutError: ``meta`` does not name the architecture (``meta["model"]["name"]``) or
-            is not JSON-serialisable.
+        TensorcutError: ``meta`` does not name the architecture (its ``model`` entry, a
+            :class:`~tensorcut.checkpoint.ModelSpec`) or is not JSON-serialisable.
 
     Example:
         >>> check_checkpoint_meta({"model": {"name": "resnet20", "kwargs": {}}})
     """
+    from tensorcut.checkpoint import ModelSpec
     from tensorcut.checkpoint import io as tio
 
-    model = meta.get("model") if isinstance(meta, dict) else None
-    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
-        raise TensorcutError(
+    ModelSpec.from_meta(
+        meta if isinstance(meta, dict) else {},
+        "fit(meta=...)",
+        fix="pass the model's constructor arguments as a dict",
+        missing=(
             "fit(out_dir=...) writes a checkpoint after every epoch and needs meta= naming the "
             "architecture, e.g. meta={'model': {'name': 'resnet20', 'kwargs': {...}}} (a registry "
             "name, or your class's name and reload with tensorcut.load(dir, model=YourNet()))"
-        )
+        ),
+    )
     try:
         json.dumps(meta, default=tio.json_default)
     except (TypeError, ValueError) as e:

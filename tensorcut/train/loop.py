@@ -1,11 +1,13 @@
-"""The one epoch loop (:func:`fit`) and :func:`evaluate`: optimisers, schedulers,
-distillation, data-parallel training.
+"""The one epoch loop (:func:`fit`) and :func:`evaluate`: schedulers, distillation,
+data-parallel training, BatchNorm recalibration.
 
-What happens to one batch is a :class:`TrainStep`: plain backpropagation
-(:class:`BackpropStep`, the default) or a method's own update (the TDLRT integrator,
+What happens to one batch is a :class:`~tensorcut.train.steps.TrainStep` (plain
+backpropagation, :class:`~tensorcut.train.steps.BackpropStep`, by default; the TDLRT integrator,
 :class:`tensorcut.train.tdlrt.TDLRTStep`). What happens around each epoch is a callback
 (:mod:`tensorcut.train.callbacks`): resumable checkpoints and early stopping are two, built
-from ``fit``'s ``out_dir`` / ``resume`` and ``FitConfig.patience``.
+from ``fit``'s ``out_dir`` / ``resume`` and ``FitConfig.patience``. The recipe,
+:class:`~tensorcut.train.config.FitConfig`, is in :mod:`tensorcut.train.config`; its named
+presets in :mod:`tensorcut.train.recipes`.
 """
 
 from __future__ import annotations
@@ -14,9 +16,8 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,32 +28,26 @@ from tqdm.auto import tqdm
 
 from tensorcut import distributed as tdist
 from tensorcut.errors import TensorcutError
-from tensorcut.train.callbacks import (
-    Callback,
-    Checkpoint,
-    EarlyStopping,
-    FitState,
-    load_train_state,
-)
+from tensorcut.train.callbacks import Callback, Checkpoint, EarlyStopping, FitState
+from tensorcut.train.config import OPTIMIZERS, SCHEDULERS, FitConfig, check_numbers
+from tensorcut.train.steps import BackpropStep, TrainStep
 
+#: FitConfig, its choices and check_numbers (train/config.py), TrainStep and BackpropStep
+#: (train/steps.py) stay importable from here for the modules that still import them from the loop
 __all__ = [
+    "OPTIMIZERS",
+    "SCHEDULERS",
     "BackpropStep",
     "EpochCallback",
     "FitConfig",
     "TrainStep",
+    "check_numbers",
     "evaluate",
     "fit",
     "recalibrate_bn",
     "resolve_device",
     "set_seed",
-    "OPTIMIZERS",
-    "SCHEDULERS",
 ]
-
-OPTIMIZERS = ("adam", "sgd")
-SCHEDULERS = ("plateau", "cosine", "onecycle", "none")
-#: the training-state reader under its former name here (tests and tools import it)
-_load_train_state = load_train_state
 
 
 def set_seed(seed: int) -> None:
@@ -186,126 +181,6 @@ def evaluate(
     return {"loss": loss_sum / n, "top1": c1 / n, "top5": c5 / n, "n": n}
 
 
-#: Bounds of numeric options: name -> (test, what it must be). One table for every verb
-#: and for FitConfig, so a recipe built in Python is refused in the CLI's words.
-_NUMBER_RULES: dict[str, tuple[Any, str]] = {
-    "batch_size": (lambda v: v >= 1, ">= 1"),
-    "epochs": (lambda v: v >= 0, ">= 0"),
-    "lr": (lambda v: v > 0 and math.isfinite(v), "> 0"),
-    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "weight_decay": (lambda v: v >= 0 and math.isfinite(v), ">= 0"),
-    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
-    "width": (lambda v: v > 0 and math.isfinite(v), "> 0"),
-    "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
-    "subset": (lambda v: v >= 1, ">= 1"),
-    "distill_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "input_size": (lambda v: v >= 1, ">= 1"),
-    "in_channels": (lambda v: v >= 1, ">= 1"),
-    "num_classes": (lambda v: v >= 1, ">= 1"),
-}
-
-
-def check_numbers(**values: float | int | None) -> None:
-    """Refuse, in one line naming the option, a numeric option out of its range (``None``: not
-    given).
-    """
-    for name, v in values.items():
-        if v is None:
-            continue
-        test, what = _NUMBER_RULES[name]
-        if not test(v):
-            raise TensorcutError(f"--{name.replace('_', '-')} must be {what}, got {v:g}")
-
-
-@dataclass
-class FitConfig:
-    """Training recipe for :func:`fit`, validated when built.
-
-    Defaults follow Singh et al. (Adam; lr 0.01 in the paper, 1e-3 is safer for small runs).
-
-    Args:
-        epochs, optimizer, lr, momentum, weight_decay, scheduler, ...: see the fields.
-
-    Raises:
-        TensorcutError: an unknown optimizer or scheduler, or a value out of range.
-
-    Example:
-        >>> import tensorcut as tc
-        >>> cfg = tc.FitConfig(epochs=5, optimizer="sgd", lr=0.05, momentum=0.9)
-    """
-
-    epochs: int = 10
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    scheduler: str = "plateau"
-    patience: int | None = None
-    distill_alpha: float = 0.0
-    distill_temperature: float = 4.0
-    seed: int = 0
-    grad_clip: float | None = None
-    amp: bool = False
-    sync_batchnorm: bool = False
-
-    def __post_init__(self) -> None:
-        """Refuse a recipe the loop cannot run, in the CLI's words (one rule table for both)."""
-        for name in ("epochs", "seed"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise TensorcutError(f"{name} must be an integer, got {v!r}")
-        for name in ("lr", "momentum", "weight_decay", "distill_alpha", "distill_temperature"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise TensorcutError(f"{name} must be a number, got {v!r}")
-        check_numbers(
-            epochs=self.epochs,
-            lr=self.lr,
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
-            seed=self.seed,
-        )
-        if self.optimizer not in OPTIMIZERS:
-            raise TensorcutError(
-                f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}"
-            )
-        if self.scheduler not in SCHEDULERS:
-            raise TensorcutError(
-                f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}"
-            )
-        if not 0.0 <= self.distill_alpha <= 1.0:
-            raise TensorcutError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
-        if self.patience is not None and (
-            not isinstance(self.patience, int)
-            or isinstance(self.patience, bool)
-            or self.patience < 1
-        ):
-            raise TensorcutError(f"patience must be an integer >= 1 or None, got {self.patience!r}")
-        if not (self.distill_temperature > 0 and math.isfinite(self.distill_temperature)):
-            raise TensorcutError(
-                f"distill_temperature must be > 0, got {self.distill_temperature:g}"
-            )
-        if self.grad_clip is not None and not (
-            isinstance(self.grad_clip, (int, float)) and self.grad_clip >= 0
-        ):
-            raise TensorcutError(
-                f"grad_clip must be >= 0 (0 or None: no clipping), got {self.grad_clip!r}"
-            )
-
-
-def _make_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(
-        params,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        nesterov=cfg.momentum > 0,
-    )
-
-
 def _make_scheduler(opt: torch.optim.Optimizer, cfg: FitConfig, steps_per_epoch: int) -> Any:
     if cfg.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.1, patience=2)
@@ -323,103 +198,6 @@ def _make_scheduler(opt: torch.optim.Optimizer, cfg: FitConfig, steps_per_epoch:
 #: a plain callback: called after each epoch's validation with the epoch's history row (which
 #: it may extend) and the model
 EpochCallback = Callable[[dict[str, Any], nn.Module], None]
-
-
-class TrainStep:
-    """One optimisation step per batch, the part of :func:`fit` a training method replaces.
-
-    :meth:`setup` builds the optimiser from the :class:`FitConfig` once the model is on its
-    device; ``__call__`` runs forward, backward and the update for one batch and returns the
-    loss and the logits. A step whose ``syncs_ranks`` is true keeps processes in step itself
-    (gradients and buffers), so :func:`fit` neither wraps the model in DDP nor broadcasts
-    buffers.
-    """
-
-    #: the step averages gradients and buffers over processes itself
-    syncs_ranks: ClassVar[bool] = False
-    #: progress-bar prefix, e.g. ``"tdlrt "``
-    label: ClassVar[str] = ""
-    #: the optimiser whose learning rate the scheduler drives (set by :meth:`setup`)
-    optimizer: torch.optim.Optimizer
-
-    def setup(
-        self,
-        model: nn.Module,
-        cfg: FitConfig,
-        ctx: tdist.DistContext,
-        device: torch.device,
-        teacher: nn.Module | None,
-    ) -> None:
-        """Build the optimiser (and whatever else the step needs) for ``model``."""
-        raise NotImplementedError
-
-    def __call__(
-        self, net: nn.Module, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Update the parameters on one batch; returns ``(loss, logits)``."""
-        raise NotImplementedError
-
-    def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs (the optimiser state)."""
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
-
-    def report(self, row: dict[str, Any]) -> None:
-        """Print the epoch's one console line."""
-        tqdm.write(_fmt_row(row))
-
-
-class BackpropStep(TrainStep):
-    """Plain backpropagation with the recipe's optimiser: mixed precision (``amp``), gradient
-    clipping and knowledge distillation from ``teacher`` (``distill_alpha``)."""
-
-    def setup(
-        self,
-        model: nn.Module,
-        cfg: FitConfig,
-        ctx: tdist.DistContext,
-        device: torch.device,
-        teacher: nn.Module | None,
-    ) -> None:
-        self.model, self.cfg, self.teacher = model, cfg, teacher
-        self.optimizer = _make_optimizer(model, cfg)
-        self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-        self.device_type = device.type
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
-
-    def __call__(
-        self, net: nn.Module, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg, opt, scaler = self.cfg, self.optimizer, self.scaler
-        with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=cfg.amp):
-            logits = net(x)
-            if cfg.amp:
-                logits = logits.float()
-            loss = F.cross_entropy(logits, y)
-            if self.teacher is not None and cfg.distill_alpha > 0:
-                with torch.no_grad():
-                    t_logits = self.teacher(x)
-                T = cfg.distill_temperature
-                kd = (
-                    F.kl_div(
-                        F.log_softmax(logits / T, 1),
-                        F.softmax(t_logits.to(logits.dtype) / T, 1),
-                        reduction="batchmean",
-                    )
-                    * T
-                    * T
-                )
-                loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.grad_clip:
-            scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        return loss, logits
 
 
 def fit(
@@ -652,10 +430,3 @@ def _revert_sync_batchnorm(model: nn.Module, swapped: dict[str, type[nn.Module]]
         bn = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
         bn.load_state_dict(m.state_dict())
         model.set_submodule(name, bn.to(next(m.buffers(), torch.empty(0)).device))
-
-
-def _fmt_row(row: dict[str, Any]) -> str:
-    s = f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} top1 {row['train_top1']:.4f}"
-    if "val_loss" in row:
-        s += f" | val loss {row['val_loss']:.4f} top1 {row['val_top1']:.4f}"
-    return s + f" | {row['seconds']:.1f}s"

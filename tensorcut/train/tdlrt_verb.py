@@ -55,8 +55,8 @@ def train_tdlrt_checkpoint(
     From scratch the Tucker layers start from random orthonormal factors (rank ``init_rank``,
     default half of each mode); with ``init_from`` every dense convolution is decomposed by
     HOSVD (full rank unless ``init_rank`` / ``rmax`` is smaller) and Tucker layers are kept.
-    The test split is evaluated at the end; ``meta['tdlrt']`` records the settings and the
-    final ranks.
+    The test split is evaluated at the end; the checkpoint's ``tdlrt`` record
+    (:class:`~tensorcut.checkpoint.TdlrtRecord`) holds the settings and the final ranks.
     """
     from tensorcut.train.loop import resolve_device
 
@@ -131,8 +131,8 @@ def _train(
     set_seed(seed)  # the same initial model on every rank
     if init_from is not None:
         ck = tio.load_checkpoint(init_from)
-        net, src = ck.model, ck.meta
-        name, kwargs = src["model"]["name"], dict(src["model"].get("kwargs") or {})
+        net, src = ck.model, ck.info.model
+        name, kwargs = src.name, dict(src.kwargs)
         if model is not None and model != name:
             raise TensorcutError(
                 f"--model {model} does not match the {name} in {init_from}; drop --model or fix it"

@@ -108,7 +108,7 @@ def written(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     fine-tuned, and trained with TDLRT."""
     from tensorcut.compression import CompressConfig
     from tensorcut.pipeline.workflow import compress_checkpoint, finetune_checkpoint
-    from tensorcut.train.loop import FitConfig
+    from tensorcut.train.config import FitConfig
     from tensorcut.train.tdlrt_verb import train_tdlrt_checkpoint
 
     root = tmp_path_factory.mktemp("written")

@@ -14,12 +14,19 @@ from typing import Any, Literal
 import pytest
 
 from tensorcut.cli import build_parser, main, verb_parsers
-from tensorcut.cli.flags import OUT_KINDS, Flag, add_dataclass_flags, describe, given_values
+from tensorcut.cli.flags import (
+    OUT_KINDS,
+    Flag,
+    add_dataclass_flags,
+    default_text,
+    describe,
+    given_values,
+)
 from tensorcut.cli.options import FIT_FLAGS
 from tensorcut.cli.train import TRAIN_SKIPS, train_config
 from tensorcut.cli.workflow import finetune_config
-from tensorcut.pipeline.workflow import RECIPES
-from tensorcut.train.loop import FitConfig
+from tensorcut.train.config import FitConfig
+from tensorcut.train.recipes import RECIPES
 
 # ------------------------------------------------------------------------------ the generic helper
 
@@ -113,13 +120,14 @@ def _flag_for(verb: str, name: str) -> argparse.Action | None:
 def _another_value(name: str, base: FitConfig) -> tuple[list[str], Any]:
     """Words giving field ``name`` a valid value other than ``base``'s, and that value."""
     old = getattr(base, name)
-    spec = FIT_FLAGS[name]
+    spec = FIT_FLAGS.get(name, Flag())
     flag = f"--{spec.name or name.replace('_', '-')}"
     hint = typing.get_type_hints(FitConfig)[name]
     if hint is bool:
         return ([flag] if not old else [flag.replace("--", "--no-", 1)]), not old
-    if spec.choices:
-        new = next(c for c in reversed(spec.choices) if c != old)
+    choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
+    if choices:
+        new = next(c for c in reversed(choices) if c != old)
         return [flag, str(new)], new
     if int in (hint, *typing.get_args(hint)):
         new = (old or 0) + 2
@@ -158,6 +166,35 @@ def test_user_visible_names_are_kept() -> None:
         assert "--sync-batchnorm" not in flags
     renamed = {n: s.name for n, s in FIT_FLAGS.items() if s.name}
     assert renamed == {"sync_batchnorm": "sync-bn"}
+    assert FIT_FLAGS == {"sync_batchnorm": Flag(name="sync-bn")}  # the rest: from FitConfig
+
+
+@pytest.mark.parametrize("verb", ["train", "finetune"])
+def test_recipe_flags_take_help_and_choices_from_fit_config(verb: str) -> None:
+    """Each flag's help is its field's ``metadata["help"]``; choices come from the Literal."""
+    parser = verb_parsers(build_parser())[verb]
+    by_dest = {a.dest: a for a in parser._actions}
+    for f in dataclasses.fields(FitConfig):
+        if f.name not in by_dest:
+            continue
+        act = by_dest[f.name]
+        assert act.help is not None and act.help.startswith(f.metadata["help"]), f.name
+    assert tuple(by_dest["optimizer"].choices) == ("adam", "sgd")
+    assert tuple(by_dest["scheduler"].choices) == ("plateau", "cosine", "onecycle", "none")
+
+
+def test_choices_from_metadata_and_the_none_text() -> None:
+    @dataclass
+    class C:
+        kind: str = field(default="x", metadata={"help": "which", "choices": ("x", "y")})
+        stop: int | None = field(default=None, metadata={"help": "stop", "none": "never"})
+
+    p = argparse.ArgumentParser(prog="t", exit_on_error=False)
+    acts = add_dataclass_flags(p, C)
+    assert tuple(acts["kind"].choices) == ("x", "y") and acts["kind"].help == "which"
+    assert default_text(C, "stop") == "never" and default_text(C, "kind") == "x"
+    assert default_text(C, "stop", {"stop": Flag(none_text="off")}) == "off"
+    assert default_text(FitConfig, "patience") == "no early stopping"
 
 
 @pytest.mark.parametrize("verb", ["train", "finetune"])

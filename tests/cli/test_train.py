@@ -7,16 +7,20 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from torch import nn
 
 import tensorcut.train.api as api
+import tensorcut.train.tdlrt_verb as tdlrt_verb
+from tensorcut.checkpoint.io import Checkpoint
 from tensorcut.cli import build_parser, main
 from tensorcut.cli.train import train_config
 from tensorcut.train.api import RESUME_KEYS
-from tensorcut.train.loop import FitConfig
+from tensorcut.train.config import FitConfig
+
+MODEL = {"name": "vanilla-cnn", "kwargs": {"width": 0.25}}
 
 BASE = ["train", "--model", "vanilla-cnn", "--dataset", "digits"]
 
@@ -48,7 +52,7 @@ def test_flags_reach_the_training_api(monkeypatch, tmp_path: Path, capsys) -> No
     def fake_train(model: str, dataset: str, out: Any, **kw: Any) -> Any:
         seen.update(model=model, dataset=dataset, out=out, **kw)
         test = {"loss": 0.5, "top1": 0.75, "top5": 1.0, "n": 4}
-        return SimpleNamespace(meta={"metrics": {"test": test}, "epoch": 3})
+        return Checkpoint(nn.Identity(), {"model": MODEL, "metrics": {"test": test}, "epoch": 3})
 
     monkeypatch.setattr(api, "train_checkpoint", fake_train)
     out = str(tmp_path / "o")
@@ -71,6 +75,35 @@ def test_flags_reach_the_training_api(monkeypatch, tmp_path: Path, capsys) -> No
         "checkpoint": out,
         "test": {"loss": 0.5, "top1": 0.75, "top5": 1.0, "n": 4},
         "epochs": 3,
+    }
+
+
+def test_tdlrt_reports_its_typed_record(monkeypatch, tmp_path: Path, capsys) -> None:
+    def fake(model: str, dataset: str, out: Any, **kw: Any) -> Checkpoint:
+        meta = {
+            "model": MODEL,
+            "metrics": {"test": {"loss": 0.25, "top1": 0.5, "top5": 0.75, "n": 8}},
+            "epoch": 2,
+            "tdlrt": {"tau": 0.1, "rmin": 2, "conv_cr": 2.5, "conv_compression_pct": 60.0},
+        }
+        return Checkpoint(nn.Identity(), meta)
+
+    monkeypatch.setattr(tdlrt_verb, "train_tdlrt_checkpoint", fake)
+    out = str(tmp_path / "o")
+    argv = [*BASE, "--method", "tdlrt", "--tau", "0.1", "--out", out]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "test: loss 0.2500  top-1 0.5000  top-5 0.7500  (n=8)",
+        "conv compression 60.0% (CR 2.50)",
+        f"checkpoint: {out}",
+    ]
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "checkpoint": out,
+        "test": {"loss": 0.25, "top1": 0.5, "top5": 0.75, "n": 8},
+        "epochs": 2,
+        "conv_cr": 2.5,
+        "conv_compression_pct": 60.0,
     }
 
 

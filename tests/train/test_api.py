@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from tensorcut import data, models
+from tensorcut.checkpoint import CheckpointMeta, ModelSpec, Recipe
 from tensorcut.errors import TensorcutError
 from tensorcut.train.api import (
     check_dataset_fits,
@@ -21,8 +22,10 @@ from tensorcut.train.api import (
     evaluate_checkpoint,
     model_kwargs_for,
     recorded_recipe,
+    resume_config,
     train_checkpoint,
 )
+from tensorcut.train.config import FitConfig
 
 
 @pytest.fixture
@@ -103,19 +106,57 @@ def test_check_dataset_fits_names_channels_and_size():
         "use the data set it was trained for"
     )
     check_dataset_fits({}, ds, "digits")  # nothing recorded: nothing to refuse
+    check_dataset_fits(None, ds, "digits")
+
+
+def test_check_dataset_fits_takes_the_typed_model_and_metadata():
+    ds = data.load_dataset("digits", "val")
+    wrong = ModelSpec("vanilla-cnn", {"in_channels": 3, "input_size": 8})
+    for model in (wrong, CheckpointMeta(model=wrong)):
+        with pytest.raises(TensorcutError, match="1 channels but the model expects 3"):
+            check_dataset_fits(model, ds, "digits")
+    check_dataset_fits(ModelSpec("resnet20", {"in_channels": 1, "input_size": 32}), ds, "digits")
 
 
 def test_resume_recipe_must_match_the_recorded_one(tmp_path: Path):
-    assert recorded_recipe(tmp_path) == {}  # no checkpoint: no recipe
+    assert recorded_recipe(tmp_path) is None  # no checkpoint: no recipe
+    check_resume_recipe(tmp_path, {"lr": 0.5})  # nothing recorded: nothing to keep
     (tmp_path / "meta.json").write_text(json.dumps({"recipe": {"lr": 0.001, "optimizer": "adam"}}))
-    assert recorded_recipe(tmp_path) == {"lr": 0.001, "optimizer": "adam"}
+    rec = recorded_recipe(tmp_path)
+    assert isinstance(rec, Recipe) and rec.to_dict() == {"lr": 0.001, "optimizer": "adam"}
     check_resume_recipe(tmp_path, {"lr": 0.001, "epochs": 9})  # epochs may change
+    check_resume_recipe(tmp_path, FitConfig(lr=0.001, momentum=0.5))  # momentum: not recorded
     with pytest.raises(TensorcutError) as e:
         check_resume_recipe(tmp_path, {"lr": 0.01, "optimizer": "sgd"})
     assert str(e.value) == (
         f"--resume continues {tmp_path} with its recorded recipe, but --optimizer adam -> sgd, "
         "--lr 0.001 -> 0.01; drop those options to resume, or train into a new --out"
     )
+    with pytest.raises(TensorcutError, match=r"--lr 0.001 -> 0.1; drop those options"):
+        check_resume_recipe(tmp_path, FitConfig(lr=0.1))
+
+
+def test_recorded_recipe_refuses_an_edited_entry_in_one_line(tmp_path: Path):
+    (tmp_path / "meta.json").write_text(json.dumps({"recipe": {"lr": "fast"}}))
+    with pytest.raises(TensorcutError) as e:
+        recorded_recipe(tmp_path)
+    assert "recipe.lr must be a number, not 'fast'" in str(e.value)
+    (tmp_path / "meta.json").write_text("{not json")
+    assert recorded_recipe(tmp_path) is None  # unreadable: the loader says so in its own words
+
+
+def test_resume_config_fills_the_optimiser_settings_from_the_recorded_recipe(tmp_path: Path):
+    recipe = {"lr": 0.05, "optimizer": "sgd", "momentum": 0.8, "epochs": 99, "seed": 7}
+    (tmp_path / "meta.json").write_text(json.dumps({"recipe": recipe}))
+    base = FitConfig(epochs=3, scheduler="cosine")
+    cfg = resume_config(tmp_path, base)
+    assert (cfg.lr, cfg.optimizer, cfg.momentum) == (0.05, "sgd", 0.8)  # recorded
+    assert (cfg.epochs, cfg.seed, cfg.scheduler) == (3, 0, "cosine")  # base: not recorded
+    assert base == FitConfig(epochs=3, scheduler="cosine") and cfg is not base
+    assert resume_config(tmp_path / "none") == FitConfig()  # nothing recorded: the base
+    (tmp_path / "meta.json").write_text(json.dumps({"recipe": {"optimizer": "lbfgs"}}))
+    with pytest.raises(TensorcutError, match="unknown optimizer 'lbfgs'"):
+        resume_config(tmp_path)
 
 
 def test_train_refuses_to_overwrite(checkpoint):
@@ -150,3 +191,19 @@ def test_evaluate_a_module_needs_a_data_set():
     with pytest.raises(TensorcutError) as e:
         evaluate_checkpoint(nn.Sequential(nn.Flatten()), device="cpu")
     assert str(e.value) == "no data set given and the checkpoint does not name one; pass --dataset"
+
+
+def test_train_resumed_without_a_config_keeps_the_recorded_recipe(tmp_path: Path):
+    """The API fills a resumed recipe from the recorded one, as the CLI does: 2 epochs at SGD lr
+    0.05, then resumed to 3 without a config continue at SGD lr 0.05 (not Adam 1e-3)."""
+    out = tmp_path / "o"
+    cfg = FitConfig(epochs=1, optimizer="sgd", lr=0.05, scheduler="none")
+    kw = {"width": 0.25, "subset": 64, "device": "cpu", "progress": False}
+    train_checkpoint("vanilla-cnn", "digits", out, epochs=1, config=cfg, **kw)
+    ck = train_checkpoint("vanilla-cnn", "digits", out, epochs=2, resume=True, **kw)
+    info = ck.info
+    assert info.epoch == 2 and info.lineage.recipe is not None
+    assert (info.lineage.recipe.optimizer, info.lineage.recipe.lr) == ("sgd", 0.05)
+    assert [r.lr for r in info.history or ()] == [0.05, 0.05]
+    with pytest.raises(TensorcutError, match="--optimizer sgd -> adam"):
+        train_checkpoint("vanilla-cnn", "digits", out, epochs=3, config=FitConfig(), resume=True)

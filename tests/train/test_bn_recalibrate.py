@@ -63,7 +63,7 @@ def test_no_batchnorm_and_empty_data():
 def test_compress_checkpoint_recalibrates_and_records_it(tmp_path):
     from tensorcut.pipeline.workflow import compress_checkpoint
     from tensorcut.train.api import train_checkpoint
-    from tensorcut.train.loop import FitConfig
+    from tensorcut.train.config import FitConfig
 
     dense = tmp_path / "dense"
     train_checkpoint(

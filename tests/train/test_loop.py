@@ -1,8 +1,8 @@
 """The epoch loop (``train/loop.py``): learning, evaluation metrics, resume, early stopping,
-distillation, FitConfig validation."""
+distillation (FitConfig's validation: ``test_train_config.py``; the batch step:
+``test_steps.py``)."""
 
 import json
-import re
 
 import pytest
 import torch
@@ -110,52 +110,6 @@ def test_distillation_runs_with_teacher_and_changes_loss():
         progress=False,
     )
     assert h1[0]["train_loss"] != pytest.approx(h2[0]["train_loss"])
-
-
-@pytest.mark.parametrize(
-    "kw,msg",
-    [
-        ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'"),
-        ({"scheduler": "step"}, "unknown scheduler 'step'"),
-        ({"lr": 0}, "--lr must be > 0, got 0"),
-        ({"patience": 0}, "patience must be an integer >= 1 or None, got 0"),
-        ({"seed": "0"}, "seed must be an integer, got '0'"),
-        ({"seed": 1.5}, "seed must be an integer, got 1.5"),
-        ({"epochs": 2.0}, "epochs must be an integer, got 2.0"),
-        ({"momentum": "0.9"}, "momentum must be a number, got '0.9'"),
-        ({"grad_clip": -1.0}, "grad_clip must be >= 0"),
-        ({"distill_temperature": 0.0}, "distill_temperature must be > 0"),
-    ],
-)
-def test_bad_recipe(kw, msg):
-    with pytest.raises(TensorcutError, match=re.escape(msg)):
-        FitConfig(**kw)
-
-
-@pytest.mark.parametrize(
-    "field,flag,value",
-    [
-        ("momentum", "--momentum", 1.0),
-        ("momentum", "--momentum", -0.1),
-        ("weight_decay", "--weight-decay", -1e-4),
-        ("seed", "--seed", -1),
-        ("epochs", "--epochs", -1),
-        ("lr", "--lr", 0.0),
-        ("lr", "--lr", float("nan")),
-    ],
-)
-def test_recipe_from_python_is_refused_in_the_cli_words(tmp_path, capsys, field, flag, value):
-    """FitConfig built in Python refuses what the CLI refuses, with the CLI's message."""
-    from tensorcut.cli import main
-
-    with pytest.raises(TensorcutError) as e:
-        FitConfig(**{field: value})
-    argv = ["train", "--model", "vanilla-cnn", "--dataset", "digits", "--out", str(tmp_path / "o")]
-    capsys.readouterr()
-    assert main([*argv, flag, str(value)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == f"tensorcut train: error: {e.value}"
-    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(
