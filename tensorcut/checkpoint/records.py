@@ -1,7 +1,8 @@
 """The records of a checkpoint's ``meta.json`` besides the model and the data set: its
 :class:`Metrics` (one :class:`Score` per split), its :class:`EpochRecord` history, and its
 :class:`Lineage` (the :class:`Parent` checkpoint, the compression plan, the :class:`Recipe`, the
-:class:`FinetuneRecord`, the :class:`BatchNormRecord` and the :class:`TdlrtRecord`).
+:class:`FinetuneRecord`, the :class:`BatchNormRecord`, the :class:`MatchRecord` and the
+:class:`TdlrtRecord`).
 
 Each record checks its fields when read (:meth:`Record.from_dict`; a value of the wrong type is
 one line naming it) and writes back exactly what it read (:meth:`Record.to_dict`): the keys it
@@ -26,6 +27,7 @@ __all__ = [
     "EpochRecord",
     "FinetuneRecord",
     "Lineage",
+    "MatchRecord",
     "Metrics",
     "Parent",
     "Recipe",
@@ -246,6 +248,34 @@ class BatchNormRecord(Record):
 
 
 @dataclass(frozen=True)
+class MatchRecord(Record):
+    """What ``compress --match-epochs`` did before fine-tuning (``layer_matching``): each
+    factorized conv fitted to its dense original's output on ``images`` calibration images for
+    ``epochs`` passes (``steps`` Adam steps at ``lr``); ``before`` / ``after`` are the mean over
+    layers of the relative squared output error, and ``bn_after`` whether BatchNorm statistics
+    were re-estimated again afterwards."""
+
+    FIELDS: ClassVar[dict[str, _Check]] = {
+        "epochs": COUNT,
+        "lr": NUMBER,
+        "images": _or_null(COUNT),
+        "steps": COUNT,
+        "before": NUMBER,
+        "after": NUMBER,
+        "bn_after": FLAG,
+    }
+    EXAMPLE: ClassVar[str] = '{"epochs": 3, "lr": 0.001, "before": 0.21, "after": 0.08}'
+
+    epochs: int | None = None
+    lr: float | None = None
+    images: int | None = None
+    steps: int | None = None
+    before: float | None = None
+    after: float | None = None
+    bn_after: bool | None = None
+
+
+@dataclass(frozen=True)
 class TdlrtRecord(Record):
     """Settings and outcome of a TDLRT run (``tdlrt``)."""
 
@@ -352,6 +382,7 @@ class Lineage:
         finetune: the fine-tuning settings.
         bn_recalibration: what ``compress`` did to BatchNorm statistics.
         tdlrt: the TDLRT settings and final ranks.
+        layer_matching: what ``compress --match-epochs`` did after BatchNorm re-estimation.
     """
 
     parent: Parent | None = None
@@ -360,6 +391,7 @@ class Lineage:
     finetune: FinetuneRecord | None = None
     bn_recalibration: BatchNormRecord | None = None
     tdlrt: TdlrtRecord | None = None
+    layer_matching: MatchRecord | None = None
 
     KEYS: ClassVar[tuple[str, ...]] = (
         "parent",
@@ -368,6 +400,7 @@ class Lineage:
         "finetune",
         "bn_recalibration",
         "tdlrt",
+        "layer_matching",
     )
 
     @classmethod
@@ -387,6 +420,9 @@ class Lineage:
                 BatchNormRecord, get("bn_recalibration"), "bn_recalibration", source, fix
             ),
             tdlrt=_maybe(TdlrtRecord, get("tdlrt"), "tdlrt", source, fix),
+            layer_matching=_maybe(
+                MatchRecord, get("layer_matching"), "layer_matching", source, fix
+            ),
         )
 
     def to_meta(self) -> dict[str, Any]:

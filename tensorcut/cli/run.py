@@ -75,6 +75,20 @@ def _run_flags() -> dict[str, Flag]:
             help="train (with --model) and fine-tune on a seeded random subset of N training "
             "images",
         ),
+        "measured": Flag(
+            help="also compare the measured allocation (each layer compressed alone at ten ranks "
+            "on the calibration images, its calibration loss measured, then a knapsack within the "
+            "budget; kept in study/drops.json); off by default: it costs about as much as the "
+            "rest of the compression stages together and tied the other allocations in the "
+            "pruning-frontier benchmark"
+        ),
+        "match_epochs": Flag(
+            metavar="N",
+            help="layer matching of the chosen compressed model before fine-tuning: fit each "
+            "factorized conv's output to its dense original's on the calibration images for N "
+            "passes, then re-estimate BatchNorm again (0: off)",
+        ),
+        "match_lr": Flag(metavar="LR", help="Adam learning rate of layer matching"),
     }
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from tensorcut.errors import TensorcutError
 
 if TYPE_CHECKING:
+    from tensorcut.cli.flags import Flag
     from tensorcut.train.loop import FitConfig
 
 #: What the help says of --distill-alpha's default: the recipes leave it 0, which
@@ -42,12 +43,33 @@ def _rank_arg(text: str) -> int | tuple[int, ...]:
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
+#: --allocation measured without --budget (checked before any work)
+MEASURED_NEEDS_BUDGET = (
+    "--allocation measured splits a --budget by the layers' measured accuracy costs; give "
+    "--budget too (with --budget-kind macs or params)"
+)
+
+
+def _allocation_flag() -> Flag:
+    from tensorcut.cli.flags import Flag
+    from tensorcut.compression.config import ALLOCATIONS
+
+    return Flag(
+        choices=ALLOCATIONS,
+        help="how --budget is split: ladder (each layer's rank ladder and kernel error, weighted "
+        "by --sensitivity) or measured (each layer compressed alone at ten ranks on the "
+        "calibration images of --bn-images, BatchNorm re-estimated, its calibration loss "
+        "measured; then per layer dense or one measured rank, the least summed loss increase "
+        "within the budget; the table is saved as DIR/drops.json, reusable with --drops)",
+    )
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from tensorcut.cli.flags import add_out
+    from tensorcut.cli.flags import add_dataclass_flags, add_out, describe
     from tensorcut.cli.options import add_fit_flags, add_method_option_flags
-    from tensorcut.compression import DEFAULT_METHOD
+    from tensorcut.compression import DEFAULT_METHOD, CompressConfig
     from tensorcut.layers import list_methods
-    from tensorcut.pipeline.workflow import DEFAULT_BN_IMAGES, RECIPES
+    from tensorcut.pipeline.workflow import DEFAULT_BN_IMAGES, DEFAULT_MATCH_LR, RECIPES
 
     c = sub.add_parser(
         "compress",
@@ -99,6 +121,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--budget-kind", choices=("params", "macs"), default="params", help="what --budget counts"
     )
+    add_dataclass_flags(
+        c,
+        CompressConfig,
+        only=("allocation",),
+        flags={"allocation": _allocation_flag()},
+        defaults=lambda name: describe(getattr(CompressConfig(ratio=0.5), name)),
+    )
+    c.add_argument(
+        "--drops",
+        default=None,
+        metavar="FILE",
+        help="with --allocation measured: reuse measured drops (the drops.json of an earlier "
+        "`compress --allocation measured`, or a run's study/drops.json; JSON, checked against "
+        "the model) instead of measuring",
+    )
     c.add_argument(
         "--sensitivity",
         default=None,
@@ -124,6 +161,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="re-estimate BatchNorm statistics on N training images after compressing (default: "
         f"{DEFAULT_BN_IMAGES}, or all of a smaller training split, when the checkpoint's data set "
         "is available; 0: keep the trained statistics)",
+    )
+    c.add_argument(
+        "--match-epochs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="layer matching before fine-tuning: after BatchNorm re-estimation, fit each "
+        "factorized conv's output to its dense original's on the --bn-images calibration images "
+        "for N passes (no labels; only the factors train), then re-estimate BatchNorm again "
+        "(default: 0, off)",
+    )
+    c.add_argument(
+        "--match-lr",
+        type=float,
+        default=DEFAULT_MATCH_LR,
+        metavar="LR",
+        help=f"Adam learning rate of layer matching (default: {describe(DEFAULT_MATCH_LR)})",
     )
     c.add_argument(
         "--align",
@@ -214,9 +268,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _compress(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tensorcut.checkpoint import CheckpointMeta, Metrics
     from tensorcut.cli.options import method_options_from_args
     from tensorcut.compression import CompressConfig
-    from tensorcut.pipeline.workflow import compress_checkpoint
+    from tensorcut.pipeline.workflow import (
+        DROPS_FILE,
+        bn_recalibration_line,
+        compress_checkpoint,
+        match_line,
+    )
 
     if args.ratio_deprecated is not None:
         warnings.warn(
@@ -228,6 +290,9 @@ def _compress(args: argparse.Namespace) -> int:
         args.keep = args.ratio_deprecated
     if args.sensitivity and args.budget is None:
         raise TensorcutError("--sensitivity guides the --budget allocation; give --budget too")
+    if args.allocation == "measured" and args.budget is None:
+        raise TensorcutError(MEASURED_NEEDS_BUDGET)
+    extra = {} if args.allocation is None else {"allocation": args.allocation}
     cfg = CompressConfig(
         method=args.method,
         rank="vbmf" if args.vbmf else args.rank,
@@ -240,6 +305,7 @@ def _compress(args: argparse.Namespace) -> int:
         target_speedup=args.target_speedup,
         align=args.align,
         options=method_options_from_args(args),
+        **extra,
     )
     _, p, meta = compress_checkpoint(
         args.checkpoint,
@@ -249,28 +315,46 @@ def _compress(args: argparse.Namespace) -> int:
         sensitivity=args.sensitivity,
         evaluate_split=args.evaluate,
         bn_images=args.bn_images,
+        drops=args.drops,
+        match_epochs=args.match_epochs,
+        match_lr=args.match_lr,
         force=args.force,
     )
+    info = CheckpointMeta.from_meta(meta)
+    bn, matched = info.lineage.bn_recalibration, info.lineage.layer_matching
+    drops_file = Path(args.out) / DROPS_FILE if cfg.allocation == "measured" else None
+    if drops_file is not None and args.drops is None and drops_file.is_file():
+        drops_note = f"measured drops: {drops_file} (reuse with --drops {drops_file})"
+    else:
+        drops_note, drops_file = None, None
     if args.json:
         from tensorcut.console import print_json
 
         doc = json.loads(p.to_json())
-        if "bn_recalibration" in meta:
-            doc["bn_recalibration"] = meta["bn_recalibration"]
+        if bn is not None:
+            doc["bn_recalibration"] = bn.to_dict()
+        if matched is not None:
+            doc["layer_matching"] = matched.to_dict()
+        if drops_file is not None:
+            doc["drops"] = str(drops_file)
         print_json(doc)
     else:
-        from tensorcut.pipeline.workflow import bn_recalibration_line
-
         print(p.table())
         if "speed" in p.config:
             from tensorcut.compression.speed import describe_speed
 
             print(describe_speed(p.config["speed"]))
-        print(bn_recalibration_line(meta.get("bn_recalibration")))
-        for split, m in meta.get("metrics", {}).items():
+        if drops_note is not None:
+            print(drops_note)
+        print(bn_recalibration_line(bn))
+        line = match_line(matched)
+        if line is not None:
+            print(line)
+        for split in info.metrics or ():
+            m = (info.metrics or Metrics())[split]
             print(
-                f"{split} after compression (no fine-tuning): top-1 {m['top1']:.4f}  top-5 "
-                f"{m['top5']:.4f}"
+                f"{split} after compression (no fine-tuning): top-1 {m.top1:.4f}  top-5 "
+                f"{m.top5:.4f}"
             )
         print(f"compressed checkpoint: {args.out} (plan: {args.out}/plan.json)")
     return 0
@@ -308,23 +392,23 @@ def _finetune(args: argparse.Namespace) -> int:
         device=args.device,
         force=args.force,
     )
-    b, a = ck.meta["metrics"]["test_before_finetune"], ck.meta["metrics"]["test"]
+    info = ck.info
+    assert info.metrics is not None  # finetune_checkpoint records both scores
+    b, a = info.metrics["test_before_finetune"], info.metrics["test"]
+    epochs = len(info.finetune_history or ())
     if args.json:
         from tensorcut.console import print_json
 
         print_json(
             {
                 "checkpoint": str(args.out or args.checkpoint),
-                "test_before_finetune": b,
-                "test": a,
-                "epochs": len(ck.meta["finetune_history"]),
+                "test_before_finetune": b.to_dict(),
+                "test": a.to_dict(),
+                "epochs": epochs,
             }
         )
         return 0
-    print(
-        f"test top-1: {b['top1']:.4f} before fine-tuning -> {a['top1']:.4f} after "
-        f"({len(ck.meta['finetune_history'])} epochs)"
-    )
+    print(f"test top-1: {b.top1:.4f} before fine-tuning -> {a.top1:.4f} after ({epochs} epochs)")
     print(f"checkpoint: {args.out or args.checkpoint}")
     return 0
 

@@ -164,13 +164,21 @@ class DropTable:
 
     @classmethod
     def load(cls, path: str | Path) -> DropTable:
-        """Read a table written by :meth:`save`."""
+        """Read a table written by :meth:`save` (JSON only; nothing is unpickled).
+
+        Raises:
+            TensorcutError: one line naming ``path``: unreadable, not JSON, or not a drop table.
+        """
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
+            doc = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise TensorcutError(
                 f"cannot read drop table {path}: {type(e).__name__}: {str(e)[:160]}"
             ) from None
+        try:
+            return cls.from_dict(doc)
+        except TensorcutError as e:
+            raise TensorcutError(f"{path}: {e}") from None
 
     def table(self) -> str:
         """One line per measured option: layer, method, ranks, cost share, loss and top-1 cost."""

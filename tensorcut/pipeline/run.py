@@ -80,6 +80,9 @@ class RunConfig:
     batch_size: int = 128
     seed: int = 0
     train_subset: int | None = None
+    measured: bool = False
+    match_epochs: int = 0
+    match_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         goals = [
@@ -130,9 +133,23 @@ class RunConfig:
             raise TensorcutError(
                 f"curve ratios are compression factors > 1; got {tuple(self.curve_ratios)}"
             )
+        if isinstance(self.match_epochs, bool) or self.match_epochs < 0:
+            raise TensorcutError(f"--match-epochs must be >= 0, got {self.match_epochs}")
+        if not (self.match_lr > 0 and math.isfinite(self.match_lr)):
+            raise TensorcutError(f"--match-lr must be > 0, got {self.match_lr:g}")
+        if self.match_epochs > 0 and not self.bn_recalibrate:
+            raise TensorcutError(
+                "--match-epochs re-estimates BatchNorm on the calibration images before and after "
+                "matching; drop --no-bn-recalibrate"
+            )
         CompressConfig(method=self.method, ratio=0.5)  # validates the method name
         self.bipartitions = tuple(self.bipartitions)
         self.curve_ratios = tuple(float(r) for r in self.curve_ratios)
+
+    @property
+    def strategies(self) -> tuple[str, ...]:
+        """The allocations compared (:data:`STRATEGIES`; ``measured`` only when asked for)."""
+        return tuple(k for k in STRATEGIES if self.measured or k != "measured")
 
     @property
     def goal(self) -> str:
@@ -643,7 +660,11 @@ def run(
     else:
         _say("[study] done (skipped)", progress)
     sensitivity = load_sensitivity(study_db)
-    drops = _measured_drops(out, dense.model, config, calib_loader, progress)
+    drops = (
+        _measured_drops(out, dense.model, config, calib_loader, progress)
+        if config.measured
+        else None
+    )
 
     # 3. curve -------------------------------------------------------------------------------
     ts = time.perf_counter()
@@ -663,7 +684,7 @@ def run(
                 target=r,
             )
             for r in config.curve_ratios
-            for kind in STRATEGIES
+            for kind in config.strategies
         ]
         rd.mark("curve", {"baseline_top1": base, "points": points}, ts)
     else:
@@ -685,7 +706,7 @@ def run(
             )
         else:
             ratio = config.target_ratio
-        kinds = STRATEGIES if ratio is not None else ("guided", "error", "measured")
+        kinds = tuple(k for k in config.strategies if ratio is not None or k != "uniform")
         plans: dict[str, Any] = {}
         trial: dict[str, nn.Module] = {}  # the compressed copies, for the probe
         tried: dict[str, dict[str, Any]] = {
@@ -731,7 +752,7 @@ def run(
             progress,
         )
         shutil.rmtree(comp_dir, ignore_errors=True)
-        _, p, _ = compress_checkpoint(
+        _, p, cmeta = compress_checkpoint(
             dense_dir,
             comp_dir,
             cc,
@@ -739,7 +760,14 @@ def run(
             progress=progress,
             precomputed=plans[best],
             bn_loader=calib_loader if config.bn_recalibrate else None,
+            match_epochs=config.match_epochs,
+            match_lr=config.match_lr,
         )
+        matched = CheckpointMeta.from_meta(cmeta).lineage.layer_matching
+        if matched is not None:
+            from tensorcut.pipeline.workflow import match_line
+
+            _say(f"[compress] {match_line(matched)}", progress)
         rd.mark(
             "compress",
             {
@@ -749,6 +777,7 @@ def run(
                 "allocation": best,
                 "why": why,
                 "calibration": tried,
+                **({} if matched is None else {"layer_matching": matched.to_dict()}),
             },
             ts,
         )

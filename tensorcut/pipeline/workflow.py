@@ -23,6 +23,7 @@ from tensorcut.checkpoint import (
     DatasetSpec,
     EpochRecord,
     FinetuneRecord,
+    MatchRecord,
     Metrics,
     ModelSpec,
     Parent,
@@ -30,6 +31,7 @@ from tensorcut.checkpoint import (
 )
 from tensorcut.checkpoint import io as tio
 from tensorcut.compression import CompressConfig, Plan, apply, plan
+from tensorcut.compression.measured import DropTable
 from tensorcut.errors import TensorcutError
 from tensorcut.train.loop import FitConfig, fit, resolve_device
 from tensorcut.train.loop import evaluate as evaluate_loader
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_BN_IMAGES",
+    "DEFAULT_MATCH_LR",
     "FINETUNE_RECIPE",
     "RECIPES",
     "RSDTR_RECIPE",
@@ -49,7 +52,9 @@ __all__ = [
     "export_checkpoint_checked",
     "finetune_checkpoint",
     "input_shape_of",
+    "load_drops",
     "load_sensitivity",
+    "match_line",
 ]
 
 #: The thesis's fine-tuning recipe: Adam, lr 1e-5, early stopping on validation loss
@@ -173,6 +178,108 @@ def check_output_dir(
     )
 
 
+#: Adam's learning rate of layer matching (``compress --match-lr``), as in the pruning-frontier
+#: benchmark's ``-match`` arms
+DEFAULT_MATCH_LR = 1e-3
+
+
+def load_drops(
+    path: str | Path,
+    model: nn.Module | None = None,
+    config: CompressConfig | None = None,
+    input_shape: tuple[int, int, int] | None = None,
+) -> DropTable:
+    """A drop table saved by :meth:`DropTable.save` (JSON only, never unpickled), checked against
+    the model and config it will plan.
+
+    Args:
+        path: the JSON file (e.g. a run's ``study/drops.json`` or a compressed checkpoint's
+            ``drops.json``).
+        model: the dense model the plan is for: every measured layer must be a Conv2d of it.
+        config: the compression config: its method (unless ``auto``) must have been measured.
+        input_shape: (C, H, W) the model is planned for: the table must have been measured at it.
+
+    Returns:
+        The :class:`~tensorcut.compression.measured.DropTable`.
+
+    Raises:
+        TensorcutError: one line naming the file: missing, not JSON, not a drop table, or
+            measured on another model, input size or method.
+
+    Example:
+        >>> table = load_drops("runs/r10/study/drops.json")  # doctest: +SKIP
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise TensorcutError(f"--drops {p} is not a file; give the drops.json of a measurement")
+    table = DropTable.load(p)
+    if input_shape is not None and tuple(table.input_shape) != tuple(input_shape):
+        raise TensorcutError(
+            f"--drops {p} was measured at input {tuple(table.input_shape)}, this model takes "
+            f"{tuple(input_shape)}; measure this model (drop --drops)"
+        )
+    if config is not None and config.method != "auto" and config.method not in table.methods:
+        raise TensorcutError(
+            f"--drops {p} measured {', '.join(table.methods)}, not {config.method}; use "
+            f"--method {table.methods[0]} or measure again (drop --drops)"
+        )
+    if model is not None:
+        convs = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+        foreign = [ld.name for ld in table.layers if ld.name not in convs]
+        if foreign:
+            raise TensorcutError(
+                f"--drops {p} names {len(foreign)} layer(s) this model lacks (e.g. "
+                f"{foreign[0]!r}); it was measured on another model, measure this one (drop "
+                "--drops)"
+            )
+    return table
+
+
+def _check_recovery(
+    config: CompressConfig,
+    drops: DropTable | str | Path | None,
+    bn_images: int | None,
+    bn_loader: Any,
+    match_epochs: int,
+    match_lr: float,
+) -> None:
+    """Refuse, in one line and before any work, recovery and allocation settings that cannot
+    run."""
+    import math
+
+    if bn_images is not None and bn_images < 0:
+        raise TensorcutError(f"--bn-images must be >= 0, got {bn_images}")
+    if isinstance(match_epochs, bool) or not isinstance(match_epochs, int) or match_epochs < 0:
+        raise TensorcutError(f"--match-epochs must be an integer >= 0, got {match_epochs!r}")
+    if (
+        isinstance(match_lr, bool)
+        or not isinstance(match_lr, (int, float))
+        or not (math.isfinite(match_lr) and match_lr > 0)
+    ):
+        raise TensorcutError(f"--match-lr must be a finite number > 0, got {match_lr!r}")
+    measured = config.allocation == "measured"
+    if drops is not None and not measured:
+        raise TensorcutError(
+            "--drops is read by --allocation measured; add --allocation measured (with --budget) "
+            "or drop --drops"
+        )
+    if drops is not None and not isinstance(drops, (DropTable, str, Path)):
+        raise TensorcutError(
+            f"drops must be a DropTable or the path of its JSON file, got {type(drops).__name__}"
+        )
+    no_images = bn_images == 0 and bn_loader is None
+    if no_images and match_epochs > 0:
+        raise TensorcutError(
+            "--match-epochs fits the layers on the --bn-images calibration images, and re-"
+            "estimates BatchNorm before and after; give --bn-images N > 0 (or leave its default)"
+        )
+    if no_images and measured and drops is None:
+        raise TensorcutError(
+            "--allocation measured measures each layer on the --bn-images calibration images; "
+            "give --bn-images N > 0 (or leave its default), or --drops FILE"
+        )
+
+
 def compress_checkpoint(
     src: str | Path,
     out: str | Path,
@@ -185,23 +292,59 @@ def compress_checkpoint(
     precomputed: Plan | None = None,
     bn_images: int | None = 0,
     bn_loader: Any = None,
+    drops: DropTable | str | Path | None = None,
+    match_epochs: int = 0,
+    match_lr: float = DEFAULT_MATCH_LR,
     force: bool = False,
 ) -> tuple[nn.Module, Plan, dict[str, Any]]:
     """Plan and apply ``config`` to checkpoint ``src``; save the compressed checkpoint and
     ``plan.json`` in ``out``.
 
-    ``precomputed`` is a plan already made for this checkpoint's model (it is applied as is).
-    ``bn_images`` > 0 re-estimates BatchNorm statistics of the compressed model on that many
-    training images (seeded subset, no augmentation); ``bn_loader`` does it on the given batches.
-    ``bn_images=None`` is the CLI's default: :data:`DEFAULT_BN_IMAGES` images when the model
-    has BatchNorm layers and the checkpoint's data set can be loaded, else skipped with the
-    reason. What was done (or why not) is recorded as ``bn_recalibration`` in ``meta.json`` and
-    ``plan.json``. An ``out`` that already holds a checkpoint is refused unless ``force``.
-    ``config.target_speedup`` plans from latencies measured on this machine (current torch
-    threads, batch 1); the plan records the predicted and measured whole-model latency.
+    Order: plan (measuring the drops first for ``allocation="measured"`` without ``drops``) ->
+    swap -> BatchNorm re-estimation -> layer matching -> BatchNorm re-estimation again (the order
+    of the pruning-frontier benchmark's ``-match`` arms).
+
+    Args:
+        src: the (dense) checkpoint directory.
+        out: where the compressed checkpoint goes (refused when it holds one, unless ``force``).
+        config: what to factorize and how.
+        layers: conv layer names to consider (default: the config's filter).
+        sensitivity: a truncation-study results file, a JSON ``{layer: weight}`` or that dict,
+            guiding a ``budget``.
+        evaluate_split: evaluate the compressed model on ``"val"`` or ``"test"``.
+        progress: show progress bars.
+        precomputed: a plan already made for this checkpoint's model (applied as is).
+        bn_images: > 0 re-estimates BatchNorm statistics of the compressed model on that many
+            training images (seeded subset, no augmentation); ``None`` is the CLI's default:
+            :data:`DEFAULT_BN_IMAGES` images when the model has BatchNorm layers and the data set
+            can be loaded, else skipped with the reason; 0 keeps the trained statistics. These
+            are also the calibration images of layer matching and of the measured drops.
+        bn_loader: calibration batches ``(images, labels)`` to use instead of ``bn_images``.
+        drops: for ``config.allocation == "measured"``: the measured per-layer drops, a
+            :class:`DropTable` or the path of its JSON file (:func:`load_drops`); None measures
+            them on the calibration images (saved as ``out/drops.json``, reusable).
+        match_epochs: > 0 fits each factorized conv's output to its dense original's on the
+            calibration images for that many passes
+            (:func:`tensorcut.compression.recover.match_layers`), then re-estimates BatchNorm
+            again; recorded as ``layer_matching``.
+        match_lr: Adam's learning rate of layer matching.
+        force: replace a checkpoint already in ``out``.
+
+    Returns:
+        ``(model, plan, meta)``: the compressed model, the plan applied and the ``meta.json``
+        written (``bn_recalibration`` and ``layer_matching`` record what was done; ``plan.json``
+        repeats them).
+
+    Raises:
+        TensorcutError: bad input, checked before the long work (one line).
+
+    Example:
+        >>> cfg = CompressConfig(method="tucker2", budget=0.5, budget_kind="macs",
+        ...                      allocation="measured")
+        >>> compress_checkpoint("runs/dense", "runs/x2", cfg, bn_images=None,
+        ...                     match_epochs=3)  # doctest: +SKIP
     """
-    if bn_images is not None and bn_images < 0:
-        raise TensorcutError(f"--bn-images must be >= 0, got {bn_images}")
+    _check_recovery(config, drops, bn_images, bn_loader, match_epochs, match_lr)
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve():
         raise TensorcutError(
@@ -220,8 +363,33 @@ def compress_checkpoint(
                 f"{foreign[0]!r}); it was made for another model, re-run `tensorcut analyze` on "
                 "this one"
             )
+    measured = config.allocation == "measured"
+    if isinstance(drops, (str, Path)):
+        drops = load_drops(drops, ck.model, config, shape)
+    source = ck.info
+    measure_now = measured and drops is None and precomputed is None
+    needed = (
+        "--match-epochs" if match_epochs > 0 else ("--allocation measured" if measure_now else None)
+    )
+    n_bn = _batchnorm_layers(ck.model)
+    want_bn = bn_images is None or bn_images > 0 or bn_loader is not None
+    loader: Any = None
+    where: dict[str, Any] = {}
+    if needed is not None or (want_bn and n_bn > 0):
+        loader, where = _calibration_loader(source, bn_images, bn_loader, needed)
+    if measure_now:
+        from tensorcut.compression.measured import measure_layer_drops
+
+        assert loader is not None  # needed_by: _calibration_loader loads or raises
+        drops = measure_layer_drops(ck.model, loader, config, layers=layers, progress=progress)
     p = precomputed or plan(
-        ck.model, config, input_shape=shape, sensitivity=sens, layers=layers, progress=progress
+        ck.model,
+        config,
+        input_shape=shape,
+        sensitivity=sens,
+        layers=layers,
+        drops=drops if measured else None,
+        progress=progress,
     )
     if not any(lp.status == "factorize" for lp in p.layers):
         reasons = "; ".join(f"{lp.name}: {lp.reason}" for lp in p.layers[:3])
@@ -231,14 +399,19 @@ def compress_checkpoint(
                 "is the fastest here, so nothing was written"
             )
         raise TensorcutError(f"the rank rule leaves nothing to compress ({reasons}); loosen it")
+    reference = copy.deepcopy(ck.model) if match_epochs > 0 else None
     model = apply(ck.model, p)
-    source = ck.info
     lineage = dataclasses.replace(
         source.lineage, parent=Parent(str(src), source.metrics), plan=p.to_dict()
     )
-    if bn_images is None or bn_images > 0 or bn_loader is not None:
-        record = _recalibrate(model, source, bn_images, bn_loader)
+    if want_bn:
+        record = _recalibrate(model, loader, where, n_bn, default=bn_images is None)
         lineage = dataclasses.replace(lineage, bn_recalibration=record)
+    if reference is not None:
+        lineage = dataclasses.replace(
+            lineage,
+            layer_matching=_match(model, reference, loader, n_bn, match_epochs, match_lr, progress),
+        )
     metrics = Metrics()
     if evaluate_split:
         ds = _dataset_from_meta(source, evaluate_split)
@@ -251,12 +424,23 @@ def compress_checkpoint(
     (out / "train_state.pt").unlink(
         missing_ok=True
     )  # a replaced (--force) checkpoint's training state is not ours
-    if lineage.bn_recalibration is not None:  # the plan file also says what was done after it
-        doc = dict(p.to_dict(), bn_recalibration=lineage.bn_recalibration.to_dict())
-        tio.atomic_write_text(out / "plan.json", json.dumps(doc, indent=2))
+    if measure_now:
+        assert drops is not None  # measured above
+        drops.save(out / DROPS_FILE)  # reusable: compress --allocation measured --drops
+    after = {
+        k: getattr(lineage, k).to_dict()
+        for k in ("bn_recalibration", "layer_matching")
+        if getattr(lineage, k) is not None
+    }
+    if after:  # the plan file also says what was done after it
+        tio.atomic_write_text(out / "plan.json", json.dumps(dict(p.to_dict(), **after), indent=2))
     else:
-        p.save(out / "plan.json")
+        p.save(out / "plan.json")  # written last: a checkpoint without it is unfinished
     return model, p, meta
+
+
+#: the measured drops ``compress --allocation measured`` saves beside the plan (without --drops)
+DROPS_FILE = "drops.json"
 
 
 def _score(evaluation: dict[str, Any]) -> Score:
@@ -268,53 +452,128 @@ def _score(evaluation: dict[str, Any]) -> Score:
 DEFAULT_BN_IMAGES = 2048
 
 
+def _batchnorm_layers(model: nn.Module) -> int:
+    """BatchNorm layers that keep running statistics (what re-estimation changes)."""
+    return sum(
+        1
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    )
+
+
+def _calibration_loader(
+    meta: CheckpointMeta, bn_images: int | None, bn_loader: Any, needed_by: str | None
+) -> tuple[Any, dict[str, Any]]:
+    """(calibration batches or None, how they were obtained: ``requested``/``data``, or
+    ``skipped`` and why).
+
+    The default (``bn_images`` None) skips with the reason when the data set is not available,
+    unless ``needed_by`` (a flag that cannot run without the images) says otherwise.
+    """
+    import warnings
+
+    if bn_loader is not None:
+        return bn_loader, {"data": "given batches"}
+    default = bn_images is None
+    want = DEFAULT_BN_IMAGES if bn_images is None else bn_images
+    if not meta.dataset.name:
+        if needed_by is not None:
+            raise TensorcutError(
+                f"{needed_by} needs calibration images, and the checkpoint names no data set"
+            )
+        if default:
+            return None, {"skipped": "the checkpoint names no data set"}
+    try:
+        with warnings.catch_warnings():
+            if default:  # "up to" the default: a smaller training split is no surprise
+                warnings.filterwarnings("ignore", message=".*fewer than the requested subset")
+            ds = _dataset_from_meta(meta, "train", subset=want)
+    except TensorcutError as e:
+        if not default or needed_by is not None:
+            raise
+        return None, {"skipped": f"its data set is not available ({e})"}
+    return tdata.make_loader(ds, 128), {"requested": want, "data": "train split"}
+
+
+def _images_of(loader: Any) -> int | None:
+    return len(loader.dataset) if hasattr(loader, "dataset") else None
+
+
 def _recalibrate(
-    model: nn.Module, meta: CheckpointMeta, bn_images: int | None, bn_loader: Any
+    model: nn.Module, loader: Any, where: dict[str, Any], n_bn: int, *, default: bool
 ) -> BatchNormRecord:
     """Re-estimate BatchNorm statistics after the swap; the record of what was done, or why not.
 
     Why by default: a factorized convolution shifts the distribution its BatchNorm sees, and
     with the trained statistics a compressed network can start fine-tuning near chance.
     """
-    import warnings
-
     from tensorcut.train.loop import recalibrate_bn
 
-    default = bn_images is None and bn_loader is None
-    n_bn = sum(
-        1
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    )
-    record: dict[str, Any] = {"batchnorm_layers": n_bn, "default": default}
+    record: dict[str, Any] = {
+        "batchnorm_layers": n_bn,
+        "default": default and where.get("data") != "given batches",
+    }
     if n_bn == 0:
         return _bn_record(record, images=0, skipped="the model has no BatchNorm layers")
-    if bn_loader is None:
-        want = DEFAULT_BN_IMAGES if bn_images is None else bn_images
-        if default and not meta.dataset.name:
-            return _bn_record(record, images=0, skipped="the checkpoint names no data set")
-        try:
-            with warnings.catch_warnings():
-                if default:  # "up to" the default: a smaller training split is no surprise
-                    warnings.filterwarnings("ignore", message=".*fewer than the requested subset")
-                ds = _dataset_from_meta(meta, "train", subset=want)
-        except TensorcutError as e:
-            if not default:
-                raise
-            return _bn_record(record, images=0, skipped=f"its data set is not available ({e})")
-        bn_loader = tdata.make_loader(ds, 128)
-        record.update(requested=want, data="train split")
-    else:
-        record["data"] = "given batches"
-    recalibrate_bn(model, bn_loader)
-    return _bn_record(
-        record, images=len(bn_loader.dataset) if hasattr(bn_loader, "dataset") else None
+    if loader is None:
+        return _bn_record(record, images=0, skipped=where["skipped"])
+    recalibrate_bn(model, loader)
+    return _bn_record(record, **where, images=_images_of(loader))
+
+
+def _match(
+    model: nn.Module,
+    reference: nn.Module,
+    loader: Any,
+    n_bn: int,
+    epochs: int,
+    lr: float,
+    progress: bool,
+) -> MatchRecord:
+    """Layer matching on the calibration batches, then BatchNorm re-estimated again (the conv
+    outputs changed); the record of it."""
+    from tensorcut.compression.recover import match_layers
+    from tensorcut.train.loop import recalibrate_bn
+
+    res = match_layers(model, reference, loader, epochs=epochs, lr=lr, progress=progress)
+    if n_bn > 0:
+        recalibrate_bn(model, loader)
+    return MatchRecord(
+        epochs=epochs,
+        lr=float(lr),
+        images=_images_of(loader),
+        steps=int(res["steps"]),
+        before=float(res["before"]),
+        after=float(res["after"]),
+        bn_after=n_bn > 0,
     )
 
 
 def _bn_record(record: dict[str, Any], **more: Any) -> BatchNormRecord:
     """The ``bn_recalibration`` record with these keys, in this order."""
     return BatchNormRecord.from_dict(dict(record, **more), "bn_recalibration")
+
+
+def match_line(record: dict[str, Any] | MatchRecord | None) -> str | None:
+    """One console line saying what layer matching did (``record``: the ``layer_matching`` entry
+    of ``meta.json``); None when it was not run.
+
+    Example:
+        >>> line = match_line({"epochs": 3, "lr": 0.001, "images": 2048, "steps": 48,
+        ...                    "before": 0.2, "after": 0.05, "bn_after": True})
+        >>> line.endswith("output error 0.2000 -> 0.0500, BatchNorm re-estimated again")
+        True
+    """
+    if record is None:
+        return None
+    if not isinstance(record, MatchRecord):
+        record = MatchRecord.from_dict(record, "layer_matching")
+    on = f"{record.images} calibration images" if record.images else "the calibration batches"
+    line = (
+        f"layer matching: {record.epochs} epoch(s) on {on} ({record.steps} Adam steps, lr "
+        f"{record.lr:g}): output error {record.before:.4f} -> {record.after:.4f}"
+    )
+    return line + (", BatchNorm re-estimated again" if record.bn_after else "")
 
 
 def bn_recalibration_line(record: dict[str, Any] | BatchNormRecord | None) -> str:

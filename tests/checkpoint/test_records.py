@@ -154,3 +154,23 @@ def test_json_shapes_round_trip_through_json() -> None:
     d["images"] = 64
     rec = BatchNormRecord.from_dict(d, "bn_recalibration")
     assert BatchNormRecord.from_dict(json.loads(json.dumps(rec.to_dict())), "b") == rec
+
+
+def test_layer_matching_record_round_trips_through_the_checkpoint_meta() -> None:
+    from tensorcut.checkpoint import CheckpointMeta, MatchRecord
+
+    rec = {"epochs": 3, "lr": 0.001, "images": 64, "steps": 6, "before": 0.3, "after": 0.1}
+    meta = {"model": {"name": "resnet20", "kwargs": {}}, "layer_matching": dict(rec, bn_after=True)}
+    cm = CheckpointMeta.from_meta(meta)
+    assert isinstance(cm.lineage.layer_matching, MatchRecord)
+    assert (cm.lineage.layer_matching.after, cm.lineage.layer_matching.bn_after) == (0.1, True)
+    assert cm.to_meta() == meta and "layer_matching" not in cm.extra
+    # a checkpoint written before layer matching existed: no record, same JSON back
+    old = CheckpointMeta.from_meta({"model": {"name": "resnet20"}})
+    assert old.lineage.layer_matching is None and "layer_matching" not in old.to_meta()
+    with pytest.raises(TensorcutError) as e:
+        CheckpointMeta.from_meta(dict(meta, layer_matching=dict(rec, steps=-1)))
+    assert (
+        str(e.value)
+        == f"meta.json: layer_matching.steps must be a non-negative integer, not -1; {EDITED}"
+    )

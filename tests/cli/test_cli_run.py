@@ -40,17 +40,23 @@ def test_every_run_config_field_has_a_flag() -> None:
     argv += ["--bipartitions", "out", "in-kw", "--curve-ratios", "2", "4", "--finetune-epochs", "3"]
     argv += ["--finetune-lr", "0.01", "--finetune-patience", "2", "--distill"]
     argv += ["--no-bn-recalibrate", "--probe-epochs", "0", "--probe-images", "16"]
-    argv += ["--batch-size", "32", "--seed", "5", "--subset", "100"]
+    argv += ["--batch-size", "32", "--seed", "5", "--subset", "100", "--measured"]
+    argv += ["--match-epochs", "0", "--match-lr", "0.01"]  # > 0 epochs need BN re-estimation
     cfg = run_config(_parse(*argv))
     assert dataclasses.asdict(cfg) == {
         "target_ratio": None, "target_macs": 0.5, "max_drop": None, "method": "cp",
         "calib_subset": 64, "bipartitions": ("OUT", "OUT-KH"), "curve_ratios": (2.0, 4.0),
         "finetune_epochs": 3, "finetune_lr": 0.01, "finetune_patience": 2, "distill": True,
         "bn_recalibrate": False, "probe_epochs": 0, "probe_images": 16, "batch_size": 32,
-        "seed": 5, "train_subset": 100,
+        "seed": 5, "train_subset": 100, "measured": True, "match_epochs": 0, "match_lr": 0.01,
     }  # fmt: skip
     goals = {"target_ratio", "target_macs", "max_drop"}  # one at a time; checked in test_defaults
     changed = {f.name for f in dataclasses.fields(RunConfig) if getattr(cfg, f.name) != f.default}
+    # --match-epochs > 0 needs BatchNorm re-estimation (turned off above): on its own
+    assert run_config(_parse("ck", "--out", "o", "--target-ratio", "2", "--match-epochs", "2")) == (
+        RunConfig(target_ratio=2.0, match_epochs=2)
+    )
+    changed.add("match_epochs")
     assert changed | goals == {f.name for f in dataclasses.fields(RunConfig)}
     assert _parse("--out", "o", "--max-drop", "0.02").max_drop == 0.02
 

@@ -106,9 +106,14 @@ def test_finetune_flags_reach_the_pipeline(monkeypatch, tmp_path: Path, capsys) 
 
     def fake(checkpoint: Any, out: Any, **kw: Any) -> Any:
         seen.update(checkpoint=checkpoint, out=out, **kw)
+        from tensorcut.checkpoint import CheckpointMeta
+
         m = {"loss": 1.0, "top1": 0.5, "top5": 1.0, "n": 4}
+        meta = {"model": {"name": "vanilla-cnn"}, "finetune_history": [{}]}
         return SimpleNamespace(
-            meta={"metrics": {"test_before_finetune": m, "test": m}, "finetune_history": [{}]}
+            info=CheckpointMeta.from_meta(
+                dict(meta, metrics={"test_before_finetune": m, "test": m})
+            )
         )
 
     monkeypatch.setattr(wf, "finetune_checkpoint", fake)
@@ -148,3 +153,106 @@ def test_export_flags(capsys) -> None:
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "tensorcut export: error: the following arguments are required: --format"
     )
+
+
+def test_allocation_flag_is_derived_from_compress_config(capsys) -> None:
+    from tensorcut.compression.config import ALLOCATIONS
+
+    a = _parse("compress", "ck", "--out", "o")
+    assert (a.allocation, a.drops, a.match_epochs, a.match_lr) == (None, None, 0, 1e-3)
+    assert _parse("compress", "ck", "--out", "o", "--allocation", "measured").allocation == (
+        "measured"
+    )
+    with pytest.raises(SystemExit):
+        main(["compress", "ck", "--out", "o", "--allocation", "greedy"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("tensorcut compress: error: argument --allocation: invalid choice")
+    assert all(c in err for c in ALLOCATIONS)
+
+
+def test_allocation_measured_needs_budget_before_any_work(tmp_path: Path, capsys) -> None:
+    rc = main(["compress", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--keep", "0.3",
+               "--allocation", "measured"])  # fmt: skip
+    assert rc == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "tensorcut compress: error: --allocation measured splits a --budget by the layers' "
+        "measured accuracy costs; give --budget too (with --budget-kind macs or params)"
+    ]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (None, "is not a file"),
+        ("{not json", "cannot read drop table"),
+        ('{"layers": []}', "not a tensorcut drop table"),
+        ('{"format": "tensorcut-drops", "layers": [{"name": 3}]}', "malformed drop table"),
+    ],
+)
+def test_a_bad_drops_file_is_one_line_naming_it(
+    tiny_checkpoint: Path, tmp_path: Path, capsys, content: str | None, needle: str
+) -> None:
+    bad = tmp_path / "drops.json"
+    if content is not None:
+        bad.write_text(content)
+    argv = ["compress", str(tiny_checkpoint), "--out", str(tmp_path / "o"), "--budget", "0.5"]
+    argv += ["--allocation", "measured", "--drops", str(bad)]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tensorcut compress: error: "), err
+    assert str(bad) in err[0] and needle in err[0], err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_drops_of_another_model_are_refused_naming_the_file(
+    tiny_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    import json
+
+    from tensorcut.compression.measured import DropTable, LayerDrops
+
+    other = DropTable(
+        layers=[LayerDrops("features.99", 10, 10, [])],
+        baseline_top1=0.5,
+        baseline_loss=1.0,
+        images=8,
+        input_shape=[1, 8, 8],
+        methods=["tucker2"],
+    )
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps(other.to_dict()))
+    argv = ["compress", str(tiny_checkpoint), "--out", str(tmp_path / "o"), "--budget", "0.5"]
+    assert main([*argv, "--allocation", "measured", "--drops", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"tensorcut compress: error: --drops {path} names 1 layer(s) this model lacks (e.g. "
+        "'features.99'); it was measured on another model, measure this one (drop --drops)"
+    )
+
+
+def test_compress_measured_and_matching_from_the_command_line(
+    tiny_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    """--allocation measured measures on the --bn-images images, says where the table is and
+    reuses it with --drops; --match-epochs prints and records the matching."""
+    import json
+
+    out = tmp_path / "a"
+    argv = ["compress", str(tiny_checkpoint), "--budget", "0.5", "--budget-kind", "macs"]
+    argv += ["--allocation", "measured", "--bn-images", "64", "--match-epochs", "1"]
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"measured drops: {out / 'drops.json'} (reuse with --drops {out / 'drops.json'})" in (
+        text
+    )
+    assert "layer matching: 1 epoch(s) on 64 calibration images (1 Adam steps, lr 0.001)" in text
+    assert "BatchNorm statistics: re-estimated on 64 training images" in text
+    assert main([*argv, "--out", str(tmp_path / "b"), "--drops", str(out / "drops.json"),
+                 "--json"]) == 0  # fmt: skip
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["config"]["allocation"] == "measured" and "drops" not in doc
+    assert doc["layer_matching"]["epochs"] == 1 and doc["bn_recalibration"]["images"] == 64
+    assert any(layer.get("measured") for layer in doc["layers"])

@@ -68,9 +68,10 @@ def test_run_meets_ratio_goal_and_writes_every_stage(run_dir):
     assert all(0 <= v["probe"]["top1"] <= 1 for v in calib.values())
     chosen = state["stages"]["compress"]["allocation"]
     assert calib[chosen]["probe"]["top1"] == max(v["probe"]["top1"] for v in calib.values())
-    # the measured allocation is a candidate: per-layer drops measured once on the calibration
-    # images and kept; the run says why it chose what it chose
-    assert "measured" in calib and (out / "study" / "drops.json").exists()
+    # the measured allocation is opt-in (RunConfig.measured): not measured, not compared; the run
+    # says why it chose what it chose
+    assert "measured" not in calib and not (out / "study" / "drops.json").exists()
+    assert "layer_matching" not in state["stages"]["compress"]  # match_epochs=0: off
     assert state["stages"]["compress"]["why"].startswith("the highest calibration top-1 after")
 
 

@@ -79,3 +79,40 @@ def test_without_probe_the_choice_is_made_right_after_compression(
     assert comp["allocation"] == "uniform" and all(
         "probe" not in v for v in comp["calibration"].values()
     )
+
+
+def test_measured_allocation_and_layer_matching_when_asked_for(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
+    """RunConfig(measured=True) measures the drops once (study/drops.json) and compares the
+    measured allocation; match_epochs runs layer matching on the chosen model and records it."""
+    real = trun._try_strategy
+
+    def rigged(model, cfg, kind, *args, **kwargs):  # make "measured" win the calibration
+        r = real(model, cfg, kind, *args, **kwargs)
+        return dict(r, top1=1.0 if kind == "measured" else 0.0)
+
+    monkeypatch.setattr(trun, "_try_strategy", rigged)
+    out = tmp_path / "r"
+    cfg = RunConfig(target_ratio=3.0, probe_epochs=0, measured=True, match_epochs=1, **TINY)
+    run(out, cfg, checkpoint=tiny_checkpoint, progress=False)
+    comp = json.loads((out / "run.json").read_text())["stages"]["compress"]
+    assert comp["allocation"] == "measured" and set(comp["calibration"]) == set(trun.STRATEGIES)
+    assert (out / "study" / "drops.json").exists()
+    applied = Plan.load(out / "compressed" / "plan.json")
+    assert applied.config["allocation"] == "measured"
+    assert any(lp.measured is not None for lp in applied.layers)
+    rec = tio.load_checkpoint(out / "compressed").info.lineage.layer_matching
+    assert rec is not None and rec.after < rec.before and rec.images == TINY["calib_subset"]
+    assert comp["layer_matching"] == rec.to_dict()
+
+
+def test_matching_needs_batchnorm_re_estimation():
+    import pytest
+
+    from tensorcut.errors import TensorcutError
+
+    with pytest.raises(TensorcutError, match="drop --no-bn-recalibrate"):
+        RunConfig(target_ratio=3.0, match_epochs=1, bn_recalibrate=False)
+    assert RunConfig(target_ratio=3.0).strategies == ("guided", "error", "uniform")
+    assert RunConfig(target_ratio=3.0, measured=True).strategies == trun.STRATEGIES

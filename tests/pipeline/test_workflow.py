@@ -277,3 +277,100 @@ def test_bn_recalibration_line_from_the_record_or_its_json(record: Any, line: st
     assert bn_recalibration_line(record) == line
     if record is not None:
         assert bn_recalibration_line(BatchNormRecord.from_dict(record, "bn_recalibration")) == line
+
+
+# ------------------------------------------------------ layer matching and the measured allocation
+
+MEASURED = CompressConfig(method="tucker2", budget=0.5, budget_kind="macs", allocation="measured")
+
+
+def test_layer_matching_lowers_the_recorded_output_error(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """swap -> BN -> matching -> BN: the record says the matching error fell; only the factors
+    changed against the same plan without matching, and plan.json repeats the record."""
+    import json
+
+    import torch
+
+    from tensorcut.checkpoint import MatchRecord
+    from tensorcut.pipeline.workflow import compress_checkpoint, match_line
+
+    cfg = CompressConfig(method="tucker2", ratio=0.3)
+    _, p, meta = compress_checkpoint(
+        tiny_checkpoint, tmp_path / "m", cfg, bn_images=64, match_epochs=2, progress=False
+    )
+    rec = MatchRecord.from_dict(meta["layer_matching"], "layer_matching")
+    assert rec.after < rec.before and rec.images == 64 and rec.bn_after
+    assert (rec.epochs, rec.steps, rec.lr) == (2, 2, 1e-3)  # 64 images: one batch of 128 a pass
+    assert json.loads((tmp_path / "m" / "plan.json").read_text())["layer_matching"] == rec.to_dict()
+    assert tio.load_checkpoint(tmp_path / "m").info.lineage.layer_matching == rec
+    line = match_line(rec)
+    assert line is not None and line.startswith("layer matching: 2 epoch(s) on 64 calibration")
+    # same plan, no matching: the factors differ, the rest of the weights do not
+    _, p0, meta0 = compress_checkpoint(
+        tiny_checkpoint, tmp_path / "n", cfg, bn_images=64, progress=False
+    )
+    assert "layer_matching" not in meta0 and [lp.ranks for lp in p0.layers] == [
+        lp.ranks for lp in p.layers
+    ]
+    a, b = tio.load(tmp_path / "m").state_dict(), tio.load(tmp_path / "n").state_dict()
+    factorized = {lp.name for lp in p.layers if lp.status == "factorize"}
+    changed = {k for k in a if "running_" not in k and not torch.equal(a[k], b[k])}
+    assert changed and all(any(k.startswith(f + ".") for f in factorized) for k in changed)
+
+
+def test_measured_allocation_measures_saves_and_reuses_the_drops(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    import tensorcut.compression.measured as measured
+    from tensorcut.compression.measured import DropTable
+    from tensorcut.pipeline.workflow import compress_checkpoint
+
+    _, p, _ = compress_checkpoint(tiny_checkpoint, tmp_path / "a", MEASURED, bn_images=64)
+    table = DropTable.load(tmp_path / "a" / "drops.json")
+    assert table.images == 64 and table.methods == ["tucker2"]
+    assert p.config["allocation"] == "measured"
+    measured_layers = [lp for lp in p.layers if lp.measured is not None]
+    assert measured_layers and {lp.name for lp in measured_layers} == {
+        ld.name for ld in table.layers
+    }
+
+    def no_measuring(*a: Any, **k: Any) -> Any:
+        raise AssertionError("measured again although --drops was given")
+
+    monkeypatch.setattr(measured, "measure_layer_drops", no_measuring)
+    _, again, _ = compress_checkpoint(
+        tiny_checkpoint, tmp_path / "b", MEASURED, bn_images=64, drops=tmp_path / "a" / "drops.json"
+    )
+    assert [lp.ranks for lp in again.layers] == [lp.ranks for lp in p.layers]
+    assert not (tmp_path / "b" / "drops.json").exists()  # reused, not measured: nothing to save
+
+
+@pytest.mark.parametrize(
+    ("kw", "msg"),
+    [
+        (
+            dict(match_epochs=1, bn_images=0),
+            "--match-epochs fits the layers on the --bn-images calibration images",
+        ),
+        (dict(match_epochs=-1), "--match-epochs must be an integer >= 0, got -1"),
+        (dict(match_epochs=1, match_lr=0.0), "--match-lr must be a finite number > 0, got 0.0"),
+        (
+            dict(config=MEASURED, bn_images=0),
+            "--allocation measured measures each layer on the --bn-images calibration images",
+        ),
+        (dict(drops="d.json"), "--drops is read by --allocation measured;"),
+    ],
+)
+def test_recovery_settings_are_refused_before_any_work(
+    tiny_checkpoint: Path, tmp_path: Path, kw: dict[str, Any], msg: str
+) -> None:
+    from tensorcut.errors import TensorcutError
+    from tensorcut.pipeline.workflow import compress_checkpoint
+
+    cfg = kw.pop("config", CompressConfig(method="tucker2", ratio=0.5))
+    with pytest.raises(TensorcutError) as e:
+        compress_checkpoint(tmp_path / "no-such-checkpoint", tmp_path / "o", cfg, **kw)
+    assert str(e.value).startswith(msg)  # checked before the checkpoint is even read
+    assert not (tmp_path / "o").exists()
