@@ -23,7 +23,7 @@ train_tdlrt(
     tau=0.1,
     epochs=1 if tiny else 10,
     optimizer="sgd",
-    lr=0.05,
+    lr=0.1,
     momentum=0.9,
     from_pretrained=False,
     device="cpu",

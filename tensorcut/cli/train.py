@@ -88,7 +88,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--method",
         choices=("dense", "tdlrt"),
         default="dense",
-        help="tdlrt: train in Tucker format with rank-adaptive pruning (docs/tdlrt.md)",
+        help="tdlrt: train in Tucker format with rank-adaptive pruning (docs/tdlrt.md); "
+        "its recipe where no flag is given: SGD lr 0.1 momentum 0.9 cosine (Adam: lr 3e-3)",
     )
     p.add_argument(
         "--tau",
@@ -234,7 +235,17 @@ def _tdlrt(args: argparse.Namespace, cfg: FitConfig) -> int:
             "stopping, autocast, SyncBatchNorm or gradient clipping); drop it"
         )
     from tensorcut import distributed as tdist
+    from tensorcut.train.tdlrt import tdlrt_recipe
     from tensorcut.train.tdlrt_verb import train_tdlrt_checkpoint
+
+    # TDLRT's own recipe (SGD 0.1 cosine; Adam 3e-3), not the dense one, where no flag is given
+    recipe = tdlrt_recipe(
+        **{
+            k: given[k]
+            for k in ("optimizer", "lr", "momentum", "weight_decay", "scheduler")
+            if k in given
+        }
+    )
 
     ck = train_tdlrt_checkpoint(
         args.model,
@@ -247,11 +258,7 @@ def _tdlrt(args: argparse.Namespace, cfg: FitConfig) -> int:
         epochs=cfg.epochs,
         width=args.width,
         batch_size=args.batch_size,
-        optimizer=cfg.optimizer,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        scheduler=cfg.scheduler,
+        **recipe,
         data_dir=args.data_dir,
         val_fraction=args.val_fraction,
         subset=args.subset,

@@ -35,6 +35,7 @@ from tensorcut.compression.measured import DropTable
 from tensorcut.errors import TensorcutError
 from tensorcut.train.loop import FitConfig, fit, resolve_device
 from tensorcut.train.loop import evaluate as evaluate_loader
+from tensorcut.train.recipes import FINETUNE_RECIPE, RECIPES, RSDTR_RECIPE
 
 if TYPE_CHECKING:
     from tensorcut.export import Export
@@ -56,29 +57,6 @@ __all__ = [
     "load_sensitivity",
     "match_line",
 ]
-
-#: The thesis's fine-tuning recipe: Adam, lr 1e-5, early stopping on validation loss
-#: (patience 3), <= 50 epochs.
-FINETUNE_RECIPE = FitConfig(epochs=50, optimizer="adam", lr=1e-5, scheduler="none", patience=3)
-
-#: The RSDTR paper's fine-tuning schedule (Gabor & Zdunek 2024), with the values of the authors'
-#: CIFAR-10 script (``cifar.py -mode fine_tune`` and its README example): SGD with momentum 0.9
-#: and weight decay 1e-4, a one-cycle learning rate peaking at 0.01, 160 epochs (batch 128, the
-#: CLI's default), no early stopping. The one-cycle schedule also cycles momentum
-#: (0.95 -> 0.85 -> 0.95), as ``OneCycleLR`` does for the authors; unlike theirs, our SGD uses
-#: Nesterov momentum. Fine-tuning starts from the decomposed factors.
-RSDTR_RECIPE = FitConfig(
-    epochs=160,
-    optimizer="sgd",
-    lr=0.01,
-    momentum=0.9,
-    weight_decay=1e-4,
-    scheduler="onecycle",
-    patience=None,
-)
-
-#: Named fine-tuning recipes (``tensorcut finetune --recipe NAME``).
-RECIPES = {"thesis": FINETUNE_RECIPE, "rsdtr": RSDTR_RECIPE}
 
 
 def input_shape_of(meta: dict[str, Any] | CheckpointMeta) -> tuple[int, int, int]:

@@ -19,6 +19,7 @@ from tensorcut import distributed as tdist
 from tensorcut.checkpoint import DatasetSpec
 from tensorcut.checkpoint import io as tio
 from tensorcut.errors import TensorcutError
+from tensorcut.train.config import Optimizer, Scheduler
 
 __all__ = ["train_tdlrt_checkpoint"]
 
@@ -36,11 +37,11 @@ def train_tdlrt_checkpoint(
     epochs: int = 10,
     width: float = 1.0,
     batch_size: int = 128,
-    optimizer: str = "sgd",
-    lr: float = 0.05,
+    optimizer: Optimizer = "sgd",
+    lr: float = 0.1,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
-    scheduler: str = "cosine",
+    scheduler: Scheduler = "cosine",
     data_dir: str | Path | None = None,
     val_fraction: float = 0.1,
     subset: int | None = None,
@@ -103,11 +104,11 @@ def _train(
     epochs: int,
     width: float,
     batch_size: int,
-    optimizer: str,
+    optimizer: Optimizer,
     lr: float,
     momentum: float,
     weight_decay: float,
-    scheduler: str,
+    scheduler: Scheduler,
     data_dir: str | Path | None,
     val_fraction: float,
     subset: int | None,

@@ -185,3 +185,32 @@ def test_tdlrt_accepts_the_negative_forms(monkeypatch, tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main([*BASE, "--method", "tdlrt", "--tau", "0.1", "--out", str(tmp_path / "o"), "--no-amp"])
     assert seen["tau"] == 0.1
+
+
+@pytest.mark.parametrize(
+    "extra,recipe",
+    [
+        ([], ("sgd", 0.1, 0.9, 0.0, "cosine")),
+        (["--optimizer", "adam"], ("adam", 3e-3, 0.9, 0.0, "cosine")),
+        (["--lr", "0.02", "--scheduler", "none"], ("sgd", 0.02, 0.9, 0.0, "none")),
+        (["--optimizer", "adam", "--lr", "1e-3"], ("adam", 1e-3, 0.9, 0.0, "cosine")),
+        (["--weight-decay", "5e-4", "--momentum", "0.8"], ("sgd", 0.1, 0.8, 5e-4, "cosine")),
+    ],
+)
+def test_tdlrt_runs_its_own_recipe_unless_flags_are_given(
+    extra, recipe, monkeypatch, tmp_path: Path
+) -> None:
+    """Not the dense Adam 1e-3 (2 points under dense in bench_tdlrt): SGD 0.1 cosine, Adam 3e-3."""
+    import tensorcut.train.tdlrt_verb as verb
+
+    seen: dict[str, Any] = {}
+
+    def stub(*a: Any, **k: Any) -> Any:
+        seen.update(k)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(verb, "train_tdlrt_checkpoint", stub)
+    with pytest.raises(SystemExit):
+        main([*BASE, "--method", "tdlrt", "--tau", "0.1", "--out", str(tmp_path / "o"), *extra])
+    keys = ("optimizer", "lr", "momentum", "weight_decay", "scheduler")
+    assert tuple(seen[k] for k in keys) == recipe

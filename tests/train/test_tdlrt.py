@@ -275,3 +275,27 @@ def test_default_recipe_is_sgd_at_twice_the_dense_rate_with_cosine() -> None:
     expect = [0.1 * (1 + math.cos(math.pi * k / 4)) / 2 for k in (2, 4)]
     # the scheduler's recursive float64 update over 4 steps: a few roundings of 2^-53 each
     assert [h["lr"] for h in hist] == pytest.approx(expect, rel=64 * 2.0**-53, abs=0)
+
+
+def test_tdlrt_recipe_matches_train_tdlrt_defaults_and_gives_adam_its_own_rate() -> None:
+    import inspect
+
+    sig = inspect.signature(train_tdlrt).parameters
+    keys = ("optimizer", "lr", "momentum", "weight_decay", "scheduler")
+    assert tdlrt.tdlrt_recipe() == {k: sig[k].default for k in keys}
+    assert tdlrt.tdlrt_recipe(optimizer="adam")["lr"] == 3e-3
+    assert tdlrt.tdlrt_recipe(optimizer="adam", lr=0.01)["lr"] == 0.01
+    with pytest.raises(TensorcutError) as e:
+        tdlrt.tdlrt_recipe(optimizer="rmsprop")  # type: ignore[arg-type]
+    assert str(e.value) == "unknown base optimizer 'rmsprop'; choose one of: sgd, adam"
+
+
+def test_checkpoint_verb_defaults_are_train_tdlrt_defaults() -> None:
+    import inspect
+
+    from tensorcut.train.tdlrt_verb import train_tdlrt_checkpoint
+
+    verb = inspect.signature(train_tdlrt_checkpoint).parameters
+    core = inspect.signature(train_tdlrt).parameters
+    for k in ("optimizer", "lr", "momentum", "weight_decay", "scheduler"):
+        assert verb[k].default == core[k].default, k
