@@ -14,6 +14,17 @@ Usage (from the repository root; about 15-20 minutes on 2 shared cores)::
 
     nice .venv/bin/python benchmarks/reproduce_paper.py
 
+With ``--checkpoint DIR`` the study runs on an already trained tensorcut checkpoint instead of
+training vanilla-cnn (model, width, data set, recipe and test top-1 are read from its
+``meta.json``; ``--dataset`` names the data set where the checkpoint does not record it, and the
+test top-1 is measured here where it records none); ``--layers a,b,c`` restricts the study to
+those convolutions. For example, the converged ResNet-20 (six convs spanning the depth)::
+
+    nice .venv/bin/python benchmarks/reproduce_paper.py --checkpoint runs/pf30/work/dense \
+        --dataset fashion-mnist --layers layer1.0.conv1,layer1.2.conv2,layer2.0.conv1,\
+layer2.2.conv2,layer3.0.conv1,layer3.2.conv2 --work runs/paper_reproduction_resnet20 \
+        --out benchmarks/results/paper_reproduction_resnet20
+
 Verdict thresholds are fixed here, before looking at the data: "robust" means top-1 falls by at
 most ``DROP`` (2 percentage points) below the unmodified model.
 """
@@ -23,8 +34,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import shutil
 import statistics
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,6 +53,23 @@ SVD_BIPS = ("OUT", "IN", "KH", "KW", "OUT-IN", "OUT-KH", "OUT-KW")
 _REPORT: dict[str, bool] = {
     "computed": False
 }  # whether this invocation trained or evaluated anything
+_DATA_TITLES = {"fashion-mnist": "Fashion-MNIST", "mnist": "MNIST", "cifar10": "CIFAR-10"}
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def _dataset_spec(args: argparse.Namespace) -> Any:
+    """The data set the study evaluates on: vanilla-cnn's Fashion-MNIST by default, else the one
+    recorded in the ``--checkpoint`` (``--dataset`` where it records none or to override)."""
+    from tensorcut.checkpoint import io as tio
+    from tensorcut.checkpoint.meta import CheckpointMeta, DatasetSpec
+
+    if not args.checkpoint:
+        return None
+    spec = CheckpointMeta.from_meta(tio.read_meta(Path(args.checkpoint))).dataset
+    spec = spec.resolve(args.dataset) if args.dataset else spec
+    if not spec.name:
+        raise SystemExit(f"{args.checkpoint}/meta.json records no data set: name it with --dataset")
+    return spec if isinstance(spec, DatasetSpec) else None
 
 
 def _train(args: argparse.Namespace) -> Path:
@@ -74,6 +104,15 @@ def _train(args: argparse.Namespace) -> Path:
     return ck
 
 
+def _load(args: argparse.Namespace, split: str, subset: int | None, **kw: Any) -> Any:
+    from tensorcut import data as tdata
+
+    spec = _dataset_spec(args)
+    if spec is None:
+        return tdata.load_dataset("fashion-mnist", split, subset=subset, **kw)
+    return spec.load(split, subset=subset or None)
+
+
 def _analyze(args: argparse.Namespace, ck: Path) -> Path:
     from tensorcut import data as tdata
     from tensorcut.checkpoint import io as tio
@@ -81,30 +120,31 @@ def _analyze(args: argparse.Namespace, ck: Path) -> Path:
 
     c = tio.load_checkpoint(ck)
     model = c.model.eval()
-    loaders = {
-        "val": tdata.make_loader(
-            tdata.load_dataset("fashion-mnist", "val", subset=args.val_subset), 500
-        )
-    }
+    loaders = {"val": tdata.make_loader(_load(args, "val", args.val_subset), 500)}
     if args.train_eval_subset:
-        loaders["train"] = tdata.make_loader(
-            tdata.load_dataset("fashion-mnist", "train", subset=args.train_eval_subset), 500
-        )
-    tr = tdata.load_dataset("fashion-mnist", "train", subset=args.recover_subset, seed=0)
+        loaders["train"] = tdata.make_loader(_load(args, "train", args.train_eval_subset), 500)
+    tr = _load(args, "train", args.recover_subset, seed=0)
+    if args.checkpoint:
+        name = c.meta["model"]["name"]
+        width = c.meta["model"].get("kwargs", {}).get("width", 1.0)
+        model_name, data_name = f"{name}-w{width}", _dataset_spec(args).name
+    else:
+        model_name, data_name = f"vanilla-cnn-w{args.width}", "fashion-mnist"
     db = WORK / "results.sqlite"
     t0 = time.perf_counter()
     rep = analyze(
         model,
         loaders,
         db,
+        layers=args.layers.split(",") if args.layers else None,
         cp_ranks=args.cp_ranks,
         all_layers=True,
         recover_epochs=args.recover_epochs,
         train_loader=tdata.make_loader(tr, 128, shuffle=True, seed=0),
         recover_kwargs={"lr": 1e-3, "cp_ranks": (40, 20, 10, 5, 2, 1)},
         cache_bytes=1 << 30,
-        model_name=f"vanilla-cnn-w{args.width}",
-        data_name="fashion-mnist",
+        model_name=model_name,
+        data_name=data_name,
         csv=WORK / "results.csv",
         progress=True,
     )
@@ -345,18 +385,106 @@ def _yes(v: bool | str | None) -> str:
     )
 
 
-def _markdown(c: Mapping[str, Any], ctx: Mapping[str, Any]) -> str:
+def _count_word(n: int) -> str:
+    return _NUMBER_WORDS[n] if 0 <= n < len(_NUMBER_WORDS) else str(n)
+
+
+def _verdict_word(v: bool | str | None) -> str:
+    if v == "inconclusive":
+        return "inconclusive"
+    return "reproduces" if v else ("does not reproduce" if v is not None else "not measured")
+
+
+def _pts(x: float | None) -> str:
+    return _fmt(None if x is None else 100 * x)
+
+
+def _claim_numbers(c: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Per claim: the verdict and its key numbers, in one short cell each."""
+    c1, c2, c3, c4, c5 = (c[k] for k in ("c1", "c2", "c3", "c4", "c5"))
+    after1 = [
+        s["after_1_epoch"] for s in c5["scenarios"].values() if s["after_1_epoch"] is not None
+    ]
+    return [
+        (
+            _verdict_word(c1["verdict"]),
+            f"median tolerated OUT/IN norm loss {c1['median_tolerated_out_in']:.1f}% "
+            f"(range {c1['min']:.1f}-{c1['max']:.1f}%)",
+        ),
+        (
+            _verdict_word(c2["verdict"]),
+            f"{c2['layers_less_robust']} of {c2['n_layers']} layers; KW/KH "
+            f"{_pts(c2['mean_top1_gap_at_equal_norm_loss'])} pt below OUT/IN at equal norm loss",
+        ),
+        (
+            _verdict_word(c3["verdict"]),
+            f"deepest > shallowest for {c3['bipartitions_deeper_more_robust']} of {c3['n']} "
+            "bipartitions",
+        ),
+        (
+            _verdict_word(c4["verdict"]),
+            f"SVD-OUT minus CP {_pts(c4['mean_svd_out_minus_cp'])} pt over {c4['n']} points",
+        ),
+        (
+            _verdict_word(c5["verdict"]),
+            "worst scenario after 1 epoch "
+            + (f"{min(after1) / c['baseline_top1']:.0%} of unmodified" if after1 else "n/a")
+            + f"; SVD faster than CP: {_verdict_word(c5['svd_faster_than_cp'])}",
+        ),
+    ]
+
+
+def _comparison(
+    c: Mapping[str, Any], ctx: Mapping[str, Any], other: Mapping[str, Any]
+) -> list[str]:
+    """A table setting this run's verdicts beside another run's (``--compare``)."""
+    octx, oc = other["context"], other["claims"]["val"]
+    oname = (
+        f"{octx.get('model', 'vanilla-cnn')} w{octx['width']}, {len(octx['layers'])} layers, "
+        f"test {octx['test_top1']:.4f}"
+    )
+    name = (
+        f"{ctx.get('model', 'vanilla-cnn')} w{ctx['width']}, {len(ctx['layers'])} layers, "
+        f"test {ctx['test_top1']:.4f}"
+    )
+    claims = (
+        "1. robust along OUT / IN",
+        "2. KW / KH less robust",
+        "3. deeper more robust",
+        "4. SVD beats CP",
+        "5. fast recovery",
+    )
+    L = [
+        f"## Comparison with `{ctx['compare']}`",
+        "",
+        f"| claim | this run ({name}) | {oname} |",
+        "|---|---|---|",
+    ]
+    for claim, (v, n), (ov, on) in zip(claims, _claim_numbers(c), _claim_numbers(oc), strict=True):
+        L.append(f"| {claim} | **{v}**: {n} | **{ov}**: {on} |")
+    L.append("")
+    return L
+
+
+def _markdown(
+    c: Mapping[str, Any], ctx: Mapping[str, Any], other: Mapping[str, Any] | None = None
+) -> str:
     layers = ctx["layers"]
     L: list[str] = []
+    model = ctx.get("model", "vanilla-cnn")
+    data = ctx.get("data_title", "Fashion-MNIST")
     L += [
-        "# Paper reproduction: truncation study on vanilla-cnn / Fashion-MNIST",
+        f"# Paper reproduction: truncation study on {model} / {data}",
         "",
-        f"Model: `vanilla-cnn` width {ctx['width']} (conv kernels {ctx['shapes']}), trained "
-        f"{ctx['epochs']} epochs on {ctx['train_subset'] or 'all'} Fashion-MNIST training images "
-        f"(Adam, cosine LR); test top-1 {ctx['test_top1']:.4f}.",
+        f"Model: `{model}` width {ctx['width']} (conv kernels {ctx['shapes']}), trained "
+        f"{ctx['epochs']} epochs on {ctx['train_subset'] or 'all'} {data} training images "
+        f"({ctx.get('recipe', 'Adam, cosine LR')}); test top-1 {ctx['test_top1']:.4f}"
+        + (f" {ctx['test_note']}" if ctx.get("test_note") else "")
+        + ".",
         f"Evaluation: {c['split']} split, {ctx['n_eval']} images; unmodified top-1 "
-        f"{c['baseline_top1']:.4f}. Truncated layers: {', '.join(layers)} (every conv with more "
-        "than one input channel; conv1 has one).",
+        f"{c['baseline_top1']:.4f}. Truncated layers: {', '.join(layers)} "
+        f"({ctx.get('layers_note', 'every conv with more than one input channel; conv1 has one')}"
+        ").",
         "Norm = squared Frobenius norm (sum of squared singular values); norm loss % = discarded "
         f"share. Entropy: {ctx['entropy']}. "
         f'"Robust" = top-1 within {100 * DROP:g} points of the unmodified model; the *tolerated '
@@ -453,12 +581,19 @@ def _markdown(c: Mapping[str, Any], ctx: Mapping[str, Any]) -> str:
     L += [
         f"5. **Fast recovery after aggressive truncation** — {_yes(c5['verdict'])} (criterion: "
         "every scenario back to >= 80% of the unmodified top-1 after one epoch). Each scenario "
-        "truncates all three layers at once, as mildly as still drops top-1 to at most 2x chance; "
+        f"truncates all {_count_word(len(layers))} layers at once, as mildly as still drops top-1 "
+        "to at most 2x chance; "
         f"retraining is Adam (lr 1e-3), one epoch = one pass over {ctx['recover_subset']} training "
         f"images. SVD scenarios recover faster than CP (paper): {_yes(c5['svd_faster_than_cp'])}; "
         "after one epoch the slowest SVD scenario minus the fastest CP scenario is "
         f"{_fmt(None if gap is None else 100 * gap)} points, noise margin (2 standard errors of a "
-        f"difference) {_fmt(100 * c5['noise_margin'])} points.",
+        f"difference) {_fmt(100 * c5['noise_margin'])} points."
+        + "".join(
+            f" {name} did not get that low: its most aggressive truncation (rank / keep 1) "
+            f"still scored {s['after_truncation']:.3f}."
+            for name, s in c5["scenarios"].items()
+            if s.get("near_chance_reached") is False
+        ),
         "",
         "| scenario | truncation (all layers) | avg norm loss % | top-1 by epoch (0 = truncated) |",
         "|---|---|---:|---|",
@@ -471,8 +606,10 @@ def _markdown(c: Mapping[str, Any], ctx: Mapping[str, Any]) -> str:
             + ", ".join(f"{t:.3f}" for t in s["top1_by_epoch"])
             + " |"
         )
+    L.append("")
+    if other is not None:
+        L += _comparison(c, ctx, other)
     L += [
-        "",
         "## Also measured",
         "",
         "- Simultaneous truncation of all layers (Figs. 12-13), tolerated *average* norm loss %: "
@@ -487,6 +624,94 @@ def _markdown(c: Mapping[str, Any], ctx: Mapping[str, Any]) -> str:
         L.append(f"- [`{f}`](figures/{f})")
     L.append("")
     return "\n".join(L)
+
+
+def _describe_checkpoint(
+    args: argparse.Namespace, ck: Path, ckmeta: Mapping[str, Any], layers: Sequence[str]
+) -> dict[str, Any]:
+    """The README's model paragraph for a ``--checkpoint``: name, width, recipe, epochs, training
+    images and test top-1 as its ``meta.json`` records them (the test top-1 measured here, and
+    cached in the work folder, where it records none)."""
+    from torch import nn
+
+    from tensorcut import data as tdata
+    from tensorcut.checkpoint import io as tio
+    from tensorcut.checkpoint.meta import CheckpointMeta
+    from tensorcut.train.loop import evaluate
+
+    cm = CheckpointMeta.from_meta(dict(ckmeta))
+    spec = _dataset_spec(args)
+    recipe = cm.lineage.recipe
+    history = cm.history or ()
+    epochs = (recipe.epochs if recipe and recipe.epochs else None) or cm.epoch or len(history)
+    if recipe is not None:
+        parts = [recipe.optimizer or "optimizer not recorded"]
+        if recipe.lr is not None:
+            parts.append(f"lr {recipe.lr:g}")
+        if recipe.scheduler:
+            parts.append(f"{recipe.scheduler} LR")
+        if recipe.momentum:
+            parts.append(f"momentum {recipe.momentum:g}")
+        if recipe.weight_decay:
+            parts.append(f"weight decay {recipe.weight_decay:g}")
+        if recipe.batch_size:
+            parts.append(f"batch {recipe.batch_size}")
+        text = ", ".join(parts)
+    elif history:
+        lrs = [h.lr for h in history if h.lr is not None]
+        text = "recipe not recorded in meta.json" + (
+            f"; its history: lr {lrs[0]:.3g} in epoch 1 -> {lrs[-1]:.3g} in epoch {len(lrs)}"
+            if lrs
+            else ""
+        )
+    else:
+        text = "recipe not recorded in meta.json"
+    if spec.subset:
+        n_train: int | str = spec.subset
+    else:
+        n_train = len(spec.load("train"))
+    note = ""
+    test = cm.metrics.get("test") if cm.metrics else None
+    if test is not None and test.top1 is not None:
+        top1 = float(test.top1)
+    else:
+        cache = WORK / "test_top1.json"
+        if cache.exists():
+            top1 = float(json.loads(cache.read_text())["top1"])
+        else:
+            _REPORT["computed"] = True
+            model = tio.load_checkpoint(ck).model.eval()
+            res = evaluate(
+                model, tdata.make_loader(spec.load("test"), 500), "cpu", distributed=False
+            )
+            top1 = float(res["top1"])
+            cache.write_text(json.dumps({"top1": top1}) + "\n")
+        note = "(measured here on the test split; meta.json records no test metrics)"
+    model = tio.load_checkpoint(ck).model
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    multi = [n for n, m in convs.items() if m.in_channels > 1]
+    single_in = [n for n, m in convs.items() if m.in_channels == 1]
+    if list(layers) == multi:
+        layers_note = "every conv with more than one input channel" + (
+            f"; {', '.join(single_in)} {'has' if len(single_in) == 1 else 'have'} one"
+            if single_in
+            else ""
+        )
+    else:
+        layers_note = f"{len(layers)} of the {len(multi)} convs with more than one input channel"
+    return {
+        "model": cm.model.name,
+        "width": cm.model.kwargs.get("width", 1.0),
+        "data_title": _DATA_TITLES.get(spec.name, spec.name),
+        "dataset": spec.name,
+        "epochs": epochs,
+        "train_subset": n_train,
+        "recipe": text,
+        "test_top1": top1,
+        "test_note": note,
+        "layers_note": layers_note,
+        "checkpoint": str(ck),
+    }
 
 
 def main() -> int:
@@ -508,6 +733,25 @@ def main() -> int:
     ap.add_argument("--fresh", action="store_true", help="delete earlier work files first")
     ap.add_argument("--work", default=str(WORK), help="work folder (checkpoint, SQLite results)")
     ap.add_argument("--out", default=str(OUT), help="where the committed artefacts go")
+    ap.add_argument(
+        "--checkpoint",
+        help="study this trained tensorcut checkpoint directory instead of training vanilla-cnn "
+        "(model, data set, recipe and test top-1 from its meta.json)",
+    )
+    ap.add_argument(
+        "--dataset",
+        help="with --checkpoint: the data set, where its meta.json records none (or to override)",
+    )
+    ap.add_argument(
+        "--compare",
+        help="an earlier run's output folder (its summary.json): set this run's verdicts beside "
+        "its verdicts in the README",
+    )
+    ap.add_argument(
+        "--layers",
+        help="comma-separated convs to truncate (default: every conv with more than one input "
+        "channel)",
+    )
     args = ap.parse_args()
     WORK, OUT = Path(args.work), Path(args.out)
     torch.set_num_threads(args.threads)
@@ -515,7 +759,7 @@ def main() -> int:
     if args.fresh and WORK.exists():
         shutil.rmtree(WORK)
     WORK.mkdir(parents=True, exist_ok=True)
-    ck = _train(args)
+    ck = Path(args.checkpoint) if args.checkpoint else _train(args)
     db = _analyze(args, ck)
 
     from tensorcut.checkpoint import io as tio
@@ -535,6 +779,8 @@ def main() -> int:
         (OUT / "results.csv").write_text(st.results_csv())
         (OUT / "spectra.csv").write_text(st.spectra_csv())
     ckmeta = tio.read_meta(ck)
+    if args.checkpoint:
+        described = _describe_checkpoint(args, ck, ckmeta, meta["layers"])
     claims = {
         s: _claims(rows, meta, s) for s in ("val", "train") if any(r["split"] == s for r in rows)
     }
@@ -544,7 +790,7 @@ def main() -> int:
         "train_subset": args.train_subset,
         "layers": meta["layers"],
         "shapes": ", ".join(f"{k} {tuple(v)}" for k, v in meta["shapes"].items()),
-        "test_top1": ckmeta["metrics"]["test"]["top1"],
+        "test_top1": None if args.checkpoint else ckmeta["metrics"]["test"]["top1"],
         "n_eval": args.val_subset,
         "entropy": ENTROPY_LABELS[meta.get("entropy_form", "vn")],
         "command": "nice .venv/bin/python benchmarks/reproduce_paper.py",
@@ -553,17 +799,24 @@ def main() -> int:
         "recover_subset": args.recover_subset,
         "figures": sorted(p.name for p in files if p.suffix == ".png"),
     }
+    if args.checkpoint:
+        ctx.update(described)
+        ctx["command"] = f"{ctx['command']} {shlex.join(sys.argv[1:])}"
     previous = OUT / "summary.json"
     if (
         not _REPORT["computed"] and previous.exists()
     ):  # a re-render: keep the timing of the run that computed it
         old_ctx = json.loads(previous.read_text()).get("context", {})
-        for k in ("minutes", "cpu_minutes"):
-            ctx[k] = old_ctx.get(k)
+        for k in ("minutes", "cpu_minutes") + (("command",) if args.checkpoint else ()):
+            ctx[k] = old_ctx.get(k, ctx.get(k))
+    other = None
+    if args.compare:
+        ctx["compare"] = args.compare
+        other = json.loads((Path(args.compare) / "summary.json").read_text())
     (OUT / "summary.json").write_text(
         json.dumps({"context": ctx, "claims": claims}, indent=2, default=str) + "\n"
     )
-    (OUT / "README.md").write_text(_markdown(claims["val"], ctx))
+    (OUT / "README.md").write_text(_markdown(claims["val"], ctx, other))
     print((OUT / "README.md").read_text())
     return 0
 
