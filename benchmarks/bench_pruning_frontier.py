@@ -771,10 +771,10 @@ def render(data: dict[str, Any]) -> str:
     m = s["machine"]
     L.append(
         f"Machine: {m['cpu']}, {m['cpus']} CPUs shared with other jobs, {m['threads']} torch "
-        f"thread, nice {m['nice']}; torch {m['torch']}, torch-pruning {s.get('torch_pruning')}; "
+        f"thread(s), nice {m['nice']}; torch {m['torch']}, torch-pruning {s.get('torch_pruning')}; "
         f"checkout HEAD {m['git_commit']} (package code: see below); started {m['started']}; "
         f"`uptime` at start: `{m['uptime_at_start']}`. Results: "
-        "`benchmarks/results/pruning_frontier.json`, plot `pruning_frontier.png`.\n"
+        f"`{OUT.name}.json`, plot `{OUT.name}.png` (beside this file).\n"
     )
     z = s["sizes"]
     L.append("## Setting and every reduction\n")
@@ -789,15 +789,25 @@ def render(data: dict[str, Any]) -> str:
         "- Augmentation (training only, `tensorcut.data.ImageDataset`): random crop after "
         f"reflect-padding by {s['pad']} pixels + horizontal flip, seeded."
     )
-    L.append(
-        f"- **Dense training is short (the main reduction)**: {s['dense_epochs']} epochs of SGD "
-        f"(nesterov, momentum 0.9, weight decay {s['weight_decay']:g}), lr {s['dense_lr']:g} with "
-        f"a cosine schedule to 0, batch {s['batch_size']}, best validation loss kept (patience "
-        f"{s['dense_patience']}). The issue asks for convergence (a ResNet-20 reaches about 93-95 "
-        "% on Fashion-MNIST after tens of epochs); the machine has 2 CPU cores shared by ~6 "
-        "engineers, 1 torch thread under `nice -n 19`, one epoch took the seconds listed below, "
-        "so the epoch count was chosen to let the whole benchmark finish in one working session."
+    dense_top1 = E.get("dense", {}).get("top1")
+    recipe = (
+        f"{s['dense_epochs']} epochs of SGD (nesterov, momentum 0.9, weight decay "
+        f"{s['weight_decay']:g}), lr {s['dense_lr']:g} with a cosine schedule to 0, batch "
+        f"{s['batch_size']}, best validation loss kept (patience {s['dense_patience']})"
     )
+    if dense_top1 is not None and dense_top1 >= 0.93:
+        L.append(
+            f"- **Dense training**: {recipe}. It reached {dense_top1:.2%} test top-1, within the "
+            "93-95 % a ResNet-20 is known to reach on Fashion-MNIST: no reduction here."
+        )
+    else:
+        L.append(
+            f"- **Dense training is short (the main reduction)**: {recipe}. The issue asks for "
+            "convergence (a ResNet-20 reaches about 93-95 % on Fashion-MNIST after tens of "
+            "epochs); the machine has 2 CPU cores shared by other jobs, one epoch took the "
+            "seconds listed below, so the epoch count was chosen to let the whole benchmark "
+            "finish in one working session."
+        )
     L.append(
         f"- **Fine-tuning is short**: every arm gets the same {s['ft_epochs']} epoch(s) over the "
         f"same seeded subset of {z['finetune']:,} of the training images (same augmentation), the "
