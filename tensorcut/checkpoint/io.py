@@ -167,6 +167,10 @@ def save(model: nn.Module, directory: str | Path, meta: dict[str, Any] | None = 
     Returns:
         ``directory`` as a Path.
 
+    Raises:
+        TensorcutError: ``meta`` lacks ``model.name``/``model.kwargs``, holds a value JSON cannot
+            store, or a field :func:`load` would refuse; checked before anything is written.
+
     Example:
         >>> tensorcut.save(compressed, "runs/mine-tucker2")
     """

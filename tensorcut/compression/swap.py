@@ -212,6 +212,11 @@ def decompress(model: nn.Module) -> nn.Module:
     Returns:
         ``model`` with each factorized layer replaced by the ``nn.Conv2d`` (a :class:`SameConv2d`
         for TF-same padding) that computes its reconstructed kernel, under all its names.
+        A model without factorized layers is returned unchanged.
+
+    Raises:
+        Nothing of its own: each layer's :meth:`FactorizedConv2d.to_conv` rebuilds its kernel
+        from factors it already holds.
 
     Example:
         >>> dense = decompress(compressed_model)
