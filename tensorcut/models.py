@@ -61,6 +61,9 @@ def list_models() -> list[str]:
     Returns:
         The names :func:`create` accepts.
 
+    Raises:
+        Nothing: the zoo is a fixed registry.
+
     Example:
         >>> import tensorcut as tc
         >>> "resnet20" in tc.list_models()

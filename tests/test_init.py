@@ -44,6 +44,7 @@ def test_each_name_is_documented(name: str) -> None:
     obj = getattr(tc, name)
     if inspect.isfunction(obj):
         assert "Returns:" in doc, f"tensorcut.{name}: no Returns"
+        assert "Raises:" in doc, f"tensorcut.{name}: no Raises"
         if inspect.signature(obj).parameters:
             assert "Args:" in doc, f"tensorcut.{name}: no Args"
     elif name not in ("TensorcutError", "Plan"):  # classes built from their fields

@@ -109,6 +109,9 @@ def list_methods(*, auto: bool = False) -> list[str]:
     Returns:
         The method names, e.g. ``['cp', 'tr', 'tt', 'tucker', 'tucker2']``.
 
+    Raises:
+        Nothing of its own; a registered method module that fails to import raises its own error.
+
     Example:
         >>> import tensorcut
         >>> "tucker2" in tensorcut.list_methods()
