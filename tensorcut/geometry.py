@@ -7,6 +7,7 @@ TensorFlow-style "SAME" padding (timm's ``Conv2dSame``), whose geometry is ``'tf
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -33,14 +34,22 @@ Pair = tuple[int, int]
 PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
 
 
-def pair(v: int | tuple[int, ...]) -> Pair:
+def pair(v: int | Sequence[int], name: str = "value") -> Pair:
+    """``v`` as an ``(h, w)`` pair: an int repeated, a 1-tuple repeated, or a pair.
+
+    Raises:
+        TensorcutError: ``v`` is a bool, or a sequence of any other length (``name`` says which
+            argument).
+    """
+    if isinstance(v, bool):
+        raise TensorcutError(f"{name} must be an int or a pair, got {v!r}")
     if isinstance(v, int):
         return (v, v)
     t = tuple(int(x) for x in v)
     if len(t) == 1:
         return (t[0], t[0])
     if len(t) != 2:
-        raise ValueError(f"expected an int or a pair, got {v!r}")
+        raise TensorcutError(f"{name} must be an int or a pair, got {v!r}")
     return (t[0], t[1])
 
 

@@ -16,6 +16,7 @@ from tensorcut.geometry import (
     SameConv2d,
     early_stride,
     explicit_pad,
+    pair,
     split_padding,
     stage_sizes,
 )
@@ -95,3 +96,13 @@ def test_stage_sizes_end_at_the_dense_output_size(conv: nn.Conv2d) -> None:
     eh, ew = early_stride(geom)
     assert first == ((hw[0] - 1) // eh + 1, (hw[1] - 1) // ew + 1)
     assert padded[0] >= first[0] and padded[1] >= first[1]
+
+
+def test_pair_repeats_an_int_and_names_the_argument_it_refuses() -> None:
+    from tensorcut.errors import TensorcutError
+
+    assert pair(3) == (3, 3) and pair((2,)) == (2, 2) and pair([1, 4]) == (1, 4)
+    with pytest.raises(TensorcutError, match=r"^stride must be an int or a pair, got \(1, 2, 3\)$"):
+        pair((1, 2, 3), "stride")
+    with pytest.raises(TensorcutError, match=r"^input_size must be an int or a pair, got True$"):
+        pair(True, "input_size")
