@@ -37,7 +37,7 @@ from tensorcut.study.metrics import (
     mean_metrics,
     svd_metrics,
 )
-from tensorcut.study.store import ResultsStore
+from tensorcut.study.store import KEY_COLUMNS, ResultsStore
 from tensorcut.tenalg import (
     BIPARTITIONS,
     ENTROPY_FORMS,
@@ -60,6 +60,11 @@ def model_fingerprint(model: nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _key_of(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    """A result row's identity: its values of the store's key columns, in order."""
+    return tuple(row[c] for c in KEY_COLUMNS)
 
 
 @dataclass
@@ -133,23 +138,7 @@ class _Sweep:
         }
 
     def is_done(self, key: Mapping[str, Any]) -> bool:
-        return (
-            tuple(
-                key[c]
-                for c in (
-                    "fingerprint",
-                    "data",
-                    "split",
-                    "kind",
-                    "method",
-                    "layer",
-                    "bipartition",
-                    "keep",
-                    "epoch",
-                )
-            )
-            in self.done
-        )
+        return _key_of(key) in self.done
 
     def pending(self, kind: str, method: str, layer: str, bip: str, keep: str) -> list[str]:
         return [
@@ -218,22 +207,7 @@ class _Sweep:
             row["extra"] = dict(extra)
         row.update(values)
         self.store.add(row)
-        self.done.add(
-            tuple(
-                row[c]
-                for c in (
-                    "fingerprint",
-                    "data",
-                    "split",
-                    "kind",
-                    "method",
-                    "layer",
-                    "bipartition",
-                    "keep",
-                    "epoch",
-                )
-            )
-        )
+        self.done.add(_key_of(row))
         self.report.evaluated += 1
         self.bar.update(1)
 
