@@ -39,7 +39,6 @@ from torch import Tensor
 
 from tensorcut.decompose.svd import small_lapack
 from tensorcut.errors import TensorcutError
-from tensorcut.geometry import pair
 
 __all__ = [
     "MODES",
@@ -182,6 +181,19 @@ def _check_split(split: object) -> str:
     return str(split)
 
 
+def _as_pair(v: int | Sequence[int], name: str) -> IntPair:
+    if isinstance(v, bool):
+        raise TensorcutError(f"{name} must be an int or a pair, got {v!r}")
+    if isinstance(v, int):
+        return (v, v)
+    t = tuple(int(x) for x in v)
+    if len(t) == 1:
+        return (t[0], t[0])
+    if len(t) != 2:
+        raise TensorcutError(f"{name} must be an int or a pair, got {v!r}")
+    return (t[0], t[1])
+
+
 def _as_pad4(padding: int | Sequence[int]) -> tuple[int, int, int, int]:
     """(left, right, top, bottom) from an int, a (ph, pw) pair or an explicit 4-tuple."""
     if isinstance(padding, bool):
@@ -241,9 +253,9 @@ def tr_macs(
     """
     o, i, kh, kw = (int(x) for x in shape)
     a, b, c, d = (int(x) for x in ranks)
-    h, w = pair(input_size, "input_size")
-    sh, sw = pair(stride, "stride")
-    dh, dw = pair(dilation, "dilation")
+    h, w = _as_pair(input_size, "input_size")
+    sh, sw = _as_pair(stride, "stride")
+    dh, dw = _as_pair(dilation, "dilation")
     pad = _as_pad4(padding)
     eh, ew = early_strides((kh, kw), (sh, sw), pad)
     h1 = (h - 1) // eh + 1
