@@ -52,7 +52,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -66,14 +66,23 @@ RESULTS = common.RESULTS
 OUT = RESULTS / "pruning_frontier"
 STATE = RESULTS / "pruning_frontier.json"
 WORK = ROOT / "runs" / "bench_pruning_frontier"
-#: data sets: (title, input shape, training images before the validation split, the top-1 a
-#: converged CIFAR ResNet is known to reach, the lower end of that range)
-DATASETS: dict[str, tuple[str, tuple[int, int, int], int, str, float]] = {
-    "fashion-mnist": ("Fashion-MNIST", (1, 28, 28), 60000, "93-95 %", 0.93),
-    "cifar10": ("CIFAR-10", (3, 32, 32), 50000, "91-94 %", 0.91),
+
+
+class Known(NamedTuple):
+    """What the report says of a data set (its input shape comes from ``tensorcut.data``)."""
+
+    title: str
+    n_train: int  # training images before the validation split
+    converged: str  # the top-1 range a converged CIFAR ResNet is known to reach
+    converged_min: float  # its lower end: a dense model below it is a stated reduction
+
+
+DATASETS = {
+    "fashion-mnist": Known("Fashion-MNIST", 60000, "93-95 %", 0.93),
+    "cifar10": Known("CIFAR-10", 50000, "91-94 %", 0.91),
 }
 DATASET = "fashion-mnist"  # set from --dataset
-INPUT = (1, 28, 28)  # set from --dataset
+INPUT = (1, 28, 28)  # set from --dataset (tensorcut.data.dataset_info)
 MODELS = ("resnet20", "resnet56")
 MODEL = "resnet20"  # set from --model
 ARMS = (
@@ -770,10 +779,24 @@ LABEL = {
 }
 
 
+def _dataset_of(settings: dict[str, Any]) -> str:
+    """The run's data set (state files from before ``--dataset`` are Fashion-MNIST)."""
+    return str(settings.get("dataset", "fashion-mnist"))
+
+
+def _input_of(dataset: str) -> tuple[int, int, int]:
+    from tensorcut.data import dataset_info
+
+    i = dataset_info(dataset)
+    return (i.in_channels, i.image_size, i.image_size)
+
+
 def render(data: dict[str, Any]) -> str:
     s, E = data["settings"], data["entries"]
     name = s.get("model", "resnet20")
-    title, shape, n_all, known, _ = DATASETS[s.get("dataset", "fashion-mnist")]
+    ds = _dataset_of(s)
+    title, n_all, known = DATASETS[ds].title, DATASETS[ds].n_train, DATASETS[ds].converged
+    shape = _input_of(ds)
     L: list[str] = []
     L.append(f"# tensorcut vs structured channel pruning at matched MACs ({name}, {title})\n")
     L.append(
@@ -815,7 +838,7 @@ def render(data: dict[str, Any]) -> str:
         f"{s['weight_decay']:g}), lr {s['dense_lr']:g} with a cosine schedule to 0, batch "
         f"{s['batch_size']}, best validation loss kept (patience {s['dense_patience']})"
     )
-    if dense_top1 is not None and dense_top1 >= DATASETS[s.get("dataset", "fashion-mnist")][4]:
+    if dense_top1 is not None and dense_top1 >= DATASETS[ds].converged_min:
         L.append(
             f"- **Dense training**: {recipe}. It reached {dense_top1:.2%} test top-1, within the "
             f"{known} a CIFAR ResNet is known to reach on {title}: no reduction here."
@@ -1119,7 +1142,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_title(
         f"{data['settings'].get('model', 'resnet20')} / "
-        f"{DATASETS[data['settings'].get('dataset', 'fashion-mnist')][0]}: accuracy vs MACs\n"
+        f"{DATASETS[_dataset_of(data['settings'])].title}: accuracy vs MACs\n"
         "(hollow: before fine-tuning, off-scale when low)",
         fontsize=9,
     )
@@ -1231,7 +1254,7 @@ def main(argv: list[str] | None = None) -> int:
     WORK = a.work
     OUT = a.state.with_suffix("")
     MODEL = a.model
-    DATASET, INPUT = a.dataset, DATASETS[a.dataset][1]
+    DATASET, INPUT = a.dataset, _input_of(a.dataset)
     if a.report:
         st = State.__new__(State)
         st.path, st.data = a.state, json.loads(a.state.read_text())
